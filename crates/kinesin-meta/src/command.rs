@@ -1,0 +1,64 @@
+//! Commands of the metadata group and their replies.
+
+use kinesin_types::{NodeId, ShardId};
+use serde::{Deserialize, Serialize};
+
+use crate::state::{NodeInfo, NodeState};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaCommand {
+    /// First command of a new cluster.
+    Bootstrap { cluster_id: String },
+    /// Adds a node or updates its addresses.
+    RegisterNode(NodeInfo),
+    SetNodeState { node: NodeId, state: NodeState },
+    /// Creates a stream. `placements[i]` holds the replicas of shard i, the
+    /// preferred leader first; the proposer computed them.
+    CreateStream {
+        name: String,
+        shard_count: u32,
+        retention_hours: u32,
+        max_record_bytes: u32,
+        now_ms: u64,
+        placements: Vec<Vec<NodeId>>,
+    },
+    DeleteStream { name: String },
+    /// Replaces a shard's replica set (repair, node removal).
+    SetReplicas {
+        stream: String,
+        shard: ShardId,
+        replicas: Vec<NodeId>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum MetaError {
+    #[error("stream {0} already exists")]
+    StreamExists(String),
+    #[error("stream {0} not found")]
+    StreamNotFound(String),
+    #[error("shard {0} not found")]
+    ShardNotFound(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+}
+
+pub type MetaReply = Result<(), MetaError>;
+
+impl MetaCommand {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("encoding to a Vec cannot fail")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, MetaError> {
+        postcard::from_bytes(bytes).map_err(|e| MetaError::Invalid(format!("undecodable command: {e}")))
+    }
+}
+
+pub fn encode_reply(reply: &MetaReply) -> Vec<u8> {
+    postcard::to_stdvec(reply).expect("encoding to a Vec cannot fail")
+}
+
+pub fn decode_reply(bytes: &[u8]) -> MetaReply {
+    postcard::from_bytes(bytes).unwrap_or_else(|e| Err(MetaError::Invalid(format!("undecodable reply: {e}"))))
+}

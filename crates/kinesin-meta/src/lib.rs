@@ -1,0 +1,13 @@
+//! The metadata group: the cluster map (nodes, streams, shard maps, replica
+//! assignments) as a replicated state machine, and the placement logic the
+//! controller on the metadata leader uses to propose assignments.
+
+mod command;
+mod placement;
+mod state;
+mod state_machine;
+
+pub use command::{decode_reply, MetaCommand, MetaError, MetaReply};
+pub use placement::place_replicas;
+pub use state::{MetaState, NodeInfo, NodeState};
+pub use state_machine::MetaStateMachine;

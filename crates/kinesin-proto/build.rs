@@ -1,0 +1,15 @@
+//! Generates the gRPC code from ../../proto with protox, a protobuf compiler
+//! in Rust, so no system protoc is needed.
+
+fn main() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let files = ["kinesin/v1/raft.proto", "kinesin/v1/node.proto"];
+    let descriptors = protox::compile(files, [&root]).expect("compile protos");
+    tonic_prost_build::configure()
+        .bytes(".")
+        .compile_fds(descriptors)
+        .expect("generate gRPC code");
+    for file in files {
+        println!("cargo:rerun-if-changed={}", root.join(file).display());
+    }
+}

@@ -1,0 +1,549 @@
+//! The multi-Raft host: every group replica on this node, the shared peer
+//! connections, and the gRPC service that receives Raft traffic.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use kinesin_proto::v1::raft_transport_server::{RaftTransport, RaftTransportServer};
+use kinesin_proto::v1::{RaftFrame, RaftMessage, RaftMessageKind, SnapshotChunk as WireChunk, SnapshotReply};
+use kinesin_storage::Storage;
+use kinesin_types::{GroupId, NodeId};
+use openraft::async_runtime::WatchReceiver;
+use openraft::Instant as _;
+use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
+use openraft::{BasicNode, ChangeMembers, Config, ReadPolicy, ServerState, SnapshotPolicy};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::log_store::{delete_group_log, LogStore};
+use crate::network::{GroupNetwork, PeerPool, SnapshotHeader, TransportFilter, MAX_MESSAGE_BYTES};
+use crate::state_machine::{
+    clear_staging, delete_group_state, stage_chunk, GroupSnapshot, GroupStateMachine, SnapshotChunk, SnapshotSource,
+    StateMachineStore,
+};
+use crate::types::{decode, encode, Command, Raft, Snapshot, TypeConfig};
+
+/// Timer settings of one kind of group.
+#[derive(Debug, Clone)]
+pub struct TimingProfile {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+    /// Build a snapshot (and let the log be purged) after this many entries.
+    pub snapshot_every: u64,
+    /// Entries kept in the log below the snapshot, for slow followers.
+    pub keep_below_snapshot: u64,
+}
+
+impl TimingProfile {
+    /// The metadata group: few of them, so quick failure detection is cheap.
+    pub fn meta() -> Self {
+        TimingProfile {
+            heartbeat_ms: 150,
+            election_min_ms: 1000,
+            election_max_ms: 2000,
+            snapshot_every: 1000,
+            keep_below_snapshot: 200,
+        }
+    }
+
+    /// Shard groups: thousands per node, so heartbeats are slower.
+    pub fn shard() -> Self {
+        TimingProfile {
+            heartbeat_ms: 500,
+            election_min_ms: 2500,
+            election_max_ms: 5000,
+            snapshot_every: 20_000,
+            keep_below_snapshot: 2_000,
+        }
+    }
+
+    fn config(&self, group: GroupId) -> io::Result<Config> {
+        let config = Config {
+            cluster_name: format!("kinesin-{group}"),
+            heartbeat_interval: self.heartbeat_ms,
+            // Successful appends under load stand in for heartbeats.
+            heartbeat_min_interval: Some(self.heartbeat_ms / 2),
+            election_timeout_min: self.election_min_ms,
+            election_timeout_max: self.election_max_ms,
+            install_snapshot_timeout: 60_000,
+            max_payload_entries: 256,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every),
+            max_in_snapshot_log_to_keep: self.keep_below_snapshot,
+            purge_batch_size: 256,
+            enable_pre_vote: Some(true),
+            ..Default::default()
+        };
+        config.validate().map_err(io::Error::other)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RaftHostError {
+    #[error("group {0} has no replica on this node")]
+    NoSuchGroup(GroupId),
+    #[error("this node is not the leader of {group}")]
+    NotLeader { group: GroupId, leader: Option<NodeId> },
+    #[error("raft group {group}: {detail}")]
+    Raft { group: GroupId, detail: String },
+    #[error("storage: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Role and progress of one local replica.
+#[derive(Debug, Clone)]
+pub struct GroupStatus {
+    pub group: GroupId,
+    pub role: &'static str,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub last_log_index: u64,
+    pub applied_index: u64,
+    /// Highest log index removed from the log (covered by a snapshot).
+    pub purged_index: Option<u64>,
+    pub voters: BTreeSet<NodeId>,
+    pub learners: BTreeSet<NodeId>,
+    /// Raft address of every member, as the group's membership records it.
+    pub addresses: BTreeMap<NodeId, String>,
+    /// On a leader: milliseconds since each follower last acknowledged it
+    /// (`None`: never).
+    pub follower_ack_age_ms: BTreeMap<NodeId, Option<u64>>,
+    /// On a leader: highest log index known to be on each follower.
+    pub follower_matched: BTreeMap<NodeId, u64>,
+}
+
+#[derive(Clone)]
+struct Group {
+    raft: Raft,
+}
+
+struct HostInner {
+    node_id: NodeId,
+    storage: Storage,
+    pool: Arc<PeerPool>,
+    groups: RwLock<HashMap<GroupId, Group>>,
+}
+
+/// All Raft groups of this node. Cheap to clone.
+#[derive(Clone)]
+pub struct RaftHost {
+    inner: Arc<HostInner>,
+}
+
+impl RaftHost {
+    pub fn new(node_id: NodeId, storage: Storage, filter: Arc<dyn TransportFilter>) -> Self {
+        RaftHost {
+            inner: Arc::new(HostInner {
+                node_id,
+                storage,
+                pool: Arc::new(PeerPool::new(node_id.0, filter)),
+                groups: RwLock::default(),
+            }),
+        }
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.inner.node_id
+    }
+
+    /// The gRPC service that receives Raft traffic for every local group.
+    pub fn service(&self) -> RaftTransportServer<RaftService> {
+        RaftTransportServer::new(RaftService { host: self.clone() })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    fn group(&self, group: GroupId) -> Result<Group, RaftHostError> {
+        self.inner
+            .groups
+            .read()
+            .expect("groups lock")
+            .get(&group)
+            .cloned()
+            .ok_or(RaftHostError::NoSuchGroup(group))
+    }
+
+    pub fn has_group(&self, group: GroupId) -> bool {
+        self.inner.groups.read().expect("groups lock").contains_key(&group)
+    }
+
+    pub fn group_ids(&self) -> Vec<GroupId> {
+        let mut ids: Vec<_> = self.inner.groups.read().expect("groups lock").keys().copied().collect();
+        ids.sort();
+        ids
+    }
+
+    /// Starts (or restarts from storage) this node's replica of `group`.
+    pub async fn start_group(
+        &self,
+        group: GroupId,
+        state_machine: Arc<dyn GroupStateMachine>,
+        timing: &TimingProfile,
+    ) -> Result<(), RaftHostError> {
+        if self.has_group(group) {
+            return Ok(());
+        }
+        let storage = self.inner.storage.clone();
+        let log = LogStore::open(storage.clone(), group.0)?;
+        let sm = StateMachineStore::new(storage, group.0, state_machine);
+        let network = GroupNetwork {
+            group: group.0,
+            pool: self.inner.pool.clone(),
+        };
+        let config = Arc::new(timing.config(group)?);
+        let raft = Raft::new(self.inner.node_id.0, config, network, log, sm)
+            .await
+            .map_err(|e| raft_err(group, e))?;
+        // Another caller may have started the group meanwhile: keep theirs.
+        let raced = {
+            let mut groups = self.inner.groups.write().expect("groups lock");
+            if groups.contains_key(&group) {
+                Some(raft)
+            } else {
+                groups.insert(group, Group { raft });
+                None
+            }
+        };
+        if let Some(raft) = raced {
+            let _ = raft.shutdown().await;
+        }
+        Ok(())
+    }
+
+    /// Stops the local replica; with `delete_data` its log and state go too.
+    pub async fn stop_group(&self, group: GroupId, delete_data: bool) -> Result<(), RaftHostError> {
+        let removed = self.inner.groups.write().expect("groups lock").remove(&group);
+        if let Some(g) = removed {
+            let _ = g.raft.shutdown().await;
+        }
+        if delete_data {
+            delete_group_log(&self.inner.storage, group.0)?;
+            delete_group_state(&self.inner.storage, group.0)?;
+        }
+        Ok(())
+    }
+
+    /// Stops every group (node shutdown).
+    pub async fn shutdown(&self) {
+        let groups: Vec<_> = self.inner.groups.write().expect("groups lock").drain().collect();
+        for (_, g) in groups {
+            let _ = g.raft.shutdown().await;
+        }
+    }
+
+    /// Makes the group's first membership. Succeeds if it already has one.
+    pub async fn initialize(&self, group: GroupId, members: BTreeMap<NodeId, String>) -> Result<(), RaftHostError> {
+        let g = self.group(group)?;
+        if g.raft.is_initialized().await.map_err(|e| raft_err(group, e))? {
+            return Ok(());
+        }
+        let members: BTreeMap<u64, BasicNode> = members.into_iter().map(|(id, addr)| (id.0, BasicNode::new(addr))).collect();
+        match g.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.api_error().is_some() => Ok(()),
+            Err(e) => Err(raft_err(group, e)),
+        }
+    }
+
+    /// Proposes a command and waits until it is committed and applied here.
+    pub async fn propose(&self, group: GroupId, command: Vec<u8>) -> Result<Vec<u8>, RaftHostError> {
+        let g = self.group(group)?;
+        match g.raft.client_write(Command(command)).await {
+            Ok(resp) => Ok(resp.data.0),
+            Err(e) => Err(match e.forward_to_leader() {
+                Some(f) => RaftHostError::NotLeader {
+                    group,
+                    leader: f.leader_id.map(NodeId),
+                },
+                None => raft_err(group, e),
+            }),
+        }
+    }
+
+    /// Waits until this replica, as leader, has confirmed its leadership with
+    /// a quorum and applied everything committed before: reads after it are
+    /// linearizable.
+    pub async fn read_barrier(&self, group: GroupId) -> Result<(), RaftHostError> {
+        let g = self.group(group)?;
+        match g.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(match e.forward_to_leader() {
+                Some(f) => RaftHostError::NotLeader {
+                    group,
+                    leader: f.leader_id.map(NodeId),
+                },
+                None => raft_err(group, e),
+            }),
+        }
+    }
+
+    pub async fn add_learner(&self, group: GroupId, node: NodeId, addr: String, wait_caught_up: bool) -> Result<(), RaftHostError> {
+        let g = self.group(group)?;
+        g.raft
+            .add_learner(node.0, BasicNode::new(addr), wait_caught_up)
+            .await
+            .map(|_| ())
+            .map_err(|e| not_leader_or(group, e))
+    }
+
+    /// Replaces the voter set (joint consensus inside openraft). Removed
+    /// voters stay as learners only if `keep_as_learners`.
+    pub async fn change_voters(&self, group: GroupId, voters: BTreeSet<NodeId>, keep_as_learners: bool) -> Result<(), RaftHostError> {
+        let g = self.group(group)?;
+        let ids: BTreeSet<u64> = voters.into_iter().map(|n| n.0).collect();
+        g.raft
+            .change_membership(ChangeMembers::ReplaceAllVoters(ids), keep_as_learners)
+            .await
+            .map(|_| ())
+            .map_err(|e| not_leader_or(group, e))
+    }
+
+    /// Removes learners that are no longer wanted.
+    pub async fn remove_learners(&self, group: GroupId, nodes: BTreeSet<NodeId>) -> Result<(), RaftHostError> {
+        let g = self.group(group)?;
+        let ids: BTreeSet<u64> = nodes.into_iter().map(|n| n.0).collect();
+        g.raft
+            .change_membership(ChangeMembers::RemoveNodes(ids), false)
+            .await
+            .map(|_| ())
+            .map_err(|e| not_leader_or(group, e))
+    }
+
+    /// Asks the current leader (this node) to hand leadership to `to`.
+    pub async fn transfer_leader(&self, group: GroupId, to: NodeId) -> Result<(), RaftHostError> {
+        let g = self.group(group)?;
+        g.raft.trigger().transfer_leader(to.0).await.map_err(|e| raft_err(group, e))
+    }
+
+    pub fn status(&self, group: GroupId) -> Option<GroupStatus> {
+        let g = self.group(group).ok()?;
+        let m = g.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().map(NodeId).collect();
+        let addresses: BTreeMap<NodeId, String> = membership.nodes().map(|(id, n)| (NodeId(*id), n.addr.clone())).collect();
+        let learners = addresses.keys().filter(|id| !voters.contains(id)).copied().collect();
+        Some(GroupStatus {
+            group,
+            role: match m.state {
+                ServerState::Leader => "leader",
+                ServerState::Follower => "follower",
+                ServerState::Candidate => "candidate",
+                ServerState::Learner => "learner",
+                ServerState::Shutdown => "shutdown",
+            },
+            leader: m.current_leader.map(NodeId),
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
+            purged_index: m.purged.as_ref().map(|l| l.index),
+            voters,
+            learners,
+            addresses,
+            follower_ack_age_ms: m
+                .heartbeat
+                .as_ref()
+                .map(|h| {
+                    h.iter()
+                        .map(|(id, at)| (NodeId(*id), at.as_ref().map(|t| t.elapsed().as_millis() as u64)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            follower_matched: m
+                .replication
+                .as_ref()
+                .map(|r| {
+                    r.iter()
+                        .map(|(id, l)| (NodeId(*id), l.as_ref().map_or(0, |l| l.index)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+    }
+
+    pub fn is_leader(&self, group: GroupId) -> bool {
+        self.status(group).is_some_and(|s| s.role == "leader")
+    }
+
+    /// Waits up to `timeout` for the group to know a leader.
+    pub async fn wait_for_leader(&self, group: GroupId, timeout: Duration) -> Option<NodeId> {
+        let g = self.group(group).ok()?;
+        let mut rx = g.raft.metrics();
+        let wait = async {
+            loop {
+                if let Some(l) = rx.borrow_watched().current_leader {
+                    return Some(NodeId(l));
+                }
+                if rx.changed().await.is_err() {
+                    return None;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.ok().flatten()
+    }
+
+    /// Waits up to `timeout` until the local replica applied `index`.
+    pub async fn wait_for_applied(&self, group: GroupId, index: u64, timeout: Duration) -> bool {
+        let Ok(g) = self.group(group) else { return false };
+        let mut rx = g.raft.metrics();
+        let wait = async {
+            loop {
+                if rx.borrow_watched().last_applied.as_ref().is_some_and(|l| l.index >= index) {
+                    return true;
+                }
+                if rx.changed().await.is_err() {
+                    return false;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.unwrap_or(false)
+    }
+
+    /// Asks the group to build a snapshot now (tests, admin).
+    pub async fn trigger_snapshot(&self, group: GroupId) -> Result<(), RaftHostError> {
+        let g = self.group(group)?;
+        g.raft.trigger().snapshot().await.map_err(|e| raft_err(group, e))
+    }
+
+    async fn handle(&self, message: &RaftMessage) -> Result<Vec<u8>, String> {
+        let group = GroupId(message.group);
+        let g = self.group(group).map_err(|e| e.to_string())?;
+        let kind = RaftMessageKind::try_from(message.kind).map_err(|_| "unknown message kind".to_string())?;
+        let payload = &message.payload[..];
+        let fail = |e: &dyn std::fmt::Display| e.to_string();
+        match kind {
+            RaftMessageKind::Append => {
+                let req: AppendEntriesRequest<TypeConfig> = decode("append", payload).map_err(|e| fail(&e))?;
+                g.raft.append_entries(req).await.map(|r| encode(&r)).map_err(|e| fail(&e))
+            }
+            RaftMessageKind::Vote => {
+                let req: VoteRequest<TypeConfig> = decode("vote", payload).map_err(|e| fail(&e))?;
+                g.raft.vote(req).await.map(|r| encode(&r)).map_err(|e| fail(&e))
+            }
+            RaftMessageKind::PreVote => {
+                let req: VoteRequest<TypeConfig> = decode("pre-vote", payload).map_err(|e| fail(&e))?;
+                g.raft.pre_vote(req).await.map(|r| encode(&r)).map_err(|e| fail(&e))
+            }
+            RaftMessageKind::TransferLeader => {
+                let req: TransferLeaderRequest<TypeConfig> = decode("transfer", payload).map_err(|e| fail(&e))?;
+                g.raft.handle_transfer_leader(req).await.map(|r| encode(&r)).map_err(|e| fail(&e))
+            }
+            _ => Err(format!("unexpected message kind {kind:?}")),
+        }
+    }
+
+    async fn receive_snapshot(&self, mut chunks: Streaming<WireChunk>) -> Result<Vec<u8>, Status> {
+        let first = chunks
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        let group = GroupId(first.group);
+        let g = self.group(group).map_err(|e| Status::unavailable(e.to_string()))?;
+        let header: SnapshotHeader = decode("snapshot header", &first.header).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let storage = self.inner.storage.clone();
+        clear_staging(&storage, group.0).map_err(|e| Status::internal(e.to_string()))?;
+        while let Some(chunk) = chunks.message().await? {
+            let chunk: SnapshotChunk = decode("snapshot chunk", &chunk.data).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let storage = storage.clone();
+            tokio::task::spawn_blocking(move || stage_chunk(&storage, group.0, chunk))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::internal(e.to_string()))?;
+        }
+        let snapshot = Snapshot {
+            meta: header.meta,
+            snapshot: GroupSnapshot {
+                state: header.state,
+                source: SnapshotSource::Staged { storage, group: group.0 },
+            },
+        };
+        let resp = g
+            .raft
+            .install_full_snapshot(header.vote, snapshot)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(encode(&resp.vote))
+    }
+}
+
+fn raft_err(group: GroupId, e: impl std::fmt::Display) -> RaftHostError {
+    RaftHostError::Raft {
+        group,
+        detail: e.to_string(),
+    }
+}
+
+fn not_leader_or<E>(group: GroupId, e: openraft::error::RaftError<TypeConfig, E>) -> RaftHostError
+where
+    E: std::error::Error + openraft::TryAsRef<openraft::error::ForwardToLeader<TypeConfig>>,
+{
+    match e.forward_to_leader() {
+        Some(f) => RaftHostError::NotLeader {
+            group,
+            leader: f.leader_id.map(NodeId),
+        },
+        None => raft_err(group, e),
+    }
+}
+
+/// Receives Raft traffic for the host's groups.
+pub struct RaftService {
+    host: RaftHost,
+}
+
+type FrameStream = Pin<Box<dyn Stream<Item = Result<RaftFrame, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RaftTransport for RaftService {
+    type PipeStream = FrameStream;
+
+    async fn pipe(&self, request: Request<Streaming<RaftFrame>>) -> Result<Response<Self::PipeStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (answers, mut answers_rx) = mpsc::unbounded_channel::<RaftMessage>();
+        let (frames, frames_rx) = mpsc::channel::<Result<RaftFrame, Status>>(16);
+        let host = self.host.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(frame)) = inbound.message().await {
+                for message in frame.messages {
+                    let host = host.clone();
+                    let answers = answers.clone();
+                    // Each message runs on its own: a slow vote must not hold
+                    // back another group's heartbeat.
+                    tokio::spawn(async move {
+                        let (kind, payload) = match host.handle(&message).await {
+                            Ok(p) => (RaftMessageKind::Response, p),
+                            Err(e) => (RaftMessageKind::Error, e.into_bytes()),
+                        };
+                        let _ = answers.send(RaftMessage {
+                            group: message.group,
+                            id: message.id,
+                            kind: kind as i32,
+                            payload: payload.into(),
+                        });
+                    });
+                }
+            }
+        });
+        tokio::spawn(async move {
+            while let Some(first) = answers_rx.recv().await {
+                let mut frame = RaftFrame { messages: vec![first] };
+                while let Ok(more) = answers_rx.try_recv() {
+                    frame.messages.push(more);
+                }
+                if frames.send(Ok(frame)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(frames_rx).boxed()))
+    }
+
+    async fn install_snapshot(&self, request: Request<Streaming<WireChunk>>) -> Result<Response<SnapshotReply>, Status> {
+        let vote = self.host.receive_snapshot(request.into_inner()).await?;
+        Ok(Response::new(SnapshotReply { vote: vote.into() }))
+    }
+}

@@ -1,0 +1,17 @@
+//! Multi-Raft: every Raft group of a node (the metadata group and one group
+//! per shard replica) on one RocksDB and one set of peer connections. This is
+//! the only crate that names openraft types; the rest of Kinesin sees groups,
+//! commands as bytes, and [`GroupStateMachine`].
+
+mod host;
+mod log_store;
+mod network;
+mod state_machine;
+mod types;
+
+pub use host::{GroupStatus, RaftHost, RaftHostError, RaftService, TimingProfile};
+pub use network::{FilterAction, NoFilter, TransportFilter};
+pub use state_machine::GroupStateMachine;
+
+#[cfg(test)]
+mod conformance;

@@ -1,0 +1,427 @@
+//! Raft transport. Each node keeps one long-lived gRPC `Pipe` stream to every
+//! peer it sends to; requests of all groups are queued on it and batched into
+//! frames (as many as are waiting, up to a size bound), and answers come back
+//! on the same stream matched by id. Snapshots use their own call so that a
+//! large one never delays heartbeats.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kinesin_proto::v1::raft_transport_client::RaftTransportClient;
+use kinesin_proto::v1::{RaftFrame, RaftMessage, RaftMessageKind, SnapshotChunk as WireChunk};
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::state_machine::GroupSnapshot;
+use crate::types::{decode, encode, Snapshot, SnapshotMeta, TypeConfig, Vote};
+
+/// Largest gRPC message either side accepts. A frame holds at least one
+/// message, and one append holds records of up to 10 MiB each.
+pub(crate) const MAX_MESSAGE_BYTES: usize = 256 << 20;
+/// Frames are closed once they carry this much.
+const FRAME_BYTES: usize = 4 << 20;
+/// Shortest time an RPC is given, whatever openraft suggests.
+const MIN_RPC_TIMEOUT: Duration = Duration::from_secs(3);
+/// Appends larger than this are sent as several consecutive requests.
+const SPLIT_APPEND_BYTES: usize = 32 << 20;
+
+/// What the transport does with a message from one node to another. Tests
+/// use it to partition, drop and delay traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterAction {
+    Pass,
+    Drop,
+    Delay(Duration),
+}
+
+pub trait TransportFilter: Send + Sync + 'static {
+    fn check(&self, from: u64, to: u64) -> FilterAction;
+}
+
+/// The default filter: everything passes.
+pub struct NoFilter;
+
+impl TransportFilter for NoFilter {
+    fn check(&self, _from: u64, _to: u64) -> FilterAction {
+        FilterAction::Pass
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+pub(crate) struct SnapshotHeader {
+    pub vote: Vote,
+    pub meta: SnapshotMeta,
+    #[serde(with = "serde_bytes")]
+    pub state: Vec<u8>,
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<RaftMessage, String>>>>>;
+
+struct Outgoing {
+    message: RaftMessage,
+    reply: oneshot::Sender<Result<RaftMessage, String>>,
+}
+
+/// The connection to one peer.
+pub(crate) struct Peer {
+    addr: String,
+    queue: mpsc::UnboundedSender<Outgoing>,
+    channel: Channel,
+    next_id: AtomicU64,
+}
+
+impl Peer {
+    fn start(addr: String) -> Arc<Peer> {
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .expect("peer address is a valid authority")
+            .connect_timeout(Duration::from_secs(2))
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(4))
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true);
+        let channel = endpoint.connect_lazy();
+        let (queue, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run_pipe(channel.clone(), rx));
+        Arc::new(Peer {
+            addr,
+            queue,
+            channel,
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    async fn call(&self, group: u64, kind: RaftMessageKind, payload: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, String> {
+        let (reply, rx) = oneshot::channel();
+        let message = RaftMessage {
+            group,
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            kind: kind as i32,
+            payload: payload.into(),
+        };
+        self.queue
+            .send(Outgoing { message, reply })
+            .map_err(|_| "transport closed".to_string())?;
+        let answer = tokio::time::timeout(timeout, rx)
+            .await
+            .map_err(|_| format!("no answer from {} within {timeout:?}", self.addr))?
+            .map_err(|_| format!("connection to {} lost", self.addr))??;
+        if answer.kind == RaftMessageKind::Error as i32 {
+            return Err(String::from_utf8_lossy(&answer.payload).into_owned());
+        }
+        Ok(answer.payload.to_vec())
+    }
+}
+
+/// Keeps one Pipe stream open to the peer, reconnecting with backoff.
+async fn run_pipe(channel: Channel, mut queue: mpsc::UnboundedReceiver<Outgoing>) {
+    let pending: Pending = Arc::default();
+    let mut backoff = Duration::from_millis(50);
+    // A message taken from the queue while no stream was open.
+    let mut carried: Option<Outgoing> = None;
+    loop {
+        if carried.is_none() {
+            match queue.recv().await {
+                Some(out) => carried = Some(out),
+                None => return,
+            }
+        }
+        let mut client = RaftTransportClient::new(channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let (frames, frames_rx) = mpsc::channel::<RaftFrame>(16);
+        let mut inbound = match client.pipe(ReceiverStream::new(frames_rx)).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                if let Some(out) = carried.take() {
+                    let _ = out.reply.send(Err(format!("connect: {}", status.message())));
+                }
+                fail_all(&pending, "connection failed");
+                // Drain what queued up meanwhile: those callers would time out anyway.
+                while let Ok(out) = queue.try_recv() {
+                    let _ = out.reply.send(Err("connection failed".into()));
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        loop {
+            let first = match carried.take() {
+                Some(out) => Some(out),
+                None => tokio::select! {
+                    out = queue.recv() => match out {
+                        Some(out) => Some(out),
+                        None => return,
+                    },
+                    frame = inbound.message() => {
+                        match frame {
+                            Ok(Some(frame)) => {
+                                dispatch(&pending, frame);
+                                None
+                            }
+                            _ => break,
+                        }
+                    }
+                },
+            };
+            let Some(first) = first else { continue };
+            let mut frame = RaftFrame::default();
+            let mut size = 0;
+            let mut next = Some(first);
+            while let Some(out) = next.take() {
+                size += out.message.payload.len();
+                pending.lock().expect("pending lock").insert(out.message.id, out.reply);
+                frame.messages.push(out.message);
+                if size < FRAME_BYTES {
+                    next = queue.try_recv().ok();
+                }
+            }
+            if frames.send(frame).await.is_err() {
+                break;
+            }
+        }
+        fail_all(&pending, "connection lost");
+    }
+}
+
+fn dispatch(pending: &Pending, frame: RaftFrame) {
+    let mut pending = pending.lock().expect("pending lock");
+    for message in frame.messages {
+        if let Some(reply) = pending.remove(&message.id) {
+            let _ = reply.send(Ok(message));
+        }
+    }
+}
+
+fn fail_all(pending: &Pending, why: &str) {
+    for (_, reply) in pending.lock().expect("pending lock").drain() {
+        let _ = reply.send(Err(why.to_string()));
+    }
+}
+
+/// Connections to every peer of this node, shared by all its groups.
+pub(crate) struct PeerPool {
+    local: u64,
+    peers: Mutex<HashMap<u64, Arc<Peer>>>,
+    filter: Arc<dyn TransportFilter>,
+}
+
+impl PeerPool {
+    pub(crate) fn new(local: u64, filter: Arc<dyn TransportFilter>) -> Self {
+        PeerPool {
+            local,
+            peers: Mutex::default(),
+            filter,
+        }
+    }
+
+    fn peer(&self, target: u64, addr: &str) -> Arc<Peer> {
+        let mut peers = self.peers.lock().expect("peers lock");
+        match peers.get(&target) {
+            Some(p) if p.addr == addr => p.clone(),
+            _ => {
+                let p = Peer::start(addr.to_string());
+                peers.insert(target, p.clone());
+                p
+            }
+        }
+    }
+
+    /// Applies the transport filter; an error means the message is dropped.
+    async fn admit(&self, target: u64) -> Result<(), String> {
+        match self.filter.check(self.local, target) {
+            FilterAction::Pass => Ok(()),
+            FilterAction::Drop => Err(format!("message to node {target} dropped by filter")),
+            FilterAction::Delay(d) => {
+                tokio::time::sleep(d).await;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// openraft's network factory for one group.
+pub struct GroupNetwork {
+    pub(crate) group: u64,
+    pub(crate) pool: Arc<PeerPool>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
+    type Network = GroupClient;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> GroupClient {
+        GroupClient {
+            group: self.group,
+            target,
+            peer: self.pool.peer(target, &node.addr),
+            pool: self.pool.clone(),
+        }
+    }
+}
+
+/// openraft's client for one (group, target node) pair.
+pub struct GroupClient {
+    group: u64,
+    target: u64,
+    peer: Arc<Peer>,
+    pool: Arc<PeerPool>,
+}
+
+fn unreachable(e: impl ToString) -> RPCError<TypeConfig> {
+    RPCError::Unreachable(Unreachable::from_string(e.to_string()))
+}
+
+impl GroupClient {
+    async fn rpc<Req: Serialize, Resp: for<'a> Deserialize<'a>>(
+        &self,
+        kind: RaftMessageKind,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<TypeConfig>> {
+        self.pool.admit(self.target).await.map_err(unreachable)?;
+        let payload = encode(req);
+        // openraft suggests the heartbeat interval; a large append on a busy
+        // disk needs longer, and openraft itself imposes no limit here.
+        let timeout = option.soft_ttl().max(MIN_RPC_TIMEOUT) + Duration::from_millis(payload.len() as u64 / 32_768);
+        let answer = self
+            .peer
+            .call(self.group, kind, payload, timeout)
+            .await
+            .map_err(unreachable)?;
+        decode("raft answer", &answer).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for GroupClient {
+    type SnapshotData = GroupSnapshot;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let sizes: Vec<usize> = rpc.entries.iter().map(|e| entry_size(e)).collect();
+        if sizes.iter().sum::<usize>() <= SPLIT_APPEND_BYTES || rpc.entries.len() < 2 {
+            return self.rpc(RaftMessageKind::Append, &rpc, &option).await;
+        }
+        // Too large for one message: send consecutive pieces, each starting
+        // where the previous one ended. Only the first can conflict.
+        let AppendEntriesRequest { vote, prev_log_id, entries, leader_commit } = rpc;
+        let mut prev = prev_log_id;
+        let mut piece = Vec::new();
+        let mut piece_size = 0;
+        let total = entries.len();
+        for (i, (entry, size)) in entries.into_iter().zip(sizes).enumerate() {
+            piece_size += size;
+            piece.push(entry);
+            if piece_size >= SPLIT_APPEND_BYTES || i + 1 == total {
+                let last = piece.last().map(|e| e.log_id.clone());
+                let req = AppendEntriesRequest::<TypeConfig> {
+                    vote: vote.clone(),
+                    prev_log_id: prev.clone(),
+                    entries: std::mem::take(&mut piece),
+                    leader_commit: leader_commit.clone(),
+                };
+                let resp: AppendEntriesResponse<TypeConfig> = self.rpc(RaftMessageKind::Append, &req, &option).await?;
+                if !resp.is_success() || i + 1 == total {
+                    return Ok(resp);
+                }
+                prev = last;
+                piece_size = 0;
+            }
+        }
+        Ok(AppendEntriesResponse::Success)
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.rpc(RaftMessageKind::Vote, &rpc, &option).await
+    }
+
+    async fn pre_vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.rpc(RaftMessageKind::PreVote, &rpc, &option).await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.rpc(RaftMessageKind::TransferLeader, &req, &option).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let stream_err = |e: String| StreamingError::Unreachable(Unreachable::from_string(e));
+        self.pool.admit(self.target).await.map_err(stream_err)?;
+        let group = self.group;
+        let Snapshot { meta, snapshot: data } = snapshot;
+        let header = encode(&SnapshotHeader {
+            vote,
+            meta,
+            state: data.state.clone(),
+        });
+        let (tx, rx) = mpsc::channel::<WireChunk>(4);
+        let first = WireChunk {
+            group,
+            header: header.into(),
+            data: Default::default(),
+        };
+        tx.send(first).await.map_err(|_| stream_err("snapshot stream closed".into()))?;
+        // Reading the records is blocking RocksDB work.
+        let reader = tokio::task::spawn_blocking(move || {
+            data.for_each_chunk(|chunk| {
+                let wire = WireChunk {
+                    group,
+                    header: Default::default(),
+                    data: encode(&chunk).into(),
+                };
+                tx.blocking_send(wire).map_err(|_| io::Error::other("snapshot receiver gone"))
+            })
+        });
+        let mut client = RaftTransportClient::new(self.peer.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let send = client.install_snapshot(ReceiverStream::new(rx));
+        let timeout = option.hard_ttl().max(Duration::from_secs(60));
+        let reply = tokio::select! {
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+            r = tokio::time::timeout(timeout, send) => r,
+        };
+        let reply = reply
+            .map_err(|_| stream_err("snapshot transfer timed out".into()))?
+            .map_err(|s| stream_err(format!("snapshot transfer failed: {}", s.message())))?;
+        match reader.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(stream_err(format!("reading snapshot: {e}"))),
+            Err(e) => return Err(stream_err(format!("snapshot reader panicked: {e}"))),
+        }
+        let vote: Vote = decode("snapshot reply", &reply.into_inner().vote).map_err(|e| stream_err(e.to_string()))?;
+        Ok(SnapshotResponse::new(vote))
+    }
+}
+
+fn entry_size(entry: &crate::types::Entry) -> usize {
+    match &entry.payload {
+        openraft::EntryPayload::Normal(c) => c.0.len() + 64,
+        _ => 256,
+    }
+}

@@ -1,0 +1,120 @@
+//! Router errors and their form on the internal gRPC API.
+
+use kinesin_types::NodeId;
+use tonic::{Code, Status};
+
+/// Errors named by their AWS Kinesis error names where one fits, so that the
+/// gateway maps them one to one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouterError {
+    #[error("{0}")]
+    ResourceNotFound(String),
+    #[error("{0}")]
+    ResourceInUse(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    LimitExceeded(String),
+    /// No leader answered within the retry budget; the outcome of a write is
+    /// unknown.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+    /// Internal: the asked node does not lead the group; maybe `leader` does.
+    #[error("not the leader (leader hint: {0:?})")]
+    NotLeader(Option<NodeId>),
+}
+
+const LEADER_HINT: &str = "kinesin-leader";
+
+impl RouterError {
+    pub fn aws_name(&self) -> &'static str {
+        match self {
+            RouterError::ResourceNotFound(_) => "ResourceNotFoundException",
+            RouterError::ResourceInUse(_) => "ResourceInUseException",
+            RouterError::InvalidArgument(_) => "InvalidArgumentException",
+            RouterError::LimitExceeded(_) => "LimitExceededException",
+            RouterError::Unavailable(_) | RouterError::NotLeader(_) => "ServiceUnavailable",
+            RouterError::Internal(_) => "InternalFailure",
+        }
+    }
+
+    /// Worth another attempt (possibly at another node).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, RouterError::Unavailable(_) | RouterError::NotLeader(_))
+    }
+}
+
+impl From<RouterError> for Status {
+    fn from(e: RouterError) -> Status {
+        let code = match &e {
+            RouterError::ResourceNotFound(_) => Code::NotFound,
+            RouterError::ResourceInUse(_) => Code::AlreadyExists,
+            RouterError::InvalidArgument(_) => Code::InvalidArgument,
+            RouterError::LimitExceeded(_) => Code::ResourceExhausted,
+            RouterError::Unavailable(_) | RouterError::NotLeader(_) => Code::Unavailable,
+            RouterError::Internal(_) => Code::Internal,
+        };
+        let mut status = Status::new(code, e.to_string());
+        if let RouterError::NotLeader(Some(leader)) = e {
+            if let Ok(v) = leader.0.to_string().parse() {
+                status.metadata_mut().insert(LEADER_HINT, v);
+            }
+        }
+        if let RouterError::NotLeader(None) = e {
+            status.metadata_mut().insert(LEADER_HINT, "none".parse().expect("ascii"));
+        }
+        status
+    }
+}
+
+impl From<Status> for RouterError {
+    fn from(s: Status) -> RouterError {
+        if let Some(hint) = s.metadata().get(LEADER_HINT) {
+            let leader = hint.to_str().ok().and_then(|h| h.parse().ok()).map(NodeId);
+            return RouterError::NotLeader(leader);
+        }
+        let msg = s.message().to_string();
+        match s.code() {
+            Code::NotFound => RouterError::ResourceNotFound(msg),
+            Code::AlreadyExists => RouterError::ResourceInUse(msg),
+            Code::InvalidArgument => RouterError::InvalidArgument(msg),
+            Code::ResourceExhausted => RouterError::LimitExceeded(msg),
+            Code::Internal => RouterError::Internal(msg),
+            _ => RouterError::Unavailable(msg),
+        }
+    }
+}
+
+impl From<kinesin_raft::RaftHostError> for RouterError {
+    fn from(e: kinesin_raft::RaftHostError) -> Self {
+        match e {
+            kinesin_raft::RaftHostError::NotLeader { leader, .. } => RouterError::NotLeader(leader),
+            kinesin_raft::RaftHostError::NoSuchGroup(_) => RouterError::NotLeader(None),
+            other => RouterError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl From<kinesin_shard::ShardError> for RouterError {
+    fn from(e: kinesin_shard::ShardError) -> Self {
+        match e {
+            kinesin_shard::ShardError::ForeignSequenceNumber(_) => RouterError::InvalidArgument(e.to_string()),
+            kinesin_shard::ShardError::Sealed => RouterError::Unavailable(e.to_string()),
+            other => RouterError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<kinesin_meta::MetaError> for RouterError {
+    fn from(e: kinesin_meta::MetaError) -> Self {
+        match e {
+            kinesin_meta::MetaError::StreamExists(_) => RouterError::ResourceInUse(e.to_string()),
+            kinesin_meta::MetaError::StreamNotFound(_) | kinesin_meta::MetaError::ShardNotFound(_) => {
+                RouterError::ResourceNotFound(e.to_string())
+            }
+            kinesin_meta::MetaError::Invalid(_) => RouterError::InvalidArgument(e.to_string()),
+        }
+    }
+}

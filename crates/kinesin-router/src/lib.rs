@@ -1,0 +1,14 @@
+//! Routing: any node accepts any request. Stream name → shard map (the local
+//! copy of the metadata group's state), partition key → MD5 → hash key →
+//! shard → its group's leader, which is either this node (propose locally) or
+//! another one (forward over internal gRPC). Leader hints from refusals are
+//! cached; retries are bounded in count and time.
+
+mod error;
+mod clients;
+mod router;
+mod service;
+
+pub use error::RouterError;
+pub use router::{AppendOutcome, LocalShards, ReadRequest, RecordIn, Router, RouterConfig};
+pub use service::NodeService;

@@ -1,0 +1,600 @@
+//! The router proper.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use kinesin_meta::{decode_reply, place_replicas, MetaCommand, MetaState, MetaStateMachine};
+use kinesin_proto::v1::node_client::NodeClient;
+use kinesin_proto::v1::{self as pb};
+use kinesin_raft::RaftHost;
+use kinesin_shard::{NewRecord, ReadBatch, ReadStart, ShardCommand, ShardReply, ShardStateMachine, StoredRecord};
+use kinesin_types::{
+    hash_key_for_partition_key, GroupId, HashKey, NodeId, SequenceNumber, ShardId, StreamInfo, StreamName,
+    MAX_RECORD_BYTES_LIMIT,
+};
+use tonic::transport::Channel;
+
+use crate::clients::NodeClients;
+use crate::error::RouterError;
+
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// How long one request may keep retrying to find a leader.
+    pub retry_budget: Duration,
+    pub default_replication_factor: usize,
+    pub default_retention_hours: u32,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            retry_budget: Duration::from_secs(10),
+            default_replication_factor: 3,
+            default_retention_hours: 24,
+        }
+    }
+}
+
+/// Shard state machines with a replica on this node, for local reads.
+#[derive(Default)]
+pub struct LocalShards {
+    map: RwLock<HashMap<GroupId, Arc<ShardStateMachine>>>,
+}
+
+impl LocalShards {
+    pub fn insert(&self, group: GroupId, sm: Arc<ShardStateMachine>) {
+        self.map.write().expect("shards lock").insert(group, sm);
+    }
+
+    pub fn remove(&self, group: GroupId) {
+        self.map.write().expect("shards lock").remove(&group);
+    }
+
+    pub fn get(&self, group: GroupId) -> Option<Arc<ShardStateMachine>> {
+        self.map.read().expect("shards lock").get(&group).cloned()
+    }
+
+    pub fn groups(&self) -> Vec<GroupId> {
+        self.map.read().expect("shards lock").keys().copied().collect()
+    }
+}
+
+/// A record as a client submits it.
+#[derive(Debug, Clone)]
+pub struct RecordIn {
+    pub partition_key: String,
+    pub data: Vec<u8>,
+    pub explicit_hash_key: Option<String>,
+}
+
+/// The fate of one record of a put.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppendOutcome {
+    Stored { shard: ShardId, sequence: SequenceNumber },
+    /// Not acknowledged; it may or may not have been stored.
+    Failed { code: &'static str, message: String },
+}
+
+/// Where and how to read.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadRequest {
+    pub start: ReadStart,
+    pub limit: usize,
+    pub max_bytes: usize,
+}
+
+/// Who serves one attempt: this node or a remote one.
+pub(crate) enum Target {
+    Local,
+    Remote(NodeClient<Channel>),
+}
+
+pub struct Router {
+    host: RaftHost,
+    meta: Arc<MetaStateMachine>,
+    shards: Arc<LocalShards>,
+    clients: NodeClients,
+    leaders: Mutex<HashMap<GroupId, NodeId>>,
+    config: RouterConfig,
+}
+
+/// Bounds of the time one attempt at one node may take.
+const ATTEMPT_MIN: Duration = Duration::from_millis(500);
+const ATTEMPT_MAX: Duration = Duration::from_secs(5);
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Router {
+    pub fn new(host: RaftHost, meta: Arc<MetaStateMachine>, shards: Arc<LocalShards>, config: RouterConfig) -> Self {
+        Router {
+            host,
+            meta,
+            shards,
+            clients: NodeClients::default(),
+            leaders: Mutex::default(),
+            config,
+        }
+    }
+
+    pub fn host(&self) -> &RaftHost {
+        &self.host
+    }
+
+    pub fn meta_state(&self) -> Arc<MetaState> {
+        self.meta.state()
+    }
+
+    pub fn local_shards(&self) -> &LocalShards {
+        &self.shards
+    }
+
+    /// The internal gRPC address of a node: from the cluster map, or from the
+    /// metadata group's membership for nodes not registered yet.
+    fn addr_of(&self, node: NodeId) -> Option<String> {
+        if let Some(n) = self.meta.state().nodes.get(&node) {
+            return Some(n.raft_addr.clone());
+        }
+        self.host
+            .status(GroupId::META)
+            .and_then(|s| s.addresses.get(&node).cloned())
+    }
+
+    pub(crate) fn client_for(&self, node: NodeId) -> Result<NodeClient<Channel>, RouterError> {
+        let addr = self
+            .addr_of(node)
+            .ok_or_else(|| RouterError::Unavailable(format!("address of node {node} unknown")))?;
+        self.clients.get(&addr).map_err(RouterError::Internal)
+    }
+
+    /// Runs `op` against the leader of `group`, following leader hints and
+    /// retrying on other `candidates` until the retry budget is spent.
+    pub(crate) async fn at_leader<T, F, Fut>(&self, group: GroupId, candidates: &[NodeId], op: F) -> Result<T, RouterError>
+    where
+        F: Fn(Target) -> Fut,
+        Fut: Future<Output = Result<T, RouterError>>,
+    {
+        let deadline = Instant::now() + self.config.retry_budget;
+        let mut backoff = Duration::from_millis(20);
+        let mut next_candidate = 0usize;
+        let mut last_error;
+        loop {
+            let cached = self.leaders.lock().expect("leaders lock").get(&group).copied();
+            let known = cached.or_else(|| self.host.status(group).and_then(|s| s.leader));
+            let target_node = match known {
+                Some(n) => n,
+                None if candidates.is_empty() => self.host.node_id(),
+                None => {
+                    next_candidate += 1;
+                    candidates[(next_candidate - 1) % candidates.len()]
+                }
+            };
+            let target = if target_node == self.host.node_id() {
+                Ok(Target::Local)
+            } else {
+                self.client_for(target_node).map(Target::Remote)
+            };
+            // A paused or partitioned node must not hold a request forever.
+            let attempt_budget = deadline.saturating_duration_since(Instant::now()).clamp(ATTEMPT_MIN, ATTEMPT_MAX);
+            let result = match target {
+                Ok(t) => match tokio::time::timeout(attempt_budget, op(t)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(RouterError::Unavailable(format!("node {target_node} did not answer for {group}"))),
+                },
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(v) => {
+                    self.leaders.lock().expect("leaders lock").insert(group, target_node);
+                    return Ok(v);
+                }
+                Err(RouterError::NotLeader(Some(hint))) if hint != target_node => {
+                    self.leaders.lock().expect("leaders lock").insert(group, hint);
+                    last_error = RouterError::NotLeader(Some(hint));
+                }
+                Err(e) if e.is_retryable() => {
+                    self.leaders.lock().expect("leaders lock").remove(&group);
+                    if known.is_some() {
+                        // The known leader failed: try the others next.
+                        next_candidate += 1;
+                    }
+                    last_error = e;
+                    if Instant::now() + backoff > deadline {
+                        break;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e),
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+        }
+        Err(match last_error {
+            RouterError::NotLeader(_) => RouterError::Unavailable(format!("no leader of {group} answered in time")),
+            e => e,
+        })
+    }
+
+    fn meta_candidates(&self) -> Vec<NodeId> {
+        match self.host.status(GroupId::META) {
+            Some(s) => s.voters.into_iter().collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Proposes a metadata command through the metadata leader.
+    pub async fn meta_write(&self, command: MetaCommand) -> Result<(), RouterError> {
+        let bytes = command.encode();
+        let candidates = self.meta_candidates();
+        self.at_leader(GroupId::META, &candidates, |target| {
+            let bytes = bytes.clone();
+            async move {
+                match target {
+                    Target::Local => self.meta_write_local(bytes).await,
+                    Target::Remote(mut c) => {
+                        c.meta_write(pb::MetaWriteRequest { command: bytes.into() }).await?;
+                        Ok(())
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    pub(crate) async fn meta_write_local(&self, command: Vec<u8>) -> Result<(), RouterError> {
+        let reply = self.host.propose(GroupId::META, command).await?;
+        decode_reply(&reply)?;
+        Ok(())
+    }
+
+    /// Creates a stream; placement is computed on the metadata leader.
+    pub async fn create_stream(&self, name: &str, shard_count: u32, replication: usize, max_record_bytes: u32) -> Result<(), RouterError> {
+        StreamName::new(name).map_err(|e| RouterError::InvalidArgument(e.0))?;
+        if shard_count == 0 || shard_count > 10_000 {
+            return Err(RouterError::InvalidArgument("shard count must be between 1 and 10000".into()));
+        }
+        if max_record_bytes > MAX_RECORD_BYTES_LIMIT {
+            return Err(RouterError::InvalidArgument(format!(
+                "max record size may be at most {MAX_RECORD_BYTES_LIMIT} bytes"
+            )));
+        }
+        let candidates = self.meta_candidates();
+        self.at_leader(GroupId::META, &candidates, |target| async move {
+            match target {
+                Target::Local => self.create_stream_on_leader(name, shard_count, replication, max_record_bytes).await,
+                Target::Remote(mut c) => {
+                    c.create_stream(pb::CreateStreamRequest {
+                        stream: name.to_string(),
+                        shard_count,
+                        replication_factor: replication as u32,
+                        max_record_bytes,
+                    })
+                    .await?;
+                    Ok(())
+                }
+            }
+        })
+        .await
+    }
+
+    pub(crate) async fn create_stream_on_leader(&self, name: &str, shard_count: u32, replication: usize, max_record_bytes: u32) -> Result<(), RouterError> {
+        if !self.host.is_leader(GroupId::META) {
+            let leader = self.host.status(GroupId::META).and_then(|s| s.leader);
+            return Err(RouterError::NotLeader(leader));
+        }
+        let state = self.meta.state();
+        if state.streams.contains_key(name) {
+            return Err(RouterError::ResourceInUse(format!("stream {name} already exists")));
+        }
+        let replication = if replication == 0 { self.config.default_replication_factor } else { replication };
+        let active = state.active_nodes().count();
+        let replication = replication.min(active.max(1));
+        let mut load = state.replica_load();
+        let placements: Vec<Vec<NodeId>> = (0..shard_count)
+            .map(|i| place_replicas(&state, &format!("{name}/{i}"), replication, &BTreeSet::new(), &mut load))
+            .collect();
+        if placements.iter().any(|p| p.is_empty()) {
+            return Err(RouterError::Unavailable("no active node can hold replicas".into()));
+        }
+        let placements = spread_preferred_leaders(placements);
+        let command = MetaCommand::CreateStream {
+            name: name.to_string(),
+            shard_count,
+            retention_hours: self.config.default_retention_hours,
+            max_record_bytes: if max_record_bytes == 0 { kinesin_types::DEFAULT_MAX_RECORD_BYTES } else { max_record_bytes },
+            now_ms: now_ms(),
+            placements,
+        };
+        self.meta_write_local(command.encode()).await
+    }
+
+    pub async fn delete_stream(&self, name: &str) -> Result<(), RouterError> {
+        self.meta_write(MetaCommand::DeleteStream { name: name.to_string() }).await
+    }
+
+    pub fn describe_stream(&self, name: &str) -> Result<StreamInfo, RouterError> {
+        self.meta
+            .state()
+            .streams
+            .get(name)
+            .cloned()
+            .ok_or_else(|| RouterError::ResourceNotFound(format!("Stream {name} not found")))
+    }
+
+    pub fn list_streams(&self) -> Vec<String> {
+        self.meta.state().streams.keys().cloned().collect()
+    }
+
+    /// Puts records, each routed by its hash key; results mirror the order
+    /// of `records`. A malformed record fails the whole call.
+    pub async fn put_records(&self, stream: &str, records: Vec<RecordIn>) -> Result<Vec<AppendOutcome>, RouterError> {
+        let info = self.describe_stream(stream)?;
+        let mut by_shard: BTreeMap<ShardId, Vec<(usize, NewRecord)>> = BTreeMap::new();
+        for (i, r) in records.into_iter().enumerate() {
+            let chars = r.partition_key.chars().count();
+            if chars == 0 || chars > 256 {
+                return Err(RouterError::InvalidArgument(format!(
+                    "record {i}: partition key must be 1 to 256 characters"
+                )));
+            }
+            let key = match &r.explicit_hash_key {
+                Some(h) => h.parse::<HashKey>().map_err(|e| RouterError::InvalidArgument(format!("record {i}: {e}")))?,
+                None => hash_key_for_partition_key(&r.partition_key),
+            };
+            let size = r.data.len() + r.partition_key.len();
+            if size > info.max_record_bytes as usize {
+                return Err(RouterError::InvalidArgument(format!(
+                    "record {i}: {size} bytes of data and partition key exceed the stream's limit of {} bytes",
+                    info.max_record_bytes
+                )));
+            }
+            let shard = info
+                .shard_for(key)
+                .ok_or_else(|| RouterError::Internal(format!("no open shard holds hash key {key}")))?;
+            by_shard.entry(shard.shard_id).or_default().push((
+                i,
+                NewRecord {
+                    partition_key: r.partition_key,
+                    data: r.data,
+                },
+            ));
+        }
+        let total = by_shard.values().map(Vec::len).sum();
+        let appends = by_shard.into_iter().map(|(shard_id, entries)| {
+            let shard = info.shard(shard_id).expect("shard from the same map").clone();
+            let epoch = info.epoch;
+            async move {
+                let (positions, records): (Vec<usize>, Vec<NewRecord>) = entries.into_iter().unzip();
+                let result = self.append(shard.group, &shard.replicas, epoch, records).await;
+                (shard_id, positions, result)
+            }
+        });
+        let mut outcomes = vec![
+            AppendOutcome::Failed {
+                code: "InternalFailure",
+                message: String::new(),
+            };
+            total
+        ];
+        for (shard, positions, result) in futures::future::join_all(appends).await {
+            match result {
+                Ok(first) => {
+                    metrics::counter!("kinesin_stream_incoming_records_total", "stream" => stream.to_string())
+                        .increment(positions.len() as u64);
+                    for (k, pos) in positions.into_iter().enumerate() {
+                        outcomes[pos] = AppendOutcome::Stored {
+                            shard,
+                            sequence: SequenceNumber(first.0 + k as u128),
+                        };
+                    }
+                }
+                Err(e) => {
+                    for pos in positions {
+                        outcomes[pos] = AppendOutcome::Failed {
+                            code: "InternalFailure",
+                            message: e.to_string(),
+                        };
+                    }
+                }
+            }
+        }
+        Ok(outcomes)
+    }
+
+    async fn append(&self, group: GroupId, replicas: &[NodeId], epoch: u64, records: Vec<NewRecord>) -> Result<SequenceNumber, RouterError> {
+        self.at_leader(group, replicas, |target| {
+            let records = records.clone();
+            async move {
+                match target {
+                    Target::Local => self.append_local(group, records).await,
+                    Target::Remote(mut c) => {
+                        let req = pb::ShardAppendRequest {
+                            group: group.0,
+                            epoch,
+                            records: records
+                                .into_iter()
+                                .map(|r| pb::Record {
+                                    partition_key: r.partition_key,
+                                    data: r.data.into(),
+                                    explicit_hash_key: String::new(),
+                                })
+                                .collect(),
+                        };
+                        let resp = c.shard_append(req).await?.into_inner();
+                        resp.first_sequence_number
+                            .parse::<SequenceNumber>()
+                            .map_err(|e| RouterError::Internal(e.to_string()))
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    /// Appends on this node, which must lead the group.
+    pub async fn append_local(&self, group: GroupId, records: Vec<NewRecord>) -> Result<SequenceNumber, RouterError> {
+        if !self.host.has_group(group) {
+            return Err(RouterError::NotLeader(None));
+        }
+        let started = Instant::now();
+        let command = ShardCommand::Append {
+            arrival_ms: now_ms(),
+            records,
+        };
+        let reply = self.host.propose(group, command.encode()).await?;
+        metrics::histogram!("kinesin_raft_commit_duration_seconds").record(started.elapsed().as_secs_f64());
+        match ShardReply::decode(&reply)? {
+            ShardReply::Appended { first, .. } => Ok(SequenceNumber(first)),
+            ShardReply::Rejected(r) => Err(RouterError::Unavailable(format!("shard refused the append: {r:?}"))),
+            other => Err(RouterError::Internal(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Reads from a shard at its leader.
+    pub async fn get_records(&self, stream: &str, shard_id: ShardId, request: ReadRequest) -> Result<ReadBatch, RouterError> {
+        let info = self.describe_stream(stream)?;
+        let shard = info
+            .shard(shard_id)
+            .ok_or_else(|| RouterError::ResourceNotFound(format!("Shard {shard_id} in stream {stream} not found")))?
+            .clone();
+        let group = shard.group;
+        self.at_leader(group, &shard.replicas, |target| async move {
+            match target {
+                Target::Local => self.read_local(group, request),
+                Target::Remote(mut c) => {
+                    let (from, seq, ts) = encode_start(request.start);
+                    let resp = c
+                        .shard_read(pb::ShardReadRequest {
+                            group: group.0,
+                            from: from as i32,
+                            sequence_number: seq,
+                            timestamp_ms: ts,
+                            limit: request.limit as u32,
+                            max_bytes: request.max_bytes as u64,
+                        })
+                        .await?
+                        .into_inner();
+                    decode_read(resp)
+                }
+            }
+        })
+        .await
+    }
+
+    /// Reads on this node, which must lead the group (so that every
+    /// acknowledged record is visible).
+    pub fn read_local(&self, group: GroupId, request: ReadRequest) -> Result<ReadBatch, RouterError> {
+        let sm = self.shards.get(group).ok_or(RouterError::NotLeader(None))?;
+        if !self.host.is_leader(group) {
+            let leader = self.host.status(group).and_then(|s| s.leader);
+            return Err(RouterError::NotLeader(leader));
+        }
+        let start = sm.resolve(request.start)?;
+        let batch = sm.read(start, request.limit.max(1), request.max_bytes.max(1), now_ms())?;
+        Ok(batch)
+    }
+}
+
+/// Rotates each replica list so that preferred leaders (the first entry)
+/// spread evenly over nodes.
+fn spread_preferred_leaders(placements: Vec<Vec<NodeId>>) -> Vec<Vec<NodeId>> {
+    let mut leads: BTreeMap<NodeId, usize> = BTreeMap::new();
+    placements
+        .into_iter()
+        .map(|mut replicas| {
+            let best = (0..replicas.len())
+                .min_by_key(|&i| (leads.get(&replicas[i]).copied().unwrap_or(0), i))
+                .unwrap_or(0);
+            replicas.rotate_left(best);
+            *leads.entry(replicas[0]).or_default() += 1;
+            replicas
+        })
+        .collect()
+}
+
+pub(crate) fn encode_start(start: ReadStart) -> (pb::IteratorType, String, u64) {
+    match start {
+        ReadStart::TrimHorizon => (pb::IteratorType::TrimHorizon, String::new(), 0),
+        ReadStart::Latest => (pb::IteratorType::Latest, String::new(), 0),
+        ReadStart::At(s) => (pb::IteratorType::AtSequenceNumber, s.to_string(), 0),
+        ReadStart::After(s) => (pb::IteratorType::AfterSequenceNumber, s.to_string(), 0),
+        ReadStart::AtTimestamp(t) => (pb::IteratorType::AtTimestamp, String::new(), t),
+    }
+}
+
+pub(crate) fn decode_start(from: i32, seq: &str, ts: u64) -> Result<ReadStart, RouterError> {
+    let parse = || seq.parse::<SequenceNumber>().map_err(|e| RouterError::InvalidArgument(e.0));
+    Ok(match pb::IteratorType::try_from(from).map_err(|_| RouterError::InvalidArgument("unknown iterator type".into()))? {
+        pb::IteratorType::TrimHorizon => ReadStart::TrimHorizon,
+        pb::IteratorType::Latest => ReadStart::Latest,
+        pb::IteratorType::AtSequenceNumber => ReadStart::At(parse()?),
+        pb::IteratorType::AfterSequenceNumber => ReadStart::After(parse()?),
+        pb::IteratorType::AtTimestamp => ReadStart::AtTimestamp(ts),
+    })
+}
+
+pub(crate) fn encode_read(batch: ReadBatch) -> pb::ShardReadResponse {
+    pb::ShardReadResponse {
+        records: batch.records.into_iter().map(|(s, r)| stored_to_pb(s, r)).collect(),
+        millis_behind_latest: batch.millis_behind_latest,
+        sealed_and_drained: batch.sealed_and_drained,
+        next_sequence_number: batch.next.to_string(),
+    }
+}
+
+pub(crate) fn stored_to_pb(seq: SequenceNumber, r: StoredRecord) -> pb::StoredRecord {
+    pb::StoredRecord {
+        sequence_number: seq.to_string(),
+        partition_key: r.partition_key,
+        data: r.data.into(),
+        arrival_ms: r.arrival_ms,
+    }
+}
+
+fn decode_read(resp: pb::ShardReadResponse) -> Result<ReadBatch, RouterError> {
+    let bad = |e: kinesin_types::InvalidValue| RouterError::Internal(e.0);
+    let records = resp
+        .records
+        .into_iter()
+        .map(|r| {
+            Ok((
+                r.sequence_number.parse::<SequenceNumber>().map_err(bad)?,
+                StoredRecord {
+                    partition_key: r.partition_key,
+                    data: r.data.to_vec(),
+                    arrival_ms: r.arrival_ms,
+                },
+            ))
+        })
+        .collect::<Result<Vec<_>, RouterError>>()?;
+    Ok(ReadBatch {
+        records,
+        next: resp.next_sequence_number.parse().map_err(bad)?,
+        millis_behind_latest: resp.millis_behind_latest,
+        sealed_and_drained: resp.sealed_and_drained,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preferred_leaders_spread_over_nodes() {
+        let n = |i| NodeId(i);
+        let placements = vec![vec![n(1), n(2), n(3)]; 6];
+        let spread = spread_preferred_leaders(placements);
+        let mut leads: BTreeMap<NodeId, usize> = BTreeMap::new();
+        for p in &spread {
+            *leads.entry(p[0]).or_default() += 1;
+            let set: BTreeSet<_> = p.iter().collect();
+            assert_eq!(set.len(), 3);
+        }
+        assert_eq!(leads.values().copied().collect::<Vec<_>>(), vec![2, 2, 2]);
+    }
+}

@@ -1,0 +1,269 @@
+//! The native gRPC API of a node (`kinesin.v1.Node`): what the router
+//! forwards to leaders, what joining nodes call, and what the CLI uses.
+
+use std::sync::Arc;
+
+use kinesin_meta::{MetaCommand, NodeInfo, NodeState};
+use kinesin_proto::v1::node_server::{Node, NodeServer};
+use kinesin_proto::v1::{self as pb};
+use kinesin_shard::NewRecord;
+use kinesin_types::{GroupId, NodeId, ShardState};
+use tonic::{Request, Response, Status};
+
+use crate::error::RouterError;
+use crate::router::{decode_start, encode_read, stored_to_pb, ReadRequest, RecordIn, Router, Target};
+use crate::AppendOutcome;
+
+const MAX_MESSAGE_BYTES: usize = 256 << 20;
+/// Reads return at most this much unless asked for less (as Kinesis).
+const MAX_READ_BYTES: usize = 10 << 20;
+
+pub struct NodeService {
+    router: Arc<Router>,
+}
+
+impl NodeService {
+    pub fn server(router: Arc<Router>) -> NodeServer<NodeService> {
+        NodeServer::new(NodeService { router })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    async fn join_on_leader(&self, req: &pb::JoinRequest) -> Result<String, RouterError> {
+        let host = self.router.host();
+        if !host.is_leader(GroupId::META) {
+            return Err(RouterError::NotLeader(host.status(GroupId::META).and_then(|s| s.leader)));
+        }
+        let state = self.router.meta_state();
+        if !req.cluster_id.is_empty() && req.cluster_id != state.cluster_id {
+            return Err(RouterError::InvalidArgument(format!(
+                "node belongs to cluster {}, this is cluster {}",
+                req.cluster_id, state.cluster_id
+            )));
+        }
+        let node = NodeId(req.node_id);
+        if node.0 == 0 {
+            return Err(RouterError::InvalidArgument("node id 0 is reserved".into()));
+        }
+        if let Some(existing) = state.nodes.get(&node) {
+            if existing.state == NodeState::Removed {
+                return Err(RouterError::InvalidArgument(format!("node {node} was removed and cannot rejoin under that id")));
+            }
+        }
+        host.add_learner(GroupId::META, node, req.raft_addr.clone(), false).await?;
+        self.router
+            .meta_write_local(
+                MetaCommand::RegisterNode(NodeInfo {
+                    id: node,
+                    raft_addr: req.raft_addr.clone(),
+                    api_addr: req.api_addr.clone(),
+                    zone: req.zone.clone(),
+                    state: NodeState::Active,
+                })
+                .encode(),
+            )
+            .await?;
+        Ok(self.router.meta_state().cluster_id.clone())
+    }
+}
+
+fn describe(info: &kinesin_types::StreamInfo) -> pb::DescribeStreamResponse {
+    pb::DescribeStreamResponse {
+        stream: info.name.to_string(),
+        status: info.status.as_aws_str().to_string(),
+        epoch: info.epoch,
+        retention_hours: info.retention_hours,
+        created_at_ms: info.created_at_ms,
+        shards: info
+            .shards
+            .iter()
+            .map(|s| pb::ShardDescription {
+                shard_id: s.shard_id.to_string(),
+                starting_hash_key: s.range.start.to_string(),
+                ending_hash_key: s.range.end.to_string(),
+                parent_shard_id: s.parent.map(|p| p.to_string()).unwrap_or_default(),
+                adjacent_parent_shard_id: s.adjacent_parent.map(|p| p.to_string()).unwrap_or_default(),
+                starting_sequence_number: s.starting_sequence().to_string(),
+                ending_sequence_number: s.ending_sequence.map(|e| e.to_string()).unwrap_or_default(),
+                open: s.state == ShardState::Open,
+                group: s.group.0,
+                replicas: s.replicas.iter().map(|r| r.0).collect(),
+            })
+            .collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn meta_write(&self, request: Request<pb::MetaWriteRequest>) -> Result<Response<pb::MetaWriteResponse>, Status> {
+        self.router.meta_write_local(request.into_inner().command.to_vec()).await?;
+        Ok(Response::new(pb::MetaWriteResponse::default()))
+    }
+
+    async fn cluster_info(&self, _request: Request<pb::ClusterInfoRequest>) -> Result<Response<pb::ClusterInfoResponse>, Status> {
+        let host = self.router.host();
+        let state = self.router.meta_state();
+        let groups = host
+            .group_ids()
+            .into_iter()
+            .filter_map(|g| host.status(g))
+            .map(|s| pb::GroupStatus {
+                group: s.group.0,
+                role: s.role.to_string(),
+                leader: s.leader.map_or(0, |l| l.0),
+                term: s.term,
+                last_log_index: s.last_log_index,
+                applied_index: s.applied_index,
+            })
+            .collect();
+        Ok(Response::new(pb::ClusterInfoResponse {
+            cluster_id: state.cluster_id.clone(),
+            node_id: host.node_id().0,
+            state_json: serde_json::to_string(&*state).map_err(|e| Status::internal(e.to_string()))?,
+            groups,
+        }))
+    }
+
+    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+        let req = request.into_inner();
+        let candidates: Vec<NodeId> = self
+            .router
+            .host()
+            .status(GroupId::META)
+            .map(|s| s.voters.into_iter().collect())
+            .unwrap_or_default();
+        let cluster_id = self
+            .router
+            .at_leader(GroupId::META, &candidates, |target| {
+                let req = req.clone();
+                async move {
+                    match target {
+                        Target::Local => self.join_on_leader(&req).await,
+                        Target::Remote(mut c) => Ok(c.join(req).await?.into_inner().cluster_id),
+                    }
+                }
+            })
+            .await?;
+        Ok(Response::new(pb::JoinResponse { cluster_id }))
+    }
+
+    async fn create_stream(&self, request: Request<pb::CreateStreamRequest>) -> Result<Response<pb::CreateStreamResponse>, Status> {
+        let r = request.into_inner();
+        if self.router.host().is_leader(GroupId::META) {
+            self.router
+                .create_stream_on_leader(&r.stream, r.shard_count, r.replication_factor as usize, r.max_record_bytes)
+                .await?;
+        } else {
+            self.router
+                .create_stream(&r.stream, r.shard_count, r.replication_factor as usize, r.max_record_bytes)
+                .await?;
+        }
+        Ok(Response::new(pb::CreateStreamResponse {}))
+    }
+
+    async fn delete_stream(&self, request: Request<pb::DeleteStreamRequest>) -> Result<Response<pb::DeleteStreamResponse>, Status> {
+        self.router.delete_stream(&request.into_inner().stream).await?;
+        Ok(Response::new(pb::DeleteStreamResponse {}))
+    }
+
+    async fn describe_stream(&self, request: Request<pb::DescribeStreamRequest>) -> Result<Response<pb::DescribeStreamResponse>, Status> {
+        let info = self.router.describe_stream(&request.into_inner().stream)?;
+        Ok(Response::new(describe(&info)))
+    }
+
+    async fn list_streams(&self, _request: Request<pb::ListStreamsRequest>) -> Result<Response<pb::ListStreamsResponse>, Status> {
+        Ok(Response::new(pb::ListStreamsResponse {
+            streams: self.router.list_streams(),
+        }))
+    }
+
+    async fn put_records(&self, request: Request<pb::PutRecordsRequest>) -> Result<Response<pb::PutRecordsResponse>, Status> {
+        let r = request.into_inner();
+        if r.records.is_empty() || r.records.len() > 500 {
+            return Err(RouterError::InvalidArgument("a put carries 1 to 500 records".into()).into());
+        }
+        let records = r
+            .records
+            .into_iter()
+            .map(|rec| RecordIn {
+                partition_key: rec.partition_key,
+                data: rec.data.to_vec(),
+                explicit_hash_key: (!rec.explicit_hash_key.is_empty()).then_some(rec.explicit_hash_key),
+            })
+            .collect();
+        let outcomes = self.router.put_records(&r.stream, records).await?;
+        let mut failed_count = 0;
+        let results = outcomes
+            .into_iter()
+            .map(|o| match o {
+                AppendOutcome::Stored { shard, sequence } => pb::RecordResult {
+                    shard_id: shard.to_string(),
+                    sequence_number: sequence.to_string(),
+                    ..Default::default()
+                },
+                AppendOutcome::Failed { code, message } => {
+                    failed_count += 1;
+                    pb::RecordResult {
+                        error_code: code.to_string(),
+                        error_message: message,
+                        ..Default::default()
+                    }
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::PutRecordsResponse { results, failed_count }))
+    }
+
+    async fn get_records(&self, request: Request<pb::GetRecordsRequest>) -> Result<Response<pb::GetRecordsResponse>, Status> {
+        let r = request.into_inner();
+        let shard = r
+            .shard_id
+            .parse()
+            .map_err(|e: kinesin_types::InvalidValue| RouterError::InvalidArgument(e.0))?;
+        let start = decode_start(r.from, &r.sequence_number, r.timestamp_ms)?;
+        let limit = if r.limit == 0 { 10_000 } else { r.limit.min(10_000) as usize };
+        let batch = self
+            .router
+            .get_records(&r.stream, shard, ReadRequest { start, limit, max_bytes: MAX_READ_BYTES })
+            .await?;
+        Ok(Response::new(pb::GetRecordsResponse {
+            next_sequence_number: batch.next.to_string(),
+            millis_behind_latest: batch.millis_behind_latest,
+            shard_closed_and_drained: batch.sealed_and_drained,
+            records: batch.records.into_iter().map(|(s, rec)| stored_to_pb(s, rec)).collect(),
+        }))
+    }
+
+    async fn shard_append(&self, request: Request<pb::ShardAppendRequest>) -> Result<Response<pb::ShardAppendResponse>, Status> {
+        let r = request.into_inner();
+        let count = r.records.len() as u32;
+        let records = r
+            .records
+            .into_iter()
+            .map(|rec| NewRecord {
+                partition_key: rec.partition_key,
+                data: rec.data.to_vec(),
+            })
+            .collect();
+        let first = self.router.append_local(GroupId(r.group), records).await?;
+        Ok(Response::new(pb::ShardAppendResponse {
+            first_sequence_number: first.to_string(),
+            count,
+        }))
+    }
+
+    async fn shard_read(&self, request: Request<pb::ShardReadRequest>) -> Result<Response<pb::ShardReadResponse>, Status> {
+        let r = request.into_inner();
+        let start = decode_start(r.from, &r.sequence_number, r.timestamp_ms)?;
+        let max_bytes = if r.max_bytes == 0 { MAX_READ_BYTES } else { r.max_bytes as usize };
+        let batch = self.router.read_local(
+            GroupId(r.group),
+            ReadRequest {
+                start,
+                limit: r.limit.max(1) as usize,
+                max_bytes,
+            },
+        )?;
+        Ok(Response::new(encode_read(batch)))
+    }
+}

@@ -1,0 +1,190 @@
+//! Node configuration: defaults, then a TOML file, then KINESIN_* environment
+//! variables and command-line flags (clap reads both; flags win).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Everything a node needs to run. Field docs are the reference; see
+/// docs/configuration.md for the same with examples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Unique, non-zero id of this node within the cluster.
+    pub node_id: u64,
+    /// Where RocksDB and the node identity live.
+    pub data_dir: PathBuf,
+    /// The AWS-compatible HTTP API (all services).
+    pub listen_api: SocketAddr,
+    /// Internal gRPC: Raft traffic between nodes and the native API.
+    pub listen_grpc: SocketAddr,
+    /// Admin HTTP: /metrics, /health/live, /health/ready, /admin/cluster.
+    pub listen_admin: SocketAddr,
+    /// Address other nodes use to reach `listen_grpc` (default: the listen
+    /// address, with 127.0.0.1 for an unspecified IP).
+    pub advertise_grpc: Option<String>,
+    /// Address clients use to reach `listen_api`.
+    pub advertise_api: Option<String>,
+    /// gRPC addresses of existing nodes to join through. Empty: bootstrap a
+    /// new cluster.
+    pub seeds: Vec<String>,
+    /// Failure domain of this node; replicas of a shard prefer distinct zones.
+    pub zone: String,
+    /// Replicas per shard for new streams (1–5).
+    pub replication_factor: usize,
+    /// `always` (fsync before acknowledging) or `never-unsafe`.
+    pub fsync: FsyncSetting,
+    /// Seconds a node may be unreachable before its replicas are re-placed.
+    pub repair_after_secs: u64,
+    /// Retention of new streams, in hours (24–8760).
+    pub retention_hours: u32,
+    /// Shard-group Raft timers.
+    pub shard_heartbeat_ms: u64,
+    pub shard_election_min_ms: u64,
+    pub shard_election_max_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FsyncSetting {
+    Always,
+    NeverUnsafe,
+}
+
+impl std::str::FromStr for FsyncSetting {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "always" => Ok(FsyncSetting::Always),
+            "never-unsafe" => Ok(FsyncSetting::NeverUnsafe),
+            other => Err(format!("fsync must be `always` or `never-unsafe`, not `{other}`")),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: 1,
+            data_dir: PathBuf::from("./data"),
+            listen_api: "0.0.0.0:7450".parse().expect("literal"),
+            listen_grpc: "0.0.0.0:7451".parse().expect("literal"),
+            listen_admin: "0.0.0.0:7452".parse().expect("literal"),
+            advertise_grpc: None,
+            advertise_api: None,
+            seeds: Vec::new(),
+            zone: "default".into(),
+            replication_factor: 3,
+            fsync: FsyncSetting::Always,
+            repair_after_secs: 300,
+            retention_hours: 24,
+            shard_heartbeat_ms: 500,
+            shard_election_min_ms: 2500,
+            shard_election_max_ms: 5000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+fn advertise(listen: SocketAddr) -> String {
+    if listen.ip().is_unspecified() {
+        format!("127.0.0.1:{}", listen.port())
+    } else {
+        listen.to_string()
+    }
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.message().to_string(),
+        })
+    }
+
+    pub fn grpc_address(&self) -> String {
+        self.advertise_grpc.clone().unwrap_or_else(|| advertise(self.listen_grpc))
+    }
+
+    pub fn api_address(&self) -> String {
+        self.advertise_api.clone().unwrap_or_else(|| advertise(self.listen_api))
+    }
+
+    pub fn admin_address(&self) -> String {
+        advertise(self.listen_admin)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.node_id == 0 {
+            return bad("node_id must be a positive integer".into());
+        }
+        if !(1..=5).contains(&self.replication_factor) {
+            return bad(format!("replication_factor must be 1 to 5, not {}", self.replication_factor));
+        }
+        if !(24..=8760).contains(&self.retention_hours) {
+            return bad(format!("retention_hours must be 24 to 8760, not {}", self.retention_hours));
+        }
+        if self.shard_heartbeat_ms == 0 || self.shard_election_min_ms <= 2 * self.shard_heartbeat_ms {
+            return bad("shard_election_min_ms must exceed twice shard_heartbeat_ms".into());
+        }
+        if self.shard_election_max_ms <= self.shard_election_min_ms {
+            return bad("shard_election_max_ms must exceed shard_election_min_ms".into());
+        }
+        let ports = [self.listen_api, self.listen_grpc, self.listen_admin];
+        let clash = |a: std::net::SocketAddr, b: std::net::SocketAddr| a == b && a.port() != 0;
+        if clash(ports[0], ports[1]) || clash(ports[1], ports[2]) || clash(ports[0], ports[2]) {
+            return bad("listen_api, listen_grpc and listen_admin must differ".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_values_override_defaults_and_unknown_keys_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.toml");
+        std::fs::write(&path, "node_id = 3\nseeds = [\"a:7451\"]\nfsync = \"never-unsafe\"\n").unwrap();
+        let c = Config::from_file(&path).unwrap();
+        assert_eq!(c.node_id, 3);
+        assert_eq!(c.seeds, vec!["a:7451".to_string()]);
+        assert_eq!(c.fsync, FsyncSetting::NeverUnsafe);
+        assert_eq!(c.listen_grpc, Config::default().listen_grpc);
+        std::fs::write(&path, "nodeid = 3\n").unwrap();
+        let err = Config::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_explained() {
+        let c = Config {
+            node_id: 0,
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("node_id"));
+        let c = Config {
+            replication_factor: 7,
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("replication_factor"));
+        assert_eq!(Config::default().grpc_address(), "127.0.0.1:7451");
+    }
+}

@@ -1,0 +1,10 @@
+//! The Kinesin node as a library: `kinesin server`, `kinesin dev` and the
+//! test clusters all start nodes through [`Node::start`].
+
+pub mod admin;
+pub mod config;
+mod node;
+mod reconcile;
+
+pub use config::{Config, ConfigError, FsyncSetting};
+pub use node::{shard_timing, Node};

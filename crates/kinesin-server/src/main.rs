@@ -1,0 +1,174 @@
+//! The `kinesin` binary: a server node, a one-command dev cluster, and client
+//! subcommands over the native gRPC API.
+
+mod bench;
+mod cli;
+mod dev;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use kinesin_raft::{NoFilter, TimingProfile};
+use kinesin_server::{shard_timing, Config, FsyncSetting, Node};
+
+#[derive(Parser)]
+#[command(name = "kinesin", version, about = "Kinesin: a Raft-replicated streaming platform that speaks AWS protocols")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a production node (config file, KINESIN_* environment, flags).
+    Server(ServerArgs),
+    /// Start a local cluster with embedded defaults (data under ./data).
+    Dev(dev::DevArgs),
+    /// Manage streams.
+    #[command(subcommand)]
+    Stream(cli::StreamCommand),
+    /// Put records read from standard input, one per line.
+    Put(cli::PutArgs),
+    /// Read records of every shard of a stream.
+    Tail(cli::TailArgs),
+    /// Show the cluster as a node sees it.
+    #[command(subcommand)]
+    Cluster(cli::ClusterCommand),
+    /// Measure throughput and latency.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Put records as fast as possible, or at a fixed rate.
+    Produce(bench::ProduceArgs),
+}
+
+/// Flags override the environment, which overrides the config file.
+#[derive(Args, Debug, Default)]
+pub struct ServerArgs {
+    /// TOML config file.
+    #[arg(long, env = "KINESIN_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, env = "KINESIN_NODE_ID")]
+    node_id: Option<u64>,
+    #[arg(long, env = "KINESIN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[arg(long, env = "KINESIN_LISTEN_API")]
+    listen_api: Option<std::net::SocketAddr>,
+    #[arg(long, env = "KINESIN_LISTEN_GRPC")]
+    listen_grpc: Option<std::net::SocketAddr>,
+    #[arg(long, env = "KINESIN_LISTEN_ADMIN")]
+    listen_admin: Option<std::net::SocketAddr>,
+    #[arg(long, env = "KINESIN_ADVERTISE_GRPC")]
+    advertise_grpc: Option<String>,
+    #[arg(long, env = "KINESIN_ADVERTISE_API")]
+    advertise_api: Option<String>,
+    /// Comma-separated gRPC addresses of nodes to join through.
+    #[arg(long, env = "KINESIN_SEEDS", value_delimiter = ',')]
+    seeds: Option<Vec<String>>,
+    #[arg(long, env = "KINESIN_ZONE")]
+    zone: Option<String>,
+    #[arg(long, env = "KINESIN_REPLICATION_FACTOR")]
+    replication_factor: Option<usize>,
+    /// `always` or `never-unsafe`.
+    #[arg(long, env = "KINESIN_FSYNC")]
+    fsync: Option<FsyncSetting>,
+    #[arg(long, env = "KINESIN_REPAIR_AFTER_SECS")]
+    repair_after_secs: Option<u64>,
+}
+
+impl ServerArgs {
+    fn into_config(self) -> Result<Config, String> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
+            None => Config::default(),
+        };
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field { c.$field = v; } )* };
+        }
+        set!(node_id, data_dir, listen_api, listen_grpc, listen_admin, zone, replication_factor, fsync, repair_after_secs);
+        if let Some(seeds) = self.seeds {
+            c.seeds = seeds.into_iter().filter(|s| !s.is_empty()).collect();
+        }
+        if self.advertise_grpc.is_some() {
+            c.advertise_grpc = self.advertise_grpc;
+        }
+        if self.advertise_api.is_some() {
+            c.advertise_api = self.advertise_api;
+        }
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KINESIN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,h2=warn,tower=warn,hyper=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+}
+
+/// Runs one node until SIGTERM or Ctrl-C, then hands leadership away and stops.
+pub async fn run_server(config: Config) -> anyhow::Result<()> {
+    kinesin_server::admin::prometheus();
+    let node = Node::start(config.clone(), Arc::new(NoFilter), (TimingProfile::meta(), shard_timing(&config))).await?;
+    println!(
+        "kinesin node {} ready to join traffic\n  AWS API   http://{}\n  gRPC      {}\n  admin     http://{}/metrics\n  data      {}",
+        config.node_id,
+        config.api_address(),
+        config.grpc_address(),
+        config.admin_address(),
+        config.data_dir.display()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("stopping: handing over leadership");
+    node.hand_over_leadership(Duration::from_secs(5)).await;
+    node.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = match cli.command {
+        Command::Server(args) => {
+            let config = match args.into_config() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("kinesin: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            init_logging();
+            runtime.block_on(run_server(config))
+        }
+        Command::Dev(args) => {
+            init_logging();
+            runtime.block_on(dev::run(args))
+        }
+        Command::Stream(cmd) => runtime.block_on(cli::stream(cmd)),
+        Command::Put(args) => runtime.block_on(cli::put(args)),
+        Command::Tail(args) => runtime.block_on(cli::tail(args)),
+        Command::Cluster(cmd) => runtime.block_on(cli::cluster(cmd)),
+        Command::Bench(BenchCommand::Produce(args)) => runtime.block_on(bench::produce(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kinesin: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! One Kinesin node: storage, the Raft host with the metadata group and the
+//! local shard replicas, the router, and the network servers. Used by
+//! `kinesin server`, `kinesin dev` and the in-process test clusters.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use kinesin_meta::{MetaCommand, MetaStateMachine, NodeInfo, NodeState};
+use kinesin_proto::v1::node_client::NodeClient;
+use kinesin_proto::v1::{ClusterInfoRequest, JoinRequest};
+use kinesin_raft::{RaftHost, TimingProfile, TransportFilter};
+use kinesin_router::{LocalShards, Router, RouterConfig};
+use kinesin_storage::{Cf, FsyncPolicy, Storage, WriteBatch};
+use kinesin_types::{GroupId, NodeId};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, FsyncSetting};
+use crate::{admin, reconcile};
+
+const IDENTITY_KEY: &[u8] = b"identity";
+
+/// What the data directory says about whom it belongs to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct Identity {
+    cluster_id: String,
+    node_id: u64,
+}
+
+pub struct Node {
+    pub config: Config,
+    pub host: RaftHost,
+    pub router: Arc<Router>,
+    pub meta: Arc<MetaStateMachine>,
+    pub shards: Arc<LocalShards>,
+    storage: Storage,
+    joined: Arc<AtomicBool>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+fn load_identity(storage: &Storage) -> anyhow::Result<Option<Identity>> {
+    match storage.get(Cf::Node, IDENTITY_KEY)? {
+        Some(v) => Ok(Some(serde_json::from_slice(&v).context("corrupt node identity")?)),
+        None => Ok(None),
+    }
+}
+
+fn save_identity(storage: &Storage, identity: &Identity) -> anyhow::Result<()> {
+    let mut batch = WriteBatch::default();
+    batch.put_cf(storage.cf(Cf::Node), IDENTITY_KEY, serde_json::to_vec(identity)?);
+    storage.write_durable(batch)?;
+    Ok(())
+}
+
+pub fn shard_timing(config: &Config) -> TimingProfile {
+    TimingProfile {
+        heartbeat_ms: config.shard_heartbeat_ms,
+        election_min_ms: config.shard_election_min_ms,
+        election_max_ms: config.shard_election_max_ms,
+        ..TimingProfile::shard()
+    }
+}
+
+impl Node {
+    /// Opens the data directory, starts the servers, and bootstraps or joins.
+    pub async fn start(mut config: Config, filter: Arc<dyn TransportFilter>, timing: (TimingProfile, TimingProfile)) -> anyhow::Result<Node> {
+        config.validate()?;
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+        let policy = match config.fsync {
+            FsyncSetting::Always => FsyncPolicy::Always,
+            FsyncSetting::NeverUnsafe => FsyncPolicy::NeverUnsafe,
+        };
+        let storage = Storage::open(&config.data_dir.join("db"), policy)
+            .with_context(|| format!("cannot open storage in {}", config.data_dir.display()))?;
+        let identity = load_identity(&storage)?;
+        if let Some(id) = &identity {
+            if id.node_id != config.node_id {
+                bail!(
+                    "data directory {} belongs to node {} of cluster {}, not node {}",
+                    config.data_dir.display(),
+                    id.node_id,
+                    id.cluster_id,
+                    config.node_id
+                );
+            }
+        }
+        let node_id = NodeId(config.node_id);
+        let host = RaftHost::new(node_id, storage.clone(), filter);
+        let meta = Arc::new(MetaStateMachine::open(storage.clone())?);
+        let (meta_timing, shard_timing) = timing;
+        host.start_group(GroupId::META, meta.clone(), &meta_timing).await?;
+        let shards = Arc::new(LocalShards::default());
+        let router = Arc::new(Router::new(
+            host.clone(),
+            meta.clone(),
+            shards.clone(),
+            RouterConfig {
+                default_replication_factor: config.replication_factor,
+                default_retention_hours: config.retention_hours,
+                ..RouterConfig::default()
+            },
+        ));
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+
+        let grpc_listener = bind(&mut config.listen_grpc, "grpc").await?;
+        let admin_listener = bind(&mut config.listen_admin, "admin").await?;
+        let api_listener = bind(&mut config.listen_api, "api").await?;
+        tasks.push(tokio::spawn(serve_grpc(grpc_listener, host.clone(), router.clone(), stop_rx.clone())));
+        let joined = Arc::new(AtomicBool::new(identity.is_some()));
+        tasks.push(tokio::spawn(admin::serve(admin_listener, router.clone(), joined.clone(), stop_rx.clone())));
+        tasks.push(tokio::spawn(admin::serve_api_placeholder(api_listener, stop_rx.clone())));
+
+        let node = Node {
+            config,
+            host,
+            router,
+            meta,
+            shards,
+            storage,
+            joined,
+            stop,
+            tasks,
+        };
+        match identity {
+            Some(id) => node.check_cluster(&id).await?,
+            None if node.config.seeds.is_empty() => node.bootstrap().await?,
+            None => node.join().await?,
+        }
+        let mut node = node;
+        let ctx = reconcile::Context {
+            config: node.config.clone(),
+            host: node.host.clone(),
+            router: node.router.clone(),
+            meta: node.meta.clone(),
+            shards: node.shards.clone(),
+            storage: node.storage.clone(),
+            shard_timing,
+        };
+        node.tasks.push(tokio::spawn(reconcile::run_reconciler(ctx.clone(), stop_rx.clone())));
+        node.tasks.push(tokio::spawn(reconcile::run_controller(ctx, stop_rx)));
+        Ok(node)
+    }
+
+    fn self_info(&self) -> NodeInfo {
+        NodeInfo {
+            id: NodeId(self.config.node_id),
+            raft_addr: self.config.grpc_address(),
+            api_addr: self.config.api_address(),
+            zone: self.config.zone.clone(),
+            state: NodeState::Active,
+        }
+    }
+
+    async fn bootstrap(&self) -> anyhow::Result<()> {
+        let cluster_id = format!("kc-{}", hex::encode(rand::random::<[u8; 8]>()));
+        let me = NodeId(self.config.node_id);
+        self.host
+            .initialize(GroupId::META, BTreeMap::from([(me, self.config.grpc_address())]))
+            .await?;
+        self.host
+            .wait_for_leader(GroupId::META, Duration::from_secs(30))
+            .await
+            .context("the new cluster's metadata group elected no leader")?;
+        self.router.meta_write(MetaCommand::Bootstrap { cluster_id: cluster_id.clone() }).await?;
+        self.router.meta_write(MetaCommand::RegisterNode(self.self_info())).await?;
+        save_identity(&self.storage, &Identity { cluster_id: cluster_id.clone(), node_id: me.0 })?;
+        self.joined.store(true, Ordering::SeqCst);
+        tracing::info!(%cluster_id, node = me.0, "bootstrapped a new cluster");
+        Ok(())
+    }
+
+    /// Asks the seeds to admit this node, retrying until one does (a seed may
+    /// start after us) or two minutes pass.
+    async fn join(&self) -> anyhow::Result<()> {
+        let me = self.self_info();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        let mut last_error = String::from("no seed answered");
+        while tokio::time::Instant::now() < deadline {
+            for seed in &self.config.seeds {
+                let request = JoinRequest {
+                    node_id: me.id.0,
+                    raft_addr: me.raft_addr.clone(),
+                    api_addr: me.api_addr.clone(),
+                    zone: me.zone.clone(),
+                    cluster_id: String::new(),
+                };
+                match join_via(seed, request).await {
+                    Ok(cluster_id) => {
+                        save_identity(&self.storage, &Identity { cluster_id: cluster_id.clone(), node_id: me.id.0 })?;
+                        self.joined.store(true, Ordering::SeqCst);
+                        tracing::info!(%cluster_id, %seed, "joined the cluster");
+                        return Ok(());
+                    }
+                    Err(e) => last_error = format!("{seed}: {e}"),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        bail!("could not join through seeds {:?}: {last_error}", self.config.seeds)
+    }
+
+    /// On restart: refuse to serve a cluster other than the one the data
+    /// directory belongs to.
+    async fn check_cluster(&self, identity: &Identity) -> anyhow::Result<()> {
+        for seed in &self.config.seeds {
+            if seed == &self.config.grpc_address() {
+                continue;
+            }
+            if let Ok(Ok(mut client)) = tokio::time::timeout(Duration::from_secs(3), NodeClient::connect(format!("http://{seed}"))).await {
+                if let Ok(info) = client.cluster_info(ClusterInfoRequest {}).await {
+                    let theirs = info.into_inner().cluster_id;
+                    if !theirs.is_empty() && theirs != identity.cluster_id {
+                        bail!(
+                            "data directory {} belongs to cluster {}, but seed {seed} serves cluster {theirs}",
+                            self.config.data_dir.display(),
+                            identity.cluster_id
+                        );
+                    }
+                    break;
+                }
+            }
+        }
+        tracing::info!(cluster_id = %identity.cluster_id, "restarted from the data directory");
+        Ok(())
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        NodeId(self.config.node_id)
+    }
+
+    pub fn is_joined(&self) -> bool {
+        self.joined.load(Ordering::SeqCst)
+    }
+
+    /// Hands leadership of every group it leads to another voter, waiting
+    /// up to `budget` in all, so that a planned stop costs no election
+    /// timeout.
+    pub async fn hand_over_leadership(&self, budget: Duration) {
+        let deadline = tokio::time::Instant::now() + budget;
+        for group in self.host.group_ids() {
+            let Some(status) = self.host.status(group) else { continue };
+            if status.role != "leader" {
+                continue;
+            }
+            let Some(to) = status.voters.iter().find(|v| **v != self.node_id()).copied() else { continue };
+            if self.host.transfer_leader(group, to).await.is_err() {
+                continue;
+            }
+            while tokio::time::Instant::now() < deadline && self.host.is_leader(group) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    /// Stops servers and groups. Data stays on disk.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        self.host.shutdown().await;
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        let _ = self.storage.sync();
+    }
+}
+
+/// Binds a listener; a port of 0 is replaced by the one the OS chose.
+async fn bind(addr: &mut std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(*addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} ({what})"))?;
+    *addr = listener.local_addr()?;
+    Ok(listener)
+}
+
+async fn join_via(seed: &str, request: JoinRequest) -> Result<String, String> {
+    let mut client = tokio::time::timeout(Duration::from_secs(3), NodeClient::connect(format!("http://{seed}")))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let response = tokio::time::timeout(Duration::from_secs(15), client.join(request))
+        .await
+        .map_err(|_| "join timed out".to_string())?
+        .map_err(|s| s.message().to_string())?;
+    Ok(response.into_inner().cluster_id)
+}
+
+async fn serve_grpc(listener: TcpListener, host: RaftHost, router: Arc<Router>, mut stop: watch::Receiver<bool>) {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .add_service(host.service())
+        .add_service(kinesin_router::NodeService::server(router))
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "gRPC server failed");
+    }
+}

@@ -1,0 +1,318 @@
+//! Two loops that make the cluster match its map.
+//!
+//! The reconciler runs on every node: it starts the replicas the map assigns
+//! to this node and removes those it no longer assigns; on groups this node
+//! leads it aligns the Raft membership with the assigned replicas, hands
+//! leadership to the preferred leader (the first replica), and trims records
+//! past retention.
+//!
+//! The controller runs on the metadata leader only: it keeps three voters in
+//! the metadata group and re-places the replicas of nodes that have been
+//! unreachable for longer than `repair_after_secs` or are draining.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kinesin_meta::{place_replicas, MetaCommand, MetaState, MetaStateMachine, NodeState};
+use kinesin_raft::{RaftHost, TimingProfile};
+use kinesin_router::{LocalShards, Router};
+use kinesin_shard::{ShardCommand, ShardStateMachine};
+use kinesin_storage::Storage;
+use kinesin_types::{GroupId, NodeId, ShardInfo};
+use tokio::sync::watch;
+
+use crate::config::Config;
+
+#[derive(Clone)]
+pub(crate) struct Context {
+    pub config: Config,
+    pub host: RaftHost,
+    pub router: Arc<Router>,
+    pub meta: Arc<MetaStateMachine>,
+    pub shards: Arc<LocalShards>,
+    pub storage: Storage,
+    pub shard_timing: TimingProfile,
+}
+
+const TICK: Duration = Duration::from_millis(500);
+const TRIM_EVERY: Duration = Duration::from_secs(60);
+const TRANSFER_EVERY: Duration = Duration::from_secs(30);
+
+enum LeaderAction {
+    Nothing,
+    Transfer,
+    Trim,
+}
+
+/// Per-group bookkeeping so that slow operations are not started twice.
+#[derive(Default)]
+struct Busy {
+    membership: HashSet<GroupId>,
+    last_transfer: HashMap<GroupId, Instant>,
+    last_trim: HashMap<GroupId, Instant>,
+}
+
+pub(crate) async fn run_reconciler(ctx: Context, mut stop: watch::Receiver<bool>) {
+    let mut changes = ctx.meta.subscribe();
+    let busy = Arc::new(Mutex::new(Busy::default()));
+    loop {
+        let state = ctx.meta.state();
+        reconcile_once(&ctx, &state, &busy).await;
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = changes.changed() => {}
+            _ = tokio::time::sleep(TICK) => {}
+        }
+    }
+}
+
+async fn reconcile_once(ctx: &Context, state: &MetaState, busy: &Arc<Mutex<Busy>>) {
+    let me = ctx.host.node_id();
+    let wanted: BTreeMap<GroupId, (String, ShardInfo)> = state
+        .shards()
+        .filter(|(_, s)| s.replicas.contains(&me))
+        .map(|(stream, s)| (s.group, (stream.to_string(), s.clone())))
+        .collect();
+
+    for (group, (_, shard)) in &wanted {
+        if !ctx.host.has_group(*group) {
+            if let Err(e) = start_replica(ctx, state, shard).await {
+                tracing::warn!(%group, error = %e, "cannot start shard replica");
+                continue;
+            }
+        }
+    }
+    for group in ctx.host.group_ids() {
+        if group.is_meta() || wanted.contains_key(&group) {
+            continue;
+        }
+        // The map no longer places a replica here: stream deleted or the
+        // replica moved. Wait until the map is at least as new as the group.
+        tracing::info!(%group, "removing shard replica no longer assigned to this node");
+        ctx.shards.remove(group);
+        if let Err(e) = ctx.host.stop_group(group, true).await {
+            tracing::warn!(%group, error = %e, "cannot remove replica");
+        }
+    }
+
+    for (group, (stream, shard)) in &wanted {
+        let Some(status) = ctx.host.status(*group) else { continue };
+        if status.role != "leader" {
+            continue;
+        }
+        let desired: BTreeSet<NodeId> = shard.replicas.iter().copied().collect();
+        if status.voters != desired {
+            align_membership(ctx, state, *group, desired, busy.clone());
+            continue;
+        }
+        let preferred = shard.replicas[0];
+        let preferred_ok = preferred != me
+            && state.nodes.get(&preferred).is_some_and(|n| n.state == NodeState::Active)
+            && status.follower_matched.get(&preferred).copied().unwrap_or(0) + 2 >= status.last_log_index
+            && status.follower_ack_age_ms.get(&preferred).copied().flatten().is_some_and(|ms| ms < 2_000);
+        let me_draining = state.nodes.get(&me).is_some_and(|n| n.state != NodeState::Active);
+        let action = {
+            let mut b = busy.lock().expect("busy lock");
+            let recently = b.last_transfer.get(group).is_some_and(|t| t.elapsed() < TRANSFER_EVERY);
+            if (preferred_ok || me_draining) && !recently {
+                b.last_transfer.insert(*group, Instant::now());
+                LeaderAction::Transfer
+            } else if b.last_trim.get(group).is_none_or(|t| t.elapsed() >= TRIM_EVERY) {
+                b.last_trim.insert(*group, Instant::now());
+                LeaderAction::Trim
+            } else {
+                LeaderAction::Nothing
+            }
+        };
+        match action {
+            LeaderAction::Nothing => continue,
+            LeaderAction::Transfer => {
+                let to = if preferred_ok { Some(preferred) } else { status.voters.iter().find(|v| **v != me).copied() };
+                if let Some(to) = to {
+                    tracing::info!(%group, to = to.0, "handing leadership to the preferred leader");
+                    let _ = ctx.host.transfer_leader(*group, to).await;
+                }
+                continue;
+            }
+            LeaderAction::Trim => {}
+        }
+        if let Some(info) = state.streams.get(stream) {
+            let retention_ms = u64::from(info.retention_hours) * 3_600_000;
+            let before_ms = now_ms().saturating_sub(retention_ms);
+            let host = ctx.host.clone();
+            let group = *group;
+            tokio::spawn(async move {
+                let _ = host.propose(group, ShardCommand::Trim { before_ms }.encode()).await;
+            });
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+async fn start_replica(ctx: &Context, state: &MetaState, shard: &ShardInfo) -> anyhow::Result<()> {
+    let sm = Arc::new(ShardStateMachine::open(
+        ctx.storage.clone(),
+        shard.group.0,
+        shard.shard_id,
+        shard.generation,
+    )?);
+    ctx.shards.insert(shard.group, sm.clone());
+    ctx.host.start_group(shard.group, sm, &ctx.shard_timing).await?;
+    // The preferred leader makes the first membership; everyone else waits
+    // to be contacted. Initializing is a no-op on a group with history.
+    if shard.replicas.first() == Some(&ctx.host.node_id()) {
+        let members = addresses(state, &shard.replicas);
+        if members.len() == shard.replicas.len() {
+            ctx.host.initialize(shard.group, members).await?;
+        }
+    }
+    Ok(())
+}
+
+fn addresses(state: &MetaState, nodes: &[NodeId]) -> BTreeMap<NodeId, String> {
+    nodes
+        .iter()
+        .filter_map(|n| state.nodes.get(n).map(|info| (*n, info.raft_addr.clone())))
+        .collect()
+}
+
+/// Adds missing replicas as learners, waits for them to catch up, then
+/// makes the assigned replicas the voters. Runs in the background.
+fn align_membership(ctx: &Context, state: &MetaState, group: GroupId, desired: BTreeSet<NodeId>, busy: Arc<Mutex<Busy>>) {
+    if !busy.lock().expect("busy lock").membership.insert(group) {
+        return;
+    }
+    let host = ctx.host.clone();
+    let wanted: Vec<NodeId> = desired.iter().copied().collect();
+    let members = addresses(state, &wanted);
+    tokio::spawn(async move {
+        let result: Result<(), kinesin_raft::RaftHostError> = async {
+            let status = host.status(group).ok_or(kinesin_raft::RaftHostError::NoSuchGroup(group))?;
+            for (node, addr) in &members {
+                if !status.voters.contains(node) && !status.learners.contains(node) {
+                    host.add_learner(group, *node, addr.clone(), true).await?;
+                }
+            }
+            host.change_voters(group, desired.clone(), false).await?;
+            let status = host.status(group).ok_or(kinesin_raft::RaftHostError::NoSuchGroup(group))?;
+            let stale: BTreeSet<NodeId> = status.learners.into_iter().filter(|l| !desired.contains(l)).collect();
+            if !stale.is_empty() {
+                host.remove_learners(group, stale).await?;
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => tracing::info!(%group, voters = ?desired, "membership matches the assignment"),
+            Err(e) => tracing::warn!(%group, error = %e, "membership change failed; will retry"),
+        }
+        busy.lock().expect("busy lock").membership.remove(&group);
+    });
+}
+
+pub(crate) async fn run_controller(ctx: Context, mut stop: watch::Receiver<bool>) {
+    let mut unreachable_since: HashMap<NodeId, Instant> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        if !ctx.host.is_leader(GroupId::META) {
+            unreachable_since.clear();
+            continue;
+        }
+        let state = ctx.meta.state();
+        if let Err(e) = balance_meta_voters(&ctx, &state).await {
+            tracing::warn!(error = %e, "cannot adjust metadata voters");
+        }
+        let Some(status) = ctx.host.status(GroupId::META) else { continue };
+        let me = ctx.host.node_id();
+        let repair_after = Duration::from_secs(ctx.config.repair_after_secs);
+        let mut dead: BTreeSet<NodeId> = BTreeSet::new();
+        for node in state.nodes.values().filter(|n| n.state == NodeState::Active && n.id != me) {
+            let fresh = status.follower_ack_age_ms.get(&node.id).copied().flatten().is_some_and(|ms| ms < 3_000);
+            if fresh {
+                unreachable_since.remove(&node.id);
+            } else {
+                let since = *unreachable_since.entry(node.id).or_insert_with(Instant::now);
+                if since.elapsed() >= repair_after {
+                    dead.insert(node.id);
+                }
+            }
+        }
+        let leaving: BTreeSet<NodeId> = state
+            .nodes
+            .values()
+            .filter(|n| n.state != NodeState::Active)
+            .map(|n| n.id)
+            .collect();
+        let exclude: BTreeSet<NodeId> = dead.union(&leaving).copied().collect();
+        if let Err(e) = repair_replicas(&ctx, &state, &exclude).await {
+            tracing::warn!(error = %e, "replica repair failed; will retry");
+        }
+    }
+}
+
+/// Keeps min(3, nodes) voters in the metadata group; the others are learners
+/// that still receive the map.
+async fn balance_meta_voters(ctx: &Context, state: &MetaState) -> Result<(), kinesin_raft::RaftHostError> {
+    let Some(status) = ctx.host.status(GroupId::META) else { return Ok(()) };
+    let active: BTreeSet<NodeId> = state.active_nodes().map(|n| n.id).collect();
+    let mut voters: BTreeSet<NodeId> = status.voters.iter().filter(|v| active.contains(v)).copied().collect();
+    let target = active.len().min(3);
+    if voters.len() >= target && voters == status.voters {
+        return Ok(());
+    }
+    for learner in &status.learners {
+        if voters.len() >= target {
+            break;
+        }
+        let caught_up = status.follower_matched.get(learner).copied().unwrap_or(0) + 10 >= status.last_log_index;
+        if active.contains(learner) && caught_up {
+            voters.insert(*learner);
+        }
+    }
+    if voters != status.voters && !voters.is_empty() {
+        tracing::info!(?voters, "changing metadata voters");
+        ctx.host.change_voters(GroupId::META, voters, true).await?;
+    }
+    Ok(())
+}
+
+/// Replaces replicas on excluded nodes (dead or leaving) with new ones.
+async fn repair_replicas(ctx: &Context, state: &MetaState, exclude: &BTreeSet<NodeId>) -> Result<(), kinesin_router::RouterError> {
+    if exclude.is_empty() {
+        return Ok(());
+    }
+    let mut load = state.replica_load();
+    for (stream, shard) in state.shards() {
+        if !shard.replicas.iter().any(|r| exclude.contains(r)) {
+            continue;
+        }
+        let keep: Vec<NodeId> = shard.replicas.iter().filter(|r| !exclude.contains(r)).copied().collect();
+        let mut avoid: BTreeSet<NodeId> = exclude.clone();
+        avoid.extend(keep.iter().copied());
+        let missing = shard.replicas.len() - keep.len();
+        let added = place_replicas(state, &format!("{stream}/{}", shard.shard_id.0), missing, &avoid, &mut load);
+        let mut replicas = keep;
+        replicas.extend(added);
+        if replicas.is_empty() || replicas == shard.replicas {
+            continue;
+        }
+        tracing::info!(stream, shard = %shard.shard_id, ?replicas, "re-placing replicas");
+        ctx.router
+            .meta_write(MetaCommand::SetReplicas {
+                stream: stream.to_string(),
+                shard: shard.shard_id,
+                replicas,
+            })
+            .await?;
+    }
+    Ok(())
+}

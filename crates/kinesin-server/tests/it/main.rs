@@ -1,0 +1,3 @@
+//! Tests that run the `kinesin` binary as real processes.
+
+mod processes;

@@ -1,0 +1,247 @@
+//! Three `kinesin server` processes on loopback; one is killed with SIGKILL
+//! under load and restarted. No acknowledged record may be lost and the
+//! restarted node must catch up.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kinesin_proto::v1::node_client::NodeClient;
+use kinesin_proto::v1::{self as pb};
+use tonic::transport::Channel;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Proc {
+    id: u64,
+    grpc: String,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn new(id: u64, dir: &Path, seed: Option<&str>) -> Proc {
+        let grpc = format!("127.0.0.1:{}", free_port());
+        let mut args = vec![
+            "server".to_string(),
+            "--node-id".into(),
+            id.to_string(),
+            "--data-dir".into(),
+            dir.join(format!("node-{id}")).display().to_string(),
+            "--listen-grpc".into(),
+            grpc.clone(),
+            "--listen-api".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--listen-admin".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--replication-factor".into(),
+            "3".into(),
+        ];
+        if let Some(seed) = seed {
+            args.push("--seeds".into());
+            args.push(seed.to_string());
+        }
+        Proc { id, grpc, args, child: None }
+    }
+
+    fn spawn(&mut self, dir: &Path) {
+        let log = std::fs::File::create(dir.join(format!("node-{}.log", self.id))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_kinesin"))
+            .args(&self.args)
+            .env("KINESIN_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+async fn client(addr: &str) -> Option<NodeClient<Channel>> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok()?.connect_timeout(Duration::from_secs(1));
+    let channel = endpoint.connect().await.ok()?;
+    Some(NodeClient::new(channel))
+}
+
+async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+type Acked = Arc<Mutex<BTreeMap<(String, String), Vec<u8>>>>;
+
+fn spawn_writer(addr: String, writer: usize, acked: Acked, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut batch = 0usize;
+        while !stop.load(Ordering::SeqCst) {
+            let Some(mut c) = client(&addr).await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            while !stop.load(Ordering::SeqCst) {
+                let records: Vec<pb::Record> = (0..50)
+                    .map(|i| pb::Record {
+                        partition_key: format!("w{writer}-{}", (batch * 50 + i) % 101),
+                        data: format!("w{writer}-b{batch}-r{i}").into_bytes().into(),
+                        explicit_hash_key: String::new(),
+                    })
+                    .collect();
+                let sent: Vec<Vec<u8>> = records.iter().map(|r| r.data.to_vec()).collect();
+                batch += 1;
+                let req = pb::PutRecordsRequest { stream: "load".into(), records };
+                match tokio::time::timeout(Duration::from_secs(15), c.put_records(req)).await {
+                    Ok(Ok(resp)) => {
+                        let mut acked = acked.lock().unwrap();
+                        for (r, d) in resp.into_inner().results.into_iter().zip(sent) {
+                            if r.error_code.is_empty() {
+                                acked.insert((r.shard_id, r.sequence_number), d);
+                            }
+                        }
+                    }
+                    _ => break,
+                }
+            }
+        }
+    })
+}
+
+async fn read_all(c: &mut NodeClient<Channel>, shard: &str) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut from = pb::IteratorType::TrimHorizon;
+    let mut seq = String::new();
+    loop {
+        let resp = c
+            .get_records(pb::GetRecordsRequest {
+                stream: "load".into(),
+                shard_id: shard.into(),
+                from: from as i32,
+                sequence_number: seq.clone(),
+                timestamp_ms: 0,
+                limit: 10_000,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if resp.records.is_empty() {
+            return out;
+        }
+        for r in resp.records {
+            out.insert(r.sequence_number, r.data.to_vec());
+        }
+        from = pb::IteratorType::AtSequenceNumber;
+        seq = resp.next_sequence_number;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_nine_under_load_loses_no_acknowledged_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut procs = vec![Proc::new(1, dir.path(), None)];
+    let seed = procs[0].grpc.clone();
+    procs.push(Proc::new(2, dir.path(), Some(&seed)));
+    procs.push(Proc::new(3, dir.path(), Some(&seed)));
+    for p in &mut procs {
+        p.spawn(dir.path());
+    }
+
+    eventually("the stream to be created", Duration::from_secs(90), || async {
+        let mut c = client(&seed).await?;
+        let req = pb::CreateStreamRequest { stream: "load".into(), shard_count: 4, replication_factor: 3, max_record_bytes: 0 };
+        match c.create_stream(req).await {
+            Ok(_) => Some(()),
+            Err(s) if s.code() == tonic::Code::AlreadyExists => Some(()),
+            Err(_) => None,
+        }
+    })
+    .await;
+    let describe = eventually("three replicas per shard", Duration::from_secs(60), || async {
+        let mut c = client(&seed).await?;
+        let d = c.describe_stream(pb::DescribeStreamRequest { stream: "load".into() }).await.ok()?.into_inner();
+        d.shards.iter().all(|s| s.replicas.len() == 3).then_some(d)
+    })
+    .await;
+
+    let acked = Acked::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = [1usize, 3]
+        .iter()
+        .map(|&i| spawn_writer(procs[i - 1].grpc.clone(), i, acked.clone(), stop.clone()))
+        .collect();
+    eventually("writes to flow", Duration::from_secs(60), || async { (acked.lock().unwrap().len() > 500).then_some(()) }).await;
+
+    procs[1].kill9();
+    let at_kill = acked.lock().unwrap().len();
+    eventually("writes to continue after the kill", Duration::from_secs(60), || async {
+        (acked.lock().unwrap().len() > at_kill + 1000).then_some(())
+    })
+    .await;
+    procs[1].spawn(dir.path());
+    let at_restart = acked.lock().unwrap().len();
+    eventually("writes after the restart", Duration::from_secs(60), || async {
+        (acked.lock().unwrap().len() > at_restart + 500).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for w in writers {
+        w.await.unwrap();
+    }
+
+    let acked = acked.lock().unwrap().clone();
+    let mut c = eventually("a client", Duration::from_secs(10), || client(&seed)).await;
+    for shard in &describe.shards {
+        let stored = read_all(&mut c, &shard.shard_id).await;
+        for ((s, seq), data) in acked.iter().filter(|((s, _), _)| s == &shard.shard_id) {
+            assert_eq!(stored.get(seq), Some(data), "acknowledged record {s}/{seq} lost");
+        }
+    }
+
+    // The restarted node catches up: its replicas reach the leaders' logs.
+    let restarted = procs[1].grpc.clone();
+    eventually("the restarted node to catch up", Duration::from_secs(90), || async {
+        let mut others = BTreeMap::new();
+        for p in [&procs[0], &procs[2]] {
+            let info = client(&p.grpc).await?.cluster_info(pb::ClusterInfoRequest {}).await.ok()?.into_inner();
+            for g in info.groups.into_iter().filter(|g| g.role == "leader") {
+                others.insert(g.group, g.last_log_index);
+            }
+        }
+        let info = client(&restarted).await?.cluster_info(pb::ClusterInfoRequest {}).await.ok()?.into_inner();
+        let mine: BTreeMap<u64, u64> = info.groups.into_iter().map(|g| (g.group, g.applied_index)).collect();
+        let caught_up = describe.shards.iter().all(|s| match (others.get(&s.group), mine.get(&s.group)) {
+            (Some(l), Some(m)) => m >= l,
+            (None, Some(_)) => true,
+            _ => false,
+        });
+        caught_up.then_some(())
+    })
+    .await;
+}

@@ -1,0 +1,227 @@
+//! The node's storage engine: one RocksDB per node with a column family per
+//! kind of data, key encodings, and the group-commit syncer that lets the
+//! appends of many Raft groups share one WAL fsync.
+
+pub mod keys;
+mod syncer;
+
+use std::path::Path;
+use std::sync::Arc;
+
+pub use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
+use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteOptions, DB};
+
+pub use syncer::{FsyncPolicy, SyncCallback};
+use syncer::Syncer;
+
+/// Column families. Every key in them starts with the group id (see [`keys`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cf {
+    /// Raft log entries: group | index.
+    RaftLog,
+    /// Raft vote, committed and purged log ids: group | tag.
+    RaftState,
+    /// Shard records: group | sequence number.
+    Records,
+    /// Arrival-time index of records: group | time ms | sequence number.
+    RecordTime,
+    /// State-machine state other than records: group | name.
+    StateMachine,
+    /// Snapshots being received, before they are installed: group | key.
+    Staging,
+    /// Node identity (cluster id, node id).
+    Node,
+}
+
+impl Cf {
+    pub const ALL: [Cf; 7] = [
+        Cf::RaftLog,
+        Cf::RaftState,
+        Cf::Records,
+        Cf::RecordTime,
+        Cf::StateMachine,
+        Cf::Staging,
+        Cf::Node,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Cf::RaftLog => "raft_log",
+            Cf::RaftState => "raft_state",
+            Cf::Records => "records",
+            Cf::RecordTime => "record_time",
+            Cf::StateMachine => "state_machine",
+            Cf::Staging => "staging",
+            Cf::Node => "node",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("storage closed")]
+    Closed,
+    #[error("corrupt value under {what}: {detail}")]
+    Corrupt { what: &'static str, detail: String },
+}
+
+impl From<StorageError> for std::io::Error {
+    fn from(e: StorageError) -> Self {
+        std::io::Error::other(e)
+    }
+}
+
+/// The node's RocksDB instance. Cheap to clone.
+#[derive(Clone)]
+pub struct Storage {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<DB>,
+    syncer: Syncer,
+}
+
+impl Storage {
+    pub fn open(path: &Path, policy: FsyncPolicy) -> Result<Self, StorageError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_max_background_jobs(2);
+        opts.set_bytes_per_sync(1 << 20);
+        opts.set_max_total_wal_size(256 << 20);
+        let cfs = Cf::ALL.iter().map(|cf| {
+            let mut o = Options::default();
+            if matches!(cf, Cf::Records | Cf::RaftLog) {
+                o.set_write_buffer_size(64 << 20);
+                o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            }
+            ColumnFamilyDescriptor::new(cf.name(), o)
+        });
+        let db = Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?);
+        let syncer = Syncer::start(db.clone(), policy);
+        Ok(Storage {
+            inner: Arc::new(Inner { db, syncer }),
+        })
+    }
+
+    pub fn db(&self) -> &DB {
+        &self.inner.db
+    }
+
+    pub fn cf(&self, cf: Cf) -> &ColumnFamily {
+        self.inner
+            .db
+            .cf_handle(cf.name())
+            .expect("every column family is created at open")
+    }
+
+    pub fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.inner.db.get_cf(self.cf(cf), key)?)
+    }
+
+    /// Writes and fsyncs the WAL before returning (votes, node identity).
+    pub fn write_durable(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(self.inner.syncer.policy() == FsyncPolicy::Always);
+        self.inner.db.write_opt(batch, &opts)?;
+        Ok(())
+    }
+
+    /// Writes without waiting for the disk: readable at once, lost on a crash
+    /// unless a later sync covers it (the WAL is ordered, so any later sync
+    /// does).
+    pub fn write(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(false);
+        self.inner.db.write_opt(batch, &opts)?;
+        Ok(())
+    }
+
+    /// Writes now and calls `done` once the WAL holding the write is on disk.
+    /// Callbacks queued while a sync runs share the next one (group commit).
+    pub fn write_then_sync(&self, batch: WriteBatch, done: SyncCallback) -> Result<(), StorageError> {
+        self.write(batch)?;
+        self.inner.syncer.enqueue(done);
+        Ok(())
+    }
+
+    /// Waits until everything written so far is on disk.
+    pub fn sync(&self) -> Result<(), StorageError> {
+        if self.inner.syncer.policy() == FsyncPolicy::Always {
+            self.inner.db.flush_wal(true)?;
+        }
+        Ok(())
+    }
+
+    /// Forward iteration over `cf` from `from` (inclusive) to `to` (exclusive).
+    pub fn scan(
+        &self,
+        cf: Cf,
+        from: &[u8],
+        to: &[u8],
+    ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), StorageError>> + '_ {
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(to.to_vec());
+        self.inner
+            .db
+            .iterator_cf_opt(self.cf(cf), opts, IteratorMode::From(from, Direction::Forward))
+            .map(|r| r.map_err(StorageError::from))
+    }
+
+    /// Backward iteration over `cf` from just below `to` down to `from` (inclusive).
+    pub fn scan_rev(
+        &self,
+        cf: Cf,
+        from: &[u8],
+        to: &[u8],
+    ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), StorageError>> + '_ {
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_lower_bound(from.to_vec());
+        opts.set_iterate_upper_bound(to.to_vec());
+        self.inner
+            .db
+            .iterator_cf_opt(self.cf(cf), opts, IteratorMode::End)
+            .map(|r| r.map_err(StorageError::from))
+    }
+
+    /// Approximate bytes on disk, for metrics and admin views.
+    pub fn live_bytes(&self) -> u64 {
+        self.inner
+            .db
+            .property_int_value("rocksdb.live-sst-files-size")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_then_sync_calls_back_after_sync_and_data_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let storage = Storage::open(dir.path(), FsyncPolicy::Always).unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            for i in 0..100u64 {
+                let mut batch = WriteBatch::default();
+                batch.put_cf(storage.cf(Cf::RaftLog), keys::log_key(7, i), b"entry");
+                let tx = tx.clone();
+                storage
+                    .write_then_sync(batch, Box::new(move |r| tx.send(r.is_ok()).unwrap()))
+                    .unwrap();
+            }
+            for _ in 0..100 {
+                assert!(rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap());
+            }
+        }
+        let storage = Storage::open(dir.path(), FsyncPolicy::Always).unwrap();
+        let (from, to) = keys::group_bounds(7);
+        assert_eq!(storage.scan(Cf::RaftLog, &from, &to).count(), 100);
+    }
+}

@@ -1,0 +1,103 @@
+//! Group commit: writers put their batches into RocksDB without syncing and
+//! queue a callback here; one thread fsyncs the WAL once for everything
+//! queued so far and then completes every callback. While one sync runs, the
+//! next batch of callbacks accumulates, so under load one fsync covers the
+//! appends of many Raft groups.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use rocksdb::DB;
+
+/// Called with the outcome of the sync that made the write durable.
+pub type SyncCallback = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// Acknowledge only after the WAL is fsynced (the default).
+    Always,
+    /// Acknowledge after the write reached the OS: faster, but a power loss
+    /// can lose acknowledged writes on every replica at once.
+    NeverUnsafe,
+}
+
+pub(crate) struct Syncer {
+    policy: FsyncPolicy,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct Queue {
+    callbacks: Vec<SyncCallback>,
+    closed: bool,
+}
+
+impl Syncer {
+    pub(crate) fn start(db: Arc<DB>, policy: FsyncPolicy) -> Self {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+        });
+        if policy == FsyncPolicy::Always {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("kinesin-syncer".into())
+                .spawn(move || run(db, shared))
+                .expect("spawn syncer thread");
+        }
+        Syncer { policy, shared }
+    }
+
+    pub(crate) fn policy(&self) -> FsyncPolicy {
+        self.policy
+    }
+
+    pub(crate) fn enqueue(&self, callback: SyncCallback) {
+        if self.policy == FsyncPolicy::NeverUnsafe {
+            callback(Ok(()));
+            return;
+        }
+        let mut q = self.shared.queue.lock().expect("syncer lock");
+        q.callbacks.push(callback);
+        drop(q);
+        self.shared.wake.notify_one();
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        self.shared.queue.lock().expect("syncer lock").closed = true;
+        self.shared.wake.notify_one();
+    }
+}
+
+fn run(db: Arc<DB>, shared: Arc<Shared>) {
+    loop {
+        let batch = {
+            let mut q = shared.queue.lock().expect("syncer lock");
+            while q.callbacks.is_empty() && !q.closed {
+                q = shared.wake.wait(q).expect("syncer lock");
+            }
+            if q.callbacks.is_empty() && q.closed {
+                return;
+            }
+            std::mem::take(&mut q.callbacks)
+        };
+        let started = Instant::now();
+        let result = db.flush_wal(true).map_err(|e| e.to_string());
+        metrics::histogram!("kinesin_storage_fsync_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("kinesin_storage_fsync_batch_size").record(batch.len() as f64);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "WAL sync failed");
+        }
+        for callback in batch {
+            callback(result.clone());
+        }
+    }
+}

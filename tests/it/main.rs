@@ -1,0 +1,6 @@
+//! Whole-system tests on in-process clusters of real nodes.
+
+mod common;
+mod failover;
+mod partition;
+mod snapshot;

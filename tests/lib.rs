@@ -1,0 +1,1 @@
+//! Whole-system tests of Kinesin live in `it/`; this library is empty.
