@@ -178,7 +178,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         );
         self.storage.write_durable(batch)?;
         let mut tail = self.tail.lock().expect("log tail lock");
-        tail.last_log = last_log_id.or_else(|| tail.last_purged.clone());
+        let current = tail.last_log.as_ref().map(|l| l.index);
+        let kept = last_log_id.as_ref().map(|l| l.index);
+        // Truncating after a point beyond the tail removes nothing.
+        if kept < current {
+            tail.last_log = last_log_id.or_else(|| tail.last_purged.clone());
+        }
         Ok(())
     }
 

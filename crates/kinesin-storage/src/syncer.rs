@@ -24,6 +24,7 @@ pub enum FsyncPolicy {
 pub(crate) struct Syncer {
     policy: FsyncPolicy,
     shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 struct Shared {
@@ -43,14 +44,14 @@ impl Syncer {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
         });
-        if policy == FsyncPolicy::Always {
+        let thread = (policy == FsyncPolicy::Always).then(|| {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("kinesin-syncer".into())
                 .spawn(move || run(db, shared))
-                .expect("spawn syncer thread");
-        }
-        Syncer { policy, shared }
+                .expect("spawn syncer thread")
+        });
+        Syncer { policy, shared, thread }
     }
 
     pub(crate) fn policy(&self) -> FsyncPolicy {
@@ -73,6 +74,11 @@ impl Drop for Syncer {
     fn drop(&mut self) {
         self.shared.queue.lock().expect("syncer lock").closed = true;
         self.shared.wake.notify_one();
+        // The thread holds the last handle to the database: once it has
+        // exited, the database is closed and its directory can be reopened.
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
