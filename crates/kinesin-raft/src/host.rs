@@ -127,6 +127,8 @@ struct HostInner {
     storage: Storage,
     pool: Arc<PeerPool>,
     groups: RwLock<HashMap<GroupId, Group>>,
+    /// Set on shutdown: open Raft streams from peers end, releasing storage.
+    closed: tokio::sync::watch::Sender<bool>,
 }
 
 /// All Raft groups of this node. Cheap to clone.
@@ -143,6 +145,7 @@ impl RaftHost {
                 storage,
                 pool: Arc::new(PeerPool::new(node_id.0, filter)),
                 groups: RwLock::default(),
+                closed: tokio::sync::watch::channel(false).0,
             }),
         }
     }
@@ -230,6 +233,7 @@ impl RaftHost {
 
     /// Stops every group (node shutdown).
     pub async fn shutdown(&self) {
+        self.inner.closed.send_replace(true);
         let groups: Vec<_> = self.inner.groups.write().expect("groups lock").drain().collect();
         for (_, g) in groups {
             let _ = g.raft.shutdown().await;
@@ -506,8 +510,16 @@ impl RaftTransport for RaftService {
         let (answers, mut answers_rx) = mpsc::unbounded_channel::<RaftMessage>();
         let (frames, frames_rx) = mpsc::channel::<Result<RaftFrame, Status>>(16);
         let host = self.host.clone();
+        let mut closed = self.host.inner.closed.subscribe();
         tokio::spawn(async move {
-            while let Ok(Some(frame)) = inbound.message().await {
+            loop {
+                let frame = tokio::select! {
+                    _ = closed.wait_for(|c| *c) => break,
+                    frame = inbound.message() => match frame {
+                        Ok(Some(frame)) => frame,
+                        _ => break,
+                    },
+                };
                 for message in frame.messages {
                     let host = host.clone();
                     let answers = answers.clone();

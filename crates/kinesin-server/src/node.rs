@@ -264,8 +264,13 @@ impl Node {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         self.host.shutdown().await;
-        for task in self.tasks {
-            let _ = task.await;
+        // Peers keep their Raft streams open, so a graceful server stop
+        // would wait for them forever: give servers a moment, then abort.
+        for mut task in self.tasks {
+            if tokio::time::timeout(Duration::from_secs(1), &mut task).await.is_err() {
+                task.abort();
+                let _ = task.await;
+            }
         }
         let _ = self.storage.sync();
     }

@@ -79,7 +79,6 @@ async fn reconcile_once(ctx: &Context, state: &MetaState, busy: &Arc<Mutex<Busy>
         if !ctx.host.has_group(*group) {
             if let Err(e) = start_replica(ctx, state, shard).await {
                 tracing::warn!(%group, error = %e, "cannot start shard replica");
-                continue;
             }
         }
     }
@@ -165,11 +164,19 @@ async fn start_replica(ctx: &Context, state: &MetaState, shard: &ShardInfo) -> a
     ctx.shards.insert(shard.group, sm.clone());
     ctx.host.start_group(shard.group, sm, &ctx.shard_timing).await?;
     // The preferred leader makes the first membership; everyone else waits
-    // to be contacted. Initializing is a no-op on a group with history.
+    // to be contacted. Initializing is a no-op on a group with history. It
+    // runs in the background: it completes only once the other replicas
+    // have started the group, and this loop must go on starting ours.
     if shard.replicas.first() == Some(&ctx.host.node_id()) {
         let members = addresses(state, &shard.replicas);
         if members.len() == shard.replicas.len() {
-            ctx.host.initialize(shard.group, members).await?;
+            let host = ctx.host.clone();
+            let group = shard.group;
+            tokio::spawn(async move {
+                if let Err(e) = host.initialize(group, members).await {
+                    tracing::warn!(%group, error = %e, "cannot initialize shard group");
+                }
+            });
         }
     }
     Ok(())

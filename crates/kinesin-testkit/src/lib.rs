@@ -196,7 +196,18 @@ impl TestCluster {
     /// Restarts a stopped node from its data directory on its old addresses.
     pub async fn restart(&mut self, id: u64) -> anyhow::Result<()> {
         let config = self.configs[(id - 1) as usize].clone();
-        let node = self.launch(config).await?;
+        // Tasks of the stopped node may hold the database for a moment.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        let node = loop {
+            match self.launch(config.clone()).await {
+                Ok(node) => break node,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    eprintln!("restart of node {id} failed, retrying: {e:#}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         self.nodes[(id - 1) as usize] = Some(node);
         Ok(())
     }
