@@ -75,7 +75,7 @@ impl TimingProfile {
             max_payload_entries: 256,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every),
             max_in_snapshot_log_to_keep: self.keep_below_snapshot,
-            purge_batch_size: 256,
+            purge_batch_size: self.snapshot_every.clamp(1, 256),
             enable_pre_vote: Some(true),
             ..Default::default()
         };
