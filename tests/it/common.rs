@@ -44,7 +44,10 @@ pub async fn write_batches(
                 for (o, d) in outcomes.into_iter().zip(data) {
                     match o {
                         AppendOutcome::Stored { shard, sequence } => {
-                            assert!(acked.insert((shard, sequence), d).is_none(), "sequence number {sequence} issued twice");
+                            assert!(
+                                acked.insert((shard, sequence), d).is_none(),
+                                "sequence number {sequence} issued twice"
+                            );
                         }
                         AppendOutcome::Failed { .. } => failures += 1,
                     }
@@ -64,7 +67,12 @@ pub struct BackgroundWriter {
 }
 
 impl BackgroundWriter {
-    pub fn start(router: Arc<kinesin_router::Router>, stream: &str, writer: usize, acked: Acked) -> Self {
+    pub fn start(
+        router: Arc<kinesin_router::Router>,
+        stream: &str,
+        writer: usize,
+        acked: Acked,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let stream = stream.to_string();
         let flag = stop.clone();
@@ -108,8 +116,16 @@ impl BackgroundWriter {
 }
 
 /// Reads every record of one replica's local copy of a shard, in order.
-pub fn read_replica(cluster: &TestCluster, node: u64, group: GroupId) -> Vec<(SequenceNumber, Vec<u8>)> {
-    let sm = cluster.node(node).shards.get(group).expect("replica present");
+pub fn read_replica(
+    cluster: &TestCluster,
+    node: u64,
+    group: GroupId,
+) -> Vec<(SequenceNumber, Vec<u8>)> {
+    let sm = cluster
+        .node(node)
+        .shards
+        .get(group)
+        .expect("replica present");
     let mut at = sm.resolve(ReadStart::TrimHorizon).unwrap();
     let mut out = Vec::new();
     loop {
@@ -135,12 +151,19 @@ pub async fn assert_all_replicas_hold(cluster: &TestCluster, stream: &str, acked
             .filter(|((s, _), _)| *s == shard.shard_id)
             .map(|((_, seq), d)| (*seq, d.clone()))
             .collect();
-        let replicas: Vec<u64> = shard.replicas.iter().map(|r| r.0).filter(|r| cluster.is_running(*r)).collect();
+        let replicas: Vec<u64> = shard
+            .replicas
+            .iter()
+            .map(|r| r.0)
+            .filter(|r| cluster.is_running(*r))
+            .collect();
         kinesin_testkit::wait_until("replicas to catch up", Duration::from_secs(60), || async {
             replicas.iter().all(|r| {
                 cluster.node(*r).shards.get(shard.group).is_some() && {
                     let got = read_replica(cluster, *r, shard.group);
-                    expected.iter().all(|e| got.binary_search_by(|g| g.0.cmp(&e.0)).is_ok())
+                    expected
+                        .iter()
+                        .all(|e| got.binary_search_by(|g| g.0.cmp(&e.0)).is_ok())
                 }
             })
         })
@@ -150,11 +173,22 @@ pub async fn assert_all_replicas_hold(cluster: &TestCluster, stream: &str, acked
         for r in &replicas[1..] {
             let other = read_replica(cluster, *r, shard.group);
             let common = first.len().min(other.len());
-            assert_eq!(first[..common], other[..common], "replicas {} and {r} disagree on shard {}", replicas[0], shard.shard_id);
+            assert_eq!(
+                first[..common],
+                other[..common],
+                "replicas {} and {r} disagree on shard {}",
+                replicas[0],
+                shard.shard_id
+            );
         }
         let by_seq: BTreeMap<SequenceNumber, Vec<u8>> = first.into_iter().collect();
         for (seq, data) in &expected {
-            assert_eq!(by_seq.get(seq), Some(data), "acknowledged record {seq} lost or changed on shard {}", shard.shard_id);
+            assert_eq!(
+                by_seq.get(seq),
+                Some(data),
+                "acknowledged record {seq} lost or changed on shard {}",
+                shard.shard_id
+            );
         }
     }
 }

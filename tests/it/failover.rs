@@ -12,7 +12,8 @@ async fn killing_a_shard_leader_loses_no_acknowledged_record() {
     let acked = Acked::default();
 
     // Concurrent appends through every node.
-    let writers = (1..=3u64).map(|n| write_batches(&cluster, n, "orders", n as usize, 10, 25, &acked));
+    let writers =
+        (1..=3u64).map(|n| write_batches(&cluster, n, "orders", n as usize, 10, 25, &acked));
     let failures: usize = join_all(writers).await.into_iter().sum();
     assert_eq!(failures, 0, "appends failed on a healthy cluster");
     assert_eq!(acked.lock().unwrap().len(), 3 * 10 * 25);
@@ -20,13 +21,20 @@ async fn killing_a_shard_leader_loses_no_acknowledged_record() {
     let group = cluster.any_node().meta.state().streams["orders"].shards[0].group;
     let leader = cluster.leader_of(group).expect("shard 0 has a leader").0;
     let survivor = (1..=3).find(|n| *n != leader).unwrap();
-    let background = BackgroundWriter::start(cluster.node(survivor).router.clone(), "orders", 9, acked.clone());
+    let background = BackgroundWriter::start(
+        cluster.node(survivor).router.clone(),
+        "orders",
+        9,
+        acked.clone(),
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     cluster.stop(leader).await;
 
-    wait_until("a new leader of shard 0", Duration::from_secs(30), || async {
-        cluster.leader_of(group).is_some_and(|l| l.0 != leader)
-    })
+    wait_until(
+        "a new leader of shard 0",
+        Duration::from_secs(30),
+        || async { cluster.leader_of(group).is_some_and(|l| l.0 != leader) },
+    )
     .await
     .unwrap();
     // Writes resume: a fresh round through the survivor fully succeeds.

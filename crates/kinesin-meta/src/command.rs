@@ -8,10 +8,15 @@ use crate::state::{NodeInfo, NodeState};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaCommand {
     /// First command of a new cluster.
-    Bootstrap { cluster_id: String },
+    Bootstrap {
+        cluster_id: String,
+    },
     /// Adds a node or updates its addresses.
     RegisterNode(NodeInfo),
-    SetNodeState { node: NodeId, state: NodeState },
+    SetNodeState {
+        node: NodeId,
+        state: NodeState,
+    },
     /// Creates a stream. `placements[i]` holds the replicas of shard i, the
     /// preferred leader first; the proposer computed them.
     CreateStream {
@@ -22,7 +27,9 @@ pub enum MetaCommand {
         now_ms: u64,
         placements: Vec<Vec<NodeId>>,
     },
-    DeleteStream { name: String },
+    DeleteStream {
+        name: String,
+    },
     /// Replaces a shard's replica set (repair, node removal).
     SetReplicas {
         stream: String,
@@ -51,7 +58,8 @@ impl MetaCommand {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, MetaError> {
-        postcard::from_bytes(bytes).map_err(|e| MetaError::Invalid(format!("undecodable command: {e}")))
+        postcard::from_bytes(bytes)
+            .map_err(|e| MetaError::Invalid(format!("undecodable command: {e}")))
     }
 }
 
@@ -60,5 +68,6 @@ pub fn encode_reply(reply: &MetaReply) -> Vec<u8> {
 }
 
 pub fn decode_reply(bytes: &[u8]) -> MetaReply {
-    postcard::from_bytes(bytes).unwrap_or_else(|e| Err(MetaError::Invalid(format!("undecodable reply: {e}"))))
+    postcard::from_bytes(bytes)
+        .unwrap_or_else(|e| Err(MetaError::Invalid(format!("undecodable reply: {e}"))))
 }

@@ -20,20 +20,36 @@ pub fn place_replicas(
     exclude: &BTreeSet<NodeId>,
     load: &mut BTreeMap<NodeId, usize>,
 ) -> Vec<NodeId> {
-    let candidates: Vec<&NodeInfo> = state.active_nodes().filter(|n| !exclude.contains(&n.id)).collect();
+    let candidates: Vec<&NodeInfo> = state
+        .active_nodes()
+        .filter(|n| !exclude.contains(&n.id))
+        .collect();
     let mut ring = HashRing::new();
     for n in &candidates {
         ring.add(n.id.0);
     }
-    let ring_order: Vec<u64> = ring.get_with_replicas(&key, candidates.len()).unwrap_or_default();
-    let rank = |id: NodeId| ring_order.iter().position(|&n| n == id.0).unwrap_or(usize::MAX);
+    let ring_order: Vec<u64> = ring
+        .get_with_replicas(&key, candidates.len())
+        .unwrap_or_default();
+    let rank = |id: NodeId| {
+        ring_order
+            .iter()
+            .position(|&n| n == id.0)
+            .unwrap_or(usize::MAX)
+    };
     let mut chosen: Vec<NodeId> = Vec::new();
     let mut zones: BTreeSet<String> = BTreeSet::new();
     while chosen.len() < count {
         let best = candidates
             .iter()
             .filter(|n| !chosen.contains(&n.id))
-            .min_by_key(|n| (load.get(&n.id).copied().unwrap_or(0), zones.contains(&n.zone), rank(n.id)));
+            .min_by_key(|n| {
+                (
+                    load.get(&n.id).copied().unwrap_or(0),
+                    zones.contains(&n.zone),
+                    rank(n.id),
+                )
+            });
         let Some(best) = best else { break };
         chosen.push(best.id);
         zones.insert(best.zone.clone());
@@ -69,7 +85,13 @@ mod tests {
         let s = state(&[(1, "a"), (2, "a"), (3, "b"), (4, "b"), (5, "c"), (6, "c")]);
         let mut load = BTreeMap::new();
         for shard in 0..60 {
-            let r = place_replicas(&s, &format!("orders/{shard}"), 3, &BTreeSet::new(), &mut load);
+            let r = place_replicas(
+                &s,
+                &format!("orders/{shard}"),
+                3,
+                &BTreeSet::new(),
+                &mut load,
+            );
             assert_eq!(r.len(), 3);
             let distinct: BTreeSet<_> = r.iter().collect();
             assert_eq!(distinct.len(), 3, "two replicas on one node: {r:?}");

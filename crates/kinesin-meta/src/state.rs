@@ -50,9 +50,12 @@ impl MetaState {
     }
 
     pub fn shard_by_group(&self, group: GroupId) -> Option<(&StreamInfo, &ShardInfo)> {
-        self.streams
-            .values()
-            .find_map(|s| s.shards.iter().find(|sh| sh.group == group).map(|sh| (s, sh)))
+        self.streams.values().find_map(|s| {
+            s.shards
+                .iter()
+                .find(|sh| sh.group == group)
+                .map(|sh| (s, sh))
+        })
     }
 
     /// Replicas hosted per node, counting every shard.

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 
 use kinesin_raft::GroupStateMachine;
 use kinesin_storage::{keys, Cf, Storage, WriteBatch};
-use kinesin_types::{GroupId, HashKeyRange, ShardInfo, ShardState, StreamInfo, StreamName, StreamStatus};
+use kinesin_types::{
+    GroupId, HashKeyRange, ShardInfo, ShardState, StreamInfo, StreamName, StreamStatus,
+};
 use tokio::sync::watch;
 
 use crate::command::{encode_reply, MetaCommand, MetaError, MetaReply};
@@ -23,8 +25,12 @@ pub struct MetaStateMachine {
 
 impl MetaStateMachine {
     pub fn open(storage: Storage) -> io::Result<Self> {
-        let state: MetaState = match storage.get(Cf::StateMachine, &keys::named_key(GroupId::META.0, STATE_KEY))? {
-            Some(v) => postcard::from_bytes(&v).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?,
+        let state: MetaState = match storage.get(
+            Cf::StateMachine,
+            &keys::named_key(GroupId::META.0, STATE_KEY),
+        )? {
+            Some(v) => postcard::from_bytes(&v)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?,
             None => MetaState {
                 next_group: 1,
                 ..Default::default()
@@ -76,12 +82,18 @@ impl MetaStateMachine {
                 now_ms,
                 placements,
             } => {
-                let stream_name = StreamName::new(name.clone()).map_err(|e| MetaError::Invalid(e.0))?;
+                let stream_name =
+                    StreamName::new(name.clone()).map_err(|e| MetaError::Invalid(e.0))?;
                 if state.streams.contains_key(&name) {
                     return Err(MetaError::StreamExists(name));
                 }
-                if shard_count == 0 || placements.len() != shard_count as usize || placements.iter().any(|p| p.is_empty()) {
-                    return Err(MetaError::Invalid("every shard needs at least one replica".into()));
+                if shard_count == 0
+                    || placements.len() != shard_count as usize
+                    || placements.iter().any(|p| p.is_empty())
+                {
+                    return Err(MetaError::Invalid(
+                        "every shard needs at least one replica".into(),
+                    ));
                 }
                 let shards = HashKeyRange::split_evenly(shard_count)
                     .into_iter()
@@ -122,9 +134,15 @@ impl MetaStateMachine {
                 .remove(&name)
                 .map(|_| ())
                 .ok_or(MetaError::StreamNotFound(name)),
-            MetaCommand::SetReplicas { stream, shard, replicas } => {
+            MetaCommand::SetReplicas {
+                stream,
+                shard,
+                replicas,
+            } => {
                 if replicas.is_empty() {
-                    return Err(MetaError::Invalid("a shard needs at least one replica".into()));
+                    return Err(MetaError::Invalid(
+                        "a shard needs at least one replica".into(),
+                    ));
                 }
                 let s = state
                     .streams
@@ -168,8 +186,13 @@ impl GroupStateMachine for MetaStateMachine {
     }
 
     fn restore(&self, state: &[u8], batch: &mut WriteBatch) -> io::Result<()> {
-        let restored: MetaState = postcard::from_bytes(state).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        batch.put_cf(self.storage.cf(Cf::StateMachine), keys::named_key(GroupId::META.0, STATE_KEY), state);
+        let restored: MetaState = postcard::from_bytes(state)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        batch.put_cf(
+            self.storage.cf(Cf::StateMachine),
+            keys::named_key(GroupId::META.0, STATE_KEY),
+            state,
+        );
         *self.working.lock().expect("meta lock") = restored;
         Ok(())
     }

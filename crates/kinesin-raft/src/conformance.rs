@@ -30,7 +30,10 @@ impl GroupStateMachine for Echo {
 struct Builder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for Builder {
-    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), openraft::StorageError<TypeConfig>> {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), openraft::StorageError<TypeConfig>>
+    {
         let dir = tempfile::tempdir().expect("temp dir");
         let storage = Storage::open(dir.path(), FsyncPolicy::Always).expect("open storage");
         let log = LogStore::open(storage.clone(), 7).expect("open log");

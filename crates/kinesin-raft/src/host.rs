@@ -9,12 +9,14 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use kinesin_proto::v1::raft_transport_server::{RaftTransport, RaftTransportServer};
-use kinesin_proto::v1::{RaftFrame, RaftMessage, RaftMessageKind, SnapshotChunk as WireChunk, SnapshotReply};
+use kinesin_proto::v1::{
+    RaftFrame, RaftMessage, RaftMessageKind, SnapshotChunk as WireChunk, SnapshotReply,
+};
 use kinesin_storage::Storage;
 use kinesin_types::{GroupId, NodeId};
 use openraft::async_runtime::WatchReceiver;
-use openraft::Instant as _;
 use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
+use openraft::Instant as _;
 use openraft::{BasicNode, ChangeMembers, Config, ReadPolicy, ServerState, SnapshotPolicy};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -23,8 +25,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::log_store::{delete_group_log, LogStore};
 use crate::network::{GroupNetwork, PeerPool, SnapshotHeader, TransportFilter, MAX_MESSAGE_BYTES};
 use crate::state_machine::{
-    clear_staging, delete_group_state, stage_chunk, GroupSnapshot, GroupStateMachine, SnapshotChunk, SnapshotSource,
-    StateMachineStore,
+    clear_staging, delete_group_state, stage_chunk, GroupSnapshot, GroupStateMachine,
+    SnapshotChunk, SnapshotSource, StateMachineStore,
 };
 use crate::types::{decode, encode, Command, Raft, Snapshot, TypeConfig};
 
@@ -88,7 +90,10 @@ pub enum RaftHostError {
     #[error("group {0} has no replica on this node")]
     NoSuchGroup(GroupId),
     #[error("this node is not the leader of {group}")]
-    NotLeader { group: GroupId, leader: Option<NodeId> },
+    NotLeader {
+        group: GroupId,
+        leader: Option<NodeId>,
+    },
     #[error("raft group {group}: {detail}")]
     Raft { group: GroupId, detail: String },
     #[error("storage: {0}")]
@@ -172,11 +177,22 @@ impl RaftHost {
     }
 
     pub fn has_group(&self, group: GroupId) -> bool {
-        self.inner.groups.read().expect("groups lock").contains_key(&group)
+        self.inner
+            .groups
+            .read()
+            .expect("groups lock")
+            .contains_key(&group)
     }
 
     pub fn group_ids(&self) -> Vec<GroupId> {
-        let mut ids: Vec<_> = self.inner.groups.read().expect("groups lock").keys().copied().collect();
+        let mut ids: Vec<_> = self
+            .inner
+            .groups
+            .read()
+            .expect("groups lock")
+            .keys()
+            .copied()
+            .collect();
         ids.sort();
         ids
     }
@@ -205,11 +221,11 @@ impl RaftHost {
         // Another caller may have started the group meanwhile: keep theirs.
         let raced = {
             let mut groups = self.inner.groups.write().expect("groups lock");
-            if groups.contains_key(&group) {
-                Some(raft)
-            } else {
-                groups.insert(group, Group { raft });
+            if let std::collections::hash_map::Entry::Vacant(e) = groups.entry(group) {
+                e.insert(Group { raft });
                 None
+            } else {
+                Some(raft)
             }
         };
         if let Some(raft) = raced {
@@ -220,7 +236,12 @@ impl RaftHost {
 
     /// Stops the local replica; with `delete_data` its log and state go too.
     pub async fn stop_group(&self, group: GroupId, delete_data: bool) -> Result<(), RaftHostError> {
-        let removed = self.inner.groups.write().expect("groups lock").remove(&group);
+        let removed = self
+            .inner
+            .groups
+            .write()
+            .expect("groups lock")
+            .remove(&group);
         if let Some(g) = removed {
             let _ = g.raft.shutdown().await;
         }
@@ -234,19 +255,36 @@ impl RaftHost {
     /// Stops every group (node shutdown).
     pub async fn shutdown(&self) {
         self.inner.closed.send_replace(true);
-        let groups: Vec<_> = self.inner.groups.write().expect("groups lock").drain().collect();
+        let groups: Vec<_> = self
+            .inner
+            .groups
+            .write()
+            .expect("groups lock")
+            .drain()
+            .collect();
         for (_, g) in groups {
             let _ = g.raft.shutdown().await;
         }
     }
 
     /// Makes the group's first membership. Succeeds if it already has one.
-    pub async fn initialize(&self, group: GroupId, members: BTreeMap<NodeId, String>) -> Result<(), RaftHostError> {
+    pub async fn initialize(
+        &self,
+        group: GroupId,
+        members: BTreeMap<NodeId, String>,
+    ) -> Result<(), RaftHostError> {
         let g = self.group(group)?;
-        if g.raft.is_initialized().await.map_err(|e| raft_err(group, e))? {
+        if g.raft
+            .is_initialized()
+            .await
+            .map_err(|e| raft_err(group, e))?
+        {
             return Ok(());
         }
-        let members: BTreeMap<u64, BasicNode> = members.into_iter().map(|(id, addr)| (id.0, BasicNode::new(addr))).collect();
+        let members: BTreeMap<u64, BasicNode> = members
+            .into_iter()
+            .map(|(id, addr)| (id.0, BasicNode::new(addr)))
+            .collect();
         match g.raft.initialize(members).await {
             Ok(()) => Ok(()),
             Err(e) if e.api_error().is_some() => Ok(()),
@@ -255,7 +293,11 @@ impl RaftHost {
     }
 
     /// Proposes a command and waits until it is committed and applied here.
-    pub async fn propose(&self, group: GroupId, command: Vec<u8>) -> Result<Vec<u8>, RaftHostError> {
+    pub async fn propose(
+        &self,
+        group: GroupId,
+        command: Vec<u8>,
+    ) -> Result<Vec<u8>, RaftHostError> {
         let g = self.group(group)?;
         match g.raft.client_write(Command(command)).await {
             Ok(resp) => Ok(resp.data.0),
@@ -286,7 +328,13 @@ impl RaftHost {
         }
     }
 
-    pub async fn add_learner(&self, group: GroupId, node: NodeId, addr: String, wait_caught_up: bool) -> Result<(), RaftHostError> {
+    pub async fn add_learner(
+        &self,
+        group: GroupId,
+        node: NodeId,
+        addr: String,
+        wait_caught_up: bool,
+    ) -> Result<(), RaftHostError> {
         let g = self.group(group)?;
         g.raft
             .add_learner(node.0, BasicNode::new(addr), wait_caught_up)
@@ -297,7 +345,12 @@ impl RaftHost {
 
     /// Replaces the voter set (joint consensus inside openraft). Removed
     /// voters stay as learners only if `keep_as_learners`.
-    pub async fn change_voters(&self, group: GroupId, voters: BTreeSet<NodeId>, keep_as_learners: bool) -> Result<(), RaftHostError> {
+    pub async fn change_voters(
+        &self,
+        group: GroupId,
+        voters: BTreeSet<NodeId>,
+        keep_as_learners: bool,
+    ) -> Result<(), RaftHostError> {
         let g = self.group(group)?;
         let ids: BTreeSet<u64> = voters.into_iter().map(|n| n.0).collect();
         g.raft
@@ -308,7 +361,11 @@ impl RaftHost {
     }
 
     /// Removes learners that are no longer wanted.
-    pub async fn remove_learners(&self, group: GroupId, nodes: BTreeSet<NodeId>) -> Result<(), RaftHostError> {
+    pub async fn remove_learners(
+        &self,
+        group: GroupId,
+        nodes: BTreeSet<NodeId>,
+    ) -> Result<(), RaftHostError> {
         let g = self.group(group)?;
         let ids: BTreeSet<u64> = nodes.into_iter().map(|n| n.0).collect();
         g.raft
@@ -321,7 +378,11 @@ impl RaftHost {
     /// Asks the current leader (this node) to hand leadership to `to`.
     pub async fn transfer_leader(&self, group: GroupId, to: NodeId) -> Result<(), RaftHostError> {
         let g = self.group(group)?;
-        g.raft.trigger().transfer_leader(to.0).await.map_err(|e| raft_err(group, e))
+        g.raft
+            .trigger()
+            .transfer_leader(to.0)
+            .await
+            .map_err(|e| raft_err(group, e))
     }
 
     pub fn status(&self, group: GroupId) -> Option<GroupStatus> {
@@ -329,8 +390,15 @@ impl RaftHost {
         let m = g.raft.metrics().borrow_watched().clone();
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().map(NodeId).collect();
-        let addresses: BTreeMap<NodeId, String> = membership.nodes().map(|(id, n)| (NodeId(*id), n.addr.clone())).collect();
-        let learners = addresses.keys().filter(|id| !voters.contains(id)).copied().collect();
+        let addresses: BTreeMap<NodeId, String> = membership
+            .nodes()
+            .map(|(id, n)| (NodeId(*id), n.addr.clone()))
+            .collect();
+        let learners = addresses
+            .keys()
+            .filter(|id| !voters.contains(id))
+            .copied()
+            .collect();
         Some(GroupStatus {
             group,
             role: match m.state {
@@ -353,7 +421,12 @@ impl RaftHost {
                 .as_ref()
                 .map(|h| {
                     h.iter()
-                        .map(|(id, at)| (NodeId(*id), at.as_ref().map(|t| t.elapsed().as_millis() as u64)))
+                        .map(|(id, at)| {
+                            (
+                                NodeId(*id),
+                                at.as_ref().map(|t| t.elapsed().as_millis() as u64),
+                            )
+                        })
                         .collect()
                 })
                 .unwrap_or_default(),
@@ -392,11 +465,18 @@ impl RaftHost {
 
     /// Waits up to `timeout` until the local replica applied `index`.
     pub async fn wait_for_applied(&self, group: GroupId, index: u64, timeout: Duration) -> bool {
-        let Ok(g) = self.group(group) else { return false };
+        let Ok(g) = self.group(group) else {
+            return false;
+        };
         let mut rx = g.raft.metrics();
         let wait = async {
             loop {
-                if rx.borrow_watched().last_applied.as_ref().is_some_and(|l| l.index >= index) {
+                if rx
+                    .borrow_watched()
+                    .last_applied
+                    .as_ref()
+                    .is_some_and(|l| l.index >= index)
+                {
                     return true;
                 }
                 if rx.changed().await.is_err() {
@@ -410,31 +490,55 @@ impl RaftHost {
     /// Asks the group to build a snapshot now (tests, admin).
     pub async fn trigger_snapshot(&self, group: GroupId) -> Result<(), RaftHostError> {
         let g = self.group(group)?;
-        g.raft.trigger().snapshot().await.map_err(|e| raft_err(group, e))
+        g.raft
+            .trigger()
+            .snapshot()
+            .await
+            .map_err(|e| raft_err(group, e))
     }
 
     async fn handle(&self, message: &RaftMessage) -> Result<Vec<u8>, String> {
         let group = GroupId(message.group);
         let g = self.group(group).map_err(|e| e.to_string())?;
-        let kind = RaftMessageKind::try_from(message.kind).map_err(|_| "unknown message kind".to_string())?;
+        let kind = RaftMessageKind::try_from(message.kind)
+            .map_err(|_| "unknown message kind".to_string())?;
         let payload = &message.payload[..];
         let fail = |e: &dyn std::fmt::Display| e.to_string();
         match kind {
             RaftMessageKind::Append => {
-                let req: AppendEntriesRequest<TypeConfig> = decode("append", payload).map_err(|e| fail(&e))?;
-                g.raft.append_entries(req).await.map(|r| encode(&r)).map_err(|e| fail(&e))
+                let req: AppendEntriesRequest<TypeConfig> =
+                    decode("append", payload).map_err(|e| fail(&e))?;
+                g.raft
+                    .append_entries(req)
+                    .await
+                    .map(|r| encode(&r))
+                    .map_err(|e| fail(&e))
             }
             RaftMessageKind::Vote => {
                 let req: VoteRequest<TypeConfig> = decode("vote", payload).map_err(|e| fail(&e))?;
-                g.raft.vote(req).await.map(|r| encode(&r)).map_err(|e| fail(&e))
+                g.raft
+                    .vote(req)
+                    .await
+                    .map(|r| encode(&r))
+                    .map_err(|e| fail(&e))
             }
             RaftMessageKind::PreVote => {
-                let req: VoteRequest<TypeConfig> = decode("pre-vote", payload).map_err(|e| fail(&e))?;
-                g.raft.pre_vote(req).await.map(|r| encode(&r)).map_err(|e| fail(&e))
+                let req: VoteRequest<TypeConfig> =
+                    decode("pre-vote", payload).map_err(|e| fail(&e))?;
+                g.raft
+                    .pre_vote(req)
+                    .await
+                    .map(|r| encode(&r))
+                    .map_err(|e| fail(&e))
             }
             RaftMessageKind::TransferLeader => {
-                let req: TransferLeaderRequest<TypeConfig> = decode("transfer", payload).map_err(|e| fail(&e))?;
-                g.raft.handle_transfer_leader(req).await.map(|r| encode(&r)).map_err(|e| fail(&e))
+                let req: TransferLeaderRequest<TypeConfig> =
+                    decode("transfer", payload).map_err(|e| fail(&e))?;
+                g.raft
+                    .handle_transfer_leader(req)
+                    .await
+                    .map(|r| encode(&r))
+                    .map_err(|e| fail(&e))
             }
             _ => Err(format!("unexpected message kind {kind:?}")),
         }
@@ -446,12 +550,16 @@ impl RaftHost {
             .await?
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
         let group = GroupId(first.group);
-        let g = self.group(group).map_err(|e| Status::unavailable(e.to_string()))?;
-        let header: SnapshotHeader = decode("snapshot header", &first.header).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let g = self
+            .group(group)
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let header: SnapshotHeader = decode("snapshot header", &first.header)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let storage = self.inner.storage.clone();
         clear_staging(&storage, group.0).map_err(|e| Status::internal(e.to_string()))?;
         while let Some(chunk) = chunks.message().await? {
-            let chunk: SnapshotChunk = decode("snapshot chunk", &chunk.data).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let chunk: SnapshotChunk = decode("snapshot chunk", &chunk.data)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
             let storage = storage.clone();
             tokio::task::spawn_blocking(move || stage_chunk(&storage, group.0, chunk))
                 .await
@@ -462,7 +570,10 @@ impl RaftHost {
             meta: header.meta,
             snapshot: GroupSnapshot {
                 state: header.state,
-                source: SnapshotSource::Staged { storage, group: group.0 },
+                source: SnapshotSource::Staged {
+                    storage,
+                    group: group.0,
+                },
             },
         };
         let resp = g
@@ -505,7 +616,10 @@ type FrameStream = Pin<Box<dyn Stream<Item = Result<RaftFrame, Status>> + Send>>
 impl RaftTransport for RaftService {
     type PipeStream = FrameStream;
 
-    async fn pipe(&self, request: Request<Streaming<RaftFrame>>) -> Result<Response<Self::PipeStream>, Status> {
+    async fn pipe(
+        &self,
+        request: Request<Streaming<RaftFrame>>,
+    ) -> Result<Response<Self::PipeStream>, Status> {
         let mut inbound = request.into_inner();
         let (answers, mut answers_rx) = mpsc::unbounded_channel::<RaftMessage>();
         let (frames, frames_rx) = mpsc::channel::<Result<RaftFrame, Status>>(16);
@@ -542,7 +656,9 @@ impl RaftTransport for RaftService {
         });
         tokio::spawn(async move {
             while let Some(first) = answers_rx.recv().await {
-                let mut frame = RaftFrame { messages: vec![first] };
+                let mut frame = RaftFrame {
+                    messages: vec![first],
+                };
                 while let Ok(more) = answers_rx.try_recv() {
                     frame.messages.push(more);
                 }
@@ -554,7 +670,10 @@ impl RaftTransport for RaftService {
         Ok(Response::new(ReceiverStream::new(frames_rx).boxed()))
     }
 
-    async fn install_snapshot(&self, request: Request<Streaming<WireChunk>>) -> Result<Response<SnapshotReply>, Status> {
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<WireChunk>>,
+    ) -> Result<Response<SnapshotReply>, Status> {
         let vote = self.host.receive_snapshot(request.into_inner()).await?;
         Ok(Response::new(SnapshotReply { vote: vote.into() }))
     }

@@ -30,10 +30,11 @@ struct Tail {
 
 impl LogStore {
     pub fn open(storage: Storage, group: u64) -> io::Result<Self> {
-        let last_purged: Option<LogId> = match storage.get(Cf::RaftState, &keys::state_key(group, TAG_PURGED))? {
-            Some(v) => decode("purged log id", &v)?,
-            None => None,
-        };
+        let last_purged: Option<LogId> =
+            match storage.get(Cf::RaftState, &keys::state_key(group, TAG_PURGED))? {
+                Some(v) => decode("purged log id", &v)?,
+                None => None,
+            };
         let last_entry = {
             let (from, to) = (keys::log_key(group, 0), keys::log_key(group, u64::MAX));
             match storage.scan_rev(Cf::RaftLog, &from, &to).next() {
@@ -45,11 +46,14 @@ impl LogStore {
                 None => None,
             }
         };
-        let last_log = last_entry.or_else(|| last_purged.clone());
+        let last_log = last_entry.or(last_purged);
         Ok(LogStore {
             storage,
             group,
-            tail: Arc::new(Mutex::new(Tail { last_purged, last_log })),
+            tail: Arc::new(Mutex::new(Tail {
+                last_purged,
+                last_log,
+            })),
         })
     }
 
@@ -57,7 +61,10 @@ impl LogStore {
         if start >= end_exclusive {
             return Ok(Vec::new());
         }
-        let (from, to) = (keys::log_key(self.group, start), keys::log_key(self.group, end_exclusive));
+        let (from, to) = (
+            keys::log_key(self.group, start),
+            keys::log_key(self.group, end_exclusive),
+        );
         let mut entries = Vec::new();
         for kv in self.storage.scan(Cf::RaftLog, &from, &to) {
             let (_, v) = kv?;
@@ -91,7 +98,10 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
-        match self.storage.get(Cf::RaftState, &keys::state_key(self.group, TAG_VOTE))? {
+        match self
+            .storage
+            .get(Cf::RaftState, &keys::state_key(self.group, TAG_VOTE))?
+        {
             Some(v) => Ok(Some(decode("vote", &v)?)),
             None => Ok(None),
         }
@@ -104,8 +114,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let tail = self.tail.lock().expect("log tail lock");
         Ok(LogState {
-            last_purged_log_id: tail.last_purged.clone(),
-            last_log_id: tail.last_log.clone(),
+            last_purged_log_id: tail.last_purged,
+            last_log_id: tail.last_log,
         })
     }
 
@@ -136,13 +146,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        match self.storage.get(Cf::RaftState, &keys::state_key(self.group, TAG_COMMITTED))? {
+        match self
+            .storage
+            .get(Cf::RaftState, &keys::state_key(self.group, TAG_COMMITTED))?
+        {
             Some(v) => decode("committed log id", &v),
             None => Ok(None),
         }
     }
 
-    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -151,7 +168,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut batch = WriteBatch::default();
         let mut last = None;
         for entry in entries {
-            batch.put_cf(cf, keys::log_key(self.group, entry.log_id.index), encode(&entry));
+            batch.put_cf(
+                cf,
+                keys::log_key(self.group, entry.log_id.index),
+                encode(&entry),
+            );
             last = Some(entry.log_id);
         }
         let Some(last) = last else {
@@ -182,7 +203,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let kept = last_log_id.as_ref().map(|l| l.index);
         // Truncating after a point beyond the tail removes nothing.
         if kept < current {
-            tail.last_log = last_log_id.or_else(|| tail.last_purged.clone());
+            tail.last_log = last_log_id.or_else(|| tail.last_purged);
         }
         Ok(())
     }
@@ -192,7 +213,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         batch.put_cf(
             self.storage.cf(Cf::RaftState),
             keys::state_key(self.group, TAG_PURGED),
-            encode(&Some(log_id.clone())),
+            encode(&Some(log_id)),
         );
         batch.delete_range_cf(
             self.storage.cf(Cf::RaftLog),
@@ -201,8 +222,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         );
         self.storage.write(batch)?;
         let mut tail = self.tail.lock().expect("log tail lock");
-        if tail.last_log.as_ref().is_none_or(|l| l.index < log_id.index) {
-            tail.last_log = Some(log_id.clone());
+        if tail
+            .last_log
+            .as_ref()
+            .is_none_or(|l| l.index < log_id.index)
+        {
+            tail.last_log = Some(log_id);
         }
         tail.last_purged = Some(log_id);
         Ok(())

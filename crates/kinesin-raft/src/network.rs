@@ -103,7 +103,13 @@ impl Peer {
         })
     }
 
-    async fn call(&self, group: u64, kind: RaftMessageKind, payload: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, String> {
+    async fn call(
+        &self,
+        group: u64,
+        kind: RaftMessageKind,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, String> {
         let (reply, rx) = oneshot::channel();
         let message = RaftMessage {
             group,
@@ -146,7 +152,9 @@ async fn run_pipe(channel: Channel, mut queue: mpsc::UnboundedReceiver<Outgoing>
             Ok(response) => response.into_inner(),
             Err(status) => {
                 if let Some(out) = carried.take() {
-                    let _ = out.reply.send(Err(format!("connect: {}", status.message())));
+                    let _ = out
+                        .reply
+                        .send(Err(format!("connect: {}", status.message())));
                 }
                 fail_all(&pending, "connection failed");
                 // Drain what queued up meanwhile: those callers would time out anyway.
@@ -184,7 +192,10 @@ async fn run_pipe(channel: Channel, mut queue: mpsc::UnboundedReceiver<Outgoing>
             let mut next = Some(first);
             while let Some(out) = next.take() {
                 size += out.message.payload.len();
-                pending.lock().expect("pending lock").insert(out.message.id, out.reply);
+                pending
+                    .lock()
+                    .expect("pending lock")
+                    .insert(out.message.id, out.reply);
                 frame.messages.push(out.message);
                 if size < FRAME_BYTES {
                     next = queue.try_recv().ok();
@@ -296,7 +307,8 @@ impl GroupClient {
         let payload = encode(req);
         // openraft suggests the heartbeat interval; a large append on a busy
         // disk needs longer, and openraft itself imposes no limit here.
-        let timeout = option.soft_ttl().max(MIN_RPC_TIMEOUT) + Duration::from_millis(payload.len() as u64 / 32_768);
+        let timeout = option.soft_ttl().max(MIN_RPC_TIMEOUT)
+            + Duration::from_millis(payload.len() as u64 / 32_768);
         let answer = self
             .peer
             .call(self.group, kind, payload, timeout)
@@ -314,13 +326,18 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let sizes: Vec<usize> = rpc.entries.iter().map(|e| entry_size(e)).collect();
+        let sizes: Vec<usize> = rpc.entries.iter().map(entry_size).collect();
         if sizes.iter().sum::<usize>() <= SPLIT_APPEND_BYTES || rpc.entries.len() < 2 {
             return self.rpc(RaftMessageKind::Append, &rpc, &option).await;
         }
         // Too large for one message: send consecutive pieces, each starting
         // where the previous one ended. Only the first can conflict.
-        let AppendEntriesRequest { vote, prev_log_id, entries, leader_commit } = rpc;
+        let AppendEntriesRequest {
+            vote,
+            prev_log_id,
+            entries,
+            leader_commit,
+        } = rpc;
         let mut prev = prev_log_id;
         let mut piece = Vec::new();
         let mut piece_size = 0;
@@ -329,14 +346,15 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
             piece_size += size;
             piece.push(entry);
             if piece_size >= SPLIT_APPEND_BYTES || i + 1 == total {
-                let last = piece.last().map(|e| e.log_id.clone());
+                let last = piece.last().map(|e| e.log_id);
                 let req = AppendEntriesRequest::<TypeConfig> {
-                    vote: vote.clone(),
-                    prev_log_id: prev.clone(),
+                    vote,
+                    prev_log_id: prev,
                     entries: std::mem::take(&mut piece),
-                    leader_commit: leader_commit.clone(),
+                    leader_commit,
                 };
-                let resp: AppendEntriesResponse<TypeConfig> = self.rpc(RaftMessageKind::Append, &req, &option).await?;
+                let resp: AppendEntriesResponse<TypeConfig> =
+                    self.rpc(RaftMessageKind::Append, &req, &option).await?;
                 if !resp.is_success() || i + 1 == total {
                     return Ok(resp);
                 }
@@ -347,11 +365,19 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         Ok(AppendEntriesResponse::Success)
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.rpc(RaftMessageKind::Vote, &rpc, &option).await
     }
 
-    async fn pre_vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.rpc(RaftMessageKind::PreVote, &rpc, &option).await
     }
 
@@ -360,7 +386,8 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         req: TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.rpc(RaftMessageKind::TransferLeader, &req, &option).await
+        self.rpc(RaftMessageKind::TransferLeader, &req, &option)
+            .await
     }
 
     async fn full_snapshot(
@@ -373,7 +400,10 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         let stream_err = |e: String| StreamingError::Unreachable(Unreachable::from_string(e));
         self.pool.admit(self.target).await.map_err(stream_err)?;
         let group = self.group;
-        let Snapshot { meta, snapshot: data } = snapshot;
+        let Snapshot {
+            meta,
+            snapshot: data,
+        } = snapshot;
         let header = encode(&SnapshotHeader {
             vote,
             meta,
@@ -385,7 +415,9 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
             header: header.into(),
             data: Default::default(),
         };
-        tx.send(first).await.map_err(|_| stream_err("snapshot stream closed".into()))?;
+        tx.send(first)
+            .await
+            .map_err(|_| stream_err("snapshot stream closed".into()))?;
         // Reading the records is blocking RocksDB work.
         let reader = tokio::task::spawn_blocking(move || {
             data.for_each_chunk(|chunk| {
@@ -394,7 +426,8 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
                     header: Default::default(),
                     data: encode(&chunk).into(),
                 };
-                tx.blocking_send(wire).map_err(|_| io::Error::other("snapshot receiver gone"))
+                tx.blocking_send(wire)
+                    .map_err(|_| io::Error::other("snapshot receiver gone"))
             })
         });
         let mut client = RaftTransportClient::new(self.peer.channel.clone())
@@ -414,7 +447,8 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
             Ok(Err(e)) => return Err(stream_err(format!("reading snapshot: {e}"))),
             Err(e) => return Err(stream_err(format!("snapshot reader panicked: {e}"))),
         }
-        let vote: Vote = decode("snapshot reply", &reply.into_inner().vote).map_err(|e| stream_err(e.to_string()))?;
+        let vote: Vote = decode("snapshot reply", &reply.into_inner().vote)
+            .map_err(|e| stream_err(e.to_string()))?;
         Ok(SnapshotResponse::new(vote))
     }
 }

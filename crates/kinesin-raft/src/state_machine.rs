@@ -25,7 +25,9 @@ use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, RaftSnapshotBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::types::{decode, encode, LogId, Reply, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::types::{
+    decode, encode, LogId, Reply, Snapshot, SnapshotMeta, StoredMembership, TypeConfig,
+};
 
 /// What a Raft group replicates: implemented by the metadata and shard state
 /// machines. Commands and replies are opaque bytes to the Raft layer.
@@ -54,7 +56,11 @@ pub struct GroupSnapshot {
 
 pub(crate) enum SnapshotSource {
     /// Records of the live column families with log index ≤ `upto`.
-    Live { storage: Storage, group: u64, upto: u64 },
+    Live {
+        storage: Storage,
+        group: u64,
+        upto: u64,
+    },
     /// Records received from the leader, parked in the staging column family.
     Staged { storage: Storage, group: u64 },
 }
@@ -70,7 +76,12 @@ fn cf_of(tag: u8) -> io::Result<Cf> {
         .iter()
         .find(|(t, _)| *t == tag)
         .map(|(_, cf)| *cf)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("unknown snapshot column family {tag}")))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unknown snapshot column family {tag}"),
+            )
+        })
 }
 
 /// Log index of the entry that wrote a record key or record-time key.
@@ -85,10 +96,16 @@ fn writer_index(cf: Cf, key: &[u8]) -> u64 {
 impl GroupSnapshot {
     /// Calls `sink` with chunks of at most about 4 MiB (a single larger
     /// record makes a larger chunk).
-    pub(crate) fn for_each_chunk(&self, mut sink: impl FnMut(SnapshotChunk) -> io::Result<()>) -> io::Result<()> {
+    pub(crate) fn for_each_chunk(
+        &self,
+        mut sink: impl FnMut(SnapshotChunk) -> io::Result<()>,
+    ) -> io::Result<()> {
         let mut chunk = SnapshotChunk::new();
         let mut size = 0usize;
-        let mut push = |chunk: &mut SnapshotChunk, size: &mut usize, item: (u8, Vec<u8>, Vec<u8>)| -> io::Result<()> {
+        let mut push = |chunk: &mut SnapshotChunk,
+                        size: &mut usize,
+                        item: (u8, Vec<u8>, Vec<u8>)|
+         -> io::Result<()> {
             *size += item.1.len() + item.2.len();
             chunk.push(item);
             if *size >= CHUNK_BYTES {
@@ -98,7 +115,11 @@ impl GroupSnapshot {
             Ok(())
         };
         match &self.source {
-            SnapshotSource::Live { storage, group, upto } => {
+            SnapshotSource::Live {
+                storage,
+                group,
+                upto,
+            } => {
                 let (from, to) = keys::group_bounds(*group);
                 for (tag, cf) in SNAPSHOT_CFS {
                     for kv in storage.scan(cf, &from, &to) {
@@ -175,18 +196,33 @@ pub struct StateMachineStore {
 
 impl StateMachineStore {
     pub fn new(storage: Storage, group: u64, inner: Arc<dyn GroupStateMachine>) -> Self {
-        StateMachineStore { storage, group, inner }
+        StateMachineStore {
+            storage,
+            group,
+            inner,
+        }
     }
 
-    fn load<T: for<'a> Deserialize<'a>>(&self, name: &[u8], what: &'static str) -> io::Result<Option<T>> {
-        match self.storage.get(Cf::StateMachine, &keys::named_key(self.group, name))? {
+    fn load<T: for<'a> Deserialize<'a>>(
+        &self,
+        name: &[u8],
+        what: &'static str,
+    ) -> io::Result<Option<T>> {
+        match self
+            .storage
+            .get(Cf::StateMachine, &keys::named_key(self.group, name))?
+        {
             Some(v) => Ok(Some(decode(what, &v)?)),
             None => Ok(None),
         }
     }
 
     fn put(&self, batch: &mut WriteBatch, name: &[u8], value: Vec<u8>) {
-        batch.put_cf(self.storage.cf(Cf::StateMachine), keys::named_key(self.group, name), value);
+        batch.put_cf(
+            self.storage.cf(Cf::StateMachine),
+            keys::named_key(self.group, name),
+            value,
+        );
     }
 
     fn applied(&self) -> io::Result<Applied> {
@@ -242,21 +278,25 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
     where
-        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + openraft::OptionalSend,
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>>
+            + Unpin
+            + openraft::OptionalSend,
     {
         let mut applied = self.applied()?;
         let mut batch = WriteBatch::default();
         let mut replies = Vec::new();
         while let Some((entry, responder)) = entries.try_next().await? {
             let reply = match &entry.payload {
-                EntryPayload::Normal(command) => self.inner.apply(entry.log_id.index, &command.0, &mut batch),
+                EntryPayload::Normal(command) => {
+                    self.inner.apply(entry.log_id.index, &command.0, &mut batch)
+                }
                 EntryPayload::Membership(m) => {
-                    applied.membership = StoredMembership::new(Some(entry.log_id.clone()), m.clone());
+                    applied.membership = StoredMembership::new(Some(entry.log_id), m.clone());
                     Vec::new()
                 }
                 EntryPayload::Blank => Vec::new(),
             };
-            applied.last_applied = Some(entry.log_id.clone());
+            applied.last_applied = Some(entry.log_id);
             if let Some(responder) = responder {
                 replies.push((responder, reply));
             }
@@ -274,7 +314,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: GroupSnapshot) -> Result<(), io::Error> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: GroupSnapshot,
+    ) -> Result<(), io::Error> {
         let (from, to) = keys::group_bounds(self.group);
         let mut batch = WriteBatch::default();
         for (_, cf) in SNAPSHOT_CFS {
@@ -290,7 +334,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         batch.delete_range_cf(self.storage.cf(Cf::Staging), &from, &to);
         self.inner.restore(&snapshot.state, &mut batch)?;
         let applied = Applied {
-            last_applied: meta.last_log_id.clone(),
+            last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
         };
         self.put(&mut batch, APPLIED_KEY, encode(&applied));

@@ -48,13 +48,17 @@ pub type Entry = openraft::type_config::alias::EntryOf<TypeConfig>;
 pub type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
 pub type StoredMembership = openraft::type_config::alias::StoredMembershipOf<TypeConfig>;
 pub type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<TypeConfig>;
-pub type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, crate::state_machine::GroupSnapshot>;
+pub type Snapshot =
+    openraft::type_config::alias::SnapshotOf<TypeConfig, crate::state_machine::GroupSnapshot>;
 
 pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     postcard::to_stdvec(value).expect("encoding to a Vec cannot fail")
 }
 
-pub(crate) fn decode<'a, T: Deserialize<'a>>(what: &'static str, bytes: &'a [u8]) -> std::io::Result<T> {
+pub(crate) fn decode<'a, T: Deserialize<'a>>(
+    what: &'static str,
+    bytes: &'a [u8],
+) -> std::io::Result<T> {
     postcard::from_bytes(bytes).map_err(|e| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidData,

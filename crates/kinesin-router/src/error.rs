@@ -42,7 +42,10 @@ impl RouterError {
 
     /// Worth another attempt (possibly at another node).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, RouterError::Unavailable(_) | RouterError::NotLeader(_))
+        matches!(
+            self,
+            RouterError::Unavailable(_) | RouterError::NotLeader(_)
+        )
     }
 }
 
@@ -63,7 +66,9 @@ impl From<RouterError> for Status {
             }
         }
         if let RouterError::NotLeader(None) = e {
-            status.metadata_mut().insert(LEADER_HINT, "none".parse().expect("ascii"));
+            status
+                .metadata_mut()
+                .insert(LEADER_HINT, "none".parse().expect("ascii"));
         }
         status
     }
@@ -100,7 +105,9 @@ impl From<kinesin_raft::RaftHostError> for RouterError {
 impl From<kinesin_shard::ShardError> for RouterError {
     fn from(e: kinesin_shard::ShardError) -> Self {
         match e {
-            kinesin_shard::ShardError::ForeignSequenceNumber(_) => RouterError::InvalidArgument(e.to_string()),
+            kinesin_shard::ShardError::ForeignSequenceNumber(_) => {
+                RouterError::InvalidArgument(e.to_string())
+            }
             kinesin_shard::ShardError::Sealed => RouterError::Unavailable(e.to_string()),
             other => RouterError::Internal(other.to_string()),
         }
@@ -111,7 +118,8 @@ impl From<kinesin_meta::MetaError> for RouterError {
     fn from(e: kinesin_meta::MetaError) -> Self {
         match e {
             kinesin_meta::MetaError::StreamExists(_) => RouterError::ResourceInUse(e.to_string()),
-            kinesin_meta::MetaError::StreamNotFound(_) | kinesin_meta::MetaError::ShardNotFound(_) => {
+            kinesin_meta::MetaError::StreamNotFound(_)
+            | kinesin_meta::MetaError::ShardNotFound(_) => {
                 RouterError::ResourceNotFound(e.to_string())
             }
             kinesin_meta::MetaError::Invalid(_) => RouterError::InvalidArgument(e.to_string()),

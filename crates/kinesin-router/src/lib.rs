@@ -4,8 +4,8 @@
 //! another one (forward over internal gRPC). Leader hints from refusals are
 //! cached; retries are bounded in count and time.
 
-mod error;
 mod clients;
+mod error;
 mod router;
 mod service;
 

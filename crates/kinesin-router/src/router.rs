@@ -9,10 +9,12 @@ use kinesin_meta::{decode_reply, place_replicas, MetaCommand, MetaState, MetaSta
 use kinesin_proto::v1::node_client::NodeClient;
 use kinesin_proto::v1::{self as pb};
 use kinesin_raft::RaftHost;
-use kinesin_shard::{NewRecord, ReadBatch, ReadStart, ShardCommand, ShardReply, ShardStateMachine, StoredRecord};
+use kinesin_shard::{
+    NewRecord, ReadBatch, ReadStart, ShardCommand, ShardReply, ShardStateMachine, StoredRecord,
+};
 use kinesin_types::{
-    hash_key_for_partition_key, GroupId, HashKey, NodeId, SequenceNumber, ShardId, StreamInfo, StreamName,
-    MAX_RECORD_BYTES_LIMIT,
+    hash_key_for_partition_key, GroupId, HashKey, NodeId, SequenceNumber, ShardId, StreamInfo,
+    StreamName, MAX_RECORD_BYTES_LIMIT,
 };
 use tonic::transport::Channel;
 
@@ -57,7 +59,12 @@ impl LocalShards {
     }
 
     pub fn groups(&self) -> Vec<GroupId> {
-        self.map.read().expect("shards lock").keys().copied().collect()
+        self.map
+            .read()
+            .expect("shards lock")
+            .keys()
+            .copied()
+            .collect()
     }
 }
 
@@ -72,7 +79,10 @@ pub struct RecordIn {
 /// The fate of one record of a put.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AppendOutcome {
-    Stored { shard: ShardId, sequence: SequenceNumber },
+    Stored {
+        shard: ShardId,
+        sequence: SequenceNumber,
+    },
     /// Not acknowledged; it may or may not have been stored.
     Failed { code: &'static str, message: String },
 }
@@ -105,11 +115,18 @@ const ATTEMPT_MIN: Duration = Duration::from_millis(500);
 const ATTEMPT_MAX: Duration = Duration::from_secs(5);
 
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Router {
-    pub fn new(host: RaftHost, meta: Arc<MetaStateMachine>, shards: Arc<LocalShards>, config: RouterConfig) -> Self {
+    pub fn new(
+        host: RaftHost,
+        meta: Arc<MetaStateMachine>,
+        shards: Arc<LocalShards>,
+        config: RouterConfig,
+    ) -> Self {
         Router {
             host,
             meta,
@@ -152,7 +169,12 @@ impl Router {
 
     /// Runs `op` against the leader of `group`, following leader hints and
     /// retrying on other `candidates` until the retry budget is spent.
-    pub(crate) async fn at_leader<T, F, Fut>(&self, group: GroupId, candidates: &[NodeId], op: F) -> Result<T, RouterError>
+    pub(crate) async fn at_leader<T, F, Fut>(
+        &self,
+        group: GroupId,
+        candidates: &[NodeId],
+        op: F,
+    ) -> Result<T, RouterError>
     where
         F: Fn(Target) -> Fut,
         Fut: Future<Output = Result<T, RouterError>>,
@@ -162,7 +184,12 @@ impl Router {
         let mut next_candidate = 0usize;
         let mut last_error;
         loop {
-            let cached = self.leaders.lock().expect("leaders lock").get(&group).copied();
+            let cached = self
+                .leaders
+                .lock()
+                .expect("leaders lock")
+                .get(&group)
+                .copied();
             let known = cached.or_else(|| self.host.status(group).and_then(|s| s.leader));
             let target_node = match known {
                 Some(n) => n,
@@ -178,21 +205,31 @@ impl Router {
                 self.client_for(target_node).map(Target::Remote)
             };
             // A paused or partitioned node must not hold a request forever.
-            let attempt_budget = deadline.saturating_duration_since(Instant::now()).clamp(ATTEMPT_MIN, ATTEMPT_MAX);
+            let attempt_budget = deadline
+                .saturating_duration_since(Instant::now())
+                .clamp(ATTEMPT_MIN, ATTEMPT_MAX);
             let result = match target {
                 Ok(t) => match tokio::time::timeout(attempt_budget, op(t)).await {
                     Ok(r) => r,
-                    Err(_) => Err(RouterError::Unavailable(format!("node {target_node} did not answer for {group}"))),
+                    Err(_) => Err(RouterError::Unavailable(format!(
+                        "node {target_node} did not answer for {group}"
+                    ))),
                 },
                 Err(e) => Err(e),
             };
             match result {
                 Ok(v) => {
-                    self.leaders.lock().expect("leaders lock").insert(group, target_node);
+                    self.leaders
+                        .lock()
+                        .expect("leaders lock")
+                        .insert(group, target_node);
                     return Ok(v);
                 }
                 Err(RouterError::NotLeader(Some(hint))) if hint != target_node => {
-                    self.leaders.lock().expect("leaders lock").insert(group, hint);
+                    self.leaders
+                        .lock()
+                        .expect("leaders lock")
+                        .insert(group, hint);
                     last_error = RouterError::NotLeader(Some(hint));
                 }
                 Err(e) if e.is_retryable() => {
@@ -215,7 +252,9 @@ impl Router {
             }
         }
         Err(match last_error {
-            RouterError::NotLeader(_) => RouterError::Unavailable(format!("no leader of {group} answered in time")),
+            RouterError::NotLeader(_) => {
+                RouterError::Unavailable(format!("no leader of {group} answered in time"))
+            }
             e => e,
         })
     }
@@ -237,7 +276,10 @@ impl Router {
                 match target {
                     Target::Local => self.meta_write_local(bytes).await,
                     Target::Remote(mut c) => {
-                        c.meta_write(pb::MetaWriteRequest { command: bytes.into() }).await?;
+                        c.meta_write(pb::MetaWriteRequest {
+                            command: bytes.into(),
+                        })
+                        .await?;
                         Ok(())
                     }
                 }
@@ -253,10 +295,18 @@ impl Router {
     }
 
     /// Creates a stream; placement is computed on the metadata leader.
-    pub async fn create_stream(&self, name: &str, shard_count: u32, replication: usize, max_record_bytes: u32) -> Result<(), RouterError> {
+    pub async fn create_stream(
+        &self,
+        name: &str,
+        shard_count: u32,
+        replication: usize,
+        max_record_bytes: u32,
+    ) -> Result<(), RouterError> {
         StreamName::new(name).map_err(|e| RouterError::InvalidArgument(e.0))?;
         if shard_count == 0 || shard_count > 10_000 {
-            return Err(RouterError::InvalidArgument("shard count must be between 1 and 10000".into()));
+            return Err(RouterError::InvalidArgument(
+                "shard count must be between 1 and 10000".into(),
+            ));
         }
         if max_record_bytes > MAX_RECORD_BYTES_LIMIT {
             return Err(RouterError::InvalidArgument(format!(
@@ -266,7 +316,10 @@ impl Router {
         let candidates = self.meta_candidates();
         self.at_leader(GroupId::META, &candidates, |target| async move {
             match target {
-                Target::Local => self.create_stream_on_leader(name, shard_count, replication, max_record_bytes).await,
+                Target::Local => {
+                    self.create_stream_on_leader(name, shard_count, replication, max_record_bytes)
+                        .await
+                }
                 Target::Remote(mut c) => {
                     c.create_stream(pb::CreateStreamRequest {
                         stream: name.to_string(),
@@ -282,31 +335,57 @@ impl Router {
         .await
     }
 
-    pub(crate) async fn create_stream_on_leader(&self, name: &str, shard_count: u32, replication: usize, max_record_bytes: u32) -> Result<(), RouterError> {
+    pub(crate) async fn create_stream_on_leader(
+        &self,
+        name: &str,
+        shard_count: u32,
+        replication: usize,
+        max_record_bytes: u32,
+    ) -> Result<(), RouterError> {
         if !self.host.is_leader(GroupId::META) {
             let leader = self.host.status(GroupId::META).and_then(|s| s.leader);
             return Err(RouterError::NotLeader(leader));
         }
         let state = self.meta.state();
         if state.streams.contains_key(name) {
-            return Err(RouterError::ResourceInUse(format!("stream {name} already exists")));
+            return Err(RouterError::ResourceInUse(format!(
+                "stream {name} already exists"
+            )));
         }
-        let replication = if replication == 0 { self.config.default_replication_factor } else { replication };
+        let replication = if replication == 0 {
+            self.config.default_replication_factor
+        } else {
+            replication
+        };
         let active = state.active_nodes().count();
         let replication = replication.min(active.max(1));
         let mut load = state.replica_load();
         let placements: Vec<Vec<NodeId>> = (0..shard_count)
-            .map(|i| place_replicas(&state, &format!("{name}/{i}"), replication, &BTreeSet::new(), &mut load))
+            .map(|i| {
+                place_replicas(
+                    &state,
+                    &format!("{name}/{i}"),
+                    replication,
+                    &BTreeSet::new(),
+                    &mut load,
+                )
+            })
             .collect();
         if placements.iter().any(|p| p.is_empty()) {
-            return Err(RouterError::Unavailable("no active node can hold replicas".into()));
+            return Err(RouterError::Unavailable(
+                "no active node can hold replicas".into(),
+            ));
         }
         let placements = spread_preferred_leaders(placements);
         let command = MetaCommand::CreateStream {
             name: name.to_string(),
             shard_count,
             retention_hours: self.config.default_retention_hours,
-            max_record_bytes: if max_record_bytes == 0 { kinesin_types::DEFAULT_MAX_RECORD_BYTES } else { max_record_bytes },
+            max_record_bytes: if max_record_bytes == 0 {
+                kinesin_types::DEFAULT_MAX_RECORD_BYTES
+            } else {
+                max_record_bytes
+            },
             now_ms: now_ms(),
             placements,
         };
@@ -314,7 +393,10 @@ impl Router {
     }
 
     pub async fn delete_stream(&self, name: &str) -> Result<(), RouterError> {
-        self.meta_write(MetaCommand::DeleteStream { name: name.to_string() }).await
+        self.meta_write(MetaCommand::DeleteStream {
+            name: name.to_string(),
+        })
+        .await
     }
 
     pub fn describe_stream(&self, name: &str) -> Result<StreamInfo, RouterError> {
@@ -332,7 +414,11 @@ impl Router {
 
     /// Puts records, each routed by its hash key; results mirror the order
     /// of `records`. A malformed record fails the whole call.
-    pub async fn put_records(&self, stream: &str, records: Vec<RecordIn>) -> Result<Vec<AppendOutcome>, RouterError> {
+    pub async fn put_records(
+        &self,
+        stream: &str,
+        records: Vec<RecordIn>,
+    ) -> Result<Vec<AppendOutcome>, RouterError> {
         let info = self.describe_stream(stream)?;
         let mut by_shard: BTreeMap<ShardId, Vec<(usize, NewRecord)>> = BTreeMap::new();
         for (i, r) in records.into_iter().enumerate() {
@@ -343,7 +429,9 @@ impl Router {
                 )));
             }
             let key = match &r.explicit_hash_key {
-                Some(h) => h.parse::<HashKey>().map_err(|e| RouterError::InvalidArgument(format!("record {i}: {e}")))?,
+                Some(h) => h
+                    .parse::<HashKey>()
+                    .map_err(|e| RouterError::InvalidArgument(format!("record {i}: {e}")))?,
                 None => hash_key_for_partition_key(&r.partition_key),
             };
             let size = r.data.len() + r.partition_key.len();
@@ -353,9 +441,9 @@ impl Router {
                     info.max_record_bytes
                 )));
             }
-            let shard = info
-                .shard_for(key)
-                .ok_or_else(|| RouterError::Internal(format!("no open shard holds hash key {key}")))?;
+            let shard = info.shard_for(key).ok_or_else(|| {
+                RouterError::Internal(format!("no open shard holds hash key {key}"))
+            })?;
             by_shard.entry(shard.shard_id).or_default().push((
                 i,
                 NewRecord {
@@ -366,11 +454,17 @@ impl Router {
         }
         let total = by_shard.values().map(Vec::len).sum();
         let appends = by_shard.into_iter().map(|(shard_id, entries)| {
-            let shard = info.shard(shard_id).expect("shard from the same map").clone();
+            let shard = info
+                .shard(shard_id)
+                .expect("shard from the same map")
+                .clone();
             let epoch = info.epoch;
             async move {
-                let (positions, records): (Vec<usize>, Vec<NewRecord>) = entries.into_iter().unzip();
-                let result = self.append(shard.group, &shard.replicas, epoch, records).await;
+                let (positions, records): (Vec<usize>, Vec<NewRecord>) =
+                    entries.into_iter().unzip();
+                let result = self
+                    .append(shard.group, &shard.replicas, epoch, records)
+                    .await;
                 (shard_id, positions, result)
             }
         });
@@ -406,7 +500,13 @@ impl Router {
         Ok(outcomes)
     }
 
-    async fn append(&self, group: GroupId, replicas: &[NodeId], epoch: u64, records: Vec<NewRecord>) -> Result<SequenceNumber, RouterError> {
+    async fn append(
+        &self,
+        group: GroupId,
+        replicas: &[NodeId],
+        epoch: u64,
+        records: Vec<NewRecord>,
+    ) -> Result<SequenceNumber, RouterError> {
         self.at_leader(group, replicas, |target| {
             let records = records.clone();
             async move {
@@ -437,7 +537,11 @@ impl Router {
     }
 
     /// Appends on this node, which must lead the group.
-    pub async fn append_local(&self, group: GroupId, records: Vec<NewRecord>) -> Result<SequenceNumber, RouterError> {
+    pub async fn append_local(
+        &self,
+        group: GroupId,
+        records: Vec<NewRecord>,
+    ) -> Result<SequenceNumber, RouterError> {
         if !self.host.has_group(group) {
             return Err(RouterError::NotLeader(None));
         }
@@ -447,20 +551,32 @@ impl Router {
             records,
         };
         let reply = self.host.propose(group, command.encode()).await?;
-        metrics::histogram!("kinesin_raft_commit_duration_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("kinesin_raft_commit_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
         match ShardReply::decode(&reply)? {
             ShardReply::Appended { first, .. } => Ok(SequenceNumber(first)),
-            ShardReply::Rejected(r) => Err(RouterError::Unavailable(format!("shard refused the append: {r:?}"))),
+            ShardReply::Rejected(r) => Err(RouterError::Unavailable(format!(
+                "shard refused the append: {r:?}"
+            ))),
             other => Err(RouterError::Internal(format!("unexpected reply {other:?}"))),
         }
     }
 
     /// Reads from a shard at its leader.
-    pub async fn get_records(&self, stream: &str, shard_id: ShardId, request: ReadRequest) -> Result<ReadBatch, RouterError> {
+    pub async fn get_records(
+        &self,
+        stream: &str,
+        shard_id: ShardId,
+        request: ReadRequest,
+    ) -> Result<ReadBatch, RouterError> {
         let info = self.describe_stream(stream)?;
         let shard = info
             .shard(shard_id)
-            .ok_or_else(|| RouterError::ResourceNotFound(format!("Shard {shard_id} in stream {stream} not found")))?
+            .ok_or_else(|| {
+                RouterError::ResourceNotFound(format!(
+                    "Shard {shard_id} in stream {stream} not found"
+                ))
+            })?
             .clone();
         let group = shard.group;
         self.at_leader(group, &shard.replicas, |target| async move {
@@ -488,14 +604,23 @@ impl Router {
 
     /// Reads on this node, which must lead the group (so that every
     /// acknowledged record is visible).
-    pub fn read_local(&self, group: GroupId, request: ReadRequest) -> Result<ReadBatch, RouterError> {
+    pub fn read_local(
+        &self,
+        group: GroupId,
+        request: ReadRequest,
+    ) -> Result<ReadBatch, RouterError> {
         let sm = self.shards.get(group).ok_or(RouterError::NotLeader(None))?;
         if !self.host.is_leader(group) {
             let leader = self.host.status(group).and_then(|s| s.leader);
             return Err(RouterError::NotLeader(leader));
         }
         let start = sm.resolve(request.start)?;
-        let batch = sm.read(start, request.limit.max(1), request.max_bytes.max(1), now_ms())?;
+        let batch = sm.read(
+            start,
+            request.limit.max(1),
+            request.max_bytes.max(1),
+            now_ms(),
+        )?;
         Ok(batch)
     }
 }
@@ -528,19 +653,30 @@ pub(crate) fn encode_start(start: ReadStart) -> (pb::IteratorType, String, u64) 
 }
 
 pub(crate) fn decode_start(from: i32, seq: &str, ts: u64) -> Result<ReadStart, RouterError> {
-    let parse = || seq.parse::<SequenceNumber>().map_err(|e| RouterError::InvalidArgument(e.0));
-    Ok(match pb::IteratorType::try_from(from).map_err(|_| RouterError::InvalidArgument("unknown iterator type".into()))? {
-        pb::IteratorType::TrimHorizon => ReadStart::TrimHorizon,
-        pb::IteratorType::Latest => ReadStart::Latest,
-        pb::IteratorType::AtSequenceNumber => ReadStart::At(parse()?),
-        pb::IteratorType::AfterSequenceNumber => ReadStart::After(parse()?),
-        pb::IteratorType::AtTimestamp => ReadStart::AtTimestamp(ts),
-    })
+    let parse = || {
+        seq.parse::<SequenceNumber>()
+            .map_err(|e| RouterError::InvalidArgument(e.0))
+    };
+    Ok(
+        match pb::IteratorType::try_from(from)
+            .map_err(|_| RouterError::InvalidArgument("unknown iterator type".into()))?
+        {
+            pb::IteratorType::TrimHorizon => ReadStart::TrimHorizon,
+            pb::IteratorType::Latest => ReadStart::Latest,
+            pb::IteratorType::AtSequenceNumber => ReadStart::At(parse()?),
+            pb::IteratorType::AfterSequenceNumber => ReadStart::After(parse()?),
+            pb::IteratorType::AtTimestamp => ReadStart::AtTimestamp(ts),
+        },
+    )
 }
 
 pub(crate) fn encode_read(batch: ReadBatch) -> pb::ShardReadResponse {
     pb::ShardReadResponse {
-        records: batch.records.into_iter().map(|(s, r)| stored_to_pb(s, r)).collect(),
+        records: batch
+            .records
+            .into_iter()
+            .map(|(s, r)| stored_to_pb(s, r))
+            .collect(),
         millis_behind_latest: batch.millis_behind_latest,
         sealed_and_drained: batch.sealed_and_drained,
         next_sequence_number: batch.next.to_string(),

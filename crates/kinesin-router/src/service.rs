@@ -11,7 +11,9 @@ use kinesin_types::{GroupId, NodeId, ShardState};
 use tonic::{Request, Response, Status};
 
 use crate::error::RouterError;
-use crate::router::{decode_start, encode_read, stored_to_pb, ReadRequest, RecordIn, Router, Target};
+use crate::router::{
+    decode_start, encode_read, stored_to_pb, ReadRequest, RecordIn, Router, Target,
+};
 use crate::AppendOutcome;
 
 const MAX_MESSAGE_BYTES: usize = 256 << 20;
@@ -32,7 +34,9 @@ impl NodeService {
     async fn join_on_leader(&self, req: &pb::JoinRequest) -> Result<String, RouterError> {
         let host = self.router.host();
         if !host.is_leader(GroupId::META) {
-            return Err(RouterError::NotLeader(host.status(GroupId::META).and_then(|s| s.leader)));
+            return Err(RouterError::NotLeader(
+                host.status(GroupId::META).and_then(|s| s.leader),
+            ));
         }
         let state = self.router.meta_state();
         if !req.cluster_id.is_empty() && req.cluster_id != state.cluster_id {
@@ -47,10 +51,13 @@ impl NodeService {
         }
         if let Some(existing) = state.nodes.get(&node) {
             if existing.state == NodeState::Removed {
-                return Err(RouterError::InvalidArgument(format!("node {node} was removed and cannot rejoin under that id")));
+                return Err(RouterError::InvalidArgument(format!(
+                    "node {node} was removed and cannot rejoin under that id"
+                )));
             }
         }
-        host.add_learner(GroupId::META, node, req.raft_addr.clone(), false).await?;
+        host.add_learner(GroupId::META, node, req.raft_addr.clone(), false)
+            .await?;
         self.router
             .meta_write_local(
                 MetaCommand::RegisterNode(NodeInfo {
@@ -82,9 +89,15 @@ fn describe(info: &kinesin_types::StreamInfo) -> pb::DescribeStreamResponse {
                 starting_hash_key: s.range.start.to_string(),
                 ending_hash_key: s.range.end.to_string(),
                 parent_shard_id: s.parent.map(|p| p.to_string()).unwrap_or_default(),
-                adjacent_parent_shard_id: s.adjacent_parent.map(|p| p.to_string()).unwrap_or_default(),
+                adjacent_parent_shard_id: s
+                    .adjacent_parent
+                    .map(|p| p.to_string())
+                    .unwrap_or_default(),
                 starting_sequence_number: s.starting_sequence().to_string(),
-                ending_sequence_number: s.ending_sequence.map(|e| e.to_string()).unwrap_or_default(),
+                ending_sequence_number: s
+                    .ending_sequence
+                    .map(|e| e.to_string())
+                    .unwrap_or_default(),
                 open: s.state == ShardState::Open,
                 group: s.group.0,
                 replicas: s.replicas.iter().map(|r| r.0).collect(),
@@ -95,12 +108,20 @@ fn describe(info: &kinesin_types::StreamInfo) -> pb::DescribeStreamResponse {
 
 #[tonic::async_trait]
 impl Node for NodeService {
-    async fn meta_write(&self, request: Request<pb::MetaWriteRequest>) -> Result<Response<pb::MetaWriteResponse>, Status> {
-        self.router.meta_write_local(request.into_inner().command.to_vec()).await?;
+    async fn meta_write(
+        &self,
+        request: Request<pb::MetaWriteRequest>,
+    ) -> Result<Response<pb::MetaWriteResponse>, Status> {
+        self.router
+            .meta_write_local(request.into_inner().command.to_vec())
+            .await?;
         Ok(Response::new(pb::MetaWriteResponse::default()))
     }
 
-    async fn cluster_info(&self, _request: Request<pb::ClusterInfoRequest>) -> Result<Response<pb::ClusterInfoResponse>, Status> {
+    async fn cluster_info(
+        &self,
+        _request: Request<pb::ClusterInfoRequest>,
+    ) -> Result<Response<pb::ClusterInfoResponse>, Status> {
         let host = self.router.host();
         let state = self.router.meta_state();
         let groups = host
@@ -119,12 +140,16 @@ impl Node for NodeService {
         Ok(Response::new(pb::ClusterInfoResponse {
             cluster_id: state.cluster_id.clone(),
             node_id: host.node_id().0,
-            state_json: serde_json::to_string(&*state).map_err(|e| Status::internal(e.to_string()))?,
+            state_json: serde_json::to_string(&*state)
+                .map_err(|e| Status::internal(e.to_string()))?,
             groups,
         }))
     }
 
-    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
         let req = request.into_inner();
         let candidates: Vec<NodeId> = self
             .router
@@ -147,40 +172,69 @@ impl Node for NodeService {
         Ok(Response::new(pb::JoinResponse { cluster_id }))
     }
 
-    async fn create_stream(&self, request: Request<pb::CreateStreamRequest>) -> Result<Response<pb::CreateStreamResponse>, Status> {
+    async fn create_stream(
+        &self,
+        request: Request<pb::CreateStreamRequest>,
+    ) -> Result<Response<pb::CreateStreamResponse>, Status> {
         let r = request.into_inner();
         if self.router.host().is_leader(GroupId::META) {
             self.router
-                .create_stream_on_leader(&r.stream, r.shard_count, r.replication_factor as usize, r.max_record_bytes)
+                .create_stream_on_leader(
+                    &r.stream,
+                    r.shard_count,
+                    r.replication_factor as usize,
+                    r.max_record_bytes,
+                )
                 .await?;
         } else {
             self.router
-                .create_stream(&r.stream, r.shard_count, r.replication_factor as usize, r.max_record_bytes)
+                .create_stream(
+                    &r.stream,
+                    r.shard_count,
+                    r.replication_factor as usize,
+                    r.max_record_bytes,
+                )
                 .await?;
         }
         Ok(Response::new(pb::CreateStreamResponse {}))
     }
 
-    async fn delete_stream(&self, request: Request<pb::DeleteStreamRequest>) -> Result<Response<pb::DeleteStreamResponse>, Status> {
-        self.router.delete_stream(&request.into_inner().stream).await?;
+    async fn delete_stream(
+        &self,
+        request: Request<pb::DeleteStreamRequest>,
+    ) -> Result<Response<pb::DeleteStreamResponse>, Status> {
+        self.router
+            .delete_stream(&request.into_inner().stream)
+            .await?;
         Ok(Response::new(pb::DeleteStreamResponse {}))
     }
 
-    async fn describe_stream(&self, request: Request<pb::DescribeStreamRequest>) -> Result<Response<pb::DescribeStreamResponse>, Status> {
+    async fn describe_stream(
+        &self,
+        request: Request<pb::DescribeStreamRequest>,
+    ) -> Result<Response<pb::DescribeStreamResponse>, Status> {
         let info = self.router.describe_stream(&request.into_inner().stream)?;
         Ok(Response::new(describe(&info)))
     }
 
-    async fn list_streams(&self, _request: Request<pb::ListStreamsRequest>) -> Result<Response<pb::ListStreamsResponse>, Status> {
+    async fn list_streams(
+        &self,
+        _request: Request<pb::ListStreamsRequest>,
+    ) -> Result<Response<pb::ListStreamsResponse>, Status> {
         Ok(Response::new(pb::ListStreamsResponse {
             streams: self.router.list_streams(),
         }))
     }
 
-    async fn put_records(&self, request: Request<pb::PutRecordsRequest>) -> Result<Response<pb::PutRecordsResponse>, Status> {
+    async fn put_records(
+        &self,
+        request: Request<pb::PutRecordsRequest>,
+    ) -> Result<Response<pb::PutRecordsResponse>, Status> {
         let r = request.into_inner();
         if r.records.is_empty() || r.records.len() > 500 {
-            return Err(RouterError::InvalidArgument("a put carries 1 to 500 records".into()).into());
+            return Err(
+                RouterError::InvalidArgument("a put carries 1 to 500 records".into()).into(),
+            );
         }
         let records = r
             .records
@@ -188,7 +242,8 @@ impl Node for NodeService {
             .map(|rec| RecordIn {
                 partition_key: rec.partition_key,
                 data: rec.data.to_vec(),
-                explicit_hash_key: (!rec.explicit_hash_key.is_empty()).then_some(rec.explicit_hash_key),
+                explicit_hash_key: (!rec.explicit_hash_key.is_empty())
+                    .then_some(rec.explicit_hash_key),
             })
             .collect();
         let outcomes = self.router.put_records(&r.stream, records).await?;
@@ -211,30 +266,55 @@ impl Node for NodeService {
                 }
             })
             .collect();
-        Ok(Response::new(pb::PutRecordsResponse { results, failed_count }))
+        Ok(Response::new(pb::PutRecordsResponse {
+            results,
+            failed_count,
+        }))
     }
 
-    async fn get_records(&self, request: Request<pb::GetRecordsRequest>) -> Result<Response<pb::GetRecordsResponse>, Status> {
+    async fn get_records(
+        &self,
+        request: Request<pb::GetRecordsRequest>,
+    ) -> Result<Response<pb::GetRecordsResponse>, Status> {
         let r = request.into_inner();
         let shard = r
             .shard_id
             .parse()
             .map_err(|e: kinesin_types::InvalidValue| RouterError::InvalidArgument(e.0))?;
         let start = decode_start(r.from, &r.sequence_number, r.timestamp_ms)?;
-        let limit = if r.limit == 0 { 10_000 } else { r.limit.min(10_000) as usize };
+        let limit = if r.limit == 0 {
+            10_000
+        } else {
+            r.limit.min(10_000) as usize
+        };
         let batch = self
             .router
-            .get_records(&r.stream, shard, ReadRequest { start, limit, max_bytes: MAX_READ_BYTES })
+            .get_records(
+                &r.stream,
+                shard,
+                ReadRequest {
+                    start,
+                    limit,
+                    max_bytes: MAX_READ_BYTES,
+                },
+            )
             .await?;
         Ok(Response::new(pb::GetRecordsResponse {
             next_sequence_number: batch.next.to_string(),
             millis_behind_latest: batch.millis_behind_latest,
             shard_closed_and_drained: batch.sealed_and_drained,
-            records: batch.records.into_iter().map(|(s, rec)| stored_to_pb(s, rec)).collect(),
+            records: batch
+                .records
+                .into_iter()
+                .map(|(s, rec)| stored_to_pb(s, rec))
+                .collect(),
         }))
     }
 
-    async fn shard_append(&self, request: Request<pb::ShardAppendRequest>) -> Result<Response<pb::ShardAppendResponse>, Status> {
+    async fn shard_append(
+        &self,
+        request: Request<pb::ShardAppendRequest>,
+    ) -> Result<Response<pb::ShardAppendResponse>, Status> {
         let r = request.into_inner();
         let count = r.records.len() as u32;
         let records = r
@@ -252,10 +332,17 @@ impl Node for NodeService {
         }))
     }
 
-    async fn shard_read(&self, request: Request<pb::ShardReadRequest>) -> Result<Response<pb::ShardReadResponse>, Status> {
+    async fn shard_read(
+        &self,
+        request: Request<pb::ShardReadRequest>,
+    ) -> Result<Response<pb::ShardReadResponse>, Status> {
         let r = request.into_inner();
         let start = decode_start(r.from, &r.sequence_number, r.timestamp_ms)?;
-        let max_bytes = if r.max_bytes == 0 { MAX_READ_BYTES } else { r.max_bytes as usize };
+        let max_bytes = if r.max_bytes == 0 {
+            MAX_READ_BYTES
+        } else {
+            r.max_bytes as usize
+        };
         let batch = self.router.read_local(
             GroupId(r.group),
             ReadRequest {

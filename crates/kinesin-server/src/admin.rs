@@ -41,9 +41,17 @@ struct AdminState {
     joined: Arc<AtomicBool>,
 }
 
-pub(crate) async fn serve(listener: TcpListener, router: Arc<Router>, joined: Arc<AtomicBool>, mut stop: watch::Receiver<bool>) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    router: Arc<Router>,
+    joined: Arc<AtomicBool>,
+    mut stop: watch::Receiver<bool>,
+) {
     let handle = prometheus();
-    let state = AdminState { router: router.clone(), joined };
+    let state = AdminState {
+        router: router.clone(),
+        joined,
+    };
     let app = HttpRouter::new()
         .route("/metrics", get(move || async move { handle.render() }))
         .route("/health/live", get(|| async { "ok" }))
@@ -66,8 +74,16 @@ async fn ready(State(s): State<AdminState>) -> Response {
     if !s.joined.load(Ordering::SeqCst) {
         return (StatusCode::SERVICE_UNAVAILABLE, "not joined").into_response();
     }
-    if host.status(GroupId::META).and_then(|st| st.leader).is_none() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "metadata group has no leader").into_response();
+    if host
+        .status(GroupId::META)
+        .and_then(|st| st.leader)
+        .is_none()
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metadata group has no leader",
+        )
+            .into_response();
     }
     let leaderless = host
         .group_ids()
@@ -75,7 +91,11 @@ async fn ready(State(s): State<AdminState>) -> Response {
         .filter(|g| host.status(*g).is_some_and(|st| st.leader.is_none()))
         .count();
     if leaderless > 0 {
-        return (StatusCode::SERVICE_UNAVAILABLE, format!("{leaderless} groups without a leader")).into_response();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{leaderless} groups without a leader"),
+        )
+            .into_response();
     }
     "ready".into_response()
 }

@@ -46,7 +46,11 @@ pub async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
     let channels = args
         .endpoints
         .iter()
-        .map(|e| Ok(Endpoint::from_shared(format!("http://{e}"))?.tcp_nodelay(true).connect_lazy()))
+        .map(|e| {
+            Ok(Endpoint::from_shared(format!("http://{e}"))?
+                .tcp_nodelay(true)
+                .connect_lazy())
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut admin = NodeClient::new(channels[0].clone());
     let created = admin
@@ -62,13 +66,17 @@ pub async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
             anyhow::bail!("cannot create stream: {}", s.message());
         }
     }
-    let histogram = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    let histogram = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+        1, 60_000_000, 3,
+    )?));
     let records = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.duration_secs);
     // Per-worker interval between batches in open-loop mode.
-    let interval = (args.rate > 0).then(|| Duration::from_secs_f64(args.batch as f64 * args.concurrency as f64 / args.rate as f64));
+    let interval = (args.rate > 0).then(|| {
+        Duration::from_secs_f64(args.batch as f64 * args.concurrency as f64 / args.rate as f64)
+    });
     let payload = vec![b'x'; args.record_size];
     let mut workers = Vec::new();
     for w in 0..args.concurrency {
@@ -79,7 +87,8 @@ pub async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
         let (stream, payload, batch) = (args.stream.clone(), payload.clone(), args.batch);
         workers.push(tokio::spawn(async move {
             let mut seq = 0u64;
-            let mut due = Instant::now() + interval.map_or(Duration::ZERO, |i| i.mul_f64(w as f64 / 32.0));
+            let mut due =
+                Instant::now() + interval.map_or(Duration::ZERO, |i| i.mul_f64(w as f64 / 32.0));
             while Instant::now() < deadline {
                 if interval.is_some() {
                     tokio::time::sleep_until(due.into()).await;
@@ -102,10 +111,16 @@ pub async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
                 match client.put_records(req).await {
                     Ok(r) => {
                         let r = r.into_inner();
-                        records.fetch_add((r.results.len() - r.failed_count as usize) as u64, Ordering::Relaxed);
+                        records.fetch_add(
+                            (r.results.len() - r.failed_count as usize) as u64,
+                            Ordering::Relaxed,
+                        );
                         errors.fetch_add(u64::from(r.failed_count), Ordering::Relaxed);
                         let micros = due.elapsed().as_micros().max(1) as u64;
-                        histogram.lock().expect("histogram lock").saturating_record(micros);
+                        histogram
+                            .lock()
+                            .expect("histogram lock")
+                            .saturating_record(micros);
                     }
                     Err(_) => {
                         errors.fetch_add(batch as u64, Ordering::Relaxed);

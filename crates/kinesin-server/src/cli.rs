@@ -13,16 +13,26 @@ use tonic::transport::Channel;
 #[derive(Args, Debug, Clone)]
 pub struct Endpoint {
     /// gRPC address of any node.
-    #[arg(long, env = "KINESIN_ENDPOINT", default_value = "127.0.0.1:7451", global = true)]
+    #[arg(
+        long,
+        env = "KINESIN_ENDPOINT",
+        default_value = "127.0.0.1:7451",
+        global = true
+    )]
     endpoint: String,
 }
 
 async fn connect(e: &Endpoint) -> anyhow::Result<NodeClient<Channel>> {
-    let client = tokio::time::timeout(Duration::from_secs(5), NodeClient::connect(format!("http://{}", e.endpoint)))
-        .await
-        .with_context(|| format!("connecting to {} timed out", e.endpoint))?
-        .with_context(|| format!("cannot connect to {}", e.endpoint))?;
-    Ok(client.max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20))
+    let client = tokio::time::timeout(
+        Duration::from_secs(5),
+        NodeClient::connect(format!("http://{}", e.endpoint)),
+    )
+    .await
+    .with_context(|| format!("connecting to {} timed out", e.endpoint))?
+    .with_context(|| format!("cannot connect to {}", e.endpoint))?;
+    Ok(client
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20))
 }
 
 fn status(s: tonic::Status) -> anyhow::Error {
@@ -65,7 +75,12 @@ pub enum StreamCommand {
 
 pub async fn stream(cmd: StreamCommand) -> anyhow::Result<()> {
     match cmd {
-        StreamCommand::Create { name, shards, replication, endpoint } => {
+        StreamCommand::Create {
+            name,
+            shards,
+            replication,
+            endpoint,
+        } => {
             let mut c = connect(&endpoint).await?;
             c.create_stream(pb::CreateStreamRequest {
                 stream: name.clone(),
@@ -79,11 +94,21 @@ pub async fn stream(cmd: StreamCommand) -> anyhow::Result<()> {
         }
         StreamCommand::List { endpoint } => {
             let mut c = connect(&endpoint).await?;
-            for s in c.list_streams(pb::ListStreamsRequest {}).await.map_err(status)?.into_inner().streams {
+            for s in c
+                .list_streams(pb::ListStreamsRequest {})
+                .await
+                .map_err(status)?
+                .into_inner()
+                .streams
+            {
                 println!("{s}");
             }
         }
-        StreamCommand::Describe { name, json, endpoint } => {
+        StreamCommand::Describe {
+            name,
+            json,
+            endpoint,
+        } => {
             let mut c = connect(&endpoint).await?;
             let d = c
                 .describe_stream(pb::DescribeStreamRequest { stream: name })
@@ -108,19 +133,33 @@ pub async fn stream(cmd: StreamCommand) -> anyhow::Result<()> {
                         "retention_hours": d.retention_hours, "shards": shards})
                 );
             } else {
-                println!("{}  {}  retention {}h  epoch {}", d.stream, d.status, d.retention_hours, d.epoch);
-                println!("{:<22} {:<6} {:<10} {:<40}", "SHARD", "OPEN", "REPLICAS", "HASH RANGE START");
+                println!(
+                    "{}  {}  retention {}h  epoch {}",
+                    d.stream, d.status, d.retention_hours, d.epoch
+                );
+                println!(
+                    "{:<22} {:<6} {:<10} {:<40}",
+                    "SHARD", "OPEN", "REPLICAS", "HASH RANGE START"
+                );
                 for s in d.shards {
                     let replicas: Vec<String> = s.replicas.iter().map(u64::to_string).collect();
-                    println!("{:<22} {:<6} {:<10} {}", s.shard_id, s.open, replicas.join(","), s.starting_hash_key);
+                    println!(
+                        "{:<22} {:<6} {:<10} {}",
+                        s.shard_id,
+                        s.open,
+                        replicas.join(","),
+                        s.starting_hash_key
+                    );
                 }
             }
         }
         StreamCommand::Delete { name, endpoint } => {
             let mut c = connect(&endpoint).await?;
-            c.delete_stream(pb::DeleteStreamRequest { stream: name.clone() })
-                .await
-                .map_err(status)?;
+            c.delete_stream(pb::DeleteStreamRequest {
+                stream: name.clone(),
+            })
+            .await
+            .map_err(status)?;
             println!("deleted stream {name}");
         }
     }
@@ -147,7 +186,10 @@ pub async fn put(args: PutArgs) -> anyhow::Result<()> {
         let stream = args.stream.clone();
         async move {
             let r = c
-                .put_records(pb::PutRecordsRequest { stream, records: batch })
+                .put_records(pb::PutRecordsRequest {
+                    stream,
+                    records: batch,
+                })
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -209,7 +251,9 @@ pub struct TailArgs {
 pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
     let mut c = connect(&args.endpoint).await?;
     let d = c
-        .describe_stream(pb::DescribeStreamRequest { stream: args.stream.clone() })
+        .describe_stream(pb::DescribeStreamRequest {
+            stream: args.stream.clone(),
+        })
         .await
         .map_err(status)?
         .into_inner();
@@ -277,7 +321,11 @@ pub async fn cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
     match cmd {
         ClusterCommand::Info { endpoint } => {
             let mut c = connect(&endpoint).await?;
-            let info = c.cluster_info(pb::ClusterInfoRequest {}).await.map_err(status)?.into_inner();
+            let info = c
+                .cluster_info(pb::ClusterInfoRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
             let state: serde_json::Value = serde_json::from_str(&info.state_json)?;
             let groups: Vec<_> = info
                 .groups

@@ -58,7 +58,9 @@ impl std::str::FromStr for FsyncSetting {
         match s {
             "always" => Ok(FsyncSetting::Always),
             "never-unsafe" => Ok(FsyncSetting::NeverUnsafe),
-            other => Err(format!("fsync must be `always` or `never-unsafe`, not `{other}`")),
+            other => Err(format!(
+                "fsync must be `always` or `never-unsafe`, not `{other}`"
+            )),
         }
     }
 }
@@ -89,7 +91,10 @@ impl Default for Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid configuration: {0}")]
@@ -117,11 +122,15 @@ impl Config {
     }
 
     pub fn grpc_address(&self) -> String {
-        self.advertise_grpc.clone().unwrap_or_else(|| advertise(self.listen_grpc))
+        self.advertise_grpc
+            .clone()
+            .unwrap_or_else(|| advertise(self.listen_grpc))
     }
 
     pub fn api_address(&self) -> String {
-        self.advertise_api.clone().unwrap_or_else(|| advertise(self.listen_api))
+        self.advertise_api
+            .clone()
+            .unwrap_or_else(|| advertise(self.listen_api))
     }
 
     pub fn admin_address(&self) -> String {
@@ -134,12 +143,19 @@ impl Config {
             return bad("node_id must be a positive integer".into());
         }
         if !(1..=5).contains(&self.replication_factor) {
-            return bad(format!("replication_factor must be 1 to 5, not {}", self.replication_factor));
+            return bad(format!(
+                "replication_factor must be 1 to 5, not {}",
+                self.replication_factor
+            ));
         }
         if !(24..=8760).contains(&self.retention_hours) {
-            return bad(format!("retention_hours must be 24 to 8760, not {}", self.retention_hours));
+            return bad(format!(
+                "retention_hours must be 24 to 8760, not {}",
+                self.retention_hours
+            ));
         }
-        if self.shard_heartbeat_ms == 0 || self.shard_election_min_ms <= 2 * self.shard_heartbeat_ms {
+        if self.shard_heartbeat_ms == 0 || self.shard_election_min_ms <= 2 * self.shard_heartbeat_ms
+        {
             return bad("shard_election_min_ms must exceed twice shard_heartbeat_ms".into());
         }
         if self.shard_election_max_ms <= self.shard_election_min_ms {
@@ -162,7 +178,11 @@ mod tests {
     fn file_values_override_defaults_and_unknown_keys_are_rejected() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k.toml");
-        std::fs::write(&path, "node_id = 3\nseeds = [\"a:7451\"]\nfsync = \"never-unsafe\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "node_id = 3\nseeds = [\"a:7451\"]\nfsync = \"never-unsafe\"\n",
+        )
+        .unwrap();
         let c = Config::from_file(&path).unwrap();
         assert_eq!(c.node_id, 3);
         assert_eq!(c.seeds, vec!["a:7451".to_string()]);
@@ -184,7 +204,11 @@ mod tests {
             replication_factor: 7,
             ..Config::default()
         };
-        assert!(c.validate().unwrap_err().to_string().contains("replication_factor"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("replication_factor"));
         assert_eq!(Config::default().grpc_address(), "127.0.0.1:7451");
     }
 }

@@ -17,14 +17,26 @@ pub struct DevArgs {
 }
 
 fn node_config(k: u16, n: u16, data_dir: &std::path::Path) -> Config {
-    let port = |base: u16| format!("127.0.0.1:{}", base + 10 * k).parse().expect("valid address");
+    let port = |base: u16| {
+        format!("127.0.0.1:{}", base + 10 * k)
+            .parse()
+            .expect("valid address")
+    };
     Config {
         node_id: u64::from(k) + 1,
-        data_dir: if n == 1 { data_dir.to_path_buf() } else { data_dir.join(format!("node-{k}")) },
+        data_dir: if n == 1 {
+            data_dir.to_path_buf()
+        } else {
+            data_dir.join(format!("node-{k}"))
+        },
         listen_api: port(7450),
         listen_grpc: port(7451),
         listen_admin: port(7452),
-        seeds: if k == 0 { Vec::new() } else { vec!["127.0.0.1:7451".into()] },
+        seeds: if k == 0 {
+            Vec::new()
+        } else {
+            vec!["127.0.0.1:7451".into()]
+        },
         replication_factor: usize::from(n.min(3)),
         fsync: FsyncSetting::Always,
         ..Config::default()
@@ -45,13 +57,20 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         let c = node_config(k, args.nodes, &args.data_dir);
         let mut cmd = tokio::process::Command::new(&exe);
         cmd.arg("server")
-            .arg("--node-id").arg(c.node_id.to_string())
-            .arg("--data-dir").arg(&c.data_dir)
-            .arg("--listen-api").arg(c.listen_api.to_string())
-            .arg("--listen-grpc").arg(c.listen_grpc.to_string())
-            .arg("--listen-admin").arg(c.listen_admin.to_string())
-            .arg("--replication-factor").arg(c.replication_factor.to_string())
-            .arg("--seeds").arg(c.seeds.join(","))
+            .arg("--node-id")
+            .arg(c.node_id.to_string())
+            .arg("--data-dir")
+            .arg(&c.data_dir)
+            .arg("--listen-api")
+            .arg(c.listen_api.to_string())
+            .arg("--listen-grpc")
+            .arg(c.listen_grpc.to_string())
+            .arg("--listen-admin")
+            .arg(c.listen_admin.to_string())
+            .arg("--replication-factor")
+            .arg(c.replication_factor.to_string())
+            .arg("--seeds")
+            .arg(c.seeds.join(","))
             .stdin(Stdio::null())
             .kill_on_drop(true);
         children.push(cmd.spawn()?);
@@ -60,12 +79,18 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             c.node_id, c.listen_api, c.listen_grpc, c.listen_admin
         );
     }
-    println!("kinesin dev: {} nodes running; Ctrl-C stops them all", args.nodes);
+    println!(
+        "kinesin dev: {} nodes running; Ctrl-C stops them all",
+        args.nodes
+    );
     tokio::signal::ctrl_c().await?;
     for child in &mut children {
         if let Some(pid) = child.id() {
             // SIGTERM lets each node hand over leadership and stop cleanly.
-            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
         }
     }
     for child in &mut children {

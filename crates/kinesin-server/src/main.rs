@@ -15,7 +15,11 @@ use kinesin_raft::{NoFilter, TimingProfile};
 use kinesin_server::{shard_timing, Config, FsyncSetting, Node};
 
 #[derive(Parser)]
-#[command(name = "kinesin", version, about = "Kinesin: a Raft-replicated streaming platform that speaks AWS protocols")]
+#[command(
+    name = "kinesin",
+    version,
+    about = "Kinesin: a Raft-replicated streaming platform that speaks AWS protocols"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -91,7 +95,17 @@ impl ServerArgs {
         macro_rules! set {
             ($($field:ident),*) => { $( if let Some(v) = self.$field { c.$field = v; } )* };
         }
-        set!(node_id, data_dir, listen_api, listen_grpc, listen_admin, zone, replication_factor, fsync, repair_after_secs);
+        set!(
+            node_id,
+            data_dir,
+            listen_api,
+            listen_grpc,
+            listen_admin,
+            zone,
+            replication_factor,
+            fsync,
+            repair_after_secs
+        );
         if let Some(seeds) = self.seeds {
             c.seeds = seeds.into_iter().filter(|s| !s.is_empty()).collect();
         }
@@ -107,15 +121,24 @@ impl ServerArgs {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KINESIN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,h2=warn,tower=warn,hyper=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KINESIN_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,openraft=warn,h2=warn,tower=warn,hyper=warn")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
 }
 
 /// Runs one node until SIGTERM or Ctrl-C, then hands leadership away and stops.
 pub async fn run_server(config: Config) -> anyhow::Result<()> {
     kinesin_server::admin::prometheus();
-    let node = Node::start(config.clone(), Arc::new(NoFilter), (TimingProfile::meta(), shard_timing(&config))).await?;
+    let node = Node::start(
+        config.clone(),
+        Arc::new(NoFilter),
+        (TimingProfile::meta(), shard_timing(&config)),
+    )
+    .await?;
     println!(
         "kinesin node {} ready to join traffic\n  AWS API   http://{}\n  gRPC      {}\n  admin     http://{}/metrics\n  data      {}",
         config.node_id,

@@ -46,14 +46,20 @@ pub struct Node {
 
 fn load_identity(storage: &Storage) -> anyhow::Result<Option<Identity>> {
     match storage.get(Cf::Node, IDENTITY_KEY)? {
-        Some(v) => Ok(Some(serde_json::from_slice(&v).context("corrupt node identity")?)),
+        Some(v) => Ok(Some(
+            serde_json::from_slice(&v).context("corrupt node identity")?,
+        )),
         None => Ok(None),
     }
 }
 
 fn save_identity(storage: &Storage, identity: &Identity) -> anyhow::Result<()> {
     let mut batch = WriteBatch::default();
-    batch.put_cf(storage.cf(Cf::Node), IDENTITY_KEY, serde_json::to_vec(identity)?);
+    batch.put_cf(
+        storage.cf(Cf::Node),
+        IDENTITY_KEY,
+        serde_json::to_vec(identity)?,
+    );
     storage.write_durable(batch)?;
     Ok(())
 }
@@ -69,10 +75,15 @@ pub fn shard_timing(config: &Config) -> TimingProfile {
 
 impl Node {
     /// Opens the data directory, starts the servers, and bootstraps or joins.
-    pub async fn start(mut config: Config, filter: Arc<dyn TransportFilter>, timing: (TimingProfile, TimingProfile)) -> anyhow::Result<Node> {
+    pub async fn start(
+        mut config: Config,
+        filter: Arc<dyn TransportFilter>,
+        timing: (TimingProfile, TimingProfile),
+    ) -> anyhow::Result<Node> {
         config.validate()?;
-        std::fs::create_dir_all(&config.data_dir)
-            .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+        std::fs::create_dir_all(&config.data_dir).with_context(|| {
+            format!("cannot create data directory {}", config.data_dir.display())
+        })?;
         let policy = match config.fsync {
             FsyncSetting::Always => FsyncPolicy::Always,
             FsyncSetting::NeverUnsafe => FsyncPolicy::NeverUnsafe,
@@ -95,7 +106,8 @@ impl Node {
         let host = RaftHost::new(node_id, storage.clone(), filter);
         let meta = Arc::new(MetaStateMachine::open(storage.clone())?);
         let (meta_timing, shard_timing) = timing;
-        host.start_group(GroupId::META, meta.clone(), &meta_timing).await?;
+        host.start_group(GroupId::META, meta.clone(), &meta_timing)
+            .await?;
         let shards = Arc::new(LocalShards::default());
         let router = Arc::new(Router::new(
             host.clone(),
@@ -113,10 +125,23 @@ impl Node {
         let grpc_listener = bind(&mut config.listen_grpc, "grpc").await?;
         let admin_listener = bind(&mut config.listen_admin, "admin").await?;
         let api_listener = bind(&mut config.listen_api, "api").await?;
-        tasks.push(tokio::spawn(serve_grpc(grpc_listener, host.clone(), router.clone(), stop_rx.clone())));
+        tasks.push(tokio::spawn(serve_grpc(
+            grpc_listener,
+            host.clone(),
+            router.clone(),
+            stop_rx.clone(),
+        )));
         let joined = Arc::new(AtomicBool::new(identity.is_some()));
-        tasks.push(tokio::spawn(admin::serve(admin_listener, router.clone(), joined.clone(), stop_rx.clone())));
-        tasks.push(tokio::spawn(admin::serve_api_placeholder(api_listener, stop_rx.clone())));
+        tasks.push(tokio::spawn(admin::serve(
+            admin_listener,
+            router.clone(),
+            joined.clone(),
+            stop_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(admin::serve_api_placeholder(
+            api_listener,
+            stop_rx.clone(),
+        )));
 
         let node = Node {
             config,
@@ -144,8 +169,12 @@ impl Node {
             storage: node.storage.clone(),
             shard_timing,
         };
-        node.tasks.push(tokio::spawn(reconcile::run_reconciler(ctx.clone(), stop_rx.clone())));
-        node.tasks.push(tokio::spawn(reconcile::run_controller(ctx, stop_rx)));
+        node.tasks.push(tokio::spawn(reconcile::run_reconciler(
+            ctx.clone(),
+            stop_rx.clone(),
+        )));
+        node.tasks
+            .push(tokio::spawn(reconcile::run_controller(ctx, stop_rx)));
         Ok(node)
     }
 
@@ -163,15 +192,30 @@ impl Node {
         let cluster_id = format!("kc-{}", hex::encode(rand::random::<[u8; 8]>()));
         let me = NodeId(self.config.node_id);
         self.host
-            .initialize(GroupId::META, BTreeMap::from([(me, self.config.grpc_address())]))
+            .initialize(
+                GroupId::META,
+                BTreeMap::from([(me, self.config.grpc_address())]),
+            )
             .await?;
         self.host
             .wait_for_leader(GroupId::META, Duration::from_secs(30))
             .await
             .context("the new cluster's metadata group elected no leader")?;
-        self.router.meta_write(MetaCommand::Bootstrap { cluster_id: cluster_id.clone() }).await?;
-        self.router.meta_write(MetaCommand::RegisterNode(self.self_info())).await?;
-        save_identity(&self.storage, &Identity { cluster_id: cluster_id.clone(), node_id: me.0 })?;
+        self.router
+            .meta_write(MetaCommand::Bootstrap {
+                cluster_id: cluster_id.clone(),
+            })
+            .await?;
+        self.router
+            .meta_write(MetaCommand::RegisterNode(self.self_info()))
+            .await?;
+        save_identity(
+            &self.storage,
+            &Identity {
+                cluster_id: cluster_id.clone(),
+                node_id: me.0,
+            },
+        )?;
         self.joined.store(true, Ordering::SeqCst);
         tracing::info!(%cluster_id, node = me.0, "bootstrapped a new cluster");
         Ok(())
@@ -194,7 +238,13 @@ impl Node {
                 };
                 match join_via(seed, request).await {
                     Ok(cluster_id) => {
-                        save_identity(&self.storage, &Identity { cluster_id: cluster_id.clone(), node_id: me.id.0 })?;
+                        save_identity(
+                            &self.storage,
+                            &Identity {
+                                cluster_id: cluster_id.clone(),
+                                node_id: me.id.0,
+                            },
+                        )?;
                         self.joined.store(true, Ordering::SeqCst);
                         tracing::info!(%cluster_id, %seed, "joined the cluster");
                         return Ok(());
@@ -204,7 +254,10 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        bail!("could not join through seeds {:?}: {last_error}", self.config.seeds)
+        bail!(
+            "could not join through seeds {:?}: {last_error}",
+            self.config.seeds
+        )
     }
 
     /// On restart: refuse to serve a cluster other than the one the data
@@ -214,7 +267,12 @@ impl Node {
             if seed == &self.config.grpc_address() {
                 continue;
             }
-            if let Ok(Ok(mut client)) = tokio::time::timeout(Duration::from_secs(3), NodeClient::connect(format!("http://{seed}"))).await {
+            if let Ok(Ok(mut client)) = tokio::time::timeout(
+                Duration::from_secs(3),
+                NodeClient::connect(format!("http://{seed}")),
+            )
+            .await
+            {
                 if let Ok(info) = client.cluster_info(ClusterInfoRequest {}).await {
                     let theirs = info.into_inner().cluster_id;
                     if !theirs.is_empty() && theirs != identity.cluster_id {
@@ -246,11 +304,20 @@ impl Node {
     pub async fn hand_over_leadership(&self, budget: Duration) {
         let deadline = tokio::time::Instant::now() + budget;
         for group in self.host.group_ids() {
-            let Some(status) = self.host.status(group) else { continue };
+            let Some(status) = self.host.status(group) else {
+                continue;
+            };
             if status.role != "leader" {
                 continue;
             }
-            let Some(to) = status.voters.iter().find(|v| **v != self.node_id()).copied() else { continue };
+            let Some(to) = status
+                .voters
+                .iter()
+                .find(|v| **v != self.node_id())
+                .copied()
+            else {
+                continue;
+            };
             if self.host.transfer_leader(group, to).await.is_err() {
                 continue;
             }
@@ -267,7 +334,10 @@ impl Node {
         // Peers keep their Raft streams open, so a graceful server stop
         // would wait for them forever: give servers a moment, then abort.
         for mut task in self.tasks {
-            if tokio::time::timeout(Duration::from_secs(1), &mut task).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(1), &mut task)
+                .await
+                .is_err()
+            {
                 task.abort();
                 let _ = task.await;
             }
@@ -286,10 +356,13 @@ async fn bind(addr: &mut std::net::SocketAddr, what: &str) -> anyhow::Result<Tcp
 }
 
 async fn join_via(seed: &str, request: JoinRequest) -> Result<String, String> {
-    let mut client = tokio::time::timeout(Duration::from_secs(3), NodeClient::connect(format!("http://{seed}")))
-        .await
-        .map_err(|_| "connect timed out".to_string())?
-        .map_err(|e| e.to_string())?;
+    let mut client = tokio::time::timeout(
+        Duration::from_secs(3),
+        NodeClient::connect(format!("http://{seed}")),
+    )
+    .await
+    .map_err(|_| "connect timed out".to_string())?
+    .map_err(|e| e.to_string())?;
     let response = tokio::time::timeout(Duration::from_secs(15), client.join(request))
         .await
         .map_err(|_| "join timed out".to_string())?
@@ -297,7 +370,12 @@ async fn join_via(seed: &str, request: JoinRequest) -> Result<String, String> {
     Ok(response.into_inner().cluster_id)
 }
 
-async fn serve_grpc(listener: TcpListener, host: RaftHost, router: Arc<Router>, mut stop: watch::Receiver<bool>) {
+async fn serve_grpc(
+    listener: TcpListener,
+    host: RaftHost,
+    router: Arc<Router>,
+    mut stop: watch::Receiver<bool>,
+) {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let result = tonic::transport::Server::builder()
         .tcp_nodelay(true)

@@ -96,7 +96,9 @@ async fn reconcile_once(ctx: &Context, state: &MetaState, busy: &Arc<Mutex<Busy>
     }
 
     for (group, (stream, shard)) in &wanted {
-        let Some(status) = ctx.host.status(*group) else { continue };
+        let Some(status) = ctx.host.status(*group) else {
+            continue;
+        };
         if status.role != "leader" {
             continue;
         }
@@ -107,17 +109,41 @@ async fn reconcile_once(ctx: &Context, state: &MetaState, busy: &Arc<Mutex<Busy>
         }
         let preferred = shard.replicas[0];
         let preferred_ok = preferred != me
-            && state.nodes.get(&preferred).is_some_and(|n| n.state == NodeState::Active)
-            && status.follower_matched.get(&preferred).copied().unwrap_or(0) + 2 >= status.last_log_index
-            && status.follower_ack_age_ms.get(&preferred).copied().flatten().is_some_and(|ms| ms < 2_000);
-        let me_draining = state.nodes.get(&me).is_some_and(|n| n.state != NodeState::Active);
+            && state
+                .nodes
+                .get(&preferred)
+                .is_some_and(|n| n.state == NodeState::Active)
+            && status
+                .follower_matched
+                .get(&preferred)
+                .copied()
+                .unwrap_or(0)
+                + 2
+                >= status.last_log_index
+            && status
+                .follower_ack_age_ms
+                .get(&preferred)
+                .copied()
+                .flatten()
+                .is_some_and(|ms| ms < 2_000);
+        let me_draining = state
+            .nodes
+            .get(&me)
+            .is_some_and(|n| n.state != NodeState::Active);
         let action = {
             let mut b = busy.lock().expect("busy lock");
-            let recently = b.last_transfer.get(group).is_some_and(|t| t.elapsed() < TRANSFER_EVERY);
+            let recently = b
+                .last_transfer
+                .get(group)
+                .is_some_and(|t| t.elapsed() < TRANSFER_EVERY);
             if (preferred_ok || me_draining) && !recently {
                 b.last_transfer.insert(*group, Instant::now());
                 LeaderAction::Transfer
-            } else if b.last_trim.get(group).is_none_or(|t| t.elapsed() >= TRIM_EVERY) {
+            } else if b
+                .last_trim
+                .get(group)
+                .is_none_or(|t| t.elapsed() >= TRIM_EVERY)
+            {
                 b.last_trim.insert(*group, Instant::now());
                 LeaderAction::Trim
             } else {
@@ -127,7 +153,11 @@ async fn reconcile_once(ctx: &Context, state: &MetaState, busy: &Arc<Mutex<Busy>
         match action {
             LeaderAction::Nothing => continue,
             LeaderAction::Transfer => {
-                let to = if preferred_ok { Some(preferred) } else { status.voters.iter().find(|v| **v != me).copied() };
+                let to = if preferred_ok {
+                    Some(preferred)
+                } else {
+                    status.voters.iter().find(|v| **v != me).copied()
+                };
                 if let Some(to) = to {
                     tracing::info!(%group, to = to.0, "handing leadership to the preferred leader");
                     let _ = ctx.host.transfer_leader(*group, to).await;
@@ -142,7 +172,9 @@ async fn reconcile_once(ctx: &Context, state: &MetaState, busy: &Arc<Mutex<Busy>
             let host = ctx.host.clone();
             let group = *group;
             tokio::spawn(async move {
-                let _ = host.propose(group, ShardCommand::Trim { before_ms }.encode()).await;
+                let _ = host
+                    .propose(group, ShardCommand::Trim { before_ms }.encode())
+                    .await;
             });
         }
     }
@@ -162,7 +194,9 @@ async fn start_replica(ctx: &Context, state: &MetaState, shard: &ShardInfo) -> a
         shard.generation,
     )?);
     ctx.shards.insert(shard.group, sm.clone());
-    ctx.host.start_group(shard.group, sm, &ctx.shard_timing).await?;
+    ctx.host
+        .start_group(shard.group, sm, &ctx.shard_timing)
+        .await?;
     // The preferred leader makes the first membership; everyone else waits
     // to be contacted. Initializing is a no-op on a group with history. It
     // runs in the background: it completes only once the other replicas
@@ -191,7 +225,13 @@ fn addresses(state: &MetaState, nodes: &[NodeId]) -> BTreeMap<NodeId, String> {
 
 /// Adds missing replicas as learners, waits for them to catch up, then
 /// makes the assigned replicas the voters. Runs in the background.
-fn align_membership(ctx: &Context, state: &MetaState, group: GroupId, desired: BTreeSet<NodeId>, busy: Arc<Mutex<Busy>>) {
+fn align_membership(
+    ctx: &Context,
+    state: &MetaState,
+    group: GroupId,
+    desired: BTreeSet<NodeId>,
+    busy: Arc<Mutex<Busy>>,
+) {
     if !busy.lock().expect("busy lock").membership.insert(group) {
         return;
     }
@@ -200,15 +240,23 @@ fn align_membership(ctx: &Context, state: &MetaState, group: GroupId, desired: B
     let members = addresses(state, &wanted);
     tokio::spawn(async move {
         let result: Result<(), kinesin_raft::RaftHostError> = async {
-            let status = host.status(group).ok_or(kinesin_raft::RaftHostError::NoSuchGroup(group))?;
+            let status = host
+                .status(group)
+                .ok_or(kinesin_raft::RaftHostError::NoSuchGroup(group))?;
             for (node, addr) in &members {
                 if !status.voters.contains(node) && !status.learners.contains(node) {
                     host.add_learner(group, *node, addr.clone(), true).await?;
                 }
             }
             host.change_voters(group, desired.clone(), false).await?;
-            let status = host.status(group).ok_or(kinesin_raft::RaftHostError::NoSuchGroup(group))?;
-            let stale: BTreeSet<NodeId> = status.learners.into_iter().filter(|l| !desired.contains(l)).collect();
+            let status = host
+                .status(group)
+                .ok_or(kinesin_raft::RaftHostError::NoSuchGroup(group))?;
+            let stale: BTreeSet<NodeId> = status
+                .learners
+                .into_iter()
+                .filter(|l| !desired.contains(l))
+                .collect();
             if !stale.is_empty() {
                 host.remove_learners(group, stale).await?;
             }
@@ -216,7 +264,9 @@ fn align_membership(ctx: &Context, state: &MetaState, group: GroupId, desired: B
         }
         .await;
         match result {
-            Ok(()) => tracing::info!(%group, voters = ?desired, "membership matches the assignment"),
+            Ok(()) => {
+                tracing::info!(%group, voters = ?desired, "membership matches the assignment")
+            }
             Err(e) => tracing::warn!(%group, error = %e, "membership change failed; will retry"),
         }
         busy.lock().expect("busy lock").membership.remove(&group);
@@ -238,16 +288,29 @@ pub(crate) async fn run_controller(ctx: Context, mut stop: watch::Receiver<bool>
         if let Err(e) = balance_meta_voters(&ctx, &state).await {
             tracing::warn!(error = %e, "cannot adjust metadata voters");
         }
-        let Some(status) = ctx.host.status(GroupId::META) else { continue };
+        let Some(status) = ctx.host.status(GroupId::META) else {
+            continue;
+        };
         let me = ctx.host.node_id();
         let repair_after = Duration::from_secs(ctx.config.repair_after_secs);
         let mut dead: BTreeSet<NodeId> = BTreeSet::new();
-        for node in state.nodes.values().filter(|n| n.state == NodeState::Active && n.id != me) {
-            let fresh = status.follower_ack_age_ms.get(&node.id).copied().flatten().is_some_and(|ms| ms < 3_000);
+        for node in state
+            .nodes
+            .values()
+            .filter(|n| n.state == NodeState::Active && n.id != me)
+        {
+            let fresh = status
+                .follower_ack_age_ms
+                .get(&node.id)
+                .copied()
+                .flatten()
+                .is_some_and(|ms| ms < 3_000);
             if fresh {
                 unreachable_since.remove(&node.id);
             } else {
-                let since = *unreachable_since.entry(node.id).or_insert_with(Instant::now);
+                let since = *unreachable_since
+                    .entry(node.id)
+                    .or_insert_with(Instant::now);
                 if since.elapsed() >= repair_after {
                     dead.insert(node.id);
                 }
@@ -268,10 +331,20 @@ pub(crate) async fn run_controller(ctx: Context, mut stop: watch::Receiver<bool>
 
 /// Keeps min(3, nodes) voters in the metadata group; the others are learners
 /// that still receive the map.
-async fn balance_meta_voters(ctx: &Context, state: &MetaState) -> Result<(), kinesin_raft::RaftHostError> {
-    let Some(status) = ctx.host.status(GroupId::META) else { return Ok(()) };
+async fn balance_meta_voters(
+    ctx: &Context,
+    state: &MetaState,
+) -> Result<(), kinesin_raft::RaftHostError> {
+    let Some(status) = ctx.host.status(GroupId::META) else {
+        return Ok(());
+    };
     let active: BTreeSet<NodeId> = state.active_nodes().map(|n| n.id).collect();
-    let mut voters: BTreeSet<NodeId> = status.voters.iter().filter(|v| active.contains(v)).copied().collect();
+    let mut voters: BTreeSet<NodeId> = status
+        .voters
+        .iter()
+        .filter(|v| active.contains(v))
+        .copied()
+        .collect();
     let target = active.len().min(3);
     if voters.len() >= target && voters == status.voters {
         return Ok(());
@@ -280,7 +353,8 @@ async fn balance_meta_voters(ctx: &Context, state: &MetaState) -> Result<(), kin
         if voters.len() >= target {
             break;
         }
-        let caught_up = status.follower_matched.get(learner).copied().unwrap_or(0) + 10 >= status.last_log_index;
+        let caught_up = status.follower_matched.get(learner).copied().unwrap_or(0) + 10
+            >= status.last_log_index;
         if active.contains(learner) && caught_up {
             voters.insert(*learner);
         }
@@ -293,7 +367,11 @@ async fn balance_meta_voters(ctx: &Context, state: &MetaState) -> Result<(), kin
 }
 
 /// Replaces replicas on excluded nodes (dead or leaving) with new ones.
-async fn repair_replicas(ctx: &Context, state: &MetaState, exclude: &BTreeSet<NodeId>) -> Result<(), kinesin_router::RouterError> {
+async fn repair_replicas(
+    ctx: &Context,
+    state: &MetaState,
+    exclude: &BTreeSet<NodeId>,
+) -> Result<(), kinesin_router::RouterError> {
     if exclude.is_empty() {
         return Ok(());
     }
@@ -302,11 +380,22 @@ async fn repair_replicas(ctx: &Context, state: &MetaState, exclude: &BTreeSet<No
         if !shard.replicas.iter().any(|r| exclude.contains(r)) {
             continue;
         }
-        let keep: Vec<NodeId> = shard.replicas.iter().filter(|r| !exclude.contains(r)).copied().collect();
+        let keep: Vec<NodeId> = shard
+            .replicas
+            .iter()
+            .filter(|r| !exclude.contains(r))
+            .copied()
+            .collect();
         let mut avoid: BTreeSet<NodeId> = exclude.clone();
         avoid.extend(keep.iter().copied());
         let missing = shard.replicas.len() - keep.len();
-        let added = place_replicas(state, &format!("{stream}/{}", shard.shard_id.0), missing, &avoid, &mut load);
+        let added = place_replicas(
+            state,
+            &format!("{stream}/{}", shard.shard_id.0),
+            missing,
+            &avoid,
+            &mut load,
+        );
         let mut replicas = keep;
         replicas.extend(added);
         if replicas.is_empty() || replicas == shard.replicas {

@@ -24,7 +24,10 @@ pub struct StoredRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ShardCommand {
     /// Appends records; `arrival_ms` is the leader's clock when it proposed.
-    Append { arrival_ms: u64, records: Vec<NewRecord> },
+    Append {
+        arrival_ms: u64,
+        records: Vec<NewRecord>,
+    },
     /// Closes the shard for writes (a reshard made it a parent).
     Seal,
     /// Drops records that arrived before `before_ms` (retention).
@@ -45,9 +48,16 @@ impl ShardCommand {
 pub enum ShardReply {
     /// The records got `first`, `first + 1`, … in request order (the
     /// position field of the sequence number counts them).
-    Appended { first: u128, count: u32 },
-    Sealed { ending: Option<u128> },
-    Trimmed { horizon: u128 },
+    Appended {
+        first: u128,
+        count: u32,
+    },
+    Sealed {
+        ending: Option<u128>,
+    },
+    Trimmed {
+        horizon: u128,
+    },
     Rejected(ShardRejection),
 }
 

@@ -60,21 +60,35 @@ impl ShardStateMachine {
 
     /// Reads up to `limit` records and about `max_bytes` (at least one
     /// record) starting at `from`.
-    pub fn read(&self, from: SequenceNumber, limit: usize, max_bytes: usize, now_ms: u64) -> Result<ReadBatch, ShardError> {
+    pub fn read(
+        &self,
+        from: SequenceNumber,
+        limit: usize,
+        max_bytes: usize,
+        now_ms: u64,
+    ) -> Result<ReadBatch, ShardError> {
         let stats = self.stats();
         let start = from.0.max(stats.trim_horizon);
         let tip = self.next_sequence(&stats);
         let (_, group_end) = keys::group_bounds(self.group);
         // Never return records beyond what is published (applied and written).
         let upper = keys::record_key(self.group, tip);
-        let to = if upper.as_slice() < group_end.as_slice() { upper.to_vec() } else { group_end };
+        let to = if upper.as_slice() < group_end.as_slice() {
+            upper.to_vec()
+        } else {
+            group_end
+        };
         let mut records = Vec::new();
         let mut bytes = 0usize;
         let mut next = SequenceNumber(start);
         let mut behind = 0;
-        for kv in self.storage.scan(Cf::Records, &keys::record_key(self.group, start), &to) {
+        for kv in self
+            .storage
+            .scan(Cf::Records, &keys::record_key(self.group, start), &to)
+        {
             let (k, v) = kv?;
-            let record: StoredRecord = postcard::from_bytes(&v).map_err(|e| ShardError::Corrupt(e.to_string()))?;
+            let record: StoredRecord =
+                postcard::from_bytes(&v).map_err(|e| ShardError::Corrupt(e.to_string()))?;
             let seq = SequenceNumber(keys::record_seq_of(&k));
             let size = record.data.len() + record.partition_key.len();
             if records.len() >= limit || (!records.is_empty() && bytes + size > max_bytes) {
@@ -122,7 +136,14 @@ mod tests {
                 data: vec![i as u8; 10],
             })
             .collect();
-        apply(sm, index, ShardCommand::Append { arrival_ms: at, records })
+        apply(
+            sm,
+            index,
+            ShardCommand::Append {
+                arrival_ms: at,
+                records,
+            },
+        )
     }
 
     #[test]
@@ -130,7 +151,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path(), FsyncPolicy::NeverUnsafe).unwrap();
         let sm = ShardStateMachine::open(storage, 9, ShardId(3), 1).unwrap();
-        let ShardReply::Appended { first, count } = append(&sm, 5, 1000, 3) else { panic!() };
+        let ShardReply::Appended { first, count } = append(&sm, 5, 1000, 3) else {
+            panic!()
+        };
         assert_eq!(count, 3);
         assert_eq!(SequenceNumber(first).log_index(), 5);
         append(&sm, 7, 900, 2);
@@ -165,15 +188,26 @@ mod tests {
         append(&sm, 3, 300, 2);
         let at = sm.resolve(ReadStart::AtTimestamp(150)).unwrap();
         assert_eq!(at.log_index(), 2);
-        let ShardReply::Trimmed { horizon } = apply(&sm, 4, ShardCommand::Trim { before_ms: 250 }) else { panic!() };
+        let ShardReply::Trimmed { horizon } = apply(&sm, 4, ShardCommand::Trim { before_ms: 250 })
+        else {
+            panic!()
+        };
         assert_eq!(SequenceNumber(horizon).log_index(), 3);
-        let all = sm.read(sm.resolve(ReadStart::TrimHorizon).unwrap(), 100, 1 << 20, 0).unwrap();
+        let all = sm
+            .read(sm.resolve(ReadStart::TrimHorizon).unwrap(), 100, 1 << 20, 0)
+            .unwrap();
         assert_eq!(all.records.len(), 2);
         // Reading at a trimmed number starts at the horizon instead.
         let old = SequenceNumber::new(0, ShardId(0), 1, 0);
         assert_eq!(sm.resolve(ReadStart::At(old)).unwrap().0, horizon);
-        assert!(matches!(apply(&sm, 5, ShardCommand::Seal), ShardReply::Sealed { .. }));
-        assert_eq!(append(&sm, 6, 400, 1), ShardReply::Rejected(crate::command::ShardRejection::Sealed));
+        assert!(matches!(
+            apply(&sm, 5, ShardCommand::Seal),
+            ShardReply::Sealed { .. }
+        ));
+        assert_eq!(
+            append(&sm, 6, 400, 1),
+            ShardReply::Rejected(crate::command::ShardRejection::Sealed)
+        );
         let end = sm.read(all.next, 100, 1 << 20, 0).unwrap();
         assert!(end.records.is_empty() && end.sealed_and_drained);
         // A number from another shard is refused.

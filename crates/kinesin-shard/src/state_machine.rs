@@ -40,7 +40,8 @@ pub struct ShardStateMachine {
 impl ShardStateMachine {
     pub fn open(storage: Storage, group: u64, shard: ShardId, generation: u32) -> io::Result<Self> {
         let stats = match storage.get(Cf::StateMachine, &keys::named_key(group, STATE_KEY))? {
-            Some(v) => postcard::from_bytes(&v).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?,
+            Some(v) => postcard::from_bytes(&v)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?,
             None => ShardStats {
                 trim_horizon: SequenceNumber::first_of(generation, shard).0,
                 ..Default::default()
@@ -68,9 +69,18 @@ impl ShardStateMachine {
         self.generation
     }
 
-    fn apply_command(&self, index: u64, command: ShardCommand, stats: &mut ShardStats, batch: &mut WriteBatch) -> ShardReply {
+    fn apply_command(
+        &self,
+        index: u64,
+        command: ShardCommand,
+        stats: &mut ShardStats,
+        batch: &mut WriteBatch,
+    ) -> ShardReply {
         match command {
-            ShardCommand::Append { arrival_ms, records } => {
+            ShardCommand::Append {
+                arrival_ms,
+                records,
+            } => {
                 if stats.sealed {
                     return ShardReply::Rejected(ShardRejection::Sealed);
                 }
@@ -84,14 +94,16 @@ impl ShardStateMachine {
                 let records_cf = self.storage.cf(Cf::Records);
                 let count = records.len() as u32;
                 for (position, record) in records.into_iter().enumerate() {
-                    let seq = SequenceNumber::new(self.generation, self.shard, index, position as u16);
+                    let seq =
+                        SequenceNumber::new(self.generation, self.shard, index, position as u16);
                     stats.appended_bytes += (record.data.len() + record.partition_key.len()) as u64;
                     let stored = StoredRecord {
                         partition_key: record.partition_key,
                         data: record.data,
                         arrival_ms,
                     };
-                    let value = postcard::to_stdvec(&stored).expect("encoding to a Vec cannot fail");
+                    let value =
+                        postcard::to_stdvec(&stored).expect("encoding to a Vec cannot fail");
                     batch.put_cf(records_cf, keys::record_key(self.group, seq.0), value);
                     stats.last_sequence = Some(seq.0);
                 }
@@ -102,7 +114,10 @@ impl ShardStateMachine {
                 );
                 stats.appended_records += u64::from(count);
                 stats.last_arrival_ms = arrival_ms;
-                ShardReply::Appended { first: first.0, count }
+                ShardReply::Appended {
+                    first: first.0,
+                    count,
+                }
             }
             ShardCommand::Seal => {
                 stats.sealed = true;
@@ -114,7 +129,11 @@ impl ShardStateMachine {
                 let horizon = self.first_sequence_at_or_after(before_ms, stats);
                 if horizon > stats.trim_horizon {
                     let (from, _) = keys::group_bounds(self.group);
-                    batch.delete_range_cf(self.storage.cf(Cf::Records), &from[..], &keys::record_key(self.group, horizon)[..]);
+                    batch.delete_range_cf(
+                        self.storage.cf(Cf::Records),
+                        &from[..],
+                        &keys::record_key(self.group, horizon)[..],
+                    );
                     batch.delete_range_cf(
                         self.storage.cf(Cf::RecordTime),
                         &from[..],
@@ -174,8 +193,13 @@ impl GroupStateMachine for ShardStateMachine {
     }
 
     fn restore(&self, state: &[u8], batch: &mut WriteBatch) -> io::Result<()> {
-        let stats: ShardStats = postcard::from_bytes(state).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        batch.put_cf(self.storage.cf(Cf::StateMachine), keys::named_key(self.group, STATE_KEY), state);
+        let stats: ShardStats = postcard::from_bytes(state)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        batch.put_cf(
+            self.storage.cf(Cf::StateMachine),
+            keys::named_key(self.group, STATE_KEY),
+            state,
+        );
         *self.working.lock().expect("working lock") = stats;
         Ok(())
     }

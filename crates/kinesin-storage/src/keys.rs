@@ -78,11 +78,21 @@ mod tests {
 
     #[test]
     fn log_keys_sort_by_group_then_index() {
-        let mut keys = vec![log_key(2, 1), log_key(1, 300), log_key(1, 2), log_key(1, 256)];
+        let mut keys = vec![
+            log_key(2, 1),
+            log_key(1, 300),
+            log_key(1, 2),
+            log_key(1, 256),
+        ];
         keys.sort();
         assert_eq!(
             keys,
-            vec![log_key(1, 2), log_key(1, 256), log_key(1, 300), log_key(2, 1)]
+            vec![
+                log_key(1, 2),
+                log_key(1, 256),
+                log_key(1, 300),
+                log_key(2, 1)
+            ]
         );
         assert_eq!(log_index_of(&log_key(9, 12345)), 12345);
     }

@@ -8,11 +8,11 @@ mod syncer;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteOptions, DB};
+pub use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
 
-pub use syncer::{FsyncPolicy, SyncCallback};
 use syncer::Syncer;
+pub use syncer::{FsyncPolicy, SyncCallback};
 
 /// Column families. Every key in them starts with the group id (see [`keys`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +72,9 @@ impl From<StorageError> for std::io::Error {
         std::io::Error::other(e)
     }
 }
+
+/// A key and its value, as iteration yields them.
+pub type KeyValue = (Box<[u8]>, Box<[u8]>);
 
 /// The node's RocksDB instance. Cheap to clone.
 #[derive(Clone)]
@@ -142,7 +145,11 @@ impl Storage {
 
     /// Writes now and calls `done` once the WAL holding the write is on disk.
     /// Callbacks queued while a sync runs share the next one (group commit).
-    pub fn write_then_sync(&self, batch: WriteBatch, done: SyncCallback) -> Result<(), StorageError> {
+    pub fn write_then_sync(
+        &self,
+        batch: WriteBatch,
+        done: SyncCallback,
+    ) -> Result<(), StorageError> {
         self.write(batch)?;
         self.inner.syncer.enqueue(done);
         Ok(())
@@ -162,12 +169,16 @@ impl Storage {
         cf: Cf,
         from: &[u8],
         to: &[u8],
-    ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), StorageError>> + '_ {
+    ) -> impl Iterator<Item = Result<KeyValue, StorageError>> + '_ {
         let mut opts = ReadOptions::default();
         opts.set_iterate_upper_bound(to.to_vec());
         self.inner
             .db
-            .iterator_cf_opt(self.cf(cf), opts, IteratorMode::From(from, Direction::Forward))
+            .iterator_cf_opt(
+                self.cf(cf),
+                opts,
+                IteratorMode::From(from, Direction::Forward),
+            )
             .map(|r| r.map_err(StorageError::from))
     }
 
@@ -177,7 +188,7 @@ impl Storage {
         cf: Cf,
         from: &[u8],
         to: &[u8],
-    ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), StorageError>> + '_ {
+    ) -> impl Iterator<Item = Result<KeyValue, StorageError>> + '_ {
         let mut opts = ReadOptions::default();
         opts.set_iterate_lower_bound(from.to_vec());
         opts.set_iterate_upper_bound(to.to_vec());

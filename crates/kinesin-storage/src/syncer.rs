@@ -51,7 +51,11 @@ impl Syncer {
                 .spawn(move || run(db, shared))
                 .expect("spawn syncer thread")
         });
-        Syncer { policy, shared, thread }
+        Syncer {
+            policy,
+            shared,
+            thread,
+        }
     }
 
     pub(crate) fn policy(&self) -> FsyncPolicy {

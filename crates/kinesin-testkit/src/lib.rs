@@ -32,7 +32,10 @@ impl NetFilter {
 
     /// Delays every message from `from` to `to`.
     pub fn delay(&self, from: u64, to: u64, by: Duration) {
-        self.rules.lock().expect("rules lock").insert((from, to), FilterAction::Delay(by));
+        self.rules
+            .lock()
+            .expect("rules lock")
+            .insert((from, to), FilterAction::Delay(by));
     }
 
     pub fn heal(&self) {
@@ -155,15 +158,25 @@ impl TestCluster {
     }
 
     async fn launch(&self, config: Config) -> anyhow::Result<Node> {
-        Node::start(config, self.filter.clone(), (self.options.meta.clone(), self.options.shard.clone())).await
+        Node::start(
+            config,
+            self.filter.clone(),
+            (self.options.meta.clone(), self.options.shard.clone()),
+        )
+        .await
     }
 
     /// Waits until the metadata group has `count` voters and every live node
     /// has the same map.
     pub async fn wait_for_meta_voters(&self, count: usize) -> anyhow::Result<()> {
         wait_until("metadata voters", Duration::from_secs(60), || async {
-            let Some(leader) = self.live().find(|n| n.host.is_leader(GroupId::META)) else { return false };
-            let voters = leader.host.status(GroupId::META).map_or(0, |s| s.voters.len());
+            let Some(leader) = self.live().find(|n| n.host.is_leader(GroupId::META)) else {
+                return false;
+            };
+            let voters = leader
+                .host
+                .status(GroupId::META)
+                .map_or(0, |s| s.voters.len());
             let applied = leader.meta.state().applied_index;
             voters == count && self.live().all(|n| n.meta.state().applied_index >= applied)
         })
@@ -175,7 +188,9 @@ impl TestCluster {
     }
 
     pub fn node(&self, id: u64) -> &Node {
-        self.nodes[(id - 1) as usize].as_ref().expect("node is running")
+        self.nodes[(id - 1) as usize]
+            .as_ref()
+            .expect("node is running")
     }
 
     pub fn any_node(&self) -> &Node {
@@ -215,15 +230,20 @@ impl TestCluster {
     /// Creates a stream and waits until every shard group has a leader that
     /// every replica knows.
     pub async fn create_stream(&self, name: &str, shards: u32) -> anyhow::Result<()> {
-        self.any_node().router.create_stream(name, shards, 0, 0).await?;
+        self.any_node()
+            .router
+            .create_stream(name, shards, 0, 0)
+            .await?;
         wait_until("shard leaders", Duration::from_secs(60), || async {
             let state = self.any_node().meta.state();
-            let Some(stream) = state.streams.get(name) else { return false };
+            let Some(stream) = state.streams.get(name) else {
+                return false;
+            };
             stream.shards.iter().all(|s| {
                 s.replicas.iter().all(|r| {
-                    self.nodes[(r.0 - 1) as usize]
-                        .as_ref()
-                        .is_some_and(|n| n.host.status(s.group).is_some_and(|st| st.leader.is_some()))
+                    self.nodes[(r.0 - 1) as usize].as_ref().is_some_and(|n| {
+                        n.host.status(s.group).is_some_and(|st| st.leader.is_some())
+                    })
                 })
             })
         })
@@ -232,7 +252,9 @@ impl TestCluster {
 
     /// The node currently leading `group`, as the live replicas see it.
     pub fn leader_of(&self, group: GroupId) -> Option<NodeId> {
-        self.live().find(|n| n.host.is_leader(group)).map(|n| n.node_id())
+        self.live()
+            .find(|n| n.host.is_leader(group))
+            .map(|n| n.node_id())
     }
 
     pub fn live_ids(&self) -> BTreeSet<u64> {

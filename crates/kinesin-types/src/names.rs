@@ -80,7 +80,9 @@ impl FromStr for ShardId {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let digits = s.strip_prefix("shardId-").unwrap_or(s);
         if digits.is_empty() || digits.len() > 12 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(InvalidValue(format!("shard id {s:?} is not of the form shardId-NNNNNNNNNNNN")));
+            return Err(InvalidValue(format!(
+                "shard id {s:?} is not of the form shardId-NNNNNNNNNNNN"
+            )));
         }
         digits
             .parse::<u32>()
@@ -96,7 +98,10 @@ mod tests {
     #[test]
     fn shard_ids_round_trip_in_aws_form() {
         assert_eq!(ShardId(7).to_string(), "shardId-000000000007");
-        assert_eq!("shardId-000000000007".parse::<ShardId>().unwrap(), ShardId(7));
+        assert_eq!(
+            "shardId-000000000007".parse::<ShardId>().unwrap(),
+            ShardId(7)
+        );
         assert_eq!("12".parse::<ShardId>().unwrap(), ShardId(12));
         assert!("shardId-x".parse::<ShardId>().is_err());
         assert!("shardId-9999999999999".parse::<ShardId>().is_err());

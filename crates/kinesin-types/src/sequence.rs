@@ -27,7 +27,10 @@ pub struct SequenceNumber(pub u128);
 
 impl SequenceNumber {
     pub fn new(generation: u32, shard: ShardId, log_index: u64, position: u16) -> Self {
-        assert!(log_index <= MAX_LOG_INDEX, "log index {log_index} exceeds 48 bits");
+        assert!(
+            log_index <= MAX_LOG_INDEX,
+            "log index {log_index} exceeds 48 bits"
+        );
         SequenceNumber(
             (u128::from(generation) << 96)
                 | (u128::from(shard.0) << 64)

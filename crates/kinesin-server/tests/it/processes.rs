@@ -14,7 +14,11 @@ use kinesin_proto::v1::{self as pb};
 use tonic::transport::Channel;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Proc {
@@ -46,7 +50,12 @@ impl Proc {
             args.push("--seeds".into());
             args.push(seed.to_string());
         }
-        Proc { id, grpc, args, child: None }
+        Proc {
+            id,
+            grpc,
+            args,
+            child: None,
+        }
     }
 
     fn spawn(&mut self, dir: &Path) {
@@ -77,7 +86,9 @@ impl Drop for Proc {
 }
 
 async fn client(addr: &str) -> Option<NodeClient<Channel>> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok()?.connect_timeout(Duration::from_secs(1));
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .ok()?
+        .connect_timeout(Duration::from_secs(1));
     let channel = endpoint.connect().await.ok()?;
     Some(NodeClient::new(channel))
 }
@@ -92,14 +103,22 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 type Acked = Arc<Mutex<BTreeMap<(String, String), Vec<u8>>>>;
 
-fn spawn_writer(addr: String, writer: usize, acked: Acked, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
+fn spawn_writer(
+    addr: String,
+    writer: usize,
+    acked: Acked,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut batch = 0usize;
         while !stop.load(Ordering::SeqCst) {
@@ -117,7 +136,10 @@ fn spawn_writer(addr: String, writer: usize, acked: Acked, stop: Arc<AtomicBool>
                     .collect();
                 let sent: Vec<Vec<u8>> = records.iter().map(|r| r.data.to_vec()).collect();
                 batch += 1;
-                let req = pb::PutRecordsRequest { stream: "load".into(), records };
+                let req = pb::PutRecordsRequest {
+                    stream: "load".into(),
+                    records,
+                };
                 match tokio::time::timeout(Duration::from_secs(15), c.put_records(req)).await {
                     Ok(Ok(resp)) => {
                         let mut acked = acked.lock().unwrap();
@@ -173,21 +195,40 @@ async fn kill_nine_under_load_loses_no_acknowledged_record() {
         p.spawn(dir.path());
     }
 
-    eventually("the stream to be created", Duration::from_secs(90), || async {
-        let mut c = client(&seed).await?;
-        let req = pb::CreateStreamRequest { stream: "load".into(), shard_count: 4, replication_factor: 3, max_record_bytes: 0 };
-        match c.create_stream(req).await {
-            Ok(_) => Some(()),
-            Err(s) if s.code() == tonic::Code::AlreadyExists => Some(()),
-            Err(_) => None,
-        }
-    })
+    eventually(
+        "the stream to be created",
+        Duration::from_secs(90),
+        || async {
+            let mut c = client(&seed).await?;
+            let req = pb::CreateStreamRequest {
+                stream: "load".into(),
+                shard_count: 4,
+                replication_factor: 3,
+                max_record_bytes: 0,
+            };
+            match c.create_stream(req).await {
+                Ok(_) => Some(()),
+                Err(s) if s.code() == tonic::Code::AlreadyExists => Some(()),
+                Err(_) => None,
+            }
+        },
+    )
     .await;
-    let describe = eventually("three replicas per shard", Duration::from_secs(60), || async {
-        let mut c = client(&seed).await?;
-        let d = c.describe_stream(pb::DescribeStreamRequest { stream: "load".into() }).await.ok()?.into_inner();
-        d.shards.iter().all(|s| s.replicas.len() == 3).then_some(d)
-    })
+    let describe = eventually(
+        "three replicas per shard",
+        Duration::from_secs(60),
+        || async {
+            let mut c = client(&seed).await?;
+            let d = c
+                .describe_stream(pb::DescribeStreamRequest {
+                    stream: "load".into(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            d.shards.iter().all(|s| s.replicas.len() == 3).then_some(d)
+        },
+    )
     .await;
 
     let acked = Acked::default();
@@ -196,19 +237,26 @@ async fn kill_nine_under_load_loses_no_acknowledged_record() {
         .iter()
         .map(|&i| spawn_writer(procs[i - 1].grpc.clone(), i, acked.clone(), stop.clone()))
         .collect();
-    eventually("writes to flow", Duration::from_secs(60), || async { (acked.lock().unwrap().len() > 500).then_some(()) }).await;
+    eventually("writes to flow", Duration::from_secs(60), || async {
+        (acked.lock().unwrap().len() > 500).then_some(())
+    })
+    .await;
 
     procs[1].kill9();
     let at_kill = acked.lock().unwrap().len();
-    eventually("writes to continue after the kill", Duration::from_secs(60), || async {
-        (acked.lock().unwrap().len() > at_kill + 1000).then_some(())
-    })
+    eventually(
+        "writes to continue after the kill",
+        Duration::from_secs(60),
+        || async { (acked.lock().unwrap().len() > at_kill + 1000).then_some(()) },
+    )
     .await;
     procs[1].spawn(dir.path());
     let at_restart = acked.lock().unwrap().len();
-    eventually("writes after the restart", Duration::from_secs(60), || async {
-        (acked.lock().unwrap().len() > at_restart + 500).then_some(())
-    })
+    eventually(
+        "writes after the restart",
+        Duration::from_secs(60),
+        || async { (acked.lock().unwrap().len() > at_restart + 500).then_some(()) },
+    )
     .await;
     stop.store(true, Ordering::SeqCst);
     for w in writers {
@@ -220,28 +268,54 @@ async fn kill_nine_under_load_loses_no_acknowledged_record() {
     for shard in &describe.shards {
         let stored = read_all(&mut c, &shard.shard_id).await;
         for ((s, seq), data) in acked.iter().filter(|((s, _), _)| s == &shard.shard_id) {
-            assert_eq!(stored.get(seq), Some(data), "acknowledged record {s}/{seq} lost");
+            assert_eq!(
+                stored.get(seq),
+                Some(data),
+                "acknowledged record {s}/{seq} lost"
+            );
         }
     }
 
     // The restarted node catches up: its replicas reach the leaders' logs.
     let restarted = procs[1].grpc.clone();
-    eventually("the restarted node to catch up", Duration::from_secs(90), || async {
-        let mut others = BTreeMap::new();
-        for p in [&procs[0], &procs[2]] {
-            let info = client(&p.grpc).await?.cluster_info(pb::ClusterInfoRequest {}).await.ok()?.into_inner();
-            for g in info.groups.into_iter().filter(|g| g.role == "leader") {
-                others.insert(g.group, g.last_log_index);
+    eventually(
+        "the restarted node to catch up",
+        Duration::from_secs(90),
+        || async {
+            let mut others = BTreeMap::new();
+            for p in [&procs[0], &procs[2]] {
+                let info = client(&p.grpc)
+                    .await?
+                    .cluster_info(pb::ClusterInfoRequest {})
+                    .await
+                    .ok()?
+                    .into_inner();
+                for g in info.groups.into_iter().filter(|g| g.role == "leader") {
+                    others.insert(g.group, g.last_log_index);
+                }
             }
-        }
-        let info = client(&restarted).await?.cluster_info(pb::ClusterInfoRequest {}).await.ok()?.into_inner();
-        let mine: BTreeMap<u64, u64> = info.groups.into_iter().map(|g| (g.group, g.applied_index)).collect();
-        let caught_up = describe.shards.iter().all(|s| match (others.get(&s.group), mine.get(&s.group)) {
-            (Some(l), Some(m)) => m >= l,
-            (None, Some(_)) => true,
-            _ => false,
-        });
-        caught_up.then_some(())
-    })
+            let info = client(&restarted)
+                .await?
+                .cluster_info(pb::ClusterInfoRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            let mine: BTreeMap<u64, u64> = info
+                .groups
+                .into_iter()
+                .map(|g| (g.group, g.applied_index))
+                .collect();
+            let caught_up =
+                describe
+                    .shards
+                    .iter()
+                    .all(|s| match (others.get(&s.group), mine.get(&s.group)) {
+                        (Some(l), Some(m)) => m >= l,
+                        (None, Some(_)) => true,
+                        _ => false,
+                    });
+            caught_up.then_some(())
+        },
+    )
     .await;
 }
