@@ -24,6 +24,7 @@ pub enum MetaCommand {
         shard_count: u32,
         retention_hours: u32,
         max_record_bytes: u32,
+        replication_factor: u32,
         now_ms: u64,
         placements: Vec<Vec<NodeId>>,
     },

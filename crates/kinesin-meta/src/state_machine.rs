@@ -79,6 +79,7 @@ impl MetaStateMachine {
                 shard_count,
                 retention_hours,
                 max_record_bytes,
+                replication_factor,
                 now_ms,
                 placements,
             } => {
@@ -123,6 +124,7 @@ impl MetaStateMachine {
                         created_at_ms: now_ms,
                         retention_hours,
                         max_record_bytes,
+                        replication_factor,
                         epoch: 1,
                         shards,
                     },

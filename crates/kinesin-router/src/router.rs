@@ -352,13 +352,12 @@ impl Router {
                 "stream {name} already exists"
             )));
         }
-        let replication = if replication == 0 {
+        let wanted = if replication == 0 {
             self.config.default_replication_factor
         } else {
             replication
         };
-        let active = state.active_nodes().count();
-        let replication = replication.min(active.max(1));
+        let replication = wanted.min(state.active_nodes().count().max(1));
         let mut load = state.replica_load();
         let placements: Vec<Vec<NodeId>> = (0..shard_count)
             .map(|i| {
@@ -386,6 +385,7 @@ impl Router {
             } else {
                 max_record_bytes
             },
+            replication_factor: wanted as u32,
             now_ms: now_ms(),
             placements,
         };

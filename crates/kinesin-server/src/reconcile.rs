@@ -366,29 +366,33 @@ async fn balance_meta_voters(
     Ok(())
 }
 
-/// Replaces replicas on excluded nodes (dead or leaving) with new ones.
+/// Replaces replicas on excluded nodes (dead or leaving) with new ones, and
+/// adds replicas to shards created when fewer nodes were available.
 async fn repair_replicas(
     ctx: &Context,
     state: &MetaState,
     exclude: &BTreeSet<NodeId>,
 ) -> Result<(), kinesin_router::RouterError> {
-    if exclude.is_empty() {
-        return Ok(());
-    }
     let mut load = state.replica_load();
+    let usable = state
+        .active_nodes()
+        .filter(|n| !exclude.contains(&n.id))
+        .count();
     for (stream, shard) in state.shards() {
-        if !shard.replicas.iter().any(|r| exclude.contains(r)) {
-            continue;
-        }
+        let factor = state.streams[stream].replication_factor as usize;
+        let target = factor.min(usable).max(shard.replicas.len().min(factor));
         let keep: Vec<NodeId> = shard
             .replicas
             .iter()
             .filter(|r| !exclude.contains(r))
             .copied()
             .collect();
+        if keep.len() == shard.replicas.len() && keep.len() >= target {
+            continue;
+        }
         let mut avoid: BTreeSet<NodeId> = exclude.clone();
         avoid.extend(keep.iter().copied());
-        let missing = shard.replicas.len() - keep.len();
+        let missing = target.saturating_sub(keep.len());
         let added = place_replicas(
             state,
             &format!("{stream}/{}", shard.shard_id.0),

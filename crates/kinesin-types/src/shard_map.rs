@@ -62,6 +62,9 @@ pub struct StreamInfo {
     pub created_at_ms: u64,
     pub retention_hours: u32,
     pub max_record_bytes: u32,
+    /// Replicas each shard should have; the controller adds missing ones
+    /// when nodes become available.
+    pub replication_factor: u32,
     /// Bumped on every change of the shard map.
     pub epoch: u64,
     pub shards: Vec<ShardInfo>,
