@@ -3,4 +3,5 @@
 mod common;
 mod failover;
 mod partition;
+mod repair;
 mod snapshot;

@@ -60,6 +60,8 @@ pub struct TestOptions {
     pub meta: TimingProfile,
     pub shard: TimingProfile,
     pub fsync: FsyncSetting,
+    /// Seconds an unreachable node keeps its replicas.
+    pub repair_after_secs: u64,
 }
 
 impl Default for TestOptions {
@@ -79,6 +81,7 @@ impl Default for TestOptions {
                 ..TimingProfile::shard()
             },
             fsync: FsyncSetting::Always,
+            repair_after_secs: 3600,
         }
     }
 }
@@ -143,7 +146,7 @@ impl TestCluster {
                 listen_admin: "127.0.0.1:0".parse()?,
                 replication_factor: n.min(3),
                 fsync: cluster.options.fsync,
-                repair_after_secs: 3600,
+                repair_after_secs: cluster.options.repair_after_secs,
                 ..Config::default()
             };
             if i > 0 {
