@@ -4,7 +4,7 @@
 #   1. maximum append throughput of 1 KiB records (closed loop),
 #   2. latency at half that rate (open loop),
 #   3. idle CPU and RSS with 1,000 shard groups per node.
-# Usage: bench/core.sh [duration-seconds]   (needs `make build` first)
+# Usage: bench/core.sh [duration-seconds] [skip-idle]   (needs `make build` first)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TARGET=${CARGO_TARGET_DIR:-/var/cache/kinesin/target}
@@ -38,9 +38,10 @@ $K bench produce --endpoints $EPS --stream tput --shards 8 --record-size 1024 --
 MAX=$(python3 -c "import json,sys; print(int(json.load(open('$WORK/max.json'))['records_per_sec']))")
 
 echo "== 2. latency at half load ($((MAX / 2)) records/s)"
-$K bench produce --endpoints $EPS --stream half --shards 8 --record-size 1024 --batch 10 \
-  --concurrency 64 --duration-secs "$DUR" --rate $((MAX / 2)) --json
+$K bench produce --endpoints $EPS --stream half --shards 8 --record-size 1024 --batch 100 \
+  --concurrency 48 --duration-secs "$DUR" --rate $((MAX / 2)) --json
 
+[ "${2:-}" = "skip-idle" ] && exit 0
 echo "== 3. idle cost of 1,000 shard groups per node"
 $K stream create idle --shards 1000 --endpoint 127.0.0.1:17451
 for _ in $(seq 1 300); do
