@@ -140,7 +140,7 @@ pub async fn run_server(config: Config) -> anyhow::Result<()> {
     )
     .await?;
     println!(
-        "kinesin node {} ready to join traffic\n  AWS API   http://{}\n  gRPC      {}\n  admin     http://{}/metrics\n  data      {}",
+        "kinesin node {} ready\n  AWS API   http://{}\n  gRPC      {}\n  admin     http://{}/metrics\n  data      {}",
         config.node_id,
         config.api_address(),
         config.grpc_address(),
