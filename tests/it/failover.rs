@@ -27,7 +27,14 @@ async fn killing_a_shard_leader_loses_no_acknowledged_record() {
         9,
         acked.clone(),
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = acked.lock().unwrap().len();
+    wait_until(
+        "the background writer to get acknowledgements",
+        Duration::from_secs(30),
+        || async { acked.lock().unwrap().len() > before },
+    )
+    .await
+    .unwrap();
     cluster.stop(leader).await;
 
     wait_until(

@@ -13,6 +13,26 @@ fn small_log_options() -> TestOptions {
     options
 }
 
+/// Waits until the group's leader has purged its log beyond `index`.
+async fn wait_for_purge(cluster: &TestCluster, group: GroupId, index: u64) {
+    wait_until(
+        "the leader to purge its log",
+        Duration::from_secs(30),
+        || async {
+            cluster.leader_of(group).is_some_and(|l| {
+                cluster
+                    .node(l.0)
+                    .host
+                    .status(group)
+                    .and_then(|s| s.purged_index)
+                    .is_some_and(|p| p > index)
+            })
+        },
+    )
+    .await
+    .unwrap();
+}
+
 fn follower_of(cluster: &TestCluster, group: GroupId) -> u64 {
     let leader = cluster.leader_of(group).unwrap().0;
     (1..=3)
@@ -47,21 +67,7 @@ async fn a_replica_whose_log_was_purged_catches_up_by_snapshot() {
         0
     );
 
-    let leader = cluster.leader_of(group).unwrap().0;
-    wait_until(
-        "the leader to purge its log",
-        Duration::from_secs(30),
-        || async {
-            cluster
-                .node(leader)
-                .host
-                .status(group)
-                .and_then(|s| s.purged_index)
-                .is_some_and(|p| p > down_index)
-        },
-    )
-    .await
-    .unwrap();
+    wait_for_purge(&cluster, group, down_index).await;
 
     cluster.restart(down).await.unwrap();
     assert_all_replicas_hold(&cluster, "logs", &acked).await;
@@ -119,21 +125,7 @@ async fn large_records_replicate_snapshot_and_read_back() {
         write_batches(&cluster, writer_node, "big", 1, 40, 2, &acked).await,
         0
     );
-    let leader = cluster.leader_of(group).unwrap().0;
-    wait_until(
-        "the leader to purge its log",
-        Duration::from_secs(30),
-        || async {
-            cluster
-                .node(leader)
-                .host
-                .status(group)
-                .and_then(|s| s.purged_index)
-                .is_some_and(|p| p > 2)
-        },
-    )
-    .await
-    .unwrap();
+    wait_for_purge(&cluster, group, 2).await;
 
     cluster.restart(down).await.unwrap();
     wait_until(

@@ -463,40 +463,6 @@ impl RaftHost {
         tokio::time::timeout(timeout, wait).await.ok().flatten()
     }
 
-    /// Waits up to `timeout` until the local replica applied `index`.
-    pub async fn wait_for_applied(&self, group: GroupId, index: u64, timeout: Duration) -> bool {
-        let Ok(g) = self.group(group) else {
-            return false;
-        };
-        let mut rx = g.raft.metrics();
-        let wait = async {
-            loop {
-                if rx
-                    .borrow_watched()
-                    .last_applied
-                    .as_ref()
-                    .is_some_and(|l| l.index >= index)
-                {
-                    return true;
-                }
-                if rx.changed().await.is_err() {
-                    return false;
-                }
-            }
-        };
-        tokio::time::timeout(timeout, wait).await.unwrap_or(false)
-    }
-
-    /// Asks the group to build a snapshot now (tests, admin).
-    pub async fn trigger_snapshot(&self, group: GroupId) -> Result<(), RaftHostError> {
-        let g = self.group(group)?;
-        g.raft
-            .trigger()
-            .snapshot()
-            .await
-            .map_err(|e| raft_err(group, e))
-    }
-
     async fn handle(&self, message: &RaftMessage) -> Result<Vec<u8>, String> {
         let group = GroupId(message.group);
         let g = self.group(group).map_err(|e| e.to_string())?;

@@ -294,10 +294,6 @@ impl Node {
         NodeId(self.config.node_id)
     }
 
-    pub fn is_joined(&self) -> bool {
-        self.joined.load(Ordering::SeqCst)
-    }
-
     /// Hands leadership of every group it leads to another voter, waiting
     /// up to `budget` in all, so that a planned stop costs no election
     /// timeout.

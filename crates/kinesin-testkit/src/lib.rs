@@ -2,7 +2,7 @@
 //! loopback, real Raft) in one process, with a transport filter that can
 //! partition, drop and delay Raft traffic between them.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -258,10 +258,6 @@ impl TestCluster {
         self.live()
             .find(|n| n.host.is_leader(group))
             .map(|n| n.node_id())
-    }
-
-    pub fn live_ids(&self) -> BTreeSet<u64> {
-        self.live().map(|n| n.node_id().0).collect()
     }
 
     pub async fn shutdown(self) {
