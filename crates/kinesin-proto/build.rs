@@ -2,14 +2,16 @@
 //! in Rust, so no system protoc is needed.
 
 fn main() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Relative to this crate: checkouts in different folders may share one
+    // target directory, and absolute paths would watch the wrong checkout.
+    let root = "../../proto";
     let files = ["kinesin/v1/raft.proto", "kinesin/v1/node.proto"];
-    let descriptors = protox::compile(files, [&root]).expect("compile protos");
+    let descriptors = protox::compile(files, [root]).expect("compile protos");
     tonic_prost_build::configure()
         .bytes(".")
         .compile_fds(descriptors)
         .expect("generate gRPC code");
     for file in files {
-        println!("cargo:rerun-if-changed={}", root.join(file).display());
+        println!("cargo:rerun-if-changed={root}/{file}");
     }
 }

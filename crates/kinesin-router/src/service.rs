@@ -172,6 +172,40 @@ impl Node for NodeService {
         Ok(Response::new(pb::JoinResponse { cluster_id }))
     }
 
+    async fn drain_node(
+        &self,
+        request: Request<pb::DrainNodeRequest>,
+    ) -> Result<Response<pb::DrainNodeResponse>, Status> {
+        let node = NodeId(request.into_inner().node_id);
+        let state = self.router.meta_state();
+        match state.nodes.get(&node) {
+            None => {
+                return Err(
+                    RouterError::ResourceNotFound(format!("node {node} is not a member")).into(),
+                )
+            }
+            Some(n) if n.state == NodeState::Removed => {
+                return Err(RouterError::InvalidArgument(format!(
+                    "node {node} was already removed"
+                ))
+                .into())
+            }
+            Some(_) => {}
+        }
+        if state.active_nodes().filter(|n| n.id != node).count() == 0 {
+            return Err(
+                RouterError::InvalidArgument("cannot drain the last active node".into()).into(),
+            );
+        }
+        self.router
+            .meta_write(MetaCommand::SetNodeState {
+                node,
+                state: NodeState::Draining,
+            })
+            .await?;
+        Ok(Response::new(pb::DrainNodeResponse {}))
+    }
+
     async fn create_stream(
         &self,
         request: Request<pb::CreateStreamRequest>,

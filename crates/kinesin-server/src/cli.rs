@@ -315,6 +315,46 @@ pub enum ClusterCommand {
         #[command(flatten)]
         endpoint: Endpoint,
     },
+    /// Move every replica off a node, then remove it from the cluster.
+    Drain {
+        /// Id of the node to drain.
+        #[arg(long)]
+        node: u64,
+        /// Return once the drain has started instead of waiting for it.
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+}
+
+/// Replicas the map still places on `node`, and the node's state.
+async fn drain_progress(c: &mut NodeClient<Channel>, node: u64) -> anyhow::Result<(usize, String)> {
+    let info = c
+        .cluster_info(pb::ClusterInfoRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    let map: serde_json::Value = serde_json::from_str(&info.state_json)?;
+    let replicas = map["streams"]
+        .as_object()
+        .map(|streams| {
+            streams
+                .values()
+                .flat_map(|s| s["shards"].as_array().cloned().unwrap_or_default())
+                .filter(|sh| {
+                    sh["replicas"]
+                        .as_array()
+                        .is_some_and(|r| r.iter().any(|x| x.as_u64() == Some(node)))
+                })
+                .count()
+        })
+        .unwrap_or(0);
+    let state = map["nodes"][node.to_string()]["state"]
+        .as_str()
+        .unwrap_or("unknown")
+        .to_string();
+    Ok((replicas, state))
 }
 
 pub async fn cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
@@ -339,6 +379,34 @@ pub async fn cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
                     "cluster_id": info.cluster_id, "node_id": info.node_id, "groups": groups, "map": state,
                 }))?
             );
+        }
+        ClusterCommand::Drain {
+            node,
+            no_wait,
+            endpoint,
+        } => {
+            let mut c = connect(&endpoint).await?;
+            c.drain_node(pb::DrainNodeRequest { node_id: node })
+                .await
+                .map_err(status)?;
+            eprintln!("draining node {node}");
+            if no_wait {
+                return Ok(());
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+            loop {
+                let (replicas, state) = drain_progress(&mut c, node).await?;
+                eprint!("\rnode {node}: {state}, {replicas} replica(s) left      ");
+                if state == "Removed" {
+                    eprintln!();
+                    println!("node {node} drained and removed");
+                    return Ok(());
+                }
+                if tokio::time::Instant::now() > deadline {
+                    anyhow::bail!("node {node} still holds {replicas} replica(s) after 10 minutes");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
         }
     }
     Ok(())

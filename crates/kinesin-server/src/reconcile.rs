@@ -38,6 +38,9 @@ pub(crate) struct Context {
 const TICK: Duration = Duration::from_millis(500);
 const TRIM_EVERY: Duration = Duration::from_secs(60);
 const TRANSFER_EVERY: Duration = Duration::from_secs(30);
+/// How long a replica the map no longer assigns keeps running before its
+/// data is deleted.
+const REMOVE_GRACE: Duration = Duration::from_secs(10);
 
 enum LeaderAction {
     Nothing,
@@ -51,6 +54,7 @@ struct Busy {
     membership: HashSet<GroupId>,
     last_transfer: HashMap<GroupId, Instant>,
     last_trim: HashMap<GroupId, Instant>,
+    unassigned_since: HashMap<GroupId, Instant>,
 }
 
 pub(crate) async fn run_reconciler(ctx: Context, mut stop: watch::Receiver<bool>) {
@@ -82,12 +86,25 @@ async fn reconcile_once(ctx: &Context, state: &MetaState, busy: &Arc<Mutex<Busy>
             }
         }
     }
-    for group in ctx.host.group_ids() {
-        if group.is_meta() || wanted.contains_key(&group) {
-            continue;
+    let mut unassigned = Vec::new();
+    {
+        let mut b = busy.lock().expect("busy lock");
+        b.unassigned_since.retain(|g, _| !wanted.contains_key(g));
+        for group in ctx.host.group_ids() {
+            if group.is_meta() || wanted.contains_key(&group) {
+                continue;
+            }
+            // The map no longer places a replica here: the stream was deleted
+            // or the replica moved. Keep serving as a voter for a grace period
+            // so the shard's leader can finish the membership change first.
+            let since = *b.unassigned_since.entry(group).or_insert_with(Instant::now);
+            if since.elapsed() >= REMOVE_GRACE {
+                b.unassigned_since.remove(&group);
+                unassigned.push(group);
+            }
         }
-        // The map no longer places a replica here: stream deleted or the
-        // replica moved. Wait until the map is at least as new as the group.
+    }
+    for group in unassigned {
         tracing::info!(%group, "removing shard replica no longer assigned to this node");
         ctx.shards.remove(group);
         if let Err(e) = ctx.host.stop_group(group, true).await {
@@ -326,7 +343,42 @@ pub(crate) async fn run_controller(ctx: Context, mut stop: watch::Receiver<bool>
         if let Err(e) = repair_replicas(&ctx, &state, &exclude).await {
             tracing::warn!(error = %e, "replica repair failed; will retry");
         }
+        if let Err(e) = finish_drains(&ctx, &state).await {
+            tracing::warn!(error = %e, "cannot finish a drain; will retry");
+        }
     }
+}
+
+/// A draining node that holds no replica any more is removed: marked
+/// Removed in the map and dropped from the metadata group's membership.
+async fn finish_drains(
+    ctx: &Context,
+    state: &MetaState,
+) -> Result<(), kinesin_router::RouterError> {
+    let Some(status) = ctx.host.status(GroupId::META) else {
+        return Ok(());
+    };
+    for node in state.nodes.values() {
+        let holds = state.shards().any(|(_, s)| s.replicas.contains(&node.id));
+        if node.state == NodeState::Draining && !holds && !status.voters.contains(&node.id) {
+            tracing::info!(
+                node = node.id.0,
+                "drained node holds no replica; removing it"
+            );
+            ctx.router
+                .meta_write(MetaCommand::SetNodeState {
+                    node: node.id,
+                    state: NodeState::Removed,
+                })
+                .await?;
+        }
+        if node.state == NodeState::Removed && status.learners.contains(&node.id) {
+            ctx.host
+                .remove_learners(GroupId::META, BTreeSet::from([node.id]))
+                .await?;
+        }
+    }
+    Ok(())
 }
 
 /// Keeps min(3, nodes) voters in the metadata group; the others are learners
