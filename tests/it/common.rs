@@ -192,3 +192,43 @@ pub async fn assert_all_replicas_hold(cluster: &TestCluster, stream: &str, acked
         }
     }
 }
+
+/// Checks through the router (shard leaders) that every acknowledged record
+/// of `stream` is readable with its data.
+pub async fn assert_readable_through_router(
+    cluster: &TestCluster,
+    node: u64,
+    stream: &str,
+    acked: &Acked,
+) {
+    let router = cluster.node(node).router.clone();
+    let acked = acked.lock().unwrap().clone();
+    let info = router.describe_stream(stream).unwrap();
+    for shard in &info.shards {
+        let mut stored = BTreeMap::new();
+        let mut start = ReadStart::TrimHorizon;
+        loop {
+            let request = kinesin_router::ReadRequest {
+                start,
+                limit: 10_000,
+                max_bytes: 64 << 20,
+            };
+            let batch = router
+                .get_records(stream, shard.shard_id, request)
+                .await
+                .unwrap();
+            if batch.records.is_empty() {
+                break;
+            }
+            stored.extend(batch.records.into_iter().map(|(s, r)| (s, r.data)));
+            start = ReadStart::At(batch.next);
+        }
+        for ((s, seq), data) in acked.iter().filter(|((s, _), _)| *s == shard.shard_id) {
+            assert_eq!(
+                stored.get(seq),
+                Some(data),
+                "acknowledged record {s}/{seq} lost"
+            );
+        }
+    }
+}

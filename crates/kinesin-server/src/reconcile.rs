@@ -41,6 +41,8 @@ const TRANSFER_EVERY: Duration = Duration::from_secs(30);
 /// How long a replica the map no longer assigns keeps running before its
 /// data is deleted.
 const REMOVE_GRACE: Duration = Duration::from_secs(10);
+/// Longest one membership alignment may take before it is retried.
+const ALIGN_TIMEOUT: Duration = Duration::from_secs(30);
 
 enum LeaderAction {
     Nothing,
@@ -87,6 +89,7 @@ async fn reconcile_once(ctx: &Context, state: &MetaState, busy: &Arc<Mutex<Busy>
         }
     }
     let mut unassigned = Vec::new();
+    let mut leading_unassigned = Vec::new();
     {
         let mut b = busy.lock().expect("busy lock");
         b.unassigned_since.retain(|g, _| !wanted.contains_key(g));
@@ -98,10 +101,26 @@ async fn reconcile_once(ctx: &Context, state: &MetaState, busy: &Arc<Mutex<Busy>
             // or the replica moved. Keep serving as a voter for a grace period
             // so the shard's leader can finish the membership change first.
             let since = *b.unassigned_since.entry(group).or_insert_with(Instant::now);
+            if ctx.host.is_leader(group) {
+                leading_unassigned.push(group);
+            }
             if since.elapsed() >= REMOVE_GRACE {
                 b.unassigned_since.remove(&group);
                 unassigned.push(group);
             }
+        }
+    }
+    // A leader the map no longer assigns hands leadership to an assigned
+    // voter, which then changes the membership.
+    for group in leading_unassigned {
+        let Some((_, shard)) = state.shard_by_group(group) else {
+            continue;
+        };
+        let Some(status) = ctx.host.status(group) else {
+            continue;
+        };
+        if let Some(to) = shard.replicas.iter().find(|r| status.voters.contains(r)) {
+            let _ = ctx.host.transfer_leader(group, *to).await;
         }
     }
     for group in unassigned {
@@ -256,7 +275,7 @@ fn align_membership(
     let wanted: Vec<NodeId> = desired.iter().copied().collect();
     let members = addresses(state, &wanted);
     tokio::spawn(async move {
-        let result: Result<(), kinesin_raft::RaftHostError> = async {
+        let attempt = async {
             let status = host
                 .status(group)
                 .ok_or(kinesin_raft::RaftHostError::NoSuchGroup(group))?;
@@ -277,9 +296,17 @@ fn align_membership(
             if !stale.is_empty() {
                 host.remove_learners(group, stale).await?;
             }
-            Ok(())
-        }
-        .await;
+            Ok::<(), kinesin_raft::RaftHostError>(())
+        };
+        // A stuck attempt (leader change, unreachable learner) is abandoned
+        // and retried on a later pass.
+        let result = match tokio::time::timeout(ALIGN_TIMEOUT, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(kinesin_raft::RaftHostError::Raft {
+                group,
+                detail: "membership change timed out".into(),
+            }),
+        };
         match result {
             Ok(()) => {
                 tracing::info!(%group, voters = ?desired, "membership matches the assignment")
