@@ -232,3 +232,18 @@ pub async fn assert_readable_through_router(
         }
     }
 }
+
+/// A node that holds shard replicas but does not lead the metadata group, so
+/// that taking it away exercises shard repair rather than a metadata election.
+pub fn replica_node_off_meta_leader(cluster: &TestCluster, nodes: u64) -> u64 {
+    let meta_leader = cluster.leader_of(GroupId::META).unwrap().0;
+    let state = cluster.any_node().meta.state();
+    (1..=nodes)
+        .filter(|n| *n != meta_leader)
+        .find(|n| {
+            state
+                .shards()
+                .any(|(_, s)| s.replicas.contains(&kinesin_types::NodeId(*n)))
+        })
+        .expect("a node with replicas besides the metadata leader")
+}

@@ -3,7 +3,7 @@ use std::time::Duration;
 use kinesin_testkit::{wait_until, TestCluster, TestOptions};
 use kinesin_types::NodeId;
 
-use crate::common::{assert_all_replicas_hold, write_batches, Acked};
+use crate::common::{assert_all_replicas_hold, replica_node_off_meta_leader, write_batches, Acked};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_of_a_node_gone_too_long_move_to_another_node() {
@@ -19,17 +19,7 @@ async fn replicas_of_a_node_gone_too_long_move_to_another_node() {
         0
     );
 
-    // Stop a node holding replicas that does not lead the metadata group.
-    let meta_leader = cluster.leader_of(kinesin_types::GroupId::META).unwrap().0;
-    let state = cluster.any_node().meta.state();
-    let victim = (1..=4u64)
-        .filter(|n| *n != meta_leader)
-        .find(|n| {
-            state
-                .shards()
-                .any(|(_, s)| s.replicas.contains(&NodeId(*n)))
-        })
-        .unwrap();
+    let victim = replica_node_off_meta_leader(&cluster, 4);
     cluster.stop(victim).await;
 
     wait_until(

@@ -4,3 +4,7 @@
 pub mod v1 {
     tonic::include_proto!("kinesin.v1");
 }
+
+/// Largest gRPC message any Kinesin endpoint sends or accepts: a frame or a
+/// request holds at least one record batch, and records may be 10 MiB.
+pub const MAX_MESSAGE_BYTES: usize = 256 << 20;

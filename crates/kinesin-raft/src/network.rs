@@ -28,9 +28,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::state_machine::GroupSnapshot;
 use crate::types::{decode, encode, Snapshot, SnapshotMeta, TypeConfig, Vote};
 
-/// Largest gRPC message either side accepts. A frame holds at least one
-/// message, and one append holds records of up to 10 MiB each.
-pub(crate) const MAX_MESSAGE_BYTES: usize = 256 << 20;
+pub(crate) use kinesin_proto::MAX_MESSAGE_BYTES;
 /// Frames are closed once they carry this much.
 const FRAME_BYTES: usize = 4 << 20;
 /// Shortest time an RPC is given, whatever openraft suggests.

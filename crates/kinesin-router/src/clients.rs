@@ -7,7 +7,7 @@ use std::time::Duration;
 use kinesin_proto::v1::node_client::NodeClient;
 use tonic::transport::{Channel, Endpoint};
 
-const MAX_MESSAGE_BYTES: usize = 256 << 20;
+use kinesin_proto::MAX_MESSAGE_BYTES;
 
 #[derive(Default)]
 pub(crate) struct NodeClients {

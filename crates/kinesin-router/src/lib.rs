@@ -10,5 +10,5 @@ mod router;
 mod service;
 
 pub use error::RouterError;
-pub use router::{AppendOutcome, LocalShards, ReadRequest, RecordIn, Router, RouterConfig};
+pub use router::{now_ms, AppendOutcome, LocalShards, ReadRequest, RecordIn, Router, RouterConfig};
 pub use service::NodeService;

@@ -114,7 +114,8 @@ pub struct Router {
 const ATTEMPT_MIN: Duration = Duration::from_millis(500);
 const ATTEMPT_MAX: Duration = Duration::from_secs(5);
 
-pub(crate) fn now_ms() -> u64 {
+/// Wall-clock milliseconds since the Unix epoch, as leaders stamp commands.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

@@ -16,7 +16,7 @@ use crate::router::{
 };
 use crate::AppendOutcome;
 
-const MAX_MESSAGE_BYTES: usize = 256 << 20;
+use kinesin_proto::MAX_MESSAGE_BYTES;
 /// Reads return at most this much unless asked for less (as Kinesis).
 const MAX_READ_BYTES: usize = 10 << 20;
 

@@ -81,8 +81,8 @@ pub async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
     let mut workers = Vec::new();
     for w in 0..args.concurrency {
         let mut client = NodeClient::new(channels[w % channels.len()].clone())
-            .max_decoding_message_size(256 << 20)
-            .max_encoding_message_size(256 << 20);
+            .max_decoding_message_size(kinesin_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(kinesin_proto::MAX_MESSAGE_BYTES);
         let (histogram, records, errors) = (histogram.clone(), records.clone(), errors.clone());
         let (stream, payload, batch) = (args.stream.clone(), payload.clone(), args.batch);
         workers.push(tokio::spawn(async move {

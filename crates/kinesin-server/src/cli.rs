@@ -31,8 +31,8 @@ async fn connect(e: &Endpoint) -> anyhow::Result<NodeClient<Channel>> {
     .with_context(|| format!("connecting to {} timed out", e.endpoint))?
     .with_context(|| format!("cannot connect to {}", e.endpoint))?;
     Ok(client
-        .max_decoding_message_size(256 << 20)
-        .max_encoding_message_size(256 << 20))
+        .max_decoding_message_size(kinesin_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(kinesin_proto::MAX_MESSAGE_BYTES))
 }
 
 fn status(s: tonic::Status) -> anyhow::Error {

@@ -204,7 +204,7 @@ async fn reconcile_once(ctx: &Context, state: &MetaState, busy: &Arc<Mutex<Busy>
         }
         if let Some(info) = state.streams.get(stream) {
             let retention_ms = u64::from(info.retention_hours) * 3_600_000;
-            let before_ms = now_ms().saturating_sub(retention_ms);
+            let before_ms = kinesin_router::now_ms().saturating_sub(retention_ms);
             let host = ctx.host.clone();
             let group = *group;
             tokio::spawn(async move {
@@ -214,12 +214,6 @@ async fn reconcile_once(ctx: &Context, state: &MetaState, busy: &Arc<Mutex<Busy>
             });
         }
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 async fn start_replica(ctx: &Context, state: &MetaState, shard: &ShardInfo) -> anyhow::Result<()> {
