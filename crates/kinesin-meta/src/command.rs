@@ -1,6 +1,8 @@
 //! Commands of the metadata group and their replies.
 
-use kinesin_types::{NodeId, ShardId};
+use std::collections::BTreeMap;
+
+use kinesin_types::{NodeId, ShardId, StreamMode};
 use serde::{Deserialize, Serialize};
 
 use crate::state::{NodeInfo, NodeState};
@@ -37,6 +39,25 @@ pub enum MetaCommand {
         shard: ShardId,
         replicas: Vec<NodeId>,
     },
+    /// Changes a stream attribute that leaves the shard map alone.
+    UpdateStream {
+        name: String,
+        change: StreamChange,
+    },
+}
+
+/// One change to a stream's settings; the gateway validated the values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StreamChange {
+    RetentionHours(u32),
+    MaxRecordBytes(u32),
+    Mode(StreamMode),
+    AddTags(BTreeMap<String, String>),
+    RemoveTags(Vec<String>),
+    EnableMetrics(Vec<String>),
+    DisableMetrics(Vec<String>),
+    EncryptionKey(Option<String>),
+    ResourcePolicy(Option<String>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]

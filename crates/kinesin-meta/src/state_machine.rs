@@ -8,11 +8,12 @@ use std::sync::{Arc, Mutex};
 use kinesin_raft::GroupStateMachine;
 use kinesin_storage::{keys, Cf, Storage, WriteBatch};
 use kinesin_types::{
-    GroupId, HashKeyRange, ShardInfo, ShardState, StreamInfo, StreamName, StreamStatus,
+    GroupId, HashKeyRange, ShardInfo, ShardState, StreamInfo, StreamName, StreamSettings,
+    StreamStatus,
 };
 use tokio::sync::watch;
 
-use crate::command::{encode_reply, MetaCommand, MetaError, MetaReply};
+use crate::command::{encode_reply, MetaCommand, MetaError, MetaReply, StreamChange};
 use crate::state::MetaState;
 
 const STATE_KEY: &[u8] = b"meta";
@@ -127,6 +128,7 @@ impl MetaStateMachine {
                         replication_factor,
                         epoch: 1,
                         shards,
+                        settings: StreamSettings::default(),
                     },
                 );
                 Ok(())
@@ -159,7 +161,38 @@ impl MetaStateMachine {
                 s.epoch += 1;
                 Ok(())
             }
+            MetaCommand::UpdateStream { name, change } => {
+                let s = state
+                    .streams
+                    .get_mut(&name)
+                    .ok_or(MetaError::StreamNotFound(name))?;
+                apply_change(s, change);
+                Ok(())
+            }
         }
+    }
+}
+
+fn apply_change(stream: &mut StreamInfo, change: StreamChange) {
+    let settings = &mut stream.settings;
+    match change {
+        StreamChange::RetentionHours(h) => stream.retention_hours = h,
+        StreamChange::MaxRecordBytes(b) => stream.max_record_bytes = b,
+        StreamChange::Mode(m) => settings.mode = m,
+        StreamChange::AddTags(tags) => settings.tags.extend(tags),
+        StreamChange::RemoveTags(keys) => {
+            for k in keys {
+                settings.tags.remove(&k);
+            }
+        }
+        StreamChange::EnableMetrics(names) => settings.shard_level_metrics.extend(names),
+        StreamChange::DisableMetrics(names) => {
+            for n in names {
+                settings.shard_level_metrics.remove(&n);
+            }
+        }
+        StreamChange::EncryptionKey(k) => settings.encryption_key = k,
+        StreamChange::ResourcePolicy(p) => settings.resource_policy = p,
     }
 }
 

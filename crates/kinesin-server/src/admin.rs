@@ -1,6 +1,5 @@
 //! The admin HTTP port: Prometheus metrics, health checks and a JSON view of
-//! the node's groups. Also the placeholder on the AWS API port until the
-//! AWS-compatible gateway exists.
+//! the node's groups.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -9,7 +8,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
+use axum::routing::get;
 use axum::{Json, Router as HttpRouter};
 use kinesin_router::Router;
 use kinesin_types::GroupId;
@@ -154,25 +153,4 @@ async fn update_gauges(router: Arc<Router>) {
         metrics::gauge!("kinesin_streams").set(state.streams.len() as f64);
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
-}
-
-/// Until the AWS gateway lands, the API port answers every request with an
-/// AWS-shaped error instead of refusing connections.
-pub(crate) async fn serve_api_placeholder(listener: TcpListener, mut stop: watch::Receiver<bool>) {
-    let app = HttpRouter::new().fallback(any(|| async {
-        (
-            StatusCode::BAD_REQUEST,
-            [("content-type", "application/x-amz-json-1.1")],
-            json!({
-                "__type": "UnknownOperationException",
-                "message": "the AWS-compatible API is not implemented in this version of Kinesin; use the native gRPC API on the gRPC port"
-            })
-            .to_string(),
-        )
-    }));
-    let _ = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await;
 }

@@ -43,6 +43,13 @@ pub struct Config {
     pub shard_heartbeat_ms: u64,
     pub shard_election_min_ms: u64,
     pub shard_election_max_ms: u64,
+    /// Region named in ARNs of the AWS API.
+    pub region: String,
+    /// Access keys the AWS API accepts (SigV4). None: development mode, any
+    /// credentials are accepted, and the node says so at start-up.
+    pub credentials: Vec<kinesin_gateway::Credential>,
+    /// Most open shards the cluster allows (CreateStream, DescribeLimits).
+    pub shard_limit: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +91,9 @@ impl Default for Config {
             shard_heartbeat_ms: 500,
             shard_election_min_ms: 2500,
             shard_election_max_ms: 5000,
+            region: "us-east-1".into(),
+            credentials: Vec::new(),
+            shard_limit: 10_000,
         }
     }
 }
@@ -160,6 +170,20 @@ impl Config {
         }
         if self.shard_election_max_ms <= self.shard_election_min_ms {
             return bad("shard_election_max_ms must exceed shard_election_min_ms".into());
+        }
+        for c in &self.credentials {
+            if c.access_key_id.is_empty() || c.secret_access_key.is_empty() {
+                return bad("every credential needs access_key_id and secret_access_key".into());
+            }
+            if c.account_id.len() != 12 || !c.account_id.bytes().all(|b| b.is_ascii_digit()) {
+                return bad(format!(
+                    "credential {}: account_id must be 12 digits, not {:?}",
+                    c.access_key_id, c.account_id
+                ));
+            }
+        }
+        if self.region.is_empty() || self.shard_limit == 0 {
+            return bad("region must not be empty and shard_limit must be positive".into());
         }
         let ports = [self.listen_api, self.listen_grpc, self.listen_admin];
         let clash = |a: std::net::SocketAddr, b: std::net::SocketAddr| a == b && a.port() != 0;

@@ -138,8 +138,14 @@ impl Node {
             joined.clone(),
             stop_rx.clone(),
         )));
-        tasks.push(tokio::spawn(admin::serve_api_placeholder(
+        tasks.push(tokio::spawn(kinesin_gateway::serve(
             api_listener,
+            router.clone(),
+            kinesin_gateway::GatewayConfig {
+                region: config.region.clone(),
+                credentials: config.credentials.clone(),
+                shard_limit: config.shard_limit,
+            },
             stop_rx.clone(),
         )));
 

@@ -1,5 +1,7 @@
 //! The shard map of a stream as the metadata group stores it.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use serde::{Deserialize, Serialize};
 
 use crate::{GroupId, HashKey, HashKeyRange, NodeId, SequenceNumber, ShardId, StreamName};
@@ -68,6 +70,38 @@ pub struct StreamInfo {
     /// Bumped on every change of the shard map.
     pub epoch: u64,
     pub shards: Vec<ShardInfo>,
+    /// What the AWS API sets and reports besides the shard map.
+    pub settings: StreamSettings,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StreamMode {
+    #[default]
+    Provisioned,
+    OnDemand,
+}
+
+impl StreamMode {
+    pub fn as_aws_str(self) -> &'static str {
+        match self {
+            StreamMode::Provisioned => "PROVISIONED",
+            StreamMode::OnDemand => "ON_DEMAND",
+        }
+    }
+}
+
+/// Stream attributes that do not affect where records go.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamSettings {
+    pub mode: StreamMode,
+    pub tags: BTreeMap<String, String>,
+    /// Enhanced-monitoring metric names as AWS spells them.
+    pub shard_level_metrics: BTreeSet<String>,
+    /// KMS key id given to StartStreamEncryption. Recorded and reported only:
+    /// records are not encrypted at rest.
+    pub encryption_key: Option<String>,
+    /// Resource policy document (JSON text), stored and returned verbatim.
+    pub resource_policy: Option<String>,
 }
 
 impl StreamInfo {

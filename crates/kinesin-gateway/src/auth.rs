@@ -1,0 +1,454 @@
+//! AWS Signature Version 4 verification of header-signed requests.
+
+use std::time::{Duration, SystemTime};
+
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::ApiError;
+
+/// An access key the endpoint accepts, and the account its ARNs name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credential {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    /// Twelve digits.
+    pub account_id: String,
+}
+
+/// The account used in ARNs when no credentials are configured.
+pub const DEV_ACCOUNT_ID: &str = "000000000000";
+
+/// Requests signed further than this from the server's clock are refused,
+/// as AWS does.
+const MAX_SKEW: Duration = Duration::from_secs(15 * 60);
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The parts of a request that its signature covers.
+pub struct SignedRequest<'a> {
+    pub method: &'a Method,
+    pub uri: &'a Uri,
+    pub headers: &'a HeaderMap,
+    pub body: &'a [u8],
+}
+
+/// Verifies the request's SigV4 signature against `credentials` and returns
+/// the account id of the signing key. With no credentials configured any
+/// request is accepted (development mode).
+pub fn authenticate(
+    credentials: &[Credential],
+    req: &SignedRequest<'_>,
+    now: SystemTime,
+) -> Result<String, ApiError> {
+    if credentials.is_empty() {
+        return Ok(DEV_ACCOUNT_ID.to_string());
+    }
+    let header = req
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            ApiError::new(
+                "MissingAuthenticationTokenException",
+                StatusCode::FORBIDDEN,
+                "Missing Authentication Token",
+            )
+        })?;
+    let auth = parse_authorization(header)?;
+    let credential = credentials
+        .iter()
+        .find(|c| c.access_key_id == auth.access_key)
+        .ok_or_else(|| {
+            ApiError::new(
+                "UnrecognizedClientException",
+                StatusCode::BAD_REQUEST,
+                "The security token included in the request is invalid.",
+            )
+        })?;
+    let amz_date = header_str(req.headers, "x-amz-date").ok_or_else(|| {
+        incomplete("Authorization header requires existence of either a 'X-Amz-Date' or a 'Date' header.")
+    })?;
+    check_skew(amz_date, now)?;
+    if !amz_date.starts_with(auth.date) {
+        return Err(bad_signature(
+            "Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date from HTTP",
+        ));
+    }
+    let payload_hash = match header_str(req.headers, "x-amz-content-sha256") {
+        Some("UNSIGNED-PAYLOAD") => "UNSIGNED-PAYLOAD".to_string(),
+        Some(claimed) => {
+            let actual = hex::encode(Sha256::digest(req.body));
+            if !claimed.eq_ignore_ascii_case(&actual) {
+                return Err(bad_signature(
+                    "The provided 'x-amz-content-sha256' header does not match what was computed.",
+                ));
+            }
+            actual
+        }
+        None => hex::encode(Sha256::digest(req.body)),
+    };
+    let canonical = canonical_request(req, &auth.signed_headers, &payload_hash)?;
+    let scope = format!(
+        "{}/{}/{}/aws4_request",
+        auth.date, auth.region, auth.service
+    );
+    let string_to_sign = format!(
+        "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
+        hex::encode(Sha256::digest(canonical.as_bytes()))
+    );
+    let key = signing_key(
+        &credential.secret_access_key,
+        auth.date,
+        auth.region,
+        auth.service,
+    );
+    let expected = hex::encode(hmac(&key, string_to_sign.as_bytes()));
+    if !constant_time_eq(expected.as_bytes(), auth.signature.as_bytes()) {
+        return Err(bad_signature(
+            "The request signature we calculated does not match the signature you provided. \
+             Check your AWS Secret Access Key and signing method.",
+        ));
+    }
+    Ok(credential.account_id.clone())
+}
+
+struct Authorization<'a> {
+    access_key: &'a str,
+    date: &'a str,
+    region: &'a str,
+    service: &'a str,
+    signed_headers: Vec<&'a str>,
+    signature: &'a str,
+}
+
+fn parse_authorization(header: &str) -> Result<Authorization<'_>, ApiError> {
+    let rest = header
+        .strip_prefix("AWS4-HMAC-SHA256")
+        .ok_or_else(|| incomplete("Only the AWS4-HMAC-SHA256 signing algorithm is supported."))?;
+    let mut credential = None;
+    let mut signed = None;
+    let mut signature = None;
+    for part in rest.split(',') {
+        let part = part.trim();
+        if let Some(v) = part.strip_prefix("Credential=") {
+            credential = Some(v);
+        } else if let Some(v) = part.strip_prefix("SignedHeaders=") {
+            signed = Some(v);
+        } else if let Some(v) = part.strip_prefix("Signature=") {
+            signature = Some(v);
+        }
+    }
+    let (Some(credential), Some(signed), Some(signature)) = (credential, signed, signature) else {
+        return Err(incomplete(
+            "Authorization header requires 'Credential', 'SignedHeaders' and 'Signature' parameters.",
+        ));
+    };
+    let scope: Vec<&str> = credential.split('/').collect();
+    if scope.len() != 5 || scope[4] != "aws4_request" {
+        return Err(incomplete(format!(
+            "Credential should be scoped to a valid region and service, not '{credential}'."
+        )));
+    }
+    Ok(Authorization {
+        access_key: scope[0],
+        date: scope[1],
+        region: scope[2],
+        service: scope[3],
+        signed_headers: signed.split(';').collect(),
+        signature,
+    })
+}
+
+fn canonical_request(
+    req: &SignedRequest<'_>,
+    signed_headers: &[&str],
+    payload_hash: &str,
+) -> Result<String, ApiError> {
+    let path = req.uri.path();
+    let canonical_path = if path.is_empty() {
+        "/".to_string()
+    } else {
+        path.split('/')
+            .map(|segment| uri_encode(segment))
+            .collect::<Vec<_>>()
+            .join("/")
+    };
+    let mut query: Vec<(String, String)> = req
+        .uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (
+                uri_encode(&percent_decode(k)),
+                uri_encode(&percent_decode(v)),
+            )
+        })
+        .collect();
+    query.sort();
+    let query = query
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&");
+    let mut headers = String::new();
+    for name in signed_headers {
+        let values: Vec<String> = req
+            .headers
+            .get_all(*name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
+        let value = if values.is_empty() && *name == "host" {
+            // HTTP/2 carries the host in the :authority pseudo-header.
+            req.uri
+                .authority()
+                .map(|a| a.to_string())
+                .ok_or_else(|| bad_signature("The signed 'host' header is missing."))?
+        } else if values.is_empty() {
+            return Err(bad_signature(format!(
+                "The signed header '{name}' is missing from the request."
+            )));
+        } else {
+            values.join(",")
+        };
+        headers.push_str(name);
+        headers.push(':');
+        headers.push_str(&value);
+        headers.push('\n');
+    }
+    Ok(format!(
+        "{}\n{canonical_path}\n{query}\n{headers}\n{}\n{payload_hash}",
+        req.method,
+        signed_headers.join(";")
+    ))
+}
+
+fn signing_key(secret: &str, date: &str, region: &str, service: &str) -> Vec<u8> {
+    let k = hmac(format!("AWS4{secret}").as_bytes(), date.as_bytes());
+    let k = hmac(&k, region.as_bytes());
+    let k = hmac(&k, service.as_bytes());
+    hmac(&k, b"aws4_request")
+}
+
+fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC accepts keys of any length");
+    mac.update(data);
+    mac.finalize().into_bytes().to_vec()
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// RFC 3986 encoding as SigV4 specifies: unreserved characters stay.
+fn uri_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex_pair = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex_pair) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Parses `YYYYMMDDTHHMMSSZ` and refuses dates too far from `now`.
+fn check_skew(amz_date: &str, now: SystemTime) -> Result<(), ApiError> {
+    let signed_at = parse_amz_date(amz_date)
+        .ok_or_else(|| incomplete(format!("X-Amz-Date '{amz_date}' is not YYYYMMDDTHHMMSSZ.")))?;
+    let skew = now
+        .duration_since(signed_at)
+        .or_else(|_| signed_at.duration_since(now))
+        .unwrap_or_default();
+    if skew > MAX_SKEW {
+        return Err(bad_signature(format!(
+            "Signature expired: {amz_date} is more than 15 minutes from the server's time."
+        )));
+    }
+    Ok(())
+}
+
+fn parse_amz_date(s: &str) -> Option<SystemTime> {
+    let b = s.as_bytes();
+    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, m, d) = (num(0..4)?, num(4..6)?, num(6..8)?);
+    let (hh, mm, ss) = (num(9..11)?, num(11..13)?, num(13..15)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    let secs = days_from_civil(y, m, d) * 86_400 + hh * 3600 + mm * 60 + ss;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).ok()?))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date.
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn incomplete(message: impl Into<String>) -> ApiError {
+    ApiError::new(
+        "IncompleteSignatureException",
+        StatusCode::BAD_REQUEST,
+        message,
+    )
+}
+
+fn bad_signature(message: impl Into<String>) -> ApiError {
+    ApiError::new(
+        "InvalidSignatureException",
+        StatusCode::BAD_REQUEST,
+        message,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    /// The "get-vanilla" case of AWS's published SigV4 test suite.
+    #[test]
+    fn verifies_the_aws_test_suite_vanilla_request() {
+        let creds = vec![Credential {
+            access_key_id: "AKIDEXAMPLE".into(),
+            secret_access_key: "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY".into(),
+            account_id: "123456789012".into(),
+        }];
+        let mut headers = HeaderMap::new();
+        headers.insert("host", HeaderValue::from_static("example.amazonaws.com"));
+        headers.insert("x-amz-date", HeaderValue::from_static("20150830T123600Z"));
+        headers.insert(
+            "authorization",
+            HeaderValue::from_static(
+                "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20150830/us-east-1/service/aws4_request, \
+                 SignedHeaders=host;x-amz-date, \
+                 Signature=5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31",
+            ),
+        );
+        let uri: Uri = "/".parse().unwrap();
+        let req = SignedRequest {
+            method: &Method::GET,
+            uri: &uri,
+            headers: &headers,
+            body: b"",
+        };
+        let at = parse_amz_date("20150830T123600Z").unwrap();
+        assert_eq!(
+            authenticate(&creds, &req, at).unwrap(),
+            "123456789012".to_string()
+        );
+
+        let later = at + Duration::from_secs(3600);
+        assert_eq!(
+            authenticate(&creds, &req, later).unwrap_err().name,
+            "InvalidSignatureException"
+        );
+        let mut tampered = headers.clone();
+        tampered.insert("x-amz-date", HeaderValue::from_static("20150830T123601Z"));
+        let req = SignedRequest {
+            headers: &tampered,
+            ..req
+        };
+        assert_eq!(
+            authenticate(&creds, &req, at).unwrap_err().name,
+            "InvalidSignatureException"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_headers_get_their_aws_errors() {
+        let creds = vec![Credential {
+            access_key_id: "AKID".into(),
+            secret_access_key: "secret".into(),
+            account_id: "123456789012".into(),
+        }];
+        let uri: Uri = "/".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        let req = SignedRequest {
+            method: &Method::POST,
+            uri: &uri,
+            headers: &headers,
+            body: b"{}",
+        };
+        let now = SystemTime::now();
+        assert_eq!(
+            authenticate(&creds, &req, now).unwrap_err().name,
+            "MissingAuthenticationTokenException"
+        );
+        headers.insert(
+            "authorization",
+            HeaderValue::from_static(
+                "AWS4-HMAC-SHA256 Credential=OTHER/20150830/us-east-1/kinesis/aws4_request, \
+                 SignedHeaders=host, Signature=00",
+            ),
+        );
+        let req = SignedRequest {
+            headers: &headers,
+            ..req
+        };
+        assert_eq!(
+            authenticate(&creds, &req, now).unwrap_err().name,
+            "UnrecognizedClientException"
+        );
+        assert_eq!(authenticate(&[], &req, now).unwrap(), DEV_ACCOUNT_ID);
+    }
+
+    #[test]
+    fn amz_dates_parse_to_unix_time() {
+        let t = parse_amz_date("20150830T123600Z").unwrap();
+        assert_eq!(
+            t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(),
+            1_440_938_160
+        );
+        assert!(parse_amz_date("2015-08-30").is_none());
+    }
+}

@@ -1,0 +1,231 @@
+//! Request and response bodies in awsJson1_1 and in CBOR.
+//!
+//! Handlers work on the JSON form. A CBOR body is converted to it on the way
+//! in (byte strings → base64 text, tag-1 timestamps → epoch seconds) and back
+//! on the way out, where the few blob and timestamp members of the Kinesis
+//! responses are known by name.
+
+use base64::Engine;
+use ciborium::Value as Cbor;
+use serde_json::{Map, Number, Value};
+
+use crate::error::ApiError;
+
+pub const JSON_CONTENT_TYPE: &str = "application/x-amz-json-1.1";
+pub const CBOR_CONTENT_TYPE: &str = "application/x-amz-cbor-1.1";
+
+/// Response members that are blobs (base64 in JSON, byte strings in CBOR).
+const BLOB_MEMBERS: &[&str] = &["Data"];
+/// Response members that are timestamps (epoch seconds in JSON, tag 1 with
+/// integer milliseconds in CBOR, as the Java SDK expects).
+const TIMESTAMP_MEMBERS: &[&str] = &[
+    "ApproximateArrivalTimestamp",
+    "StreamCreationTimestamp",
+    "ConsumerCreationTimestamp",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Json,
+    Cbor,
+}
+
+impl Protocol {
+    pub fn from_content_type(content_type: Option<&str>) -> Protocol {
+        match content_type {
+            Some(ct) if ct.starts_with(CBOR_CONTENT_TYPE) => Protocol::Cbor,
+            _ => Protocol::Json,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Protocol::Json => JSON_CONTENT_TYPE,
+            Protocol::Cbor => CBOR_CONTENT_TYPE,
+        }
+    }
+
+    pub fn decode(self, body: &[u8]) -> Result<Value, ApiError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Value::Object(Map::new()));
+        }
+        let value = match self {
+            Protocol::Json => serde_json::from_slice(body).map_err(|e| {
+                ApiError::serialization(format!("the request body is not valid JSON: {e}"))
+            })?,
+            Protocol::Cbor => {
+                let cbor: Cbor = ciborium::from_reader(body).map_err(|e| {
+                    ApiError::serialization(format!("the request body is not valid CBOR: {e}"))
+                })?;
+                cbor_to_json(cbor)?
+            }
+        };
+        if !value.is_object() {
+            return Err(ApiError::serialization(
+                "the request body must be an object",
+            ));
+        }
+        Ok(value)
+    }
+
+    pub fn encode(self, value: &Value) -> Vec<u8> {
+        match self {
+            Protocol::Json => serde_json::to_vec(value).expect("JSON values always serialize"),
+            Protocol::Cbor => {
+                let mut out = Vec::new();
+                ciborium::into_writer(&json_to_cbor(None, value), &mut out)
+                    .expect("writing CBOR to a Vec cannot fail");
+                out
+            }
+        }
+    }
+}
+
+fn cbor_to_json(value: Cbor) -> Result<Value, ApiError> {
+    Ok(match value {
+        Cbor::Null => Value::Null,
+        Cbor::Bool(b) => Value::Bool(b),
+        Cbor::Integer(i) => {
+            let i = i128::from(i);
+            if let Ok(u) = u64::try_from(i) {
+                Value::Number(u.into())
+            } else if let Ok(s) = i64::try_from(i) {
+                Value::Number(s.into())
+            } else {
+                return Err(ApiError::serialization("CBOR integer out of range"));
+            }
+        }
+        Cbor::Float(f) => float(f)?,
+        Cbor::Text(s) => Value::String(s),
+        Cbor::Bytes(b) => Value::String(base64::engine::general_purpose::STANDARD.encode(b)),
+        // Epoch time: integer milliseconds from the Java SDK, fractional
+        // seconds from RFC 8949 encoders.
+        Cbor::Tag(1, inner) => match *inner {
+            Cbor::Integer(i) => {
+                let ms = i128::from(i);
+                float(ms as f64 / 1000.0)?
+            }
+            Cbor::Float(f) => float(f)?,
+            _ => return Err(ApiError::serialization("CBOR tag 1 must hold a number")),
+        },
+        Cbor::Tag(_, inner) => cbor_to_json(*inner)?,
+        Cbor::Array(items) => Value::Array(
+            items
+                .into_iter()
+                .map(cbor_to_json)
+                .collect::<Result<_, _>>()?,
+        ),
+        Cbor::Map(entries) => {
+            let mut map = Map::new();
+            for (k, v) in entries {
+                let Cbor::Text(key) = k else {
+                    return Err(ApiError::serialization("CBOR map keys must be text"));
+                };
+                map.insert(key, cbor_to_json(v)?);
+            }
+            Value::Object(map)
+        }
+        _ => return Err(ApiError::serialization("unsupported CBOR value")),
+    })
+}
+
+fn float(f: f64) -> Result<Value, ApiError> {
+    Number::from_f64(f)
+        .map(Value::Number)
+        .ok_or_else(|| ApiError::serialization("numbers must be finite"))
+}
+
+fn json_to_cbor(member: Option<&str>, value: &Value) -> Cbor {
+    match (member, value) {
+        (Some(m), Value::String(s)) if BLOB_MEMBERS.contains(&m) => Cbor::Bytes(
+            base64::engine::general_purpose::STANDARD
+                .decode(s)
+                .expect("handlers encode blobs as base64"),
+        ),
+        (Some(m), Value::Number(n)) if TIMESTAMP_MEMBERS.contains(&m) => {
+            let ms = (n.as_f64().unwrap_or(0.0) * 1000.0).round() as i64;
+            Cbor::Tag(1, Box::new(Cbor::Integer(ms.into())))
+        }
+        (_, Value::Null) => Cbor::Null,
+        (_, Value::Bool(b)) => Cbor::Bool(*b),
+        (_, Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
+            (Some(u), _) => Cbor::Integer(u.into()),
+            (None, Some(i)) => Cbor::Integer(i.into()),
+            _ => Cbor::Float(n.as_f64().unwrap_or(0.0)),
+        },
+        (_, Value::String(s)) => Cbor::Text(s.clone()),
+        (m, Value::Array(items)) => Cbor::Array(items.iter().map(|v| json_to_cbor(m, v)).collect()),
+        (_, Value::Object(map)) => Cbor::Map(
+            map.iter()
+                .map(|(k, v)| (Cbor::Text(k.clone()), json_to_cbor(Some(k), v)))
+                .collect(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn cbor_requests_carry_millisecond_timestamps_and_byte_blobs() {
+        let request = Cbor::Map(vec![
+            (Cbor::Text("StreamName".into()), Cbor::Text("s".into())),
+            (
+                Cbor::Text("Timestamp".into()),
+                Cbor::Tag(1, Box::new(Cbor::Integer(1_700_000_000_123_i64.into()))),
+            ),
+            (Cbor::Text("Data".into()), Cbor::Bytes(vec![0, 1, 2, 255])),
+        ]);
+        let mut body = Vec::new();
+        ciborium::into_writer(&request, &mut body).unwrap();
+        let v = Protocol::Cbor.decode(&body).unwrap();
+        assert_eq!(v["StreamName"], "s");
+        assert_eq!(v["Timestamp"].as_f64().unwrap(), 1_700_000_000.123);
+        assert_eq!(v["Data"], "AAEC/w==");
+    }
+
+    #[test]
+    fn cbor_responses_round_trip_blobs_and_timestamps_in_milliseconds() {
+        let response = json!({
+            "Records": [{
+                "Data": "AAEC/w==",
+                "ApproximateArrivalTimestamp": 1_700_000_000.123,
+                "PartitionKey": "k",
+                "SequenceNumber": "49590338271490256608559692538361571095921575989136588898",
+            }],
+            "MillisBehindLatest": 0,
+        });
+        let body = Protocol::Cbor.encode(&response);
+        let cbor: Cbor = ciborium::from_reader(body.as_slice()).unwrap();
+        let records = cbor.as_map().unwrap()[0].1.as_array().unwrap();
+        let record = records[0].as_map().unwrap();
+        let get = |name: &str| {
+            record
+                .iter()
+                .find(|(k, _)| k.as_text() == Some(name))
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        };
+        assert_eq!(get("Data"), Cbor::Bytes(vec![0, 1, 2, 255]));
+        assert_eq!(
+            get("ApproximateArrivalTimestamp"),
+            Cbor::Tag(1, Box::new(Cbor::Integer(1_700_000_000_123_i64.into())))
+        );
+        assert_eq!(Protocol::Cbor.decode(&body).unwrap(), response);
+    }
+
+    #[test]
+    fn bodies_that_are_not_objects_are_serialization_errors() {
+        assert_eq!(
+            Protocol::Json.decode(b"[1]").unwrap_err().name,
+            "SerializationException"
+        );
+        assert_eq!(
+            Protocol::Json.decode(b"{").unwrap_err().name,
+            "SerializationException"
+        );
+        assert!(Protocol::Json.decode(b"").unwrap().is_object());
+    }
+}

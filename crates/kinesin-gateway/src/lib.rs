@@ -1,0 +1,221 @@
+//! The AWS-compatible HTTP endpoint of a node: one port for every service,
+//! HTTP/1.1 and HTTP/2 (h2c). A request is authenticated (SigV4), decoded
+//! (awsJson1_1 or CBOR), dispatched on `X-Amz-Target` to a service handler
+//! that validates it and calls the router, and answered in the request's
+//! protocol. Errors take the AWS shape: `__type`, `message`, HTTP status.
+
+mod auth;
+mod codec;
+mod error;
+mod input;
+mod iterator;
+mod kinesis;
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use kinesin_router::Router;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use auth::{Credential, DEV_ACCOUNT_ID};
+pub use codec::{Protocol, CBOR_CONTENT_TYPE, JSON_CONTENT_TYPE};
+pub use error::ApiError;
+
+/// Largest request body: a PutRecords of 500 records at the 10 MiB stream
+/// limit is ~14 MiB as base64 JSON.
+const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Region named in ARNs.
+    pub region: String,
+    /// Accepted access keys. Empty: development mode, any request is
+    /// accepted and ARNs name account 000000000000.
+    pub credentials: Vec<Credential>,
+    /// Most open shards the cluster allows.
+    pub shard_limit: u32,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            region: "us-east-1".into(),
+            credentials: Vec::new(),
+            shard_limit: 10_000,
+        }
+    }
+}
+
+struct Gateway {
+    router: Arc<Router>,
+    config: GatewayConfig,
+}
+
+/// The HTTP application; `serve` runs it on a listener.
+pub fn app(router: Arc<Router>, config: GatewayConfig) -> axum::Router {
+    axum::Router::new()
+        .fallback(handle)
+        .with_state(Arc::new(Gateway { router, config }))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+}
+
+/// Serves the endpoint until `stop` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    router: Arc<Router>,
+    config: GatewayConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    if config.credentials.is_empty() {
+        tracing::warn!(
+            "the AWS API accepts any credentials (development mode); configure [[credentials]] to verify SigV4 signatures"
+        );
+    }
+    let _ = axum::serve(listener, app(router, config))
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+}
+
+async fn handle(
+    State(gw): State<Arc<Gateway>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let started = Instant::now();
+    let protocol = Protocol::from_content_type(
+        headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+    );
+    let target = headers
+        .get("x-amz-target")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let (service, op) = match target.strip_prefix(kinesis::TARGET_PREFIX) {
+        Some(op) => ("kinesis", op),
+        None => ("unknown", ""),
+    };
+    let request = auth::SignedRequest {
+        method: &method,
+        uri: &uri,
+        headers: &headers,
+        body: &body,
+    };
+    let result = dispatch(&gw, service, op, target, &request).await;
+    let op_label: &'static str = kinesis::OPERATIONS
+        .iter()
+        .find(|known| **known == op)
+        .copied()
+        .unwrap_or("unknown");
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) => {
+            metrics::counter!("kinesin_api_errors_total", "service" => service, "op" => op_label, "code" => e.name)
+                .increment(1);
+            if e.status.is_server_error() {
+                "server_error"
+            } else {
+                "client_error"
+            }
+        }
+    };
+    metrics::histogram!("kinesin_api_request_duration_seconds", "service" => service, "op" => op_label, "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
+    let request_id = new_request_id();
+    match result {
+        Ok(value) => respond(protocol, StatusCode::OK, &value, &request_id, None),
+        Err(e) => {
+            if e.status.is_server_error() {
+                tracing::warn!(op, error = %e.message, "request failed");
+            }
+            let body = json!({ "__type": e.name, "message": e.message });
+            respond(protocol, e.status, &body, &request_id, Some(e.name))
+        }
+    }
+}
+
+async fn dispatch(
+    gw: &Gateway,
+    service: &str,
+    op: &str,
+    target: &str,
+    request: &auth::SignedRequest<'_>,
+) -> Result<serde_json::Value, ApiError> {
+    let account = auth::authenticate(&gw.config.credentials, request, SystemTime::now())?;
+    if request.method != Method::POST {
+        return Err(ApiError::unknown_operation(format!(
+            "{} is not supported; AWS API calls are POST requests",
+            request.method
+        )));
+    }
+    let protocol = Protocol::from_content_type(
+        request
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+    );
+    let input = protocol.decode(request.body)?;
+    match service {
+        "kinesis" => {
+            let ctx = kinesis::Context {
+                router: &gw.router,
+                region: &gw.config.region,
+                account: &account,
+                shard_limit: gw.config.shard_limit,
+                now_ms: kinesin_router::now_ms(),
+            };
+            kinesis::call(&ctx, op, &input).await
+        }
+        _ if target.is_empty() => Err(ApiError::unknown_operation(
+            "the request has no X-Amz-Target header naming an operation",
+        )),
+        _ => Err(ApiError::unknown_operation(format!(
+            "unknown operation {target}"
+        ))),
+    }
+}
+
+fn respond(
+    protocol: Protocol,
+    status: StatusCode,
+    value: &serde_json::Value,
+    request_id: &str,
+    error: Option<&'static str>,
+) -> Response {
+    let mut response = (status, protocol.encode(value)).into_response();
+    let h = response.headers_mut();
+    h.insert(
+        "content-type",
+        HeaderValue::from_static(protocol.content_type()),
+    );
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert("x-amzn-requestid", v);
+    }
+    if let Some(name) = error {
+        h.insert("x-amzn-errortype", HeaderValue::from_static(name));
+    }
+    response
+}
+
+fn new_request_id() -> String {
+    let b: [u8; 16] = rand::random();
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
