@@ -7,7 +7,7 @@ CARGO_TARGET_DIR ?= $(shell if [ -w /var/cache ] || [ -w /var/cache/kinesin ]; t
 export CARGO_TARGET_DIR
 KINESIN := $(CARGO_TARGET_DIR)/release/kinesin
 
-.PHONY: setup build dev dev3 test lint fmt unit
+.PHONY: setup build dev dev3 test lint fmt unit compat
 
 setup:
 	@scripts/setup.sh
@@ -30,6 +30,12 @@ lint: setup
 	cargo fmt --all -- --check
 	cargo clippy --release --locked --workspace --all-targets -- -D warnings
 
-## The whole suite: formatting, lints, unit, integration and process tests.
+## AWS client compatibility: boto3 and the AWS CLI against real nodes.
+compat: setup
+	scripts/compat.sh
+
+## The whole suite: formatting, lints, unit, integration and process tests,
+## then the AWS client compatibility suite.
 test: lint
 	cargo nextest run --release --locked --workspace --no-fail-fast
+	scripts/compat.sh

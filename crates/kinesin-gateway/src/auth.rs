@@ -70,7 +70,9 @@ pub fn authenticate(
             )
         })?;
     let amz_date = header_str(req.headers, "x-amz-date").ok_or_else(|| {
-        incomplete("Authorization header requires existence of either a 'X-Amz-Date' or a 'Date' header.")
+        incomplete(
+            "Authorization header requires existence of either a 'X-Amz-Date' or a 'Date' header.",
+        )
     })?;
     check_skew(amz_date, now)?;
     if !amz_date.starts_with(auth.date) {
@@ -173,7 +175,7 @@ fn canonical_request(
         "/".to_string()
     } else {
         path.split('/')
-            .map(|segment| uri_encode(segment))
+            .map(uri_encode)
             .collect::<Vec<_>>()
             .join("/")
     };
@@ -432,8 +434,10 @@ mod tests {
             ),
         );
         let req = SignedRequest {
+            method: &Method::POST,
+            uri: &uri,
             headers: &headers,
-            ..req
+            body: b"{}",
         };
         assert_eq!(
             authenticate(&creds, &req, now).unwrap_err().name,

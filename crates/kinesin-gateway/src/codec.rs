@@ -199,7 +199,13 @@ mod tests {
         });
         let body = Protocol::Cbor.encode(&response);
         let cbor: Cbor = ciborium::from_reader(body.as_slice()).unwrap();
-        let records = cbor.as_map().unwrap()[0].1.as_array().unwrap();
+        let records = cbor
+            .as_map()
+            .unwrap()
+            .iter()
+            .find(|(k, _)| k.as_text() == Some("Records"))
+            .and_then(|(_, v)| v.as_array())
+            .unwrap();
         let record = records[0].as_map().unwrap();
         let get = |name: &str| {
             record

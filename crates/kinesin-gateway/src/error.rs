@@ -29,7 +29,11 @@ impl ApiError {
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new("ResourceNotFoundException", StatusCode::BAD_REQUEST, message)
+        Self::new(
+            "ResourceNotFoundException",
+            StatusCode::BAD_REQUEST,
+            message,
+        )
     }
 
     pub fn in_use(message: impl Into<String>) -> Self {
@@ -45,7 +49,11 @@ impl ApiError {
     }
 
     pub fn unknown_operation(message: impl Into<String>) -> Self {
-        Self::new("UnknownOperationException", StatusCode::BAD_REQUEST, message)
+        Self::new(
+            "UnknownOperationException",
+            StatusCode::BAD_REQUEST,
+            message,
+        )
     }
 }
 

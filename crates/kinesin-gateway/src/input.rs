@@ -8,12 +8,17 @@ pub struct Input<'a> {
     map: &'a Map<String, Value>,
 }
 
-/// The member name as AWS writes it in validation messages (lowerCamel).
+/// The member path as AWS writes it in validation messages: the last
+/// segment in lowerCamel case (`records.3.member.partitionKey`).
 fn wire_name(member: &str) -> String {
-    let mut chars = member.chars();
+    let (path, last) = match member.rsplit_once('.') {
+        Some((path, last)) => (format!("{path}."), last),
+        None => (String::new(), member),
+    };
+    let mut chars = last.chars();
     match chars.next() {
-        Some(c) => c.to_lowercase().chain(chars).collect(),
-        None => String::new(),
+        Some(c) => path + &c.to_lowercase().chain(chars).collect::<String>(),
+        None => path,
     }
 }
 
@@ -166,7 +171,10 @@ impl<'a> Input<'a> {
         };
         items
             .iter()
-            .map(|v| v.as_str().ok_or_else(|| wrong_type(member, "a list of strings")))
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| wrong_type(member, "a list of strings"))
+            })
             .collect::<Result<Vec<_>, _>>()
             .map(Some)
     }

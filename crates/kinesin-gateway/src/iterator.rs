@@ -1,5 +1,6 @@
 //! Shard iterators and paging tokens: opaque base64 text that carries where
-//! to continue and when it was issued (iterators expire after 5 minutes).
+//! to continue and when it was issued (they expire, after 5 minutes by
+//! default).
 
 use base64::Engine;
 use kinesin_shard::ReadStart;
@@ -7,9 +8,6 @@ use kinesin_types::SequenceNumber;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::error::ApiError;
-
-/// How long an iterator or paging token stays valid.
-pub const VALIDITY_MS: u64 = 5 * 60 * 1000;
 
 /// First byte of every token: bump it when the encoding changes.
 const VERSION: u8 = 1;

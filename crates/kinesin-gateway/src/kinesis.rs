@@ -8,14 +8,14 @@ use kinesin_meta::{MetaCommand, StreamChange};
 use kinesin_router::{AppendOutcome, ReadRequest, RecordIn, Router};
 use kinesin_shard::ReadStart;
 use kinesin_types::{
-    HashKey, SequenceNumber, ShardId, ShardInfo, ShardState, StreamInfo, StreamMode,
-    StreamStatus, DEFAULT_MAX_RECORD_BYTES, MAX_RECORD_BYTES_LIMIT,
+    HashKey, SequenceNumber, ShardId, ShardInfo, ShardState, StreamInfo, StreamMode, StreamStatus,
+    DEFAULT_MAX_RECORD_BYTES, MAX_RECORD_BYTES_LIMIT,
 };
 use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
 use crate::input::{check_decimal, check_name_pattern, constraint, Input};
-use crate::iterator::{self, PageToken, Position, ShardIterator, VALIDITY_MS};
+use crate::iterator::{self, PageToken, Position, ShardIterator};
 
 pub const TARGET_PREFIX: &str = "Kinesis_20131202.";
 
@@ -76,6 +76,8 @@ pub struct Context<'a> {
     pub account: &'a str,
     /// Most open shards the cluster allows (DescribeLimits, CreateStream).
     pub shard_limit: u32,
+    /// Lifetime of iterators and paging tokens.
+    pub validity_ms: u64,
     pub now_ms: u64,
 }
 
@@ -163,8 +165,11 @@ pub async fn call(ctx: &Context<'_>, operation: &str, body: &Value) -> Result<Va
                 ApiError::invalid_argument(format!("Policy is not a valid JSON document: {e}"))
             })?;
             ctx.stream(&name)?;
-            ctx.change(&name, StreamChange::ResourcePolicy(Some(policy.to_string())))
-                .await?;
+            ctx.change(
+                &name,
+                StreamChange::ResourcePolicy(Some(policy.to_string())),
+            )
+            .await?;
             Ok(json!({}))
         }
         "GetResourcePolicy" => {
@@ -472,11 +477,14 @@ fn list_streams(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
 }
 
 fn check_token_age(ctx: &Context<'_>, issued_ms: u64) -> Result<(), ApiError> {
-    if ctx.now_ms.saturating_sub(issued_ms) > VALIDITY_MS {
+    if ctx.now_ms.saturating_sub(issued_ms) > ctx.validity_ms {
         return Err(ApiError::new(
             "ExpiredNextTokenException",
             axum::http::StatusCode::BAD_REQUEST,
-            "The NextToken has expired; it is valid for 300 seconds.",
+            format!(
+                "The NextToken has expired; it is valid for {} seconds.",
+                ctx.validity_ms / 1000
+            ),
         ));
     }
     Ok(())
@@ -645,10 +653,7 @@ fn parse_record(
     let data = base64::engine::general_purpose::STANDARD
         .decode(data_text)
         .map_err(|_| {
-            ApiError::serialization(format!(
-                "{}: Data is not valid base64",
-                member("Data")
-            ))
+            ApiError::serialization(format!("{}: Data is not valid base64", member("Data")))
         })?;
     if data.len() > MAX_RECORD_BYTES_LIMIT as usize {
         return Err(constraint(
@@ -703,7 +708,9 @@ async fn put_record(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError>
         .put_records(&name, vec![record])
         .await?
         .pop()
-        .ok_or_else(|| ApiError::from(kinesin_router::RouterError::Internal("no outcome".into())))?;
+        .ok_or_else(|| {
+            ApiError::from(kinesin_router::RouterError::Internal("no outcome".into()))
+        })?;
     match outcome {
         AppendOutcome::Stored { shard, sequence } => Ok(json!({
             "ShardId": shard.to_string(),
@@ -733,9 +740,9 @@ async fn put_records(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError
     let mut records = Vec::with_capacity(entries.len());
     let mut total = 0usize;
     for (k, e) in entries.iter().enumerate() {
-        let obj = e.as_object().ok_or_else(|| {
-            ApiError::serialization(format!("Records[{k}] must be a structure"))
-        })?;
+        let obj = e
+            .as_object()
+            .ok_or_else(|| ApiError::serialization(format!("Records[{k}] must be a structure")))?;
         let r = parse_record(&Input::of_map(obj), Some(k), stream.max_record_bytes)?;
         total += r.data.len() + r.partition_key.len();
         records.push(r);
@@ -804,7 +811,9 @@ async fn get_shard_iterator(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, A
             ))
         })?;
         let n = s.parse::<SequenceNumber>().map_err(|_| {
-            ApiError::invalid_argument(format!("StartingSequenceNumber {s} is not a sequence number of this stream."))
+            ApiError::invalid_argument(format!(
+                "StartingSequenceNumber {s} is not a sequence number of this stream."
+            ))
         })?;
         if n.shard() != shard.shard_id || n.generation() != shard.generation {
             return Err(ApiError::invalid_argument(format!(
@@ -875,13 +884,13 @@ async fn get_records(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError
         None => 10_000,
     };
     let it: ShardIterator = iterator::decode(text, "ShardIterator")?;
-    if ctx.now_ms.saturating_sub(it.issued_ms) > VALIDITY_MS {
+    if ctx.now_ms.saturating_sub(it.issued_ms) > ctx.validity_ms {
         return Err(ApiError::new(
             "ExpiredIteratorException",
             axum::http::StatusCode::BAD_REQUEST,
             format!(
-                "Iterator expired. The iterator was created at time {} while right now it is {} which is further in the future than the tolerated delay of 300000 milliseconds.",
-                it.issued_ms, ctx.now_ms
+                "Iterator expired. The iterator was created at time {} while right now it is {} which is further in the future than the tolerated delay of {} milliseconds.",
+                it.issued_ms, ctx.now_ms, ctx.validity_ms
             ),
         ));
     }
@@ -1202,8 +1211,11 @@ mod tests {
     #[test]
     fn stream_arns_name_their_stream() {
         assert_eq!(
-            parse_stream_arn("StreamARN", "arn:aws:kinesis:us-east-1:123456789012:stream/orders")
-                .unwrap(),
+            parse_stream_arn(
+                "StreamARN",
+                "arn:aws:kinesis:us-east-1:123456789012:stream/orders"
+            )
+            .unwrap(),
             "orders"
         );
         let err = parse_stream_arn("StreamARN", "arn:aws:sqs:us-east-1:123456789012:stream/x")
@@ -1220,17 +1232,24 @@ mod tests {
         assert_eq!(ok.data, b"hi");
         let err = entry(json!({"Data": "aGk=", "PartitionKey": ""})).unwrap_err();
         assert_eq!(err.name, "ValidationException");
-        assert!(err.message.contains("records.3.member.partitionKey"), "{}", err.message);
+        assert!(
+            err.message.contains("records.3.member.partitionKey"),
+            "{}",
+            err.message
+        );
         let err = entry(json!({"Data": "aGk=", "PartitionKey": "k", "ExplicitHashKey": "01"}))
             .unwrap_err();
         assert_eq!(err.name, "ValidationException");
         // 2^128 has 39 digits: it passes the pattern but not the range.
         let two_to_128 = "340282366920938463463374607431768211456";
-        let err = entry(json!({"Data": "aGk=", "PartitionKey": "k", "ExplicitHashKey": two_to_128}))
-            .unwrap_err();
+        let err =
+            entry(json!({"Data": "aGk=", "PartitionKey": "k", "ExplicitHashKey": two_to_128}))
+                .unwrap_err();
         assert_eq!(err.name, "InvalidArgumentException");
         let max = u128::MAX.to_string();
-        assert!(entry(json!({"Data": "aGk=", "PartitionKey": "k", "ExplicitHashKey": max})).is_ok());
+        assert!(
+            entry(json!({"Data": "aGk=", "PartitionKey": "k", "ExplicitHashKey": max})).is_ok()
+        );
         let big = base64::engine::general_purpose::STANDARD.encode(vec![0u8; 1024]);
         let err = entry(json!({"Data": big, "PartitionKey": "k"})).unwrap_err();
         assert_eq!(err.name, "ValidationException");

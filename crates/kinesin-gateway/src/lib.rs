@@ -40,6 +40,8 @@ pub struct GatewayConfig {
     pub credentials: Vec<Credential>,
     /// Most open shards the cluster allows.
     pub shard_limit: u32,
+    /// How long shard iterators and paging tokens stay valid.
+    pub iterator_validity_ms: u64,
 }
 
 impl Default for GatewayConfig {
@@ -48,6 +50,7 @@ impl Default for GatewayConfig {
             region: "us-east-1".into(),
             credentials: Vec::new(),
             shard_limit: 10_000,
+            iterator_validity_ms: 300_000,
         }
     }
 }
@@ -92,11 +95,8 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     let started = Instant::now();
-    let protocol = Protocol::from_content_type(
-        headers
-            .get("content-type")
-            .and_then(|v| v.to_str().ok()),
-    );
+    let protocol =
+        Protocol::from_content_type(headers.get("content-type").and_then(|v| v.to_str().ok()));
     let target = headers
         .get("x-amz-target")
         .and_then(|v| v.to_str().ok())
@@ -172,6 +172,7 @@ async fn dispatch(
                 region: &gw.config.region,
                 account: &account,
                 shard_limit: gw.config.shard_limit,
+                validity_ms: gw.config.iterator_validity_ms,
                 now_ms: kinesin_router::now_ms(),
             };
             kinesis::call(&ctx, op, &input).await

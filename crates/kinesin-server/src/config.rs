@@ -50,6 +50,8 @@ pub struct Config {
     pub credentials: Vec<kinesin_gateway::Credential>,
     /// Most open shards the cluster allows (CreateStream, DescribeLimits).
     pub shard_limit: u32,
+    /// How long shard iterators and paging tokens stay valid (AWS: 300).
+    pub iterator_validity_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,6 +96,7 @@ impl Default for Config {
             region: "us-east-1".into(),
             credentials: Vec::new(),
             shard_limit: 10_000,
+            iterator_validity_secs: 300,
         }
     }
 }
@@ -181,6 +184,9 @@ impl Config {
                     c.access_key_id, c.account_id
                 ));
             }
+        }
+        if self.iterator_validity_secs == 0 {
+            return bad("iterator_validity_secs must be positive".into());
         }
         if self.region.is_empty() || self.shard_limit == 0 {
             return bad("region must not be empty and shard_limit must be positive".into());

@@ -145,6 +145,7 @@ impl Node {
                 region: config.region.clone(),
                 credentials: config.credentials.clone(),
                 shard_limit: config.shard_limit,
+                iterator_validity_ms: config.iterator_validity_secs * 1000,
             },
             stop_rx.clone(),
         )));

@@ -10,9 +10,7 @@ mod shard_map;
 pub use hash::{hash_key_for_partition_key, HashKey, HashKeyRange};
 pub use names::{GroupId, NodeId, ShardId, StreamName};
 pub use sequence::{SequenceNumber, MAX_RECORDS_PER_ENTRY};
-pub use shard_map::{
-    ShardInfo, ShardState, StreamInfo, StreamMode, StreamSettings, StreamStatus,
-};
+pub use shard_map::{ShardInfo, ShardState, StreamInfo, StreamMode, StreamSettings, StreamStatus};
 
 /// A value that failed validation, with a message meant for the user.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

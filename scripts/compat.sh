@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The AWS client compatibility suite (tests/compat): boto3 and the AWS CLI
+# against real Kinesin node processes that the tests start themselves.
+# Creates (once) a Python venv with pinned clients, builds the binary, runs
+# pytest. Usage: scripts/compat.sh [pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# The same default as the Makefile: build outputs under /var/cache when
+# writable, so that the binary the tests run is the one `make` built.
+if [ -z "${CARGO_TARGET_DIR:-}" ]; then
+  if [ -w /var/cache ] || [ -w /var/cache/kinesin ]; then
+    CARGO_TARGET_DIR=/var/cache/kinesin/target
+  else
+    CARGO_TARGET_DIR="$PWD/target"
+  fi
+fi
+export CARGO_TARGET_DIR
+TARGET_DIR="$CARGO_TARGET_DIR"
+VENV="${KINESIN_VENV:-$TARGET_DIR/compat-venv}"
+# awscli and boto3 pin matching botocore releases; keep the pair together.
+PACKAGES=(boto3==1.43.11 awscli==1.45.11 pytest==8.4.2 cbor2==5.7.1)
+STAMP="$VENV/.kinesin-packages"
+
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  echo "compat: installing python3-venv"
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+fi
+if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "${PACKAGES[*]}" ]; then
+  echo "compat: preparing $VENV"
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "${PACKAGES[@]}"
+  echo "${PACKAGES[*]}" > "$STAMP"
+fi
+
+cargo build --release --locked -p kinesin-server
+export KINESIN_BIN="$TARGET_DIR/release/kinesin"
+export PATH="$VENV/bin:$PATH"
+exec "$VENV/bin/python" -m pytest -p no:cacheprovider -q tests/compat "$@"

@@ -1,0 +1,205 @@
+"""Fixtures: real Kinesin node processes started from the built binary.
+
+KINESIN_BIN names the binary (scripts/compat.sh sets it). Every process a
+fixture starts is stopped by PID at the end of the session.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+import boto3
+import pytest
+from botocore.config import Config
+
+ACCESS_KEY = "AKIDKINESINCOMPAT"
+SECRET_KEY = "compat-secret-key"
+ACCOUNT = "123456789012"
+REGION = "us-east-1"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(what, condition, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except Exception as e:  # the condition may fail until it holds
+            last = e
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what} (last error: {last})")
+
+
+class Node:
+    def __init__(self, binary, root, node_id, seed=None, extra=""):
+        self.node_id = node_id
+        self.api_port, self.grpc_port, self.admin_port = free_port(), free_port(), free_port()
+        self.data_dir = os.path.join(root, f"node{node_id}")
+        self.config_path = os.path.join(root, f"node{node_id}.toml")
+        seeds = f'seeds = ["127.0.0.1:{seed.grpc_port}"]' if seed else ""
+        with open(self.config_path, "w") as f:
+            f.write(
+                f"""node_id = {node_id}
+data_dir = "{self.data_dir}"
+listen_api = "127.0.0.1:{self.api_port}"
+listen_grpc = "127.0.0.1:{self.grpc_port}"
+listen_admin = "127.0.0.1:{self.admin_port}"
+{seeds}
+shard_heartbeat_ms = 200
+shard_election_min_ms = 1000
+shard_election_max_ms = 2000
+{extra}
+[[credentials]]
+access_key_id = "{ACCESS_KEY}"
+secret_access_key = "{SECRET_KEY}"
+account_id = "{ACCOUNT}"
+"""
+            )
+        self.log_path = os.path.join(root, f"node{node_id}.log")
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [binary, "server", "--config", self.config_path],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def endpoint(self):
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def ready(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"node {self.node_id} exited; see {self.log_path}")
+        url = f"http://127.0.0.1:{self.admin_port}/health/ready"
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def start_cluster(binary, root, count, extra=""):
+    os.makedirs(root, exist_ok=True)
+    nodes = [Node(binary, root, 1, extra=extra)]
+    wait_until("node 1 ready", nodes[0].ready)
+    for k in range(2, count + 1):
+        nodes.append(Node(binary, root, k, seed=nodes[0], extra=extra))
+    for n in nodes:
+        wait_until(f"node {n.node_id} ready", n.ready)
+    return nodes
+
+
+@pytest.fixture(scope="session")
+def binary():
+    path = os.environ.get("KINESIN_BIN")
+    if not path or not os.path.exists(path):
+        pytest.fail("KINESIN_BIN must name a built kinesin binary (run scripts/compat.sh)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def workdir():
+    root = tempfile.mkdtemp(prefix="kinesin-compat-")
+    yield root
+    if os.environ.get("KINESIN_KEEP_COMPAT_DIR") is None:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cluster(binary, workdir):
+    """Three nodes, replication factor 3, fsync on, SigV4 verified."""
+    nodes = start_cluster(binary, os.path.join(workdir, "cluster"), 3)
+    yield nodes
+    for n in nodes:
+        n.stop()
+
+
+def client_for(endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY, validate=True):
+    return boto3.client(
+        "kinesis",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        config=Config(
+            parameter_validation=validate,
+            retries={"mode": "standard", "max_attempts": 5},
+            read_timeout=30,
+        ),
+    )
+
+
+@pytest.fixture(scope="session")
+def kinesis(cluster):
+    return client_for(cluster[0].endpoint)
+
+
+@pytest.fixture(scope="session")
+def clients(cluster):
+    """One client per node: any node must answer any request."""
+    return [client_for(n.endpoint) for n in cluster]
+
+
+@pytest.fixture(scope="session")
+def raw_kinesis(cluster):
+    """A client that skips botocore's own parameter validation, so that the
+    server's validation is what answers."""
+    return client_for(cluster[1].endpoint, validate=False)
+
+
+_counter = [0]
+
+
+@pytest.fixture
+def stream_name(request):
+    _counter[0] += 1
+    base = request.node.name.replace("[", "-").replace("]", "").replace("_", "-")[:80]
+    return f"{base}-{_counter[0]}"
+
+
+def create_and_wait(client, name, shards=1, **kwargs):
+    client.create_stream(StreamName=name, ShardCount=shards, **kwargs)
+    client.get_waiter("stream_exists").wait(
+        StreamName=name, WaiterConfig={"Delay": 0.2, "MaxAttempts": 100}
+    )
+
+
+def read_shard(client, stream, shard_id, iterator_type="TRIM_HORIZON", until=None, timeout=30, **kwargs):
+    """Reads a shard from `iterator_type` until `until(records)` holds or the
+    shard is drained; returns the records."""
+    it = client.get_shard_iterator(
+        StreamName=stream, ShardId=shard_id, ShardIteratorType=iterator_type, **kwargs
+    )["ShardIterator"]
+    records = []
+    deadline = time.monotonic() + timeout
+    while it and time.monotonic() < deadline:
+        out = client.get_records(ShardIterator=it, Limit=10000)
+        records.extend(out["Records"])
+        it = out.get("NextShardIterator")
+        if until is None:
+            if not out["Records"] and out["MillisBehindLatest"] == 0:
+                break
+        elif until(records):
+            break
+        elif not out["Records"]:
+            time.sleep(0.1)
+    return records

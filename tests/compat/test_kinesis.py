@@ -1,0 +1,403 @@
+"""Kinesis Data Streams through boto3 and the AWS CLI against a real 3-node
+cluster (replication factor 3, fsync on, SigV4 verified)."""
+
+import base64
+import hashlib
+import json
+import math
+import os
+import subprocess
+import threading
+import time
+
+import botocore.exceptions
+import pytest
+
+from conftest import (
+    ACCESS_KEY,
+    ACCOUNT,
+    REGION,
+    SECRET_KEY,
+    client_for,
+    create_and_wait,
+    read_shard,
+    start_cluster,
+)
+
+MAX_HASH = 2**128 - 1
+
+
+def error_code(excinfo):
+    return excinfo.value.response["Error"]["Code"]
+
+
+def shard_for_key(shards, hash_key):
+    for s in shards:
+        r = s["HashKeyRange"]
+        if int(r["StartingHashKey"]) <= hash_key <= int(r["EndingHashKey"]):
+            return s["ShardId"]
+    raise AssertionError(f"no shard holds {hash_key}")
+
+
+def test_stream_lifecycle(kinesis, stream_name):
+    kinesis.create_stream(StreamName=stream_name, ShardCount=3)
+    kinesis.get_waiter("stream_exists").wait(StreamName=stream_name, WaiterConfig={"Delay": 0.2})
+    d = kinesis.describe_stream(StreamName=stream_name)["StreamDescription"]
+    assert d["StreamStatus"] == "ACTIVE"
+    assert d["StreamARN"] == f"arn:aws:kinesis:{REGION}:{ACCOUNT}:stream/{stream_name}"
+    assert d["RetentionPeriodHours"] == 24
+    assert [s["ShardId"] for s in d["Shards"]] == [
+        "shardId-000000000000",
+        "shardId-000000000001",
+        "shardId-000000000002",
+    ]
+    # The shards cover the hash-key space without gaps.
+    ranges = [(int(s["HashKeyRange"]["StartingHashKey"]), int(s["HashKeyRange"]["EndingHashKey"])) for s in d["Shards"]]
+    assert ranges[0][0] == 0 and ranges[-1][1] == MAX_HASH
+    assert all(a[1] + 1 == b[0] for a, b in zip(ranges, ranges[1:]))
+
+    page = kinesis.describe_stream(StreamName=stream_name, Limit=2)["StreamDescription"]
+    assert len(page["Shards"]) == 2 and page["HasMoreShards"]
+    rest = kinesis.describe_stream(StreamName=stream_name, ExclusiveStartShardId=page["Shards"][-1]["ShardId"])
+    assert [s["ShardId"] for s in rest["StreamDescription"]["Shards"]] == ["shardId-000000000002"]
+
+    summary = kinesis.describe_stream_summary(StreamARN=d["StreamARN"])["StreamDescriptionSummary"]
+    assert summary["OpenShardCount"] == 3
+    assert summary["StreamModeDetails"]["StreamMode"] == "PROVISIONED"
+
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        kinesis.create_stream(StreamName=stream_name, ShardCount=1)
+    assert error_code(e) == "ResourceInUseException"
+
+    kinesis.delete_stream(StreamName=stream_name)
+    kinesis.get_waiter("stream_not_exists").wait(StreamName=stream_name, WaiterConfig={"Delay": 0.2})
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        kinesis.describe_stream(StreamName=stream_name)
+    assert error_code(e) == "ResourceNotFoundException"
+
+
+def test_list_streams_pages(kinesis, stream_name):
+    names = [f"{stream_name}-{k}" for k in range(3)]
+    for n in names:
+        create_and_wait(kinesis, n)
+    seen = []
+    out = kinesis.list_streams(Limit=1)
+    while True:
+        seen.extend(out["StreamNames"])
+        assert len(out["StreamSummaries"]) == len(out["StreamNames"])
+        if not out["HasMoreStreams"]:
+            break
+        out = kinesis.list_streams(Limit=1, NextToken=out["NextToken"])
+    assert all(n in seen for n in names)
+    assert seen == sorted(seen)
+    paginated = [n for page in kinesis.get_paginator("list_streams").paginate() for n in page["StreamNames"]]
+    assert paginated == seen
+
+
+def test_put_records_from_any_node_read_back_in_per_key_order(clients, stream_name):
+    writer, other, reader = clients
+    create_and_wait(writer, stream_name, shards=4)
+    sent = {}
+    for batch in range(4):
+        entries = []
+        for k in range(500):
+            key = f"user-{k % 37}"
+            value = f"{batch}:{k}".encode()
+            sent.setdefault(key, []).append(value)
+            entries.append({"PartitionKey": key, "Data": value})
+        client = writer if batch % 2 == 0 else other
+        out = client.put_records(StreamName=stream_name, Records=entries)
+        assert out["FailedRecordCount"] == 0
+        assert len(out["Records"]) == 500
+        assert all("SequenceNumber" in r and "ShardId" in r for r in out["Records"])
+
+    shards = reader.list_shards(StreamName=stream_name)["Shards"]
+    received = {}
+    total = 0
+    for s in shards:
+        records = read_shard(reader, stream_name, s["ShardId"])
+        seqs = [int(r["SequenceNumber"]) for r in records]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        for r in records:
+            # Routing: the record's key hashes into the shard that holds it.
+            h = int.from_bytes(hashlib.md5(r["PartitionKey"].encode()).digest(), "big")
+            assert shard_for_key(shards, h) == s["ShardId"]
+            received.setdefault(r["PartitionKey"], []).append(r["Data"])
+        total += len(records)
+    assert total == 2000
+    assert received == sent
+
+
+def test_explicit_hash_key_routes_across_the_whole_range(kinesis, stream_name):
+    create_and_wait(kinesis, stream_name, shards=4)
+    shards = kinesis.list_shards(StreamName=stream_name)["Shards"]
+    probes = [0, 1, 2**126, 2**127 - 1, 2**127, 3 * 2**126 + 5, MAX_HASH]
+    for h in probes:
+        out = kinesis.put_record(
+            StreamName=stream_name, PartitionKey="same-key", ExplicitHashKey=str(h), Data=b"x"
+        )
+        assert out["ShardId"] == shard_for_key(shards, h), h
+
+
+def test_sequence_number_for_ordering(kinesis, stream_name):
+    create_and_wait(kinesis, stream_name, shards=2)
+    previous = None
+    seqs = []
+    for k in range(20):
+        kwargs = {"SequenceNumberForOrdering": previous} if previous else {}
+        out = kinesis.put_record(StreamName=stream_name, PartitionKey="k", Data=str(k).encode(), **kwargs)
+        previous = out["SequenceNumber"]
+        seqs.append(int(previous))
+    assert seqs == sorted(seqs) and len(set(seqs)) == 20
+
+
+def test_all_iterator_types(kinesis, stream_name):
+    create_and_wait(kinesis, stream_name)
+    shard = "shardId-000000000000"
+    first = [kinesis.put_record(StreamName=stream_name, PartitionKey="k", Data=f"a{k}".encode()) for k in range(5)]
+    records = read_shard(kinesis, stream_name, shard)
+    assert [r["Data"] for r in records] == [f"a{k}".encode() for k in range(5)]
+    assert [r["SequenceNumber"] for r in records] == [o["SequenceNumber"] for o in first]
+
+    at = read_shard(kinesis, stream_name, shard, "AT_SEQUENCE_NUMBER", StartingSequenceNumber=first[2]["SequenceNumber"])
+    assert [r["Data"] for r in at] == [b"a2", b"a3", b"a4"]
+    after = read_shard(kinesis, stream_name, shard, "AFTER_SEQUENCE_NUMBER", StartingSequenceNumber=first[2]["SequenceNumber"])
+    assert [r["Data"] for r in after] == [b"a3", b"a4"]
+
+    latest = kinesis.get_shard_iterator(StreamName=stream_name, ShardId=shard, ShardIteratorType="LATEST")["ShardIterator"]
+    out = kinesis.get_records(ShardIterator=latest)
+    assert out["Records"] == [] and out["MillisBehindLatest"] == 0
+    kinesis.put_record(StreamName=stream_name, PartitionKey="k", Data=b"after-latest")
+    out = kinesis.get_records(ShardIterator=latest)
+    assert [r["Data"] for r in out["Records"]] == [b"after-latest"]
+
+    # AT_TIMESTAMP: a timestamp after every record so far, before one more.
+    # boto3 sends whole seconds, so the boundary is the next full second.
+    arrival = out["Records"][-1]["ApproximateArrivalTimestamp"]
+    boundary = math.floor(arrival.timestamp()) + 1
+    while time.time() < boundary + 0.05:
+        time.sleep(0.01)
+    kinesis.put_record(StreamName=stream_name, PartitionKey="k", Data=b"b0")
+    by_time = read_shard(kinesis, stream_name, shard, "AT_TIMESTAMP", Timestamp=boundary)
+    assert [r["Data"] for r in by_time] == [b"b0"]
+    everything = read_shard(kinesis, stream_name, shard, "AT_TIMESTAMP", Timestamp=0)
+    assert len(everything) == 7
+
+
+def test_get_records_limit_and_millis_behind(kinesis, stream_name):
+    create_and_wait(kinesis, stream_name)
+    kinesis.put_records(StreamName=stream_name, Records=[{"PartitionKey": "k", "Data": b"x" * 100} for _ in range(50)])
+    time.sleep(0.2)
+    it = kinesis.get_shard_iterator(StreamName=stream_name, ShardId="shardId-000000000000", ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+    out = kinesis.get_records(ShardIterator=it, Limit=10)
+    assert len(out["Records"]) == 10
+    # Real milliseconds behind the tip, not a record count.
+    assert out["MillisBehindLatest"] >= 100
+    out = kinesis.get_records(ShardIterator=out["NextShardIterator"], Limit=10000)
+    assert len(out["Records"]) == 40
+    assert out["MillisBehindLatest"] == 0
+
+
+def test_expired_iterator(binary, workdir, stream_name):
+    nodes = start_cluster(binary, os.path.join(workdir, "short-iterators"), 1, extra="iterator_validity_secs = 1\nreplication_factor = 1")
+    try:
+        client = client_for(nodes[0].endpoint)
+        create_and_wait(client, stream_name)
+        it = client.get_shard_iterator(StreamName=stream_name, ShardId="shardId-000000000000", ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+        time.sleep(1.5)
+        with pytest.raises(botocore.exceptions.ClientError) as e:
+            client.get_records(ShardIterator=it)
+        assert error_code(e) == "ExpiredIteratorException"
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def test_bad_input_gets_aws_errors(raw_kinesis, kinesis, stream_name):
+    create_and_wait(kinesis, stream_name)
+    cases = [
+        (lambda: raw_kinesis.describe_stream(StreamName="no-such-stream"), "ResourceNotFoundException"),
+        (lambda: raw_kinesis.put_record(StreamName="no-such-stream", PartitionKey="k", Data=b"x"), "ResourceNotFoundException"),
+        (lambda: raw_kinesis.put_record(StreamName=stream_name, PartitionKey="", Data=b"x"), "ValidationException"),
+        (lambda: raw_kinesis.put_record(StreamName=stream_name, PartitionKey="k" * 257, Data=b"x"), "ValidationException"),
+        (lambda: raw_kinesis.put_record(StreamName=stream_name, PartitionKey="k", Data=b"x", ExplicitHashKey=str(2**128)), "InvalidArgumentException"),
+        (lambda: raw_kinesis.put_record(StreamName=stream_name, PartitionKey="k", Data=b"x" * (1024 * 1024)), "ValidationException"),
+        (lambda: raw_kinesis.put_records(StreamName=stream_name, Records=[{"PartitionKey": "k", "Data": b"x"}] * 501), "ValidationException"),
+        (lambda: raw_kinesis.create_stream(StreamName="bad name!", ShardCount=1), "ValidationException"),
+        (lambda: raw_kinesis.create_stream(StreamName=stream_name + "-x", ShardCount=100000), "LimitExceededException"),
+        (lambda: raw_kinesis.get_records(ShardIterator="bm90LWFuLWl0ZXJhdG9y"), "InvalidArgumentException"),
+        (lambda: raw_kinesis.get_shard_iterator(StreamName=stream_name, ShardId="shardId-000000000009", ShardIteratorType="LATEST"), "ResourceNotFoundException"),
+        (lambda: raw_kinesis.get_shard_iterator(StreamName=stream_name, ShardId="shardId-000000000000", ShardIteratorType="AT_SEQUENCE_NUMBER"), "InvalidArgumentException"),
+        (lambda: raw_kinesis.get_shard_iterator(StreamName=stream_name, ShardId="shardId-000000000000", ShardIteratorType="SIDEWAYS"), "ValidationException"),
+        (lambda: raw_kinesis.increase_stream_retention_period(StreamName=stream_name, RetentionPeriodHours=10), "InvalidArgumentException"),
+    ]
+    for call, expected in cases:
+        with pytest.raises(botocore.exceptions.ClientError) as e:
+            call()
+        assert error_code(e) == expected, (expected, e.value.response)
+        assert e.value.response["Error"]["Message"]
+        assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    # A malformed entry fails the whole call: nothing of it is stored.
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        raw_kinesis.put_records(StreamName=stream_name, Records=[{"PartitionKey": "k", "Data": b"good"}, {"PartitionKey": "", "Data": b"bad"}])
+    assert error_code(e) == "ValidationException"
+    assert read_shard(kinesis, stream_name, "shardId-000000000000") == []
+    # The oversize record's neighbour: exactly 1 MiB including the key is accepted.
+    kinesis.put_record(StreamName=stream_name, PartitionKey="k", Data=b"x" * (1024 * 1024 - 1))
+
+
+def test_signatures_are_verified(cluster, stream_name):
+    good = client_for(cluster[0].endpoint)
+    create_and_wait(good, stream_name)
+    wrong_secret = client_for(cluster[0].endpoint, secret_key="not-the-secret")
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        wrong_secret.describe_stream(StreamName=stream_name)
+    assert error_code(e) == "InvalidSignatureException"
+    unknown = client_for(cluster[0].endpoint, access_key="AKIDUNKNOWN")
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        unknown.put_record(StreamName=stream_name, PartitionKey="k", Data=b"x")
+    assert error_code(e) == "UnrecognizedClientException"
+    assert read_shard(good, stream_name, "shardId-000000000000") == []
+
+
+def test_retention_tags_monitoring_encryption_mode(kinesis, stream_name):
+    create_and_wait(kinesis, stream_name, Tags={"team": "payments"})
+    arn = kinesis.describe_stream_summary(StreamName=stream_name)["StreamDescriptionSummary"]["StreamARN"]
+
+    kinesis.increase_stream_retention_period(StreamName=stream_name, RetentionPeriodHours=48)
+    assert kinesis.describe_stream_summary(StreamName=stream_name)["StreamDescriptionSummary"]["RetentionPeriodHours"] == 48
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        kinesis.decrease_stream_retention_period(StreamName=stream_name, RetentionPeriodHours=72)
+    assert error_code(e) == "InvalidArgumentException"
+    kinesis.decrease_stream_retention_period(StreamName=stream_name, RetentionPeriodHours=24)
+
+    kinesis.add_tags_to_stream(StreamName=stream_name, Tags={"env": "prod", "tier": "1"})
+    tags = kinesis.list_tags_for_stream(StreamName=stream_name)
+    assert tags["Tags"] == [{"Key": "env", "Value": "prod"}, {"Key": "team", "Value": "payments"}, {"Key": "tier", "Value": "1"}]
+    assert not tags["HasMoreTags"]
+    page = kinesis.list_tags_for_stream(StreamName=stream_name, Limit=1, ExclusiveStartTagKey="env")
+    assert page["Tags"] == [{"Key": "team", "Value": "payments"}] and page["HasMoreTags"]
+    kinesis.remove_tags_from_stream(StreamName=stream_name, TagKeys=["tier"])
+    kinesis.tag_resource(ResourceARN=arn, Tags={"owner": "ops"})
+    kinesis.untag_resource(ResourceARN=arn, TagKeys=["env"])
+    assert kinesis.list_tags_for_resource(ResourceARN=arn)["Tags"] == [
+        {"Key": "owner", "Value": "ops"},
+        {"Key": "team", "Value": "payments"},
+    ]
+
+    out = kinesis.enable_enhanced_monitoring(StreamName=stream_name, ShardLevelMetrics=["IncomingBytes", "OutgoingRecords"])
+    assert out["CurrentShardLevelMetrics"] == [] and sorted(out["DesiredShardLevelMetrics"]) == ["IncomingBytes", "OutgoingRecords"]
+    out = kinesis.disable_enhanced_monitoring(StreamName=stream_name, ShardLevelMetrics=["IncomingBytes"])
+    assert out["DesiredShardLevelMetrics"] == ["OutgoingRecords"]
+
+    kinesis.start_stream_encryption(StreamName=stream_name, EncryptionType="KMS", KeyId="alias/aws/kinesis")
+    d = kinesis.describe_stream(StreamName=stream_name)["StreamDescription"]
+    assert d["EncryptionType"] == "KMS" and d["KeyId"] == "alias/aws/kinesis"
+    kinesis.stop_stream_encryption(StreamName=stream_name, EncryptionType="KMS", KeyId="alias/aws/kinesis")
+    assert kinesis.describe_stream(StreamName=stream_name)["StreamDescription"]["EncryptionType"] == "NONE"
+
+    kinesis.update_stream_mode(StreamARN=arn, StreamModeDetails={"StreamMode": "ON_DEMAND"})
+    assert kinesis.describe_stream_summary(StreamName=stream_name)["StreamDescriptionSummary"]["StreamModeDetails"]["StreamMode"] == "ON_DEMAND"
+    limits = kinesis.describe_limits()
+    assert limits["OnDemandStreamCount"] >= 1 and limits["OpenShardCount"] >= 1
+
+    policy = json.dumps({"Version": "2012-10-17", "Statement": []})
+    kinesis.put_resource_policy(ResourceARN=arn, Policy=policy)
+    assert json.loads(kinesis.get_resource_policy(ResourceARN=arn)["Policy"]) == json.loads(policy)
+    kinesis.delete_resource_policy(ResourceARN=arn)
+
+
+def test_max_record_size_can_be_raised(kinesis, stream_name):
+    create_and_wait(kinesis, stream_name)
+    arn = kinesis.describe_stream_summary(StreamName=stream_name)["StreamDescriptionSummary"]["StreamARN"]
+    big = os.urandom(3 * 1024 * 1024)
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        kinesis.put_record(StreamName=stream_name, PartitionKey="k", Data=big)
+    assert error_code(e) == "ValidationException"
+    kinesis.update_max_record_size(StreamARN=arn, MaxRecordSizeInKiB=4096)
+    assert kinesis.describe_stream_summary(StreamName=stream_name)["StreamDescriptionSummary"]["MaxRecordSizeInKiB"] == 4096
+    kinesis.put_record(StreamName=stream_name, PartitionKey="k", Data=big)
+    records = read_shard(kinesis, stream_name, "shardId-000000000000")
+    assert [r["Data"] for r in records] == [big]
+
+
+def test_on_demand_create_and_list_shards_filters(kinesis, stream_name):
+    kinesis.create_stream(StreamName=stream_name, StreamModeDetails={"StreamMode": "ON_DEMAND"})
+    kinesis.get_waiter("stream_exists").wait(StreamName=stream_name, WaiterConfig={"Delay": 0.2})
+    shards = kinesis.list_shards(StreamName=stream_name)["Shards"]
+    assert len(shards) == 4
+    page = kinesis.list_shards(StreamName=stream_name, MaxResults=3)
+    assert len(page["Shards"]) == 3
+    rest = kinesis.list_shards(NextToken=page["NextToken"])
+    assert [s["ShardId"] for s in rest["Shards"]] == ["shardId-000000000003"]
+    after = kinesis.list_shards(StreamName=stream_name, ShardFilter={"Type": "AFTER_SHARD_ID", "ShardId": "shardId-000000000001"})
+    assert [s["ShardId"] for s in after["Shards"]] == ["shardId-000000000002", "shardId-000000000003"]
+    latest = kinesis.list_shards(StreamName=stream_name, ShardFilter={"Type": "AT_LATEST"})
+    assert len(latest["Shards"]) == 4
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        kinesis.list_shards(StreamName=stream_name, NextToken=page["NextToken"])
+    assert error_code(e) == "InvalidArgumentException"
+
+
+def test_concurrent_producers_lose_nothing(clients, stream_name):
+    create_and_wait(clients[0], stream_name, shards=3)
+    errors = []
+
+    def produce(client, worker):
+        try:
+            for b in range(10):
+                entries = [{"PartitionKey": f"w{worker}-{k % 5}", "Data": f"{worker}:{b}:{k}".encode()} for k in range(100)]
+                out = client.put_records(StreamName=stream_name, Records=entries)
+                assert out["FailedRecordCount"] == 0, out
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=produce, args=(clients[w % 3], w)) for w in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    values = set()
+    for s in clients[2].list_shards(StreamName=stream_name)["Shards"]:
+        values.update(r["Data"] for r in read_shard(clients[2], stream_name, s["ShardId"]))
+    assert len(values) == 6 * 10 * 100
+
+
+def aws_cli(cluster, *args):
+    env = dict(
+        os.environ,
+        AWS_ACCESS_KEY_ID=ACCESS_KEY,
+        AWS_SECRET_ACCESS_KEY=SECRET_KEY,
+        AWS_DEFAULT_REGION=REGION,
+        AWS_PAGER="",
+    )
+    out = subprocess.run(
+        ["aws", "--endpoint-url", cluster[2].endpoint, "--output", "json", "kinesis", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout) if out.stdout.strip() else None
+
+
+def test_aws_cli(cluster, stream_name, tmp_path):
+    aws_cli(cluster, "create-stream", "--stream-name", stream_name, "--shard-count", "2")
+    aws_cli(cluster, "wait", "stream-exists", "--stream-name", stream_name)
+    payload = tmp_path / "payload.bin"
+    payload.write_bytes(b"from the cli")
+    put = aws_cli(
+        cluster, "put-record", "--stream-name", stream_name, "--partition-key", "cli",
+        "--data", f"fileb://{payload}",
+    )
+    it = aws_cli(
+        cluster, "get-shard-iterator", "--stream-name", stream_name, "--shard-id", put["ShardId"],
+        "--shard-iterator-type", "AT_SEQUENCE_NUMBER", "--starting-sequence-number", put["SequenceNumber"],
+    )["ShardIterator"]
+    records = aws_cli(cluster, "get-records", "--shard-iterator", it)["Records"]
+    assert base64.b64decode(records[0]["Data"]) == b"from the cli"
+    names = aws_cli(cluster, "list-streams")["StreamNames"]
+    assert stream_name in names
+    aws_cli(cluster, "delete-stream", "--stream-name", stream_name)
