@@ -401,3 +401,139 @@ def test_aws_cli(cluster, stream_name, tmp_path):
     names = aws_cli(cluster, "list-streams")["StreamNames"]
     assert stream_name in names
     aws_cli(cluster, "delete-stream", "--stream-name", stream_name)
+
+
+def wait_active(client, stream):
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        status = client.describe_stream_summary(StreamName=stream)["StreamDescriptionSummary"]["StreamStatus"]
+        if status == "ACTIVE":
+            return
+        assert status == "UPDATING", status
+        time.sleep(0.1)
+    raise AssertionError(f"{stream} did not become ACTIVE again")
+
+
+def read_lineage(client, stream):
+    """Reads every shard, each only after its parents, the way KCL does;
+    returns the records in that order."""
+    shards = {s["ShardId"]: s for s in client.list_shards(StreamName=stream)["Shards"]}
+    done, order = set(), []
+
+    def parents(s):
+        return {p for p in (s.get("ParentShardId"), s.get("AdjacentParentShardId")) if p and p in shards}
+
+    while len(done) < len(shards):
+        ready = [sid for sid, s in sorted(shards.items()) if sid not in done and parents(s) <= done]
+        assert ready, f"no shard is ready: {shards.keys() - done}"
+        for sid in ready:
+            closed = "EndingSequenceNumber" in shards[sid]["SequenceNumberRange"]
+            it = client.get_shard_iterator(StreamName=stream, ShardId=sid, ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+            while it:
+                out = client.get_records(ShardIterator=it)
+                order.extend(out["Records"])
+                it = out.get("NextShardIterator")
+                if not closed and not out["Records"] and out["MillisBehindLatest"] == 0:
+                    break
+                if it is None:
+                    assert closed and "ChildShards" in out
+            done.add(sid)
+    return order
+
+
+def test_split_then_merge_under_concurrent_puts(cluster, kinesis, stream_name):
+    create_and_wait(kinesis, stream_name, shards=1)
+    stop = threading.Event()
+    acked = {}
+    errors = []
+
+    def produce(worker):
+        client = client_for(cluster[worker % 3].endpoint)
+        keys = [f"w{worker}-k{k}" for k in range(5)]
+        n = 0
+        try:
+            while not stop.is_set() or n < 20:
+                key = keys[n % len(keys)]
+                value = f"{key}:{n}"
+                client.put_record(StreamName=stream_name, PartitionKey=key, Data=value.encode())
+                acked.setdefault(key, []).append(value)
+                n += 1
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=produce, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        kinesis.split_shard(StreamName=stream_name, ShardToSplit="shardId-000000000000", NewStartingHashKey=str(2**127))
+        wait_active(kinesis, stream_name)
+        shards = kinesis.list_shards(StreamName=stream_name)["Shards"]
+        assert [s["ShardId"] for s in shards] == ["shardId-000000000000", "shardId-000000000001", "shardId-000000000002"]
+        assert "EndingSequenceNumber" in shards[0]["SequenceNumberRange"]
+        assert shards[1]["ParentShardId"] == "shardId-000000000000"
+        assert int(shards[1]["HashKeyRange"]["EndingHashKey"]) == 2**127 - 1
+        assert int(shards[2]["HashKeyRange"]["StartingHashKey"]) == 2**127
+        time.sleep(0.5)
+        kinesis.merge_shards(StreamName=stream_name, ShardToMerge="shardId-000000000001", AdjacentShardToMerge="shardId-000000000002")
+        wait_active(kinesis, stream_name)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+
+    shards = kinesis.list_shards(StreamName=stream_name)["Shards"]
+    merged = shards[-1]
+    assert merged["ShardId"] == "shardId-000000000003"
+    assert (merged["ParentShardId"], merged["AdjacentParentShardId"]) == ("shardId-000000000001", "shardId-000000000002")
+    assert len(kinesis.list_shards(StreamName=stream_name, ShardFilter={"Type": "AT_LATEST"})["Shards"]) == 1
+
+    records = read_lineage(kinesis, stream_name)
+    seen = {}
+    for r in records:
+        value = r["Data"].decode()
+        seen.setdefault(r["PartitionKey"], []).append(value)
+    # Every acknowledged record exactly once, in per-key put order.
+    assert seen == acked
+    # Children's sequence numbers are above their parents'.
+    by_shard = {}
+    for r in records:
+        seq = int(r["SequenceNumber"])
+        by_shard.setdefault(f"shardId-{(seq >> 64) & 0xFFFFFFFF:012d}", []).append(seq)
+    for s in shards:
+        for parent in (s.get("ParentShardId"), s.get("AdjacentParentShardId")):
+            if parent in by_shard and s["ShardId"] in by_shard:
+                assert min(by_shard[s["ShardId"]]) > max(by_shard[parent])
+    assert len(by_shard) == 4, by_shard.keys()
+
+
+def test_update_shard_count_and_reshard_errors(kinesis, stream_name):
+    create_and_wait(kinesis, stream_name, shards=2)
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        kinesis.split_shard(StreamName=stream_name, ShardToSplit="shardId-000000000001", NewStartingHashKey="5")
+    assert error_code(e) == "InvalidArgumentException"
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        kinesis.update_shard_count(StreamName=stream_name, TargetShardCount=5, ScalingType="UNIFORM_SCALING")
+    assert error_code(e) == "LimitExceededException"
+
+    out = kinesis.update_shard_count(StreamName=stream_name, TargetShardCount=4, ScalingType="UNIFORM_SCALING")
+    assert (out["CurrentShardCount"], out["TargetShardCount"]) == (2, 4)
+    wait_active(kinesis, stream_name)
+    open_shards = kinesis.list_shards(StreamName=stream_name, ShardFilter={"Type": "AT_LATEST"})["Shards"]
+    assert len(open_shards) == 4
+    kinesis.update_shard_count(StreamName=stream_name, TargetShardCount=3, ScalingType="UNIFORM_SCALING")
+    wait_active(kinesis, stream_name)
+    open_shards = kinesis.list_shards(StreamName=stream_name, ShardFilter={"Type": "AT_LATEST"})["Shards"]
+    assert len(open_shards) == 3
+    ranges = sorted((int(s["HashKeyRange"]["StartingHashKey"]), int(s["HashKeyRange"]["EndingHashKey"])) for s in open_shards)
+    assert ranges[0][0] == 0 and ranges[-1][1] == MAX_HASH
+    assert all(a[1] + 1 == b[0] for a, b in zip(ranges, ranges[1:]))
+
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        kinesis.merge_shards(StreamName=stream_name, ShardToMerge=open_shards[0]["ShardId"], AdjacentShardToMerge="shardId-000000000000")
+    assert error_code(e) == "InvalidArgumentException"
+    out = kinesis.put_records(StreamName=stream_name, Records=[{"PartitionKey": str(k), "Data": b"x"} for k in range(100)])
+    assert out["FailedRecordCount"] == 0
+    assert {r["ShardId"] for r in out["Records"]} == {s["ShardId"] for s in open_shards}

@@ -66,7 +66,9 @@ impl From<RouterError> for ApiError {
             RouterError::InvalidArgument(_) => ApiError::invalid_argument(message),
             RouterError::LimitExceeded(_) => ApiError::limit_exceeded(message),
             // SDKs retry 503 ServiceUnavailable with backoff.
-            RouterError::Unavailable(_) | RouterError::NotLeader(_) => ApiError::new(
+            RouterError::Unavailable(_)
+            | RouterError::NotLeader(_)
+            | RouterError::ShardClosed(_) => ApiError::new(
                 "ServiceUnavailable",
                 StatusCode::SERVICE_UNAVAILABLE,
                 message,

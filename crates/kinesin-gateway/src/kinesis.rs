@@ -4,12 +4,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use base64::Engine;
-use kinesin_meta::{MetaCommand, StreamChange};
+use kinesin_meta::{MetaCommand, NewShard, StreamChange};
 use kinesin_router::{AppendOutcome, ReadRequest, RecordIn, Router};
 use kinesin_shard::ReadStart;
 use kinesin_types::{
-    HashKey, SequenceNumber, ShardId, ShardInfo, ShardState, StreamInfo, StreamMode, StreamStatus,
-    DEFAULT_MAX_RECORD_BYTES, MAX_RECORD_BYTES_LIMIT,
+    HashKey, HashKeyRange, SequenceNumber, ShardId, ShardInfo, ShardState, StreamInfo, StreamMode,
+    StreamStatus, DEFAULT_MAX_RECORD_BYTES, MAX_RECORD_BYTES_LIMIT,
 };
 use serde_json::{json, Map, Value};
 
@@ -39,15 +39,18 @@ pub const OPERATIONS: &[&str] = &[
     "ListStreams",
     "ListTagsForResource",
     "ListTagsForStream",
+    "MergeShards",
     "PutRecord",
     "PutRecords",
     "PutResourcePolicy",
     "RemoveTagsFromStream",
+    "SplitShard",
     "StartStreamEncryption",
     "StopStreamEncryption",
     "TagResource",
     "UntagResource",
     "UpdateMaxRecordSize",
+    "UpdateShardCount",
     "UpdateStreamMode",
 ];
 
@@ -129,6 +132,9 @@ pub async fn call(ctx: &Context<'_>, operation: &str, body: &Value) -> Result<Va
         "PutRecords" => put_records(ctx, i).await,
         "GetShardIterator" => get_shard_iterator(ctx, i).await,
         "GetRecords" => get_records(ctx, i).await,
+        "SplitShard" => split_shard(ctx, i).await,
+        "MergeShards" => merge_shards(ctx, i).await,
+        "UpdateShardCount" => update_shard_count(ctx, i).await,
         "IncreaseStreamRetentionPeriod" => change_retention(ctx, i, true).await,
         "DecreaseStreamRetentionPeriod" => change_retention(ctx, i, false).await,
         "AddTagsToStream" => {
@@ -972,6 +978,184 @@ fn child_shards(stream: &StreamInfo, parent: ShardId) -> Value {
         })
         .collect();
     Value::Array(children)
+}
+
+/// A stream that may be resharded now: ACTIVE, as AWS requires.
+fn active_stream(ctx: &Context<'_>, name: &str) -> Result<StreamInfo, ApiError> {
+    let stream = ctx.stream(name)?;
+    if stream.status != StreamStatus::Active {
+        return Err(ApiError::in_use(format!(
+            "Stream {name} under account {} not ACTIVE, instead in state {}",
+            ctx.account,
+            stream.status.as_aws_str()
+        )));
+    }
+    Ok(stream)
+}
+
+fn open_shard<'s>(
+    ctx: &Context<'_>,
+    stream: &'s StreamInfo,
+    member: &str,
+    i: &Input<'_>,
+) -> Result<&'s ShardInfo, ApiError> {
+    let text = i.str(member)?;
+    check_name_pattern(member, text)?;
+    let shard = find_shard(ctx, stream, text)?;
+    if shard.state != ShardState::Open {
+        return Err(ApiError::invalid_argument(format!(
+            "Shard {} in stream {} is closed and cannot be resharded.",
+            shard.shard_id, stream.name
+        )));
+    }
+    Ok(shard)
+}
+
+async fn reshard(
+    ctx: &Context<'_>,
+    stream: &StreamInfo,
+    parents: Vec<ShardId>,
+    children: Vec<NewShard>,
+) -> Result<(), ApiError> {
+    let open = ctx
+        .router
+        .meta_state()
+        .streams
+        .values()
+        .map(StreamInfo::open_shard_count)
+        .sum::<usize>();
+    let after = open + children.len() - parents.len().min(open);
+    if after > ctx.shard_limit as usize {
+        return Err(ApiError::limit_exceeded(format!(
+            "This request would exceed the shard limit of {} for the cluster.",
+            ctx.shard_limit
+        )));
+    }
+    ctx.router
+        .meta_write(MetaCommand::Reshard {
+            stream: stream.name.as_str().to_string(),
+            parents,
+            children,
+        })
+        .await?;
+    Ok(())
+}
+
+/// Children keep their parent's replicas: a reshard moves no data.
+fn child_of(parent: &ShardInfo, adjacent: Option<&ShardInfo>, range: HashKeyRange) -> NewShard {
+    NewShard {
+        range,
+        parent: parent.shard_id,
+        adjacent_parent: adjacent.map(|a| a.shard_id),
+        replicas: parent.replicas.clone(),
+    }
+}
+
+async fn split_shard(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
+    let name = stream_name(i)?;
+    let key_text = i.str("NewStartingHashKey")?;
+    check_decimal("NewStartingHashKey", key_text, 39)?;
+    let key = key_text
+        .parse::<HashKey>()
+        .map_err(|e| ApiError::invalid_argument(format!("NewStartingHashKey {key_text}: {e}")))?;
+    let stream = active_stream(ctx, &name)?;
+    let parent = open_shard(ctx, &stream, "ShardToSplit", i)?;
+    let (low, high) = parent.range.split_at(key).map_err(|e| {
+        ApiError::invalid_argument(format!(
+            "NewStartingHashKey {key_text} is not inside the range of {}: {e}",
+            parent.shard_id
+        ))
+    })?;
+    let children = vec![child_of(parent, None, low), child_of(parent, None, high)];
+    reshard(ctx, &stream, vec![parent.shard_id], children).await?;
+    Ok(json!({}))
+}
+
+async fn merge_shards(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
+    let name = stream_name(i)?;
+    let stream = active_stream(ctx, &name)?;
+    let first = open_shard(ctx, &stream, "ShardToMerge", i)?;
+    let second = open_shard(ctx, &stream, "AdjacentShardToMerge", i)?;
+    let range = first.range.merge(&second.range).map_err(|_| {
+        ApiError::invalid_argument(format!(
+            "Shards {} and {} in stream {name} are not adjacent and cannot be merged.",
+            first.shard_id, second.shard_id
+        ))
+    })?;
+    let children = vec![child_of(first, Some(second), range)];
+    reshard(
+        ctx,
+        &stream,
+        vec![first.shard_id, second.shard_id],
+        children,
+    )
+    .await?;
+    Ok(json!({}))
+}
+
+/// UNIFORM_SCALING: the open shards become `target` shards of equal
+/// ranges. Shards whose range stays the same are kept; each new shard names
+/// the (at most two) closed shards it overlaps as parents.
+async fn update_shard_count(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
+    let name = stream_name(i)?;
+    let target =
+        i.opt_int_range("TargetShardCount", 1, 100_000)?
+            .ok_or_else(|| constraint("TargetShardCount", "null", "not be null"))? as usize;
+    let scaling = i.str("ScalingType")?;
+    if scaling != "UNIFORM_SCALING" {
+        return Err(constraint(
+            "ScalingType",
+            scaling,
+            "satisfy enum value set: [UNIFORM_SCALING]",
+        ));
+    }
+    let stream = active_stream(ctx, &name)?;
+    let mut open: Vec<&ShardInfo> = stream
+        .shards
+        .iter()
+        .filter(|s| s.state == ShardState::Open)
+        .collect();
+    open.sort_by_key(|s| s.range.start);
+    let current = open.len();
+    if target > current * 2 || target * 2 < current {
+        return Err(ApiError::limit_exceeded(format!(
+            "UpdateShardCount can at most double or halve the open shards: {current} open, {target} requested."
+        )));
+    }
+    let ranges = HashKeyRange::split_evenly(target as u32);
+    let kept = |r: &HashKeyRange| open.iter().any(|s| s.range == *r);
+    let parents: Vec<&ShardInfo> = open
+        .iter()
+        .copied()
+        .filter(|s| !ranges.contains(&s.range))
+        .collect();
+    let mut children = Vec::new();
+    for r in ranges.iter().filter(|r| !kept(r)) {
+        let overlapping: Vec<&ShardInfo> = parents
+            .iter()
+            .copied()
+            .filter(|s| s.range.start <= r.end && r.start <= s.range.end)
+            .collect();
+        match overlapping.as_slice() {
+            [p] => children.push(child_of(p, None, *r)),
+            [p, a] => children.push(child_of(p, Some(a), *r)),
+            _ => {
+                return Err(ApiError::invalid_argument(format!(
+                    "Scaling from {current} to {target} shards would give a new shard more than two parents; scale in smaller steps."
+                )))
+            }
+        }
+    }
+    if !children.is_empty() {
+        let parent_ids = parents.iter().map(|s| s.shard_id).collect();
+        reshard(ctx, &stream, parent_ids, children).await?;
+    }
+    Ok(json!({
+        "StreamName": name,
+        "StreamARN": ctx.arn(&name),
+        "CurrentShardCount": current,
+        "TargetShardCount": target,
+    }))
 }
 
 async fn change_retention(

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use kinesin_types::{NodeId, ShardId, StreamMode};
+use kinesin_types::{HashKeyRange, NodeId, SequenceNumber, ShardId, StreamMode};
 use serde::{Deserialize, Serialize};
 
 use crate::state::{NodeInfo, NodeState};
@@ -39,11 +39,35 @@ pub enum MetaCommand {
         shard: ShardId,
         replicas: Vec<NodeId>,
     },
+    /// Closes `parents` for writes and opens `children` in their place
+    /// (SplitShard, MergeShards, UpdateShardCount). The stream is UPDATING
+    /// until every parent's group is sealed (`ShardSealed`).
+    Reshard {
+        stream: String,
+        parents: Vec<ShardId>,
+        children: Vec<NewShard>,
+    },
+    /// A parent's group sealed itself; `ending` is its last sequence number.
+    ShardSealed {
+        stream: String,
+        shard: ShardId,
+        ending: Option<SequenceNumber>,
+    },
     /// Changes a stream attribute that leaves the shard map alone.
     UpdateStream {
         name: String,
         change: StreamChange,
     },
+}
+
+/// A shard a reshard creates. Its id, group and generation are assigned when
+/// the command applies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewShard {
+    pub range: HashKeyRange,
+    pub parent: ShardId,
+    pub adjacent_parent: Option<ShardId>,
+    pub replicas: Vec<NodeId>,
 }
 
 /// One change to a stream's settings; the gateway validated the values.

@@ -7,7 +7,7 @@ mod placement;
 mod state;
 mod state_machine;
 
-pub use command::{decode_reply, MetaCommand, MetaError, MetaReply, StreamChange};
+pub use command::{decode_reply, MetaCommand, MetaError, MetaReply, NewShard, StreamChange};
 pub use placement::place_replicas;
 pub use state::{MetaState, NodeInfo, NodeState};
 pub use state_machine::MetaStateMachine;

@@ -8,12 +8,12 @@ use std::sync::{Arc, Mutex};
 use kinesin_raft::GroupStateMachine;
 use kinesin_storage::{keys, Cf, Storage, WriteBatch};
 use kinesin_types::{
-    GroupId, HashKeyRange, ShardInfo, ShardState, StreamInfo, StreamName, StreamSettings,
+    GroupId, HashKeyRange, ShardId, ShardInfo, ShardState, StreamInfo, StreamName, StreamSettings,
     StreamStatus,
 };
 use tokio::sync::watch;
 
-use crate::command::{encode_reply, MetaCommand, MetaError, MetaReply, StreamChange};
+use crate::command::{encode_reply, MetaCommand, MetaError, MetaReply, NewShard, StreamChange};
 use crate::state::MetaState;
 
 const STATE_KEY: &[u8] = b"meta";
@@ -161,6 +161,46 @@ impl MetaStateMachine {
                 s.epoch += 1;
                 Ok(())
             }
+            MetaCommand::Reshard {
+                stream,
+                parents,
+                children,
+            } => {
+                let next_group = state.next_group;
+                let s = state
+                    .streams
+                    .get_mut(&stream)
+                    .ok_or_else(|| MetaError::StreamNotFound(stream.clone()))?;
+                let added = reshard(s, &parents, children, next_group)?;
+                state.next_group += added;
+                Ok(())
+            }
+            MetaCommand::ShardSealed {
+                stream,
+                shard,
+                ending,
+            } => {
+                let s = state
+                    .streams
+                    .get_mut(&stream)
+                    .ok_or_else(|| MetaError::StreamNotFound(stream.clone()))?;
+                let sh = s
+                    .shards
+                    .iter_mut()
+                    .find(|sh| sh.shard_id == shard)
+                    .ok_or_else(|| MetaError::ShardNotFound(shard.to_string()))?;
+                if sh.state == ShardState::Sealing {
+                    sh.state = ShardState::Sealed;
+                    sh.ending_sequence = ending;
+                    s.epoch += 1;
+                }
+                if s.status == StreamStatus::Updating
+                    && !s.shards.iter().any(|sh| sh.state == ShardState::Sealing)
+                {
+                    s.status = StreamStatus::Active;
+                }
+                Ok(())
+            }
             MetaCommand::UpdateStream { name, change } => {
                 let s = state
                     .streams
@@ -171,6 +211,99 @@ impl MetaStateMachine {
             }
         }
     }
+}
+
+/// Validates and applies a reshard; returns how many groups it used.
+fn reshard(
+    stream: &mut StreamInfo,
+    parents: &[ShardId],
+    children: Vec<NewShard>,
+    next_group: u64,
+) -> Result<u64, MetaError> {
+    if stream.status != StreamStatus::Active {
+        return Err(MetaError::Invalid(format!(
+            "stream {} is {} and cannot be resharded now",
+            stream.name,
+            stream.status.as_aws_str()
+        )));
+    }
+    if parents.is_empty() || children.is_empty() {
+        return Err(MetaError::Invalid(
+            "a reshard needs parents and children".into(),
+        ));
+    }
+    let mut generation = 0;
+    let mut covered: Vec<HashKeyRange> = Vec::new();
+    for p in parents {
+        let sh = stream
+            .shard(*p)
+            .ok_or_else(|| MetaError::ShardNotFound(p.to_string()))?;
+        if sh.state != ShardState::Open {
+            return Err(MetaError::Invalid(format!("shard {p} is not open")));
+        }
+        generation = generation.max(sh.generation + 1);
+        covered.push(sh.range);
+    }
+    // The children must tile exactly the parents' hash-key space.
+    let mut parent_ranges = covered;
+    parent_ranges.sort_by_key(|r| r.start);
+    let mut child_ranges: Vec<HashKeyRange> = children.iter().map(|c| c.range).collect();
+    child_ranges.sort_by_key(|r| r.start);
+    if merged(&parent_ranges) != merged(&child_ranges) {
+        return Err(MetaError::Invalid(
+            "the new shards must cover exactly the hash keys of the closed ones".into(),
+        ));
+    }
+    if children.iter().any(|c| {
+        c.replicas.is_empty()
+            || !parents.contains(&c.parent)
+            || c.adjacent_parent.is_some_and(|a| !parents.contains(&a))
+    }) {
+        return Err(MetaError::Invalid(
+            "every new shard needs replicas and parents among the closed shards".into(),
+        ));
+    }
+    let mut next_id = stream
+        .shards
+        .iter()
+        .map(|s| s.shard_id.0 + 1)
+        .max()
+        .unwrap_or(0);
+    for p in parents {
+        if let Some(sh) = stream.shards.iter_mut().find(|s| s.shard_id == *p) {
+            sh.state = ShardState::Sealing;
+        }
+    }
+    let count = children.len() as u64;
+    for (k, c) in children.into_iter().enumerate() {
+        stream.shards.push(ShardInfo {
+            shard_id: ShardId(next_id),
+            group: GroupId(next_group + k as u64),
+            range: c.range,
+            state: ShardState::Open,
+            parent: Some(c.parent),
+            adjacent_parent: c.adjacent_parent,
+            generation,
+            replicas: c.replicas,
+            ending_sequence: None,
+        });
+        next_id += 1;
+    }
+    stream.status = StreamStatus::Updating;
+    stream.epoch += 1;
+    Ok(count)
+}
+
+/// Sorted ranges joined where they touch; gaps stay visible.
+fn merged(sorted: &[HashKeyRange]) -> Vec<(u128, u128)> {
+    let mut out: Vec<(u128, u128)> = Vec::new();
+    for r in sorted {
+        match out.last_mut() {
+            Some(last) if last.1.checked_add(1) == Some(r.start.0) => last.1 = r.end.0,
+            _ => out.push((r.start.0, r.end.0)),
+        }
+    }
+    out
 }
 
 fn apply_change(stream: &mut StreamInfo, change: StreamChange) {
@@ -230,5 +363,102 @@ impl GroupStateMachine for MetaStateMachine {
         );
         *self.working.lock().expect("meta lock") = restored;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kinesin_types::{NodeId, SequenceNumber};
+
+    fn state_with_stream(shards: u32) -> MetaState {
+        let mut state = MetaState {
+            next_group: 1,
+            ..Default::default()
+        };
+        MetaStateMachine::apply_command(
+            &mut state,
+            MetaCommand::CreateStream {
+                name: "s".into(),
+                shard_count: shards,
+                retention_hours: 24,
+                max_record_bytes: 1024,
+                replication_factor: 1,
+                now_ms: 1,
+                placements: vec![vec![NodeId(1)]; shards as usize],
+            },
+        )
+        .unwrap();
+        state
+    }
+
+    fn child(range: HashKeyRange, parent: u32, adjacent: Option<u32>) -> NewShard {
+        NewShard {
+            range,
+            parent: ShardId(parent),
+            adjacent_parent: adjacent.map(ShardId),
+            replicas: vec![NodeId(1)],
+        }
+    }
+
+    #[test]
+    fn a_split_seals_the_parent_and_opens_children_above_it() {
+        let mut state = state_with_stream(1);
+        let (a, b) = HashKeyRange::FULL
+            .split_at(kinesin_types::HashKey(1 << 100))
+            .unwrap();
+        let split = MetaCommand::Reshard {
+            stream: "s".into(),
+            parents: vec![ShardId(0)],
+            children: vec![child(a, 0, None), child(b, 0, None)],
+        };
+        MetaStateMachine::apply_command(&mut state, split.clone()).unwrap();
+        let s = &state.streams["s"];
+        assert_eq!(s.status, StreamStatus::Updating);
+        assert_eq!(s.shards[0].state, ShardState::Sealing);
+        assert_eq!(s.shards[1].shard_id, ShardId(1));
+        assert_eq!(s.shards[2].group, GroupId(3));
+        assert_eq!(s.shards[2].generation, 1);
+        assert_eq!(s.open_shard_count(), 2);
+        assert_eq!(state.next_group, 4);
+        // A second reshard waits until the first finished.
+        assert!(MetaStateMachine::apply_command(&mut state, split).is_err());
+
+        let ending = Some(SequenceNumber::new(0, ShardId(0), 7, 0));
+        MetaStateMachine::apply_command(
+            &mut state,
+            MetaCommand::ShardSealed {
+                stream: "s".into(),
+                shard: ShardId(0),
+                ending,
+            },
+        )
+        .unwrap();
+        let s = &state.streams["s"];
+        assert_eq!(s.status, StreamStatus::Active);
+        assert_eq!(s.shards[0].state, ShardState::Sealed);
+        assert_eq!(s.shards[0].ending_sequence, ending);
+    }
+
+    #[test]
+    fn children_must_tile_the_parents_exactly() {
+        let mut state = state_with_stream(2);
+        let r0 = state.streams["s"].shards[0].range;
+        let r1 = state.streams["s"].shards[1].range;
+        let gap = HashKeyRange::new(r0.start.0, r0.end.0 - 1).unwrap();
+        let bad = MetaCommand::Reshard {
+            stream: "s".into(),
+            parents: vec![ShardId(0)],
+            children: vec![child(gap, 0, None)],
+        };
+        assert!(MetaStateMachine::apply_command(&mut state, bad).is_err());
+        let merge = MetaCommand::Reshard {
+            stream: "s".into(),
+            parents: vec![ShardId(0), ShardId(1)],
+            children: vec![child(r0.merge(&r1).unwrap(), 0, Some(1))],
+        };
+        MetaStateMachine::apply_command(&mut state, merge).unwrap();
+        assert_eq!(state.streams["s"].open_shard_count(), 1);
+        assert_eq!(state.streams["s"].status, StreamStatus::Updating);
     }
 }

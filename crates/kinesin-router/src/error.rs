@@ -21,6 +21,9 @@ pub enum RouterError {
     Unavailable(String),
     #[error("{0}")]
     Internal(String),
+    /// The shard was closed by a reshard: route by the new shard map.
+    #[error("{0}")]
+    ShardClosed(String),
     /// Internal: the asked node does not lead the group; maybe `leader` does.
     #[error("not the leader (leader hint: {0:?})")]
     NotLeader(Option<NodeId>),
@@ -35,7 +38,9 @@ impl RouterError {
             RouterError::ResourceInUse(_) => "ResourceInUseException",
             RouterError::InvalidArgument(_) => "InvalidArgumentException",
             RouterError::LimitExceeded(_) => "LimitExceededException",
-            RouterError::Unavailable(_) | RouterError::NotLeader(_) => "ServiceUnavailable",
+            RouterError::Unavailable(_)
+            | RouterError::NotLeader(_)
+            | RouterError::ShardClosed(_) => "ServiceUnavailable",
             RouterError::Internal(_) => "InternalFailure",
         }
     }
@@ -57,6 +62,7 @@ impl From<RouterError> for Status {
             RouterError::InvalidArgument(_) => Code::InvalidArgument,
             RouterError::LimitExceeded(_) => Code::ResourceExhausted,
             RouterError::Unavailable(_) | RouterError::NotLeader(_) => Code::Unavailable,
+            RouterError::ShardClosed(_) => Code::FailedPrecondition,
             RouterError::Internal(_) => Code::Internal,
         };
         let mut status = Status::new(code, e.to_string());
@@ -87,6 +93,7 @@ impl From<Status> for RouterError {
             Code::InvalidArgument => RouterError::InvalidArgument(msg),
             Code::ResourceExhausted => RouterError::LimitExceeded(msg),
             Code::Internal => RouterError::Internal(msg),
+            Code::FailedPrecondition => RouterError::ShardClosed(msg),
             _ => RouterError::Unavailable(msg),
         }
     }

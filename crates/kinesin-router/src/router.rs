@@ -10,7 +10,8 @@ use kinesin_proto::v1::node_client::NodeClient;
 use kinesin_proto::v1::{self as pb};
 use kinesin_raft::RaftHost;
 use kinesin_shard::{
-    NewRecord, ReadBatch, ReadStart, ShardCommand, ShardReply, ShardStateMachine, StoredRecord,
+    NewRecord, ReadBatch, ReadStart, ShardCommand, ShardRejection, ShardReply, ShardStateMachine,
+    StoredRecord,
 };
 use kinesin_types::{
     hash_key_for_partition_key, GroupId, HashKey, NodeId, SequenceNumber, ShardId, StreamInfo,
@@ -414,14 +415,15 @@ impl Router {
     }
 
     /// Puts records, each routed by its hash key; results mirror the order
-    /// of `records`. A malformed record fails the whole call.
+    /// of `records`. A malformed record fails the whole call. Records that
+    /// meet a shard closed by a reshard are routed again by the new map.
     pub async fn put_records(
         &self,
         stream: &str,
         records: Vec<RecordIn>,
     ) -> Result<Vec<AppendOutcome>, RouterError> {
-        let info = self.describe_stream(stream)?;
-        let mut by_shard: BTreeMap<ShardId, Vec<(usize, NewRecord)>> = BTreeMap::new();
+        let mut info = self.describe_stream(stream)?;
+        let mut pending: Vec<(usize, HashKey, NewRecord)> = Vec::with_capacity(records.len());
         for (i, r) in records.into_iter().enumerate() {
             let chars = r.partition_key.chars().count();
             if chars == 0 || chars > 256 {
@@ -442,18 +444,79 @@ impl Router {
                     info.max_record_bytes
                 )));
             }
-            let shard = info.shard_for(key).ok_or_else(|| {
-                RouterError::Internal(format!("no open shard holds hash key {key}"))
-            })?;
-            by_shard.entry(shard.shard_id).or_default().push((
+            pending.push((
                 i,
+                key,
                 NewRecord {
                     partition_key: r.partition_key,
                     data: r.data,
                 },
             ));
         }
-        let total = by_shard.values().map(Vec::len).sum();
+        let mut outcomes = vec![
+            AppendOutcome::Failed {
+                code: "InternalFailure",
+                message: "not attempted".into(),
+            };
+            pending.len()
+        ];
+        let deadline = Instant::now() + self.config.retry_budget;
+        loop {
+            let closed = self
+                .put_routed(stream, &info, std::mem::take(&mut pending), &mut outcomes)
+                .await?;
+            if closed.is_empty() {
+                return Ok(outcomes);
+            }
+            // A reshard closed a shard under these records: wait for the map
+            // that routes them to its children.
+            let closed_shards: BTreeSet<ShardId> = closed
+                .iter()
+                .filter_map(|(_, key, _)| info.shard_for(*key).map(|s| s.shard_id))
+                .collect();
+            pending = closed;
+            loop {
+                info = self.describe_stream(stream)?;
+                let moved = pending.iter().all(|(_, key, _)| {
+                    info.shard_for(*key)
+                        .is_some_and(|s| !closed_shards.contains(&s.shard_id))
+                });
+                if moved {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    for (pos, _, _) in pending {
+                        outcomes[pos] = AppendOutcome::Failed {
+                            code: "InternalFailure",
+                            message: "the shard was closed by a reshard and no new shard took over in time".into(),
+                        };
+                    }
+                    return Ok(outcomes);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    /// Appends `pending` to the shards `info` routes them to, filling in
+    /// `outcomes`; returns the records whose shard turned out to be closed.
+    async fn put_routed(
+        &self,
+        stream: &str,
+        info: &StreamInfo,
+        pending: Vec<(usize, HashKey, NewRecord)>,
+        outcomes: &mut [AppendOutcome],
+    ) -> Result<Vec<(usize, HashKey, NewRecord)>, RouterError> {
+        let mut by_shard: BTreeMap<ShardId, Vec<(usize, HashKey, NewRecord)>> = BTreeMap::new();
+        for (i, key, record) in pending {
+            let shard = info.shard_for(key).ok_or_else(|| {
+                RouterError::Internal(format!("no open shard holds hash key {key}"))
+            })?;
+            by_shard
+                .entry(shard.shard_id)
+                .or_default()
+                .push((i, key, record));
+        }
         let appends = by_shard.into_iter().map(|(shard_id, entries)| {
             let shard = info
                 .shard(shard_id)
@@ -461,35 +524,29 @@ impl Router {
                 .clone();
             let epoch = info.epoch;
             async move {
-                let (positions, records): (Vec<usize>, Vec<NewRecord>) =
-                    entries.into_iter().unzip();
+                let records: Vec<NewRecord> = entries.iter().map(|(_, _, r)| r.clone()).collect();
                 let result = self
                     .append(shard.group, &shard.replicas, epoch, records)
                     .await;
-                (shard_id, positions, result)
+                (shard_id, entries, result)
             }
         });
-        let mut outcomes = vec![
-            AppendOutcome::Failed {
-                code: "InternalFailure",
-                message: String::new(),
-            };
-            total
-        ];
-        for (shard, positions, result) in futures::future::join_all(appends).await {
+        let mut closed = Vec::new();
+        for (shard, entries, result) in futures::future::join_all(appends).await {
             match result {
                 Ok(first) => {
                     metrics::counter!("kinesin_stream_incoming_records_total", "stream" => stream.to_string())
-                        .increment(positions.len() as u64);
-                    for (k, pos) in positions.into_iter().enumerate() {
+                        .increment(entries.len() as u64);
+                    for (k, (pos, _, _)) in entries.into_iter().enumerate() {
                         outcomes[pos] = AppendOutcome::Stored {
                             shard,
                             sequence: SequenceNumber(first.0 + k as u128),
                         };
                     }
                 }
+                Err(RouterError::ShardClosed(_)) => closed.extend(entries),
                 Err(e) => {
-                    for pos in positions {
+                    for (pos, _, _) in entries {
                         outcomes[pos] = AppendOutcome::Failed {
                             code: "InternalFailure",
                             message: e.to_string(),
@@ -498,7 +555,7 @@ impl Router {
                 }
             }
         }
-        Ok(outcomes)
+        Ok(closed)
     }
 
     async fn append(
@@ -556,6 +613,9 @@ impl Router {
             .record(started.elapsed().as_secs_f64());
         match ShardReply::decode(&reply)? {
             ShardReply::Appended { first, .. } => Ok(SequenceNumber(first)),
+            ShardReply::Rejected(ShardRejection::Sealed) => Err(RouterError::ShardClosed(format!(
+                "{group} is sealed by a reshard"
+            ))),
             ShardReply::Rejected(r) => Err(RouterError::Unavailable(format!(
                 "shard refused the append: {r:?}"
             ))),

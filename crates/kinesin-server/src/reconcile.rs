@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use kinesin_meta::{place_replicas, MetaCommand, MetaState, MetaStateMachine, NodeState};
 use kinesin_raft::{RaftHost, TimingProfile};
 use kinesin_router::{LocalShards, Router};
-use kinesin_shard::{ShardCommand, ShardStateMachine};
+use kinesin_shard::{ShardCommand, ShardReply, ShardStateMachine};
 use kinesin_storage::Storage;
-use kinesin_types::{GroupId, NodeId, ShardInfo};
+use kinesin_types::{GroupId, NodeId, SequenceNumber, ShardInfo, ShardState};
 use tokio::sync::watch;
 
 use crate::config::Config;
@@ -54,6 +54,7 @@ enum LeaderAction {
 #[derive(Default)]
 struct Busy {
     membership: HashSet<GroupId>,
+    sealing: HashSet<GroupId>,
     last_transfer: HashMap<GroupId, Instant>,
     last_trim: HashMap<GroupId, Instant>,
     unassigned_since: HashMap<GroupId, Instant>,
@@ -138,6 +139,9 @@ async fn reconcile_once(ctx: &Context, state: &MetaState, busy: &Arc<Mutex<Busy>
         if status.role != "leader" {
             continue;
         }
+        if shard.state == ShardState::Sealing {
+            seal_parent(ctx, stream, shard, busy);
+        }
         let desired: BTreeSet<NodeId> = shard.replicas.iter().copied().collect();
         if status.voters != desired {
             align_membership(ctx, state, *group, desired, busy.clone());
@@ -214,6 +218,37 @@ async fn reconcile_once(ctx: &Context, state: &MetaState, busy: &Arc<Mutex<Busy>
             });
         }
     }
+}
+
+/// A reshard closed this shard in the map: seal its group so that no write
+/// lands after the children opened, and report the ending sequence number.
+fn seal_parent(ctx: &Context, stream: &str, shard: &ShardInfo, busy: &Arc<Mutex<Busy>>) {
+    if !busy.lock().expect("busy lock").sealing.insert(shard.group) {
+        return;
+    }
+    let (host, router, busy) = (ctx.host.clone(), ctx.router.clone(), busy.clone());
+    let (stream, shard_id, group) = (stream.to_string(), shard.shard_id, shard.group);
+    tokio::spawn(async move {
+        let result = async {
+            let reply = host.propose(group, ShardCommand::Seal.encode()).await?;
+            let ShardReply::Sealed { ending } = ShardReply::decode(&reply)? else {
+                anyhow::bail!("unexpected reply to Seal");
+            };
+            router
+                .meta_write(MetaCommand::ShardSealed {
+                    stream,
+                    shard: shard_id,
+                    ending: ending.map(SequenceNumber),
+                })
+                .await?;
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(%group, error = %e, "cannot seal a resharded shard yet");
+        }
+        busy.lock().expect("busy lock").sealing.remove(&group);
+    });
 }
 
 async fn start_replica(ctx: &Context, state: &MetaState, shard: &ShardInfo) -> anyhow::Result<()> {

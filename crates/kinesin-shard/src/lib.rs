@@ -6,7 +6,7 @@ mod command;
 mod read;
 mod state_machine;
 
-pub use command::{NewRecord, ShardCommand, ShardReply, StoredRecord};
+pub use command::{NewRecord, ShardCommand, ShardRejection, ShardReply, StoredRecord};
 pub use read::{ReadBatch, ReadStart};
 pub use state_machine::{ShardStateMachine, ShardStats};
 

@@ -10,6 +10,9 @@ use crate::{GroupId, HashKey, HashKeyRange, NodeId, SequenceNumber, ShardId, Str
 pub enum ShardState {
     /// Accepts writes.
     Open,
+    /// Closed by a reshard in the map; its leader has yet to seal the group
+    /// and report the ending sequence number. Receives no new writes.
+    Sealing,
     /// Closed by a reshard; readable until retention removes its records.
     Sealed,
 }
