@@ -506,7 +506,9 @@ def test_split_then_merge_under_concurrent_puts(cluster, kinesis, stream_name):
         for parent in (s.get("ParentShardId"), s.get("AdjacentParentShardId")):
             if parent in by_shard and s["ShardId"] in by_shard:
                 assert min(by_shard[s["ShardId"]]) > max(by_shard[parent])
-    assert len(by_shard) == 4, by_shard.keys()
+    # The first and the last shard certainly got records; the middle ones
+    # only if a put reached them in the short time they were open.
+    assert {"shardId-000000000000", "shardId-000000000003"} <= by_shard.keys()
 
 
 def test_update_shard_count_and_reshard_errors(kinesis, stream_name):
