@@ -539,3 +539,67 @@ def test_update_shard_count_and_reshard_errors(kinesis, stream_name):
     out = kinesis.put_records(StreamName=stream_name, Records=[{"PartitionKey": str(k), "Data": b"x"} for k in range(100)])
     assert out["FailedRecordCount"] == 0
     assert {r["ShardId"] for r in out["Records"]} == {s["ShardId"] for s in open_shards}
+
+
+def test_enhanced_fan_out(cluster, kinesis, stream_name):
+    create_and_wait(kinesis, stream_name, shards=1)
+    arn = kinesis.describe_stream_summary(StreamName=stream_name)["StreamDescriptionSummary"]["StreamARN"]
+    consumer = kinesis.register_stream_consumer(StreamARN=arn, ConsumerName="reader")["Consumer"]
+    assert consumer["ConsumerStatus"] == "ACTIVE"
+    assert consumer["ConsumerARN"].startswith(arn + "/consumer/reader:")
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        kinesis.register_stream_consumer(StreamARN=arn, ConsumerName="reader")
+    assert error_code(e) == "ResourceInUseException"
+    described = kinesis.describe_stream_consumer(ConsumerARN=consumer["ConsumerARN"])["ConsumerDescription"]
+    assert described["StreamARN"] == arn and described["ConsumerName"] == "reader"
+    assert [c["ConsumerName"] for c in kinesis.list_stream_consumers(StreamARN=arn)["Consumers"]] == ["reader"]
+    assert kinesis.describe_stream_summary(StreamName=stream_name)["StreamDescriptionSummary"]["ConsumerCount"] == 1
+
+    before = kinesis.put_record(StreamName=stream_name, PartitionKey="k", Data=b"before")
+    # Two subscribers on different nodes: from the start and from LATEST.
+    from_start = client_for(cluster[1].endpoint).subscribe_to_shard(
+        ConsumerARN=consumer["ConsumerARN"], ShardId="shardId-000000000000", StartingPosition={"Type": "TRIM_HORIZON"}
+    )["EventStream"]
+    latest = client_for(cluster[2].endpoint).subscribe_to_shard(
+        ConsumerARN=consumer["ConsumerARN"], ShardId="shardId-000000000000", StartingPosition={"Type": "LATEST"}
+    )["EventStream"]
+    sent = [f"after-{k}".encode() for k in range(30)]
+    for data in sent:
+        kinesis.put_record(StreamName=stream_name, PartitionKey="k", Data=data)
+
+    def collect(events, want):
+        got, continuation = [], None
+        deadline = time.monotonic() + 30
+        for event in events:
+            assert "SubscribeToShardEvent" in event, event
+            e = event["SubscribeToShardEvent"]
+            got.extend(r["Data"] for r in e["Records"])
+            continuation = e["ContinuationSequenceNumber"]
+            if len(got) >= want or time.monotonic() > deadline:
+                break
+        events.close()
+        return got, continuation
+
+    got, continuation = collect(from_start, 31)
+    assert got == [b"before"] + sent
+    got, _ = collect(latest, 30)
+    assert got == sent
+    # Resuming after the continuation number delivers what follows it.
+    kinesis.put_record(StreamName=stream_name, PartitionKey="k", Data=b"resumed")
+    resumed = kinesis.subscribe_to_shard(
+        ConsumerARN=consumer["ConsumerARN"],
+        ShardId="shardId-000000000000",
+        StartingPosition={"Type": "AFTER_SEQUENCE_NUMBER", "SequenceNumber": continuation},
+    )["EventStream"]
+    got, _ = collect(resumed, 1)
+    assert got == [b"resumed"]
+    assert int(continuation) >= int(before["SequenceNumber"])
+
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        kinesis.delete_stream(StreamName=stream_name)
+    assert error_code(e) == "ResourceInUseException"
+    kinesis.deregister_stream_consumer(ConsumerARN=consumer["ConsumerARN"])
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        kinesis.subscribe_to_shard(ConsumerARN=consumer["ConsumerARN"], ShardId="shardId-000000000000", StartingPosition={"Type": "LATEST"})
+    assert error_code(e) == "ResourceNotFoundException"
+    kinesis.delete_stream(StreamName=stream_name)

@@ -26,8 +26,10 @@ pub const OPERATIONS: &[&str] = &[
     "DecreaseStreamRetentionPeriod",
     "DeleteResourcePolicy",
     "DeleteStream",
+    "DeregisterStreamConsumer",
     "DescribeLimits",
     "DescribeStream",
+    "DescribeStreamConsumer",
     "DescribeStreamSummary",
     "DisableEnhancedMonitoring",
     "EnableEnhancedMonitoring",
@@ -36,6 +38,7 @@ pub const OPERATIONS: &[&str] = &[
     "GetShardIterator",
     "IncreaseStreamRetentionPeriod",
     "ListShards",
+    "ListStreamConsumers",
     "ListStreams",
     "ListTagsForResource",
     "ListTagsForStream",
@@ -43,10 +46,12 @@ pub const OPERATIONS: &[&str] = &[
     "PutRecord",
     "PutRecords",
     "PutResourcePolicy",
+    "RegisterStreamConsumer",
     "RemoveTagsFromStream",
     "SplitShard",
     "StartStreamEncryption",
     "StopStreamEncryption",
+    "SubscribeToShard",
     "TagResource",
     "UntagResource",
     "UpdateMaxRecordSize",
@@ -132,6 +137,10 @@ pub async fn call(ctx: &Context<'_>, operation: &str, body: &Value) -> Result<Va
         "PutRecords" => put_records(ctx, i).await,
         "GetShardIterator" => get_shard_iterator(ctx, i).await,
         "GetRecords" => get_records(ctx, i).await,
+        "RegisterStreamConsumer" => register_consumer(ctx, i).await,
+        "DeregisterStreamConsumer" => deregister_consumer(ctx, i).await,
+        "DescribeStreamConsumer" => describe_consumer(ctx, i),
+        "ListStreamConsumers" => list_consumers(ctx, i),
         "SplitShard" => split_shard(ctx, i).await,
         "MergeShards" => merge_shards(ctx, i).await,
         "UpdateShardCount" => update_shard_count(ctx, i).await,
@@ -342,8 +351,14 @@ fn parse_mode(s: &str) -> Result<StreamMode, ApiError> {
 
 async fn delete_stream(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
     let name = stream_name(i)?;
-    i.opt_bool("EnforceConsumerDeletion")?;
-    ctx.stream(&name)?;
+    let enforce = i.opt_bool("EnforceConsumerDeletion")?.unwrap_or(false);
+    let stream = ctx.stream(&name)?;
+    if !enforce && !stream.settings.consumers.is_empty() {
+        return Err(ApiError::in_use(format!(
+            "Stream {name} has {} registered consumers; deregister them or set EnforceConsumerDeletion.",
+            stream.settings.consumers.len()
+        )));
+    }
     ctx.router.delete_stream(&name).await?;
     Ok(json!({}))
 }
@@ -435,7 +450,7 @@ fn describe_stream_summary(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, Ap
         "EnhancedMonitoring": metrics_json(&stream),
         "EncryptionType": encryption_type(&stream),
         "OpenShardCount": stream.open_shard_count(),
-        "ConsumerCount": 0,
+        "ConsumerCount": stream.settings.consumers.len(),
         "MaxRecordSizeInKiB": stream.max_record_bytes / 1024,
     });
     if let Some(k) = &stream.settings.encryption_key {
@@ -978,6 +993,303 @@ fn child_shards(stream: &StreamInfo, parent: ShardId) -> Value {
         })
         .collect();
     Value::Array(children)
+}
+
+const MAX_CONSUMERS_PER_STREAM: usize = 20;
+
+impl Context<'_> {
+    fn consumer_arn(&self, stream: &str, name: &str, created_ms: u64) -> String {
+        format!("{}/consumer/{name}:{}", self.arn(stream), created_ms / 1000)
+    }
+
+    fn consumer_json(&self, stream: &str, name: &str, created_ms: u64) -> Value {
+        json!({
+            "ConsumerName": name,
+            "ConsumerARN": self.consumer_arn(stream, name, created_ms),
+            "ConsumerStatus": "ACTIVE",
+            "ConsumerCreationTimestamp": seconds(created_ms),
+            "StreamARN": self.arn(stream),
+        })
+    }
+}
+
+/// `<stream arn>/consumer/<name>:<epoch seconds>` → (stream, consumer).
+pub(crate) fn parse_consumer_arn(arn: &str) -> Result<(String, String), ApiError> {
+    let invalid = || {
+        constraint(
+            "ConsumerARN",
+            arn,
+            "satisfy regular expression pattern: ^(arn):aws.*:kinesis:.*:\\d{12}:.*stream\\/[a-zA-Z0-9_.-]+\\/consumer\\/[a-zA-Z0-9_.-]+:[0-9]+",
+        )
+    };
+    let (stream_arn, rest) = arn.split_once("/consumer/").ok_or_else(invalid)?;
+    let (name, stamp) = rest.rsplit_once(':').ok_or_else(invalid)?;
+    if stamp.is_empty() || !stamp.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid());
+    }
+    check_name_pattern("ConsumerName", name)?;
+    Ok((
+        parse_stream_arn("ConsumerARN", stream_arn)?,
+        name.to_string(),
+    ))
+}
+
+/// The consumer a request names by ConsumerARN or by StreamARN and
+/// ConsumerName; it must exist.
+fn consumer_of(ctx: &Context<'_>, i: &Input<'_>) -> Result<(StreamInfo, String, u64), ApiError> {
+    let (stream, name) = match i.opt_str("ConsumerARN")? {
+        Some(arn) => parse_consumer_arn(arn)?,
+        None => {
+            let arn = i.opt_str("StreamARN")?.ok_or_else(|| {
+                ApiError::invalid_argument(
+                    "Either ConsumerARN or StreamARN and ConsumerName must be provided.",
+                )
+            })?;
+            let name = i.str("ConsumerName")?;
+            check_name_pattern("ConsumerName", name)?;
+            (parse_stream_arn("StreamARN", arn)?, name.to_string())
+        }
+    };
+    let info = ctx.stream(&stream)?;
+    let created = *info.settings.consumers.get(&name).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "Consumer {name}, account {}, not found.",
+            ctx.account
+        ))
+    })?;
+    if let Some(arn) = i.opt_str("ConsumerARN")? {
+        if ctx.consumer_arn(&stream, &name, created) != arn {
+            return Err(ApiError::not_found(format!(
+                "Consumer {arn} not found: the consumer was registered again since."
+            )));
+        }
+    }
+    Ok((info, name, created))
+}
+
+async fn register_consumer(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
+    let stream = parse_stream_arn("StreamARN", i.str("StreamARN")?)?;
+    let name = i.str("ConsumerName")?;
+    check_name_pattern("ConsumerName", name)?;
+    let info = ctx.stream(&stream)?;
+    if info.settings.consumers.contains_key(name) {
+        return Err(ApiError::in_use(format!(
+            "Consumer {name} of stream {stream} already exists."
+        )));
+    }
+    if info.settings.consumers.len() >= MAX_CONSUMERS_PER_STREAM {
+        return Err(ApiError::limit_exceeded(format!(
+            "Stream {stream} already has {MAX_CONSUMERS_PER_STREAM} consumers."
+        )));
+    }
+    ctx.change(
+        &stream,
+        StreamChange::RegisterConsumer {
+            name: name.to_string(),
+            now_ms: ctx.now_ms,
+        },
+    )
+    .await?;
+    let created = ctx
+        .stream(&stream)?
+        .settings
+        .consumers
+        .get(name)
+        .copied()
+        .unwrap_or(ctx.now_ms);
+    let mut consumer = ctx.consumer_json(&stream, name, created);
+    if let Some(obj) = consumer.as_object_mut() {
+        obj.remove("StreamARN");
+    }
+    Ok(json!({ "Consumer": consumer }))
+}
+
+async fn deregister_consumer(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
+    let (stream, name, _) = consumer_of(ctx, i)?;
+    ctx.change(stream.name.as_str(), StreamChange::DeregisterConsumer(name))
+        .await?;
+    Ok(json!({}))
+}
+
+fn describe_consumer(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
+    let (stream, name, created) = consumer_of(ctx, i)?;
+    Ok(json!({ "ConsumerDescription": ctx.consumer_json(stream.name.as_str(), &name, created) }))
+}
+
+fn list_consumers(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
+    let stream = parse_stream_arn("StreamARN", i.str("StreamARN")?)?;
+    let limit = i.opt_int_range("MaxResults", 1, 10_000)?.unwrap_or(100) as usize;
+    i.opt_timestamp_ms("StreamCreationTimestamp")?;
+    let after = match i.opt_str("NextToken")? {
+        Some(t) => {
+            let t: PageToken = iterator::decode(t, "NextToken")?;
+            check_token_age(ctx, t.issued_ms)?;
+            Some(t.after)
+        }
+        None => None,
+    };
+    let info = ctx.stream(&stream)?;
+    let rest: Vec<(&String, &u64)> = info
+        .settings
+        .consumers
+        .iter()
+        .filter(|(n, _)| after.as_deref().is_none_or(|a| n.as_str() > a))
+        .collect();
+    let page: Vec<Value> = rest
+        .iter()
+        .take(limit)
+        .map(|(n, c)| {
+            let mut v = ctx.consumer_json(&stream, n, **c);
+            if let Some(obj) = v.as_object_mut() {
+                obj.remove("StreamARN");
+            }
+            v
+        })
+        .collect();
+    let mut out = json!({ "Consumers": page });
+    if rest.len() > limit {
+        out["NextToken"] = json!(iterator::encode(&PageToken {
+            stream: stream.clone(),
+            after: rest[limit - 1].0.clone(),
+            filter: None,
+            issued_ms: ctx.now_ms,
+        }));
+    }
+    Ok(out)
+}
+
+/// A validated SubscribeToShard request.
+pub struct Subscription {
+    pub stream: String,
+    pub shard: ShardId,
+    pub start: ReadStart,
+}
+
+pub fn subscription(ctx: &Context<'_>, body: &Value) -> Result<Subscription, ApiError> {
+    let i = Input::new(body)?;
+    let i = &i;
+    let (stream, _, _) = consumer_of(ctx, i)?;
+    let shard_text = i.str("ShardId")?;
+    check_name_pattern("ShardId", shard_text)?;
+    let shard = find_shard(ctx, &stream, shard_text)?;
+    let pos = i
+        .opt_object("StartingPosition")?
+        .ok_or_else(|| constraint("StartingPosition", "null", "not be null"))?;
+    let kind = pos.str("Type")?;
+    let sequence = || -> Result<SequenceNumber, ApiError> {
+        let s = pos.opt_str("SequenceNumber")?.ok_or_else(|| {
+            ApiError::invalid_argument(format!("StartingPosition {kind} needs a SequenceNumber."))
+        })?;
+        check_decimal("SequenceNumber", s, 129)?;
+        let n = s
+            .parse::<SequenceNumber>()
+            .map_err(|e| ApiError::invalid_argument(e.0))?;
+        if n.shard() != shard.shard_id || n.generation() != shard.generation {
+            return Err(ApiError::invalid_argument(format!(
+                "Invalid SequenceNumber: it encodes {}, not {}",
+                n.shard(),
+                shard.shard_id
+            )));
+        }
+        Ok(n)
+    };
+    let start = match kind {
+        "TRIM_HORIZON" => ReadStart::TrimHorizon,
+        "LATEST" => ReadStart::Latest,
+        "AT_SEQUENCE_NUMBER" => ReadStart::At(sequence()?),
+        "AFTER_SEQUENCE_NUMBER" => ReadStart::After(sequence()?),
+        "AT_TIMESTAMP" => ReadStart::AtTimestamp(pos.opt_timestamp_ms("Timestamp")?.ok_or_else(|| {
+            ApiError::invalid_argument("StartingPosition AT_TIMESTAMP needs a Timestamp.")
+        })?),
+        other => {
+            return Err(constraint(
+                "Type",
+                other,
+                "satisfy enum value set: [AT_SEQUENCE_NUMBER, AFTER_SEQUENCE_NUMBER, TRIM_HORIZON, LATEST, AT_TIMESTAMP]",
+            ))
+        }
+    };
+    Ok(Subscription {
+        stream: stream.name.as_str().to_string(),
+        shard: shard.shard_id,
+        start,
+    })
+}
+
+/// Pins LATEST to the current tip, so that records put once the call
+/// returned are delivered.
+pub async fn pin_latest(router: &Router, sub: &mut Subscription) -> Result<(), ApiError> {
+    if sub.start == ReadStart::Latest {
+        let tip = router
+            .get_records(
+                &sub.stream,
+                sub.shard,
+                ReadRequest {
+                    start: ReadStart::Latest,
+                    limit: 1,
+                    max_bytes: 1,
+                },
+            )
+            .await?;
+        sub.start = ReadStart::At(tip.next);
+    }
+    Ok(())
+}
+
+/// One SubscribeToShardEvent read from `start`; returns the event and where
+/// the next read starts, or None once a closed shard is fully read.
+pub async fn next_event(
+    router: &Router,
+    sub: &Subscription,
+    start: ReadStart,
+) -> Result<(Value, Option<ReadStart>, usize), ApiError> {
+    let batch = router
+        .get_records(
+            &sub.stream,
+            sub.shard,
+            ReadRequest {
+                start,
+                limit: 10_000,
+                max_bytes: MAX_GET_RECORDS_BYTES,
+            },
+        )
+        .await?;
+    let info = router.describe_stream(&sub.stream)?;
+    let shard = info
+        .shard(sub.shard)
+        .ok_or_else(|| ApiError::not_found(format!("Shard {} is gone.", sub.shard)))?;
+    // Resume with AFTER_SEQUENCE_NUMBER or AT_SEQUENCE_NUMBER alike: the
+    // number just below the next one to read, never below the shard's first.
+    let continuation = SequenceNumber(
+        batch
+            .next
+            .0
+            .saturating_sub(1)
+            .max(shard.starting_sequence().0),
+    );
+    let count = batch.records.len();
+    let records: Vec<Value> = batch
+        .records
+        .into_iter()
+        .map(|(seq, r)| {
+            json!({
+                "SequenceNumber": seq.to_string(),
+                "ApproximateArrivalTimestamp": seconds(r.arrival_ms),
+                "Data": base64::engine::general_purpose::STANDARD.encode(&r.data),
+                "PartitionKey": r.partition_key,
+            })
+        })
+        .collect();
+    let mut event = json!({
+        "Records": records,
+        "ContinuationSequenceNumber": continuation.to_string(),
+        "MillisBehindLatest": batch.millis_behind_latest,
+    });
+    if batch.sealed_and_drained {
+        event["ChildShards"] = child_shards(&info, sub.shard);
+        return Ok((event, None, count));
+    }
+    Ok((event, Some(ReadStart::At(batch.next)), count))
 }
 
 /// A stream that may be resharded now: ACTIVE, as AWS requires.

@@ -7,12 +7,13 @@
 mod auth;
 mod codec;
 mod error;
+mod eventstream;
 mod input;
 mod iterator;
 mod kinesis;
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
@@ -111,7 +112,14 @@ async fn handle(
         headers: &headers,
         body: &body,
     };
-    let result = dispatch(&gw, service, op, target, &request).await;
+    let result = if service == "kinesis" && op == "SubscribeToShard" {
+        match subscribe(&gw, protocol, &request).await {
+            Ok(response) => return response,
+            Err(e) => Err(e),
+        }
+    } else {
+        dispatch(&gw, service, op, target, &request).await
+    };
     let op_label: &'static str = kinesis::OPERATIONS
         .iter()
         .find(|known| **known == op)
@@ -184,6 +192,97 @@ async fn dispatch(
             "unknown operation {target}"
         ))),
     }
+}
+
+/// How long one SubscribeToShard call streams, as AWS.
+const SUBSCRIPTION_LIFETIME: Duration = Duration::from_secs(300);
+/// An event goes out at least this often, records or not.
+const SUBSCRIPTION_HEARTBEAT: Duration = Duration::from_secs(5);
+const SUBSCRIPTION_POLL: Duration = Duration::from_millis(100);
+
+/// SubscribeToShard: validates like any call, then answers with an
+/// event stream that pushes records for up to five minutes.
+async fn subscribe(
+    gw: &Arc<Gateway>,
+    protocol: Protocol,
+    request: &auth::SignedRequest<'_>,
+) -> Result<Response, ApiError> {
+    let account = auth::authenticate(&gw.config.credentials, request, SystemTime::now())?;
+    let input = protocol.decode(request.body)?;
+    let mut sub = {
+        let ctx = kinesis::Context {
+            router: &gw.router,
+            region: &gw.config.region,
+            account: &account,
+            shard_limit: gw.config.shard_limit,
+            validity_ms: gw.config.iterator_validity_ms,
+            now_ms: kinesin_router::now_ms(),
+        };
+        kinesis::subscription(&ctx, &input)?
+    };
+    kinesis::pin_latest(&gw.router, &mut sub).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(4);
+    let router = gw.router.clone();
+    let content_type = protocol.content_type();
+    tokio::spawn(async move {
+        let send = |frame: Vec<u8>| tx.send(Ok(Bytes::from(frame)));
+        let initial = protocol.encode(&json!({}));
+        if send(eventstream::event(
+            "initial-response",
+            content_type,
+            &initial,
+        ))
+        .await
+        .is_err()
+        {
+            return;
+        }
+        let deadline = Instant::now() + SUBSCRIPTION_LIFETIME;
+        let mut last_sent = Instant::now();
+        let mut position = Some(sub.start);
+        while let Some(start) = position {
+            if Instant::now() >= deadline {
+                break;
+            }
+            match kinesis::next_event(&router, &sub, start).await {
+                Ok((event, next, count)) => {
+                    if count > 0 || next.is_none() || last_sent.elapsed() >= SUBSCRIPTION_HEARTBEAT
+                    {
+                        let payload = protocol.encode(&event);
+                        let frame =
+                            eventstream::event("SubscribeToShardEvent", content_type, &payload);
+                        if send(frame).await.is_err() {
+                            return;
+                        }
+                        last_sent = Instant::now();
+                    }
+                    if count == 0 && next.is_some() {
+                        tokio::time::sleep(SUBSCRIPTION_POLL).await;
+                    }
+                    position = next;
+                }
+                Err(e) if e.status.is_server_error() => {
+                    tokio::time::sleep(SUBSCRIPTION_POLL).await;
+                }
+                Err(e) => {
+                    let payload = protocol.encode(&json!({ "message": e.message }));
+                    let _ = send(eventstream::exception(e.name, content_type, &payload)).await;
+                    return;
+                }
+            }
+        }
+    });
+    let body = axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let mut response = (StatusCode::OK, body).into_response();
+    let h = response.headers_mut();
+    h.insert(
+        "content-type",
+        HeaderValue::from_static(eventstream::CONTENT_TYPE),
+    );
+    if let Ok(v) = HeaderValue::from_str(&new_request_id()) {
+        h.insert("x-amzn-requestid", v);
+    }
+    Ok(response)
 }
 
 fn respond(

@@ -82,6 +82,8 @@ pub enum StreamChange {
     DisableMetrics(Vec<String>),
     EncryptionKey(Option<String>),
     ResourcePolicy(Option<String>),
+    RegisterConsumer { name: String, now_ms: u64 },
+    DeregisterConsumer(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]

@@ -326,6 +326,12 @@ fn apply_change(stream: &mut StreamInfo, change: StreamChange) {
         }
         StreamChange::EncryptionKey(k) => settings.encryption_key = k,
         StreamChange::ResourcePolicy(p) => settings.resource_policy = p,
+        StreamChange::RegisterConsumer { name, now_ms } => {
+            settings.consumers.entry(name).or_insert(now_ms);
+        }
+        StreamChange::DeregisterConsumer(name) => {
+            settings.consumers.remove(&name);
+        }
     }
 }
 

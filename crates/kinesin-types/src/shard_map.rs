@@ -105,6 +105,8 @@ pub struct StreamSettings {
     pub encryption_key: Option<String>,
     /// Resource policy document (JSON text), stored and returned verbatim.
     pub resource_policy: Option<String>,
+    /// Enhanced fan-out consumers: name → registration time (ms).
+    pub consumers: BTreeMap<String, u64>,
 }
 
 impl StreamInfo {
