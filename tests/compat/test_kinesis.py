@@ -10,7 +10,9 @@ import subprocess
 import threading
 import time
 
+import boto3
 import botocore.exceptions
+from botocore.config import Config
 import pytest
 
 from conftest import (
@@ -211,6 +213,56 @@ def test_expired_iterator(binary, workdir, stream_name):
     finally:
         for n in nodes:
             n.stop()
+
+
+def test_shard_throughput_limits(binary, workdir, stream_name):
+    limits = "replication_factor = 1\nshard_write_records_per_sec = 100\nshard_read_calls_per_sec = 2"
+    nodes = start_cluster(binary, os.path.join(workdir, "limits"), 1, extra=limits)
+    try:
+        client = client_for(nodes[0].endpoint)
+        create_and_wait(client, stream_name)
+        # The first call may overdraw the bucket; the next ones are refused
+        # per record until a second's worth of budget is back.
+        first = client.put_records(StreamName=stream_name, Records=[{"PartitionKey": "k", "Data": b"x"}] * 300)
+        assert first["FailedRecordCount"] == 0
+        second = client.put_records(StreamName=stream_name, Records=[{"PartitionKey": "k", "Data": b"x"}] * 10)
+        assert second["FailedRecordCount"] == 10
+        assert {r["ErrorCode"] for r in second["Records"]} == {"ProvisionedThroughputExceededException"}
+        no_retry = boto3_client_without_retries(nodes[0].endpoint)
+        with pytest.raises(botocore.exceptions.ClientError) as e:
+            no_retry.put_record(StreamName=stream_name, PartitionKey="k", Data=b"x")
+        assert error_code(e) == "ProvisionedThroughputExceededException"
+        # The budget comes back.
+        deadline = time.monotonic() + 10
+        while True:
+            out = client.put_records(StreamName=stream_name, Records=[{"PartitionKey": "k", "Data": b"y"}])
+            if out["FailedRecordCount"] == 0:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        it = no_retry.get_shard_iterator(StreamName=stream_name, ShardId="shardId-000000000000", ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+        throttled = 0
+        for _ in range(6):
+            try:
+                no_retry.get_records(ShardIterator=it)
+            except botocore.exceptions.ClientError as err:
+                assert err.response["Error"]["Code"] == "ProvisionedThroughputExceededException"
+                throttled += 1
+        assert throttled >= 3
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def boto3_client_without_retries(endpoint):
+    return boto3.client(
+        "kinesis",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+        config=Config(retries={"total_max_attempts": 1}),
+    )
 
 
 def test_bad_input_gets_aws_errors(raw_kinesis, kinesis, stream_name):

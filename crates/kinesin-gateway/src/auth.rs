@@ -118,6 +118,79 @@ pub fn authenticate(
     Ok(credential.account_id.clone())
 }
 
+/// Signs a request as an AWS SDK would and returns the headers to add
+/// (`x-amz-date`, `authorization`); `headers` must already hold `host` and
+/// every other header to sign. Used by `kinesin bench` to drive any
+/// Kinesis-compatible endpoint.
+pub fn sign(
+    credential: (&str, &str),
+    region: &str,
+    service: &str,
+    req: &SignedRequest<'_>,
+    now: SystemTime,
+) -> Vec<(&'static str, String)> {
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    let date = format!("{y:04}{m:02}{d:02}");
+    let amz_date = format!(
+        "{date}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    );
+    let mut headers = req.headers.clone();
+    headers.insert(
+        "x-amz-date",
+        axum::http::HeaderValue::from_str(&amz_date).expect("ASCII date"),
+    );
+    let mut names: Vec<String> = headers.keys().map(|k| k.as_str().to_string()).collect();
+    names.sort();
+    names.dedup();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let signed = SignedRequest {
+        headers: &headers,
+        ..*req
+    };
+    let payload_hash = hex::encode(Sha256::digest(req.body));
+    let canonical =
+        canonical_request(&signed, &names, &payload_hash).expect("every signed header is present");
+    let scope = format!("{date}/{region}/{service}/aws4_request");
+    let string_to_sign = format!(
+        "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
+        hex::encode(Sha256::digest(canonical.as_bytes()))
+    );
+    let key = signing_key(credential.1, &date, region, service);
+    let signature = hex::encode(hmac(&key, string_to_sign.as_bytes()));
+    vec![
+        ("x-amz-date", amz_date),
+        (
+            "authorization",
+            format!(
+                "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={}, Signature={signature}",
+                credential.0,
+                names.join(";")
+            ),
+        ),
+    ]
+}
+
+/// Proleptic Gregorian date of a day count since 1970-01-01.
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
 struct Authorization<'a> {
     access_key: &'a str,
     date: &'a str,
@@ -444,6 +517,53 @@ mod tests {
             "UnrecognizedClientException"
         );
         assert_eq!(authenticate(&[], &req, now).unwrap(), DEV_ACCOUNT_ID);
+    }
+
+    #[test]
+    fn requests_we_sign_verify() {
+        let creds = vec![Credential {
+            access_key_id: "AKID".into(),
+            secret_access_key: "secret".into(),
+            account_id: "123456789012".into(),
+        }];
+        let mut headers = HeaderMap::new();
+        headers.insert("host", HeaderValue::from_static("127.0.0.1:7450"));
+        headers.insert(
+            "x-amz-target",
+            HeaderValue::from_static("Kinesis_20131202.ListStreams"),
+        );
+        let uri: Uri = "/".parse().unwrap();
+        let now = SystemTime::now();
+        let req = SignedRequest {
+            method: &Method::POST,
+            uri: &uri,
+            headers: &headers,
+            body: b"{}",
+        };
+        for (name, value) in sign(("AKID", "secret"), "us-east-1", "kinesis", &req, now) {
+            headers.insert(name, HeaderValue::from_str(&value).unwrap());
+        }
+        let signed = SignedRequest {
+            method: &Method::POST,
+            uri: &uri,
+            headers: &headers,
+            body: b"{}",
+        };
+        assert_eq!(authenticate(&creds, &signed, now).unwrap(), "123456789012");
+        let tampered = SignedRequest {
+            body: b"{ }",
+            ..signed
+        };
+        assert!(authenticate(&creds, &tampered, now).is_err());
+    }
+
+    #[test]
+    fn civil_dates_round_trip() {
+        for days in [-1, 0, 59, 10_956, 20_000, 20_785] {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
+        assert_eq!(civil_from_days(20_785), (2026, 11, 28));
     }
 
     #[test]

@@ -65,6 +65,11 @@ impl From<RouterError> for ApiError {
             RouterError::ResourceInUse(_) => ApiError::in_use(message),
             RouterError::InvalidArgument(_) => ApiError::invalid_argument(message),
             RouterError::LimitExceeded(_) => ApiError::limit_exceeded(message),
+            RouterError::Throttled(_) => ApiError::new(
+                "ProvisionedThroughputExceededException",
+                StatusCode::BAD_REQUEST,
+                message,
+            ),
             // SDKs retry 503 ServiceUnavailable with backoff.
             RouterError::Unavailable(_)
             | RouterError::NotLeader(_)

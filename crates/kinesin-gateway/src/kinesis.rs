@@ -738,10 +738,16 @@ async fn put_record(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError>
             "SequenceNumber": sequence.to_string(),
             "EncryptionType": encryption_type(&stream),
         })),
-        AppendOutcome::Failed { message, .. } => Err(kinesin_router::RouterError::Unavailable(
-            format!("the record was not acknowledged: {message}"),
-        )
-        .into()),
+        AppendOutcome::Failed { code, message } => {
+            Err(if code == "ProvisionedThroughputExceededException" {
+                kinesin_router::RouterError::Throttled(message)
+            } else {
+                kinesin_router::RouterError::Unavailable(format!(
+                    "the record was not acknowledged: {message}"
+                ))
+            }
+            .into())
+        }
     }
 }
 

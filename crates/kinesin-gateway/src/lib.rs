@@ -24,7 +24,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use auth::{Credential, DEV_ACCOUNT_ID};
+pub use auth::{sign, Credential, SignedRequest, DEV_ACCOUNT_ID};
 pub use codec::{Protocol, CBOR_CONTENT_TYPE, JSON_CONTENT_TYPE};
 pub use error::ApiError;
 

@@ -21,6 +21,9 @@ pub enum RouterError {
     Unavailable(String),
     #[error("{0}")]
     Internal(String),
+    /// The shard's throughput limit is exhausted for now.
+    #[error("{0}")]
+    Throttled(String),
     /// The shard was closed by a reshard: route by the new shard map.
     #[error("{0}")]
     ShardClosed(String),
@@ -38,6 +41,7 @@ impl RouterError {
             RouterError::ResourceInUse(_) => "ResourceInUseException",
             RouterError::InvalidArgument(_) => "InvalidArgumentException",
             RouterError::LimitExceeded(_) => "LimitExceededException",
+            RouterError::Throttled(_) => "ProvisionedThroughputExceededException",
             RouterError::Unavailable(_)
             | RouterError::NotLeader(_)
             | RouterError::ShardClosed(_) => "ServiceUnavailable",
@@ -60,7 +64,8 @@ impl From<RouterError> for Status {
             RouterError::ResourceNotFound(_) => Code::NotFound,
             RouterError::ResourceInUse(_) => Code::AlreadyExists,
             RouterError::InvalidArgument(_) => Code::InvalidArgument,
-            RouterError::LimitExceeded(_) => Code::ResourceExhausted,
+            RouterError::LimitExceeded(_) => Code::OutOfRange,
+            RouterError::Throttled(_) => Code::ResourceExhausted,
             RouterError::Unavailable(_) | RouterError::NotLeader(_) => Code::Unavailable,
             RouterError::ShardClosed(_) => Code::FailedPrecondition,
             RouterError::Internal(_) => Code::Internal,
@@ -91,7 +96,8 @@ impl From<Status> for RouterError {
             Code::NotFound => RouterError::ResourceNotFound(msg),
             Code::AlreadyExists => RouterError::ResourceInUse(msg),
             Code::InvalidArgument => RouterError::InvalidArgument(msg),
-            Code::ResourceExhausted => RouterError::LimitExceeded(msg),
+            Code::OutOfRange => RouterError::LimitExceeded(msg),
+            Code::ResourceExhausted => RouterError::Throttled(msg),
             Code::Internal => RouterError::Internal(msg),
             Code::FailedPrecondition => RouterError::ShardClosed(msg),
             _ => RouterError::Unavailable(msg),

@@ -8,7 +8,9 @@ mod clients;
 mod error;
 mod router;
 mod service;
+mod throttle;
 
 pub use error::RouterError;
 pub use router::{now_ms, AppendOutcome, LocalShards, ReadRequest, RecordIn, Router, RouterConfig};
 pub use service::NodeService;
+pub use throttle::ShardLimits;

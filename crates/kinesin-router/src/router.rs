@@ -21,6 +21,7 @@ use tonic::transport::Channel;
 
 use crate::clients::NodeClients;
 use crate::error::RouterError;
+use crate::throttle::{ShardLimits, Throttle};
 
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
@@ -28,6 +29,8 @@ pub struct RouterConfig {
     pub retry_budget: Duration,
     pub default_replication_factor: usize,
     pub default_retention_hours: u32,
+    /// Per-shard throughput limits, enforced where the shard leads.
+    pub shard_limits: ShardLimits,
 }
 
 impl Default for RouterConfig {
@@ -36,6 +39,7 @@ impl Default for RouterConfig {
             retry_budget: Duration::from_secs(10),
             default_replication_factor: 3,
             default_retention_hours: 24,
+            shard_limits: ShardLimits::default(),
         }
     }
 }
@@ -108,6 +112,7 @@ pub struct Router {
     shards: Arc<LocalShards>,
     clients: NodeClients,
     leaders: Mutex<HashMap<GroupId, NodeId>>,
+    throttle: Throttle,
     config: RouterConfig,
 }
 
@@ -135,6 +140,7 @@ impl Router {
             shards,
             clients: NodeClients::default(),
             leaders: Mutex::default(),
+            throttle: Throttle::new(config.shard_limits),
             config,
         }
     }
@@ -545,6 +551,14 @@ impl Router {
                     }
                 }
                 Err(RouterError::ShardClosed(_)) => closed.extend(entries),
+                Err(RouterError::Throttled(message)) => {
+                    for (pos, _, _) in entries {
+                        outcomes[pos] = AppendOutcome::Failed {
+                            code: "ProvisionedThroughputExceededException",
+                            message: message.clone(),
+                        };
+                    }
+                }
                 Err(e) => {
                     for (pos, _, _) in entries {
                         outcomes[pos] = AppendOutcome::Failed {
@@ -602,6 +616,19 @@ impl Router {
     ) -> Result<SequenceNumber, RouterError> {
         if !self.host.has_group(group) {
             return Err(RouterError::NotLeader(None));
+        }
+        if !self.host.is_leader(group) {
+            let leader = self.host.status(group).and_then(|s| s.leader);
+            return Err(RouterError::NotLeader(leader));
+        }
+        let bytes = records
+            .iter()
+            .map(|r| r.data.len() + r.partition_key.len())
+            .sum();
+        if !self.throttle.write(group, records.len(), bytes) {
+            return Err(RouterError::Throttled(format!(
+                "Rate exceeded for the shard of {group}"
+            )));
         }
         let started = Instant::now();
         let command = ShardCommand::Append {
@@ -675,6 +702,11 @@ impl Router {
             let leader = self.host.status(group).and_then(|s| s.leader);
             return Err(RouterError::NotLeader(leader));
         }
+        if !self.throttle.read(group) {
+            return Err(RouterError::Throttled(format!(
+                "Rate exceeded for reads of the shard of {group}"
+            )));
+        }
         let start = sm.resolve(request.start)?;
         let batch = sm.read(
             start,
@@ -682,6 +714,8 @@ impl Router {
             request.max_bytes.max(1),
             now_ms(),
         )?;
+        self.throttle
+            .read_bytes(group, batch.records.iter().map(|(_, r)| r.data.len()).sum());
         Ok(batch)
     }
 }

@@ -1,4 +1,6 @@
-//! `kinesin bench produce`: load through the native gRPC API. Closed loop
+//! `kinesin bench produce`: load through the native gRPC API or through the
+//! AWS JSON API (`--protocol aws-json`, which drives any Kinesis-compatible
+//! endpoint, so peers are measured with the same client). Closed loop
 //! (each worker sends its next batch when the previous one is answered) or,
 //! with `--rate`, open loop: batches are due on a fixed schedule and latency
 //! is measured from when a batch was due, so a slow server cannot hide its
@@ -8,17 +10,38 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use base64::Engine;
+use bytes::Bytes;
 use clap::Args;
 use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
 use kinesin_proto::v1::node_client::NodeClient;
 use kinesin_proto::v1::{self as pb};
 use tonic::transport::Endpoint;
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// Kinesin's native gRPC API (`--endpoints` are gRPC addresses).
+    Grpc,
+    /// AWS Kinesis JSON over HTTP/1.1, SigV4-signed (`--endpoints` are
+    /// host:port of any Kinesis-compatible API).
+    AwsJson,
+}
+
 #[derive(Args, Debug)]
 pub struct ProduceArgs {
-    /// gRPC addresses of the nodes to send to (round robin per worker).
+    /// Addresses of the nodes to send to (round robin per worker).
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:7451")]
     endpoints: Vec<String>,
+    #[arg(long, value_enum, default_value = "grpc")]
+    protocol: Protocol,
+    /// Credentials for `--protocol aws-json`.
+    #[arg(long, default_value = "bench")]
+    access_key: String,
+    #[arg(long, default_value = "bench")]
+    secret_key: String,
+    #[arg(long, default_value = "us-east-1")]
+    region: String,
     #[arg(long, default_value = "bench")]
     stream: String,
     /// Create the stream with this many shards if it does not exist.
@@ -42,7 +65,182 @@ pub struct ProduceArgs {
     json: bool,
 }
 
+/// One worker's connection, in either protocol.
+enum Sender {
+    Grpc(NodeClient<tonic::transport::Channel>),
+    Aws(AwsClient),
+}
+
+impl Sender {
+    /// Puts one batch; returns (stored, failed).
+    async fn put(
+        &mut self,
+        stream: &str,
+        records: Vec<(String, Vec<u8>)>,
+    ) -> anyhow::Result<(u64, u64)> {
+        match self {
+            Sender::Grpc(client) => {
+                let req = pb::PutRecordsRequest {
+                    stream: stream.to_string(),
+                    records: records
+                        .into_iter()
+                        .map(|(key, data)| pb::Record {
+                            partition_key: key,
+                            data: data.into(),
+                            explicit_hash_key: String::new(),
+                        })
+                        .collect(),
+                };
+                let r = client.put_records(req).await?.into_inner();
+                let failed = u64::from(r.failed_count);
+                Ok((r.results.len() as u64 - failed, failed))
+            }
+            Sender::Aws(client) => {
+                let n = records.len() as u64;
+                let body = serde_json::json!({
+                    "StreamName": stream,
+                    "Records": records.into_iter().map(|(key, data)| serde_json::json!({
+                        "PartitionKey": key,
+                        "Data": base64::engine::general_purpose::STANDARD.encode(data),
+                    })).collect::<Vec<_>>(),
+                });
+                let out = client.call("PutRecords", &body).await?;
+                let failed = out["FailedRecordCount"].as_u64().unwrap_or(0);
+                Ok((n - failed, failed))
+            }
+        }
+    }
+}
+
+/// A minimal Kinesis JSON client: one HTTP/1.1 keep-alive connection,
+/// SigV4-signed requests, reconnect on failure.
+struct AwsClient {
+    address: String,
+    credential: (String, String),
+    region: String,
+    connection: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
+}
+
+impl AwsClient {
+    fn new(address: &str, args: &ProduceArgs) -> Self {
+        AwsClient {
+            address: address.to_string(),
+            credential: (args.access_key.clone(), args.secret_key.clone()),
+            region: args.region.clone(),
+            connection: None,
+        }
+    }
+
+    async fn call(
+        &mut self,
+        op: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        let body = serde_json::to_vec(body)?;
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert("host", self.address.parse()?);
+        headers.insert("content-type", "application/x-amz-json-1.1".parse()?);
+        headers.insert("x-amz-target", format!("Kinesis_20131202.{op}").parse()?);
+        let uri: axum::http::Uri = "/".parse()?;
+        let signature = kinesin_gateway::sign(
+            (&self.credential.0, &self.credential.1),
+            &self.region,
+            "kinesis",
+            &kinesin_gateway::SignedRequest {
+                method: &axum::http::Method::POST,
+                uri: &uri,
+                headers: &headers,
+                body: &body,
+            },
+            std::time::SystemTime::now(),
+        );
+        let mut request = axum::http::Request::post(uri).body(Full::new(Bytes::from(body)))?;
+        *request.headers_mut() = headers;
+        for (name, value) in signature {
+            request.headers_mut().insert(name, value.parse()?);
+        }
+        if self.connection.as_ref().is_none_or(|c| c.is_closed()) {
+            let tcp = tokio::net::TcpStream::connect(&self.address).await?;
+            tcp.set_nodelay(true)?;
+            let (sender, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+            tokio::spawn(connection);
+            self.connection = Some(sender);
+        }
+        let connection = self.connection.as_mut().expect("connected above");
+        let result = async {
+            connection.ready().await?;
+            let response = connection.send_request(request).await?;
+            let status = response.status();
+            let bytes = response.into_body().collect().await?.to_bytes();
+            let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            if !status.is_success() {
+                anyhow::bail!("{op}: HTTP {status}: {value}");
+            }
+            Ok(value)
+        }
+        .await;
+        if result.is_err() {
+            self.connection = None;
+        }
+        result
+    }
+}
+
+/// Creates the stream if needed and waits until it is ACTIVE.
+async fn ensure_stream(args: &ProduceArgs) -> anyhow::Result<()> {
+    match args.protocol {
+        Protocol::Grpc => {
+            let channel =
+                Endpoint::from_shared(format!("http://{}", args.endpoints[0]))?.connect_lazy();
+            let created = NodeClient::new(channel)
+                .create_stream(pb::CreateStreamRequest {
+                    stream: args.stream.clone(),
+                    shard_count: args.shards,
+                    replication_factor: 0,
+                    max_record_bytes: 0,
+                })
+                .await;
+            if let Err(s) = created {
+                if s.code() != tonic::Code::AlreadyExists {
+                    anyhow::bail!("cannot create stream: {}", s.message());
+                }
+            }
+        }
+        Protocol::AwsJson => {
+            let mut client = AwsClient::new(&args.endpoints[0], args);
+            if let Err(e) = client
+                .call(
+                    "CreateStream",
+                    &serde_json::json!({"StreamName": args.stream, "ShardCount": args.shards}),
+                )
+                .await
+            {
+                if !e.to_string().contains("ResourceInUseException") {
+                    return Err(e);
+                }
+            }
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let d = client
+                    .call(
+                        "DescribeStreamSummary",
+                        &serde_json::json!({"StreamName": args.stream}),
+                    )
+                    .await?;
+                if d["StreamDescriptionSummary"]["StreamStatus"] == "ACTIVE" {
+                    break;
+                }
+                anyhow::ensure!(Instant::now() < deadline, "stream did not become ACTIVE");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    Ok(())
+}
+
 pub async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
+    ensure_stream(&args).await?;
     let channels = args
         .endpoints
         .iter()
@@ -52,20 +250,6 @@ pub async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
                 .connect_lazy())
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut admin = NodeClient::new(channels[0].clone());
-    let created = admin
-        .create_stream(pb::CreateStreamRequest {
-            stream: args.stream.clone(),
-            shard_count: args.shards,
-            replication_factor: 0,
-            max_record_bytes: 0,
-        })
-        .await;
-    if let Err(s) = created {
-        if s.code() != tonic::Code::AlreadyExists {
-            anyhow::bail!("cannot create stream: {}", s.message());
-        }
-    }
     let histogram = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
         1, 60_000_000, 3,
     )?));
@@ -80,9 +264,17 @@ pub async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
     let payload = vec![b'x'; args.record_size];
     let mut workers = Vec::new();
     for w in 0..args.concurrency {
-        let mut client = NodeClient::new(channels[w % channels.len()].clone())
-            .max_decoding_message_size(kinesin_proto::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(kinesin_proto::MAX_MESSAGE_BYTES);
+        let mut sender = match args.protocol {
+            Protocol::Grpc => Sender::Grpc(
+                NodeClient::new(channels[w % channels.len()].clone())
+                    .max_decoding_message_size(kinesin_proto::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(kinesin_proto::MAX_MESSAGE_BYTES),
+            ),
+            Protocol::AwsJson => Sender::Aws(AwsClient::new(
+                &args.endpoints[w % args.endpoints.len()],
+                &args,
+            )),
+        };
         let (histogram, records, errors) = (histogram.clone(), records.clone(), errors.clone());
         let (stream, payload, batch) = (args.stream.clone(), payload.clone(), args.batch);
         workers.push(tokio::spawn(async move {
@@ -95,27 +287,16 @@ pub async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
                 } else {
                     due = Instant::now();
                 }
-                let req = pb::PutRecordsRequest {
-                    stream: stream.clone(),
-                    records: (0..batch)
-                        .map(|_| {
-                            seq += 1;
-                            pb::Record {
-                                partition_key: format!("w{w}-{seq}"),
-                                data: payload.clone().into(),
-                                explicit_hash_key: String::new(),
-                            }
-                        })
-                        .collect(),
-                };
-                match client.put_records(req).await {
-                    Ok(r) => {
-                        let r = r.into_inner();
-                        records.fetch_add(
-                            (r.results.len() - r.failed_count as usize) as u64,
-                            Ordering::Relaxed,
-                        );
-                        errors.fetch_add(u64::from(r.failed_count), Ordering::Relaxed);
+                let batch_records = (0..batch)
+                    .map(|_| {
+                        seq += 1;
+                        (format!("w{w}-{seq}"), payload.clone())
+                    })
+                    .collect();
+                match sender.put(&stream, batch_records).await {
+                    Ok((stored, failed)) => {
+                        records.fetch_add(stored, Ordering::Relaxed);
+                        errors.fetch_add(failed, Ordering::Relaxed);
                         let micros = due.elapsed().as_micros().max(1) as u64;
                         histogram
                             .lock()
@@ -161,6 +342,7 @@ pub async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
         "mib_per_sec": n as f64 * args.record_size as f64 / elapsed / 1048576.0,
         "batch_latency_ms": {"p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p999": ms(0.999), "max": h.max() as f64 / 1000.0},
         "record_size": args.record_size, "batch": args.batch, "concurrency": args.concurrency, "target_rate": args.rate,
+        "protocol": format!("{:?}", args.protocol),
     });
     if args.json {
         println!("{result}");

@@ -52,6 +52,12 @@ pub struct Config {
     pub shard_limit: u32,
     /// How long shard iterators and paging tokens stay valid (AWS: 300).
     pub iterator_validity_secs: u64,
+    /// Per-shard throughput limits; 0 = unlimited (the default). AWS:
+    /// 1048576, 1000, 5, 2097152.
+    pub shard_write_bytes_per_sec: u64,
+    pub shard_write_records_per_sec: u64,
+    pub shard_read_calls_per_sec: u64,
+    pub shard_read_bytes_per_sec: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +103,10 @@ impl Default for Config {
             credentials: Vec::new(),
             shard_limit: 10_000,
             iterator_validity_secs: 300,
+            shard_write_bytes_per_sec: 0,
+            shard_write_records_per_sec: 0,
+            shard_read_calls_per_sec: 0,
+            shard_read_bytes_per_sec: 0,
         }
     }
 }

@@ -116,6 +116,12 @@ impl Node {
             RouterConfig {
                 default_replication_factor: config.replication_factor,
                 default_retention_hours: config.retention_hours,
+                shard_limits: kinesin_router::ShardLimits {
+                    write_bytes_per_sec: config.shard_write_bytes_per_sec,
+                    write_records_per_sec: config.shard_write_records_per_sec,
+                    read_calls_per_sec: config.shard_read_calls_per_sec,
+                    read_bytes_per_sec: config.shard_read_bytes_per_sec,
+                },
                 ..RouterConfig::default()
             },
         ));
