@@ -38,8 +38,9 @@ for k in 0 1 2; do
 done
 "$PEERS/node_modules/.bin/kinesalite" --port 18600 --createStreamMs 0 >"$WORK/kinesalite.log" 2>&1 &
 PIDS+=($!)
-KINESIS_MOCK_PLAIN_PORT=18700 KINESIS_MOCK_TLS_PORT=18701 LOG_LEVEL=WARN \
-  node "$PEERS/node_modules/kinesis-local/main.js" >"$WORK/mock.log" 2>&1 &
+# kinesis-mock reads server.json from its working directory.
+(cd "$PEERS/node_modules/kinesis-local" && KINESIS_MOCK_PLAIN_PORT=18700 KINESIS_MOCK_TLS_PORT=18701 \
+  LOG_LEVEL=WARN exec node main.js) >"$WORK/mock.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 1 120); do
   if $K cluster info --endpoint 127.0.0.1:18451 2>/dev/null | grep -q '"id": 3' \

@@ -655,3 +655,22 @@ def test_enhanced_fan_out(cluster, kinesis, stream_name):
         kinesis.subscribe_to_shard(ConsumerARN=consumer["ConsumerARN"], ShardId="shardId-000000000000", StartingPosition={"Type": "LATEST"})
     assert error_code(e) == "ResourceNotFoundException"
     kinesis.delete_stream(StreamName=stream_name)
+
+
+@pytest.mark.parametrize("protocol", ["aws-json", "grpc"])
+def test_bench_smoke(binary, cluster, stream_name, protocol):
+    """`kinesin bench produce` keeps working against a signed cluster."""
+    if protocol == "aws-json":
+        endpoints = ",".join(f"127.0.0.1:{n.api_port}" for n in cluster)
+    else:
+        endpoints = ",".join(f"127.0.0.1:{n.grpc_port}" for n in cluster)
+    out = subprocess.run(
+        [binary, "bench", "produce", "--protocol", protocol, "--endpoints", endpoints,
+         "--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY, "--stream", stream_name,
+         "--shards", "2", "--batch", "50", "--concurrency", "4", "--duration-secs", "2", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["records"] > 0 and result["errors"] == 0, result
+    assert result["batch_latency_ms"]["p50"] > 0
