@@ -22,11 +22,16 @@ VENV="${KINESIN_VENV:-$TARGET_DIR/compat-venv}"
 PACKAGES=(boto3==1.43.11 awscli==1.45.11 pytest==8.4.2 cbor2==5.7.1)
 STAMP="$VENV/.kinesin-packages"
 
-if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
-  echo "compat: installing python3-venv"
+need_apt=()
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+# The TLS test makes a certificate with openssl and checks ALPN with curl.
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "compat: installing ${need_apt[*]}"
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "${PACKAGES[*]}" ]; then
   echo "compat: preparing $VENV"

@@ -674,3 +674,38 @@ def test_bench_smoke(binary, cluster, stream_name, protocol):
     result = json.loads(out.stdout)
     assert result["records"] > 0 and result["errors"] == 0, result
     assert result["batch_latency_ms"]["p50"] > 0
+
+
+def test_tls_with_http2_by_alpn(binary, workdir, stream_name, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    extra = f'replication_factor = 1\ntls_cert_file = "{cert}"\ntls_key_file = "{key}"'
+    nodes = start_cluster(binary, os.path.join(workdir, "tls"), 1, extra=extra)
+    try:
+        endpoint = f"https://127.0.0.1:{nodes[0].api_port}"
+        client = boto3.client(
+            "kinesis", endpoint_url=endpoint, region_name=REGION, verify=str(cert),
+            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+        )
+        create_and_wait(client, stream_name)
+        client.put_record(StreamName=stream_name, PartitionKey="k", Data=b"over tls")
+        records = read_shard(client, stream_name, "shardId-000000000000")
+        assert [r["Data"] for r in records] == [b"over tls"]
+        # HTTP/2 is negotiated by ALPN (the Java SDK needs it for SubscribeToShard).
+        out = subprocess.run(
+            ["curl", "-s", "--cacert", str(cert), "--http2", "-o", "/dev/null", "-w", "%{http_version}",
+             "-X", "POST", "-H", "X-Amz-Target: Kinesis_20131202.ListStreams",
+             "-H", "Content-Type: application/x-amz-json-1.1", "-d", "{}", endpoint + "/"],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert out.stdout == "2", out
+        # Plain HTTP is not served on a TLS port.
+        with pytest.raises(Exception):
+            client_for(f"http://127.0.0.1:{nodes[0].api_port}").list_streams()
+    finally:
+        for n in nodes:
+            n.stop()

@@ -43,6 +43,51 @@ pub struct GatewayConfig {
     pub shard_limit: u32,
     /// How long shard iterators and paging tokens stay valid.
     pub iterator_validity_ms: u64,
+    /// PEM certificate chain and private key: serve HTTPS (HTTP/2 via ALPN
+    /// and HTTP/1.1) instead of plain HTTP.
+    pub tls: Option<TlsFiles>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert_chain: std::path::PathBuf,
+    pub private_key: std::path::PathBuf,
+}
+
+/// Loads the certificate and key into a rustls server configuration that
+/// offers HTTP/2 and HTTP/1.1 by ALPN.
+pub fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(&files.cert_chain)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| {
+            format!(
+                "cannot read certificates from {}: {e}",
+                files.cert_chain.display()
+            )
+        })?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{} holds no certificate",
+            files.cert_chain.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.private_key).map_err(|e| {
+        format!(
+            "cannot read a private key from {}: {e}",
+            files.private_key.display()
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("invalid certificate or key: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 impl Default for GatewayConfig {
@@ -52,6 +97,7 @@ impl Default for GatewayConfig {
             credentials: Vec::new(),
             shard_limit: 10_000,
             iterator_validity_ms: 300_000,
+            tls: None,
         }
     }
 }
@@ -69,11 +115,13 @@ pub fn app(router: Arc<Router>, config: GatewayConfig) -> axum::Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
 }
 
-/// Serves the endpoint until `stop` turns true.
+/// Serves the endpoint until `stop` turns true: plain HTTP/1.1 and h2c, or
+/// with `tls` set HTTPS with HTTP/2 and HTTP/1.1 chosen by ALPN.
 pub async fn serve(
     listener: TcpListener,
     router: Arc<Router>,
     config: GatewayConfig,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut stop: watch::Receiver<bool>,
 ) {
     if config.credentials.is_empty() {
@@ -81,11 +129,46 @@ pub async fn serve(
             "the AWS API accepts any credentials (development mode); configure [[credentials]] to verify SigV4 signatures"
         );
     }
-    let _ = axum::serve(listener, app(router, config))
-        .with_graceful_shutdown(async move {
+    let app = app(router, config);
+    let Some(acceptor) = tls else {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        return;
+    };
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let stopped = async {
             let _ = stop.wait_for(|s| *s).await;
-        })
-        .await;
+        };
+        let (tcp, _) = tokio::select! {
+            _ = stopped => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot accept an API connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        connections.spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let Ok(stream) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+        });
+        while connections.try_join_next().is_some() {}
+    }
+    connections.abort_all();
 }
 
 async fn handle(

@@ -43,6 +43,10 @@ pub struct Config {
     pub shard_heartbeat_ms: u64,
     pub shard_election_min_ms: u64,
     pub shard_election_max_ms: u64,
+    /// PEM certificate chain and private key of the AWS API: with both set
+    /// the API port speaks HTTPS (HTTP/2 by ALPN, and HTTP/1.1).
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
     /// Region named in ARNs of the AWS API.
     pub region: String,
     /// Access keys the AWS API accepts (SigV4). None: development mode, any
@@ -99,6 +103,8 @@ impl Default for Config {
             shard_heartbeat_ms: 500,
             shard_election_min_ms: 2500,
             shard_election_max_ms: 5000,
+            tls_cert_file: None,
+            tls_key_file: None,
             region: "us-east-1".into(),
             credentials: Vec::new(),
             shard_limit: 10_000,
@@ -194,6 +200,9 @@ impl Config {
                     c.access_key_id, c.account_id
                 ));
             }
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return bad("tls_cert_file and tls_key_file must be set together".into());
         }
         if self.iterator_validity_secs == 0 {
             return bad("iterator_validity_secs must be positive".into());
