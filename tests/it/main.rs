@@ -1,5 +1,6 @@
 //! Whole-system tests on in-process clusters of real nodes.
 
+mod aws_sdk;
 mod common;
 mod drain;
 mod failover;

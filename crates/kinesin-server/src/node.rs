@@ -321,6 +321,11 @@ impl Node {
         NodeId(self.config.node_id)
     }
 
+    /// host:port of the AWS-compatible API as clients reach it.
+    pub fn api_address(&self) -> String {
+        self.config.api_address()
+    }
+
     /// Hands leadership of every group it leads to another voter, waiting
     /// up to `budget` in all, so that a planned stop costs no election
     /// timeout.
