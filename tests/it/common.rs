@@ -142,7 +142,12 @@ pub fn read_replica(
 /// acknowledged record, then checks that all replicas of a shard agree on
 /// one order and that nothing acknowledged is missing.
 pub async fn assert_all_replicas_hold(cluster: &TestCluster, stream: &str, acked: &Acked) {
-    let state = cluster.any_node().meta.state();
+    // The metadata leader's map: a node that left the metadata group (a
+    // drained one) keeps a stale copy that still names it as a replica.
+    let meta_leader = cluster
+        .leader_of(kinesin_types::GroupId::META)
+        .expect("the metadata group has a leader");
+    let state = cluster.node(meta_leader.0).meta.state();
     let info = state.streams.get(stream).expect("stream exists").clone();
     let acked = acked.lock().unwrap().clone();
     for shard in &info.shards {
@@ -168,7 +173,24 @@ pub async fn assert_all_replicas_hold(cluster: &TestCluster, stream: &str, acked
             })
         })
         .await
-        .unwrap_or_else(|e| panic!("shard {}: {e}", shard.shard_id));
+        .unwrap_or_else(|e| {
+            let report: Vec<String> = replicas
+                .iter()
+                .map(|r| {
+                    let held = cluster
+                        .node(*r)
+                        .shards
+                        .get(shard.group)
+                        .map(|_| read_replica(cluster, *r, shard.group).len());
+                    format!(
+                        "node {r}: holds {held:?} of {} records; status {:?}",
+                        expected.len(),
+                        cluster.node(*r).host.status(shard.group)
+                    )
+                })
+                .collect();
+            panic!("shard {}: {e}\n{}", shard.shard_id, report.join("\n"))
+        });
         let first = read_replica(cluster, replicas[0], shard.group);
         for r in &replicas[1..] {
             let other = read_replica(cluster, *r, shard.group);

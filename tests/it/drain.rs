@@ -5,7 +5,8 @@ use kinesin_testkit::{wait_until, TestCluster};
 use kinesin_types::{GroupId, NodeId};
 
 use crate::common::{
-    assert_readable_through_router, replica_node_off_meta_leader, write_batches, Acked,
+    assert_all_replicas_hold, assert_readable_through_router, replica_node_off_meta_leader,
+    write_batches, Acked,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -68,8 +69,7 @@ async fn a_drained_node_gives_up_its_replicas_and_leaves() {
         write_batches(&cluster, observer, "drained", 2, 5, 20, &acked).await,
         0
     );
-    // Leaders hold every acknowledged record. (Not every follower: see the
-    // note on follower lag in docs/ARCHITECTURE.md, "Known gaps".)
     assert_readable_through_router(&cluster, observer, "drained", &acked).await;
+    assert_all_replicas_hold(&cluster, "drained", &acked).await;
     cluster.shutdown().await;
 }

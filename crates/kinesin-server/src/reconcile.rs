@@ -206,14 +206,18 @@ async fn reconcile_once(ctx: &Context, state: &MetaState, busy: &Arc<Mutex<Busy>
             }
             LeaderAction::Trim => {}
         }
-        if let Some(info) = state.streams.get(stream) {
+        if let (Some(info), Some(sm)) = (state.streams.get(stream), ctx.shards.get(*group)) {
             let retention_ms = u64::from(info.retention_hours) * 3_600_000;
             let before_ms = kinesin_router::now_ms().saturating_sub(retention_ms);
+            let horizon = sm.trim_point(before_ms);
+            if horizon <= sm.stats().trim_horizon {
+                continue;
+            }
             let host = ctx.host.clone();
             let group = *group;
             tokio::spawn(async move {
                 let _ = host
-                    .propose(group, ShardCommand::Trim { before_ms }.encode())
+                    .propose(group, ShardCommand::Trim { before_ms, horizon }.encode())
                     .await;
             });
         }

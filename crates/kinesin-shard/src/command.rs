@@ -30,8 +30,13 @@ pub enum ShardCommand {
     },
     /// Closes the shard for writes (a reshard made it a parent).
     Seal,
-    /// Drops records that arrived before `before_ms` (retention).
-    Trim { before_ms: u64 },
+    /// Drops records below `horizon`, which the leader computed as the
+    /// first record that arrived at or after `before_ms` (retention), and
+    /// the time-index entries before `before_ms`. The horizon travels in
+    /// the command because a replica applying a backlog in one batch cannot
+    /// see that batch's own records in storage: computing it at apply time
+    /// made replicas disagree.
+    Trim { before_ms: u64, horizon: u128 },
 }
 
 impl ShardCommand {

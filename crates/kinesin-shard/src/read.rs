@@ -178,6 +178,61 @@ mod tests {
         assert_eq!(sm.read(latest, 10, 1 << 20, 0).unwrap().records.len(), 1);
     }
 
+    /// A follower catching up applies many entries in one batch, so its
+    /// storage does not yet hold the batch's records when a Trim among them
+    /// applies. It must end with the same records as the leader, which
+    /// applied them one by one (a regression: it used to trim everything).
+    #[test]
+    fn a_trim_applied_in_one_batch_with_its_appends_agrees_with_the_leader() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), FsyncPolicy::NeverUnsafe).unwrap();
+        let leader = ShardStateMachine::open(storage.clone(), 1, ShardId(0), 0).unwrap();
+        let follower = ShardStateMachine::open(storage, 2, ShardId(0), 0).unwrap();
+        let appends: Vec<ShardCommand> = [100, 200, 300]
+            .into_iter()
+            .map(|at| ShardCommand::Append {
+                arrival_ms: at,
+                records: vec![NewRecord {
+                    partition_key: "k".into(),
+                    data: vec![1; 10],
+                }],
+            })
+            .collect();
+        for (i, cmd) in appends.iter().enumerate() {
+            apply(&leader, i as u64 + 1, cmd.clone());
+        }
+        for before_ms in [50, 250] {
+            let trim = ShardCommand::Trim {
+                before_ms,
+                horizon: leader.trim_point(before_ms),
+            };
+            apply(&leader, 4, trim.clone());
+            let mut batch = WriteBatch::default();
+            for (i, cmd) in appends.iter().enumerate() {
+                follower.apply(i as u64 + 1, &cmd.encode(), &mut batch);
+            }
+            follower.apply(4, &trim.encode(), &mut batch);
+            follower.storage.write(batch).unwrap();
+            follower.publish();
+            let read = |sm: &ShardStateMachine| {
+                let start = sm.resolve(ReadStart::TrimHorizon).unwrap();
+                sm.read(start, 100, 1 << 20, 0)
+                    .unwrap()
+                    .records
+                    .into_iter()
+                    .map(|(s, _)| s.log_index())
+                    .collect::<Vec<_>>()
+            };
+            let expected = if before_ms == 50 {
+                vec![1, 2, 3]
+            } else {
+                vec![3]
+            };
+            assert_eq!(read(&leader), expected);
+            assert_eq!(read(&follower), expected);
+        }
+    }
+
     #[test]
     fn at_timestamp_trim_and_seal() {
         let dir = tempfile::tempdir().unwrap();
@@ -188,8 +243,11 @@ mod tests {
         append(&sm, 3, 300, 2);
         let at = sm.resolve(ReadStart::AtTimestamp(150)).unwrap();
         assert_eq!(at.log_index(), 2);
-        let ShardReply::Trimmed { horizon } = apply(&sm, 4, ShardCommand::Trim { before_ms: 250 })
-        else {
+        let trim = ShardCommand::Trim {
+            before_ms: 250,
+            horizon: sm.trim_point(250),
+        };
+        let ShardReply::Trimmed { horizon } = apply(&sm, 4, trim) else {
             panic!()
         };
         assert_eq!(SequenceNumber(horizon).log_index(), 3);

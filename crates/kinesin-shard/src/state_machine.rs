@@ -125,8 +125,9 @@ impl ShardStateMachine {
                     ending: stats.last_sequence,
                 }
             }
-            ShardCommand::Trim { before_ms } => {
-                let horizon = self.first_sequence_at_or_after(before_ms, stats);
+            ShardCommand::Trim { before_ms, horizon } => {
+                // Never past what this shard has written.
+                let horizon = horizon.min(self.next_sequence(stats));
                 if horizon > stats.trim_horizon {
                     let (from, _) = keys::group_bounds(self.group);
                     batch.delete_range_cf(
@@ -146,6 +147,12 @@ impl ShardStateMachine {
                 }
             }
         }
+    }
+
+    /// The trim horizon for a retention cut-off at `before_ms`, from the
+    /// published state; the leader puts it into the Trim command.
+    pub fn trim_point(&self, before_ms: u64) -> u128 {
+        self.first_sequence_at_or_after(before_ms, &self.stats())
     }
 
     /// First sequence number of a record that arrived at or after `time_ms`,
