@@ -242,7 +242,7 @@ def test_shard_throughput_limits(binary, workdir, stream_name):
             time.sleep(0.2)
         it = no_retry.get_shard_iterator(StreamName=stream_name, ShardId="shardId-000000000000", ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
         throttled = 0
-        for _ in range(6):
+        for _ in range(10):
             try:
                 no_retry.get_records(ShardIterator=it)
             except botocore.exceptions.ClientError as err:

@@ -107,6 +107,20 @@ struct Gateway {
     config: GatewayConfig,
 }
 
+impl Gateway {
+    /// What a Kinesis handler runs with for a request signed by `account`.
+    fn context<'a>(&'a self, account: &'a str) -> kinesis::Context<'a> {
+        kinesis::Context {
+            router: &self.router,
+            region: &self.config.region,
+            account,
+            shard_limit: self.config.shard_limit,
+            validity_ms: self.config.iterator_validity_ms,
+            now_ms: kinesin_router::now_ms(),
+        }
+    }
+}
+
 /// The HTTP application; `serve` runs it on a listener.
 pub fn app(router: Arc<Router>, config: GatewayConfig) -> axum::Router {
     axum::Router::new()
@@ -257,17 +271,7 @@ async fn dispatch(
     );
     let input = protocol.decode(request.body)?;
     match service {
-        "kinesis" => {
-            let ctx = kinesis::Context {
-                router: &gw.router,
-                region: &gw.config.region,
-                account: &account,
-                shard_limit: gw.config.shard_limit,
-                validity_ms: gw.config.iterator_validity_ms,
-                now_ms: kinesin_router::now_ms(),
-            };
-            kinesis::call(&ctx, op, &input).await
-        }
+        "kinesis" => kinesis::call(&gw.context(&account), op, &input).await,
         _ if target.is_empty() => Err(ApiError::unknown_operation(
             "the request has no X-Amz-Target header naming an operation",
         )),
@@ -292,17 +296,7 @@ async fn subscribe(
 ) -> Result<Response, ApiError> {
     let account = auth::authenticate(&gw.config.credentials, request, SystemTime::now())?;
     let input = protocol.decode(request.body)?;
-    let mut sub = {
-        let ctx = kinesis::Context {
-            router: &gw.router,
-            region: &gw.config.region,
-            account: &account,
-            shard_limit: gw.config.shard_limit,
-            validity_ms: gw.config.iterator_validity_ms,
-            now_ms: kinesin_router::now_ms(),
-        };
-        kinesis::subscription(&ctx, &input)?
-    };
+    let mut sub = kinesis::subscription(&gw.context(&account), &input)?;
     kinesis::pin_latest(&gw.router, &mut sub).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(4);
     let router = gw.router.clone();

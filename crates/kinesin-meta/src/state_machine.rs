@@ -148,16 +148,8 @@ impl MetaStateMachine {
                         "a shard needs at least one replica".into(),
                     ));
                 }
-                let s = state
-                    .streams
-                    .get_mut(&stream)
-                    .ok_or_else(|| MetaError::StreamNotFound(stream.clone()))?;
-                let sh = s
-                    .shards
-                    .iter_mut()
-                    .find(|sh| sh.shard_id == shard)
-                    .ok_or_else(|| MetaError::ShardNotFound(shard.to_string()))?;
-                sh.replicas = replicas;
+                let (s, k) = stream_and_shard(state, &stream, shard)?;
+                s.shards[k].replicas = replicas;
                 s.epoch += 1;
                 Ok(())
             }
@@ -180,15 +172,8 @@ impl MetaStateMachine {
                 shard,
                 ending,
             } => {
-                let s = state
-                    .streams
-                    .get_mut(&stream)
-                    .ok_or_else(|| MetaError::StreamNotFound(stream.clone()))?;
-                let sh = s
-                    .shards
-                    .iter_mut()
-                    .find(|sh| sh.shard_id == shard)
-                    .ok_or_else(|| MetaError::ShardNotFound(shard.to_string()))?;
+                let (s, k) = stream_and_shard(state, &stream, shard)?;
+                let sh = &mut s.shards[k];
                 if sh.state == ShardState::Sealing {
                     sh.state = ShardState::Sealed;
                     sh.ending_sequence = ending;
@@ -211,6 +196,24 @@ impl MetaStateMachine {
             }
         }
     }
+}
+
+/// A stream of the map and the position of one of its shards.
+fn stream_and_shard<'s>(
+    state: &'s mut MetaState,
+    stream: &str,
+    shard: ShardId,
+) -> Result<(&'s mut StreamInfo, usize), MetaError> {
+    let s = state
+        .streams
+        .get_mut(stream)
+        .ok_or_else(|| MetaError::StreamNotFound(stream.to_string()))?;
+    let k = s
+        .shards
+        .iter()
+        .position(|sh| sh.shard_id == shard)
+        .ok_or_else(|| MetaError::ShardNotFound(shard.to_string()))?;
+    Ok((s, k))
 }
 
 /// Validates and applies a reshard; returns how many groups it used.

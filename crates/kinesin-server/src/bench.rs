@@ -239,6 +239,26 @@ async fn ensure_stream(args: &ProduceArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Puts small batches until one succeeds whole, so that the measurement
+/// does not include the election of a new stream's shard leaders. The
+/// warm-up records (keys `warmup-*`) stay in the stream.
+async fn warm_up(sender: &mut Sender, stream: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let records = (0..64)
+            .map(|i| (format!("warmup-{i}"), b"warm-up".to_vec()))
+            .collect();
+        match sender.put(stream, records).await {
+            Ok((_, 0)) => return Ok(()),
+            Ok(_) | Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok((_, failed)) => anyhow::bail!("warm-up: {failed} records failed for a minute"),
+            Err(e) => return Err(e.context("warm-up")),
+        }
+    }
+}
+
 pub async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
     ensure_stream(&args).await?;
     let channels = args
@@ -262,19 +282,21 @@ pub async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
         Duration::from_secs_f64(args.batch as f64 * args.concurrency as f64 / args.rate as f64)
     });
     let payload = vec![b'x'; args.record_size];
+    let sender_for = |w: usize| match args.protocol {
+        Protocol::Grpc => Sender::Grpc(
+            NodeClient::new(channels[w % channels.len()].clone())
+                .max_decoding_message_size(kinesin_proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(kinesin_proto::MAX_MESSAGE_BYTES),
+        ),
+        Protocol::AwsJson => Sender::Aws(AwsClient::new(
+            &args.endpoints[w % args.endpoints.len()],
+            &args,
+        )),
+    };
+    warm_up(&mut sender_for(0), &args.stream).await?;
     let mut workers = Vec::new();
     for w in 0..args.concurrency {
-        let mut sender = match args.protocol {
-            Protocol::Grpc => Sender::Grpc(
-                NodeClient::new(channels[w % channels.len()].clone())
-                    .max_decoding_message_size(kinesin_proto::MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(kinesin_proto::MAX_MESSAGE_BYTES),
-            ),
-            Protocol::AwsJson => Sender::Aws(AwsClient::new(
-                &args.endpoints[w % args.endpoints.len()],
-                &args,
-            )),
-        };
+        let mut sender = sender_for(w);
         let (histogram, records, errors) = (histogram.clone(), records.clone(), errors.clone());
         let (stream, payload, batch) = (args.stream.clone(), payload.clone(), args.batch);
         workers.push(tokio::spawn(async move {
