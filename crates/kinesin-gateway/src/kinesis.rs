@@ -946,18 +946,7 @@ async fn get_records(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError
         .increment(batch.records.len() as u64);
     metrics::counter!("kinesin_stream_outgoing_bytes_total", "stream" => it.stream.clone())
         .increment(bytes as u64);
-    let records: Vec<Value> = batch
-        .records
-        .into_iter()
-        .map(|(seq, r)| {
-            json!({
-                "SequenceNumber": seq.to_string(),
-                "ApproximateArrivalTimestamp": seconds(r.arrival_ms),
-                "Data": base64::engine::general_purpose::STANDARD.encode(&r.data),
-                "PartitionKey": r.partition_key,
-            })
-        })
-        .collect();
+    let records: Vec<Value> = batch.records.into_iter().map(record_json).collect();
     let mut out = Map::new();
     out.insert("Records".into(), Value::Array(records));
     out.insert(
@@ -975,6 +964,16 @@ async fn get_records(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError
         out.insert("NextShardIterator".into(), json!(iterator::encode(&next)));
     }
     Ok(Value::Object(out))
+}
+
+/// A stored record as GetRecords and SubscribeToShard return it.
+fn record_json((seq, r): (SequenceNumber, kinesin_shard::StoredRecord)) -> Value {
+    json!({
+        "SequenceNumber": seq.to_string(),
+        "ApproximateArrivalTimestamp": seconds(r.arrival_ms),
+        "Data": base64::engine::general_purpose::STANDARD.encode(&r.data),
+        "PartitionKey": r.partition_key,
+    })
 }
 
 fn child_shards(stream: &StreamInfo, parent: ShardId) -> Value {
@@ -1274,18 +1273,7 @@ pub async fn next_event(
             .max(shard.starting_sequence().0),
     );
     let count = batch.records.len();
-    let records: Vec<Value> = batch
-        .records
-        .into_iter()
-        .map(|(seq, r)| {
-            json!({
-                "SequenceNumber": seq.to_string(),
-                "ApproximateArrivalTimestamp": seconds(r.arrival_ms),
-                "Data": base64::engine::general_purpose::STANDARD.encode(&r.data),
-                "PartitionKey": r.partition_key,
-            })
-        })
-        .collect();
+    let records: Vec<Value> = batch.records.into_iter().map(record_json).collect();
     let mut event = json!({
         "Records": records,
         "ContinuationSequenceNumber": continuation.to_string(),
