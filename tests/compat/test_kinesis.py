@@ -709,3 +709,45 @@ def test_tls_with_http2_by_alpn(binary, workdir, stream_name, tmp_path):
     finally:
         for n in nodes:
             n.stop()
+
+
+def scrape(node):
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.admin_port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def sample(text, name, **labels):
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, value = line.rsplit(" ", 1)
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def test_metrics_move_under_load(cluster, stream_name):
+    node = cluster[0]
+    client = client_for(node.endpoint)
+    create_and_wait(client, stream_name)
+    before = scrape(node)
+    for _ in range(5):
+        client.put_records(StreamName=stream_name, Records=[{"PartitionKey": "k", "Data": b"x"}] * 20)
+    with pytest.raises(botocore.exceptions.ClientError):
+        client.describe_stream(StreamName="no-such-stream-for-metrics")
+    after = scrape(node)
+    assert 'kinesin_build_info{version="' in after
+    # Real histograms with buckets, labelled by service, operation and outcome.
+    bucket = "kinesin_api_request_duration_seconds_count"
+    assert sample(after, bucket, service="kinesis", op="PutRecords", outcome="ok") - sample(before, bucket, service="kinesis", op="PutRecords", outcome="ok") == 5
+    assert 'kinesin_api_request_duration_seconds_bucket{service="kinesis",op="PutRecords",outcome="ok",le="' in after
+    errors = "kinesin_api_errors_total"
+    assert sample(after, errors, op="DescribeStream", code="ResourceNotFoundException") >= 1
+    incoming = "kinesin_stream_incoming_records_total"
+    # Counted on the node that routed the put (this one).
+    assert sample(after, incoming, stream=stream_name) - sample(before, incoming, stream=stream_name) == 100
+    assert "kinesin_raft_groups" in after and "kinesin_storage_fsync_duration_seconds_bucket" in after
