@@ -133,7 +133,7 @@ def cluster(binary, workdir):
         n.stop()
 
 
-def client_for(endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY, validate=True):
+def client_for(endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY, validate=True, attempts=6):
     return boto3.client(
         "kinesis",
         endpoint_url=endpoint,
@@ -142,7 +142,7 @@ def client_for(endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY, validate=
         aws_secret_access_key=secret_key,
         config=Config(
             parameter_validation=validate,
-            retries={"mode": "standard", "max_attempts": 5},
+            retries={"mode": "standard", "total_max_attempts": attempts},
             read_timeout=30,
         ),
     )

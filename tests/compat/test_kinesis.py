@@ -12,7 +12,6 @@ import time
 
 import boto3
 import botocore.exceptions
-from botocore.config import Config
 import pytest
 
 from conftest import (
@@ -228,7 +227,7 @@ def test_shard_throughput_limits(binary, workdir, stream_name):
         second = client.put_records(StreamName=stream_name, Records=[{"PartitionKey": "k", "Data": b"x"}] * 10)
         assert second["FailedRecordCount"] == 10
         assert {r["ErrorCode"] for r in second["Records"]} == {"ProvisionedThroughputExceededException"}
-        no_retry = boto3_client_without_retries(nodes[0].endpoint)
+        no_retry = client_for(nodes[0].endpoint, attempts=1)
         with pytest.raises(botocore.exceptions.ClientError) as e:
             no_retry.put_record(StreamName=stream_name, PartitionKey="k", Data=b"x")
         assert error_code(e) == "ProvisionedThroughputExceededException"
@@ -252,17 +251,6 @@ def test_shard_throughput_limits(binary, workdir, stream_name):
     finally:
         for n in nodes:
             n.stop()
-
-
-def boto3_client_without_retries(endpoint):
-    return boto3.client(
-        "kinesis",
-        endpoint_url=endpoint,
-        region_name=REGION,
-        aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=SECRET_KEY,
-        config=Config(retries={"total_max_attempts": 1}),
-    )
 
 
 def test_bad_input_gets_aws_errors(raw_kinesis, kinesis, stream_name):

@@ -295,25 +295,14 @@ async fn create_stream(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiErr
         None => DEFAULT_MAX_RECORD_BYTES,
     };
     let state = ctx.router.meta_state();
-    let open: usize = state
-        .streams
-        .values()
-        .map(StreamInfo::open_shard_count)
-        .sum();
+    let open = state.open_shard_count();
     if open + shards as usize > ctx.shard_limit as usize {
         return Err(ApiError::limit_exceeded(format!(
             "This request would exceed the shard limit of {} for the cluster ({open} open shards, {shards} requested).",
             ctx.shard_limit
         )));
     }
-    if mode == StreamMode::OnDemand
-        && state
-            .streams
-            .values()
-            .filter(|s| s.settings.mode == StreamMode::OnDemand)
-            .count()
-            >= ON_DEMAND_STREAM_LIMIT
-    {
+    if mode == StreamMode::OnDemand && state.on_demand_stream_count() >= ON_DEMAND_STREAM_LIMIT {
         return Err(ApiError::limit_exceeded(format!(
             "At most {ON_DEMAND_STREAM_LIMIT} streams may be in ON_DEMAND mode."
         )));
@@ -642,20 +631,10 @@ fn list_shards(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
 
 fn describe_limits(ctx: &Context<'_>) -> Result<Value, ApiError> {
     let state = ctx.router.meta_state();
-    let open: usize = state
-        .streams
-        .values()
-        .map(StreamInfo::open_shard_count)
-        .sum();
-    let on_demand = state
-        .streams
-        .values()
-        .filter(|s| s.settings.mode == StreamMode::OnDemand)
-        .count();
     Ok(json!({
         "ShardLimit": ctx.shard_limit,
-        "OpenShardCount": open,
-        "OnDemandStreamCount": on_demand,
+        "OpenShardCount": state.open_shard_count(),
+        "OnDemandStreamCount": state.on_demand_stream_count(),
         "OnDemandStreamCountLimit": ON_DEMAND_STREAM_LIMIT,
     }))
 }
@@ -1007,13 +986,13 @@ impl Context<'_> {
         format!("{}/consumer/{name}:{}", self.arn(stream), created_ms / 1000)
     }
 
+    /// A `Consumer`; a `ConsumerDescription` adds the StreamARN.
     fn consumer_json(&self, stream: &str, name: &str, created_ms: u64) -> Value {
         json!({
             "ConsumerName": name,
             "ConsumerARN": self.consumer_arn(stream, name, created_ms),
             "ConsumerStatus": "ACTIVE",
             "ConsumerCreationTimestamp": seconds(created_ms),
-            "StreamARN": self.arn(stream),
         })
     }
 }
@@ -1102,11 +1081,7 @@ async fn register_consumer(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, Ap
         .get(name)
         .copied()
         .unwrap_or(ctx.now_ms);
-    let mut consumer = ctx.consumer_json(&stream, name, created);
-    if let Some(obj) = consumer.as_object_mut() {
-        obj.remove("StreamARN");
-    }
-    Ok(json!({ "Consumer": consumer }))
+    Ok(json!({ "Consumer": ctx.consumer_json(&stream, name, created) }))
 }
 
 async fn deregister_consumer(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
@@ -1118,7 +1093,10 @@ async fn deregister_consumer(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, 
 
 fn describe_consumer(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
     let (stream, name, created) = consumer_of(ctx, i)?;
-    Ok(json!({ "ConsumerDescription": ctx.consumer_json(stream.name.as_str(), &name, created) }))
+    let stream = stream.name.as_str();
+    let mut description = ctx.consumer_json(stream, &name, created);
+    description["StreamARN"] = json!(ctx.arn(stream));
+    Ok(json!({ "ConsumerDescription": description }))
 }
 
 fn list_consumers(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
@@ -1143,13 +1121,7 @@ fn list_consumers(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
     let page: Vec<Value> = rest
         .iter()
         .take(limit)
-        .map(|(n, c)| {
-            let mut v = ctx.consumer_json(&stream, n, **c);
-            if let Some(obj) = v.as_object_mut() {
-                obj.remove("StreamARN");
-            }
-            v
-        })
+        .map(|(n, c)| ctx.consumer_json(&stream, n, **c))
         .collect();
     let mut out = json!({ "Consumers": page });
     if rest.len() > limit {
@@ -1323,13 +1295,7 @@ async fn reshard(
     parents: Vec<ShardId>,
     children: Vec<NewShard>,
 ) -> Result<(), ApiError> {
-    let open = ctx
-        .router
-        .meta_state()
-        .streams
-        .values()
-        .map(StreamInfo::open_shard_count)
-        .sum::<usize>();
+    let open = ctx.router.meta_state().open_shard_count();
     let after = open + children.len() - parents.len().min(open);
     if after > ctx.shard_limit as usize {
         return Err(ApiError::limit_exceeded(format!(

@@ -43,11 +43,9 @@ pub struct GatewayConfig {
     pub shard_limit: u32,
     /// How long shard iterators and paging tokens stay valid.
     pub iterator_validity_ms: u64,
-    /// PEM certificate chain and private key: serve HTTPS (HTTP/2 via ALPN
-    /// and HTTP/1.1) instead of plain HTTP.
-    pub tls: Option<TlsFiles>,
 }
 
+/// PEM certificate chain and private key of the HTTPS endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
     pub cert_chain: std::path::PathBuf,
@@ -97,7 +95,6 @@ impl Default for GatewayConfig {
             credentials: Vec::new(),
             shard_limit: 10_000,
             iterator_validity_ms: 300_000,
-            tls: None,
         }
     }
 }
@@ -215,7 +212,7 @@ async fn handle(
             Err(e) => Err(e),
         }
     } else {
-        dispatch(&gw, service, op, target, &request).await
+        dispatch(&gw, protocol, (service, op, target), &request).await
     };
     let op_label: &'static str = kinesis::OPERATIONS
         .iter()
@@ -249,11 +246,13 @@ async fn handle(
     }
 }
 
+/// `(service, operation, X-Amz-Target)` of a request.
+type Target<'a> = (&'a str, &'a str, &'a str);
+
 async fn dispatch(
     gw: &Gateway,
-    service: &str,
-    op: &str,
-    target: &str,
+    protocol: Protocol,
+    (service, op, target): Target<'_>,
     request: &auth::SignedRequest<'_>,
 ) -> Result<serde_json::Value, ApiError> {
     let account = auth::authenticate(&gw.config.credentials, request, SystemTime::now())?;
@@ -263,12 +262,6 @@ async fn dispatch(
             request.method
         )));
     }
-    let protocol = Protocol::from_content_type(
-        request
-            .headers
-            .get("content-type")
-            .and_then(|v| v.to_str().ok()),
-    );
     let input = protocol.decode(request.body)?;
     match service {
         "kinesis" => kinesis::call(&gw.context(&account), op, &input).await,

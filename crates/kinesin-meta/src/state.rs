@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use kinesin_types::{GroupId, NodeId, ShardInfo, StreamInfo};
+use kinesin_types::{GroupId, NodeId, ShardInfo, StreamInfo, StreamMode};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +38,22 @@ pub struct MetaState {
 }
 
 impl MetaState {
+    /// Open shards of every stream (the cluster's shard limit counts them).
+    pub fn open_shard_count(&self) -> usize {
+        self.streams
+            .values()
+            .map(StreamInfo::open_shard_count)
+            .sum()
+    }
+
+    /// Streams in ON_DEMAND mode.
+    pub fn on_demand_stream_count(&self) -> usize {
+        self.streams
+            .values()
+            .filter(|s| s.settings.mode == StreamMode::OnDemand)
+            .count()
+    }
+
     pub fn active_nodes(&self) -> impl Iterator<Item = &NodeInfo> {
         self.nodes.values().filter(|n| n.state == NodeState::Active)
     }

@@ -102,11 +102,19 @@ impl Throttle {
         )
     }
 
-    /// Charges the bytes a read returned.
+    /// Charges the bytes a read returned, into debt if need be (the read
+    /// already happened).
     pub(crate) fn read_bytes(&self, group: GroupId, bytes: usize) {
         let rate = self.limits.read_bytes_per_sec;
         if rate > 0 {
-            self.take(group, &[(3, rate, bytes as u64)]);
+            let now = Instant::now();
+            let mut buckets = self.buckets.lock().expect("throttle lock");
+            let b = buckets.entry((group, 3)).or_insert(Bucket {
+                tokens: rate as f64,
+                at: now,
+            });
+            b.refill(rate, now);
+            b.tokens -= bytes as f64;
         }
     }
 }
@@ -127,6 +135,17 @@ mod tests {
         assert!(!t.write(g, 1, 0));
         // Another group has its own bucket.
         assert!(t.write(GroupId(2), 1, 0));
+        // Read bytes are charged even when the bucket is already in debt.
+        let reads = Throttle::new(ShardLimits {
+            read_bytes_per_sec: 100,
+            ..ShardLimits::default()
+        });
+        assert!(reads.read(g));
+        reads.read_bytes(g, 150);
+        reads.read_bytes(g, 150);
+        assert!(!reads.read(g));
+        let debt = reads.buckets.lock().unwrap()[&(g, 3)].tokens;
+        assert!(debt < -190.0, "{debt}");
         let unlimited = Throttle::new(ShardLimits::default());
         assert!((0..10_000).all(|_| unlimited.write(g, 500, 1 << 20)));
     }

@@ -144,18 +144,16 @@ impl Node {
             joined.clone(),
             stop_rx.clone(),
         )));
-        let tls_files = match (&config.tls_cert_file, &config.tls_key_file) {
-            (Some(cert_chain), Some(private_key)) => Some(kinesin_gateway::TlsFiles {
-                cert_chain: cert_chain.clone(),
-                private_key: private_key.clone(),
-            }),
+        let tls = match (&config.tls_cert_file, &config.tls_key_file) {
+            (Some(cert_chain), Some(private_key)) => Some(
+                kinesin_gateway::tls_acceptor(&kinesin_gateway::TlsFiles {
+                    cert_chain: cert_chain.clone(),
+                    private_key: private_key.clone(),
+                })
+                .map_err(|e| anyhow::anyhow!("TLS: {e}"))?,
+            ),
             _ => None,
         };
-        let tls = tls_files
-            .as_ref()
-            .map(kinesin_gateway::tls_acceptor)
-            .transpose()
-            .map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
         tasks.push(tokio::spawn(kinesin_gateway::serve(
             api_listener,
             router.clone(),
@@ -164,7 +162,6 @@ impl Node {
                 credentials: config.credentials.clone(),
                 shard_limit: config.shard_limit,
                 iterator_validity_ms: config.iterator_validity_secs * 1000,
-                tls: tls_files,
             },
             tls,
             stop_rx.clone(),
