@@ -596,6 +596,19 @@ def test_enhanced_fan_out(cluster, kinesis, stream_name):
     assert kinesis.describe_stream_summary(StreamName=stream_name)["StreamDescriptionSummary"]["ConsumerCount"] == 1
 
     before = kinesis.put_record(StreamName=stream_name, PartitionKey="k", Data=b"before")
+    # Other nodes learn of the consumer from their copy of the cluster map,
+    # a moment later: wait as an AWS client waits for ACTIVE.
+    for node in cluster[1:]:
+        other = client_for(node.endpoint)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                other.describe_stream_consumer(ConsumerARN=consumer["ConsumerARN"])
+                break
+            except botocore.exceptions.ClientError as err:
+                assert err.response["Error"]["Code"] == "ResourceNotFoundException"
+                assert time.monotonic() < deadline, "the consumer never reached the other nodes"
+                time.sleep(0.05)
     # Two subscribers on different nodes: from the start and from LATEST.
     from_start = client_for(cluster[1].endpoint).subscribe_to_shard(
         ConsumerARN=consumer["ConsumerARN"], ShardId="shardId-000000000000", StartingPosition={"Type": "TRIM_HORIZON"}
