@@ -78,7 +78,7 @@ impl From<RouterError> for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 message,
             ),
-            RouterError::Internal(_) => ApiError::new(
+            RouterError::Internal(_) | RouterError::Indeterminate(_) => ApiError::new(
                 "InternalFailure",
                 StatusCode::INTERNAL_SERVER_ERROR,
                 message,

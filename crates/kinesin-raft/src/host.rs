@@ -96,6 +96,10 @@ pub enum RaftHostError {
     },
     #[error("raft group {group}: {detail}")]
     Raft { group: GroupId, detail: String },
+    /// The proposal was appended, then discarded from this node's log by a
+    /// leader change: another leader may still commit it.
+    #[error("raft group {group}: the proposal's outcome is unknown after a leader change")]
+    OutcomeUnknown { group: GroupId },
     #[error("storage: {0}")]
     Io(#[from] io::Error),
 }
@@ -301,6 +305,9 @@ impl RaftHost {
         let g = self.group(group)?;
         match g.raft.client_write(Command(command)).await {
             Ok(resp) => Ok(resp.data.0),
+            Err(openraft::error::RaftError::APIError(
+                openraft::error::ClientWriteError::LogEntryDiscarded(_),
+            )) => Err(RaftHostError::OutcomeUnknown { group }),
             Err(e) => Err(match e.forward_to_leader() {
                 Some(f) => RaftHostError::NotLeader {
                     group,

@@ -21,6 +21,11 @@ pub enum RouterError {
     Unavailable(String),
     #[error("{0}")]
     Internal(String),
+    /// A write may or may not have been applied (its leader went away after
+    /// accepting it). Never retried inside the cluster: a blind retry could
+    /// store the records twice; the client decides.
+    #[error("{0}")]
+    Indeterminate(String),
     /// The shard's throughput limit is exhausted for now.
     #[error("{0}")]
     Throttled(String),
@@ -45,7 +50,7 @@ impl RouterError {
             RouterError::Unavailable(_)
             | RouterError::NotLeader(_)
             | RouterError::ShardClosed(_) => "ServiceUnavailable",
-            RouterError::Internal(_) => "InternalFailure",
+            RouterError::Internal(_) | RouterError::Indeterminate(_) => "InternalFailure",
         }
     }
 
@@ -69,6 +74,7 @@ impl From<RouterError> for Status {
             RouterError::Unavailable(_) | RouterError::NotLeader(_) => Code::Unavailable,
             RouterError::ShardClosed(_) => Code::FailedPrecondition,
             RouterError::Internal(_) => Code::Internal,
+            RouterError::Indeterminate(_) => Code::Unknown,
         };
         let mut status = Status::new(code, e.to_string());
         if let RouterError::NotLeader(Some(leader)) = e {
@@ -100,6 +106,10 @@ impl From<Status> for RouterError {
             Code::ResourceExhausted => RouterError::Throttled(msg),
             Code::Internal => RouterError::Internal(msg),
             Code::FailedPrecondition => RouterError::ShardClosed(msg),
+            // The request may have reached the node and taken effect.
+            Code::Unknown | Code::Cancelled | Code::DeadlineExceeded => {
+                RouterError::Indeterminate(msg)
+            }
             _ => RouterError::Unavailable(msg),
         }
     }
@@ -110,6 +120,9 @@ impl From<kinesin_raft::RaftHostError> for RouterError {
         match e {
             kinesin_raft::RaftHostError::NotLeader { leader, .. } => RouterError::NotLeader(leader),
             kinesin_raft::RaftHostError::NoSuchGroup(_) => RouterError::NotLeader(None),
+            e @ kinesin_raft::RaftHostError::OutcomeUnknown { .. } => {
+                RouterError::Indeterminate(e.to_string())
+            }
             other => RouterError::Unavailable(other.to_string()),
         }
     }

@@ -31,6 +31,11 @@ pub struct RouterConfig {
     pub default_retention_hours: u32,
     /// Per-shard throughput limits, enforced where the shard leads.
     pub shard_limits: ShardLimits,
+    /// Deliberately broken, for proving the chaos harness can fail: an
+    /// append whose commit is not confirmed within this time is acknowledged
+    /// anyway, with a guessed sequence number. Never set in production; the
+    /// server only sets it from `KINESIN_CHAOS_UNSAFE_ACK_MS`.
+    pub unsafe_ack_after: Option<Duration>,
 }
 
 impl Default for RouterConfig {
@@ -40,6 +45,7 @@ impl Default for RouterConfig {
             default_replication_factor: 3,
             default_retention_hours: 24,
             shard_limits: ShardLimits::default(),
+            unsafe_ack_after: None,
         }
     }
 }
@@ -181,6 +187,7 @@ impl Router {
         &self,
         group: GroupId,
         candidates: &[NodeId],
+        idempotent: bool,
         op: F,
     ) -> Result<T, RouterError>
     where
@@ -218,9 +225,17 @@ impl Router {
                 .clamp(ATTEMPT_MIN, ATTEMPT_MAX);
             let result = match target {
                 Ok(t) => match tokio::time::timeout(attempt_budget, op(t)).await {
+                    Ok(Err(RouterError::Indeterminate(m))) if idempotent => {
+                        Err(RouterError::Unavailable(m))
+                    }
                     Ok(r) => r,
-                    Err(_) => Err(RouterError::Unavailable(format!(
+                    // The request may have been applied: only an idempotent
+                    // one may be tried again.
+                    Err(_) if idempotent => Err(RouterError::Unavailable(format!(
                         "node {target_node} did not answer for {group}"
+                    ))),
+                    Err(_) => Err(RouterError::Indeterminate(format!(
+                        "node {target_node} did not answer for {group} in time; the write may or may not have been stored"
                     ))),
                 },
                 Err(e) => Err(e),
@@ -278,7 +293,7 @@ impl Router {
     pub async fn meta_write(&self, command: MetaCommand) -> Result<(), RouterError> {
         let bytes = command.encode();
         let candidates = self.meta_candidates();
-        self.at_leader(GroupId::META, &candidates, |target| {
+        self.at_leader(GroupId::META, &candidates, true, |target| {
             let bytes = bytes.clone();
             async move {
                 match target {
@@ -322,7 +337,7 @@ impl Router {
             )));
         }
         let candidates = self.meta_candidates();
-        self.at_leader(GroupId::META, &candidates, |target| async move {
+        self.at_leader(GroupId::META, &candidates, true, |target| async move {
             match target {
                 Target::Local => {
                     self.create_stream_on_leader(name, shard_count, replication, max_record_bytes)
@@ -579,7 +594,7 @@ impl Router {
         epoch: u64,
         records: Vec<NewRecord>,
     ) -> Result<SequenceNumber, RouterError> {
-        self.at_leader(group, replicas, |target| {
+        self.at_leader(group, replicas, false, |target| {
             let records = records.clone();
             async move {
                 match target {
@@ -635,7 +650,17 @@ impl Router {
             arrival_ms: now_ms(),
             records,
         };
-        let reply = self.host.propose(group, command.encode()).await?;
+        let proposal = self.host.propose(group, command.encode());
+        let reply = match self.config.unsafe_ack_after {
+            None => proposal.await?,
+            Some(after) => match tokio::time::timeout(after, proposal).await {
+                Ok(reply) => reply?,
+                Err(_) => {
+                    let sm = self.shards.get(group).ok_or(RouterError::NotLeader(None))?;
+                    return Ok(sm.resolve(ReadStart::Latest)?);
+                }
+            },
+        };
         metrics::histogram!("kinesin_raft_commit_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         match ShardReply::decode(&reply)? {
@@ -667,7 +692,7 @@ impl Router {
             })?
             .clone();
         let group = shard.group;
-        self.at_leader(group, &shard.replicas, |target| async move {
+        self.at_leader(group, &shard.replicas, true, |target| async move {
             match target {
                 Target::Local => self.read_local(group, request),
                 Target::Remote(mut c) => {

@@ -159,7 +159,7 @@ impl Node for NodeService {
             .unwrap_or_default();
         let cluster_id = self
             .router
-            .at_leader(GroupId::META, &candidates, |target| {
+            .at_leader(GroupId::META, &candidates, true, |target| {
                 let req = req.clone();
                 async move {
                     match target {

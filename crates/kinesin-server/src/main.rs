@@ -3,6 +3,7 @@
 
 mod bench;
 mod cli;
+mod debug;
 mod dev;
 
 use std::path::PathBuf;
@@ -44,6 +45,15 @@ enum Command {
     /// Measure throughput and latency.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Inspect a stopped node's data offline.
+    #[command(subcommand)]
+    Debug(DebugCommand),
+}
+
+#[derive(Subcommand)]
+enum DebugCommand {
+    /// Print every stored record as JSON lines (group, seq, key, data).
+    Records(debug::RecordsArgs),
 }
 
 #[derive(Subcommand)]
@@ -186,6 +196,7 @@ fn main() -> ExitCode {
         Command::Tail(args) => runtime.block_on(cli::tail(args)),
         Command::Cluster(cmd) => runtime.block_on(cli::cluster(cmd)),
         Command::Bench(BenchCommand::Produce(args)) => runtime.block_on(bench::produce(args)),
+        Command::Debug(DebugCommand::Records(args)) => debug::records(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -122,6 +122,7 @@ impl Node {
                     read_calls_per_sec: config.shard_read_calls_per_sec,
                     read_bytes_per_sec: config.shard_read_bytes_per_sec,
                 },
+                unsafe_ack_after: unsafe_ack_after(),
                 ..RouterConfig::default()
             },
         ));
@@ -414,4 +415,19 @@ async fn serve_grpc(
     if let Err(e) = result {
         tracing::error!(error = %e, "gRPC server failed");
     }
+}
+
+/// The chaos harness's deliberately broken mode (see
+/// `RouterConfig::unsafe_ack_after`): only from the environment, never from
+/// the config file, and loudly.
+fn unsafe_ack_after() -> Option<Duration> {
+    let ms: u64 = std::env::var("KINESIN_CHAOS_UNSAFE_ACK_MS")
+        .ok()?
+        .parse()
+        .ok()?;
+    tracing::error!(
+        ms,
+        "KINESIN_CHAOS_UNSAFE_ACK_MS is set: appends not committed within {ms} ms are acknowledged anyway; acknowledged records WILL be lost"
+    );
+    Some(Duration::from_millis(ms))
 }

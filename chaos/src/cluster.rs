@@ -1,0 +1,220 @@
+//! Kinesin nodes as real processes, one per namespace, each with its own data
+//! directory and log. Process faults go to the recorded PID, never by name.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::net::{namespace, node_addr};
+
+pub const API_PORT: u16 = 7450;
+const GRPC_PORT: u16 = 7451;
+const ADMIN_PORT: u16 = 7452;
+
+pub struct NodeProc {
+    pub id: u32,
+    dir: PathBuf,
+    child: Option<Child>,
+    pub paused: bool,
+}
+
+pub struct Cluster {
+    binary: PathBuf,
+    pub nodes: Vec<NodeProc>,
+    /// Extra environment for every node (the broken mode).
+    env: Vec<(String, String)>,
+}
+
+impl NodeProc {
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("node.log")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
+    let status = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .context("cannot run kill")?;
+    anyhow::ensure!(status.success(), "kill {sig} {pid} failed");
+    Ok(())
+}
+
+impl Cluster {
+    pub fn new(
+        binary: &Path,
+        root: &Path,
+        count: u32,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<Cluster> {
+        let mut nodes = Vec::new();
+        for id in 1..=count {
+            let dir = root.join(format!("n{id}"));
+            std::fs::create_dir_all(&dir)?;
+            let seeds = if id == 1 {
+                String::new()
+            } else {
+                format!("\"{}:{GRPC_PORT}\"", node_addr(1))
+            };
+            let addr = node_addr(id);
+            std::fs::write(
+                dir.join("kinesin.toml"),
+                format!(
+                    "node_id = {id}\n\
+                     data_dir = \"{data}\"\n\
+                     listen_api = \"0.0.0.0:{API_PORT}\"\n\
+                     listen_grpc = \"0.0.0.0:{GRPC_PORT}\"\n\
+                     listen_admin = \"0.0.0.0:{ADMIN_PORT}\"\n\
+                     advertise_grpc = \"{addr}:{GRPC_PORT}\"\n\
+                     advertise_api = \"{addr}:{API_PORT}\"\n\
+                     seeds = [{seeds}]\n\
+                     replication_factor = 3\n\
+                     shard_heartbeat_ms = 200\n\
+                     shard_election_min_ms = 1000\n\
+                     shard_election_max_ms = 2000\n\
+                     repair_after_secs = 3600\n",
+                    data = dir.join("data").display(),
+                ),
+            )?;
+            nodes.push(NodeProc {
+                id,
+                dir,
+                child: None,
+                paused: false,
+            });
+        }
+        Ok(Cluster {
+            binary: binary.to_path_buf(),
+            nodes,
+            env,
+        })
+    }
+
+    pub fn node(&mut self, id: u32) -> &mut NodeProc {
+        &mut self.nodes[(id - 1) as usize]
+    }
+
+    pub fn start(&mut self, id: u32) -> anyhow::Result<()> {
+        let binary = self.binary.clone();
+        let env = self.env.clone();
+        let node = self.node(id);
+        if node.child.is_some() {
+            return Ok(());
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.log_path())?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &namespace(id)])
+            .arg(&binary)
+            .args(["server", "--config"])
+            .arg(node.dir.join("kinesin.toml"))
+            .envs(env)
+            .env(
+                "KINESIN_LOG",
+                "info,openraft=warn,h2=warn,tower=warn,hyper=warn",
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start node {id}"))?;
+        node.child = Some(child);
+        node.paused = false;
+        Ok(())
+    }
+
+    /// SIGKILL by PID, then reap.
+    pub fn kill(&mut self, id: u32) -> anyhow::Result<()> {
+        let node = self.node(id);
+        if let Some(mut child) = node.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        node.paused = false;
+        Ok(())
+    }
+
+    pub fn pause(&mut self, id: u32) -> anyhow::Result<()> {
+        let node = self.node(id);
+        if let Some(pid) = node.pid() {
+            signal(pid, "-STOP")?;
+            node.paused = true;
+        }
+        Ok(())
+    }
+
+    pub fn resume(&mut self, id: u32) -> anyhow::Result<()> {
+        let node = self.node(id);
+        if let (Some(pid), true) = (node.pid(), node.paused) {
+            signal(pid, "-CONT")?;
+            node.paused = false;
+        }
+        Ok(())
+    }
+
+    /// Resumes paused nodes and starts stopped ones.
+    pub fn heal(&mut self) -> anyhow::Result<()> {
+        for id in 1..=self.nodes.len() as u32 {
+            self.resume(id)?;
+            self.start(id)?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM (a clean stop), SIGKILL after `grace`.
+    pub async fn stop_all(&mut self, grace: Duration) -> anyhow::Result<()> {
+        for node in &mut self.nodes {
+            let Some(mut child) = node.child.take() else {
+                continue;
+            };
+            if node.paused {
+                signal(child.id(), "-CONT")?;
+            }
+            signal(child.id(), "-TERM")?;
+            let deadline = tokio::time::Instant::now() + grace;
+            loop {
+                if child.try_wait()?.is_some() {
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    child.kill()?;
+                    child.wait()?;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn api_url(id: u32) -> String {
+        format!("{}:{API_PORT}", node_addr(id))
+    }
+
+    pub fn admin_url(id: u32) -> String {
+        format!("{}:{ADMIN_PORT}", node_addr(id))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}

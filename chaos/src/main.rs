@@ -1,0 +1,213 @@
+//! `kinesin-chaos`: fault injection against real Kinesin processes in
+//! network namespaces, with a history checker. See docs/reliability.md.
+
+mod checker;
+mod client;
+mod cluster;
+mod history;
+mod nemesis;
+mod net;
+mod run;
+mod workload;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::run::RunConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "kinesin-chaos",
+    about = "Fault injection and history checking for Kinesin"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// The kinesin binary to run on every host.
+    #[arg(long, env = "KINESIN_BIN")]
+    binary: PathBuf,
+    /// Where run directories go.
+    #[arg(long, default_value = "chaos-runs")]
+    out: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// One scenario with one seed.
+    Run {
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(nemesis::SCENARIOS))]
+        scenario: String,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Seconds of workload under faults.
+        #[arg(long, default_value_t = 30)]
+        duration: u64,
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        /// Run a deliberately broken server that acknowledges appends whose
+        /// commit was not confirmed (the checker must catch it).
+        #[arg(long)]
+        unsafe_ack: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// A fixed matrix of runs: `smoke` (minutes, in CI) or `long`.
+    Matrix {
+        #[arg(value_parser = ["smoke", "long"])]
+        matrix: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Check the history of an earlier run again.
+    Check { dir: PathBuf },
+    /// Remove namespaces and links an interrupted run left behind.
+    Cleanup,
+}
+
+/// A planned run and whether the checker must find it valid.
+struct Planned {
+    config: RunConfig,
+    expect_valid: bool,
+}
+
+fn plan(matrix: &str, common: &Common) -> Vec<Planned> {
+    let mk = |scenario: &str, seed: u64, secs: u64, nodes: u32, unsafe_ack: bool| Planned {
+        config: RunConfig {
+            scenario: scenario.to_string(),
+            seed,
+            duration: Duration::from_secs(secs),
+            nodes,
+            binary: common.binary.clone(),
+            out: common.out.join(format!(
+                "{scenario}-n{nodes}-s{seed}{}",
+                if unsafe_ack { "-unsafe-ack" } else { "" }
+            )),
+            unsafe_ack,
+        },
+        expect_valid: !unsafe_ack,
+    };
+    let mut runs = Vec::new();
+    if matrix == "smoke" {
+        for (i, s) in ["partition", "kill", "kill-all", "pause", "loss", "reshard"]
+            .iter()
+            .enumerate()
+        {
+            runs.push(mk(s, 100 + i as u64, 20, 3, false));
+        }
+        runs.push(mk("isolate-leader", 7, 20, 3, true));
+    } else {
+        for seed in 1..=3 {
+            for s in nemesis::SCENARIOS {
+                runs.push(mk(s, seed, 60, 3, false));
+            }
+            runs.push(mk("partition", seed, 60, 5, false));
+            runs.push(mk("mixed", seed, 120, 5, false));
+            runs.push(mk("isolate-leader", seed, 30, 3, true));
+        }
+    }
+    runs
+}
+
+async fn run_one(config: &RunConfig) -> anyhow::Result<checker::Report> {
+    tokio::select! {
+        r = run::run(config) => r,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+    }
+}
+
+async fn main_async(cli: Cli) -> anyhow::Result<bool> {
+    match cli.command {
+        Command::Run {
+            scenario,
+            seed,
+            duration,
+            nodes,
+            unsafe_ack,
+            common,
+        } => {
+            let config = RunConfig {
+                out: common.out.join(format!("{scenario}-n{nodes}-s{seed}")),
+                scenario,
+                seed,
+                duration: Duration::from_secs(duration),
+                nodes,
+                binary: common.binary,
+                unsafe_ack,
+            };
+            let report = run_one(&config).await?;
+            print!("{}", run::summary(&config, &report));
+            println!("{}", config.out.display());
+            Ok(report.valid)
+        }
+        Command::Matrix { matrix, common } => {
+            let (mut passed, mut failed) = (0, 0);
+            for planned in plan(&matrix, &common) {
+                let c = &planned.config;
+                let outcome = run_one(c).await;
+                let ok = match &outcome {
+                    Ok(report) => {
+                        print!("{}", run::summary(c, report));
+                        report.valid == planned.expect_valid
+                    }
+                    Err(e) => {
+                        println!("scenario {} seed {}: ERROR {e:#}", c.scenario, c.seed);
+                        false
+                    }
+                };
+                let expectation = if planned.expect_valid {
+                    "must be valid"
+                } else {
+                    "broken build: must be caught"
+                };
+                println!(
+                    "{} {} ({expectation}) -> {}",
+                    if ok { "PASS" } else { "FAIL" },
+                    c.out.display(),
+                    if ok { "as expected" } else { "NOT as expected" }
+                );
+                if ok {
+                    passed += 1;
+                } else {
+                    failed += 1;
+                }
+            }
+            println!("{passed} passed, {failed} failed");
+            Ok(failed == 0)
+        }
+        Command::Check { dir } => {
+            let events = history::load(&dir.join("history.jsonl"))?;
+            let replicas: checker::Replicas =
+                serde_json::from_slice(&std::fs::read(dir.join("replicas.json"))?)?;
+            let report = checker::check(&events, &replicas, &[]);
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(report.valid)
+        }
+        Command::Cleanup => {
+            net::cleanup();
+            Ok(true)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(main_async(cli)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("kinesin-chaos: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Faults, drawn from the run's seed: the same seed gives the same schedule
+//! (which fault, which nodes, how long). Faults aimed at "the leader" pick
+//! the node that leads the most groups at that moment.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use tokio::sync::Mutex;
+
+use crate::client::{get, Client};
+use crate::cluster::Cluster;
+use crate::history::{Event, History, Kind};
+use crate::net::Net;
+use crate::workload::STREAM;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Random halves (the smaller side a minority).
+    PartitionHalves,
+    /// Cut the busiest leader off from every other node (clients still reach it).
+    IsolateLeader,
+    KillOne,
+    KillMinority,
+    KillAll,
+    /// SIGSTOP a node (half the time the busiest leader), SIGCONT later.
+    Pause,
+    /// 20–40 % packet loss between nodes.
+    Loss,
+    /// UpdateShardCount up or down under load.
+    Reshard,
+}
+
+/// Named fault mixes: the scenarios of the smoke and long matrices.
+pub fn scenario(name: &str) -> Option<Vec<Fault>> {
+    use Fault::*;
+    Some(match name {
+        "none" => vec![],
+        "partition" => vec![PartitionHalves, IsolateLeader],
+        "isolate-leader" => vec![IsolateLeader],
+        "kill" => vec![KillOne, KillMinority],
+        "kill-all" => vec![KillAll],
+        "pause" => vec![Pause],
+        "loss" => vec![Loss],
+        "reshard" => vec![Reshard],
+        "mixed" => vec![
+            PartitionHalves,
+            IsolateLeader,
+            KillOne,
+            KillMinority,
+            KillAll,
+            Pause,
+            Loss,
+            Reshard,
+        ],
+        _ => return None,
+    })
+}
+
+pub const SCENARIOS: &[&str] = &[
+    "none",
+    "partition",
+    "isolate-leader",
+    "kill",
+    "kill-all",
+    "pause",
+    "loss",
+    "reshard",
+    "mixed",
+];
+
+/// The node leading the most Raft groups, by every node's own report.
+async fn busiest_leader(nodes: u32) -> Option<u32> {
+    let mut best: Option<(usize, u32)> = None;
+    for n in 1..=nodes {
+        let Ok((200, body)) = get(
+            &Cluster::admin_url(n),
+            "/admin/cluster",
+            Duration::from_secs(2),
+        )
+        .await
+        else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) else {
+            continue;
+        };
+        let leads = v["groups"]
+            .as_array()
+            .map(|g| g.iter().filter(|g| g["role"] == "leader").count())
+            .unwrap_or(0);
+        if best.is_none_or(|(b, _)| leads > b) {
+            best = Some((leads, n));
+        }
+    }
+    best.map(|(_, n)| n)
+}
+
+pub struct Nemesis {
+    pub faults: Vec<Fault>,
+    pub seed: u64,
+    pub nodes: u32,
+    pub history: History,
+    pub cluster: Arc<Mutex<Cluster>>,
+    pub net: Arc<Net>,
+}
+
+impl Nemesis {
+    /// Quiet, fault, hold, heal — until `stop`. Every fault is healed before
+    /// this returns.
+    pub async fn run(&self, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+        if self.faults.is_empty() {
+            return Ok(());
+        }
+        let mut rng = StdRng::seed_from_u64(self.seed);
+        let mut shards = 2u32;
+        while !stop.load(Ordering::SeqCst) {
+            let quiet = Duration::from_millis(rng.random_range(2000..4000));
+            let fault = self.faults[rng.random_range(0..self.faults.len())];
+            let hold = Duration::from_millis(rng.random_range(3000..8000));
+            let mut order: Vec<u32> = (1..=self.nodes).collect();
+            order.shuffle(&mut rng);
+            let percent = rng.random_range(20..=40);
+            let pause_leader = rng.random_bool(0.5);
+            sleep_unless(quiet, &stop).await;
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let minority = ((self.nodes - 1) / 2).max(1) as usize;
+            let description = match fault {
+                Fault::PartitionHalves => {
+                    let (a, b) = order.split_at(minority);
+                    self.net.partition(&[a.to_vec(), b.to_vec()])?;
+                    json!({"fault": "partition", "sides": [a, b]})
+                }
+                Fault::IsolateLeader => {
+                    let leader = busiest_leader(self.nodes).await.unwrap_or(order[0]);
+                    let rest: Vec<u32> = (1..=self.nodes).filter(|n| *n != leader).collect();
+                    self.net.partition(&[vec![leader], rest])?;
+                    json!({"fault": "isolate-leader", "node": leader})
+                }
+                Fault::KillOne | Fault::KillMinority => {
+                    let count = if fault == Fault::KillOne { 1 } else { minority };
+                    let victims = &order[..count];
+                    let mut c = self.cluster.lock().await;
+                    for v in victims {
+                        c.kill(*v)?;
+                    }
+                    json!({"fault": "kill", "nodes": victims})
+                }
+                Fault::KillAll => {
+                    let mut c = self.cluster.lock().await;
+                    for v in &order {
+                        c.kill(*v)?;
+                    }
+                    json!({"fault": "kill-all"})
+                }
+                Fault::Pause => {
+                    let node = if pause_leader {
+                        busiest_leader(self.nodes).await.unwrap_or(order[0])
+                    } else {
+                        order[0]
+                    };
+                    self.cluster.lock().await.pause(node)?;
+                    json!({"fault": "pause", "node": node})
+                }
+                Fault::Loss => {
+                    for n in 1..=self.nodes {
+                        self.net.loss(n, percent)?;
+                    }
+                    json!({"fault": "loss", "percent": percent})
+                }
+                Fault::Reshard => {
+                    let target = if shards == 2 { 4 } else { 2 };
+                    let mut client =
+                        Client::new(Cluster::api_url(order[0]), Duration::from_secs(15));
+                    let result = client
+                        .call(
+                            "UpdateShardCount",
+                            &json!({"StreamName": STREAM, "TargetShardCount": target,
+                                "ScalingType": "UNIFORM_SCALING"}),
+                        )
+                        .await;
+                    if result.is_ok() {
+                        shards = target;
+                    }
+                    json!({"fault": "reshard", "target": target, "result": result.map(|_| "ok".to_string()).unwrap_or_else(|e| e.to_string())})
+                }
+            };
+            self.history
+                .log(Event::new("nemesis", Kind::Invoke, "fault").value(&description.to_string()));
+            if fault == Fault::KillAll {
+                // Everything is down: bring it back soon (a power cut).
+                sleep_unless(Duration::from_millis(rng.random_range(1000..3000)), &stop).await;
+            } else {
+                sleep_unless(hold, &stop).await;
+            }
+            self.heal().await?;
+        }
+        Ok(())
+    }
+
+    pub async fn heal(&self) -> anyhow::Result<()> {
+        self.net.heal()?;
+        self.cluster.lock().await.heal()?;
+        self.history.log(Event::new("nemesis", Kind::Ok, "heal"));
+        Ok(())
+    }
+}
+
+async fn sleep_unless(d: Duration, stop: &AtomicBool) {
+    let end = tokio::time::Instant::now() + d;
+    while tokio::time::Instant::now() < end && !stop.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

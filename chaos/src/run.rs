@@ -1,0 +1,302 @@
+//! One chaos run: hosts, cluster, workload, faults, heal, final reads,
+//! replica dumps, check. Everything it starts it stops.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::json;
+use tokio::sync::Mutex;
+
+use crate::checker::{self, Replicas, Report};
+use crate::client::{get, Client};
+use crate::cluster::Cluster;
+use crate::history::{self, Event, History, Kind};
+use crate::nemesis::{scenario, Nemesis};
+use crate::net::Net;
+use crate::workload::{self, STREAM};
+
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub scenario: String,
+    pub seed: u64,
+    pub duration: Duration,
+    pub nodes: u32,
+    pub binary: PathBuf,
+    pub out: PathBuf,
+    /// Run the deliberately broken server (acknowledges uncommitted appends).
+    pub unsafe_ack: bool,
+}
+
+impl RunConfig {
+    pub fn replay_command(&self) -> String {
+        format!(
+            "kinesin-chaos run --scenario {} --seed {} --duration {} --nodes {} --binary {}{}",
+            self.scenario,
+            self.seed,
+            self.duration.as_secs(),
+            self.nodes,
+            self.binary.display(),
+            if self.unsafe_ack { " --unsafe-ack" } else { "" }
+        )
+    }
+}
+
+const PRODUCERS: u32 = 4;
+const READERS: u32 = 2;
+const LIVENESS_BOUND: Duration = Duration::from_secs(60);
+
+async fn wait_ready(nodes: &[u32], bound: Duration) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    for &n in nodes {
+        loop {
+            if let Ok((200, _)) = get(
+                &Cluster::admin_url(n),
+                "/health/ready",
+                Duration::from_secs(2),
+            )
+            .await
+            {
+                break;
+            }
+            if start.elapsed() > bound {
+                bail!("node {n} not ready within {bound:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(start.elapsed())
+}
+
+async fn create_stream(nodes: u32) -> anyhow::Result<()> {
+    let mut c = Client::new(Cluster::api_url(1), Duration::from_secs(15));
+    c.call(
+        "CreateStream",
+        &json!({"StreamName": STREAM, "ShardCount": 2}),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("CreateStream: {e}"))?;
+    let start = Instant::now();
+    for n in 1..=nodes {
+        let mut c = Client::new(Cluster::api_url(n), Duration::from_secs(5));
+        loop {
+            let r = c
+                .call("DescribeStreamSummary", &json!({"StreamName": STREAM}))
+                .await;
+            if let Ok(v) = r {
+                if v["StreamDescriptionSummary"]["StreamStatus"] == "ACTIVE" {
+                    break;
+                }
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                bail!("stream not ACTIVE on node {n} within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Every node is ready (joined, every local group knows its leader) within
+/// the bound after heal.
+async fn check_liveness(nodes: u32, history: &History) {
+    match wait_ready(&(1..=nodes).collect::<Vec<_>>(), LIVENESS_BOUND).await {
+        Ok(took) => history.log(
+            Event::new("liveness", Kind::Ok, "liveness")
+                .value(&format!("all nodes ready after {} ms", took.as_millis())),
+        ),
+        Err(e) => history.log(Event::new("liveness", Kind::Fail, "liveness").error(e)),
+    }
+}
+
+fn find_panics(cluster: &Cluster) -> Vec<String> {
+    let mut found = Vec::new();
+    for node in &cluster.nodes {
+        let log = std::fs::read_to_string(node.log_path()).unwrap_or_default();
+        for line in log.lines().filter(|l| l.contains("panicked at")) {
+            found.push(format!("n{}: {line}", node.id));
+        }
+    }
+    found
+}
+
+fn dump_replicas(binary: &Path, cluster: &Cluster) -> anyhow::Result<Replicas> {
+    let mut replicas = Replicas::new();
+    for node in &cluster.nodes {
+        let out = std::process::Command::new(binary)
+            .args(["debug", "records", "--data-dir"])
+            .arg(node.data_dir())
+            .output()
+            .context("cannot run kinesin debug records")?;
+        if !out.status.success() {
+            bail!(
+                "kinesin debug records on node {}: {}",
+                node.id,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let mut groups: BTreeMap<u64, Vec<(String, String)>> = BTreeMap::new();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            groups
+                .entry(v["group"].as_u64().unwrap_or_default())
+                .or_default()
+                .push((
+                    v["seq"].as_str().unwrap_or_default().to_string(),
+                    v["data"].as_str().unwrap_or_default().to_string(),
+                ));
+        }
+        replicas.insert(node.id, groups);
+    }
+    Ok(replicas)
+}
+
+pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
+    let faults = scenario(&config.scenario)
+        .with_context(|| format!("unknown scenario {}", config.scenario))?;
+    if config.out.exists() {
+        std::fs::remove_dir_all(&config.out)?;
+    }
+    std::fs::create_dir_all(&config.out)?;
+    let net = Arc::new(Net::create(config.nodes)?);
+    let env = if config.unsafe_ack {
+        vec![(
+            "KINESIN_CHAOS_UNSAFE_ACK_MS".to_string(),
+            "1000".to_string(),
+        )]
+    } else {
+        Vec::new()
+    };
+    let cluster = Arc::new(Mutex::new(Cluster::new(
+        &config.binary,
+        &config.out,
+        config.nodes,
+        env,
+    )?));
+    {
+        let mut c = cluster.lock().await;
+        c.start(1)?;
+        wait_ready(&[1], Duration::from_secs(60)).await?;
+        for n in 2..=config.nodes {
+            c.start(n)?;
+        }
+    }
+    wait_ready(
+        &(1..=config.nodes).collect::<Vec<_>>(),
+        Duration::from_secs(90),
+    )
+    .await?;
+    create_stream(config.nodes).await?;
+
+    let history = History::create(&config.out.join("history.jsonl"))?;
+    let stop_workload = Arc::new(AtomicBool::new(false));
+    let stop_faults = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for p in 0..PRODUCERS {
+        tasks.push(tokio::spawn(workload::producer(
+            p,
+            config.nodes,
+            config.seed,
+            history.clone(),
+            stop_workload.clone(),
+        )));
+    }
+    for r in 0..READERS {
+        tasks.push(tokio::spawn(workload::reader(
+            r,
+            config.nodes,
+            config.seed,
+            history.clone(),
+            stop_workload.clone(),
+        )));
+    }
+    let nemesis = Nemesis {
+        faults,
+        seed: config.seed,
+        nodes: config.nodes,
+        history: history.clone(),
+        cluster: cluster.clone(),
+        net: net.clone(),
+    };
+    let nemesis_stop = stop_faults.clone();
+    let nemesis = tokio::spawn(async move {
+        let result = nemesis.run(nemesis_stop).await;
+        (nemesis, result)
+    });
+    tokio::time::sleep(config.duration).await;
+    stop_faults.store(true, Ordering::SeqCst);
+    let (nemesis, result) = nemesis.await?;
+    result?;
+    nemesis.heal().await?;
+    check_liveness(config.nodes, &history).await;
+    // Keep the workload running briefly on the healed cluster.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop_workload.store(true, Ordering::SeqCst);
+    for t in tasks {
+        t.await?;
+    }
+    for n in 1..=config.nodes {
+        workload::final_read(n, &history, Duration::from_secs(60)).await;
+    }
+    history.flush()?;
+
+    let mut c = cluster.lock().await;
+    c.stop_all(Duration::from_secs(20)).await?;
+    let replicas = dump_replicas(&config.binary, &c)?;
+    std::fs::write(
+        config.out.join("replicas.json"),
+        serde_json::to_vec(&replicas)?,
+    )?;
+    let panics = find_panics(&c);
+    drop(c);
+    drop(net);
+    let events = history::load(&config.out.join("history.jsonl"))?;
+    let report = checker::check(&events, &replicas, &panics);
+    write_outputs(config, &report)?;
+    Ok(report)
+}
+
+/// results.json and summary.txt of a run.
+pub fn write_outputs(config: &RunConfig, report: &Report) -> anyhow::Result<()> {
+    let results = json!({
+        "valid": report.valid,
+        "scenario": config.scenario,
+        "seed": config.seed,
+        "duration_secs": config.duration.as_secs(),
+        "nodes": config.nodes,
+        "unsafe_ack": config.unsafe_ack,
+        "replay": config.replay_command(),
+        "counts": report.counts,
+        "errors": report.errors,
+        "notes": report.notes,
+    });
+    std::fs::write(
+        config.out.join("results.json"),
+        serde_json::to_vec_pretty(&results)?,
+    )?;
+    std::fs::write(config.out.join("summary.txt"), summary(config, report))?;
+    Ok(())
+}
+
+pub fn summary(config: &RunConfig, report: &Report) -> String {
+    let mut s = format!(
+        "scenario {} seed {}: {}\n",
+        config.scenario,
+        config.seed,
+        if report.valid { "VALID" } else { "INVALID" }
+    );
+    for (k, v) in &report.counts {
+        s += &format!("  {k}: {v}\n");
+    }
+    for (k, v) in &report.errors {
+        s += &format!("  ERROR {k}: {} (e.g. {})\n", v.count, v.examples[0]);
+    }
+    for (k, v) in &report.notes {
+        s += &format!("  note {k}: {}\n", v.count);
+    }
+    s += &format!("  replay: {}\n", config.replay_command());
+    s
+}
