@@ -7,7 +7,7 @@ CARGO_TARGET_DIR ?= $(shell if [ -w /var/cache ] || [ -w /var/cache/kinesin ]; t
 export CARGO_TARGET_DIR
 KINESIN := $(CARGO_TARGET_DIR)/release/kinesin
 
-.PHONY: setup build dev dev3 test lint fmt unit compat
+.PHONY: setup build dev dev3 test lint fmt unit compat chaos-build chaos-smoke chaos
 
 setup:
 	@scripts/setup.sh
@@ -34,8 +34,22 @@ lint: setup
 compat: setup
 	scripts/compat.sh
 
+## Fault injection (root: network namespaces). Runs land in ./chaos-runs.
+CHAOS := $(CARGO_TARGET_DIR)/release/kinesin-chaos
+chaos-build: build
+	cargo build --release --locked -p kinesin-chaos
+
+## A few scenarios, a few minutes: part of `make test` and CI.
+chaos-smoke: chaos-build
+	$(CHAOS) matrix smoke --binary $(KINESIN) --out chaos-runs/smoke
+
+## The long matrix: every scenario, several seeds, 3 and 5 nodes.
+chaos: chaos-build
+	$(CHAOS) matrix long --binary $(KINESIN) --out chaos-runs/long
+
 ## The whole suite: formatting, lints, unit, integration and process tests,
-## then the AWS client compatibility suite.
+## the AWS client compatibility suite, then the chaos smoke matrix.
 test: lint
 	cargo nextest run --release --locked --workspace --no-fail-fast
 	scripts/compat.sh
+	$(MAKE) chaos-smoke

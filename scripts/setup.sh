@@ -12,6 +12,10 @@ fi
 command -v mold >/dev/null 2>&1 || need_apt+=(mold)
 command -v make >/dev/null 2>&1 || need_apt+=(make)
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
+# The chaos harness: network namespaces, veth and bridges (ip), partitions
+# and packet loss (nft).
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+command -v nft >/dev/null 2>&1 || need_apt+=(nftables)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"

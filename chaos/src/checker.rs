@@ -52,8 +52,11 @@ impl Report {
     }
 }
 
-/// Each replica's records per group, as (sequence number, value), in order.
-pub type Replicas = BTreeMap<u32, BTreeMap<u64, Vec<(String, String)>>>;
+/// (sequence number, value) pairs in shard order.
+pub type Records = Vec<(String, String)>;
+
+/// Each replica's records per group, in order.
+pub type Replicas = BTreeMap<u32, BTreeMap<u64, Records>>;
 
 #[derive(Default)]
 struct PutOutcomes {
@@ -75,7 +78,7 @@ pub fn check(history: &[Event], replicas: &Replicas, panics: &[String]) -> Repor
     // (reader process, shard) -> the records it read, in order.
     let mut chains: BTreeMap<(&str, &str), Vec<(String, String)>> = BTreeMap::new();
     // shard -> (reading process, records) of every final read.
-    let mut finals: BTreeMap<&str, Vec<(&str, &[(String, String)])>> = BTreeMap::new();
+    let mut finals: BTreeMap<&str, Vec<(&str, &Records)>> = BTreeMap::new();
 
     for e in history {
         match (e.op.as_str(), e.kind) {
@@ -130,7 +133,7 @@ pub fn check(history: &[Event], replicas: &Replicas, panics: &[String]) -> Repor
 
     // The canonical order of each shard: the first final read. Every other
     // final read (through another node) must be identical.
-    let mut order: BTreeMap<&str, &[(String, String)]> = BTreeMap::new();
+    let mut order: BTreeMap<&str, &Records> = BTreeMap::new();
     for (shard, reads) in &finals {
         let (first_process, first) = reads[0];
         for (process, other) in &reads[1..] {
@@ -245,7 +248,7 @@ pub fn check(history: &[Event], replicas: &Replicas, panics: &[String]) -> Repor
     }
 
     // Replicas of one group hold the same records (one may lag: a prefix).
-    let mut groups: BTreeMap<u64, Vec<(u32, &Vec<(String, String)>)>> = BTreeMap::new();
+    let mut groups: BTreeMap<u64, Vec<(u32, &Records)>> = BTreeMap::new();
     for (node, dump) in replicas {
         for (group, records) in dump {
             groups.entry(*group).or_default().push((*node, records));

@@ -62,6 +62,9 @@ enum Command {
     Matrix {
         #[arg(value_parser = ["smoke", "long"])]
         matrix: String,
+        /// Seeds per scenario in the long matrix.
+        #[arg(long, default_value_t = 3)]
+        seeds: u64,
         #[command(flatten)]
         common: Common,
     },
@@ -77,7 +80,7 @@ struct Planned {
     expect_valid: bool,
 }
 
-fn plan(matrix: &str, common: &Common) -> Vec<Planned> {
+fn plan(matrix: &str, seeds: u64, common: &Common) -> Vec<Planned> {
     let mk = |scenario: &str, seed: u64, secs: u64, nodes: u32, unsafe_ack: bool| Planned {
         config: RunConfig {
             scenario: scenario.to_string(),
@@ -103,7 +106,7 @@ fn plan(matrix: &str, common: &Common) -> Vec<Planned> {
         }
         runs.push(mk("isolate-leader", 7, 20, 3, true));
     } else {
-        for seed in 1..=3 {
+        for seed in 1..=seeds {
             for s in nemesis::SCENARIOS {
                 runs.push(mk(s, seed, 60, 3, false));
             }
@@ -146,9 +149,13 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
             println!("{}", config.out.display());
             Ok(report.valid)
         }
-        Command::Matrix { matrix, common } => {
+        Command::Matrix {
+            matrix,
+            seeds,
+            common,
+        } => {
             let (mut passed, mut failed) = (0, 0);
-            for planned in plan(&matrix, &common) {
+            for planned in plan(&matrix, seeds, &common) {
                 let c = &planned.config;
                 let outcome = run_one(c).await;
                 let ok = match &outcome {
