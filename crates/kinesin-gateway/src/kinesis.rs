@@ -925,6 +925,8 @@ async fn get_records(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError
         .increment(batch.records.len() as u64);
     metrics::counter!("kinesin_stream_outgoing_bytes_total", "stream" => it.stream.clone())
         .increment(bytes as u64);
+    metrics::gauge!("kinesin_stream_iterator_age_seconds", "stream" => it.stream.clone())
+        .set(batch.millis_behind_latest as f64 / 1000.0);
     let records: Vec<Value> = batch.records.into_iter().map(record_json).collect();
     let mut out = Map::new();
     out.insert("Records".into(), Value::Array(records));

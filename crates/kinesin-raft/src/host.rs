@@ -453,6 +453,23 @@ impl RaftHost {
         self.status(group).is_some_and(|s| s.role == "leader")
     }
 
+    /// Waits up to `timeout` until this replica sees `to` as the leader.
+    pub async fn wait_for_leader_change(
+        &self,
+        group: GroupId,
+        to: NodeId,
+        timeout: Duration,
+    ) -> Option<NodeId> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if self.status(group).and_then(|s| s.leader) == Some(to) {
+                return Some(to);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
     /// Waits up to `timeout` for the group to know a leader.
     pub async fn wait_for_leader(&self, group: GroupId, timeout: Duration) -> Option<NodeId> {
         let g = self.group(group).ok()?;

@@ -31,6 +31,9 @@ pub struct RouterConfig {
     pub default_retention_hours: u32,
     /// Per-shard throughput limits, enforced where the shard leads.
     pub shard_limits: ShardLimits,
+    /// Also export per-shard series (`kinesin_shard_*`): one series per
+    /// shard, so off by default.
+    pub per_shard_metrics: bool,
     /// Deliberately broken, for proving the chaos harness can fail: an
     /// append whose commit is not confirmed within this time is acknowledged
     /// anyway, with a guessed sequence number. Never set in production; the
@@ -45,6 +48,7 @@ impl Default for RouterConfig {
             default_replication_factor: 3,
             default_retention_hours: 24,
             shard_limits: ShardLimits::default(),
+            per_shard_metrics: false,
             unsafe_ack_after: None,
         }
     }
@@ -556,8 +560,21 @@ impl Router {
         for (shard, entries, result) in futures::future::join_all(appends).await {
             match result {
                 Ok(first) => {
+                    let bytes: usize = entries
+                        .iter()
+                        .map(|(_, _, r)| r.data.len() + r.partition_key.len())
+                        .sum();
                     metrics::counter!("kinesin_stream_incoming_records_total", "stream" => stream.to_string())
                         .increment(entries.len() as u64);
+                    metrics::counter!("kinesin_stream_incoming_bytes_total", "stream" => stream.to_string())
+                        .increment(bytes as u64);
+                    if self.config.per_shard_metrics {
+                        let labels = [("stream", stream.to_string()), ("shard", shard.to_string())];
+                        metrics::counter!("kinesin_shard_incoming_records_total", &labels)
+                            .increment(entries.len() as u64);
+                        metrics::counter!("kinesin_shard_incoming_bytes_total", &labels)
+                            .increment(bytes as u64);
+                    }
                     for (k, (pos, _, _)) in entries.into_iter().enumerate() {
                         outcomes[pos] = AppendOutcome::Stored {
                             shard,
@@ -567,6 +584,8 @@ impl Router {
                 }
                 Err(RouterError::ShardClosed(_)) => closed.extend(entries),
                 Err(RouterError::Throttled(message)) => {
+                    metrics::counter!("kinesin_stream_throttled_total", "stream" => stream.to_string(), "direction" => "write")
+                        .increment(entries.len() as u64);
                     for (pos, _, _) in entries {
                         outcomes[pos] = AppendOutcome::Failed {
                             code: "ProvisionedThroughputExceededException",
@@ -617,6 +636,67 @@ impl Router {
                             .parse::<SequenceNumber>()
                             .map_err(|e| RouterError::Internal(e.to_string()))
                     }
+                }
+            }
+        })
+        .await
+    }
+
+    /// Voters of `group` as the cluster map (or, for the metadata group,
+    /// the local Raft membership) names them.
+    pub fn group_replicas(&self, group: GroupId) -> Result<Vec<NodeId>, RouterError> {
+        if group == GroupId::META {
+            return Ok(self.meta_candidates());
+        }
+        self.meta_state()
+            .streams
+            .values()
+            .flat_map(|s| s.shards.iter())
+            .find(|s| s.group == group)
+            .map(|s| s.replicas.clone())
+            .ok_or_else(|| RouterError::ResourceNotFound(format!("no group {group}")))
+    }
+
+    /// Moves leadership of `group` to `to` (a voter) at the current leader
+    /// and waits until `to` leads; returns the new leader.
+    pub async fn transfer_leader(&self, group: GroupId, to: NodeId) -> Result<NodeId, RouterError> {
+        let replicas = self.group_replicas(group)?;
+        if !replicas.contains(&to) {
+            let voters: Vec<String> = replicas.iter().map(|r| r.0.to_string()).collect();
+            return Err(RouterError::InvalidArgument(format!(
+                "node {} is not a voter of group {} (voters: {})",
+                to.0,
+                group.0,
+                voters.join(", ")
+            )));
+        }
+        self.at_leader(group, &replicas, true, |target| async move {
+            match target {
+                Target::Local => {
+                    if !self.host.is_leader(group) {
+                        let leader = self.host.status(group).and_then(|s| s.leader);
+                        return Err(RouterError::NotLeader(leader));
+                    }
+                    if to != self.host.node_id() {
+                        self.host.transfer_leader(group, to).await?;
+                    }
+                    let leader = self
+                        .host
+                        .wait_for_leader_change(group, to, Duration::from_secs(10))
+                        .await;
+                    leader.ok_or_else(|| {
+                        RouterError::Unavailable(format!("{to} did not take over {group} in time"))
+                    })
+                }
+                Target::Remote(mut c) => {
+                    let r = c
+                        .transfer_leader(pb::TransferLeaderRequest {
+                            group: group.0,
+                            to: to.0,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok(NodeId(r.leader))
                 }
             }
         })
@@ -692,27 +772,33 @@ impl Router {
             })?
             .clone();
         let group = shard.group;
-        self.at_leader(group, &shard.replicas, true, |target| async move {
-            match target {
-                Target::Local => self.read_local(group, request),
-                Target::Remote(mut c) => {
-                    let (from, seq, ts) = encode_start(request.start);
-                    let resp = c
-                        .shard_read(pb::ShardReadRequest {
-                            group: group.0,
-                            from: from as i32,
-                            sequence_number: seq,
-                            timestamp_ms: ts,
-                            limit: request.limit as u32,
-                            max_bytes: request.max_bytes as u64,
-                        })
-                        .await?
-                        .into_inner();
-                    decode_read(resp)
+        let result = self
+            .at_leader(group, &shard.replicas, true, |target| async move {
+                match target {
+                    Target::Local => self.read_local(group, request),
+                    Target::Remote(mut c) => {
+                        let (from, seq, ts) = encode_start(request.start);
+                        let resp = c
+                            .shard_read(pb::ShardReadRequest {
+                                group: group.0,
+                                from: from as i32,
+                                sequence_number: seq,
+                                timestamp_ms: ts,
+                                limit: request.limit as u32,
+                                max_bytes: request.max_bytes as u64,
+                            })
+                            .await?
+                            .into_inner();
+                        decode_read(resp)
+                    }
                 }
-            }
-        })
-        .await
+            })
+            .await;
+        if let Err(RouterError::Throttled(_)) = &result {
+            metrics::counter!("kinesin_stream_throttled_total", "stream" => stream.to_string(), "direction" => "read")
+                .increment(1);
+        }
+        result
     }
 
     /// Reads on this node, which must lead the group (so that every

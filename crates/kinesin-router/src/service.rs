@@ -172,6 +172,20 @@ impl Node for NodeService {
         Ok(Response::new(pb::JoinResponse { cluster_id }))
     }
 
+    async fn transfer_leader(
+        &self,
+        request: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
+        let r = request.into_inner();
+        let leader = self
+            .router
+            .transfer_leader(GroupId(r.group), NodeId(r.to))
+            .await?;
+        Ok(Response::new(pb::TransferLeaderResponse {
+            leader: leader.0,
+        }))
+    }
+
     async fn drain_node(
         &self,
         request: Request<pb::DrainNodeRequest>,

@@ -1,6 +1,8 @@
 //! The admin HTTP port: Prometheus metrics, health checks and a JSON view of
 //! the node's groups.
 
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -10,8 +12,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router as HttpRouter};
+use kinesin_meta::NodeState;
 use kinesin_router::Router;
-use kinesin_types::GroupId;
+use kinesin_types::{GroupId, NodeId, ShardState};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -44,6 +47,7 @@ pub(crate) async fn serve(
     listener: TcpListener,
     router: Arc<Router>,
     joined: Arc<AtomicBool>,
+    data_dir: PathBuf,
     mut stop: watch::Receiver<bool>,
 ) {
     let handle = prometheus();
@@ -57,7 +61,7 @@ pub(crate) async fn serve(
         .route("/health/ready", get(ready))
         .route("/admin/cluster", get(cluster))
         .with_state(state);
-    let gauges = tokio::spawn(update_gauges(router));
+    let gauges = tokio::spawn(update_gauges(router, data_dir));
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = stop.wait_for(|s| *s).await;
@@ -130,27 +134,87 @@ async fn cluster(State(s): State<AdminState>) -> Json<serde_json::Value> {
     }))
 }
 
-async fn update_gauges(router: Arc<Router>) {
+/// A follower that has not acknowledged its leader for this long makes the
+/// group under-replicated.
+const FOLLOWER_STALE_MS: u64 = 5_000;
+
+/// Refreshes the gauges that describe state rather than events, every
+/// second: Raft groups by role, leader changes seen, under-replicated
+/// groups, follower lag, nodes by state, shards by state, disk space.
+async fn update_gauges(router: Arc<Router>, data_dir: PathBuf) {
+    let mut leaders_seen: HashMap<GroupId, NodeId> = HashMap::new();
     loop {
         let host = router.host();
-        let (mut leaders, mut followers, mut leaderless) = (0.0, 0.0, 0.0);
-        for g in host.group_ids() {
-            if let Some(st) = host.status(g) {
-                match st.role {
-                    "leader" => leaders += 1.0,
-                    _ => followers += 1.0,
+        let mut roles: BTreeMap<&'static str, f64> = ["leader", "follower", "candidate", "learner"]
+            .into_iter()
+            .map(|r| (r, 0.0))
+            .collect();
+        let (mut leaderless, mut under_replicated, mut max_lag) = (0.0, 0.0, 0u64);
+        let groups = host.group_ids();
+        for g in &groups {
+            let Some(st) = host.status(*g) else {
+                continue;
+            };
+            *roles.entry(st.role).or_default() += 1.0;
+            match st.leader {
+                None => leaderless += 1.0,
+                Some(l) => {
+                    if leaders_seen.insert(*g, l).is_some_and(|before| before != l) {
+                        metrics::counter!("kinesin_raft_leader_changes_total").increment(1);
+                    }
                 }
-                if st.leader.is_none() {
-                    leaderless += 1.0;
+            }
+            if st.role == "leader" {
+                let me = host.node_id();
+                let stale = st.voters.iter().filter(|v| **v != me).any(|v| {
+                    st.follower_ack_age_ms
+                        .get(v)
+                        .copied()
+                        .flatten()
+                        .is_none_or(|age| age > FOLLOWER_STALE_MS)
+                });
+                if stale {
+                    under_replicated += 1.0;
+                }
+                for v in st.voters.iter().filter(|v| **v != me) {
+                    let matched = st.follower_matched.get(v).copied().unwrap_or(0);
+                    max_lag = max_lag.max(st.last_log_index.saturating_sub(matched));
                 }
             }
         }
-        metrics::gauge!("kinesin_raft_groups", "role" => "leader").set(leaders);
-        metrics::gauge!("kinesin_raft_groups", "role" => "follower").set(followers);
+        leaders_seen.retain(|g, _| groups.contains(g));
+        for (role, n) in roles {
+            metrics::gauge!("kinesin_raft_groups", "role" => role).set(n);
+        }
         metrics::gauge!("kinesin_raft_groups_without_leader").set(leaderless);
+        metrics::gauge!("kinesin_raft_groups_under_replicated").set(under_replicated);
+        metrics::gauge!("kinesin_raft_max_follower_lag_entries").set(max_lag as f64);
         let state = router.meta_state();
-        metrics::gauge!("kinesin_cluster_nodes").set(state.nodes.len() as f64);
+        for (name, wanted) in [
+            ("active", NodeState::Active),
+            ("draining", NodeState::Draining),
+            ("removed", NodeState::Removed),
+        ] {
+            let n = state.nodes.values().filter(|n| n.state == wanted).count();
+            metrics::gauge!("kinesin_cluster_nodes", "state" => name).set(n as f64);
+        }
         metrics::gauge!("kinesin_streams").set(state.streams.len() as f64);
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        for (name, stream) in &state.streams {
+            for (label, wanted) in [
+                ("open", ShardState::Open),
+                ("sealing", ShardState::Sealing),
+                ("sealed", ShardState::Sealed),
+            ] {
+                let n = stream.shards.iter().filter(|s| s.state == wanted).count();
+                metrics::gauge!("kinesin_stream_shards", "stream" => name.clone(), "state" => label)
+                    .set(n as f64);
+            }
+        }
+        if let Ok(fs) = rustix::fs::statvfs(&data_dir) {
+            let block = fs.f_frsize;
+            metrics::gauge!("kinesin_node_disk_free_bytes").set((fs.f_bavail * block) as f64);
+            metrics::gauge!("kinesin_node_disk_total_bytes").set((fs.f_blocks * block) as f64);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

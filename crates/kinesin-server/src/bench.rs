@@ -114,7 +114,7 @@ impl Sender {
 
 /// A minimal Kinesis JSON client: one HTTP/1.1 keep-alive connection,
 /// SigV4-signed requests, reconnect on failure.
-struct AwsClient {
+pub(crate) struct AwsClient {
     address: String,
     credential: (String, String),
     region: String,
@@ -123,15 +123,24 @@ struct AwsClient {
 
 impl AwsClient {
     fn new(address: &str, args: &ProduceArgs) -> Self {
+        AwsClient::with_credentials(address, &args.access_key, &args.secret_key, &args.region)
+    }
+
+    pub(crate) fn with_credentials(
+        address: &str,
+        access_key: &str,
+        secret_key: &str,
+        region: &str,
+    ) -> Self {
         AwsClient {
             address: address.to_string(),
-            credential: (args.access_key.clone(), args.secret_key.clone()),
-            region: args.region.clone(),
+            credential: (access_key.to_string(), secret_key.to_string()),
+            region: region.to_string(),
             connection: None,
         }
     }
 
-    async fn call(
+    pub(crate) async fn call(
         &mut self,
         op: &str,
         body: &serde_json::Value,

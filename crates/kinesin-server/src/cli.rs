@@ -1,39 +1,69 @@
-//! Client subcommands over the native gRPC API. Human output by default,
-//! `--json` for scripts; exit status 1 on any error.
+//! Client subcommands over the native gRPC API (and the AWS API where only
+//! it has the operation). Human output by default, `--json` for scripts;
+//! exit status 1 on any error, 3 when `cluster health` finds a problem.
 
 use std::io::BufRead;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
+use kinesin_meta::{MetaState, NodeState};
+use kinesin_types::ShardState;
+
+use crate::bench::AwsClient;
+use crate::profile::{self, Profile};
 use kinesin_proto::v1::node_client::NodeClient;
 use kinesin_proto::v1::{self as pb};
 use tonic::transport::Channel;
 
 #[derive(Args, Debug, Clone)]
 pub struct Endpoint {
-    /// gRPC address of any node.
-    #[arg(
-        long,
-        env = "KINESIN_ENDPOINT",
-        default_value = "127.0.0.1:7451",
-        global = true
-    )]
-    endpoint: String,
+    /// gRPC address of any node (default: the profile's, 127.0.0.1:7451).
+    #[arg(long, env = "KINESIN_ENDPOINT", global = true)]
+    endpoint: Option<String>,
+    /// Profile in profiles.toml (default: `default`); see `kinesin profile`.
+    #[arg(long, env = "KINESIN_PROFILE", global = true)]
+    profile: Option<String>,
 }
 
-async fn connect(e: &Endpoint) -> anyhow::Result<NodeClient<Channel>> {
+impl Endpoint {
+    fn resolve(&self) -> anyhow::Result<Profile> {
+        let mut p = profile::load(self.profile.as_deref())?;
+        if let Some(e) = &self.endpoint {
+            p.endpoint = e.clone();
+        }
+        Ok(p)
+    }
+}
+
+async fn connect_to(address: &str) -> anyhow::Result<NodeClient<Channel>> {
     let client = tokio::time::timeout(
         Duration::from_secs(5),
-        NodeClient::connect(format!("http://{}", e.endpoint)),
+        NodeClient::connect(format!("http://{address}")),
     )
     .await
-    .with_context(|| format!("connecting to {} timed out", e.endpoint))?
-    .with_context(|| format!("cannot connect to {}", e.endpoint))?;
+    .with_context(|| format!("connecting to {address} timed out"))?
+    .with_context(|| format!("cannot connect to {address}"))?;
     Ok(client
         .max_decoding_message_size(kinesin_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(kinesin_proto::MAX_MESSAGE_BYTES))
 }
+
+async fn connect(e: &Endpoint) -> anyhow::Result<NodeClient<Channel>> {
+    connect_to(&e.resolve()?.endpoint).await
+}
+
+/// `cluster health` found the cluster unhealthy (exit status 3).
+#[derive(Debug)]
+pub struct Unhealthy;
+
+impl std::fmt::Display for Unhealthy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the cluster is unhealthy")
+    }
+}
+
+impl std::error::Error for Unhealthy {}
 
 fn status(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", s.message())
@@ -54,6 +84,23 @@ pub enum StreamCommand {
     },
     /// List streams.
     List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Change the number of open shards (UpdateShardCount over the AWS API:
+    /// at most double or halve), then wait until the stream is ACTIVE.
+    Reshard {
+        name: String,
+        #[arg(long)]
+        shards: u32,
+        /// AWS API address of any node (default: the profile's).
+        #[arg(long)]
+        api_endpoint: Option<String>,
+        /// Return once the reshard has started.
+        #[arg(long)]
+        no_wait: bool,
         #[command(flatten)]
         endpoint: Endpoint,
     },
@@ -92,18 +139,29 @@ pub async fn stream(cmd: StreamCommand) -> anyhow::Result<()> {
             .map_err(status)?;
             println!("created stream {name} with {shards} shard(s)");
         }
-        StreamCommand::List { endpoint } => {
+        StreamCommand::List { json, endpoint } => {
             let mut c = connect(&endpoint).await?;
-            for s in c
+            let streams = c
                 .list_streams(pb::ListStreamsRequest {})
                 .await
                 .map_err(status)?
                 .into_inner()
-                .streams
-            {
-                println!("{s}");
+                .streams;
+            if json {
+                println!("{}", serde_json::json!({ "streams": streams }));
+            } else {
+                for s in streams {
+                    println!("{s}");
+                }
             }
         }
+        StreamCommand::Reshard {
+            name,
+            shards,
+            api_endpoint,
+            no_wait,
+            endpoint,
+        } => reshard(&endpoint.resolve()?, api_endpoint, &name, shards, no_wait).await?,
         StreamCommand::Describe {
             name,
             json,
@@ -308,6 +366,55 @@ pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
     }
 }
 
+async fn reshard(
+    profile: &Profile,
+    api_endpoint: Option<String>,
+    name: &str,
+    shards: u32,
+    no_wait: bool,
+) -> anyhow::Result<()> {
+    let address = api_endpoint.unwrap_or_else(|| profile.api_endpoint.clone());
+    let mut aws = AwsClient::with_credentials(
+        &address,
+        &profile.access_key_id,
+        &profile.secret_access_key,
+        &profile.region,
+    );
+    aws.call(
+        "UpdateShardCount",
+        &serde_json::json!({"StreamName": name, "TargetShardCount": shards, "ScalingType": "UNIFORM_SCALING"}),
+    )
+    .await?;
+    eprintln!("resharding {name} to {shards} open shard(s)");
+    if no_wait {
+        return Ok(());
+    }
+    let started = tokio::time::Instant::now();
+    loop {
+        let d = aws
+            .call(
+                "DescribeStreamSummary",
+                &serde_json::json!({"StreamName": name}),
+            )
+            .await?;
+        let summary = &d["StreamDescriptionSummary"];
+        let state = summary["StreamStatus"].as_str().unwrap_or("?").to_string();
+        eprint!("\r{name}: {state} ({} s)   ", started.elapsed().as_secs());
+        if state == "ACTIVE" {
+            eprintln!();
+            println!(
+                "{name}: {} open shard(s)",
+                summary["OpenShardCount"].as_u64().unwrap_or(0)
+            );
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            anyhow::bail!("{name} still {state} after 5 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum ClusterCommand {
     /// The cluster map and this node's groups, as JSON.
@@ -315,9 +422,43 @@ pub enum ClusterCommand {
         #[command(flatten)]
         endpoint: Endpoint,
     },
+    /// Is every node reachable and every Raft group led and fully
+    /// replicated? Exit status 3 if not.
+    Health {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Nodes, their state, and what each leads.
+    Nodes {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Every Raft group (metadata and shards) with its leader and replicas.
+    Leaders {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Move a group's leadership to another of its replicas.
+    TransferLeader {
+        /// Raft group id (see `cluster leaders`; 0 is the metadata group).
+        #[arg(long)]
+        group: u64,
+        /// Node id of the new leader.
+        #[arg(long)]
+        to: u64,
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
     /// Move every replica off a node, then remove it from the cluster.
-    Drain {
-        /// Id of the node to drain.
+    #[command(alias = "drain")]
+    RemoveNode {
+        /// Id of the node to remove.
         #[arg(long)]
         node: u64,
         /// Return once the drain has started instead of waiting for it.
@@ -326,6 +467,259 @@ pub enum ClusterCommand {
         #[command(flatten)]
         endpoint: Endpoint,
     },
+}
+
+/// What every reachable node reports, with the map of the node asked first.
+struct Survey {
+    map: MetaState,
+    reports: Vec<(u64, Result<pb::ClusterInfoResponse, String>)>,
+}
+
+async fn survey(endpoint: &Endpoint) -> anyhow::Result<Survey> {
+    let mut c = connect(endpoint).await?;
+    let info = c
+        .cluster_info(pb::ClusterInfoRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    let map: MetaState = serde_json::from_str(&info.state_json)?;
+    let mut reports = Vec::new();
+    for node in map.nodes.values().filter(|n| n.state != NodeState::Removed) {
+        let report = async {
+            let mut c = connect_to(&node.raft_addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            let r = tokio::time::timeout(
+                Duration::from_secs(5),
+                c.cluster_info(pb::ClusterInfoRequest {}),
+            )
+            .await
+            .map_err(|_| "no answer in 5 s".to_string())?
+            .map_err(|e| e.message().to_string())?;
+            Ok::<_, String>(r.into_inner())
+        }
+        .await;
+        reports.push((node.id.0, report));
+    }
+    Ok(Survey { map, reports })
+}
+
+/// One row per Raft group: what it stores, who leads it, who replicates it.
+#[derive(serde::Serialize)]
+struct GroupRow {
+    group: u64,
+    stream: Option<String>,
+    shard: Option<String>,
+    shard_state: Option<String>,
+    replicas: Vec<u64>,
+    leader: Option<u64>,
+    term: u64,
+    /// Replicas that answered and host the group.
+    reporting: Vec<u64>,
+}
+
+fn group_rows(s: &Survey) -> Vec<GroupRow> {
+    let statuses = |group: u64| -> Vec<(u64, &pb::GroupStatus)> {
+        s.reports
+            .iter()
+            .filter_map(|(n, r)| r.as_ref().ok().map(|r| (*n, r)))
+            .flat_map(|(n, r)| {
+                r.groups
+                    .iter()
+                    .filter(move |g| g.group == group)
+                    .map(move |g| (n, g))
+            })
+            .collect()
+    };
+    let row = |group: u64,
+               stream: Option<String>,
+               shard: Option<String>,
+               shard_state: Option<String>,
+               replicas: Vec<u64>| {
+        let st = statuses(group);
+        let leader_status = st.iter().find(|(_, g)| g.role == "leader");
+        let leader = leader_status
+            .map(|(n, _)| *n)
+            .or_else(|| st.iter().map(|(_, g)| g.leader).find(|l| *l != 0));
+        GroupRow {
+            group,
+            stream,
+            shard,
+            shard_state,
+            replicas,
+            leader,
+            term: st.iter().map(|(_, g)| g.term).max().unwrap_or(0),
+            reporting: st.iter().map(|(n, _)| *n).collect(),
+        }
+    };
+    let meta_voters: Vec<u64> = s
+        .map
+        .nodes
+        .values()
+        .filter(|n| n.state != NodeState::Removed)
+        .map(|n| n.id.0)
+        .collect();
+    let mut rows = vec![row(0, None, None, None, meta_voters)];
+    for (name, stream) in &s.map.streams {
+        for shard in &stream.shards {
+            let state = match shard.state {
+                ShardState::Open => "open",
+                ShardState::Sealing => "sealing",
+                ShardState::Sealed => "sealed",
+            };
+            rows.push(row(
+                shard.group.0,
+                Some(name.clone()),
+                Some(shard.shard_id.to_string()),
+                Some(state.to_string()),
+                shard.replicas.iter().map(|r| r.0).collect(),
+            ));
+        }
+    }
+    rows
+}
+
+fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+async fn health(endpoint: &Endpoint, json: bool) -> anyhow::Result<()> {
+    let s = survey(endpoint).await?;
+    let rows = group_rows(&s);
+    let mut problems = Vec::new();
+    for (n, r) in &s.reports {
+        if let Err(e) = r {
+            problems.push(format!("node {n} unreachable: {e}"));
+        }
+    }
+    let leaderless: Vec<u64> = rows
+        .iter()
+        .filter(|r| r.leader.is_none())
+        .map(|r| r.group)
+        .collect();
+    let under: Vec<u64> = rows
+        .iter()
+        .filter(|r| r.replicas.iter().any(|x| !r.reporting.contains(x)))
+        .map(|r| r.group)
+        .collect();
+    if !leaderless.is_empty() {
+        problems.push(format!(
+            "{} group(s) without a leader: {leaderless:?}",
+            leaderless.len()
+        ));
+    }
+    if !under.is_empty() {
+        problems.push(format!(
+            "{} group(s) under-replicated: {under:?}",
+            under.len()
+        ));
+    }
+    let healthy = problems.is_empty();
+    let reachable = s.reports.iter().filter(|(_, r)| r.is_ok()).count();
+    if json {
+        print_json(&serde_json::json!({
+            "healthy": healthy, "cluster_id": s.map.cluster_id, "nodes": s.reports.len(),
+            "reachable_nodes": reachable, "groups": rows.len(),
+            "groups_without_leader": leaderless, "under_replicated_groups": under, "problems": problems,
+        }))?;
+    } else {
+        println!(
+            "cluster {}: {}",
+            s.map.cluster_id,
+            if healthy { "healthy" } else { "UNHEALTHY" }
+        );
+        println!("  nodes: {} of {} reachable", reachable, s.reports.len());
+        println!(
+            "  groups: {}, without leader: {}, under-replicated: {}",
+            rows.len(),
+            leaderless.len(),
+            under.len()
+        );
+        for p in &problems {
+            println!("  - {p}");
+        }
+    }
+    if healthy {
+        Ok(())
+    } else {
+        Err(Unhealthy.into())
+    }
+}
+
+async fn nodes(endpoint: &Endpoint, json: bool) -> anyhow::Result<()> {
+    let s = survey(endpoint).await?;
+    let rows = group_rows(&s);
+    let out: Vec<serde_json::Value> = s
+        .map
+        .nodes
+        .values()
+        .map(|n| {
+            let report = s
+                .reports
+                .iter()
+                .find(|(id, _)| *id == n.id.0)
+                .map(|(_, r)| r);
+            let groups = report.and_then(|r| r.as_ref().ok()).map(|r| r.groups.len());
+            serde_json::json!({
+                "id": n.id.0, "state": format!("{:?}", n.state).to_lowercase(), "grpc": n.raft_addr,
+                "api": n.api_addr, "zone": n.zone,
+                "reachable": report.is_some_and(|r| r.is_ok()),
+                "groups": groups,
+                "leads": rows.iter().filter(|r| r.leader == Some(n.id.0)).count(),
+            })
+        })
+        .collect();
+    if json {
+        return print_json(&out);
+    }
+    println!(
+        "{:<4} {:<9} {:<22} {:<22} {:<10} {:<9} {:>6} {:>6}",
+        "ID", "STATE", "GRPC", "API", "ZONE", "REACHABLE", "GROUPS", "LEADS"
+    );
+    for n in out {
+        println!(
+            "{:<4} {:<9} {:<22} {:<22} {:<10} {:<9} {:>6} {:>6}",
+            n["id"].as_u64().unwrap_or_default(),
+            n["state"].as_str().unwrap_or_default(),
+            n["grpc"].as_str().unwrap_or_default(),
+            n["api"].as_str().unwrap_or_default(),
+            n["zone"].as_str().unwrap_or_default(),
+            if n["reachable"] == true { "yes" } else { "NO" },
+            n["groups"]
+                .as_u64()
+                .map(|g| g.to_string())
+                .unwrap_or("-".into()),
+            n["leads"].as_u64().unwrap_or_default(),
+        );
+    }
+    Ok(())
+}
+
+async fn leaders(endpoint: &Endpoint, json: bool) -> anyhow::Result<()> {
+    let s = survey(endpoint).await?;
+    let rows = group_rows(&s);
+    if json {
+        return print_json(&rows);
+    }
+    println!(
+        "{:<6} {:<20} {:<20} {:<8} {:<7} {:<6} REPLICAS",
+        "GROUP", "STREAM", "SHARD", "STATE", "LEADER", "TERM"
+    );
+    for r in rows {
+        let replicas: Vec<String> = r.replicas.iter().map(u64::to_string).collect();
+        println!(
+            "{:<6} {:<20} {:<20} {:<8} {:<7} {:<6} {}",
+            r.group,
+            r.stream.as_deref().unwrap_or("(metadata)"),
+            r.shard.as_deref().unwrap_or("-"),
+            r.shard_state.as_deref().unwrap_or("-"),
+            r.leader.map(|l| l.to_string()).unwrap_or("NONE".into()),
+            r.term,
+            replicas.join(",")
+        );
+    }
+    Ok(())
 }
 
 /// Replicas the map still places on `node`, and the node's state.
@@ -380,7 +774,23 @@ pub async fn cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
                 }))?
             );
         }
-        ClusterCommand::Drain {
+        ClusterCommand::Health { json, endpoint } => health(&endpoint, json).await?,
+        ClusterCommand::Nodes { json, endpoint } => nodes(&endpoint, json).await?,
+        ClusterCommand::Leaders { json, endpoint } => leaders(&endpoint, json).await?,
+        ClusterCommand::TransferLeader {
+            group,
+            to,
+            endpoint,
+        } => {
+            let mut c = connect(&endpoint).await?;
+            let r = c
+                .transfer_leader(pb::TransferLeaderRequest { group, to })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("group {group} is led by node {}", r.leader);
+        }
+        ClusterCommand::RemoveNode {
             node,
             no_wait,
             endpoint,

@@ -62,6 +62,9 @@ pub struct Config {
     pub shard_write_records_per_sec: u64,
     pub shard_read_calls_per_sec: u64,
     pub shard_read_bytes_per_sec: u64,
+    /// Export per-shard series (`kinesin_shard_*`) as well as per-stream
+    /// ones: one series per shard, so off by default.
+    pub per_shard_metrics: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +116,7 @@ impl Default for Config {
             shard_write_records_per_sec: 0,
             shard_read_calls_per_sec: 0,
             shard_read_bytes_per_sec: 0,
+            per_shard_metrics: false,
         }
     }
 }

@@ -5,6 +5,7 @@ mod bench;
 mod cli;
 mod debug;
 mod dev;
+mod profile;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,6 +46,9 @@ enum Command {
     /// Measure throughput and latency.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Named endpoints and credentials for these commands.
+    #[command(subcommand)]
+    Profile(profile::ProfileCommand),
     /// Inspect a stopped node's data offline.
     #[command(subcommand)]
     Debug(DebugCommand),
@@ -197,9 +201,11 @@ fn main() -> ExitCode {
         Command::Cluster(cmd) => runtime.block_on(cli::cluster(cmd)),
         Command::Bench(BenchCommand::Produce(args)) => runtime.block_on(bench::produce(args)),
         Command::Debug(DebugCommand::Records(args)) => debug::records(args),
+        Command::Profile(cmd) => profile::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<cli::Unhealthy>().is_some() => ExitCode::from(3),
         Err(e) => {
             eprintln!("kinesin: {e:#}");
             ExitCode::from(1)

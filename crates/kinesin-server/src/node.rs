@@ -122,6 +122,7 @@ impl Node {
                     read_calls_per_sec: config.shard_read_calls_per_sec,
                     read_bytes_per_sec: config.shard_read_bytes_per_sec,
                 },
+                per_shard_metrics: config.per_shard_metrics,
                 unsafe_ack_after: unsafe_ack_after(),
                 ..RouterConfig::default()
             },
@@ -143,6 +144,7 @@ impl Node {
             admin_listener,
             router.clone(),
             joined.clone(),
+            config.data_dir.clone(),
             stop_rx.clone(),
         )));
         let tls = match (&config.tls_cert_file, &config.tls_key_file) {
