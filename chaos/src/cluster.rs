@@ -203,6 +203,10 @@ impl Cluster {
         format!("{}:{API_PORT}", node_addr(id))
     }
 
+    pub fn grpc_url(id: u32) -> String {
+        format!("{}:{GRPC_PORT}", node_addr(id))
+    }
+
     pub fn admin_url(id: u32) -> String {
         format!("{}:{ADMIN_PORT}", node_addr(id))
     }

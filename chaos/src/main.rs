@@ -98,9 +98,17 @@ fn plan(matrix: &str, seeds: u64, common: &Common) -> Vec<Planned> {
     };
     let mut runs = Vec::new();
     if matrix == "smoke" {
-        for (i, s) in ["partition", "kill", "kill-all", "pause", "loss", "reshard"]
-            .iter()
-            .enumerate()
+        for (i, s) in [
+            "partition",
+            "kill",
+            "kill-all",
+            "pause",
+            "loss",
+            "reshard",
+            "transfer-storm",
+        ]
+        .iter()
+        .enumerate()
         {
             runs.push(mk(s, 100 + i as u64, 20, 3, false));
         }

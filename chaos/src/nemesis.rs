@@ -2,6 +2,7 @@
 //! (which fault, which nodes, how long). Faults aimed at "the leader" pick
 //! the node that leads the most groups at that moment.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +34,9 @@ pub enum Fault {
     Loss,
     /// UpdateShardCount up or down under load.
     Reshard,
+    /// Leadership moved between replicas of random groups every few
+    /// hundred milliseconds (`kinesin cluster transfer-leader`).
+    TransferStorm,
 }
 
 /// Named fault mixes: the scenarios of the smoke and long matrices.
@@ -47,6 +51,7 @@ pub fn scenario(name: &str) -> Option<Vec<Fault>> {
         "pause" => vec![Pause],
         "loss" => vec![Loss],
         "reshard" => vec![Reshard],
+        "transfer-storm" => vec![TransferStorm],
         "mixed" => vec![
             PartitionHalves,
             IsolateLeader,
@@ -56,6 +61,7 @@ pub fn scenario(name: &str) -> Option<Vec<Fault>> {
             Pause,
             Loss,
             Reshard,
+            TransferStorm,
         ],
         _ => return None,
     })
@@ -70,6 +76,7 @@ pub const SCENARIOS: &[&str] = &[
     "pause",
     "loss",
     "reshard",
+    "transfer-storm",
     "mixed",
 ];
 
@@ -102,6 +109,8 @@ async fn busiest_leader(nodes: u32) -> Option<u32> {
 
 pub struct Nemesis {
     pub faults: Vec<Fault>,
+    /// The kinesin binary (its CLI moves leaders).
+    pub binary: PathBuf,
     pub seed: u64,
     pub nodes: u32,
     pub history: History,
@@ -126,6 +135,9 @@ impl Nemesis {
             order.shuffle(&mut rng);
             let percent = rng.random_range(20..=40);
             let pause_leader = rng.random_bool(0.5);
+            // Faults that draw many numbers use their own generator, so the
+            // rest of the schedule does not depend on how many they drew.
+            let sub_seed: u64 = rng.random();
             sleep_unless(quiet, &stop).await;
             if stop.load(Ordering::SeqCst) {
                 break;
@@ -174,6 +186,9 @@ impl Nemesis {
                     }
                     json!({"fault": "loss", "percent": percent})
                 }
+                Fault::TransferStorm => {
+                    json!({"fault": "transfer-storm", "for_ms": hold.as_millis() as u64})
+                }
                 Fault::Reshard => {
                     let target = if shards == 2 { 4 } else { 2 };
                     let mut client =
@@ -193,7 +208,15 @@ impl Nemesis {
             };
             self.history
                 .log(Event::new("nemesis", Kind::Invoke, "fault").value(&description.to_string()));
-            if fault == Fault::KillAll {
+            if fault == Fault::TransferStorm {
+                let moved = self
+                    .transfer_storm(hold, &mut StdRng::seed_from_u64(sub_seed), &stop)
+                    .await;
+                self.history
+                    .log(Event::new("nemesis", Kind::Info, "fault").value(
+                        &json!({"fault": "transfer-storm", "transfers": moved}).to_string(),
+                    ));
+            } else if fault == Fault::KillAll {
                 // Everything is down: bring it back soon (a power cut).
                 sleep_unless(Duration::from_millis(rng.random_range(1000..3000)), &stop).await;
             } else {
@@ -202,6 +225,55 @@ impl Nemesis {
             self.heal().await?;
         }
         Ok(())
+    }
+
+    /// Moves leaders of random groups to random voters until `hold` ends;
+    /// returns how many transfers succeeded.
+    async fn transfer_storm(&self, hold: Duration, rng: &mut StdRng, stop: &AtomicBool) -> u32 {
+        let end = tokio::time::Instant::now() + hold;
+        let mut moved = 0;
+        while tokio::time::Instant::now() < end && !stop.load(Ordering::SeqCst) {
+            let node = rng.random_range(1..=self.nodes);
+            let pause = Duration::from_millis(rng.random_range(200..500));
+            let choice = rng.random_range(0..u32::MAX);
+            let groups = match get(
+                &Cluster::admin_url(node),
+                "/admin/cluster",
+                Duration::from_secs(2),
+            )
+            .await
+            {
+                Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["groups"].as_array().cloned())
+                    .unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            if !groups.is_empty() {
+                let g = &groups[choice as usize % groups.len()];
+                let voters: Vec<u64> = g["voters"]
+                    .as_array()
+                    .map(|v| v.iter().filter_map(|x| x.as_u64()).collect())
+                    .unwrap_or_default();
+                if !voters.is_empty() {
+                    let to = voters[(choice as usize / 7) % voters.len()];
+                    let status = tokio::process::Command::new(&self.binary)
+                        .args(["cluster", "transfer-leader", "--endpoint"])
+                        .arg(Cluster::grpc_url(node))
+                        .args(["--group", &g["group"].to_string(), "--to", &to.to_string()])
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .status();
+                    if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(15), status).await {
+                        if s.success() {
+                            moved += 1;
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(pause).await;
+        }
+        moved
     }
 
     pub async fn heal(&self) -> anyhow::Result<()> {

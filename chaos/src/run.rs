@@ -215,6 +215,7 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
     }
     let nemesis = Nemesis {
         faults,
+        binary: config.binary.clone(),
         seed: config.seed,
         nodes: config.nodes,
         history: history.clone(),

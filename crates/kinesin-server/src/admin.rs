@@ -143,6 +143,8 @@ const FOLLOWER_STALE_MS: u64 = 5_000;
 /// groups, follower lag, nodes by state, shards by state, disk space.
 async fn update_gauges(router: Arc<Router>, data_dir: PathBuf) {
     let mut leaders_seen: HashMap<GroupId, NodeId> = HashMap::new();
+    // Exported from the start, so that rate() works before the first change.
+    metrics::counter!("kinesin_raft_leader_changes_total").increment(0);
     loop {
         let host = router.host();
         let mut roles: BTreeMap<&'static str, f64> = ["leader", "follower", "candidate", "learner"]
