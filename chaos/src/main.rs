@@ -65,6 +65,9 @@ enum Command {
         /// Seeds per scenario in the long matrix.
         #[arg(long, default_value_t = 3)]
         seeds: u64,
+        /// The long matrix's first seed.
+        #[arg(long, default_value_t = 1)]
+        first_seed: u64,
         #[command(flatten)]
         common: Common,
     },
@@ -80,7 +83,7 @@ struct Planned {
     expect_valid: bool,
 }
 
-fn plan(matrix: &str, seeds: u64, common: &Common) -> Vec<Planned> {
+fn plan(matrix: &str, seeds: std::ops::Range<u64>, common: &Common) -> Vec<Planned> {
     let mk = |scenario: &str, seed: u64, secs: u64, nodes: u32, unsafe_ack: bool| Planned {
         config: RunConfig {
             scenario: scenario.to_string(),
@@ -114,7 +117,7 @@ fn plan(matrix: &str, seeds: u64, common: &Common) -> Vec<Planned> {
         }
         runs.push(mk("isolate-leader", 7, 20, 3, true));
     } else {
-        for seed in 1..=seeds {
+        for seed in seeds {
             for s in nemesis::SCENARIOS {
                 runs.push(mk(s, seed, 60, 3, false));
             }
@@ -160,10 +163,11 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
         Command::Matrix {
             matrix,
             seeds,
+            first_seed,
             common,
         } => {
             let (mut passed, mut failed) = (0, 0);
-            for planned in plan(&matrix, seeds, &common) {
+            for planned in plan(&matrix, first_seed..first_seed + seeds, &common) {
                 let c = &planned.config;
                 let outcome = run_one(c).await;
                 let ok = match &outcome {

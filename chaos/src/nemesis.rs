@@ -232,6 +232,7 @@ impl Nemesis {
     async fn transfer_storm(&self, hold: Duration, rng: &mut StdRng, stop: &AtomicBool) -> u32 {
         let end = tokio::time::Instant::now() + hold;
         let mut moved = 0;
+        let mut in_flight = Vec::new();
         while tokio::time::Instant::now() < end && !stop.load(Ordering::SeqCst) {
             let node = rng.random_range(1..=self.nodes);
             let pause = Duration::from_millis(rng.random_range(200..500));
@@ -264,14 +265,21 @@ impl Nemesis {
                         .stdout(std::process::Stdio::null())
                         .stderr(std::process::Stdio::null())
                         .status();
-                    if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(15), status).await {
-                        if s.success() {
-                            moved += 1;
-                        }
-                    }
+                    // Transfers overlap: a storm, not a queue.
+                    in_flight.push(tokio::spawn(async move {
+                        matches!(
+                            tokio::time::timeout(Duration::from_secs(15), status).await,
+                            Ok(Ok(s)) if s.success()
+                        )
+                    }));
                 }
             }
             tokio::time::sleep(pause).await;
+        }
+        for t in in_flight {
+            if t.await.unwrap_or(false) {
+                moved += 1;
+            }
         }
         moved
     }
