@@ -127,6 +127,10 @@ pub fn check(history: &[Event], replicas: &Replicas, panics: &[String]) -> Repor
                 json!({"shard": e.shard, "node": e.node, "error": e.error}),
             ),
             ("fault", Kind::Invoke) => r.count("faults", 1),
+            ("membership", Kind::Fail) => r.error(
+                "membership-change-failed",
+                json!({"change": e.value, "error": e.error}),
+            ),
             _ => {}
         }
     }

@@ -3,9 +3,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
+use rand::Rng;
 
 use crate::net::{namespace, node_addr};
 
@@ -18,10 +20,41 @@ pub struct NodeProc {
     dir: PathBuf,
     child: Option<Child>,
     pub paused: bool,
+    /// Removed from the cluster by a membership change: never restarted.
+    pub retired: bool,
+}
+
+/// Node ids that are members of the cluster now: the workload and the faults
+/// pick from these (a replaced node leaves, its replacement joins).
+#[derive(Clone)]
+pub struct Members(Arc<RwLock<Vec<u32>>>);
+
+impl Members {
+    pub fn new(count: u32) -> Members {
+        Members(Arc::new(RwLock::new((1..=count).collect())))
+    }
+
+    pub fn list(&self) -> Vec<u32> {
+        self.0.read().expect("members lock").clone()
+    }
+
+    pub fn pick(&self, rng: &mut impl Rng) -> u32 {
+        let list = self.list();
+        list[rng.random_range(0..list.len())]
+    }
+
+    pub fn add(&self, id: u32) {
+        self.0.write().expect("members lock").push(id);
+    }
+
+    pub fn remove(&self, id: u32) {
+        self.0.write().expect("members lock").retain(|n| *n != id);
+    }
 }
 
 pub struct Cluster {
     binary: PathBuf,
+    root: PathBuf,
     pub nodes: Vec<NodeProc>,
     /// Extra environment for every node (the broken mode).
     env: Vec<(String, String)>,
@@ -57,47 +90,68 @@ impl Cluster {
         count: u32,
         env: Vec<(String, String)>,
     ) -> anyhow::Result<Cluster> {
-        let mut nodes = Vec::new();
-        for id in 1..=count {
-            let dir = root.join(format!("n{id}"));
-            std::fs::create_dir_all(&dir)?;
-            let seeds = if id == 1 {
-                String::new()
-            } else {
-                format!("\"{}:{GRPC_PORT}\"", node_addr(1))
-            };
-            let addr = node_addr(id);
-            std::fs::write(
-                dir.join("kinesin.toml"),
-                format!(
-                    "node_id = {id}\n\
-                     data_dir = \"{data}\"\n\
-                     listen_api = \"0.0.0.0:{API_PORT}\"\n\
-                     listen_grpc = \"0.0.0.0:{GRPC_PORT}\"\n\
-                     listen_admin = \"0.0.0.0:{ADMIN_PORT}\"\n\
-                     advertise_grpc = \"{addr}:{GRPC_PORT}\"\n\
-                     advertise_api = \"{addr}:{API_PORT}\"\n\
-                     seeds = [{seeds}]\n\
-                     replication_factor = 3\n\
-                     shard_heartbeat_ms = 200\n\
-                     shard_election_min_ms = 1000\n\
-                     shard_election_max_ms = 2000\n\
-                     repair_after_secs = 3600\n",
-                    data = dir.join("data").display(),
-                ),
-            )?;
-            nodes.push(NodeProc {
-                id,
-                dir,
-                child: None,
-                paused: false,
-            });
-        }
-        Ok(Cluster {
+        let mut cluster = Cluster {
             binary: binary.to_path_buf(),
-            nodes,
+            root: root.to_path_buf(),
+            nodes: Vec::new(),
             env,
-        })
+        };
+        for id in 1..=count {
+            let seeds = if id == 1 { vec![] } else { vec![1] };
+            cluster.add_node(id, &seeds)?;
+        }
+        Ok(cluster)
+    }
+
+    /// Writes the config of node `id` (the next id), joining through `seeds`
+    /// (none: it bootstraps a new cluster). Does not start it.
+    pub fn add_node(&mut self, id: u32, seeds: &[u32]) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            id as usize == self.nodes.len() + 1,
+            "node ids are added in order"
+        );
+        let dir = self.root.join(format!("n{id}"));
+        std::fs::create_dir_all(&dir)?;
+        let seeds: Vec<String> = seeds
+            .iter()
+            .map(|s| format!("\"{}:{GRPC_PORT}\"", node_addr(*s)))
+            .collect();
+        let addr = node_addr(id);
+        std::fs::write(
+            dir.join("kinesin.toml"),
+            format!(
+                "node_id = {id}\n\
+                 data_dir = \"{data}\"\n\
+                 listen_api = \"0.0.0.0:{API_PORT}\"\n\
+                 listen_grpc = \"0.0.0.0:{GRPC_PORT}\"\n\
+                 listen_admin = \"0.0.0.0:{ADMIN_PORT}\"\n\
+                 advertise_grpc = \"{addr}:{GRPC_PORT}\"\n\
+                 advertise_api = \"{addr}:{API_PORT}\"\n\
+                 seeds = [{seeds}]\n\
+                 replication_factor = 3\n\
+                 shard_heartbeat_ms = 200\n\
+                 shard_election_min_ms = 1000\n\
+                 shard_election_max_ms = 2000\n\
+                 repair_after_secs = 3600\n",
+                data = dir.join("data").display(),
+                seeds = seeds.join(", "),
+            ),
+        )?;
+        self.nodes.push(NodeProc {
+            id,
+            dir,
+            child: None,
+            paused: false,
+            retired: false,
+        });
+        Ok(())
+    }
+
+    /// Stops a node that has left the cluster for good.
+    pub fn retire(&mut self, id: u32) -> anyhow::Result<()> {
+        self.kill(id)?;
+        self.node(id).retired = true;
+        Ok(())
     }
 
     pub fn node(&mut self, id: u32) -> &mut NodeProc {
@@ -108,7 +162,7 @@ impl Cluster {
         let binary = self.binary.clone();
         let env = self.env.clone();
         let node = self.node(id);
-        if node.child.is_some() {
+        if node.child.is_some() || node.retired {
             return Ok(());
         }
         let log = std::fs::OpenOptions::new()

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -14,9 +15,10 @@ use serde_json::json;
 use tokio::sync::Mutex;
 
 use crate::client::{get, Client};
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Members};
 use crate::history::{Event, History, Kind};
 use crate::net::Net;
+use crate::run::wait_ready;
 use crate::workload::STREAM;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +39,9 @@ pub enum Fault {
     /// Leadership moved between replicas of random groups every few
     /// hundred milliseconds (`kinesin cluster transfer-leader`).
     TransferStorm,
+    /// A new node joins, then a random member is drained and removed
+    /// (`kinesin cluster remove-node`) under load.
+    ReplaceNode,
 }
 
 /// Named fault mixes: the scenarios of the smoke and long matrices.
@@ -52,6 +57,7 @@ pub fn scenario(name: &str) -> Option<Vec<Fault>> {
         "loss" => vec![Loss],
         "reshard" => vec![Reshard],
         "transfer-storm" => vec![TransferStorm],
+        "membership" => vec![ReplaceNode],
         "mixed" => vec![
             PartitionHalves,
             IsolateLeader,
@@ -62,6 +68,7 @@ pub fn scenario(name: &str) -> Option<Vec<Fault>> {
             Loss,
             Reshard,
             TransferStorm,
+            ReplaceNode,
         ],
         _ => return None,
     })
@@ -77,13 +84,14 @@ pub const SCENARIOS: &[&str] = &[
     "loss",
     "reshard",
     "transfer-storm",
+    "membership",
     "mixed",
 ];
 
 /// The node leading the most Raft groups, by every node's own report.
-async fn busiest_leader(nodes: u32) -> Option<u32> {
+async fn busiest_leader(nodes: &[u32]) -> Option<u32> {
     let mut best: Option<(usize, u32)> = None;
-    for n in 1..=nodes {
+    for &n in nodes {
         let Ok((200, body)) = get(
             &Cluster::admin_url(n),
             "/admin/cluster",
@@ -112,7 +120,7 @@ pub struct Nemesis {
     /// The kinesin binary (its CLI moves leaders).
     pub binary: PathBuf,
     pub seed: u64,
-    pub nodes: u32,
+    pub members: Members,
     pub history: History,
     pub cluster: Arc<Mutex<Cluster>>,
     pub net: Arc<Net>,
@@ -131,7 +139,8 @@ impl Nemesis {
             let quiet = Duration::from_millis(rng.random_range(2000..4000));
             let fault = self.faults[rng.random_range(0..self.faults.len())];
             let hold = Duration::from_millis(rng.random_range(3000..8000));
-            let mut order: Vec<u32> = (1..=self.nodes).collect();
+            let members = self.members.list();
+            let mut order = members.clone();
             order.shuffle(&mut rng);
             let percent = rng.random_range(20..=40);
             let pause_leader = rng.random_bool(0.5);
@@ -142,7 +151,7 @@ impl Nemesis {
             if stop.load(Ordering::SeqCst) {
                 break;
             }
-            let minority = ((self.nodes - 1) / 2).max(1) as usize;
+            let minority = ((members.len() - 1) / 2).max(1);
             let description = match fault {
                 Fault::PartitionHalves => {
                     let (a, b) = order.split_at(minority);
@@ -150,8 +159,8 @@ impl Nemesis {
                     json!({"fault": "partition", "sides": [a, b]})
                 }
                 Fault::IsolateLeader => {
-                    let leader = busiest_leader(self.nodes).await.unwrap_or(order[0]);
-                    let rest: Vec<u32> = (1..=self.nodes).filter(|n| *n != leader).collect();
+                    let leader = busiest_leader(&members).await.unwrap_or(order[0]);
+                    let rest: Vec<u32> = members.iter().copied().filter(|n| *n != leader).collect();
                     self.net.partition(&[vec![leader], rest])?;
                     json!({"fault": "isolate-leader", "node": leader})
                 }
@@ -173,7 +182,7 @@ impl Nemesis {
                 }
                 Fault::Pause => {
                     let node = if pause_leader {
-                        busiest_leader(self.nodes).await.unwrap_or(order[0])
+                        busiest_leader(&members).await.unwrap_or(order[0])
                     } else {
                         order[0]
                     };
@@ -181,13 +190,32 @@ impl Nemesis {
                     json!({"fault": "pause", "node": node})
                 }
                 Fault::Loss => {
-                    for n in 1..=self.nodes {
+                    for &n in &members {
                         self.net.loss(n, percent)?;
                     }
                     json!({"fault": "loss", "percent": percent})
                 }
                 Fault::TransferStorm => {
                     json!({"fault": "transfer-storm", "for_ms": hold.as_millis() as u64})
+                }
+                Fault::ReplaceNode => {
+                    let victim = order[0];
+                    let added = self.cluster.lock().await.nodes.len() as u32 + 1;
+                    let started = tokio::time::Instant::now();
+                    let result = self.replace(victim, added).await;
+                    let event = json!({"fault": "replace-node", "removed": victim, "added": added,
+                        "took_ms": started.elapsed().as_millis() as u64});
+                    match &result {
+                        Ok(()) => self.history.log(
+                            Event::new("nemesis", Kind::Ok, "membership").value(&event.to_string()),
+                        ),
+                        Err(e) => self.history.log(
+                            Event::new("nemesis", Kind::Fail, "membership")
+                                .value(&event.to_string())
+                                .error(format!("{e:#}")),
+                        ),
+                    }
+                    event
                 }
                 Fault::Reshard => {
                     let target = if shards == 2 { 4 } else { 2 };
@@ -234,7 +262,7 @@ impl Nemesis {
         let mut moved = 0;
         let mut in_flight = Vec::new();
         while tokio::time::Instant::now() < end && !stop.load(Ordering::SeqCst) {
-            let node = rng.random_range(1..=self.nodes);
+            let node = self.members.pick(rng);
             let pause = Duration::from_millis(rng.random_range(200..500));
             let choice = rng.random_range(0..u32::MAX);
             let groups = match get(
@@ -282,6 +310,49 @@ impl Nemesis {
             }
         }
         moved
+    }
+
+    /// Starts node `added` (joining through the members), waits until it is
+    /// ready, drains and removes `victim` through the CLI, then stops it.
+    async fn replace(&self, victim: u32, added: u32) -> anyhow::Result<()> {
+        self.net.add_host(added)?;
+        let seeds = self.members.list();
+        {
+            let mut c = self.cluster.lock().await;
+            c.add_node(added, &seeds)?;
+            c.start(added)?;
+        }
+        wait_ready(&[added], Duration::from_secs(60)).await?;
+        self.members.add(added);
+        let via = self
+            .members
+            .list()
+            .into_iter()
+            .find(|n| *n != victim)
+            .context("no other member")?;
+        let remove = tokio::process::Command::new(&self.binary)
+            .args([
+                "cluster",
+                "remove-node",
+                "--node",
+                &victim.to_string(),
+                "--endpoint",
+            ])
+            .arg(Cluster::grpc_url(via))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(180), remove)
+            .await
+            .context("remove-node did not finish within 180 s")??;
+        anyhow::ensure!(
+            out.status.success(),
+            "remove-node failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        self.members.remove(victim);
+        self.cluster.lock().await.retire(victim)?;
+        Ok(())
     }
 
     pub async fn heal(&self) -> anyhow::Result<()> {

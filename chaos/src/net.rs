@@ -2,8 +2,10 @@
 //! network faults (partitions, packet loss) as nftables rules inside the
 //! namespaces. Every name starts with `kch-`; cleanup removes only those.
 
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::process::Command;
+use std::sync::Mutex;
 
 use anyhow::{bail, Context};
 
@@ -59,7 +61,39 @@ fn nft(node: u32, rules: &str) -> anyhow::Result<()> {
 
 /// The namespaces and bridge of one run.
 pub struct Net {
-    pub nodes: u32,
+    hosts: Mutex<BTreeSet<u32>>,
+}
+
+fn add_namespace(n: u32) -> anyhow::Result<()> {
+    let ns = namespace(n);
+    let (host_end, ns_end) = (format!("kch-v{n}"), format!("kch-p{n}"));
+    run("ip", &["netns", "add", &ns])?;
+    run(
+        "ip",
+        &[
+            "link", "add", &host_end, "type", "veth", "peer", "name", &ns_end,
+        ],
+    )?;
+    run("ip", &["link", "set", &host_end, "master", BRIDGE, "up"])?;
+    run("ip", &["link", "set", &ns_end, "netns", &ns])?;
+    run(
+        "ip",
+        &[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{}/24", node_addr(n)),
+            "dev",
+            &ns_end,
+        ],
+    )?;
+    run("ip", &["-n", &ns, "link", "set", &ns_end, "up"])?;
+    run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
+    nft(
+        n,
+        "table inet kch {\n chain input { type filter hook input priority 0; policy accept; }\n}\n",
+    )
 }
 
 impl Net {
@@ -74,37 +108,18 @@ impl Net {
         )?;
         run("ip", &["link", "set", BRIDGE, "up"])?;
         for n in 1..=nodes {
-            let ns = namespace(n);
-            let (host_end, ns_end) = (format!("kch-v{n}"), format!("kch-p{n}"));
-            run("ip", &["netns", "add", &ns])?;
-            run(
-                "ip",
-                &[
-                    "link", "add", &host_end, "type", "veth", "peer", "name", &ns_end,
-                ],
-            )?;
-            run("ip", &["link", "set", &host_end, "master", BRIDGE, "up"])?;
-            run("ip", &["link", "set", &ns_end, "netns", &ns])?;
-            run(
-                "ip",
-                &[
-                    "-n",
-                    &ns,
-                    "addr",
-                    "add",
-                    &format!("{}/24", node_addr(n)),
-                    "dev",
-                    &ns_end,
-                ],
-            )?;
-            run("ip", &["-n", &ns, "link", "set", &ns_end, "up"])?;
-            run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
-            nft(
-                n,
-                "table inet kch {\n chain input { type filter hook input priority 0; policy accept; }\n}\n",
-            )?;
+            add_namespace(n)?;
         }
-        Ok(Net { nodes })
+        Ok(Net {
+            hosts: Mutex::new((1..=nodes).collect()),
+        })
+    }
+
+    /// One more host (a node joining the cluster).
+    pub fn add_host(&self, n: u32) -> anyhow::Result<()> {
+        add_namespace(n)?;
+        self.hosts.lock().expect("hosts lock").insert(n);
+        Ok(())
     }
 
     /// Drops traffic between every pair of nodes in different `sides`
@@ -146,7 +161,8 @@ impl Net {
 
     /// Removes every network fault.
     pub fn heal(&self) -> anyhow::Result<()> {
-        for n in 1..=self.nodes {
+        let hosts = self.hosts.lock().expect("hosts lock").clone();
+        for n in hosts {
             nft(n, "flush chain inet kch input\n")?;
         }
         Ok(())

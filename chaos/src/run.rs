@@ -13,7 +13,7 @@ use tokio::sync::Mutex;
 
 use crate::checker::{self, Replicas, Report};
 use crate::client::{get, Client};
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Members};
 use crate::history::{self, Event, History, Kind};
 use crate::nemesis::{scenario, Nemesis};
 use crate::net::Net;
@@ -49,7 +49,7 @@ const PRODUCERS: u32 = 4;
 const READERS: u32 = 2;
 const LIVENESS_BOUND: Duration = Duration::from_secs(60);
 
-async fn wait_ready(nodes: &[u32], bound: Duration) -> anyhow::Result<Duration> {
+pub async fn wait_ready(nodes: &[u32], bound: Duration) -> anyhow::Result<Duration> {
     let start = Instant::now();
     for &n in nodes {
         loop {
@@ -102,8 +102,8 @@ async fn create_stream(nodes: u32) -> anyhow::Result<()> {
 
 /// Every node is ready (joined, every local group knows its leader) within
 /// the bound after heal.
-async fn check_liveness(nodes: u32, history: &History) {
-    match wait_ready(&(1..=nodes).collect::<Vec<_>>(), LIVENESS_BOUND).await {
+async fn check_liveness(members: &[u32], history: &History) {
+    match wait_ready(members, LIVENESS_BOUND).await {
         Ok(took) => history.log(
             Event::new("liveness", Kind::Ok, "liveness")
                 .value(&format!("all nodes ready after {} ms", took.as_millis())),
@@ -192,13 +192,14 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
     create_stream(config.nodes).await?;
 
     let history = History::create(&config.out.join("history.jsonl"))?;
+    let members = Members::new(config.nodes);
     let stop_workload = Arc::new(AtomicBool::new(false));
     let stop_faults = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for p in 0..PRODUCERS {
         tasks.push(tokio::spawn(workload::producer(
             p,
-            config.nodes,
+            members.clone(),
             config.seed,
             history.clone(),
             stop_workload.clone(),
@@ -207,7 +208,7 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
     for r in 0..READERS {
         tasks.push(tokio::spawn(workload::reader(
             r,
-            config.nodes,
+            members.clone(),
             config.seed,
             history.clone(),
             stop_workload.clone(),
@@ -217,7 +218,7 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
         faults,
         binary: config.binary.clone(),
         seed: config.seed,
-        nodes: config.nodes,
+        members: members.clone(),
         history: history.clone(),
         cluster: cluster.clone(),
         net: net.clone(),
@@ -232,14 +233,14 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
     let (nemesis, result) = nemesis.await?;
     result?;
     nemesis.heal().await?;
-    check_liveness(config.nodes, &history).await;
+    check_liveness(&members.list(), &history).await;
     // Keep the workload running briefly on the healed cluster.
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop_workload.store(true, Ordering::SeqCst);
     for t in tasks {
         t.await?;
     }
-    for n in 1..=config.nodes {
+    for n in members.list() {
         workload::final_read(n, &history, Duration::from_secs(60)).await;
     }
     history.flush()?;

@@ -2,7 +2,7 @@
 //! nodes; readers follow every shard with iterator chains; after heal, a
 //! final read of every shard from TRIM_HORIZON through every node.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 use crate::client::{CallError, Client};
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Members};
 use crate::history::{Event, History, Kind};
 
 pub const STREAM: &str = "chaos";
@@ -30,23 +30,30 @@ fn unb64(v: &Value) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
-fn clients(nodes: u32) -> Vec<Client> {
-    (1..=nodes)
-        .map(|n| Client::new(Cluster::api_url(n), CALL_TIMEOUT))
-        .collect()
+/// One client per node, made when first used.
+fn client(clients: &mut HashMap<u32, Client>, node: u32) -> &mut Client {
+    clients
+        .entry(node)
+        .or_insert_with(|| Client::new(Cluster::api_url(node), CALL_TIMEOUT))
 }
 
 /// Puts unique values `p<id>-<n>` until `stop`. A put with an unknown
 /// outcome is retried once with the same value, as SDKs do, so the checker
 /// can tell those duplicates from real ones.
-pub async fn producer(id: u32, nodes: u32, seed: u64, history: History, stop: Arc<AtomicBool>) {
+pub async fn producer(
+    id: u32,
+    members: Members,
+    seed: u64,
+    history: History,
+    stop: Arc<AtomicBool>,
+) {
     let process = format!("producer-{id}");
     let mut rng = StdRng::seed_from_u64(seed ^ (0x5eed_0000 + u64::from(id)));
-    let mut clients = clients(nodes);
+    let mut clients = HashMap::new();
     let mut next = 0u64;
     let mut retry: Vec<(String, String)> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
-        let node = rng.random_range(1..=nodes);
+        let node = members.pick(&mut rng);
         let batch = if rng.random_bool(0.7) { 1 } else { 5 };
         let is_retry = !retry.is_empty();
         let (values, keys): (Vec<String>, Vec<String>) = if is_retry {
@@ -69,7 +76,7 @@ pub async fn producer(id: u32, nodes: u32, seed: u64, history: History, stop: Ar
                     .node(node),
             );
         }
-        let client = &mut clients[(node - 1) as usize];
+        let client = client(&mut clients, node);
         let mut unknown = Vec::new();
         if values.len() == 1 {
             let body =
@@ -209,16 +216,16 @@ fn records_of(r: &Value) -> Vec<(String, String)> {
 /// Follows every shard (new ones too, after a reshard) from TRIM_HORIZON.
 /// When a chain breaks (error, expired iterator), it resumes after the last
 /// sequence number it saw, possibly through another node.
-pub async fn reader(id: u32, nodes: u32, seed: u64, history: History, stop: Arc<AtomicBool>) {
+pub async fn reader(id: u32, members: Members, seed: u64, history: History, stop: Arc<AtomicBool>) {
     let process = format!("reader-{id}");
     let mut rng = StdRng::seed_from_u64(seed ^ (0x7ead_0000 + u64::from(id)));
-    let mut clients = clients(nodes);
+    let mut clients = HashMap::new();
     let mut cursors: BTreeMap<String, Cursor> = BTreeMap::new();
     let mut listed = tokio::time::Instant::now() - Duration::from_secs(10);
     while !stop.load(Ordering::SeqCst) {
         if listed.elapsed() > Duration::from_secs(2) {
-            let node = rng.random_range(1..=nodes);
-            if let Ok(shards) = list_shards(&mut clients[(node - 1) as usize]).await {
+            let node = members.pick(&mut rng);
+            if let Ok(shards) = list_shards(client(&mut clients, node)).await {
                 for s in shards {
                     cursors.entry(s).or_default();
                 }
@@ -229,8 +236,8 @@ pub async fn reader(id: u32, nodes: u32, seed: u64, history: History, stop: Arc<
             if stop.load(Ordering::SeqCst) {
                 break;
             }
-            let node = rng.random_range(1..=nodes);
-            let client = &mut clients[(node - 1) as usize];
+            let node = members.pick(&mut rng);
+            let client = client(&mut clients, node);
             let iterator = match cursor.iterator.clone() {
                 Some(i) => i,
                 None => match iterator_after(client, shard, cursor.last_seq.as_deref()).await {

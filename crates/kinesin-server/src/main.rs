@@ -2,6 +2,7 @@
 //! subcommands over the native gRPC API.
 
 mod bench;
+mod bench_read;
 mod cli;
 mod debug;
 mod dev;
@@ -64,6 +65,10 @@ enum DebugCommand {
 enum BenchCommand {
     /// Put records as fast as possible, or at a fixed rate.
     Produce(bench::ProduceArgs),
+    /// Read an existing stream from TRIM_HORIZON with N consumers.
+    Consume(bench_read::ReadArgs),
+    /// Put at a fixed rate and measure put → seen by N consumers.
+    E2e(bench_read::ReadArgs),
 }
 
 /// Flags override the environment, which overrides the config file.
@@ -213,6 +218,8 @@ fn main() -> ExitCode {
         Command::Tail(args) => runtime.block_on(cli::tail(args)),
         Command::Cluster(cmd) => runtime.block_on(cli::cluster(cmd)),
         Command::Bench(BenchCommand::Produce(args)) => runtime.block_on(bench::produce(args)),
+        Command::Bench(BenchCommand::Consume(args)) => runtime.block_on(bench_read::consume(args)),
+        Command::Bench(BenchCommand::E2e(args)) => runtime.block_on(bench_read::e2e(args)),
         Command::Debug(DebugCommand::Records(args)) => debug::records(args),
         Command::Profile(cmd) => profile::run(cmd),
     };
