@@ -677,6 +677,31 @@ def test_bench_smoke(binary, cluster, stream_name, protocol):
     assert result["batch_latency_ms"]["p50"] > 0
 
 
+def test_bench_e2e_and_consume_smoke(binary, cluster, stream_name):
+    """`kinesin bench e2e` sees every record it put with every consumer, and
+    `kinesin bench consume` reads them back."""
+    endpoints = ",".join(f"127.0.0.1:{n.api_port}" for n in cluster)
+    creds = ["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY, "--stream", stream_name]
+    out = subprocess.run(
+        [binary, "bench", "e2e", "--endpoints", endpoints, *creds, "--shards", "1", "--consumers", "2",
+         "--rate", "100", "--duration-secs", "2", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    e2e = json.loads(out.stdout)
+    assert e2e["put"] > 0 and e2e["put_failed"] == 0, e2e
+    assert e2e["seen_per_consumer"] == [e2e["put"]] * 2, e2e
+    assert 0 < e2e["latency_ms"]["p50"] <= e2e["latency_ms"]["max"] < 10_000
+    out = subprocess.run(
+        [binary, "bench", "consume", "--endpoints", endpoints, *creds, "--consumers", "2", "--duration-secs", "30",
+         "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    consumed = json.loads(out.stdout)
+    assert [c["records"] for c in consumed["consumers"]] == [e2e["put"]] * 2, consumed
+
+
 def test_tls_with_http2_by_alpn(binary, workdir, stream_name, tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
