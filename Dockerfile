@@ -10,6 +10,9 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
+# Shown in kinesin_build_info{revision}: docker build --build-arg KINESIN_REVISION=$(git rev-parse --short HEAD)
+ARG KINESIN_REVISION=unknown
+ENV KINESIN_REVISION=$KINESIN_REVISION
 RUN cargo build --release --locked -p kinesin-server \
  && cp target/release/kinesin /usr/local/bin/kinesin
 
@@ -26,7 +29,8 @@ VOLUME /var/lib/kinesin
 # AWS API, native gRPC (and Raft), admin (/metrics, /health/*).
 EXPOSE 7450 7451 7452
 ENTRYPOINT ["kinesin"]
-# A single node by default (flags, so that a config file given by the Helm
-# chart or by `--config` is not overridden by environment variables).
+# A single node by default. These are flags, so they win over KINESIN_*
+# environment variables: to configure by environment or file, pass your own
+# command (e.g. `server --config /etc/kinesin/kinesin.toml`), as the chart does.
 CMD ["server", "--data-dir", "/var/lib/kinesin", "--listen-api", "0.0.0.0:7450", \
      "--listen-grpc", "0.0.0.0:7451", "--listen-admin", "0.0.0.0:7452", "--replication-factor", "1"]

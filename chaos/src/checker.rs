@@ -105,6 +105,12 @@ pub fn check(history: &[Event], replicas: &Replicas, panics: &[String]) -> Repor
             }
             ("read", Kind::Ok) => {
                 let shard = e.shard.as_deref().unwrap_or_default();
+                for (seq, value) in &e.records {
+                    at_seq
+                        .entry((shard, seq.clone()))
+                        .or_default()
+                        .insert(value.as_str());
+                }
                 chains
                     .entry((e.process.as_str(), shard))
                     .or_default()
@@ -215,7 +221,12 @@ pub fn check(history: &[Event], replicas: &Replicas, panics: &[String]) -> Repor
                 r.error("failed-put-visible", json!({"value": value, "found": seen}));
             }
         }
-        if seen.len() > 1 {
+        if seen.len() > p.invokes as usize {
+            r.error(
+                "duplicate",
+                json!({"value": value, "found": seen, "attempts": p.invokes}),
+            );
+        } else if seen.len() > 1 {
             if p.invokes > 1 {
                 r.note(
                     "duplicate-of-retried-put",
@@ -259,19 +270,30 @@ pub fn check(history: &[Event], replicas: &Replicas, panics: &[String]) -> Repor
         }
     }
     for (group, copies) in &groups {
-        for pair in copies.windows(2) {
-            let ((na, a), (nb, b)) = (pair[0], pair[1]);
-            if let Some(i) = a.iter().zip(b.iter()).position(|(x, y)| x != y) {
-                r.error(
-                    "replicas-diverge",
-                    json!({"group": group, "nodes": [na, nb], "index": i, "records": [a[i], b[i]]}),
-                );
+        for (k, (na, a)) in copies.iter().enumerate() {
+            for (nb, b) in &copies[k + 1..] {
+                if let Some(i) = a.iter().zip(b.iter()).position(|(x, y)| x != y) {
+                    r.error(
+                        "replicas-diverge",
+                        json!({"group": group, "nodes": [na, nb], "index": i, "records": [a[i], b[i]]}),
+                    );
+                }
             }
         }
     }
 
     for line in panics {
         r.error("panic", json!({"log": line}));
+    }
+    // A run that wrote, read or checked nothing proves nothing.
+    for (count, what) in [
+        ("values-acked", "no put was acknowledged"),
+        ("read-records", "no reader saw a record"),
+        ("final-records", "the final read found no record"),
+    ] {
+        if r.counts.get(count).copied().unwrap_or(0) == 0 {
+            r.error("empty-run", json!({"reason": what}));
+        }
     }
     r.valid = r.errors.is_empty();
     r
@@ -307,11 +329,17 @@ mod tests {
             )
     }
 
+    /// Violations other than `empty-run` (most tests have no readers).
     fn errors(history: &[Event]) -> Vec<String> {
         check(history, &Replicas::new(), &[])
             .errors
             .into_keys()
+            .filter(|k| k != "empty-run")
             .collect()
+    }
+
+    fn safety_valid(report: &Report) -> bool {
+        report.errors.keys().all(|k| k == "empty-run")
     }
 
     #[test]
@@ -330,6 +358,10 @@ mod tests {
         let report = check(&h, &Replicas::new(), &[]);
         assert!(report.valid, "{:?}", report.errors);
         assert_eq!(report.notes["unseen-unknown-outcome"].count, 1);
+        // The same history without its reader proves less: not valid.
+        let no_reader: Vec<Event> = h.into_iter().filter(|e| e.op != "read").collect();
+        let report = check(&no_reader, &Replicas::new(), &[]);
+        assert_eq!(report.errors.keys().collect::<Vec<_>>(), ["empty-run"]);
         assert_eq!(report.counts["values-acked"], 2);
     }
 
@@ -361,8 +393,17 @@ mod tests {
         h.extend(acked("a", "s0", "11"));
         h.push(final_read("final-n1", "s0", &[("10", "a"), ("11", "a")]));
         let report = check(&h, &Replicas::new(), &[]);
-        assert!(report.valid, "{:?}", report.errors);
+        assert!(safety_valid(&report), "{:?}", report.errors);
         assert_eq!(report.notes["duplicate-of-retried-put"].count, 1);
+        // Two attempts explain two copies, not three.
+        let mut three = h.clone();
+        three.pop();
+        three.push(final_read(
+            "final-n1",
+            "s0",
+            &[("10", "a"), ("11", "a"), ("12", "a")],
+        ));
+        assert_eq!(errors(&three), ["duplicate"]);
     }
 
     #[test]
@@ -409,13 +450,11 @@ mod tests {
         let mut replicas = Replicas::new();
         replicas.insert(1, BTreeMap::from([(7, records(&[("1", "a"), ("2", "b")]))]));
         replicas.insert(2, BTreeMap::from([(7, records(&[("1", "a")]))]));
-        assert!(check(&[], &replicas, &[]).valid);
-        replicas.insert(3, BTreeMap::from([(7, records(&[("1", "x")]))]));
+        assert!(safety_valid(&check(&[], &replicas, &[])));
+        // A lagging replica between two diverging ones hides nothing.
+        replicas.insert(3, BTreeMap::from([(7, records(&[("1", "a"), ("2", "x")]))]));
         let report = check(&[], &replicas, &[]);
-        assert_eq!(
-            report.errors.keys().collect::<Vec<_>>(),
-            ["replicas-diverge"]
-        );
+        assert_eq!(report.errors["replicas-diverge"].count, 1);
     }
 
     #[test]

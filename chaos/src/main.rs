@@ -77,6 +77,14 @@ enum Command {
     Cleanup,
 }
 
+/// Violations that show acknowledged data was lost or changed.
+const SAFETY: &[&str] = &[
+    "lost",
+    "acked-position-differs",
+    "two-values-at-one-sequence-number",
+    "duplicate",
+];
+
 /// A planned run and whether the checker must find it valid.
 struct Planned {
     config: RunConfig,
@@ -109,6 +117,7 @@ fn plan(matrix: &str, seeds: std::ops::Range<u64>, common: &Common) -> Vec<Plann
             "loss",
             "reshard",
             "transfer-storm",
+            "membership",
         ]
         .iter()
         .enumerate()
@@ -147,7 +156,10 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
             common,
         } => {
             let config = RunConfig {
-                out: common.out.join(format!("{scenario}-n{nodes}-s{seed}")),
+                out: common.out.join(format!(
+                    "{scenario}-n{nodes}-s{seed}{}",
+                    if unsafe_ack { "-unsafe-ack" } else { "" }
+                )),
                 scenario,
                 seed,
                 duration: Duration::from_secs(duration),
@@ -173,10 +185,19 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
                 let ok = match &outcome {
                     Ok(report) => {
                         print!("{}", run::summary(c, report));
-                        report.valid == planned.expect_valid
+                        if planned.expect_valid {
+                            report.valid
+                        } else {
+                            // The broken build must be caught by a safety
+                            // check, not by a liveness or harness failure.
+                            SAFETY.iter().any(|e| report.errors.contains_key(*e))
+                        }
                     }
                     Err(e) => {
                         println!("scenario {} seed {}: ERROR {e:#}", c.scenario, c.seed);
+                        if e.to_string() == "interrupted" {
+                            anyhow::bail!("interrupted");
+                        }
                         false
                     }
                 };
@@ -204,7 +225,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
             let events = history::load(&dir.join("history.jsonl"))?;
             let replicas: checker::Replicas =
                 serde_json::from_slice(&std::fs::read(dir.join("replicas.json"))?)?;
-            let report = checker::check(&events, &replicas, &[]);
+            let report = checker::check(&events, &replicas, &run::find_panics_in(&dir));
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(report.valid)
         }

@@ -292,6 +292,7 @@ impl Nemesis {
                         .args(["--group", &g["group"].to_string(), "--to", &to.to_string()])
                         .stdout(std::process::Stdio::null())
                         .stderr(std::process::Stdio::null())
+                        .kill_on_drop(true)
                         .status();
                     // Transfers overlap: a storm, not a queue.
                     in_flight.push(tokio::spawn(async move {
@@ -341,6 +342,7 @@ impl Nemesis {
             .arg(Cluster::grpc_url(via))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
             .output();
         let out = tokio::time::timeout(Duration::from_secs(180), remove)
             .await

@@ -193,6 +193,15 @@ pub fn cleanup() {
             .collect()
     };
     for ns in list(&["netns", "list"]) {
+        // Processes left in a namespace (a harness killed hard) go first.
+        let pids = Command::new("ip")
+            .args(["netns", "pids", &ns])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        for pid in pids.split_whitespace() {
+            let _ = run("kill", &["-9", pid]);
+        }
         let _ = run("ip", &["netns", "del", &ns]);
     }
     for link in list(&["-o", "link", "show"]) {

@@ -112,15 +112,42 @@ async fn check_liveness(members: &[u32], history: &History) {
     }
 }
 
-fn find_panics(cluster: &Cluster) -> Vec<String> {
+/// `panicked at` lines of every node log in a run directory.
+pub fn find_panics_in(dir: &Path) -> Vec<String> {
     let mut found = Vec::new();
-    for node in &cluster.nodes {
-        let log = std::fs::read_to_string(node.log_path()).unwrap_or_default();
+    let mut logs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("node.log"))
+        .filter(|p| p.exists())
+        .collect();
+    logs.sort();
+    for path in logs {
+        let log = std::fs::read_to_string(&path).unwrap_or_default();
         for line in log.lines().filter(|l| l.contains("panicked at")) {
-            found.push(format!("n{}: {line}", node.id));
+            found.push(format!("{}: {line}", path.display()));
         }
     }
     found
+}
+
+/// Stops the workload and fault tasks when a run ends for any reason
+/// (error, Ctrl-C), so that they cannot touch the next run's cluster.
+struct Tasks {
+    stops: Vec<Arc<AtomicBool>>,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for s in &self.stops {
+            s.store(true, Ordering::SeqCst);
+        }
+        for h in &self.handles {
+            h.abort();
+        }
+    }
 }
 
 fn dump_replicas(binary: &Path, cluster: &Cluster) -> anyhow::Result<Replicas> {
@@ -195,9 +222,12 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
     let members = Members::new(config.nodes);
     let stop_workload = Arc::new(AtomicBool::new(false));
     let stop_faults = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
+    let mut tasks = Tasks {
+        stops: vec![stop_workload.clone(), stop_faults.clone()],
+        handles: Vec::new(),
+    };
     for p in 0..PRODUCERS {
-        tasks.push(tokio::spawn(workload::producer(
+        tasks.handles.push(tokio::spawn(workload::producer(
             p,
             members.clone(),
             config.seed,
@@ -206,7 +236,7 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
         )));
     }
     for r in 0..READERS {
-        tasks.push(tokio::spawn(workload::reader(
+        tasks.handles.push(tokio::spawn(workload::reader(
             r,
             members.clone(),
             config.seed,
@@ -224,22 +254,26 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
         net: net.clone(),
     };
     let nemesis_stop = stop_faults.clone();
-    let nemesis = tokio::spawn(async move {
-        let result = nemesis.run(nemesis_stop).await;
-        (nemesis, result)
-    });
+    let nemesis = Arc::new(nemesis);
+    let faults = {
+        let nemesis = nemesis.clone();
+        tokio::spawn(async move { nemesis.run(nemesis_stop).await })
+    };
     tokio::time::sleep(config.duration).await;
     stop_faults.store(true, Ordering::SeqCst);
-    let (nemesis, result) = nemesis.await?;
-    result?;
+    let result = faults.await?;
     nemesis.heal().await?;
+    result?;
     check_liveness(&members.list(), &history).await;
     // Keep the workload running briefly on the healed cluster.
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop_workload.store(true, Ordering::SeqCst);
-    for t in tasks {
+    for t in std::mem::take(&mut tasks.handles) {
         t.await?;
     }
+    // Appends a client gave up on may still be retried inside the cluster
+    // for the router's 10 s budget: let them settle before the final reads.
+    tokio::time::sleep(Duration::from_secs(12)).await;
     for n in members.list() {
         workload::final_read(n, &history, Duration::from_secs(60)).await;
     }
@@ -252,7 +286,7 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
         config.out.join("replicas.json"),
         serde_json::to_vec(&replicas)?,
     )?;
-    let panics = find_panics(&c);
+    let panics = find_panics_in(&config.out);
     drop(c);
     drop(net);
     let events = history::load(&config.out.join("history.jsonl"))?;

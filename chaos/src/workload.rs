@@ -111,7 +111,9 @@ pub async fn producer(
             let body = json!({"StreamName": STREAM, "Records": records});
             match client.call("PutRecords", &body).await {
                 Ok(r) => {
-                    let results = r["Records"].as_array().cloned().unwrap_or_default();
+                    let mut results = r["Records"].as_array().cloned().unwrap_or_default();
+                    // A short answer leaves the rest unknown, not unlogged.
+                    results.resize(values.len(), json!({"ErrorCode": "MissingResult"}));
                     for ((v, k), res) in values.iter().zip(&keys).zip(results.iter()) {
                         match res["ErrorCode"].as_str() {
                             None => history.log(
@@ -171,7 +173,7 @@ struct Cursor {
 async fn list_shards(client: &mut Client) -> Result<Vec<String>, CallError> {
     let mut shards = Vec::new();
     let mut body = json!({"StreamName": STREAM});
-    loop {
+    for _ in 0..100 {
         let r = client.call("ListShards", &body).await?;
         for s in r["Shards"].as_array().into_iter().flatten() {
             shards.push(s["ShardId"].as_str().unwrap_or_default().to_string());
@@ -181,6 +183,9 @@ async fn list_shards(client: &mut Client) -> Result<Vec<String>, CallError> {
             None => return Ok(shards),
         }
     }
+    Err(CallError::Unknown(
+        "ListShards paged more than 100 times".into(),
+    ))
 }
 
 async fn iterator_after(
@@ -338,6 +343,11 @@ async fn read_shard(
                 match r["NextShardIterator"].as_str() {
                     None => return Ok(all),
                     Some(_) if caught_up => return Ok(all),
+                    Some(_) if tokio::time::Instant::now() > deadline => {
+                        return Err(CallError::Unknown(
+                            "shard not read to its end in time".into(),
+                        ))
+                    }
                     Some(next) => iterator = Some(next.to_string()),
                 }
             }

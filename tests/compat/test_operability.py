@@ -229,3 +229,36 @@ def test_a_real_prometheus_scrapes_the_cluster(cluster, stream_name, tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+def test_a_node_that_lost_its_data_is_refused_not_readmitted(binary, workdir, stream_name):
+    """A voter that comes back with an empty data directory under its old id
+    must not be counted as a voter again (its empty log could help elect a
+    leader missing committed records): the cluster refuses the join."""
+    root = os.path.join(workdir, "wiped")
+    nodes = start_cluster(binary, root, 3)
+    try:
+        client = client_for(nodes[0].endpoint)
+        create_and_wait(client, stream_name)
+        def meta_voters():
+            with urllib.request.urlopen(f"http://127.0.0.1:{nodes[0].admin_port}/admin/cluster", timeout=5) as r:
+                return next(g["voters"] for g in json.load(r)["groups"] if g["group"] == 0)
+
+        wait_until("node 3 to vote in the metadata group", lambda: 3 in meta_voters())
+        nodes[2].stop()
+        shutil.rmtree(nodes[2].data_dir)
+        log = open(nodes[2].log_path, "a")
+        proc = subprocess.Popen([binary, "server", "--config", nodes[2].config_path], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            assert proc.wait(timeout=60) != 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+        text = open(nodes[2].log_path).read()
+        assert "refused to admit this node" in text and "lost its data directory" in text, text[-2000:]
+        # The other two still serve the stream.
+        client.put_record(StreamName=stream_name, PartitionKey="k", Data=b"still here")
+    finally:
+        for n in nodes[:2]:
+            n.stop()

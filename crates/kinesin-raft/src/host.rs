@@ -96,9 +96,10 @@ pub enum RaftHostError {
     },
     #[error("raft group {group}: {detail}")]
     Raft { group: GroupId, detail: String },
-    /// The proposal was appended, then discarded from this node's log by a
-    /// leader change: another leader may still commit it.
-    #[error("raft group {group}: the proposal's outcome is unknown after a leader change")]
+    /// The proposal may have been appended and may still be committed (its
+    /// entry was discarded by a leader change, or the group failed while
+    /// waiting for it).
+    #[error("raft group {group}: the proposal's outcome is unknown")]
     OutcomeUnknown { group: GroupId },
     #[error("storage: {0}")]
     Io(#[from] io::Error),
@@ -305,16 +306,16 @@ impl RaftHost {
         let g = self.group(group)?;
         match g.raft.client_write(Command(command)).await {
             Ok(resp) => Ok(resp.data.0),
+            // Only a proposal refused before it was appended is known not to
+            // have happened; any other failure (entry discarded, the group
+            // stopping while waiting, a fatal error) leaves it unknown.
             Err(openraft::error::RaftError::APIError(
-                openraft::error::ClientWriteError::LogEntryDiscarded(_),
-            )) => Err(RaftHostError::OutcomeUnknown { group }),
-            Err(e) => Err(match e.forward_to_leader() {
-                Some(f) => RaftHostError::NotLeader {
-                    group,
-                    leader: f.leader_id.map(NodeId),
-                },
-                None => raft_err(group, e),
+                openraft::error::ClientWriteError::ForwardToLeader(f),
+            )) => Err(RaftHostError::NotLeader {
+                group,
+                leader: f.leader_id.map(NodeId),
             }),
+            Err(_) => Err(RaftHostError::OutcomeUnknown { group }),
         }
     }
 

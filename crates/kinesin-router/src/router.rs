@@ -272,7 +272,14 @@ impl Router {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_millis(500));
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    if matches!(e, RouterError::Indeterminate(_)) {
+                        // The node that may have taken the write is not
+                        // answering: route the next request by Raft's view.
+                        self.leaders.lock().expect("leaders lock").remove(&group);
+                    }
+                    return Err(e);
+                }
             }
             if Instant::now() > deadline {
                 break;

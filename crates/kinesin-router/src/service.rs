@@ -55,6 +55,26 @@ impl NodeService {
                     "node {node} was removed and cannot rejoin under that id"
                 )));
             }
+            // A joining node has no data. If this id already votes in the
+            // metadata group or holds shard replicas, the node lost its data
+            // directory: admitting it would count an empty log as a voter
+            // (it could help elect a leader that lacks committed entries).
+            // A retry of a join that registered but never got its answer
+            // has neither yet, and is let through.
+            let votes = host
+                .status(GroupId::META)
+                .is_some_and(|s| s.voters.contains(&node));
+            let replicas = state
+                .streams
+                .values()
+                .flat_map(|s| s.shards.iter())
+                .any(|sh| sh.replicas.contains(&node));
+            if votes || replicas {
+                return Err(RouterError::InvalidArgument(format!(
+                    "node {node} is already a member with data; a node that lost its data directory must be \
+                     removed (kinesin cluster remove-node --node {node}) and join under a new id"
+                )));
+            }
         }
         host.add_learner(GroupId::META, node, req.raft_addr.clone(), false)
             .await?;

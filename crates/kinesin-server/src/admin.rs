@@ -16,6 +16,7 @@ use kinesin_meta::NodeState;
 use kinesin_router::Router;
 use kinesin_types::{GroupId, NodeId, ShardState};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -27,6 +28,9 @@ pub fn prometheus() -> &'static PrometheusHandle {
     PROMETHEUS.get_or_init(|| {
         let latency = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
         let handle = PrometheusBuilder::new()
+            // Gauges nobody refreshes (a deleted stream, a consumer that
+            // stopped reading) disappear instead of freezing.
+            .idle_timeout(MetricKindMask::GAUGE, Some(Duration::from_secs(300)))
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)
             .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_batch_size".into()), &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]))
             .expect("bucket lists are non-empty")
@@ -161,7 +165,10 @@ async fn update_gauges(router: Arc<Router>, data_dir: PathBuf) {
             match st.leader {
                 None => leaderless += 1.0,
                 Some(l) => {
-                    if leaders_seen.insert(*g, l).is_some_and(|before| before != l) {
+                    // Counted once per change cluster-wide: by the new leader.
+                    if leaders_seen.insert(*g, l).is_some_and(|before| before != l)
+                        && l == host.node_id()
+                    {
                         metrics::counter!("kinesin_raft_leader_changes_total").increment(1);
                     }
                 }
@@ -202,6 +209,10 @@ async fn update_gauges(router: Arc<Router>, data_dir: PathBuf) {
         }
         metrics::gauge!("kinesin_streams").set(state.streams.len() as f64);
         for (name, stream) in &state.streams {
+            for direction in ["write", "read"] {
+                metrics::counter!("kinesin_stream_throttled_total", "stream" => name.clone(), "direction" => direction)
+                    .increment(0);
+            }
             for (label, wanted) in [
                 ("open", ShardState::Open),
                 ("sealing", ShardState::Sealing),

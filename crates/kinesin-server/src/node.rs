@@ -276,7 +276,10 @@ impl Node {
                         tracing::info!(%cluster_id, %seed, "joined the cluster");
                         return Ok(());
                     }
-                    Err(e) => last_error = format!("{seed}: {e}"),
+                    Err(JoinError::Refused(e)) => {
+                        bail!("the cluster refused to admit this node: {e}")
+                    }
+                    Err(JoinError::Retry(e)) => last_error = format!("{seed}: {e}"),
                 }
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -383,18 +386,27 @@ async fn bind(addr: &mut std::net::SocketAddr, what: &str) -> anyhow::Result<Tcp
     Ok(listener)
 }
 
-async fn join_via(seed: &str, request: JoinRequest) -> Result<String, String> {
+/// Why a join attempt failed: worth retrying, or refused for good.
+enum JoinError {
+    Retry(String),
+    Refused(String),
+}
+
+async fn join_via(seed: &str, request: JoinRequest) -> Result<String, JoinError> {
     let mut client = tokio::time::timeout(
         Duration::from_secs(3),
         NodeClient::connect(format!("http://{seed}")),
     )
     .await
-    .map_err(|_| "connect timed out".to_string())?
-    .map_err(|e| e.to_string())?;
+    .map_err(|_| JoinError::Retry("connect timed out".to_string()))?
+    .map_err(|e| JoinError::Retry(e.to_string()))?;
     let response = tokio::time::timeout(Duration::from_secs(15), client.join(request))
         .await
-        .map_err(|_| "join timed out".to_string())?
-        .map_err(|s| s.message().to_string())?;
+        .map_err(|_| JoinError::Retry("join timed out".to_string()))?
+        .map_err(|s| match s.code() {
+            tonic::Code::InvalidArgument => JoinError::Refused(s.message().to_string()),
+            _ => JoinError::Retry(s.message().to_string()),
+        })?;
     Ok(response.into_inner().cluster_id)
 }
 

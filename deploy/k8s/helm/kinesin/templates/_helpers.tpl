@@ -27,9 +27,28 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
-{{/* DNS name of pod 0, the seed every other pod joins through. */}}
-{{- define "kinesin.seed" -}}
-{{- printf "%s-0.%s.%s.svc.%s:%d" (include "kinesin.fullname" .) (include "kinesin.headless" .) .Release.Namespace .Values.clusterDomain (int .Values.ports.grpc) -}}
+{{/* gRPC address of pod `ordinal` on the headless Service. */}}
+{{- define "kinesin.peer" -}}
+{{- $ := index . 0 -}}
+{{- printf "%s-%d.%s.%s.svc.%s:%d" (include "kinesin.fullname" $) (int (index . 1)) (include "kinesin.headless" $) $.Release.Namespace $.Values.clusterDomain (int $.Values.ports.grpc) -}}
+{{- end -}}
+
+{{/* Every pod's gRPC address, comma-separated: a joining pod asks any of
+them (the join is forwarded to the metadata leader). */}}
+{{- define "kinesin.seeds" -}}
+{{- $peers := list -}}
+{{- range $i := until (int .Values.replicaCount) -}}
+{{- $peers = append $peers (include "kinesin.peer" (list $ $i)) -}}
+{{- end -}}
+{{- join "," $peers -}}
+{{- end -}}
+
+{{/* Labels of `helm test` pods: not the selector labels, so that the PDB,
+anti-affinity and Services ignore them. */}}
+{{- define "kinesin.testLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}-test
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
 {{- define "kinesin.credentialsSecret" -}}
