@@ -150,8 +150,10 @@ def test_operations_metric_set_is_exported(cluster, cli, stream_name):
     assert value(text, "kinesin_stream_incoming_bytes_total", stream=stream_name) == 10 * (10 + 1)
     assert value(text, "kinesin_stream_iterator_age_seconds", stream=stream_name) is not None
     assert 'kinesin_raft_commit_duration_seconds_bucket{le="' in text
-    # Labels stay bounded: no sequence numbers, shard ids or partition keys.
-    assert "shardId-" not in text and "sequence" not in text
+    # Labels stay bounded: no shard, sequence-number or partition-key labels
+    # (per-shard series are off by default), no long numeric label values.
+    assert not re.search(r'[{,](shard|seq|sequence_number|partition_key)="', text)
+    assert not re.search(r'="[0-9]{15,}"', text)
 
 
 def expressions():
