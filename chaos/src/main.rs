@@ -124,7 +124,7 @@ fn plan(matrix: &str, seeds: std::ops::Range<u64>, common: &Common) -> Vec<Plann
         {
             runs.push(mk(s, 100 + i as u64, 20, 3, false));
         }
-        runs.push(mk("isolate-leader", 7, 20, 3, true));
+        runs.push(mk("isolate-leader", 7, 30, 3, true));
     } else {
         for seed in seeds {
             for s in nemesis::SCENARIOS {

@@ -190,10 +190,7 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
     std::fs::create_dir_all(&config.out)?;
     let net = Arc::new(Net::create(config.nodes)?);
     let env = if config.unsafe_ack {
-        vec![(
-            "KINESIN_CHAOS_UNSAFE_ACK_MS".to_string(),
-            "1000".to_string(),
-        )]
+        vec![("KINESIN_CHAOS_UNSAFE_ACK_MS".to_string(), "200".to_string())]
     } else {
         Vec::new()
     };

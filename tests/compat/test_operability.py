@@ -74,13 +74,20 @@ def test_cli_profile_stream_put_tail_and_reshard(cli, stream_name):
     assert "put 50 record(s)" in put.stderr
     records = [json.loads(l) for l in cli("tail", stream_name, "--json").stdout.splitlines()]
     assert sorted(r["data"] for r in records) == sorted(f"line-{i}" for i in range(50))
+    # --from timestamp: only records that arrived at or after it.
+    cut = max(r["arrival_ms"] for r in records) + 1
+    time.sleep(0.01)
+    cli("put", stream_name, stdin="late-1\nlate-2\n")
+    late = [json.loads(l)["data"] for l in cli("tail", stream_name, "--from", "timestamp", "--timestamp", str(cut), "--json").stdout.splitlines()]
+    assert sorted(late) == ["late-1", "late-2"], late
+    assert cli("tail", stream_name, "--from", "timestamp", check=False).returncode == 2
     resharded = cli("stream", "reshard", stream_name, "--shards", "4")
     assert "4 open shard(s)" in resharded.stdout
     described = json.loads(cli("stream", "describe", stream_name, "--json").stdout)
     assert sum(1 for s in described["shards"] if s["open"]) == 4
     # Every record is still readable after the reshard (parents stay readable).
     records = [json.loads(l) for l in cli("tail", stream_name, "--json").stdout.splitlines()]
-    assert len(records) == 50
+    assert len(records) == 52
 
 
 def test_cli_cluster_views_and_leader_transfer(cli, stream_name):

@@ -289,6 +289,8 @@ pub async fn put(args: PutArgs) -> anyhow::Result<()> {
 pub enum From {
     TrimHorizon,
     Latest,
+    /// From the first record that arrived at or after `--timestamp`.
+    Timestamp,
 }
 
 #[derive(Args, Debug)]
@@ -296,6 +298,9 @@ pub struct TailArgs {
     stream: String,
     #[arg(long, value_enum, default_value = "trim-horizon")]
     from: From,
+    /// With `--from timestamp`: milliseconds since the Unix epoch.
+    #[arg(long, required_if_eq("from", "timestamp"))]
+    timestamp: Option<u64>,
     /// Keep polling for new records.
     #[arg(long)]
     follow: bool,
@@ -322,6 +327,7 @@ pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
             let from = match args.from {
                 From::TrimHorizon => pb::IteratorType::TrimHorizon,
                 From::Latest => pb::IteratorType::Latest,
+                From::Timestamp => pb::IteratorType::AtTimestamp,
             };
             (s.shard_id.clone(), from, String::new())
         })
@@ -335,7 +341,7 @@ pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
                     shard_id: shard.clone(),
                     from: *from as i32,
                     sequence_number: seq.clone(),
-                    timestamp_ms: 0,
+                    timestamp_ms: args.timestamp.unwrap_or(0),
                     limit: 1000,
                 })
                 .await
