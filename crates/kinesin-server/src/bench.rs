@@ -36,12 +36,8 @@ pub struct ProduceArgs {
     #[arg(long, value_enum, default_value = "grpc")]
     protocol: Protocol,
     /// Credentials for `--protocol aws-json`.
-    #[arg(long, default_value = "bench")]
-    access_key: String,
-    #[arg(long, default_value = "bench")]
-    secret_key: String,
-    #[arg(long, default_value = "us-east-1")]
-    region: String,
+    #[command(flatten)]
+    credentials: AwsCredentials,
     #[arg(long, default_value = "bench")]
     stream: String,
     /// Create the stream with this many shards if it does not exist.
@@ -63,6 +59,23 @@ pub struct ProduceArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// SigV4 credentials of the bench clients that speak the AWS API.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct AwsCredentials {
+    #[arg(long, default_value = "bench")]
+    access_key: String,
+    #[arg(long, default_value = "bench")]
+    secret_key: String,
+    #[arg(long, default_value = "us-east-1")]
+    region: String,
+}
+
+impl AwsCredentials {
+    pub(crate) fn client(&self, address: &str) -> AwsClient {
+        AwsClient::with_credentials(address, &self.access_key, &self.secret_key, &self.region)
+    }
 }
 
 /// One worker's connection, in either protocol.
@@ -122,10 +135,6 @@ pub(crate) struct AwsClient {
 }
 
 impl AwsClient {
-    fn new(address: &str, args: &ProduceArgs) -> Self {
-        AwsClient::with_credentials(address, &args.access_key, &args.secret_key, &args.region)
-    }
-
     pub(crate) fn with_credentials(
         address: &str,
         access_key: &str,
@@ -217,7 +226,7 @@ async fn ensure_stream(args: &ProduceArgs) -> anyhow::Result<()> {
             }
         }
         Protocol::AwsJson => {
-            let mut client = AwsClient::new(&args.endpoints[0], args);
+            let mut client = args.credentials.client(&args.endpoints[0]);
             if let Err(e) = client
                 .call(
                     "CreateStream",
@@ -297,10 +306,10 @@ pub async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
                 .max_decoding_message_size(kinesin_proto::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(kinesin_proto::MAX_MESSAGE_BYTES),
         ),
-        Protocol::AwsJson => Sender::Aws(AwsClient::new(
-            &args.endpoints[w % args.endpoints.len()],
-            &args,
-        )),
+        Protocol::AwsJson => Sender::Aws(
+            args.credentials
+                .client(&args.endpoints[w % args.endpoints.len()]),
+        ),
     };
     warm_up(&mut sender_for(0), &args.stream).await?;
     let mut workers = Vec::new();

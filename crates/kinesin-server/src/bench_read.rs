@@ -18,19 +18,15 @@ use clap::Args;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use crate::bench::AwsClient;
+use crate::bench::{AwsClient, AwsCredentials};
 
 #[derive(Args, Debug, Clone)]
 pub struct ReadArgs {
     /// AWS API addresses (consumer k uses endpoint k mod n).
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:7450")]
     endpoints: Vec<String>,
-    #[arg(long, default_value = "bench")]
-    access_key: String,
-    #[arg(long, default_value = "bench")]
-    secret_key: String,
-    #[arg(long, default_value = "us-east-1")]
-    region: String,
+    #[command(flatten)]
+    credentials: AwsCredentials,
     #[arg(long, default_value = "bench")]
     stream: String,
     /// Shards of the stream, when e2e creates it.
@@ -55,12 +51,8 @@ pub struct ReadArgs {
 
 impl ReadArgs {
     fn client(&self, k: usize) -> AwsClient {
-        AwsClient::with_credentials(
-            &self.endpoints[k % self.endpoints.len()],
-            &self.access_key,
-            &self.secret_key,
-            &self.region,
-        )
+        self.credentials
+            .client(&self.endpoints[k % self.endpoints.len()])
     }
 }
 
