@@ -42,7 +42,7 @@ struct Common {
 enum Command {
     /// One scenario with one seed.
     Run {
-        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(nemesis::SCENARIOS))]
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(nemesis::SCENARIOS.iter().map(|(name, _)| *name)))]
         scenario: String,
         #[arg(long, default_value_t = 1)]
         seed: u64,
@@ -127,7 +127,7 @@ fn plan(matrix: &str, seeds: std::ops::Range<u64>, common: &Common) -> Vec<Plann
         runs.push(mk("isolate-leader", 7, 30, 3, true));
     } else {
         for seed in seeds {
-            for s in nemesis::SCENARIOS {
+            for (s, _) in nemesis::SCENARIOS {
                 runs.push(mk(s, seed, 60, 3, false));
             }
             runs.push(mk("partition", seed, 60, 5, false));

@@ -93,6 +93,7 @@ async fn iterator(
         .ok_or_else(|| anyhow::anyhow!("no iterator for {shard}"))
 }
 
+#[derive(Default)]
 struct Totals {
     records: AtomicU64,
     bytes: AtomicU64,
@@ -176,11 +177,7 @@ pub async fn consume(args: ReadArgs) -> anyhow::Result<()> {
     let mut consumers = Vec::new();
     let mut all_totals = Vec::new();
     for k in 0..args.consumers {
-        let totals = Arc::new(Totals {
-            records: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-        });
+        let totals = Arc::new(Totals::default());
         all_totals.push(totals.clone());
         let (client, a, stop) = (args.client(k), args.clone(), stop.clone());
         consumers.push(tokio::spawn(async move {
@@ -255,11 +252,7 @@ pub async fn e2e(args: ReadArgs) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut consumers = Vec::new();
     for k in 0..args.consumers {
-        let totals = Arc::new(Totals {
-            records: AtomicU64::new(0),
-            bytes: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-        });
+        let totals = Arc::new(Totals::default());
         let (client, a, stop, h) = (
             args.client(k),
             args.clone(),
