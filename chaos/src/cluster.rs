@@ -9,19 +9,35 @@ use std::time::Duration;
 use anyhow::Context;
 use rand::Rng;
 
-use crate::net::{namespace, node_addr};
+use crate::net::{namespace, node_addr, HOST_ADDR};
 
 pub const API_PORT: u16 = 7450;
 const GRPC_PORT: u16 = 7451;
 const ADMIN_PORT: u16 = 7452;
+/// Node `id`'s delay proxy listens on the host at this port + `id`.
+const PROXY_PORT_BASE: u16 = 7500;
 
 pub struct NodeProc {
     pub id: u32,
     dir: PathBuf,
     child: Option<Child>,
     pub paused: bool,
-    /// Removed from the cluster by a membership change: never restarted.
+    /// Removed from the cluster by a membership change, or refused to start
+    /// on a damaged disk: never restarted.
     pub retired: bool,
+    /// Refused to start after a disk fault: its files are not dumped.
+    pub damaged: bool,
+}
+
+/// How every node of a run is set up.
+#[derive(Default, Clone)]
+pub struct NodeSetup {
+    /// Extra environment (the chaos modes of the server).
+    pub env: Vec<(String, String)>,
+    /// Extra lines of kinesin.toml (the broken no-fsync build).
+    pub config: String,
+    /// Nodes reach each other through the delay proxies.
+    pub proxied: bool,
 }
 
 /// Node ids that are members of the cluster now: the workload and the faults
@@ -56,8 +72,7 @@ pub struct Cluster {
     binary: PathBuf,
     root: PathBuf,
     pub nodes: Vec<NodeProc>,
-    /// Extra environment for every node (the broken mode).
-    env: Vec<(String, String)>,
+    setup: NodeSetup,
 }
 
 impl NodeProc {
@@ -71,6 +86,11 @@ impl NodeProc {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// The file whose content (ms) skews this node's wall clock.
+    fn clock_file(&self) -> PathBuf {
+        self.dir.join("clock-skew-ms")
     }
 }
 
@@ -88,13 +108,13 @@ impl Cluster {
         binary: &Path,
         root: &Path,
         count: u32,
-        env: Vec<(String, String)>,
+        setup: NodeSetup,
     ) -> anyhow::Result<Cluster> {
         let mut cluster = Cluster {
             binary: binary.to_path_buf(),
             root: root.to_path_buf(),
             nodes: Vec::new(),
-            env,
+            setup,
         };
         for id in 1..=count {
             let seeds = if id == 1 { vec![] } else { vec![1] };
@@ -114,9 +134,10 @@ impl Cluster {
         std::fs::create_dir_all(&dir)?;
         let seeds: Vec<String> = seeds
             .iter()
-            .map(|s| format!("\"{}:{GRPC_PORT}\"", node_addr(*s)))
+            .map(|s| format!("\"{}\"", self.peer_addr(*s)))
             .collect();
         let addr = node_addr(id);
+        let advertise_grpc = self.peer_addr(id);
         std::fs::write(
             dir.join("kinesin.toml"),
             format!(
@@ -125,16 +146,17 @@ impl Cluster {
                  listen_api = \"0.0.0.0:{API_PORT}\"\n\
                  listen_grpc = \"0.0.0.0:{GRPC_PORT}\"\n\
                  listen_admin = \"0.0.0.0:{ADMIN_PORT}\"\n\
-                 advertise_grpc = \"{addr}:{GRPC_PORT}\"\n\
+                 advertise_grpc = \"{advertise_grpc}\"\n\
                  advertise_api = \"{addr}:{API_PORT}\"\n\
                  seeds = [{seeds}]\n\
                  replication_factor = 3\n\
                  shard_heartbeat_ms = 200\n\
                  shard_election_min_ms = 1000\n\
                  shard_election_max_ms = 2000\n\
-                 repair_after_secs = 3600\n",
+                 repair_after_secs = 3600\n{extra}",
                 data = dir.join("data").display(),
                 seeds = seeds.join(", "),
+                extra = self.setup.config,
             ),
         )?;
         self.nodes.push(NodeProc {
@@ -143,6 +165,7 @@ impl Cluster {
             child: None,
             paused: false,
             retired: false,
+            damaged: false,
         });
         Ok(())
     }
@@ -160,7 +183,7 @@ impl Cluster {
 
     pub fn start(&mut self, id: u32) -> anyhow::Result<()> {
         let binary = self.binary.clone();
-        let env = self.env.clone();
+        let env = self.setup.env.clone();
         let node = self.node(id);
         if node.child.is_some() || node.retired {
             return Ok(());
@@ -175,6 +198,7 @@ impl Cluster {
             .args(["server", "--config"])
             .arg(node.dir.join("kinesin.toml"))
             .envs(env)
+            .env("KINESIN_CHAOS_CLOCK_FILE", node.clock_file())
             .env(
                 "KINESIN_LOG",
                 "info,openraft=warn,h2=warn,tower=warn,hyper=warn",
@@ -233,6 +257,9 @@ impl Cluster {
             let Some(mut child) = node.child.take() else {
                 continue;
             };
+            if child.try_wait()?.is_some() {
+                continue;
+            }
             if node.paused {
                 signal(child.id(), "-CONT")?;
             }
@@ -251,6 +278,39 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// Where other nodes reach node `id`'s gRPC port: directly, or through
+    /// its delay proxy.
+    fn peer_addr(&self, id: u32) -> String {
+        if self.setup.proxied {
+            format!("{HOST_ADDR}:{}", Cluster::proxy_port(id))
+        } else {
+            format!("{}:{GRPC_PORT}", node_addr(id))
+        }
+    }
+
+    pub fn proxy_port(id: u32) -> u16 {
+        PROXY_PORT_BASE + id as u16
+    }
+
+    /// Node `id`'s gRPC address on its own host (the proxy's target).
+    pub fn grpc_addr(id: u32) -> std::net::SocketAddr {
+        (node_addr(id), GRPC_PORT).into()
+    }
+
+    /// Shifts node `id`'s wall clock by `ms` (0 = back to the system clock).
+    pub fn set_clock_skew(&mut self, id: u32, ms: i64) -> anyhow::Result<()> {
+        std::fs::write(self.node(id).clock_file(), ms.to_string())?;
+        Ok(())
+    }
+
+    /// Whether node `id` was started and has exited on its own since.
+    pub fn exited(&mut self, id: u32) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        match self.node(id).child.as_mut() {
+            Some(child) => Ok(child.try_wait()?),
+            None => Ok(None),
+        }
     }
 
     pub fn api_url(id: u32) -> String {

@@ -4,9 +4,11 @@
 mod checker;
 mod client;
 mod cluster;
+mod disk;
 mod history;
 mod nemesis;
 mod net;
+mod proxy;
 mod run;
 mod workload;
 
@@ -16,7 +18,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::run::RunConfig;
+use crate::run::{Broken, RunConfig};
 
 #[derive(Parser)]
 #[command(
@@ -51,10 +53,9 @@ enum Command {
         duration: u64,
         #[arg(long, default_value_t = 3)]
         nodes: u32,
-        /// Run a deliberately broken server that acknowledges appends whose
-        /// commit was not confirmed (the checker must catch it).
-        #[arg(long)]
-        unsafe_ack: bool,
+        /// Run a deliberately broken server (the checker must catch it).
+        #[arg(long, value_enum)]
+        broken: Option<Broken>,
         #[command(flatten)]
         common: Common,
     },
@@ -92,20 +93,21 @@ struct Planned {
 }
 
 fn plan(matrix: &str, seeds: std::ops::Range<u64>, common: &Common) -> Vec<Planned> {
-    let mk = |scenario: &str, seed: u64, secs: u64, nodes: u32, unsafe_ack: bool| Planned {
-        config: RunConfig {
+    let mk = |scenario: &str, seed: u64, secs: u64, nodes: u32, broken: Option<Broken>| {
+        let mut config = RunConfig {
             scenario: scenario.to_string(),
             seed,
             duration: Duration::from_secs(secs),
             nodes,
             binary: common.binary.clone(),
-            out: common.out.join(format!(
-                "{scenario}-n{nodes}-s{seed}{}",
-                if unsafe_ack { "-unsafe-ack" } else { "" }
-            )),
-            unsafe_ack,
-        },
-        expect_valid: !unsafe_ack,
+            out: PathBuf::new(),
+            broken,
+        };
+        config.out = common.out.join(config.dir_name());
+        Planned {
+            config,
+            expect_valid: broken.is_none(),
+        }
     };
     let mut runs = Vec::new();
     if matrix == "smoke" {
@@ -118,21 +120,28 @@ fn plan(matrix: &str, seeds: std::ops::Range<u64>, common: &Common) -> Vec<Plann
             "reshard",
             "transfer-storm",
             "membership",
+            "bridge",
+            "power-fail",
+            "disk",
+            "clock-skew",
+            "latency",
         ]
         .iter()
         .enumerate()
         {
-            runs.push(mk(s, 100 + i as u64, 20, 3, false));
+            runs.push(mk(s, 100 + i as u64, 20, 3, None));
         }
-        runs.push(mk("isolate-leader", 7, 30, 3, true));
+        runs.push(mk("isolate-leader", 7, 30, 3, Some(Broken::UnsafeAck)));
+        runs.push(mk("power-fail", 7, 30, 3, Some(Broken::NoFsync)));
     } else {
         for seed in seeds {
             for (s, _) in nemesis::SCENARIOS {
-                runs.push(mk(s, seed, 60, 3, false));
+                runs.push(mk(s, seed, 60, 3, None));
             }
-            runs.push(mk("partition", seed, 60, 5, false));
-            runs.push(mk("mixed", seed, 120, 5, false));
-            runs.push(mk("isolate-leader", seed, 30, 3, true));
+            runs.push(mk("partition", seed, 60, 5, None));
+            runs.push(mk("mixed", seed, 120, 5, None));
+            runs.push(mk("isolate-leader", seed, 30, 3, Some(Broken::UnsafeAck)));
+            runs.push(mk("power-fail", seed, 30, 3, Some(Broken::NoFsync)));
         }
     }
     runs
@@ -152,21 +161,19 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
             seed,
             duration,
             nodes,
-            unsafe_ack,
+            broken,
             common,
         } => {
-            let config = RunConfig {
-                out: common.out.join(format!(
-                    "{scenario}-n{nodes}-s{seed}{}",
-                    if unsafe_ack { "-unsafe-ack" } else { "" }
-                )),
+            let mut config = RunConfig {
+                out: PathBuf::new(),
                 scenario,
                 seed,
                 duration: Duration::from_secs(duration),
                 nodes,
                 binary: common.binary,
-                unsafe_ack,
+                broken,
             };
+            config.out = common.out.join(config.dir_name());
             let report = run_one(&config).await?;
             print!("{}", run::summary(&config, &report));
             println!("{}", config.out.display());

@@ -3,7 +3,7 @@
 //! the node that leads the most groups at that moment.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +16,10 @@ use tokio::sync::Mutex;
 
 use crate::client::{get, Client};
 use crate::cluster::{Cluster, Members};
+use crate::disk;
 use crate::history::{Event, History, Kind};
 use crate::net::Net;
+use crate::proxy::Delay;
 use crate::run::wait_ready;
 use crate::workload::STREAM;
 
@@ -42,10 +44,44 @@ pub enum Fault {
     /// A new node joins, then a random member is drained and removed
     /// (`kinesin cluster remove-node`) under load.
     ReplaceNode,
+    /// One node talks to both halves of the rest; the halves cannot talk.
+    Bridge,
+    /// kill -9 of a minority / of every node while every node runs in the
+    /// lose-unsynced storage mode: what no fsync covered is gone.
+    PowerFailMinority,
+    PowerFailAll,
+    /// A node is killed, a file of its RocksDB truncated or bit-flipped,
+    /// and it is restarted: it must recover or refuse to start, never serve
+    /// wrong data. At most a minority of the nodes is damaged per run.
+    DiskCorrupt,
+    /// One node's wall clock jumps by up to ±10 minutes (back at heal).
+    ClockSkew,
+    /// 20–150 ms delay plus up to 100 ms jitter on every node-to-node byte
+    /// (the delay proxies; not combined with the nftables faults).
+    Latency,
+}
+
+impl Fault {
+    /// Every node must run in the lose-unsynced storage mode.
+    pub fn needs_power_fail_mode(self) -> bool {
+        matches!(self, PowerFailMinority | PowerFailAll)
+    }
+
+    /// Nodes must reach each other through the delay proxies.
+    pub fn needs_proxies(self) -> bool {
+        self == Latency
+    }
+
+    /// Works by nftables rules on node addresses, which the proxies hide.
+    fn filters_node_addresses(self) -> bool {
+        matches!(self, PartitionHalves | IsolateLeader | Loss | Bridge)
+    }
 }
 
 use Fault::*;
 
+/// Everything but the delay proxy (its scenario cannot have address-based
+/// network faults).
 const ALL: &[Fault] = &[
     PartitionHalves,
     IsolateLeader,
@@ -57,6 +93,11 @@ const ALL: &[Fault] = &[
     Reshard,
     TransferStorm,
     ReplaceNode,
+    Bridge,
+    PowerFailMinority,
+    PowerFailAll,
+    DiskCorrupt,
+    ClockSkew,
 ];
 
 /// Named fault mixes: the scenarios of the smoke and long matrices.
@@ -71,14 +112,28 @@ pub const SCENARIOS: &[(&str, &[Fault])] = &[
     ("reshard", &[Reshard]),
     ("transfer-storm", &[TransferStorm]),
     ("membership", &[ReplaceNode]),
+    ("bridge", &[Bridge]),
+    ("power-fail", &[PowerFailMinority, PowerFailAll]),
+    ("disk", &[DiskCorrupt, KillOne]),
+    ("clock-skew", &[ClockSkew]),
+    ("latency", &[Latency, KillOne]),
     ("mixed", ALL),
 ];
 
 pub fn scenario(name: &str) -> Option<Vec<Fault>> {
-    SCENARIOS
+    let faults = SCENARIOS
         .iter()
         .find(|(n, _)| *n == name)
-        .map(|(_, faults)| faults.to_vec())
+        .map(|(_, faults)| faults.to_vec())?;
+    let proxied = faults.iter().any(|f| f.needs_proxies());
+    assert!(
+        !proxied
+            || !faults
+                .iter()
+                .any(|f| f.filters_node_addresses() || *f == ReplaceNode),
+        "scenario {name} mixes the delay proxies with faults they hide"
+    );
+    Some(faults)
 }
 
 /// The node leading the most Raft groups, by every node's own report.
@@ -117,6 +172,10 @@ pub struct Nemesis {
     pub history: History,
     pub cluster: Arc<Mutex<Cluster>>,
     pub net: Arc<Net>,
+    /// The delay proxies' setting, when the nodes talk through them.
+    pub delay: Option<Arc<Delay>>,
+    /// How many nodes a disk fault may still leave damaged.
+    pub damage_budget: AtomicU32,
 }
 
 impl Nemesis {
@@ -137,6 +196,9 @@ impl Nemesis {
             order.shuffle(&mut rng);
             let percent = rng.random_range(20..=40);
             let pause_leader = rng.random_bool(0.5);
+            let skew_ms =
+                rng.random_range(1_000..600_000i64) * if rng.random_bool(0.5) { 1 } else { -1 };
+            let (delay_ms, jitter_ms) = (rng.random_range(20..150u64), rng.random_range(0..100u64));
             // Faults that draw many numbers use their own generator, so the
             // rest of the schedule does not depend on how many they drew.
             let sub_seed: u64 = rng.random();
@@ -172,6 +234,50 @@ impl Nemesis {
                         c.kill(*v)?;
                     }
                     json!({"fault": "kill-all"})
+                }
+                Fault::PowerFailMinority | Fault::PowerFailAll => {
+                    let victims = if fault == Fault::PowerFailAll {
+                        &order[..]
+                    } else {
+                        &order[..minority]
+                    };
+                    let mut c = self.cluster.lock().await;
+                    for v in victims {
+                        c.kill(*v)?;
+                    }
+                    json!({"fault": "power-fail", "nodes": victims})
+                }
+                Fault::Bridge => {
+                    let (bridge, rest) = order.split_first().context("no members")?;
+                    let (left, right) = rest.split_at(rest.len() / 2);
+                    self.net.partition(&[left.to_vec(), right.to_vec()])?;
+                    json!({"fault": "bridge", "bridge": bridge, "sides": [left, right]})
+                }
+                Fault::DiskCorrupt => {
+                    let victim = order[0];
+                    if self.damage_budget.load(Ordering::SeqCst) == 0 {
+                        json!({"fault": "disk", "skipped": "a minority is damaged already"})
+                    } else {
+                        let mut c = self.cluster.lock().await;
+                        c.kill(victim)?;
+                        let db = c.node(victim).data_dir().join("db");
+                        let damage = disk::damage(&db, &mut StdRng::seed_from_u64(sub_seed))?;
+                        json!({"fault": "disk", "node": victim, "damage": damage})
+                    }
+                }
+                Fault::ClockSkew => {
+                    self.cluster
+                        .lock()
+                        .await
+                        .set_clock_skew(order[0], skew_ms)?;
+                    json!({"fault": "clock-skew", "node": order[0], "skew_ms": skew_ms})
+                }
+                Fault::Latency => {
+                    self.delay
+                        .as_ref()
+                        .context("latency without the delay proxies")?
+                        .set(delay_ms, jitter_ms);
+                    json!({"fault": "latency", "delay_ms": delay_ms, "jitter_ms": jitter_ms})
                 }
                 Fault::Pause => {
                     let node = if pause_leader {
@@ -237,15 +343,70 @@ impl Nemesis {
                     .log(Event::new("nemesis", Kind::Info, "fault").value(
                         &json!({"fault": "transfer-storm", "transfers": moved}).to_string(),
                     ));
-            } else if fault == Fault::KillAll {
+            } else if matches!(fault, Fault::KillAll | Fault::PowerFailAll) {
                 // Everything is down: bring it back soon (a power cut).
                 sleep_unless(Duration::from_millis(rng.random_range(1000..3000)), &stop).await;
             } else {
                 sleep_unless(hold, &stop).await;
             }
             self.heal().await?;
+            if let Some(node) = description["node"]
+                .as_u64()
+                .filter(|_| fault == DiskCorrupt)
+            {
+                self.after_damage(node as u32).await?;
+            }
         }
         Ok(())
+    }
+
+    /// A node restarted on a damaged disk must either come back (and then
+    /// is checked like any other) or refuse to start; one that refused
+    /// leaves the run like a removed node.
+    async fn after_damage(&self, node: u32) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let exited = self.cluster.lock().await.exited(node)?;
+            if let Some(status) = exited {
+                let log = {
+                    let mut c = self.cluster.lock().await;
+                    c.retire(node)?;
+                    c.node(node).damaged = true;
+                    std::fs::read_to_string(c.node(node).log_path()).unwrap_or_default()
+                };
+                let last = log
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("");
+                self.members.remove(node);
+                self.damage_budget.fetch_sub(1, Ordering::SeqCst);
+                self.history.log(
+                    Event::new("nemesis", Kind::Info, "disk-fault-refused")
+                        .node(node)
+                        .value(
+                            &json!({"exit": status.to_string(), "last_log_line": last}).to_string(),
+                        ),
+                );
+                return Ok(());
+            }
+            if wait_ready(&[node], Duration::from_millis(500))
+                .await
+                .is_ok()
+            {
+                self.history
+                    .log(Event::new("nemesis", Kind::Info, "disk-fault-recovered").node(node));
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                self.history.log(
+                    Event::new("nemesis", Kind::Info, "disk-fault-hung")
+                        .node(node)
+                        .value("neither ready nor exited within 60 s"),
+                );
+                return Ok(());
+            }
+        }
     }
 
     /// Moves leaders of random groups to random voters until `hold` ends;
@@ -352,7 +513,15 @@ impl Nemesis {
 
     pub async fn heal(&self) -> anyhow::Result<()> {
         self.net.heal()?;
-        self.cluster.lock().await.heal()?;
+        if let Some(delay) = &self.delay {
+            delay.set(0, 0);
+        }
+        let mut c = self.cluster.lock().await;
+        for n in 1..=c.nodes.len() as u32 {
+            c.set_clock_skew(n, 0)?;
+        }
+        c.heal()?;
+        drop(c);
         self.history.log(Event::new("nemesis", Kind::Ok, "heal"));
         Ok(())
     }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,10 +13,11 @@ use tokio::sync::Mutex;
 
 use crate::checker::{self, Replicas, Report};
 use crate::client::{get, Client};
-use crate::cluster::{Cluster, Members};
+use crate::cluster::{Cluster, Members, NodeSetup};
 use crate::history::{self, Event, History, Kind};
 use crate::nemesis::{scenario, Nemesis};
-use crate::net::Net;
+use crate::net::{Net, HOST_ADDR};
+use crate::proxy::Proxies;
 use crate::workload::{self, STREAM};
 
 #[derive(Debug, Clone)]
@@ -27,8 +28,27 @@ pub struct RunConfig {
     pub nodes: u32,
     pub binary: PathBuf,
     pub out: PathBuf,
-    /// Run the deliberately broken server (acknowledges uncommitted appends).
-    pub unsafe_ack: bool,
+    /// Run a deliberately broken server: the checker must catch it.
+    pub broken: Option<Broken>,
+}
+
+/// The deliberately broken servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Broken {
+    /// Leaders acknowledge appends not committed within 200 ms.
+    UnsafeAck,
+    /// No fsync before acknowledging (`fsync = "never-unsafe"`): loses
+    /// acknowledged records when combined with the power-fail fault.
+    NoFsync,
+}
+
+impl Broken {
+    pub fn name(self) -> &'static str {
+        match self {
+            Broken::UnsafeAck => "unsafe-ack",
+            Broken::NoFsync => "no-fsync",
+        }
+    }
 }
 
 impl RunConfig {
@@ -40,7 +60,22 @@ impl RunConfig {
             self.duration.as_secs(),
             self.nodes,
             self.binary.display(),
-            if self.unsafe_ack { " --unsafe-ack" } else { "" }
+            self.broken
+                .map(|b| format!(" --broken {}", b.name()))
+                .unwrap_or_default()
+        )
+    }
+
+    /// The run's directory name: scenario, nodes, seed, broken mode.
+    pub fn dir_name(&self) -> String {
+        format!(
+            "{}-n{}-s{}{}",
+            self.scenario,
+            self.nodes,
+            self.seed,
+            self.broken
+                .map(|b| format!("-{}", b.name()))
+                .unwrap_or_default()
         )
     }
 }
@@ -152,7 +187,7 @@ impl Drop for Tasks {
 
 fn dump_replicas(binary: &Path, cluster: &Cluster) -> anyhow::Result<Replicas> {
     let mut replicas = Replicas::new();
-    for node in &cluster.nodes {
+    for node in cluster.nodes.iter().filter(|n| !n.damaged) {
         let out = std::process::Command::new(binary)
             .args(["debug", "records", "--data-dir"])
             .arg(node.data_dir())
@@ -189,16 +224,37 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
     }
     std::fs::create_dir_all(&config.out)?;
     let net = Arc::new(Net::create(config.nodes)?);
-    let env = if config.unsafe_ack {
-        vec![("KINESIN_CHAOS_UNSAFE_ACK_MS".to_string(), "200".to_string())]
-    } else {
-        Vec::new()
-    };
+    let mut setup = NodeSetup::default();
+    match config.broken {
+        Some(Broken::UnsafeAck) => setup
+            .env
+            .push(("KINESIN_CHAOS_UNSAFE_ACK_MS".to_string(), "200".to_string())),
+        Some(Broken::NoFsync) => setup.config = "fsync = \"never-unsafe\"\n".to_string(),
+        None => {}
+    }
+    if faults.iter().any(|f| f.needs_power_fail_mode()) {
+        setup
+            .env
+            .push(("KINESIN_CHAOS_LOSE_UNSYNCED".to_string(), "1".to_string()));
+    }
+    setup.proxied = faults.iter().any(|f| f.needs_proxies());
+    let mut proxies = Proxies::new();
+    if setup.proxied {
+        for n in 1..=config.nodes {
+            proxies
+                .add(
+                    (HOST_ADDR, Cluster::proxy_port(n)).into(),
+                    Cluster::grpc_addr(n),
+                )
+                .await?;
+        }
+    }
+    let delay = setup.proxied.then(|| proxies.delay.clone());
     let cluster = Arc::new(Mutex::new(Cluster::new(
         &config.binary,
         &config.out,
         config.nodes,
-        env,
+        setup,
     )?));
     {
         let mut c = cluster.lock().await;
@@ -249,6 +305,8 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
         history: history.clone(),
         cluster: cluster.clone(),
         net: net.clone(),
+        delay,
+        damage_budget: AtomicU32::new((config.nodes - 1) / 2),
     };
     let nemesis_stop = stop_faults.clone();
     let nemesis = Arc::new(nemesis);
@@ -271,9 +329,15 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
     // Appends a client gave up on may still be retried inside the cluster
     // for the router's 10 s budget: let them settle before the final reads.
     tokio::time::sleep(Duration::from_secs(12)).await;
+    // Through every member at once: one bound for all of them.
+    let mut reads = tokio::task::JoinSet::new();
     for n in members.list() {
-        workload::final_read(n, &history, Duration::from_secs(60)).await;
+        let history = history.clone();
+        reads.spawn(async move {
+            workload::final_read(n, &history, Duration::from_secs(60)).await;
+        });
     }
+    while reads.join_next().await.transpose()?.is_some() {}
     history.flush()?;
 
     let mut c = cluster.lock().await;
@@ -285,6 +349,7 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
     )?;
     let panics = find_panics_in(&config.out);
     drop(c);
+    drop(proxies);
     drop(net);
     let events = history::load(&config.out.join("history.jsonl"))?;
     let report = checker::check(&events, &replicas, &panics);
@@ -300,7 +365,7 @@ pub fn write_outputs(config: &RunConfig, report: &Report) -> anyhow::Result<()> 
         "seed": config.seed,
         "duration_secs": config.duration.as_secs(),
         "nodes": config.nodes,
-        "unsafe_ack": config.unsafe_ack,
+        "broken": config.broken.map(Broken::name),
         "replay": config.replay_command(),
         "counts": report.counts,
         "errors": report.errors,

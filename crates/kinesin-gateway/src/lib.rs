@@ -13,7 +13,7 @@ mod iterator;
 mod kinesis;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
@@ -255,7 +255,11 @@ async fn dispatch(
     (service, op, target): Target<'_>,
     request: &auth::SignedRequest<'_>,
 ) -> Result<serde_json::Value, ApiError> {
-    let account = auth::authenticate(&gw.config.credentials, request, SystemTime::now())?;
+    let account = auth::authenticate(
+        &gw.config.credentials,
+        request,
+        kinesin_router::wall_clock(),
+    )?;
     if request.method != Method::POST {
         return Err(ApiError::unknown_operation(format!(
             "{} is not supported; AWS API calls are POST requests",
@@ -287,7 +291,11 @@ async fn subscribe(
     protocol: Protocol,
     request: &auth::SignedRequest<'_>,
 ) -> Result<Response, ApiError> {
-    let account = auth::authenticate(&gw.config.credentials, request, SystemTime::now())?;
+    let account = auth::authenticate(
+        &gw.config.credentials,
+        request,
+        kinesin_router::wall_clock(),
+    )?;
     let input = protocol.decode(request.body)?;
     let mut sub = kinesis::subscription(&gw.context(&account), &input)?;
     kinesis::pin_latest(&gw.router, &mut sub).await?;

@@ -11,6 +11,9 @@ mod service;
 mod throttle;
 
 pub use error::RouterError;
-pub use router::{now_ms, AppendOutcome, LocalShards, ReadRequest, RecordIn, Router, RouterConfig};
+pub use router::{
+    now_ms, set_clock_skew_ms, wall_clock, AppendOutcome, LocalShards, ReadRequest, RecordIn,
+    Router, RouterConfig,
+};
 pub use service::NodeService;
 pub use throttle::ShardLimits;

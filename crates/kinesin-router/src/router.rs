@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -130,9 +131,31 @@ pub struct Router {
 const ATTEMPT_MIN: Duration = Duration::from_millis(500);
 const ATTEMPT_MAX: Duration = Duration::from_secs(5);
 
+/// How far this process's wall clock is shifted from the system's, in ms.
+static CLOCK_SKEW_MS: AtomicI64 = AtomicI64::new(0);
+
+/// Shifts this process's wall clock ([`wall_clock`], [`now_ms`]) by `ms`:
+/// the chaos harness's clock-skew fault. Zero is the system clock.
+pub fn set_clock_skew_ms(ms: i64) {
+    CLOCK_SKEW_MS.store(ms, Ordering::Relaxed);
+}
+
+/// The wall clock every timestamp of this node comes from (arrival times,
+/// retention cut-offs, iterator expiry, request signatures).
+pub fn wall_clock() -> SystemTime {
+    let now = SystemTime::now();
+    let skew = CLOCK_SKEW_MS.load(Ordering::Relaxed);
+    let by = Duration::from_millis(skew.unsigned_abs());
+    if skew >= 0 {
+        now + by
+    } else {
+        now.checked_sub(by).unwrap_or(UNIX_EPOCH)
+    }
+}
+
 /// Wall-clock milliseconds since the Unix epoch, as leaders stamp commands.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
+    wall_clock()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
@@ -945,5 +968,86 @@ mod tests {
             assert_eq!(set.len(), 3);
         }
         assert_eq!(leads.values().copied().collect::<Vec<_>>(), vec![2, 2, 2]);
+    }
+
+    /// A router on a node that hosts no group yet: every attempt goes to
+    /// the local node, so `at_leader`'s retry rules can be driven directly.
+    fn lone_router(dir: &std::path::Path) -> Router {
+        let storage =
+            kinesin_storage::Storage::open(dir, kinesin_storage::FsyncPolicy::NeverUnsafe)
+                .expect("open storage");
+        let host = RaftHost::new(NodeId(1), storage.clone(), Arc::new(kinesin_raft::NoFilter));
+        let meta = Arc::new(MetaStateMachine::open(storage).expect("meta state machine"));
+        Router::new(
+            host,
+            meta,
+            Arc::default(),
+            RouterConfig {
+                retry_budget: Duration::from_secs(1),
+                ..RouterConfig::default()
+            },
+        )
+    }
+
+    /// Runs `at_leader` with an operation whose first attempt ends with
+    /// `first` (None: never answers) and whose later attempts succeed;
+    /// returns the outcome and how many attempts were made.
+    async fn first_attempt_then_ok(
+        router: &Router,
+        idempotent: bool,
+        first: Option<RouterError>,
+    ) -> (Result<u32, RouterError>, u32) {
+        let attempts = std::sync::atomic::AtomicU32::new(0);
+        let first = Mutex::new(first);
+        let result = router
+            .at_leader(GroupId(7), &[], idempotent, |_| {
+                let n = attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                let first = first.lock().unwrap().take();
+                async move {
+                    if n > 1 {
+                        return Ok(n);
+                    }
+                    match first {
+                        Some(e) => Err(e),
+                        None => std::future::pending().await,
+                    }
+                }
+            })
+            .await;
+        (result, attempts.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// A write whose outcome is unknown (the attempt timed out, or the
+    /// leader lost the entry after appending it) must not be sent again: a
+    /// retry would store the records twice. Idempotent calls retry.
+    #[tokio::test]
+    async fn writes_with_unknown_outcome_are_not_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let router = lone_router(dir.path());
+        let unknown = || Some(RouterError::Indeterminate("entry discarded".into()));
+
+        let (r, attempts) = first_attempt_then_ok(&router, false, unknown()).await;
+        assert!(matches!(r, Err(RouterError::Indeterminate(_))), "{r:?}");
+        assert_eq!(attempts, 1);
+        let (r, attempts) = first_attempt_then_ok(&router, false, None).await;
+        assert!(matches!(r, Err(RouterError::Indeterminate(_))), "{r:?}");
+        assert_eq!(attempts, 1);
+
+        assert_eq!(
+            first_attempt_then_ok(&router, true, unknown())
+                .await
+                .0
+                .unwrap(),
+            2
+        );
+        // Refused before anything was appended: safe to send again.
+        let refused = Some(RouterError::NotLeader(None));
+        assert_eq!(
+            first_attempt_then_ok(&router, false, refused)
+                .await
+                .0
+                .unwrap(),
+            2
+        );
     }
 }

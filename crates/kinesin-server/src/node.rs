@@ -88,8 +88,13 @@ impl Node {
             FsyncSetting::Always => FsyncPolicy::Always,
             FsyncSetting::NeverUnsafe => FsyncPolicy::NeverUnsafe,
         };
-        let storage = Storage::open(&config.data_dir.join("db"), policy)
-            .with_context(|| format!("cannot open storage in {}", config.data_dir.display()))?;
+        let db_dir = config.data_dir.join("db");
+        let storage = if lose_unsynced_on_crash() {
+            Storage::open_losing_unsynced_on_crash(&db_dir, policy)
+        } else {
+            Storage::open(&db_dir, policy)
+        }
+        .with_context(|| format!("cannot open storage in {}", config.data_dir.display()))?;
         let identity = load_identity(&storage)?;
         if let Some(id) = &identity {
             if id.node_id != config.node_id {
@@ -129,6 +134,12 @@ impl Node {
         ));
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
+        if let Some(path) = std::env::var_os("KINESIN_CHAOS_CLOCK_FILE") {
+            tasks.push(tokio::spawn(follow_clock_file(
+                path.into(),
+                stop_rx.clone(),
+            )));
+        }
 
         let grpc_listener = bind(&mut config.listen_grpc, "grpc").await?;
         let admin_listener = bind(&mut config.listen_admin, "admin").await?;
@@ -428,6 +439,43 @@ async fn serve_grpc(
         .await;
     if let Err(e) = result {
         tracing::error!(error = %e, "gRPC server failed");
+    }
+}
+
+/// The chaos harness's power-fail mode (see
+/// `Storage::open_losing_unsynced_on_crash`): environment only, loudly.
+fn lose_unsynced_on_crash() -> bool {
+    let on = std::env::var_os("KINESIN_CHAOS_LOSE_UNSYNCED").is_some_and(|v| v == "1");
+    if on {
+        tracing::warn!(
+            "KINESIN_CHAOS_LOSE_UNSYNCED=1: a crash of this node loses every write not yet fsynced, as a power failure would"
+        );
+    }
+    on
+}
+
+/// The chaos harness's clock-skew fault: while `KINESIN_CHAOS_CLOCK_FILE`
+/// names a file, its content (signed milliseconds, missing = 0) shifts this
+/// node's wall clock; the file is read every 100 ms so the skew can change
+/// while the node runs, as a stepped clock does.
+async fn follow_clock_file(path: std::path::PathBuf, mut stop: watch::Receiver<bool>) {
+    tracing::warn!(path = %path.display(), "KINESIN_CHAOS_CLOCK_FILE is set: this node's wall clock follows the skew in that file");
+    let mut current = 0;
+    loop {
+        let skew = tokio::fs::read_to_string(&path)
+            .await
+            .ok()
+            .and_then(|s| s.trim().parse::<i64>().ok())
+            .unwrap_or(0);
+        if skew != current {
+            tracing::warn!(skew_ms = skew, "wall clock skew changed");
+            kinesin_router::set_clock_skew_ms(skew);
+            current = skew;
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
     }
 }
 
