@@ -111,25 +111,24 @@ fn plan(matrix: &str, seeds: std::ops::Range<u64>, common: &Common) -> Vec<Plann
     };
     let mut runs = Vec::new();
     if matrix == "smoke" {
-        for (i, s) in [
-            "partition",
-            "kill",
-            "kill-all",
-            "pause",
-            "loss",
-            "reshard",
-            "transfer-storm",
-            "membership",
-            "bridge",
-            "power-fail",
-            "disk",
-            "clock-skew",
-            "latency",
-        ]
-        .iter()
-        .enumerate()
-        {
-            runs.push(mk(s, 100 + i as u64, 20, 3, None));
+        // Seeds 100 and up, except `disk`: seed 5 flips bits inside a WAL
+        // early in the run, so the refuse-to-start path runs in CI too.
+        for (s, seed) in [
+            ("partition", 100),
+            ("kill", 101),
+            ("kill-all", 102),
+            ("pause", 103),
+            ("loss", 104),
+            ("reshard", 105),
+            ("transfer-storm", 106),
+            ("membership", 107),
+            ("bridge", 108),
+            ("power-fail", 109),
+            ("disk", 5),
+            ("clock-skew", 111),
+            ("latency", 112),
+        ] {
+            runs.push(mk(s, seed, 20, 3, None));
         }
         runs.push(mk("isolate-leader", 7, 30, 3, Some(Broken::UnsafeAck)));
         runs.push(mk("power-fail", 7, 30, 3, Some(Broken::NoFsync)));
