@@ -20,6 +20,8 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 # A real Prometheus scrapes a cluster; promtool checks the alert rules.
 command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
+# The NATS side of bench/compare gets a smoke test against a real server.
+command -v nats-server >/dev/null 2>&1 || need_apt+=(nats-server)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "compat: installing ${need_apt[*]}"
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
@@ -34,7 +36,8 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "${PACKAGES
   echo "${PACKAGES[*]}" > "$STAMP"
 fi
 
-cargo build --release --locked -p kinesin-server
+cargo build --release --locked -p kinesin-server -p kinesin-nats-bench
 export KINESIN_BIN="$TARGET_DIR/release/kinesin"
+export KINESIN_NATS_BENCH="$TARGET_DIR/release/kinesin-nats-bench"
 export PATH="$VENV/bin:$PATH"
 exec "$VENV/bin/python" -m pytest -p no:cacheprovider -q tests/compat "$@"
