@@ -36,7 +36,10 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "${PACKAGES
   echo "${PACKAGES[*]}" > "$STAMP"
 fi
 
-cargo build --release --locked -p kinesin-server -p kinesin-nats-bench
+# Built one at a time: together, cargo would unify their dependencies'
+# features and build a second variant of the server next to `make build`'s.
+cargo build --release --locked -p kinesin-server
+cargo build --release --locked -p kinesin-nats-bench
 export KINESIN_BIN="$TARGET_DIR/release/kinesin"
 export KINESIN_NATS_BENCH="$TARGET_DIR/release/kinesin-nats-bench"
 export PATH="$VENV/bin:$PATH"

@@ -4,6 +4,7 @@ mod aws_sdk;
 mod common;
 mod drain;
 mod failover;
+mod metadata;
 mod partition;
 mod repair;
 mod snapshot;

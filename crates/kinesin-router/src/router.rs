@@ -333,16 +333,38 @@ impl Router {
                 match target {
                     Target::Local => self.meta_write_local(bytes).await,
                     Target::Remote(mut c) => {
-                        c.meta_write(pb::MetaWriteRequest {
-                            command: bytes.into(),
-                        })
-                        .await?;
+                        let applied = c
+                            .meta_write(pb::MetaWriteRequest {
+                                command: bytes.into(),
+                            })
+                            .await?
+                            .into_inner()
+                            .applied_index;
+                        self.catch_up_meta(applied).await;
                         Ok(())
                     }
                 }
             }
         })
         .await
+    }
+
+    /// This node's applied index of the metadata group.
+    pub fn meta_applied_index(&self) -> u64 {
+        self.host
+            .status(GroupId::META)
+            .map_or(0, |s| s.applied_index)
+    }
+
+    /// Waits (at most 5 s) until this node's metadata replica has applied
+    /// `index`, so a change made through another node's leader is visible
+    /// here when the call that made it returns: a client that creates a
+    /// stream through this node and describes it next finds it.
+    async fn catch_up_meta(&self, index: u64) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.meta_applied_index() < index && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     pub(crate) async fn meta_write_local(&self, command: Vec<u8>) -> Result<(), RouterError> {
@@ -378,13 +400,17 @@ impl Router {
                         .await
                 }
                 Target::Remote(mut c) => {
-                    c.create_stream(pb::CreateStreamRequest {
-                        stream: name.to_string(),
-                        shard_count,
-                        replication_factor: replication as u32,
-                        max_record_bytes,
-                    })
-                    .await?;
+                    let applied = c
+                        .create_stream(pb::CreateStreamRequest {
+                            stream: name.to_string(),
+                            shard_count,
+                            replication_factor: replication as u32,
+                            max_record_bytes,
+                        })
+                        .await?
+                        .into_inner()
+                        .applied_index;
+                    self.catch_up_meta(applied).await;
                     Ok(())
                 }
             }

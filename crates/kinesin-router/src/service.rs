@@ -135,7 +135,10 @@ impl Node for NodeService {
         self.router
             .meta_write_local(request.into_inner().command.to_vec())
             .await?;
-        Ok(Response::new(pb::MetaWriteResponse::default()))
+        Ok(Response::new(pb::MetaWriteResponse {
+            applied_index: self.router.meta_applied_index(),
+            ..Default::default()
+        }))
     }
 
     async fn cluster_info(
@@ -264,7 +267,9 @@ impl Node for NodeService {
                 )
                 .await?;
         }
-        Ok(Response::new(pb::CreateStreamResponse {}))
+        Ok(Response::new(pb::CreateStreamResponse {
+            applied_index: self.router.meta_applied_index(),
+        }))
     }
 
     async fn delete_stream(
