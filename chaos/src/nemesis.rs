@@ -207,6 +207,7 @@ impl Nemesis {
                 break;
             }
             let minority = ((members.len() - 1) / 2).max(1);
+            let mut damaged = None;
             let description = match fault {
                 Fault::PartitionHalves => {
                     let (a, b) = order.split_at(minority);
@@ -219,33 +220,32 @@ impl Nemesis {
                     self.net.partition(&[vec![leader], rest])?;
                     json!({"fault": "isolate-leader", "node": leader})
                 }
-                Fault::KillOne | Fault::KillMinority => {
+                // A power failure is a kill: the nodes run in the
+                // lose-unsynced storage mode, so what no fsync covered is gone.
+                Fault::KillOne | Fault::KillMinority | Fault::PowerFailMinority => {
                     let count = if fault == Fault::KillOne { 1 } else { minority };
                     let victims = &order[..count];
                     let mut c = self.cluster.lock().await;
                     for v in victims {
                         c.kill(*v)?;
                     }
-                    json!({"fault": "kill", "nodes": victims})
+                    let name = if fault == Fault::PowerFailMinority {
+                        "power-fail"
+                    } else {
+                        "kill"
+                    };
+                    json!({"fault": name, "nodes": victims})
                 }
-                Fault::KillAll => {
+                Fault::KillAll | Fault::PowerFailAll => {
                     let mut c = self.cluster.lock().await;
                     for v in &order {
                         c.kill(*v)?;
                     }
-                    json!({"fault": "kill-all"})
-                }
-                Fault::PowerFailMinority | Fault::PowerFailAll => {
-                    let victims = if fault == Fault::PowerFailAll {
-                        &order[..]
+                    if fault == Fault::PowerFailAll {
+                        json!({"fault": "power-fail", "nodes": order})
                     } else {
-                        &order[..minority]
-                    };
-                    let mut c = self.cluster.lock().await;
-                    for v in victims {
-                        c.kill(*v)?;
+                        json!({"fault": "kill-all"})
                     }
-                    json!({"fault": "power-fail", "nodes": victims})
                 }
                 Fault::Bridge => {
                     let (bridge, rest) = order.split_first().context("no members")?;
@@ -262,6 +262,7 @@ impl Nemesis {
                         c.kill(victim)?;
                         let db = c.node(victim).data_dir().join("db");
                         let damage = disk::damage(&db, &mut StdRng::seed_from_u64(sub_seed))?;
+                        damaged = Some(victim);
                         json!({"fault": "disk", "node": victim, "damage": damage})
                     }
                 }
@@ -350,11 +351,8 @@ impl Nemesis {
                 sleep_unless(hold, &stop).await;
             }
             self.heal().await?;
-            if let Some(node) = description["node"]
-                .as_u64()
-                .filter(|_| fault == DiskCorrupt)
-            {
-                self.after_damage(node as u32).await?;
+            if let Some(node) = damaged {
+                self.after_damage(node).await?;
             }
         }
         Ok(())
