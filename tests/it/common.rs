@@ -225,7 +225,7 @@ pub async fn assert_readable_through_router(
 ) {
     let router = cluster.node(node).router.clone();
     let acked = acked.lock().unwrap().clone();
-    let info = router.describe_stream(stream).unwrap();
+    let info = router.describe_stream(stream).await.unwrap();
     for shard in &info.shards {
         let mut stored = BTreeMap::new();
         let mut start = ReadStart::TrimHorizon;

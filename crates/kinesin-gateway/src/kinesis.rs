@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use base64::Engine;
 use kinesin_meta::{MetaCommand, NewShard, StreamChange};
-use kinesin_router::{AppendOutcome, ReadRequest, RecordIn, Router};
+use kinesin_router::{AppendOutcome, ReadRequest, RecordIn, Router, RouterError};
 use kinesin_shard::ReadStart;
 use kinesin_types::{
     HashKey, HashKeyRange, SequenceNumber, ShardId, ShardInfo, ShardState, StreamInfo, StreamMode,
@@ -97,17 +97,16 @@ impl Context<'_> {
         )
     }
 
-    fn stream(&self, name: &str) -> Result<StreamInfo, ApiError> {
+    async fn stream(&self, name: &str) -> Result<StreamInfo, ApiError> {
         self.router
-            .meta_state()
-            .streams
-            .get(name)
-            .cloned()
-            .ok_or_else(|| {
-                ApiError::not_found(format!(
+            .describe_stream(name)
+            .await
+            .map_err(|e| match e {
+                RouterError::ResourceNotFound(_) => ApiError::not_found(format!(
                     "Stream {name} under account {} not found.",
                     self.account
-                ))
+                )),
+                other => other.into(),
             })
     }
 
@@ -128,10 +127,10 @@ pub async fn call(ctx: &Context<'_>, operation: &str, body: &Value) -> Result<Va
     match operation {
         "CreateStream" => create_stream(ctx, i).await,
         "DeleteStream" => delete_stream(ctx, i).await,
-        "DescribeStream" => describe_stream(ctx, i),
-        "DescribeStreamSummary" => describe_stream_summary(ctx, i),
+        "DescribeStream" => describe_stream(ctx, i).await,
+        "DescribeStreamSummary" => describe_stream_summary(ctx, i).await,
         "ListStreams" => list_streams(ctx, i),
-        "ListShards" => list_shards(ctx, i),
+        "ListShards" => list_shards(ctx, i).await,
         "DescribeLimits" => describe_limits(ctx),
         "PutRecord" => put_record(ctx, i).await,
         "PutRecords" => put_records(ctx, i).await,
@@ -139,8 +138,8 @@ pub async fn call(ctx: &Context<'_>, operation: &str, body: &Value) -> Result<Va
         "GetRecords" => get_records(ctx, i).await,
         "RegisterStreamConsumer" => register_consumer(ctx, i).await,
         "DeregisterStreamConsumer" => deregister_consumer(ctx, i).await,
-        "DescribeStreamConsumer" => describe_consumer(ctx, i),
-        "ListStreamConsumers" => list_consumers(ctx, i),
+        "DescribeStreamConsumer" => describe_consumer(ctx, i).await,
+        "ListStreamConsumers" => list_consumers(ctx, i).await,
         "SplitShard" => split_shard(ctx, i).await,
         "MergeShards" => merge_shards(ctx, i).await,
         "UpdateShardCount" => update_shard_count(ctx, i).await,
@@ -162,9 +161,9 @@ pub async fn call(ctx: &Context<'_>, operation: &str, body: &Value) -> Result<Va
             let name = resource_stream(i)?;
             remove_tags(ctx, &name, i, "TagKeys").await
         }
-        "ListTagsForStream" => list_tags_for_stream(ctx, i),
+        "ListTagsForStream" => list_tags_for_stream(ctx, i).await,
         "ListTagsForResource" => {
-            let stream = ctx.stream(&resource_stream(i)?)?;
+            let stream = ctx.stream(&resource_stream(i)?).await?;
             Ok(json!({ "Tags": tag_list(stream.settings.tags.iter()) }))
         }
         "EnableEnhancedMonitoring" => enhanced_monitoring(ctx, i, true).await,
@@ -179,7 +178,7 @@ pub async fn call(ctx: &Context<'_>, operation: &str, body: &Value) -> Result<Va
             serde_json::from_str::<Value>(policy).map_err(|e| {
                 ApiError::invalid_argument(format!("Policy is not a valid JSON document: {e}"))
             })?;
-            ctx.stream(&name)?;
+            ctx.stream(&name).await?;
             ctx.change(
                 &name,
                 StreamChange::ResourcePolicy(Some(policy.to_string())),
@@ -188,14 +187,14 @@ pub async fn call(ctx: &Context<'_>, operation: &str, body: &Value) -> Result<Va
             Ok(json!({}))
         }
         "GetResourcePolicy" => {
-            let stream = ctx.stream(&resource_stream(i)?)?;
+            let stream = ctx.stream(&resource_stream(i)?).await?;
             Ok(json!({
                 "Policy": stream.settings.resource_policy.unwrap_or_else(|| "{}".to_string())
             }))
         }
         "DeleteResourcePolicy" => {
             let name = resource_stream(i)?;
-            let stream = ctx.stream(&name)?;
+            let stream = ctx.stream(&name).await?;
             if stream.settings.resource_policy.is_none() {
                 return Err(ApiError::not_found(format!(
                     "No resource policy found for resource {}.",
@@ -341,7 +340,7 @@ fn parse_mode(s: &str) -> Result<StreamMode, ApiError> {
 async fn delete_stream(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
     let name = stream_name(i)?;
     let enforce = i.opt_bool("EnforceConsumerDeletion")?.unwrap_or(false);
-    let stream = ctx.stream(&name)?;
+    let stream = ctx.stream(&name).await?;
     if !enforce && !stream.settings.consumers.is_empty() {
         return Err(ApiError::in_use(format!(
             "Stream {name} has {} registered consumers; deregister them or set EnforceConsumerDeletion.",
@@ -392,14 +391,14 @@ fn encryption_type(stream: &StreamInfo) -> &'static str {
     }
 }
 
-fn describe_stream(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
+async fn describe_stream(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
     let name = stream_name(i)?;
     let limit = i.opt_int_range("Limit", 1, 10_000)?.unwrap_or(100) as usize;
     let after = i.opt_str("ExclusiveStartShardId")?;
     if let Some(a) = after {
         check_name_pattern("ExclusiveStartShardId", a)?;
     }
-    let stream = ctx.stream(&name)?;
+    let stream = ctx.stream(&name).await?;
     let mut shards: Vec<&ShardInfo> = stream.shards.iter().collect();
     shards.sort_by_key(|s| s.shard_id);
     let after_id = after.and_then(|a| a.parse::<ShardId>().ok());
@@ -426,9 +425,9 @@ fn describe_stream(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> 
     Ok(json!({ "StreamDescription": d }))
 }
 
-fn describe_stream_summary(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
+async fn describe_stream_summary(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
     let name = stream_name(i)?;
-    let stream = ctx.stream(&name)?;
+    let stream = ctx.stream(&name).await?;
     let mut d = json!({
         "StreamName": name,
         "StreamARN": ctx.arn(&name),
@@ -566,7 +565,7 @@ impl ShardFilter {
     }
 }
 
-fn list_shards(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
+async fn list_shards(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
     let limit = i.opt_int_range("MaxResults", 1, 10_000)?.unwrap_or(1000) as usize;
     let token = i.opt_str("NextToken")?;
     let (name, after, filter) = match token {
@@ -605,7 +604,7 @@ fn list_shards(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
             (name, after, ShardFilter::parse(i)?)
         }
     };
-    let stream = ctx.stream(&name)?;
+    let stream = ctx.stream(&name).await?;
     let mut shards: Vec<&ShardInfo> = stream
         .shards
         .iter()
@@ -699,7 +698,7 @@ async fn put_record(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError>
     if let Some(s) = i.opt_str("SequenceNumberForOrdering")? {
         check_decimal("SequenceNumberForOrdering", s, 129)?;
     }
-    let stream = ctx.stream(&name)?;
+    let stream = ctx.stream(&name).await?;
     // Sequence numbers of one shard only grow, so every record is above any
     // SequenceNumberForOrdering an earlier put of the same key returned.
     let record = parse_record(i, None, stream.max_record_bytes)?;
@@ -742,7 +741,7 @@ async fn put_records(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError
             &format!("have length between 1 and {MAX_PUT_RECORDS}"),
         ));
     }
-    let stream = ctx.stream(&name)?;
+    let stream = ctx.stream(&name).await?;
     let mut records = Vec::with_capacity(entries.len());
     let mut total = 0usize;
     for (k, e) in entries.iter().enumerate() {
@@ -808,7 +807,7 @@ async fn get_shard_iterator(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, A
         check_decimal("StartingSequenceNumber", s, 129)?;
     }
     let timestamp = i.opt_timestamp_ms("Timestamp")?;
-    let stream = ctx.stream(&name)?;
+    let stream = ctx.stream(&name).await?;
     let shard = find_shard(ctx, &stream, shard_text)?;
     let sequence = |what: &str| -> Result<SequenceNumber, ApiError> {
         let s = seq.ok_or_else(|| {
@@ -900,7 +899,7 @@ async fn get_records(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError
             ),
         ));
     }
-    let stream = ctx.stream(&it.stream)?;
+    let stream = ctx.stream(&it.stream).await?;
     if stream.created_at_ms != it.stream_created_ms {
         return Err(ApiError::not_found(format!(
             "Stream {} was deleted after this iterator was issued.",
@@ -1022,7 +1021,10 @@ pub(crate) fn parse_consumer_arn(arn: &str) -> Result<(String, String), ApiError
 
 /// The consumer a request names by ConsumerARN or by StreamARN and
 /// ConsumerName; it must exist.
-fn consumer_of(ctx: &Context<'_>, i: &Input<'_>) -> Result<(StreamInfo, String, u64), ApiError> {
+async fn consumer_of(
+    ctx: &Context<'_>,
+    i: &Input<'_>,
+) -> Result<(StreamInfo, String, u64), ApiError> {
     let (stream, name) = match i.opt_str("ConsumerARN")? {
         Some(arn) => parse_consumer_arn(arn)?,
         None => {
@@ -1036,7 +1038,7 @@ fn consumer_of(ctx: &Context<'_>, i: &Input<'_>) -> Result<(StreamInfo, String, 
             (parse_stream_arn("StreamARN", arn)?, name.to_string())
         }
     };
-    let info = ctx.stream(&stream)?;
+    let info = ctx.stream(&stream).await?;
     let created = *info.settings.consumers.get(&name).ok_or_else(|| {
         ApiError::not_found(format!(
             "Consumer {name}, account {}, not found.",
@@ -1057,7 +1059,7 @@ async fn register_consumer(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, Ap
     let stream = parse_stream_arn("StreamARN", i.str("StreamARN")?)?;
     let name = i.str("ConsumerName")?;
     check_name_pattern("ConsumerName", name)?;
-    let info = ctx.stream(&stream)?;
+    let info = ctx.stream(&stream).await?;
     if info.settings.consumers.contains_key(name) {
         return Err(ApiError::in_use(format!(
             "Consumer {name} of stream {stream} already exists."
@@ -1077,7 +1079,8 @@ async fn register_consumer(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, Ap
     )
     .await?;
     let created = ctx
-        .stream(&stream)?
+        .stream(&stream)
+        .await?
         .settings
         .consumers
         .get(name)
@@ -1087,21 +1090,21 @@ async fn register_consumer(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, Ap
 }
 
 async fn deregister_consumer(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
-    let (stream, name, _) = consumer_of(ctx, i)?;
+    let (stream, name, _) = consumer_of(ctx, i).await?;
     ctx.change(stream.name.as_str(), StreamChange::DeregisterConsumer(name))
         .await?;
     Ok(json!({}))
 }
 
-fn describe_consumer(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
-    let (stream, name, created) = consumer_of(ctx, i)?;
+async fn describe_consumer(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
+    let (stream, name, created) = consumer_of(ctx, i).await?;
     let stream = stream.name.as_str();
     let mut description = ctx.consumer_json(stream, &name, created);
     description["StreamARN"] = json!(ctx.arn(stream));
     Ok(json!({ "ConsumerDescription": description }))
 }
 
-fn list_consumers(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
+async fn list_consumers(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
     let stream = parse_stream_arn("StreamARN", i.str("StreamARN")?)?;
     let limit = i.opt_int_range("MaxResults", 1, 10_000)?.unwrap_or(100) as usize;
     i.opt_timestamp_ms("StreamCreationTimestamp")?;
@@ -1113,7 +1116,7 @@ fn list_consumers(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
         }
         None => None,
     };
-    let info = ctx.stream(&stream)?;
+    let info = ctx.stream(&stream).await?;
     let rest: Vec<(&String, &u64)> = info
         .settings
         .consumers
@@ -1144,10 +1147,10 @@ pub struct Subscription {
     pub start: ReadStart,
 }
 
-pub fn subscription(ctx: &Context<'_>, body: &Value) -> Result<Subscription, ApiError> {
+pub async fn subscription(ctx: &Context<'_>, body: &Value) -> Result<Subscription, ApiError> {
     let i = Input::new(body)?;
     let i = &i;
-    let (stream, _, _) = consumer_of(ctx, i)?;
+    let (stream, _, _) = consumer_of(ctx, i).await?;
     let shard_text = i.str("ShardId")?;
     check_name_pattern("ShardId", shard_text)?;
     let shard = find_shard(ctx, &stream, shard_text)?;
@@ -1233,7 +1236,7 @@ pub async fn next_event(
             },
         )
         .await?;
-    let info = router.describe_stream(&sub.stream)?;
+    let info = router.describe_stream(&sub.stream).await?;
     let shard = info
         .shard(sub.shard)
         .ok_or_else(|| ApiError::not_found(format!("Shard {} is gone.", sub.shard)))?;
@@ -1261,8 +1264,8 @@ pub async fn next_event(
 }
 
 /// A stream that may be resharded now: ACTIVE, as AWS requires.
-fn active_stream(ctx: &Context<'_>, name: &str) -> Result<StreamInfo, ApiError> {
-    let stream = ctx.stream(name)?;
+async fn active_stream(ctx: &Context<'_>, name: &str) -> Result<StreamInfo, ApiError> {
+    let stream = ctx.stream(name).await?;
     if stream.status != StreamStatus::Active {
         return Err(ApiError::in_use(format!(
             "Stream {name} under account {} not ACTIVE, instead in state {}",
@@ -1332,7 +1335,7 @@ async fn split_shard(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError
     let key = key_text
         .parse::<HashKey>()
         .map_err(|e| ApiError::invalid_argument(format!("NewStartingHashKey {key_text}: {e}")))?;
-    let stream = active_stream(ctx, &name)?;
+    let stream = active_stream(ctx, &name).await?;
     let parent = open_shard(ctx, &stream, "ShardToSplit", i)?;
     let (low, high) = parent.range.split_at(key).map_err(|e| {
         ApiError::invalid_argument(format!(
@@ -1347,7 +1350,7 @@ async fn split_shard(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError
 
 async fn merge_shards(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
     let name = stream_name(i)?;
-    let stream = active_stream(ctx, &name)?;
+    let stream = active_stream(ctx, &name).await?;
     let first = open_shard(ctx, &stream, "ShardToMerge", i)?;
     let second = open_shard(ctx, &stream, "AdjacentShardToMerge", i)?;
     let range = first.range.merge(&second.range).map_err(|_| {
@@ -1383,7 +1386,7 @@ async fn update_shard_count(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, A
             "satisfy enum value set: [UNIFORM_SCALING]",
         ));
     }
-    let stream = active_stream(ctx, &name)?;
+    let stream = active_stream(ctx, &name).await?;
     let mut open: Vec<&ShardInfo> = stream
         .shards
         .iter()
@@ -1441,7 +1444,7 @@ async fn change_retention(
     let hours = i
         .opt_i64("RetentionPeriodHours")?
         .ok_or_else(|| constraint("RetentionPeriodHours", "null", "not be null"))?;
-    let stream = ctx.stream(&name)?;
+    let stream = ctx.stream(&name).await?;
     if hours < 24 {
         return Err(ApiError::invalid_argument(format!(
             "Minimum allowed retention period is 24 hours. Requested retention period ({hours} hours) is too short."
@@ -1498,7 +1501,7 @@ fn parse_tags(i: &Input<'_>) -> Result<Option<BTreeMap<String, String>>, ApiErro
 
 async fn add_tags(ctx: &Context<'_>, name: &str, i: &Input<'_>) -> Result<Value, ApiError> {
     let tags = parse_tags(i)?.ok_or_else(|| constraint("Tags", "null", "not be null"))?;
-    let stream = ctx.stream(name)?;
+    let stream = ctx.stream(name).await?;
     let after: BTreeSet<&String> = stream.settings.tags.keys().chain(tags.keys()).collect();
     if after.len() > MAX_TAGS_PER_STREAM {
         return Err(ApiError::limit_exceeded(format!(
@@ -1526,7 +1529,7 @@ async fn remove_tags(
             "have length between 1 and 50",
         ));
     }
-    ctx.stream(name)?;
+    ctx.stream(name).await?;
     ctx.change(
         name,
         StreamChange::RemoveTags(keys.into_iter().map(str::to_string).collect()),
@@ -1539,11 +1542,11 @@ fn tag_list<'t>(tags: impl Iterator<Item = (&'t String, &'t String)>) -> Vec<Val
     tags.map(|(k, v)| json!({ "Key": k, "Value": v })).collect()
 }
 
-fn list_tags_for_stream(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
+async fn list_tags_for_stream(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
     let name = stream_name(i)?;
     let limit = i.opt_int_range("Limit", 1, 50)?.unwrap_or(50) as usize;
     let after = i.opt_str_len("ExclusiveStartTagKey", 1, 128)?;
-    let stream = ctx.stream(&name)?;
+    let stream = ctx.stream(&name).await?;
     let rest: Vec<(&String, &String)> = stream
         .settings
         .tags
@@ -1586,7 +1589,7 @@ async fn enhanced_monitoring(
             ));
         }
     }
-    let stream = ctx.stream(&name)?;
+    let stream = ctx.stream(&name).await?;
     let current = stream.settings.shard_level_metrics.clone();
     let mut desired = current.clone();
     if enable {
@@ -1623,7 +1626,7 @@ async fn stream_encryption(
             "EncryptionType must be KMS, not {kind}."
         )));
     }
-    let stream = ctx.stream(&name)?;
+    let stream = ctx.stream(&name).await?;
     if !start && stream.settings.encryption_key.is_none() {
         return Err(ApiError::invalid_argument(format!(
             "Stream {name} is not encrypted."
@@ -1639,7 +1642,7 @@ async fn update_max_record_size(ctx: &Context<'_>, i: &Input<'_>) -> Result<Valu
     let kib = i
         .opt_int_range("MaxRecordSizeInKiB", 1024, 10240)?
         .ok_or_else(|| constraint("MaxRecordSizeInKiB", "null", "not be null"))?;
-    ctx.stream(&name)?;
+    ctx.stream(&name).await?;
     ctx.change(&name, StreamChange::MaxRecordBytes(kib as u32 * 1024))
         .await?;
     Ok(json!({}))
@@ -1651,7 +1654,7 @@ async fn update_stream_mode(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, A
         .opt_object("StreamModeDetails")?
         .ok_or_else(|| constraint("StreamModeDetails", "null", "not be null"))?;
     let mode = parse_mode(details.str("StreamMode")?)?;
-    let stream = ctx.stream(&name)?;
+    let stream = ctx.stream(&name).await?;
     if stream.status != StreamStatus::Active {
         return Err(ApiError::in_use(format!(
             "Stream {name} is {} and cannot change its mode now.",

@@ -297,7 +297,7 @@ async fn subscribe(
         kinesin_router::wall_clock(),
     )?;
     let input = protocol.decode(request.body)?;
-    let mut sub = kinesis::subscription(&gw.context(&account), &input)?;
+    let mut sub = kinesis::subscription(&gw.context(&account), &input).await?;
     kinesis::pin_latest(&gw.router, &mut sub).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(4);
     let router = gw.router.clone();

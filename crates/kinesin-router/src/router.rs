@@ -482,13 +482,54 @@ impl Router {
         .await
     }
 
-    pub fn describe_stream(&self, name: &str) -> Result<StreamInfo, RouterError> {
+    /// Looks a stream up in this node's metadata replica. A stream this
+    /// replica does not know yet may have been created through another node
+    /// a moment ago: before answering "not found" the replica catches up
+    /// with the metadata leader, so once CreateStream returned on any node,
+    /// every node finds the stream. Without a reachable leader the local
+    /// answer stands.
+    pub async fn describe_stream(&self, name: &str) -> Result<StreamInfo, RouterError> {
+        if let Some(info) = self.meta.state().streams.get(name) {
+            return Ok(info.clone());
+        }
+        if let Err(e) = self.sync_meta().await {
+            tracing::debug!(stream = name, error = %e, "cannot confirm a missing stream with the metadata leader");
+        }
         self.meta
             .state()
             .streams
             .get(name)
             .cloned()
             .ok_or_else(|| RouterError::ResourceNotFound(format!("Stream {name} not found")))
+    }
+
+    /// Waits until this node's metadata replica has applied everything the
+    /// metadata leader had applied when asked.
+    pub async fn sync_meta(&self) -> Result<(), RouterError> {
+        let candidates = self.meta_candidates();
+        let index = self
+            .at_leader(GroupId::META, &candidates, true, |target| async move {
+                match target {
+                    Target::Local => self.meta_index_local(),
+                    Target::Remote(mut c) => Ok(c
+                        .meta_index(pb::MetaIndexRequest {})
+                        .await?
+                        .into_inner()
+                        .applied_index),
+                }
+            })
+            .await?;
+        self.catch_up_meta(index).await;
+        Ok(())
+    }
+
+    /// The metadata group's applied index, answered by its leader only.
+    pub(crate) fn meta_index_local(&self) -> Result<u64, RouterError> {
+        if !self.host.is_leader(GroupId::META) {
+            let leader = self.host.status(GroupId::META).and_then(|s| s.leader);
+            return Err(RouterError::NotLeader(leader));
+        }
+        Ok(self.meta_applied_index())
     }
 
     pub fn list_streams(&self) -> Vec<String> {
@@ -503,7 +544,7 @@ impl Router {
         stream: &str,
         records: Vec<RecordIn>,
     ) -> Result<Vec<AppendOutcome>, RouterError> {
-        let mut info = self.describe_stream(stream)?;
+        let mut info = self.describe_stream(stream).await?;
         let mut pending: Vec<(usize, HashKey, NewRecord)> = Vec::with_capacity(records.len());
         for (i, r) in records.into_iter().enumerate() {
             let chars = r.partition_key.chars().count();
@@ -557,7 +598,7 @@ impl Router {
                 .collect();
             pending = closed;
             loop {
-                info = self.describe_stream(stream)?;
+                info = self.describe_stream(stream).await?;
                 let moved = pending.iter().all(|(_, key, _)| {
                     info.shard_for(*key)
                         .is_some_and(|s| !closed_shards.contains(&s.shard_id))
@@ -818,7 +859,7 @@ impl Router {
         shard_id: ShardId,
         request: ReadRequest,
     ) -> Result<ReadBatch, RouterError> {
-        let info = self.describe_stream(stream)?;
+        let info = self.describe_stream(stream).await?;
         let shard = info
             .shard(shard_id)
             .ok_or_else(|| {

@@ -141,6 +141,15 @@ impl Node for NodeService {
         }))
     }
 
+    async fn meta_index(
+        &self,
+        _request: Request<pb::MetaIndexRequest>,
+    ) -> Result<Response<pb::MetaIndexResponse>, Status> {
+        Ok(Response::new(pb::MetaIndexResponse {
+            applied_index: self.router.meta_index_local()?,
+        }))
+    }
+
     async fn cluster_info(
         &self,
         _request: Request<pb::ClusterInfoRequest>,
@@ -286,7 +295,10 @@ impl Node for NodeService {
         &self,
         request: Request<pb::DescribeStreamRequest>,
     ) -> Result<Response<pb::DescribeStreamResponse>, Status> {
-        let info = self.router.describe_stream(&request.into_inner().stream)?;
+        let info = self
+            .router
+            .describe_stream(&request.into_inner().stream)
+            .await?;
         Ok(Response::new(describe(&info)))
     }
 
