@@ -1,7 +1,9 @@
 use std::time::Duration;
 
 use futures::future::join_all;
-use kinesin_testkit::{wait_until, TestCluster};
+use kinesin_raft::TimingProfile;
+use kinesin_testkit::{wait_until, TestCluster, TestOptions};
+use kinesin_types::GroupId;
 
 use crate::common::{assert_all_replicas_hold, write_batches, Acked, BackgroundWriter};
 
@@ -56,5 +58,55 @@ async fn killing_a_shard_leader_loses_no_acknowledged_record() {
     // The killed node comes back and catches up to the same order.
     cluster.restart(leader).await.unwrap();
     assert_all_replicas_hold(&cluster, "orders", &acked).await;
+    cluster.shutdown().await;
+}
+
+/// A leader that restarts must win a new election before it leads again.
+/// Resuming its old term at startup (openraft's leader restore) is unsafe
+/// here: the leader sends entries to followers before its own fsync, so a
+/// power failure can take an entry from its log that a follower already
+/// holds, and the restarted leader would then write a different entry under
+/// the same log id. The chaos `power-fail` run found exactly that (replicas
+/// held different records at one sequence number). The election timeout is
+/// long here so that the restart is faster than any election: resuming the
+/// old term would leave the term unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_leader_does_not_resume_its_old_term() {
+    let slow_elections = TimingProfile {
+        heartbeat_ms: 100,
+        election_min_ms: 6000,
+        election_max_ms: 8000,
+        ..TimingProfile::meta()
+    };
+    let mut cluster = TestCluster::start_with(
+        3,
+        TestOptions {
+            meta: slow_elections,
+            ..TestOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let leader = cluster.leader_of(GroupId::META).unwrap().0;
+    let term = cluster
+        .node(leader)
+        .host
+        .status(GroupId::META)
+        .unwrap()
+        .term;
+    cluster.stop(leader).await;
+    cluster.restart(leader).await.unwrap();
+    wait_until(
+        "a metadata leader in a later term",
+        Duration::from_secs(60),
+        || async {
+            cluster.live().any(|n| {
+                n.host.is_leader(GroupId::META)
+                    && n.host.status(GroupId::META).is_some_and(|s| s.term > term)
+            })
+        },
+    )
+    .await
+    .unwrap();
     cluster.shutdown().await;
 }

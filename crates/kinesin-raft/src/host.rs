@@ -79,6 +79,12 @@ impl TimingProfile {
             max_in_snapshot_log_to_keep: self.keep_below_snapshot,
             purge_batch_size: self.snapshot_every.clamp(1, 256),
             enable_pre_vote: Some(true),
+            // A restarted leader must not resume its term: it sends entries
+            // to followers before its own fsync, so a crash can remove from
+            // its log an entry a follower already holds, and in the same
+            // term it would write another entry under that log id. Found by
+            // the chaos power-fail run (replicas diverged).
+            enable_leader_restore: Some(false),
             ..Default::default()
         };
         config.validate().map_err(io::Error::other)

@@ -4,6 +4,7 @@
 //! commands as bytes, and [`GroupStateMachine`].
 
 mod host;
+pub mod inspect;
 mod log_store;
 mod network;
 mod state_machine;

@@ -356,6 +356,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 }
 
+/// The last log id `group`'s state machine applied, read offline.
+pub(crate) fn applied_of(storage: &Storage, group: u64) -> io::Result<Option<LogId>> {
+    Ok(
+        match storage.get(Cf::StateMachine, &keys::named_key(group, APPLIED_KEY))? {
+            Some(v) => decode::<Applied>("applied state", &v)?.last_applied,
+            None => None,
+        },
+    )
+}
+
 /// Removes a group's state-machine data (the group left this node).
 pub fn delete_group_state(storage: &Storage, group: u64) -> io::Result<()> {
     let (from, to) = keys::group_bounds(group);

@@ -15,13 +15,41 @@ pub struct RecordsArgs {
     data_dir: PathBuf,
 }
 
+#[derive(Args, Debug)]
+pub struct RaftArgs {
+    /// The node's data directory (the node must be stopped).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Also print the log entries at these indexes (repeatable).
+    #[arg(long = "entry")]
+    entries: Vec<u64>,
+}
+
+fn open(data_dir: &std::path::Path) -> anyhow::Result<Storage> {
+    let path = data_dir.join("db");
+    Storage::open(&path, FsyncPolicy::Always)
+        .with_context(|| format!("cannot open storage in {}", path.display()))
+}
+
+/// Prints one JSON line per Raft group: vote, committed, purged, last log
+/// and applied ids, the log's terms, and the requested entries.
+pub fn raft(args: RaftArgs) -> anyhow::Result<()> {
+    let storage = open(&args.data_dir)?;
+    let indexes = args.entries.into_iter().collect();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for group in kinesin_raft::inspect::dump(&storage, &indexes)? {
+        serde_json::to_writer(&mut out, &group)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
 /// Prints every stored record as one JSON object per line, in key order
 /// (group, then sequence number): what the chaos harness compares across
 /// replicas.
 pub fn records(args: RecordsArgs) -> anyhow::Result<()> {
-    let path = args.data_dir.join("db");
-    let storage = Storage::open(&path, FsyncPolicy::Always)
-        .with_context(|| format!("cannot open storage in {}", path.display()))?;
+    let storage = open(&args.data_dir)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for item in storage.scan(Cf::Records, &[], &[0xff; 9]) {
         let (key, value) = item?;

@@ -59,6 +59,9 @@ enum Command {
 enum DebugCommand {
     /// Print every stored record as JSON lines (group, seq, key, data).
     Records(debug::RecordsArgs),
+    /// Print each Raft group's vote, committed and applied ids and the terms
+    /// of its log, as JSON lines.
+    Raft(debug::RaftArgs),
 }
 
 #[derive(Subcommand)]
@@ -221,6 +224,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Consume(args)) => runtime.block_on(bench_read::consume(args)),
         Command::Bench(BenchCommand::E2e(args)) => runtime.block_on(bench_read::e2e(args)),
         Command::Debug(DebugCommand::Records(args)) => debug::records(args),
+        Command::Debug(DebugCommand::Raft(args)) => debug::raft(args),
         Command::Profile(cmd) => profile::run(cmd),
     };
     match result {
