@@ -113,8 +113,6 @@ fn plan(matrix: &str, seeds: std::ops::Range<u64>, common: &Common) -> Vec<Plann
     if matrix == "smoke" {
         // Seeds 100 and up, except `disk`: seed 5 flips bits inside a WAL
         // early in the run, so the refuse-to-start path runs in CI too.
-        // `power-fail` is only in the long matrix until the replica
-        // divergence it found is fixed (docs/reliability.md).
         for (s, seed) in [
             ("partition", 100),
             ("kill", 101),
@@ -125,6 +123,7 @@ fn plan(matrix: &str, seeds: std::ops::Range<u64>, common: &Common) -> Vec<Plann
             ("transfer-storm", 106),
             ("membership", 107),
             ("bridge", 108),
+            ("power-fail", 109),
             ("disk", 5),
             ("clock-skew", 111),
             ("latency", 112),

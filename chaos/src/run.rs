@@ -216,6 +216,28 @@ fn dump_replicas(binary: &Path, cluster: &Cluster) -> anyhow::Result<Replicas> {
     Ok(replicas)
 }
 
+/// Each node's Raft state (`kinesin debug raft`) into `raft-nN.jsonl`, for
+/// finding out why replicas disagree: which log ids each holds, under which
+/// vote, applied how far.
+fn dump_raft_state(binary: &Path, cluster: &Cluster, out: &Path) -> anyhow::Result<()> {
+    for node in cluster.nodes.iter().filter(|n| !n.damaged) {
+        let dump = std::process::Command::new(binary)
+            .args(["debug", "raft", "--data-dir"])
+            .arg(node.data_dir())
+            .output()
+            .context("cannot run kinesin debug raft")?;
+        if !dump.status.success() {
+            bail!(
+                "kinesin debug raft on node {}: {}",
+                node.id,
+                String::from_utf8_lossy(&dump.stderr)
+            );
+        }
+        std::fs::write(out.join(format!("raft-n{}.jsonl", node.id)), dump.stdout)?;
+    }
+    Ok(())
+}
+
 pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
     let faults = scenario(&config.scenario)
         .with_context(|| format!("unknown scenario {}", config.scenario))?;
@@ -347,6 +369,7 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
         config.out.join("replicas.json"),
         serde_json::to_vec(&replicas)?,
     )?;
+    dump_raft_state(&config.binary, &c, &config.out)?;
     let panics = find_panics_in(&config.out);
     drop(c);
     drop(proxies);
