@@ -2,10 +2,14 @@
 //! machines ([`GroupStateMachine`]), plus cheap snapshots.
 //!
 //! The adapter persists the applied log id and membership in the same write
-//! batch as the group's own changes, so a crash leaves a consistent prefix
-//! (the RocksDB WAL is ordered). Those writes are not fsynced: entries the
-//! log already holds durably are re-applied after a crash. Before a snapshot
-//! lets openraft purge the log, the WAL is synced.
+//! batch as the group's own changes, so a crash leaves a consistent prefix.
+//! Shard groups write that batch without the WAL (`write_unlogged`): their
+//! records already went through the WAL once, as log entries, and a crash
+//! only takes the state back to the last memtable flush (all column
+//! families flush at one point), from where the log re-applies them. The
+//! metadata group's small writes go through the WAL (not fsynced) so its
+//! map does not step back at a restart. Before a snapshot lets openraft
+//! purge the log, everything is persisted (memtables flushed, WAL synced).
 //!
 //! A snapshot is cheap: building it captures the group's small state
 //! (`snapshot_state`) and the applied log id. Records are immutable and keyed
@@ -21,6 +25,7 @@ use std::sync::Arc;
 use futures::{Stream, TryStreamExt};
 use kinesin_storage::keys;
 use kinesin_storage::{Cf, Storage, WriteBatch};
+use kinesin_types::GroupId;
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, RaftSnapshotBuilder};
 use serde::{Deserialize, Serialize};
@@ -261,8 +266,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         self.put(&mut batch, SNAPSHOT_KEY, encode(&saved));
         self.storage.write(batch)?;
         // openraft purges the log up to this snapshot next: everything it
-        // covers must be durable first.
-        self.storage.sync()?;
+        // covers must be durable first, unlogged applies included.
+        self.storage.persist()?;
         Ok(self.snapshot_of(saved))
     }
 }
@@ -302,7 +307,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
         }
         self.put(&mut batch, APPLIED_KEY, encode(&applied));
-        self.storage.write(batch)?;
+        if self.group == GroupId::META.0 {
+            self.storage.write(batch)?;
+        } else {
+            self.storage.write_unlogged(batch)?;
+        }
         self.inner.publish();
         for (responder, reply) in replies {
             responder.send(Reply(reply));
