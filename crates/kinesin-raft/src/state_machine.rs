@@ -20,7 +20,7 @@
 //! re-applied after the snapshot anyway.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures::{Stream, TryStreamExt};
 use kinesin_storage::keys;
@@ -197,6 +197,9 @@ pub struct StateMachineStore {
     storage: Storage,
     group: u64,
     inner: Arc<dyn GroupStateMachine>,
+    /// Held while an apply writes and publishes, and while a snapshot reads
+    /// the applied id and the published state.
+    applying: Arc<Mutex<()>>,
 }
 
 impl StateMachineStore {
@@ -205,6 +208,7 @@ impl StateMachineStore {
             storage,
             group,
             inner,
+            applying: Arc::default(),
         }
     }
 
@@ -254,20 +258,39 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     type SnapshotData = GroupSnapshot;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        let applied = self.applied()?;
+        // openraft builds snapshots beside `apply`: read the applied id and
+        // the state it describes under the lock `apply` holds while it
+        // writes and publishes, so that they match.
+        let (applied, state) = {
+            let _consistent = self.applying.lock().expect("apply lock");
+            (self.applied()?, self.inner.snapshot_state())
+        };
         let saved = SavedSnapshot {
             meta: SnapshotMeta {
                 last_log_id: applied.last_applied,
                 last_membership: applied.membership,
             },
-            state: self.inner.snapshot_state(),
+            state,
         };
+        // openraft purges the log up to this snapshot next, and a saved
+        // snapshot is restored at start-up when it is ahead of the applied
+        // state: what it covers must be durable before it is saved —
+        // unlogged applies included, which only a memtable flush persists
+        // (seconds on a busy disk, so off the async workers).
+        let storage = self.storage.clone();
+        let unlogged = self.group != GroupId::META.0;
+        tokio::task::spawn_blocking(move || {
+            if unlogged {
+                storage.persist()
+            } else {
+                storage.sync()
+            }
+        })
+        .await
+        .map_err(io::Error::other)??;
         let mut batch = WriteBatch::default();
         self.put(&mut batch, SNAPSHOT_KEY, encode(&saved));
-        self.storage.write(batch)?;
-        // openraft purges the log up to this snapshot next: everything it
-        // covers must be durable first, unlogged applies included.
-        self.storage.persist()?;
+        self.storage.write_durable(batch)?;
         Ok(self.snapshot_of(saved))
     }
 }
@@ -307,12 +330,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
         }
         self.put(&mut batch, APPLIED_KEY, encode(&applied));
-        if self.group == GroupId::META.0 {
-            self.storage.write(batch)?;
-        } else {
-            self.storage.write_unlogged(batch)?;
+        {
+            let _consistent = self.applying.lock().expect("apply lock");
+            if self.group == GroupId::META.0 {
+                self.storage.write(batch)?;
+            } else {
+                self.storage.write_unlogged(batch)?;
+            }
+            self.inner.publish();
         }
-        self.inner.publish();
         for (responder, reply) in replies {
             responder.send(Reply(reply));
         }

@@ -43,6 +43,9 @@ pub struct Config {
     pub shard_heartbeat_ms: u64,
     pub shard_election_min_ms: u64,
     pub shard_election_max_ms: u64,
+    /// Log entries between two snapshots of a shard group (after which the
+    /// log below the snapshot may be purged).
+    pub shard_snapshot_every: u64,
     /// PEM certificate chain and private key of the AWS API: with both set
     /// the API port speaks HTTPS (HTTP/2 by ALPN, and HTTP/1.1).
     pub tls_cert_file: Option<PathBuf>,
@@ -106,6 +109,7 @@ impl Default for Config {
             shard_heartbeat_ms: 500,
             shard_election_min_ms: 2500,
             shard_election_max_ms: 5000,
+            shard_snapshot_every: 20_000,
             tls_cert_file: None,
             tls_key_file: None,
             region: "us-east-1".into(),
@@ -194,6 +198,12 @@ impl Config {
         if self.shard_election_max_ms <= self.shard_election_min_ms {
             return bad("shard_election_max_ms must exceed shard_election_min_ms".into());
         }
+        if self.shard_snapshot_every < 100 {
+            return bad(format!(
+                "shard_snapshot_every must be at least 100, not {}",
+                self.shard_snapshot_every
+            ));
+        }
         for c in &self.credentials {
             if c.access_key_id.is_empty() || c.secret_access_key.is_empty() {
                 return bad("every credential needs access_key_id and secret_access_key".into());
@@ -262,6 +272,15 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("replication_factor"));
+        let c = Config {
+            shard_snapshot_every: 10,
+            ..Config::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("shard_snapshot_every must be at least 100"));
         assert_eq!(Config::default().grpc_address(), "127.0.0.1:7451");
     }
 }

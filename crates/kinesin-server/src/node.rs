@@ -69,7 +69,8 @@ pub fn shard_timing(config: &Config) -> TimingProfile {
         heartbeat_ms: config.shard_heartbeat_ms,
         election_min_ms: config.shard_election_min_ms,
         election_max_ms: config.shard_election_max_ms,
-        ..TimingProfile::shard()
+        snapshot_every: config.shard_snapshot_every,
+        keep_below_snapshot: config.shard_snapshot_every.min(2_000),
     }
 }
 
@@ -384,7 +385,9 @@ impl Node {
                 let _ = task.await;
             }
         }
-        let _ = self.storage.sync();
+        // Unlogged shard state would otherwise be re-applied from the log
+        // at the next start.
+        let _ = self.storage.persist();
     }
 }
 
