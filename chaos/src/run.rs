@@ -13,7 +13,7 @@ use tokio::sync::Mutex;
 
 use crate::checker::{self, Replicas, Report};
 use crate::client::{get, Client};
-use crate::cluster::{Cluster, Members, NodeSetup};
+use crate::cluster::{Cluster, Members, NodeProc, NodeSetup};
 use crate::history::{self, Event, History, Kind};
 use crate::nemesis::{scenario, Nemesis};
 use crate::net::{Net, HOST_ADDR};
@@ -185,23 +185,29 @@ impl Drop for Tasks {
     }
 }
 
+/// The output of `kinesin debug <what> --data-dir` on a stopped node.
+fn debug_dump(binary: &Path, node: &NodeProc, what: &str) -> anyhow::Result<Vec<u8>> {
+    let out = std::process::Command::new(binary)
+        .args(["debug", what, "--data-dir"])
+        .arg(node.data_dir())
+        .output()
+        .with_context(|| format!("cannot run kinesin debug {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "kinesin debug {what} on node {}: {}",
+            node.id,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out.stdout)
+}
+
 fn dump_replicas(binary: &Path, cluster: &Cluster) -> anyhow::Result<Replicas> {
     let mut replicas = Replicas::new();
     for node in cluster.nodes.iter().filter(|n| !n.damaged) {
-        let out = std::process::Command::new(binary)
-            .args(["debug", "records", "--data-dir"])
-            .arg(node.data_dir())
-            .output()
-            .context("cannot run kinesin debug records")?;
-        if !out.status.success() {
-            bail!(
-                "kinesin debug records on node {}: {}",
-                node.id,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        let out = debug_dump(binary, node, "records")?;
         let mut groups: BTreeMap<u64, Vec<(String, String)>> = BTreeMap::new();
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
+        for line in String::from_utf8_lossy(&out).lines() {
             let v: serde_json::Value = serde_json::from_str(line)?;
             groups
                 .entry(v["group"].as_u64().unwrap_or_default())
@@ -221,19 +227,8 @@ fn dump_replicas(binary: &Path, cluster: &Cluster) -> anyhow::Result<Replicas> {
 /// vote, applied how far.
 fn dump_raft_state(binary: &Path, cluster: &Cluster, out: &Path) -> anyhow::Result<()> {
     for node in cluster.nodes.iter().filter(|n| !n.damaged) {
-        let dump = std::process::Command::new(binary)
-            .args(["debug", "raft", "--data-dir"])
-            .arg(node.data_dir())
-            .output()
-            .context("cannot run kinesin debug raft")?;
-        if !dump.status.success() {
-            bail!(
-                "kinesin debug raft on node {}: {}",
-                node.id,
-                String::from_utf8_lossy(&dump.stderr)
-            );
-        }
-        std::fs::write(out.join(format!("raft-n{}.jsonl", node.id)), dump.stdout)?;
+        let dump = debug_dump(binary, node, "raft")?;
+        std::fs::write(out.join(format!("raft-n{}.jsonl", node.id)), dump)?;
     }
     Ok(())
 }

@@ -258,29 +258,33 @@ mod tests {
 
     #[test]
     fn invalid_values_are_explained() {
-        let c = Config {
-            node_id: 0,
-            ..Config::default()
-        };
-        assert!(c.validate().unwrap_err().to_string().contains("node_id"));
-        let c = Config {
-            replication_factor: 7,
-            ..Config::default()
-        };
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("replication_factor"));
-        let c = Config {
-            shard_snapshot_every: 10,
-            ..Config::default()
-        };
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("shard_snapshot_every must be at least 100"));
+        let cases = [
+            (
+                Config {
+                    node_id: 0,
+                    ..Config::default()
+                },
+                "node_id",
+            ),
+            (
+                Config {
+                    replication_factor: 7,
+                    ..Config::default()
+                },
+                "replication_factor",
+            ),
+            (
+                Config {
+                    shard_snapshot_every: 10,
+                    ..Config::default()
+                },
+                "shard_snapshot_every must be at least 100",
+            ),
+        ];
+        for (config, explained) in cases {
+            let error = config.validate().unwrap_err().to_string();
+            assert!(error.contains(explained), "{error}");
+        }
         assert_eq!(Config::default().grpc_address(), "127.0.0.1:7451");
     }
 }
