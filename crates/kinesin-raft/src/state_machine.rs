@@ -217,13 +217,7 @@ impl StateMachineStore {
         name: &[u8],
         what: &'static str,
     ) -> io::Result<Option<T>> {
-        match self
-            .storage
-            .get(Cf::StateMachine, &keys::named_key(self.group, name))?
-        {
-            Some(v) => Ok(Some(decode(what, &v)?)),
-            None => Ok(None),
-        }
+        load_named(&self.storage, self.group, name, what)
     }
 
     fn put(&self, batch: &mut WriteBatch, name: &[u8], value: Vec<u8>) {
@@ -235,7 +229,7 @@ impl StateMachineStore {
     }
 
     fn applied(&self) -> io::Result<Applied> {
-        Ok(self.load(APPLIED_KEY, "applied state")?.unwrap_or_default())
+        applied_in(&self.storage, self.group)
     }
 
     fn snapshot_of(&self, saved: SavedSnapshot) -> Snapshot {
@@ -391,14 +385,25 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 }
 
+fn load_named<T: for<'a> Deserialize<'a>>(
+    storage: &Storage,
+    group: u64,
+    name: &[u8],
+    what: &'static str,
+) -> io::Result<Option<T>> {
+    match storage.get(Cf::StateMachine, &keys::named_key(group, name))? {
+        Some(v) => Ok(Some(decode(what, &v)?)),
+        None => Ok(None),
+    }
+}
+
+fn applied_in(storage: &Storage, group: u64) -> io::Result<Applied> {
+    Ok(load_named(storage, group, APPLIED_KEY, "applied state")?.unwrap_or_default())
+}
+
 /// The last log id `group`'s state machine applied, read offline.
 pub(crate) fn applied_of(storage: &Storage, group: u64) -> io::Result<Option<LogId>> {
-    Ok(
-        match storage.get(Cf::StateMachine, &keys::named_key(group, APPLIED_KEY))? {
-            Some(v) => decode::<Applied>("applied state", &v)?.last_applied,
-            None => None,
-        },
-    )
+    Ok(applied_in(storage, group)?.last_applied)
 }
 
 /// Removes a group's state-machine data (the group left this node).

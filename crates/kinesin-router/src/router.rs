@@ -505,7 +505,7 @@ impl Router {
 
     /// Waits until this node's metadata replica has applied everything the
     /// metadata leader had applied when asked.
-    pub async fn sync_meta(&self) -> Result<(), RouterError> {
+    async fn sync_meta(&self) -> Result<(), RouterError> {
         let candidates = self.meta_candidates();
         let index = self
             .at_leader(GroupId::META, &candidates, true, |target| async move {

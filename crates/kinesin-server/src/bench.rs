@@ -238,33 +238,21 @@ async fn ensure_stream(args: &ProduceArgs) -> anyhow::Result<()> {
                     return Err(e);
                 }
             }
-            // Every endpoint the load goes to must know the stream: nodes
-            // other than the one it was created through learn of it from
-            // the metadata group at their own pace.
+            // Any node answers for a stream created through another (it
+            // catches up with the metadata group before saying "not found").
             let deadline = Instant::now() + Duration::from_secs(60);
-            for endpoint in &args.endpoints {
-                let mut client = args.credentials.client(endpoint);
-                loop {
-                    let active = match client
-                        .call(
-                            "DescribeStreamSummary",
-                            &serde_json::json!({"StreamName": args.stream}),
-                        )
-                        .await
-                    {
-                        Ok(d) => d["StreamDescriptionSummary"]["StreamStatus"] == "ACTIVE",
-                        Err(e) if e.to_string().contains("ResourceNotFoundException") => false,
-                        Err(e) => return Err(e),
-                    };
-                    if active {
-                        break;
-                    }
-                    anyhow::ensure!(
-                        Instant::now() < deadline,
-                        "stream did not become ACTIVE on {endpoint}"
-                    );
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+            loop {
+                let d = client
+                    .call(
+                        "DescribeStreamSummary",
+                        &serde_json::json!({"StreamName": args.stream}),
+                    )
+                    .await?;
+                if d["StreamDescriptionSummary"]["StreamStatus"] == "ACTIVE" {
+                    break;
                 }
+                anyhow::ensure!(Instant::now() < deadline, "stream did not become ACTIVE");
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
