@@ -40,3 +40,20 @@ def test_nats_bench_smoke(nats_server):
     result = json.loads(out.stdout)
     assert result["records"] > 0 and result["errors"] == 0, result
     assert 0 < result["batch_latency_ms"]["p50"] <= result["batch_latency_ms"]["max"]
+
+
+def test_nats_bench_e2e_smoke(nats_server):
+    """The e2e workload (fan-out/end-to-end rows of bench/compare): every
+    reader sees every acknowledged message, with a due-to-seen latency."""
+    binary = os.environ.get("KINESIN_NATS_BENCH")
+    assert binary and os.path.exists(binary), "KINESIN_NATS_BENCH must name the built kinesin-nats-bench"
+    out = subprocess.run(
+        [binary, "--workload", "e2e", "--servers", nats_server, "--replicas", "1", "--stream", "e2e",
+         "--consumers", "2", "--subjects", "2", "--rate", "100", "--duration-secs", "2", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["put"] > 0 and result["put_failed"] == 0, result
+    assert result["seen_per_consumer"] == [result["put"]] * 2, result
+    assert 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["max"]
