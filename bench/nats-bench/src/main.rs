@@ -178,7 +178,7 @@ async fn produce(args: Arc<Args>) -> anyhow::Result<()> {
     let elapsed = start.elapsed().as_secs_f64();
     let records = totals.records.load(Ordering::Relaxed);
     let bytes = totals.bytes.load(Ordering::Relaxed);
-    let ms = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
+    let ms = |q: f64| quantile_ms(&latency, q);
     let report = serde_json::json!({
         "target": "nats-jetstream",
         "records": records,
@@ -186,8 +186,7 @@ async fn produce(args: Arc<Args>) -> anyhow::Result<()> {
         "records_per_sec": records as f64 / elapsed,
         "mib_per_sec": bytes as f64 / elapsed / 1_048_576.0,
         "errors": totals.errors.load(Ordering::Relaxed),
-        "batch_latency_ms": {"p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p999": ms(0.999),
-            "max": latency.max() as f64 / 1000.0},
+        "batch_latency_ms": percentiles_ms(&latency),
     });
     if args.json {
         println!("{report}");
@@ -202,6 +201,17 @@ async fn produce(args: Arc<Args>) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A histogram of microseconds, in milliseconds at quantile `q`.
+fn quantile_ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+/// The report's latency block, the same keys as `kinesin bench`'s.
+fn percentiles_ms(h: &Histogram<u64>) -> serde_json::Value {
+    serde_json::json!({"p50": quantile_ms(h, 0.5), "p90": quantile_ms(h, 0.9),
+        "p99": quantile_ms(h, 0.99), "p999": quantile_ms(h, 0.999), "max": h.max() as f64 / 1000.0})
 }
 
 fn now_micros() -> u64 {
@@ -324,14 +334,13 @@ async fn e2e(args: Arc<Args>, js: jetstream::Context) -> anyhow::Result<()> {
         r.await??;
     }
     let h = histogram.lock().expect("histogram lock");
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let ms = |q: f64| quantile_ms(&h, q);
     let seen: Vec<u64> = seen.iter().map(|s| s.load(Ordering::Relaxed)).collect();
     let report = serde_json::json!({
         "target": "nats-jetstream", "workload": "e2e", "put": put, "put_failed": failed,
         "rate": rate, "subjects": subjects, "consumers": args.consumers,
         "seen_per_consumer": seen, "record_size": args.record_size,
-        "latency_ms": {"p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p999": ms(0.999),
-            "max": h.max() as f64 / 1000.0},
+        "latency_ms": percentiles_ms(&h),
     });
     if args.json {
         println!("{report}");
