@@ -4,10 +4,20 @@
 set -euo pipefail
 
 need_apt=()
-# rust-rocksdb generates its bindings with bindgen, which needs libclang.
-if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 && ! ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
-  need_apt+=(libclang-dev)
-fi
+# rust-rocksdb generates its bindings with bindgen, which loads libclang's C
+# library: libclang.so[.N] or libclang-N.so[.N] (package libclang1-N). Other
+# files named libclang* (libclang-cpp.so.N, the C++ interface that a fresh
+# machine has) are not it, so only those two forms count.
+has_libclang() {
+  local dir f
+  for dir in ${LIBCLANG_PATH:-} /usr/lib/llvm-*/lib /usr/lib/x86_64-linux-gnu /usr/lib/aarch64-linux-gnu /usr/lib64 /usr/lib; do
+    for f in "$dir"/libclang.so "$dir"/libclang.so.[0-9]* "$dir"/libclang-[0-9]*.so "$dir"/libclang-[0-9]*.so.[0-9]*; do
+      [ -e "$f" ] && return 0
+    done
+  done
+  return 1
+}
+has_libclang || need_apt+=(libclang-dev)
 # The linker named in .cargo/config.toml.
 command -v mold >/dev/null 2>&1 || need_apt+=(mold)
 command -v make >/dev/null 2>&1 || need_apt+=(make)
