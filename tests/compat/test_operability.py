@@ -116,6 +116,94 @@ def test_cli_cluster_views_and_leader_transfer(cli, stream_name):
     assert cli("stream", "list", "--profile", "no-such-profile", profile=False, check=False).returncode == 1
 
 
+def test_cli_output_into_a_closed_pipe_ends_quietly(binary, cli, cluster, stream_name):
+    """`kinesin tail s | head` (the README's example): the reader goes away
+    while the CLI still has records to print; it must stop with status 0 and
+    no panic, as cat does."""
+    cli("stream", "create", stream_name, "--shards", "1")
+    # Far more than a pipe buffer (64 KiB), so the CLI is still writing when
+    # the pipe closes.
+    cli("put", stream_name, "--partition-key", "k", stdin="".join(f"{i:0100d}\n" for i in range(5000)))
+    env = dict(os.environ, KINESIN_ENDPOINT=f"127.0.0.1:{cluster[0].grpc_port}")
+    for args in (["tail", stream_name], ["tail", stream_name, "--json"]):
+        proc = subprocess.Popen([binary, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        first = proc.stdout.readline()
+        proc.stdout.close()
+        try:
+            code = proc.wait(timeout=60)
+        finally:
+            proc.kill()
+        stderr = proc.stderr.read().decode()
+        assert first.strip(), stderr
+        assert code == 0 and stderr == "", (args, code, stderr)
+
+
+def test_cli_endpoint_takes_host_port_or_http_url(binary, cluster):
+    port = cluster[1].grpc_port
+
+    def health(endpoint):
+        return subprocess.run([binary, "cluster", "health", "--json", "--endpoint", endpoint],
+                              capture_output=True, text=True, timeout=60)
+
+    for form in (f"127.0.0.1:{port}", f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/"):
+        r = health(form)
+        assert r.returncode == 0 and json.loads(r.stdout)["healthy"] is True, (form, r.stderr)
+    # Not an address: a usage error (2) that says what form is expected.
+    for bad in ("127.0.0.1", "https://127.0.0.1:7451", "a b:1"):
+        r = health(bad)
+        assert r.returncode == 2 and "host:port" in r.stderr, (bad, r.stderr)
+    # Nothing listens there: status 1, naming the address tried and the form.
+    closed = f"127.0.0.1:{free_port()}"
+    r = health(f"http://{closed}")
+    assert r.returncode == 1 and closed in r.stderr and "host:port" in r.stderr, r.stderr
+
+
+def families(text):
+    """Metric family -> the label sets of its samples, from an exposition."""
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        series = line.rsplit(" ", 1)[0]
+        name, _, labels = series.partition("{")
+        for suffix in ("_bucket", "_sum", "_count"):
+            if name.endswith(suffix) and f"# TYPE {name[: -len(suffix)]} histogram" in text:
+                name = name[: -len(suffix)]
+        found.setdefault(name, set()).add(labels.rstrip("}"))
+    return found
+
+
+def test_a_new_node_exports_its_metric_families_before_first_use(binary, workdir, cluster, stream_name):
+    """Dashboards and absent() alerts of a new cluster must not see "no
+    data": every family the busy cluster exports, except those labelled by
+    stream (unknown until a stream exists), is on a fresh node's /metrics
+    before any request, histograms with their buckets."""
+    client = client_for(cluster[0].endpoint)
+    create_and_wait(client, stream_name)
+    client.put_records(StreamName=stream_name, Records=[{"PartitionKey": "k", "Data": b"x"}] * 5)
+    with pytest.raises(client.exceptions.ResourceNotFoundException):
+        client.describe_stream_summary(StreamName=stream_name + "-missing")
+    busy = families(scrape(cluster[0]))
+    [fresh_node] = start_cluster(binary, os.path.join(workdir, "fresh-metrics"), 1)
+    try:
+        text = scrape(fresh_node)
+    finally:
+        fresh_node.stop()
+    fresh = families(text)
+    expected = {
+        name for name, label_sets in busy.items()
+        if name.startswith("kinesin_")
+        and not any('stream="' in l for l in label_sets)
+        and name not in ("kinesin_api_errors_total",)  # labelled by error code
+    }
+    missing = sorted(expected - set(fresh))
+    assert not missing, f"exported only after first use: {missing}"
+    for histogram in ("kinesin_raft_commit_duration_seconds", "kinesin_api_request_duration_seconds"):
+        assert f"{histogram}_bucket{{" in text, histogram
+    assert value(text, "kinesin_api_request_duration_seconds_count", op="PutRecords") == 0
+    assert "# HELP kinesin_raft_leader_changes_total" in text
+
+
 def test_cluster_health_exits_3_when_a_node_is_down(binary, workdir):
     nodes = start_cluster(binary, os.path.join(workdir, "health"), 3)
     try:

@@ -27,6 +27,7 @@ use tokio::sync::watch;
 pub use auth::{sign, Credential, SignedRequest, DEV_ACCOUNT_ID};
 pub use codec::{Protocol, CBOR_CONTENT_TYPE, JSON_CONTENT_TYPE};
 pub use error::ApiError;
+pub use kinesis::OPERATIONS as KINESIS_OPERATIONS;
 
 /// Largest request body: a PutRecords of 500 records at the 10 MiB stream
 /// limit is ~14 MiB as base64 JSON.

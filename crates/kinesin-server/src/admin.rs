@@ -37,8 +37,84 @@ pub fn prometheus() -> &'static PrometheusHandle {
             .install_recorder()
             .expect("the metrics recorder is installed once per process");
         metrics::gauge!("kinesin_build_info", "version" => env!("CARGO_PKG_VERSION"), "revision" => option_env!("KINESIN_REVISION").unwrap_or("unknown")).set(1.0);
+        register_families();
         handle
     })
+}
+
+/// How a family is exported before its first use.
+enum AtStart {
+    /// Exported at zero (histograms with their empty buckets), so that a new
+    /// node's dashboards show zeros and `rate()` and `absent()` work.
+    Zero,
+    /// Exported at zero once per Kinesis operation (`outcome="ok"`).
+    PerKinesisOperation,
+    /// Labelled gauges that `update_gauges` sets on its first pass, with
+    /// every label value (a zero series without labels would be wrong).
+    Refreshed,
+    /// Only described: its labels (a stream, an error code) are not known
+    /// until something happens, and a zero series per guess would be noise.
+    Described,
+}
+
+/// Every metric family the node exports, with its help text. The gauges that
+/// describe state are also refreshed every second by `update_gauges`.
+const FAMILIES: &[(&str, metrics_util::MetricKind, &str, AtStart)] = {
+    use metrics_util::MetricKind::{Counter, Gauge, Histogram};
+    use AtStart::{Described, PerKinesisOperation, Refreshed, Zero};
+    &[
+        ("kinesin_api_request_duration_seconds", Histogram, "AWS API requests by service, operation and outcome (ok, client_error, server_error), in seconds.", PerKinesisOperation),
+        ("kinesin_api_errors_total", Counter, "AWS API errors by service, operation and AWS error code.", Described),
+        ("kinesin_raft_commit_duration_seconds", Histogram, "Time from proposing a shard write until the leader applied it (committed by a majority), in seconds.", Zero),
+        ("kinesin_storage_fsync_duration_seconds", Histogram, "Duration of one group commit's fsync of the RocksDB WAL, in seconds.", Zero),
+        ("kinesin_storage_fsync_batch_size", Histogram, "Writes made durable by one fsync.", Zero),
+        ("kinesin_raft_leader_changes_total", Counter, "Leader changes of the Raft groups this node now leads.", Zero),
+        ("kinesin_raft_groups", Gauge, "Raft groups on this node by role.", Refreshed),
+        ("kinesin_raft_groups_without_leader", Gauge, "Raft groups on this node that know no leader.", Zero),
+        ("kinesin_raft_groups_under_replicated", Gauge, "Groups led here with a follower that has not acknowledged for 5 s.", Zero),
+        ("kinesin_raft_max_follower_lag_entries", Gauge, "The largest follower lag, in log entries, of the groups led here.", Zero),
+        ("kinesin_cluster_nodes", Gauge, "Nodes in the cluster map by state.", Refreshed),
+        ("kinesin_streams", Gauge, "Streams in the cluster map.", Zero),
+        ("kinesin_node_disk_free_bytes", Gauge, "Free bytes on the data directory's file system.", Zero),
+        ("kinesin_node_disk_total_bytes", Gauge, "Size in bytes of the data directory's file system.", Zero),
+        ("kinesin_build_info", Gauge, "Version and revision of this node's binary (value 1).", Described),
+        ("kinesin_stream_shards", Gauge, "Shards of a stream by state (open, sealing, sealed).", Described),
+        ("kinesin_stream_incoming_records_total", Counter, "Records acknowledged to producers, by stream.", Described),
+        ("kinesin_stream_incoming_bytes_total", Counter, "Bytes (data and partition keys) acknowledged to producers, by stream.", Described),
+        ("kinesin_stream_outgoing_records_total", Counter, "Records returned by GetRecords, by stream.", Described),
+        ("kinesin_stream_outgoing_bytes_total", Counter, "Bytes returned by GetRecords, by stream.", Described),
+        ("kinesin_stream_iterator_age_seconds", Gauge, "Age of the last record read by GetRecords, by stream, in seconds.", Described),
+        ("kinesin_stream_throttled_total", Counter, "Refused for a shard's throughput limit, by stream and direction: records for writes, calls for reads.", Described),
+        ("kinesin_shard_incoming_records_total", Counter, "Records acknowledged, by stream and shard (only with per_shard_metrics).", Described),
+        ("kinesin_shard_incoming_bytes_total", Counter, "Bytes acknowledged, by stream and shard (only with per_shard_metrics).", Described),
+    ]
+};
+
+/// Describes every family and exports the ones that have a value before
+/// first use, so that a new node's `/metrics` already names them.
+fn register_families() {
+    use metrics_util::MetricKind;
+    for (name, kind, help, at_start) in FAMILIES {
+        let name = *name;
+        match kind {
+            MetricKind::Counter => metrics::describe_counter!(name, *help),
+            MetricKind::Gauge => metrics::describe_gauge!(name, *help),
+            MetricKind::Histogram => metrics::describe_histogram!(name, *help),
+        }
+        match (at_start, kind) {
+            (AtStart::Described | AtStart::Refreshed, _) => {}
+            (AtStart::Zero, MetricKind::Counter) => metrics::counter!(name).absolute(0),
+            (AtStart::Zero, MetricKind::Gauge) => metrics::gauge!(name).set(0.0),
+            (AtStart::Zero, MetricKind::Histogram) => drop(metrics::histogram!(name)),
+            (AtStart::PerKinesisOperation, _) => {
+                for op in kinesin_gateway::KINESIS_OPERATIONS {
+                    drop(
+                        metrics::histogram!(name, "service" => "kinesis", "op" => *op, "outcome" => "ok"),
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -123,6 +199,7 @@ async fn cluster(State(s): State<AdminState>) -> Json<serde_json::Value> {
                 "last_log_index": st.last_log_index,
                 "applied_index": st.applied_index,
                 "voters": st.voters.iter().map(|v| v.0).collect::<Vec<_>>(),
+                "joint_membership": st.joint,
                 "follower_matched": st.follower_matched.iter().map(|(k, v)| (k.0.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
             })
         })
@@ -147,8 +224,6 @@ const FOLLOWER_STALE_MS: u64 = 5_000;
 /// groups, follower lag, nodes by state, shards by state, disk space.
 async fn update_gauges(router: Arc<Router>, data_dir: PathBuf) {
     let mut leaders_seen: HashMap<GroupId, NodeId> = HashMap::new();
-    // Exported from the start, so that rate() works before the first change.
-    metrics::counter!("kinesin_raft_leader_changes_total").increment(0);
     loop {
         let host = router.host();
         let mut roles: BTreeMap<&'static str, f64> = ["leader", "follower", "candidate", "learner"]

@@ -19,6 +19,8 @@ use kinesin_proto::v1::node_client::NodeClient;
 use kinesin_proto::v1::{self as pb};
 use tonic::transport::Endpoint;
 
+use crate::output::outln;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Protocol {
     /// Kinesin's native gRPC API (`--endpoints` are gRPC addresses).
@@ -31,7 +33,7 @@ pub enum Protocol {
 #[derive(Args, Debug)]
 pub struct ProduceArgs {
     /// Addresses of the nodes to send to (round robin per worker).
-    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:7451")]
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:7451", value_parser = crate::profile::parse_address)]
     endpoints: Vec<String>,
     #[arg(long, value_enum, default_value = "grpc")]
     protocol: Protocol,
@@ -387,9 +389,9 @@ pub async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
         "protocol": format!("{:?}", args.protocol),
     });
     if args.json {
-        println!("{result}");
+        outln!("{result}");
     } else {
-        println!(
+        outln!(
             "{n} records in {elapsed:.1}s: {:.0} records/s, {:.1} MiB/s, {} errors; batch latency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
             result["records_per_sec"].as_f64().unwrap_or(0.0),
             result["mib_per_sec"].as_f64().unwrap_or(0.0),

@@ -19,11 +19,12 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
 use crate::bench::{AwsClient, AwsCredentials};
+use crate::output::outln;
 
 #[derive(Args, Debug, Clone)]
 pub struct ReadArgs {
     /// AWS API addresses (consumer k uses endpoint k mod n).
-    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:7450")]
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:7450", value_parser = crate::profile::parse_address)]
     endpoints: Vec<String>,
     #[command(flatten)]
     credentials: AwsCredentials,
@@ -160,15 +161,16 @@ async fn follow(
     Ok(())
 }
 
-fn report(args: &ReadArgs, result: Value) {
+fn report(args: &ReadArgs, result: Value) -> anyhow::Result<()> {
     if args.json {
-        println!("{result}");
+        outln!("{result}");
     } else {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&result).unwrap_or_default()
         );
     }
+    Ok(())
 }
 
 pub async fn consume(args: ReadArgs) -> anyhow::Result<()> {
@@ -218,8 +220,7 @@ pub async fn consume(args: ReadArgs) -> anyhow::Result<()> {
         &args,
         json!({"workload": "consume", "consumers": per_consumer, "records": records, "seconds": elapsed,
             "records_per_sec": records as f64 / elapsed, "mib_per_sec": bytes as f64 / elapsed / 1048576.0}),
-    );
-    Ok(())
+    )
 }
 
 pub async fn e2e(args: ReadArgs) -> anyhow::Result<()> {
@@ -333,6 +334,5 @@ pub async fn e2e(args: ReadArgs) -> anyhow::Result<()> {
         json!({"workload": "e2e", "put": put, "put_failed": failed, "rate": args.rate, "shards": args.shards,
             "consumers": args.consumers, "seen_per_consumer": seen, "record_size": args.record_size,
             "latency_ms": {"p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "p999": ms(0.999), "max": h.max() as f64 / 1000.0}}),
-    );
-    Ok(())
+    )
 }

@@ -11,6 +11,7 @@ use kinesin_meta::{MetaState, NodeState};
 use kinesin_types::ShardState;
 
 use crate::bench::AwsClient;
+use crate::output::outln;
 use crate::profile::{self, Profile};
 use kinesin_proto::v1::node_client::NodeClient;
 use kinesin_proto::v1::{self as pb};
@@ -18,8 +19,9 @@ use tonic::transport::Channel;
 
 #[derive(Args, Debug, Clone)]
 pub struct Endpoint {
-    /// gRPC address of any node (default: the profile's, 127.0.0.1:7451).
-    #[arg(long, env = "KINESIN_ENDPOINT", global = true)]
+    /// gRPC address of any node, `host:port` or `http://host:port`
+    /// (default: the profile's, 127.0.0.1:7451).
+    #[arg(long, env = "KINESIN_ENDPOINT", global = true, value_parser = profile::parse_address)]
     endpoint: Option<String>,
     /// Profile in profiles.toml (default: `default`); see `kinesin profile`.
     #[arg(long, env = "KINESIN_PROFILE", global = true)]
@@ -36,14 +38,18 @@ impl Endpoint {
     }
 }
 
+/// Said with every connection failure: what the address should name.
+const ENDPOINT_HINT: &str =
+    " (--endpoint takes a node's gRPC address, host:port or http://host:port; default 127.0.0.1:7451)";
+
 async fn connect_to(address: &str) -> anyhow::Result<NodeClient<Channel>> {
     let client = tokio::time::timeout(
         Duration::from_secs(5),
         NodeClient::connect(format!("http://{address}")),
     )
     .await
-    .with_context(|| format!("connecting to {address} timed out"))?
-    .with_context(|| format!("cannot connect to {address}"))?;
+    .with_context(|| format!("connecting to {address} timed out after 5 s{ENDPOINT_HINT}"))?
+    .with_context(|| format!("cannot connect to {address}{ENDPOINT_HINT}"))?;
     Ok(client
         .max_decoding_message_size(kinesin_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(kinesin_proto::MAX_MESSAGE_BYTES))
@@ -95,8 +101,9 @@ pub enum StreamCommand {
         name: String,
         #[arg(long)]
         shards: u32,
-        /// AWS API address of any node (default: the profile's).
-        #[arg(long)]
+        /// AWS API address of any node, `host:port` or `http://host:port`
+        /// (default: the profile's).
+        #[arg(long, value_parser = profile::parse_address)]
         api_endpoint: Option<String>,
         /// Return once the reshard has started.
         #[arg(long)]
@@ -137,7 +144,8 @@ pub async fn stream(cmd: StreamCommand) -> anyhow::Result<()> {
             })
             .await
             .map_err(status)?;
-            println!("created stream {name} with {shards} shard(s)");
+            wait_for_active(&mut c, &name).await?;
+            outln!("created stream {name} with {shards} shard(s)");
         }
         StreamCommand::List { json, endpoint } => {
             let mut c = connect(&endpoint).await?;
@@ -148,10 +156,10 @@ pub async fn stream(cmd: StreamCommand) -> anyhow::Result<()> {
                 .into_inner()
                 .streams;
             if json {
-                println!("{}", serde_json::json!({ "streams": streams }));
+                outln!("{}", serde_json::json!({ "streams": streams }));
             } else {
                 for s in streams {
-                    println!("{s}");
+                    outln!("{s}");
                 }
             }
         }
@@ -185,23 +193,29 @@ pub async fn stream(cmd: StreamCommand) -> anyhow::Result<()> {
                         })
                     })
                     .collect();
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({"stream": d.stream, "status": d.status, "epoch": d.epoch,
                         "retention_hours": d.retention_hours, "shards": shards})
                 );
             } else {
-                println!(
+                outln!(
                     "{}  {}  retention {}h  epoch {}",
-                    d.stream, d.status, d.retention_hours, d.epoch
+                    d.stream,
+                    d.status,
+                    d.retention_hours,
+                    d.epoch
                 );
-                println!(
+                outln!(
                     "{:<22} {:<6} {:<10} {:<40}",
-                    "SHARD", "OPEN", "REPLICAS", "HASH RANGE START"
+                    "SHARD",
+                    "OPEN",
+                    "REPLICAS",
+                    "HASH RANGE START"
                 );
                 for s in d.shards {
                     let replicas: Vec<String> = s.replicas.iter().map(u64::to_string).collect();
-                    println!(
+                    outln!(
                         "{:<22} {:<6} {:<10} {}",
                         s.shard_id,
                         s.open,
@@ -218,10 +232,31 @@ pub async fn stream(cmd: StreamCommand) -> anyhow::Result<()> {
             })
             .await
             .map_err(status)?;
-            println!("deleted stream {name}");
+            outln!("deleted stream {name}");
         }
     }
     Ok(())
+}
+
+/// Waits until a new stream's shards have leaders (it is ACTIVE).
+async fn wait_for_active(c: &mut NodeClient<Channel>, name: &str) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let d = c
+            .describe_stream(pb::DescribeStreamRequest {
+                stream: name.to_string(),
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        if d.status == "ACTIVE" {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("stream {name} is still {} after 2 minutes", d.status);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[derive(Args, Debug)]
@@ -351,13 +386,13 @@ pub async fn tail(args: TailArgs) -> anyhow::Result<()> {
             for rec in &r.records {
                 let data = String::from_utf8_lossy(&rec.data);
                 if args.json {
-                    println!(
+                    outln!(
                         "{}",
                         serde_json::json!({"shard": shard, "sequence_number": rec.sequence_number,
                             "partition_key": rec.partition_key, "arrival_ms": rec.arrival_ms, "data": data})
                     );
                 } else {
-                    println!("{data}");
+                    outln!("{data}");
                 }
             }
             *from = pb::IteratorType::AtSequenceNumber;
@@ -408,7 +443,7 @@ async fn reshard(
         eprint!("\r{name}: {state} ({} s)   ", started.elapsed().as_secs());
         if state == "ACTIVE" {
             eprintln!();
-            println!(
+            outln!(
                 "{name}: {} open shard(s)",
                 summary["OpenShardCount"].as_u64().unwrap_or(0)
             );
@@ -586,7 +621,7 @@ fn group_rows(s: &Survey) -> Vec<GroupRow> {
 }
 
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    outln!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
@@ -630,20 +665,20 @@ async fn health(endpoint: &Endpoint, json: bool) -> anyhow::Result<()> {
             "groups_without_leader": leaderless, "under_replicated_groups": under, "problems": problems,
         }))?;
     } else {
-        println!(
+        outln!(
             "cluster {}: {}",
             s.map.cluster_id,
             if healthy { "healthy" } else { "UNHEALTHY" }
         );
-        println!("  nodes: {} of {} reachable", reachable, s.reports.len());
-        println!(
+        outln!("  nodes: {} of {} reachable", reachable, s.reports.len());
+        outln!(
             "  groups: {}, without leader: {}, under-replicated: {}",
             rows.len(),
             leaderless.len(),
             under.len()
         );
         for p in &problems {
-            println!("  - {p}");
+            outln!("  - {p}");
         }
     }
     if healthy {
@@ -679,12 +714,19 @@ async fn nodes(endpoint: &Endpoint, json: bool) -> anyhow::Result<()> {
     if json {
         return print_json(&out);
     }
-    println!(
+    outln!(
         "{:<4} {:<9} {:<22} {:<22} {:<10} {:<9} {:>6} {:>6}",
-        "ID", "STATE", "GRPC", "API", "ZONE", "REACHABLE", "GROUPS", "LEADS"
+        "ID",
+        "STATE",
+        "GRPC",
+        "API",
+        "ZONE",
+        "REACHABLE",
+        "GROUPS",
+        "LEADS"
     );
     for n in out {
-        println!(
+        outln!(
             "{:<4} {:<9} {:<22} {:<22} {:<10} {:<9} {:>6} {:>6}",
             n["id"].as_u64().unwrap_or_default(),
             n["state"].as_str().unwrap_or_default(),
@@ -708,13 +750,18 @@ async fn leaders(endpoint: &Endpoint, json: bool) -> anyhow::Result<()> {
     if json {
         return print_json(&rows);
     }
-    println!(
+    outln!(
         "{:<6} {:<20} {:<20} {:<8} {:<7} {:<6} REPLICAS",
-        "GROUP", "STREAM", "SHARD", "STATE", "LEADER", "TERM"
+        "GROUP",
+        "STREAM",
+        "SHARD",
+        "STATE",
+        "LEADER",
+        "TERM"
     );
     for r in rows {
         let replicas: Vec<String> = r.replicas.iter().map(u64::to_string).collect();
-        println!(
+        outln!(
             "{:<6} {:<20} {:<20} {:<8} {:<7} {:<6} {}",
             r.group,
             r.stream.as_deref().unwrap_or("(metadata)"),
@@ -773,7 +820,7 @@ pub async fn cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
                 .map(|g| serde_json::json!({"group": g.group, "role": g.role, "leader": g.leader, "term": g.term,
                     "last_log_index": g.last_log_index, "applied_index": g.applied_index}))
                 .collect();
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(&serde_json::json!({
                     "cluster_id": info.cluster_id, "node_id": info.node_id, "groups": groups, "map": state,
@@ -794,7 +841,7 @@ pub async fn cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            println!("group {group} is led by node {}", r.leader);
+            outln!("group {group} is led by node {}", r.leader);
         }
         ClusterCommand::RemoveNode {
             node,
@@ -815,7 +862,7 @@ pub async fn cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
                 eprint!("\rnode {node}: {state}, {replicas} replica(s) left      ");
                 if state == "Removed" {
                     eprintln!();
-                    println!("node {node} drained and removed");
+                    outln!("node {node} drained and removed");
                     return Ok(());
                 }
                 if tokio::time::Instant::now() > deadline {

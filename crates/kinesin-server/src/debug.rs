@@ -8,6 +8,8 @@ use clap::Args;
 use kinesin_shard::StoredRecord;
 use kinesin_storage::{keys, Cf, FsyncPolicy, Storage};
 
+use crate::output::stdout_error;
+
 #[derive(Args, Debug)]
 pub struct RecordsArgs {
     /// The node's data directory (the node must be stopped).
@@ -31,6 +33,12 @@ fn open(data_dir: &std::path::Path) -> anyhow::Result<Storage> {
         .with_context(|| format!("cannot open storage in {}", path.display()))
 }
 
+/// Writes `value` as one JSON line to standard output.
+fn json_line(out: &mut impl Write, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    serde_json::to_writer(&mut *out, value).map_err(|e| stdout_error(e.into()))?;
+    out.write_all(b"\n").map_err(stdout_error)
+}
+
 /// Prints one JSON line per Raft group: vote, committed, purged, last log
 /// and applied ids, the log's terms, and the requested entries.
 pub fn raft(args: RaftArgs) -> anyhow::Result<()> {
@@ -38,10 +46,9 @@ pub fn raft(args: RaftArgs) -> anyhow::Result<()> {
     let indexes = args.entries.into_iter().collect();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for group in kinesin_raft::inspect::dump(&storage, &indexes)? {
-        serde_json::to_writer(&mut out, &group)?;
-        out.write_all(b"\n")?;
+        json_line(&mut out, &group)?;
     }
-    out.flush()?;
+    out.flush().map_err(stdout_error)?;
     Ok(())
 }
 
@@ -56,7 +63,7 @@ pub fn records(args: RecordsArgs) -> anyhow::Result<()> {
         let group = u64::from_be_bytes(key[..8].try_into().context("short record key")?);
         let record: StoredRecord = postcard::from_bytes(&value)
             .with_context(|| format!("undecodable record in group {group}"))?;
-        serde_json::to_writer(
+        json_line(
             &mut out,
             &serde_json::json!({
                 "group": group,
@@ -65,8 +72,7 @@ pub fn records(args: RecordsArgs) -> anyhow::Result<()> {
                 "data": String::from_utf8_lossy(&record.data),
             }),
         )?;
-        out.write_all(b"\n")?;
     }
-    out.flush()?;
+    out.flush().map_err(stdout_error)?;
     Ok(())
 }

@@ -6,6 +6,7 @@ mod bench_read;
 mod cli;
 mod debug;
 mod dev;
+mod output;
 mod profile;
 
 use std::path::PathBuf;
@@ -230,6 +231,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<cli::Unhealthy>().is_some() => ExitCode::from(3),
+        Err(e) if e.downcast_ref::<output::StdoutClosed>().is_some() => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kinesin: {e:#}");
             ExitCode::from(1)

@@ -9,6 +9,8 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 
+use crate::output::outln;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Profile {
@@ -33,6 +35,27 @@ impl Default for Profile {
     }
 }
 
+/// A node address as the CLI's clients dial it (`host:port`), from
+/// `host:port` or `http://host:port` (a trailing `/` is fine). The clients
+/// speak plain HTTP, so `https://` is refused with a clear message rather
+/// than dialled as something else.
+pub fn parse_address(value: &str) -> Result<String, String> {
+    let trimmed = value.trim().trim_end_matches('/');
+    let expected = "expected host:port or http://host:port";
+    if trimmed.starts_with("https://") {
+        return Err(format!(
+            "{value:?}: the kinesin CLI connects over plain HTTP; {expected}"
+        ));
+    }
+    let bare = trimmed.strip_prefix("http://").unwrap_or(trimmed);
+    match bare.parse::<axum::http::uri::Authority>() {
+        Ok(a) if a.port_u16().is_some() && !a.host().is_empty() && !bare.contains('@') => {
+            Ok(bare.to_string())
+        }
+        _ => Err(format!("{value:?} is not a node address: {expected}")),
+    }
+}
+
 fn path() -> PathBuf {
     let home = std::env::var_os("KINESIN_HOME")
         .map(PathBuf::from)
@@ -54,13 +77,19 @@ fn load_all() -> anyhow::Result<BTreeMap<String, Profile>> {
 /// The named profile; `default` (or built-in defaults) when none is named.
 pub fn load(name: Option<&str>) -> anyhow::Result<Profile> {
     let all = load_all()?;
-    match name {
+    let mut p = match name {
         Some(n) => all
             .get(n)
             .cloned()
-            .with_context(|| format!("no profile named {n} in {}", path().display())),
-        None => Ok(all.get("default").cloned().unwrap_or_default()),
-    }
+            .with_context(|| format!("no profile named {n} in {}", path().display()))?,
+        None => all.get("default").cloned().unwrap_or_default(),
+    };
+    let profile = name.unwrap_or("default");
+    p.endpoint = parse_address(&p.endpoint)
+        .map_err(|e| anyhow::anyhow!("profile {profile}: endpoint {e}"))?;
+    p.api_endpoint = parse_address(&p.api_endpoint)
+        .map_err(|e| anyhow::anyhow!("profile {profile}: api_endpoint {e}"))?;
+    Ok(p)
 }
 
 #[derive(Subcommand, Debug)]
@@ -82,9 +111,9 @@ pub enum ProfileCommand {
 
 #[derive(Args, Debug)]
 pub struct ProfileFields {
-    #[arg(long)]
+    #[arg(long, value_parser = parse_address)]
     endpoint: Option<String>,
-    #[arg(long)]
+    #[arg(long, value_parser = parse_address)]
     api_endpoint: Option<String>,
     #[arg(long)]
     access_key_id: Option<String>,
@@ -119,7 +148,7 @@ pub fn run(cmd: ProfileCommand) -> anyhow::Result<()> {
                 region
             );
             save(&all)?;
-            println!("profile {name} saved in {}", path().display());
+            outln!("profile {name} saved in {}", path().display());
         }
         ProfileCommand::List { json } => {
             if json {
@@ -130,16 +159,21 @@ pub fn run(cmd: ProfileCommand) -> anyhow::Result<()> {
                             "access_key_id": p.access_key_id, "region": p.region}))
                     })
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&redacted)?);
+                outln!("{}", serde_json::to_string_pretty(&redacted)?);
             } else {
-                println!(
+                outln!(
                     "{:<16} {:<24} {:<24} {:<20}",
-                    "PROFILE", "ENDPOINT", "API ENDPOINT", "ACCESS KEY"
+                    "PROFILE",
+                    "ENDPOINT",
+                    "API ENDPOINT",
+                    "ACCESS KEY"
                 );
                 for (n, p) in &all {
-                    println!(
+                    outln!(
                         "{n:<16} {:<24} {:<24} {:<20}",
-                        p.endpoint, p.api_endpoint, p.access_key_id
+                        p.endpoint,
+                        p.api_endpoint,
+                        p.access_key_id
                     );
                 }
             }
@@ -149,8 +183,42 @@ pub fn run(cmd: ProfileCommand) -> anyhow::Result<()> {
                 anyhow::bail!("no profile named {name}");
             }
             save(&all)?;
-            println!("profile {name} deleted");
+            outln!("profile {name} deleted");
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_address;
+
+    #[test]
+    fn addresses_are_accepted_with_or_without_http_and_refused_clearly() {
+        for ok in [
+            "127.0.0.1:7461",
+            "http://127.0.0.1:7461",
+            "http://127.0.0.1:7461/",
+            "node-2.kinesin:7451",
+            "[::1]:7451",
+        ] {
+            let parsed = parse_address(ok).unwrap();
+            assert!(!parsed.starts_with("http"), "{ok} -> {parsed}");
+            assert!(parsed.ends_with(":7461") || parsed.ends_with(":7451"));
+        }
+        for bad in [
+            "127.0.0.1",
+            "http://",
+            "",
+            "a b:1",
+            "user@host:1",
+            "127.0.0.1:x",
+        ] {
+            let e = parse_address(bad).unwrap_err();
+            assert!(e.contains("host:port"), "{bad}: {e}");
+        }
+        assert!(parse_address("https://127.0.0.1:7451")
+            .unwrap_err()
+            .contains("plain HTTP"));
+    }
 }
