@@ -199,6 +199,7 @@ def test_get_records_limit_and_millis_behind(kinesis, stream_name):
     assert out["MillisBehindLatest"] == 0
 
 
+@pytest.mark.own_cluster
 def test_expired_iterator(binary, workdir, stream_name):
     nodes = start_cluster(binary, os.path.join(workdir, "short-iterators"), 1, extra="iterator_validity_secs = 1\nreplication_factor = 1")
     try:
@@ -214,6 +215,7 @@ def test_expired_iterator(binary, workdir, stream_name):
             n.stop()
 
 
+@pytest.mark.own_cluster
 def test_shard_throughput_limits(binary, workdir, stream_name):
     limits = "replication_factor = 1\nshard_write_records_per_sec = 100\nshard_read_calls_per_sec = 2"
     nodes = start_cluster(binary, os.path.join(workdir, "limits"), 1, extra=limits)
@@ -702,6 +704,7 @@ def test_bench_e2e_and_consume_smoke(binary, cluster, stream_name):
     assert [c["records"] for c in consumed["consumers"]] == [e2e["put"]] * 2, consumed
 
 
+@pytest.mark.own_cluster
 def test_tls_with_http2_by_alpn(binary, workdir, stream_name, tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(

@@ -1,5 +1,6 @@
 //! Whole-system tests on in-process clusters of real nodes.
 
+mod availability;
 mod aws_sdk;
 mod common;
 mod drain;

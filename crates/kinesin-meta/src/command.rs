@@ -58,6 +58,15 @@ pub enum MetaCommand {
         name: String,
         change: StreamChange,
     },
+    /// Every open shard of the stream had a leader answering when the map
+    /// was at `epoch`: a CREATING stream becomes ACTIVE, and so does an
+    /// UPDATING one whose resharded parents are all sealed. Ignored if the
+    /// map changed since (another check follows). Kept last: postcard numbers
+    /// the variants, so older logs still decode.
+    StreamReady {
+        stream: String,
+        epoch: u64,
+    },
 }
 
 /// A shard a reshard creates. Its id, group and generation are assigned when

@@ -121,7 +121,8 @@ impl MetaStateMachine {
                     name,
                     StreamInfo {
                         name: stream_name,
-                        status: StreamStatus::Active,
+                        // ACTIVE once every shard has a leader (`StreamReady`).
+                        status: StreamStatus::Creating,
                         created_at_ms: now_ms,
                         retention_hours,
                         max_record_bytes,
@@ -179,11 +180,6 @@ impl MetaStateMachine {
                     sh.ending_sequence = ending;
                     s.epoch += 1;
                 }
-                if s.status == StreamStatus::Updating
-                    && !s.shards.iter().any(|sh| sh.state == ShardState::Sealing)
-                {
-                    s.status = StreamStatus::Active;
-                }
                 Ok(())
             }
             MetaCommand::UpdateStream { name, change } => {
@@ -192,6 +188,16 @@ impl MetaStateMachine {
                     .get_mut(&name)
                     .ok_or(MetaError::StreamNotFound(name))?;
                 apply_change(s, change);
+                Ok(())
+            }
+            MetaCommand::StreamReady { stream, epoch } => {
+                let s = state
+                    .streams
+                    .get_mut(&stream)
+                    .ok_or(MetaError::StreamNotFound(stream))?;
+                if s.epoch == epoch && s.awaits_leaders() {
+                    s.status = StreamStatus::Active;
+                }
                 Ok(())
             }
         }
@@ -398,7 +404,23 @@ mod tests {
             },
         )
         .unwrap();
+        assert_eq!(state.streams["s"].status, StreamStatus::Creating);
+        ready(&mut state);
+        assert_eq!(state.streams["s"].status, StreamStatus::Active);
         state
+    }
+
+    /// What the controller proposes once every open shard answers.
+    fn ready(state: &mut MetaState) {
+        let epoch = state.streams["s"].epoch;
+        MetaStateMachine::apply_command(
+            state,
+            MetaCommand::StreamReady {
+                stream: "s".into(),
+                epoch,
+            },
+        )
+        .unwrap();
     }
 
     fn child(range: HashKeyRange, parent: u32, adjacent: Option<u32>) -> NewShard {
@@ -444,9 +466,36 @@ mod tests {
         )
         .unwrap();
         let s = &state.streams["s"];
-        assert_eq!(s.status, StreamStatus::Active);
         assert_eq!(s.shards[0].state, ShardState::Sealed);
         assert_eq!(s.shards[0].ending_sequence, ending);
+        // UPDATING until the children are known to have leaders; a readiness
+        // check made before the last change of the map counts for nothing.
+        assert_eq!(s.status, StreamStatus::Updating);
+        let stale = MetaCommand::StreamReady {
+            stream: "s".into(),
+            epoch: s.epoch - 1,
+        };
+        MetaStateMachine::apply_command(&mut state, stale).unwrap();
+        assert_eq!(state.streams["s"].status, StreamStatus::Updating);
+        ready(&mut state);
+        assert_eq!(state.streams["s"].status, StreamStatus::Active);
+    }
+
+    #[test]
+    fn a_stream_is_not_ready_while_a_parent_is_sealing() {
+        let mut state = state_with_stream(1);
+        let (a, b) = HashKeyRange::FULL
+            .split_at(kinesin_types::HashKey(1 << 100))
+            .unwrap();
+        let split = MetaCommand::Reshard {
+            stream: "s".into(),
+            parents: vec![ShardId(0)],
+            children: vec![child(a, 0, None), child(b, 0, None)],
+        };
+        MetaStateMachine::apply_command(&mut state, split).unwrap();
+        assert!(!state.streams["s"].awaits_leaders());
+        ready(&mut state);
+        assert_eq!(state.streams["s"].status, StreamStatus::Updating);
     }
 
     #[test]

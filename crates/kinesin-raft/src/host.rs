@@ -123,6 +123,9 @@ pub struct GroupStatus {
     /// Highest log index removed from the log (covered by a snapshot).
     pub purged_index: Option<u64>,
     pub voters: BTreeSet<NodeId>,
+    /// A membership change is under way (joint consensus): a quorum needs a
+    /// majority of the old voters and of the new ones.
+    pub joint: bool,
     pub learners: BTreeSet<NodeId>,
     /// Raft address of every member, as the group's membership records it.
     pub addresses: BTreeMap<NodeId, String>,
@@ -399,6 +402,45 @@ impl RaftHost {
             .map_err(|e| raft_err(group, e))
     }
 
+    /// `dead` led this group and its node is known to be down: stop waiting
+    /// out its leader lease. A follower normally refuses to vote for
+    /// `election_max_ms` after the last heartbeat and then waits its own
+    /// election timeout (7.5–10 s with the default shard timing); this
+    /// voids the lease at once, as a leadership transfer away from `dead`
+    /// would, and returns whether it did (false when `dead` is no longer
+    /// this replica's leader). The caller then calls [`RaftHost::elect`].
+    pub async fn forget_dead_leader(
+        &self,
+        group: GroupId,
+        dead: NodeId,
+    ) -> Result<bool, RaftHostError> {
+        let g = self.group(group)?;
+        let m = g.raft.metrics().borrow_watched().clone();
+        if m.current_leader != Some(dead.0) || m.state == ServerState::Leader {
+            return Ok(false);
+        }
+        // Addressed to the dead node itself, so nobody here is asked to
+        // take over: the request only ends the lease of `dead`'s vote.
+        g.raft
+            .handle_transfer_leader(TransferLeaderRequest::new(m.vote, dead.0, None))
+            .await
+            .map_err(|e| raft_err(group, e))?
+            .map_err(|e| raft_err(group, e))?;
+        Ok(true)
+    }
+
+    /// Starts a pre-vote, then an election if a majority would vote for this
+    /// replica (its log is up to date and their leases ended). Harmless
+    /// when it cannot win: pre-vote does not raise anyone's term.
+    pub async fn elect(&self, group: GroupId) -> Result<(), RaftHostError> {
+        let g = self.group(group)?;
+        g.raft
+            .trigger()
+            .elect(true)
+            .await
+            .map_err(|e| raft_err(group, e))
+    }
+
     pub fn status(&self, group: GroupId) -> Option<GroupStatus> {
         let g = self.group(group).ok()?;
         let m = g.raft.metrics().borrow_watched().clone();
@@ -428,6 +470,7 @@ impl RaftHost {
             applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
             purged_index: m.purged.as_ref().map(|l| l.index),
             voters,
+            joint: membership.get_joint_config().len() > 1,
             learners,
             addresses,
             follower_ack_age_ms: m

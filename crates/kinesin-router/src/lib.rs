@@ -6,6 +6,7 @@
 
 mod clients;
 mod error;
+pub mod liveness;
 mod router;
 mod service;
 mod throttle;

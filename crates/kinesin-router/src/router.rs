@@ -15,13 +15,14 @@ use kinesin_shard::{
     StoredRecord,
 };
 use kinesin_types::{
-    hash_key_for_partition_key, GroupId, HashKey, NodeId, SequenceNumber, ShardId, StreamInfo,
-    StreamName, MAX_RECORD_BYTES_LIMIT,
+    hash_key_for_partition_key, GroupId, HashKey, NodeId, SequenceNumber, ShardId, ShardState,
+    StreamInfo, StreamName, StreamStatus, MAX_RECORD_BYTES_LIMIT,
 };
 use tonic::transport::Channel;
 
 use crate::clients::NodeClients;
 use crate::error::RouterError;
+use crate::liveness::Liveness;
 use crate::throttle::{ShardLimits, Throttle};
 
 #[derive(Debug, Clone)]
@@ -123,9 +124,21 @@ pub struct Router {
     shards: Arc<LocalShards>,
     clients: NodeClients,
     leaders: Mutex<HashMap<GroupId, NodeId>>,
+    liveness: Liveness,
     throttle: Throttle,
     config: RouterConfig,
 }
+
+/// A node that acknowledged the metadata leader within this many ms counts
+/// as up when replicas are placed.
+pub const LIVE_WITHIN_MS: u64 = 3_000;
+/// Longest CreateStream waits for the new shards' leaders before it returns
+/// a stream that is still CREATING.
+const CREATE_WAIT: Duration = Duration::from_secs(10);
+
+/// Longest pause between two attempts to find a leader: short, since a
+/// failed-over group has a new leader within a second.
+const MAX_BACKOFF: Duration = Duration::from_millis(200);
 
 /// Bounds of the time one attempt at one node may take.
 const ATTEMPT_MIN: Duration = Duration::from_millis(500);
@@ -173,6 +186,7 @@ impl Router {
             shards,
             clients: NodeClients::default(),
             leaders: Mutex::default(),
+            liveness: Liveness::default(),
             throttle: Throttle::new(config.shard_limits),
             config,
         }
@@ -180,6 +194,19 @@ impl Router {
 
     pub fn host(&self) -> &RaftHost {
         &self.host
+    }
+
+    /// Which other nodes answer (see [`crate::liveness`]).
+    pub fn liveness(&self) -> &Liveness {
+        &self.liveness
+    }
+
+    /// `node` is down: requests stop going to it as a cached leader.
+    pub(crate) fn forget_leader_node(&self, node: NodeId) {
+        self.leaders
+            .lock()
+            .expect("leaders lock")
+            .retain(|_, leader| *leader != node);
     }
 
     pub fn meta_state(&self) -> Arc<MetaState> {
@@ -232,13 +259,23 @@ impl Router {
                 .expect("leaders lock")
                 .get(&group)
                 .copied();
-            let known = cached.or_else(|| self.host.status(group).and_then(|s| s.leader));
+            // A leader on a node known to be down is no leader: its group is
+            // electing another, which the candidates will name.
+            let known = cached
+                .or_else(|| self.host.status(group).and_then(|s| s.leader))
+                .filter(|n| !self.liveness.is_down(*n));
             let target_node = match known {
                 Some(n) => n,
                 None if candidates.is_empty() => self.host.node_id(),
                 None => {
+                    let live: Vec<NodeId> = candidates
+                        .iter()
+                        .copied()
+                        .filter(|c| !self.liveness.is_down(*c))
+                        .collect();
+                    let pool = if live.is_empty() { candidates } else { &live };
                     next_candidate += 1;
-                    candidates[(next_candidate - 1) % candidates.len()]
+                    pool[(next_candidate - 1) % pool.len()]
                 }
             };
             let target = if target_node == self.host.node_id() {
@@ -275,7 +312,9 @@ impl Router {
                         .insert(group, target_node);
                     return Ok(v);
                 }
-                Err(RouterError::NotLeader(Some(hint))) if hint != target_node => {
+                Err(RouterError::NotLeader(Some(hint)))
+                    if hint != target_node && !self.liveness.is_down(hint) =>
+                {
                     self.leaders
                         .lock()
                         .expect("leaders lock")
@@ -293,7 +332,7 @@ impl Router {
                         break;
                     }
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
                 Err(e) => {
                     if matches!(e, RouterError::Indeterminate(_)) {
@@ -415,7 +454,100 @@ impl Router {
                 }
             }
         })
+        .await?;
+        // Not inside the call above: a forwarded attempt that outlived its
+        // time budget would be retried and find the stream existing.
+        self.wait_until_created(name, CREATE_WAIT).await;
+        Ok(())
+    }
+
+    /// On the metadata leader: has `node` acknowledged the metadata group
+    /// within [`LIVE_WITHIN_MS`]? Every node replicates the metadata group
+    /// (voter or learner), so this is the cluster's view of who is up.
+    pub fn meta_leader_hears(&self, node: NodeId) -> bool {
+        node == self.host.node_id()
+            || self.host.status(GroupId::META).is_some_and(|s| {
+                s.follower_ack_age_ms
+                    .get(&node)
+                    .copied()
+                    .flatten()
+                    .is_some_and(|ms| ms < LIVE_WITHIN_MS)
+            })
+    }
+
+    /// Waits (at most `limit`) until `stream` is no longer CREATING in this
+    /// node's map, so that a client's first DescribeStream after
+    /// CreateStream finds it ACTIVE. A stream still CREATING then is
+    /// reported as such; the controller keeps working on it.
+    async fn wait_until_created(&self, stream: &str, limit: Duration) {
+        let mut changes = self.meta.subscribe();
+        let creating = |state: &MetaState| {
+            state
+                .streams
+                .get(stream)
+                .is_some_and(|s| s.status == StreamStatus::Creating)
+        };
+        let _ = tokio::time::timeout(limit, changes.wait_for(|state| !creating(state))).await;
+    }
+
+    /// Does every open shard of `stream` have a leader that answers? Asks
+    /// each shard's leader for a read of nothing new (through the usual
+    /// leader lookup, so a shard without a leader fails after the retry
+    /// budget).
+    pub async fn open_shards_led(&self, stream: &StreamInfo) -> bool {
+        let open: Vec<(GroupId, Vec<NodeId>)> = stream
+            .shards
+            .iter()
+            .filter(|s| s.state == ShardState::Open)
+            .map(|s| (s.group, s.replicas.clone()))
+            .collect();
+        for chunk in open.chunks(64) {
+            let probes = chunk
+                .iter()
+                .map(|(group, replicas)| self.leader_answers(*group, replicas));
+            if !futures::future::join_all(probes)
+                .await
+                .into_iter()
+                .all(|ok| ok)
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// A read of nothing new at the leader of `group`: does it have one?
+    async fn leader_answers(&self, group: GroupId, replicas: &[NodeId]) -> bool {
+        let request = ReadRequest {
+            start: ReadStart::Latest,
+            limit: 1,
+            max_bytes: 1,
+        };
+        self.at_leader(group, replicas, true, |target| async move {
+            match target {
+                Target::Local => match self.host.status(group) {
+                    Some(st) if st.role == "leader" => Ok(()),
+                    Some(st) => Err(RouterError::NotLeader(st.leader)),
+                    None => Err(RouterError::NotLeader(None)),
+                },
+                // Counts as a read call where read limits are set.
+                Target::Remote(mut c) => {
+                    let (from, seq, ts) = encode_start(request.start);
+                    c.shard_read(pb::ShardReadRequest {
+                        group: group.0,
+                        from: from as i32,
+                        sequence_number: seq,
+                        timestamp_ms: ts,
+                        limit: 1,
+                        max_bytes: 1,
+                    })
+                    .await?;
+                    Ok(())
+                }
+            }
+        })
         .await
+        .is_ok()
     }
 
     pub(crate) async fn create_stream_on_leader(
@@ -440,7 +572,16 @@ impl Router {
         } else {
             replication
         };
-        let replication = wanted.min(state.active_nodes().count().max(1));
+        // Replicas go to nodes heard from recently, so that every new shard
+        // can elect a leader now; the controller adds the missing ones when
+        // nodes come back.
+        let unreachable: BTreeSet<NodeId> = state
+            .active_nodes()
+            .map(|n| n.id)
+            .filter(|n| !self.meta_leader_hears(*n))
+            .collect();
+        let live = state.active_nodes().count() - unreachable.len();
+        let replication = wanted.min(live.max(1));
         let mut load = state.replica_load();
         let placements: Vec<Vec<NodeId>> = (0..shard_count)
             .map(|i| {
@@ -448,7 +589,7 @@ impl Router {
                     &state,
                     &format!("{name}/{i}"),
                     replication,
-                    &BTreeSet::new(),
+                    &unreachable,
                     &mut load,
                 )
             })

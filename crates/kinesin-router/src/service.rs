@@ -141,6 +141,15 @@ impl Node for NodeService {
         }))
     }
 
+    async fn ping(
+        &self,
+        _request: Request<pb::PingRequest>,
+    ) -> Result<Response<pb::PingResponse>, Status> {
+        Ok(Response::new(pb::PingResponse {
+            node_id: self.router.host().node_id().0,
+        }))
+    }
+
     async fn meta_index(
         &self,
         _request: Request<pb::MetaIndexRequest>,

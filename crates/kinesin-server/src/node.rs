@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, FsyncSetting};
-use crate::{admin, reconcile};
+use crate::{admin, failover, reconcile};
 
 const IDENTITY_KEY: &[u8] = b"identity";
 
@@ -212,8 +212,22 @@ impl Node {
             ctx.clone(),
             stop_rx.clone(),
         )));
+        node.tasks.push(tokio::spawn(reconcile::run_controller(
+            ctx.clone(),
+            stop_rx.clone(),
+        )));
+        node.tasks.push(tokio::spawn(reconcile::run_stream_settler(
+            ctx.clone(),
+            stop_rx.clone(),
+        )));
         node.tasks
-            .push(tokio::spawn(reconcile::run_controller(ctx, stop_rx)));
+            .push(tokio::spawn(kinesin_router::liveness::run_pings(
+                ctx.router.clone(),
+                stop_rx.clone(),
+            )));
+        node.tasks.push(tokio::spawn(failover::run_failover(
+            ctx.host, ctx.router, stop_rx,
+        )));
         Ok(node)
     }
 

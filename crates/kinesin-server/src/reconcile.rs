@@ -8,7 +8,8 @@
 //!
 //! The controller runs on the metadata leader only: it keeps three voters in
 //! the metadata group and re-places the replicas of nodes that have been
-//! unreachable for longer than `repair_after_secs` or are draining.
+//! unreachable for longer than `repair_after_secs` or are draining. Beside
+//! it, the settler turns new streams ACTIVE once their shards have leaders.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -19,7 +20,7 @@ use kinesin_raft::{RaftHost, TimingProfile};
 use kinesin_router::{LocalShards, Router};
 use kinesin_shard::{ShardCommand, ShardReply, ShardStateMachine};
 use kinesin_storage::Storage;
-use kinesin_types::{GroupId, NodeId, SequenceNumber, ShardInfo, ShardState};
+use kinesin_types::{GroupId, NodeId, SequenceNumber, ShardInfo, ShardState, StreamStatus};
 use tokio::sync::watch;
 
 use crate::config::Config;
@@ -43,6 +44,11 @@ const TRANSFER_EVERY: Duration = Duration::from_secs(30);
 const REMOVE_GRACE: Duration = Duration::from_secs(10);
 /// Longest one membership alignment may take before it is retried.
 const ALIGN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the k-th replica of a new group waits for an earlier one to
+/// make its first membership before it makes it itself.
+const INIT_STAGGER: Duration = Duration::from_secs(2);
+/// How often the metadata leader looks for streams whose shards all lead.
+const SETTLE_EVERY: Duration = Duration::from_millis(250);
 
 enum LeaderAction {
     Nothing,
@@ -58,6 +64,9 @@ struct Busy {
     last_transfer: HashMap<GroupId, Instant>,
     last_trim: HashMap<GroupId, Instant>,
     unassigned_since: HashMap<GroupId, Instant>,
+    /// New groups without a membership here, and since when.
+    uninitialized_since: HashMap<GroupId, Instant>,
+    initializing: HashSet<GroupId>,
 }
 
 pub(crate) async fn run_reconciler(ctx: Context, mut stop: watch::Receiver<bool>) {
@@ -84,11 +93,12 @@ async fn reconcile_once(ctx: &Context, state: &MetaState, busy: &Arc<Mutex<Busy>
 
     for (group, (_, shard)) in &wanted {
         if !ctx.host.has_group(*group) {
-            if let Err(e) = start_replica(ctx, state, shard).await {
+            if let Err(e) = start_replica(ctx, shard).await {
                 tracing::warn!(%group, error = %e, "cannot start shard replica");
             }
         }
     }
+    initialize_new_groups(ctx, state, &wanted, busy);
     let mut unassigned = Vec::new();
     let mut leading_unassigned = Vec::new();
     {
@@ -255,7 +265,7 @@ fn seal_parent(ctx: &Context, stream: &str, shard: &ShardInfo, busy: &Arc<Mutex<
     });
 }
 
-async fn start_replica(ctx: &Context, state: &MetaState, shard: &ShardInfo) -> anyhow::Result<()> {
+async fn start_replica(ctx: &Context, shard: &ShardInfo) -> anyhow::Result<()> {
     let sm = Arc::new(ShardStateMachine::open(
         ctx.storage.clone(),
         shard.group.0,
@@ -266,23 +276,64 @@ async fn start_replica(ctx: &Context, state: &MetaState, shard: &ShardInfo) -> a
     ctx.host
         .start_group(shard.group, sm, &ctx.shard_timing)
         .await?;
-    // The preferred leader makes the first membership; everyone else waits
-    // to be contacted. Initializing is a no-op on a group with history. It
-    // runs in the background: it completes only once the other replicas
-    // have started the group, and this loop must go on starting ours.
-    if shard.replicas.first() == Some(&ctx.host.node_id()) {
-        let members = addresses(state, &shard.replicas);
-        if members.len() == shard.replicas.len() {
-            let host = ctx.host.clone();
-            let group = shard.group;
-            tokio::spawn(async move {
-                if let Err(e) = host.initialize(group, members).await {
-                    tracing::warn!(%group, error = %e, "cannot initialize shard group");
-                }
-            });
-        }
-    }
     Ok(())
+}
+
+/// Makes the first membership of new shard groups that have none here yet.
+///
+/// The preferred leader (the first replica) does it at once; if the group
+/// still has no membership here after [`INIT_STAGGER`] times this node's
+/// position among the replicas, this replica does it, so a group starts
+/// with any live majority of its replicas and never waits for one node.
+/// Every replica initializes with the same membership (the map's
+/// replicas), which openraft allows: the leader's log replaces the others'.
+/// Only while the stream awaits its leaders (CREATING, or UPDATING after a
+/// reshard) and never after: a replica added later to a running group must
+/// wait to be contacted, or it would found a second group of its own.
+fn initialize_new_groups(
+    ctx: &Context,
+    state: &MetaState,
+    wanted: &BTreeMap<GroupId, (String, ShardInfo)>,
+    busy: &Arc<Mutex<Busy>>,
+) {
+    let me = ctx.host.node_id();
+    let mut b = busy.lock().expect("busy lock");
+    b.uninitialized_since.retain(|g, _| wanted.contains_key(g));
+    for (group, (stream, shard)) in wanted {
+        let pristine = ctx
+            .host
+            .status(*group)
+            .is_some_and(|st| st.addresses.is_empty());
+        let new = state.streams.get(stream).is_some_and(|s| {
+            s.status == StreamStatus::Creating || s.status == StreamStatus::Updating
+        });
+        if !pristine || !new {
+            b.uninitialized_since.remove(group);
+            continue;
+        }
+        let since = *b
+            .uninitialized_since
+            .entry(*group)
+            .or_insert_with(Instant::now);
+        let rank = shard.replicas.iter().position(|r| *r == me).unwrap_or(0) as u32;
+        if since.elapsed() < INIT_STAGGER * rank || !b.initializing.insert(*group) {
+            continue;
+        }
+        let members = addresses(state, &shard.replicas);
+        if members.len() != shard.replicas.len() {
+            b.initializing.remove(group);
+            continue;
+        }
+        let (host, busy, group) = (ctx.host.clone(), busy.clone(), *group);
+        // In the background: it completes once a majority of the replicas
+        // started the group, and the reconciler must go on starting ours.
+        tokio::spawn(async move {
+            if let Err(e) = host.initialize(group, members).await {
+                tracing::warn!(%group, error = %e, "cannot initialize shard group");
+            }
+            busy.lock().expect("busy lock").initializing.remove(&group);
+        });
+    }
 }
 
 fn addresses(state: &MetaState, nodes: &[NodeId]) -> BTreeMap<NodeId, String> {
@@ -350,6 +401,49 @@ fn align_membership(
     });
 }
 
+/// On the metadata leader: turns a CREATING stream (or an UPDATING one whose
+/// resharded parents are sealed) ACTIVE once every open shard has a leader
+/// that answers. Checks run in the background, one per stream at a time,
+/// on every map change and every [`SETTLE_EVERY`].
+pub(crate) async fn run_stream_settler(ctx: Context, mut stop: watch::Receiver<bool>) {
+    let mut changes = ctx.meta.subscribe();
+    let checking: Arc<Mutex<HashSet<String>>> = Arc::default();
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = changes.changed() => {}
+            _ = tokio::time::sleep(SETTLE_EVERY) => {}
+        }
+        if !ctx.host.is_leader(GroupId::META) {
+            continue;
+        }
+        let state = ctx.meta.state();
+        for (name, info) in state.streams.iter().filter(|(_, s)| s.awaits_leaders()) {
+            if !checking.lock().expect("checking lock").insert(name.clone()) {
+                continue;
+            }
+            let (router, checking, name, info) = (
+                ctx.router.clone(),
+                checking.clone(),
+                name.clone(),
+                info.clone(),
+            );
+            tokio::spawn(async move {
+                if router.open_shards_led(&info).await {
+                    let ready = MetaCommand::StreamReady {
+                        stream: name.clone(),
+                        epoch: info.epoch,
+                    };
+                    if let Err(e) = router.meta_write(ready).await {
+                        tracing::debug!(stream = %name, error = %e, "cannot mark the stream ready yet");
+                    }
+                }
+                checking.lock().expect("checking lock").remove(&name);
+            });
+        }
+    }
+}
+
 pub(crate) async fn run_controller(ctx: Context, mut stop: watch::Receiver<bool>) {
     let mut unreachable_since: HashMap<NodeId, Instant> = HashMap::new();
     loop {
@@ -365,26 +459,19 @@ pub(crate) async fn run_controller(ctx: Context, mut stop: watch::Receiver<bool>
         if let Err(e) = balance_meta_voters(&ctx, &state).await {
             tracing::warn!(error = %e, "cannot adjust metadata voters");
         }
-        let Some(status) = ctx.host.status(GroupId::META) else {
-            continue;
-        };
         let me = ctx.host.node_id();
         let repair_after = Duration::from_secs(ctx.config.repair_after_secs);
         let mut dead: BTreeSet<NodeId> = BTreeSet::new();
+        let mut unreachable: BTreeSet<NodeId> = BTreeSet::new();
         for node in state
             .nodes
             .values()
             .filter(|n| n.state == NodeState::Active && n.id != me)
         {
-            let fresh = status
-                .follower_ack_age_ms
-                .get(&node.id)
-                .copied()
-                .flatten()
-                .is_some_and(|ms| ms < 3_000);
-            if fresh {
+            if ctx.router.meta_leader_hears(node.id) {
                 unreachable_since.remove(&node.id);
             } else {
+                unreachable.insert(node.id);
                 let since = *unreachable_since
                     .entry(node.id)
                     .or_insert_with(Instant::now);
@@ -400,7 +487,7 @@ pub(crate) async fn run_controller(ctx: Context, mut stop: watch::Receiver<bool>
             .map(|n| n.id)
             .collect();
         let exclude: BTreeSet<NodeId> = dead.union(&leaving).copied().collect();
-        if let Err(e) = repair_replicas(&ctx, &state, &exclude).await {
+        if let Err(e) = repair_replicas(&ctx, &state, &exclude, &unreachable).await {
             tracing::warn!(error = %e, "replica repair failed; will retry");
         }
         if let Err(e) = finish_drains(&ctx, &state).await {
@@ -479,19 +566,27 @@ async fn balance_meta_voters(
 }
 
 /// Replaces replicas on excluded nodes (dead or leaving) with new ones, and
-/// adds replicas to shards created when fewer nodes were available.
+/// adds replicas to shards created when fewer nodes were available. New
+/// replicas go only to nodes that answer now (not `unreachable`). Streams
+/// that still await their leaders are left alone: their new groups may be
+/// making their first membership from the map's replicas.
 async fn repair_replicas(
     ctx: &Context,
     state: &MetaState,
     exclude: &BTreeSet<NodeId>,
+    unreachable: &BTreeSet<NodeId>,
 ) -> Result<(), kinesin_router::RouterError> {
     let mut load = state.replica_load();
     let usable = state
         .active_nodes()
-        .filter(|n| !exclude.contains(&n.id))
+        .filter(|n| !exclude.contains(&n.id) && !unreachable.contains(&n.id))
         .count();
     for (stream, shard) in state.shards() {
-        let factor = state.streams[stream].replication_factor as usize;
+        let info = &state.streams[stream];
+        if info.status != StreamStatus::Active {
+            continue;
+        }
+        let factor = info.replication_factor as usize;
         let target = factor.min(usable).max(shard.replicas.len().min(factor));
         let keep: Vec<NodeId> = shard
             .replicas
@@ -502,7 +597,7 @@ async fn repair_replicas(
         if keep.len() == shard.replicas.len() && keep.len() >= target {
             continue;
         }
-        let mut avoid: BTreeSet<NodeId> = exclude.clone();
+        let mut avoid: BTreeSet<NodeId> = exclude.union(unreachable).copied().collect();
         avoid.extend(keep.iter().copied());
         let missing = target.saturating_sub(keep.len());
         let added = place_replicas(

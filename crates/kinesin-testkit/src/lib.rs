@@ -169,19 +169,21 @@ impl TestCluster {
         .await
     }
 
-    /// Waits until the metadata group has `count` voters and every live node
-    /// has the same map.
+    /// Waits until the metadata group has `count` voters, no membership
+    /// change under way (a node stopped during joint consensus could leave
+    /// it without a quorum), and every live node has the same map.
     pub async fn wait_for_meta_voters(&self, count: usize) -> anyhow::Result<()> {
         wait_until("metadata voters", Duration::from_secs(60), || async {
             let Some(leader) = self.live().find(|n| n.host.is_leader(GroupId::META)) else {
                 return false;
             };
-            let voters = leader
-                .host
-                .status(GroupId::META)
-                .map_or(0, |s| s.voters.len());
+            let Some(status) = leader.host.status(GroupId::META) else {
+                return false;
+            };
             let applied = leader.meta.state().applied_index;
-            voters == count && self.live().all(|n| n.meta.state().applied_index >= applied)
+            status.voters.len() == count
+                && !status.joint
+                && self.live().all(|n| n.meta.state().applied_index >= applied)
         })
         .await
     }

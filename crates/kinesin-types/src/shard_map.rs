@@ -110,6 +110,16 @@ pub struct StreamSettings {
 }
 
 impl StreamInfo {
+    /// CREATING, or UPDATING with every resharded parent sealed: the stream
+    /// turns ACTIVE once each open shard has a leader.
+    pub fn awaits_leaders(&self) -> bool {
+        match self.status {
+            StreamStatus::Creating => true,
+            StreamStatus::Updating => !self.shards.iter().any(|s| s.state == ShardState::Sealing),
+            StreamStatus::Active | StreamStatus::Deleting => false,
+        }
+    }
+
     /// The open shard whose range holds `key`.
     pub fn shard_for(&self, key: HashKey) -> Option<&ShardInfo> {
         self.shards

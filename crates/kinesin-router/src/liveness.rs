@@ -1,0 +1,162 @@
+//! Node-level failure detection: one liveness signal per node pair instead
+//! of one per Raft group. Every node pings every other node of the map every
+//! [`PING_EVERY`]; a node is down once a ping fails to connect (a killed
+//! process refuses connections at once) or nothing answered for
+//! [`SILENT_FOR`] (a hung or partitioned one). The router stops routing to
+//! down nodes, and the failover task ends the leader leases of their groups.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kinesin_proto::v1::{self as pb};
+use kinesin_types::NodeId;
+use tokio::sync::watch;
+
+use crate::router::Router;
+
+pub const PING_EVERY: Duration = Duration::from_millis(200);
+/// A node that answered nothing for this long is down, even without a
+/// connection error. Long enough that a busy node answering a tiny ping
+/// late is not taken for dead on a loaded machine.
+pub const SILENT_FOR: Duration = Duration::from_secs(3);
+
+#[derive(Default)]
+pub struct Liveness {
+    peers: Mutex<HashMap<NodeId, Peer>>,
+}
+
+struct Peer {
+    last_answer: Instant,
+    /// The last ping could not reach the node at all.
+    unreachable: bool,
+    in_flight: bool,
+}
+
+impl Liveness {
+    /// Is `node` known to be down? Unknown nodes are not.
+    pub fn is_down(&self, node: NodeId) -> bool {
+        let peers = self.peers.lock().expect("liveness lock");
+        peers
+            .get(&node)
+            .is_some_and(|p| p.unreachable || p.last_answer.elapsed() >= SILENT_FOR)
+    }
+
+    /// The nodes known to be down now.
+    pub fn down(&self) -> HashSet<NodeId> {
+        let peers = self.peers.lock().expect("liveness lock");
+        peers
+            .iter()
+            .filter(|(_, p)| p.unreachable || p.last_answer.elapsed() >= SILENT_FOR)
+            .map(|(n, _)| *n)
+            .collect()
+    }
+
+    /// Starts a ping to `node` unless one is under way; false if one is.
+    fn begin(&self, node: NodeId) -> bool {
+        let mut peers = self.peers.lock().expect("liveness lock");
+        let p = peers.entry(node).or_insert_with(|| Peer {
+            last_answer: Instant::now(),
+            unreachable: false,
+            in_flight: false,
+        });
+        !std::mem::replace(&mut p.in_flight, true)
+    }
+
+    /// Records a ping's outcome: `Some(true)` answered, `Some(false)` could
+    /// not connect, `None` no answer in time.
+    fn end(&self, node: NodeId, outcome: Option<bool>) {
+        let mut peers = self.peers.lock().expect("liveness lock");
+        if let Some(p) = peers.get_mut(&node) {
+            p.in_flight = false;
+            match outcome {
+                Some(true) => {
+                    p.last_answer = Instant::now();
+                    p.unreachable = false;
+                }
+                Some(false) => p.unreachable = true,
+                None => {}
+            }
+        }
+    }
+
+    fn retain(&self, nodes: &HashSet<NodeId>) {
+        self.peers
+            .lock()
+            .expect("liveness lock")
+            .retain(|n, _| nodes.contains(n));
+    }
+}
+
+/// Pings every other node of the map until `stop`.
+pub async fn run_pings(router: Arc<Router>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let me = router.host().node_id();
+        let state = router.meta_state();
+        let others: HashSet<NodeId> = state
+            .nodes
+            .values()
+            .filter(|n| n.id != me && n.state != kinesin_meta::NodeState::Removed)
+            .map(|n| n.id)
+            .collect();
+        router.liveness().retain(&others);
+        for node in others {
+            if !router.liveness().begin(node) {
+                continue;
+            }
+            let router = router.clone();
+            tokio::spawn(async move {
+                let outcome = match router.client_for(node) {
+                    Err(_) => Some(false),
+                    Ok(mut c) => {
+                        match tokio::time::timeout(SILENT_FOR, c.ping(pb::PingRequest {})).await {
+                            Ok(Ok(_)) => Some(true),
+                            // An answer, even an error, shows the node runs
+                            // (an older node without Ping says Unimplemented).
+                            Ok(Err(s)) if s.code() != tonic::Code::Unavailable => Some(true),
+                            Ok(Err(_)) => Some(false),
+                            Err(_) => None,
+                        }
+                    }
+                };
+                let was_down = router.liveness().is_down(node);
+                router.liveness().end(node, outcome);
+                if !was_down && router.liveness().is_down(node) {
+                    tracing::info!(node = node.0, "node is down");
+                    router.forget_leader_node(node);
+                } else if was_down && !router.liveness().is_down(node) {
+                    tracing::info!(node = node.0, "node is up again");
+                }
+            });
+        }
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(PING_EVERY) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_connection_is_down_at_once_and_an_answer_brings_it_back() {
+        let l = Liveness::default();
+        let n = NodeId(2);
+        assert!(!l.is_down(n), "unknown nodes are not down");
+        assert!(l.begin(n));
+        assert!(!l.begin(n), "one ping at a time");
+        l.end(n, None);
+        assert!(!l.is_down(n), "one late answer is not a failure");
+        assert!(l.begin(n));
+        l.end(n, Some(false));
+        assert!(l.is_down(n));
+        assert_eq!(l.down(), HashSet::from([n]));
+        assert!(l.begin(n));
+        l.end(n, Some(true));
+        assert!(!l.is_down(n));
+        l.retain(&HashSet::new());
+        assert!(l.down().is_empty());
+    }
+}
