@@ -432,17 +432,22 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_split_seals_the_parent_and_opens_children_above_it() {
-        let mut state = state_with_stream(1);
+    /// Shard 0 split in two at 2^100.
+    fn split_shard_0() -> MetaCommand {
         let (a, b) = HashKeyRange::FULL
             .split_at(kinesin_types::HashKey(1 << 100))
             .unwrap();
-        let split = MetaCommand::Reshard {
+        MetaCommand::Reshard {
             stream: "s".into(),
             parents: vec![ShardId(0)],
             children: vec![child(a, 0, None), child(b, 0, None)],
-        };
+        }
+    }
+
+    #[test]
+    fn a_split_seals_the_parent_and_opens_children_above_it() {
+        let mut state = state_with_stream(1);
+        let split = split_shard_0();
         MetaStateMachine::apply_command(&mut state, split.clone()).unwrap();
         let s = &state.streams["s"];
         assert_eq!(s.status, StreamStatus::Updating);
@@ -484,14 +489,7 @@ mod tests {
     #[test]
     fn a_stream_is_not_ready_while_a_parent_is_sealing() {
         let mut state = state_with_stream(1);
-        let (a, b) = HashKeyRange::FULL
-            .split_at(kinesin_types::HashKey(1 << 100))
-            .unwrap();
-        let split = MetaCommand::Reshard {
-            stream: "s".into(),
-            parents: vec![ShardId(0)],
-            children: vec![child(a, 0, None), child(b, 0, None)],
-        };
+        let split = split_shard_0();
         MetaStateMachine::apply_command(&mut state, split).unwrap();
         assert!(!state.streams["s"].awaits_leaders());
         ready(&mut state);

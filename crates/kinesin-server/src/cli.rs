@@ -60,16 +60,9 @@ async fn connect(e: &Endpoint) -> anyhow::Result<NodeClient<Channel>> {
 }
 
 /// `cluster health` found the cluster unhealthy (exit status 3).
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("the cluster is unhealthy")]
 pub struct Unhealthy;
-
-impl std::fmt::Display for Unhealthy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the cluster is unhealthy")
-    }
-}
-
-impl std::error::Error for Unhealthy {}
 
 fn status(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", s.message())

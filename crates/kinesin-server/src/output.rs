@@ -6,16 +6,9 @@
 use std::io::{ErrorKind, Write};
 
 /// Standard output was closed by its reader: the command is done, not failed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("standard output was closed")]
 pub struct StdoutClosed;
-
-impl std::fmt::Display for StdoutClosed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "standard output was closed")
-    }
-}
-
-impl std::error::Error for StdoutClosed {}
 
 /// A write to standard output failed: a closed pipe becomes [`StdoutClosed`].
 pub fn stdout_error(e: std::io::Error) -> anyhow::Error {
