@@ -282,6 +282,7 @@ pub fn check(history: &[Event], replicas: &Replicas, panics: &[String]) -> Repor
         }
     }
 
+    check_degraded(history, &mut r);
     for line in panics {
         r.error("panic", json!({"log": line}));
     }
@@ -297,6 +298,65 @@ pub fn check(history: &[Event], replicas: &Replicas, panics: &[String]) -> Repor
     }
     r.valid = r.errors.is_empty();
     r
+}
+
+/// The longest a partition key may go without an acknowledged put while
+/// one node is down and every group keeps a live majority (a failover
+/// takes under 3 s at p99; twice that allows for a loaded machine).
+pub const LIVENESS_GAP_MS: u64 = 6_000;
+
+/// Liveness while degraded: between the nemesis' `degraded` invoke (a node
+/// killed) and its ok (before heal), every partition key the producers use
+/// takes an acknowledged put at least every `LIVENESS_GAP_MS`, and every
+/// step of the nemesis' own work (create, write, reshard) succeeded.
+fn check_degraded(history: &[Event], r: &mut Report) {
+    let mut windows = Vec::new();
+    let mut open = None;
+    let mut acks: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    for e in history {
+        match (e.op.as_str(), e.kind) {
+            ("degraded", Kind::Invoke) => open = Some(e.time_ms),
+            ("degraded", Kind::Ok) => {
+                if let Some(start) = open.take() {
+                    windows.push((start, e.time_ms));
+                }
+            }
+            ("degraded-op", Kind::Fail) => r.error(
+                "degraded-operation-failed",
+                json!({"step": e.value, "via": e.node, "error": e.error}),
+            ),
+            ("put", Kind::Ok) => {
+                if let Some(key) = e.key.as_deref() {
+                    acks.entry(key).or_default().push(e.time_ms);
+                }
+            }
+            _ => {}
+        }
+    }
+    if windows.is_empty() {
+        return;
+    }
+    r.count("degraded-windows", windows.len() as u64);
+    let mut longest = 0;
+    for &(start, end) in &windows {
+        for (key, times) in &acks {
+            let mut last = start;
+            let inside = times.iter().copied().filter(|t| (start..=end).contains(t));
+            for t in inside.chain(std::iter::once(end)) {
+                let gap = t - last;
+                longest = longest.max(gap);
+                if gap > LIVENESS_GAP_MS {
+                    r.error(
+                        "no-write-accepted",
+                        json!({"key": key, "from_ms": last, "to_ms": t, "gap_ms": gap,
+                            "window_ms": [start, end]}),
+                    );
+                }
+                last = t;
+            }
+        }
+    }
+    r.count("degraded-longest-gap-ms", longest);
 }
 
 #[cfg(test)]
@@ -463,5 +523,68 @@ mod tests {
         assert_eq!(errors(&h), ["unexpected-value"]);
         let report = check(&[], &Replicas::new(), &["thread panicked at x".into()]);
         assert!(!report.valid);
+    }
+
+    fn at(mut e: Event, ms: u64) -> Event {
+        e.time_ms = ms;
+        e
+    }
+
+    /// Acked puts of `key` at the given times, each with its final read.
+    fn acks_of(key: &str, times: &[u64], h: &mut Vec<Event>) -> Vec<(String, String)> {
+        let mut read = Vec::new();
+        for t in times {
+            let value = format!("{key}-{t}");
+            let seq = format!("{:08}", 1_000 + t);
+            h.push(at(put(Kind::Invoke, &value, None), *t));
+            h.push(at(put(Kind::Ok, &value, Some(("s0", &seq))).key(key), *t));
+            read.push((seq, value));
+        }
+        read
+    }
+
+    fn degraded_history(k1: &[u64], k2: &[u64]) -> Vec<Event> {
+        let mut h = vec![at(
+            Event::new("nemesis", Kind::Invoke, "degraded").node(1),
+            0,
+        )];
+        let mut read = acks_of("k1", k1, &mut h);
+        read.extend(acks_of("k2", k2, &mut h));
+        read.sort();
+        h.push(at(
+            Event::new("nemesis", Kind::Ok, "degraded").node(1),
+            10_000,
+        ));
+        h.push(
+            Event::new("final-n2", Kind::Ok, "final-read")
+                .shard("s0")
+                .records(read),
+        );
+        h
+    }
+
+    #[test]
+    fn every_key_must_take_writes_while_one_node_is_down() {
+        let h = degraded_history(&[1_000, 5_000, 9_000], &[2_000, 7_000]);
+        let report = check(&h, &Replicas::new(), &[]);
+        assert!(safety_valid(&report), "{:?}", report.errors);
+        assert_eq!(report.counts["degraded-longest-gap-ms"], 5_000);
+        // k2 silent from 2 s to the window's end at 10 s.
+        let h = degraded_history(&[1_000, 5_000, 9_000], &[2_000]);
+        assert_eq!(errors(&h), ["no-write-accepted"]);
+        // k1 silent from the kill until 6.5 s.
+        let h = degraded_history(&[6_500, 9_000], &[2_000, 7_000]);
+        assert_eq!(errors(&h), ["no-write-accepted"]);
+    }
+
+    #[test]
+    fn a_failed_step_of_the_degraded_work_is_an_error() {
+        let mut h = degraded_history(&[1_000, 5_000, 9_000], &[2_000, 7_000]);
+        h.push(
+            Event::new("nemesis", Kind::Fail, "degraded-op")
+                .value("reshard")
+                .error("HTTP 503 ServiceUnavailable"),
+        );
+        assert_eq!(errors(&h), ["degraded-operation-failed"]);
     }
 }

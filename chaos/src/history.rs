@@ -24,7 +24,8 @@ pub struct Event {
     pub process: String,
     #[serde(rename = "type")]
     pub kind: Kind,
-    /// put | read | fault | heal | liveness | final-read
+    /// put | read | fault | heal | liveness | final-read | degraded |
+    /// degraded-op
     pub op: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<String>,
@@ -32,6 +33,9 @@ pub struct Event {
     pub node: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard: Option<String>,
+    /// The partition key of an acknowledged put.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<String>,
     /// Records a read returned, as (sequence number, value).
@@ -51,6 +55,7 @@ impl Event {
             value: None,
             node: None,
             shard: None,
+            key: None,
             seq: None,
             records: Vec::new(),
             error: None,
@@ -69,6 +74,11 @@ impl Event {
 
     pub fn shard(mut self, s: &str) -> Event {
         self.shard = Some(s.to_string());
+        self
+    }
+
+    pub fn key(mut self, k: &str) -> Event {
+        self.key = Some(k.to_string());
         self
     }
 

@@ -127,6 +127,7 @@ fn plan(matrix: &str, seeds: std::ops::Range<u64>, common: &Common) -> Vec<Plann
             ("disk", 5),
             ("clock-skew", 111),
             ("latency", 112),
+            ("degraded", 113),
         ] {
             runs.push(mk(s, seed, 20, 3, None));
         }

@@ -59,6 +59,12 @@ pub enum Fault {
     /// 20–150 ms delay plus up to 100 ms jitter on every node-to-node byte
     /// (the delay proxies; not combined with the nftables faults).
     Latency,
+    /// kill -9 of one node; while it is down, a new stream is created and
+    /// written to, and the workload stream is resharded, through a
+    /// survivor. Every group keeps a live majority, so every step must
+    /// finish in time and every partition key must keep taking writes
+    /// (the checker's `no-write-accepted`).
+    Degraded,
 }
 
 impl Fault {
@@ -98,6 +104,7 @@ const ALL: &[Fault] = &[
     PowerFailAll,
     DiskCorrupt,
     ClockSkew,
+    Degraded,
 ];
 
 /// Named fault mixes: the scenarios of the smoke and long matrices.
@@ -117,6 +124,7 @@ pub const SCENARIOS: &[(&str, &[Fault])] = &[
     ("disk", &[DiskCorrupt, KillOne]),
     ("clock-skew", &[ClockSkew]),
     ("latency", &[Latency, KillOne]),
+    ("degraded", &[Degraded]),
     ("mixed", ALL),
 ];
 
@@ -187,6 +195,7 @@ impl Nemesis {
         }
         let mut rng = StdRng::seed_from_u64(self.seed);
         let mut shards = 2u32;
+        let mut created = 0u32;
         while !stop.load(Ordering::SeqCst) {
             let quiet = Duration::from_millis(rng.random_range(2000..4000));
             let fault = self.faults[rng.random_range(0..self.faults.len())];
@@ -280,6 +289,13 @@ impl Nemesis {
                         .set(delay_ms, jitter_ms);
                     json!({"fault": "latency", "delay_ms": delay_ms, "jitter_ms": jitter_ms})
                 }
+                Fault::Degraded => {
+                    let victim = order[0];
+                    self.cluster.lock().await.kill(victim)?;
+                    self.history
+                        .log(Event::new("nemesis", Kind::Invoke, "degraded").node(victim));
+                    json!({"fault": "degraded", "node": victim})
+                }
                 Fault::Pause => {
                     let node = if pause_leader {
                         busiest_leader(&members).await.unwrap_or(order[0])
@@ -344,6 +360,18 @@ impl Nemesis {
                     .log(Event::new("nemesis", Kind::Info, "fault").value(
                         &json!({"fault": "transfer-storm", "transfers": moved}).to_string(),
                     ));
+            } else if fault == Fault::Degraded {
+                let end = tokio::time::Instant::now() + hold;
+                created += 1;
+                self.work_while_degraded(order[1], created, &mut shards)
+                    .await;
+                sleep_unless(
+                    end.saturating_duration_since(tokio::time::Instant::now()),
+                    &stop,
+                )
+                .await;
+                self.history
+                    .log(Event::new("nemesis", Kind::Ok, "degraded").node(order[0]));
             } else if matches!(fault, Fault::KillAll | Fault::PowerFailAll) {
                 // Everything is down: bring it back soon (a power cut).
                 sleep_unless(Duration::from_millis(rng.random_range(1000..3000)), &stop).await;
@@ -356,6 +384,66 @@ impl Nemesis {
             }
         }
         Ok(())
+    }
+
+    /// Through `via` while a node is down: a new stream becomes ACTIVE and
+    /// every one of its shards takes a write, then the workload stream is
+    /// resharded and becomes ACTIVE again, each step within
+    /// `DEGRADED_STEP`. A step that does not is a `degraded-op` failure.
+    async fn work_while_degraded(&self, via: u32, n: u32, shards: &mut u32) {
+        let mut client = Client::new(Cluster::api_url(via), DEGRADED_STEP);
+        let name = format!("chaos-degraded-{n}");
+        let failed = |step: &str, error: String| {
+            self.history.log(
+                Event::new("nemesis", Kind::Fail, "degraded-op")
+                    .node(via)
+                    .value(step)
+                    .error(error),
+            );
+        };
+        let created = client
+            .call(
+                "CreateStream",
+                &json!({"StreamName": name, "ShardCount": DEGRADED_SHARDS}),
+            )
+            .await;
+        match created {
+            Err(e) => failed("create-stream", e.to_string()),
+            Ok(_) => match wait_active(&mut client, &name).await {
+                Err(e) => failed("create-stream-active", e),
+                Ok(()) => {
+                    if let Err(e) = put_to_every_shard(&mut client, &name).await {
+                        failed("put-new-stream", e);
+                    }
+                }
+            },
+        }
+        if let Err(e) = wait_active(&mut client, STREAM).await {
+            failed("stream-active-before-reshard", e);
+            return;
+        }
+        let target = if *shards == 2 { 4 } else { 2 };
+        let resharded = client
+            .call(
+                "UpdateShardCount",
+                &json!({"StreamName": STREAM, "TargetShardCount": target,
+                    "ScalingType": "UNIFORM_SCALING"}),
+            )
+            .await;
+        match resharded {
+            Err(e) => failed("reshard", e.to_string()),
+            Ok(_) => {
+                *shards = target;
+                if let Err(e) = wait_active(&mut client, STREAM).await {
+                    failed("reshard-active", e);
+                }
+            }
+        }
+        self.history.log(
+            Event::new("nemesis", Kind::Info, "degraded-op")
+                .node(via)
+                .value(&json!({"created": name, "resharded_to": target}).to_string()),
+        );
     }
 
     /// A node restarted on a damaged disk must either come back (and then
@@ -523,6 +611,61 @@ impl Nemesis {
         self.history.log(Event::new("nemesis", Kind::Ok, "heal"));
         Ok(())
     }
+}
+
+/// How long each step of the degraded work may take.
+const DEGRADED_STEP: Duration = Duration::from_secs(15);
+const DEGRADED_SHARDS: u32 = 3;
+
+/// Polls until `stream` is ACTIVE, within `DEGRADED_STEP`.
+async fn wait_active(client: &mut Client, stream: &str) -> Result<(), String> {
+    let end = tokio::time::Instant::now() + DEGRADED_STEP;
+    let mut last = String::new();
+    while tokio::time::Instant::now() < end {
+        match client
+            .call("DescribeStreamSummary", &json!({"StreamName": stream}))
+            .await
+        {
+            Ok(v) => {
+                let status = &v["StreamDescriptionSummary"]["StreamStatus"];
+                if status == "ACTIVE" {
+                    return Ok(());
+                }
+                last = format!("status {status}");
+            }
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!(
+        "{stream} not ACTIVE within {DEGRADED_STEP:?} ({last})"
+    ))
+}
+
+/// One PutRecord aimed at each open shard's first hash key.
+async fn put_to_every_shard(client: &mut Client, stream: &str) -> Result<(), String> {
+    let shards = client
+        .call("ListShards", &json!({"StreamName": stream}))
+        .await
+        .map_err(|e| format!("ListShards: {e}"))?;
+    for shard in shards["Shards"].as_array().into_iter().flatten() {
+        let id = shard["ShardId"].as_str().unwrap_or_default();
+        let start = shard["HashKeyRange"]["StartingHashKey"]
+            .as_str()
+            .unwrap_or("0");
+        let put = client
+            .call(
+                "PutRecord",
+                &json!({"StreamName": stream, "Data": "cHJvYmU=", "PartitionKey": "probe",
+                    "ExplicitHashKey": start}),
+            )
+            .await
+            .map_err(|e| format!("PutRecord to {id}: {e}"))?;
+        if put["ShardId"] != id {
+            return Err(format!("PutRecord to {id} landed in {}", put["ShardId"]));
+        }
+    }
+    Ok(())
 }
 
 async fn sleep_unless(d: Duration, stop: &AtomicBool) {

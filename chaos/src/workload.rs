@@ -86,6 +86,7 @@ pub async fn producer(
                     Event::new(&process, Kind::Ok, "put")
                         .value(&values[0])
                         .node(node)
+                        .key(&keys[0])
                         .shard(r["ShardId"].as_str().unwrap_or_default())
                         .seq(r["SequenceNumber"].as_str().unwrap_or_default()),
                 ),
@@ -120,6 +121,7 @@ pub async fn producer(
                                 Event::new(&process, Kind::Ok, "put")
                                     .value(v)
                                     .node(node)
+                                    .key(k)
                                     .shard(res["ShardId"].as_str().unwrap_or_default())
                                     .seq(res["SequenceNumber"].as_str().unwrap_or_default()),
                             ),

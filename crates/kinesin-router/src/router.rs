@@ -572,13 +572,14 @@ impl Router {
         } else {
             replication
         };
-        // Replicas go to nodes heard from recently, so that every new shard
-        // can elect a leader now; the controller adds the missing ones when
+        // Replicas go to nodes heard from recently and not found down by
+        // this node's pings (faster to notice a kill), so that every new
+        // shard can elect a leader now; the controller adds the missing ones when
         // nodes come back.
         let unreachable: BTreeSet<NodeId> = state
             .active_nodes()
             .map(|n| n.id)
-            .filter(|n| !self.meta_leader_hears(*n))
+            .filter(|n| !self.meta_leader_hears(*n) || self.liveness.is_down(*n))
             .collect();
         let live = state.active_nodes().count() - unreachable.len();
         let replication = wanted.min(live.max(1));

@@ -2,7 +2,10 @@
 //! finds a node down, the replicas of every group it led stop waiting out
 //! its leader lease and hold an election at once, instead of each group
 //! waiting for its own timer (lease plus election timeout: 7.5–10 s with the
-//! default shard timing). The surviving voters take turns by a rank that
+//! default shard timing). So do the replicas of a group without a leader
+//! that has a voter on a down node (a group created just before or while
+//! the node is down, whose first vote went to a replica that had not
+//! started it yet). The surviving voters take turns by a rank that
 //! differs per group, so that new leaders spread over the survivors and
 //! two candidates rarely split a vote; pre-vote keeps a replica with a
 //! stale log, or one that is wrong about the death, from disturbing anyone.
@@ -69,8 +72,23 @@ pub(crate) async fn run_failover(
                     orphans.remove(&group);
                     continue;
                 }
-                // Leaderless: keep at it only if it lost its leader to a death.
-                None if !orphans.contains_key(&group) => continue,
+                // Leaderless with a voter down (a new group whose first
+                // candidate asked a replica that had not started it yet):
+                // the survivors campaign now instead of on their timers.
+                None if !orphans.contains_key(&group) => {
+                    let Some(dead) = status.voters.iter().find(|v| down.contains(v)) else {
+                        continue;
+                    };
+                    orphans.insert(
+                        group,
+                        Orphan {
+                            dead: *dead,
+                            since: Instant::now(),
+                            lease_ended: true,
+                            last_election: None,
+                        },
+                    );
+                }
                 None => {}
             }
             let Some(orphan) = orphans.get_mut(&group) else {

@@ -283,7 +283,7 @@ async fn start_replica(ctx: &Context, shard: &ShardInfo) -> anyhow::Result<()> {
 ///
 /// The preferred leader (the first replica) does it at once; if the group
 /// still has no membership here after [`INIT_STAGGER`] times this node's
-/// position among the replicas, this replica does it, so a group starts
+/// position among the replicas not found down, this replica does it, so a group starts
 /// with any live majority of its replicas and never waits for one node.
 /// Every replica initializes with the same membership (the map's
 /// replicas), which openraft allows: the leader's log replaces the others'.
@@ -315,7 +315,13 @@ fn initialize_new_groups(
             .uninitialized_since
             .entry(*group)
             .or_insert_with(Instant::now);
-        let rank = shard.replicas.iter().position(|r| *r == me).unwrap_or(0) as u32;
+        // Replicas on nodes found down do not take a turn.
+        let rank = shard
+            .replicas
+            .iter()
+            .filter(|r| !ctx.router.liveness().is_down(**r))
+            .position(|r| *r == me)
+            .unwrap_or(0) as u32;
         if since.elapsed() < INIT_STAGGER * rank || !b.initializing.insert(*group) {
             continue;
         }
