@@ -234,6 +234,7 @@ pub async fn assert_readable_through_router(
                 start,
                 limit: 10_000,
                 max_bytes: 64 << 20,
+                wait: Duration::ZERO,
             };
             let batch = router
                 .get_records(stream, shard.shard_id, request)

@@ -4,6 +4,7 @@ mod availability;
 mod aws_sdk;
 mod common;
 mod drain;
+mod events;
 mod failover;
 mod metadata;
 mod partition;

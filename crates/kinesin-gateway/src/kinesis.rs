@@ -2,6 +2,7 @@
 //! validate as the service model does, call the router, shape the answer.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use base64::Engine;
 use kinesin_meta::{MetaCommand, NewShard, StreamChange};
@@ -847,6 +848,7 @@ async fn get_shard_iterator(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, A
                         start: ReadStart::Latest,
                         limit: 1,
                         max_bytes: 1,
+                        wait: Duration::ZERO,
                     },
                 )
                 .await?;
@@ -916,6 +918,7 @@ async fn get_records(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError
                 start: it.position.read_start(),
                 limit,
                 max_bytes: MAX_GET_RECORDS_BYTES,
+                wait: Duration::ZERO,
             },
         )
         .await?;
@@ -1210,6 +1213,7 @@ pub async fn pin_latest(router: &Router, sub: &mut Subscription) -> Result<(), A
                     start: ReadStart::Latest,
                     limit: 1,
                     max_bytes: 1,
+                    wait: Duration::ZERO,
                 },
             )
             .await?;
@@ -1218,12 +1222,14 @@ pub async fn pin_latest(router: &Router, sub: &mut Subscription) -> Result<(), A
     Ok(())
 }
 
-/// One SubscribeToShardEvent read from `start`; returns the event and where
+/// One SubscribeToShardEvent read from `start`, waiting up to `wait` at the
+/// leader for records when there are none yet; returns the event and where
 /// the next read starts, or None once a closed shard is fully read.
 pub async fn next_event(
     router: &Router,
     sub: &Subscription,
     start: ReadStart,
+    wait: Duration,
 ) -> Result<(Value, Option<ReadStart>, usize), ApiError> {
     let batch = router
         .get_records(
@@ -1233,6 +1239,7 @@ pub async fn next_event(
                 start,
                 limit: 10_000,
                 max_bytes: MAX_GET_RECORDS_BYTES,
+                wait,
             },
         )
         .await?;

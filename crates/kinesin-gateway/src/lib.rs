@@ -283,7 +283,11 @@ async fn dispatch(
 const SUBSCRIPTION_LIFETIME: Duration = Duration::from_secs(300);
 /// An event goes out at least this often, records or not.
 const SUBSCRIPTION_HEARTBEAT: Duration = Duration::from_secs(5);
-const SUBSCRIPTION_POLL: Duration = Duration::from_millis(100);
+/// How long one read of a subscription waits at the shard's leader for
+/// records to be applied; records are pushed as soon as they are.
+const SUBSCRIPTION_WAIT: Duration = Duration::from_secs(1);
+/// The pause before reading again after the cluster could not answer.
+const SUBSCRIPTION_RETRY: Duration = Duration::from_millis(100);
 
 /// SubscribeToShard: validates like any call, then answers with an
 /// event stream that pushes records for up to five minutes.
@@ -323,7 +327,7 @@ async fn subscribe(
             if Instant::now() >= deadline {
                 break;
             }
-            match kinesis::next_event(&router, &sub, start).await {
+            match kinesis::next_event(&router, &sub, start, SUBSCRIPTION_WAIT).await {
                 Ok((event, next, count)) => {
                     if count > 0 || next.is_none() || last_sent.elapsed() >= SUBSCRIPTION_HEARTBEAT
                     {
@@ -335,13 +339,10 @@ async fn subscribe(
                         }
                         last_sent = Instant::now();
                     }
-                    if count == 0 && next.is_some() {
-                        tokio::time::sleep(SUBSCRIPTION_POLL).await;
-                    }
                     position = next;
                 }
                 Err(e) if e.status.is_server_error() => {
-                    tokio::time::sleep(SUBSCRIPTION_POLL).await;
+                    tokio::time::sleep(SUBSCRIPTION_RETRY).await;
                 }
                 Err(e) => {
                     let payload = protocol.encode(&json!({ "message": e.message }));

@@ -115,7 +115,7 @@ pub enum RaftHostError {
 #[derive(Debug, Clone)]
 pub struct GroupStatus {
     pub group: GroupId,
-    pub role: &'static str,
+    pub role: Role,
     pub leader: Option<NodeId>,
     pub term: u64,
     pub last_log_index: u64,
@@ -134,6 +134,29 @@ pub struct GroupStatus {
     pub follower_ack_age_ms: BTreeMap<NodeId, Option<u64>>,
     /// On a leader: highest log index known to be on each follower.
     pub follower_matched: BTreeMap<NodeId, u64>,
+}
+
+/// A replica's part in its group right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Leader,
+    Follower,
+    Candidate,
+    Learner,
+    Shutdown,
+}
+
+impl Role {
+    /// The name in admin output, metrics labels and the gRPC API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+            Role::Candidate => "candidate",
+            Role::Learner => "learner",
+            Role::Shutdown => "shutdown",
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -458,11 +481,11 @@ impl RaftHost {
         Some(GroupStatus {
             group,
             role: match m.state {
-                ServerState::Leader => "leader",
-                ServerState::Follower => "follower",
-                ServerState::Candidate => "candidate",
-                ServerState::Learner => "learner",
-                ServerState::Shutdown => "shutdown",
+                ServerState::Leader => Role::Leader,
+                ServerState::Follower => Role::Follower,
+                ServerState::Candidate => Role::Candidate,
+                ServerState::Learner => Role::Learner,
+                ServerState::Shutdown => Role::Shutdown,
             },
             leader: m.current_leader.map(NodeId),
             term: m.current_term,
@@ -500,7 +523,7 @@ impl RaftHost {
     }
 
     pub fn is_leader(&self, group: GroupId) -> bool {
-        self.status(group).is_some_and(|s| s.role == "leader")
+        self.status(group).is_some_and(|s| s.role == Role::Leader)
     }
 
     /// Waits up to `timeout` until this replica sees `to` as the leader.

@@ -10,7 +10,7 @@ mod network;
 mod state_machine;
 mod types;
 
-pub use host::{GroupStatus, RaftHost, RaftHostError, RaftService, TimingProfile};
+pub use host::{GroupStatus, RaftHost, RaftHostError, RaftService, Role, TimingProfile};
 pub use network::{FilterAction, NoFilter, TransportFilter};
 pub use state_machine::GroupStateMachine;
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use kinesin_meta::{decode_reply, place_replicas, MetaCommand, MetaState, MetaStateMachine};
 use kinesin_proto::v1::node_client::NodeClient;
 use kinesin_proto::v1::{self as pb};
-use kinesin_raft::RaftHost;
+use kinesin_raft::{RaftHost, Role};
 use kinesin_shard::{
     NewRecord, ReadBatch, ReadStart, ShardCommand, ShardRejection, ShardReply, ShardStateMachine,
     StoredRecord,
@@ -110,7 +110,13 @@ pub struct ReadRequest {
     pub start: ReadStart,
     pub limit: usize,
     pub max_bytes: usize,
+    /// With nothing to return, how long the leader may wait for records
+    /// to be applied before answering empty (a long poll; zero: at once).
+    pub wait: Duration,
 }
+
+/// The longest a read may wait at the leader for new records.
+pub const MAX_READ_WAIT: Duration = Duration::from_secs(2);
 
 /// Who serves one attempt: this node or a remote one.
 pub(crate) enum Target {
@@ -522,11 +528,12 @@ impl Router {
             start: ReadStart::Latest,
             limit: 1,
             max_bytes: 1,
+            wait: Duration::ZERO,
         };
         self.at_leader(group, replicas, true, |target| async move {
             match target {
                 Target::Local => match self.host.status(group) {
-                    Some(st) if st.role == "leader" => Ok(()),
+                    Some(st) if st.role == Role::Leader => Ok(()),
                     Some(st) => Err(RouterError::NotLeader(st.leader)),
                     None => Err(RouterError::NotLeader(None)),
                 },
@@ -540,6 +547,7 @@ impl Router {
                         timestamp_ms: ts,
                         limit: 1,
                         max_bytes: 1,
+                        wait_ms: 0,
                     })
                     .await?;
                     Ok(())
@@ -1014,7 +1022,7 @@ impl Router {
         let result = self
             .at_leader(group, &shard.replicas, true, |target| async move {
                 match target {
-                    Target::Local => self.read_local(group, request),
+                    Target::Local => self.read_local(group, request).await,
                     Target::Remote(mut c) => {
                         let (from, seq, ts) = encode_start(request.start);
                         let resp = c
@@ -1025,6 +1033,7 @@ impl Router {
                                 timestamp_ms: ts,
                                 limit: request.limit as u32,
                                 max_bytes: request.max_bytes as u64,
+                                wait_ms: request.wait.min(MAX_READ_WAIT).as_millis() as u32,
                             })
                             .await?
                             .into_inner();
@@ -1041,32 +1050,57 @@ impl Router {
     }
 
     /// Reads on this node, which must lead the group (so that every
-    /// acknowledged record is visible).
-    pub fn read_local(
+    /// acknowledged record is visible). With nothing to return and a
+    /// `wait`, it sleeps until the state machine publishes new entries
+    /// (woken by them, not polling) or the wait ends; one read call.
+    pub async fn read_local(
         &self,
         group: GroupId,
         request: ReadRequest,
     ) -> Result<ReadBatch, RouterError> {
         let sm = self.shards.get(group).ok_or(RouterError::NotLeader(None))?;
-        if !self.host.is_leader(group) {
-            let leader = self.host.status(group).and_then(|s| s.leader);
-            return Err(RouterError::NotLeader(leader));
-        }
+        self.check_leader(group)?;
         if !self.throttle.read(group) {
             return Err(RouterError::Throttled(format!(
                 "Rate exceeded for reads of the shard of {group}"
             )));
         }
+        let mut published = sm.watch_published();
         let start = sm.resolve(request.start)?;
-        let batch = sm.read(
-            start,
-            request.limit.max(1),
-            request.max_bytes.max(1),
-            now_ms(),
-        )?;
-        self.throttle
-            .read_bytes(group, batch.records.iter().map(|(_, r)| r.data.len()).sum());
-        Ok(batch)
+        let until = Instant::now() + request.wait.min(MAX_READ_WAIT);
+        loop {
+            let batch = sm.read(
+                start,
+                request.limit.max(1),
+                request.max_bytes.max(1),
+                now_ms(),
+            )?;
+            let done = !batch.records.is_empty() || batch.sealed_and_drained;
+            if done
+                || !matches!(
+                    tokio::time::timeout_at(
+                        tokio::time::Instant::from_std(until),
+                        published.changed()
+                    )
+                    .await,
+                    Ok(Ok(()))
+                )
+            {
+                self.throttle
+                    .read_bytes(group, batch.records.iter().map(|(_, r)| r.data.len()).sum());
+                return Ok(batch);
+            }
+            // Still the leader, or what it applies next may be incomplete.
+            self.check_leader(group)?;
+        }
+    }
+
+    fn check_leader(&self, group: GroupId) -> Result<(), RouterError> {
+        if self.host.is_leader(group) {
+            return Ok(());
+        }
+        let leader = self.host.status(group).and_then(|s| s.leader);
+        Err(RouterError::NotLeader(leader))
     }
 }
 

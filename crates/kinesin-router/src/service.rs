@@ -2,6 +2,7 @@
 //! forwards to leaders, what joining nodes call, and what the CLI uses.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use kinesin_meta::{MetaCommand, NodeInfo, NodeState};
 use kinesin_proto::v1::node_server::{Node, NodeServer};
@@ -171,7 +172,7 @@ impl Node for NodeService {
             .filter_map(|g| host.status(g))
             .map(|s| pb::GroupStatus {
                 group: s.group.0,
-                role: s.role.to_string(),
+                role: s.role.as_str().to_string(),
                 leader: s.leader.map_or(0, |l| l.0),
                 term: s.term,
                 last_log_index: s.last_log_index,
@@ -390,6 +391,7 @@ impl Node for NodeService {
                     start,
                     limit,
                     max_bytes: MAX_READ_BYTES,
+                    wait: Duration::ZERO,
                 },
             )
             .await?;
@@ -437,14 +439,18 @@ impl Node for NodeService {
         } else {
             r.max_bytes as usize
         };
-        let batch = self.router.read_local(
-            GroupId(r.group),
-            ReadRequest {
-                start,
-                limit: r.limit.max(1) as usize,
-                max_bytes,
-            },
-        )?;
+        let batch = self
+            .router
+            .read_local(
+                GroupId(r.group),
+                ReadRequest {
+                    start,
+                    limit: r.limit.max(1) as usize,
+                    max_bytes,
+                    wait: Duration::from_millis(u64::from(r.wait_ms)),
+                },
+            )
+            .await?;
         Ok(Response::new(encode_read(batch)))
     }
 }

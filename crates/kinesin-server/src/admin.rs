@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router as HttpRouter};
 use kinesin_meta::NodeState;
+use kinesin_raft::Role;
 use kinesin_router::Router;
 use kinesin_types::{GroupId, NodeId, ShardState};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -193,7 +194,7 @@ async fn cluster(State(s): State<AdminState>) -> Json<serde_json::Value> {
         .map(|st| {
             json!({
                 "group": st.group.0,
-                "role": st.role,
+                "role": st.role.as_str(),
                 "leader": st.leader.map(|l| l.0),
                 "term": st.term,
                 "last_log_index": st.last_log_index,
@@ -236,7 +237,7 @@ async fn update_gauges(router: Arc<Router>, data_dir: PathBuf) {
             let Some(st) = host.status(*g) else {
                 continue;
             };
-            *roles.entry(st.role).or_default() += 1.0;
+            *roles.entry(st.role.as_str()).or_default() += 1.0;
             match st.leader {
                 None => leaderless += 1.0,
                 Some(l) => {
@@ -248,7 +249,7 @@ async fn update_gauges(router: Arc<Router>, data_dir: PathBuf) {
                     }
                 }
             }
-            if st.role == "leader" {
+            if st.role == Role::Leader {
                 let me = host.node_id();
                 let stale = st.voters.iter().filter(|v| **v != me).any(|v| {
                     st.follower_ack_age_ms

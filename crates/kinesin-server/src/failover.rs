@@ -14,7 +14,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kinesin_raft::RaftHost;
+use kinesin_raft::{RaftHost, Role};
 use kinesin_router::Router;
 use kinesin_types::{GroupId, NodeId};
 use tokio::sync::watch;
@@ -56,7 +56,7 @@ pub(crate) async fn run_failover(
                 continue;
             };
             match status.leader {
-                _ if status.role == "leader" => {
+                _ if status.role == Role::Leader => {
                     orphans.remove(&group);
                     continue;
                 }

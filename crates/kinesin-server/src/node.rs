@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use kinesin_meta::{MetaCommand, MetaStateMachine, NodeInfo, NodeState};
 use kinesin_proto::v1::node_client::NodeClient;
 use kinesin_proto::v1::{ClusterInfoRequest, JoinRequest};
-use kinesin_raft::{RaftHost, TimingProfile, TransportFilter};
+use kinesin_raft::{RaftHost, Role, TimingProfile, TransportFilter};
 use kinesin_router::{LocalShards, Router, RouterConfig};
 use kinesin_storage::{Cf, FsyncPolicy, Storage, WriteBatch};
 use kinesin_types::{GroupId, NodeId};
@@ -364,7 +364,7 @@ impl Node {
             let Some(status) = self.host.status(group) else {
                 continue;
             };
-            if status.role != "leader" {
+            if status.role != Role::Leader {
                 continue;
             }
             let Some(to) = status

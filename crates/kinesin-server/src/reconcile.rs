@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kinesin_meta::{place_replicas, MetaCommand, MetaState, MetaStateMachine, NodeState};
-use kinesin_raft::{RaftHost, TimingProfile};
+use kinesin_raft::{RaftHost, Role, TimingProfile};
 use kinesin_router::{LocalShards, Router};
 use kinesin_shard::{ShardCommand, ShardReply, ShardStateMachine};
 use kinesin_storage::Storage;
@@ -146,7 +146,7 @@ async fn reconcile_once(ctx: &Context, state: &MetaState, busy: &Arc<Mutex<Busy>
         let Some(status) = ctx.host.status(*group) else {
             continue;
         };
-        if status.role != "leader" {
+        if status.role != Role::Leader {
             continue;
         }
         if shard.state == ShardState::Sealing {

@@ -7,6 +7,7 @@ use kinesin_raft::GroupStateMachine;
 use kinesin_storage::{keys, Cf, Storage, WriteBatch};
 use kinesin_types::{SequenceNumber, ShardId};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use crate::command::{ShardCommand, ShardRejection, ShardReply, StoredRecord};
 
@@ -35,6 +36,8 @@ pub struct ShardStateMachine {
     published: RwLock<ShardStats>,
     /// Ahead of `published` between apply and publish.
     working: Mutex<ShardStats>,
+    /// Bumped at every publish: readers waiting for new records wake on it.
+    published_version: watch::Sender<u64>,
 }
 
 impl ShardStateMachine {
@@ -54,11 +57,18 @@ impl ShardStateMachine {
             generation,
             published: RwLock::new(stats.clone()),
             working: Mutex::new(stats),
+            published_version: watch::Sender::new(0),
         })
     }
 
     pub fn stats(&self) -> ShardStats {
         self.published.read().expect("stats lock").clone()
+    }
+
+    /// Changes whenever applied entries become visible to readers (new
+    /// records, a seal, a trim); what is current when called counts as seen.
+    pub fn watch_published(&self) -> watch::Receiver<u64> {
+        self.published_version.subscribe()
     }
 
     pub fn shard(&self) -> ShardId {
@@ -193,6 +203,7 @@ impl GroupStateMachine for ShardStateMachine {
     fn publish(&self) {
         let working = self.working.lock().expect("working lock").clone();
         *self.published.write().expect("stats lock") = working;
+        self.published_version.send_modify(|v| *v += 1);
     }
 
     fn snapshot_state(&self) -> Vec<u8> {

@@ -1,0 +1,91 @@
+//! Reads that wait at the leader: an empty read with a wait sleeps until
+//! records are applied (woken by the state machine, not by polling) and
+//! answers empty only when the wait ends. SubscribeToShard pushes with it.
+
+use std::time::{Duration, Instant};
+
+use kinesin_router::{AppendOutcome, ReadRequest, RecordIn};
+use kinesin_shard::ReadStart;
+use kinesin_testkit::TestCluster;
+
+fn request(start: ReadStart, wait: Duration) -> ReadRequest {
+    ReadRequest {
+        start,
+        limit: 100,
+        max_bytes: 1 << 20,
+        wait,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_waiting_read_returns_as_soon_as_a_record_is_applied() {
+    let cluster = TestCluster::start(3).await.unwrap();
+    cluster.create_stream("events", 1).await.unwrap();
+    let info = cluster
+        .any_node()
+        .router
+        .describe_stream("events")
+        .await
+        .unwrap();
+    let shard = &info.shards[0];
+    let leader = cluster.leader_of(shard.group).expect("a leader");
+    // Through a node that does not lead the shard: the wait happens at the
+    // leader, across the gRPC read.
+    let reader = cluster
+        .live()
+        .find(|n| n.node_id() != leader)
+        .expect("a follower")
+        .router
+        .clone();
+
+    let started = Instant::now();
+    let empty = reader
+        .get_records(
+            "events",
+            shard.shard_id,
+            request(ReadStart::TrimHorizon, Duration::from_millis(600)),
+        )
+        .await
+        .unwrap();
+    assert!(empty.records.is_empty());
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "an empty read with a wait answered after {:?}",
+        started.elapsed()
+    );
+
+    let wait = Duration::from_secs(2);
+    let read = {
+        let reader = reader.clone();
+        let shard_id = shard.shard_id;
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let batch = reader
+                .get_records("events", shard_id, request(ReadStart::TrimHorizon, wait))
+                .await
+                .unwrap();
+            (batch, started.elapsed())
+        })
+    };
+    let outcomes = cluster
+        .any_node()
+        .router
+        .put_records(
+            "events",
+            vec![RecordIn {
+                partition_key: "k".into(),
+                data: b"woken".to_vec(),
+                explicit_hash_key: None,
+            }],
+        )
+        .await
+        .unwrap();
+    assert!(matches!(outcomes[0], AppendOutcome::Stored { .. }));
+    let (batch, took) = read.await.unwrap();
+    assert_eq!(batch.records.len(), 1);
+    assert_eq!(batch.records[0].1.data, b"woken");
+    assert!(
+        took < wait - Duration::from_millis(500),
+        "the read answered after {took:?}, not when the record was applied"
+    );
+}
