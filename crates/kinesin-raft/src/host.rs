@@ -17,7 +17,7 @@ use kinesin_types::{GroupId, NodeId};
 use openraft::async_runtime::WatchReceiver;
 use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
 use openraft::Instant as _;
-use openraft::{BasicNode, ChangeMembers, Config, ReadPolicy, ServerState, SnapshotPolicy};
+use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -348,23 +348,6 @@ impl RaftHost {
                 leader: f.leader_id.map(NodeId),
             }),
             Err(_) => Err(RaftHostError::OutcomeUnknown { group }),
-        }
-    }
-
-    /// Waits until this replica, as leader, has confirmed its leadership with
-    /// a quorum and applied everything committed before: reads after it are
-    /// linearizable.
-    pub async fn read_barrier(&self, group: GroupId) -> Result<(), RaftHostError> {
-        let g = self.group(group)?;
-        match g.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
-            Ok(_) => Ok(()),
-            Err(e) => Err(match e.forward_to_leader() {
-                Some(f) => RaftHostError::NotLeader {
-                    group,
-                    leader: f.leader_id.map(NodeId),
-                },
-                None => raft_err(group, e),
-            }),
         }
     }
 

@@ -40,20 +40,6 @@ pub enum RouterError {
 const LEADER_HINT: &str = "kinesin-leader";
 
 impl RouterError {
-    pub fn aws_name(&self) -> &'static str {
-        match self {
-            RouterError::ResourceNotFound(_) => "ResourceNotFoundException",
-            RouterError::ResourceInUse(_) => "ResourceInUseException",
-            RouterError::InvalidArgument(_) => "InvalidArgumentException",
-            RouterError::LimitExceeded(_) => "LimitExceededException",
-            RouterError::Throttled(_) => "ProvisionedThroughputExceededException",
-            RouterError::Unavailable(_)
-            | RouterError::NotLeader(_)
-            | RouterError::ShardClosed(_) => "ServiceUnavailable",
-            RouterError::Internal(_) | RouterError::Indeterminate(_) => "InternalFailure",
-        }
-    }
-
     /// Worth another attempt (possibly at another node).
     pub fn is_retryable(&self) -> bool {
         matches!(

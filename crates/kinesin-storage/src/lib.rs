@@ -250,16 +250,6 @@ impl Storage {
             .iterator_cf_opt(self.cf(cf), opts, IteratorMode::End)
             .map(|r| r.map_err(StorageError::from))
     }
-
-    /// Approximate bytes on disk, for metrics and admin views.
-    pub fn live_bytes(&self) -> u64 {
-        self.inner
-            .db
-            .property_int_value("rocksdb.live-sst-files-size")
-            .ok()
-            .flatten()
-            .unwrap_or(0)
-    }
 }
 
 #[cfg(test)]
