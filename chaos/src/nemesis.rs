@@ -217,6 +217,7 @@ impl Nemesis {
             }
             let minority = ((members.len() - 1) / 2).max(1);
             let mut damaged = None;
+            let mut degraded = false;
             let description = match fault {
                 Fault::PartitionHalves => {
                     let (a, b) = order.split_at(minority);
@@ -290,11 +291,20 @@ impl Nemesis {
                     json!({"fault": "latency", "delay_ms": delay_ms, "jitter_ms": jitter_ms})
                 }
                 Fault::Degraded => {
-                    let victim = order[0];
-                    self.cluster.lock().await.kill(victim)?;
-                    self.history
-                        .log(Event::new("nemesis", Kind::Invoke, "degraded").node(victim));
-                    json!({"fault": "degraded", "node": victim})
+                    // Every group keeps a live majority only if no node is
+                    // gone already (a damaged disk's node leaves its
+                    // replicas unrepaired for a while).
+                    let mut c = self.cluster.lock().await;
+                    if members.len() < 3 || c.nodes.iter().any(|n| n.damaged) {
+                        json!({"fault": "degraded", "skipped": "a node is gone already"})
+                    } else {
+                        let victim = order[0];
+                        c.kill(victim)?;
+                        degraded = true;
+                        self.history
+                            .log(Event::new("nemesis", Kind::Invoke, "degraded").node(victim));
+                        json!({"fault": "degraded", "node": victim})
+                    }
                 }
                 Fault::Pause => {
                     let node = if pause_leader {
@@ -360,7 +370,7 @@ impl Nemesis {
                     .log(Event::new("nemesis", Kind::Info, "fault").value(
                         &json!({"fault": "transfer-storm", "transfers": moved}).to_string(),
                     ));
-            } else if fault == Fault::Degraded {
+            } else if degraded {
                 let end = tokio::time::Instant::now() + hold;
                 created += 1;
                 self.work_while_degraded(order[1], created, &mut shards)
