@@ -53,7 +53,12 @@ async fn a_stream_created_while_a_node_is_down_is_active_and_writable_at_once() 
         StreamStatus::Active,
         "CreateStream returns once the shards lead"
     );
-    assert!(started.elapsed() < Duration::from_secs(10));
+    // Below CreateStream's own 10 s wait: the shards led well before it.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "CreateStream took {:?}",
+        started.elapsed()
+    );
     for shard in &info.shards {
         assert!(
             !shard.replicas.contains(&NodeId(1)),

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use kinesin_router::{AppendOutcome, ReadRequest, RecordIn};
 use kinesin_shard::ReadStart;
-use kinesin_testkit::TestCluster;
+use kinesin_testkit::{wait_until, TestCluster};
 
 fn request(start: ReadStart, wait: Duration) -> ReadRequest {
     ReadRequest {
@@ -67,6 +67,22 @@ async fn a_waiting_read_returns_as_soon_as_a_record_is_applied() {
             (batch, started.elapsed())
         })
     };
+    // The put must come while the read waits, not before it started.
+    let sm = cluster
+        .node(leader.0)
+        .shards
+        .get(shard.group)
+        .expect("the leader's replica");
+    wait_until(
+        "the read to wait at the leader",
+        Duration::from_secs(10),
+        || {
+            let watching = sm.watching_reads();
+            async move { watching > 0 }
+        },
+    )
+    .await
+    .unwrap();
     let outcomes = cluster
         .any_node()
         .router

@@ -1305,15 +1305,9 @@ async fn reshard(
     ctx: &Context<'_>,
     stream: &StreamInfo,
     parents: Vec<ShardId>,
-    mut children: Vec<NewShard>,
+    children: Vec<NewShard>,
 ) -> Result<(), ApiError> {
     let open = ctx.router.meta_state().open_shard_count();
-    // A child's first replica starts its group at once, the others after a
-    // stagger: with a replica's node down, a live one goes first.
-    let liveness = ctx.router.liveness();
-    for c in &mut children {
-        c.replicas.sort_by_key(|n| liveness.is_down(*n));
-    }
     let after = open + children.len() - parents.len().min(open);
     if after > ctx.shard_limit as usize {
         return Err(ApiError::limit_exceeded(format!(

@@ -286,7 +286,8 @@ const SUBSCRIPTION_HEARTBEAT: Duration = Duration::from_secs(5);
 /// How long one read of a subscription waits at the shard's leader for
 /// records to be applied; records are pushed as soon as they are.
 const SUBSCRIPTION_WAIT: Duration = Duration::from_secs(1);
-/// The pause before reading again after the cluster could not answer.
+/// The pause before reading again after the cluster could not answer, or
+/// answered empty without waiting.
 const SUBSCRIPTION_RETRY: Duration = Duration::from_millis(100);
 
 /// SubscribeToShard: validates like any call, then answers with an
@@ -327,6 +328,7 @@ async fn subscribe(
             if Instant::now() >= deadline {
                 break;
             }
+            let asked = Instant::now();
             match kinesis::next_event(&router, &sub, start, SUBSCRIPTION_WAIT).await {
                 Ok((event, next, count)) => {
                     if count > 0 || next.is_none() || last_sent.elapsed() >= SUBSCRIPTION_HEARTBEAT
@@ -338,6 +340,11 @@ async fn subscribe(
                             return;
                         }
                         last_sent = Instant::now();
+                    }
+                    // A leader that did not wait (one of an older version)
+                    // must not be asked again at once.
+                    if count == 0 && next.is_some() && asked.elapsed() < SUBSCRIPTION_RETRY {
+                        tokio::time::sleep(SUBSCRIPTION_RETRY).await;
                     }
                     position = next;
                 }

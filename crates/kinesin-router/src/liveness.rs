@@ -33,13 +33,17 @@ struct Peer {
     in_flight: bool,
 }
 
+impl Peer {
+    fn is_down(&self) -> bool {
+        self.unreachable || self.last_answer.elapsed() >= SILENT_FOR
+    }
+}
+
 impl Liveness {
     /// Is `node` known to be down? Unknown nodes are not.
     pub fn is_down(&self, node: NodeId) -> bool {
         let peers = self.peers.lock().expect("liveness lock");
-        peers
-            .get(&node)
-            .is_some_and(|p| p.unreachable || p.last_answer.elapsed() >= SILENT_FOR)
+        peers.get(&node).is_some_and(Peer::is_down)
     }
 
     /// The nodes known to be down now.
@@ -47,7 +51,7 @@ impl Liveness {
         let peers = self.peers.lock().expect("liveness lock");
         peers
             .iter()
-            .filter(|(_, p)| p.unreachable || p.last_answer.elapsed() >= SILENT_FOR)
+            .filter(|(_, p)| p.is_down())
             .map(|(n, _)| *n)
             .collect()
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use kinesin_meta::{decode_reply, place_replicas, MetaCommand, MetaState, MetaStateMachine};
 use kinesin_proto::v1::node_client::NodeClient;
 use kinesin_proto::v1::{self as pb};
-use kinesin_raft::{RaftHost, Role};
+use kinesin_raft::RaftHost;
 use kinesin_shard::{
     NewRecord, ReadBatch, ReadStart, ShardCommand, ShardRejection, ShardReply, ShardStateMachine,
     StoredRecord,
@@ -532,24 +532,10 @@ impl Router {
         };
         self.at_leader(group, replicas, true, |target| async move {
             match target {
-                Target::Local => match self.host.status(group) {
-                    Some(st) if st.role == Role::Leader => Ok(()),
-                    Some(st) => Err(RouterError::NotLeader(st.leader)),
-                    None => Err(RouterError::NotLeader(None)),
-                },
+                Target::Local => self.check_leader(group),
                 // Counts as a read call where read limits are set.
                 Target::Remote(mut c) => {
-                    let (from, seq, ts) = encode_start(request.start);
-                    c.shard_read(pb::ShardReadRequest {
-                        group: group.0,
-                        from: from as i32,
-                        sequence_number: seq,
-                        timestamp_ms: ts,
-                        limit: 1,
-                        max_bytes: 1,
-                        wait_ms: 0,
-                    })
-                    .await?;
+                    c.shard_read(shard_read_request(group, request)).await?;
                     Ok(())
                 }
             }
@@ -1024,17 +1010,8 @@ impl Router {
                 match target {
                     Target::Local => self.read_local(group, request).await,
                     Target::Remote(mut c) => {
-                        let (from, seq, ts) = encode_start(request.start);
                         let resp = c
-                            .shard_read(pb::ShardReadRequest {
-                                group: group.0,
-                                from: from as i32,
-                                sequence_number: seq,
-                                timestamp_ms: ts,
-                                limit: request.limit as u32,
-                                max_bytes: request.max_bytes as u64,
-                                wait_ms: request.wait.min(MAX_READ_WAIT).as_millis() as u32,
-                            })
+                            .shard_read(shard_read_request(group, request))
                             .await?
                             .into_inner();
                         decode_read(resp)
@@ -1067,7 +1044,7 @@ impl Router {
         }
         let mut published = sm.watch_published();
         let start = sm.resolve(request.start)?;
-        let until = Instant::now() + request.wait.min(MAX_READ_WAIT);
+        let until = tokio::time::Instant::now() + request.wait.min(MAX_READ_WAIT);
         loop {
             let batch = sm.read(
                 start,
@@ -1075,23 +1052,17 @@ impl Router {
                 request.max_bytes.max(1),
                 now_ms(),
             )?;
-            let done = !batch.records.is_empty() || batch.sealed_and_drained;
-            if done
-                || !matches!(
-                    tokio::time::timeout_at(
-                        tokio::time::Instant::from_std(until),
-                        published.changed()
-                    )
-                    .await,
-                    Ok(Ok(()))
-                )
-            {
-                self.throttle
-                    .read_bytes(group, batch.records.iter().map(|(_, r)| r.data.len()).sum());
-                return Ok(batch);
+            if batch.records.is_empty() && !batch.sealed_and_drained {
+                let woken = tokio::time::timeout_at(until, published.changed()).await;
+                if matches!(woken, Ok(Ok(()))) {
+                    // Still the leader, or what it applies next may be incomplete.
+                    self.check_leader(group)?;
+                    continue;
+                }
             }
-            // Still the leader, or what it applies next may be incomplete.
-            self.check_leader(group)?;
+            self.throttle
+                .read_bytes(group, batch.records.iter().map(|(_, r)| r.data.len()).sum());
+            return Ok(batch);
         }
     }
 
@@ -1119,6 +1090,20 @@ fn spread_preferred_leaders(placements: Vec<Vec<NodeId>>) -> Vec<Vec<NodeId>> {
             replicas
         })
         .collect()
+}
+
+/// The internal RPC for `request` at the leader of `group`.
+fn shard_read_request(group: GroupId, request: ReadRequest) -> pb::ShardReadRequest {
+    let (from, sequence_number, timestamp_ms) = encode_start(request.start);
+    pb::ShardReadRequest {
+        group: group.0,
+        from: from as i32,
+        sequence_number,
+        timestamp_ms,
+        limit: request.limit as u32,
+        max_bytes: request.max_bytes as u64,
+        wait_ms: request.wait.min(MAX_READ_WAIT).as_millis() as u32,
+    }
 }
 
 pub(crate) fn encode_start(start: ReadStart) -> (pb::IteratorType, String, u64) {

@@ -287,8 +287,8 @@ async fn start_replica(ctx: &Context, shard: &ShardInfo) -> anyhow::Result<()> {
 /// with any live majority of its replicas and never waits for one node.
 /// Every replica initializes with the same membership (the map's
 /// replicas), which openraft allows: the leader's log replaces the others'.
-/// Only while the stream awaits its leaders (CREATING, or UPDATING after a
-/// reshard) and never after: a replica added later to a running group must
+/// Only while the stream awaits its leaders (CREATING, or the children of a
+/// reshard while UPDATING) and never after: a replica added later to a running group must
 /// wait to be contacted, or it would found a second group of its own.
 fn initialize_new_groups(
     ctx: &Context,
@@ -300,14 +300,22 @@ fn initialize_new_groups(
     let mut b = busy.lock().expect("busy lock");
     b.uninitialized_since.retain(|g, _| wanted.contains_key(g));
     for (group, (stream, shard)) in wanted {
-        let pristine = ctx
-            .host
-            .status(*group)
-            .is_some_and(|st| st.addresses.is_empty());
-        let new = state.streams.get(stream).is_some_and(|s| {
-            s.status == StreamStatus::Creating || s.status == StreamStatus::Updating
+        // All shards of a CREATING stream; of an UPDATING one, only the
+        // children its reshard opened (the newest generation).
+        let new = state.streams.get(stream).is_some_and(|s| match s.status {
+            StreamStatus::Creating => true,
+            StreamStatus::Updating => {
+                shard.state == ShardState::Open
+                    && s.shards.iter().map(|x| x.generation).max() == Some(shard.generation)
+            }
+            _ => false,
         });
-        if !pristine || !new {
+        let pristine = new
+            && ctx
+                .host
+                .status(*group)
+                .is_some_and(|st| st.addresses.is_empty());
+        if !pristine {
             b.uninitialized_since.remove(group);
             continue;
         }
@@ -573,9 +581,9 @@ async fn balance_meta_voters(
 
 /// Replaces replicas on excluded nodes (dead or leaving) with new ones, and
 /// adds replicas to shards created when fewer nodes were available. New
-/// replicas go only to nodes that answer now (not `unreachable`). Streams
-/// that still await their leaders are left alone: their new groups may be
-/// making their first membership from the map's replicas.
+/// replicas go only to nodes that answer now (not `unreachable`). Only
+/// ACTIVE streams: new groups of CREATING or UPDATING ones may be making
+/// their first membership from the map's replicas, and DELETING ones go.
 async fn repair_replicas(
     ctx: &Context,
     state: &MetaState,

@@ -36,8 +36,8 @@ pub struct ShardStateMachine {
     published: RwLock<ShardStats>,
     /// Ahead of `published` between apply and publish.
     working: Mutex<ShardStats>,
-    /// Bumped at every publish: readers waiting for new records wake on it.
-    published_version: watch::Sender<u64>,
+    /// Signalled at every publish: reads waiting for records wake on it.
+    publishes: watch::Sender<()>,
 }
 
 impl ShardStateMachine {
@@ -57,7 +57,7 @@ impl ShardStateMachine {
             generation,
             published: RwLock::new(stats.clone()),
             working: Mutex::new(stats),
-            published_version: watch::Sender::new(0),
+            publishes: watch::Sender::new(()),
         })
     }
 
@@ -67,8 +67,13 @@ impl ShardStateMachine {
 
     /// Changes whenever applied entries become visible to readers (new
     /// records, a seal, a trim); what is current when called counts as seen.
-    pub fn watch_published(&self) -> watch::Receiver<u64> {
-        self.published_version.subscribe()
+    pub fn watch_published(&self) -> watch::Receiver<()> {
+        self.publishes.subscribe()
+    }
+
+    /// Reads holding a [`Self::watch_published`] receiver now.
+    pub fn watching_reads(&self) -> usize {
+        self.publishes.receiver_count()
     }
 
     pub fn shard(&self) -> ShardId {
@@ -203,7 +208,7 @@ impl GroupStateMachine for ShardStateMachine {
     fn publish(&self) {
         let working = self.working.lock().expect("working lock").clone();
         *self.published.write().expect("stats lock") = working;
-        self.published_version.send_modify(|v| *v += 1);
+        self.publishes.send_replace(());
     }
 
     fn snapshot_state(&self) -> Vec<u8> {
