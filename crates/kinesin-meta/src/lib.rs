@@ -6,6 +6,7 @@ mod command;
 mod placement;
 mod state;
 mod state_machine;
+mod version;
 
 pub use command::{decode_reply, MetaCommand, MetaError, MetaReply, NewShard, StreamChange};
 pub use placement::place_replicas;

@@ -6,6 +6,7 @@ use std::io;
 use std::sync::{Arc, Mutex};
 
 use kinesin_raft::GroupStateMachine;
+use kinesin_storage::data_version::DATA_VERSION;
 use kinesin_storage::{keys, Cf, Storage, WriteBatch};
 use kinesin_types::{
     GroupId, HashKeyRange, ShardId, ShardInfo, ShardState, StreamInfo, StreamName, StreamSettings,
@@ -15,6 +16,7 @@ use tokio::sync::watch;
 
 use crate::command::{encode_reply, MetaCommand, MetaError, MetaReply, NewShard, StreamChange};
 use crate::state::MetaState;
+use crate::version;
 
 const STATE_KEY: &[u8] = b"meta";
 
@@ -25,13 +27,30 @@ pub struct MetaStateMachine {
 }
 
 impl MetaStateMachine {
+    /// Opens the stored map, upgrading a value written in an older data
+    /// version in place (durably, before anything else reads it).
     pub fn open(storage: Storage) -> io::Result<Self> {
-        let state: MetaState = match storage.get(
-            Cf::StateMachine,
-            &keys::named_key(GroupId::META.0, STATE_KEY),
-        )? {
-            Some(v) => postcard::from_bytes(&v)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?,
+        let key = keys::named_key(GroupId::META.0, STATE_KEY);
+        let state = match storage.get(Cf::StateMachine, &key)? {
+            Some(v) => {
+                let decoded = version::decode(&v)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                if decoded.version != DATA_VERSION {
+                    let mut batch = WriteBatch::default();
+                    batch.put_cf(
+                        storage.cf(Cf::StateMachine),
+                        &key,
+                        version::encode(&decoded.state),
+                    );
+                    storage.write_durable(batch).map_err(io::Error::other)?;
+                    tracing::info!(
+                        from = decoded.version,
+                        to = DATA_VERSION,
+                        "upgraded the stored metadata map"
+                    );
+                }
+                decoded.state
+            }
             None => MetaState {
                 next_group: 1,
                 ..Default::default()
@@ -55,7 +74,7 @@ impl MetaStateMachine {
         self.published.subscribe()
     }
 
-    fn apply_command(state: &mut MetaState, command: MetaCommand) -> MetaReply {
+    pub(crate) fn apply_command(state: &mut MetaState, command: MetaCommand) -> MetaReply {
         match command {
             MetaCommand::Bootstrap { cluster_id } => {
                 if state.cluster_id.is_empty() {
@@ -352,7 +371,7 @@ impl GroupStateMachine for MetaStateMachine {
         batch.put_cf(
             self.storage.cf(Cf::StateMachine),
             keys::named_key(GroupId::META.0, STATE_KEY),
-            postcard::to_stdvec(&*state).expect("encoding to a Vec cannot fail"),
+            version::encode(&state),
         );
         encode_reply(&reply)
     }
@@ -365,16 +384,19 @@ impl GroupStateMachine for MetaStateMachine {
     }
 
     fn snapshot_state(&self) -> Vec<u8> {
-        postcard::to_stdvec(&*self.state()).expect("encoding to a Vec cannot fail")
+        version::encode(&self.state())
     }
 
     fn restore(&self, state: &[u8], batch: &mut WriteBatch) -> io::Result<()> {
-        let restored: MetaState = postcard::from_bytes(state)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        // A snapshot built by an older release (or stored before an
+        // upgrade) is in its data version; it is kept in the current one.
+        let restored = version::decode(state)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
+            .state;
         batch.put_cf(
             self.storage.cf(Cf::StateMachine),
             keys::named_key(GroupId::META.0, STATE_KEY),
-            state,
+            version::encode(&restored),
         );
         *self.working.lock().expect("meta lock") = restored;
         Ok(())

@@ -13,6 +13,7 @@ use kinesin_proto::v1::node_client::NodeClient;
 use kinesin_proto::v1::{ClusterInfoRequest, JoinRequest};
 use kinesin_raft::{RaftHost, Role, TimingProfile, TransportFilter};
 use kinesin_router::{LocalShards, Router, RouterConfig};
+use kinesin_storage::data_version::{self, DATA_VERSION};
 use kinesin_storage::{Cf, FsyncPolicy, Storage, WriteBatch};
 use kinesin_types::{GroupId, NodeId};
 use serde::{Deserialize, Serialize};
@@ -25,11 +26,19 @@ use crate::{admin, failover, reconcile};
 
 const IDENTITY_KEY: &[u8] = b"identity";
 
-/// What the data directory says about whom it belongs to.
+/// What the data directory says about whom it belongs to, and the data
+/// version its contents are in.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 struct Identity {
     cluster_id: String,
     node_id: u64,
+    /// Absent in directories written before data versions existed.
+    #[serde(default = "first_data_version")]
+    data_version: u32,
+}
+
+fn first_data_version() -> u32 {
+    1
 }
 
 pub struct Node {
@@ -96,8 +105,10 @@ impl Node {
             Storage::open(&db_dir, policy)
         }
         .with_context(|| format!("cannot open storage in {}", config.data_dir.display()))?;
-        let identity = load_identity(&storage)?;
+        let mut identity = load_identity(&storage)?;
         if let Some(id) = &identity {
+            data_version::check_readable(id.data_version)
+                .with_context(|| format!("cannot open {}", config.data_dir.display()))?;
             if id.node_id != config.node_id {
                 bail!(
                     "data directory {} belongs to node {} of cluster {}, not node {}",
@@ -111,6 +122,20 @@ impl Node {
         let node_id = NodeId(config.node_id);
         let host = RaftHost::new(node_id, storage.clone(), filter);
         let meta = Arc::new(MetaStateMachine::open(storage.clone())?);
+        if let Some(id) = identity
+            .as_mut()
+            .filter(|id| id.data_version < DATA_VERSION)
+        {
+            let from = id.data_version;
+            id.data_version = DATA_VERSION;
+            save_identity(&storage, id)?;
+            tracing::info!(
+                from,
+                to = DATA_VERSION,
+                dir = %config.data_dir.display(),
+                "upgraded the data directory"
+            );
+        }
         let (meta_timing, shard_timing) = timing;
         host.start_group(GroupId::META, meta.clone(), &meta_timing)
             .await?;
@@ -267,6 +292,7 @@ impl Node {
             &Identity {
                 cluster_id: cluster_id.clone(),
                 node_id: me.0,
+                data_version: DATA_VERSION,
             },
         )?;
         self.joined.store(true, Ordering::SeqCst);
@@ -296,6 +322,7 @@ impl Node {
                             &Identity {
                                 cluster_id: cluster_id.clone(),
                                 node_id: me.id.0,
+                                data_version: DATA_VERSION,
                             },
                         )?;
                         self.joined.store(true, Ordering::SeqCst);

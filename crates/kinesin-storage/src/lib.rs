@@ -2,6 +2,7 @@
 //! kind of data, key encodings, and the group-commit syncer that lets the
 //! appends of many Raft groups share one WAL fsync.
 
+pub mod data_version;
 pub mod keys;
 mod syncer;
 

@@ -1,0 +1,180 @@
+//! How the metadata value is encoded, and the upgrade steps from older
+//! encodings.
+//!
+//! A value is `MAGIC | data version (u32, little endian) | postcard of the
+//! state`. Version 1 (every release up to 2026-11-30) wrote the bare
+//! postcard of the state: it starts with the length of the cluster id as a
+//! varint, at most 127 bytes and so below 0x80, never the magic's 0xFF.
+//!
+//! Each older version has a file here holding that version's types, frozen,
+//! and the step that turns them into the next version's. To change the
+//! state's layout: copy the current types into `v<N>.rs` with a step to the
+//! new layout, bump `kinesin_storage::data_version::DATA_VERSION`, and add a
+//! line to its history. Stored values and snapshots from any readable
+//! version decode; they are written back in the current one.
+
+mod v1;
+
+use kinesin_storage::data_version::{self, VersionError, DATA_VERSION};
+
+use crate::state::MetaState;
+
+const MAGIC: [u8; 4] = [0xFF, b'K', b'M', b'V'];
+const HEADER: usize = MAGIC.len() + 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error(transparent)]
+    Version(#[from] VersionError),
+    #[error("undecodable metadata value of data version {version}: {source}")]
+    Corrupt {
+        version: u32,
+        source: postcard::Error,
+    },
+}
+
+/// A decoded value and the data version it was written in.
+pub struct Decoded {
+    pub state: MetaState,
+    pub version: u32,
+}
+
+pub fn encode(state: &MetaState) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&DATA_VERSION.to_le_bytes());
+    postcard::to_io(state, &mut out).expect("encoding to a Vec cannot fail");
+    out
+}
+
+pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
+    let Some(body) = bytes.strip_prefix(&MAGIC) else {
+        let old = postcard::from_bytes::<v1::MetaStateV1>(bytes)
+            .map_err(|source| DecodeError::Corrupt { version: 1, source })?;
+        return Ok(Decoded {
+            state: old.upgrade(),
+            version: 1,
+        });
+    };
+    let version = body
+        .get(..4)
+        .map(|v| u32::from_le_bytes(v.try_into().expect("four bytes")))
+        .ok_or(DecodeError::Corrupt {
+            version: 0,
+            source: postcard::Error::DeserializeUnexpectedEnd,
+        })?;
+    data_version::check_readable(version)?;
+    let state = postcard::from_bytes(&bytes[HEADER..])
+        .map_err(|source| DecodeError::Corrupt { version, source })?;
+    Ok(Decoded { state, version })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use kinesin_types::{NodeId, StreamMode};
+
+    use super::*;
+    use crate::command::{MetaCommand, StreamChange};
+    use crate::state::{NodeInfo, NodeState};
+    use crate::state_machine::MetaStateMachine;
+
+    fn sample() -> MetaState {
+        let mut state = MetaState {
+            cluster_id: "kc-0123456789abcdef".into(),
+            next_group: 1,
+            ..Default::default()
+        };
+        state.nodes.insert(
+            NodeId(1),
+            NodeInfo {
+                id: NodeId(1),
+                raft_addr: "127.0.0.1:7451".into(),
+                api_addr: "127.0.0.1:4567".into(),
+                zone: "a".into(),
+                state: NodeState::Active,
+            },
+        );
+        MetaStateMachine::apply_command(
+            &mut state,
+            MetaCommand::CreateStream {
+                name: "orders".into(),
+                shard_count: 2,
+                retention_hours: 48,
+                max_record_bytes: 1 << 20,
+                replication_factor: 1,
+                now_ms: 1_764_000_000_000,
+                placements: vec![vec![NodeId(1)]; 2],
+            },
+        )
+        .unwrap();
+        for change in [
+            StreamChange::Mode(StreamMode::OnDemand),
+            StreamChange::AddTags(BTreeMap::from([("team".into(), "payments".into())])),
+            StreamChange::RegisterConsumer {
+                name: "reader".into(),
+                now_ms: 5,
+            },
+        ] {
+            MetaStateMachine::apply_command(
+                &mut state,
+                MetaCommand::UpdateStream {
+                    name: "orders".into(),
+                    change,
+                },
+            )
+            .unwrap();
+        }
+        state.applied_index = 42;
+        state
+    }
+
+    #[test]
+    fn the_current_encoding_round_trips_with_its_version() {
+        let state = sample();
+        let bytes = encode(&state);
+        assert_eq!(&bytes[..4], &MAGIC);
+        let decoded = decode(&bytes).unwrap();
+        assert_eq!(decoded.version, DATA_VERSION);
+        assert_eq!(decoded.state, state);
+    }
+
+    /// `sample()` as the last release before versioning stored it (the bare
+    /// postcard of the state, printed by that release's types). The frozen
+    /// v1 types must keep reading these bytes.
+    const SAMPLE_V1_HEX: &str = concat!(
+        "136b632d303132333435363738396162636465660101010e3132372e302e302e",
+        "313a373435310e3132372e302e302e313a3435363701610001066f7264657273",
+        "066f72646572730080d0dfb4ab3330808040010102000100ffffffffffffffff",
+        "ffffffffffffffffffff01000000000101000102808080808080808080808080",
+        "80808080808002ffffffffffffffffffffffffffffffffffff03000000000101",
+        "000101047465616d087061796d656e7473000000010672656164657205032a",
+    );
+
+    #[test]
+    fn a_version_1_value_is_upgraded() {
+        let legacy = hex::decode(SAMPLE_V1_HEX).unwrap();
+        let decoded = decode(&legacy).unwrap();
+        assert_eq!(decoded.version, 1);
+        assert_eq!(decoded.state, sample());
+    }
+
+    #[test]
+    fn a_value_from_a_newer_release_is_refused() {
+        let mut bytes = encode(&sample());
+        bytes[4..8].copy_from_slice(&(DATA_VERSION + 1).to_le_bytes());
+        let err = decode(&bytes).err().expect("refused");
+        assert!(matches!(
+            err,
+            DecodeError::Version(VersionError::Newer { .. })
+        ));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for bytes in [&[][..], &[0xFF, b'K', b'M', b'V', 2][..], &[0x13, 1, 2][..]] {
+            assert!(decode(bytes).is_err());
+        }
+    }
+}

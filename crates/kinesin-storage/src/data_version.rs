@@ -1,0 +1,74 @@
+//! The data-format version of a node's data directory.
+//!
+//! One number covers everything a node persists (the metadata value, shard
+//! state, Raft log and keys). It is written in the node's identity and in the
+//! metadata value. A change to any persisted layout adds a version here and
+//! an upgrade step from the previous one, next to the code that owns the
+//! layout (the metadata value's steps are in `kinesin-meta/src/version/`).
+//! A binary opens directories of every version from [`OLDEST_READABLE`] up to
+//! [`DATA_VERSION`], upgrades them in place, and refuses newer ones.
+
+/// The version this binary writes.
+pub const DATA_VERSION: u32 = 2;
+
+/// The oldest version this binary can upgrade.
+pub const OLDEST_READABLE: u32 = 1;
+
+/// What each version changed, oldest first.
+pub const HISTORY: [(u32, &str); 2] = [
+    (
+        1,
+        "releases up to 2026-11-30: the metadata value is an unversioned postcard MetaState; the node identity has no data_version",
+    ),
+    (
+        2,
+        "the metadata value (stored and in snapshots) is wrapped in a versioned envelope; the node identity records data_version",
+    ),
+];
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VersionError {
+    #[error(
+        "the data was written by a newer Kinesin (data version {found}; this binary reads versions {OLDEST_READABLE} to {DATA_VERSION}): run the newer release"
+    )]
+    Newer { found: u32 },
+    #[error(
+        "the data has version {found}, older than this binary can upgrade ({OLDEST_READABLE} to {DATA_VERSION}): upgrade through an earlier release first"
+    )]
+    TooOld { found: u32 },
+}
+
+/// Whether this binary can read (and upgrade) data of version `found`.
+pub fn check_readable(found: u32) -> Result<(), VersionError> {
+    if found > DATA_VERSION {
+        Err(VersionError::Newer { found })
+    } else if found < OLDEST_READABLE {
+        Err(VersionError::TooOld { found })
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_history_ends_at_the_current_version() {
+        let versions: Vec<u32> = HISTORY.iter().map(|(v, _)| *v).collect();
+        let expected: Vec<u32> = (OLDEST_READABLE..=DATA_VERSION).collect();
+        assert_eq!(versions, expected);
+    }
+
+    #[test]
+    fn newer_and_older_versions_are_refused_with_a_reason() {
+        assert!(check_readable(1).is_ok());
+        assert!(check_readable(DATA_VERSION).is_ok());
+        let newer = check_readable(DATA_VERSION + 1).unwrap_err();
+        assert!(newer.to_string().contains("newer Kinesin"), "{newer}");
+        assert!(matches!(
+            check_readable(0),
+            Err(VersionError::TooOld { .. })
+        ));
+    }
+}
