@@ -25,8 +25,8 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::log_store::{delete_group_log, LogStore};
 use crate::network::{GroupNetwork, PeerPool, SnapshotHeader, TransportFilter, MAX_MESSAGE_BYTES};
 use crate::state_machine::{
-    clear_staging, delete_group_state, stage_chunk, GroupSnapshot, GroupStateMachine,
-    SnapshotChunk, SnapshotSource, StateMachineStore,
+    clear_staging, delete_group_state, resume_install, stage_chunk, GroupSnapshot,
+    GroupStateMachine, SnapshotChunk, SnapshotSource, StateMachineStore,
 };
 use crate::types::{decode, encode, Command, Raft, Snapshot, TypeConfig};
 
@@ -245,6 +245,15 @@ impl RaftHost {
             return Ok(());
         }
         let storage = self.inner.storage.clone();
+        let resumed = {
+            let storage = storage.clone();
+            tokio::task::spawn_blocking(move || resume_install(&storage, group.0))
+                .await
+                .map_err(|e| raft_err(group, e))??
+        };
+        if resumed {
+            tracing::info!(%group, "finished a snapshot install interrupted by a restart");
+        }
         let log = LogStore::open(storage.clone(), group.0)?;
         let sm = StateMachineStore::new(storage, group.0, state_machine);
         let network = GroupNetwork {
@@ -616,10 +625,7 @@ impl RaftHost {
             meta: header.meta,
             snapshot: GroupSnapshot {
                 state: header.state,
-                source: SnapshotSource::Staged {
-                    storage,
-                    group: group.0,
-                },
+                source: SnapshotSource::Staged,
             },
         };
         let resp = g

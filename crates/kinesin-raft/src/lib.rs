@@ -12,7 +12,7 @@ mod types;
 
 pub use host::{GroupStatus, RaftHost, RaftHostError, RaftService, Role, TimingProfile};
 pub use network::{FilterAction, NoFilter, TransportFilter};
-pub use state_machine::GroupStateMachine;
+pub use state_machine::{GroupStateMachine, SnapshotRows};
 
 #[cfg(test)]
 mod conformance;

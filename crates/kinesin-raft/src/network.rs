@@ -416,30 +416,65 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         tx.send(first)
             .await
             .map_err(|_| stream_err("snapshot stream closed".into()))?;
+        // Bytes handed to the stream so far, and whether all were.
+        let sent = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         // Reading the records is blocking RocksDB work.
-        let reader = tokio::task::spawn_blocking(move || {
-            data.for_each_chunk(|chunk| {
-                let wire = WireChunk {
-                    group,
-                    header: Default::default(),
-                    data: encode(&chunk).into(),
-                };
-                tx.blocking_send(wire)
-                    .map_err(|_| io::Error::other("snapshot receiver gone"))
+        let reader = {
+            let (sent, done) = (sent.clone(), done.clone());
+            tokio::task::spawn_blocking(move || {
+                data.for_each_chunk(|chunk| {
+                    let wire = WireChunk {
+                        group,
+                        header: Default::default(),
+                        data: encode(&chunk).into(),
+                    };
+                    let len = wire.data.len() as u64;
+                    tx.blocking_send(wire)
+                        .map_err(|_| io::Error::other("snapshot receiver gone"))?;
+                    sent.fetch_add(len, Ordering::Relaxed);
+                    Ok(())
+                })?;
+                done.store(true, Ordering::Relaxed);
+                Ok::<(), io::Error>(())
             })
-        });
+        };
         let mut client = RaftTransportClient::new(self.peer.channel.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let send = client.install_snapshot(ReceiverStream::new(rx));
-        let timeout = option.hard_ttl().max(Duration::from_secs(60));
-        let reply = tokio::select! {
-            closed = cancel => return Err(StreamingError::Closed(closed)),
-            r = tokio::time::timeout(timeout, send) => r,
+        // A shard of many GiB takes minutes to send and install, so there is
+        // no bound on the whole transfer: it fails when no chunk was taken
+        // for `idle`, or when the receiver's install (which moves every
+        // byte once more) outlasts `idle` plus a floor rate.
+        let idle = option.hard_ttl().max(Duration::from_secs(60));
+        tokio::pin!(send);
+        tokio::pin!(cancel);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let (mut last_sent, mut since) = (0, tokio::time::Instant::now());
+        let reply = loop {
+            tokio::select! {
+                closed = &mut cancel => return Err(StreamingError::Closed(closed)),
+                r = &mut send => break r,
+                _ = tick.tick() => {
+                    let now_sent = sent.load(Ordering::Relaxed);
+                    let allowed = if done.load(Ordering::Relaxed) {
+                        idle + Duration::from_secs(now_sent / INSTALL_FLOOR_BYTES_PER_SEC)
+                    } else {
+                        idle
+                    };
+                    if now_sent != last_sent {
+                        (last_sent, since) = (now_sent, tokio::time::Instant::now());
+                    } else if since.elapsed() > allowed {
+                        return Err(stream_err(format!(
+                            "snapshot transfer stalled after {now_sent} bytes"
+                        )));
+                    }
+                }
+            }
         };
-        let reply = reply
-            .map_err(|_| stream_err("snapshot transfer timed out".into()))?
-            .map_err(|s| stream_err(format!("snapshot transfer failed: {}", s.message())))?;
+        let reply =
+            reply.map_err(|s| stream_err(format!("snapshot transfer failed: {}", s.message())))?;
         match reader.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(stream_err(format!("reading snapshot: {e}"))),
@@ -450,6 +485,10 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         Ok(SnapshotResponse::new(vote))
     }
 }
+
+/// The slowest rate at which a receiver is expected to install snapshot
+/// bytes it already holds (moving them out of staging).
+const INSTALL_FLOOR_BYTES_PER_SEC: u64 = 8 << 20;
 
 fn entry_size(entry: &crate::types::Entry) -> usize {
     match &entry.payload {

@@ -11,13 +11,15 @@
 //! map does not step back at a restart. Before a snapshot lets openraft
 //! purge the log, everything is persisted (memtables flushed, WAL synced).
 //!
-//! A snapshot is cheap: building it captures the group's small state
-//! (`snapshot_state`) and the applied log id. Records are immutable and keyed
-//! by sequence number, whose log-index field tells which entry wrote them, so
-//! the records a snapshot covers are read from the live column families only
-//! when it is sent (those with log index ≤ the snapshot's). A record trimmed
-//! by retention meanwhile is simply not sent: trims are idempotent and are
-//! re-applied after the snapshot anyway.
+//! A snapshot is the group's small state (`snapshot_state`), the applied log
+//! id, and the rows the state machine declares ([`SnapshotRows`]). A kind
+//! whose rows never change once written and carry the log index that wrote
+//! them (a stream shard's records) gets cheap snapshots: building one
+//! captures only the small state, and the rows it covers are read from the
+//! live column families when it is sent (those written at or below the
+//! snapshot's index). A row deleted meanwhile (a record trimmed by retention)
+//! is simply not sent: deletions are re-applied from the log after the
+//! snapshot anyway. The Raft layer knows nothing else about rows.
 
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -51,6 +53,35 @@ pub trait GroupStateMachine: Send + Sync + 'static {
     /// Replaces the group's small state with a snapshot's, adding the writes
     /// to `batch`; followed by [`GroupStateMachine::publish`].
     fn restore(&self, state: &[u8], batch: &mut WriteBatch) -> io::Result<()>;
+
+    /// What a snapshot carries besides the small state.
+    fn snapshot_rows(&self) -> SnapshotRows {
+        SnapshotRows::None
+    }
+}
+
+/// The rows (keyed by group id, in column families other than the state
+/// machine's own) that a group's snapshots carry.
+#[derive(Clone, Copy)]
+pub enum SnapshotRows {
+    /// The small state is everything.
+    None,
+    /// Rows in `columns` (each one of [`Cf::SNAPSHOT_ROWS`]) that are never
+    /// changed once written, only deleted; `writer_index` reads from a key
+    /// the log index of the entry that wrote it.
+    Immutable {
+        columns: &'static [Cf],
+        writer_index: fn(Cf, &[u8]) -> u64,
+    },
+}
+
+impl SnapshotRows {
+    fn columns(self) -> &'static [Cf] {
+        match self {
+            SnapshotRows::None => &[],
+            SnapshotRows::Immutable { columns, .. } => columns,
+        }
+    }
 }
 
 /// Snapshot data: the group's small state plus a lazy view of its records.
@@ -60,42 +91,30 @@ pub struct GroupSnapshot {
 }
 
 pub(crate) enum SnapshotSource {
-    /// Records of the live column families with log index ≤ `upto`.
+    /// Rows of the live column families written at log index ≤ `upto`.
     Live {
         storage: Storage,
         group: u64,
         upto: u64,
+        rows: SnapshotRows,
     },
-    /// Records received from the leader, parked in the staging column family.
-    Staged { storage: Storage, group: u64 },
+    /// Records received from the leader, parked in the staging column
+    /// family until the install moves them.
+    Staged,
 }
 
 /// One run of snapshot records: (column family tag, key, value).
 pub(crate) type SnapshotChunk = Vec<(u8, Vec<u8>, Vec<u8>)>;
 
-const SNAPSHOT_CFS: [(u8, Cf); 2] = [(1, Cf::Records), (2, Cf::RecordTime)];
 const CHUNK_BYTES: usize = 4 << 20;
 
 fn cf_of(tag: u8) -> io::Result<Cf> {
-    SNAPSHOT_CFS
-        .iter()
-        .find(|(t, _)| *t == tag)
-        .map(|(_, cf)| *cf)
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("unknown snapshot column family {tag}"),
-            )
-        })
-}
-
-/// Log index of the entry that wrote a record key or record-time key.
-fn writer_index(cf: Cf, key: &[u8]) -> u64 {
-    let seq = match cf {
-        Cf::Records => keys::record_seq_of(key),
-        _ => keys::record_time_parts(key).1,
-    };
-    kinesin_types::SequenceNumber(seq).log_index()
+    Cf::of_snapshot_tag(tag).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unknown snapshot column family {tag}"),
+        )
+    })
 }
 
 impl GroupSnapshot {
@@ -124,9 +143,17 @@ impl GroupSnapshot {
                 storage,
                 group,
                 upto,
+                rows:
+                    SnapshotRows::Immutable {
+                        columns,
+                        writer_index,
+                    },
             } => {
                 let (from, to) = keys::group_bounds(*group);
-                for (tag, cf) in SNAPSHOT_CFS {
+                for &cf in *columns {
+                    let tag = cf.snapshot_tag().ok_or_else(|| {
+                        io::Error::other(format!("{} rows cannot be in a snapshot", cf.name()))
+                    })?;
                     for kv in storage.scan(cf, &from, &to) {
                         let (k, v) = kv?;
                         if writer_index(cf, &k) <= *upto {
@@ -135,14 +162,11 @@ impl GroupSnapshot {
                     }
                 }
             }
-            SnapshotSource::Staged { storage, group } => {
-                let (from, to) = keys::group_bounds(*group);
-                for kv in storage.scan(Cf::Staging, &from, &to) {
-                    let (k, v) = kv?;
-                    // staging key: group(8) | tag(1) | original key
-                    push(&mut chunk, &mut size, (k[8], k[9..].to_vec(), v.into_vec()))?;
-                }
+            SnapshotSource::Live {
+                rows: SnapshotRows::None,
+                ..
             }
+            | SnapshotSource::Staged => {}
         }
         if !chunk.is_empty() {
             sink(chunk)?;
@@ -165,6 +189,41 @@ pub(crate) fn stage_chunk(storage: &Storage, group: u64, chunk: SnapshotChunk) -
     }
     storage.write(batch)?;
     Ok(())
+}
+
+/// Moves a group's staged snapshot records into the live column families,
+/// a bounded batch at a time, then drops the staging copy and the install
+/// marker. Idempotent: puts of the same keys and values.
+fn move_staged(storage: &Storage, group: u64) -> io::Result<()> {
+    let (from, to) = keys::group_bounds(group);
+    let mut batch = WriteBatch::default();
+    for kv in storage.scan(Cf::Staging, &from, &to) {
+        let (k, v) = kv?;
+        // staging key: group(8) | tag(1) | original key
+        batch.put_cf(storage.cf(cf_of(k[8])?), &k[9..], v);
+        if batch.size_in_bytes() >= CHUNK_BYTES {
+            storage.write(std::mem::take(&mut batch))?;
+        }
+    }
+    batch.delete_range_cf(storage.cf(Cf::Staging), &from, &to);
+    batch.delete_cf(
+        storage.cf(Cf::StateMachine),
+        keys::named_key(group, INSTALLING_KEY),
+    );
+    storage.write(batch)?;
+    storage.sync()?;
+    Ok(())
+}
+
+/// Finishes a snapshot install a crash interrupted; called before the
+/// group starts. Returns whether there was one.
+pub(crate) fn resume_install(storage: &Storage, group: u64) -> io::Result<bool> {
+    let marker = keys::named_key(group, INSTALLING_KEY);
+    if storage.get(Cf::StateMachine, &marker)?.is_none() {
+        return Ok(false);
+    }
+    move_staged(storage, group)?;
+    Ok(true)
 }
 
 pub(crate) fn clear_staging(storage: &Storage, group: u64) -> io::Result<()> {
@@ -190,6 +249,8 @@ struct SavedSnapshot {
 
 const APPLIED_KEY: &[u8] = b"\0applied";
 const SNAPSHOT_KEY: &[u8] = b"\0snapshot";
+/// Present while an installed snapshot's records move out of staging.
+const INSTALLING_KEY: &[u8] = b"\0installing";
 
 /// openraft's view of one group's state machine.
 #[derive(Clone)]
@@ -242,6 +303,7 @@ impl StateMachineStore {
                     storage: self.storage.clone(),
                     group: self.group,
                     upto,
+                    rows: self.inner.snapshot_rows(),
                 },
             },
         }
@@ -348,19 +410,25 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         meta: &SnapshotMeta,
         snapshot: GroupSnapshot,
     ) -> Result<(), io::Error> {
-        let (from, to) = keys::group_bounds(self.group);
-        let mut batch = WriteBatch::default();
-        for (_, cf) in SNAPSHOT_CFS {
-            batch.delete_range_cf(self.storage.cf(cf), &from, &to);
+        let (storage, group) = (self.storage.clone(), self.group);
+        if let SnapshotSource::Live { .. } = snapshot.source {
+            // A snapshot of this store itself: stage what it covers, so the
+            // install below is the same as for a received one.
+            let staged = storage.clone();
+            clear_staging(&storage, group)?;
+            snapshot.for_each_chunk(|chunk| stage_chunk(&staged, group, chunk))?;
         }
-        batch.delete_range_cf(self.storage.cf(Cf::StateMachine), &from, &to);
-        snapshot.for_each_chunk(|chunk| {
-            for (tag, key, value) in chunk {
-                batch.put_cf(self.storage.cf(cf_of(tag)?), key, value);
-            }
-            Ok(())
-        })?;
-        batch.delete_range_cf(self.storage.cf(Cf::Staging), &from, &to);
+        // One batch replaces the group's small state and applied id, and
+        // marks the install as begun; the records then move out of staging
+        // in bounded batches (a shard of several GiB never sits in memory),
+        // and a crash in between finishes the move at the next start
+        // (`resume_install`).
+        let (from, to) = keys::group_bounds(group);
+        let mut batch = WriteBatch::default();
+        for &cf in self.inner.snapshot_rows().columns() {
+            batch.delete_range_cf(storage.cf(cf), &from, &to);
+        }
+        batch.delete_range_cf(storage.cf(Cf::StateMachine), &from, &to);
         self.inner.restore(&snapshot.state, &mut batch)?;
         let applied = Applied {
             last_applied: meta.last_log_id,
@@ -372,8 +440,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             state: snapshot.state,
         };
         self.put(&mut batch, SNAPSHOT_KEY, encode(&saved));
-        self.storage.write(batch)?;
-        self.storage.sync()?;
+        self.put(&mut batch, INSTALLING_KEY, Vec::new());
+        storage.write(batch)?;
+        storage.sync()?;
+        tokio::task::spawn_blocking(move || move_staged(&storage, group))
+            .await
+            .map_err(io::Error::other)??;
         self.inner.publish();
         Ok(())
     }
@@ -410,9 +482,69 @@ pub(crate) fn applied_of(storage: &Storage, group: u64) -> io::Result<Option<Log
 pub fn delete_group_state(storage: &Storage, group: u64) -> io::Result<()> {
     let (from, to) = keys::group_bounds(group);
     let mut batch = WriteBatch::default();
-    for cf in [Cf::Records, Cf::RecordTime, Cf::StateMachine, Cf::Staging] {
+    let row_cfs = Cf::SNAPSHOT_ROWS.map(|(_, cf)| cf);
+    for &cf in row_cfs.iter().chain(&[Cf::StateMachine, Cf::Staging]) {
         batch.delete_range_cf(storage.cf(cf), &from, &to);
     }
     storage.write_durable(batch)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use kinesin_storage::FsyncPolicy;
+
+    use super::*;
+
+    fn staged_records(storage: &Storage, group: u64, count: u32, size: usize) -> Vec<[u8; 24]> {
+        let mut keys_written = Vec::new();
+        for run in 0..count / 10 {
+            let chunk = (0..10)
+                .map(|i| {
+                    let key = keys::record_key(group, u128::from(run * 10 + i));
+                    keys_written.push(key);
+                    (1, key.to_vec(), vec![i as u8; size])
+                })
+                .collect();
+            stage_chunk(storage, group, chunk).unwrap();
+        }
+        keys_written
+    }
+
+    /// A crash after an install's first batch (small state, applied id and
+    /// the marker written; old records gone) but before its records left
+    /// staging: the next start moves them, once.
+    #[test]
+    fn an_interrupted_install_finishes_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), FsyncPolicy::Always).unwrap();
+        let group = 9;
+        // More than one bounded batch of records.
+        let staged = staged_records(&storage, group, 120, 100 << 10);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            storage.cf(Cf::StateMachine),
+            keys::named_key(group, INSTALLING_KEY),
+            Vec::new(),
+        );
+        storage.write(batch).unwrap();
+
+        assert!(resume_install(&storage, group).unwrap());
+        for key in &staged {
+            assert!(storage.get(Cf::Records, key).unwrap().is_some());
+        }
+        let (from, to) = keys::group_bounds(group);
+        assert_eq!(storage.scan(Cf::Staging, &from, &to).count(), 0);
+        assert!(!resume_install(&storage, group).unwrap());
+    }
+
+    #[test]
+    fn a_group_without_an_install_under_way_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), FsyncPolicy::Always).unwrap();
+        staged_records(&storage, 4, 10, 8);
+        assert!(!resume_install(&storage, 4).unwrap());
+        let (from, to) = keys::group_bounds(4);
+        assert_eq!(storage.scan(Cf::Staging, &from, &to).count(), 10);
+    }
 }

@@ -3,7 +3,7 @@
 use std::io;
 use std::sync::{Mutex, RwLock};
 
-use kinesin_raft::GroupStateMachine;
+use kinesin_raft::{GroupStateMachine, SnapshotRows};
 use kinesin_storage::{keys, Cf, Storage, WriteBatch};
 use kinesin_types::{SequenceNumber, ShardId};
 use serde::{Deserialize, Serialize};
@@ -226,4 +226,22 @@ impl GroupStateMachine for ShardStateMachine {
         *self.working.lock().expect("working lock") = stats;
         Ok(())
     }
+
+    /// Records never change once written and their sequence numbers carry
+    /// the log index that wrote them.
+    fn snapshot_rows(&self) -> SnapshotRows {
+        SnapshotRows::Immutable {
+            columns: &[Cf::Records, Cf::RecordTime],
+            writer_index: record_writer_index,
+        }
+    }
+}
+
+/// Log index of the entry that wrote a record key or record-time key.
+fn record_writer_index(cf: Cf, key: &[u8]) -> u64 {
+    let seq = match cf {
+        Cf::Records => keys::record_seq_of(key),
+        _ => keys::record_time_parts(key).1,
+    };
+    SequenceNumber(seq).log_index()
 }

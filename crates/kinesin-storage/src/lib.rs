@@ -45,6 +45,27 @@ impl Cf {
         Cf::Node,
     ];
 
+    /// The families a Raft snapshot may carry rows of, with the tag that
+    /// names each on the wire and in `Staging`. Only these can be written
+    /// by a received snapshot.
+    pub const SNAPSHOT_ROWS: [(u8, Cf); 2] = [(1, Cf::Records), (2, Cf::RecordTime)];
+
+    /// The family a snapshot row tag names.
+    pub fn of_snapshot_tag(tag: u8) -> Option<Cf> {
+        Cf::SNAPSHOT_ROWS
+            .iter()
+            .find(|(t, _)| *t == tag)
+            .map(|(_, cf)| *cf)
+    }
+
+    /// The tag of a family snapshots may carry.
+    pub fn snapshot_tag(self) -> Option<u8> {
+        Cf::SNAPSHOT_ROWS
+            .iter()
+            .find(|(_, cf)| *cf == self)
+            .map(|(t, _)| *t)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Cf::RaftLog => "raft_log",
