@@ -162,6 +162,10 @@ impl Role {
 #[derive(Clone)]
 struct Group {
     raft: Raft,
+    /// Held from the first staged chunk of a received snapshot until its
+    /// install finished: a second transfer must not clear the staging rows
+    /// an install is still moving.
+    receiving: Arc<tokio::sync::Mutex<()>>,
 }
 
 struct HostInner {
@@ -268,7 +272,10 @@ impl RaftHost {
         let raced = {
             let mut groups = self.inner.groups.write().expect("groups lock");
             if let std::collections::hash_map::Entry::Vacant(e) = groups.entry(group) {
-                e.insert(Group { raft });
+                e.insert(Group {
+                    raft,
+                    receiving: Arc::default(),
+                });
                 None
             } else {
                 Some(raft)
@@ -610,16 +617,26 @@ impl RaftHost {
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let header: SnapshotHeader = decode("snapshot header", &first.header)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Shared with each staging write, which runs on even if this call
+        // is dropped: the lock is free only once none is left.
+        let receiving = Arc::new(g.receiving.clone().try_lock_owned().map_err(|_| {
+            Status::unavailable(format!(
+                "a snapshot of group {group} is being received or installed"
+            ))
+        })?);
         let storage = self.inner.storage.clone();
         clear_staging(&storage, group.0).map_err(|e| Status::internal(e.to_string()))?;
         while let Some(chunk) = chunks.message().await? {
             let chunk: SnapshotChunk = decode("snapshot chunk", &chunk.data)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            let storage = storage.clone();
-            tokio::task::spawn_blocking(move || stage_chunk(&storage, group.0, chunk))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(|e| Status::internal(e.to_string()))?;
+            let (storage, held) = (storage.clone(), receiving.clone());
+            tokio::task::spawn_blocking(move || {
+                let _held = held;
+                stage_chunk(&storage, group.0, chunk)
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(e.to_string()))?;
         }
         let snapshot = Snapshot {
             meta: header.meta,
@@ -628,10 +645,16 @@ impl RaftHost {
                 source: SnapshotSource::Staged,
             },
         };
-        let resp = g
-            .raft
-            .install_full_snapshot(header.vote, snapshot)
+        // The install goes on (and keeps the staging rows to itself) even
+        // if the sender gives up and this call is dropped.
+        let (raft, vote) = (g.raft.clone(), header.vote);
+        let install = tokio::spawn(async move {
+            let _receiving = receiving;
+            raft.install_full_snapshot(vote, snapshot).await
+        });
+        let resp = install
             .await
+            .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(encode(&resp.vote))
     }
