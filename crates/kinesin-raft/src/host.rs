@@ -166,6 +166,8 @@ struct Group {
     /// install finished: a second transfer must not clear the staging rows
     /// an install is still moving.
     receiving: Arc<tokio::sync::Mutex<()>>,
+    /// The state machine's install lock (`StateMachineStore::install_lock`).
+    installing: Arc<tokio::sync::Mutex<()>>,
 }
 
 struct HostInner {
@@ -260,6 +262,7 @@ impl RaftHost {
         }
         let log = LogStore::open(storage.clone(), group.0)?;
         let sm = StateMachineStore::new(storage, group.0, state_machine);
+        let installing = sm.install_lock();
         let network = GroupNetwork {
             group: group.0,
             pool: self.inner.pool.clone(),
@@ -275,6 +278,7 @@ impl RaftHost {
                 e.insert(Group {
                     raft,
                     receiving: Arc::default(),
+                    installing,
                 });
                 None
             } else {
@@ -297,6 +301,10 @@ impl RaftHost {
             .remove(&group);
         if let Some(g) = removed {
             let _ = g.raft.shutdown().await;
+            // openraft does not wait for its state-machine task: an install
+            // still moving rows would leave them behind a delete, or race a
+            // new replica of the group.
+            let _installed = g.installing.lock().await;
         }
         if delete_data {
             delete_group_log(&self.inner.storage, group.0)?;

@@ -446,7 +446,8 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         // A shard of many GiB takes minutes to send and install, so there is
         // no bound on the whole transfer: it fails when no chunk was taken
         // for `idle`, or when the receiver's install (which moves every
-        // byte once more) outlasts `idle` plus a floor rate.
+        // byte once more) outlasts `idle` plus a second per
+        // INSTALL_FLOOR_BYTES_PER_SEC sent.
         let idle = option.hard_ttl().max(Duration::from_secs(60));
         tokio::pin!(send);
         tokio::pin!(cancel);

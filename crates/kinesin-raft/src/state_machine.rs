@@ -258,9 +258,13 @@ pub struct StateMachineStore {
     storage: Storage,
     group: u64,
     inner: Arc<dyn GroupStateMachine>,
-    /// Held while an apply writes and publishes, and while a snapshot reads
-    /// the applied id and the published state.
+    /// Held while an apply or an install writes and publishes, and while a
+    /// snapshot reads the applied id and the published state or saves
+    /// itself.
     applying: Arc<Mutex<()>>,
+    /// Held for the whole of a snapshot install, until its rows left
+    /// staging (which goes on even if openraft stops waiting).
+    installing: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl StateMachineStore {
@@ -270,7 +274,14 @@ impl StateMachineStore {
             group,
             inner,
             applying: Arc::default(),
+            installing: Arc::default(),
         }
+    }
+
+    /// Free when no snapshot install of this group is under way; a group's
+    /// data must not be deleted while one is.
+    pub(crate) fn install_lock(&self) -> Arc<tokio::sync::Mutex<()>> {
+        self.installing.clone()
     }
 
     fn load<T: for<'a> Deserialize<'a>>(
@@ -344,6 +355,14 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         })
         .await
         .map_err(io::Error::other)??;
+        // An install may have finished meanwhile: never replace its newer
+        // snapshot with this one.
+        let _consistent = self.applying.lock().expect("apply lock");
+        if let Some(stored) = self.load::<SavedSnapshot>(SNAPSHOT_KEY, "snapshot")? {
+            if stored.meta.last_log_id > saved.meta.last_log_id {
+                return Ok(self.snapshot_of(stored));
+            }
+        }
         let mut batch = WriteBatch::default();
         self.put(&mut batch, SNAPSHOT_KEY, encode(&saved));
         self.storage.write_durable(batch)?;
@@ -411,12 +430,22 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: GroupSnapshot,
     ) -> Result<(), io::Error> {
         let (storage, group) = (self.storage.clone(), self.group);
-        if let SnapshotSource::Live { .. } = snapshot.source {
+        let installing = self.installing.clone().lock_owned().await;
+        let GroupSnapshot { state, source } = snapshot;
+        if let SnapshotSource::Live { .. } = source {
             // A snapshot of this store itself: stage what it covers, so the
             // install below is the same as for a received one.
+            let live = GroupSnapshot {
+                state: Vec::new(),
+                source,
+            };
             let staged = storage.clone();
-            clear_staging(&storage, group)?;
-            snapshot.for_each_chunk(|chunk| stage_chunk(&staged, group, chunk))?;
+            tokio::task::spawn_blocking(move || {
+                clear_staging(&staged, group)?;
+                live.for_each_chunk(|chunk| stage_chunk(&staged, group, chunk))
+            })
+            .await
+            .map_err(io::Error::other)??;
         }
         // One batch replaces the group's small state and applied id, and
         // marks the install as begun; the records then move out of staging
@@ -429,7 +458,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             batch.delete_range_cf(storage.cf(cf), &from, &to);
         }
         batch.delete_range_cf(storage.cf(Cf::StateMachine), &from, &to);
-        self.inner.restore(&snapshot.state, &mut batch)?;
+        self.inner.restore(&state, &mut batch)?;
         let applied = Applied {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
@@ -437,16 +466,26 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.put(&mut batch, APPLIED_KEY, encode(&applied));
         let saved = SavedSnapshot {
             meta: meta.clone(),
-            state: snapshot.state,
+            state,
         };
         self.put(&mut batch, SNAPSHOT_KEY, encode(&saved));
         self.put(&mut batch, INSTALLING_KEY, Vec::new());
-        storage.write(batch)?;
-        storage.sync()?;
-        tokio::task::spawn_blocking(move || move_staged(&storage, group))
-            .await
-            .map_err(io::Error::other)??;
-        self.inner.publish();
+        {
+            // A snapshot built meanwhile sees the old applied id with the
+            // old state, or the new with the new. The new small state is
+            // published before the rows arrived: only a leader reads them,
+            // and a replica installing a snapshot is not one.
+            let _consistent = self.applying.lock().expect("apply lock");
+            storage.write(batch)?;
+            storage.sync()?;
+            self.inner.publish();
+        }
+        tokio::task::spawn_blocking(move || {
+            let _installing = installing;
+            move_staged(&storage, group)
+        })
+        .await
+        .map_err(io::Error::other)??;
         Ok(())
     }
 
@@ -530,8 +569,9 @@ mod tests {
         storage.write(batch).unwrap();
 
         assert!(resume_install(&storage, group).unwrap());
-        for key in &staged {
-            assert!(storage.get(Cf::Records, key).unwrap().is_some());
+        for (k, key) in staged.iter().enumerate() {
+            let value = storage.get(Cf::Records, key).unwrap().expect("moved");
+            assert_eq!(value, vec![(k % 10) as u8; 100 << 10]);
         }
         let (from, to) = keys::group_bounds(group);
         assert_eq!(storage.scan(Cf::Staging, &from, &to).count(), 0);

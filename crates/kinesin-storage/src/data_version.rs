@@ -1,10 +1,12 @@
 //! The data-format version of a node's data directory.
 //!
-//! One number covers everything a node persists (the metadata value, shard
-//! state, Raft log and keys). It is written in the node's identity and in the
-//! metadata value. A change to any persisted layout adds a version here and
-//! an upgrade step from the previous one, next to the code that owns the
-//! layout (the metadata value's steps are in `kinesin-meta/src/version/`).
+//! One number for a node's directory, written in the node's identity and in
+//! the metadata value, the one layout with upgrade steps so far
+//! (`kinesin-meta/src/version/`). Shard state, Raft log entries and
+//! snapshot headers are still bare postcard without a version of their own:
+//! changing one of them needs a version here, an upgrade step next to the
+//! code that owns it, and (as they travel between nodes) a plan for mixed
+//! versions during a rolling upgrade.
 //! A binary opens directories of every version from [`OLDEST_READABLE`] up to
 //! [`DATA_VERSION`], upgrades them in place, and refuses newer ones.
 
