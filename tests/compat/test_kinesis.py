@@ -670,7 +670,7 @@ def test_bench_smoke(binary, cluster, stream_name, protocol):
     out = subprocess.run(
         [binary, "bench", "produce", "--protocol", protocol, "--endpoints", endpoints,
          "--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY, "--stream", stream_name,
-         "--shards", "2", "--batch", "50", "--concurrency", "4", "--duration-secs", "2", "--json"],
+         "--shards", "2", "--batch", "50", "--concurrency", "4", "--duration-secs", "4", "--json"],
         capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr
