@@ -6,6 +6,7 @@ mod common;
 mod drain;
 mod events;
 mod failover;
+mod groups;
 mod metadata;
 mod partition;
 mod repair;

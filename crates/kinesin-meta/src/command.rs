@@ -67,6 +67,27 @@ pub enum MetaCommand {
         stream: String,
         epoch: u64,
     },
+    /// Creates a group of a registered kind; `replicas` were placed by the
+    /// proposer, the preferred leader first.
+    CreateGroup {
+        name: String,
+        kind: String,
+        replicas: Vec<NodeId>,
+        replication_factor: u32,
+        config: Vec<u8>,
+    },
+    DeleteGroup {
+        name: String,
+    },
+    /// Replaces a group's replica set.
+    SetGroupReplicas {
+        name: String,
+        replicas: Vec<NodeId>,
+    },
+    /// The group had a leader answering (see [`crate::GroupSpec::ready`]).
+    GroupReady {
+        name: String,
+    },
 }
 
 /// A shard a reshard creates. Its id, group and generation are assigned when
@@ -105,6 +126,10 @@ pub enum MetaError {
     ShardNotFound(String),
     #[error("invalid request: {0}")]
     Invalid(String),
+    #[error("group {0} already exists")]
+    GroupExists(String),
+    #[error("group {0} not found")]
+    GroupNotFound(String),
 }
 
 pub type MetaReply = Result<(), MetaError>;

@@ -10,5 +10,5 @@ mod version;
 
 pub use command::{decode_reply, MetaCommand, MetaError, MetaReply, NewShard, StreamChange};
 pub use placement::place_replicas;
-pub use state::{MetaState, NodeInfo, NodeState};
+pub use state::{GroupSpec, MetaState, NodeInfo, NodeState, Owner, Placed, STREAM_KIND};
 pub use state_machine::MetaStateMachine;

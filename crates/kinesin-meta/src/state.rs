@@ -35,7 +35,57 @@ pub struct MetaState {
     pub next_group: u64,
     /// Log index of the last applied command, for freshness checks.
     pub applied_index: u64,
+    /// Raft groups of other kinds than stream shards (a queue's state, a
+    /// test key-value store), by name. Kept last: the data-version 2 → 3
+    /// upgrade relies on it (`version/mod.rs`). Defaults when absent so that
+    /// tools read the JSON map of an older node.
+    #[serde(default)]
+    pub groups: BTreeMap<String, GroupSpec>,
 }
+
+/// A Raft group of a kind registered with the nodes (not a stream shard:
+/// those live in their stream's shard map).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupSpec {
+    pub group: GroupId,
+    /// Which state machine the group runs; a node that has no kind of that
+    /// name registered does not start it.
+    pub kind: String,
+    /// Replicas, the preferred leader first.
+    pub replicas: Vec<NodeId>,
+    /// How many replicas the group should have; repair restores it.
+    pub replication_factor: u32,
+    /// Given to the kind's state machine when a replica opens.
+    pub config: Vec<u8>,
+    /// A leader answered once: from then on no replica may make the group's
+    /// first membership (a replica added later waits to be contacted).
+    pub ready: bool,
+}
+
+/// One Raft group the map places on nodes: a stream shard or a
+/// [`GroupSpec`].
+#[derive(Debug, Clone, Copy)]
+pub struct Placed<'a> {
+    pub group: GroupId,
+    pub kind: &'a str,
+    pub replicas: &'a [NodeId],
+    pub owner: Owner<'a>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Owner<'a> {
+    Shard {
+        stream: &'a StreamInfo,
+        shard: &'a ShardInfo,
+    },
+    Group {
+        name: &'a str,
+        spec: &'a GroupSpec,
+    },
+}
+
+/// The kind name of stream shard groups.
+pub const STREAM_KIND: &str = "stream";
 
 impl MetaState {
     /// Open shards of every stream (the cluster's shard limit counts them).
@@ -74,11 +124,34 @@ impl MetaState {
         })
     }
 
-    /// Replicas hosted per node, counting every shard.
+    /// Every Raft group the map places (not the metadata group).
+    pub fn placed(&self) -> impl Iterator<Item = Placed<'_>> {
+        let shards = self.streams.values().flat_map(|stream| {
+            stream.shards.iter().map(move |shard| Placed {
+                group: shard.group,
+                kind: STREAM_KIND,
+                replicas: &shard.replicas,
+                owner: Owner::Shard { stream, shard },
+            })
+        });
+        let groups = self.groups.iter().map(|(name, spec)| Placed {
+            group: spec.group,
+            kind: &spec.kind,
+            replicas: &spec.replicas,
+            owner: Owner::Group { name, spec },
+        });
+        shards.chain(groups)
+    }
+
+    pub fn placed_group(&self, group: GroupId) -> Option<Placed<'_>> {
+        self.placed().find(|p| p.group == group)
+    }
+
+    /// Replicas hosted per node, counting every placed group.
     pub fn replica_load(&self) -> BTreeMap<NodeId, usize> {
         let mut load: BTreeMap<NodeId, usize> = self.active_nodes().map(|n| (n.id, 0)).collect();
-        for (_, shard) in self.shards() {
-            for r in &shard.replicas {
+        for placed in self.placed() {
+            for r in placed.replicas {
                 *load.entry(*r).or_default() += 1;
             }
         }

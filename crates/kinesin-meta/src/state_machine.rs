@@ -15,7 +15,7 @@ use kinesin_types::{
 use tokio::sync::watch;
 
 use crate::command::{encode_reply, MetaCommand, MetaError, MetaReply, NewShard, StreamChange};
-use crate::state::MetaState;
+use crate::state::{GroupSpec, MetaState};
 use crate::version;
 
 const STATE_KEY: &[u8] = b"meta";
@@ -217,6 +217,62 @@ impl MetaStateMachine {
                 if s.epoch == epoch && s.awaits_leaders() {
                     s.status = StreamStatus::Active;
                 }
+                Ok(())
+            }
+            MetaCommand::CreateGroup {
+                name,
+                kind,
+                replicas,
+                replication_factor,
+                config,
+            } => {
+                if state.groups.contains_key(&name) {
+                    return Err(MetaError::GroupExists(name));
+                }
+                if replicas.is_empty() || kind.is_empty() || name.is_empty() {
+                    return Err(MetaError::Invalid(
+                        "a group needs a name, a kind and at least one replica".into(),
+                    ));
+                }
+                let group = GroupId(state.next_group);
+                state.next_group += 1;
+                state.groups.insert(
+                    name,
+                    GroupSpec {
+                        group,
+                        kind,
+                        replicas,
+                        replication_factor,
+                        config,
+                        ready: false,
+                    },
+                );
+                Ok(())
+            }
+            MetaCommand::DeleteGroup { name } => state
+                .groups
+                .remove(&name)
+                .map(|_| ())
+                .ok_or(MetaError::GroupNotFound(name)),
+            MetaCommand::SetGroupReplicas { name, replicas } => {
+                if replicas.is_empty() {
+                    return Err(MetaError::Invalid(
+                        "a group needs at least one replica".into(),
+                    ));
+                }
+                let spec = state
+                    .groups
+                    .get_mut(&name)
+                    .ok_or(MetaError::GroupNotFound(name))?;
+                spec.replicas = replicas;
+                Ok(())
+            }
+            MetaCommand::GroupReady { name } => {
+                let spec = state
+                    .groups
+                    .get_mut(&name)
+                    .ok_or(MetaError::GroupNotFound(name))?;
+                spec.ready = true;
                 Ok(())
             }
         }
@@ -538,5 +594,50 @@ mod tests {
         MetaStateMachine::apply_command(&mut state, merge).unwrap();
         assert_eq!(state.streams["s"].open_shard_count(), 1);
         assert_eq!(state.streams["s"].status, StreamStatus::Updating);
+    }
+
+    #[test]
+    fn groups_are_created_named_once_and_deleted() {
+        let mut state = state_with_stream(1);
+        let create = |name: &str| MetaCommand::CreateGroup {
+            name: name.into(),
+            kind: "test-kv".into(),
+            replicas: vec![NodeId(1)],
+            replication_factor: 3,
+            config: vec![7],
+        };
+        let next = state.next_group;
+        MetaStateMachine::apply_command(&mut state, create("a")).unwrap();
+        let spec = state.groups["a"].clone();
+        assert_eq!(spec.group, GroupId(next));
+        assert!(!spec.ready);
+        assert_eq!(state.next_group, next + 1);
+        assert_eq!(
+            MetaStateMachine::apply_command(&mut state, create("a")),
+            Err(MetaError::GroupExists("a".into()))
+        );
+        assert!(matches!(
+            MetaStateMachine::apply_command(&mut state, create("")),
+            Err(MetaError::Invalid(_))
+        ));
+        assert_eq!(
+            state.placed_group(spec.group).map(|p| p.kind),
+            Some("test-kv")
+        );
+        MetaStateMachine::apply_command(&mut state, MetaCommand::GroupReady { name: "a".into() })
+            .unwrap();
+        assert!(state.groups["a"].ready);
+        MetaStateMachine::apply_command(&mut state, MetaCommand::DeleteGroup { name: "a".into() })
+            .unwrap();
+        assert_eq!(
+            MetaStateMachine::apply_command(
+                &mut state,
+                MetaCommand::SetGroupReplicas {
+                    name: "a".into(),
+                    replicas: vec![NodeId(1)],
+                },
+            ),
+            Err(MetaError::GroupNotFound("a".into()))
+        );
     }
 }

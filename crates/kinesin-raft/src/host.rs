@@ -17,7 +17,7 @@ use kinesin_types::{GroupId, NodeId};
 use openraft::async_runtime::WatchReceiver;
 use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
 use openraft::Instant as _;
-use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
+use openraft::{BasicNode, ChangeMembers, Config, ReadPolicy, ServerState, SnapshotPolicy};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -109,6 +109,9 @@ pub enum RaftHostError {
     OutcomeUnknown { group: GroupId },
     #[error("storage: {0}")]
     Io(#[from] io::Error),
+    /// The state machine refused a read query.
+    #[error("group {group}: {detail}")]
+    Query { group: GroupId, detail: String },
 }
 
 /// Role and progress of one local replica.
@@ -168,6 +171,8 @@ struct Group {
     receiving: Arc<tokio::sync::Mutex<()>>,
     /// The state machine's install lock (`StateMachineStore::install_lock`).
     installing: Arc<tokio::sync::Mutex<()>>,
+    /// For [`RaftHost::read`].
+    state_machine: Arc<dyn GroupStateMachine>,
 }
 
 struct HostInner {
@@ -261,7 +266,7 @@ impl RaftHost {
             tracing::info!(%group, "finished a snapshot install interrupted by a restart");
         }
         let log = LogStore::open(storage.clone(), group.0)?;
-        let sm = StateMachineStore::new(storage, group.0, state_machine);
+        let sm = StateMachineStore::new(storage, group.0, state_machine.clone());
         let installing = sm.install_lock();
         let network = GroupNetwork {
             group: group.0,
@@ -279,6 +284,7 @@ impl RaftHost {
                     raft,
                     receiving: Arc::default(),
                     installing,
+                    state_machine,
                 });
                 None
             } else {
@@ -373,6 +379,32 @@ impl RaftHost {
             }),
             Err(_) => Err(RaftHostError::OutcomeUnknown { group }),
         }
+    }
+
+    /// Answers `query` from the state machine once this replica is known to
+    /// lead (a read index confirmed by a quorum) and has applied everything
+    /// committed before the call: a linearizable read. An empty query only
+    /// confirms leadership.
+    pub async fn read(&self, group: GroupId, query: &[u8]) -> Result<Vec<u8>, RaftHostError> {
+        let g = self.group(group)?;
+        match g.raft.ensure_linearizable(ReadPolicy::ReadIndex).await {
+            Ok(_) => {}
+            Err(e) => {
+                return Err(match e.forward_to_leader() {
+                    Some(f) => RaftHostError::NotLeader {
+                        group,
+                        leader: f.leader_id.map(NodeId),
+                    },
+                    None => raft_err(group, e),
+                })
+            }
+        }
+        if query.is_empty() {
+            return Ok(Vec::new());
+        }
+        g.state_machine
+            .query(query)
+            .map_err(|detail| RaftHostError::Query { group, detail })
     }
 
     pub async fn add_learner(

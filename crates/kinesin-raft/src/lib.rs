@@ -1,16 +1,18 @@
-//! Multi-Raft: every Raft group of a node (the metadata group and one group
-//! per shard replica) on one RocksDB and one set of peer connections. This is
+//! Multi-Raft: every Raft group of a node (the metadata group, one group per
+//! shard replica, groups of registered kinds) on one RocksDB and one set of peer connections. This is
 //! the only crate that names openraft types; the rest of Kinesin sees groups,
 //! commands as bytes, and [`GroupStateMachine`].
 
 mod host;
 pub mod inspect;
+mod kinds;
 mod log_store;
 mod network;
 mod state_machine;
 mod types;
 
 pub use host::{GroupStatus, RaftHost, RaftHostError, RaftService, Role, TimingProfile};
+pub use kinds::{GroupKind, GroupKinds};
 pub use network::{FilterAction, NoFilter, TransportFilter};
 pub use state_machine::{GroupStateMachine, SnapshotRows};
 

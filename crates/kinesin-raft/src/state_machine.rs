@@ -58,6 +58,13 @@ pub trait GroupStateMachine: Send + Sync + 'static {
     fn snapshot_rows(&self) -> SnapshotRows {
         SnapshotRows::None
     }
+
+    /// Answers a read query from the applied state (the leader calls it
+    /// for [`crate::RaftHost::read`]). Queries, like commands, are the
+    /// kind's own bytes; an error is a message for the caller.
+    fn query(&self, _query: &[u8]) -> Result<Vec<u8>, String> {
+        Err("this group kind answers no queries".into())
+    }
 }
 
 /// The rows (keyed by group id, in column families other than the state

@@ -109,6 +109,9 @@ impl From<kinesin_raft::RaftHostError> for RouterError {
             e @ kinesin_raft::RaftHostError::OutcomeUnknown { .. } => {
                 RouterError::Indeterminate(e.to_string())
             }
+            e @ kinesin_raft::RaftHostError::Query { .. } => {
+                RouterError::InvalidArgument(e.to_string())
+            }
             other => RouterError::Unavailable(other.to_string()),
         }
     }
@@ -129,9 +132,12 @@ impl From<kinesin_shard::ShardError> for RouterError {
 impl From<kinesin_meta::MetaError> for RouterError {
     fn from(e: kinesin_meta::MetaError) -> Self {
         match e {
-            kinesin_meta::MetaError::StreamExists(_) => RouterError::ResourceInUse(e.to_string()),
+            kinesin_meta::MetaError::StreamExists(_) | kinesin_meta::MetaError::GroupExists(_) => {
+                RouterError::ResourceInUse(e.to_string())
+            }
             kinesin_meta::MetaError::StreamNotFound(_)
-            | kinesin_meta::MetaError::ShardNotFound(_) => {
+            | kinesin_meta::MetaError::ShardNotFound(_)
+            | kinesin_meta::MetaError::GroupNotFound(_) => {
                 RouterError::ResourceNotFound(e.to_string())
             }
             kinesin_meta::MetaError::Invalid(_) => RouterError::InvalidArgument(e.to_string()),

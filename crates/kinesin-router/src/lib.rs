@@ -6,12 +6,14 @@
 
 mod clients;
 mod error;
+mod groups;
 pub mod liveness;
 mod router;
 mod service;
 mod throttle;
 
 pub use error::RouterError;
+pub use groups::Retry;
 pub use router::{
     now_ms, set_clock_skew_ms, wall_clock, AppendOutcome, LocalShards, ReadRequest, RecordIn,
     Router, RouterConfig,

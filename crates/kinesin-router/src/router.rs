@@ -219,6 +219,14 @@ impl Router {
         self.meta.state()
     }
 
+    pub(crate) fn meta_subscribe(&self) -> tokio::sync::watch::Receiver<Arc<MetaState>> {
+        self.meta.subscribe()
+    }
+
+    pub(crate) fn config(&self) -> &RouterConfig {
+        &self.config
+    }
+
     pub fn local_shards(&self) -> &LocalShards {
         &self.shards
     }

@@ -428,6 +428,38 @@ impl Node for NodeService {
         }))
     }
 
+    async fn group_propose(
+        &self,
+        request: Request<pb::GroupProposeRequest>,
+    ) -> Result<Response<pb::GroupProposeResponse>, Status> {
+        let r = request.into_inner();
+        let reply = self
+            .router
+            .host()
+            .propose(GroupId(r.group), r.command.to_vec())
+            .await
+            .map_err(RouterError::from)?;
+        Ok(Response::new(pb::GroupProposeResponse {
+            reply: reply.into(),
+        }))
+    }
+
+    async fn group_read(
+        &self,
+        request: Request<pb::GroupReadRequest>,
+    ) -> Result<Response<pb::GroupReadResponse>, Status> {
+        let r = request.into_inner();
+        let reply = self
+            .router
+            .host()
+            .read(GroupId(r.group), &r.query)
+            .await
+            .map_err(RouterError::from)?;
+        Ok(Response::new(pb::GroupReadResponse {
+            reply: reply.into(),
+        }))
+    }
+
     async fn shard_read(
         &self,
         request: Request<pb::ShardReadRequest>,

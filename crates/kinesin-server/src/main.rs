@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use kinesin_raft::{NoFilter, TimingProfile};
+use kinesin_raft::{GroupKinds, NoFilter, TimingProfile};
 use kinesin_server::{shard_timing, Config, FsyncSetting, Node};
 
 #[derive(Parser)]
@@ -163,6 +163,7 @@ pub async fn run_server(config: Config) -> anyhow::Result<()> {
         config.clone(),
         Arc::new(NoFilter),
         (TimingProfile::meta(), shard_timing(&config)),
+        GroupKinds::default(),
     )
     .await?;
     println!(

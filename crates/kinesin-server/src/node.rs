@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use kinesin_meta::{MetaCommand, MetaStateMachine, NodeInfo, NodeState};
 use kinesin_proto::v1::node_client::NodeClient;
 use kinesin_proto::v1::{ClusterInfoRequest, JoinRequest};
-use kinesin_raft::{RaftHost, Role, TimingProfile, TransportFilter};
+use kinesin_raft::{GroupKinds, RaftHost, Role, TimingProfile, TransportFilter};
 use kinesin_router::{LocalShards, Router, RouterConfig};
 use kinesin_storage::data_version::{self, DATA_VERSION};
 use kinesin_storage::{Cf, FsyncPolicy, Storage, WriteBatch};
@@ -85,10 +85,13 @@ pub fn shard_timing(config: &Config) -> TimingProfile {
 
 impl Node {
     /// Opens the data directory, starts the servers, and bootstraps or joins.
+    /// `kinds` are the group kinds (besides stream shards) this node runs
+    /// when the map places one here.
     pub async fn start(
         mut config: Config,
         filter: Arc<dyn TransportFilter>,
         timing: (TimingProfile, TimingProfile),
+        kinds: GroupKinds,
     ) -> anyhow::Result<Node> {
         config.validate()?;
         std::fs::create_dir_all(&config.data_dir).with_context(|| {
@@ -232,6 +235,7 @@ impl Node {
             shards: node.shards.clone(),
             storage: node.storage.clone(),
             shard_timing,
+            kinds,
         };
         node.tasks.push(tokio::spawn(reconcile::run_reconciler(
             ctx.clone(),

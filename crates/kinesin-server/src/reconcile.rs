@@ -15,8 +15,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kinesin_meta::{place_replicas, MetaCommand, MetaState, MetaStateMachine, NodeState};
-use kinesin_raft::{RaftHost, Role, TimingProfile};
+use kinesin_meta::{
+    place_replicas, GroupSpec, MetaCommand, MetaState, MetaStateMachine, NodeState, Owner,
+};
+use kinesin_raft::{GroupKinds, RaftHost, Role, TimingProfile};
 use kinesin_router::{LocalShards, Router};
 use kinesin_shard::{ShardCommand, ShardReply, ShardStateMachine};
 use kinesin_storage::Storage;
@@ -34,6 +36,7 @@ pub(crate) struct Context {
     pub shards: Arc<LocalShards>,
     pub storage: Storage,
     pub shard_timing: TimingProfile,
+    pub kinds: GroupKinds,
 }
 
 const TICK: Duration = Duration::from_millis(500);
@@ -67,6 +70,8 @@ struct Busy {
     /// New groups without a membership here, and since when.
     uninitialized_since: HashMap<GroupId, Instant>,
     initializing: HashSet<GroupId>,
+    /// Groups of kinds this node has not registered (warned once).
+    unknown_kind: HashSet<GroupId>,
 }
 
 pub(crate) async fn run_reconciler(ctx: Context, mut stop: watch::Receiver<bool>) {
@@ -83,19 +88,66 @@ pub(crate) async fn run_reconciler(ctx: Context, mut stop: watch::Receiver<bool>
     }
 }
 
+/// A group the map assigns to this node.
+struct Wanted {
+    replicas: Vec<NodeId>,
+    what: WantedGroup,
+}
+
+enum WantedGroup {
+    Shard { stream: String, shard: ShardInfo },
+    Kind { spec: GroupSpec },
+}
+
+impl Wanted {
+    /// Still making its first membership from the map's replicas: all
+    /// shards of a CREATING stream, the children a reshard opened in an
+    /// UPDATING one (the newest generation), a group not yet ready.
+    fn is_new(&self, state: &MetaState) -> bool {
+        match &self.what {
+            WantedGroup::Shard { stream, shard } => {
+                state.streams.get(stream).is_some_and(|s| match s.status {
+                    StreamStatus::Creating => true,
+                    StreamStatus::Updating => {
+                        shard.state == ShardState::Open
+                            && s.shards.iter().map(|x| x.generation).max() == Some(shard.generation)
+                    }
+                    _ => false,
+                })
+            }
+            WantedGroup::Kind { spec, .. } => !spec.ready,
+        }
+    }
+}
+
 async fn reconcile_once(ctx: &Context, state: &MetaState, busy: &Arc<Mutex<Busy>>) {
     let me = ctx.host.node_id();
-    let wanted: BTreeMap<GroupId, (String, ShardInfo)> = state
-        .shards()
-        .filter(|(_, s)| s.replicas.contains(&me))
-        .map(|(stream, s)| (s.group, (stream.to_string(), s.clone())))
+    let wanted: BTreeMap<GroupId, Wanted> = state
+        .placed()
+        .filter(|p| p.replicas.contains(&me))
+        .map(|p| {
+            let what = match p.owner {
+                Owner::Shard { stream, shard } => WantedGroup::Shard {
+                    stream: stream.name.to_string(),
+                    shard: shard.clone(),
+                },
+                Owner::Group { spec, .. } => WantedGroup::Kind { spec: spec.clone() },
+            };
+            let replicas = p.replicas.to_vec();
+            (p.group, Wanted { replicas, what })
+        })
         .collect();
 
-    for (group, (_, shard)) in &wanted {
-        if !ctx.host.has_group(*group) {
-            if let Err(e) = start_replica(ctx, shard).await {
-                tracing::warn!(%group, error = %e, "cannot start shard replica");
-            }
+    for (group, w) in &wanted {
+        if ctx.host.has_group(*group) {
+            continue;
+        }
+        let started = match &w.what {
+            WantedGroup::Shard { shard, .. } => start_replica(ctx, shard).await,
+            WantedGroup::Kind { spec, .. } => start_kind_replica(ctx, spec, busy).await,
+        };
+        if let Err(e) = started {
+            tracing::warn!(%group, error = %e, "cannot start replica");
         }
     }
     initialize_new_groups(ctx, state, &wanted, busy);
@@ -124,40 +176,42 @@ async fn reconcile_once(ctx: &Context, state: &MetaState, busy: &Arc<Mutex<Busy>
     // A leader the map no longer assigns hands leadership to an assigned
     // voter, which then changes the membership.
     for group in leading_unassigned {
-        let Some((_, shard)) = state.shard_by_group(group) else {
+        let Some(placed) = state.placed_group(group) else {
             continue;
         };
         let Some(status) = ctx.host.status(group) else {
             continue;
         };
-        if let Some(to) = shard.replicas.iter().find(|r| status.voters.contains(r)) {
+        if let Some(to) = placed.replicas.iter().find(|r| status.voters.contains(r)) {
             let _ = ctx.host.transfer_leader(group, *to).await;
         }
     }
     for group in unassigned {
-        tracing::info!(%group, "removing shard replica no longer assigned to this node");
+        tracing::info!(%group, "removing a replica no longer assigned to this node");
         ctx.shards.remove(group);
         if let Err(e) = ctx.host.stop_group(group, true).await {
             tracing::warn!(%group, error = %e, "cannot remove replica");
         }
     }
 
-    for (group, (stream, shard)) in &wanted {
+    for (group, w) in &wanted {
         let Some(status) = ctx.host.status(*group) else {
             continue;
         };
         if status.role != Role::Leader {
             continue;
         }
-        if shard.state == ShardState::Sealing {
-            seal_parent(ctx, stream, shard, busy);
+        if let WantedGroup::Shard { stream, shard } = &w.what {
+            if shard.state == ShardState::Sealing {
+                seal_parent(ctx, stream, shard, busy);
+            }
         }
-        let desired: BTreeSet<NodeId> = shard.replicas.iter().copied().collect();
+        let desired: BTreeSet<NodeId> = w.replicas.iter().copied().collect();
         if status.voters != desired {
             align_membership(ctx, state, *group, desired, busy.clone());
             continue;
         }
-        let preferred = shard.replicas[0];
+        let preferred = w.replicas[0];
         let preferred_ok = preferred != me
             && state
                 .nodes
@@ -216,6 +270,9 @@ async fn reconcile_once(ctx: &Context, state: &MetaState, busy: &Arc<Mutex<Busy>
             }
             LeaderAction::Trim => {}
         }
+        let WantedGroup::Shard { stream, .. } = &w.what else {
+            continue;
+        };
         if let (Some(info), Some(sm)) = (state.streams.get(stream), ctx.shards.get(*group)) {
             let retention_ms = u64::from(info.retention_hours) * 3_600_000;
             let before_ms = kinesin_router::now_ms().saturating_sub(retention_ms);
@@ -279,7 +336,30 @@ async fn start_replica(ctx: &Context, shard: &ShardInfo) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Makes the first membership of new shard groups that have none here yet.
+async fn start_kind_replica(
+    ctx: &Context,
+    spec: &GroupSpec,
+    busy: &Arc<Mutex<Busy>>,
+) -> anyhow::Result<()> {
+    let Some(kind) = ctx.kinds.get(&spec.kind) else {
+        if busy
+            .lock()
+            .expect("busy lock")
+            .unknown_kind
+            .insert(spec.group)
+        {
+            tracing::warn!(group = %spec.group, kind = %spec.kind, "the map places a group of a kind this node does not know; not starting it");
+        }
+        return Ok(());
+    };
+    let sm = kind.open(ctx.storage.clone(), spec.group, &spec.config)?;
+    ctx.host
+        .start_group(spec.group, sm, &ctx.shard_timing)
+        .await?;
+    Ok(())
+}
+
+/// Makes the first membership of new groups that have none here yet.
 ///
 /// The preferred leader (the first replica) does it at once; if the group
 /// still has no membership here after [`INIT_STAGGER`] times this node's
@@ -287,30 +367,20 @@ async fn start_replica(ctx: &Context, shard: &ShardInfo) -> anyhow::Result<()> {
 /// with any live majority of its replicas and never waits for one node.
 /// Every replica initializes with the same membership (the map's
 /// replicas), which openraft allows: the leader's log replaces the others'.
-/// Only while the stream awaits its leaders (CREATING, or the children of a
-/// reshard while UPDATING) and never after: a replica added later to a running group must
-/// wait to be contacted, or it would found a second group of its own.
+/// Only while the group is new ([`Wanted::is_new`]) and never after: a
+/// replica added later to a running group must wait to be contacted, or it
+/// would found a second group of its own.
 fn initialize_new_groups(
     ctx: &Context,
     state: &MetaState,
-    wanted: &BTreeMap<GroupId, (String, ShardInfo)>,
+    wanted: &BTreeMap<GroupId, Wanted>,
     busy: &Arc<Mutex<Busy>>,
 ) {
     let me = ctx.host.node_id();
     let mut b = busy.lock().expect("busy lock");
     b.uninitialized_since.retain(|g, _| wanted.contains_key(g));
-    for (group, (stream, shard)) in wanted {
-        // All shards of a CREATING stream; of an UPDATING one, only the
-        // children its reshard opened (the newest generation).
-        let new = state.streams.get(stream).is_some_and(|s| match s.status {
-            StreamStatus::Creating => true,
-            StreamStatus::Updating => {
-                shard.state == ShardState::Open
-                    && s.shards.iter().map(|x| x.generation).max() == Some(shard.generation)
-            }
-            _ => false,
-        });
-        let pristine = new
+    for (group, w) in wanted {
+        let pristine = w.is_new(state)
             && ctx
                 .host
                 .status(*group)
@@ -324,7 +394,7 @@ fn initialize_new_groups(
             .entry(*group)
             .or_insert_with(Instant::now);
         // Replicas on nodes found down do not take a turn.
-        let rank = shard
+        let rank = w
             .replicas
             .iter()
             .filter(|r| !ctx.router.liveness().is_down(**r))
@@ -333,8 +403,8 @@ fn initialize_new_groups(
         if since.elapsed() < INIT_STAGGER * rank || !b.initializing.insert(*group) {
             continue;
         }
-        let members = addresses(state, &shard.replicas);
-        if members.len() != shard.replicas.len() {
+        let members = addresses(state, &w.replicas);
+        if members.len() != w.replicas.len() {
             b.initializing.remove(group);
             continue;
         }
@@ -343,7 +413,7 @@ fn initialize_new_groups(
         // started the group, and the reconciler must go on starting ours.
         tokio::spawn(async move {
             if let Err(e) = host.initialize(group, members).await {
-                tracing::warn!(%group, error = %e, "cannot initialize shard group");
+                tracing::warn!(%group, error = %e, "cannot initialize group");
             }
             busy.lock().expect("busy lock").initializing.remove(&group);
         });
@@ -432,6 +502,27 @@ pub(crate) async fn run_stream_settler(ctx: Context, mut stop: watch::Receiver<b
             continue;
         }
         let state = ctx.meta.state();
+        for (name, spec) in state.groups.iter().filter(|(_, g)| !g.ready) {
+            let key = format!("group:{name}");
+            if !checking.lock().expect("checking lock").insert(key.clone()) {
+                continue;
+            }
+            let (router, checking, name, group) = (
+                ctx.router.clone(),
+                checking.clone(),
+                name.clone(),
+                spec.group,
+            );
+            tokio::spawn(async move {
+                if router.group_led(group).await {
+                    let ready = MetaCommand::GroupReady { name: name.clone() };
+                    if let Err(e) = router.meta_write(ready).await {
+                        tracing::debug!(group = %name, error = %e, "cannot mark the group ready yet");
+                    }
+                }
+                checking.lock().expect("checking lock").remove(&key);
+            });
+        }
         for (name, info) in state.streams.iter().filter(|(_, s)| s.awaits_leaders()) {
             if !checking.lock().expect("checking lock").insert(name.clone()) {
                 continue;
@@ -520,7 +611,7 @@ async fn finish_drains(
         return Ok(());
     };
     for node in state.nodes.values() {
-        let holds = state.shards().any(|(_, s)| s.replicas.contains(&node.id));
+        let holds = state.placed().any(|p| p.replicas.contains(&node.id));
         if node.state == NodeState::Draining && !holds && !status.voters.contains(&node.id) {
             tracing::info!(
                 node = node.id.0,
@@ -580,10 +671,8 @@ async fn balance_meta_voters(
 }
 
 /// Replaces replicas on excluded nodes (dead or leaving) with new ones, and
-/// adds replicas to shards created when fewer nodes were available. New
-/// replicas go only to nodes that answer now (not `unreachable`). Only
-/// ACTIVE streams: new groups of CREATING or UPDATING ones may be making
-/// their first membership from the map's replicas, and DELETING ones go.
+/// adds replicas to groups created when fewer nodes were available. New
+/// replicas go only to nodes that answer now (not `unreachable`).
 async fn repair_replicas(
     ctx: &Context,
     state: &MetaState,
@@ -595,45 +684,52 @@ async fn repair_replicas(
         .active_nodes()
         .filter(|n| !exclude.contains(&n.id) && !unreachable.contains(&n.id))
         .count();
-    for (stream, shard) in state.shards() {
-        let info = &state.streams[stream];
-        if info.status != StreamStatus::Active {
-            continue;
-        }
-        let factor = info.replication_factor as usize;
-        let target = factor.min(usable).max(shard.replicas.len().min(factor));
-        let keep: Vec<NodeId> = shard
-            .replicas
+    for placed in state.placed() {
+        // Repair only settled groups: new ones may be making their first
+        // membership from the map's replicas, and deleting ones go.
+        let (factor, key) = match placed.owner {
+            Owner::Shard { stream, shard } if stream.status == StreamStatus::Active => (
+                stream.replication_factor,
+                format!("{}/{}", stream.name, shard.shard_id.0),
+            ),
+            Owner::Group { name, spec } if spec.ready => {
+                (spec.replication_factor, name.to_string())
+            }
+            _ => continue,
+        };
+        let factor = factor as usize;
+        let current = placed.replicas;
+        let target = factor.min(usable).max(current.len().min(factor));
+        let keep: Vec<NodeId> = current
             .iter()
             .filter(|r| !exclude.contains(r))
             .copied()
             .collect();
-        if keep.len() == shard.replicas.len() && keep.len() >= target {
+        if keep.len() == current.len() && keep.len() >= target {
             continue;
         }
         let mut avoid: BTreeSet<NodeId> = exclude.union(unreachable).copied().collect();
         avoid.extend(keep.iter().copied());
         let missing = target.saturating_sub(keep.len());
-        let added = place_replicas(
-            state,
-            &format!("{stream}/{}", shard.shard_id.0),
-            missing,
-            &avoid,
-            &mut load,
-        );
+        let added = place_replicas(state, &key, missing, &avoid, &mut load);
         let mut replicas = keep;
         replicas.extend(added);
-        if replicas.is_empty() || replicas == shard.replicas {
+        if replicas.is_empty() || replicas == current {
             continue;
         }
-        tracing::info!(stream, shard = %shard.shard_id, ?replicas, "re-placing replicas");
-        ctx.router
-            .meta_write(MetaCommand::SetReplicas {
-                stream: stream.to_string(),
+        tracing::info!(group = %placed.group, %key, ?replicas, "re-placing replicas");
+        let command = match placed.owner {
+            Owner::Shard { stream, shard } => MetaCommand::SetReplicas {
+                stream: stream.name.to_string(),
                 shard: shard.shard_id,
                 replicas,
-            })
-            .await?;
+            },
+            Owner::Group { name, .. } => MetaCommand::SetGroupReplicas {
+                name: name.to_string(),
+                replicas,
+            },
+        };
+        ctx.router.meta_write(command).await?;
     }
     Ok(())
 }

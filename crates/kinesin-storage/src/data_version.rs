@@ -11,13 +11,13 @@
 //! [`DATA_VERSION`], upgrades them in place, and refuses newer ones.
 
 /// The version this binary writes.
-pub const DATA_VERSION: u32 = 2;
+pub const DATA_VERSION: u32 = 3;
 
 /// The oldest version this binary can upgrade.
 pub const OLDEST_READABLE: u32 = 1;
 
 /// What each version changed, oldest first.
-pub const HISTORY: [(u32, &str); 2] = [
+pub const HISTORY: [(u32, &str); 3] = [
     (
         1,
         "releases up to 2026-11-30: the metadata value is an unversioned postcard MetaState; the node identity has no data_version",
@@ -25,6 +25,10 @@ pub const HISTORY: [(u32, &str); 2] = [
     (
         2,
         "the metadata value (stored and in snapshots) is wrapped in a versioned envelope; the node identity records data_version",
+    ),
+    (
+        3,
+        "the metadata state ends with `groups`: Raft groups of registered kinds other than stream shards",
     ),
 ];
 

@@ -1,6 +1,9 @@
 //! In-process test clusters: N real nodes (real RocksDB, real gRPC on
 //! loopback, real Raft) in one process, with a transport filter that can
-//! partition, drop and delay Raft traffic between them.
+//! partition, drop and delay Raft traffic between them. Their nodes also run
+//! the test key-value group kind ([`kv`]).
+
+pub mod kv;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -8,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kinesin_raft::{FilterAction, TimingProfile, TransportFilter};
+use kinesin_raft::{FilterAction, GroupKinds, TimingProfile, TransportFilter};
 use kinesin_server::{Config, FsyncSetting, Node};
 use kinesin_types::{GroupId, NodeId};
 
@@ -161,10 +164,13 @@ impl TestCluster {
     }
 
     async fn launch(&self, config: Config) -> anyhow::Result<Node> {
+        let mut kinds = GroupKinds::default();
+        kinds.register(kv::KV_KIND, Arc::new(kv::KvKind));
         Node::start(
             config,
             self.filter.clone(),
             (self.options.meta.clone(), self.options.shard.clone()),
+            kinds,
         )
         .await
     }

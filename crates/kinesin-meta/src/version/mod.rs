@@ -7,7 +7,8 @@
 //! varint, at most 127 bytes and so below 0x80, never the magic's 0xFF.
 //!
 //! Each older version has a file here holding that version's types, frozen,
-//! and the step that turns them into the next version's. To change the
+//! and the step that turns them into the next version's; a step that only
+//! appends a field needs no frozen types (version 2 below). To change the
 //! state's layout: copy the current types into `v<N>.rs` with a step to the
 //! new layout, bump `kinesin_storage::data_version::DATA_VERSION`, and add a
 //! line to its history. Stored values and snapshots from any readable
@@ -64,9 +65,23 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
             source: postcard::Error::DeserializeUnexpectedEnd,
         })?;
     data_version::check_readable(version)?;
-    let state = postcard::from_bytes(&bytes[HEADER..])
-        .map_err(|source| DecodeError::Corrupt { version, source })?;
+    let body = &bytes[HEADER..];
+    let state = match version {
+        2 => upgrade_v2(body),
+        _ => postcard::from_bytes(body),
+    }
+    .map_err(|source| DecodeError::Corrupt { version, source })?;
     Ok(Decoded { state, version })
+}
+
+/// Version 3 appended `groups` to the state. Postcard writes a struct as its
+/// fields one after the other and an empty map as its length, a single 0
+/// byte, so a version 2 body followed by 0 is the same map in version 3.
+fn upgrade_v2(body: &[u8]) -> Result<MetaState, postcard::Error> {
+    let mut upgraded = Vec::with_capacity(body.len() + 1);
+    upgraded.extend_from_slice(body);
+    upgraded.push(0);
+    postcard::from_bytes(&upgraded)
 }
 
 #[cfg(test)]
@@ -158,6 +173,41 @@ mod tests {
         let decoded = decode(&legacy).unwrap();
         assert_eq!(decoded.version, 1);
         assert_eq!(decoded.state, sample());
+    }
+
+    /// `sample()` as data version 2 wrote it (envelope and postcard).
+    const SAMPLE_V2_HEX: &str = concat!(
+        "ff4b4d5602000000136b632d303132333435363738396162636465660101010e",
+        "3132372e302e302e313a373435310e3132372e302e302e313a34353637016100",
+        "01066f7264657273066f72646572730080d0dfb4ab3330808040010102000100",
+        "ffffffffffffffffffffffffffffffffffff0100000000010100010280808080",
+        "808080808080808080808080808002ffffffffffffffffffffffffffffffffff",
+        "ff03000000000101000101047465616d087061796d656e747300000001067265",
+        "616465720503",
+        "2a",
+    );
+
+    #[test]
+    fn a_version_2_value_is_upgraded() {
+        let stored = hex::decode(SAMPLE_V2_HEX).unwrap();
+        let decoded = decode(&stored).unwrap();
+        assert_eq!(decoded.version, 2);
+        assert_eq!(decoded.state, sample());
+        let mut with_group = sample();
+        MetaStateMachine::apply_command(
+            &mut with_group,
+            MetaCommand::CreateGroup {
+                name: "kv/one".into(),
+                kind: "kv".into(),
+                replicas: vec![NodeId(1)],
+                replication_factor: 1,
+                config: vec![1, 2],
+            },
+        )
+        .unwrap();
+        let again = decode(&encode(&with_group)).unwrap();
+        assert_eq!(again.version, DATA_VERSION);
+        assert_eq!(again.state, with_group);
     }
 
     #[test]

@@ -114,6 +114,7 @@ impl MetaStateV1 {
                 .collect(),
             next_group: self.next_group,
             applied_index: self.applied_index,
+            groups: Default::default(),
         }
     }
 }

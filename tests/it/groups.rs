@@ -1,0 +1,151 @@
+//! A group kind other than stream shards (the testkit's key-value kind)
+//! end to end: created from the map, written and read through the router
+//! from a node without a replica, snapshotted, installed on a replica added
+//! after the log was purged, and removed with the map entry.
+
+use std::time::Duration;
+
+use kinesin_router::{Retry, RouterError};
+use kinesin_testkit::kv::{decode_reply, encode, KvCommand, KvQuery, KV_KIND};
+use kinesin_testkit::{wait_until, TestCluster, TestOptions};
+use kinesin_types::{GroupId, NodeId};
+
+fn put(key: &str, value: &str) -> Vec<u8> {
+    encode(&KvCommand::Put {
+        key: key.into(),
+        value: value.as_bytes().to_vec(),
+    })
+}
+
+fn get(key: &str) -> Vec<u8> {
+    encode(&KvQuery::Get { key: key.into() })
+}
+
+async fn len_at(cluster: &TestCluster, node: u64, group: GroupId) -> u64 {
+    let reply = cluster
+        .node(node)
+        .router
+        .read(group, encode(&KvQuery::Len))
+        .await
+        .unwrap();
+    let bytes = decode_reply(&reply).expect("Len answers");
+    u64::from_le_bytes(bytes.try_into().expect("eight bytes"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_value_group_runs_end_to_end_and_installs_on_a_new_replica() {
+    let mut options = TestOptions::default();
+    options.shard.snapshot_every = 20;
+    options.shard.keep_below_snapshot = 0;
+    let cluster = TestCluster::start_with(3, options).await.unwrap();
+
+    let group = cluster
+        .node(1)
+        .router
+        .create_group("kv/one", KV_KIND, Vec::new(), 2)
+        .await
+        .unwrap();
+    let spec = cluster.node(1).meta.state().groups["kv/one"].clone();
+    assert_eq!(spec.group, group);
+    assert_eq!(spec.replicas.len(), 2);
+    let outsider = (1..=3u64)
+        .find(|n| !spec.replicas.contains(&NodeId(*n)))
+        .unwrap();
+    wait_until("the group to be ready", Duration::from_secs(30), || async {
+        cluster.node(outsider).meta.state().groups["kv/one"].ready
+    })
+    .await
+    .unwrap();
+    assert!(!cluster.node(outsider).host.has_group(group));
+
+    // Writes and reads from the node without a replica go to the leader.
+    let router = &cluster.node(outsider).router;
+    for i in 0..60 {
+        let reply = router
+            .propose(
+                group,
+                put(&format!("k{i}"), &format!("v{i}")),
+                Retry::BeforeProposing,
+            )
+            .await
+            .unwrap();
+        assert_eq!(decode_reply(&reply), None, "k{i} was new");
+    }
+    let reply = router
+        .propose(group, put("k0", "again"), Retry::Always)
+        .await
+        .unwrap();
+    assert_eq!(decode_reply(&reply), Some(b"v0".to_vec()));
+    assert_eq!(len_at(&cluster, outsider, group).await, 60);
+
+    // Errors keep their meaning across the forward.
+    let garbage = router.read(group, vec![0xFF, 0xFF]).await.unwrap_err();
+    assert!(
+        matches!(garbage, RouterError::InvalidArgument(_)),
+        "{garbage:?}"
+    );
+    let missing = router.read(GroupId(9_999), get("k1")).await.unwrap_err();
+    assert!(
+        matches!(missing, RouterError::ResourceNotFound(_)),
+        "{missing:?}"
+    );
+
+    // The log no longer starts at the group's first entry: a new replica
+    // can only catch up by snapshot.
+    wait_until(
+        "the leader to purge its log",
+        Duration::from_secs(30),
+        || async {
+            cluster.leader_of(group).is_some_and(|l| {
+                cluster
+                    .node(l.0)
+                    .host
+                    .status(group)
+                    .and_then(|s| s.purged_index)
+                    .is_some_and(|p| p > 1)
+            })
+        },
+    )
+    .await
+    .unwrap();
+
+    let mut replicas = vec![NodeId(outsider)];
+    replicas.extend(spec.replicas.iter().copied());
+    cluster
+        .node(1)
+        .router
+        .set_group_replicas("kv/one", replicas)
+        .await
+        .unwrap();
+    // First in the list, the new replica becomes the preferred leader: once
+    // it leads, reads are answered from the state it installed.
+    wait_until(
+        "the new replica to lead",
+        Duration::from_secs(60),
+        || async { cluster.leader_of(group) == Some(NodeId(outsider)) },
+    )
+    .await
+    .unwrap();
+    let status = cluster.node(outsider).host.status(group).unwrap();
+    assert!(
+        status.purged_index.is_some_and(|p| p > 1),
+        "the new replica started from a snapshot: {status:?}"
+    );
+    assert_eq!(len_at(&cluster, outsider, group).await, 60);
+    for i in 1..60 {
+        let reply = router.read(group, get(&format!("k{i}"))).await.unwrap();
+        assert_eq!(decode_reply(&reply), Some(format!("v{i}").into_bytes()));
+    }
+    let reply = router.read(group, get("k0")).await.unwrap();
+    assert_eq!(decode_reply(&reply), Some(b"again".to_vec()));
+
+    cluster.node(1).router.delete_group("kv/one").await.unwrap();
+    wait_until(
+        "every replica to be removed",
+        Duration::from_secs(60),
+        || async { cluster.live().all(|n| !n.host.has_group(group)) },
+    )
+    .await
+    .unwrap();
+    cluster.shutdown().await;
+}
