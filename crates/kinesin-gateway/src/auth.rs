@@ -36,19 +36,26 @@ pub struct SignedRequest<'a> {
     pub body: &'a [u8],
 }
 
-/// Verifies the request's SigV4 signature against `credentials` and returns
-/// the account id of the signing key. With no credentials configured any
-/// request is accepted (development mode).
-pub fn authenticate(
-    credentials: &[Credential],
-    req: &SignedRequest<'_>,
+/// A request whose headers passed [`check_headers`].
+struct Checked<'a> {
+    auth: Authorization<'a>,
+    credential: &'a Credential,
+    amz_date: &'a str,
+}
+
+/// What can be checked before the body is read: the Authorization header is
+/// well formed, names a known key and the service's signing name, and the
+/// request is dated within the allowed skew. `None` in development mode.
+fn check_headers<'a>(
+    credentials: &'a [Credential],
+    headers: &'a HeaderMap,
+    signing_name: &str,
     now: SystemTime,
-) -> Result<String, ApiError> {
+) -> Result<Option<Checked<'a>>, ApiError> {
     if credentials.is_empty() {
-        return Ok(DEV_ACCOUNT_ID.to_string());
+        return Ok(None);
     }
-    let header = req
-        .headers
+    let header = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| {
@@ -69,7 +76,12 @@ pub fn authenticate(
                 "The security token included in the request is invalid.",
             )
         })?;
-    let amz_date = header_str(req.headers, "x-amz-date").ok_or_else(|| {
+    if auth.service != signing_name {
+        return Err(bad_signature(format!(
+            "Credential should be scoped to correct service: '{signing_name}'."
+        )));
+    }
+    let amz_date = header_str(headers, "x-amz-date").ok_or_else(|| {
         incomplete(
             "Authorization header requires existence of either a 'X-Amz-Date' or a 'Date' header.",
         )
@@ -80,6 +92,41 @@ pub fn authenticate(
             "Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date from HTTP",
         ));
     }
+    Ok(Some(Checked {
+        auth,
+        credential,
+        amz_date,
+    }))
+}
+
+/// The checks of [`authenticate`] that need no body, so that a request
+/// nobody may send is refused before its body is read.
+pub fn precheck(
+    credentials: &[Credential],
+    headers: &HeaderMap,
+    signing_name: &str,
+    now: SystemTime,
+) -> Result<(), ApiError> {
+    check_headers(credentials, headers, signing_name, now).map(|_| ())
+}
+
+/// Verifies the request's SigV4 signature against `credentials` (scoped to
+/// `signing_name`) and returns the account id of the signing key. With no
+/// credentials configured any request is accepted (development mode).
+pub fn authenticate(
+    credentials: &[Credential],
+    req: &SignedRequest<'_>,
+    signing_name: &str,
+    now: SystemTime,
+) -> Result<String, ApiError> {
+    let Some(Checked {
+        auth,
+        credential,
+        amz_date,
+    }) = check_headers(credentials, req.headers, signing_name, now)?
+    else {
+        return Ok(DEV_ACCOUNT_ID.to_string());
+    };
     let payload_hash = match header_str(req.headers, "x-amz-content-sha256") {
         Some("UNSIGNED-PAYLOAD") => "UNSIGNED-PAYLOAD".to_string(),
         Some(claimed) => {
@@ -458,13 +505,15 @@ mod tests {
         };
         let at = parse_amz_date("20150830T123600Z").unwrap();
         assert_eq!(
-            authenticate(&creds, &req, at).unwrap(),
+            authenticate(&creds, &req, "service", at).unwrap(),
             "123456789012".to_string()
         );
 
         let later = at + Duration::from_secs(3600);
         assert_eq!(
-            authenticate(&creds, &req, later).unwrap_err().name,
+            authenticate(&creds, &req, "service", later)
+                .unwrap_err()
+                .name,
             "InvalidSignatureException"
         );
         let mut tampered = headers.clone();
@@ -474,7 +523,7 @@ mod tests {
             ..req
         };
         assert_eq!(
-            authenticate(&creds, &req, at).unwrap_err().name,
+            authenticate(&creds, &req, "service", at).unwrap_err().name,
             "InvalidSignatureException"
         );
     }
@@ -496,7 +545,7 @@ mod tests {
         };
         let now = SystemTime::now();
         assert_eq!(
-            authenticate(&creds, &req, now).unwrap_err().name,
+            authenticate(&creds, &req, "kinesis", now).unwrap_err().name,
             "MissingAuthenticationTokenException"
         );
         headers.insert(
@@ -513,10 +562,13 @@ mod tests {
             body: b"{}",
         };
         assert_eq!(
-            authenticate(&creds, &req, now).unwrap_err().name,
+            authenticate(&creds, &req, "kinesis", now).unwrap_err().name,
             "UnrecognizedClientException"
         );
-        assert_eq!(authenticate(&[], &req, now).unwrap(), DEV_ACCOUNT_ID);
+        assert_eq!(
+            authenticate(&[], &req, "kinesis", now).unwrap(),
+            DEV_ACCOUNT_ID
+        );
     }
 
     #[test]
@@ -549,12 +601,29 @@ mod tests {
             headers: &headers,
             body: b"{}",
         };
-        assert_eq!(authenticate(&creds, &signed, now).unwrap(), "123456789012");
+        assert_eq!(
+            authenticate(&creds, &signed, "kinesis", now).unwrap(),
+            "123456789012"
+        );
         let tampered = SignedRequest {
             body: b"{ }",
             ..signed
         };
-        assert!(authenticate(&creds, &tampered, now).is_err());
+        assert!(authenticate(&creds, &tampered, "kinesis", now).is_err());
+        let other_service = authenticate(&creds, &signed, "firehose", now).unwrap_err();
+        assert_eq!(other_service.name, "InvalidSignatureException");
+        assert!(other_service.message.contains("'firehose'"));
+        assert!(precheck(&creds, &headers, "kinesis", now).is_ok());
+        let mut unknown = headers.clone();
+        let forged = headers["authorization"]
+            .to_str()
+            .unwrap()
+            .replace("AKID", "NOBODY");
+        unknown.insert("authorization", HeaderValue::from_str(&forged).unwrap());
+        assert_eq!(
+            precheck(&creds, &unknown, "kinesis", now).unwrap_err().name,
+            "UnrecognizedClientException"
+        );
     }
 
     #[test]

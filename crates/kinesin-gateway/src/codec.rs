@@ -31,13 +31,6 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    pub fn from_content_type(content_type: Option<&str>) -> Protocol {
-        match content_type {
-            Some(ct) if ct.starts_with(CBOR_CONTENT_TYPE) => Protocol::Cbor,
-            _ => Protocol::Json,
-        }
-    }
-
     pub fn content_type(self) -> &'static str {
         match self {
             Protocol::Json => JSON_CONTENT_TYPE,

@@ -1,8 +1,10 @@
 //! The AWS-compatible HTTP endpoint of a node: one port for every service,
-//! HTTP/1.1 and HTTP/2 (h2c). A request is authenticated (SigV4), decoded
-//! (awsJson1_1 or CBOR), dispatched on `X-Amz-Target` to a service handler
-//! that validates it and calls the router, and answered in the request's
-//! protocol. Errors take the AWS shape: `__type`, `message`, HTTP status.
+//! HTTP/1.1 and HTTP/2 (h2c). A request's `X-Amz-Target` names a declared
+//! service ([`service`]) and operation; its signature headers are checked
+//! before the body is read, the body is decoded in the service's protocol
+//! (awsJson1_1 or CBOR), the signature verified, and the operation's handler
+//! validates it and calls the router. The answer is in the request's
+//! protocol; errors take the AWS shape: `__type`, `message`, HTTP status.
 
 mod auth;
 mod codec;
@@ -11,13 +13,14 @@ mod eventstream;
 mod input;
 mod iterator;
 mod kinesis;
+mod service;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use kinesin_router::Router;
 use serde_json::json;
@@ -27,7 +30,7 @@ use tokio::sync::watch;
 pub use auth::{sign, Credential, SignedRequest, DEV_ACCOUNT_ID};
 pub use codec::{Protocol, CBOR_CONTENT_TYPE, JSON_CONTENT_TYPE};
 pub use error::ApiError;
-pub use kinesis::OPERATIONS as KINESIS_OPERATIONS;
+pub use service::{Service, SERVICES};
 
 /// Largest request body: a PutRecords of 500 records at the 10 MiB stream
 /// limit is ~14 MiB as base64 JSON.
@@ -124,7 +127,6 @@ pub fn app(router: Arc<Router>, config: GatewayConfig) -> axum::Router {
     axum::Router::new()
         .fallback(handle)
         .with_state(Arc::new(Gateway { router, config }))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
 }
 
 /// Serves the endpoint until `stop` turns true: plain HTTP/1.1 and h2c, or
@@ -183,47 +185,111 @@ pub async fn serve(
     connections.abort_all();
 }
 
-async fn handle(
-    State(gw): State<Arc<Gateway>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn handle(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
     let started = Instant::now();
-    let protocol =
-        Protocol::from_content_type(headers.get("content-type").and_then(|v| v.to_str().ok()));
-    let target = headers
+    let (parts, body) = request.into_parts();
+    let target = parts
+        .headers
         .get("x-amz-target")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let (service, op) = match target.strip_prefix(kinesis::TARGET_PREFIX) {
-        Some(op) => ("kinesis", op),
-        None => ("unknown", ""),
+    let Some((service, op)) = service::recognise(target) else {
+        let message = if target.is_empty() {
+            "the request has no X-Amz-Target header naming an operation".to_string()
+        } else {
+            format!("unknown operation {target}")
+        };
+        let e = ApiError::unknown_operation(message);
+        record("unknown", "unknown", started, Err(&e));
+        return respond_error(kinesis::SERVICE.protocols[0], &e);
     };
-    let request = auth::SignedRequest {
-        method: &method,
-        uri: &uri,
-        headers: &headers,
-        body: &body,
-    };
-    let result = if service == "kinesis" && op == "SubscribeToShard" {
-        match subscribe(&gw, protocol, &request).await {
-            Ok(response) => return response,
-            Err(e) => Err(e),
+    let content_type = parts
+        .headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok());
+    let protocol = service.protocol(content_type);
+    let op_label = service.operation(op).unwrap_or("unknown");
+    let result = async {
+        auth::precheck(
+            &gw.config.credentials,
+            &parts.headers,
+            service.signing_name,
+            kinesin_router::wall_clock(),
+        )?;
+        if parts.method != Method::POST {
+            return Err(ApiError::unknown_operation(format!(
+                "{} is not supported; AWS API calls are POST requests",
+                parts.method
+            )));
         }
-    } else {
-        dispatch(&gw, protocol, (service, op, target), &request).await
-    };
-    let op_label: &'static str = kinesis::OPERATIONS
-        .iter()
-        .find(|known| **known == op)
-        .copied()
-        .unwrap_or("unknown");
-    let outcome = match &result {
-        Ok(_) => "ok",
+        let body = axum::body::to_bytes(body, MAX_BODY_BYTES)
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    "SerializationException",
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "the request body is larger than {MAX_BODY_BYTES} bytes or was cut short"
+                    ),
+                )
+            })?;
+        let request = auth::SignedRequest {
+            method: &parts.method,
+            uri: &parts.uri,
+            headers: &parts.headers,
+            body: &body,
+        };
+        let account = auth::authenticate(
+            &gw.config.credentials,
+            &request,
+            service.signing_name,
+            kinesin_router::wall_clock(),
+        )?;
+        let input = protocol.decode(&body)?;
+        let ctx = gw.context(&account);
+        if service.name == kinesis::SERVICE.name && op == "SubscribeToShard" {
+            return subscribe(&gw, protocol, ctx, &input)
+                .await
+                .map(Answer::Stream);
+        }
+        let value = match service.name {
+            "kinesis" => kinesis::call(&ctx, op, &input).await?,
+            other => unreachable!("service {other} is declared but not dispatched"),
+        };
+        Ok(Answer::Value(value))
+    }
+    .await;
+    record(service.name, op_label, started, result.as_ref().map(|_| ()));
+    match result {
+        Ok(Answer::Value(value)) => {
+            respond(protocol, StatusCode::OK, &value, &new_request_id(), None)
+        }
+        Ok(Answer::Stream(response)) => response,
         Err(e) => {
-            metrics::counter!("kinesin_api_errors_total", "service" => service, "op" => op_label, "code" => e.name)
+            if e.status.is_server_error() {
+                tracing::warn!(op, error = %e.message, "request failed");
+            }
+            respond_error(protocol, &e)
+        }
+    }
+}
+
+/// A successful call: a body in the request's protocol, or an event stream.
+enum Answer {
+    Value(serde_json::Value),
+    Stream(Response),
+}
+
+fn record(
+    service: &'static str,
+    op: &'static str,
+    started: Instant,
+    result: Result<(), &ApiError>,
+) {
+    let outcome = match result {
+        Ok(()) => "ok",
+        Err(e) => {
+            metrics::counter!("kinesin_api_errors_total", "service" => service, "op" => op, "code" => e.name)
                 .increment(1);
             if e.status.is_server_error() {
                 "server_error"
@@ -232,51 +298,13 @@ async fn handle(
             }
         }
     };
-    metrics::histogram!("kinesin_api_request_duration_seconds", "service" => service, "op" => op_label, "outcome" => outcome)
+    metrics::histogram!("kinesin_api_request_duration_seconds", "service" => service, "op" => op, "outcome" => outcome)
         .record(started.elapsed().as_secs_f64());
-    let request_id = new_request_id();
-    match result {
-        Ok(value) => respond(protocol, StatusCode::OK, &value, &request_id, None),
-        Err(e) => {
-            if e.status.is_server_error() {
-                tracing::warn!(op, error = %e.message, "request failed");
-            }
-            let body = json!({ "__type": e.name, "message": e.message });
-            respond(protocol, e.status, &body, &request_id, Some(e.name))
-        }
-    }
 }
 
-/// `(service, operation, X-Amz-Target)` of a request.
-type Target<'a> = (&'a str, &'a str, &'a str);
-
-async fn dispatch(
-    gw: &Gateway,
-    protocol: Protocol,
-    (service, op, target): Target<'_>,
-    request: &auth::SignedRequest<'_>,
-) -> Result<serde_json::Value, ApiError> {
-    let account = auth::authenticate(
-        &gw.config.credentials,
-        request,
-        kinesin_router::wall_clock(),
-    )?;
-    if request.method != Method::POST {
-        return Err(ApiError::unknown_operation(format!(
-            "{} is not supported; AWS API calls are POST requests",
-            request.method
-        )));
-    }
-    let input = protocol.decode(request.body)?;
-    match service {
-        "kinesis" => kinesis::call(&gw.context(&account), op, &input).await,
-        _ if target.is_empty() => Err(ApiError::unknown_operation(
-            "the request has no X-Amz-Target header naming an operation",
-        )),
-        _ => Err(ApiError::unknown_operation(format!(
-            "unknown operation {target}"
-        ))),
-    }
+fn respond_error(protocol: Protocol, e: &ApiError) -> Response {
+    let body = json!({ "__type": e.name, "message": e.message });
+    respond(protocol, e.status, &body, &new_request_id(), Some(e.name))
 }
 
 /// How long one SubscribeToShard call streams, as AWS.
@@ -295,15 +323,10 @@ const SUBSCRIPTION_RETRY: Duration = Duration::from_millis(100);
 async fn subscribe(
     gw: &Arc<Gateway>,
     protocol: Protocol,
-    request: &auth::SignedRequest<'_>,
+    ctx: kinesis::Context<'_>,
+    input: &serde_json::Value,
 ) -> Result<Response, ApiError> {
-    let account = auth::authenticate(
-        &gw.config.credentials,
-        request,
-        kinesin_router::wall_clock(),
-    )?;
-    let input = protocol.decode(request.body)?;
-    let mut sub = kinesis::subscription(&gw.context(&account), &input).await?;
+    let mut sub = kinesis::subscription(&ctx, input).await?;
     kinesis::pin_latest(&gw.router, &mut sub).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(4);
     let router = gw.router.clone();

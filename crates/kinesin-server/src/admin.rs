@@ -48,8 +48,8 @@ enum AtStart {
     /// Exported at zero (histograms with their empty buckets), so that a new
     /// node's dashboards show zeros and `rate()` and `absent()` work.
     Zero,
-    /// Exported at zero once per Kinesis operation (`outcome="ok"`).
-    PerKinesisOperation,
+    /// Exported at zero once per operation of every service (`outcome="ok"`).
+    PerOperation,
     /// Labelled gauges that `update_gauges` sets on its first pass, with
     /// every label value (a zero series without labels would be wrong).
     Refreshed,
@@ -62,9 +62,9 @@ enum AtStart {
 /// describe state are also refreshed every second by `update_gauges`.
 const FAMILIES: &[(&str, metrics_util::MetricKind, &str, AtStart)] = {
     use metrics_util::MetricKind::{Counter, Gauge, Histogram};
-    use AtStart::{Described, PerKinesisOperation, Refreshed, Zero};
+    use AtStart::{Described, PerOperation, Refreshed, Zero};
     &[
-        ("kinesin_api_request_duration_seconds", Histogram, "AWS API requests by service, operation and outcome (ok, client_error, server_error), in seconds.", PerKinesisOperation),
+        ("kinesin_api_request_duration_seconds", Histogram, "AWS API requests by service, operation and outcome (ok, client_error, server_error), in seconds.", PerOperation),
         ("kinesin_api_errors_total", Counter, "AWS API errors by service, operation and AWS error code.", Described),
         ("kinesin_raft_commit_duration_seconds", Histogram, "Time from proposing a shard write until the leader applied it (committed by a majority), in seconds.", Zero),
         ("kinesin_storage_fsync_duration_seconds", Histogram, "Duration of one group commit's fsync of the RocksDB WAL, in seconds.", Zero),
@@ -107,11 +107,13 @@ fn register_families() {
             (AtStart::Zero, MetricKind::Counter) => metrics::counter!(name).absolute(0),
             (AtStart::Zero, MetricKind::Gauge) => metrics::gauge!(name).set(0.0),
             (AtStart::Zero, MetricKind::Histogram) => drop(metrics::histogram!(name)),
-            (AtStart::PerKinesisOperation, _) => {
-                for op in kinesin_gateway::KINESIS_OPERATIONS {
-                    drop(
-                        metrics::histogram!(name, "service" => "kinesis", "op" => *op, "outcome" => "ok"),
-                    );
+            (AtStart::PerOperation, _) => {
+                for service in kinesin_gateway::SERVICES {
+                    for op in service.operations {
+                        drop(
+                            metrics::histogram!(name, "service" => service.name, "op" => *op, "outcome" => "ok"),
+                        );
+                    }
                 }
             }
         }
