@@ -115,15 +115,6 @@ impl MetaState {
             .flat_map(|(name, s)| s.shards.iter().map(move |sh| (name.as_str(), sh)))
     }
 
-    pub fn shard_by_group(&self, group: GroupId) -> Option<(&StreamInfo, &ShardInfo)> {
-        self.streams.values().find_map(|s| {
-            s.shards
-                .iter()
-                .find(|sh| sh.group == group)
-                .map(|sh| (s, sh))
-        })
-    }
-
     /// Every Raft group the map places (not the metadata group).
     pub fn placed(&self) -> impl Iterator<Item = Placed<'_>> {
         let shards = self.streams.values().flat_map(|stream| {

@@ -30,14 +30,6 @@ pub enum Retry {
 const CREATE_WAIT: Duration = Duration::from_secs(10);
 
 impl Router {
-    /// Replicas of a placed group as this node's map knows them.
-    fn replicas_of(&self, group: GroupId) -> Result<Vec<NodeId>, RouterError> {
-        self.meta_state()
-            .placed_group(group)
-            .map(|p| p.replicas.to_vec())
-            .ok_or_else(|| RouterError::ResourceNotFound(format!("{group} is not in the map")))
-    }
-
     /// Proposes `command` to `group` at its leader; returns the state
     /// machine's reply once the command is committed and applied there.
     pub async fn propose(
@@ -46,7 +38,7 @@ impl Router {
         command: Vec<u8>,
         retry: Retry,
     ) -> Result<Vec<u8>, RouterError> {
-        let candidates = self.replicas_of(group)?;
+        let candidates = self.group_replicas(group)?;
         self.at_leader(group, &candidates, retry == Retry::Always, |target| {
             let command = command.clone();
             async move {
@@ -70,7 +62,7 @@ impl Router {
     /// Answers `query` at the leader of `group`, linearizably: the answer
     /// reflects every command acknowledged before the call.
     pub async fn read(&self, group: GroupId, query: Vec<u8>) -> Result<Vec<u8>, RouterError> {
-        let candidates = self.replicas_of(group)?;
+        let candidates = self.group_replicas(group)?;
         self.at_leader(group, &candidates, true, |target| {
             let query = query.clone();
             async move {

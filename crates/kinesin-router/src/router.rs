@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use kinesin_meta::{decode_reply, place_replicas, MetaCommand, MetaState, MetaStateMachine};
+use kinesin_meta::{decode_reply, place_replicas, MetaCommand, MetaState, MetaStateMachine, Owner};
 use kinesin_proto::v1::node_client::NodeClient;
 use kinesin_proto::v1::{self as pb};
 use kinesin_raft::RaftHost;
@@ -145,6 +145,32 @@ const CREATE_WAIT: Duration = Duration::from_secs(10);
 /// Longest pause between two attempts to find a leader: short, since a
 /// failed-over group has a new leader within a second.
 const MAX_BACKOFF: Duration = Duration::from_millis(200);
+
+/// How long a shard leader waits for its map to reach a sender's epoch.
+const MAP_CATCH_UP: Duration = Duration::from_secs(1);
+
+/// What the local map says about an append to a group routed at a map epoch.
+#[derive(Debug, PartialEq, Eq)]
+enum AppendRoute {
+    Open,
+    /// Closed by a reshard (or gone with its stream).
+    Closed,
+    /// The local map is older than the sender's, or does not know the group.
+    MapBehind,
+}
+
+fn append_route(state: &MetaState, group: GroupId, epoch: u64) -> AppendRoute {
+    let found = state.placed().find_map(|p| match p.owner {
+        Owner::Shard { stream, shard } if p.group == group => Some((stream, shard)),
+        _ => None,
+    });
+    match found {
+        None => AppendRoute::MapBehind,
+        Some((stream, _)) if stream.epoch < epoch => AppendRoute::MapBehind,
+        Some((_, shard)) if shard.state != ShardState::Open => AppendRoute::Closed,
+        Some(_) => AppendRoute::Open,
+    }
+}
 
 /// Bounds of the time one attempt at one node may take.
 const ATTEMPT_MIN: Duration = Duration::from_millis(500);
@@ -858,7 +884,7 @@ impl Router {
             let records = records.clone();
             async move {
                 match target {
-                    Target::Local => self.append_local(group, records).await,
+                    Target::Local => self.append_local(group, epoch, records).await,
                     Target::Remote(mut c) => {
                         let req = pb::ShardAppendRequest {
                             group: group.0,
@@ -883,6 +909,32 @@ impl Router {
         .await
     }
 
+    /// At a shard's leader: refuses an append that the map (at the
+    /// sender's epoch, or this node's if newer) no longer routes here. A
+    /// reshard closes the parent in the map before its group seals itself;
+    /// without this check a sender with the old map could still append to
+    /// the parent after the children took writes for the same keys. When
+    /// the sender's map is newer than this node's, this node catches up
+    /// first (briefly), so that neither side decides on a stale map.
+    async fn check_append_route(&self, group: GroupId, epoch: u64) -> Result<(), RouterError> {
+        let mut changes = self.meta.subscribe();
+        let caught_up = |state: &MetaState| {
+            !matches!(append_route(state, group, epoch), AppendRoute::MapBehind)
+        };
+        if !caught_up(&self.meta.state()) {
+            let _ = tokio::time::timeout(MAP_CATCH_UP, changes.wait_for(|s| caught_up(s))).await;
+        }
+        match append_route(&self.meta.state(), group, epoch) {
+            AppendRoute::Open => Ok(()),
+            AppendRoute::Closed => Err(RouterError::ShardClosed(format!(
+                "{group} was closed by a reshard; route by the new shard map"
+            ))),
+            AppendRoute::MapBehind => Err(RouterError::Unavailable(format!(
+                "this node's map is behind the sender's for {group}"
+            ))),
+        }
+    }
+
     /// Voters of `group` as the cluster map (or, for the metadata group,
     /// the local Raft membership) names them.
     pub fn group_replicas(&self, group: GroupId) -> Result<Vec<NodeId>, RouterError> {
@@ -890,12 +942,9 @@ impl Router {
             return Ok(self.meta_candidates());
         }
         self.meta_state()
-            .streams
-            .values()
-            .flat_map(|s| s.shards.iter())
-            .find(|s| s.group == group)
-            .map(|s| s.replicas.clone())
-            .ok_or_else(|| RouterError::ResourceNotFound(format!("no group {group}")))
+            .placed_group(group)
+            .map(|p| p.replicas.to_vec())
+            .ok_or_else(|| RouterError::ResourceNotFound(format!("{group} is not in the map")))
     }
 
     /// Moves leadership of `group` to `to` (a voter) at the current leader
@@ -948,6 +997,7 @@ impl Router {
     pub async fn append_local(
         &self,
         group: GroupId,
+        epoch: u64,
         records: Vec<NewRecord>,
     ) -> Result<SequenceNumber, RouterError> {
         if !self.host.has_group(group) {
@@ -957,6 +1007,7 @@ impl Router {
             let leader = self.host.status(group).and_then(|s| s.leader);
             return Err(RouterError::NotLeader(leader));
         }
+        self.check_append_route(group, epoch).await?;
         let bytes = records
             .iter()
             .map(|r| r.data.len() + r.partition_key.len())
@@ -1191,6 +1242,52 @@ fn decode_read(resp: pb::ShardReadResponse) -> Result<ReadBatch, RouterError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kinesin_types::{HashKeyRange, ShardInfo, StreamStatus};
+
+    fn map_with_shard(epoch: u64, state: ShardState) -> MetaState {
+        let shard = ShardInfo {
+            shard_id: ShardId(0),
+            group: GroupId(7),
+            range: HashKeyRange::new(0, u128::MAX).unwrap(),
+            state,
+            parent: None,
+            adjacent_parent: None,
+            generation: 0,
+            replicas: vec![NodeId(1)],
+            ending_sequence: None,
+        };
+        let stream = StreamInfo {
+            name: StreamName::new("s").unwrap(),
+            status: StreamStatus::Active,
+            created_at_ms: 0,
+            retention_hours: 24,
+            max_record_bytes: 1 << 20,
+            replication_factor: 1,
+            epoch,
+            shards: vec![shard],
+            settings: Default::default(),
+        };
+        MetaState {
+            streams: BTreeMap::from([("s".to_string(), stream)]),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn appends_are_refused_once_the_map_closed_the_shard() {
+        let open = map_with_shard(3, ShardState::Open);
+        assert_eq!(append_route(&open, GroupId(7), 3), AppendRoute::Open);
+        // A sender with an older map is fine while the shard is open.
+        assert_eq!(append_route(&open, GroupId(7), 1), AppendRoute::Open);
+        // A sender whose map is newer: this node must catch up first.
+        assert_eq!(append_route(&open, GroupId(7), 4), AppendRoute::MapBehind);
+        assert_eq!(append_route(&open, GroupId(8), 3), AppendRoute::MapBehind);
+        for closed in [ShardState::Sealing, ShardState::Sealed] {
+            let map = map_with_shard(4, closed);
+            assert_eq!(append_route(&map, GroupId(7), 3), AppendRoute::Closed);
+            assert_eq!(append_route(&map, GroupId(7), 4), AppendRoute::Closed);
+        }
+    }
 
     #[test]
     fn preferred_leaders_spread_over_nodes() {

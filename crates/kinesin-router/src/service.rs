@@ -421,7 +421,10 @@ impl Node for NodeService {
                 data: rec.data.to_vec(),
             })
             .collect();
-        let first = self.router.append_local(GroupId(r.group), records).await?;
+        let first = self
+            .router
+            .append_local(GroupId(r.group), r.epoch, records)
+            .await?;
         Ok(Response::new(pb::ShardAppendResponse {
             first_sequence_number: first.to_string(),
             count,
