@@ -6,6 +6,7 @@ pub mod config;
 mod failover;
 mod node;
 mod reconcile;
+mod workers;
 
 pub use config::{Config, ConfigError, FsyncSetting};
 pub use node::{shard_timing, Node};

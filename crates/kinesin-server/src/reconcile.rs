@@ -2,9 +2,8 @@
 //!
 //! The reconciler runs on every node: it starts the replicas the map assigns
 //! to this node and removes those it no longer assigns; on groups this node
-//! leads it aligns the Raft membership with the assigned replicas, hands
-//! leadership to the preferred leader (the first replica), and trims records
-//! past retention.
+//! leads it aligns the Raft membership with the assigned replicas and runs
+//! the leader-side jobs (`crate::workers`: seal, leadership hand-off, trim).
 //!
 //! The controller runs on the metadata leader only: it keeps three voters in
 //! the metadata group and re-places the replicas of nodes that have been
@@ -20,12 +19,13 @@ use kinesin_meta::{
 };
 use kinesin_raft::{GroupKinds, RaftHost, Role, TimingProfile};
 use kinesin_router::{LocalShards, Router};
-use kinesin_shard::{ShardCommand, ShardReply, ShardStateMachine};
+use kinesin_shard::ShardStateMachine;
 use kinesin_storage::Storage;
-use kinesin_types::{GroupId, NodeId, SequenceNumber, ShardInfo, ShardState, StreamStatus};
+use kinesin_types::{GroupId, NodeId, ShardInfo, ShardState, StreamStatus};
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::workers::{self, JobState};
 
 #[derive(Clone)]
 pub(crate) struct Context {
@@ -40,8 +40,6 @@ pub(crate) struct Context {
 }
 
 const TICK: Duration = Duration::from_millis(500);
-const TRIM_EVERY: Duration = Duration::from_secs(60);
-const TRANSFER_EVERY: Duration = Duration::from_secs(30);
 /// How long a replica the map no longer assigns keeps running before its
 /// data is deleted.
 const REMOVE_GRACE: Duration = Duration::from_secs(10);
@@ -53,19 +51,10 @@ const INIT_STAGGER: Duration = Duration::from_secs(2);
 /// How often the metadata leader looks for streams whose shards all lead.
 const SETTLE_EVERY: Duration = Duration::from_millis(250);
 
-enum LeaderAction {
-    Nothing,
-    Transfer,
-    Trim,
-}
-
 /// Per-group bookkeeping so that slow operations are not started twice.
 #[derive(Default)]
 struct Busy {
     membership: HashSet<GroupId>,
-    sealing: HashSet<GroupId>,
-    last_transfer: HashMap<GroupId, Instant>,
-    last_trim: HashMap<GroupId, Instant>,
     unassigned_since: HashMap<GroupId, Instant>,
     /// New groups without a membership here, and since when.
     uninitialized_since: HashMap<GroupId, Instant>,
@@ -77,9 +66,10 @@ struct Busy {
 pub(crate) async fn run_reconciler(ctx: Context, mut stop: watch::Receiver<bool>) {
     let mut changes = ctx.meta.subscribe();
     let busy = Arc::new(Mutex::new(Busy::default()));
+    let jobs = Arc::new(Mutex::new(JobState::default()));
     loop {
         let state = ctx.meta.state();
-        reconcile_once(&ctx, &state, &busy).await;
+        reconcile_once(&ctx, &state, &busy, &jobs).await;
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             _ = changes.changed() => {}
@@ -120,7 +110,12 @@ impl Wanted {
     }
 }
 
-async fn reconcile_once(ctx: &Context, state: &MetaState, busy: &Arc<Mutex<Busy>>) {
+async fn reconcile_once(
+    ctx: &Context,
+    state: &MetaState,
+    busy: &Arc<Mutex<Busy>>,
+    jobs: &Arc<Mutex<JobState>>,
+) {
     let me = ctx.host.node_id();
     let wanted: BTreeMap<GroupId, Wanted> = state
         .placed()
@@ -201,125 +196,19 @@ async fn reconcile_once(ctx: &Context, state: &MetaState, busy: &Arc<Mutex<Busy>
         if status.role != Role::Leader {
             continue;
         }
-        if let WantedGroup::Shard { stream, shard } = &w.what {
-            if shard.state == ShardState::Sealing {
-                seal_parent(ctx, stream, shard, busy);
-            }
-        }
         let desired: BTreeSet<NodeId> = w.replicas.iter().copied().collect();
-        if status.voters != desired {
+        let aligned = status.voters == desired;
+        if !aligned {
             align_membership(ctx, state, *group, desired, busy.clone());
-            continue;
         }
-        let preferred = w.replicas[0];
-        let preferred_ok = preferred != me
-            && state
-                .nodes
-                .get(&preferred)
-                .is_some_and(|n| n.state == NodeState::Active)
-            && status
-                .follower_matched
-                .get(&preferred)
-                .copied()
-                .unwrap_or(0)
-                + 2
-                >= status.last_log_index
-            && status
-                .follower_ack_age_ms
-                .get(&preferred)
-                .copied()
-                .flatten()
-                .is_some_and(|ms| ms < 2_000);
-        let me_draining = state
-            .nodes
-            .get(&me)
-            .is_some_and(|n| n.state != NodeState::Active);
-        let action = {
-            let mut b = busy.lock().expect("busy lock");
-            let recently = b
-                .last_transfer
-                .get(group)
-                .is_some_and(|t| t.elapsed() < TRANSFER_EVERY);
-            if (preferred_ok || me_draining) && !recently {
-                b.last_transfer.insert(*group, Instant::now());
-                LeaderAction::Transfer
-            } else if b
-                .last_trim
-                .get(group)
-                .is_none_or(|t| t.elapsed() >= TRIM_EVERY)
-            {
-                b.last_trim.insert(*group, Instant::now());
-                LeaderAction::Trim
-            } else {
-                LeaderAction::Nothing
-            }
+        let led = workers::Led {
+            group: *group,
+            status: &status,
+            replicas: &w.replicas,
+            state,
         };
-        match action {
-            LeaderAction::Nothing => continue,
-            LeaderAction::Transfer => {
-                let to = if preferred_ok {
-                    Some(preferred)
-                } else {
-                    status.voters.iter().find(|v| **v != me).copied()
-                };
-                if let Some(to) = to {
-                    tracing::info!(%group, to = to.0, "handing leadership to the preferred leader");
-                    let _ = ctx.host.transfer_leader(*group, to).await;
-                }
-                continue;
-            }
-            LeaderAction::Trim => {}
-        }
-        let WantedGroup::Shard { stream, .. } = &w.what else {
-            continue;
-        };
-        if let (Some(info), Some(sm)) = (state.streams.get(stream), ctx.shards.get(*group)) {
-            let retention_ms = u64::from(info.retention_hours) * 3_600_000;
-            let before_ms = kinesin_router::now_ms().saturating_sub(retention_ms);
-            let horizon = sm.trim_point(before_ms);
-            if horizon <= sm.stats().trim_horizon {
-                continue;
-            }
-            let host = ctx.host.clone();
-            let group = *group;
-            tokio::spawn(async move {
-                let _ = host
-                    .propose(group, ShardCommand::Trim { before_ms, horizon }.encode())
-                    .await;
-            });
-        }
+        workers::run_on_leader(ctx, jobs, &led, aligned).await;
     }
-}
-
-/// A reshard closed this shard in the map: seal its group so that no write
-/// lands after the children opened, and report the ending sequence number.
-fn seal_parent(ctx: &Context, stream: &str, shard: &ShardInfo, busy: &Arc<Mutex<Busy>>) {
-    if !busy.lock().expect("busy lock").sealing.insert(shard.group) {
-        return;
-    }
-    let (host, router, busy) = (ctx.host.clone(), ctx.router.clone(), busy.clone());
-    let (stream, shard_id, group) = (stream.to_string(), shard.shard_id, shard.group);
-    tokio::spawn(async move {
-        let result = async {
-            let reply = host.propose(group, ShardCommand::Seal.encode()).await?;
-            let ShardReply::Sealed { ending } = ShardReply::decode(&reply)? else {
-                anyhow::bail!("unexpected reply to Seal");
-            };
-            router
-                .meta_write(MetaCommand::ShardSealed {
-                    stream,
-                    shard: shard_id,
-                    ending: ending.map(SequenceNumber),
-                })
-                .await?;
-            anyhow::Ok(())
-        }
-        .await;
-        if let Err(e) = result {
-            tracing::warn!(%group, error = %e, "cannot seal a resharded shard yet");
-        }
-        busy.lock().expect("busy lock").sealing.remove(&group);
-    });
 }
 
 async fn start_replica(ctx: &Context, shard: &ShardInfo) -> anyhow::Result<()> {

@@ -1,0 +1,73 @@
+//! Leader-side jobs: work that runs on a group's leader, one job per file.
+//!
+//! The reconciler calls [`run_on_leader`] on every pass for each group this
+//! node leads. Each job
+//! decides from the map, the group's Raft status and its own bookkeeping
+//! whether to act, and acts in the background; a node that loses leadership
+//! is simply not called for the group any more, and whatever it started
+//! fails harmlessly at the Raft layer (a proposal from a former leader is
+//! refused). Jobs of later services (SQS visibility timers, SNS deliveries,
+//! Firehose flushes) belong here too.
+
+mod seal;
+mod transfer;
+mod trim;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kinesin_meta::{MetaState, Owner};
+use kinesin_raft::GroupStatus;
+use kinesin_types::{GroupId, NodeId};
+
+use crate::reconcile::Context;
+
+/// Bookkeeping shared by the jobs, so that slow work is not started twice
+/// and periodic work keeps its period.
+#[derive(Default)]
+pub(crate) struct JobState {
+    sealing: HashSet<GroupId>,
+    last_transfer: HashMap<GroupId, Instant>,
+    last_trim: HashMap<GroupId, Instant>,
+}
+
+/// Whether `last` is at least `every` ago (or never); if so, it becomes
+/// now.
+fn take_turn(last: &mut HashMap<GroupId, Instant>, group: GroupId, every: Duration) -> bool {
+    if last.get(&group).is_some_and(|t| t.elapsed() < every) {
+        return false;
+    }
+    last.insert(group, Instant::now());
+    true
+}
+
+/// A group this node leads, as one pass of the reconciler sees it.
+pub(crate) struct Led<'a> {
+    pub group: GroupId,
+    pub status: &'a GroupStatus,
+    pub replicas: &'a [NodeId],
+    pub state: &'a MetaState,
+}
+
+impl Led<'_> {
+    fn owner(&self) -> Option<Owner<'_>> {
+        self.state.placed_group(self.group).map(|p| p.owner)
+    }
+}
+
+/// Seals a resharded parent at once. Once the membership matches the map
+/// (`aligned`), starts at most one of a leadership hand-off and a trim per
+/// pass (a hand-off first).
+pub(crate) async fn run_on_leader(
+    ctx: &Context,
+    jobs: &Arc<Mutex<JobState>>,
+    led: &Led<'_>,
+    aligned: bool,
+) {
+    seal::run(ctx, jobs, led);
+    if !aligned || transfer::run(ctx, jobs, led).await {
+        return;
+    }
+    trim::run(ctx, jobs, led);
+}
