@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use kinesin_meta::{MetaCommand, NewShard, StreamChange};
-use kinesin_router::{AppendOutcome, ReadRequest, RecordIn, Router, RouterError};
+use kinesin_router::{AppendOutcome, ReadRequest, RecordIn, Router, RouterError, StreamOptions};
 use kinesin_shard::ReadStart;
 use kinesin_types::{
     HashKey, HashKeyRange, SequenceNumber, ShardId, ShardInfo, ShardState, StreamInfo, StreamMode,
@@ -281,8 +281,9 @@ async fn create_stream(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiErr
             "At most {ON_DEMAND_STREAM_LIMIT} streams may be in ON_DEMAND mode."
         )));
     }
+    let options = StreamOptions { mode, tags };
     ctx.router
-        .create_stream(name, shards, 0, max_record_bytes)
+        .create_stream_with(name, shards, 0, max_record_bytes, &options)
         .await
         .map_err(|e| match e {
             kinesin_router::RouterError::ResourceInUse(_) => ApiError::in_use(format!(
@@ -291,12 +292,6 @@ async fn create_stream(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiErr
             )),
             other => other.into(),
         })?;
-    if mode != StreamMode::Provisioned {
-        ctx.change(name, StreamChange::Mode(mode)).await?;
-    }
-    if !tags.is_empty() {
-        ctx.change(name, StreamChange::AddTags(tags)).await?;
-    }
     Ok(json!({}))
 }
 
@@ -691,15 +686,9 @@ async fn put_record(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError>
             "SequenceNumber": sequence.to_string(),
             "EncryptionType": encryption_type(&stream),
         })),
-        AppendOutcome::Failed { code, message } => {
-            Err(if code == "ProvisionedThroughputExceededException" {
-                kinesin_router::RouterError::Throttled(message)
-            } else {
-                kinesin_router::RouterError::Unavailable(format!(
-                    "the record was not acknowledged: {message}"
-                ))
-            }
-            .into())
+        AppendOutcome::Failed(e @ RouterError::Throttled(_)) => Err(e.into()),
+        AppendOutcome::Failed(e) => {
+            Err(RouterError::Unavailable(format!("the record was not acknowledged: {e}")).into())
         }
     }
 }
@@ -742,9 +731,9 @@ async fn put_records(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError
                 "ShardId": shard.to_string(),
                 "SequenceNumber": sequence.to_string(),
             }),
-            AppendOutcome::Failed { code, message } => {
+            AppendOutcome::Failed(e) => {
                 failed += 1;
-                json!({ "ErrorCode": code, "ErrorMessage": message })
+                json!({ "ErrorCode": record_error_code(&e), "ErrorMessage": e.to_string() })
             }
         })
         .collect();
@@ -753,6 +742,15 @@ async fn put_records(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError
         "Records": results,
         "EncryptionType": encryption_type(&stream),
     }))
+}
+
+/// The `ErrorCode` of a record PutRecords did not store: throttled, or
+/// failed (maybe stored, as Kinesis's InternalFailure).
+fn record_error_code(e: &RouterError) -> &'static str {
+    match e {
+        RouterError::Throttled(_) => "ProvisionedThroughputExceededException",
+        _ => "InternalFailure",
+    }
 }
 
 fn find_shard<'s>(

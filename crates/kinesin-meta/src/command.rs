@@ -19,8 +19,8 @@ pub enum MetaCommand {
         node: NodeId,
         state: NodeState,
     },
-    /// Creates a stream. `placements[i]` holds the replicas of shard i, the
-    /// preferred leader first; the proposer computed them.
+    /// Creates a stream with default settings (see [`NewStream`]); written
+    /// by releases before `CreateStreamWithSettings`.
     CreateStream {
         name: String,
         shard_count: u32,
@@ -88,6 +88,27 @@ pub enum MetaCommand {
     GroupReady {
         name: String,
     },
+    /// Creates a stream with the settings CreateStream sets, in one command
+    /// so that a stream never exists without them. Replaces `CreateStream`,
+    /// which stays for logs written before.
+    CreateStreamWithSettings {
+        stream: NewStream,
+        mode: StreamMode,
+        tags: BTreeMap<String, String>,
+    },
+}
+
+/// A stream to create. `placements[i]` holds the replicas of shard i, the
+/// preferred leader first; the proposer computed them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewStream {
+    pub name: String,
+    pub shard_count: u32,
+    pub retention_hours: u32,
+    pub max_record_bytes: u32,
+    pub replication_factor: u32,
+    pub now_ms: u64,
+    pub placements: Vec<Vec<NodeId>>,
 }
 
 /// A shard a reshard creates. Its id, group and generation are assigned when
@@ -135,6 +156,21 @@ pub enum MetaError {
 pub type MetaReply = Result<(), MetaError>;
 
 impl MetaCommand {
+    /// The data version whose releases first decode this command. A node of
+    /// an older release cannot apply it (its map would silently lack the
+    /// change), so it is proposed only once every node runs at least this
+    /// version (`Router::cluster_data_version`).
+    pub fn introduced_in(&self) -> u32 {
+        match self {
+            MetaCommand::CreateGroup { .. }
+            | MetaCommand::DeleteGroup { .. }
+            | MetaCommand::SetGroupReplicas { .. }
+            | MetaCommand::GroupReady { .. }
+            | MetaCommand::CreateStreamWithSettings { .. } => 3,
+            _ => 1,
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         postcard::to_stdvec(self).expect("encoding to a Vec cannot fail")
     }

@@ -8,7 +8,9 @@ mod state;
 mod state_machine;
 mod version;
 
-pub use command::{decode_reply, MetaCommand, MetaError, MetaReply, NewShard, StreamChange};
+pub use command::{
+    decode_reply, MetaCommand, MetaError, MetaReply, NewShard, NewStream, StreamChange,
+};
 pub use placement::place_replicas;
 pub use state::{GroupSpec, MetaState, NodeInfo, NodeState, Owner, Placed, STREAM_KIND};
 pub use state_machine::MetaStateMachine;

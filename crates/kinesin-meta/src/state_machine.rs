@@ -14,7 +14,9 @@ use kinesin_types::{
 };
 use tokio::sync::watch;
 
-use crate::command::{encode_reply, MetaCommand, MetaError, MetaReply, NewShard, StreamChange};
+use crate::command::{
+    encode_reply, MetaCommand, MetaError, MetaReply, NewShard, NewStream, StreamChange,
+};
 use crate::state::{GroupSpec, MetaState};
 use crate::version;
 
@@ -102,57 +104,28 @@ impl MetaStateMachine {
                 replication_factor,
                 now_ms,
                 placements,
-            } => {
-                let stream_name =
-                    StreamName::new(name.clone()).map_err(|e| MetaError::Invalid(e.0))?;
-                if state.streams.contains_key(&name) {
-                    return Err(MetaError::StreamExists(name));
-                }
-                if shard_count == 0
-                    || placements.len() != shard_count as usize
-                    || placements.iter().any(|p| p.is_empty())
-                {
-                    return Err(MetaError::Invalid(
-                        "every shard needs at least one replica".into(),
-                    ));
-                }
-                let shards = HashKeyRange::split_evenly(shard_count)
-                    .into_iter()
-                    .zip(placements)
-                    .enumerate()
-                    .map(|(i, (range, replicas))| {
-                        let group = GroupId(state.next_group + i as u64);
-                        ShardInfo {
-                            shard_id: kinesin_types::ShardId(i as u32),
-                            group,
-                            range,
-                            state: ShardState::Open,
-                            parent: None,
-                            adjacent_parent: None,
-                            generation: 0,
-                            replicas,
-                            ending_sequence: None,
-                        }
-                    })
-                    .collect();
-                state.next_group += u64::from(shard_count);
-                state.streams.insert(
+            } => create_stream(
+                state,
+                NewStream {
                     name,
-                    StreamInfo {
-                        name: stream_name,
-                        // ACTIVE once every shard has a leader (`StreamReady`).
-                        status: StreamStatus::Creating,
-                        created_at_ms: now_ms,
-                        retention_hours,
-                        max_record_bytes,
-                        replication_factor,
-                        epoch: 1,
-                        shards,
-                        settings: StreamSettings::default(),
-                    },
-                );
-                Ok(())
-            }
+                    shard_count,
+                    retention_hours,
+                    max_record_bytes,
+                    replication_factor,
+                    now_ms,
+                    placements,
+                },
+                StreamSettings::default(),
+            ),
+            MetaCommand::CreateStreamWithSettings { stream, mode, tags } => create_stream(
+                state,
+                stream,
+                StreamSettings {
+                    mode,
+                    tags,
+                    ..Default::default()
+                },
+            ),
             MetaCommand::DeleteStream { name } => state
                 .streams
                 .remove(&name)
@@ -277,6 +250,63 @@ impl MetaStateMachine {
             }
         }
     }
+}
+
+fn create_stream(state: &mut MetaState, new: NewStream, settings: StreamSettings) -> MetaReply {
+    let NewStream {
+        name,
+        shard_count,
+        retention_hours,
+        max_record_bytes,
+        replication_factor,
+        now_ms,
+        placements,
+    } = new;
+    let stream_name = StreamName::new(name.clone()).map_err(|e| MetaError::Invalid(e.0))?;
+    if state.streams.contains_key(&name) {
+        return Err(MetaError::StreamExists(name));
+    }
+    if shard_count == 0
+        || placements.len() != shard_count as usize
+        || placements.iter().any(|p| p.is_empty())
+    {
+        return Err(MetaError::Invalid(
+            "every shard needs at least one replica".into(),
+        ));
+    }
+    let shards = HashKeyRange::split_evenly(shard_count)
+        .into_iter()
+        .zip(placements)
+        .enumerate()
+        .map(|(i, (range, replicas))| ShardInfo {
+            shard_id: kinesin_types::ShardId(i as u32),
+            group: GroupId(state.next_group + i as u64),
+            range,
+            state: ShardState::Open,
+            parent: None,
+            adjacent_parent: None,
+            generation: 0,
+            replicas,
+            ending_sequence: None,
+        })
+        .collect();
+    state.next_group += u64::from(shard_count);
+    state.streams.insert(
+        name,
+        StreamInfo {
+            name: stream_name,
+            // ACTIVE once every shard has a leader (`StreamReady`).
+            status: StreamStatus::Creating,
+            created_at_ms: now_ms,
+            retention_hours,
+            max_record_bytes,
+            replication_factor,
+            epoch: 1,
+            shards,
+            settings,
+        },
+    );
+    Ok(())
 }
 
 /// A stream of the map and the position of one of its shards.
@@ -462,7 +492,9 @@ impl GroupStateMachine for MetaStateMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kinesin_types::{NodeId, SequenceNumber};
+    use std::collections::BTreeMap;
+
+    use kinesin_types::{NodeId, SequenceNumber, StreamMode};
 
     fn state_with_stream(shards: u32) -> MetaState {
         let mut state = MetaState {
@@ -594,6 +626,37 @@ mod tests {
         MetaStateMachine::apply_command(&mut state, merge).unwrap();
         assert_eq!(state.streams["s"].open_shard_count(), 1);
         assert_eq!(state.streams["s"].status, StreamStatus::Updating);
+    }
+
+    #[test]
+    fn a_stream_is_created_with_its_mode_and_tags_in_one_command() {
+        let mut state = MetaState {
+            next_group: 1,
+            ..Default::default()
+        };
+        let tags = BTreeMap::from([("team".to_string(), "payments".to_string())]);
+        MetaStateMachine::apply_command(
+            &mut state,
+            MetaCommand::CreateStreamWithSettings {
+                stream: NewStream {
+                    name: "orders".into(),
+                    shard_count: 2,
+                    retention_hours: 24,
+                    max_record_bytes: 1 << 20,
+                    replication_factor: 1,
+                    now_ms: 5,
+                    placements: vec![vec![NodeId(1)]; 2],
+                },
+                mode: StreamMode::OnDemand,
+                tags: tags.clone(),
+            },
+        )
+        .unwrap();
+        let stream = &state.streams["orders"];
+        assert_eq!(stream.shards.len(), 2);
+        assert_eq!(stream.settings.mode, StreamMode::OnDemand);
+        assert_eq!(stream.settings.tags, tags);
+        assert_eq!(state.next_group, 3);
     }
 
     #[test]

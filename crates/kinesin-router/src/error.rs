@@ -40,6 +40,22 @@ pub enum RouterError {
 const LEADER_HINT: &str = "kinesin-leader";
 
 impl RouterError {
+    /// The variant's name: the error code of the native API.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RouterError::ResourceNotFound(_) => "ResourceNotFound",
+            RouterError::ResourceInUse(_) => "ResourceInUse",
+            RouterError::InvalidArgument(_) => "InvalidArgument",
+            RouterError::LimitExceeded(_) => "LimitExceeded",
+            RouterError::Unavailable(_) => "Unavailable",
+            RouterError::Internal(_) => "Internal",
+            RouterError::Indeterminate(_) => "Indeterminate",
+            RouterError::Throttled(_) => "Throttled",
+            RouterError::ShardClosed(_) => "ShardClosed",
+            RouterError::NotLeader(_) => "NotLeader",
+        }
+    }
+
     /// Worth another attempt (possibly at another node).
     pub fn is_retryable(&self) -> bool {
         matches!(

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use kinesin_meta::{place_replicas, MetaCommand, MetaState};
 use kinesin_proto::v1 as pb;
+use kinesin_storage::data_version::DATA_VERSION;
 use kinesin_types::{GroupId, NodeId};
 
 use crate::error::RouterError;
@@ -28,6 +29,8 @@ pub enum Retry {
 
 /// Longest [`Router::create_group`] waits for the new group's leader.
 const CREATE_WAIT: Duration = Duration::from_secs(10);
+/// Longest [`Router::create_group`] waits to hear every node's data version.
+const VERSIONS_WAIT: Duration = Duration::from_secs(5);
 
 impl Router {
     /// Proposes `command` to `group` at its leader; returns the state
@@ -97,6 +100,13 @@ impl Router {
         config: Vec<u8>,
         replication: usize,
     ) -> Result<GroupId, RouterError> {
+        // Right after a start the other nodes' versions are not known yet.
+        let known = async {
+            while self.cluster_data_version() < DATA_VERSION {
+                tokio::time::sleep(crate::liveness::PING_EVERY).await;
+            }
+        };
+        let _ = tokio::time::timeout(VERSIONS_WAIT, known).await;
         let state = self.meta_state();
         let wanted = if replication == 0 {
             self.config().default_replication_factor

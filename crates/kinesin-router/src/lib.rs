@@ -16,7 +16,7 @@ pub use error::RouterError;
 pub use groups::Retry;
 pub use router::{
     now_ms, set_clock_skew_ms, wall_clock, AppendOutcome, LocalShards, ReadRequest, RecordIn,
-    Router, RouterConfig,
+    Router, RouterConfig, StreamOptions,
 };
 pub use service::NodeService;
 pub use throttle::ShardLimits;

@@ -21,6 +21,18 @@ pub const PING_EVERY: Duration = Duration::from_millis(200);
 /// late is not taken for dead on a loaded machine.
 pub const SILENT_FOR: Duration = Duration::from_secs(3);
 
+/// How a ping ended.
+#[derive(Debug, Clone, Copy)]
+enum Ping {
+    Answered {
+        data_version: u32,
+    },
+    /// Could not connect.
+    Refused,
+    /// No answer in time.
+    Silent,
+}
+
 #[derive(Default)]
 pub struct Liveness {
     peers: Mutex<HashMap<NodeId, Peer>>,
@@ -31,6 +43,9 @@ struct Peer {
     /// The last ping could not reach the node at all.
     unreachable: bool,
     in_flight: bool,
+    /// The data version its last answer reported (0: none yet, or a
+    /// release that does not report one).
+    data_version: u32,
 }
 
 impl Peer {
@@ -63,25 +78,32 @@ impl Liveness {
             last_answer: Instant::now(),
             unreachable: false,
             in_flight: false,
+            data_version: 0,
         });
         !std::mem::replace(&mut p.in_flight, true)
     }
 
-    /// Records a ping's outcome: `Some(true)` answered, `Some(false)` could
-    /// not connect, `None` no answer in time.
-    fn end(&self, node: NodeId, outcome: Option<bool>) {
+    /// Records a ping's outcome.
+    fn end(&self, node: NodeId, outcome: Ping) {
         let mut peers = self.peers.lock().expect("liveness lock");
         if let Some(p) = peers.get_mut(&node) {
             p.in_flight = false;
             match outcome {
-                Some(true) => {
+                Ping::Answered { data_version } => {
                     p.last_answer = Instant::now();
                     p.unreachable = false;
+                    p.data_version = data_version;
                 }
-                Some(false) => p.unreachable = true,
-                None => {}
+                Ping::Refused => p.unreachable = true,
+                Ping::Silent => {}
             }
         }
+    }
+
+    /// The data version `node` last reported; 0 if none.
+    pub fn data_version(&self, node: NodeId) -> u32 {
+        let peers = self.peers.lock().expect("liveness lock");
+        peers.get(&node).map_or(0, |p| p.data_version)
     }
 
     fn retain(&self, nodes: &HashSet<NodeId>) {
@@ -111,15 +133,19 @@ pub async fn run_pings(router: Arc<Router>, mut stop: watch::Receiver<bool>) {
             let router = router.clone();
             tokio::spawn(async move {
                 let outcome = match router.client_for(node) {
-                    Err(_) => Some(false),
+                    Err(_) => Ping::Refused,
                     Ok(mut c) => {
                         match tokio::time::timeout(SILENT_FOR, c.ping(pb::PingRequest {})).await {
-                            Ok(Ok(_)) => Some(true),
+                            Ok(Ok(r)) => Ping::Answered {
+                                data_version: r.into_inner().data_version,
+                            },
                             // An answer, even an error, shows the node runs
                             // (an older node without Ping says Unimplemented).
-                            Ok(Err(s)) if s.code() != tonic::Code::Unavailable => Some(true),
-                            Ok(Err(_)) => Some(false),
-                            Err(_) => None,
+                            Ok(Err(s)) if s.code() != tonic::Code::Unavailable => {
+                                Ping::Answered { data_version: 0 }
+                            }
+                            Ok(Err(_)) => Ping::Refused,
+                            Err(_) => Ping::Silent,
                         }
                     }
                 };
@@ -151,15 +177,17 @@ mod tests {
         assert!(!l.is_down(n), "unknown nodes are not down");
         assert!(l.begin(n));
         assert!(!l.begin(n), "one ping at a time");
-        l.end(n, None);
+        l.end(n, Ping::Silent);
         assert!(!l.is_down(n), "one late answer is not a failure");
         assert!(l.begin(n));
-        l.end(n, Some(false));
+        l.end(n, Ping::Refused);
         assert!(l.is_down(n));
         assert_eq!(l.down(), HashSet::from([n]));
+        assert_eq!(l.data_version(n), 0);
         assert!(l.begin(n));
-        l.end(n, Some(true));
+        l.end(n, Ping::Answered { data_version: 3 });
         assert!(!l.is_down(n));
+        assert_eq!(l.data_version(n), 3);
         l.retain(&HashSet::new());
         assert!(l.down().is_empty());
     }

@@ -6,7 +6,10 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use kinesin_meta::{decode_reply, place_replicas, MetaCommand, MetaState, MetaStateMachine, Owner};
+use kinesin_meta::{
+    decode_reply, place_replicas, MetaCommand, MetaState, MetaStateMachine, NewStream, NodeState,
+    Owner, StreamChange,
+};
 use kinesin_proto::v1::node_client::NodeClient;
 use kinesin_proto::v1::{self as pb};
 use kinesin_raft::RaftHost;
@@ -14,9 +17,10 @@ use kinesin_shard::{
     NewRecord, ReadBatch, ReadStart, ShardCommand, ShardRejection, ShardReply, ShardStateMachine,
     StoredRecord,
 };
+use kinesin_storage::data_version::DATA_VERSION;
 use kinesin_types::{
     hash_key_for_partition_key, GroupId, HashKey, NodeId, SequenceNumber, ShardId, ShardState,
-    StreamInfo, StreamName, StreamStatus, MAX_RECORD_BYTES_LIMIT,
+    StreamInfo, StreamMode, StreamName, StreamStatus, MAX_RECORD_BYTES_LIMIT,
 };
 use tonic::transport::Channel;
 
@@ -85,6 +89,13 @@ impl LocalShards {
     }
 }
 
+/// What a stream is created with besides its size.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamOptions {
+    pub mode: StreamMode,
+    pub tags: BTreeMap<String, String>,
+}
+
 /// A record as a client submits it.
 #[derive(Debug, Clone)]
 pub struct RecordIn {
@@ -101,7 +112,7 @@ pub enum AppendOutcome {
         sequence: SequenceNumber,
     },
     /// Not acknowledged; it may or may not have been stored.
-    Failed { code: &'static str, message: String },
+    Failed(RouterError),
 }
 
 /// Where and how to read.
@@ -145,6 +156,10 @@ const CREATE_WAIT: Duration = Duration::from_secs(10);
 /// Longest pause between two attempts to find a leader: short, since a
 /// failed-over group has a new leader within a second.
 const MAX_BACKOFF: Duration = Duration::from_millis(200);
+
+/// Releases up to data version 2 do not report theirs: a node not heard
+/// from, or answering without a version, may run one of them.
+const UNREPORTED_VERSION: u32 = 2;
 
 /// How long a shard leader waits for its map to reach a sender's epoch.
 const MAP_CATCH_UP: Duration = Duration::from_secs(1);
@@ -402,8 +417,34 @@ impl Router {
         }
     }
 
+    /// The lowest data version among the map's nodes (removed ones aside)
+    /// as their pings report it. See [`MetaCommand::introduced_in`].
+    pub fn cluster_data_version(&self) -> u32 {
+        let me = self.host.node_id();
+        self.meta
+            .state()
+            .nodes
+            .values()
+            .filter(|n| n.id != me && n.state != NodeState::Removed)
+            .map(|n| self.liveness.data_version(n.id).max(UNREPORTED_VERSION))
+            .fold(DATA_VERSION, u32::min)
+    }
+
+    /// Refuses a command some node of the cluster could not decode.
+    fn check_cluster_decodes(&self, command: &MetaCommand) -> Result<(), RouterError> {
+        let needed = command.introduced_in();
+        let cluster = self.cluster_data_version();
+        if needed > cluster {
+            return Err(RouterError::Unavailable(format!(
+                "this change needs every node at data version {needed} or later, and a node reports {cluster} (or was not heard from): finish the upgrade first"
+            )));
+        }
+        Ok(())
+    }
+
     /// Proposes a metadata command through the metadata leader.
     pub async fn meta_write(&self, command: MetaCommand) -> Result<(), RouterError> {
+        self.check_cluster_decodes(&command)?;
         let bytes = command.encode();
         let candidates = self.meta_candidates();
         self.at_leader(GroupId::META, &candidates, true, |target| {
@@ -452,13 +493,28 @@ impl Router {
         Ok(())
     }
 
-    /// Creates a stream; placement is computed on the metadata leader.
+    /// Creates a stream with default settings; see [`Router::create_stream_with`].
     pub async fn create_stream(
         &self,
         name: &str,
         shard_count: u32,
         replication: usize,
         max_record_bytes: u32,
+    ) -> Result<(), RouterError> {
+        let options = StreamOptions::default();
+        self.create_stream_with(name, shard_count, replication, max_record_bytes, &options)
+            .await
+    }
+
+    /// Creates a stream with its `options` in one metadata command;
+    /// placement is computed on the metadata leader.
+    pub async fn create_stream_with(
+        &self,
+        name: &str,
+        shard_count: u32,
+        replication: usize,
+        max_record_bytes: u32,
+        options: &StreamOptions,
     ) -> Result<(), RouterError> {
         StreamName::new(name).map_err(|e| RouterError::InvalidArgument(e.0))?;
         if shard_count == 0 || shard_count > 10_000 {
@@ -475,8 +531,14 @@ impl Router {
         self.at_leader(GroupId::META, &candidates, true, |target| async move {
             match target {
                 Target::Local => {
-                    self.create_stream_on_leader(name, shard_count, replication, max_record_bytes)
-                        .await
+                    self.create_stream_on_leader(
+                        name,
+                        shard_count,
+                        replication,
+                        max_record_bytes,
+                        options,
+                    )
+                    .await
                 }
                 Target::Remote(mut c) => {
                     let applied = c
@@ -485,6 +547,8 @@ impl Router {
                             shard_count,
                             replication_factor: replication as u32,
                             max_record_bytes,
+                            on_demand: options.mode == StreamMode::OnDemand,
+                            tags: options.tags.clone().into_iter().collect(),
                         })
                         .await?
                         .into_inner()
@@ -584,6 +648,7 @@ impl Router {
         shard_count: u32,
         replication: usize,
         max_record_bytes: u32,
+        options: &StreamOptions,
     ) -> Result<(), RouterError> {
         if !self.host.is_leader(GroupId::META) {
             let leader = self.host.status(GroupId::META).and_then(|s| s.leader);
@@ -629,7 +694,7 @@ impl Router {
             ));
         }
         let placements = spread_preferred_leaders(placements);
-        let command = MetaCommand::CreateStream {
+        let stream = NewStream {
             name: name.to_string(),
             shard_count,
             retention_hours: self.config.default_retention_hours,
@@ -642,7 +707,50 @@ impl Router {
             now_ms: now_ms(),
             placements,
         };
-        self.meta_write_local(command.encode()).await
+        let command = MetaCommand::CreateStreamWithSettings {
+            stream: stream.clone(),
+            mode: options.mode,
+            tags: options.tags.clone(),
+        };
+        if self.check_cluster_decodes(&command).is_ok() {
+            return self.meta_write_local(command.encode()).await;
+        }
+        self.create_stream_in_steps(stream, options).await
+    }
+
+    /// With a node of an older release in the cluster: creates the stream,
+    /// then sets its mode and tags, as those releases did.
+    async fn create_stream_in_steps(
+        &self,
+        stream: NewStream,
+        options: &StreamOptions,
+    ) -> Result<(), RouterError> {
+        let name = stream.name.clone();
+        let create = MetaCommand::CreateStream {
+            name: stream.name,
+            shard_count: stream.shard_count,
+            retention_hours: stream.retention_hours,
+            max_record_bytes: stream.max_record_bytes,
+            replication_factor: stream.replication_factor,
+            now_ms: stream.now_ms,
+            placements: stream.placements,
+        };
+        self.meta_write_local(create.encode()).await?;
+        let mut changes = Vec::new();
+        if options.mode != StreamMode::Provisioned {
+            changes.push(StreamChange::Mode(options.mode));
+        }
+        if !options.tags.is_empty() {
+            changes.push(StreamChange::AddTags(options.tags.clone()));
+        }
+        for change in changes {
+            let update = MetaCommand::UpdateStream {
+                name: name.clone(),
+                change,
+            };
+            self.meta_write_local(update.encode()).await?;
+        }
+        Ok(())
     }
 
     pub async fn delete_stream(&self, name: &str) -> Result<(), RouterError> {
@@ -746,10 +854,7 @@ impl Router {
             ));
         }
         let mut outcomes = vec![
-            AppendOutcome::Failed {
-                code: "InternalFailure",
-                message: "not attempted".into(),
-            };
+            AppendOutcome::Failed(RouterError::Internal("not attempted".into()));
             pending.len()
         ];
         let deadline = Instant::now() + self.config.retry_budget;
@@ -778,10 +883,10 @@ impl Router {
                 }
                 if Instant::now() >= deadline {
                     for (pos, _, _) in pending {
-                        outcomes[pos] = AppendOutcome::Failed {
-                            code: "InternalFailure",
-                            message: "the shard was closed by a reshard and no new shard took over in time".into(),
-                        };
+                        outcomes[pos] = AppendOutcome::Failed(RouterError::Unavailable(
+                            "the shard was closed by a reshard and no new shard took over in time"
+                                .into(),
+                        ));
                     }
                     return Ok(outcomes);
                 }
@@ -854,18 +959,13 @@ impl Router {
                     metrics::counter!("kinesin_stream_throttled_total", "stream" => stream.to_string(), "direction" => "write")
                         .increment(entries.len() as u64);
                     for (pos, _, _) in entries {
-                        outcomes[pos] = AppendOutcome::Failed {
-                            code: "ProvisionedThroughputExceededException",
-                            message: message.clone(),
-                        };
+                        outcomes[pos] =
+                            AppendOutcome::Failed(RouterError::Throttled(message.clone()));
                     }
                 }
                 Err(e) => {
                     for (pos, _, _) in entries {
-                        outcomes[pos] = AppendOutcome::Failed {
-                            code: "InternalFailure",
-                            message: e.to_string(),
-                        };
+                        outcomes[pos] = AppendOutcome::Failed(e.clone());
                     }
                 }
             }
@@ -1320,6 +1420,43 @@ mod tests {
                 ..RouterConfig::default()
             },
         )
+    }
+
+    #[test]
+    fn commands_a_node_cannot_decode_wait_until_every_node_reports_their_version() {
+        use kinesin_raft::GroupStateMachine;
+        let dir = tempfile::tempdir().unwrap();
+        let router = lone_router(dir.path());
+        let group = MetaCommand::CreateGroup {
+            name: "g".into(),
+            kind: "test-kv".into(),
+            replicas: vec![NodeId(1)],
+            replication_factor: 1,
+            config: Vec::new(),
+        };
+        let old = MetaCommand::DeleteStream { name: "s".into() };
+        assert_eq!(router.cluster_data_version(), DATA_VERSION);
+        assert!(router.check_cluster_decodes(&group).is_ok());
+        let second = kinesin_meta::NodeInfo {
+            id: NodeId(2),
+            raft_addr: "127.0.0.1:1".into(),
+            api_addr: String::new(),
+            zone: String::new(),
+            state: NodeState::Active,
+        };
+        let mut batch = kinesin_storage::WriteBatch::default();
+        router
+            .meta
+            .apply(1, &MetaCommand::RegisterNode(second).encode(), &mut batch);
+        router.meta.publish();
+        // Node 2 was not heard from: it may run an older release, which
+        // decodes the older commands only.
+        assert_eq!(router.cluster_data_version(), UNREPORTED_VERSION);
+        assert!(matches!(
+            router.check_cluster_decodes(&group),
+            Err(RouterError::Unavailable(_))
+        ));
+        assert!(router.check_cluster_decodes(&old).is_ok());
     }
 
     /// Runs `at_leader` with an operation whose first attempt ends with

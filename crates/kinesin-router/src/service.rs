@@ -8,16 +8,17 @@ use kinesin_meta::{MetaCommand, NodeInfo, NodeState};
 use kinesin_proto::v1::node_server::{Node, NodeServer};
 use kinesin_proto::v1::{self as pb};
 use kinesin_shard::NewRecord;
-use kinesin_types::{GroupId, NodeId, ShardState};
+use kinesin_types::{GroupId, NodeId, ShardState, StreamMode};
 use tonic::{Request, Response, Status};
 
 use crate::error::RouterError;
 use crate::router::{
     decode_start, encode_read, stored_to_pb, ReadRequest, RecordIn, Router, Target,
 };
-use crate::AppendOutcome;
+use crate::{AppendOutcome, StreamOptions};
 
 use kinesin_proto::MAX_MESSAGE_BYTES;
+use kinesin_storage::data_version::DATA_VERSION;
 /// Reads return at most this much unless asked for less (as Kinesis).
 const MAX_READ_BYTES: usize = 10 << 20;
 
@@ -148,6 +149,7 @@ impl Node for NodeService {
     ) -> Result<Response<pb::PingResponse>, Status> {
         Ok(Response::new(pb::PingResponse {
             node_id: self.router.host().node_id().0,
+            data_version: DATA_VERSION,
         }))
     }
 
@@ -267,6 +269,14 @@ impl Node for NodeService {
         request: Request<pb::CreateStreamRequest>,
     ) -> Result<Response<pb::CreateStreamResponse>, Status> {
         let r = request.into_inner();
+        let options = StreamOptions {
+            mode: if r.on_demand {
+                StreamMode::OnDemand
+            } else {
+                StreamMode::Provisioned
+            },
+            tags: r.tags.into_iter().collect(),
+        };
         if self.router.host().is_leader(GroupId::META) {
             self.router
                 .create_stream_on_leader(
@@ -274,15 +284,17 @@ impl Node for NodeService {
                     r.shard_count,
                     r.replication_factor as usize,
                     r.max_record_bytes,
+                    &options,
                 )
                 .await?;
         } else {
             self.router
-                .create_stream(
+                .create_stream_with(
                     &r.stream,
                     r.shard_count,
                     r.replication_factor as usize,
                     r.max_record_bytes,
+                    &options,
                 )
                 .await?;
         }
@@ -351,11 +363,11 @@ impl Node for NodeService {
                     sequence_number: sequence.to_string(),
                     ..Default::default()
                 },
-                AppendOutcome::Failed { code, message } => {
+                AppendOutcome::Failed(e) => {
                     failed_count += 1;
                     pb::RecordResult {
-                        error_code: code.to_string(),
-                        error_message: message,
+                        error_code: e.name().to_string(),
+                        error_message: e.to_string(),
                         ..Default::default()
                     }
                 }

@@ -219,6 +219,7 @@ async fn ensure_stream(args: &ProduceArgs) -> anyhow::Result<()> {
                     shard_count: args.shards,
                     replication_factor: 0,
                     max_record_bytes: 0,
+                    ..Default::default()
                 })
                 .await;
             if let Err(s) = created {

@@ -134,6 +134,7 @@ pub async fn stream(cmd: StreamCommand) -> anyhow::Result<()> {
                 shard_count: shards,
                 replication_factor: replication,
                 max_record_bytes: 0,
+                ..Default::default()
             })
             .await
             .map_err(status)?;

@@ -77,6 +77,7 @@ async fn kill_nine_under_load_loses_no_acknowledged_record() {
                 shard_count: 4,
                 replication_factor: 3,
                 max_record_bytes: 0,
+                ..Default::default()
             };
             match c.create_stream(req).await {
                 Ok(_) => Some(()),
