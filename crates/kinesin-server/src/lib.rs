@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod config;
+mod controller;
 mod failover;
 mod node;
 mod reconcile;

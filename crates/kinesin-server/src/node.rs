@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, FsyncSetting};
-use crate::{admin, failover, reconcile};
+use crate::{admin, controller, failover, reconcile};
 
 const IDENTITY_KEY: &[u8] = b"identity";
 
@@ -241,11 +241,11 @@ impl Node {
             ctx.clone(),
             stop_rx.clone(),
         )));
-        node.tasks.push(tokio::spawn(reconcile::run_controller(
+        node.tasks.push(tokio::spawn(controller::run_controller(
             ctx.clone(),
             stop_rx.clone(),
         )));
-        node.tasks.push(tokio::spawn(reconcile::run_stream_settler(
+        node.tasks.push(tokio::spawn(controller::run_stream_settler(
             ctx.clone(),
             stop_rx.clone(),
         )));
