@@ -257,8 +257,8 @@ impl RaftHost {
         }
         let storage = self.inner.storage.clone();
         let resumed = {
-            let storage = storage.clone();
-            tokio::task::spawn_blocking(move || resume_install(&storage, group.0))
+            let (storage, rows) = (storage.clone(), state_machine.snapshot_rows());
+            tokio::task::spawn_blocking(move || resume_install(&storage, group.0, rows))
                 .await
                 .map_err(|e| raft_err(group, e))??
         };

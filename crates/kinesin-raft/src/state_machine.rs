@@ -19,14 +19,20 @@
 //! live column families when it is sent (those written at or below the
 //! snapshot's index). A row deleted meanwhile (a record trimmed by retention)
 //! is simply not sent: deletions are re-applied from the log after the
-//! snapshot anyway. The Raft layer knows nothing else about rows.
+//! snapshot anyway. A kind whose rows change in place (a queue's message
+//! state) gets them copied when the snapshot is built, from a RocksDB
+//! snapshot taken together with the applied id, into `Cf::SnapshotCopies`,
+//! where sends read them; a replica that installs such a snapshot makes the
+//! same copy, so that it can send the snapshot on. The Raft layer knows
+//! nothing else about rows.
 
+use std::collections::HashMap;
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use futures::{Stream, TryStreamExt};
 use kinesin_storage::keys;
-use kinesin_storage::{Cf, Storage, WriteBatch};
+use kinesin_storage::{Cf, Storage, View, WriteBatch};
 use kinesin_types::GroupId;
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, RaftSnapshotBuilder};
@@ -80,13 +86,18 @@ pub enum SnapshotRows {
         columns: &'static [Cf],
         writer_index: fn(Cf, &[u8]) -> u64,
     },
+    /// Rows in `columns` (each one of [`Cf::SNAPSHOT_ROWS`]) that applies
+    /// change in place: building a snapshot copies them, from a RocksDB
+    /// snapshot taken with the applied id, into [`Cf::SnapshotCopies`],
+    /// where sends read them.
+    Mutable { columns: &'static [Cf] },
 }
 
 impl SnapshotRows {
     fn columns(self) -> &'static [Cf] {
         match self {
             SnapshotRows::None => &[],
-            SnapshotRows::Immutable { columns, .. } => columns,
+            SnapshotRows::Immutable { columns, .. } | SnapshotRows::Mutable { columns } => columns,
         }
     }
 }
@@ -104,6 +115,14 @@ pub(crate) enum SnapshotSource {
         group: u64,
         upto: u64,
         rows: SnapshotRows,
+    },
+    /// Rows copied when the snapshot at log index `index` was built; the
+    /// copy is kept while `_held` has clones.
+    Copied {
+        storage: Storage,
+        group: u64,
+        index: u64,
+        _held: Arc<()>,
     },
     /// Records received from the leader, parked in the staging column
     /// family until the install moves them.
@@ -169,8 +188,24 @@ impl GroupSnapshot {
                     }
                 }
             }
+            SnapshotSource::Copied {
+                storage,
+                group,
+                index,
+                ..
+            } => {
+                let (from, to) = copy_bounds(*group, *index);
+                for kv in storage.scan(Cf::SnapshotCopies, &from, &to) {
+                    let (k, v) = kv?;
+                    // group(8) | index(8) | tag(1) | key
+                    let tag = *k.get(16).ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::InvalidData, "short snapshot copy key")
+                    })?;
+                    push(&mut chunk, &mut size, (tag, k[17..].to_vec(), v.into_vec()))?;
+                }
+            }
             SnapshotSource::Live {
-                rows: SnapshotRows::None,
+                rows: SnapshotRows::None | SnapshotRows::Mutable { .. },
                 ..
             }
             | SnapshotSource::Staged => {}
@@ -180,6 +215,48 @@ impl GroupSnapshot {
         }
         Ok(())
     }
+}
+
+/// The keys of the copy of `group`'s rows for the snapshot at `index`.
+fn copy_bounds(group: u64, index: u64) -> (Vec<u8>, Vec<u8>) {
+    let key = |i: u64| [group.to_be_bytes(), i.to_be_bytes()].concat();
+    match index.checked_add(1) {
+        Some(next) => (key(index), key(next)),
+        None => (key(index), keys::group_bounds(group).1),
+    }
+}
+
+/// Copies `group`'s rows in `columns`, as `view` shows them, into
+/// [`Cf::SnapshotCopies`] under `index`, in bounded batches.
+fn copy_rows(
+    storage: &Storage,
+    view: &View<'_>,
+    group: u64,
+    index: u64,
+    columns: &[Cf],
+) -> io::Result<()> {
+    let (copy_from, copy_to) = copy_bounds(group, index);
+    let mut batch = WriteBatch::default();
+    batch.delete_range_cf(storage.cf(Cf::SnapshotCopies), &copy_from, &copy_to);
+    let (from, to) = keys::group_bounds(group);
+    for &cf in columns {
+        let tag = cf.snapshot_tag().ok_or_else(|| {
+            io::Error::other(format!("{} rows cannot be in a snapshot", cf.name()))
+        })?;
+        for kv in view.scan(cf, &from, &to) {
+            let (k, v) = kv?;
+            let mut copy = Vec::with_capacity(17 + k.len());
+            copy.extend_from_slice(&copy_from);
+            copy.push(tag);
+            copy.extend_from_slice(&k);
+            batch.put_cf(storage.cf(Cf::SnapshotCopies), copy, v);
+            if batch.size_in_bytes() >= CHUNK_BYTES {
+                storage.write(std::mem::take(&mut batch))?;
+            }
+        }
+    }
+    storage.write(batch)?;
+    Ok(())
 }
 
 /// Parks a received chunk in the staging column family.
@@ -199,9 +276,11 @@ pub(crate) fn stage_chunk(storage: &Storage, group: u64, chunk: SnapshotChunk) -
 }
 
 /// Moves a group's staged snapshot records into the live column families,
-/// a bounded batch at a time, then drops the staging copy and the install
-/// marker. Idempotent: puts of the same keys and values.
-fn move_staged(storage: &Storage, group: u64) -> io::Result<()> {
+/// a bounded batch at a time; for a kind with mutable rows copies them
+/// for the installed snapshot at `index` (so that this replica can send
+/// it on); then drops the staging rows and the install marker. Idempotent:
+/// puts of the same keys and values.
+fn move_staged(storage: &Storage, group: u64, rows: SnapshotRows, index: u64) -> io::Result<()> {
     let (from, to) = keys::group_bounds(group);
     let mut batch = WriteBatch::default();
     for kv in storage.scan(Cf::Staging, &from, &to) {
@@ -211,6 +290,10 @@ fn move_staged(storage: &Storage, group: u64) -> io::Result<()> {
         if batch.size_in_bytes() >= CHUNK_BYTES {
             storage.write(std::mem::take(&mut batch))?;
         }
+    }
+    storage.write(std::mem::take(&mut batch))?;
+    if let SnapshotRows::Mutable { columns } = rows {
+        copy_rows(storage, &storage.view(), group, index, columns)?;
     }
     batch.delete_range_cf(storage.cf(Cf::Staging), &from, &to);
     batch.delete_cf(
@@ -223,13 +306,22 @@ fn move_staged(storage: &Storage, group: u64) -> io::Result<()> {
 }
 
 /// Finishes a snapshot install a crash interrupted; called before the
-/// group starts. Returns whether there was one.
-pub(crate) fn resume_install(storage: &Storage, group: u64) -> io::Result<bool> {
+/// group starts, with what its state machine's snapshots carry. Returns
+/// whether there was one.
+pub(crate) fn resume_install(
+    storage: &Storage,
+    group: u64,
+    rows: SnapshotRows,
+) -> io::Result<bool> {
     let marker = keys::named_key(group, INSTALLING_KEY);
     if storage.get(Cf::StateMachine, &marker)?.is_none() {
         return Ok(false);
     }
-    move_staged(storage, group)?;
+    let saved: Option<SavedSnapshot> = load_named(storage, group, SNAPSHOT_KEY, "snapshot")?;
+    let index = saved
+        .and_then(|s| s.meta.last_log_id)
+        .map_or(0, |l| l.index);
+    move_staged(storage, group, rows, index)?;
     Ok(true)
 }
 
@@ -272,6 +364,9 @@ pub struct StateMachineStore {
     /// Held for the whole of a snapshot install, until its rows left
     /// staging (which goes on even if openraft stops waiting).
     installing: Arc<tokio::sync::Mutex<()>>,
+    /// Row copies of built snapshots (by index) that snapshots being sent
+    /// still read ([`SnapshotRows::Mutable`]).
+    copies: Arc<Mutex<HashMap<u64, Weak<()>>>>,
 }
 
 impl StateMachineStore {
@@ -282,7 +377,43 @@ impl StateMachineStore {
             inner,
             applying: Arc::default(),
             installing: Arc::default(),
+            copies: Arc::default(),
         }
+    }
+
+    /// A token that keeps the row copy of the snapshot at `index`.
+    fn hold_copy(&self, index: u64) -> Arc<()> {
+        let mut copies = self.copies.lock().expect("copies lock");
+        if let Some(held) = copies.get(&index).and_then(Weak::upgrade) {
+            return held;
+        }
+        let held = Arc::new(());
+        copies.insert(index, Arc::downgrade(&held));
+        held
+    }
+
+    /// Deletes the row copies of every snapshot but `keep` and those still
+    /// being sent.
+    fn prune_copies(&self, keep: u64) -> io::Result<()> {
+        let mut kept: Vec<u64> = {
+            let mut copies = self.copies.lock().expect("copies lock");
+            copies.retain(|_, held| held.strong_count() > 0);
+            copies.keys().copied().collect()
+        };
+        kept.push(keep);
+        kept.sort_unstable();
+        kept.dedup();
+        let cf = self.storage.cf(Cf::SnapshotCopies);
+        let (mut from, end) = keys::group_bounds(self.group);
+        let mut batch = WriteBatch::default();
+        for index in kept {
+            let (lo, hi) = copy_bounds(self.group, index);
+            batch.delete_range_cf(cf, &from, &lo);
+            from = hi;
+        }
+        batch.delete_range_cf(cf, &from, &end);
+        self.storage.write(batch)?;
+        Ok(())
     }
 
     /// Free when no snapshot install of this group is under way; a group's
@@ -313,16 +444,25 @@ impl StateMachineStore {
 
     fn snapshot_of(&self, saved: SavedSnapshot) -> Snapshot {
         let upto = saved.meta.last_log_id.as_ref().map_or(0, |l| l.index);
+        let source = match self.inner.snapshot_rows() {
+            SnapshotRows::Mutable { .. } => SnapshotSource::Copied {
+                storage: self.storage.clone(),
+                group: self.group,
+                index: upto,
+                _held: self.hold_copy(upto),
+            },
+            rows => SnapshotSource::Live {
+                storage: self.storage.clone(),
+                group: self.group,
+                upto,
+                rows,
+            },
+        };
         Snapshot {
             meta: saved.meta,
             snapshot: GroupSnapshot {
                 state: saved.state,
-                source: SnapshotSource::Live {
-                    storage: self.storage.clone(),
-                    group: self.group,
-                    upto,
-                    rows: self.inner.snapshot_rows(),
-                },
+                source,
             },
         }
     }
@@ -335,9 +475,34 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         // openraft builds snapshots beside `apply`: read the applied id and
         // the state it describes under the lock `apply` holds while it
         // writes and publishes, so that they match.
-        let (applied, state) = {
-            let _consistent = self.applying.lock().expect("apply lock");
-            (self.applied()?, self.inner.snapshot_state())
+        let rows = self.inner.snapshot_rows();
+        let (applied, state) = match rows {
+            SnapshotRows::Mutable { columns } => {
+                // Rows that change in place are copied as a RocksDB
+                // snapshot taken with the applied id shows them, outside
+                // the lock and off the async workers.
+                let (storage, group) = (self.storage.clone(), self.group);
+                let (applying, inner) = (self.applying.clone(), self.inner.clone());
+                tokio::task::spawn_blocking(move || -> io::Result<(Applied, Vec<u8>)> {
+                    let (applied, state, view) = {
+                        let _consistent = applying.lock().expect("apply lock");
+                        (
+                            applied_in(&storage, group)?,
+                            inner.snapshot_state(),
+                            storage.view(),
+                        )
+                    };
+                    let index = applied.last_applied.as_ref().map_or(0, |l| l.index);
+                    copy_rows(&storage, &view, group, index, columns)?;
+                    Ok((applied, state))
+                })
+                .await
+                .map_err(io::Error::other)??
+            }
+            _ => {
+                let _consistent = self.applying.lock().expect("apply lock");
+                (self.applied()?, self.inner.snapshot_state())
+            }
         };
         let saved = SavedSnapshot {
             meta: SnapshotMeta {
@@ -373,7 +538,12 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let mut batch = WriteBatch::default();
         self.put(&mut batch, SNAPSHOT_KEY, encode(&saved));
         self.storage.write_durable(batch)?;
-        Ok(self.snapshot_of(saved))
+        let snapshot = self.snapshot_of(saved);
+        if let SnapshotRows::Mutable { .. } = rows {
+            let keep = snapshot.meta.last_log_id.as_ref().map_or(0, |l| l.index);
+            self.prune_copies(keep)?;
+        }
+        Ok(snapshot)
     }
 }
 
@@ -439,7 +609,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let (storage, group) = (self.storage.clone(), self.group);
         let installing = self.installing.clone().lock_owned().await;
         let GroupSnapshot { state, source } = snapshot;
-        if let SnapshotSource::Live { .. } = source {
+        if !matches!(source, SnapshotSource::Staged) {
             // A snapshot of this store itself: stage what it covers, so the
             // install below is the same as for a received one.
             let live = GroupSnapshot {
@@ -487,12 +657,19 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             storage.sync()?;
             self.inner.publish();
         }
+        let (rows, index) = (
+            self.inner.snapshot_rows(),
+            meta.last_log_id.as_ref().map_or(0, |l| l.index),
+        );
         tokio::task::spawn_blocking(move || {
             let _installing = installing;
-            move_staged(&storage, group)
+            move_staged(&storage, group, rows, index)
         })
         .await
         .map_err(io::Error::other)??;
+        if let SnapshotRows::Mutable { .. } = rows {
+            self.prune_copies(index)?;
+        }
         Ok(())
     }
 
@@ -529,7 +706,10 @@ pub fn delete_group_state(storage: &Storage, group: u64) -> io::Result<()> {
     let (from, to) = keys::group_bounds(group);
     let mut batch = WriteBatch::default();
     let row_cfs = Cf::SNAPSHOT_ROWS.map(|(_, cf)| cf);
-    for &cf in row_cfs.iter().chain(&[Cf::StateMachine, Cf::Staging]) {
+    for &cf in row_cfs
+        .iter()
+        .chain(&[Cf::StateMachine, Cf::Staging, Cf::SnapshotCopies])
+    {
         batch.delete_range_cf(storage.cf(cf), &from, &to);
     }
     storage.write_durable(batch)?;
@@ -575,14 +755,14 @@ mod tests {
         );
         storage.write(batch).unwrap();
 
-        assert!(resume_install(&storage, group).unwrap());
+        assert!(resume_install(&storage, group, SnapshotRows::None).unwrap());
         for (k, key) in staged.iter().enumerate() {
             let value = storage.get(Cf::Records, key).unwrap().expect("moved");
             assert_eq!(value, vec![(k % 10) as u8; 100 << 10]);
         }
         let (from, to) = keys::group_bounds(group);
         assert_eq!(storage.scan(Cf::Staging, &from, &to).count(), 0);
-        assert!(!resume_install(&storage, group).unwrap());
+        assert!(!resume_install(&storage, group, SnapshotRows::None).unwrap());
     }
 
     #[test]
@@ -590,8 +770,83 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path(), FsyncPolicy::Always).unwrap();
         staged_records(&storage, 4, 10, 8);
-        assert!(!resume_install(&storage, 4).unwrap());
+        assert!(!resume_install(&storage, 4, SnapshotRows::None).unwrap());
         let (from, to) = keys::group_bounds(4);
         assert_eq!(storage.scan(Cf::Staging, &from, &to).count(), 10);
+    }
+
+    const MUTABLE: SnapshotRows = SnapshotRows::Mutable {
+        columns: &[Cf::Rows],
+    };
+
+    fn put_row(storage: &Storage, group: u64, key: &str, value: &str) {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            storage.cf(Cf::Rows),
+            keys::named_key(group, key.as_bytes()),
+            value,
+        );
+        storage.write(batch).unwrap();
+    }
+
+    fn sent(storage: &Storage, group: u64, index: u64) -> Vec<(u8, Vec<u8>, Vec<u8>)> {
+        let snapshot = GroupSnapshot {
+            state: Vec::new(),
+            source: SnapshotSource::Copied {
+                storage: storage.clone(),
+                group,
+                index,
+                _held: Arc::new(()),
+            },
+        };
+        let mut rows = Vec::new();
+        snapshot
+            .for_each_chunk(|chunk| {
+                rows.extend(chunk);
+                Ok(())
+            })
+            .unwrap();
+        rows
+    }
+
+    /// A copy shows the rows as the view did, whatever changed after; an
+    /// interrupted install of a mutable kind also leaves the copy its
+    /// snapshot is sent from.
+    #[test]
+    fn mutable_rows_are_sent_as_they_were_when_the_snapshot_was_built() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), FsyncPolicy::Always).unwrap();
+        let group = 6;
+        put_row(&storage, group, "a", "1");
+        put_row(&storage, group, "b", "2");
+        let view = storage.view();
+        put_row(&storage, group, "a", "changed");
+        put_row(&storage, group, "c", "new");
+        put_row(&storage, group + 1, "other", "group");
+        copy_rows(&storage, &view, group, 10, &[Cf::Rows]).unwrap();
+        drop(view);
+        let key = |k: &str| keys::named_key(group, k.as_bytes());
+        assert_eq!(
+            sent(&storage, group, 10),
+            vec![(3, key("a"), b"1".to_vec()), (3, key("b"), b"2".to_vec())]
+        );
+        assert!(sent(&storage, group, 11).is_empty());
+
+        let staged = vec![(3, key("x"), b"9".to_vec())];
+        stage_chunk(&storage, group, staged.clone()).unwrap();
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            storage.cf(Cf::StateMachine),
+            keys::named_key(group, INSTALLING_KEY),
+            Vec::new(),
+        );
+        storage.write(batch).unwrap();
+        assert!(resume_install(&storage, group, MUTABLE).unwrap());
+        assert_eq!(
+            storage.get(Cf::Rows, &key("x")).unwrap(),
+            Some(b"9".to_vec())
+        );
+        // No saved snapshot names an index here: the copy is at 0.
+        assert!(sent(&storage, group, 0).contains(&staged[0]));
     }
 }

@@ -32,10 +32,16 @@ pub enum Cf {
     Staging,
     /// Node identity (cluster id, node id).
     Node,
+    /// Rows of group kinds whose rows change (a queue's messages): group |
+    /// the kind's key.
+    Rows,
+    /// Rows copied when a snapshot of such a kind was built, read when it
+    /// is sent: group | snapshot index | tag | key.
+    SnapshotCopies,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 7] = [
+    pub const ALL: [Cf; 9] = [
         Cf::RaftLog,
         Cf::RaftState,
         Cf::Records,
@@ -43,12 +49,14 @@ impl Cf {
         Cf::StateMachine,
         Cf::Staging,
         Cf::Node,
+        Cf::Rows,
+        Cf::SnapshotCopies,
     ];
 
     /// The families a Raft snapshot may carry rows of, with the tag that
     /// names each on the wire and in `Staging`. Only these can be written
     /// by a received snapshot.
-    pub const SNAPSHOT_ROWS: [(u8, Cf); 2] = [(1, Cf::Records), (2, Cf::RecordTime)];
+    pub const SNAPSHOT_ROWS: [(u8, Cf); 3] = [(1, Cf::Records), (2, Cf::RecordTime), (3, Cf::Rows)];
 
     /// The family a snapshot row tag names.
     pub fn of_snapshot_tag(tag: u8) -> Option<Cf> {
@@ -75,6 +83,8 @@ impl Cf {
             Cf::StateMachine => "state_machine",
             Cf::Staging => "staging",
             Cf::Node => "node",
+            Cf::Rows => "rows",
+            Cf::SnapshotCopies => "snapshot_copies",
         }
     }
 }
@@ -92,6 +102,33 @@ pub enum StorageError {
 impl From<StorageError> for std::io::Error {
     fn from(e: StorageError) -> Self {
         std::io::Error::other(e)
+    }
+}
+
+/// See [`Storage::view`].
+pub struct View<'a> {
+    storage: &'a Storage,
+    snapshot: rocksdb::Snapshot<'a>,
+}
+
+impl View<'_> {
+    /// Forward iteration over `cf` from `from` (inclusive) to `to`
+    /// (exclusive), as the view shows it.
+    pub fn scan(
+        &self,
+        cf: Cf,
+        from: &[u8],
+        to: &[u8],
+    ) -> impl Iterator<Item = Result<KeyValue, StorageError>> + '_ {
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(to.to_vec());
+        self.snapshot
+            .iterator_cf_opt(
+                self.storage.cf(cf),
+                opts,
+                IteratorMode::From(from, Direction::Forward),
+            )
+            .map(|r| r.map_err(StorageError::from))
     }
 }
 
@@ -255,6 +292,15 @@ impl Storage {
                 IteratorMode::From(from, Direction::Forward),
             )
             .map(|r| r.map_err(StorageError::from))
+    }
+
+    /// A read view of the whole database as it is now, unchanged by later
+    /// writes (a RocksDB snapshot).
+    pub fn view(&self) -> View<'_> {
+        View {
+            storage: self,
+            snapshot: self.inner.db.snapshot(),
+        }
     }
 
     /// Backward iteration over `cf` from just below `to` down to `from` (inclusive).

@@ -3,23 +3,20 @@
 //! from the map, written and read through the router, snapshotted, and
 //! installed on a replica that joins after the log was purged).
 //!
-//! The whole map is the group's small state: one value in the state-machine
-//! column family, rewritten by every command. Fine for tests; a kind with
-//! much state would keep rows of its own.
+//! Each key is a row of its own in the rows column family, changed in place
+//! by puts and deletes: the kind's snapshots carry mutable rows
+//! ([`SnapshotRows::Mutable`]), the shape a queue's message state has.
 
-use std::collections::BTreeMap;
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use kinesin_raft::{GroupKind, GroupStateMachine};
+use kinesin_raft::{GroupKind, GroupStateMachine, SnapshotRows};
 use kinesin_storage::{keys, Cf, Storage, WriteBatch};
 use kinesin_types::GroupId;
 use serde::{Deserialize, Serialize};
 
 /// The kind's registered name.
 pub const KV_KIND: &str = "test-kv";
-
-const STATE_KEY: &[u8] = b"kv";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KvCommand {
@@ -33,8 +30,10 @@ pub enum KvQuery {
     Len,
 }
 
-/// Reply to a command: the key's previous value. Reply to a query: the
-/// value (Get) or the number of keys (Len, as little-endian u64 bytes).
+/// Reply to a query: the value (Get) or the number of keys (Len, as
+/// little-endian u64 bytes). Commands reply with nothing: computing a
+/// previous value would read storage while applying, which a replica
+/// applying a backlog in one batch cannot do correctly.
 pub type KvReply = Option<Vec<u8>>;
 
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -54,77 +53,66 @@ impl GroupKind for KvKind {
         group: GroupId,
         _config: &[u8],
     ) -> io::Result<Arc<dyn GroupStateMachine>> {
-        Ok(Arc::new(KvStateMachine::open(storage, group.0)?))
+        Ok(Arc::new(KvStateMachine {
+            storage,
+            group: group.0,
+        }))
     }
 }
 
 struct KvStateMachine {
     storage: Storage,
     group: u64,
-    /// Holds only committed commands (applies come in commit order), so a
-    /// query may read it even before the batch that stores it is written.
-    map: Mutex<BTreeMap<String, Vec<u8>>>,
-}
-
-fn invalid(e: impl std::fmt::Display) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
 
 impl KvStateMachine {
-    fn open(storage: Storage, group: u64) -> io::Result<Self> {
-        let map = match storage
-            .get(Cf::StateMachine, &keys::named_key(group, STATE_KEY))
-            .map_err(invalid)?
-        {
-            Some(v) => postcard::from_bytes(&v).map_err(invalid)?,
-            None => BTreeMap::new(),
-        };
-        Ok(KvStateMachine {
-            storage,
-            group,
-            map: Mutex::new(map),
-        })
-    }
-
-    fn stage(&self, map: &BTreeMap<String, Vec<u8>>, batch: &mut WriteBatch) {
-        batch.put_cf(
-            self.storage.cf(Cf::StateMachine),
-            keys::named_key(self.group, STATE_KEY),
-            encode(map),
-        );
+    fn row(&self, key: &str) -> Vec<u8> {
+        keys::named_key(self.group, key.as_bytes())
     }
 }
 
 impl GroupStateMachine for KvStateMachine {
     fn apply(&self, _index: u64, command: &[u8], batch: &mut WriteBatch) -> Vec<u8> {
-        let mut map = self.map.lock().expect("kv lock");
-        let previous: KvReply = match postcard::from_bytes(command) {
-            Ok(KvCommand::Put { key, value }) => map.insert(key, value),
-            Ok(KvCommand::Delete { key }) => map.remove(&key),
-            Err(_) => None,
-        };
-        self.stage(&map, batch);
-        encode(&previous)
+        let rows = self.storage.cf(Cf::Rows);
+        match postcard::from_bytes(command) {
+            Ok(KvCommand::Put { key, value }) => batch.put_cf(rows, self.row(&key), value),
+            Ok(KvCommand::Delete { key }) => batch.delete_cf(rows, self.row(&key)),
+            Err(_) => {}
+        }
+        Vec::new()
     }
 
     fn publish(&self) {}
 
     fn snapshot_state(&self) -> Vec<u8> {
-        encode(&*self.map.lock().expect("kv lock"))
+        Vec::new()
     }
 
-    fn restore(&self, state: &[u8], batch: &mut WriteBatch) -> io::Result<()> {
-        let restored: BTreeMap<String, Vec<u8>> = postcard::from_bytes(state).map_err(invalid)?;
-        self.stage(&restored, batch);
-        *self.map.lock().expect("kv lock") = restored;
+    fn restore(&self, _state: &[u8], _batch: &mut WriteBatch) -> io::Result<()> {
         Ok(())
     }
 
+    fn snapshot_rows(&self) -> SnapshotRows {
+        SnapshotRows::Mutable {
+            columns: &[Cf::Rows],
+        }
+    }
+
     fn query(&self, query: &[u8]) -> Result<Vec<u8>, String> {
-        let map = self.map.lock().expect("kv lock");
         let reply: KvReply = match postcard::from_bytes(query).map_err(|e| e.to_string())? {
-            KvQuery::Get { key } => map.get(&key).cloned(),
-            KvQuery::Len => Some((map.len() as u64).to_le_bytes().to_vec()),
+            KvQuery::Get { key } => self
+                .storage
+                .get(Cf::Rows, &self.row(&key))
+                .map_err(|e| e.to_string())?,
+            KvQuery::Len => {
+                let (from, to) = keys::group_bounds(self.group);
+                let mut count = 0u64;
+                for row in self.storage.scan(Cf::Rows, &from, &to) {
+                    row.map_err(|e| e.to_string())?;
+                    count += 1;
+                }
+                Some(count.to_le_bytes().to_vec())
+            }
         };
         Ok(encode(&reply))
     }
