@@ -237,6 +237,13 @@ impl MetaStateMachine {
                     .groups
                     .get_mut(&name)
                     .ok_or(MetaError::GroupNotFound(name))?;
+                // Until ready, replicas may still be making the first
+                // membership from this list: every one must see the same.
+                if !spec.ready {
+                    return Err(MetaError::Invalid(
+                        "the group has no leader yet; change its replicas once it is ready".into(),
+                    ));
+                }
                 spec.replicas = replicas;
                 Ok(())
             }

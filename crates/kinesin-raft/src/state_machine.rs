@@ -217,6 +217,16 @@ impl GroupSnapshot {
     }
 }
 
+/// A token that keeps the row copy of the snapshot at `index`.
+fn hold_copy(copies: &mut HashMap<u64, Weak<()>>, index: u64) -> Arc<()> {
+    if let Some(held) = copies.get(&index).and_then(Weak::upgrade) {
+        return held;
+    }
+    let held = Arc::new(());
+    copies.insert(index, Arc::downgrade(&held));
+    held
+}
+
 /// The keys of the copy of `group`'s rows for the snapshot at `index`.
 fn copy_bounds(group: u64, index: u64) -> (Vec<u8>, Vec<u8>) {
     let key = |i: u64| [group.to_be_bytes(), i.to_be_bytes()].concat();
@@ -381,25 +391,24 @@ impl StateMachineStore {
         }
     }
 
-    /// A token that keeps the row copy of the snapshot at `index`.
-    fn hold_copy(&self, index: u64) -> Arc<()> {
+    /// The saved snapshot, with its row copy (if the kind has one) held
+    /// for as long as the returned snapshot lives. The key is read and the
+    /// hold taken under the copies lock, which pruning holds too, so that a
+    /// copy is never deleted between the two.
+    fn current(&self) -> io::Result<Option<Snapshot>> {
         let mut copies = self.copies.lock().expect("copies lock");
-        if let Some(held) = copies.get(&index).and_then(Weak::upgrade) {
-            return held;
-        }
-        let held = Arc::new(());
-        copies.insert(index, Arc::downgrade(&held));
-        held
+        Ok(self
+            .load::<SavedSnapshot>(SNAPSHOT_KEY, "snapshot")?
+            .map(|saved| self.snapshot_of(saved, &mut copies)))
     }
 
     /// Deletes the row copies of every snapshot but `keep` and those still
     /// being sent.
     fn prune_copies(&self, keep: u64) -> io::Result<()> {
-        let mut kept: Vec<u64> = {
-            let mut copies = self.copies.lock().expect("copies lock");
-            copies.retain(|_, held| held.strong_count() > 0);
-            copies.keys().copied().collect()
-        };
+        // Held until the deletes are written: see `current`.
+        let mut copies = self.copies.lock().expect("copies lock");
+        copies.retain(|_, held| held.strong_count() > 0);
+        let mut kept: Vec<u64> = copies.keys().copied().collect();
         kept.push(keep);
         kept.sort_unstable();
         kept.dedup();
@@ -442,14 +451,14 @@ impl StateMachineStore {
         applied_in(&self.storage, self.group)
     }
 
-    fn snapshot_of(&self, saved: SavedSnapshot) -> Snapshot {
+    fn snapshot_of(&self, saved: SavedSnapshot, copies: &mut HashMap<u64, Weak<()>>) -> Snapshot {
         let upto = saved.meta.last_log_id.as_ref().map_or(0, |l| l.index);
         let source = match self.inner.snapshot_rows() {
             SnapshotRows::Mutable { .. } => SnapshotSource::Copied {
                 storage: self.storage.clone(),
                 group: self.group,
                 index: upto,
-                _held: self.hold_copy(upto),
+                _held: hold_copy(copies, upto),
             },
             rows => SnapshotSource::Live {
                 storage: self.storage.clone(),
@@ -476,24 +485,37 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         // the state it describes under the lock `apply` holds while it
         // writes and publishes, so that they match.
         let rows = self.inner.snapshot_rows();
+        // openraft builds in a task of its own, beside installs: an install
+        // moving rows would show a copy half of them.
+        let _no_install = match rows {
+            SnapshotRows::Mutable { .. } => Some(self.installing.clone().lock_owned().await),
+            _ => None,
+        };
         let (applied, state) = match rows {
             SnapshotRows::Mutable { columns } => {
                 // Rows that change in place are copied as a RocksDB
                 // snapshot taken with the applied id shows them, outside
-                // the lock and off the async workers.
+                // the lock and off the async workers. A saved snapshot at
+                // the same index already has its whole copy, which a send
+                // may be reading: it is left alone.
                 let (storage, group) = (self.storage.clone(), self.group);
                 let (applying, inner) = (self.applying.clone(), self.inner.clone());
                 tokio::task::spawn_blocking(move || -> io::Result<(Applied, Vec<u8>)> {
-                    let (applied, state, view) = {
+                    let (applied, state, view, saved) = {
                         let _consistent = applying.lock().expect("apply lock");
+                        let saved: Option<SavedSnapshot> =
+                            load_named(&storage, group, SNAPSHOT_KEY, "snapshot")?;
                         (
                             applied_in(&storage, group)?,
                             inner.snapshot_state(),
                             storage.view(),
+                            saved.and_then(|s| s.meta.last_log_id),
                         )
                     };
-                    let index = applied.last_applied.as_ref().map_or(0, |l| l.index);
-                    copy_rows(&storage, &view, group, index, columns)?;
+                    if saved != applied.last_applied {
+                        let index = applied.last_applied.as_ref().map_or(0, |l| l.index);
+                        copy_rows(&storage, &view, group, index, columns)?;
+                    }
                     Ok((applied, state))
                 })
                 .await
@@ -529,16 +551,17 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         .map_err(io::Error::other)??;
         // An install may have finished meanwhile: never replace its newer
         // snapshot with this one.
-        let _consistent = self.applying.lock().expect("apply lock");
-        if let Some(stored) = self.load::<SavedSnapshot>(SNAPSHOT_KEY, "snapshot")? {
-            if stored.meta.last_log_id > saved.meta.last_log_id {
-                return Ok(self.snapshot_of(stored));
+        let snapshot = {
+            let _consistent = self.applying.lock().expect("apply lock");
+            let stored = self.load::<SavedSnapshot>(SNAPSHOT_KEY, "snapshot")?;
+            if stored.is_none_or(|s| s.meta.last_log_id <= saved.meta.last_log_id) {
+                let mut batch = WriteBatch::default();
+                self.put(&mut batch, SNAPSHOT_KEY, encode(&saved));
+                self.storage.write_durable(batch)?;
             }
-        }
-        let mut batch = WriteBatch::default();
-        self.put(&mut batch, SNAPSHOT_KEY, encode(&saved));
-        self.storage.write_durable(batch)?;
-        let snapshot = self.snapshot_of(saved);
+            self.current()?
+                .ok_or_else(|| io::Error::other("the snapshot just saved is gone"))?
+        };
         if let SnapshotRows::Mutable { .. } = rows {
             let keep = snapshot.meta.last_log_id.as_ref().map_or(0, |l| l.index);
             self.prune_copies(keep)?;
@@ -674,9 +697,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        Ok(self
-            .load::<SavedSnapshot>(SNAPSHOT_KEY, "snapshot")?
-            .map(|saved| self.snapshot_of(saved)))
+        self.current()
     }
 }
 

@@ -89,6 +89,21 @@ impl LocalShards {
     }
 }
 
+/// The data version that introduced `CreateStreamWithSettings`.
+const STREAM_SETTINGS_VERSION: u32 = 3;
+
+/// The changes that give a stream created without settings its `options`.
+fn legacy_settings(options: &StreamOptions) -> Vec<StreamChange> {
+    let mut changes = Vec::new();
+    if options.mode != StreamMode::Provisioned {
+        changes.push(StreamChange::Mode(options.mode));
+    }
+    if !options.tags.is_empty() {
+        changes.push(StreamChange::AddTags(options.tags.clone()));
+    }
+    changes
+}
+
 /// What a stream is created with besides its size.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StreamOptions {
@@ -180,6 +195,8 @@ fn append_route(state: &MetaState, group: GroupId, epoch: u64) -> AppendRoute {
         _ => None,
     });
     match found {
+        // Known to the map once and no longer in it: its stream was deleted.
+        None if group.0 < state.next_group => AppendRoute::Closed,
         None => AppendRoute::MapBehind,
         Some((stream, _)) if stream.epoch < epoch => AppendRoute::MapBehind,
         Some((_, shard)) if shard.state != ShardState::Open => AppendRoute::Closed,
@@ -559,6 +576,18 @@ impl Router {
             }
         })
         .await?;
+        if self.cluster_data_version() < STREAM_SETTINGS_VERSION {
+            // The metadata leader may run a release that ignores the mode
+            // and tags of a forwarded request: set them as those releases
+            // did (both changes are idempotent).
+            for change in legacy_settings(options) {
+                let update = MetaCommand::UpdateStream {
+                    name: name.to_string(),
+                    change,
+                };
+                self.meta_write(update).await?;
+            }
+        }
         // Not inside the call above: a forwarded attempt that outlived its
         // time budget would be retried and find the stream existing.
         self.wait_until_created(name, CREATE_WAIT).await;
@@ -736,14 +765,7 @@ impl Router {
             placements: stream.placements,
         };
         self.meta_write_local(create.encode()).await?;
-        let mut changes = Vec::new();
-        if options.mode != StreamMode::Provisioned {
-            changes.push(StreamChange::Mode(options.mode));
-        }
-        if !options.tags.is_empty() {
-            changes.push(StreamChange::AddTags(options.tags.clone()));
-        }
-        for change in changes {
+        for change in legacy_settings(options) {
             let update = MetaCommand::UpdateStream {
                 name: name.clone(),
                 change,
@@ -1382,6 +1404,10 @@ mod tests {
         // A sender whose map is newer: this node must catch up first.
         assert_eq!(append_route(&open, GroupId(7), 4), AppendRoute::MapBehind);
         assert_eq!(append_route(&open, GroupId(8), 3), AppendRoute::MapBehind);
+        let mut deleted = map_with_shard(3, ShardState::Open);
+        deleted.next_group = 8;
+        deleted.streams.clear();
+        assert_eq!(append_route(&deleted, GroupId(7), 3), AppendRoute::Closed);
         for closed in [ShardState::Sealing, ShardState::Sealed] {
             let map = map_with_shard(4, closed);
             assert_eq!(append_route(&map, GroupId(7), 3), AppendRoute::Closed);
