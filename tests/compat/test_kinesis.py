@@ -725,13 +725,23 @@ def test_tls_with_http2_by_alpn(binary, workdir, stream_name, tmp_path):
         records = read_shard(client, stream_name, "shardId-000000000000")
         assert [r["Data"] for r in records] == [b"over tls"]
         # HTTP/2 is negotiated by ALPN (the Java SDK needs it for SubscribeToShard).
-        out = subprocess.run(
-            ["curl", "-s", "--cacert", str(cert), "--http2", "-o", "/dev/null", "-w", "%{http_version}",
-             "-X", "POST", "-H", "X-Amz-Target: Kinesis_20131202.ListStreams",
-             "-H", "Content-Type: application/x-amz-json-1.1", "-d", "{}", endpoint + "/"],
-            capture_output=True, text=True, timeout=30,
-        )
-        assert out.stdout == "2", out
+        def curl(*args):
+            out = subprocess.run(
+                ["curl", "-s", "--cacert", str(cert), "--http2", "-w", "\n%{http_version} %{http_code}",
+                 "-X", "POST", "-H", "X-Amz-Target: Kinesis_20131202.ListStreams",
+                 "-H", "Content-Type: application/x-amz-json-1.1", "-d", "{}", *args, endpoint + "/"],
+                capture_output=True, text=True, timeout=30,
+            )
+            assert out.returncode == 0, out
+            body, _, status = out.stdout.rpartition("\n")
+            return json.loads(body), status
+        signed, status = curl("--aws-sigv4", f"aws:amz:{REGION}:kinesis", "--user", f"{ACCESS_KEY}:{SECRET_KEY}")
+        assert status == "2 200" and stream_name in signed["StreamNames"], (signed, status)
+        # An unsigned request is refused before its body is read; over HTTP/2
+        # the client still gets the error, not a reset stream.
+        for _ in range(20):
+            refused, status = curl()
+            assert status.startswith("2 4") and refused["__type"] == "MissingAuthenticationTokenException", refused
         # Plain HTTP is not served on a TLS port.
         with pytest.raises(Exception):
             client_for(f"http://127.0.0.1:{nodes[0].api_port}").list_streams()

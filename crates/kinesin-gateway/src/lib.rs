@@ -210,12 +210,15 @@ async fn handle(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
     let protocol = service.protocol(content_type);
     let op_label = service.operation(op).unwrap_or("unknown");
     let result = async {
-        auth::precheck(
+        if let Err(e) = auth::precheck(
             &gw.config.credentials,
             &parts.headers,
             service.signing_name,
             kinesin_router::wall_clock(),
-        )?;
+        ) {
+            drain_small(body).await;
+            return Err(e);
+        }
         if parts.method != Method::POST {
             return Err(ApiError::unknown_operation(format!(
                 "{} is not supported; AWS API calls are POST requests",
@@ -273,6 +276,24 @@ async fn handle(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
         }
     }
 }
+
+/// Reads a refused request's body if it is small and arrives promptly, so
+/// that the refusal reaches the client as a response: answering an HTTP/2
+/// stream whose body is still being sent resets it, and clients such as
+/// curl then report the reset instead of the error. Larger or slow bodies
+/// are not read: refusing them unread is the point of refusing early.
+async fn drain_small(body: axum::body::Body) {
+    let _ = tokio::time::timeout(
+        REFUSED_BODY_WAIT,
+        axum::body::to_bytes(body, REFUSED_BODY_BYTES),
+    )
+    .await;
+}
+
+/// The most of a refused request's body that is read before answering.
+const REFUSED_BODY_BYTES: usize = 64 * 1024;
+/// How long a refused request's body is waited for.
+const REFUSED_BODY_WAIT: Duration = Duration::from_millis(500);
 
 /// A successful call: a body in the request's protocol, or an event stream.
 enum Answer {
