@@ -99,6 +99,13 @@ fn check_headers<'a>(
     }))
 }
 
+/// The service a request's credential scope names, if it carries a SigV4
+/// `Authorization` header.
+pub fn signing_service(headers: &HeaderMap) -> Option<&str> {
+    let header = headers.get("authorization")?.to_str().ok()?;
+    parse_authorization(header).ok().map(|a| a.service)
+}
+
 /// The checks of [`authenticate`] that need no body, so that a request
 /// nobody may send is refused before its body is read.
 pub fn precheck(

@@ -1,4 +1,5 @@
-//! Request and response bodies in awsJson1_1 and in CBOR.
+//! Request and response bodies: awsJson1_0, awsJson1_1 and CBOR here,
+//! awsQuery in [`crate::query`].
 //!
 //! Handlers work on the JSON form. A CBOR body is converted to it on the way
 //! in (byte strings → base64 text, tag-1 timestamps → epoch seconds) and back
@@ -10,7 +11,9 @@ use ciborium::Value as Cbor;
 use serde_json::{Map, Number, Value};
 
 use crate::error::ApiError;
+use crate::query;
 
+pub const JSON_1_0_CONTENT_TYPE: &str = "application/x-amz-json-1.0";
 pub const JSON_CONTENT_TYPE: &str = "application/x-amz-json-1.1";
 pub const CBOR_CONTENT_TYPE: &str = "application/x-amz-cbor-1.1";
 
@@ -26,50 +29,91 @@ const TIMESTAMP_MEMBERS: &[&str] = &[
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
-    Json,
+    /// awsJson1_0 (SQS, DynamoDB-style services).
+    Json10,
+    /// awsJson1_1 (Kinesis, Firehose).
+    Json11,
     Cbor,
+    /// awsQuery: form-encoded requests, XML answers.
+    Query,
+}
+
+/// A decoded request body.
+#[derive(Debug, PartialEq)]
+pub struct Decoded {
+    /// The operation a query request names in its `Action` field; the
+    /// other protocols name it in `X-Amz-Target`.
+    pub action: Option<String>,
+    /// The input in the JSON form.
+    pub input: Value,
 }
 
 impl Protocol {
+    /// The content type of a request in this protocol.
     pub fn content_type(self) -> &'static str {
         match self {
-            Protocol::Json => JSON_CONTENT_TYPE,
+            Protocol::Json10 => JSON_1_0_CONTENT_TYPE,
+            Protocol::Json11 => JSON_CONTENT_TYPE,
             Protocol::Cbor => CBOR_CONTENT_TYPE,
+            Protocol::Query => query::FORM_CONTENT_TYPE,
         }
     }
 
-    pub fn decode(self, body: &[u8]) -> Result<Value, ApiError> {
+    /// The content type of an answer in this protocol.
+    pub fn response_content_type(self) -> &'static str {
+        match self {
+            Protocol::Query => query::XML_CONTENT_TYPE,
+            other => other.content_type(),
+        }
+    }
+
+    pub fn decode(self, body: &[u8]) -> Result<Decoded, ApiError> {
+        if self == Protocol::Query {
+            let q = query::decode(body)?;
+            return Ok(Decoded {
+                action: Some(q.action),
+                input: q.input,
+            });
+        }
         if body.iter().all(u8::is_ascii_whitespace) {
-            return Ok(Value::Object(Map::new()));
+            return Ok(Decoded {
+                action: None,
+                input: Value::Object(Map::new()),
+            });
         }
         let value = match self {
-            Protocol::Json => serde_json::from_slice(body).map_err(|e| {
-                ApiError::serialization(format!("the request body is not valid JSON: {e}"))
-            })?,
             Protocol::Cbor => {
                 let cbor: Cbor = ciborium::from_reader(body).map_err(|e| {
                     ApiError::serialization(format!("the request body is not valid CBOR: {e}"))
                 })?;
                 cbor_to_json(cbor)?
             }
+            _ => serde_json::from_slice(body).map_err(|e| {
+                ApiError::serialization(format!("the request body is not valid JSON: {e}"))
+            })?,
         };
         if !value.is_object() {
             return Err(ApiError::serialization(
                 "the request body must be an object",
             ));
         }
-        Ok(value)
+        Ok(Decoded {
+            action: None,
+            input: value,
+        })
     }
 
+    /// A JSON or CBOR document: an answer, or an event's payload. (A query
+    /// answer is XML that names its operation: [`query::encode`].)
     pub fn encode(self, value: &Value) -> Vec<u8> {
         match self {
-            Protocol::Json => serde_json::to_vec(value).expect("JSON values always serialize"),
             Protocol::Cbor => {
                 let mut out = Vec::new();
                 ciborium::into_writer(&json_to_cbor(None, value), &mut out)
                     .expect("writing CBOR to a Vec cannot fail");
                 out
             }
+            _ => serde_json::to_vec(value).expect("JSON values always serialize"),
         }
     }
 }
@@ -173,7 +217,7 @@ mod tests {
         ]);
         let mut body = Vec::new();
         ciborium::into_writer(&request, &mut body).unwrap();
-        let v = Protocol::Cbor.decode(&body).unwrap();
+        let v = Protocol::Cbor.decode(&body).unwrap().input;
         assert_eq!(v["StreamName"], "s");
         assert_eq!(v["Timestamp"].as_f64().unwrap(), 1_700_000_000.123);
         assert_eq!(v["Data"], "AAEC/w==");
@@ -212,19 +256,27 @@ mod tests {
             get("ApproximateArrivalTimestamp"),
             Cbor::Tag(1, Box::new(Cbor::Integer(1_700_000_000_123_i64.into())))
         );
-        assert_eq!(Protocol::Cbor.decode(&body).unwrap(), response);
+        assert_eq!(Protocol::Cbor.decode(&body).unwrap().input, response);
     }
 
     #[test]
     fn bodies_that_are_not_objects_are_serialization_errors() {
         assert_eq!(
-            Protocol::Json.decode(b"[1]").unwrap_err().name,
+            Protocol::Json11.decode(b"[1]").unwrap_err().name,
             "SerializationException"
         );
         assert_eq!(
-            Protocol::Json.decode(b"{").unwrap_err().name,
+            Protocol::Json10.decode(b"{").unwrap_err().name,
             "SerializationException"
         );
-        assert!(Protocol::Json.decode(b"").unwrap().is_object());
+        assert!(Protocol::Json11.decode(b"").unwrap().input.is_object());
+        assert_eq!(
+            Protocol::Query
+                .decode(b"Action=ListTopics")
+                .unwrap()
+                .action
+                .as_deref(),
+            Some("ListTopics")
+        );
     }
 }

@@ -2,11 +2,17 @@
 
 use serde_json::{Map, Value};
 
+use crate::codec::Protocol;
 use crate::error::ApiError;
 
 pub struct Input<'a> {
     map: &'a Map<String, Value>,
+    /// Scalars arrive as text (awsQuery): numbers and booleans are parsed,
+    /// and an empty value is an empty list or map.
+    text: bool,
 }
+
+static NO_ITEMS: Vec<Value> = Vec::new();
 
 /// The member path as AWS writes it in validation messages: the last
 /// segment in lowerCamel case (`records.3.member.partitionKey`).
@@ -39,12 +45,35 @@ impl<'a> Input<'a> {
     pub fn new(value: &'a Value) -> Result<Self, ApiError> {
         value
             .as_object()
-            .map(|map| Input { map })
+            .map(|map| Input { map, text: false })
             .ok_or_else(|| ApiError::serialization("the request body must be an object"))
     }
 
+    /// A request decoded from `protocol`.
+    pub fn decoded(value: &'a Value, protocol: Protocol) -> Result<Self, ApiError> {
+        Ok(Input {
+            text: protocol == Protocol::Query,
+            ..Self::new(value)?
+        })
+    }
+
     pub fn of_map(map: &'a Map<String, Value>) -> Self {
-        Input { map }
+        Input { map, text: false }
+    }
+
+    /// A scalar given as text, parsed.
+    fn parsed<T: std::str::FromStr>(
+        &self,
+        member: &str,
+        expected: &str,
+    ) -> Result<Option<T>, ApiError> {
+        match self.get(member) {
+            Some(Value::String(s)) if self.text => s
+                .parse()
+                .map(Some)
+                .map_err(|_| wrong_type(member, expected)),
+            _ => Err(wrong_type(member, expected)),
+        }
     }
 
     fn get(&self, member: &str) -> Option<&'a Value> {
@@ -99,7 +128,7 @@ impl<'a> Input<'a> {
                 .as_i64()
                 .map(Some)
                 .ok_or_else(|| wrong_type(member, "an integer")),
-            Some(_) => Err(wrong_type(member, "an integer")),
+            Some(_) => self.parsed(member, "an integer"),
         }
     }
 
@@ -129,7 +158,7 @@ impl<'a> Input<'a> {
         match self.get(member) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(_) => Err(wrong_type(member, "a boolean")),
+            Some(_) => self.parsed(member, "a boolean"),
         }
     }
 
@@ -152,6 +181,7 @@ impl<'a> Input<'a> {
         match self.get(member) {
             None => Ok(None),
             Some(Value::Array(a)) => Ok(Some(a)),
+            Some(Value::String(s)) if self.text && s.is_empty() => Ok(Some(&NO_ITEMS)),
             Some(_) => Err(wrong_type(member, "a list")),
         }
     }
@@ -159,7 +189,10 @@ impl<'a> Input<'a> {
     pub fn opt_object(&self, member: &str) -> Result<Option<Input<'a>>, ApiError> {
         match self.get(member) {
             None => Ok(None),
-            Some(Value::Object(m)) => Ok(Some(Input { map: m })),
+            Some(Value::Object(m)) => Ok(Some(Input {
+                map: m,
+                text: self.text,
+            })),
             Some(_) => Err(wrong_type(member, "a structure")),
         }
     }
@@ -192,6 +225,7 @@ impl<'a> Input<'a> {
                 })
                 .collect::<Result<Vec<_>, _>>()
                 .map(Some),
+            Some(Value::String(s)) if self.text && s.is_empty() => Ok(Some(Vec::new())),
             Some(_) => Err(wrong_type(member, "a map")),
         }
     }
@@ -236,5 +270,35 @@ pub fn check_decimal(member: &str, s: &str, max_digits: usize) -> Result<(), Api
                 max_digits - 1
             ),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn query_scalars_are_read_as_their_members_types_json_ones_are_not() {
+        let body = json!({"Limit": "25", "Fifo": "true", "Tags": "", "Attributes": "", "Nested": {"N": "7"}});
+        let query = Input::decoded(&body, Protocol::Query).unwrap();
+        assert_eq!(query.opt_i64("Limit").unwrap(), Some(25));
+        assert_eq!(query.opt_bool("Fifo").unwrap(), Some(true));
+        assert_eq!(query.opt_array("Tags").unwrap().map(Vec::len), Some(0));
+        assert_eq!(query.opt_str_map("Attributes").unwrap(), Some(vec![]));
+        let nested = query.opt_object("Nested").unwrap().unwrap();
+        assert_eq!(nested.opt_i64("N").unwrap(), Some(7));
+        assert_eq!(
+            query.opt_i64("Fifo").unwrap_err().name,
+            "SerializationException"
+        );
+
+        let json = Input::decoded(&body, Protocol::Json11).unwrap();
+        assert_eq!(
+            json.opt_i64("Limit").unwrap_err().name,
+            "SerializationException"
+        );
+        assert!(json.opt_bool("Fifo").is_err());
+        assert!(json.opt_array("Tags").is_err());
     }
 }

@@ -1,10 +1,13 @@
 //! The AWS-compatible HTTP endpoint of a node: one port for every service,
 //! HTTP/1.1 and HTTP/2 (h2c). A request's `X-Amz-Target` names a declared
-//! service ([`service`]) and operation; its signature headers are checked
-//! before the body is read, the body is decoded in the service's protocol
-//! (awsJson1_1 or CBOR), the signature verified, and the operation's handler
-//! validates it and calls the router. The answer is in the request's
-//! protocol; errors take the AWS shape: `__type`, `message`, HTTP status.
+//! service ([`service`]) and operation (a form-encoded query request names
+//! its service by its credential scope and its operation by `Action`); its
+//! signature headers are checked before the body is read, the body is
+//! decoded in its protocol (awsJson1_0, awsJson1_1, CBOR or awsQuery), the
+//! signature verified, and the operation's handler validates it and calls
+//! the router. The answer is in the request's protocol; errors take the AWS
+//! shape of that protocol: `__type` and `message` with the HTTP status, or
+//! `<ErrorResponse>` for awsQuery.
 
 mod auth;
 mod codec;
@@ -13,6 +16,7 @@ mod eventstream;
 mod input;
 mod iterator;
 mod kinesis;
+mod query;
 mod service;
 
 use std::sync::Arc;
@@ -28,8 +32,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use auth::{sign, Credential, SignedRequest, DEV_ACCOUNT_ID};
-pub use codec::{Protocol, CBOR_CONTENT_TYPE, JSON_CONTENT_TYPE};
+pub use codec::{Protocol, CBOR_CONTENT_TYPE, JSON_1_0_CONTENT_TYPE, JSON_CONTENT_TYPE};
 pub use error::ApiError;
+use query::QueryShape;
 pub use service::{Service, SERVICES};
 
 /// Largest request body: a PutRecords of 500 records at the 10 MiB stream
@@ -188,27 +193,27 @@ pub async fn serve(
 async fn handle(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
     let started = Instant::now();
     let (parts, body) = request.into_parts();
-    let target = parts
-        .headers
-        .get("x-amz-target")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let Some((service, op)) = service::recognise(target) else {
-        let message = if target.is_empty() {
-            "the request has no X-Amz-Target header naming an operation".to_string()
-        } else {
-            format!("unknown operation {target}")
-        };
-        let e = ApiError::unknown_operation(message);
-        record("unknown", "unknown", started, Err(&e));
-        return respond_error(kinesis::SERVICE.protocols[0], &e);
+    let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+    let content_type = header("content-type");
+    let (service, protocol, target_op) = match header("x-amz-target").filter(|t| !t.is_empty()) {
+        Some(target) => match service::recognise(target) {
+            Some((service, op)) => (service, service.protocol(content_type), Some(op)),
+            None => {
+                let e = ApiError::unknown_operation(format!("unknown operation {target}"));
+                return refuse_unrecognised(started, &e);
+            }
+        },
+        None => {
+            match service::recognise_query(content_type, auth::signing_service(&parts.headers)) {
+                Ok(service) => (service, Protocol::Query, None),
+                Err(e) => return refuse_unrecognised(started, &e),
+            }
+        }
     };
-    let content_type = parts
-        .headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok());
-    let protocol = service.protocol(content_type);
-    let op_label = service.operation(op).unwrap_or("unknown");
+    let mut op_label = target_op
+        .and_then(|op| service.operation(op))
+        .unwrap_or("unknown");
+    let mut op_name = target_op.unwrap_or("").to_string();
     let result = async {
         if let Err(e) = auth::precheck(
             &gw.config.credentials,
@@ -248,15 +253,20 @@ async fn handle(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
             service.signing_name,
             kinesin_router::wall_clock(),
         )?;
-        let input = protocol.decode(&body)?;
+        let decoded = protocol.decode(&body)?;
+        if let Some(action) = decoded.action {
+            op_label = service.operation(&action).unwrap_or("unknown");
+            op_name = action;
+        }
+        let input = decoded.input;
         let ctx = gw.context(&account);
-        if service.name == kinesis::SERVICE.name && op == "SubscribeToShard" {
+        if service.name == kinesis::SERVICE.name && op_name == "SubscribeToShard" {
             return subscribe(&gw, protocol, ctx, &input)
                 .await
                 .map(Answer::Stream);
         }
         let value = match service.name {
-            "kinesis" => kinesis::call(&ctx, op, &input).await?,
+            "kinesis" => kinesis::call(&ctx, &op_name, &input, protocol).await?,
             other => unreachable!("service {other} is declared but not dispatched"),
         };
         Ok(Answer::Value(value))
@@ -264,17 +274,23 @@ async fn handle(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
     .await;
     record(service.name, op_label, started, result.as_ref().map(|_| ()));
     match result {
-        Ok(Answer::Value(value)) => {
-            respond(protocol, StatusCode::OK, &value, &new_request_id(), None)
-        }
+        Ok(Answer::Value(value)) => respond(service, protocol, &op_name, Ok(&value)),
         Ok(Answer::Stream(response)) => response,
         Err(e) => {
             if e.status.is_server_error() {
-                tracing::warn!(op, error = %e.message, "request failed");
+                tracing::warn!(op = op_name, error = %e.message, "request failed");
             }
-            respond_error(protocol, &e)
+            respond(service, protocol, &op_name, Err(&e))
         }
     }
+}
+
+/// A request that names no service or operation this endpoint knows,
+/// answered as Kinesis would.
+fn refuse_unrecognised(started: Instant, e: &ApiError) -> Response {
+    record("unknown", "unknown", started, Err(e));
+    let service = &kinesis::SERVICE;
+    respond(service, service.protocols[0], "", Err(e))
 }
 
 /// Reads a refused request's body if it is small and arrives promptly, so
@@ -321,11 +337,6 @@ fn record(
     };
     metrics::histogram!("kinesin_api_request_duration_seconds", "service" => service, "op" => op, "outcome" => outcome)
         .record(started.elapsed().as_secs_f64());
-}
-
-fn respond_error(protocol: Protocol, e: &ApiError) -> Response {
-    let body = json!({ "__type": e.name, "message": e.message });
-    respond(protocol, e.status, &body, &new_request_id(), Some(e.name))
 }
 
 /// How long one SubscribeToShard call streams, as AWS.
@@ -416,26 +427,66 @@ async fn subscribe(
     Ok(response)
 }
 
+/// An answer or an error in the request's protocol. Errors are `__type`
+/// and `message` with `x-amzn-errortype` in JSON and CBOR (plus
+/// `x-amzn-query-error` for a query-compatible service), `<ErrorResponse>`
+/// in awsQuery.
 fn respond(
+    service: &Service,
     protocol: Protocol,
-    status: StatusCode,
-    value: &serde_json::Value,
-    request_id: &str,
-    error: Option<&'static str>,
+    op: &str,
+    outcome: Result<&serde_json::Value, &ApiError>,
 ) -> Response {
-    let mut response = (status, protocol.encode(value)).into_response();
+    let request_id = new_request_id();
+    let (status, body) = match (protocol, outcome) {
+        (Protocol::Query, Ok(value)) => (
+            StatusCode::OK,
+            query::encode(query_shape(service), op, &request_id, value),
+        ),
+        (Protocol::Query, Err(e)) => (
+            e.status,
+            query::encode_error(
+                query_shape(service),
+                service.query_code(e.name),
+                e,
+                &request_id,
+            ),
+        ),
+        (_, Ok(value)) => (StatusCode::OK, protocol.encode(value)),
+        (_, Err(e)) => (
+            e.status,
+            protocol.encode(&json!({ "__type": e.name, "message": e.message })),
+        ),
+    };
+    let mut response = (status, body).into_response();
     let h = response.headers_mut();
     h.insert(
         "content-type",
-        HeaderValue::from_static(protocol.content_type()),
+        HeaderValue::from_static(protocol.response_content_type()),
     );
-    if let Ok(v) = HeaderValue::from_str(request_id) {
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
         h.insert("x-amzn-requestid", v);
     }
-    if let Some(name) = error {
-        h.insert("x-amzn-errortype", HeaderValue::from_static(name));
+    if let (Err(e), false) = (outcome, protocol == Protocol::Query) {
+        h.insert("x-amzn-errortype", HeaderValue::from_static(e.name));
+        if service.query_compatible {
+            let code = format!("{};{}", service.query_code(e.name), query::fault(e.status));
+            if let Ok(v) = HeaderValue::from_str(&code) {
+                h.insert("x-amzn-query-error", v);
+            }
+        }
     }
     response
+}
+
+/// How `service` writes query answers; every service that speaks awsQuery
+/// declares one (a test checks).
+fn query_shape(service: &Service) -> &QueryShape {
+    const NONE: QueryShape = QueryShape {
+        xmlns: "",
+        maps: &[],
+    };
+    service.query.as_ref().unwrap_or(&NONE)
 }
 
 fn new_request_id() -> String {

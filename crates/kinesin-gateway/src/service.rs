@@ -1,10 +1,19 @@
 //! The AWS services the gateway answers, each declared once: how a request
-//! is recognised, how it is signed, the protocols it speaks, and its one
-//! operation table, which dispatch, metric labels and the admin endpoint's
-//! pre-registered series all read.
+//! is recognised, how it is signed, the protocols it speaks, its one
+//! operation table (which dispatch, metric labels and the admin endpoint's
+//! pre-registered series all read) and its error table.
+//!
+//! A JSON or CBOR request names its service and operation in `X-Amz-Target`;
+//! a query request (form-encoded, no target) names its operation in the
+//! `Action` field and its service by the SigV4 credential scope.
+
+use axum::http::StatusCode;
 
 use crate::codec::Protocol;
+use crate::error::ApiError;
+use crate::query::{QueryShape, FORM_CONTENT_TYPE};
 
+#[derive(Debug)]
 pub struct Service {
     /// The `service` label of metrics.
     pub name: &'static str,
@@ -17,6 +26,14 @@ pub struct Service {
     pub protocols: &'static [Protocol],
     /// Every operation, in the order of its table.
     pub operations: &'static [&'static str],
+    /// How query answers are written, for a service that speaks awsQuery.
+    pub query: Option<QueryShape>,
+    /// Errors whose query code differs from their name
+    /// (`QueueDoesNotExist` → `AWS.SimpleQueueService.NonExistentQueue`).
+    pub query_errors: &'static [(&'static str, &'static str)],
+    /// A JSON service that SDKs built for its query protocol still call:
+    /// its errors also carry `x-amzn-query-error: <query code>;<fault>`.
+    pub query_compatible: bool,
 }
 
 impl Service {
@@ -38,6 +55,14 @@ impl Service {
             .copied()
             .unwrap_or(first)
     }
+
+    /// The code a query client knows an error by.
+    pub fn query_code(&self, name: &'static str) -> &'static str {
+        self.query_errors
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(name, |(_, code)| code)
+    }
 }
 
 /// Every service of the endpoint.
@@ -52,6 +77,43 @@ pub fn recognise(target: &str) -> Option<(&'static Service, &str)> {
     })
 }
 
+/// The service a request without `X-Amz-Target` is for: a form-encoded
+/// query request, for the query service its credential scope names (or,
+/// unsigned, the only query service).
+pub fn recognise_query(
+    content_type: Option<&str>,
+    signing_name: Option<&str>,
+) -> Result<&'static Service, ApiError> {
+    let no_target = || {
+        ApiError::unknown_operation(
+            "the request has no X-Amz-Target header naming an operation, and is not a form-encoded query request",
+        )
+    };
+    if !content_type.is_some_and(|ct| ct.starts_with(FORM_CONTENT_TYPE)) {
+        return Err(no_target());
+    }
+    let query_services: Vec<&'static Service> = SERVICES
+        .iter()
+        .copied()
+        .filter(|s| s.protocols.contains(&Protocol::Query))
+        .collect();
+    let refuse = |message: String| ApiError::new("InvalidAction", StatusCode::BAD_REQUEST, message);
+    match (signing_name, query_services.as_slice()) {
+        (Some(name), services) => services
+            .iter()
+            .find(|s| s.signing_name == name)
+            .copied()
+            .ok_or_else(|| refuse(format!("this endpoint has no query service '{name}'"))),
+        (None, [only]) => Ok(only),
+        (None, []) => Err(refuse(
+            "no service of this endpoint speaks the query protocol".to_string(),
+        )),
+        (None, _) => Err(refuse(
+            "a query request must be signed: its credential scope names the service".to_string(),
+        )),
+    }
+}
+
 /// Declares a service's operation table once: `OPERATIONS` (the names, in
 /// table order) and `call`, which runs the one a request names. Each entry
 /// is an expression in the request's context and input, named by the first
@@ -61,13 +123,14 @@ macro_rules! operation_table {
         /// Every operation this endpoint answers.
         pub const OPERATIONS: &[&str] = &[$($name),*];
 
-        /// Runs `operation` on a decoded request body.
+        /// Runs `operation` on a request body decoded from `protocol`.
         pub async fn call(
             $ctx: &$context,
             operation: &str,
             body: &serde_json::Value,
+            protocol: $crate::codec::Protocol,
         ) -> Result<serde_json::Value, $crate::error::ApiError> {
-            let input = $crate::input::Input::new(body)?;
+            let input = $crate::input::Input::decoded(body, protocol)?;
             let $input = &input;
             match operation {
                 $($name => $handler,)*
@@ -102,8 +165,37 @@ mod tests {
         );
         assert_eq!(
             kinesis.protocol(Some("application/x-amz-json-1.1; charset=utf-8")),
-            Protocol::Json
+            Protocol::Json11
         );
-        assert_eq!(kinesis.protocol(None), Protocol::Json);
+        assert_eq!(kinesis.protocol(None), Protocol::Json11);
+    }
+
+    #[test]
+    fn every_service_is_declared_consistently() {
+        for service in SERVICES {
+            assert_eq!(
+                service.query.is_some(),
+                service.protocols.contains(&Protocol::Query),
+                "{}: a query shape exactly when it speaks awsQuery",
+                service.name
+            );
+            assert!(service.target_prefix.ends_with('.'), "{}", service.name);
+        }
+    }
+
+    #[test]
+    fn a_request_without_target_must_be_a_form_for_a_query_service() {
+        let e = recognise_query(None, None).unwrap_err();
+        assert_eq!(e.name, "UnknownOperationException");
+        // Kinesis speaks no query protocol.
+        let e = recognise_query(Some(FORM_CONTENT_TYPE), Some("kinesis")).unwrap_err();
+        assert_eq!(e.name, "InvalidAction");
+        let e = recognise_query(Some(FORM_CONTENT_TYPE), None).unwrap_err();
+        assert!(e.message.contains("no service"), "{e:?}");
+        // Without an entry in the error table, the query code is the name.
+        assert_eq!(
+            crate::kinesis::SERVICE.query_code("ResourceNotFoundException"),
+            "ResourceNotFoundException"
+        );
     }
 }

@@ -100,8 +100,11 @@ pub const SERVICE: Service = Service {
     name: "kinesis",
     signing_name: "kinesis",
     target_prefix: "Kinesis_20131202.",
-    protocols: &[Protocol::Json, Protocol::Cbor],
+    protocols: &[Protocol::Json11, Protocol::Cbor],
     operations: OPERATIONS,
+    query: None,
+    query_errors: &[],
+    query_compatible: false,
 };
 
 fn unsupported(operation: &str) -> ApiError {
