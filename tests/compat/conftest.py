@@ -21,6 +21,10 @@ from botocore.config import Config
 ACCESS_KEY = "AKIDKINESINCOMPAT"
 SECRET_KEY = "compat-secret-key"
 ACCOUNT = "123456789012"
+# A second account: names are per account.
+OTHER_ACCESS_KEY = "AKIDKINESINOTHER"
+OTHER_SECRET_KEY = "other-secret-key"
+OTHER_ACCOUNT = "210987654321"
 REGION = "us-east-1"
 
 
@@ -66,6 +70,11 @@ shard_election_max_ms = 2000
 access_key_id = "{ACCESS_KEY}"
 secret_access_key = "{SECRET_KEY}"
 account_id = "{ACCOUNT}"
+
+[[credentials]]
+access_key_id = "{OTHER_ACCESS_KEY}"
+secret_access_key = "{OTHER_SECRET_KEY}"
+account_id = "{OTHER_ACCOUNT}"
 """
             )
         self.log_path = os.path.join(root, f"node{node_id}.log")

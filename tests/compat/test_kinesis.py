@@ -17,6 +17,9 @@ import pytest
 from conftest import (
     ACCESS_KEY,
     ACCOUNT,
+    OTHER_ACCESS_KEY,
+    OTHER_ACCOUNT,
+    OTHER_SECRET_KEY,
     REGION,
     SECRET_KEY,
     client_for,
@@ -93,6 +96,43 @@ def test_list_streams_pages(kinesis, stream_name):
     assert seen == sorted(seen)
     paginated = [n for page in kinesis.get_paginator("list_streams").paginate() for n in page["StreamNames"]]
     assert paginated == seen
+
+
+def test_stream_names_are_per_account(kinesis, stream_name):
+    other = client_for(kinesis.meta.endpoint_url, OTHER_ACCESS_KEY, OTHER_SECRET_KEY)
+    create_and_wait(kinesis, stream_name)
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        other.describe_stream_summary(StreamName=stream_name)
+    assert error_code(e) == "ResourceNotFoundException"
+    assert OTHER_ACCOUNT in e.value.response["Error"]["Message"]
+    # The same name in another account is another stream.
+    create_and_wait(other, stream_name, shards=2)
+    d = other.describe_stream_summary(StreamName=stream_name)["StreamDescriptionSummary"]
+    assert d["StreamARN"] == f"arn:aws:kinesis:{REGION}:{OTHER_ACCOUNT}:stream/{stream_name}"
+    assert d["OpenShardCount"] == 2 and d["StreamName"] == stream_name
+    assert kinesis.describe_stream_summary(StreamName=stream_name)["StreamDescriptionSummary"]["OpenShardCount"] == 1
+    kinesis.put_record(StreamName=stream_name, PartitionKey="k", Data=b"mine")
+    other.put_record(StreamName=stream_name, PartitionKey="k", Data=b"theirs")
+    assert [r["Data"] for r in read_shard(kinesis, stream_name, "shardId-000000000000")] == [b"mine"]
+    theirs = [r["Data"] for s in ("shardId-000000000000", "shardId-000000000001")
+              for r in read_shard(other, stream_name, s)]
+    assert theirs == [b"theirs"]
+    assert stream_name in kinesis.list_streams()["StreamNames"]
+    assert other.list_streams()["StreamNames"] == [stream_name]
+    # Another account's ARN, iterator or paging token opens nothing.
+    mine_arn = f"arn:aws:kinesis:{REGION}:{ACCOUNT}:stream/{stream_name}"
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        other.describe_stream_summary(StreamARN=mine_arn)
+    assert error_code(e) == "AccessDeniedException"
+    it = kinesis.get_shard_iterator(StreamName=stream_name, ShardId="shardId-000000000000",
+                                    ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        other.get_records(ShardIterator=it)
+    assert error_code(e) == "InvalidArgumentException"
+    other.delete_stream(StreamName=stream_name)
+    other.get_waiter("stream_not_exists").wait(StreamName=stream_name, WaiterConfig={"Delay": 0.2})
+    assert kinesis.describe_stream_summary(StreamName=stream_name)["StreamDescriptionSummary"]["StreamStatus"] == "ACTIVE"
+    kinesis.delete_stream(StreamName=stream_name)
 
 
 def test_put_records_from_any_node_read_back_in_per_key_order(clients, stream_name):

@@ -97,6 +97,17 @@ pub fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, Strin
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
+impl GatewayConfig {
+    /// The account whose streams the map keys by their bare names (those
+    /// made before names were per account, and by the native API and CLI):
+    /// the account of the first credentials, or the development account.
+    pub fn home_account(&self) -> &str {
+        self.credentials
+            .first()
+            .map_or(DEV_ACCOUNT_ID, |c| c.account_id.as_str())
+    }
+}
+
 impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
@@ -120,6 +131,7 @@ impl Gateway {
             router: &self.router,
             region: &self.config.region,
             account,
+            home: self.config.home_account(),
             shard_limit: self.config.shard_limit,
             validity_ms: self.config.iterator_validity_ms,
             now_ms: kinesin_router::now_ms(),

@@ -167,6 +167,8 @@ impl MetaCommand {
             | MetaCommand::SetGroupReplicas { .. }
             | MetaCommand::GroupReady { .. }
             | MetaCommand::CreateStreamWithSettings { .. } => 3,
+            // A key qualified by its account (`names.rs`).
+            MetaCommand::CreateStream { name, .. } if name.contains(':') => 3,
             _ => 1,
         }
     }

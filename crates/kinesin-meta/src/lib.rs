@@ -3,6 +3,7 @@
 //! controller on the metadata leader uses to propose assignments.
 
 mod command;
+mod names;
 mod placement;
 mod state;
 mod state_machine;
@@ -11,6 +12,7 @@ mod version;
 pub use command::{
     decode_reply, MetaCommand, MetaError, MetaReply, NewShard, NewStream, StreamChange,
 };
+pub use names::{split_stream_key, stream_key};
 pub use placement::place_replicas;
 pub use state::{GroupSpec, MetaState, NodeInfo, NodeState, Owner, Placed, STREAM_KIND};
 pub use state_machine::MetaStateMachine;

@@ -92,6 +92,10 @@ impl LocalShards {
 /// The data version that introduced `CreateStreamWithSettings`.
 const STREAM_SETTINGS_VERSION: u32 = 3;
 
+/// The data version from which stream keys may name an account
+/// (`kinesin_meta::stream_key`).
+const ACCOUNT_KEYS_VERSION: u32 = 3;
+
 /// The changes that give a stream created without settings its `options`.
 fn legacy_settings(options: &StreamOptions) -> Vec<StreamChange> {
     let mut changes = Vec::new();
@@ -533,7 +537,13 @@ impl Router {
         max_record_bytes: u32,
         options: &StreamOptions,
     ) -> Result<(), RouterError> {
-        StreamName::new(name).map_err(|e| RouterError::InvalidArgument(e.0))?;
+        let key = StreamName::new(name).map_err(|e| RouterError::InvalidArgument(e.0))?;
+        if key.is_qualified() && self.cluster_data_version() < ACCOUNT_KEYS_VERSION {
+            // An older node's map would refuse the key and lack the stream.
+            return Err(RouterError::Unavailable(format!(
+                "streams of accounts other than the home account need every node at data version {ACCOUNT_KEYS_VERSION}; finish the rolling upgrade first"
+            )));
+        }
         if shard_count == 0 || shard_count > 10_000 {
             return Err(RouterError::InvalidArgument(
                 "shard count must be between 1 and 10000".into(),
@@ -1483,6 +1493,32 @@ mod tests {
             Err(RouterError::Unavailable(_))
         ));
         assert!(router.check_cluster_decodes(&old).is_ok());
+        // An older node's map refuses a key that names an account.
+        let create = |name: &str| MetaCommand::CreateStream {
+            name: name.into(),
+            shard_count: 1,
+            retention_hours: 24,
+            max_record_bytes: 1 << 20,
+            replication_factor: 1,
+            placements: vec![vec![NodeId(1)]],
+            now_ms: 0,
+        };
+        assert!(router.check_cluster_decodes(&create("orders")).is_ok());
+        assert!(matches!(
+            router.check_cluster_decodes(&create("123456789012:orders")),
+            Err(RouterError::Unavailable(_))
+        ));
+        let refused = futures::executor::block_on(router.create_stream_with(
+            "123456789012:orders",
+            1,
+            1,
+            1 << 20,
+            &StreamOptions::default(),
+        ));
+        assert!(
+            matches!(refused, Err(RouterError::Unavailable(_))),
+            "{refused:?}"
+        );
     }
 
     /// Runs `at_leader` with an operation whose first attempt ends with

@@ -28,7 +28,7 @@ pub const HISTORY: [(u32, &str); 3] = [
     ),
     (
         3,
-        "the metadata state ends with `groups`: Raft groups of registered kinds other than stream shards; column families `rows` and `snapshot_copies` (an older release cannot open the directory at all)",
+        "the metadata state ends with `groups`: Raft groups of registered kinds other than stream shards; column families `rows` and `snapshot_copies` (an older release cannot open the directory at all); stream keys of accounts other than the home account are `<account>:<name>`",
     ),
 ];
 

@@ -34,22 +34,38 @@ impl fmt::Display for GroupId {
     }
 }
 
-/// A stream name: 1–128 characters of `[a-zA-Z0-9_.-]`, as AWS Kinesis.
+/// A stream's key in the cluster map: its name, 1–128 characters of
+/// `[a-zA-Z0-9_.-]` as AWS Kinesis, qualified as `<12-digit account>:<name>`
+/// unless the stream is the home account's (`kinesin_meta::stream_key`).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct StreamName(String);
 
 impl StreamName {
     pub fn new(name: impl Into<String>) -> Result<Self, InvalidValue> {
         let name = name.into();
-        let valid_chars = name
+        let (account, bare) = match name.split_once(':') {
+            Some((account, bare)) => (Some(account), bare),
+            None => (None, name.as_str()),
+        };
+        if account.is_some_and(|a| a.len() != 12 || !a.bytes().all(|b| b.is_ascii_digit())) {
+            return Err(InvalidValue(format!(
+                "stream key {name:?} must name a 12-digit account before ':'"
+            )));
+        }
+        let valid_chars = bare
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
-        if name.is_empty() || name.len() > 128 || !valid_chars {
+        if bare.is_empty() || bare.len() > 128 || !valid_chars {
             return Err(InvalidValue(format!(
-                "stream name {name:?} must be 1-128 characters of [a-zA-Z0-9_.-]"
+                "stream name {bare:?} must be 1-128 characters of [a-zA-Z0-9_.-]"
             )));
         }
         Ok(StreamName(name))
+    }
+
+    /// Whether the key names another account than the home account.
+    pub fn is_qualified(&self) -> bool {
+        self.0.contains(':')
     }
 
     pub fn as_str(&self) -> &str {
@@ -114,5 +130,11 @@ mod tests {
         assert!(StreamName::new("a b").is_err());
         assert!(StreamName::new("x".repeat(129)).is_err());
         assert!(StreamName::new("x".repeat(128)).is_ok());
+        let qualified = StreamName::new("123456789012:orders").unwrap();
+        assert!(qualified.is_qualified());
+        assert!(!StreamName::new("orders").unwrap().is_qualified());
+        assert!(StreamName::new("12345:orders").is_err());
+        assert!(StreamName::new("123456789012:").is_err());
+        assert!(StreamName::new("123456789012:a:b").is_err());
     }
 }

@@ -18,10 +18,17 @@ impl Context<'_> {
             "ConsumerCreationTimestamp": seconds(created_ms),
         })
     }
+
+    /// `<stream arn>/consumer/<name>:<epoch seconds>` → (stream key,
+    /// consumer); the stream must be the caller's.
+    pub(super) fn parse_consumer_arn(&self, arn: &str) -> Result<(String, String), ApiError> {
+        let (stream_arn, name) = split_consumer_arn(arn)?;
+        Ok((self.stream_arn("ConsumerARN", stream_arn)?, name))
+    }
 }
 
-/// `<stream arn>/consumer/<name>:<epoch seconds>` → (stream, consumer).
-pub(super) fn parse_consumer_arn(arn: &str) -> Result<(String, String), ApiError> {
+/// `<stream arn>/consumer/<name>:<epoch seconds>` → (stream ARN, consumer).
+fn split_consumer_arn(arn: &str) -> Result<(&str, String), ApiError> {
     let invalid = || {
         constraint(
             "ConsumerARN",
@@ -35,10 +42,7 @@ pub(super) fn parse_consumer_arn(arn: &str) -> Result<(String, String), ApiError
         return Err(invalid());
     }
     check_name_pattern("ConsumerName", name)?;
-    Ok((
-        parse_stream_arn("ConsumerARN", stream_arn)?,
-        name.to_string(),
-    ))
+    Ok((stream_arn, name.to_string()))
 }
 
 /// The consumer a request names by ConsumerARN or by StreamARN and
@@ -48,7 +52,7 @@ pub(super) async fn consumer_of(
     i: &Input<'_>,
 ) -> Result<(StreamInfo, String, u64), ApiError> {
     let (stream, name) = match i.opt_str("ConsumerARN")? {
-        Some(arn) => parse_consumer_arn(arn)?,
+        Some(arn) => ctx.parse_consumer_arn(arn)?,
         None => {
             let arn = i.opt_str("StreamARN")?.ok_or_else(|| {
                 ApiError::invalid_argument(
@@ -57,7 +61,7 @@ pub(super) async fn consumer_of(
             })?;
             let name = i.str("ConsumerName")?;
             check_name_pattern("ConsumerName", name)?;
-            (parse_stream_arn("StreamARN", arn)?, name.to_string())
+            (ctx.stream_arn("StreamARN", arn)?, name.to_string())
         }
     };
     let info = ctx.stream(&stream).await?;
@@ -78,18 +82,20 @@ pub(super) async fn consumer_of(
 }
 
 pub(super) async fn register_consumer(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
-    let stream = parse_stream_arn("StreamARN", i.str("StreamARN")?)?;
+    let stream = ctx.stream_arn("StreamARN", i.str("StreamARN")?)?;
     let name = i.str("ConsumerName")?;
     check_name_pattern("ConsumerName", name)?;
     let info = ctx.stream(&stream).await?;
     if info.settings.consumers.contains_key(name) {
         return Err(ApiError::in_use(format!(
-            "Consumer {name} of stream {stream} already exists."
+            "Consumer {name} of stream {} already exists.",
+            ctx.display(&stream)
         )));
     }
     if info.settings.consumers.len() >= MAX_CONSUMERS_PER_STREAM {
         return Err(ApiError::limit_exceeded(format!(
-            "Stream {stream} already has {MAX_CONSUMERS_PER_STREAM} consumers."
+            "Stream {} already has {MAX_CONSUMERS_PER_STREAM} consumers.",
+            ctx.display(&stream)
         )));
     }
     ctx.change(
@@ -130,7 +136,7 @@ pub(super) async fn describe_consumer(ctx: &Context<'_>, i: &Input<'_>) -> Resul
 }
 
 pub(super) async fn list_consumers(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
-    let stream = parse_stream_arn("StreamARN", i.str("StreamARN")?)?;
+    let stream = ctx.stream_arn("StreamARN", i.str("StreamARN")?)?;
     let limit = i.opt_int_range("MaxResults", 1, 10_000)?.unwrap_or(100) as usize;
     i.opt_timestamp_ms("StreamCreationTimestamp")?;
     let after = match i.opt_str("NextToken")? {

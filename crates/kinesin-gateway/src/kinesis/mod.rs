@@ -54,8 +54,12 @@ const SHARD_LEVEL_METRICS: &[&str] = &[
 pub struct Context<'a> {
     pub router: &'a Router,
     pub region: &'a str,
-    /// Account of the signing key; names the ARNs.
+    /// Account of the signing key: the namespace of the names it uses, and
+    /// the account its ARNs name.
     pub account: &'a str,
+    /// The account whose streams the map keys by their bare names
+    /// (`kinesin_meta::stream_key`).
+    pub home: &'a str,
     /// Most open shards the cluster allows (DescribeLimits, CreateStream).
     pub shard_limit: u32,
     /// Lifetime of iterators and paging tokens.
@@ -64,24 +68,86 @@ pub struct Context<'a> {
 }
 
 impl Context<'_> {
-    fn arn(&self, stream: &str) -> String {
-        format!(
-            "arn:aws:kinesis:{}:{}:stream/{stream}",
-            self.region, self.account
-        )
+    /// The map key of the caller's stream `name`.
+    fn key(&self, name: &str) -> String {
+        kinesin_meta::stream_key(self.home, self.account, name)
     }
 
-    async fn stream(&self, name: &str) -> Result<StreamInfo, ApiError> {
-        self.router
-            .describe_stream(name)
-            .await
-            .map_err(|e| match e {
-                RouterError::ResourceNotFound(_) => ApiError::not_found(format!(
-                    "Stream {name} under account {} not found.",
+    /// The name a map key shows the caller (its stream name).
+    fn display<'k>(&self, key: &'k str) -> &'k str {
+        kinesin_meta::split_stream_key(key).1
+    }
+
+    /// Whether the stream a map key names is the caller's.
+    fn owns(&self, key: &str) -> bool {
+        kinesin_meta::split_stream_key(key).0.unwrap_or(self.home) == self.account
+    }
+
+    /// The ARN of the stream a map key names.
+    fn arn(&self, key: &str) -> String {
+        let (account, name) = kinesin_meta::split_stream_key(key);
+        let account = account.unwrap_or(self.home);
+        format!("arn:aws:kinesis:{}:{account}:stream/{name}", self.region)
+    }
+
+    /// The key of the stream an ARN names, which must be the caller's.
+    fn stream_arn(&self, member: &str, arn: &str) -> Result<String, ApiError> {
+        let (account, name) = parse_stream_arn(member, arn)?;
+        if account != self.account {
+            return Err(ApiError::new(
+                "AccessDeniedException",
+                axum::http::StatusCode::BAD_REQUEST,
+                format!(
+                    "Account {} is not authorized to access {arn}: it belongs to another account.",
                     self.account
-                )),
-                other => other.into(),
-            })
+                ),
+            ));
+        }
+        Ok(self.key(&name))
+    }
+
+    /// The key of the stream a request names by StreamName or StreamARN.
+    fn stream_name(&self, i: &Input<'_>) -> Result<String, ApiError> {
+        let name = i.opt_str("StreamName")?;
+        let arn = i.opt_str("StreamARN")?;
+        if let Some(n) = name {
+            check_name_pattern("StreamName", n)?;
+        }
+        let from_arn = arn.map(|a| self.stream_arn("StreamARN", a)).transpose()?;
+        match (name.map(|n| self.key(n)), from_arn) {
+            (Some(n), Some(a)) if n != a => Err(ApiError::invalid_argument(format!(
+                "StreamName {} and StreamARN {} name different streams.",
+                name.unwrap_or_default(),
+                arn.unwrap_or_default()
+            ))),
+            (Some(n), _) => Ok(n),
+            (None, Some(a)) => Ok(a),
+            (None, None) => Err(ApiError::invalid_argument(
+                "Either StreamName or StreamARN must be provided.",
+            )),
+        }
+    }
+
+    /// The key of the stream a request names by ResourceARN.
+    fn resource_stream(&self, i: &Input<'_>) -> Result<String, ApiError> {
+        let arn = i.str("ResourceARN")?;
+        if arn.contains("/consumer/") {
+            return Err(ApiError::not_found(format!(
+                "Resource {arn} not found: stream consumers are not supported yet."
+            )));
+        }
+        self.stream_arn("ResourceARN", arn)
+    }
+
+    async fn stream(&self, key: &str) -> Result<StreamInfo, ApiError> {
+        self.router.describe_stream(key).await.map_err(|e| match e {
+            RouterError::ResourceNotFound(_) => ApiError::not_found(format!(
+                "Stream {} under account {} not found.",
+                self.display(key),
+                self.account
+            )),
+            other => other.into(),
+        })
     }
 
     async fn change(&self, stream: &str, change: StreamChange) -> Result<(), ApiError> {
@@ -136,24 +202,24 @@ operation_table! {
     "IncreaseStreamRetentionPeriod" => change_retention(ctx, i, true).await,
     "DecreaseStreamRetentionPeriod" => change_retention(ctx, i, false).await,
     "AddTagsToStream" => {
-        let name = stream_name(i)?;
+        let name = ctx.stream_name(i)?;
         add_tags(ctx, &name, i).await
     },
     "TagResource" => {
-        let name = resource_stream(i)?;
+        let name = ctx.resource_stream(i)?;
         add_tags(ctx, &name, i).await
     },
     "RemoveTagsFromStream" => {
-        let name = stream_name(i)?;
+        let name = ctx.stream_name(i)?;
         remove_tags(ctx, &name, i, "TagKeys").await
     },
     "UntagResource" => {
-        let name = resource_stream(i)?;
+        let name = ctx.resource_stream(i)?;
         remove_tags(ctx, &name, i, "TagKeys").await
     },
     "ListTagsForStream" => list_tags_for_stream(ctx, i).await,
     "ListTagsForResource" => {
-        let stream = ctx.stream(&resource_stream(i)?).await?;
+        let stream = ctx.stream(&ctx.resource_stream(i)?).await?;
         Ok(json!({ "Tags": tag_list(stream.settings.tags.iter()) }))
     },
     "EnableEnhancedMonitoring" => enhanced_monitoring(ctx, i, true).await,
@@ -163,7 +229,7 @@ operation_table! {
     "UpdateMaxRecordSize" => update_max_record_size(ctx, i).await,
     "UpdateStreamMode" => update_stream_mode(ctx, i).await,
     "PutResourcePolicy" => {
-        let name = resource_stream(i)?;
+        let name = ctx.resource_stream(i)?;
         let policy = i.str("Policy")?;
         serde_json::from_str::<Value>(policy).map_err(|e| {
             ApiError::invalid_argument(format!("Policy is not a valid JSON document: {e}"))
@@ -177,13 +243,13 @@ operation_table! {
         Ok(json!({}))
     },
     "GetResourcePolicy" => {
-        let stream = ctx.stream(&resource_stream(i)?).await?;
+        let stream = ctx.stream(&ctx.resource_stream(i)?).await?;
         Ok(json!({
             "Policy": stream.settings.resource_policy.unwrap_or_else(|| "{}".to_string())
         }))
     },
     "DeleteResourcePolicy" => {
-        let name = resource_stream(i)?;
+        let name = ctx.resource_stream(i)?;
         let stream = ctx.stream(&name).await?;
         if stream.settings.resource_policy.is_none() {
             return Err(ApiError::not_found(format!(
@@ -202,39 +268,8 @@ operation_table! {
     )),
 }
 
-/// The stream a request names by StreamName or StreamARN.
-fn stream_name(i: &Input<'_>) -> Result<String, ApiError> {
-    let name = i.opt_str("StreamName")?;
-    let arn = i.opt_str("StreamARN")?;
-    if let Some(n) = name {
-        check_name_pattern("StreamName", n)?;
-    }
-    let from_arn = arn.map(|a| parse_stream_arn("StreamARN", a)).transpose()?;
-    match (name, from_arn) {
-        (Some(n), Some(a)) if n != a => Err(ApiError::invalid_argument(format!(
-            "StreamName {n} and StreamARN {} name different streams.",
-            arn.unwrap_or_default()
-        ))),
-        (Some(n), _) => Ok(n.to_string()),
-        (None, Some(a)) => Ok(a),
-        (None, None) => Err(ApiError::invalid_argument(
-            "Either StreamName or StreamARN must be provided.",
-        )),
-    }
-}
-
-fn resource_stream(i: &Input<'_>) -> Result<String, ApiError> {
-    let arn = i.str("ResourceARN")?;
-    if arn.contains("/consumer/") {
-        return Err(ApiError::not_found(format!(
-            "Resource {arn} not found: stream consumers are not supported yet."
-        )));
-    }
-    parse_stream_arn("ResourceARN", arn)
-}
-
-/// `arn:aws:kinesis:<region>:<12 digits>:stream/<name>` → name.
-fn parse_stream_arn(member: &str, arn: &str) -> Result<String, ApiError> {
+/// `arn:aws:kinesis:<region>:<12 digits>:stream/<name>` → (account, name).
+fn parse_stream_arn(member: &str, arn: &str) -> Result<(String, String), ApiError> {
     let parts: Vec<&str> = arn.splitn(6, ':').collect();
     let ok = parts.len() == 6
         && parts[0] == "arn"
@@ -254,7 +289,7 @@ fn parse_stream_arn(member: &str, arn: &str) -> Result<String, ApiError> {
             )
         })?;
     check_name_pattern("StreamName", name)?;
-    Ok(name.to_string())
+    Ok((parts[4].to_string(), name.to_string()))
 }
 
 #[cfg(test)]
@@ -269,7 +304,7 @@ mod tests {
                 "arn:aws:kinesis:us-east-1:123456789012:stream/orders"
             )
             .unwrap(),
-            "orders"
+            ("123456789012".to_string(), "orders".to_string())
         );
         let err = parse_stream_arn("StreamARN", "arn:aws:sqs:us-east-1:123456789012:stream/x")
             .unwrap_err();

@@ -57,7 +57,7 @@ pub(super) fn parse_record(
 }
 
 pub(super) async fn put_record(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
-    let name = stream_name(i)?;
+    let name = ctx.stream_name(i)?;
     if let Some(s) = i.opt_str("SequenceNumberForOrdering")? {
         check_decimal("SequenceNumberForOrdering", s, 129)?;
     }
@@ -87,7 +87,7 @@ pub(super) async fn put_record(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value
 }
 
 pub(super) async fn put_records(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
-    let name = stream_name(i)?;
+    let name = ctx.stream_name(i)?;
     let entries = i
         .opt_array("Records")?
         .ok_or_else(|| constraint("Records", "null", "not be null"))?;
@@ -167,7 +167,7 @@ pub(super) async fn get_shard_iterator(
     ctx: &Context<'_>,
     i: &Input<'_>,
 ) -> Result<Value, ApiError> {
-    let name = stream_name(i)?;
+    let name = ctx.stream_name(i)?;
     let shard_text = i.str("ShardId")?;
     check_name_pattern("ShardId", shard_text)?;
     let kind = i.str("ShardIteratorType")?;
@@ -269,11 +269,16 @@ pub(super) async fn get_records(ctx: &Context<'_>, i: &Input<'_>) -> Result<Valu
             ),
         ));
     }
+    if !ctx.owns(&it.stream) {
+        return Err(ApiError::invalid_argument(
+            "The ShardIterator was issued to another account.",
+        ));
+    }
     let stream = ctx.stream(&it.stream).await?;
     if stream.created_at_ms != it.stream_created_ms {
         return Err(ApiError::not_found(format!(
             "Stream {} was deleted after this iterator was issued.",
-            it.stream
+            ctx.display(&it.stream)
         )));
     }
     let shard_id = ShardId(it.shard);

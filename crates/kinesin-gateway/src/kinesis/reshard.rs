@@ -7,7 +7,8 @@ pub(super) async fn active_stream(ctx: &Context<'_>, name: &str) -> Result<Strea
     let stream = ctx.stream(name).await?;
     if stream.status != StreamStatus::Active {
         return Err(ApiError::in_use(format!(
-            "Stream {name} under account {} not ACTIVE, instead in state {}",
+            "Stream {} under account {} not ACTIVE, instead in state {}",
+            ctx.display(name),
             ctx.account,
             stream.status.as_aws_str()
         )));
@@ -72,7 +73,7 @@ pub(super) fn child_of(
 }
 
 pub(super) async fn split_shard(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
-    let name = stream_name(i)?;
+    let name = ctx.stream_name(i)?;
     let key_text = i.str("NewStartingHashKey")?;
     check_decimal("NewStartingHashKey", key_text, 39)?;
     let key = key_text
@@ -92,14 +93,16 @@ pub(super) async fn split_shard(ctx: &Context<'_>, i: &Input<'_>) -> Result<Valu
 }
 
 pub(super) async fn merge_shards(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
-    let name = stream_name(i)?;
+    let name = ctx.stream_name(i)?;
     let stream = active_stream(ctx, &name).await?;
     let first = open_shard(ctx, &stream, "ShardToMerge", i)?;
     let second = open_shard(ctx, &stream, "AdjacentShardToMerge", i)?;
     let range = first.range.merge(&second.range).map_err(|_| {
         ApiError::invalid_argument(format!(
-            "Shards {} and {} in stream {name} are not adjacent and cannot be merged.",
-            first.shard_id, second.shard_id
+            "Shards {} and {} in stream {} are not adjacent and cannot be merged.",
+            first.shard_id,
+            second.shard_id,
+            ctx.display(&name)
         ))
     })?;
     let children = vec![child_of(first, Some(second), range)];
@@ -120,7 +123,7 @@ pub(super) async fn update_shard_count(
     ctx: &Context<'_>,
     i: &Input<'_>,
 ) -> Result<Value, ApiError> {
-    let name = stream_name(i)?;
+    let name = ctx.stream_name(i)?;
     let target =
         i.opt_int_range("TargetShardCount", 1, 100_000)?
             .ok_or_else(|| constraint("TargetShardCount", "null", "not be null"))? as usize;
@@ -174,7 +177,7 @@ pub(super) async fn update_shard_count(
         reshard(ctx, &stream, parent_ids, children).await?;
     }
     Ok(json!({
-        "StreamName": name,
+        "StreamName": ctx.display(&name),
         "StreamARN": ctx.arn(&name),
         "CurrentShardCount": current,
         "TargetShardCount": target,

@@ -45,7 +45,7 @@ pub(super) async fn create_stream(ctx: &Context<'_>, i: &Input<'_>) -> Result<Va
     }
     let options = StreamOptions { mode, tags };
     ctx.router
-        .create_stream_with(name, shards, 0, max_record_bytes, &options)
+        .create_stream_with(&ctx.key(name), shards, 0, max_record_bytes, &options)
         .await
         .map_err(|e| match e {
             kinesin_router::RouterError::ResourceInUse(_) => ApiError::in_use(format!(
@@ -70,12 +70,13 @@ pub(super) fn parse_mode(s: &str) -> Result<StreamMode, ApiError> {
 }
 
 pub(super) async fn delete_stream(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
-    let name = stream_name(i)?;
+    let name = ctx.stream_name(i)?;
     let enforce = i.opt_bool("EnforceConsumerDeletion")?.unwrap_or(false);
     let stream = ctx.stream(&name).await?;
     if !enforce && !stream.settings.consumers.is_empty() {
         return Err(ApiError::in_use(format!(
-            "Stream {name} has {} registered consumers; deregister them or set EnforceConsumerDeletion.",
+            "Stream {} has {} registered consumers; deregister them or set EnforceConsumerDeletion.",
+            ctx.display(&name),
             stream.settings.consumers.len()
         )));
     }
@@ -124,7 +125,7 @@ pub(super) fn encryption_type(stream: &StreamInfo) -> &'static str {
 }
 
 pub(super) async fn describe_stream(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
-    let name = stream_name(i)?;
+    let name = ctx.stream_name(i)?;
     let limit = i.opt_int_range("Limit", 1, 10_000)?.unwrap_or(100) as usize;
     let after = i.opt_str("ExclusiveStartShardId")?;
     if let Some(a) = after {
@@ -140,7 +141,7 @@ pub(super) async fn describe_stream(ctx: &Context<'_>, i: &Input<'_>) -> Result<
         .collect();
     let page: Vec<Value> = rest.iter().take(limit).map(|s| shard_json(s)).collect();
     let mut d = json!({
-        "StreamName": name,
+        "StreamName": ctx.display(&name),
         "StreamARN": ctx.arn(&name),
         "StreamStatus": stream.status.as_aws_str(),
         "StreamModeDetails": { "StreamMode": stream.settings.mode.as_aws_str() },
@@ -161,10 +162,10 @@ pub(super) async fn describe_stream_summary(
     ctx: &Context<'_>,
     i: &Input<'_>,
 ) -> Result<Value, ApiError> {
-    let name = stream_name(i)?;
+    let name = ctx.stream_name(i)?;
     let stream = ctx.stream(&name).await?;
     let mut d = json!({
-        "StreamName": name,
+        "StreamName": ctx.display(&name),
         "StreamARN": ctx.arn(&name),
         "StreamStatus": stream.status.as_aws_str(),
         "StreamModeDetails": { "StreamMode": stream.settings.mode.as_aws_str() },
@@ -191,18 +192,25 @@ pub(super) fn list_streams(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, Ap
         after = Some(t.after);
     }
     let state = ctx.router.meta_state();
+    // Each account sees its own streams only; names sort the same as keys
+    // within one account.
     let rest: Vec<&StreamInfo> = state
         .streams
         .values()
-        .filter(|s| after.as_deref().is_none_or(|a| s.name.as_str() > a))
+        .filter(|s| ctx.owns(s.name.as_str()))
+        .filter(|s| {
+            after
+                .as_deref()
+                .is_none_or(|a| ctx.display(s.name.as_str()) > a)
+        })
         .collect();
     let page = &rest[..rest.len().min(limit)];
     let more = rest.len() > limit;
     let mut out = json!({
-        "StreamNames": page.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        "StreamNames": page.iter().map(|s| ctx.display(s.name.as_str())).collect::<Vec<_>>(),
         "HasMoreStreams": more,
         "StreamSummaries": page.iter().map(|s| json!({
-            "StreamName": s.name.as_str(),
+            "StreamName": ctx.display(s.name.as_str()),
             "StreamARN": ctx.arn(s.name.as_str()),
             "StreamStatus": s.status.as_aws_str(),
             "StreamModeDetails": { "StreamMode": s.settings.mode.as_aws_str() },
@@ -212,7 +220,7 @@ pub(super) fn list_streams(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, Ap
     if let (true, Some(last)) = (more, page.last()) {
         out["NextToken"] = json!(iterator::encode(&PageToken {
             stream: String::new(),
-            after: last.name.as_str().to_string(),
+            after: ctx.display(last.name.as_str()).to_string(),
             filter: None,
             issued_ms: ctx.now_ms,
         }));
@@ -322,10 +330,15 @@ pub(super) async fn list_shards(ctx: &Context<'_>, i: &Input<'_>) -> Result<Valu
                 .after
                 .parse::<ShardId>()
                 .map_err(|_| ApiError::invalid_argument("Invalid NextToken."))?;
+            if !ctx.owns(&t.stream) {
+                return Err(ApiError::invalid_argument(
+                    "Invalid NextToken: it was issued to another account.",
+                ));
+            }
             (t.stream, Some(after), filter)
         }
         None => {
-            let name = stream_name(i)?;
+            let name = ctx.stream_name(i)?;
             let after = match i.opt_str("ExclusiveStartShardId")? {
                 Some(a) => {
                     check_name_pattern("ExclusiveStartShardId", a)?;
@@ -379,7 +392,7 @@ pub(super) async fn change_retention(
     i: &Input<'_>,
     increase: bool,
 ) -> Result<Value, ApiError> {
-    let name = stream_name(i)?;
+    let name = ctx.stream_name(i)?;
     let hours = i
         .opt_i64("RetentionPeriodHours")?
         .ok_or_else(|| constraint("RetentionPeriodHours", "null", "not be null"))?;
@@ -397,12 +410,14 @@ pub(super) async fn change_retention(
     let current = i64::from(stream.retention_hours);
     if increase && hours < current {
         return Err(ApiError::invalid_argument(format!(
-            "Requested retention period ({hours} hours) for stream {name} can not be shorter than existing retention period ({current} hours). Use DecreaseRetentionPeriod API."
+            "Requested retention period ({hours} hours) for stream {} can not be shorter than existing retention period ({current} hours). Use DecreaseRetentionPeriod API.",
+            ctx.display(&name)
         )));
     }
     if !increase && hours > current {
         return Err(ApiError::invalid_argument(format!(
-            "Requested retention period ({hours} hours) for stream {name} can not be longer than existing retention period ({current} hours). Use IncreaseRetentionPeriod API."
+            "Requested retention period ({hours} hours) for stream {} can not be longer than existing retention period ({current} hours). Use IncreaseRetentionPeriod API.",
+            ctx.display(&name)
         )));
     }
     ctx.change(&name, StreamChange::RetentionHours(hours as u32))
@@ -415,7 +430,7 @@ pub(super) async fn enhanced_monitoring(
     i: &Input<'_>,
     enable: bool,
 ) -> Result<Value, ApiError> {
-    let name = stream_name(i)?;
+    let name = ctx.stream_name(i)?;
     let requested = i
         .opt_str_list("ShardLevelMetrics")?
         .ok_or_else(|| constraint("ShardLevelMetrics", "null", "not be null"))?;
@@ -455,7 +470,7 @@ pub(super) async fn enhanced_monitoring(
             .await?;
     }
     Ok(json!({
-        "StreamName": name,
+        "StreamName": ctx.display(&name),
         "StreamARN": ctx.arn(&name),
         "CurrentShardLevelMetrics": current,
         "DesiredShardLevelMetrics": desired,
@@ -467,7 +482,7 @@ pub(super) async fn stream_encryption(
     i: &Input<'_>,
     start: bool,
 ) -> Result<Value, ApiError> {
-    let name = stream_name(i)?;
+    let name = ctx.stream_name(i)?;
     let kind = i.str("EncryptionType")?;
     let key = i
         .opt_str_len("KeyId", 1, 2048)?
@@ -480,7 +495,8 @@ pub(super) async fn stream_encryption(
     let stream = ctx.stream(&name).await?;
     if !start && stream.settings.encryption_key.is_none() {
         return Err(ApiError::invalid_argument(format!(
-            "Stream {name} is not encrypted."
+            "Stream {} is not encrypted.",
+            ctx.display(&name)
         )));
     }
     let change = StreamChange::EncryptionKey(start.then(|| key.to_string()));
@@ -492,7 +508,7 @@ pub(super) async fn update_max_record_size(
     ctx: &Context<'_>,
     i: &Input<'_>,
 ) -> Result<Value, ApiError> {
-    let name = stream_name(i)?;
+    let name = ctx.stream_name(i)?;
     let kib = i
         .opt_int_range("MaxRecordSizeInKiB", 1024, 10240)?
         .ok_or_else(|| constraint("MaxRecordSizeInKiB", "null", "not be null"))?;
@@ -506,7 +522,7 @@ pub(super) async fn update_stream_mode(
     ctx: &Context<'_>,
     i: &Input<'_>,
 ) -> Result<Value, ApiError> {
-    let name = stream_name(i)?;
+    let name = ctx.stream_name(i)?;
     let details = i
         .opt_object("StreamModeDetails")?
         .ok_or_else(|| constraint("StreamModeDetails", "null", "not be null"))?;
@@ -514,7 +530,8 @@ pub(super) async fn update_stream_mode(
     let stream = ctx.stream(&name).await?;
     if stream.status != StreamStatus::Active {
         return Err(ApiError::in_use(format!(
-            "Stream {name} is {} and cannot change its mode now.",
+            "Stream {} is {} and cannot change its mode now.",
+            ctx.display(&name),
             stream.status.as_aws_str()
         )));
     }

@@ -40,7 +40,8 @@ pub(super) async fn add_tags(
     let after: BTreeSet<&String> = stream.settings.tags.keys().chain(tags.keys()).collect();
     if after.len() > MAX_TAGS_PER_STREAM {
         return Err(ApiError::limit_exceeded(format!(
-            "Stream {name} would have {} tags; at most {MAX_TAGS_PER_STREAM} are allowed.",
+            "Stream {} would have {} tags; at most {MAX_TAGS_PER_STREAM} are allowed.",
+            ctx.display(name),
             after.len()
         )));
     }
@@ -81,7 +82,7 @@ pub(super) async fn list_tags_for_stream(
     ctx: &Context<'_>,
     i: &Input<'_>,
 ) -> Result<Value, ApiError> {
-    let name = stream_name(i)?;
+    let name = ctx.stream_name(i)?;
     let limit = i.opt_int_range("Limit", 1, 50)?.unwrap_or(50) as usize;
     let after = i.opt_str_len("ExclusiveStartTagKey", 1, 128)?;
     let stream = ctx.stream(&name).await?;
