@@ -666,9 +666,17 @@ impl RaftHost {
         })?);
         let storage = self.inner.storage.clone();
         clear_staging(&storage, group.0).map_err(|e| Status::internal(e.to_string()))?;
+        let mut tally = SnapshotTally::new(first.trailer_follows);
         while let Some(chunk) = chunks.message().await? {
+            if chunk.trailer {
+                tally
+                    .trailer(chunk.rows)
+                    .map_err(Status::invalid_argument)?;
+                continue;
+            }
             let chunk: SnapshotChunk = decode("snapshot chunk", &chunk.data)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            tally.rows(chunk.len()).map_err(Status::invalid_argument)?;
             let (storage, held) = (storage.clone(), receiving.clone());
             tokio::task::spawn_blocking(move || {
                 let _held = held;
@@ -678,6 +686,9 @@ impl RaftHost {
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::internal(e.to_string()))?;
         }
+        tally
+            .complete()
+            .map_err(|e| Status::aborted(format!("snapshot of group {group}: {e}")))?;
         let snapshot = Snapshot {
             meta: header.meta,
             snapshot: GroupSnapshot {
@@ -697,6 +708,58 @@ impl RaftHost {
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(encode(&resp.vote))
+    }
+}
+
+/// What a receiver checks before installing a snapshot: a sender that
+/// announced a trailer must end with one counting every row it sent (a
+/// sender whose read failed ends the stream early and cleanly, and the rows
+/// that did arrive must not be installed as the whole group). Senders that
+/// predate trailers announce none and are taken as before.
+#[derive(Debug)]
+struct SnapshotTally {
+    trailer_expected: bool,
+    rows: u64,
+    trailer: Option<u64>,
+}
+
+impl SnapshotTally {
+    fn new(trailer_expected: bool) -> Self {
+        SnapshotTally {
+            trailer_expected,
+            rows: 0,
+            trailer: None,
+        }
+    }
+
+    fn rows(&mut self, n: usize) -> Result<(), String> {
+        if self.trailer.is_some() {
+            return Err("rows arrived after the snapshot trailer".into());
+        }
+        self.rows += n as u64;
+        Ok(())
+    }
+
+    fn trailer(&mut self, rows: u64) -> Result<(), String> {
+        if self.trailer.replace(rows).is_some() {
+            return Err("a second snapshot trailer".into());
+        }
+        Ok(())
+    }
+
+    /// Whether the stream that just ended holds the whole snapshot.
+    fn complete(&self) -> Result<(), String> {
+        match (self.trailer_expected, self.trailer) {
+            (_, Some(sent)) if sent != self.rows => Err(format!(
+                "the sender counted {sent} rows, {} arrived",
+                self.rows
+            )),
+            (true, None) => Err(format!(
+                "the stream ended without its trailer after {} rows: the sender stopped early",
+                self.rows
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -791,5 +854,42 @@ impl RaftTransport for RaftService {
     ) -> Result<Response<SnapshotReply>, Status> {
         let vote = self.host.receive_snapshot(request.into_inner()).await?;
         Ok(Response::new(SnapshotReply { vote: vote.into() }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SnapshotTally;
+
+    #[test]
+    fn a_snapshot_stream_is_whole_only_with_a_matching_trailer() {
+        let mut whole = SnapshotTally::new(true);
+        whole.rows(3).unwrap();
+        whole.rows(2).unwrap();
+        whole.trailer(5).unwrap();
+        assert!(whole.complete().is_ok());
+
+        // The sender's read failed: the stream ended without a trailer.
+        let mut cut = SnapshotTally::new(true);
+        cut.rows(3).unwrap();
+        assert!(cut.complete().unwrap_err().contains("without its trailer"));
+
+        let mut short = SnapshotTally::new(true);
+        short.rows(3).unwrap();
+        short.trailer(5).unwrap();
+        assert!(short
+            .complete()
+            .unwrap_err()
+            .contains("counted 5 rows, 3 arrived"));
+
+        let mut late = SnapshotTally::new(true);
+        late.trailer(0).unwrap();
+        assert!(late.rows(1).is_err());
+        assert!(late.trailer(0).is_err());
+
+        // A sender from before trailers is taken as it was.
+        let mut old = SnapshotTally::new(false);
+        old.rows(3).unwrap();
+        assert!(old.complete().is_ok());
     }
 }

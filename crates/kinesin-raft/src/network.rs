@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::state_machine::GroupSnapshot;
+use crate::state_machine::{GroupSnapshot, SnapshotChunk};
 use crate::types::{decode, encode, Snapshot, SnapshotMeta, TypeConfig, Vote};
 
 pub(crate) use kinesin_proto::MAX_MESSAGE_BYTES;
@@ -411,7 +411,8 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         let first = WireChunk {
             group,
             header: header.into(),
-            data: Default::default(),
+            trailer_follows: true,
+            ..Default::default()
         };
         tx.send(first)
             .await
@@ -423,11 +424,13 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
         let reader = {
             let (sent, done) = (sent.clone(), done.clone());
             tokio::task::spawn_blocking(move || {
+                let mut rows = 0;
                 data.for_each_chunk(|chunk| {
+                    rows += chunk.len() as u64;
                     let wire = WireChunk {
                         group,
-                        header: Default::default(),
                         data: encode(&chunk).into(),
+                        ..Default::default()
                     };
                     let len = wire.data.len() as u64;
                     tx.blocking_send(wire)
@@ -435,6 +438,17 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
                     sent.fetch_add(len, Ordering::Relaxed);
                     Ok(())
                 })?;
+                // Only a sender that read every row says so: a stream that
+                // ends without this is refused, not installed.
+                let trailer = WireChunk {
+                    group,
+                    data: encode(&SnapshotChunk::new()).into(),
+                    trailer: true,
+                    rows,
+                    ..Default::default()
+                };
+                tx.blocking_send(trailer)
+                    .map_err(|_| io::Error::other("snapshot receiver gone"))?;
                 done.store(true, Ordering::Relaxed);
                 Ok::<(), io::Error>(())
             })
