@@ -92,6 +92,12 @@ async fn a_key_value_group_runs_end_to_end_and_installs_on_a_new_replica() {
         matches!(garbage, RouterError::InvalidArgument(_)),
         "{garbage:?}"
     );
+    // The metadata group and shards take no raw proposals.
+    let meta = router
+        .propose(GroupId::META, vec![0xFF], Retry::BeforeProposing)
+        .await
+        .unwrap_err();
+    assert!(matches!(meta, RouterError::InvalidArgument(_)), "{meta:?}");
     let missing = router.read(GroupId(9_999), get("k1")).await.unwrap_err();
     assert!(
         matches!(missing, RouterError::ResourceNotFound(_)),

@@ -457,16 +457,28 @@ fn apply_change(stream: &mut StreamInfo, change: StreamChange) {
 }
 
 impl GroupStateMachine for MetaStateMachine {
-    fn apply(&self, index: u64, command: &[u8], batch: &mut WriteBatch) -> Vec<u8> {
+    fn apply(&self, index: u64, command: &[u8], batch: &mut WriteBatch) -> io::Result<Vec<u8>> {
+        // Every command is proposed by a metadata leader that encoded it
+        // (`Router::meta_write`; `GroupPropose` refuses this group), after
+        // the version gate: one this replica cannot decode was written by a
+        // newer release, and its map must not go on without it.
+        let command = MetaCommand::decode(command).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "metadata command at index {index}: {e}; it was written by a newer release: upgrade this node"
+                ),
+            )
+        })?;
         let mut state = self.working.lock().expect("meta lock");
-        let reply = MetaCommand::decode(command).and_then(|c| Self::apply_command(&mut state, c));
+        let reply = Self::apply_command(&mut state, command);
         state.applied_index = index;
         batch.put_cf(
             self.storage.cf(Cf::StateMachine),
             keys::named_key(GroupId::META.0, STATE_KEY),
             version::encode(&state),
         );
-        encode_reply(&reply)
+        Ok(encode_reply(&reply))
     }
 
     fn publish(&self) {
@@ -502,6 +514,29 @@ mod tests {
     use std::collections::BTreeMap;
 
     use kinesin_types::{NodeId, SequenceNumber, StreamMode};
+
+    #[test]
+    fn a_command_this_replica_cannot_decode_stops_it_instead_of_being_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), kinesin_storage::FsyncPolicy::NeverUnsafe).unwrap();
+        let sm = MetaStateMachine::open(storage).unwrap();
+        let mut batch = WriteBatch::default();
+        let bootstrap = MetaCommand::Bootstrap {
+            cluster_id: "kc-1".into(),
+        };
+        sm.apply(1, &bootstrap.encode(), &mut batch).unwrap();
+        // What a newer release's command looks like here: a variant tag
+        // this release does not have.
+        let err = sm.apply(2, &[0xF0, 0x01], &mut batch).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("index 2"), "{err}");
+        // A command that decodes but is refused is answered, not fatal.
+        let refused = MetaCommand::DeleteStream {
+            name: "nope".into(),
+        };
+        let reply = sm.apply(3, &refused.encode(), &mut batch).unwrap();
+        assert!(crate::command::decode_reply(&reply).is_err());
+    }
 
     fn state_with_stream(shards: u32) -> MetaState {
         let mut state = MetaState {

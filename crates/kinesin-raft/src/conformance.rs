@@ -15,8 +15,8 @@ use crate::types::TypeConfig;
 struct Echo;
 
 impl GroupStateMachine for Echo {
-    fn apply(&self, _index: u64, command: &[u8], _batch: &mut WriteBatch) -> Vec<u8> {
-        command.to_vec()
+    fn apply(&self, _index: u64, command: &[u8], _batch: &mut WriteBatch) -> io::Result<Vec<u8>> {
+        Ok(command.to_vec())
     }
     fn publish(&self) {}
     fn snapshot_state(&self) -> Vec<u8> {

@@ -46,8 +46,12 @@ use crate::types::{
 /// machines. Commands and replies are opaque bytes to the Raft layer.
 pub trait GroupStateMachine: Send + Sync + 'static {
     /// Applies a committed command written at `index`, adding its writes to
-    /// `batch`. Must be deterministic: no clock, no randomness.
-    fn apply(&self, index: u64, command: &[u8], batch: &mut WriteBatch) -> Vec<u8>;
+    /// `batch`, and returns the reply. Must be deterministic: no clock, no
+    /// randomness. An error stops the group on this node (openraft treats
+    /// it as a storage failure): the answer for a command this replica
+    /// cannot apply as its peers do, such as one written by a newer release,
+    /// since skipping it would leave the replica silently different.
+    fn apply(&self, index: u64, command: &[u8], batch: &mut WriteBatch) -> io::Result<Vec<u8>>;
 
     /// Called once the batch of the applies before it is written, so that
     /// in-memory views never run ahead of storage.
@@ -590,9 +594,17 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut replies = Vec::new();
         while let Some((entry, responder)) = entries.try_next().await? {
             let reply = match &entry.payload {
-                EntryPayload::Normal(command) => {
-                    self.inner.apply(entry.log_id.index, &command.0, &mut batch)
-                }
+                EntryPayload::Normal(command) => self
+                    .inner
+                    .apply(entry.log_id.index, &command.0, &mut batch)
+                    .inspect_err(|e| {
+                        tracing::error!(
+                            group = self.group,
+                            index = entry.log_id.index,
+                            error = %e,
+                            "cannot apply a committed command: stopping this replica of the group"
+                        )
+                    })?,
                 EntryPayload::Membership(m) => {
                     applied.membership = StoredMembership::new(Some(entry.log_id), m.clone());
                     Vec::new()

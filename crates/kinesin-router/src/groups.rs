@@ -41,6 +41,7 @@ impl Router {
         command: Vec<u8>,
         retry: Retry,
     ) -> Result<Vec<u8>, RouterError> {
+        self.check_proposable(group)?;
         let candidates = self.group_replicas(group)?;
         self.at_leader(group, &candidates, retry == Retry::Always, |target| {
             let command = command.clone();
@@ -60,6 +61,23 @@ impl Router {
             }
         })
         .await
+    }
+
+    /// Refuses the metadata group and stream shards: their commands are
+    /// encoded by this code only (metadata writes, shard appends), which is
+    /// what lets a replica that cannot decode one stop rather than skip it.
+    pub fn check_proposable(&self, group: GroupId) -> Result<(), RouterError> {
+        let own_calls = group.is_meta()
+            || matches!(
+                self.meta_state().placed_group(group).map(|p| p.owner),
+                Some(kinesin_meta::Owner::Shard { .. })
+            );
+        if own_calls {
+            return Err(RouterError::InvalidArgument(format!(
+                "group {group} takes commands through its own calls, not as proposals"
+            )));
+        }
+        Ok(())
     }
 
     /// Answers `query` at the leader of `group`, linearizably: the answer

@@ -1483,7 +1483,8 @@ mod tests {
         let mut batch = kinesin_storage::WriteBatch::default();
         router
             .meta
-            .apply(1, &MetaCommand::RegisterNode(second).encode(), &mut batch);
+            .apply(1, &MetaCommand::RegisterNode(second).encode(), &mut batch)
+            .unwrap();
         router.meta.publish();
         // Node 2 was not heard from: it may run an older release, which
         // decodes the older commands only.

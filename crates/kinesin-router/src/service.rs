@@ -448,10 +448,12 @@ impl Node for NodeService {
         request: Request<pb::GroupProposeRequest>,
     ) -> Result<Response<pb::GroupProposeResponse>, Status> {
         let r = request.into_inner();
+        let group = GroupId(r.group);
+        self.router.check_proposable(group)?;
         let reply = self
             .router
             .host()
-            .propose(GroupId(r.group), r.command.to_vec())
+            .propose(group, r.command.to_vec())
             .await
             .map_err(RouterError::from)?;
         Ok(Response::new(pb::GroupProposeResponse {

@@ -123,7 +123,7 @@ mod tests {
 
     fn apply(sm: &ShardStateMachine, index: u64, cmd: ShardCommand) -> ShardReply {
         let mut batch = WriteBatch::default();
-        let reply = sm.apply(index, &cmd.encode(), &mut batch);
+        let reply = sm.apply(index, &cmd.encode(), &mut batch).unwrap();
         sm.storage.write(batch).unwrap();
         sm.publish();
         ShardReply::decode(&reply).unwrap()
@@ -209,9 +209,11 @@ mod tests {
             apply(&leader, 4, trim.clone());
             let mut batch = WriteBatch::default();
             for (i, cmd) in appends.iter().enumerate() {
-                follower.apply(i as u64 + 1, &cmd.encode(), &mut batch);
+                follower
+                    .apply(i as u64 + 1, &cmd.encode(), &mut batch)
+                    .unwrap();
             }
-            follower.apply(4, &trim.encode(), &mut batch);
+            follower.apply(4, &trim.encode(), &mut batch).unwrap();
             follower.storage.write(batch).unwrap();
             follower.publish();
             let read = |sm: &ShardStateMachine| {

@@ -191,7 +191,7 @@ impl ShardStateMachine {
 }
 
 impl GroupStateMachine for ShardStateMachine {
-    fn apply(&self, index: u64, command: &[u8], batch: &mut WriteBatch) -> Vec<u8> {
+    fn apply(&self, index: u64, command: &[u8], batch: &mut WriteBatch) -> io::Result<Vec<u8>> {
         let mut stats = self.working.lock().expect("working lock");
         let reply = match ShardCommand::decode(command) {
             Ok(cmd) => self.apply_command(index, cmd, &mut stats, batch),
@@ -202,7 +202,7 @@ impl GroupStateMachine for ShardStateMachine {
             keys::named_key(self.group, STATE_KEY),
             postcard::to_stdvec(&*stats).expect("encoding to a Vec cannot fail"),
         );
-        reply.encode()
+        Ok(reply.encode())
     }
 
     fn publish(&self) {

@@ -72,14 +72,14 @@ impl KvStateMachine {
 }
 
 impl GroupStateMachine for KvStateMachine {
-    fn apply(&self, _index: u64, command: &[u8], batch: &mut WriteBatch) -> Vec<u8> {
+    fn apply(&self, _index: u64, command: &[u8], batch: &mut WriteBatch) -> io::Result<Vec<u8>> {
         let rows = self.storage.cf(Cf::Rows);
         match postcard::from_bytes(command) {
             Ok(KvCommand::Put { key, value }) => batch.put_cf(rows, self.row(&key), value),
             Ok(KvCommand::Delete { key }) => batch.delete_cf(rows, self.row(&key)),
             Err(_) => {}
         }
-        Vec::new()
+        Ok(Vec::new())
     }
 
     fn publish(&self) {}

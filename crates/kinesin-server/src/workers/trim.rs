@@ -58,18 +58,20 @@ mod tests {
 
     fn append(sm: &ShardStateMachine, storage: &Storage, index: u64, arrival_ms: u64) -> u128 {
         let mut batch = WriteBatch::default();
-        let reply = sm.apply(
-            index,
-            &ShardCommand::Append {
-                arrival_ms,
-                records: vec![NewRecord {
-                    partition_key: "k".into(),
-                    data: vec![1],
-                }],
-            }
-            .encode(),
-            &mut batch,
-        );
+        let reply = sm
+            .apply(
+                index,
+                &ShardCommand::Append {
+                    arrival_ms,
+                    records: vec![NewRecord {
+                        partition_key: "k".into(),
+                        data: vec![1],
+                    }],
+                }
+                .encode(),
+                &mut batch,
+            )
+            .unwrap();
         storage.write(batch).unwrap();
         sm.publish();
         match ShardReply::decode(&reply).unwrap() {
