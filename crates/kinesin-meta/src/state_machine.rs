@@ -6,7 +6,6 @@ use std::io;
 use std::sync::{Arc, Mutex};
 
 use kinesin_raft::GroupStateMachine;
-use kinesin_storage::data_version::DATA_VERSION;
 use kinesin_storage::{keys, Cf, Storage, WriteBatch};
 use kinesin_types::{
     GroupId, HashKeyRange, ShardId, ShardInfo, ShardState, StreamInfo, StreamName, StreamSettings,
@@ -37,7 +36,8 @@ impl MetaStateMachine {
             Some(v) => {
                 let decoded = version::decode(&v)
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                if decoded.version != DATA_VERSION {
+                let to = version::written_version(&decoded.state);
+                if decoded.version != to {
                     let mut batch = WriteBatch::default();
                     batch.put_cf(
                         storage.cf(Cf::StateMachine),
@@ -47,7 +47,7 @@ impl MetaStateMachine {
                     storage.write_durable(batch).map_err(io::Error::other)?;
                     tracing::info!(
                         from = decoded.version,
-                        to = DATA_VERSION,
+                        to,
                         "upgraded the stored metadata map"
                     );
                 }

@@ -40,11 +40,29 @@ pub struct Decoded {
     pub version: u32,
 }
 
+/// The version a state is written in: the oldest that holds it, so that a
+/// node of an older release can still read the snapshots a newer one builds
+/// during a rolling upgrade, until the map uses what only the newer has.
+pub fn written_version(state: &MetaState) -> u32 {
+    if state.groups.is_empty() {
+        2
+    } else {
+        DATA_VERSION
+    }
+}
+
 pub fn encode(state: &MetaState) -> Vec<u8> {
+    let version = written_version(state);
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&DATA_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     postcard::to_io(state, &mut out).expect("encoding to a Vec cannot fail");
+    if version == 2 {
+        // Version 2 is version 3 without the empty `groups` at the end
+        // (one 0 byte; see `upgrade_v2`).
+        let empty_groups = out.pop();
+        debug_assert_eq!(empty_groups, Some(0));
+    }
     out
 }
 
@@ -146,12 +164,14 @@ mod tests {
     }
 
     #[test]
-    fn the_current_encoding_round_trips_with_its_version() {
+    fn a_map_is_written_in_the_oldest_version_that_holds_it() {
+        // Without groups: byte for byte what version 2 wrote, so a node of
+        // that release reads the snapshots of an upgraded one.
         let state = sample();
         let bytes = encode(&state);
-        assert_eq!(&bytes[..4], &MAGIC);
+        assert_eq!(hex::encode(&bytes), SAMPLE_V2_HEX);
         let decoded = decode(&bytes).unwrap();
-        assert_eq!(decoded.version, DATA_VERSION);
+        assert_eq!(decoded.version, 2);
         assert_eq!(decoded.state, state);
     }
 
