@@ -8,15 +8,16 @@ mod clients;
 mod error;
 mod groups;
 pub mod liveness;
+mod records;
 mod router;
 mod service;
+mod streams;
 mod throttle;
 
 pub use error::RouterError;
 pub use groups::Retry;
-pub use router::{
-    now_ms, set_clock_skew_ms, wall_clock, AppendOutcome, LocalShards, ReadRequest, RecordIn,
-    Router, RouterConfig, StreamOptions,
-};
+pub use records::{AppendOutcome, ReadRequest, RecordIn};
+pub use router::{now_ms, set_clock_skew_ms, wall_clock, LocalShards, Router, RouterConfig};
 pub use service::NodeService;
+pub use streams::StreamOptions;
 pub use throttle::ShardLimits;

@@ -12,9 +12,8 @@ use kinesin_types::{GroupId, NodeId, ShardState, StreamMode};
 use tonic::{Request, Response, Status};
 
 use crate::error::RouterError;
-use crate::router::{
-    decode_start, encode_read, stored_to_pb, ReadRequest, RecordIn, Router, Target,
-};
+use crate::records::{decode_start, encode_read, stored_to_pb, ReadRequest, RecordIn};
+use crate::router::{Router, Target};
 use crate::{AppendOutcome, StreamOptions};
 
 use kinesin_proto::MAX_MESSAGE_BYTES;
