@@ -5,6 +5,7 @@
 mod command;
 mod names;
 mod placement;
+pub mod reshard;
 mod state;
 mod state_machine;
 mod version;

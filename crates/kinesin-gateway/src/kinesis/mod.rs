@@ -11,12 +11,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use base64::Engine;
-use kinesin_meta::{MetaCommand, NewShard, StreamChange};
+use kinesin_meta::{MetaCommand, StreamChange};
 use kinesin_router::{AppendOutcome, ReadRequest, RecordIn, Router, RouterError, StreamOptions};
 use kinesin_shard::ReadStart;
 use kinesin_types::{
-    HashKey, HashKeyRange, SequenceNumber, ShardId, ShardInfo, ShardState, StreamInfo, StreamMode,
-    StreamStatus, DEFAULT_MAX_RECORD_BYTES, MAX_RECORD_BYTES_LIMIT,
+    HashKey, SequenceNumber, ShardId, ShardInfo, ShardState, StreamInfo, StreamMode, StreamStatus,
+    DEFAULT_MAX_RECORD_BYTES, MAX_RECORD_BYTES_LIMIT,
 };
 use serde_json::{json, Map, Value};
 
