@@ -3,8 +3,10 @@
 use kinesin_types::NodeId;
 use tonic::{Code, Status};
 
-/// Errors named by their AWS Kinesis error names where one fits, so that the
-/// gateway maps them one to one.
+/// What went wrong below the API, named for what happened rather than for
+/// any service: each service's error table in the gateway gives them the
+/// names its clients know (`kinesin-gateway/src/error.rs` for Kinesis), and
+/// the native API reports [`RouterError::name`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouterError {
     #[error("{0}")]
