@@ -259,19 +259,22 @@ impl Router {
             })
     }
 
-    /// Waits (at most `limit`) until `stream` is no longer CREATING in this
-    /// node's map, so that a client's first DescribeStream after
-    /// CreateStream finds it ACTIVE. A stream still CREATING then is
-    /// reported as such; the controller keeps working on it.
+    /// Waits (at most `limit`) until `stream` is in this node's map and no
+    /// longer CREATING, so that a client's first DescribeStream after
+    /// CreateStream, through this node, finds it ACTIVE. The applied index
+    /// the leader answered with is waited for first; this also covers a
+    /// node whose replica has not applied the creation for any other
+    /// reason. A stream still CREATING then is reported as such; the
+    /// controller keeps working on it.
     pub(crate) async fn wait_until_created(&self, stream: &str, limit: Duration) {
         let mut changes = self.meta.subscribe();
-        let creating = |state: &MetaState| {
+        let created = |state: &MetaState| {
             state
                 .streams
                 .get(stream)
-                .is_some_and(|s| s.status == StreamStatus::Creating)
+                .is_some_and(|s| s.status != StreamStatus::Creating)
         };
-        let _ = tokio::time::timeout(limit, changes.wait_for(|state| !creating(state))).await;
+        let _ = tokio::time::timeout(limit, changes.wait_for(|state| created(state))).await;
     }
 
     /// Does every open shard of `stream` have a leader that answers? Asks
