@@ -10,8 +10,8 @@ use kinesin_shard::{
     NewRecord, ReadBatch, ReadStart, ShardCommand, ShardRejection, ShardReply, StoredRecord,
 };
 use kinesin_types::{
-    hash_key_for_partition_key, GroupId, HashKey, NodeId, SequenceNumber, ShardId, ShardState,
-    StreamInfo,
+    hash_key_for_partition_key, GroupId, HashKey, NodeId, SequenceNumber, ShardId, ShardInfo,
+    ShardState, StreamInfo,
 };
 
 use crate::error::RouterError;
@@ -61,6 +61,10 @@ pub(crate) enum AppendRoute {
     Closed,
     /// The local map is older than the sender's, or does not know the group.
     MapBehind,
+    /// Open, but a parent it took over from is not sealed yet: appends
+    /// wait, so that every record the parent took for a key comes before
+    /// every record the child takes.
+    ParentsOpen,
 }
 
 pub(crate) fn append_route(state: &MetaState, group: GroupId, epoch: u64) -> AppendRoute {
@@ -74,8 +78,24 @@ pub(crate) fn append_route(state: &MetaState, group: GroupId, epoch: u64) -> App
         None => AppendRoute::MapBehind,
         Some((stream, _)) if stream.epoch < epoch => AppendRoute::MapBehind,
         Some((_, shard)) if shard.state != ShardState::Open => AppendRoute::Closed,
+        Some((stream, shard)) if !parents_sealed(stream, shard) => AppendRoute::ParentsOpen,
         Some(_) => AppendRoute::Open,
     }
+}
+
+/// Whether every shard `shard` was split or merged from is sealed (its last
+/// record is known, and it takes no more).
+fn parents_sealed(stream: &StreamInfo, shard: &ShardInfo) -> bool {
+    [shard.parent, shard.adjacent_parent]
+        .into_iter()
+        .flatten()
+        .all(|parent| {
+            stream
+                .shards
+                .iter()
+                .find(|s| s.shard_id == parent)
+                .is_none_or(|s| s.state == ShardState::Sealed)
+        })
 }
 
 /// The internal RPC for `request` at the leader of `group`.
@@ -376,7 +396,10 @@ impl Router {
     ) -> Result<(), RouterError> {
         let mut changes = self.meta.subscribe();
         let caught_up = |state: &MetaState| {
-            !matches!(append_route(state, group, epoch), AppendRoute::MapBehind)
+            !matches!(
+                append_route(state, group, epoch),
+                AppendRoute::MapBehind | AppendRoute::ParentsOpen
+            )
         };
         if !caught_up(&self.meta.state()) {
             let _ = tokio::time::timeout(MAP_CATCH_UP, changes.wait_for(|s| caught_up(s))).await;
@@ -388,6 +411,9 @@ impl Router {
             ))),
             AppendRoute::MapBehind => Err(RouterError::Unavailable(format!(
                 "this node's map is behind the sender's for {group}"
+            ))),
+            AppendRoute::ParentsOpen => Err(RouterError::Unavailable(format!(
+                "{group} takes appends once the shards it was resharded from are sealed"
             ))),
         }
     }
@@ -528,7 +554,7 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kinesin_types::{HashKeyRange, ShardInfo, StreamName, StreamStatus};
+    use kinesin_types::{HashKeyRange, StreamName, StreamStatus};
 
     fn map_with_shard(epoch: u64, state: ShardState) -> MetaState {
         let shard = ShardInfo {
@@ -577,5 +603,30 @@ mod tests {
             assert_eq!(append_route(&map, GroupId(7), 3), AppendRoute::Closed);
             assert_eq!(append_route(&map, GroupId(7), 4), AppendRoute::Closed);
         }
+    }
+
+    #[test]
+    fn a_child_takes_appends_once_its_parents_are_sealed() {
+        let mut map = map_with_shard(4, ShardState::Sealing);
+        let stream = map.streams.get_mut("s").unwrap();
+        let (low, high) = stream.shards[0].range.split_at(HashKey(1 << 127)).unwrap();
+        for (i, range) in [low, high].into_iter().enumerate() {
+            stream.shards.push(ShardInfo {
+                shard_id: ShardId(i as u32 + 1),
+                group: GroupId(8 + i as u64),
+                range,
+                state: ShardState::Open,
+                parent: Some(ShardId(0)),
+                adjacent_parent: None,
+                generation: 1,
+                replicas: vec![NodeId(1)],
+                ending_sequence: None,
+            });
+        }
+        assert_eq!(append_route(&map, GroupId(8), 4), AppendRoute::ParentsOpen);
+        assert_eq!(append_route(&map, GroupId(7), 4), AppendRoute::Closed);
+        map.streams.get_mut("s").unwrap().shards[0].state = ShardState::Sealed;
+        assert_eq!(append_route(&map, GroupId(8), 4), AppendRoute::Open);
+        assert_eq!(append_route(&map, GroupId(9), 4), AppendRoute::Open);
     }
 }
