@@ -65,6 +65,7 @@ listen_admin = "127.0.0.1:{self.admin_port}"
 shard_heartbeat_ms = 200
 shard_election_min_ms = 1000
 shard_election_max_ms = 2000
+home_account = "{ACCOUNT}"
 {extra}
 [[credentials]]
 access_key_id = "{ACCESS_KEY}"

@@ -48,6 +48,10 @@ pub struct GatewayConfig {
     /// Accepted access keys. Empty: development mode, any request is
     /// accepted and ARNs name account 000000000000.
     pub credentials: Vec<Credential>,
+    /// The account whose streams the map keys by their bare names (those
+    /// made before names were per account, and by the native API and CLI).
+    /// The same on every node.
+    pub home_account: String,
     /// Most open shards the cluster allows.
     pub shard_limit: u32,
     /// How long shard iterators and paging tokens stay valid.
@@ -97,22 +101,12 @@ pub fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, Strin
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-impl GatewayConfig {
-    /// The account whose streams the map keys by their bare names (those
-    /// made before names were per account, and by the native API and CLI):
-    /// the account of the first credentials, or the development account.
-    pub fn home_account(&self) -> &str {
-        self.credentials
-            .first()
-            .map_or(DEV_ACCOUNT_ID, |c| c.account_id.as_str())
-    }
-}
-
 impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
             region: "us-east-1".into(),
             credentials: Vec::new(),
+            home_account: DEV_ACCOUNT_ID.to_string(),
             shard_limit: 10_000,
             iterator_validity_ms: 300_000,
         }
@@ -131,7 +125,8 @@ impl Gateway {
             router: &self.router,
             region: &self.config.region,
             account,
-            home: self.config.home_account(),
+            home: &self.config.home_account,
+            check_arn_accounts: !self.config.credentials.is_empty(),
             shard_limit: self.config.shard_limit,
             validity_ms: self.config.iterator_validity_ms,
             now_ms: kinesin_router::now_ms(),
@@ -207,19 +202,18 @@ async fn handle(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
     let content_type = header("content-type");
-    let (service, protocol, target_op) = match header("x-amz-target").filter(|t| !t.is_empty()) {
-        Some(target) => match service::recognise(target) {
-            Some((service, op)) => (service, service.protocol(content_type), Some(op)),
-            None => {
-                let e = ApiError::unknown_operation(format!("unknown operation {target}"));
-                return refuse_unrecognised(started, &e);
-            }
-        },
-        None => {
-            match service::recognise_query(content_type, auth::signing_service(&parts.headers)) {
-                Ok(service) => (service, Protocol::Query, None),
-                Err(e) => return refuse_unrecognised(started, &e),
-            }
+    let recognised = match header("x-amz-target").filter(|t| !t.is_empty()) {
+        Some(target) => service::recognise(target)
+            .map(|(service, op)| (service, service.protocol(content_type), Some(op)))
+            .ok_or_else(|| ApiError::unknown_operation(format!("unknown operation {target}"))),
+        None => service::recognise_query(content_type, auth::signing_service(&parts.headers))
+            .map(|service| (service, Protocol::Query, None)),
+    };
+    let (service, protocol, target_op) = match recognised {
+        Ok(recognised) => recognised,
+        Err(e) => {
+            drain_small(body).await;
+            return refuse_unrecognised(started, &e);
         }
     };
     let mut op_label = target_op
@@ -237,6 +231,7 @@ async fn handle(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
             return Err(e);
         }
         if parts.method != Method::POST {
+            drain_small(body).await;
             return Err(ApiError::unknown_operation(format!(
                 "{} is not supported; AWS API calls are POST requests",
                 parts.method

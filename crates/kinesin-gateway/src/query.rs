@@ -75,6 +75,13 @@ impl Node {
     }
 }
 
+/// Most parts in one parameter name (`A.member.1.B…`): the deepest AWS
+/// query shapes need a dozen; the bound keeps the recursive decoding of
+/// hostile input off the end of the stack.
+const MAX_NAME_PARTS: usize = 32;
+/// Most parameters in one request.
+const MAX_PARAMETERS: usize = 10_000;
+
 fn malformed(message: impl Into<String>) -> ApiError {
     ApiError::new("MalformedQueryString", StatusCode::BAD_REQUEST, message)
 }
@@ -83,7 +90,12 @@ fn malformed(message: impl Into<String>) -> ApiError {
 pub fn decode(body: &[u8]) -> Result<QueryRequest, ApiError> {
     let mut root = Node::default();
     let mut action = None;
-    for (key, value) in form_urlencoded::parse(body) {
+    for (n, (key, value)) in form_urlencoded::parse(body).enumerate() {
+        if n == MAX_PARAMETERS {
+            return Err(malformed(format!(
+                "the request has more than {MAX_PARAMETERS} parameters"
+            )));
+        }
         match key.as_ref() {
             "Action" => {
                 action = Some(value.into_owned());
@@ -91,6 +103,11 @@ pub fn decode(body: &[u8]) -> Result<QueryRequest, ApiError> {
             }
             "Version" => continue,
             _ => {}
+        }
+        if key.split('.').count() > MAX_NAME_PARTS {
+            return Err(malformed(format!(
+                "the parameter name '{key}' has more than {MAX_NAME_PARTS} parts"
+            )));
         }
         let mut node = &mut root;
         for part in key.split('.') {
@@ -377,6 +394,13 @@ mod tests {
                 "{form}: {e:?}"
             );
         }
+        // Hostile sizes are refused before the recursive decoding.
+        let deep = format!("Action=X&{}=1", vec!["a"; 33].join("."));
+        let e = decode(deep.as_bytes()).unwrap_err();
+        assert!(e.message.contains("more than 32 parts"), "{e:?}");
+        let many: String = (0..10_001).map(|i| format!("&a{i}=1")).collect();
+        let e = decode(format!("Action=X{many}").as_bytes()).unwrap_err();
+        assert!(e.message.contains("more than 10000 parameters"), "{e:?}");
     }
 
     #[test]

@@ -50,8 +50,12 @@ pub struct ReadRequest {
 /// The longest a read may wait at the leader for new records.
 pub const MAX_READ_WAIT: Duration = Duration::from_secs(2);
 
-/// How long a shard leader waits for its map to reach a sender's epoch.
-pub(crate) const MAP_CATCH_UP: Duration = Duration::from_secs(1);
+/// How long a shard leader waits for its map to reach a sender's epoch, or
+/// to show a new shard's parents sealed, before refusing (retryably). Well
+/// under the shortest attempt (`ATTEMPT_MIN`): a refusal must reach the
+/// sender before its attempt times out, or an append nobody proposed would
+/// be reported as of unknown outcome.
+pub(crate) const MAP_CATCH_UP: Duration = Duration::from_millis(250);
 
 /// What the local map says about an append to a group routed at a map epoch.
 #[derive(Debug, PartialEq, Eq)]

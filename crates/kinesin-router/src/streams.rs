@@ -149,7 +149,14 @@ impl Router {
         }
     }
 
+    /// Proposes an encoded metadata command on this node, the metadata
+    /// leader. Bytes from another node are decoded and version-checked
+    /// first: a command a replica cannot apply would stop it, so only
+    /// commands every node can decode are ever proposed.
     pub(crate) async fn meta_write_local(&self, command: Vec<u8>) -> Result<(), RouterError> {
+        let decoded = MetaCommand::decode(&command)
+            .map_err(|e| RouterError::InvalidArgument(e.to_string()))?;
+        self.check_cluster_decodes(&decoded)?;
         let reply = self.host.propose(GroupId::META, command).await?;
         decode_reply(&reply)?;
         Ok(())

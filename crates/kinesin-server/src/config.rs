@@ -55,6 +55,12 @@ pub struct Config {
     /// Access keys the AWS API accepts (SigV4). None: development mode, any
     /// credentials are accepted, and the node says so at start-up.
     pub credentials: Vec<kinesin_gateway::Credential>,
+    /// The account whose streams are named without an account in the
+    /// cluster map: those made before names were per account, and by the
+    /// CLI and native API. Default: the credentials' account when they all
+    /// name one; required when they name several. Must be the same on every
+    /// node.
+    pub home_account: Option<String>,
     /// Most open shards the cluster allows (CreateStream, DescribeLimits).
     pub shard_limit: u32,
     /// How long shard iterators and paging tokens stay valid (AWS: 300).
@@ -114,6 +120,7 @@ impl Default for Config {
             tls_key_file: None,
             region: "us-east-1".into(),
             credentials: Vec::new(),
+            home_account: None,
             shard_limit: 10_000,
             iterator_validity_secs: 300,
             shard_write_bytes_per_sec: 0,
@@ -174,6 +181,15 @@ impl Config {
         advertise(self.listen_admin)
     }
 
+    /// The account that owns the streams named without an account
+    /// ([`Config::home_account`]'s field doc).
+    pub fn home_account(&self) -> String {
+        self.home_account
+            .clone()
+            .or_else(|| self.credentials.first().map(|c| c.account_id.clone()))
+            .unwrap_or_else(|| kinesin_gateway::DEV_ACCOUNT_ID.to_string())
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.node_id == 0 {
@@ -212,6 +228,26 @@ impl Config {
                 return bad(format!(
                     "credential {}: account_id must be 12 digits, not {:?}",
                     c.access_key_id, c.account_id
+                ));
+            }
+        }
+        if let Some(home) = &self.home_account {
+            if home.len() != 12 || !home.bytes().all(|b| b.is_ascii_digit()) {
+                return bad(format!("home_account must be 12 digits, not {home:?}"));
+            }
+        } else {
+            let mut accounts: Vec<&str> = self
+                .credentials
+                .iter()
+                .map(|c| c.account_id.as_str())
+                .collect();
+            accounts.sort_unstable();
+            accounts.dedup();
+            if accounts.len() > 1 {
+                return bad(format!(
+                    "the credentials name {} accounts ({}): set home_account to the one that owns the streams the CLI and native API name (and that existed before names were per account)",
+                    accounts.len(),
+                    accounts.join(", ")
                 ));
             }
         }
@@ -281,6 +317,34 @@ mod tests {
                 "shard_snapshot_every must be at least 100",
             ),
         ];
+        let credential = |key: &str, account: &str| kinesin_gateway::Credential {
+            access_key_id: key.into(),
+            secret_access_key: "s".into(),
+            account_id: account.into(),
+        };
+        let two_accounts = Config {
+            credentials: vec![
+                credential("A", "111111111111"),
+                credential("B", "222222222222"),
+            ],
+            ..Config::default()
+        };
+        let cases = cases.into_iter().chain([
+            (two_accounts.clone(), "set home_account"),
+            (
+                Config {
+                    home_account: Some("12".into()),
+                    ..Config::default()
+                },
+                "home_account must be 12 digits",
+            ),
+        ]);
+        assert!(Config {
+            home_account: Some("222222222222".into()),
+            ..two_accounts
+        }
+        .validate()
+        .is_ok());
         for (config, explained) in cases {
             let error = config.validate().unwrap_err().to_string();
             assert!(error.contains(explained), "{error}");

@@ -203,6 +203,7 @@ impl Node {
             kinesin_gateway::GatewayConfig {
                 region: config.region.clone(),
                 credentials: config.credentials.clone(),
+                home_account: config.home_account(),
                 shard_limit: config.shard_limit,
                 iterator_validity_ms: config.iterator_validity_secs * 1000,
             },

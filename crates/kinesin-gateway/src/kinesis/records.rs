@@ -158,7 +158,8 @@ pub(super) fn find_shard<'s>(
         .ok_or_else(|| {
             ApiError::not_found(format!(
                 "Shard {shard_text} in stream {} under account {} does not exist",
-                stream.name, ctx.account
+                ctx.display(stream.name.as_str()),
+                ctx.account
             ))
         })
 }

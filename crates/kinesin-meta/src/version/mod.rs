@@ -44,10 +44,13 @@ pub struct Decoded {
 /// node of an older release can still read the snapshots a newer one builds
 /// during a rolling upgrade, until the map uses what only the newer has.
 pub fn written_version(state: &MetaState) -> u32 {
-    if state.groups.is_empty() {
-        2
-    } else {
+    // Version 3 added groups and stream keys qualified by their account
+    // (`<account>:<name>`), which a version-2 node would show to everyone.
+    let needs_3 = !state.groups.is_empty() || state.streams.keys().any(|k| k.contains(':'));
+    if needs_3 {
         DATA_VERSION
+    } else {
+        2
     }
 }
 
@@ -173,6 +176,15 @@ mod tests {
         let decoded = decode(&bytes).unwrap();
         assert_eq!(decoded.version, 2);
         assert_eq!(decoded.state, state);
+        // A stream of another account than the home account needs 3.
+        let mut qualified = state.clone();
+        let orders = qualified.streams["orders"].clone();
+        qualified
+            .streams
+            .insert("210987654321:orders".to_string(), orders);
+        let decoded = decode(&encode(&qualified)).unwrap();
+        assert_eq!(decoded.version, DATA_VERSION);
+        assert_eq!(decoded.state, qualified);
     }
 
     /// `sample()` as the last release before versioning stored it (the bare
