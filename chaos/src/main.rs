@@ -131,10 +131,11 @@ fn plan(matrix: &str, seeds: std::ops::Range<u64>, common: &Common) -> Vec<Plann
         ] {
             runs.push(mk(s, seed, 20, 3, None));
         }
-        // 60 s, not 30: the broken build loses records only when a client
+        // 90 s, not 30: the broken build loses records only when a client
         // writes through the isolated leader to a shard it leads, and in 30 s
-        // one CI run of 2 (2026-12-01) saw too few such writes to lose any.
-        runs.push(mk("isolate-leader", 7, 60, 3, Some(Broken::UnsafeAck)));
+        // one CI run of 2 (2026-12-01) saw too few such writes to lose any,
+        // and a 60 s run caught a single loss.
+        runs.push(mk("isolate-leader", 7, 90, 3, Some(Broken::UnsafeAck)));
         runs.push(mk("power-fail", 7, 30, 3, Some(Broken::NoFsync)));
     } else {
         for seed in seeds {
