@@ -264,6 +264,7 @@ impl RaftHost {
         };
         if resumed {
             tracing::info!(%group, "finished a snapshot install interrupted by a restart");
+            state_machine.reload()?;
         }
         let log = LogStore::open(storage.clone(), group.0)?;
         let sm = StateMachineStore::new(storage, group.0, state_machine.clone());
@@ -367,7 +368,10 @@ impl RaftHost {
     ) -> Result<Vec<u8>, RaftHostError> {
         let g = self.group(group)?;
         match g.raft.client_write(Command(command)).await {
-            Ok(resp) => Ok(resp.data.0),
+            Ok(resp) => g
+                .state_machine
+                .complete(resp.data.0)
+                .map_err(|detail| RaftHostError::Query { group, detail }),
             // Only a proposal refused before it was appended is known not to
             // have happened; any other failure (entry discarded, the group
             // stopping while waiting, a fatal error) leaves it unknown.
@@ -405,6 +409,21 @@ impl RaftHost {
         g.state_machine
             .query(query)
             .map_err(|detail| RaftHostError::Query { group, detail })
+    }
+
+    /// Answers `query` from this replica's applied state without asking a
+    /// quorum: possibly stale, for hints (is anything there to propose a
+    /// command for?) that a linearizable step follows.
+    pub fn local_query(&self, group: GroupId, query: &[u8]) -> Result<Vec<u8>, RaftHostError> {
+        self.group(group)?
+            .state_machine
+            .query(query)
+            .map_err(|detail| RaftHostError::Query { group, detail })
+    }
+
+    /// The group's change counter ([`GroupStateMachine::changes`]).
+    pub fn changes(&self, group: GroupId) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.group(group).ok()?.state_machine.changes()
     }
 
     pub async fn add_learner(

@@ -75,6 +75,29 @@ pub trait GroupStateMachine: Send + Sync + 'static {
     fn query(&self, _query: &[u8]) -> Result<Vec<u8>, String> {
         Err("this group kind answers no queries".into())
     }
+
+    /// Turns the reply of a command this leader applied into the answer its
+    /// proposer gets, reading what apply may not (rows written by earlier
+    /// applies, such as the bodies of messages a receive took). Runs on the
+    /// leader after the reply's batch was written.
+    fn complete(&self, reply: Vec<u8>) -> Result<Vec<u8>, String> {
+        Ok(reply)
+    }
+
+    /// Rebuilds in-memory state from storage once an installed snapshot's
+    /// rows are in place (after the install, or at a start that finished an
+    /// interrupted one): [`GroupStateMachine::restore`] runs before they
+    /// arrive.
+    fn reload(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// A counter that moves whenever published state may have changed, for
+    /// callers that wait for it (a queue's long polls); None if the kind
+    /// keeps none.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// The rows (keyed by group id, in column families other than the state
@@ -705,7 +728,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         if let SnapshotRows::Mutable { .. } = rows {
             self.prune_copies(index)?;
         }
-        Ok(())
+        self.inner.reload()
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {

@@ -4,7 +4,7 @@
 //! by every assigned node's reconciler).
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kinesin_meta::{place_replicas, MetaCommand, MetaState};
 use kinesin_proto::v1 as pb;
@@ -25,6 +25,19 @@ pub enum Retry {
     BeforeProposing,
     /// Applying the command twice is harmless: retry on any failure.
     Always,
+}
+
+/// How often a leader waiting for a group to be ready asks again without a
+/// change: readiness can also come with time (a message's delay ends).
+const READY_RECHECK: Duration = Duration::from_millis(100);
+
+/// `bytes` with the clock `now_ms` before them, as stamped commands and
+/// queries arrive at a state machine.
+pub fn stamp(now_ms: u64, bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + bytes.len());
+    out.extend_from_slice(&now_ms.to_be_bytes());
+    out.extend_from_slice(bytes);
+    out
 }
 
 /// Longest [`Router::create_group`] waits for the new group's leader.
@@ -52,6 +65,7 @@ impl Router {
                         .group_propose(pb::GroupProposeRequest {
                             group: group.0,
                             command: command.into(),
+                            ..Default::default()
                         })
                         .await?
                         .into_inner()
@@ -61,6 +75,105 @@ impl Router {
             }
         })
         .await
+    }
+
+    /// Proposes `command` to `group` with the leader's clock before it (8
+    /// bytes, big-endian ms: see [`stamp`]), so that a kind whose state
+    /// follows time reads it from one clock. With `ready`, the leader
+    /// proposes only once the query (stamped the same way) answers
+    /// non-empty from its applied state, woken by the group's change
+    /// counter, and gives up after the wait: `Ok(None)`. The wait must stay
+    /// under a few seconds (one attempt's bound); callers wait longer in
+    /// rounds.
+    pub async fn propose_stamped(
+        &self,
+        group: GroupId,
+        command: Vec<u8>,
+        retry: Retry,
+        ready: Option<(Vec<u8>, Duration)>,
+    ) -> Result<Option<Vec<u8>>, RouterError> {
+        self.check_proposable(group)?;
+        let candidates = self.group_replicas(group)?;
+        let (command, ready) = (&command, &ready);
+        self.at_leader(
+            group,
+            &candidates,
+            retry == Retry::Always,
+            |target| async move {
+                let ready_ref = ready.as_ref().map(|(q, wait)| (&q[..], *wait));
+                match target {
+                    Target::Local => self.propose_here(group, command, true, ready_ref).await,
+                    Target::Remote(mut c) => {
+                        let r = c
+                            .group_propose(pb::GroupProposeRequest {
+                                group: group.0,
+                                command: command.clone().into(),
+                                stamp: true,
+                                ready_query: ready
+                                    .as_ref()
+                                    .map(|(q, _)| q.clone())
+                                    .unwrap_or_default()
+                                    .into(),
+                                wait_ms: ready.as_ref().map_or(0, |(_, w)| {
+                                    u32::try_from(w.as_millis()).unwrap_or(u32::MAX)
+                                }),
+                            })
+                            .await?
+                            .into_inner();
+                        Ok((!r.waited_out).then(|| r.reply.to_vec()))
+                    }
+                }
+            },
+        )
+        .await
+    }
+
+    /// The leader's half of [`Router::propose_stamped`] (and of a plain
+    /// proposal, unstamped and without `ready`).
+    pub(crate) async fn propose_here(
+        &self,
+        group: GroupId,
+        command: &[u8],
+        stamp_it: bool,
+        ready: Option<(&[u8], Duration)>,
+    ) -> Result<Option<Vec<u8>>, RouterError> {
+        let with_clock = |bytes: &[u8]| {
+            if stamp_it {
+                stamp(crate::now_ms(), bytes)
+            } else {
+                bytes.to_vec()
+            }
+        };
+        if let Some((query, wait)) = ready {
+            self.check_leader(group)?;
+            let deadline = Instant::now() + wait;
+            let mut changes = self.host().changes(group);
+            loop {
+                if !self
+                    .host()
+                    .local_query(group, &with_clock(query))?
+                    .is_empty()
+                {
+                    break;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(None);
+                }
+                let tick = tokio::time::sleep(left.min(READY_RECHECK));
+                match changes.as_mut() {
+                    Some(c) => {
+                        tokio::select! {
+                            _ = c.changed() => {}
+                            _ = tick => {}
+                        }
+                    }
+                    None => tick.await,
+                }
+                self.check_leader(group)?;
+            }
+        }
+        Ok(Some(self.host().propose(group, with_clock(command)).await?))
     }
 
     /// Refuses the metadata group and stream shards: their commands are

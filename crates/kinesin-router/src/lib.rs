@@ -15,7 +15,7 @@ mod streams;
 mod throttle;
 
 pub use error::RouterError;
-pub use groups::Retry;
+pub use groups::{stamp, Retry};
 pub use records::{AppendOutcome, ReadRequest, RecordIn};
 pub use router::{now_ms, set_clock_skew_ms, wall_clock, LocalShards, Router, RouterConfig};
 pub use service::NodeService;

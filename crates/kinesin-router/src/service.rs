@@ -449,14 +449,15 @@ impl Node for NodeService {
         let r = request.into_inner();
         let group = GroupId(r.group);
         self.router.check_proposable(group)?;
+        let ready = (!r.ready_query.is_empty())
+            .then(|| (&r.ready_query[..], Duration::from_millis(r.wait_ms.into())));
         let reply = self
             .router
-            .host()
-            .propose(group, r.command.to_vec())
-            .await
-            .map_err(RouterError::from)?;
+            .propose_here(group, &r.command, r.stamp, ready)
+            .await?;
         Ok(Response::new(pb::GroupProposeResponse {
-            reply: reply.into(),
+            waited_out: reply.is_none(),
+            reply: reply.unwrap_or_default().into(),
         }))
     }
 
