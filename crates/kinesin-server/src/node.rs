@@ -85,15 +85,19 @@ pub fn shard_timing(config: &Config) -> TimingProfile {
 
 impl Node {
     /// Opens the data directory, starts the servers, and bootstraps or joins.
-    /// `kinds` are the group kinds (besides stream shards) this node runs
-    /// when the map places one here.
+    /// `kinds` are the group kinds (besides stream shards and the built-in
+    /// SQS queues) this node runs when the map places one here.
     pub async fn start(
         mut config: Config,
         filter: Arc<dyn TransportFilter>,
         timing: (TimingProfile, TimingProfile),
-        kinds: GroupKinds,
+        mut kinds: GroupKinds,
     ) -> anyhow::Result<Node> {
         config.validate()?;
+        kinds.register(
+            kinesin_queue::QUEUE_KIND,
+            Arc::new(kinesin_queue::QueueKind),
+        );
         std::fs::create_dir_all(&config.data_dir).with_context(|| {
             format!("cannot create data directory {}", config.data_dir.display())
         })?;
@@ -206,6 +210,11 @@ impl Node {
                 home_account: config.home_account(),
                 shard_limit: config.shard_limit,
                 iterator_validity_ms: config.iterator_validity_secs * 1000,
+                public_url: format!(
+                    "{}://{}",
+                    if tls.is_some() { "https" } else { "http" },
+                    config.api_address()
+                ),
             },
             tls,
             stop_rx.clone(),

@@ -1,0 +1,150 @@
+//! Commands, queries and replies of a queue group, and what a message is.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A queue's configuration when it is created (the group's config in the
+/// map): its attributes as the gateway validated and completed them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueConfig {
+    pub attributes: BTreeMap<String, String>,
+    pub tags: BTreeMap<String, String>,
+    pub created_ms: u64,
+}
+
+/// A typed message attribute (`MessageAttributes`, or the system attribute
+/// `AWSTraceHeader`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageAttribute {
+    pub name: String,
+    pub data_type: String,
+    pub string_value: Option<String>,
+    #[serde(with = "serde_bytes")]
+    pub binary_value: Vec<u8>,
+}
+
+/// A message as SendMessage gives it, with what the gateway derived from
+/// it (id, digests, sender).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewMessage {
+    pub message_id: String,
+    pub body: String,
+    pub attributes: Vec<MessageAttribute>,
+    pub system_attributes: Vec<MessageAttribute>,
+    pub md5_of_body: String,
+    pub md5_of_attributes: Option<String>,
+    pub md5_of_system_attributes: Option<String>,
+    pub sender_id: String,
+    /// None: the queue's DelaySeconds.
+    pub delay_seconds: Option<u32>,
+    pub group_id: Option<String>,
+    pub dedup_id: Option<String>,
+}
+
+/// A message as its row stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    pub message: NewMessage,
+    pub sent_ms: u64,
+    /// Its place in the queue; for FIFO queues the SequenceNumber.
+    pub seq: u128,
+}
+
+/// What a receipt handle names: a message and the receive that handed it
+/// out (the log index of that receive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handle {
+    pub seq: u128,
+    pub nonce: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QueueCommand {
+    /// Sets the given attributes (validated by the gateway).
+    SetAttributes(BTreeMap<String, String>),
+    Tag(BTreeMap<String, String>),
+    Untag(Vec<String>),
+    Send(Vec<NewMessage>),
+    /// Takes up to `max` visible messages, hiding them for the visibility
+    /// timeout (None: the queue's).
+    Receive {
+        max: u32,
+        visibility_seconds: Option<u32>,
+    },
+    Delete(Vec<Handle>),
+    ChangeVisibility(Vec<(Handle, u32)>),
+    Purge,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QueueQuery {
+    /// Settings, tags and message counts.
+    Info,
+    /// The attributes alone (a map of strings), without counting messages.
+    Settings,
+    /// Answers non-empty when a receive would take a message now.
+    Ready,
+}
+
+/// A sent message, or the earlier one whose deduplication id it repeated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sent {
+    pub message_id: String,
+    pub seq: u128,
+}
+
+/// A message a receive took, before its body was read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Received {
+    pub handle: Handle,
+    pub receive_count: u32,
+    pub first_receive_ms: u64,
+}
+
+/// A received message with its body, as the leader answers the receive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivered {
+    pub received: Received,
+    pub message: StoredMessage,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryError {
+    /// No message of the queue has this receipt's message (deleted,
+    /// expired, or never there).
+    ReceiptHandleIsInvalid,
+    /// ChangeMessageVisibility on a message that is not in flight.
+    MessageNotInflight,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QueueReply {
+    Done,
+    Sent(Vec<Sent>),
+    Received(Vec<Received>),
+    Delivered(Vec<Delivered>),
+    Entries(Vec<Result<(), EntryError>>),
+    /// PurgeQueue within 60 s of the last one.
+    PurgeInProgress,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueInfo {
+    pub attributes: BTreeMap<String, String>,
+    pub tags: BTreeMap<String, String>,
+    pub created_ms: u64,
+    pub modified_ms: u64,
+    pub visible: u64,
+    pub in_flight: u64,
+    pub delayed: u64,
+    pub oldest_sent_ms: Option<u64>,
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("encoding to a Vec cannot fail")
+}
+
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, String> {
+    postcard::from_bytes(bytes).map_err(|e| format!("undecodable queue message: {e}"))
+}
