@@ -61,6 +61,19 @@ impl<'a> Input<'a> {
         Input { map, text: false }
     }
 
+    /// A structure inside this input (a list entry), read as this one is.
+    pub fn child(&self, map: &'a Map<String, Value>) -> Input<'a> {
+        Input {
+            map,
+            text: self.text,
+        }
+    }
+
+    /// The members given, in name order.
+    pub fn keys(&self) -> impl Iterator<Item = &'a String> {
+        self.map.keys()
+    }
+
     /// A scalar given as text, parsed.
     fn parsed<T: std::str::FromStr>(
         &self,

@@ -18,6 +18,7 @@ mod iterator;
 mod kinesis;
 mod query;
 mod service;
+mod sqs;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,6 +57,9 @@ pub struct GatewayConfig {
     pub shard_limit: u32,
     /// How long shard iterators and paging tokens stay valid.
     pub iterator_validity_ms: u64,
+    /// Where clients reach this node's API (`http://host:port`): queue URLs
+    /// start with it.
+    pub public_url: String,
 }
 
 /// PEM certificate chain and private key of the HTTPS endpoint.
@@ -109,6 +113,7 @@ impl Default for GatewayConfig {
             home_account: DEV_ACCOUNT_ID.to_string(),
             shard_limit: 10_000,
             iterator_validity_ms: 300_000,
+            public_url: "http://127.0.0.1:4566".into(),
         }
     }
 }
@@ -129,6 +134,18 @@ impl Gateway {
             check_arn_accounts: !self.config.credentials.is_empty(),
             shard_limit: self.config.shard_limit,
             validity_ms: self.config.iterator_validity_ms,
+            now_ms: kinesin_router::now_ms(),
+        }
+    }
+
+    /// What an SQS handler runs with for a request signed by `account`.
+    fn sqs_context<'a>(&'a self, account: &'a str) -> sqs::Context<'a> {
+        sqs::Context {
+            router: &self.router,
+            region: &self.config.region,
+            account,
+            check_accounts: !self.config.credentials.is_empty(),
+            url_base: &self.config.public_url,
             now_ms: kinesin_router::now_ms(),
         }
     }
@@ -274,6 +291,7 @@ async fn handle(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
         }
         let value = match service.name {
             "kinesis" => kinesis::call(&ctx, &op_name, &input, protocol).await?,
+            "sqs" => sqs::handle(&gw.sqs_context(&account), &op_name, &input, protocol).await?,
             other => unreachable!("service {other} is declared but not dispatched"),
         };
         Ok(Answer::Value(value))
@@ -492,6 +510,8 @@ fn query_shape(service: &Service) -> &QueryShape {
     const NONE: QueryShape = QueryShape {
         xmlns: "",
         maps: &[],
+        flattened: &[],
+        flattened_maps: &[],
     };
     service.query.as_ref().unwrap_or(&NONE)
 }

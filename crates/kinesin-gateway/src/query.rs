@@ -29,6 +29,13 @@ pub struct QueryShape {
     pub xmlns: &'static str,
     /// Response members that are maps.
     pub maps: &'static [&'static str],
+    /// List members written as one element of the member's name per item,
+    /// without a wrapper (SQS's `<QueueUrl>`, `<Message>`).
+    pub flattened: &'static [&'static str],
+    /// Map members written as one element of the member's name per entry,
+    /// holding the key and value elements named here (SQS's
+    /// `<Attribute><Name/><Value/></Attribute>`).
+    pub flattened_maps: &'static [(&'static str, &'static str, &'static str)],
 }
 
 /// A decoded query request.
@@ -276,8 +283,28 @@ pub fn encode_error(shape: &QueryShape, code: &str, e: &ApiError, request_id: &s
 }
 
 fn element(shape: &QueryShape, name: &str, value: &Value, out: &mut String) {
+    let flattened_map = shape.flattened_maps.iter().find(|(n, _, _)| *n == name);
     match value {
         Value::Null => {}
+        Value::Array(items) if shape.flattened.contains(&name) => {
+            for item in items {
+                let _ = write!(out, "<{name}>");
+                content(shape, item, out);
+                let _ = write!(out, "</{name}>");
+            }
+        }
+        Value::Object(entries) if flattened_map.is_some() => {
+            let (_, key_name, value_name) = flattened_map.expect("checked");
+            for (key, value) in entries {
+                let _ = write!(
+                    out,
+                    "<{name}><{key_name}>{}</{key_name}><{value_name}>",
+                    escape(key)
+                );
+                content(shape, value, out);
+                let _ = write!(out, "</{value_name}></{name}>");
+            }
+        }
         Value::Object(entries) if shape.maps.contains(&name) => {
             let _ = write!(out, "<{name}>");
             for (key, value) in entries {
@@ -338,6 +365,8 @@ mod tests {
     const SHAPE: QueryShape = QueryShape {
         xmlns: "http://example.com/doc/2010-03-31/",
         maps: &["Attributes"],
+        flattened: &["Url"],
+        flattened_maps: &[("Tag", "Key", "Value")],
     };
 
     fn decoded(form: &str) -> QueryRequest {

@@ -66,7 +66,7 @@ impl Service {
 }
 
 /// Every service of the endpoint.
-pub const SERVICES: &[&Service] = &[&crate::kinesis::SERVICE];
+pub const SERVICES: &[&Service] = &[&crate::kinesis::SERVICE, &crate::sqs::SERVICE];
 
 /// The service and operation an `X-Amz-Target` header names.
 pub fn recognise(target: &str) -> Option<(&'static Service, &str)> {
@@ -152,7 +152,9 @@ mod tests {
         assert_eq!(service.name, "kinesis");
         assert_eq!(service.operation(op), Some("PutRecord"));
         assert_eq!(service.operation("Nope"), None);
-        assert!(recognise("AmazonSQS.SendMessage").is_none());
+        let (service, op) = recognise("AmazonSQS.SendMessage").unwrap();
+        assert_eq!((service.name, op), ("sqs", "SendMessage"));
+        assert!(recognise("AmazonSNS.Publish").is_none());
         assert!(recognise("").is_none());
     }
 
@@ -190,8 +192,11 @@ mod tests {
         // Kinesis speaks no query protocol.
         let e = recognise_query(Some(FORM_CONTENT_TYPE), Some("kinesis")).unwrap_err();
         assert_eq!(e.name, "InvalidAction");
-        let e = recognise_query(Some(FORM_CONTENT_TYPE), None).unwrap_err();
-        assert!(e.message.contains("no service"), "{e:?}");
+        // Unsigned, the one query service (SQS) is meant.
+        let service = recognise_query(Some(FORM_CONTENT_TYPE), None).unwrap();
+        assert_eq!(service.name, "sqs");
+        let service = recognise_query(Some(FORM_CONTENT_TYPE), Some("sqs")).unwrap();
+        assert_eq!(service.name, "sqs");
         // Without an entry in the error table, the query code is the name.
         assert_eq!(
             crate::kinesis::SERVICE.query_code("ResourceNotFoundException"),

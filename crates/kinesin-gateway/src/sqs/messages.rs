@@ -1,0 +1,883 @@
+//! Message operations: send, receive (with long polling), delete, change
+//! visibility, each alone and in batches.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use base64::Engine;
+use kinesin_queue::{
+    Delivered, EntryError, Handle, MessageAttribute, NewMessage, QueueCommand, QueueQuery,
+    QueueReply,
+};
+use kinesin_router::Retry;
+use md5::{Digest, Md5};
+use serde_json::{json, Map, Value};
+
+use super::{invalid_parameter, Context, Queue};
+use crate::error::ApiError;
+use crate::input::Input;
+
+const MAX_BATCH_ENTRIES: usize = 10;
+/// Most bytes of one batch's messages together.
+const MAX_BATCH_BYTES: usize = 1_048_576;
+const MAX_MESSAGE_ATTRIBUTES: usize = 10;
+const MAX_WAIT_SECONDS: i64 = 20;
+const MAX_VISIBILITY_SECONDS: i64 = 43_200;
+/// A long poll asks the leader in rounds of at most this long (one
+/// attempt's bound in the router).
+const WAIT_ROUND: Duration = Duration::from_secs(3);
+/// Receipt handles: a version byte, then group, sequence and nonce.
+const HANDLE_VERSION: u8 = 1;
+
+/// SQS's characters: #x9 | #xA | #xD | #x20 to #xD7FF | #xE000 to #xFFFD |
+/// #x10000 to #x10FFFF.
+fn valid_text(s: &str) -> bool {
+    s.chars().all(|c| {
+        matches!(c, '\u{9}' | '\u{A}' | '\u{D}' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..='\u{10FFFF}')
+    })
+}
+
+fn md5_hex(bytes: &[u8]) -> String {
+    hex::encode(Md5::digest(bytes))
+}
+
+/// MD5 of message attributes as SQS computes it: for each attribute in
+/// name order, its name, data type, a transport byte (1 text, 2 binary)
+/// and value, each length-prefixed (4 bytes, big-endian).
+fn md5_of_attributes(attributes: &[MessageAttribute]) -> Option<String> {
+    if attributes.is_empty() {
+        return None;
+    }
+    let mut sorted: Vec<&MessageAttribute> = attributes.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut buf = Vec::new();
+    let put = |bytes: &[u8], buf: &mut Vec<u8>| {
+        buf.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        buf.extend_from_slice(bytes);
+    };
+    for a in sorted {
+        put(a.name.as_bytes(), &mut buf);
+        put(a.data_type.as_bytes(), &mut buf);
+        match &a.string_value {
+            Some(s) => {
+                buf.push(1);
+                put(s.as_bytes(), &mut buf);
+            }
+            None => {
+                buf.push(2);
+                put(&a.binary_value, &mut buf);
+            }
+        }
+    }
+    Some(md5_hex(&buf))
+}
+
+/// Reads a `MessageAttributes` map; returns the attributes and their
+/// size (names, types and values count toward the message size).
+fn attributes_of(
+    input: &Input<'_>,
+    member: &str,
+) -> Result<(Vec<MessageAttribute>, usize), ApiError> {
+    let Some(map) = input.opt_object(member)? else {
+        return Ok((Vec::new(), 0));
+    };
+    let mut out = Vec::new();
+    let mut size = 0;
+    for name in map.keys() {
+        let value = map.opt_object(name)?.ok_or_else(|| {
+            invalid_parameter(format!("The message attribute '{name}' has no value."))
+        })?;
+        if name.is_empty()
+            || name.len() > 256
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+            || name.starts_with('.')
+            || name.ends_with('.')
+            || name.contains("..")
+        {
+            return Err(invalid_parameter(format!(
+                "The message attribute name '{name}' is invalid: up to 256 characters of A-Z, a-z, 0-9, underscore, hyphen and period (not first, last or twice in a row)."
+            )));
+        }
+        let lower = name.to_ascii_lowercase();
+        if lower.starts_with("aws.") || lower.starts_with("amazon.") {
+            return Err(invalid_parameter(format!(
+                "The message attribute name '{name}' is reserved."
+            )));
+        }
+        let data_type = value.str("DataType").map_err(|_| {
+            invalid_parameter(format!(
+                "The message attribute '{name}' must contain a non-empty attribute type."
+            ))
+        })?;
+        let base = data_type.split('.').next().unwrap_or("");
+        let (string_value, binary_value) = match base {
+            "String" | "Number" => {
+                let s = value.opt_str("StringValue")?.ok_or_else(|| {
+                    invalid_parameter(format!("The message attribute '{name}' with type '{data_type}' must use field 'String'."))
+                })?;
+                if !valid_text(s) {
+                    return Err(invalid_parameter(format!(
+                        "The message attribute '{name}' contains characters outside the allowed set."
+                    )));
+                }
+                if base == "Number" && s.parse::<f64>().is_err() {
+                    return Err(invalid_parameter(format!(
+                        "Can't cast the value of message attribute '{name}' to a number."
+                    )));
+                }
+                (Some(s.to_string()), Vec::new())
+            }
+            "Binary" => {
+                let b = value.opt_str("BinaryValue")?.ok_or_else(|| {
+                    invalid_parameter(format!("The message attribute '{name}' with type 'Binary' must use field 'Binary'."))
+                })?;
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b)
+                    .map_err(|_| invalid_parameter(format!("The binary value of message attribute '{name}' is not base64.")))?;
+                (None, bytes)
+            }
+            _ => {
+                return Err(invalid_parameter(format!(
+                    "The type of message attribute '{name}' is invalid: String, Number or Binary, optionally with a custom suffix."
+                )))
+            }
+        };
+        size += name.len()
+            + data_type.len()
+            + string_value
+                .as_ref()
+                .map_or(binary_value.len(), String::len);
+        out.push(MessageAttribute {
+            name: name.to_string(),
+            data_type: data_type.to_string(),
+            string_value,
+            binary_value,
+        });
+    }
+    if out.len() > MAX_MESSAGE_ATTRIBUTES {
+        return Err(invalid_parameter(format!(
+            "Number of message attributes [{}] exceeds the allowed maximum [{MAX_MESSAGE_ATTRIBUTES}].",
+            out.len()
+        )));
+    }
+    Ok((out, size))
+}
+
+/// One message of SendMessage or an entry of SendMessageBatch, checked
+/// against the queue's kind and settings.
+fn new_message(
+    ctx: &Context<'_>,
+    queue: &Queue,
+    settings: &BTreeMap<String, String>,
+    input: &Input<'_>,
+) -> Result<(NewMessage, usize), ApiError> {
+    let fifo = queue.name.ends_with(".fifo");
+    let body = input.str("MessageBody")?;
+    if body.is_empty() {
+        return Err(invalid_parameter(
+            "The request must contain the parameter MessageBody.",
+        ));
+    }
+    if !valid_text(body) {
+        return Err(ApiError::new(
+            "InvalidMessageContents",
+            StatusCode::BAD_REQUEST,
+            "Invalid characters found. Valid unicode characters are #x9 | #xA | #xD | #x20 to #xD7FF | #xE000 to #xFFFD | #x10000 to #x10FFFF",
+        ));
+    }
+    let delay = input.opt_int_range("DelaySeconds", 0, 900)?;
+    if fifo && delay.is_some_and(|d| d > 0) {
+        return Err(invalid_parameter(
+            "Value for parameter DelaySeconds is invalid. Reason: The request include parameter that is not valid for this queue type.",
+        ));
+    }
+    let (attributes, attributes_size) = attributes_of(input, "MessageAttributes")?;
+    let (system_attributes, _) = attributes_of_system(input)?;
+    let size = body.len() + attributes_size;
+    let max = settings
+        .get("MaximumMessageSize")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_048_576usize);
+    if size > max {
+        return Err(invalid_parameter(format!(
+            "One or more parameters are invalid. Reason: Message must be shorter than {max} bytes."
+        )));
+    }
+    let group_id = input.opt_str("MessageGroupId")?.map(str::to_string);
+    let mut dedup_id = input.opt_str("MessageDeduplicationId")?.map(str::to_string);
+    for (member, value) in [
+        ("MessageGroupId", &group_id),
+        ("MessageDeduplicationId", &dedup_id),
+    ] {
+        if let Some(v) = value {
+            let ok = !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic());
+            if !ok {
+                return Err(invalid_parameter(format!(
+                    "Value {v} for parameter {member} is invalid: 1 to 128 printable ASCII characters."
+                )));
+            }
+        }
+    }
+    if fifo {
+        if group_id.is_none() {
+            return Err(ApiError::new(
+                "MissingParameter",
+                StatusCode::BAD_REQUEST,
+                "The request must contain the parameter MessageGroupId.",
+            ));
+        }
+        if dedup_id.is_none() {
+            if settings
+                .get("ContentBasedDeduplication")
+                .is_some_and(|v| v == "true")
+            {
+                dedup_id = Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+                    body.as_bytes(),
+                )));
+            } else {
+                return Err(invalid_parameter(
+                    "The queue should either have ContentBasedDeduplication enabled or MessageDeduplicationId provided explicitly",
+                ));
+            }
+        }
+    } else if dedup_id.is_some() {
+        return Err(invalid_parameter(
+            "Value for parameter MessageDeduplicationId is invalid. Reason: The request includes a parameter that is not valid for this queue type.",
+        ));
+    }
+    let message = NewMessage {
+        message_id: new_message_id(),
+        body: body.to_string(),
+        md5_of_body: md5_hex(body.as_bytes()),
+        md5_of_attributes: md5_of_attributes(&attributes),
+        md5_of_system_attributes: md5_of_attributes(&system_attributes),
+        attributes,
+        system_attributes,
+        sender_id: ctx.account.to_string(),
+        delay_seconds: delay.map(|d| d as u32),
+        group_id,
+        dedup_id,
+    };
+    Ok((message, size))
+}
+
+/// `MessageSystemAttributes`: only `AWSTraceHeader`, a String.
+fn attributes_of_system(input: &Input<'_>) -> Result<(Vec<MessageAttribute>, usize), ApiError> {
+    let (attributes, size) = attributes_of_unchecked_names(input)?;
+    for a in &attributes {
+        if a.name != "AWSTraceHeader" || a.data_type != "String" {
+            return Err(invalid_parameter(format!(
+                "Message system attribute '{}' is not supported: only AWSTraceHeader, of type String.",
+                a.name
+            )));
+        }
+    }
+    Ok((attributes, size))
+}
+
+fn attributes_of_unchecked_names(
+    input: &Input<'_>,
+) -> Result<(Vec<MessageAttribute>, usize), ApiError> {
+    let Some(map) = input.opt_object("MessageSystemAttributes")? else {
+        return Ok((Vec::new(), 0));
+    };
+    let mut out = Vec::new();
+    for name in map.keys() {
+        let value = map.opt_object(name)?.ok_or_else(|| {
+            invalid_parameter(format!("The system attribute '{name}' has no value."))
+        })?;
+        let data_type = value.str("DataType")?;
+        let s = value.opt_str("StringValue")?.unwrap_or("");
+        out.push(MessageAttribute {
+            name: name.to_string(),
+            data_type: data_type.to_string(),
+            string_value: Some(s.to_string()),
+            binary_value: Vec::new(),
+        });
+    }
+    let size = out
+        .iter()
+        .map(|a| a.name.len() + a.data_type.len() + a.string_value.as_ref().map_or(0, String::len))
+        .sum();
+    Ok((out, size))
+}
+
+fn new_message_id() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// The receipt handle of a received message.
+fn receipt(queue: &Queue, handle: Handle) -> String {
+    let mut b = Vec::with_capacity(33);
+    b.push(HANDLE_VERSION);
+    b.extend_from_slice(&queue.group.0.to_be_bytes());
+    b.extend_from_slice(&handle.seq.to_be_bytes());
+    b.extend_from_slice(&handle.nonce.to_be_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+fn invalid_receipt(handle: &str) -> ApiError {
+    ApiError::new(
+        "ReceiptHandleIsInvalid",
+        StatusCode::BAD_REQUEST,
+        format!("The input receipt handle \"{handle}\" is not a valid receipt handle."),
+    )
+}
+
+/// The message and receive a receipt handle names, if it is one of this
+/// queue's.
+fn parse_receipt(queue: &Queue, handle: &str) -> Result<Handle, ApiError> {
+    let b = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(handle)
+        .map_err(|_| invalid_receipt(handle))?;
+    if b.len() != 33 || b[0] != HANDLE_VERSION {
+        return Err(invalid_receipt(handle));
+    }
+    let group = u64::from_be_bytes(b[1..9].try_into().expect("8 bytes"));
+    if group != queue.group.0 {
+        return Err(invalid_receipt(handle));
+    }
+    Ok(Handle {
+        seq: u128::from_be_bytes(b[9..25].try_into().expect("16 bytes")),
+        nonce: u64::from_be_bytes(b[25..33].try_into().expect("8 bytes")),
+    })
+}
+
+fn sequence_number(seq: u128) -> String {
+    format!("{seq:020}")
+}
+
+/// The entries of a batch call, checked as SQS does: 1 to 10, ids unique
+/// and well-formed.
+fn batch_entries<'a>(input: &Input<'a>) -> Result<Vec<Input<'a>>, ApiError> {
+    let entries = input
+        .opt_array("Entries")?
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if entries.is_empty() {
+        return Err(ApiError::new(
+            "EmptyBatchRequest",
+            StatusCode::BAD_REQUEST,
+            "There should be at least one SendMessageBatchRequestEntry in the request.",
+        ));
+    }
+    if entries.len() > MAX_BATCH_ENTRIES {
+        return Err(ApiError::new(
+            "TooManyEntriesInBatchRequest",
+            StatusCode::BAD_REQUEST,
+            format!(
+                "Maximum number of entries per request are {MAX_BATCH_ENTRIES}. You have sent {}.",
+                entries.len()
+            ),
+        ));
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let Value::Object(map) = entry else {
+            return Err(ApiError::serialization("a batch entry must be a structure"));
+        };
+        let entry = input.child(map);
+        let id = entry.str("Id")?;
+        let ok = !id.is_empty()
+            && id.len() <= 80
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !ok {
+            return Err(ApiError::new(
+                "InvalidBatchEntryId",
+                StatusCode::BAD_REQUEST,
+                "A batch entry id can only contain alphanumeric characters, hyphens and underscores. It can be at most 80 letters long.",
+            ));
+        }
+        if !seen.insert(id) {
+            return Err(ApiError::new(
+                "BatchEntryIdsNotDistinct",
+                StatusCode::BAD_REQUEST,
+                format!("Id {id} repeated."),
+            ));
+        }
+        out.push(entry);
+    }
+    Ok(out)
+}
+
+fn failure(id: &str, e: &ApiError) -> Value {
+    json!({
+        "Id": id,
+        "SenderFault": !e.status.is_server_error(),
+        "Code": e.name,
+        "Message": e.message,
+    })
+}
+
+fn sent_entry(message: &NewMessage, sent: &kinesin_queue::Sent, fifo: bool) -> Map<String, Value> {
+    let mut out = Map::new();
+    out.insert("MessageId".into(), Value::String(sent.message_id.clone()));
+    out.insert(
+        "MD5OfMessageBody".into(),
+        Value::String(message.md5_of_body.clone()),
+    );
+    if let Some(md5) = &message.md5_of_attributes {
+        out.insert("MD5OfMessageAttributes".into(), Value::String(md5.clone()));
+    }
+    if let Some(md5) = &message.md5_of_system_attributes {
+        out.insert(
+            "MD5OfMessageSystemAttributes".into(),
+            Value::String(md5.clone()),
+        );
+    }
+    if fifo {
+        out.insert(
+            "SequenceNumber".into(),
+            Value::String(sequence_number(sent.seq)),
+        );
+    }
+    out
+}
+
+async fn send(
+    ctx: &Context<'_>,
+    queue: &Queue,
+    messages: Vec<NewMessage>,
+) -> Result<Vec<kinesin_queue::Sent>, ApiError> {
+    let count = messages.len();
+    // A send whose outcome is unknown is not repeated here: a standard
+    // queue would hold the message twice. FIFO queues deduplicate, so the
+    // client's own retry is safe there.
+    match ctx
+        .command(queue, &QueueCommand::Send(messages), Retry::BeforeProposing)
+        .await?
+    {
+        QueueReply::Sent(sent) if sent.len() == count => Ok(sent),
+        other => Err(super::internal(format!(
+            "unexpected reply to a send: {other:?}"
+        ))),
+    }
+}
+
+async fn settings(ctx: &Context<'_>, queue: &Queue) -> Result<BTreeMap<String, String>, ApiError> {
+    ctx.query(queue, &QueueQuery::Settings).await
+}
+
+pub(super) async fn send_message(ctx: &Context<'_>, input: &Input<'_>) -> Result<Value, ApiError> {
+    let queue = ctx.queue(input)?;
+    let settings = settings(ctx, &queue).await?;
+    let (message, _) = new_message(ctx, &queue, &settings, input)?;
+    let sent = send(ctx, &queue, vec![message.clone()]).await?;
+    Ok(Value::Object(sent_entry(
+        &message,
+        &sent[0],
+        queue.name.ends_with(".fifo"),
+    )))
+}
+
+pub(super) async fn send_message_batch(
+    ctx: &Context<'_>,
+    input: &Input<'_>,
+) -> Result<Value, ApiError> {
+    let queue = ctx.queue(input)?;
+    let entries = batch_entries(input)?;
+    let settings = settings(ctx, &queue).await?;
+    let mut failed = Vec::new();
+    let mut accepted = Vec::new();
+    let mut total = 0;
+    for entry in &entries {
+        let id = entry.str("Id")?;
+        match new_message(ctx, &queue, &settings, entry) {
+            Ok((message, size)) => {
+                total += size;
+                accepted.push((id, message));
+            }
+            Err(e) => failed.push(failure(id, &e)),
+        }
+    }
+    if total > MAX_BATCH_BYTES {
+        return Err(ApiError::new(
+            "BatchRequestTooLong",
+            StatusCode::BAD_REQUEST,
+            format!("Batch requests cannot be longer than {MAX_BATCH_BYTES} bytes. You have sent {total} bytes."),
+        ));
+    }
+    let mut successful = Vec::new();
+    if !accepted.is_empty() {
+        let messages = accepted.iter().map(|(_, m)| m.clone()).collect();
+        let sent = send(ctx, &queue, messages).await?;
+        let fifo = queue.name.ends_with(".fifo");
+        for ((id, message), sent) in accepted.iter().zip(&sent) {
+            let mut entry = sent_entry(message, sent, fifo);
+            entry.insert("Id".into(), Value::String(id.to_string()));
+            successful.push(Value::Object(entry));
+        }
+    }
+    Ok(json!({ "Successful": successful, "Failed": failed }))
+}
+
+/// Which names of a selection list to keep: `All`, `.*`, exact names and
+/// `prefix.*`.
+fn selected(wanted: &[&str], name: &str) -> bool {
+    wanted.iter().any(|w| {
+        *w == "All"
+            || *w == ".*"
+            || *w == name
+            || w.strip_suffix(".*").is_some_and(|prefix| {
+                name.starts_with(prefix) && name[prefix.len()..].starts_with('.')
+            })
+    })
+}
+
+fn attribute_value(a: &MessageAttribute) -> Value {
+    let mut v = Map::new();
+    v.insert("DataType".into(), Value::String(a.data_type.clone()));
+    match &a.string_value {
+        Some(s) => v.insert("StringValue".into(), Value::String(s.clone())),
+        None => v.insert(
+            "BinaryValue".into(),
+            Value::String(base64::engine::general_purpose::STANDARD.encode(&a.binary_value)),
+        ),
+    };
+    Value::Object(v)
+}
+
+fn message_out(queue: &Queue, d: &Delivered, system: &[&str], wanted_attributes: &[&str]) -> Value {
+    let m = &d.message.message;
+    let mut out = Map::new();
+    out.insert("MessageId".into(), Value::String(m.message_id.clone()));
+    out.insert(
+        "ReceiptHandle".into(),
+        Value::String(receipt(queue, d.received.handle)),
+    );
+    out.insert("MD5OfBody".into(), Value::String(m.md5_of_body.clone()));
+    out.insert("Body".into(), Value::String(m.body.clone()));
+    let mut attrs = Map::new();
+    let mut put = |name: &str, value: String| {
+        if selected(system, name) {
+            attrs.insert(name.to_string(), Value::String(value));
+        }
+    };
+    put("SenderId", m.sender_id.clone());
+    put("SentTimestamp", d.message.sent_ms.to_string());
+    put(
+        "ApproximateReceiveCount",
+        d.received.receive_count.to_string(),
+    );
+    put(
+        "ApproximateFirstReceiveTimestamp",
+        d.received.first_receive_ms.to_string(),
+    );
+    if let Some(g) = &m.group_id {
+        put("MessageGroupId", g.clone());
+    }
+    if let Some(id) = &m.dedup_id {
+        put("MessageDeduplicationId", id.clone());
+        put("SequenceNumber", sequence_number(d.message.seq));
+    }
+    if let Some(trace) = m
+        .system_attributes
+        .iter()
+        .find(|a| a.name == "AWSTraceHeader")
+    {
+        put(
+            "AWSTraceHeader",
+            trace.string_value.clone().unwrap_or_default(),
+        );
+    }
+    if !attrs.is_empty() {
+        out.insert("Attributes".into(), Value::Object(attrs));
+    }
+    let chosen: Vec<MessageAttribute> = m
+        .attributes
+        .iter()
+        .filter(|a| selected(wanted_attributes, &a.name))
+        .cloned()
+        .collect();
+    if let Some(md5) = md5_of_attributes(&chosen) {
+        out.insert("MD5OfMessageAttributes".into(), Value::String(md5));
+        out.insert(
+            "MessageAttributes".into(),
+            Value::Object(
+                chosen
+                    .iter()
+                    .map(|a| (a.name.clone(), attribute_value(a)))
+                    .collect(),
+            ),
+        );
+    }
+    Value::Object(out)
+}
+
+pub(super) async fn receive_message(
+    ctx: &Context<'_>,
+    input: &Input<'_>,
+) -> Result<Value, ApiError> {
+    let queue = ctx.queue(input)?;
+    let max = input
+        .opt_int_range("MaxNumberOfMessages", 1, 10)?
+        .unwrap_or(1) as u32;
+    let visibility = input
+        .opt_int_range("VisibilityTimeout", 0, MAX_VISIBILITY_SECONDS)?
+        .map(|v| v as u32);
+    let wait = match input.opt_int_range("WaitTimeSeconds", 0, MAX_WAIT_SECONDS)? {
+        Some(w) => w as u64,
+        None => settings(ctx, &queue)
+            .await?
+            .get("ReceiveMessageWaitTimeSeconds")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+    };
+    let mut system = input.opt_str_list("AttributeNames")?.unwrap_or_default();
+    system.extend(
+        input
+            .opt_str_list("MessageSystemAttributeNames")?
+            .unwrap_or_default(),
+    );
+    let wanted_attributes = input
+        .opt_str_list("MessageAttributeNames")?
+        .unwrap_or_default();
+    input.opt_str_len("ReceiveRequestAttemptId", 1, 128)?;
+    let command = kinesin_queue::encode(&QueueCommand::Receive {
+        max,
+        visibility_seconds: visibility,
+    });
+    let ready = kinesin_queue::encode(&QueueQuery::Ready);
+    let deadline = Instant::now() + Duration::from_secs(wait);
+    let delivered = loop {
+        let round = deadline
+            .saturating_duration_since(Instant::now())
+            .min(WAIT_ROUND);
+        // A receive is repeated when its outcome is unknown: the messages
+        // it may have taken become visible again after their timeout.
+        let reply = ctx
+            .router
+            .propose_stamped(
+                queue.group,
+                command.clone(),
+                Retry::Always,
+                Some((ready.clone(), round)),
+            )
+            .await
+            .map_err(super::queue_error)?;
+        let delivered = match reply {
+            Some(bytes) => match kinesin_queue::decode(&bytes).map_err(super::internal)? {
+                QueueReply::Delivered(d) => d,
+                other => {
+                    return Err(super::internal(format!(
+                        "unexpected reply to a receive: {other:?}"
+                    )))
+                }
+            },
+            None => Vec::new(),
+        };
+        if !delivered.is_empty() || Instant::now() >= deadline {
+            break delivered;
+        }
+    };
+    let messages: Vec<Value> = delivered
+        .iter()
+        .map(|d| message_out(&queue, d, &system, &wanted_attributes))
+        .collect();
+    if messages.is_empty() {
+        return Ok(json!({}));
+    }
+    Ok(json!({ "Messages": messages }))
+}
+
+fn entry_error(e: EntryError, handle: &str) -> ApiError {
+    match e {
+        EntryError::ReceiptHandleIsInvalid => invalid_receipt(handle),
+        EntryError::MessageNotInflight => ApiError::new(
+            "MessageNotInflight",
+            StatusCode::BAD_REQUEST,
+            "The message referred to is not in flight.",
+        ),
+    }
+}
+
+/// Runs handle-based entries (delete, change visibility) as one command;
+/// entries whose handle does not parse fail alone.
+async fn handle_entries(
+    ctx: &Context<'_>,
+    queue: &Queue,
+    entries: &[(String, String, Option<u32>)],
+    make: impl Fn(Vec<(Handle, Option<u32>)>) -> QueueCommand,
+) -> Result<Vec<Result<(), ApiError>>, ApiError> {
+    let mut results: Vec<Option<Result<(), ApiError>>> = vec![None; entries.len()];
+    let mut parsed = Vec::new();
+    let mut positions = Vec::new();
+    for (i, (_, handle, extra)) in entries.iter().enumerate() {
+        match parse_receipt(queue, handle) {
+            Ok(h) => {
+                parsed.push((h, *extra));
+                positions.push(i);
+            }
+            Err(e) => results[i] = Some(Err(e)),
+        }
+    }
+    if !parsed.is_empty() {
+        match ctx.command(queue, &make(parsed), Retry::Always).await? {
+            QueueReply::Entries(outcomes) => {
+                for (i, outcome) in positions.into_iter().zip(outcomes) {
+                    results[i] = Some(outcome.map_err(|e| entry_error(e, &entries[i].1)));
+                }
+            }
+            other => return Err(super::internal(format!("unexpected reply: {other:?}"))),
+        }
+    }
+    Ok(results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(super::internal("an entry got no outcome".into()))))
+        .collect())
+}
+
+fn delete_command(entries: Vec<(Handle, Option<u32>)>) -> QueueCommand {
+    QueueCommand::Delete(entries.into_iter().map(|(h, _)| h).collect())
+}
+
+fn visibility_command(entries: Vec<(Handle, Option<u32>)>) -> QueueCommand {
+    QueueCommand::ChangeVisibility(
+        entries
+            .into_iter()
+            .map(|(h, s)| (h, s.unwrap_or(0)))
+            .collect(),
+    )
+}
+
+pub(super) async fn delete_message(
+    ctx: &Context<'_>,
+    input: &Input<'_>,
+) -> Result<Value, ApiError> {
+    let queue = ctx.queue(input)?;
+    let handle = input.str("ReceiptHandle")?.to_string();
+    let entries = [(String::new(), handle, None)];
+    let mut results = handle_entries(ctx, &queue, &entries, delete_command).await?;
+    results.remove(0)?;
+    Ok(json!({}))
+}
+
+pub(super) async fn change_message_visibility(
+    ctx: &Context<'_>,
+    input: &Input<'_>,
+) -> Result<Value, ApiError> {
+    let queue = ctx.queue(input)?;
+    let handle = input.str("ReceiptHandle")?.to_string();
+    let seconds = visibility_of(input)?;
+    let entries = [(String::new(), handle, Some(seconds))];
+    let mut results = handle_entries(ctx, &queue, &entries, visibility_command).await?;
+    results.remove(0)?;
+    Ok(json!({}))
+}
+
+fn visibility_of(input: &Input<'_>) -> Result<u32, ApiError> {
+    input
+        .opt_int_range("VisibilityTimeout", 0, MAX_VISIBILITY_SECONDS)?
+        .map(|v| v as u32)
+        .ok_or_else(|| {
+            ApiError::new(
+                "MissingParameter",
+                StatusCode::BAD_REQUEST,
+                "The request must contain the parameter VisibilityTimeout.",
+            )
+        })
+}
+
+async fn batch_of_handles(
+    ctx: &Context<'_>,
+    input: &Input<'_>,
+    with_visibility: bool,
+) -> Result<Value, ApiError> {
+    let queue = ctx.queue(input)?;
+    let mut entries = Vec::new();
+    let mut failed = Vec::new();
+    for entry in batch_entries(input)? {
+        let id = entry.str("Id")?.to_string();
+        let handle = entry.str("ReceiptHandle")?.to_string();
+        let seconds = if with_visibility {
+            match visibility_of(&entry) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    failed.push(failure(&id, &e));
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        entries.push((id, handle, seconds));
+    }
+    let make = if with_visibility {
+        visibility_command
+    } else {
+        delete_command
+    };
+    let results = handle_entries(ctx, &queue, &entries, make).await?;
+    let mut successful = Vec::new();
+    for ((id, _, _), result) in entries.iter().zip(results) {
+        match result {
+            Ok(()) => successful.push(json!({ "Id": id })),
+            Err(e) => failed.push(failure(id, &e)),
+        }
+    }
+    Ok(json!({ "Successful": successful, "Failed": failed }))
+}
+
+pub(super) async fn delete_message_batch(
+    ctx: &Context<'_>,
+    input: &Input<'_>,
+) -> Result<Value, ApiError> {
+    batch_of_handles(ctx, input, false).await
+}
+
+pub(super) async fn change_message_visibility_batch(
+    ctx: &Context<'_>,
+    input: &Input<'_>,
+) -> Result<Value, ApiError> {
+    batch_of_handles(ctx, input, true).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attribute_digests_match_what_aws_sdks_compute() {
+        // The body digest of "hello" and an attribute digest computed by
+        // the algorithm the AWS SDKs check against.
+        assert_eq!(md5_hex(b"hello"), "5d41402abc4b2a76b9719d911017c592");
+        let a = MessageAttribute {
+            name: "a".into(),
+            data_type: "String".into(),
+            string_value: Some("b".into()),
+            binary_value: Vec::new(),
+        };
+        let mut buf = Vec::new();
+        buf.extend_from_slice(&[0, 0, 0, 1, b'a', 0, 0, 0, 6]);
+        buf.extend_from_slice(b"String");
+        buf.extend_from_slice(&[1, 0, 0, 0, 1, b'b']);
+        assert_eq!(md5_of_attributes(&[a]), Some(md5_hex(&buf)));
+        assert_eq!(md5_of_attributes(&[]), None);
+    }
+
+    #[test]
+    fn selections_take_all_names_and_prefixes() {
+        assert!(selected(&["All"], "x"));
+        assert!(selected(&["a.*"], "a.b"));
+        assert!(!selected(&["a.*"], "ab"));
+        assert!(selected(&["x"], "x"));
+        assert!(!selected(&[], "x"));
+    }
+}

@@ -1,0 +1,461 @@
+//! Queue operations: create, find, list, delete, attributes, purge, tags.
+
+use std::collections::BTreeMap;
+
+use axum::http::StatusCode;
+use kinesin_queue::{QueueCommand, QueueConfig, QueueInfo, QueueQuery, QueueReply};
+use kinesin_router::Retry;
+use serde_json::{json, Map, Value};
+
+use super::{group_name, invalid_parameter, no_queue, Context, Queue};
+use crate::error::ApiError;
+use crate::input::Input;
+
+const MAX_QUEUE_NAME: usize = 80;
+const MAX_LIST_RESULTS: i64 = 1000;
+const MAX_TAGS: usize = 50;
+
+/// Settable attributes with their defaults (None: unset unless given), and
+/// whether they belong to FIFO queues only.
+const SETTABLE: &[(&str, Option<&str>, bool)] = &[
+    ("DelaySeconds", Some("0"), false),
+    ("MaximumMessageSize", Some("1048576"), false),
+    ("MessageRetentionPeriod", Some("345600"), false),
+    ("ReceiveMessageWaitTimeSeconds", Some("0"), false),
+    ("VisibilityTimeout", Some("30"), false),
+    ("Policy", None, false),
+    ("RedrivePolicy", None, false),
+    ("RedriveAllowPolicy", None, false),
+    ("KmsMasterKeyId", None, false),
+    ("KmsDataKeyReusePeriodSeconds", None, false),
+    ("SqsManagedSseEnabled", Some("true"), false),
+    ("FifoQueue", None, true),
+    ("ContentBasedDeduplication", Some("false"), true),
+    ("DeduplicationScope", Some("queue"), true),
+    ("FifoThroughputLimit", Some("perQueue"), true),
+];
+
+/// Attributes only GetQueueAttributes shows.
+const COMPUTED: &[&str] = &[
+    "ApproximateNumberOfMessages",
+    "ApproximateNumberOfMessagesNotVisible",
+    "ApproximateNumberOfMessagesDelayed",
+    "CreatedTimestamp",
+    "LastModifiedTimestamp",
+    "QueueArn",
+];
+
+fn attribute_error(name: &'static str, message: String) -> ApiError {
+    ApiError::new(name, StatusCode::BAD_REQUEST, message)
+}
+
+fn check_range(name: &str, value: &str, min: u64, max: u64) -> Result<(), ApiError> {
+    match value.parse::<u64>() {
+        Ok(v) if (min..=max).contains(&v) => Ok(()),
+        _ => Err(attribute_error(
+            "InvalidAttributeValue",
+            format!("Invalid value for the parameter {name}: {value} (from {min} to {max})."),
+        )),
+    }
+}
+
+fn check_choice(name: &str, value: &str, choices: &[&str]) -> Result<(), ApiError> {
+    if choices.contains(&value) {
+        Ok(())
+    } else {
+        Err(attribute_error(
+            "InvalidAttributeValue",
+            format!(
+                "Invalid value for the parameter {name}: {value} (one of {}).",
+                choices.join(", ")
+            ),
+        ))
+    }
+}
+
+/// Checks one attribute a request sets.
+fn check_attribute(name: &str, value: &str, fifo: bool) -> Result<(), ApiError> {
+    let Some((_, _, fifo_only)) = SETTABLE.iter().find(|(n, _, _)| *n == name) else {
+        return Err(attribute_error(
+            "InvalidAttributeName",
+            format!("Unknown Attribute {name}."),
+        ));
+    };
+    if *fifo_only && !fifo {
+        return Err(attribute_error(
+            "InvalidAttributeName",
+            format!("Unknown Attribute {name}."),
+        ));
+    }
+    match name {
+        "DelaySeconds" => check_range(name, value, 0, 900),
+        "MaximumMessageSize" => check_range(name, value, 1024, 1_048_576),
+        "MessageRetentionPeriod" => check_range(name, value, 60, 1_209_600),
+        "ReceiveMessageWaitTimeSeconds" => check_range(name, value, 0, 20),
+        "VisibilityTimeout" => check_range(name, value, 0, 43_200),
+        "KmsDataKeyReusePeriodSeconds" => check_range(name, value, 60, 86_400),
+        "FifoQueue" | "ContentBasedDeduplication" | "SqsManagedSseEnabled" => {
+            check_choice(name, value, &["true", "false"])
+        }
+        "DeduplicationScope" => check_choice(name, value, &["messageGroup", "queue"]),
+        "FifoThroughputLimit" => check_choice(name, value, &["perQueue", "perMessageGroupId"]),
+        "Policy" | "RedriveAllowPolicy" if !value.is_empty() => {
+            serde_json::from_str::<Value>(value)
+                .map(|_| ())
+                .map_err(|e| {
+                    attribute_error(
+                        "InvalidAttributeValue",
+                        format!("Invalid value for the parameter {name}: not JSON ({e})."),
+                    )
+                })
+        }
+        "RedrivePolicy" if !value.is_empty() => check_redrive(value),
+        _ => Ok(()),
+    }
+}
+
+fn check_redrive(value: &str) -> Result<(), ApiError> {
+    let bad = |why: &str| {
+        attribute_error(
+            "InvalidAttributeValue",
+            format!("Value {value} for parameter RedrivePolicy is invalid. Reason: {why}"),
+        )
+    };
+    let policy: Value = serde_json::from_str(value).map_err(|_| bad("not JSON."))?;
+    if !policy
+        .get("deadLetterTargetArn")
+        .and_then(Value::as_str)
+        .is_some_and(|a| a.starts_with("arn:"))
+    {
+        return Err(bad(
+            "Redrive policy does not contain a valid deadLetterTargetArn.",
+        ));
+    }
+    let count = match policy.get("maxReceiveCount") {
+        Some(Value::Number(n)) => n.as_u64(),
+        Some(Value::String(s)) => s.parse().ok(),
+        _ => None,
+    };
+    if !count.is_some_and(|c| (1..=1000).contains(&c)) {
+        return Err(bad("maxReceiveCount must be from 1 to 1000."));
+    }
+    Ok(())
+}
+
+fn check_queue_name(name: &str, fifo: bool) -> Result<(), ApiError> {
+    let stem = if fifo {
+        name.strip_suffix(".fifo").ok_or_else(|| {
+            invalid_parameter("The name of a FIFO queue can only include alphanumeric characters, hyphens, or underscores, must end with .fifo suffix and be 1 to 80 in length.")
+        })?
+    } else {
+        name
+    };
+    let ok = !stem.is_empty()
+        && name.len() <= MAX_QUEUE_NAME
+        && stem
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !ok {
+        return Err(invalid_parameter(
+            "Can only include alphanumeric characters, hyphens, or underscores. 1 to 80 in length",
+        ));
+    }
+    Ok(())
+}
+
+fn tags_of(input: &Input<'_>, member: &str) -> Result<BTreeMap<String, String>, ApiError> {
+    let tags: BTreeMap<String, String> = input
+        .opt_str_map(member)?
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    if tags.len() > MAX_TAGS {
+        return Err(invalid_parameter(format!(
+            "Too many tags: a queue has at most {MAX_TAGS}."
+        )));
+    }
+    if tags.keys().any(|k| k.is_empty() || k.len() > 128) {
+        return Err(invalid_parameter("Tag keys must be 1 to 128 characters."));
+    }
+    Ok(tags)
+}
+
+pub(super) async fn create_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result<Value, ApiError> {
+    let name = input.str("QueueName")?;
+    let given: BTreeMap<String, String> = input
+        .opt_str_map("Attributes")?
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let fifo = given.get("FifoQueue").is_some_and(|v| v == "true");
+    if name.ends_with(".fifo") && !fifo {
+        return Err(invalid_parameter(
+            "The name of a FIFO queue ends with .fifo: set the FifoQueue attribute to true.",
+        ));
+    }
+    check_queue_name(name, fifo)?;
+    for (k, v) in &given {
+        check_attribute(k, v, fifo)?;
+    }
+    let tags = tags_of(input, "tags")?;
+    let mut attributes: BTreeMap<String, String> = SETTABLE
+        .iter()
+        .filter(|(_, _, fifo_only)| fifo || !fifo_only)
+        .filter_map(|(n, default, _)| default.map(|d| (n.to_string(), d.to_string())))
+        .collect();
+    attributes.extend(given.clone());
+    if !fifo {
+        attributes.remove("FifoQueue");
+    }
+    let url = ctx.url(ctx.account, name);
+    let key = group_name(ctx.account, name);
+    let config = QueueConfig {
+        attributes,
+        tags,
+        created_ms: ctx.now_ms,
+    };
+    match ctx
+        .router
+        .create_group(
+            &key,
+            kinesin_queue::QUEUE_KIND,
+            kinesin_queue::encode(&config),
+            0,
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(kinesin_router::RouterError::ResourceInUse(_)) => {
+            // Creating an existing queue succeeds when the attributes given
+            // match its own.
+            let queue = Queue {
+                account: ctx.account.to_string(),
+                name: name.to_string(),
+                group: ctx
+                    .router
+                    .meta_state()
+                    .groups
+                    .get(&key)
+                    .map(|g| g.group)
+                    .ok_or_else(no_queue)?,
+            };
+            let info: QueueInfo = ctx.query(&queue, &QueueQuery::Info).await?;
+            let differs = given.iter().any(|(k, v)| {
+                info.attributes
+                    .get(k)
+                    .map_or(!v.is_empty(), |have| have != v)
+            });
+            if differs {
+                return Err(ApiError::new(
+                    "QueueNameExists",
+                    StatusCode::BAD_REQUEST,
+                    format!("A queue already exists with the same name and a different value for attribute(s) of {name}"),
+                ));
+            }
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(json!({ "QueueUrl": url }))
+}
+
+pub(super) fn get_queue_url(ctx: &Context<'_>, input: &Input<'_>) -> Result<Value, ApiError> {
+    let name = input.str("QueueName")?;
+    let account = input
+        .opt_str("QueueOwnerAWSAccountId")?
+        .unwrap_or(ctx.account);
+    if ctx.check_accounts && account != ctx.account {
+        return Err(no_queue());
+    }
+    let exists = ctx
+        .router
+        .meta_state()
+        .groups
+        .get(&group_name(account, name))
+        .is_some_and(|g| g.kind == kinesin_queue::QUEUE_KIND);
+    if !exists {
+        return Err(no_queue());
+    }
+    Ok(json!({ "QueueUrl": ctx.url(account, name) }))
+}
+
+pub(super) fn list_queues(ctx: &Context<'_>, input: &Input<'_>) -> Result<Value, ApiError> {
+    let prefix = input.opt_str("QueueNamePrefix")?.unwrap_or("");
+    let max = input.opt_int_range("MaxResults", 1, MAX_LIST_RESULTS)?;
+    let after = input.opt_str("NextToken")?;
+    let own = group_name(ctx.account, "");
+    let state = ctx.router.meta_state();
+    let mut names = state
+        .groups
+        .range(own.clone()..)
+        .take_while(|(k, _)| k.starts_with(&own))
+        .filter(|(_, g)| g.kind == kinesin_queue::QUEUE_KIND)
+        .map(|(k, _)| &k[own.len()..])
+        .filter(|n| n.starts_with(prefix))
+        .filter(|n| after.is_none_or(|a| *n > a));
+    let limit = max.unwrap_or(MAX_LIST_RESULTS) as usize;
+    let page: Vec<&str> = names.by_ref().take(limit).collect();
+    let mut out = Map::new();
+    if !page.is_empty() {
+        out.insert(
+            "QueueUrls".into(),
+            page.iter()
+                .map(|n| Value::String(ctx.url(ctx.account, n)))
+                .collect(),
+        );
+    }
+    // AWS pages only when MaxResults is given.
+    if max.is_some() && names.next().is_some() {
+        if let Some(last) = page.last() {
+            out.insert("NextToken".into(), Value::String(last.to_string()));
+        }
+    }
+    Ok(Value::Object(out))
+}
+
+pub(super) async fn delete_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result<Value, ApiError> {
+    let queue = ctx.queue(input)?;
+    match ctx
+        .router
+        .delete_group(&group_name(&queue.account, &queue.name))
+        .await
+    {
+        Ok(()) | Err(kinesin_router::RouterError::ResourceNotFound(_)) => Ok(json!({})),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub(super) async fn get_queue_attributes(
+    ctx: &Context<'_>,
+    input: &Input<'_>,
+) -> Result<Value, ApiError> {
+    let queue = ctx.queue(input)?;
+    let wanted = input.opt_str_list("AttributeNames")?.unwrap_or_default();
+    for name in &wanted {
+        let known =
+            *name == "All" || COMPUTED.contains(name) || SETTABLE.iter().any(|(n, _, _)| n == name);
+        if !known {
+            return Err(attribute_error(
+                "InvalidAttributeName",
+                format!("Unknown Attribute {name}."),
+            ));
+        }
+    }
+    let info: QueueInfo = ctx.query(&queue, &QueueQuery::Info).await?;
+    let mut all = info.attributes.clone();
+    all.insert(
+        "ApproximateNumberOfMessages".into(),
+        info.visible.to_string(),
+    );
+    all.insert(
+        "ApproximateNumberOfMessagesNotVisible".into(),
+        info.in_flight.to_string(),
+    );
+    all.insert(
+        "ApproximateNumberOfMessagesDelayed".into(),
+        info.delayed.to_string(),
+    );
+    all.insert(
+        "CreatedTimestamp".into(),
+        (info.created_ms / 1000).to_string(),
+    );
+    all.insert(
+        "LastModifiedTimestamp".into(),
+        (info.modified_ms / 1000).to_string(),
+    );
+    all.insert("QueueArn".into(), ctx.arn(&queue.account, &queue.name));
+    let everything = wanted.contains(&"All");
+    let chosen: Map<String, Value> = all
+        .into_iter()
+        .filter(|(k, _)| everything || wanted.contains(&k.as_str()))
+        .map(|(k, v)| (k, Value::String(v)))
+        .collect();
+    if chosen.is_empty() {
+        return Ok(json!({}));
+    }
+    Ok(json!({ "Attributes": chosen }))
+}
+
+pub(super) async fn set_queue_attributes(
+    ctx: &Context<'_>,
+    input: &Input<'_>,
+) -> Result<Value, ApiError> {
+    let queue = ctx.queue(input)?;
+    let fifo = queue.name.ends_with(".fifo");
+    let given: BTreeMap<String, String> = input
+        .opt_str_map("Attributes")?
+        .ok_or_else(|| {
+            ApiError::new(
+                "MissingParameter",
+                StatusCode::BAD_REQUEST,
+                "The request must contain the parameter Attributes.",
+            )
+        })?
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    for (k, v) in &given {
+        if k == "FifoQueue" {
+            return Err(attribute_error(
+                "InvalidAttributeName",
+                "FifoQueue is set when a queue is created.".into(),
+            ));
+        }
+        check_attribute(k, v, fifo)?;
+    }
+    ctx.command(&queue, &QueueCommand::SetAttributes(given), Retry::Always)
+        .await?;
+    Ok(json!({}))
+}
+
+pub(super) async fn purge_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result<Value, ApiError> {
+    let queue = ctx.queue(input)?;
+    match ctx
+        .command(&queue, &QueueCommand::Purge, Retry::BeforeProposing)
+        .await?
+    {
+        QueueReply::PurgeInProgress => Err(ApiError::new(
+            "PurgeQueueInProgress",
+            StatusCode::BAD_REQUEST,
+            format!(
+                "Only one PurgeQueue operation on {} is allowed every 60 seconds.",
+                queue.name
+            ),
+        )),
+        _ => Ok(json!({})),
+    }
+}
+
+pub(super) async fn tag_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result<Value, ApiError> {
+    let queue = ctx.queue(input)?;
+    let tags = tags_of(input, "Tags")?;
+    ctx.command(&queue, &QueueCommand::Tag(tags), Retry::Always)
+        .await?;
+    Ok(json!({}))
+}
+
+pub(super) async fn untag_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result<Value, ApiError> {
+    let queue = ctx.queue(input)?;
+    let keys = input
+        .opt_str_list("TagKeys")?
+        .unwrap_or_default()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    ctx.command(&queue, &QueueCommand::Untag(keys), Retry::Always)
+        .await?;
+    Ok(json!({}))
+}
+
+pub(super) async fn list_queue_tags(
+    ctx: &Context<'_>,
+    input: &Input<'_>,
+) -> Result<Value, ApiError> {
+    let queue = ctx.queue(input)?;
+    let info: QueueInfo = ctx.query(&queue, &QueueQuery::Info).await?;
+    if info.tags.is_empty() {
+        return Ok(json!({}));
+    }
+    Ok(json!({ "Tags": info.tags }))
+}
