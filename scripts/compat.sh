@@ -51,5 +51,5 @@ export PATH="$VENV/bin:$PATH"
 if [ $# -eq 0 ]; then
   echo "compat: degraded run (node 1 killed)"
   KINESIN_COMPAT_KILL=1 "$VENV/bin/python" -m pytest -p no:cacheprovider -q \
-    -m "not own_cluster" tests/compat/test_kinesis.py tests/compat/test_cbor.py
+    -m "not own_cluster" tests/compat/test_kinesis.py tests/compat/test_cbor.py tests/compat/test_sqs.py
 fi

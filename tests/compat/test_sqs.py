@@ -1,0 +1,364 @@
+"""SQS through boto3 (awsJson1_0) and hand-made awsQuery requests, on the
+session's three-node cluster, each scenario spread over different nodes."""
+
+import base64
+import hashlib
+import json
+import os
+import signal
+import struct
+import threading
+import time
+import urllib.parse
+import urllib.request
+import xml.etree.ElementTree as ET
+
+import boto3
+import pytest
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.config import Config
+from botocore.credentials import Credentials
+from conftest import ACCESS_KEY, ACCOUNT, REGION, SECRET_KEY, start_cluster, wait_until
+
+XMLNS = "{http://queue.amazonaws.com/doc/2012-11-05/}"
+
+
+def sqs_for(endpoint, attempts=6):
+    return boto3.client(
+        "sqs",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+        config=Config(retries={"mode": "standard", "total_max_attempts": attempts}, read_timeout=40),
+    )
+
+
+@pytest.fixture(scope="session")
+def sqs(cluster):
+    """One client per node."""
+    return [sqs_for(n.endpoint) for n in cluster]
+
+
+_count = [0]
+
+
+@pytest.fixture
+def queue_name(request):
+    _count[0] += 1
+    return f"{request.node.name.replace('_', '-')[:60]}-{_count[0]}"
+
+
+def path(url):
+    """A queue URL names the node that answered; the path is the queue."""
+    return url.split("/", 3)[3]
+
+
+def error_code(excinfo):
+    return excinfo.value.response["Error"]["Code"]
+
+
+def attributes_md5(attributes):
+    """MD5OfMessageAttributes as the AWS SDKs compute it to check answers."""
+    buf = b""
+    for name in sorted(attributes):
+        value = attributes[name]
+        for part in (name.encode(), value["DataType"].encode()):
+            buf += struct.pack("!I", len(part)) + part
+        if "StringValue" in value:
+            data = value["StringValue"].encode()
+            buf += b"\x01" + struct.pack("!I", len(data)) + data
+        else:
+            data = value["BinaryValue"]
+            buf += b"\x02" + struct.pack("!I", len(data)) + data
+    return hashlib.md5(buf).hexdigest()
+
+
+def test_queue_lifecycle_through_every_node(sqs, queue_name):
+    a, b, c = sqs
+    url = a.create_queue(QueueName=queue_name, Attributes={"VisibilityTimeout": "5"}, tags={"team": "x"})["QueueUrl"]
+    assert url.endswith(f"/{ACCOUNT}/{queue_name}")
+    # The same attributes again: the same queue. Others: QueueNameExists.
+    again = b.create_queue(QueueName=queue_name, Attributes={"VisibilityTimeout": "5"})["QueueUrl"]
+    assert again.startswith(b.meta.endpoint_url) and path(again) == path(url)
+    with pytest.raises(b.exceptions.QueueNameExists):
+        b.create_queue(QueueName=queue_name, Attributes={"VisibilityTimeout": "6"})
+    assert path(b.get_queue_url(QueueName=queue_name)["QueueUrl"]) == path(url)
+    assert [path(u) for u in c.list_queues(QueueNamePrefix=queue_name)["QueueUrls"]] == [path(url)]
+    attrs = c.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    assert attrs["VisibilityTimeout"] == "5"
+    assert attrs["MessageRetentionPeriod"] == "345600"
+    assert attrs["QueueArn"] == f"arn:aws:sqs:{REGION}:{ACCOUNT}:{queue_name}"
+    assert attrs["ApproximateNumberOfMessages"] == "0"
+    a.set_queue_attributes(QueueUrl=url, Attributes={"DelaySeconds": "3", "ReceiveMessageWaitTimeSeconds": "1"})
+    got = b.get_queue_attributes(QueueUrl=url, AttributeNames=["DelaySeconds"])["Attributes"]
+    assert got == {"DelaySeconds": "3"}
+    with pytest.raises(a.exceptions.InvalidAttributeValue):
+        a.set_queue_attributes(QueueUrl=url, Attributes={"VisibilityTimeout": "43201"})
+    with pytest.raises(a.exceptions.InvalidAttributeName):
+        a.set_queue_attributes(QueueUrl=url, Attributes={"NoSuchAttribute": "1"})
+    assert c.list_queue_tags(QueueUrl=url)["Tags"] == {"team": "x"}
+    a.tag_queue(QueueUrl=url, Tags={"env": "test"})
+    b.untag_queue(QueueUrl=url, TagKeys=["team"])
+    assert c.list_queue_tags(QueueUrl=url)["Tags"] == {"env": "test"}
+    c.delete_queue(QueueUrl=url)
+    with pytest.raises(a.exceptions.QueueDoesNotExist) as e:
+        a.get_queue_url(QueueName=queue_name)
+    assert error_code(e) == "AWS.SimpleQueueService.NonExistentQueue"
+    with pytest.raises(b.exceptions.QueueDoesNotExist):
+        b.send_message(QueueUrl=url, MessageBody="x")
+    with pytest.raises(Exception) as e:
+        a.create_queue(QueueName="bad name!")
+    assert error_code(e) == "InvalidParameterValue"
+
+
+def test_list_queues_pages(sqs, queue_name):
+    a = sqs[0]
+    urls = [a.create_queue(QueueName=f"{queue_name}-{i}")["QueueUrl"] for i in range(3)]
+    first = a.list_queues(QueueNamePrefix=queue_name, MaxResults=2)
+    assert first["QueueUrls"] == urls[:2]
+    rest = a.list_queues(QueueNamePrefix=queue_name, MaxResults=2, NextToken=first["NextToken"])
+    assert rest["QueueUrls"] == urls[2:] and "NextToken" not in rest
+    for u in urls:
+        a.delete_queue(QueueUrl=u)
+
+
+def test_messages_are_sent_received_hidden_and_deleted_across_nodes(sqs, queue_name):
+    a, b, c = sqs
+    url = a.create_queue(QueueName=queue_name, Attributes={"VisibilityTimeout": "1"})["QueueUrl"]
+    attributes = {
+        "kind": {"DataType": "String", "StringValue": "greeting"},
+        "n": {"DataType": "Number", "StringValue": "42"},
+        "raw": {"DataType": "Binary", "BinaryValue": b"\x00\x01"},
+    }
+    sent = a.send_message(QueueUrl=url, MessageBody="héllo", MessageAttributes=attributes)
+    assert sent["MD5OfMessageBody"] == hashlib.md5("héllo".encode()).hexdigest()
+    assert sent["MD5OfMessageAttributes"] == attributes_md5(attributes)
+    got = b.receive_message(QueueUrl=url, AttributeNames=["All"], MessageAttributeNames=["All"])["Messages"]
+    assert len(got) == 1
+    m = got[0]
+    assert (m["MessageId"], m["Body"]) == (sent["MessageId"], "héllo")
+    assert m["MessageAttributes"] == attributes
+    assert m["MD5OfMessageAttributes"] == attributes_md5(attributes)
+    assert m["Attributes"]["ApproximateReceiveCount"] == "1"
+    assert m["Attributes"]["SenderId"] == ACCOUNT
+    # Hidden while in flight, back once the timeout passed, with a new
+    # receipt and a higher count.
+    assert "Messages" not in c.receive_message(QueueUrl=url)
+    again = c.receive_message(QueueUrl=url, WaitTimeSeconds=5, AttributeNames=["ApproximateReceiveCount"])["Messages"][0]
+    assert again["MessageId"] == m["MessageId"]
+    assert again["Attributes"]["ApproximateReceiveCount"] == "2"
+    assert again["ReceiptHandle"] != m["ReceiptHandle"]
+    # Keep it in flight longer, then delete it with the current receipt.
+    a.change_message_visibility(QueueUrl=url, ReceiptHandle=again["ReceiptHandle"], VisibilityTimeout=60)
+    time.sleep(1.2)
+    assert "Messages" not in b.receive_message(QueueUrl=url)
+    attrs = b.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    assert attrs["ApproximateNumberOfMessagesNotVisible"] == "1"
+    a.delete_message(QueueUrl=url, ReceiptHandle=again["ReceiptHandle"])
+    assert "Messages" not in c.receive_message(QueueUrl=url, WaitTimeSeconds=2)
+    with pytest.raises(a.exceptions.ReceiptHandleIsInvalid):
+        a.delete_message(QueueUrl=url, ReceiptHandle="not-a-receipt")
+    with pytest.raises(Exception) as e:
+        a.send_message(QueueUrl=url, MessageBody="x" * (1024 * 1024 + 1))
+    assert error_code(e) == "InvalidParameterValue"
+    with pytest.raises(a.exceptions.InvalidMessageContents):
+        a.send_message(QueueUrl=url, MessageBody="bad \x01 char")
+    a.delete_queue(QueueUrl=url)
+
+
+def test_a_long_poll_returns_as_soon_as_a_message_is_sent(sqs, queue_name):
+    a, b, _ = sqs
+    url = a.create_queue(QueueName=queue_name)["QueueUrl"]
+    result = {}
+
+    def poll():
+        started = time.monotonic()
+        result["messages"] = b.receive_message(QueueUrl=url, WaitTimeSeconds=15).get("Messages", [])
+        result["took"] = time.monotonic() - started
+
+    t = threading.Thread(target=poll)
+    t.start()
+    time.sleep(1.0)
+    a.send_message(QueueUrl=url, MessageBody="wake")
+    t.join(timeout=20)
+    assert [m["Body"] for m in result["messages"]] == ["wake"]
+    assert result["took"] < 6, result
+    # An empty queue holds a long poll for its whole wait.
+    started = time.monotonic()
+    assert "Messages" not in b.receive_message(QueueUrl=url, WaitTimeSeconds=2)
+    assert time.monotonic() - started >= 1.9
+    a.delete_queue(QueueUrl=url)
+
+
+def test_batches_report_failures_per_entry(sqs, queue_name):
+    a, b, c = sqs
+    url = a.create_queue(QueueName=queue_name)["QueueUrl"]
+    out = a.send_message_batch(
+        QueueUrl=url,
+        Entries=[{"Id": f"e{i}", "MessageBody": f"m{i}"} for i in range(9)] + [{"Id": "bad", "MessageBody": "\x02"}],
+    )
+    assert sorted(e["Id"] for e in out["Successful"]) == sorted(f"e{i}" for i in range(9))
+    assert [(f["Id"], f["Code"], f["SenderFault"]) for f in out["Failed"]] == [("bad", "InvalidMessageContents", True)]
+    with pytest.raises(a.exceptions.BatchEntryIdsNotDistinct):
+        a.send_message_batch(QueueUrl=url, Entries=[{"Id": "x", "MessageBody": "1"}, {"Id": "x", "MessageBody": "2"}])
+    with pytest.raises(a.exceptions.TooManyEntriesInBatchRequest):
+        a.send_message_batch(QueueUrl=url, Entries=[{"Id": f"x{i}", "MessageBody": "1"} for i in range(11)])
+    with pytest.raises(a.exceptions.EmptyBatchRequest):
+        a.send_message_batch(QueueUrl=url, Entries=[])
+    with pytest.raises(a.exceptions.BatchRequestTooLong):
+        a.send_message_batch(QueueUrl=url, Entries=[{"Id": f"x{i}", "MessageBody": "y" * 200_000} for i in range(6)])
+    received = []
+    deadline = time.monotonic() + 20
+    while len(received) < 9 and time.monotonic() < deadline:
+        received += b.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages", [])
+    assert sorted(m["Body"] for m in received) == sorted(f"m{i}" for i in range(9))
+    entries = [{"Id": f"d{i}", "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(received)]
+    out = c.delete_message_batch(QueueUrl=url, Entries=entries + [{"Id": "junk", "ReceiptHandle": "junk"}])
+    assert len(out["Successful"]) == 9
+    assert [(f["Id"], f["Code"]) for f in out["Failed"]] == [("junk", "ReceiptHandleIsInvalid")]
+    attrs = a.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    assert attrs["ApproximateNumberOfMessages"] == attrs["ApproximateNumberOfMessagesNotVisible"] == "0"
+    a.delete_queue(QueueUrl=url)
+
+
+def test_fifo_order_group_lock_and_deduplication(sqs, queue_name):
+    a, b, c = sqs
+    name = queue_name[:70] + ".fifo"
+    url = a.create_queue(QueueName=name, Attributes={"FifoQueue": "true", "ContentBasedDeduplication": "true"})["QueueUrl"]
+    seqs = [b.send_message(QueueUrl=url, MessageBody=f"a{i}", MessageGroupId="a")["SequenceNumber"] for i in range(3)]
+    assert seqs == sorted(seqs, key=int)
+    b.send_message(QueueUrl=url, MessageBody="b0", MessageGroupId="b")
+    # A repeated body within five minutes is a duplicate (content-based).
+    dup = c.send_message(QueueUrl=url, MessageBody="a0", MessageGroupId="a")
+    assert dup["SequenceNumber"] == seqs[0]
+    first = c.receive_message(QueueUrl=url, MaxNumberOfMessages=2)["Messages"]
+    assert [m["Body"] for m in first] == ["a0", "a1"]
+    # Group a is locked while a0 and a1 are in flight.
+    second = a.receive_message(QueueUrl=url, MaxNumberOfMessages=10)["Messages"]
+    assert [m["Body"] for m in second] == ["b0"]
+    for m in first:
+        a.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+    assert [m["Body"] for m in b.receive_message(QueueUrl=url, MaxNumberOfMessages=10)["Messages"]] == ["a2"]
+    with pytest.raises(Exception) as e:
+        a.send_message(QueueUrl=url, MessageBody="x")
+    assert error_code(e) == "MissingParameter"
+    with pytest.raises(Exception) as e:
+        a.send_message(QueueUrl=url, MessageBody="x", MessageGroupId="a", DelaySeconds=5)
+    assert error_code(e) == "InvalidParameterValue"
+    a.purge_queue(QueueUrl=url)
+    with pytest.raises(a.exceptions.PurgeQueueInProgress):
+        b.purge_queue(QueueUrl=url)
+    a.delete_queue(QueueUrl=url)
+
+
+def query(endpoint, params):
+    """A signed awsQuery request; returns (status, parsed XML)."""
+    body = "&".join(f"{k}={urllib.parse.quote(str(v), safe='')}" for k, v in params.items())
+    request = AWSRequest(
+        method="POST",
+        url=endpoint + "/",
+        data=body,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    SigV4Auth(Credentials(ACCESS_KEY, SECRET_KEY), "sqs", REGION).add_auth(request)
+    prepared = request.prepare()
+    r = urllib.request.Request(prepared.url, data=body.encode(), headers=dict(prepared.headers), method="POST")
+    try:
+        with urllib.request.urlopen(r, timeout=30) as resp:
+            return resp.status, ET.fromstring(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, ET.fromstring(e.read())
+
+
+def test_the_query_protocol_answers_in_xml(cluster, queue_name):
+    a, b = cluster[0].endpoint, cluster[1].endpoint
+    status, doc = query(a, {
+        "Action": "CreateQueue", "Version": "2012-11-05", "QueueName": queue_name,
+        "Attribute.1.Name": "VisibilityTimeout", "Attribute.1.Value": "9",
+        "Tag.1.Key": "k", "Tag.1.Value": "v",
+    })
+    assert status == 200, ET.tostring(doc)
+    url = doc.find(f"{XMLNS}CreateQueueResult/{XMLNS}QueueUrl").text
+    status, doc = query(b, {
+        "Action": "SendMessage", "QueueUrl": url, "MessageBody": "via query",
+        "MessageAttribute.1.Name": "n", "MessageAttribute.1.Value.DataType": "Number",
+        "MessageAttribute.1.Value.StringValue": "7",
+    })
+    assert status == 200
+    md5 = doc.find(f"{XMLNS}SendMessageResult/{XMLNS}MD5OfMessageAttributes").text
+    assert md5 == attributes_md5({"n": {"DataType": "Number", "StringValue": "7"}})
+    status, doc = query(a, {
+        "Action": "ReceiveMessage", "QueueUrl": url, "AttributeName.1": "All",
+        "MessageAttributeName.1": "All", "WaitTimeSeconds": "5",
+    })
+    message = doc.find(f"{XMLNS}ReceiveMessageResult/{XMLNS}Message")
+    assert message.find(f"{XMLNS}Body").text == "via query"
+    attrs = {x.find(f"{XMLNS}Name").text: x.find(f"{XMLNS}Value").text for x in message.findall(f"{XMLNS}Attribute")}
+    assert attrs["ApproximateReceiveCount"] == "1"
+    ma = message.find(f"{XMLNS}MessageAttribute")
+    assert ma.find(f"{XMLNS}Name").text == "n"
+    assert ma.find(f"{XMLNS}Value/{XMLNS}StringValue").text == "7"
+    status, doc = query(b, {"Action": "GetQueueAttributes", "QueueUrl": url, "AttributeName.1": "VisibilityTimeout"})
+    got = {x.find(f"{XMLNS}Name").text: x.find(f"{XMLNS}Value").text for x in doc.iter(f"{XMLNS}Attribute")}
+    assert got == {"VisibilityTimeout": "9"}
+    status, doc = query(b, {"Action": "ListQueueTags", "QueueUrl": url})
+    assert [(t.find(f"{XMLNS}Key").text, t.find(f"{XMLNS}Value").text) for t in doc.iter(f"{XMLNS}Tag")] == [("k", "v")]
+    status, doc = query(a, {
+        "Action": "DeleteMessageBatch", "QueueUrl": url,
+        "DeleteMessageBatchRequestEntry.1.Id": "one",
+        "DeleteMessageBatchRequestEntry.1.ReceiptHandle": message.find(f"{XMLNS}ReceiptHandle").text,
+    })
+    assert [e.find(f"{XMLNS}Id").text for e in doc.iter(f"{XMLNS}DeleteMessageBatchResultEntry")] == ["one"]
+    status, doc = query(a, {"Action": "GetQueueUrl", "QueueName": queue_name + "-missing"})
+    assert status == 400
+    assert doc.find(f"{XMLNS}Error/{XMLNS}Code").text == "AWS.SimpleQueueService.NonExistentQueue"
+    assert doc.find(f"{XMLNS}Error/{XMLNS}Type").text == "Sender"
+    query(a, {"Action": "DeleteQueue", "QueueUrl": url})
+
+
+def _queue_leader(nodes):
+    """The node leading the only group besides the metadata group."""
+    for n in nodes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{n.admin_port}/admin/cluster", timeout=5) as r:
+            for g in json.load(r)["groups"]:
+                if g["group"] != 0 and g.get("role") == "leader":
+                    return n
+    return None
+
+
+@pytest.mark.own_cluster
+def test_a_leader_kill_loses_no_message_and_revives_no_deleted_one(binary, workdir):
+    nodes = start_cluster(binary, os.path.join(workdir, "sqs-failover"), 3)
+    try:
+        clients = [sqs_for(n.endpoint) for n in nodes]
+        url = clients[0].create_queue(QueueName="failover", Attributes={"VisibilityTimeout": "60"})["QueueUrl"]
+        for i in range(5):
+            clients[i % 3].send_message_batch(
+                QueueUrl=url, Entries=[{"Id": str(j), "MessageBody": f"m{i * 10 + j}"} for j in range(10)]
+            )
+        # Take and delete ten, take ten more and leave them in flight.
+        deleted = clients[1].receive_message(QueueUrl=url, MaxNumberOfMessages=10)["Messages"]
+        clients[1].delete_message_batch(
+            QueueUrl=url, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(deleted)]
+        )
+        in_flight = clients[2].receive_message(QueueUrl=url, MaxNumberOfMessages=10)["Messages"]
+        wait_until("the queue's leader", lambda: _queue_leader(nodes) is not None)
+        leader = _queue_leader(nodes)
+        leader.proc.send_signal(signal.SIGKILL)
+        leader.proc.wait()
+        survivors = [sqs_for(n.endpoint) for n in nodes if n is not leader]
+        seen = []
+        deadline = time.monotonic() + 60
+        while len(seen) < 30 and time.monotonic() < deadline:
+            got = survivors[len(seen) % 2].receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1)
+            seen += [m["Body"] for m in got.get("Messages", [])]
+        gone = {m["Body"] for m in deleted} | {m["Body"] for m in in_flight}
+        expected = {f"m{i}" for i in range(50)} - gone
+        assert sorted(seen) == sorted(expected)
+        attrs = survivors[0].get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+        assert attrs["ApproximateNumberOfMessagesNotVisible"] == "40"
+    finally:
+        for n in nodes:
+            n.stop()
