@@ -11,3 +11,4 @@ mod metadata;
 mod partition;
 mod repair;
 mod snapshot;
+mod sqs_sdk;
