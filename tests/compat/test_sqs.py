@@ -253,6 +253,31 @@ def test_fifo_order_group_lock_and_deduplication(sqs, queue_name):
     a.delete_queue(QueueUrl=url)
 
 
+def test_a_message_received_too_often_moves_to_the_dead_letter_queue(sqs, queue_name):
+    a, b, c = sqs
+    dlq = a.create_queue(QueueName=f"{queue_name}-dlq")["QueueUrl"]
+    dlq_arn = a.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    policy = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": 2})
+    src = a.create_queue(QueueName=queue_name, Attributes={"RedrivePolicy": policy})["QueueUrl"]
+    sent = b.send_message(QueueUrl=src, MessageBody="poison", MessageAttributes={"k": {"DataType": "String", "StringValue": "v"}})
+    for count in ("1", "2"):
+        m = c.receive_message(QueueUrl=src, VisibilityTimeout=0, WaitTimeSeconds=5, AttributeNames=["All"])["Messages"][0]
+        assert m["Attributes"]["ApproximateReceiveCount"] == count
+    first_sent = m["Attributes"]["SentTimestamp"]
+    # The third receive finds a dead letter, which the queue's leader moves.
+    assert "Messages" not in a.receive_message(QueueUrl=src)
+    moved = b.receive_message(QueueUrl=dlq, WaitTimeSeconds=10, AttributeNames=["All"], MessageAttributeNames=["All"])["Messages"]
+    assert [(x["MessageId"], x["Body"]) for x in moved] == [(sent["MessageId"], "poison")]
+    assert moved[0]["Attributes"]["SentTimestamp"] == first_sent
+    assert moved[0]["MessageAttributes"] == {"k": {"DataType": "String", "StringValue": "v"}}
+    sources = c.list_dead_letter_source_queues(QueueUrl=dlq)["queueUrls"]
+    assert [path(u) for u in sources] == [path(src)]
+    wait_until("the source to drop its dead letter", lambda: a.get_queue_attributes(
+        QueueUrl=src, AttributeNames=["All"])["Attributes"]["ApproximateNumberOfMessages"] == "0", timeout=10)
+    a.delete_queue(QueueUrl=src)
+    a.delete_queue(QueueUrl=dlq)
+
+
 def query(endpoint, params):
     """A signed awsQuery request; returns (status, parsed XML)."""
     body = "&".join(f"{k}={urllib.parse.quote(str(v), safe='')}" for k, v in params.items())

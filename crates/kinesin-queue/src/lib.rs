@@ -17,7 +17,24 @@ mod model;
 mod state_machine;
 
 pub use model::{
-    decode, encode, Delivered, EntryError, Handle, MessageAttribute, NewMessage, QueueCommand,
-    QueueConfig, QueueInfo, QueueQuery, QueueReply, Received, Sent, StoredMessage,
+    decode, encode, DeadLetters, Delivered, EntryError, Handle, MessageAttribute, NewMessage,
+    QueueCommand, QueueConfig, QueueInfo, QueueQuery, QueueReply, Received, Sent, StoredMessage,
 };
 pub use state_machine::{QueueKind, QUEUE_KIND};
+
+/// The map name of a queue's group.
+pub fn group_name(account: &str, queue: &str) -> String {
+    format!("sqs/{account}/{queue}")
+}
+
+/// The map name of the queue an ARN (`arn:aws:sqs:region:account:name`)
+/// names.
+pub fn group_of_arn(arn: &str) -> Option<String> {
+    let parts: Vec<&str> = arn.split(':').collect();
+    match parts.as_slice() {
+        ["arn", _, "sqs", _, account, name] if !account.is_empty() && !name.is_empty() => {
+            Some(group_name(account, name))
+        }
+        _ => None,
+    }
+}

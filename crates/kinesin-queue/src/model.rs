@@ -75,6 +75,11 @@ pub enum QueueCommand {
     Delete(Vec<Handle>),
     ChangeVisibility(Vec<(Handle, u32)>),
     Purge,
+    /// Messages moved here from a source queue's dead letters, keeping
+    /// their id, attributes and first send time.
+    Move(Vec<StoredMessage>),
+    /// Drops dead letters once their dead-letter queue has them.
+    Remove(Vec<u128>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +90,16 @@ pub enum QueueQuery {
     Settings,
     /// Answers non-empty when a receive would take a message now.
     Ready,
+    /// Up to this many messages received more often than the redrive
+    /// policy allows, with the dead-letter queue's ARN ([`DeadLetters`]).
+    DeadLetters(u32),
+}
+
+/// Messages waiting to move to the dead-letter queue `target` (an ARN).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetters {
+    pub target: String,
+    pub messages: Vec<StoredMessage>,
 }
 
 /// A sent message, or the earlier one whose deduplication id it repeated.

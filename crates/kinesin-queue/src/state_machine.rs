@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::model::{
-    decode, encode, Delivered, EntryError, Handle, NewMessage, QueueCommand, QueueConfig,
-    QueueInfo, QueueQuery, QueueReply, Received, Sent, StoredMessage,
+    decode, encode, DeadLetters, Delivered, EntryError, Handle, NewMessage, QueueCommand,
+    QueueConfig, QueueInfo, QueueQuery, QueueReply, Received, Sent, StoredMessage,
 };
 
 /// The kind's registered name.
@@ -93,6 +93,19 @@ impl Header {
         self.flag("FifoQueue")
     }
 
+    /// The redrive policy's dead-letter queue ARN and receive limit.
+    fn redrive(&self) -> Option<(String, u32)> {
+        let policy: serde_json::Value =
+            serde_json::from_str(self.attributes.get("RedrivePolicy")?).ok()?;
+        let target = policy.get("deadLetterTargetArn")?.as_str()?.to_string();
+        let max = match policy.get("maxReceiveCount")? {
+            serde_json::Value::Number(n) => n.as_u64()?,
+            serde_json::Value::String(s) => s.parse().ok()?,
+            _ => return None,
+        };
+        Some((target, u32::try_from(max).ok()?))
+    }
+
     fn dedup_per_group(&self) -> bool {
         self.attributes
             .get("DeduplicationScope")
@@ -110,6 +123,9 @@ struct MessageState {
     /// The log index of the receive that handed out the current receipt.
     nonce: u64,
     group_id: Option<String>,
+    /// Received as often as the redrive policy allows: waits to move to
+    /// the dead-letter queue, never delivered again here.
+    dead: bool,
 }
 
 impl MessageState {
@@ -145,7 +161,7 @@ impl Queue {
                 if out.len() == max {
                     break;
                 }
-                if m.visible_at_ms <= now_ms {
+                if m.visible_at_ms <= now_ms && !m.dead {
                     out.push(*seq);
                 }
             }
@@ -162,7 +178,7 @@ impl Queue {
                 break;
             }
             let group = m.group_id.as_deref().unwrap_or("");
-            if blocked.contains(group) {
+            if blocked.contains(group) || m.dead {
                 continue;
             }
             if m.visible_at_ms <= now_ms {
@@ -177,7 +193,7 @@ impl Queue {
 
     fn info(&self, now_ms: u64) -> QueueInfo {
         let (mut visible, mut in_flight, mut delayed) = (0, 0, 0);
-        for m in self.messages.values() {
+        for m in self.messages.values().filter(|m| !m.dead) {
             if m.visible_at_ms <= now_ms {
                 visible += 1;
             } else if m.receive_count > 0 {
@@ -328,6 +344,7 @@ impl QueueStateMachine {
                 first_receive_ms: 0,
                 nonce: 0,
                 group_id: message.group_id.clone(),
+                dead: false,
             };
             sent.push(Sent {
                 message_id: message.message_id.clone(),
@@ -362,28 +379,57 @@ impl QueueStateMachine {
             .map(u64::from)
             .unwrap_or_else(|| q.header.number("VisibilityTimeout", DEFAULT_VISIBILITY_S))
             * 1000;
-        let taken = q.takeable(now_ms, max as usize);
-        let mut out = Vec::with_capacity(taken.len());
-        for seq in taken {
-            let Some(m) = q.messages.get_mut(&seq) else {
-                continue;
-            };
-            m.receive_count += 1;
-            if m.first_receive_ms == 0 {
-                m.first_receive_ms = now_ms;
+        let limit = q.header.redrive().map(|(_, max)| max);
+        let mut out = Vec::with_capacity(max as usize);
+        // A message past the redrive limit becomes a dead letter instead
+        // of going out again, and the receive looks further.
+        while out.len() < max as usize {
+            let taken = q.takeable(now_ms, max as usize - out.len());
+            if taken.is_empty() {
+                break;
             }
-            m.nonce = index;
-            m.visible_at_ms = now_ms + visibility_ms;
-            let received = Received {
-                handle: Handle { seq, nonce: index },
-                receive_count: m.receive_count,
-                first_receive_ms: m.first_receive_ms,
-            };
-            let m = m.clone();
-            self.put_state(batch, seq, &m);
-            out.push(received);
+            let mut died = false;
+            for seq in taken {
+                let Some(m) = q.messages.get_mut(&seq) else {
+                    continue;
+                };
+                if limit.is_some_and(|limit| m.receive_count >= limit) {
+                    m.dead = true;
+                    died = true;
+                    let m = m.clone();
+                    self.put_state(batch, seq, &m);
+                    continue;
+                }
+                out.push(self.take(m, seq, index, now_ms, visibility_ms, batch));
+            }
+            if !died {
+                break;
+            }
         }
         QueueReply::Received(out)
+    }
+
+    fn take(
+        &self,
+        m: &mut MessageState,
+        seq: u128,
+        index: u64,
+        now_ms: u64,
+        visibility_ms: u64,
+        batch: &mut WriteBatch,
+    ) -> Received {
+        m.receive_count += 1;
+        if m.first_receive_ms == 0 {
+            m.first_receive_ms = now_ms;
+        }
+        m.nonce = index;
+        m.visible_at_ms = now_ms + visibility_ms;
+        self.put_state(batch, seq, m);
+        Received {
+            handle: Handle { seq, nonce: index },
+            receive_count: m.receive_count,
+            first_receive_ms: m.first_receive_ms,
+        }
     }
 
     fn apply_command(
@@ -406,6 +452,23 @@ impl QueueStateMachine {
                 }
                 q.header.modified_ms = now_ms;
                 self.put_header(batch, &q.header);
+                if q.header.redrive().is_none() {
+                    // Without a dead-letter queue, dead letters are
+                    // messages again.
+                    let dead: Vec<u128> = q
+                        .messages
+                        .iter()
+                        .filter(|(_, m)| m.dead)
+                        .map(|(seq, _)| *seq)
+                        .collect();
+                    for seq in dead {
+                        if let Some(m) = q.messages.get_mut(&seq) {
+                            m.dead = false;
+                            let m = m.clone();
+                            self.put_state(batch, seq, &m);
+                        }
+                    }
+                }
                 QueueReply::Done
             }
             QueueCommand::Tag(tags) => {
@@ -458,6 +521,37 @@ impl QueueStateMachine {
                     })
                     .collect();
                 QueueReply::Entries(results)
+            }
+            QueueCommand::Move(messages) => {
+                for (slot, mut stored) in messages.into_iter().enumerate() {
+                    let seq = (u128::from(index) << 32) | slot as u128;
+                    stored.seq = seq;
+                    let state = MessageState {
+                        sent_ms: stored.sent_ms,
+                        visible_at_ms: now_ms,
+                        receive_count: 0,
+                        first_receive_ms: 0,
+                        nonce: 0,
+                        group_id: stored.message.group_id.clone(),
+                        dead: false,
+                    };
+                    batch.put_cf(
+                        self.storage.cf(Cf::Rows),
+                        self.body_key(seq),
+                        encode(&stored),
+                    );
+                    self.put_state(batch, seq, &state);
+                    q.messages.insert(seq, state);
+                }
+                QueueReply::Done
+            }
+            QueueCommand::Remove(seqs) => {
+                for seq in seqs {
+                    if q.messages.get(&seq).is_some_and(|m| m.dead) {
+                        self.remove_message(q, batch, seq);
+                    }
+                }
+                QueueReply::Done
             }
             QueueCommand::Purge => {
                 if q.header
@@ -581,6 +675,23 @@ impl GroupStateMachine for QueueStateMachine {
         Ok(match decode::<QueueQuery>(query)? {
             QueueQuery::Info => encode(&q.info(now_ms)),
             QueueQuery::Settings => encode(&q.header.attributes),
+            QueueQuery::DeadLetters(max) => {
+                let target = q.header.redrive().map(|(t, _)| t).unwrap_or_default();
+                let mut messages = Vec::new();
+                for (seq, _) in q.messages.iter().filter(|(_, m)| m.dead) {
+                    if messages.len() == max as usize {
+                        break;
+                    }
+                    let row = self
+                        .storage
+                        .get(Cf::Rows, &self.body_key(*seq))
+                        .map_err(|e| e.to_string())?;
+                    if let Some(bytes) = row {
+                        messages.push(decode(&bytes)?);
+                    }
+                }
+                encode(&DeadLetters { target, messages })
+            }
             QueueQuery::Ready => {
                 if q.takeable(now_ms, 1).is_empty() {
                     Vec::new()
@@ -907,6 +1018,51 @@ mod tests {
             QueueReply::PurgeInProgress
         );
         assert_eq!(info(&sm, 61_000).visible, 0);
+    }
+
+    #[test]
+    fn a_message_past_the_receive_limit_becomes_a_dead_letter_and_moves_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = storage(dir.path());
+        let policy = r#"{"deadLetterTargetArn":"arn:aws:sqs:us-east-1:000000000000:dlq","maxReceiveCount":2}"#;
+        let sm = open(&s, &[("RedrivePolicy", policy), ("VisibilityTimeout", "1")]);
+        run(
+            &s,
+            &sm,
+            1,
+            500,
+            QueueCommand::Send(vec![message("m", None, None), message("n", None, None)]),
+        );
+        assert_eq!(receive(&s, &sm, 2, 1_000, 1).len(), 1);
+        assert_eq!(bodies(&receive(&s, &sm, 3, 2_000, 1)), ["m"]);
+        // m was received twice: the third receive passes it over for n.
+        assert_eq!(bodies(&receive(&s, &sm, 4, 3_000, 10)), ["n"]);
+        let mut q = 3_000u64.to_be_bytes().to_vec();
+        q.extend(encode(&QueueQuery::DeadLetters(10)));
+        let dead: DeadLetters = decode(&sm.query(&q).unwrap()).unwrap();
+        assert_eq!(dead.target, "arn:aws:sqs:us-east-1:000000000000:dlq");
+        assert_eq!(dead.messages.len(), 1);
+        let seq = dead.messages[0].seq;
+
+        let dlq = QueueKind
+            .open(s.clone(), GroupId(43), &encode(&QueueConfig::default()))
+            .unwrap();
+        run(
+            &s,
+            &dlq,
+            1,
+            9_000,
+            QueueCommand::Move(dead.messages.clone()),
+        );
+        let moved = receive(&s, &dlq, 2, 9_000, 10);
+        assert_eq!(moved[0].message.message.message_id, "id-m");
+        assert_eq!(moved[0].message.sent_ms, 500, "the first send time stays");
+        assert_eq!(moved[0].received.receive_count, 1);
+
+        run(&s, &sm, 5, 9_000, QueueCommand::Remove(vec![seq]));
+        let after: DeadLetters = decode(&sm.query(&q).unwrap()).unwrap();
+        assert!(after.messages.is_empty());
+        assert_eq!(info(&sm, 9_000).visible, 1, "n is visible again, m is gone");
     }
 
     #[test]

@@ -7,7 +7,7 @@ mod messages;
 mod queues;
 
 use axum::http::StatusCode;
-use kinesin_queue::{QueueCommand, QueueQuery, QueueReply};
+use kinesin_queue::{group_name, QueueCommand, QueueQuery, QueueReply};
 use kinesin_router::{Retry, Router};
 use kinesin_types::GroupId;
 use serde_json::{Map, Value};
@@ -179,11 +179,6 @@ impl Context<'_> {
     }
 }
 
-/// The map name of a queue's group.
-fn group_name(account: &str, name: &str) -> String {
-    format!("sqs/{account}/{name}")
-}
-
 fn no_queue() -> ApiError {
     ApiError::new(
         "QueueDoesNotExist",
@@ -239,7 +234,7 @@ operation_table! { Context<'_>, ctx, input;
     "DeleteMessageBatch" => delete_message_batch(ctx, input).await,
     "ChangeMessageVisibility" => change_message_visibility(ctx, input).await,
     "ChangeMessageVisibilityBatch" => change_message_visibility_batch(ctx, input).await,
-    "ListDeadLetterSourceQueues" => Err(unsupported("ListDeadLetterSourceQueues")),
+    "ListDeadLetterSourceQueues" => list_dead_letter_source_queues(ctx, input).await,
     "AddPermission" => Err(unsupported("AddPermission")),
     "RemovePermission" => Err(unsupported("RemovePermission")),
     "StartMessageMoveTask" => Err(unsupported("StartMessageMoveTask")),

@@ -459,3 +459,72 @@ pub(super) async fn list_queue_tags(
     }
     Ok(json!({ "Tags": info.tags }))
 }
+
+/// The caller's queues whose redrive policy names this queue.
+pub(super) async fn list_dead_letter_source_queues(
+    ctx: &Context<'_>,
+    input: &Input<'_>,
+) -> Result<Value, ApiError> {
+    let target = ctx.queue(input)?;
+    let arn = ctx.arn(&target.account, &target.name);
+    let max = input.opt_int_range("MaxResults", 1, MAX_LIST_RESULTS)?;
+    let after = input.opt_str("NextToken")?;
+    let own = group_name(ctx.account, "");
+    let candidates: Vec<(String, kinesin_types::GroupId)> = ctx
+        .router
+        .meta_state()
+        .groups
+        .range(own.clone()..)
+        .take_while(|(k, _)| k.starts_with(&own))
+        .filter(|(_, g)| g.kind == kinesin_queue::QUEUE_KIND)
+        .map(|(k, g)| (k[own.len()..].to_string(), g.group))
+        .filter(|(n, _)| after.is_none_or(|a| n.as_str() > a))
+        .collect();
+    let limit = max.unwrap_or(MAX_LIST_RESULTS) as usize;
+    let mut names = Vec::new();
+    let mut more = false;
+    for (name, group) in candidates {
+        let queue = Queue {
+            account: ctx.account.to_string(),
+            name,
+            group,
+        };
+        let settings: BTreeMap<String, String> =
+            match ctx.query(&queue, &QueueQuery::Settings).await {
+                Ok(s) => s,
+                // Deleted since the map was read.
+                Err(e) if e.name == "QueueDoesNotExist" => continue,
+                Err(e) => return Err(e),
+            };
+        let names_it = settings
+            .get("RedrivePolicy")
+            .and_then(|p| serde_json::from_str::<Value>(p).ok())
+            .and_then(|p| {
+                p.get("deadLetterTargetArn")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            })
+            .is_some_and(|t| t == arn);
+        if names_it {
+            if names.len() == limit {
+                more = true;
+                break;
+            }
+            names.push(queue.name);
+        }
+    }
+    let mut out = Map::new();
+    out.insert(
+        "queueUrls".into(),
+        names
+            .iter()
+            .map(|n| Value::String(ctx.url(ctx.account, n)))
+            .collect(),
+    );
+    if more && max.is_some() {
+        if let Some(last) = names.last() {
+            out.insert("NextToken".into(), Value::String(last.clone()));
+        }
+    }
+    Ok(Value::Object(out))
+}

@@ -9,6 +9,7 @@
 //! refused). Jobs of later services (SQS visibility timers, SNS deliveries,
 //! Firehose flushes) belong here too.
 
+mod redrive;
 mod seal;
 mod transfer;
 mod trim;
@@ -30,6 +31,8 @@ pub(crate) struct JobState {
     sealing: HashSet<GroupId>,
     last_transfer: HashMap<GroupId, Instant>,
     last_trim: HashMap<GroupId, Instant>,
+    redriving: HashSet<GroupId>,
+    last_redrive: HashMap<GroupId, Instant>,
 }
 
 /// Whether `last` is at least `every` ago (or never); if so, it becomes
@@ -56,9 +59,9 @@ impl Led<'_> {
     }
 }
 
-/// Seals a resharded parent at once. Once the membership matches the map
-/// (`aligned`), starts at most one of a leadership hand-off and a trim per
-/// pass (a hand-off first).
+/// Seals a resharded parent and moves a queue's dead letters at once. Once
+/// the membership matches the map (`aligned`), starts at most one of a
+/// leadership hand-off and a trim per pass (a hand-off first).
 pub(crate) async fn run_on_leader(
     ctx: &Context,
     jobs: &Arc<Mutex<JobState>>,
@@ -66,6 +69,7 @@ pub(crate) async fn run_on_leader(
     aligned: bool,
 ) {
     seal::run(ctx, jobs, led);
+    redrive::run(ctx, jobs, led);
     if !aligned || transfer::run(ctx, jobs, led).await {
         return;
     }
