@@ -90,6 +90,28 @@ def test_cli_profile_stream_put_tail_and_reshard(cli, stream_name):
     assert len(records) == 52
 
 
+def test_cli_queue_create_send_receive_purge_delete(cli, stream_name):
+    name = stream_name[:70]
+    url = cli("queue", "create", name, "--attribute", "VisibilityTimeout=60").stdout.strip()
+    assert url.endswith(f"/{name}")
+    assert url in cli("queue", "list", "--prefix", name).stdout.split()
+    sent = cli("queue", "send", name, stdin="one\ntwo\nthree\n")
+    assert "sent 3 message(s)" in sent.stderr
+    got = cli("queue", "receive", name, "--max", "2", "--wait", "5").stdout.split()
+    assert len(got) == 2 and set(got) <= {"one", "two", "three"}
+    kept = cli("queue", "receive", name, "--keep", "--wait", "5").stdout.split()
+    assert kept == sorted({"one", "two", "three"} - set(got))
+    cli("queue", "purge", name)
+    cli("queue", "delete", name)
+    missing = cli("queue", "delete", name, check=False)
+    assert missing.returncode == 1 and "QueueDoesNotExist" in missing.stderr, missing.stderr
+    fifo = cli("queue", "create", name[:60] + ".fifo", "--attribute", "ContentBasedDeduplication=true").stdout
+    assert fifo.strip().endswith(".fifo")
+    cli("queue", "send", name[:60] + ".fifo", "--group", "g", stdin="a\nb\n")
+    assert cli("queue", "receive", name[:60] + ".fifo", "--max", "2", "--wait", "5").stdout.split() == ["a", "b"]
+    cli("queue", "delete", name[:60] + ".fifo")
+
+
 def test_cli_cluster_views_and_leader_transfer(cli, stream_name):
     health = cli("cluster", "health", "--json")
     assert json.loads(health.stdout)["healthy"] is True

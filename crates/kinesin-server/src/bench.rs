@@ -127,14 +127,35 @@ impl Sender {
     }
 }
 
-/// A minimal Kinesis JSON client: one HTTP/1.1 keep-alive connection,
-/// SigV4-signed requests, reconnect on failure.
+/// A minimal AWS JSON client (Kinesis unless [`AwsClient::sqs`]): one
+/// HTTP/1.1 keep-alive connection, SigV4-signed requests, reconnect on
+/// failure.
 pub(crate) struct AwsClient {
     address: String,
     credential: (String, String),
     region: String,
+    api: JsonApi,
     connection: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
 }
+
+/// How one JSON service is called.
+struct JsonApi {
+    target_prefix: &'static str,
+    content_type: &'static str,
+    signing_name: &'static str,
+}
+
+const KINESIS_API: JsonApi = JsonApi {
+    target_prefix: "Kinesis_20131202",
+    content_type: "application/x-amz-json-1.1",
+    signing_name: "kinesis",
+};
+
+const SQS_API: JsonApi = JsonApi {
+    target_prefix: "AmazonSQS",
+    content_type: "application/x-amz-json-1.0",
+    signing_name: "sqs",
+};
 
 impl AwsClient {
     pub(crate) fn with_credentials(
@@ -147,7 +168,16 @@ impl AwsClient {
             address: address.to_string(),
             credential: (access_key.to_string(), secret_key.to_string()),
             region: region.to_string(),
+            api: KINESIS_API,
             connection: None,
+        }
+    }
+
+    /// The same client for SQS.
+    pub(crate) fn sqs(self) -> Self {
+        AwsClient {
+            api: SQS_API,
+            ..self
         }
     }
 
@@ -159,13 +189,16 @@ impl AwsClient {
         let body = serde_json::to_vec(body)?;
         let mut headers = axum::http::HeaderMap::new();
         headers.insert("host", self.address.parse()?);
-        headers.insert("content-type", "application/x-amz-json-1.1".parse()?);
-        headers.insert("x-amz-target", format!("Kinesis_20131202.{op}").parse()?);
+        headers.insert("content-type", self.api.content_type.parse()?);
+        headers.insert(
+            "x-amz-target",
+            format!("{}.{op}", self.api.target_prefix).parse()?,
+        );
         let uri: axum::http::Uri = "/".parse()?;
         let signature = kinesin_gateway::sign(
             (&self.credential.0, &self.credential.1),
             &self.region,
-            "kinesis",
+            self.api.signing_name,
             &kinesin_gateway::SignedRequest {
                 method: &axum::http::Method::POST,
                 uri: &uri,

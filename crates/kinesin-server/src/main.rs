@@ -38,6 +38,9 @@ enum Command {
     /// Manage streams.
     #[command(subcommand)]
     Stream(cli::StreamCommand),
+    /// Manage SQS queues and their messages.
+    #[command(subcommand)]
+    Queue(cli::QueueCommand),
     /// Put records read from standard input, one per line.
     Put(cli::PutArgs),
     /// Read records of every shard of a stream.
@@ -219,6 +222,7 @@ fn main() -> ExitCode {
             runtime.block_on(dev::run(args))
         }
         Command::Stream(cmd) => runtime.block_on(cli::stream(cmd)),
+        Command::Queue(cmd) => runtime.block_on(cli::queue(cmd)),
         Command::Put(args) => runtime.block_on(cli::put(args)),
         Command::Tail(args) => runtime.block_on(cli::tail(args)),
         Command::Cluster(cmd) => runtime.block_on(cli::cluster(cmd)),

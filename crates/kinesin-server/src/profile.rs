@@ -16,7 +16,8 @@ use crate::output::outln;
 pub struct Profile {
     /// gRPC address of any node (native API, cluster commands).
     pub endpoint: String,
-    /// AWS API address of any node (commands that use the Kinesis API).
+    /// AWS API address of any node (commands that use the Kinesis or SQS
+    /// API).
     pub api_endpoint: String,
     pub access_key_id: String,
     pub secret_access_key: String,

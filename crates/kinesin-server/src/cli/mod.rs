@@ -1,6 +1,7 @@
 //! Client subcommands over the native gRPC API (and the AWS API where only
-//! it has the operation). Human output by default, `--json` for scripts;
-//! exit status 1 on any error, 3 when `cluster health` finds a problem.
+//! it has the operation, and for queues). Human output by default, `--json`
+//! for scripts; exit status 1 on any error, 3 when `cluster health` finds a
+//! problem.
 
 use std::time::Duration;
 
@@ -13,10 +14,12 @@ use kinesin_proto::v1::node_client::NodeClient;
 use tonic::transport::Channel;
 
 mod cluster;
+mod queue;
 mod records;
 mod stream;
 
 pub use cluster::{cluster, ClusterCommand};
+pub use queue::{queue, QueueCommand};
 pub use records::{put, tail, PutArgs, TailArgs};
 pub use stream::{stream, StreamCommand};
 
