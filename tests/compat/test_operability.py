@@ -301,9 +301,19 @@ def test_dashboards_and_alerts_name_only_exported_metrics(cluster, cli, stream_n
     client.get_records(ShardIterator=it)
     with pytest.raises(client.exceptions.ResourceNotFoundException):
         client.describe_stream(StreamName="no-such-stream-for-dashboards")
-    exported = set()
-    for node in cluster:
-        exported |= {line.split("{")[0].split(" ")[0] for line in scrape(node).splitlines() if line and not line.startswith("#")}
+    # A queue, whose leader exports its counts within a second or two.
+    cli("queue", "create", stream_name[:70])
+
+    def exported_now():
+        names = set()
+        for node in cluster:
+            names |= {line.split("{")[0].split(" ")[0] for line in scrape(node).splitlines() if line and not line.startswith("#")}
+        return names
+
+    # Gauges refreshed every second (per stream, per queue).
+    refreshed = {"kinesin_stream_shards", "kinesin_sqs_messages"}
+    wait_until("stream and queue gauges", lambda: refreshed <= exported_now(), timeout=30)
+    exported = exported_now()
     exprs = expressions()
     assert len(exprs) >= 25
     for source, expr in exprs:

@@ -86,6 +86,9 @@ const FAMILIES: &[(&str, metrics_util::MetricKind, &str, AtStart)] = {
         ("kinesin_stream_outgoing_bytes_total", Counter, "Bytes returned by GetRecords, by stream.", Described),
         ("kinesin_stream_iterator_age_seconds", Gauge, "Age of the last record read by GetRecords, by stream, in seconds.", Described),
         ("kinesin_stream_throttled_total", Counter, "Refused for a shard's throughput limit, by stream and direction: records for writes, calls for reads.", Described),
+        ("kinesin_sqs_messages", Gauge, "Messages of a queue (account/name) by state: visible, in_flight, delayed; exported by the queue's leader every second.", Described),
+        ("kinesin_sqs_oldest_message_age_seconds", Gauge, "Age of a queue's oldest message, in seconds; exported by the queue's leader.", Described),
+        ("kinesin_sqs_dead_letters_moved_total", Counter, "Messages moved to dead-letter queues by the source queues' leaders on this node.", Zero),
         ("kinesin_shard_incoming_records_total", Counter, "Records acknowledged, by stream and shard (only with per_shard_metrics).", Described),
         ("kinesin_shard_incoming_bytes_total", Counter, "Bytes acknowledged, by stream and shard (only with per_shard_metrics).", Described),
     ]

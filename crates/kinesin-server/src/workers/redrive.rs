@@ -1,3 +1,6 @@
+//! A queue's leader, once a second: exports the queue's message counts and
+//! moves its dead letters.
+//!
 //! Dead letters: a queue's leader moves the messages received more often
 //! than its redrive policy allows to the dead-letter queue (keeping their
 //! id, attributes and first send time), then drops them from the source.
@@ -9,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kinesin_meta::Owner;
-use kinesin_queue::{DeadLetters, QueueCommand, QueueQuery};
+use kinesin_queue::{DeadLetters, QueueCommand, QueueInfo, QueueQuery};
 use kinesin_router::{now_ms, stamp, Retry};
 
 use super::{take_turn, JobState, Led};
@@ -21,7 +24,7 @@ const EVERY: Duration = Duration::from_secs(1);
 const BATCH: u32 = 100;
 
 pub(super) fn run(ctx: &Context, jobs: &Arc<Mutex<JobState>>, led: &Led<'_>) {
-    let Some(Owner::Group { spec, .. }) = led.owner() else {
+    let Some(Owner::Group { spec, name }) = led.owner() else {
         return;
     };
     if spec.kind != kinesin_queue::QUEUE_KIND {
@@ -37,8 +40,16 @@ pub(super) fn run(ctx: &Context, jobs: &Arc<Mutex<JobState>>, led: &Led<'_>) {
     }
     let (host, router) = (ctx.host.clone(), ctx.router.clone());
     let jobs = Arc::clone(jobs);
+    let queue = name.strip_prefix("sqs/").unwrap_or(name).to_string();
     tokio::spawn(async move {
         let result = async {
+            let now = now_ms();
+            let info: QueueInfo = kinesin_queue::decode(&host.local_query(
+                group,
+                &stamp(now, &kinesin_queue::encode(&QueueQuery::Info)),
+            )?)
+            .map_err(anyhow::Error::msg)?;
+            export(&queue, &info, now);
             let query = stamp(
                 now_ms(),
                 &kinesin_queue::encode(&QueueQuery::DeadLetters(BATCH)),
@@ -72,4 +83,22 @@ pub(super) fn run(ctx: &Context, jobs: &Arc<Mutex<JobState>>, led: &Led<'_>) {
         }
         jobs.lock().expect("jobs lock").redriving.remove(&group);
     });
+}
+
+/// The queue's counts as gauges, labelled `account/name`. A queue whose
+/// leader moved keeps its last values on the former leader until that
+/// node restarts; sum over `node` with `max`.
+fn export(queue: &str, info: &QueueInfo, now_ms: u64) {
+    let counts = [
+        ("visible", info.visible),
+        ("in_flight", info.in_flight),
+        ("delayed", info.delayed),
+    ];
+    for (state, count) in counts {
+        metrics::gauge!("kinesin_sqs_messages", "queue" => queue.to_string(), "state" => state)
+            .set(count as f64);
+    }
+    let age_ms = info.oldest_sent_ms.map_or(0, |t| now_ms.saturating_sub(t));
+    metrics::gauge!("kinesin_sqs_oldest_message_age_seconds", "queue" => queue.to_string())
+        .set(age_ms as f64 / 1000.0);
 }
