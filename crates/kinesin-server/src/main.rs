@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_read;
+mod bench_sqs;
 mod cli;
 mod debug;
 mod dev;
@@ -76,6 +77,9 @@ enum BenchCommand {
     Consume(bench_read::ReadArgs),
     /// Put at a fixed rate and measure put → seen by N consumers.
     E2e(bench_read::ReadArgs),
+    /// SQS: send, receive + delete, and send → receive latency with
+    /// waiting long polls, over the AWS JSON API.
+    Sqs(bench_sqs::SqsArgs),
 }
 
 /// Flags override the environment, which overrides the config file.
@@ -229,6 +233,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Produce(args)) => runtime.block_on(bench::produce(args)),
         Command::Bench(BenchCommand::Consume(args)) => runtime.block_on(bench_read::consume(args)),
         Command::Bench(BenchCommand::E2e(args)) => runtime.block_on(bench_read::e2e(args)),
+        Command::Bench(BenchCommand::Sqs(args)) => runtime.block_on(bench_sqs::sqs(args)),
         Command::Debug(DebugCommand::Records(args)) => debug::records(args),
         Command::Debug(DebugCommand::Raft(args)) => debug::raft(args),
         Command::Profile(cmd) => profile::run(cmd),
