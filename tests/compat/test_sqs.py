@@ -257,6 +257,11 @@ def test_a_message_received_too_often_moves_to_the_dead_letter_queue(sqs, queue_
     a, b, c = sqs
     dlq = a.create_queue(QueueName=f"{queue_name}-dlq")["QueueUrl"]
     dlq_arn = a.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    # The target must exist, be of the same type and not be the queue itself.
+    for target in (dlq_arn + "-missing", dlq_arn[:-len("-dlq")] + ".fifo"):
+        with pytest.raises(a.exceptions.InvalidAttributeValue):
+            a.create_queue(QueueName=queue_name, Attributes={
+                "RedrivePolicy": json.dumps({"deadLetterTargetArn": target, "maxReceiveCount": 2})})
     policy = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": 2})
     src = a.create_queue(QueueName=queue_name, Attributes={"RedrivePolicy": policy})["QueueUrl"]
     sent = b.send_message(QueueUrl=src, MessageBody="poison", MessageAttributes={"k": {"DataType": "String", "StringValue": "v"}})

@@ -142,6 +142,8 @@ pub enum QueueReply {
     Entries(Vec<Result<(), EntryError>>),
     /// PurgeQueue within 60 s of the last one.
     PurgeInProgress,
+    /// TagQueue would leave the queue with more than this many tags.
+    TooManyTags(u32),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

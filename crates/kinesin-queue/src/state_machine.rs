@@ -24,9 +24,16 @@ const TAG_BODY: u8 = 2;
 const TAG_DEDUP: u8 = 3;
 /// The settings' key in `Cf::StateMachine`.
 const HEADER_KEY: &[u8] = b"q:header";
+/// The queue's clock (`Queue::clock_ms`) in `Cf::StateMachine`.
+const CLOCK_KEY: &[u8] = b"q:clock";
 
 /// How long a deduplication id holds (FIFO queues), as AWS.
 const DEDUP_WINDOW_MS: u64 = 5 * 60 * 1000;
+/// Most messages one receive turns into dead letters: each pass over the
+/// queue costs a scan, and the rest die at the next receive.
+const MAX_DEATHS_PER_RECEIVE: usize = 100;
+/// Most tags of one queue, as AWS.
+const MAX_TAGS: usize = 50;
 /// PurgeQueue may run once per this long.
 const PURGE_INTERVAL_MS: u64 = 60 * 1000;
 
@@ -57,12 +64,15 @@ impl GroupKind for QueueKind {
                 header: initial.clone(),
                 ..Queue::default()
             }),
-            published: Mutex::new(encode(&initial)),
+            published: Mutex::new((encode(&initial), 0)),
             changes: watch::channel(0).0,
         };
         sm.reload()?;
-        let header = encode(&sm.queue.lock().expect("queue lock").header);
-        *sm.published.lock().expect("published lock") = header;
+        let published = {
+            let q = sm.queue.lock().expect("queue lock");
+            (encode(&q.header), q.clock_ms)
+        };
+        *sm.published.lock().expect("published lock") = published;
         Ok(Arc::new(sm))
     }
 }
@@ -144,6 +154,13 @@ struct Dedup {
 #[derive(Default)]
 struct Queue {
     header: Header,
+    /// Changed since the last publish.
+    header_dirty: bool,
+    /// The latest clock any command carried: commands apply at the later of
+    /// their stamp and this, so the queue's time never runs backward (two
+    /// proposals stamped in one order may commit in the other, and a new
+    /// leader's clock may be behind the old one's).
+    clock_ms: u64,
     messages: BTreeMap<u128, MessageState>,
     dedup: BTreeMap<String, Dedup>,
     /// (expiry, key) of every deduplication entry, to drop them in order.
@@ -220,8 +237,9 @@ struct QueueStateMachine {
     group: u64,
     /// Applied state, ahead of storage by at most the batch being written.
     queue: Mutex<Queue>,
-    /// The header as of the last written batch, for snapshots.
-    published: Mutex<Vec<u8>>,
+    /// The encoded header and the clock as of the last written batch, for
+    /// snapshots.
+    published: Mutex<(Vec<u8>, u64)>,
     changes: watch::Sender<u64>,
 }
 
@@ -265,11 +283,20 @@ impl QueueStateMachine {
         batch.delete_cf(self.storage.cf(Cf::Rows), self.body_key(seq));
     }
 
-    fn put_header(&self, batch: &mut WriteBatch, header: &Header) {
+    fn put_header(&self, q: &mut Queue, batch: &mut WriteBatch) {
         batch.put_cf(
             self.storage.cf(Cf::StateMachine),
             keys::named_key(self.group, HEADER_KEY),
-            encode(header),
+            encode(&q.header),
+        );
+        q.header_dirty = true;
+    }
+
+    fn put_clock(&self, batch: &mut WriteBatch, clock_ms: u64) {
+        batch.put_cf(
+            self.storage.cf(Cf::StateMachine),
+            keys::named_key(self.group, CLOCK_KEY),
+            clock_ms.to_be_bytes(),
         );
     }
 
@@ -383,7 +410,8 @@ impl QueueStateMachine {
         let mut out = Vec::with_capacity(max as usize);
         // A message past the redrive limit becomes a dead letter instead
         // of going out again, and the receive looks further.
-        while out.len() < max as usize {
+        let mut deaths = 0;
+        while out.len() < max as usize && deaths < MAX_DEATHS_PER_RECEIVE {
             let taken = q.takeable(now_ms, max as usize - out.len());
             if taken.is_empty() {
                 break;
@@ -396,6 +424,7 @@ impl QueueStateMachine {
                 if limit.is_some_and(|limit| m.receive_count >= limit) {
                     m.dead = true;
                     died = true;
+                    deaths += 1;
                     let m = m.clone();
                     self.put_state(batch, seq, &m);
                     continue;
@@ -451,7 +480,7 @@ impl QueueStateMachine {
                     }
                 }
                 q.header.modified_ms = now_ms;
-                self.put_header(batch, &q.header);
+                self.put_header(q, batch);
                 if q.header.redrive().is_none() {
                     // Without a dead-letter queue, dead letters are
                     // messages again.
@@ -472,15 +501,22 @@ impl QueueStateMachine {
                 QueueReply::Done
             }
             QueueCommand::Tag(tags) => {
+                let added = tags
+                    .keys()
+                    .filter(|k| !q.header.tags.contains_key(*k))
+                    .count();
+                if q.header.tags.len() + added > MAX_TAGS {
+                    return QueueReply::TooManyTags(MAX_TAGS as u32);
+                }
                 q.header.tags.extend(tags);
-                self.put_header(batch, &q.header);
+                self.put_header(q, batch);
                 QueueReply::Done
             }
             QueueCommand::Untag(names) => {
                 for name in names {
                     q.header.tags.remove(&name);
                 }
-                self.put_header(batch, &q.header);
+                self.put_header(q, batch);
                 QueueReply::Done
             }
             QueueCommand::Send(messages) => self.send(q, batch, index, now_ms, messages),
@@ -565,7 +601,7 @@ impl QueueStateMachine {
                     self.remove_message(q, batch, seq);
                 }
                 q.header.last_purge_ms = Some(now_ms);
-                self.put_header(batch, &q.header);
+                self.put_header(q, batch);
                 QueueReply::Done
             }
         }
@@ -580,6 +616,14 @@ impl QueueStateMachine {
             .map_err(io::Error::other)?
         {
             q.header = decode(&bytes).map_err(io::Error::other)?;
+        }
+        if let Some(bytes) = self
+            .storage
+            .get(Cf::StateMachine, &keys::named_key(self.group, CLOCK_KEY))
+            .map_err(io::Error::other)?
+        {
+            let (clock, _) = split_stamp(&bytes).map_err(io::Error::other)?;
+            q.clock_ms = clock;
         }
         q.messages.clear();
         q.dedup.clear();
@@ -635,31 +679,50 @@ impl QueueStateMachine {
 
 impl GroupStateMachine for QueueStateMachine {
     fn apply(&self, index: u64, command: &[u8], batch: &mut WriteBatch) -> io::Result<Vec<u8>> {
-        let (now_ms, command) = split_stamp(command).map_err(io::Error::other)?;
+        let (stamp, command) = split_stamp(command).map_err(io::Error::other)?;
         let command: QueueCommand = decode(command).map_err(io::Error::other)?;
         let mut q = self.queue.lock().expect("queue lock");
+        if stamp > q.clock_ms {
+            q.clock_ms = stamp;
+            self.put_clock(batch, stamp);
+        }
+        let now_ms = q.clock_ms;
         let reply = self.apply_command(&mut q, batch, index, now_ms, command);
         Ok(encode(&reply))
     }
 
     fn publish(&self) {
-        let header = encode(&self.queue.lock().expect("queue lock").header);
-        *self.published.lock().expect("published lock") = header;
+        {
+            let mut q = self.queue.lock().expect("queue lock");
+            let mut published = self.published.lock().expect("published lock");
+            if q.header_dirty {
+                published.0 = encode(&q.header);
+                q.header_dirty = false;
+            }
+            published.1 = q.clock_ms;
+        }
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
+    /// The clock (8 bytes, big-endian) and the header.
     fn snapshot_state(&self) -> Vec<u8> {
-        self.published.lock().expect("published lock").clone()
+        let published = self.published.lock().expect("published lock");
+        let mut state = published.1.to_be_bytes().to_vec();
+        state.extend_from_slice(&published.0);
+        state
     }
 
     fn restore(&self, state: &[u8], batch: &mut WriteBatch) -> io::Result<()> {
-        let header: Header = decode(state).map_err(io::Error::other)?;
-        self.put_header(batch, &header);
+        let (clock_ms, header) = split_stamp(state).map_err(io::Error::other)?;
+        let header: Header = decode(header).map_err(io::Error::other)?;
         let mut q = self.queue.lock().expect("queue lock");
         *q = Queue {
             header,
+            clock_ms,
             ..Queue::default()
         };
+        self.put_header(&mut q, batch);
+        self.put_clock(batch, clock_ms);
         Ok(())
     }
 
@@ -1063,6 +1126,51 @@ mod tests {
         let after: DeadLetters = decode(&sm.query(&q).unwrap()).unwrap();
         assert!(after.messages.is_empty());
         assert_eq!(info(&sm, 9_000).visible, 1, "n is visible again, m is gone");
+    }
+
+    #[test]
+    fn the_queue_clock_never_runs_backward() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = storage(dir.path());
+        let sm = open(&s, &[]);
+        run(
+            &s,
+            &sm,
+            1,
+            100_000,
+            QueueCommand::Send(vec![message("a", None, None)]),
+        );
+        // Stamped earlier (another leader's slower clock): applies at the
+        // queue's time, so b is not older than a.
+        run(
+            &s,
+            &sm,
+            2,
+            5_000,
+            QueueCommand::Send(vec![message("b", None, None)]),
+        );
+        let got = receive(&s, &sm, 3, 0, 10);
+        assert!(got.iter().all(|d| d.message.sent_ms == 100_000), "{got:?}");
+        assert!(got.iter().all(|d| d.received.first_receive_ms == 100_000));
+        // The clock survives a snapshot install and a restart.
+        let state = sm.snapshot_state();
+        let other = open(&s, &[]);
+        let mut batch = WriteBatch::default();
+        other.restore(&state, &mut batch).unwrap();
+        s.write(batch).unwrap();
+        other.publish();
+        other.reload().unwrap();
+        run(
+            &s,
+            &other,
+            4,
+            0,
+            QueueCommand::Send(vec![message("c", None, None)]),
+        );
+        let reopened = open(&s, &[]);
+        let c = receive(&s, &reopened, 5, 0, 10);
+        assert_eq!(bodies(&c), ["c"]);
+        assert_eq!(c[0].message.sent_ms, 100_000);
     }
 
     #[test]

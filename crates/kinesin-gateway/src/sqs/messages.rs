@@ -195,8 +195,8 @@ fn new_message(
         ));
     }
     let (attributes, attributes_size) = attributes_of(input, "MessageAttributes")?;
-    let (system_attributes, _) = attributes_of_system(input)?;
-    let size = body.len() + attributes_size;
+    let (system_attributes, system_size) = attributes_of_system(input)?;
+    let size = body.len() + attributes_size + system_size;
     let max = settings
         .get("MaximumMessageSize")
         .and_then(|v| v.parse().ok())

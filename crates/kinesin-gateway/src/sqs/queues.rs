@@ -14,6 +14,8 @@ use crate::input::Input;
 const MAX_QUEUE_NAME: usize = 80;
 const MAX_LIST_RESULTS: i64 = 1000;
 const MAX_TAGS: usize = 50;
+/// Longest attribute value (a policy), as AWS.
+const MAX_ATTRIBUTE_VALUE: usize = 20_480;
 
 /// Settable attributes with their defaults (None: unset unless given), and
 /// whether they belong to FIFO queues only.
@@ -85,6 +87,12 @@ fn check_attribute(name: &str, value: &str, fifo: bool) -> Result<(), ApiError> 
         return Err(attribute_error(
             "InvalidAttributeName",
             format!("Unknown Attribute {name}."),
+        ));
+    }
+    if value.len() > MAX_ATTRIBUTE_VALUE {
+        return Err(attribute_error(
+            "InvalidAttributeValue",
+            format!("Invalid value for the parameter {name}: longer than {MAX_ATTRIBUTE_VALUE} characters."),
         ));
     }
     match name {
@@ -178,7 +186,65 @@ fn tags_of(input: &Input<'_>, member: &str) -> Result<BTreeMap<String, String>, 
     if tags.keys().any(|k| k.is_empty() || k.len() > 128) {
         return Err(invalid_parameter("Tag keys must be 1 to 128 characters."));
     }
+    if tags.values().any(|v| v.len() > 256) {
+        return Err(invalid_parameter(
+            "Tag values must be at most 256 characters.",
+        ));
+    }
     Ok(tags)
+}
+
+/// A redrive policy must name an existing queue of the caller's, in this
+/// region, of the same kind (FIFO or standard), other than the queue itself.
+fn check_redrive_target(
+    ctx: &Context<'_>,
+    queue: &str,
+    attributes: &BTreeMap<String, String>,
+) -> Result<(), ApiError> {
+    let Some(policy) = attributes.get("RedrivePolicy").filter(|p| !p.is_empty()) else {
+        return Ok(());
+    };
+    let bad = |why: &str| {
+        attribute_error(
+            "InvalidAttributeValue",
+            format!("Value {policy} for parameter RedrivePolicy is invalid. Reason: {why}"),
+        )
+    };
+    let target = serde_json::from_str::<Value>(policy)
+        .ok()
+        .and_then(|p| {
+            p.get("deadLetterTargetArn")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let parts: Vec<&str> = target.split(':').collect();
+    let [_, _, _, region, account, name] = parts.as_slice() else {
+        return Err(bad("Dead-letter target is not a queue ARN."));
+    };
+    if *region != ctx.region || *account != ctx.account {
+        return Err(bad(
+            "Dead-letter target must be a queue of the same account and region.",
+        ));
+    }
+    if *name == queue {
+        return Err(bad("Dead-letter target must be another queue."));
+    }
+    if name.ends_with(".fifo") != queue.ends_with(".fifo") {
+        return Err(bad(
+            "Dead-letter target must be of the same type (FIFO or standard) as the source queue.",
+        ));
+    }
+    let exists = ctx
+        .router
+        .meta_state()
+        .groups
+        .get(&group_name(account, name))
+        .is_some_and(|g| g.kind == kinesin_queue::QUEUE_KIND);
+    if !exists {
+        return Err(bad("Dead-letter target does not exist."));
+    }
+    Ok(())
 }
 
 pub(super) async fn create_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result<Value, ApiError> {
@@ -199,6 +265,7 @@ pub(super) async fn create_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result
     for (k, v) in &given {
         check_attribute(k, v, fifo)?;
     }
+    check_redrive_target(ctx, name, &given)?;
     let tags = tags_of(input, "tags")?;
     let mut attributes: BTreeMap<String, String> = SETTABLE
         .iter()
@@ -404,6 +471,7 @@ pub(super) async fn set_queue_attributes(
         }
         check_attribute(k, v, fifo)?;
     }
+    check_redrive_target(ctx, &queue.name, &given)?;
     ctx.command(&queue, &QueueCommand::SetAttributes(given), Retry::Always)
         .await?;
     Ok(json!({}))
@@ -430,9 +498,15 @@ pub(super) async fn purge_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result<
 pub(super) async fn tag_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result<Value, ApiError> {
     let queue = ctx.queue(input)?;
     let tags = tags_of(input, "Tags")?;
-    ctx.command(&queue, &QueueCommand::Tag(tags), Retry::Always)
-        .await?;
-    Ok(json!({}))
+    match ctx
+        .command(&queue, &QueueCommand::Tag(tags), Retry::Always)
+        .await?
+    {
+        QueueReply::TooManyTags(max) => Err(invalid_parameter(format!(
+            "Too many tags: a queue has at most {max}."
+        ))),
+        _ => Ok(json!({})),
+    }
 }
 
 pub(super) async fn untag_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result<Value, ApiError> {

@@ -41,6 +41,7 @@ pub(super) fn run(ctx: &Context, jobs: &Arc<Mutex<JobState>>, led: &Led<'_>) {
     let (host, router) = (ctx.host.clone(), ctx.router.clone());
     let jobs = Arc::clone(jobs);
     let queue = name.strip_prefix("sqs/").unwrap_or(name).to_string();
+    let source = name.to_string();
     tokio::spawn(async move {
         let result = async {
             let now = now_ms();
@@ -59,8 +60,22 @@ pub(super) fn run(ctx: &Context, jobs: &Arc<Mutex<JobState>>, led: &Led<'_>) {
             if dead.messages.is_empty() {
                 return anyhow::Ok(());
             }
+            // Only a queue of the source's own account (the API checks
+            // this when the policy is set; the target may have changed).
+            let account_prefix = source.rsplit_once('/').map_or("", |(a, _)| a);
             let target = kinesin_queue::group_of_arn(&dead.target)
-                .and_then(|name| router.meta_state().groups.get(&name).map(|g| g.group))
+                .filter(|name| {
+                    name.rsplit_once('/')
+                        .is_some_and(|(a, _)| a == account_prefix)
+                })
+                .and_then(|name| {
+                    router
+                        .meta_state()
+                        .groups
+                        .get(&name)
+                        .filter(|g| g.kind == kinesin_queue::QUEUE_KIND)
+                        .map(|g| g.group)
+                })
                 .ok_or_else(|| {
                     anyhow::anyhow!("the dead-letter queue {} does not exist", dead.target)
                 })?;
