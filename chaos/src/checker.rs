@@ -39,15 +39,15 @@ impl Report {
         }
     }
 
-    fn error(&mut self, name: &str, example: Value) {
+    pub(crate) fn error(&mut self, name: &str, example: Value) {
         Self::add(&mut self.errors, name, example);
     }
 
-    fn note(&mut self, name: &str, example: Value) {
+    pub(crate) fn note(&mut self, name: &str, example: Value) {
         Self::add(&mut self.notes, name, example);
     }
 
-    fn count(&mut self, name: &str, n: u64) {
+    pub(crate) fn count(&mut self, name: &str, n: u64) {
         *self.counts.entry(name.to_string()).or_default() += n;
     }
 }
@@ -300,6 +300,7 @@ pub fn check(history: &[Event], replicas: &Replicas, panics: &[String]) -> Repor
             r.error("empty-run", json!({"reason": what}));
         }
     }
+    crate::sqs::check(history, &mut r);
     r.valid = r.errors.is_empty();
     r
 }

@@ -54,6 +54,8 @@ impl std::fmt::Display for CallError {
 pub struct Client {
     address: String,
     timeout: Duration,
+    /// Target prefix and content type of the API the client speaks.
+    api: (&'static str, &'static str),
     sender: Option<Sender>,
 }
 
@@ -62,7 +64,16 @@ impl Client {
         Client {
             address,
             timeout,
+            api: ("Kinesis_20131202", "application/x-amz-json-1.1"),
             sender: None,
+        }
+    }
+
+    /// A client of the SQS API (awsJson1_0).
+    pub fn sqs(address: String, timeout: Duration) -> Client {
+        Client {
+            api: ("AmazonSQS", "application/x-amz-json-1.0"),
+            ..Client::new(address, timeout)
         }
     }
 
@@ -93,8 +104,8 @@ impl Client {
     pub async fn call(&mut self, op: &str, body: &Value) -> Result<Value, CallError> {
         let request = hyper::Request::post("/")
             .header("host", &self.address)
-            .header("content-type", "application/x-amz-json-1.1")
-            .header("x-amz-target", format!("Kinesis_20131202.{op}"))
+            .header("content-type", self.api.1)
+            .header("x-amz-target", format!("{}.{op}", self.api.0))
             .body(Full::new(Bytes::from(
                 serde_json::to_vec(body).expect("JSON values serialize"),
             )))

@@ -10,6 +10,7 @@ mod nemesis;
 mod net;
 mod proxy;
 mod run;
+mod sqs;
 mod workload;
 
 use std::path::PathBuf;
@@ -56,6 +57,9 @@ enum Command {
         /// Run a deliberately broken server (the checker must catch it).
         #[arg(long, value_enum)]
         broken: Option<Broken>,
+        /// Also run the SQS workload (standard and FIFO queues).
+        #[arg(long)]
+        sqs: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -102,12 +106,18 @@ fn plan(matrix: &str, seeds: std::ops::Range<u64>, common: &Common) -> Vec<Plann
             binary: common.binary.clone(),
             out: PathBuf::new(),
             broken,
+            sqs: false,
         };
         config.out = common.out.join(config.dir_name());
         Planned {
             config,
             expect_valid: broken.is_none(),
         }
+    };
+    let with_sqs = |mut planned: Planned| {
+        planned.config.sqs = true;
+        planned.config.out = common.out.join(planned.config.dir_name());
+        planned
     };
     let mut runs = Vec::new();
     if matrix == "smoke" {
@@ -131,6 +141,11 @@ fn plan(matrix: &str, seeds: std::ops::Range<u64>, common: &Common) -> Vec<Plann
         ] {
             runs.push(mk(s, seed, 20, 3, None));
         }
+        // The SQS workload beside the stream one: a leader killed, and a
+        // partition.
+        for (s, seed) in [("kill", 120), ("partition", 121)] {
+            runs.push(with_sqs(mk(s, seed, 20, 3, None)));
+        }
         // 90 s, not 30: the broken build loses records only when a client
         // writes through the isolated leader to a shard it leads, and in 30 s
         // one CI run of 2 (2026-12-01) saw too few such writes to lose any,
@@ -143,6 +158,9 @@ fn plan(matrix: &str, seeds: std::ops::Range<u64>, common: &Common) -> Vec<Plann
                 runs.push(mk(s, seed, 60, 3, None));
             }
             runs.push(mk("partition", seed, 60, 5, None));
+            for s in ["kill", "partition", "pause", "clock-skew"] {
+                runs.push(with_sqs(mk(s, seed, 60, 3, None)));
+            }
             runs.push(mk("mixed", seed, 120, 5, None));
             runs.push(mk("isolate-leader", seed, 30, 3, Some(Broken::UnsafeAck)));
             runs.push(mk("power-fail", seed, 30, 3, Some(Broken::NoFsync)));
@@ -166,6 +184,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
             duration,
             nodes,
             broken,
+            sqs,
             common,
         } => {
             let mut config = RunConfig {
@@ -176,6 +195,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
                 nodes,
                 binary: common.binary,
                 broken,
+                sqs,
             };
             config.out = common.out.join(config.dir_name());
             let report = run_one(&config).await?;

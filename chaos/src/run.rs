@@ -18,6 +18,7 @@ use crate::history::{self, Event, History, Kind};
 use crate::nemesis::{scenario, Nemesis};
 use crate::net::{Net, HOST_ADDR};
 use crate::proxy::Proxies;
+use crate::sqs;
 use crate::workload::{self, STREAM};
 
 #[derive(Debug, Clone)]
@@ -30,6 +31,8 @@ pub struct RunConfig {
     pub out: PathBuf,
     /// Run a deliberately broken server: the checker must catch it.
     pub broken: Option<Broken>,
+    /// Run the SQS workload (`crate::sqs`) beside the stream workload.
+    pub sqs: bool,
 }
 
 /// The deliberately broken servers.
@@ -63,7 +66,7 @@ impl RunConfig {
             self.broken
                 .map(|b| format!(" --broken {}", b.name()))
                 .unwrap_or_default()
-        )
+        ) + if self.sqs { " --sqs" } else { "" }
     }
 
     /// The run's directory name: scenario, nodes, seed, broken mode.
@@ -76,7 +79,7 @@ impl RunConfig {
             self.broken
                 .map(|b| format!("-{}", b.name()))
                 .unwrap_or_default()
-        )
+        ) + if self.sqs { "-sqs" } else { "" }
     }
 }
 
@@ -287,6 +290,9 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
     )
     .await?;
     create_stream(config.nodes).await?;
+    if config.sqs {
+        sqs::create_queues(config.nodes).await?;
+    }
 
     let history = History::create(&config.out.join("history.jsonl"))?;
     let members = Members::new(config.nodes);
@@ -313,6 +319,26 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
             history.clone(),
             stop_workload.clone(),
         )));
+    }
+    if config.sqs {
+        for p in 0..sqs::PRODUCERS {
+            tasks.handles.push(tokio::spawn(sqs::producer(
+                p,
+                members.clone(),
+                config.seed,
+                history.clone(),
+                stop_workload.clone(),
+            )));
+        }
+        for c in 0..sqs::CONSUMERS {
+            tasks.handles.push(tokio::spawn(sqs::consumer(
+                c,
+                members.clone(),
+                config.seed,
+                history.clone(),
+                stop_workload.clone(),
+            )));
+        }
     }
     let nemesis = Nemesis {
         faults,
@@ -355,6 +381,9 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
         });
     }
     while reads.join_next().await.transpose()?.is_some() {}
+    if config.sqs {
+        sqs::drain(&members.list(), &history, Duration::from_secs(60)).await;
+    }
     history.flush()?;
 
     let mut c = cluster.lock().await;
