@@ -249,7 +249,7 @@ fn new_message(
         ));
     }
     let message = NewMessage {
-        message_id: new_message_id(),
+        message_id: crate::new_request_id(),
         body: body.to_string(),
         md5_of_body: md5_hex(body.as_bytes()),
         md5_of_attributes: md5_of_attributes(&attributes),
@@ -303,21 +303,6 @@ fn attributes_of_unchecked_names(
         .map(|a| a.name.len() + a.data_type.len() + a.string_value.as_ref().map_or(0, String::len))
         .sum();
     Ok((out, size))
-}
-
-fn new_message_id() -> String {
-    let mut b: [u8; 16] = rand::random();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
 }
 
 /// The receipt handle of a received message.

@@ -130,19 +130,35 @@ impl Context<'_> {
         if self.check_accounts && account != self.account {
             return Err(no_queue());
         }
-        let group = self
-            .router
-            .meta_state()
-            .groups
-            .get(&group_name(account, name))
-            .filter(|g| g.kind == kinesin_queue::QUEUE_KIND)
-            .map(|g| g.group)
-            .ok_or_else(no_queue)?;
+        let group = self.queue_group(account, name).ok_or_else(no_queue)?;
         Ok(Queue {
             account: account.to_string(),
             name: name.to_string(),
             group,
         })
+    }
+
+    /// The group of `account`'s queue `name`, if it exists.
+    fn queue_group(&self, account: &str, name: &str) -> Option<GroupId> {
+        self.router
+            .meta_state()
+            .groups
+            .get(&group_name(account, name))
+            .filter(|g| g.kind == kinesin_queue::QUEUE_KIND)
+            .map(|g| g.group)
+    }
+
+    /// The caller's queues (name, group), in name order.
+    fn own_queues(&self) -> Vec<(String, GroupId)> {
+        let own = group_name(self.account, "");
+        self.router
+            .meta_state()
+            .groups
+            .range(own.clone()..)
+            .take_while(|(k, _)| k.starts_with(&own))
+            .filter(|(_, g)| g.kind == kinesin_queue::QUEUE_KIND)
+            .map(|(k, g)| (k[own.len()..].to_string(), g.group))
+            .collect()
     }
 
     async fn command(

@@ -235,13 +235,7 @@ fn check_redrive_target(
             "Dead-letter target must be of the same type (FIFO or standard) as the source queue.",
         ));
     }
-    let exists = ctx
-        .router
-        .meta_state()
-        .groups
-        .get(&group_name(account, name))
-        .is_some_and(|g| g.kind == kinesin_queue::QUEUE_KIND);
-    if !exists {
+    if ctx.queue_group(account, name).is_none() {
         return Err(bad("Dead-letter target does not exist."));
     }
     Ok(())
@@ -300,13 +294,7 @@ pub(super) async fn create_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result
             let queue = Queue {
                 account: ctx.account.to_string(),
                 name: name.to_string(),
-                group: ctx
-                    .router
-                    .meta_state()
-                    .groups
-                    .get(&key)
-                    .map(|g| g.group)
-                    .ok_or_else(no_queue)?,
+                group: ctx.queue_group(ctx.account, name).ok_or_else(no_queue)?,
             };
             let info: QueueInfo = ctx.query(&queue, &QueueQuery::Info).await?;
             let differs = given.iter().any(|(k, v)| {
@@ -335,13 +323,7 @@ pub(super) fn get_queue_url(ctx: &Context<'_>, input: &Input<'_>) -> Result<Valu
     if ctx.check_accounts && account != ctx.account {
         return Err(no_queue());
     }
-    let exists = ctx
-        .router
-        .meta_state()
-        .groups
-        .get(&group_name(account, name))
-        .is_some_and(|g| g.kind == kinesin_queue::QUEUE_KIND);
-    if !exists {
+    if ctx.queue_group(account, name).is_none() {
         return Err(no_queue());
     }
     Ok(json!({ "QueueUrl": ctx.url(account, name) }))
@@ -351,14 +333,10 @@ pub(super) fn list_queues(ctx: &Context<'_>, input: &Input<'_>) -> Result<Value,
     let prefix = input.opt_str("QueueNamePrefix")?.unwrap_or("");
     let max = input.opt_int_range("MaxResults", 1, MAX_LIST_RESULTS)?;
     let after = input.opt_str("NextToken")?;
-    let own = group_name(ctx.account, "");
-    let state = ctx.router.meta_state();
-    let mut names = state
-        .groups
-        .range(own.clone()..)
-        .take_while(|(k, _)| k.starts_with(&own))
-        .filter(|(_, g)| g.kind == kinesin_queue::QUEUE_KIND)
-        .map(|(k, _)| &k[own.len()..])
+    let queues = ctx.own_queues();
+    let mut names = queues
+        .iter()
+        .map(|(n, _)| n.as_str())
         .filter(|n| n.starts_with(prefix))
         .filter(|n| after.is_none_or(|a| *n > a));
     let limit = max.unwrap_or(MAX_LIST_RESULTS) as usize;
@@ -543,17 +521,10 @@ pub(super) async fn list_dead_letter_source_queues(
     let arn = ctx.arn(&target.account, &target.name);
     let max = input.opt_int_range("MaxResults", 1, MAX_LIST_RESULTS)?;
     let after = input.opt_str("NextToken")?;
-    let own = group_name(ctx.account, "");
-    let candidates: Vec<(String, kinesin_types::GroupId)> = ctx
-        .router
-        .meta_state()
-        .groups
-        .range(own.clone()..)
-        .take_while(|(k, _)| k.starts_with(&own))
-        .filter(|(_, g)| g.kind == kinesin_queue::QUEUE_KIND)
-        .map(|(k, g)| (k[own.len()..].to_string(), g.group))
-        .filter(|(n, _)| after.is_none_or(|a| n.as_str() > a))
-        .collect();
+    let candidates = ctx
+        .own_queues()
+        .into_iter()
+        .filter(|(n, _)| after.is_none_or(|a| n.as_str() > a));
     let limit = max.unwrap_or(MAX_LIST_RESULTS) as usize;
     let mut names = Vec::new();
     let mut more = false;
