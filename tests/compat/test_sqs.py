@@ -165,6 +165,14 @@ def test_messages_are_sent_received_hidden_and_deleted_across_nodes(sqs, queue_n
     assert error_code(e) == "InvalidParameterValue"
     with pytest.raises(a.exceptions.InvalidMessageContents):
         a.send_message(QueueUrl=url, MessageBody="bad \x01 char")
+    # The queue's own limit, checked by the queue.
+    a.set_queue_attributes(QueueUrl=url, Attributes={"MaximumMessageSize": "1024"})
+    with pytest.raises(Exception) as e:
+        b.send_message(QueueUrl=url, MessageBody="y" * 1025)
+    assert error_code(e) == "InvalidParameterValue"
+    out = c.send_message_batch(QueueUrl=url, Entries=[{"Id": "small", "MessageBody": "s"}, {"Id": "big", "MessageBody": "y" * 1025}])
+    assert [e["Id"] for e in out["Successful"]] == ["small"]
+    assert [(f["Id"], f["Code"]) for f in out["Failed"]] == [("big", "InvalidParameterValue")]
     a.delete_queue(QueueUrl=url)
 
 

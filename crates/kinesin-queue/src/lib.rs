@@ -18,7 +18,8 @@ mod state_machine;
 
 pub use model::{
     decode, encode, DeadLetters, Delivered, EntryError, Handle, MessageAttribute, NewMessage,
-    QueueCommand, QueueConfig, QueueInfo, QueueQuery, QueueReply, Received, Sent, StoredMessage,
+    QueueCommand, QueueConfig, QueueInfo, QueueQuery, QueueReply, Received, SendRefused, Sent,
+    StoredMessage,
 };
 pub use state_machine::{QueueKind, QUEUE_KIND};
 

@@ -40,6 +40,11 @@ pub struct NewMessage {
     pub delay_seconds: Option<u32>,
     pub group_id: Option<String>,
     pub dedup_id: Option<String>,
+    /// The SHA-256 of the body (hex), for a FIFO message without a
+    /// deduplication id: its id if the queue deduplicates by content.
+    pub content_dedup_id: Option<String>,
+    /// Body and attributes in bytes, checked against MaximumMessageSize.
+    pub size: u32,
 }
 
 /// A message as its row stores it.
@@ -124,6 +129,17 @@ pub struct Delivered {
     pub message: StoredMessage,
 }
 
+/// Why a queue refused one message of a send: its settings decide, so the
+/// queue checks them where it applies the send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SendRefused {
+    /// Larger than the queue's MaximumMessageSize.
+    TooLarge { max: u32 },
+    /// A FIFO message without a deduplication id, on a queue that does not
+    /// deduplicate by content.
+    NoDeduplicationId,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EntryError {
     /// No message of the queue has this receipt's message (deleted,
@@ -136,7 +152,7 @@ pub enum EntryError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum QueueReply {
     Done,
-    Sent(Vec<Sent>),
+    Sent(Vec<Result<Sent, SendRefused>>),
     Received(Vec<Received>),
     Delivered(Vec<Delivered>),
     Entries(Vec<Result<(), EntryError>>),

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::model::{
     decode, encode, DeadLetters, Delivered, EntryError, Handle, NewMessage, QueueCommand,
-    QueueConfig, QueueInfo, QueueQuery, QueueReply, Received, Sent, StoredMessage,
+    QueueConfig, QueueInfo, QueueQuery, QueueReply, Received, SendRefused, Sent, StoredMessage,
 };
 
 /// The kind's registered name.
@@ -39,6 +39,7 @@ const PURGE_INTERVAL_MS: u64 = 60 * 1000;
 
 const DEFAULT_VISIBILITY_S: u64 = 30;
 const DEFAULT_RETENTION_S: u64 = 345_600;
+const DEFAULT_MAX_MESSAGE_BYTES: u64 = 1_048_576;
 
 pub struct QueueKind;
 
@@ -333,9 +334,26 @@ impl QueueStateMachine {
         messages: Vec<NewMessage>,
     ) -> QueueReply {
         let queue_delay = q.header.number("DelaySeconds", 0);
+        let max_size = q
+            .header
+            .number("MaximumMessageSize", DEFAULT_MAX_MESSAGE_BYTES);
         let mut sent = Vec::with_capacity(messages.len());
-        for (slot, message) in messages.into_iter().enumerate() {
+        for (slot, mut message) in messages.into_iter().enumerate() {
             let seq = (u128::from(index) << 32) | slot as u128;
+            if u64::from(message.size) > max_size {
+                sent.push(Err(SendRefused::TooLarge {
+                    max: max_size as u32,
+                }));
+                continue;
+            }
+            let content_dedup_id = message.content_dedup_id.take();
+            if q.header.fifo() && message.dedup_id.is_none() {
+                if !q.header.flag("ContentBasedDeduplication") {
+                    sent.push(Err(SendRefused::NoDeduplicationId));
+                    continue;
+                }
+                message.dedup_id = content_dedup_id;
+            }
             let dedup_key = message.dedup_id.as_ref().map(|id| {
                 match (&message.group_id, q.header.dedup_per_group()) {
                     (Some(group), true) => format!("{group}\u{0}{id}"),
@@ -343,10 +361,10 @@ impl QueueStateMachine {
                 }
             });
             if let Some(earlier) = dedup_key.as_ref().and_then(|k| q.dedup.get(k)) {
-                sent.push(Sent {
+                sent.push(Ok(Sent {
                     message_id: earlier.message_id.clone(),
                     seq: earlier.seq,
-                });
+                }));
                 continue;
             }
             if let Some(key) = dedup_key {
@@ -373,10 +391,10 @@ impl QueueStateMachine {
                 group_id: message.group_id.clone(),
                 dead: false,
             };
-            sent.push(Sent {
+            sent.push(Ok(Sent {
                 message_id: message.message_id.clone(),
                 seq,
-            });
+            }));
             let stored = StoredMessage {
                 message,
                 sent_ms: now_ms,
@@ -790,8 +808,27 @@ mod tests {
     use crate::model::MessageAttribute;
     use kinesin_storage::FsyncPolicy;
 
-    fn storage(dir: &std::path::Path) -> Storage {
-        Storage::open(dir, FsyncPolicy::NeverUnsafe).expect("open storage")
+    /// A scratch storage; the directory lives as long as the guard.
+    fn scratch() -> (tempfile::TempDir, Storage) {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), FsyncPolicy::NeverUnsafe).expect("open storage");
+        (dir, storage)
+    }
+
+    /// A queue with `attributes` on scratch storage.
+    fn setup(
+        attributes: &[(&str, &str)],
+    ) -> (tempfile::TempDir, Storage, Arc<dyn GroupStateMachine>) {
+        let (dir, storage) = scratch();
+        let sm = open(&storage, attributes);
+        (dir, storage, sm)
+    }
+
+    fn sent(reply: QueueReply) -> Vec<Result<Sent, SendRefused>> {
+        match reply {
+            QueueReply::Sent(s) => s,
+            other => panic!("{other:?}"),
+        }
     }
 
     fn open(storage: &Storage, attributes: &[(&str, &str)]) -> Arc<dyn GroupStateMachine> {
@@ -844,6 +881,8 @@ mod tests {
             delay_seconds: None,
             group_id: group.map(str::to_string),
             dedup_id: dedup.map(str::to_string),
+            content_dedup_id: None,
+            size: body.len() as u32,
         }
     }
 
@@ -884,9 +923,7 @@ mod tests {
 
     #[test]
     fn a_received_message_hides_for_its_visibility_timeout_and_a_stale_receipt_deletes_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = storage(dir.path());
-        let sm = open(&s, &[("VisibilityTimeout", "10")]);
+        let (_dir, s, sm) = setup(&[("VisibilityTimeout", "10")]);
         run(
             &s,
             &sm,
@@ -931,9 +968,7 @@ mod tests {
 
     #[test]
     fn changing_visibility_needs_the_current_receipt_of_a_message_in_flight() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = storage(dir.path());
-        let sm = open(&s, &[]);
+        let (_dir, s, sm) = setup(&[]);
         run(
             &s,
             &sm,
@@ -972,9 +1007,7 @@ mod tests {
 
     #[test]
     fn fifo_groups_deliver_in_order_one_batch_in_flight_at_a_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = storage(dir.path());
-        let sm = open(&s, &[("FifoQueue", "true")]);
+        let (_dir, s, sm) = setup(&[("FifoQueue", "true")]);
         let sends = vec![
             message("a1", Some("a"), Some("1")),
             message("b1", Some("b"), Some("2")),
@@ -996,14 +1029,47 @@ mod tests {
     }
 
     #[test]
+    fn the_queue_refuses_messages_its_settings_do_not_allow() {
+        let (_dir, s, sm) = setup(&[("FifoQueue", "true"), ("MaximumMessageSize", "1024")]);
+        let mut big = message("x", Some("g"), Some("1"));
+        big.size = 1025;
+        let mut anonymous = message("y", Some("g"), None);
+        anonymous.content_dedup_id = Some("hash-of-y".into());
+        let fits = message("z", Some("g"), Some("3"));
+        let reply = sent(run(
+            &s,
+            &sm,
+            1,
+            0,
+            QueueCommand::Send(vec![big, anonymous.clone(), fits]),
+        ));
+        assert_eq!(reply[0], Err(SendRefused::TooLarge { max: 1024 }));
+        assert_eq!(reply[1], Err(SendRefused::NoDeduplicationId));
+        assert!(reply[2].is_ok());
+        // With content-based deduplication the body's hash is the id.
+        let mut changes = BTreeMap::new();
+        changes.insert("ContentBasedDeduplication".to_string(), "true".to_string());
+        run(&s, &sm, 2, 0, QueueCommand::SetAttributes(changes));
+        let first = sent(run(
+            &s,
+            &sm,
+            3,
+            0,
+            QueueCommand::Send(vec![anonymous.clone()]),
+        ));
+        let again = sent(run(&s, &sm, 4, 0, QueueCommand::Send(vec![anonymous])));
+        assert_eq!(first, again);
+        let got = receive(&s, &sm, 5, 0, 10);
+        assert_eq!(bodies(&got), ["z", "y"]);
+        assert_eq!(
+            got[1].message.message.dedup_id.as_deref(),
+            Some("hash-of-y")
+        );
+    }
+
+    #[test]
     fn a_deduplication_id_holds_for_five_minutes_even_after_a_delete() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = storage(dir.path());
-        let sm = open(&s, &[("FifoQueue", "true")]);
-        let sent = |reply: QueueReply| match reply {
-            QueueReply::Sent(s) => s,
-            other => panic!("{other:?}"),
-        };
+        let (_dir, s, sm) = setup(&[("FifoQueue", "true")]);
         let one = sent(run(
             &s,
             &sm,
@@ -1038,18 +1104,13 @@ mod tests {
             300_000,
             QueueCommand::Send(vec![message("z", Some("g"), Some("d"))]),
         ));
-        assert_ne!(later[0].seq, one[0].seq);
+        assert_ne!(later[0].as_ref().unwrap().seq, one[0].as_ref().unwrap().seq);
         assert_eq!(bodies(&receive(&s, &sm, 7, 300_000, 10)), ["z"]);
     }
 
     #[test]
     fn delays_retention_and_purge_follow_the_stamped_clock() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = storage(dir.path());
-        let sm = open(
-            &s,
-            &[("MessageRetentionPeriod", "60"), ("DelaySeconds", "5")],
-        );
+        let (_dir, s, sm) = setup(&[("MessageRetentionPeriod", "60"), ("DelaySeconds", "5")]);
         let mut late = message("late", None, None);
         late.delay_seconds = Some(0);
         run(
@@ -1085,8 +1146,7 @@ mod tests {
 
     #[test]
     fn a_message_past_the_receive_limit_becomes_a_dead_letter_and_moves_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = storage(dir.path());
+        let (_dir, s) = scratch();
         let policy = r#"{"deadLetterTargetArn":"arn:aws:sqs:us-east-1:000000000000:dlq","maxReceiveCount":2}"#;
         let sm = open(&s, &[("RedrivePolicy", policy), ("VisibilityTimeout", "1")]);
         run(
@@ -1130,9 +1190,7 @@ mod tests {
 
     #[test]
     fn the_queue_clock_never_runs_backward() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = storage(dir.path());
-        let sm = open(&s, &[]);
+        let (_dir, s, sm) = setup(&[]);
         run(
             &s,
             &sm,
@@ -1175,8 +1233,7 @@ mod tests {
 
     #[test]
     fn a_reopened_replica_has_every_message_and_its_delivery_state() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = storage(dir.path());
+        let (_dir, s) = scratch();
         let handle = {
             let sm = open(&s, &[]);
             run(
@@ -1207,9 +1264,7 @@ mod tests {
 
     #[test]
     fn a_restored_header_and_reloaded_rows_make_the_same_queue() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = storage(dir.path());
-        let sm = open(&s, &[("VisibilityTimeout", "7")]);
+        let (_dir, s, sm) = setup(&[("VisibilityTimeout", "7")]);
         run(
             &s,
             &sm,

@@ -79,13 +79,38 @@ impl Router {
 
     /// Proposes `command` to `group` with the leader's clock before it (8
     /// bytes, big-endian ms: see [`stamp`]), so that a kind whose state
-    /// follows time reads it from one clock. With `ready`, the leader
-    /// proposes only once the query (stamped the same way) answers
-    /// non-empty from its applied state, woken by the group's change
-    /// counter, and gives up after the wait: `Ok(None)`. The wait must stay
-    /// under a few seconds (one attempt's bound); callers wait longer in
-    /// rounds.
+    /// follows time reads it from one clock.
     pub async fn propose_stamped(
+        &self,
+        group: GroupId,
+        command: Vec<u8>,
+        retry: Retry,
+    ) -> Result<Vec<u8>, RouterError> {
+        self.propose_at_leader(group, command, retry, None)
+            .await?
+            .ok_or_else(|| {
+                RouterError::Internal(format!("{group}: a proposal without a wait was not made"))
+            })
+    }
+
+    /// [`Router::propose_stamped`], made only once `ready` (stamped the same
+    /// way) answers non-empty from the leader's applied state, woken by the
+    /// group's change counter; `Ok(None)` if it did not within `wait`. The
+    /// wait must stay under a few seconds (one attempt's bound); callers
+    /// wait longer in rounds.
+    pub async fn propose_when_ready(
+        &self,
+        group: GroupId,
+        command: Vec<u8>,
+        retry: Retry,
+        ready: Vec<u8>,
+        wait: Duration,
+    ) -> Result<Option<Vec<u8>>, RouterError> {
+        self.propose_at_leader(group, command, retry, Some((ready, wait)))
+            .await
+    }
+
+    async fn propose_at_leader(
         &self,
         group: GroupId,
         command: Vec<u8>,
@@ -128,8 +153,9 @@ impl Router {
         .await
     }
 
-    /// The leader's half of [`Router::propose_stamped`] (and of a plain
-    /// proposal, unstamped and without `ready`).
+    /// The leader's half of [`Router::propose_stamped`] and
+    /// [`Router::propose_when_ready`] (and of a plain proposal, unstamped
+    /// and without `ready`).
     pub(crate) async fn propose_here(
         &self,
         group: GroupId,

@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use base64::Engine;
 use kinesin_queue::{
     Delivered, EntryError, Handle, MessageAttribute, NewMessage, QueueCommand, QueueQuery,
-    QueueReply,
+    QueueReply, SendRefused,
 };
 use kinesin_router::Retry;
 use md5::{Digest, Md5};
@@ -22,6 +22,8 @@ const MAX_BATCH_ENTRIES: usize = 10;
 /// Most bytes of one batch's messages together.
 const MAX_BATCH_BYTES: usize = 1_048_576;
 const MAX_MESSAGE_ATTRIBUTES: usize = 10;
+/// The largest MaximumMessageSize a queue can have.
+const MAX_MESSAGE_BYTES: usize = 1_048_576;
 const MAX_WAIT_SECONDS: i64 = 20;
 const MAX_VISIBILITY_SECONDS: i64 = 43_200;
 /// A long poll asks the leader in rounds of at most this long (one
@@ -171,9 +173,8 @@ fn attributes_of(
 fn new_message(
     ctx: &Context<'_>,
     queue: &Queue,
-    settings: &BTreeMap<String, String>,
     input: &Input<'_>,
-) -> Result<(NewMessage, usize), ApiError> {
+) -> Result<NewMessage, ApiError> {
     let fifo = queue.name.ends_with(".fifo");
     let body = input.str("MessageBody")?;
     if body.is_empty() {
@@ -196,18 +197,14 @@ fn new_message(
     }
     let (attributes, attributes_size) = attributes_of(input, "MessageAttributes")?;
     let (system_attributes, system_size) = attributes_of_system(input)?;
+    // MaximumMessageSize is the queue's to check: at most the largest
+    // message any queue takes, checked here without asking it.
     let size = body.len() + attributes_size + system_size;
-    let max = settings
-        .get("MaximumMessageSize")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_048_576usize);
-    if size > max {
-        return Err(invalid_parameter(format!(
-            "One or more parameters are invalid. Reason: Message must be shorter than {max} bytes."
-        )));
+    if size > MAX_MESSAGE_BYTES {
+        return Err(too_large(MAX_MESSAGE_BYTES));
     }
     let group_id = input.opt_str("MessageGroupId")?.map(str::to_string);
-    let mut dedup_id = input.opt_str("MessageDeduplicationId")?.map(str::to_string);
+    let dedup_id = input.opt_str("MessageDeduplicationId")?.map(str::to_string);
     for (member, value) in [
         ("MessageGroupId", &group_id),
         ("MessageDeduplicationId", &dedup_id),
@@ -229,26 +226,15 @@ fn new_message(
                 "The request must contain the parameter MessageGroupId.",
             ));
         }
-        if dedup_id.is_none() {
-            if settings
-                .get("ContentBasedDeduplication")
-                .is_some_and(|v| v == "true")
-            {
-                dedup_id = Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
-                    body.as_bytes(),
-                )));
-            } else {
-                return Err(invalid_parameter(
-                    "The queue should either have ContentBasedDeduplication enabled or MessageDeduplicationId provided explicitly",
-                ));
-            }
-        }
     } else if dedup_id.is_some() {
         return Err(invalid_parameter(
             "Value for parameter MessageDeduplicationId is invalid. Reason: The request includes a parameter that is not valid for this queue type.",
         ));
     }
-    let message = NewMessage {
+    // Whether the queue deduplicates by content is the queue's to decide.
+    let content_dedup_id = (fifo && dedup_id.is_none())
+        .then(|| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body.as_bytes())));
+    Ok(NewMessage {
         message_id: crate::new_request_id(),
         body: body.to_string(),
         md5_of_body: md5_hex(body.as_bytes()),
@@ -260,8 +246,42 @@ fn new_message(
         delay_seconds: delay.map(|d| d as u32),
         group_id,
         dedup_id,
-    };
-    Ok((message, size))
+        content_dedup_id,
+        size: size as u32,
+    })
+}
+
+fn too_large(max: usize) -> ApiError {
+    invalid_parameter(format!(
+        "One or more parameters are invalid. Reason: Message must be shorter than {max} bytes."
+    ))
+}
+
+/// A message the queue refused for its settings, as SQS answers it.
+fn refused(e: SendRefused) -> ApiError {
+    match e {
+        SendRefused::TooLarge { max } => too_large(max as usize),
+        SendRefused::NoDeduplicationId => invalid_parameter(
+            "The queue should either have ContentBasedDeduplication enabled or MessageDeduplicationId provided explicitly",
+        ),
+    }
+}
+
+/// What a send answers about a message besides its id.
+struct Digests {
+    body: String,
+    attributes: Option<String>,
+    system_attributes: Option<String>,
+}
+
+impl Digests {
+    fn of(m: &NewMessage) -> Digests {
+        Digests {
+            body: m.md5_of_body.clone(),
+            attributes: m.md5_of_attributes.clone(),
+            system_attributes: m.md5_of_system_attributes.clone(),
+        }
+    }
 }
 
 /// `MessageSystemAttributes`: only `AWSTraceHeader`, a String.
@@ -411,17 +431,17 @@ fn failure(id: &str, e: &ApiError) -> Value {
     })
 }
 
-fn sent_entry(message: &NewMessage, sent: &kinesin_queue::Sent, fifo: bool) -> Map<String, Value> {
+fn sent_entry(digests: &Digests, sent: &kinesin_queue::Sent, fifo: bool) -> Map<String, Value> {
     let mut out = Map::new();
     out.insert("MessageId".into(), Value::String(sent.message_id.clone()));
     out.insert(
         "MD5OfMessageBody".into(),
-        Value::String(message.md5_of_body.clone()),
+        Value::String(digests.body.clone()),
     );
-    if let Some(md5) = &message.md5_of_attributes {
+    if let Some(md5) = &digests.attributes {
         out.insert("MD5OfMessageAttributes".into(), Value::String(md5.clone()));
     }
-    if let Some(md5) = &message.md5_of_system_attributes {
+    if let Some(md5) = &digests.system_attributes {
         out.insert(
             "MD5OfMessageSystemAttributes".into(),
             Value::String(md5.clone()),
@@ -440,7 +460,7 @@ async fn send(
     ctx: &Context<'_>,
     queue: &Queue,
     messages: Vec<NewMessage>,
-) -> Result<Vec<kinesin_queue::Sent>, ApiError> {
+) -> Result<Vec<Result<kinesin_queue::Sent, SendRefused>>, ApiError> {
     let count = messages.len();
     // A send whose outcome is unknown is not repeated here: a standard
     // queue would hold the message twice. FIFO queues deduplicate, so the
@@ -456,18 +476,17 @@ async fn send(
     }
 }
 
-async fn settings(ctx: &Context<'_>, queue: &Queue) -> Result<BTreeMap<String, String>, ApiError> {
-    ctx.query(queue, &QueueQuery::Settings).await
-}
-
 pub(super) async fn send_message(ctx: &Context<'_>, input: &Input<'_>) -> Result<Value, ApiError> {
     let queue = ctx.queue(input)?;
-    let settings = settings(ctx, &queue).await?;
-    let (message, _) = new_message(ctx, &queue, &settings, input)?;
-    let sent = send(ctx, &queue, vec![message.clone()]).await?;
+    let message = new_message(ctx, &queue, input)?;
+    let digests = Digests::of(&message);
+    let sent = send(ctx, &queue, vec![message])
+        .await?
+        .remove(0)
+        .map_err(refused)?;
     Ok(Value::Object(sent_entry(
-        &message,
-        &sent[0],
+        &digests,
+        &sent,
         queue.name.ends_with(".fifo"),
     )))
 }
@@ -478,16 +497,17 @@ pub(super) async fn send_message_batch(
 ) -> Result<Value, ApiError> {
     let queue = ctx.queue(input)?;
     let entries = batch_entries(input)?;
-    let settings = settings(ctx, &queue).await?;
     let mut failed = Vec::new();
-    let mut accepted = Vec::new();
+    let mut ids = Vec::new();
+    let mut messages = Vec::new();
     let mut total = 0;
     for entry in &entries {
         let id = entry.str("Id")?;
-        match new_message(ctx, &queue, &settings, entry) {
-            Ok((message, size)) => {
-                total += size;
-                accepted.push((id, message));
+        match new_message(ctx, &queue, entry) {
+            Ok(message) => {
+                total += message.size as usize;
+                ids.push((id, Digests::of(&message)));
+                messages.push(message);
             }
             Err(e) => failed.push(failure(id, &e)),
         }
@@ -500,14 +520,18 @@ pub(super) async fn send_message_batch(
         ));
     }
     let mut successful = Vec::new();
-    if !accepted.is_empty() {
-        let messages = accepted.iter().map(|(_, m)| m.clone()).collect();
+    if !messages.is_empty() {
         let sent = send(ctx, &queue, messages).await?;
         let fifo = queue.name.ends_with(".fifo");
-        for ((id, message), sent) in accepted.iter().zip(&sent) {
-            let mut entry = sent_entry(message, sent, fifo);
-            entry.insert("Id".into(), Value::String(id.to_string()));
-            successful.push(Value::Object(entry));
+        for ((id, digests), sent) in ids.iter().zip(sent) {
+            match sent {
+                Ok(sent) => {
+                    let mut entry = sent_entry(digests, &sent, fifo);
+                    entry.insert("Id".into(), Value::String(id.to_string()));
+                    successful.push(Value::Object(entry));
+                }
+                Err(e) => failed.push(failure(id, &refused(e))),
+            }
         }
     }
     Ok(json!({ "Successful": successful, "Failed": failed }))
@@ -619,7 +643,8 @@ pub(super) async fn receive_message(
         .map(|v| v as u32);
     let wait = match input.opt_int_range("WaitTimeSeconds", 0, MAX_WAIT_SECONDS)? {
         Some(w) => w as u64,
-        None => settings(ctx, &queue)
+        None => ctx
+            .query::<BTreeMap<String, String>>(&queue, &QueueQuery::Settings)
             .await?
             .get("ReceiveMessageWaitTimeSeconds")
             .and_then(|v| v.parse().ok())
@@ -649,11 +674,12 @@ pub(super) async fn receive_message(
         // it may have taken become visible again after their timeout.
         let reply = ctx
             .router
-            .propose_stamped(
+            .propose_when_ready(
                 queue.group,
                 command.clone(),
                 Retry::Always,
-                Some((ready.clone(), round)),
+                ready.clone(),
+                round,
             )
             .await
             .map_err(super::queue_error)?;

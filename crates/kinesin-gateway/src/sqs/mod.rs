@@ -169,14 +169,9 @@ impl Context<'_> {
     ) -> Result<QueueReply, ApiError> {
         let reply = self
             .router
-            .propose_stamped(queue.group, kinesin_queue::encode(command), retry, None)
+            .propose_stamped(queue.group, kinesin_queue::encode(command), retry)
             .await
-            .map_err(queue_error)?
-            .ok_or_else(|| {
-                ApiError::from(kinesin_router::RouterError::Internal(
-                    "a proposal without a wait was not made".into(),
-                ))
-            })?;
+            .map_err(queue_error)?;
         kinesin_queue::decode(&reply).map_err(internal)
     }
 

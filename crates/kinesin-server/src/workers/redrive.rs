@@ -83,12 +83,10 @@ pub(super) fn run(ctx: &Context, jobs: &Arc<Mutex<JobState>>, led: &Led<'_>) {
             let seqs = dead.messages.iter().map(|m| m.seq).collect();
             let moved = kinesin_queue::encode(&QueueCommand::Move(dead.messages));
             router
-                .propose_stamped(target, moved, Retry::BeforeProposing, None)
+                .propose_stamped(target, moved, Retry::BeforeProposing)
                 .await?;
             let remove = kinesin_queue::encode(&QueueCommand::Remove(seqs));
-            router
-                .propose_stamped(group, remove, Retry::Always, None)
-                .await?;
+            router.propose_stamped(group, remove, Retry::Always).await?;
             metrics::counter!("kinesin_sqs_dead_letters_moved_total").increment(count as u64);
             Ok(())
         }
