@@ -80,10 +80,16 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         );
     }
     println!(
-        "kinesin dev: {} nodes running; Ctrl-C stops them all",
+        "kinesin dev: {} nodes running; Ctrl-C (or SIGTERM) stops them all",
         args.nodes
     );
-    tokio::signal::ctrl_c().await?;
+    // SIGTERM too: `kill` or `pkill` of this process must not leave the
+    // nodes running on their ports.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
     for child in &mut children {
         if let Some(pid) = child.id() {
             // SIGTERM lets each node hand over leadership and stop cleanly.
