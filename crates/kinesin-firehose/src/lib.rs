@@ -1,0 +1,28 @@
+//! Firehose delivery streams as a Raft group kind. A delivery stream is a
+//! group of the kind [`FIREHOSE_KIND`]: its log is the stream the records
+//! are put into (DirectPut), its rows hold the records not yet delivered,
+//! and its small state holds the destination, the version, the tags and
+//! the one *sealed batch* on its way to S3.
+//!
+//! Delivery is exactly once per object: the group's leader first seals a
+//! batch (a sequence range and the object key it becomes) through Raft,
+//! then uploads it, then commits it through Raft, which drops its records.
+//! A leader that takes over finds the sealed batch and uploads the same
+//! records to the same key again: the retry replaces the object with the
+//! same bytes instead of adding a second one.
+
+mod model;
+mod object;
+mod state_machine;
+
+pub use model::{
+    decode, encode, Batch, Compression, FirehoseCommand, FirehoseQuery, FirehoseReply, Plan,
+    S3Destination, StreamConfig, StreamInfo,
+};
+pub use object::{evaluate_prefix, object_key, render, KeyError};
+pub use state_machine::{FirehoseKind, FIREHOSE_KIND};
+
+/// The map name of a delivery stream's group.
+pub fn group_name(account: &str, name: &str) -> String {
+    format!("firehose/{account}/{name}")
+}

@@ -1,0 +1,188 @@
+//! Commands, queries and replies of a delivery stream's group.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+/// How objects are compressed (`CompressionFormat`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Compression {
+    Uncompressed,
+    Gzip,
+    Snappy,
+    HadoopSnappy,
+}
+
+impl Compression {
+    /// The API's name of the format.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::Uncompressed => "UNCOMPRESSED",
+            Compression::Gzip => "GZIP",
+            Compression::Snappy => "Snappy",
+            Compression::HadoopSnappy => "HADOOP_SNAPPY",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Compression> {
+        [
+            Compression::Uncompressed,
+            Compression::Gzip,
+            Compression::Snappy,
+            Compression::HadoopSnappy,
+        ]
+        .into_iter()
+        .find(|c| c.name() == name)
+    }
+
+    /// What AWS appends to the object key.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Compression::Uncompressed => "",
+            Compression::Gzip => ".gz",
+            Compression::Snappy => ".snappy",
+            Compression::HadoopSnappy => ".hsnappy",
+        }
+    }
+}
+
+/// An S3 (or ExtendedS3) destination, as the gateway validated it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct S3Destination {
+    pub bucket_arn: String,
+    pub role_arn: String,
+    pub prefix: Option<String>,
+    pub error_output_prefix: Option<String>,
+    pub size_mib: u32,
+    pub interval_s: u32,
+    pub compression: Compression,
+    /// The AppendDelimiterToRecord processor: a newline after each record.
+    pub append_delimiter: bool,
+    /// Configured as ExtendedS3 (described as both, as AWS does).
+    pub extended: bool,
+}
+
+impl S3Destination {
+    /// The bucket of `arn:aws:s3:::bucket`.
+    pub fn bucket(&self) -> &str {
+        self.bucket_arn
+            .strip_prefix("arn:aws:s3:::")
+            .unwrap_or(&self.bucket_arn)
+    }
+}
+
+/// A delivery stream when it is created (the group's config in the map).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamConfig {
+    pub name: String,
+    pub destination: S3Destination,
+    pub tags: BTreeMap<String, String>,
+    /// Created with server-side encryption on (stored and shown only).
+    pub encrypted: bool,
+    pub created_ms: u64,
+}
+
+/// Records sealed into one object: the sequence range it covers and where
+/// it goes, fixed before the upload so that a retry writes the same object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    pub from: u128,
+    pub to: u128,
+    pub records: u64,
+    pub bytes: u64,
+    pub bucket: String,
+    pub key: String,
+    pub compression: Compression,
+    pub append_delimiter: bool,
+    /// Arrival time of the batch's first record.
+    pub first_arrival_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FirehoseCommand {
+    /// Appends records (their data).
+    Put(Vec<ByteBuf>),
+    /// Seals the leading buffered records up to `batch.to` into the object
+    /// `batch.key`; refused while another batch is sealed or if the range
+    /// does not start at the first buffered record.
+    Seal(Batch),
+    /// The sealed batch ending at `to` was uploaded: its records go.
+    Commit {
+        to: u128,
+    },
+    /// UpdateDestination, if the stream is still at `version`.
+    Update {
+        version: u64,
+        destination: S3Destination,
+    },
+    Tag(BTreeMap<String, String>),
+    Untag(Vec<String>),
+    /// Start/StopDeliveryStreamEncryption.
+    Encryption(bool),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FirehoseReply {
+    /// The first record's sequence number; the rest follow one by one.
+    Put {
+        first: u128,
+    },
+    Done,
+    /// A seal or commit that does not match the buffered records or the
+    /// sealed batch (a former leader's, or a repeat).
+    Stale,
+    /// UpdateDestination named another version than the current one.
+    VersionMismatch(u64),
+    TooManyTags(u32),
+}
+
+/// What the leader's delivery job may seal next: the leading buffered
+/// records up to a size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub from: u128,
+    pub to: u128,
+    pub records: u64,
+    pub bytes: u64,
+    pub first_arrival_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FirehoseQuery {
+    Describe,
+    /// The leading buffered records of at most this many bytes (at least
+    /// one record).
+    Plan(u64),
+    /// The data of the records `from..=to`, in order.
+    Records {
+        from: u128,
+        to: u128,
+    },
+}
+
+/// The state DescribeDeliveryStream and the delivery job read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamInfo {
+    pub name: String,
+    pub destination: S3Destination,
+    pub version: u64,
+    pub tags: BTreeMap<String, String>,
+    pub encrypted: bool,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    pub buffered_records: u64,
+    pub buffered_bytes: u64,
+    pub oldest_arrival_ms: Option<u64>,
+    pub sealed: Option<Batch>,
+    pub delivered_records: u64,
+    pub delivered_bytes: u64,
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("encoding to a Vec cannot fail")
+}
+
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, String> {
+    postcard::from_bytes(bytes).map_err(|e| format!("undecodable firehose message: {e}"))
+}

@@ -1,0 +1,316 @@
+//! What a sealed batch becomes: its object key, as AWS names delivered
+//! objects, and its bytes.
+
+use std::io::Write;
+
+use chrono::{DateTime, Utc};
+
+use crate::model::Compression;
+
+/// A prefix Firehose cannot evaluate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyError(pub String);
+
+impl std::fmt::Display for KeyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The Java `DateTimeFormatter` pattern of a `!{timestamp:…}` expression
+/// as a chrono format; letters other than these are refused.
+fn timestamp_format(pattern: &str) -> Result<String, KeyError> {
+    let mut out = String::new();
+    let mut chars = pattern.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\'' {
+            for quoted in chars.by_ref() {
+                if quoted == '\'' {
+                    break;
+                }
+                out.push(quoted);
+            }
+            continue;
+        }
+        if !c.is_ascii_alphabetic() {
+            if c == '%' {
+                out.push('%');
+            }
+            out.push(c);
+            continue;
+        }
+        let mut run = 1;
+        while chars.peek() == Some(&c) {
+            chars.next();
+            run += 1;
+        }
+        out.push_str(match (c, run) {
+            ('y', 4) | ('u', 4) => "%Y",
+            ('y', 2) | ('u', 2) => "%y",
+            ('M', 2) => "%m",
+            ('d', 2) => "%d",
+            ('H', 2) => "%H",
+            ('m', 2) => "%M",
+            ('s', 2) => "%S",
+            _ => {
+                return Err(KeyError(format!(
+                    "the timestamp pattern '{pattern}' uses '{}', which Kinesin does not format (yyyy, yy, MM, dd, HH, mm, ss)",
+                    c.to_string().repeat(run)
+                )))
+            }
+        });
+    }
+    Ok(out)
+}
+
+fn time_of(ms: u64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms as i64).unwrap_or_default()
+}
+
+/// A deterministic stand-in for AWS's random strings: derived from the
+/// batch's first sequence number, so a retried upload names the same key.
+fn batch_string(from: u128) -> String {
+    let folded = (from as u64) ^ ((from >> 64) as u64).rotate_left(17);
+    format!("{:011x}", folded.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 20)
+}
+
+/// Evaluates a prefix's `!{namespace:value}` expressions; `error_type` is
+/// the value of `!{firehose:error-output-type}` (only error prefixes may
+/// use it). Returns the prefix and whether it had expressions.
+pub fn evaluate_prefix(
+    prefix: &str,
+    arrival_ms: u64,
+    from: u128,
+    error_type: Option<&str>,
+) -> Result<(String, bool), KeyError> {
+    let mut out = String::new();
+    let mut rest = prefix;
+    let mut any = false;
+    while let Some(start) = rest.find("!{") {
+        out.push_str(&rest[..start]);
+        let Some(end) = rest[start..].find('}') else {
+            return Err(KeyError(format!(
+                "the prefix '{prefix}' has an unterminated expression"
+            )));
+        };
+        let expression = &rest[start + 2..start + end];
+        any = true;
+        match expression.split_once(':') {
+            Some(("timestamp", pattern)) => {
+                let format = timestamp_format(pattern)?;
+                out.push_str(&time_of(arrival_ms).format(&format).to_string());
+            }
+            Some(("firehose", "random-string")) => out.push_str(&batch_string(from)),
+            Some(("firehose", "error-output-type")) => match error_type {
+                Some(t) => out.push_str(t),
+                None => {
+                    return Err(KeyError(
+                        "!{firehose:error-output-type} may only be used in ErrorOutputPrefix"
+                            .into(),
+                    ))
+                }
+            },
+            _ => {
+                return Err(KeyError(format!(
+                    "the prefix '{prefix}' has the expression '!{{{expression}}}', which Kinesin does not evaluate"
+                )))
+            }
+        }
+        rest = &rest[start + end + 1..];
+    }
+    out.push_str(rest);
+    Ok((out, any))
+}
+
+/// The key of the object a batch becomes, as AWS names them:
+/// `<prefix>YYYY/MM/dd/HH/<stream>-<version>-YYYY-MM-dd-HH-mm-ss-<id>`
+/// (UTC, at the arrival of the batch's first record), where a prefix with
+/// expressions replaces the time part. AWS's random id is the batch's
+/// first sequence number here.
+pub fn object_key(
+    stream: &str,
+    version: u64,
+    prefix: Option<&str>,
+    first_arrival_ms: u64,
+    from: u128,
+    compression: Compression,
+) -> Result<String, KeyError> {
+    let time = time_of(first_arrival_ms);
+    let (mut key, expressions) =
+        evaluate_prefix(prefix.unwrap_or(""), first_arrival_ms, from, None)?;
+    if !expressions {
+        key.push_str(&time.format("%Y/%m/%d/%H/").to_string());
+    }
+    let id = format!("{from:032x}");
+    key.push_str(&format!(
+        "{stream}-{version}-{}-{}-{}-{}-{}-{}{}",
+        time.format("%Y-%m-%d-%H-%M-%S"),
+        &id[0..8],
+        &id[8..12],
+        &id[12..16],
+        &id[16..20],
+        &id[20..32],
+        compression.extension()
+    ));
+    Ok(key)
+}
+
+/// Hadoop's block size for Snappy streams (`io.compression.codec.snappy.buffersize`).
+const HADOOP_BLOCK: usize = 256 * 1024;
+
+/// The object's bytes: the records in order (each followed by a newline
+/// with `append_delimiter`), compressed. Deterministic, so a retried
+/// upload writes the same object.
+pub fn render(
+    records: &[Vec<u8>],
+    compression: Compression,
+    append_delimiter: bool,
+) -> std::io::Result<Vec<u8>> {
+    let size: usize = records.iter().map(|r| r.len() + 1).sum();
+    let mut plain = Vec::with_capacity(size);
+    for r in records {
+        plain.extend_from_slice(r);
+        if append_delimiter {
+            plain.push(b'\n');
+        }
+    }
+    match compression {
+        Compression::Uncompressed => Ok(plain),
+        Compression::Gzip => {
+            let mut out = flate2::write::GzEncoder::new(
+                Vec::with_capacity(plain.len() / 2),
+                flate2::Compression::default(),
+            );
+            out.write_all(&plain)?;
+            out.finish()
+        }
+        Compression::Snappy => {
+            let mut out = snap::write::FrameEncoder::new(Vec::with_capacity(plain.len() / 2));
+            out.write_all(&plain)?;
+            out.into_inner().map_err(|e| e.into_error())
+        }
+        Compression::HadoopSnappy => {
+            let mut out = Vec::with_capacity(plain.len() / 2);
+            let mut encoder = snap::raw::Encoder::new();
+            for block in plain.chunks(HADOOP_BLOCK) {
+                let compressed = encoder.compress_vec(block).map_err(std::io::Error::other)?;
+                out.extend_from_slice(&(block.len() as u32).to_be_bytes());
+                out.extend_from_slice(&(compressed.len() as u32).to_be_bytes());
+                out.extend_from_slice(&compressed);
+            }
+            Ok(out)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// 2026-12-01T13:04:05.678Z
+    const T: u64 = 1_796_130_245_678;
+
+    #[test]
+    fn default_keys_carry_the_hour_prefix_and_the_aws_name() {
+        let key = object_key("logs", 1, None, T, 0x1234 << 32, Compression::Gzip).unwrap();
+        assert_eq!(
+            key,
+            "2026/12/01/13/logs-1-2026-12-01-13-04-05-00000000-0000-0000-0000-123400000000.gz"
+        );
+        let key = object_key("logs", 3, Some("raw/"), T, 7, Compression::Uncompressed).unwrap();
+        assert!(key.starts_with("raw/2026/12/01/13/logs-3-"), "{key}");
+    }
+
+    #[test]
+    fn expressions_replace_the_time_prefix() {
+        let prefix = "year=!{timestamp:yyyy}/month=!{timestamp:MM}/!{firehose:random-string}/";
+        let a = object_key("s", 1, Some(prefix), T, 99, Compression::Uncompressed).unwrap();
+        let b = object_key("s", 1, Some(prefix), T, 99, Compression::Uncompressed).unwrap();
+        assert_eq!(a, b, "a retry names the same key");
+        assert!(a.starts_with("year=2026/month=12/"), "{a}");
+        assert!(!a.contains("2026/12/01/13/"), "{a}");
+        let (error, _) = evaluate_prefix(
+            "err/!{firehose:error-output-type}/",
+            T,
+            1,
+            Some("processing-failed"),
+        )
+        .unwrap();
+        assert_eq!(error, "err/processing-failed/");
+        assert!(object_key(
+            "s",
+            1,
+            Some("!{firehose:error-output-type}"),
+            T,
+            1,
+            Compression::Gzip
+        )
+        .is_err());
+        assert!(object_key(
+            "s",
+            1,
+            Some("!{timestamp:yyyy-QQ}"),
+            T,
+            1,
+            Compression::Gzip
+        )
+        .is_err());
+        assert!(object_key("s", 1, Some("!{timestamp:yyyy"), T, 1, Compression::Gzip).is_err());
+    }
+
+    #[test]
+    fn every_compression_round_trips_and_is_deterministic() {
+        let records: Vec<Vec<u8>> = (0..2000)
+            .map(|i| format!("record {i}").into_bytes())
+            .collect();
+        let expected: Vec<u8> = records
+            .iter()
+            .flat_map(|r| r.iter().copied().chain([b'\n']))
+            .collect();
+        for compression in [
+            Compression::Uncompressed,
+            Compression::Gzip,
+            Compression::Snappy,
+            Compression::HadoopSnappy,
+        ] {
+            let bytes = render(&records, compression, true).unwrap();
+            assert_eq!(bytes, render(&records, compression, true).unwrap());
+            let plain = match compression {
+                Compression::Uncompressed => bytes,
+                Compression::Gzip => {
+                    let mut out = Vec::new();
+                    flate2::read::GzDecoder::new(&bytes[..])
+                        .read_to_end(&mut out)
+                        .unwrap();
+                    out
+                }
+                Compression::Snappy => {
+                    let mut out = Vec::new();
+                    snap::read::FrameDecoder::new(&bytes[..])
+                        .read_to_end(&mut out)
+                        .unwrap();
+                    out
+                }
+                Compression::HadoopSnappy => {
+                    let (mut out, mut at) = (Vec::new(), 0);
+                    while at < bytes.len() {
+                        let raw = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
+                        let len = u32::from_be_bytes(bytes[at + 4..at + 8].try_into().unwrap());
+                        let block = &bytes[at + 8..at + 8 + len as usize];
+                        let plain = snap::raw::Decoder::new().decompress_vec(block).unwrap();
+                        assert_eq!(plain.len(), raw as usize);
+                        out.extend(plain);
+                        at += 8 + len as usize;
+                    }
+                    out
+                }
+            };
+            assert_eq!(plain, expected, "{compression:?}");
+        }
+        assert_eq!(
+            render(&records[..2], Compression::Uncompressed, false).unwrap(),
+            b"record 0record 1"
+        );
+    }
+}

@@ -1,0 +1,598 @@
+//! The delivery stream group's state machine.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use kinesin_raft::{GroupKind, GroupStateMachine, SnapshotRows};
+use kinesin_storage::{keys, Cf, Storage, WriteBatch};
+use kinesin_types::GroupId;
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+use crate::model::{
+    decode, encode, Batch, FirehoseCommand, FirehoseQuery, FirehoseReply, Plan, S3Destination,
+    StreamConfig, StreamInfo,
+};
+
+/// The kind's registered name.
+pub const FIREHOSE_KIND: &str = "firehose";
+
+/// The header's key in `Cf::StateMachine`.
+const HEADER_KEY: &[u8] = b"f:header";
+/// Most tags of one delivery stream, as AWS.
+const MAX_TAGS: usize = 50;
+
+pub struct FirehoseKind;
+
+impl GroupKind for FirehoseKind {
+    fn open(
+        &self,
+        storage: Storage,
+        group: GroupId,
+        config: &[u8],
+    ) -> io::Result<Arc<dyn GroupStateMachine>> {
+        let config: StreamConfig = decode(config).map_err(io::Error::other)?;
+        let header = Header {
+            name: config.name,
+            destination: config.destination,
+            version: 1,
+            tags: config.tags,
+            encrypted: config.encrypted,
+            created_ms: config.created_ms,
+            updated_ms: config.created_ms,
+            clock_ms: config.created_ms,
+            sealed: None,
+            delivered_records: 0,
+            delivered_bytes: 0,
+        };
+        let sm = FirehoseStateMachine {
+            storage,
+            group: group.0,
+            published: Mutex::new(encode(&header)),
+            stream: Mutex::new(Stream {
+                header,
+                dirty: false,
+                buffered: VecDeque::new(),
+                buffered_bytes: 0,
+            }),
+        };
+        sm.reload()?;
+        let header = encode(&sm.stream.lock().expect("stream lock").header);
+        *sm.published.lock().expect("published lock") = header;
+        Ok(Arc::new(sm))
+    }
+}
+
+/// Everything but the records: the group's small state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Header {
+    name: String,
+    destination: S3Destination,
+    version: u64,
+    tags: BTreeMap<String, String>,
+    encrypted: bool,
+    created_ms: u64,
+    updated_ms: u64,
+    /// The latest clock a command carried (stored with the header's
+    /// changes): arrival times do not run backward while a replica runs.
+    clock_ms: u64,
+    sealed: Option<Batch>,
+    delivered_records: u64,
+    delivered_bytes: u64,
+}
+
+/// A record waiting for delivery, as the in-memory index holds it.
+#[derive(Debug, Clone, Copy)]
+struct Buffered {
+    seq: u128,
+    arrival_ms: u64,
+    len: u64,
+}
+
+struct Stream {
+    header: Header,
+    /// The header changed since the last publish.
+    dirty: bool,
+    buffered: VecDeque<Buffered>,
+    buffered_bytes: u64,
+}
+
+impl Stream {
+    fn info(&self) -> StreamInfo {
+        let h = &self.header;
+        StreamInfo {
+            name: h.name.clone(),
+            destination: h.destination.clone(),
+            version: h.version,
+            tags: h.tags.clone(),
+            encrypted: h.encrypted,
+            created_ms: h.created_ms,
+            updated_ms: h.updated_ms,
+            buffered_records: self.buffered.len() as u64,
+            buffered_bytes: self.buffered_bytes,
+            oldest_arrival_ms: self.buffered.front().map(|b| b.arrival_ms),
+            sealed: h.sealed.clone(),
+            delivered_records: h.delivered_records,
+            delivered_bytes: h.delivered_bytes,
+        }
+    }
+
+    /// The leading buffered records of at most `max_bytes` (at least one).
+    fn plan(&self, max_bytes: u64) -> Option<Plan> {
+        let first = *self.buffered.front()?;
+        let mut plan = Plan {
+            from: first.seq,
+            to: first.seq,
+            records: 0,
+            bytes: 0,
+            first_arrival_ms: first.arrival_ms,
+        };
+        for b in &self.buffered {
+            if plan.records > 0 && plan.bytes + b.len > max_bytes {
+                break;
+            }
+            plan.to = b.seq;
+            plan.records += 1;
+            plan.bytes += b.len;
+        }
+        Some(plan)
+    }
+}
+
+struct FirehoseStateMachine {
+    storage: Storage,
+    group: u64,
+    stream: Mutex<Stream>,
+    /// The encoded header as of the last written batch, for snapshots.
+    published: Mutex<Vec<u8>>,
+}
+
+/// A record's row: its arrival time (8 bytes, big-endian), then its data.
+fn record_row(arrival_ms: u64, data: &[u8]) -> Vec<u8> {
+    let mut row = Vec::with_capacity(8 + data.len());
+    row.extend_from_slice(&arrival_ms.to_be_bytes());
+    row.extend_from_slice(data);
+    row
+}
+
+/// Sequence numbers carry the log index of the put that wrote them.
+fn writer_index(_cf: Cf, key: &[u8]) -> u64 {
+    (keys::record_seq_of(key) >> 32) as u64
+}
+
+/// The clock the leader put before a command, and the rest.
+fn split_stamp(bytes: &[u8]) -> io::Result<(u64, &[u8])> {
+    if bytes.len() < 8 {
+        return Err(io::Error::other(
+            "a delivery stream command starts with the leader's clock",
+        ));
+    }
+    let (clock, rest) = bytes.split_at(8);
+    Ok((u64::from_be_bytes(clock.try_into().expect("8 bytes")), rest))
+}
+
+impl FirehoseStateMachine {
+    fn put_header(&self, s: &mut Stream, batch: &mut WriteBatch) {
+        batch.put_cf(
+            self.storage.cf(Cf::StateMachine),
+            keys::named_key(self.group, HEADER_KEY),
+            encode(&s.header),
+        );
+        s.dirty = true;
+    }
+
+    fn apply_command(
+        &self,
+        s: &mut Stream,
+        batch: &mut WriteBatch,
+        index: u64,
+        now_ms: u64,
+        command: FirehoseCommand,
+    ) -> FirehoseReply {
+        match command {
+            FirehoseCommand::Put(records) => {
+                let first = u128::from(index) << 32;
+                for (slot, data) in records.iter().enumerate() {
+                    let seq = first | slot as u128;
+                    batch.put_cf(
+                        self.storage.cf(Cf::Records),
+                        keys::record_key(self.group, seq),
+                        record_row(now_ms, data),
+                    );
+                    s.buffered.push_back(Buffered {
+                        seq,
+                        arrival_ms: now_ms,
+                        len: data.len() as u64,
+                    });
+                    s.buffered_bytes += data.len() as u64;
+                }
+                FirehoseReply::Put { first }
+            }
+            FirehoseCommand::Seal(mut sealed) => {
+                let starts_at_front = s.buffered.front().is_some_and(|b| b.seq == sealed.from);
+                if s.header.sealed.is_some() || !starts_at_front || sealed.to < sealed.from {
+                    return FirehoseReply::Stale;
+                }
+                let covered = s.buffered.iter().take_while(|b| b.seq <= sealed.to);
+                let (records, bytes) = covered.fold((0, 0), |(n, size), b| (n + 1, size + b.len));
+                sealed.records = records;
+                sealed.bytes = bytes;
+                s.header.sealed = Some(sealed);
+                self.put_header(s, batch);
+                FirehoseReply::Done
+            }
+            FirehoseCommand::Commit { to } => {
+                let Some(sealed) = s.header.sealed.take_if(|b| b.to == to) else {
+                    return FirehoseReply::Stale;
+                };
+                while s.buffered.front().is_some_and(|b| b.seq <= to) {
+                    let b = s.buffered.pop_front().expect("a front");
+                    s.buffered_bytes -= b.len;
+                }
+                batch.delete_range_cf(
+                    self.storage.cf(Cf::Records),
+                    keys::record_key(self.group, sealed.from),
+                    keys::record_key(self.group, to + 1),
+                );
+                s.header.delivered_records += sealed.records;
+                s.header.delivered_bytes += sealed.bytes;
+                self.put_header(s, batch);
+                FirehoseReply::Done
+            }
+            FirehoseCommand::Update {
+                version,
+                destination,
+            } => {
+                if version != s.header.version {
+                    return FirehoseReply::VersionMismatch(s.header.version);
+                }
+                s.header.destination = destination;
+                s.header.version += 1;
+                s.header.updated_ms = now_ms;
+                self.put_header(s, batch);
+                FirehoseReply::Done
+            }
+            FirehoseCommand::Tag(tags) => {
+                let added = tags
+                    .keys()
+                    .filter(|k| !s.header.tags.contains_key(*k))
+                    .count();
+                if s.header.tags.len() + added > MAX_TAGS {
+                    return FirehoseReply::TooManyTags(MAX_TAGS as u32);
+                }
+                s.header.tags.extend(tags);
+                self.put_header(s, batch);
+                FirehoseReply::Done
+            }
+            FirehoseCommand::Untag(names) => {
+                for name in names {
+                    s.header.tags.remove(&name);
+                }
+                self.put_header(s, batch);
+                FirehoseReply::Done
+            }
+            FirehoseCommand::Encryption(on) => {
+                s.header.encrypted = on;
+                s.header.updated_ms = now_ms;
+                self.put_header(s, batch);
+                FirehoseReply::Done
+            }
+        }
+    }
+
+    /// Reads the header if one was written and indexes the buffered
+    /// records.
+    fn load(&self, s: &mut Stream) -> io::Result<()> {
+        if let Some(bytes) = self
+            .storage
+            .get(Cf::StateMachine, &keys::named_key(self.group, HEADER_KEY))
+            .map_err(io::Error::other)?
+        {
+            s.header = decode(&bytes).map_err(io::Error::other)?;
+        }
+        s.buffered.clear();
+        s.buffered_bytes = 0;
+        let (from, to) = keys::group_bounds(self.group);
+        for row in self.storage.scan(Cf::Records, &from, &to) {
+            let (key, value) = row.map_err(io::Error::other)?;
+            let (arrival, data) = split_stamp(&value)?;
+            s.buffered.push_back(Buffered {
+                seq: keys::record_seq_of(&key),
+                arrival_ms: arrival,
+                len: data.len() as u64,
+            });
+            s.buffered_bytes += data.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn records(&self, from: u128, to: u128) -> Result<Vec<ByteBuf>, String> {
+        let (start, end) = (
+            keys::record_key(self.group, from),
+            keys::record_key(self.group, to + 1),
+        );
+        let mut out = Vec::new();
+        for row in self.storage.scan(Cf::Records, &start, &end) {
+            let (_, value) = row.map_err(|e| e.to_string())?;
+            let (_, data) = split_stamp(&value).map_err(|e| e.to_string())?;
+            out.push(ByteBuf::from(data.to_vec()));
+        }
+        Ok(out)
+    }
+}
+
+impl GroupStateMachine for FirehoseStateMachine {
+    fn apply(&self, index: u64, command: &[u8], batch: &mut WriteBatch) -> io::Result<Vec<u8>> {
+        let (stamp, command) = split_stamp(command)?;
+        let command: FirehoseCommand = decode(command).map_err(io::Error::other)?;
+        let mut s = self.stream.lock().expect("stream lock");
+        if stamp > s.header.clock_ms {
+            s.header.clock_ms = stamp;
+        }
+        let now_ms = s.header.clock_ms;
+        let reply = self.apply_command(&mut s, batch, index, now_ms, command);
+        Ok(encode(&reply))
+    }
+
+    fn publish(&self) {
+        let mut s = self.stream.lock().expect("stream lock");
+        if s.dirty {
+            *self.published.lock().expect("published lock") = encode(&s.header);
+            s.dirty = false;
+        }
+    }
+
+    fn snapshot_state(&self) -> Vec<u8> {
+        self.published.lock().expect("published lock").clone()
+    }
+
+    fn restore(&self, state: &[u8], batch: &mut WriteBatch) -> io::Result<()> {
+        let header: Header = decode(state).map_err(io::Error::other)?;
+        let mut s = self.stream.lock().expect("stream lock");
+        s.header = header;
+        s.buffered.clear();
+        s.buffered_bytes = 0;
+        self.put_header(&mut s, batch);
+        Ok(())
+    }
+
+    fn snapshot_rows(&self) -> SnapshotRows {
+        SnapshotRows::Immutable {
+            columns: &[Cf::Records],
+            writer_index,
+        }
+    }
+
+    fn query(&self, query: &[u8]) -> Result<Vec<u8>, String> {
+        let query: FirehoseQuery = decode(query)?;
+        if let FirehoseQuery::Records { from, to } = query {
+            return Ok(encode(&self.records(from, to)?));
+        }
+        let s = self.stream.lock().expect("stream lock");
+        Ok(match query {
+            FirehoseQuery::Describe => encode(&s.info()),
+            FirehoseQuery::Plan(max_bytes) => encode(&s.plan(max_bytes)),
+            FirehoseQuery::Records { .. } => unreachable!("answered above"),
+        })
+    }
+
+    fn reload(&self) -> io::Result<()> {
+        let mut s = self.stream.lock().expect("stream lock");
+        self.load(&mut s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Compression;
+    use kinesin_storage::FsyncPolicy;
+
+    fn destination() -> S3Destination {
+        S3Destination {
+            bucket_arn: "arn:aws:s3:::bucket".into(),
+            role_arn: "arn:aws:iam::000000000000:role/r".into(),
+            prefix: None,
+            error_output_prefix: None,
+            size_mib: 1,
+            interval_s: 60,
+            compression: Compression::Gzip,
+            append_delimiter: false,
+            extended: false,
+        }
+    }
+
+    fn open(storage: &Storage) -> Arc<dyn GroupStateMachine> {
+        let config = StreamConfig {
+            name: "s".into(),
+            destination: destination(),
+            tags: BTreeMap::new(),
+            encrypted: false,
+            created_ms: 1,
+        };
+        FirehoseKind
+            .open(storage.clone(), GroupId(7), &encode(&config))
+            .expect("open")
+    }
+
+    /// Applies one stamped command as the Raft adapter does.
+    fn run(
+        storage: &Storage,
+        sm: &Arc<dyn GroupStateMachine>,
+        index: u64,
+        now_ms: u64,
+        command: FirehoseCommand,
+    ) -> FirehoseReply {
+        let mut bytes = now_ms.to_be_bytes().to_vec();
+        bytes.extend(encode(&command));
+        let mut batch = WriteBatch::default();
+        let reply = sm.apply(index, &bytes, &mut batch).expect("apply");
+        storage.write(batch).expect("write");
+        sm.publish();
+        decode(&reply).expect("reply")
+    }
+
+    fn query<T: for<'de> Deserialize<'de>>(sm: &Arc<dyn GroupStateMachine>, q: FirehoseQuery) -> T {
+        decode(&sm.query(&encode(&q)).expect("query")).expect("answer")
+    }
+
+    fn put(data: &[&str]) -> FirehoseCommand {
+        FirehoseCommand::Put(
+            data.iter()
+                .map(|d| ByteBuf::from(d.as_bytes().to_vec()))
+                .collect(),
+        )
+    }
+
+    fn batch(plan: &Plan) -> Batch {
+        Batch {
+            from: plan.from,
+            to: plan.to,
+            records: 0,
+            bytes: 0,
+            bucket: "bucket".into(),
+            key: "k".into(),
+            compression: Compression::Gzip,
+            append_delimiter: false,
+            first_arrival_ms: plan.first_arrival_ms,
+        }
+    }
+
+    #[test]
+    fn sealed_batches_survive_a_restart_and_commit_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), FsyncPolicy::NeverUnsafe).unwrap();
+        let sm = open(&storage);
+        assert_eq!(
+            run(&storage, &sm, 3, 100, put(&["aa", "bbb"])),
+            FirehoseReply::Put { first: 3 << 32 }
+        );
+        run(&storage, &sm, 4, 90, put(&["cccc"]));
+        let info: StreamInfo = query(&sm, FirehoseQuery::Describe);
+        assert_eq!((info.buffered_records, info.buffered_bytes), (3, 9));
+        assert_eq!(info.oldest_arrival_ms, Some(100));
+
+        // A plan of at most 5 bytes takes the first two records; the
+        // clock of the later put did not run backward.
+        let plan: Option<Plan> = query(&sm, FirehoseQuery::Plan(5));
+        let plan = plan.unwrap();
+        assert_eq!((plan.records, plan.bytes, plan.to), (2, 5, (3 << 32) | 1));
+        let records: Vec<ByteBuf> = query(
+            &sm,
+            FirehoseQuery::Records {
+                from: plan.from,
+                to: plan.to,
+            },
+        );
+        assert_eq!(
+            records,
+            vec![
+                ByteBuf::from(b"aa".to_vec()),
+                ByteBuf::from(b"bbb".to_vec())
+            ]
+        );
+        assert_eq!(
+            run(&storage, &sm, 5, 110, FirehoseCommand::Seal(batch(&plan))),
+            FirehoseReply::Done
+        );
+        // A second seal while one is pending is refused.
+        assert_eq!(
+            run(&storage, &sm, 6, 110, FirehoseCommand::Seal(batch(&plan))),
+            FirehoseReply::Stale
+        );
+
+        // The sealed batch and the buffer are there after a restart.
+        drop(sm);
+        let sm = open(&storage);
+        let info: StreamInfo = query(&sm, FirehoseQuery::Describe);
+        let sealed = info.sealed.expect("sealed batch kept");
+        assert_eq!((sealed.records, sealed.bytes, sealed.to), (2, 5, plan.to));
+        assert_eq!(info.buffered_records, 3);
+
+        // A commit of another range changes nothing; the right one drops
+        // the batch's records, once.
+        assert_eq!(
+            run(&storage, &sm, 7, 120, FirehoseCommand::Commit { to: 1 }),
+            FirehoseReply::Stale
+        );
+        assert_eq!(
+            run(
+                &storage,
+                &sm,
+                8,
+                120,
+                FirehoseCommand::Commit { to: plan.to }
+            ),
+            FirehoseReply::Done
+        );
+        assert_eq!(
+            run(
+                &storage,
+                &sm,
+                9,
+                120,
+                FirehoseCommand::Commit { to: plan.to }
+            ),
+            FirehoseReply::Stale
+        );
+        let info: StreamInfo = query(&sm, FirehoseQuery::Describe);
+        assert_eq!(
+            (
+                info.buffered_records,
+                info.buffered_bytes,
+                info.delivered_records
+            ),
+            (1, 4, 2)
+        );
+        let rest: Vec<ByteBuf> = query(
+            &sm,
+            FirehoseQuery::Records {
+                from: 0,
+                to: u128::MAX - 1,
+            },
+        );
+        assert_eq!(rest, vec![ByteBuf::from(b"cccc".to_vec())]);
+        drop(sm);
+        let sm = open(&storage);
+        let info: StreamInfo = query(&sm, FirehoseQuery::Describe);
+        assert_eq!((info.buffered_records, info.sealed), (1, None));
+    }
+
+    #[test]
+    fn updates_check_the_version_and_tags_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), FsyncPolicy::NeverUnsafe).unwrap();
+        let sm = open(&storage);
+        let mut changed = destination();
+        changed.size_mib = 64;
+        let update = |version| FirehoseCommand::Update {
+            version,
+            destination: changed.clone(),
+        };
+        assert_eq!(
+            run(&storage, &sm, 2, 5, update(2)),
+            FirehoseReply::VersionMismatch(1)
+        );
+        assert_eq!(run(&storage, &sm, 3, 5, update(1)), FirehoseReply::Done);
+        let info: StreamInfo = query(&sm, FirehoseQuery::Describe);
+        assert_eq!(
+            (info.version, info.destination.size_mib, info.updated_ms),
+            (2, 64, 5)
+        );
+        let tags = |n: usize| {
+            FirehoseCommand::Tag((0..n).map(|i| (format!("k{i}"), "v".into())).collect())
+        };
+        assert_eq!(run(&storage, &sm, 4, 5, tags(50)), FirehoseReply::Done);
+        assert_eq!(
+            run(
+                &storage,
+                &sm,
+                5,
+                5,
+                FirehoseCommand::Tag([("new".into(), "v".into())].into())
+            ),
+            FirehoseReply::TooManyTags(50)
+        );
+    }
+}
