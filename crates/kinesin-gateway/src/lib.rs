@@ -13,6 +13,7 @@ mod auth;
 mod codec;
 mod error;
 mod eventstream;
+mod firehose;
 mod input;
 mod iterator;
 mod kinesis;
@@ -134,6 +135,16 @@ impl Gateway {
             check_arn_accounts: !self.config.credentials.is_empty(),
             shard_limit: self.config.shard_limit,
             validity_ms: self.config.iterator_validity_ms,
+            now_ms: kinesin_router::now_ms(),
+        }
+    }
+
+    /// What a Firehose handler runs with for a request signed by `account`.
+    fn firehose_context<'a>(&'a self, account: &'a str) -> firehose::Context<'a> {
+        firehose::Context {
+            router: &self.router,
+            region: &self.config.region,
+            account,
             now_ms: kinesin_router::now_ms(),
         }
     }
@@ -292,6 +303,9 @@ async fn handle(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
         let value = match service.name {
             "kinesis" => kinesis::call(&ctx, &op_name, &input, protocol).await?,
             "sqs" => sqs::handle(&gw.sqs_context(&account), &op_name, &input, protocol).await?,
+            "firehose" => {
+                firehose::call(&gw.firehose_context(&account), &op_name, &input, protocol).await?
+            }
             other => unreachable!("service {other} is declared but not dispatched"),
         };
         Ok(Answer::Value(value))

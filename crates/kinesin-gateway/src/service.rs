@@ -66,7 +66,11 @@ impl Service {
 }
 
 /// Every service of the endpoint.
-pub const SERVICES: &[&Service] = &[&crate::kinesis::SERVICE, &crate::sqs::SERVICE];
+pub const SERVICES: &[&Service] = &[
+    &crate::kinesis::SERVICE,
+    &crate::sqs::SERVICE,
+    &crate::firehose::SERVICE,
+];
 
 /// The service and operation an `X-Amz-Target` header names.
 pub fn recognise(target: &str) -> Option<(&'static Service, &str)> {
