@@ -89,6 +89,13 @@ const FAMILIES: &[(&str, metrics_util::MetricKind, &str, AtStart)] = {
         ("kinesin_sqs_messages", Gauge, "Messages of a queue (account/name) by state: visible, in_flight, delayed; exported by the queue's leader every second.", Described),
         ("kinesin_sqs_oldest_message_age_seconds", Gauge, "Age of a queue's oldest message, in seconds; exported by the queue's leader.", Described),
         ("kinesin_sqs_dead_letters_moved_total", Counter, "Messages moved to dead-letter queues by the source queues' leaders on this node.", Zero),
+        ("kinesin_firehose_buffered_bytes", Gauge, "Bytes a delivery stream (account/name) holds for delivery; exported by its leader.", Described),
+        ("kinesin_firehose_oldest_record_age_seconds", Gauge, "Age of the oldest record a delivery stream holds, in seconds; exported by its leader.", Described),
+        ("kinesin_firehose_data_freshness_seconds", Gauge, "Age of the first record of a delivery stream's last written object when it was written, in seconds.", Described),
+        ("kinesin_firehose_objects_written_total", Counter, "Objects written to S3 by the delivery streams led here, by delivery stream.", Described),
+        ("kinesin_firehose_bytes_written_total", Counter, "Bytes (as stored, after compression) written to S3, by delivery stream.", Described),
+        ("kinesin_firehose_delivery_failures_total", Counter, "Failed delivery steps (S3 writes, Raft proposals), by delivery stream; each is retried with backoff.", Described),
+        ("kinesin_firehose_s3_request_duration_seconds", Histogram, "Duration of one object write to S3 by a delivery, in seconds.", Zero),
         ("kinesin_shard_incoming_records_total", Counter, "Records acknowledged, by stream and shard (only with per_shard_metrics).", Described),
         ("kinesin_shard_incoming_bytes_total", Counter, "Bytes acknowledged, by stream and shard (only with per_shard_metrics).", Described),
     ]

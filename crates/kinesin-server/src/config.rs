@@ -61,6 +61,11 @@ pub struct Config {
     /// name one; required when they name several. Must be the same on every
     /// node.
     pub home_account: Option<String>,
+    /// Where Firehose delivery streams write their objects: an S3 endpoint
+    /// (`http://127.0.0.1:9000`; path-style requests, credentials and region
+    /// from the standard AWS variables), or `file:///dir` for a directory
+    /// with one subdirectory per bucket. None: AWS S3 itself.
+    pub s3_endpoint: Option<String>,
     /// Most open shards the cluster allows (CreateStream, DescribeLimits).
     pub shard_limit: u32,
     /// How long shard iterators and paging tokens stay valid (AWS: 300).
@@ -121,6 +126,7 @@ impl Default for Config {
             region: "us-east-1".into(),
             credentials: Vec::new(),
             home_account: None,
+            s3_endpoint: None,
             shard_limit: 10_000,
             iterator_validity_secs: 300,
             shard_write_bytes_per_sec: 0,
@@ -257,6 +263,16 @@ impl Config {
         if self.iterator_validity_secs == 0 {
             return bad("iterator_validity_secs must be positive".into());
         }
+        if let Some(endpoint) = &self.s3_endpoint {
+            let scheme = ["http://", "https://", "file:///"]
+                .iter()
+                .find(|s| endpoint.starts_with(**s));
+            if scheme.is_none_or(|s| endpoint.len() == s.len()) {
+                return bad(format!(
+                    "s3_endpoint must be an http:// or https:// URL or a file:/// directory, not {endpoint:?}"
+                ));
+            }
+        }
         if self.region.is_empty() || self.shard_limit == 0 {
             return bad("region must not be empty and shard_limit must be positive".into());
         }
@@ -301,6 +317,13 @@ mod tests {
                     ..Config::default()
                 },
                 "node_id",
+            ),
+            (
+                Config {
+                    s3_endpoint: Some("minio:9000".into()),
+                    ..Config::default()
+                },
+                "s3_endpoint",
             ),
             (
                 Config {

@@ -14,9 +14,14 @@ pub struct DevArgs {
     nodes: u16,
     #[arg(long, default_value = "./data")]
     data_dir: PathBuf,
+    /// Where Firehose writes objects: an S3 endpoint URL (credentials from
+    /// the standard AWS variables) or `file:///dir`. Default: the
+    /// directory `s3` in the data directory, one subdirectory per bucket.
+    #[arg(long, env = "KINESIN_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
 }
 
-fn node_config(k: u16, n: u16, data_dir: &std::path::Path) -> Config {
+fn node_config(k: u16, n: u16, data_dir: &std::path::Path, s3_endpoint: &str) -> Config {
     let port = |base: u16| {
         format!("127.0.0.1:{}", base + 10 * k)
             .parse()
@@ -39,6 +44,7 @@ fn node_config(k: u16, n: u16, data_dir: &std::path::Path) -> Config {
         },
         replication_factor: usize::from(n.min(3)),
         fsync: FsyncSetting::Always,
+        s3_endpoint: Some(s3_endpoint.to_string()),
         ..Config::default()
     }
 }
@@ -47,14 +53,22 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     if args.nodes == 0 || args.nodes > 9 {
         anyhow::bail!("--nodes must be 1 to 9");
     }
+    let s3_endpoint = match args.s3_endpoint {
+        Some(endpoint) => endpoint,
+        None => {
+            let dir = std::path::absolute(args.data_dir.join("s3"))?;
+            format!("file://{}", dir.display())
+        }
+    };
     if args.nodes == 1 {
         println!("kinesin dev: single node, embedded defaults, dev credentials (any)");
-        return crate::run_server(node_config(0, 1, &args.data_dir)).await;
+        println!("Firehose delivers to {s3_endpoint}");
+        return crate::run_server(node_config(0, 1, &args.data_dir, &s3_endpoint)).await;
     }
     let exe = std::env::current_exe()?;
     let mut children = Vec::new();
     for k in 0..args.nodes {
-        let c = node_config(k, args.nodes, &args.data_dir);
+        let c = node_config(k, args.nodes, &args.data_dir, &s3_endpoint);
         let mut cmd = tokio::process::Command::new(&exe);
         cmd.arg("server")
             .arg("--node-id")
@@ -71,6 +85,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .arg(c.replication_factor.to_string())
             .arg("--seeds")
             .arg(c.seeds.join(","))
+            .arg("--s3-endpoint")
+            .arg(&s3_endpoint)
             .stdin(Stdio::null())
             .kill_on_drop(true);
         children.push(cmd.spawn()?);
@@ -80,7 +96,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         );
     }
     println!(
-        "kinesin dev: {} nodes running; Ctrl-C (or SIGTERM) stops them all",
+        "kinesin dev: {} nodes running, Firehose delivers to {s3_endpoint}; Ctrl-C (or SIGTERM) stops them all",
         args.nodes
     );
     // SIGTERM too: `kill` or `pkill` of this process must not leave the

@@ -42,6 +42,9 @@ enum Command {
     /// Manage SQS queues and their messages.
     #[command(subcommand)]
     Queue(cli::QueueCommand),
+    /// Manage Firehose delivery streams and put records into them.
+    #[command(subcommand)]
+    Firehose(cli::FirehoseCommand),
     /// Put records read from standard input, one per line.
     Put(cli::PutArgs),
     /// Read records of every shard of a stream.
@@ -114,6 +117,9 @@ pub struct ServerArgs {
     fsync: Option<FsyncSetting>,
     #[arg(long, env = "KINESIN_REPAIR_AFTER_SECS")]
     repair_after_secs: Option<u64>,
+    /// Where Firehose writes objects: an S3 endpoint URL or `file:///dir`.
+    #[arg(long, env = "KINESIN_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
     /// Only check the configuration (exit status 0 valid, 2 invalid).
     #[arg(long)]
     check_config: bool,
@@ -147,6 +153,9 @@ impl ServerArgs {
         }
         if self.advertise_api.is_some() {
             c.advertise_api = self.advertise_api;
+        }
+        if self.s3_endpoint.is_some() {
+            c.s3_endpoint = self.s3_endpoint;
         }
         c.validate().map_err(|e| e.to_string())?;
         Ok(c)
@@ -227,6 +236,7 @@ fn main() -> ExitCode {
         }
         Command::Stream(cmd) => runtime.block_on(cli::stream(cmd)),
         Command::Queue(cmd) => runtime.block_on(cli::queue(cmd)),
+        Command::Firehose(cmd) => runtime.block_on(cli::firehose(cmd)),
         Command::Put(args) => runtime.block_on(cli::put(args)),
         Command::Tail(args) => runtime.block_on(cli::tail(args)),
         Command::Cluster(cmd) => runtime.block_on(cli::cluster(cmd)),

@@ -86,7 +86,7 @@ pub fn shard_timing(config: &Config) -> TimingProfile {
 impl Node {
     /// Opens the data directory, starts the servers, and bootstraps or joins.
     /// `kinds` are the group kinds (besides stream shards and the built-in
-    /// SQS queues) this node runs when the map places one here.
+    /// SQS queues and Firehose delivery streams) this node runs when the map places one here.
     pub async fn start(
         mut config: Config,
         filter: Arc<dyn TransportFilter>,
@@ -97,6 +97,10 @@ impl Node {
         kinds.register(
             kinesin_queue::QUEUE_KIND,
             Arc::new(kinesin_queue::QueueKind),
+        );
+        kinds.register(
+            kinesin_firehose::FIREHOSE_KIND,
+            Arc::new(kinesin_firehose::FirehoseKind),
         );
         std::fs::create_dir_all(&config.data_dir).with_context(|| {
             format!("cannot create data directory {}", config.data_dir.display())

@@ -9,6 +9,7 @@
 //! refused). Jobs of later services (SQS visibility timers, SNS deliveries,
 //! Firehose flushes) belong here too.
 
+mod deliver;
 mod redrive;
 mod seal;
 mod transfer;
@@ -33,6 +34,9 @@ pub(crate) struct JobState {
     last_trim: HashMap<GroupId, Instant>,
     redriving: HashSet<GroupId>,
     last_redrive: HashMap<GroupId, Instant>,
+    /// Delivery streams with a running delivery task.
+    delivering: HashSet<GroupId>,
+    stores: deliver::Stores,
 }
 
 /// Whether `last` is at least `every` ago (or never); if so, it becomes
@@ -59,7 +63,8 @@ impl Led<'_> {
     }
 }
 
-/// Seals a resharded parent and moves a queue's dead letters at once. Once
+/// Seals a resharded parent, moves a queue's dead letters and starts a
+/// delivery stream's deliveries at once. Once
 /// the membership matches the map (`aligned`), starts at most one of a
 /// leadership hand-off and a trim per pass (a hand-off first).
 pub(crate) async fn run_on_leader(
@@ -70,6 +75,7 @@ pub(crate) async fn run_on_leader(
 ) {
     seal::run(ctx, jobs, led);
     redrive::run(ctx, jobs, led);
+    deliver::run(ctx, jobs, led);
     if !aligned || transfer::run(ctx, jobs, led).await {
         return;
     }
