@@ -157,6 +157,12 @@ const SQS_API: JsonApi = JsonApi {
     signing_name: "sqs",
 };
 
+const FIREHOSE_API: JsonApi = JsonApi {
+    target_prefix: "Firehose_20150804",
+    content_type: "application/x-amz-json-1.1",
+    signing_name: "firehose",
+};
+
 impl AwsClient {
     pub(crate) fn with_credentials(
         address: &str,
@@ -177,6 +183,14 @@ impl AwsClient {
     pub(crate) fn sqs(self) -> Self {
         AwsClient {
             api: SQS_API,
+            ..self
+        }
+    }
+
+    /// The same client for Firehose.
+    pub(crate) fn firehose(self) -> Self {
+        AwsClient {
+            api: FIREHOSE_API,
             ..self
         }
     }

@@ -14,11 +14,13 @@ use kinesin_proto::v1::node_client::NodeClient;
 use tonic::transport::Channel;
 
 mod cluster;
+mod firehose;
 mod queue;
 mod records;
 mod stream;
 
 pub use cluster::{cluster, ClusterCommand};
+pub use firehose::{firehose, FirehoseCommand};
 pub use queue::{queue, QueueCommand};
 pub use records::{put, tail, PutArgs, TailArgs};
 pub use stream::{stream, StreamCommand};
@@ -41,6 +43,33 @@ impl Endpoint {
             p.endpoint = e.clone();
         }
         Ok(p)
+    }
+}
+
+/// Where the commands of services only the AWS API has (queues, delivery
+/// streams) send their calls.
+#[derive(Args, Debug, Clone)]
+pub struct Api {
+    /// AWS API address of any node, `host:port` or `http://host:port`
+    /// (default: the profile's, 127.0.0.1:7450).
+    #[arg(long, value_parser = profile::parse_address)]
+    api_endpoint: Option<String>,
+    #[command(flatten)]
+    endpoint: Endpoint,
+}
+
+impl Api {
+    /// A client of the profile's credentials (for Kinesis; `.sqs()` and
+    /// `.firehose()` turn it to those services).
+    fn aws(&self) -> anyhow::Result<crate::bench::AwsClient> {
+        let p = self.endpoint.resolve()?;
+        let address = self.api_endpoint.clone().unwrap_or(p.api_endpoint);
+        Ok(crate::bench::AwsClient::with_credentials(
+            &address,
+            &p.access_key_id,
+            &p.secret_access_key,
+            &p.region,
+        ))
     }
 }
 

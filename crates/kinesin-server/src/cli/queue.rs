@@ -3,40 +3,12 @@
 
 use std::io::BufRead;
 
-use clap::{Args, Subcommand};
+use clap::Subcommand;
 use serde_json::{json, Value};
 
-use super::Endpoint;
+use super::Api;
 use crate::bench::AwsClient;
 use crate::output::outln;
-use crate::profile;
-
-/// Where the queue commands send their SQS calls.
-#[derive(Args, Debug, Clone)]
-pub struct Api {
-    /// AWS API address of any node, `host:port` or `http://host:port`
-    /// (default: the profile's, 127.0.0.1:7450).
-    #[arg(long, value_parser = profile::parse_address)]
-    api_endpoint: Option<String>,
-    #[command(flatten)]
-    endpoint: Endpoint,
-}
-
-impl Api {
-    fn client(&self) -> anyhow::Result<AwsClient> {
-        let p = self.endpoint.resolve()?;
-        let address = self.api_endpoint.clone().unwrap_or(p.api_endpoint);
-        Ok(
-            AwsClient::with_credentials(
-                &address,
-                &p.access_key_id,
-                &p.secret_access_key,
-                &p.region,
-            )
-            .sqs(),
-        )
-    }
-}
 
 #[derive(Subcommand, Debug)]
 pub enum QueueCommand {
@@ -127,7 +99,8 @@ pub async fn queue(cmd: QueueCommand) -> anyhow::Result<()> {
                 attrs.insert("FifoQueue".into(), Value::String("true".into()));
             }
             let out = api
-                .client()?
+                .aws()?
+                .sqs()
                 .call(
                     "CreateQueue",
                     &json!({ "QueueName": name, "Attributes": attrs }),
@@ -137,7 +110,8 @@ pub async fn queue(cmd: QueueCommand) -> anyhow::Result<()> {
         }
         QueueCommand::List { prefix, api } => {
             let out = api
-                .client()?
+                .aws()?
+                .sqs()
                 .call("ListQueues", &json!({ "QueueNamePrefix": prefix }))
                 .await?;
             for url in out["QueueUrls"].as_array().into_iter().flatten() {
@@ -145,7 +119,7 @@ pub async fn queue(cmd: QueueCommand) -> anyhow::Result<()> {
             }
         }
         QueueCommand::Send { name, group, api } => {
-            let mut aws = api.client()?;
+            let mut aws = api.aws()?.sqs();
             let url = url_of(&mut aws, &name).await?;
             let mut sent = 0u64;
             for line in std::io::stdin().lock().lines() {
@@ -165,7 +139,7 @@ pub async fn queue(cmd: QueueCommand) -> anyhow::Result<()> {
             keep,
             api,
         } => {
-            let mut aws = api.client()?;
+            let mut aws = api.aws()?.sqs();
             let url = url_of(&mut aws, &name).await?;
             let mut received = 0;
             while received < max {
@@ -197,13 +171,13 @@ pub async fn queue(cmd: QueueCommand) -> anyhow::Result<()> {
             }
         }
         QueueCommand::Purge { name, api } => {
-            let mut aws = api.client()?;
+            let mut aws = api.aws()?.sqs();
             let url = url_of(&mut aws, &name).await?;
             aws.call("PurgeQueue", &json!({ "QueueUrl": url })).await?;
             eprintln!("purged {name}");
         }
         QueueCommand::Delete { name, api } => {
-            let mut aws = api.client()?;
+            let mut aws = api.aws()?.sqs();
             let url = url_of(&mut aws, &name).await?;
             aws.call("DeleteQueue", &json!({ "QueueUrl": url })).await?;
             eprintln!("deleted {name}");
