@@ -11,7 +11,9 @@ cd "$(dirname "$0")/.."
 TARGET_DIR="$CARGO_TARGET_DIR"
 VENV="${KINESIN_VENV:-$TARGET_DIR/compat-venv}"
 # awscli and boto3 pin matching botocore releases; keep the pair together.
-PACKAGES=(boto3==1.43.11 awscli==1.45.11 pytest==8.4.2 cbor2==5.7.1)
+# moto's S3 server is what Firehose delivers to in the tests; cramjam reads
+# the Snappy objects back.
+PACKAGES=(boto3==1.43.11 awscli==1.45.11 pytest==8.4.2 cbor2==5.7.1 "moto[server]==5.2.5" cramjam==2.14.0)
 STAMP="$VENV/.kinesin-packages"
 
 need_apt=()
@@ -51,5 +53,6 @@ export PATH="$VENV/bin:$PATH"
 if [ $# -eq 0 ]; then
   echo "compat: degraded run (node 1 killed)"
   KINESIN_COMPAT_KILL=1 "$VENV/bin/python" -m pytest -p no:cacheprovider -q \
-    -m "not own_cluster" tests/compat/test_kinesis.py tests/compat/test_cbor.py tests/compat/test_sqs.py
+    -m "not own_cluster" tests/compat/test_kinesis.py tests/compat/test_cbor.py tests/compat/test_sqs.py \
+    tests/compat/test_firehose.py
 fi

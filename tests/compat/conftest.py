@@ -147,13 +147,62 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
-def cluster(binary, workdir):
-    """Three nodes, replication factor 3, fsync on, SigV4 verified. In the
-    degraded run one is killed, and its place in the list goes to a
-    survivor, so that tests spreading work over the nodes use the survivors."""
+def s3_endpoint(workdir):
+    """A real S3 protocol server (moto's) for Firehose deliveries; the nodes
+    sign their requests with the standard AWS variables set here."""
+    port = free_port()
+    log = open(os.path.join(workdir, "moto.log"), "w")
+    proc = subprocess.Popen(
+        ["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+
+    def up():
+        if proc.poll() is not None:
+            raise RuntimeError("moto_server exited; see moto.log")
+        with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2) as r:
+            return r.status == 200
+
+    wait_until("the S3 server", up)
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "s3-test-key")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "s3-test-secret")
+    yield endpoint
+    proc.terminate()
+    proc.wait()
+    log.close()
+
+
+def s3_client(endpoint):
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id=os.environ["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+    )
+
+
+def sole_group_leader(nodes):
+    """The node leading the only group besides the metadata group."""
+    for n in nodes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{n.admin_port}/admin/cluster", timeout=5) as r:
+            for g in json.load(r)["groups"]:
+                if g["group"] != 0 and g.get("role") == "leader":
+                    return n
+    return None
+
+
+@pytest.fixture(scope="session")
+def cluster(binary, workdir, s3_endpoint):
+    """Three nodes, replication factor 3, fsync on, SigV4 verified, Firehose
+    delivering to `s3_endpoint`. In the degraded run one is killed, and its
+    place in the list goes to a survivor, so that tests spreading work over
+    the nodes use the survivors."""
     # The controller must not re-place the dead node's replicas during the
     # run: the degraded run is about a cluster that lives with a node down.
-    extra = "repair_after_secs = 3600" if KILL else ""
+    extra = f's3_endpoint = "{s3_endpoint}"\n'
+    if KILL:
+        extra += "repair_after_secs = 3600"
     nodes = start_cluster(binary, os.path.join(workdir, "cluster"), 3, extra=extra)
     view = nodes
     if KILL:

@@ -3,6 +3,7 @@ Prometheus scraping a 3-node cluster, and the Grafana dashboards and alert
 rules checked against the metrics the server really exports."""
 
 import glob
+import gzip
 import json
 import os
 import re
@@ -17,7 +18,9 @@ import urllib.request
 import pytest
 import yaml
 
-from conftest import ACCESS_KEY, REGION, SECRET_KEY, client_for, create_and_wait, free_port, start_cluster, wait_until
+from conftest import (
+    ACCESS_KEY, REGION, SECRET_KEY, client_for, create_and_wait, free_port, s3_client, start_cluster, wait_until,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GRAFANA = os.path.join(REPO, "deploy", "grafana")
@@ -110,6 +113,29 @@ def test_cli_queue_create_send_receive_purge_delete(cli, stream_name):
     cli("queue", "send", name[:60] + ".fifo", "--group", "g", stdin="a\nb\n")
     assert cli("queue", "receive", name[:60] + ".fifo", "--max", "2", "--wait", "5").stdout.split() == ["a", "b"]
     cli("queue", "delete", name[:60] + ".fifo")
+
+
+def test_cli_firehose_create_put_describe_delete(cli, stream_name, s3_endpoint):
+    name, bucket = stream_name[:60], f"cli-{time.monotonic_ns()}"
+    s3 = s3_client(s3_endpoint)
+    s3.create_bucket(Bucket=bucket)
+    arn = cli("firehose", "create", name, "--bucket", bucket, "--interval-secs", "0", "--compression", "GZIP")
+    assert arn.stdout.strip().endswith(f":deliverystream/{name}")
+    assert name in cli("firehose", "list").stdout.split()
+    described = json.loads(cli("firehose", "describe", name).stdout)
+    assert described["Destinations"][0]["S3DestinationDescription"]["CompressionFormat"] == "GZIP"
+    assert "put 3 record(s)" in cli("firehose", "put", name, stdin="one\ntwo\nthree\n").stderr
+
+    def delivered():
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+        body = b"".join(gzip.decompress(s3.get_object(Bucket=bucket, Key=k)["Body"].read()) for k in sorted(keys))
+        assert body == b"one\ntwo\nthree\n", body
+        return True
+
+    wait_until("the records in S3", delivered, timeout=30)
+    cli("firehose", "delete", name)
+    missing = cli("firehose", "describe", name, check=False)
+    assert missing.returncode == 1 and "ResourceNotFoundException" in missing.stderr, missing.stderr
 
 
 def test_cli_cluster_views_and_leader_transfer(cli, stream_name):
@@ -291,7 +317,7 @@ def expressions():
     return found
 
 
-def test_dashboards_and_alerts_name_only_exported_metrics(cluster, cli, stream_name):
+def test_dashboards_and_alerts_name_only_exported_metrics(cluster, cli, stream_name, s3_endpoint):
     # Traffic so that per-stream series exist, as in any running cluster.
     cli("stream", "create", stream_name, "--shards", "1")
     cli("put", stream_name, stdin="a\nb\n")
@@ -303,6 +329,11 @@ def test_dashboards_and_alerts_name_only_exported_metrics(cluster, cli, stream_n
         client.describe_stream(StreamName="no-such-stream-for-dashboards")
     # A queue, whose leader exports its counts within a second or two.
     cli("queue", "create", stream_name[:70])
+    # A delivery stream that has written an object.
+    bucket = f"dashboards-{time.monotonic_ns()}"
+    s3_client(s3_endpoint).create_bucket(Bucket=bucket)
+    cli("firehose", "create", stream_name[:60], "--bucket", bucket, "--interval-secs", "0")
+    cli("firehose", "put", stream_name[:60], stdin="x\n")
 
     def exported_now():
         names = set()
@@ -311,8 +342,8 @@ def test_dashboards_and_alerts_name_only_exported_metrics(cluster, cli, stream_n
         return names
 
     # Gauges refreshed every second (per stream, per queue).
-    refreshed = {"kinesin_stream_shards", "kinesin_sqs_messages"}
-    wait_until("stream and queue gauges", lambda: refreshed <= exported_now(), timeout=30)
+    refreshed = {"kinesin_stream_shards", "kinesin_sqs_messages", "kinesin_firehose_objects_written_total"}
+    wait_until("stream, queue and delivery gauges", lambda: refreshed <= exported_now(), timeout=30)
     exported = exported_now()
     exprs = expressions()
     assert len(exprs) >= 25

@@ -19,7 +19,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
-from conftest import ACCESS_KEY, ACCOUNT, REGION, SECRET_KEY, start_cluster, wait_until
+from conftest import ACCESS_KEY, ACCOUNT, REGION, SECRET_KEY, sole_group_leader, start_cluster, wait_until
 
 XMLNS = "{http://queue.amazonaws.com/doc/2012-11-05/}"
 
@@ -356,16 +356,6 @@ def test_the_query_protocol_answers_in_xml(cluster, queue_name):
     query(a, {"Action": "DeleteQueue", "QueueUrl": url})
 
 
-def _queue_leader(nodes):
-    """The node leading the only group besides the metadata group."""
-    for n in nodes:
-        with urllib.request.urlopen(f"http://127.0.0.1:{n.admin_port}/admin/cluster", timeout=5) as r:
-            for g in json.load(r)["groups"]:
-                if g["group"] != 0 and g.get("role") == "leader":
-                    return n
-    return None
-
-
 @pytest.mark.own_cluster
 def test_a_leader_kill_loses_no_message_and_revives_no_deleted_one(binary, workdir):
     nodes = start_cluster(binary, os.path.join(workdir, "sqs-failover"), 3)
@@ -382,8 +372,8 @@ def test_a_leader_kill_loses_no_message_and_revives_no_deleted_one(binary, workd
             QueueUrl=url, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(deleted)]
         )
         in_flight = clients[2].receive_message(QueueUrl=url, MaxNumberOfMessages=10)["Messages"]
-        wait_until("the queue's leader", lambda: _queue_leader(nodes) is not None)
-        leader = _queue_leader(nodes)
+        wait_until("the queue's leader", lambda: sole_group_leader(nodes) is not None)
+        leader = sole_group_leader(nodes)
         leader.proc.send_signal(signal.SIGKILL)
         leader.proc.wait()
         survivors = [sqs_for(n.endpoint) for n in nodes if n is not leader]

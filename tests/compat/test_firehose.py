@@ -1,0 +1,267 @@
+"""Firehose with boto3: delivery streams on the 3-node cluster, delivering
+to a real S3 protocol server (moto's, started by the `s3_endpoint`
+fixture); objects are read back with boto3's S3 client and decompressed."""
+
+import gzip
+import os
+import re
+import signal
+import struct
+import time
+import uuid
+
+import boto3
+import cramjam
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+from conftest import ACCESS_KEY, ACCOUNT, REGION, SECRET_KEY, s3_client, sole_group_leader, start_cluster, wait_until
+
+ROLE = f"arn:aws:iam::{ACCOUNT}:role/firehose"
+
+
+def firehose_for(endpoint, validate=True):
+    return boto3.client(
+        "firehose",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+        config=Config(parameter_validation=validate, retries={"mode": "standard", "total_max_attempts": 6}),
+    )
+
+
+@pytest.fixture(scope="module")
+def firehoses(cluster):
+    return [firehose_for(n.endpoint) for n in cluster]
+
+
+@pytest.fixture
+def bucket(s3_endpoint):
+    name = f"fh-{uuid.uuid4().hex[:12]}"
+    s3_client(s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+def destination(bucket, size_mib=1, interval_s=0, **extra):
+    return {
+        "RoleARN": ROLE,
+        "BucketARN": f"arn:aws:s3:::{bucket}",
+        "BufferingHints": {"SizeInMBs": size_mib, "IntervalInSeconds": interval_s},
+        **extra,
+    }
+
+
+def objects(s3, bucket, count, timeout=60):
+    """Waits until the bucket holds `count` objects; returns {key: bytes}."""
+    found = {}
+
+    def enough():
+        listed = s3.list_objects_v2(Bucket=bucket).get("Contents", [])
+        for o in listed:
+            if o["Key"] not in found:
+                found[o["Key"]] = s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+        assert len(found) >= count, f"{len(found)} of {count} objects"
+        return True
+
+    wait_until(f"{count} objects in {bucket}", enough, timeout=timeout)
+    return found
+
+
+def hadoop_snappy(data):
+    out, at = b"", 0
+    while at < len(data):
+        raw, size = struct.unpack(">II", data[at : at + 8])
+        block = bytes(cramjam.snappy.decompress_raw(data[at + 8 : at + 8 + size]))
+        assert len(block) == raw
+        out += block
+        at += 8 + size
+    return out
+
+
+def test_delivery_stream_lifecycle_and_errors(firehoses, bucket):
+    a, b, c = firehoses
+    name = f"lifecycle-{uuid.uuid4().hex[:8]}"
+    arn = a.create_delivery_stream(
+        DeliveryStreamName=name,
+        S3DestinationConfiguration=destination(bucket, size_mib=2, interval_s=60, CompressionFormat="GZIP"),
+        Tags=[{"Key": "team", "Value": "data"}],
+    )["DeliveryStreamARN"]
+    assert arn == f"arn:aws:firehose:{REGION}:{ACCOUNT}:deliverystream/{name}"
+    d = b.describe_delivery_stream(DeliveryStreamName=name)["DeliveryStreamDescription"]
+    assert (d["DeliveryStreamStatus"], d["DeliveryStreamType"], d["VersionId"]) == ("ACTIVE", "DirectPut", "1")
+    s3 = d["Destinations"][0]["S3DestinationDescription"]
+    assert s3["BufferingHints"] == {"SizeInMBs": 2, "IntervalInSeconds": 60}
+    assert (s3["CompressionFormat"], s3["BucketARN"]) == ("GZIP", f"arn:aws:s3:::{bucket}")
+    assert name in c.list_delivery_streams(Limit=10000)["DeliveryStreamNames"]
+
+    def error(call, **kwargs):
+        with pytest.raises(ClientError) as e:
+            call(**kwargs)
+        return e.value.response["Error"]["Code"], e.value.response["ResponseMetadata"]["HTTPStatusCode"]
+
+    assert error(a.create_delivery_stream, DeliveryStreamName=name,
+                 S3DestinationConfiguration=destination(bucket)) == ("ResourceInUseException", 400)
+    assert error(b.describe_delivery_stream, DeliveryStreamName="nope")[0] == "ResourceNotFoundException"
+    assert error(c.put_record, DeliveryStreamName="nope", Record={"Data": b"x"})[0] == "ResourceNotFoundException"
+    for bad in [
+        {"S3DestinationConfiguration": destination(bucket, CompressionFormat="ZIP")},
+        {"S3DestinationConfiguration": destination(bucket, Prefix="!{timestamp:yyyy}/")},
+        {"S3DestinationConfiguration": destination(bucket, Prefix="!{nope:x}/", ErrorOutputPrefix="e/")},
+        {"ExtendedS3DestinationConfiguration": destination(
+            bucket, DynamicPartitioningConfiguration={"Enabled": True})},
+        {"HttpEndpointDestinationConfiguration": {
+            "EndpointConfiguration": {"Url": "https://x"}, "S3Configuration": destination(bucket)}},
+    ]:
+        assert error(a.create_delivery_stream, DeliveryStreamName="bad-" + name, **bad) == (
+            "InvalidArgumentException", 400), bad
+    raw = firehose_for(a.meta.endpoint_url, validate=False)
+    assert error(raw.create_delivery_stream, DeliveryStreamName="bad-" + name,
+                 S3DestinationConfiguration=destination(bucket, size_mib=0))[0] == "ValidationException"
+    assert error(raw.put_record_batch, DeliveryStreamName=name, Records=[])[0] == "ValidationException"
+    assert error(raw.put_record, DeliveryStreamName=name, Record={"Data": b"x" * 1_024_001})[0] == (
+        "ValidationException")
+
+    # UpdateDestination checks the version and keeps what it does not name.
+    assert error(a.update_destination, DeliveryStreamName=name, CurrentDeliveryStreamVersionId="7",
+                 DestinationId=d["Destinations"][0]["DestinationId"],
+                 S3DestinationUpdate={"Prefix": "p/"})[0] == "ConcurrentModificationException"
+    a.update_destination(DeliveryStreamName=name, CurrentDeliveryStreamVersionId="1",
+                         DestinationId=d["Destinations"][0]["DestinationId"],
+                         S3DestinationUpdate={"Prefix": "p/"})
+    d = c.describe_delivery_stream(DeliveryStreamName=name)["DeliveryStreamDescription"]
+    s3 = d["Destinations"][0]["S3DestinationDescription"]
+    assert (d["VersionId"], s3["Prefix"], s3["CompressionFormat"]) == ("2", "p/", "GZIP")
+
+    b.tag_delivery_stream(DeliveryStreamName=name, Tags=[{"Key": "env", "Value": "test"}])
+    b.untag_delivery_stream(DeliveryStreamName=name, TagKeys=["team"])
+    tags = c.list_tags_for_delivery_stream(DeliveryStreamName=name)
+    assert (tags["Tags"], tags["HasMoreTags"]) == ([{"Key": "env", "Value": "test"}], False)
+    a.start_delivery_stream_encryption(DeliveryStreamName=name)
+    d = b.describe_delivery_stream(DeliveryStreamName=name)["DeliveryStreamDescription"]
+    assert d["DeliveryStreamEncryptionConfiguration"]["Status"] == "ENABLED"
+    a.stop_delivery_stream_encryption(DeliveryStreamName=name)
+
+    c.delete_delivery_stream(DeliveryStreamName=name)
+    assert name not in a.list_delivery_streams(Limit=10000)["DeliveryStreamNames"]
+    assert error(b.describe_delivery_stream, DeliveryStreamName=name)[0] == "ResourceNotFoundException"
+
+
+@pytest.mark.parametrize(
+    "compression,extension",
+    [("UNCOMPRESSED", ""), ("GZIP", ".gz"), ("Snappy", ".snappy"), ("HADOOP_SNAPPY", ".hsnappy")],
+)
+def test_records_become_objects_in_every_compression(firehoses, bucket, s3_endpoint, compression, extension):
+    name = f"deliver-{compression.lower()}-{uuid.uuid4().hex[:6]}"
+    firehoses[0].create_delivery_stream(
+        DeliveryStreamName=name,
+        ExtendedS3DestinationConfiguration=destination(
+            bucket, interval_s=1, CompressionFormat=compression,
+            ProcessingConfiguration={"Enabled": True, "Processors": [{"Type": "AppendDelimiterToRecord"}]},
+        ),
+    )
+    sent = []
+    for k in range(3):
+        batch = [f'{{"n": {k * 100 + i}}}'.encode() for i in range(100)]
+        out = firehoses[k % 3].put_record_batch(DeliveryStreamName=name, Records=[{"Data": d} for d in batch])
+        assert out["FailedPutCount"] == 0 and len(out["RequestResponses"]) == 100
+        sent += batch
+    record_id = firehoses[1].put_record(DeliveryStreamName=name, Record={"Data": b'{"n": 300}'})["RecordId"]
+    assert record_id
+    sent.append(b'{"n": 300}')
+
+    s3 = s3_client(s3_endpoint)
+    key_pattern = re.compile(
+        r"^\d{4}/\d{2}/\d{2}/\d{2}/" + re.escape(name)
+        + r"-1-\d{4}-\d{2}-\d{2}-\d{2}-\d{2}-\d{2}-[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}" + re.escape(extension) + "$"
+    )
+    decode = {
+        "UNCOMPRESSED": lambda b: b,
+        "GZIP": gzip.decompress,
+        "Snappy": lambda b: bytes(cramjam.snappy.decompress(b)),
+        "HADOOP_SNAPPY": hadoop_snappy,
+    }[compression]
+    delivered = []
+
+    def all_delivered():
+        found = objects(s3, bucket, 1)
+        delivered.clear()
+        for key in sorted(found):
+            assert key_pattern.match(key), key
+            delivered.extend(decode(found[key]).splitlines())
+        assert len(delivered) >= len(sent), f"{len(delivered)} of {len(sent)} records"
+        return True
+
+    wait_until("every record delivered", all_delivered, timeout=60)
+    # Each record exactly once, in the order it was put.
+    assert delivered == sent
+    firehoses[2].delete_delivery_stream(DeliveryStreamName=name)
+
+
+def test_a_full_buffer_is_delivered_before_its_interval_and_prefixes_are_evaluated(firehoses, bucket, s3_endpoint):
+    name = f"size-{uuid.uuid4().hex[:8]}"
+    firehoses[1].create_delivery_stream(
+        DeliveryStreamName=name,
+        ExtendedS3DestinationConfiguration=destination(
+            bucket, size_mib=1, interval_s=900,
+            Prefix="year=!{timestamp:yyyy}/id=!{firehose:random-string}/",
+            ErrorOutputPrefix="errors/!{firehose:error-output-type}/",
+        ),
+    )
+    record = os.urandom(100_000)
+    for k in range(25):
+        firehoses[k % 3].put_record(DeliveryStreamName=name, Record={"Data": record})
+    # 2.5 MB in 1 MiB buffers: two objects well before the 900 s interval;
+    # the remaining half buffer waits.
+    found = objects(s3_client(s3_endpoint), bucket, 2, timeout=60)
+    year = time.strftime("%Y", time.gmtime())
+    for key, body in found.items():
+        assert key.startswith(f"year={year}/id="), key
+        assert re.match(r"^year=\d{4}/id=[0-9a-f]{11}/" + re.escape(name) + "-1-", key), key
+        assert len(body) % len(record) == 0 and len(body) <= 1 << 20
+    assert sum(len(b) for b in found.values()) == 20 * len(record)
+    firehoses[0].delete_delivery_stream(DeliveryStreamName=name)
+
+
+@pytest.mark.own_cluster
+def test_a_leader_kill_delivers_every_record_exactly_once(binary, workdir, s3_endpoint):
+    nodes = start_cluster(
+        binary, os.path.join(workdir, "firehose-failover"), 3, extra=f's3_endpoint = "{s3_endpoint}"'
+    )
+    try:
+        s3 = s3_client(s3_endpoint)
+        bucket = f"fh-failover-{uuid.uuid4().hex[:8]}"
+        s3.create_bucket(Bucket=bucket)
+        clients = [firehose_for(n.endpoint) for n in nodes]
+        clients[0].create_delivery_stream(
+            DeliveryStreamName="failover",
+            S3DestinationConfiguration=destination(bucket, interval_s=1),
+        )
+        wait_until("the delivery stream's leader", lambda: sole_group_leader(nodes) is not None)
+        leader = sole_group_leader(nodes)
+        survivors = [c for n, c in zip(nodes, clients) if n is not leader]
+        sent = []
+        for k in range(20):
+            batch = [f"r{k * 50 + i};".encode() for i in range(50)]
+            clients[k % 3].put_record_batch(DeliveryStreamName="failover", Records=[{"Data": d} for d in batch])
+            sent += batch
+            if k == 10:
+                # Killed while batches are being sealed and uploaded.
+                leader.proc.send_signal(signal.SIGKILL)
+                leader.proc.wait()
+                clients = [survivors[0], survivors[1], survivors[0]]
+        delivered = []
+
+        def all_delivered():
+            found = objects(s3, bucket, 1)
+            delivered.clear()
+            for body in found.values():
+                delivered.extend(x + b";" for x in body.split(b";") if x)
+            assert len(delivered) >= len(sent), f"{len(delivered)} of {len(sent)} records"
+            return True
+
+        wait_until("every record delivered", all_delivered, timeout=90)
+        assert sorted(delivered) == sorted(sent), "a record was lost or delivered twice"
+    finally:
+        for n in nodes:
+            n.stop()
