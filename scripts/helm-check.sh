@@ -99,6 +99,7 @@ expect_reject --set-string replicaCount=three
 expect_reject --set tls.enabled=true
 expect_reject --set auth.credentials[0].accessKeyId=short
 expect_reject --set unknownKey=1
+expect_reject --set firehose.s3Endpoint=minio:9000
 expect_reject --set replicaCount=2
 
 [ "$fail" -eq 0 ] && echo "helm-check: chart valid" || { echo "helm-check: FAILED"; exit 1; }
