@@ -1,8 +1,10 @@
 //! Firehose delivery streams as a Raft group kind. A delivery stream is a
-//! group of the kind [`FIREHOSE_KIND`]: its log is the stream the records
-//! are put into (DirectPut), its rows hold the records not yet delivered,
-//! and its small state holds the destination, the version, the tags and
-//! the one *sealed batch* on its way to S3.
+//! group of the kind [`FIREHOSE_KIND`]. With DirectPut, its log is the
+//! stream the records are put into and its rows hold the records not yet
+//! delivered; with a Kinesis source, the records stay in the source
+//! stream and the group holds each shard's checkpoint. The small state
+//! holds the destination, the version, the tags and the one *sealed batch*
+//! on its way to S3.
 //!
 //! Delivery is exactly once per object: the group's leader first seals a
 //! batch (a sequence range and the object key it becomes) through Raft,
@@ -16,8 +18,8 @@ mod object;
 mod state_machine;
 
 pub use model::{
-    decode, encode, Batch, Compression, FirehoseCommand, FirehoseQuery, FirehoseReply, Plan,
-    S3Destination, StreamConfig, StreamInfo,
+    decode, encode, Batch, Checkpoint, Compression, FirehoseCommand, FirehoseQuery, FirehoseReply,
+    KinesisSource, Plan, S3Destination, ShardRange, Source, StreamConfig, StreamInfo,
 };
 pub use object::{evaluate_prefix, object_key, render, KeyError};
 pub use state_machine::{FirehoseKind, FIREHOSE_KIND};

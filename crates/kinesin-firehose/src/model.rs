@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use kinesin_types::ShardId;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
@@ -72,10 +73,49 @@ impl S3Destination {
     }
 }
 
+/// Where a delivery stream's records come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Source {
+    /// PutRecord and PutRecordBatch: the group's own log.
+    DirectPut,
+    /// A durable consumer of a Kinesin stream.
+    Kinesis(KinesisSource),
+}
+
+/// KinesisStreamAsSource: the stream, and when delivery starts (records
+/// that arrived earlier are not delivered, as AWS starts at LATEST).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KinesisSource {
+    pub stream_arn: String,
+    pub role_arn: String,
+    /// The stream's key in the cluster map.
+    pub stream_key: String,
+    pub start_ms: u64,
+}
+
+/// How far a Kinesis source's shard is delivered.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The last delivered sequence number.
+    pub delivered: Option<u128>,
+    /// Sealed by a reshard and delivered to its end: its children may be
+    /// read.
+    pub done: bool,
+}
+
+/// One shard's part of a sealed batch of a Kinesis source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardRange {
+    pub shard: ShardId,
+    pub from: u128,
+    pub to: u128,
+}
+
 /// A delivery stream when it is created (the group's config in the map).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamConfig {
     pub name: String,
+    pub source: Source,
     pub destination: S3Destination,
     pub tags: BTreeMap<String, String>,
     /// Created with server-side encryption on (stored and shown only).
@@ -97,6 +137,11 @@ pub struct Batch {
     pub append_delimiter: bool,
     /// Arrival time of the batch's first record.
     pub first_arrival_ms: u64,
+    /// A Kinesis source's records: ranges of its shards, in the object's
+    /// order (`from` and `to` are then the first and last of them).
+    pub ranges: Vec<ShardRange>,
+    /// Shards whose last records this batch holds (done once committed).
+    pub finished: Vec<ShardId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,10 +152,14 @@ pub enum FirehoseCommand {
     /// `batch.key`; refused while another batch is sealed or if the range
     /// does not start at the first buffered record.
     Seal(Batch),
-    /// The sealed batch ending at `to` was uploaded: its records go.
+    /// The sealed batch ending at `to` was uploaded: its records go (a
+    /// Kinesis source's checkpoints advance).
     Commit {
         to: u128,
     },
+    /// Shards of a Kinesis source sealed and delivered to their end with
+    /// nothing left to seal.
+    Finish(Vec<ShardId>),
     /// UpdateDestination, if the stream is still at `version`.
     Update {
         version: u64,
@@ -135,6 +184,8 @@ pub enum FirehoseReply {
     /// UpdateDestination named another version than the current one.
     VersionMismatch(u64),
     TooManyTags(u32),
+    /// A put into a delivery stream whose source is a Kinesis stream.
+    NotDirectPut,
 }
 
 /// What the leader's delivery job may seal next: the leading buffered
@@ -165,6 +216,8 @@ pub enum FirehoseQuery {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamInfo {
     pub name: String,
+    pub source: Source,
+    pub checkpoints: BTreeMap<ShardId, Checkpoint>,
     pub destination: S3Destination,
     pub version: u64,
     pub tags: BTreeMap<String, String>,

@@ -10,9 +10,11 @@ use kinesin_types::GroupId;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
+use kinesin_types::ShardId;
+
 use crate::model::{
-    decode, encode, Batch, FirehoseCommand, FirehoseQuery, FirehoseReply, Plan, S3Destination,
-    StreamConfig, StreamInfo,
+    decode, encode, Batch, Checkpoint, FirehoseCommand, FirehoseQuery, FirehoseReply, Plan,
+    S3Destination, Source, StreamConfig, StreamInfo,
 };
 
 /// The kind's registered name.
@@ -35,6 +37,8 @@ impl GroupKind for FirehoseKind {
         let config: StreamConfig = decode(config).map_err(io::Error::other)?;
         let header = Header {
             name: config.name,
+            source: config.source,
+            checkpoints: BTreeMap::new(),
             destination: config.destination,
             version: 1,
             tags: config.tags,
@@ -68,6 +72,9 @@ impl GroupKind for FirehoseKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Header {
     name: String,
+    source: Source,
+    /// A Kinesis source's shards, as delivered.
+    checkpoints: BTreeMap<ShardId, Checkpoint>,
     destination: S3Destination,
     version: u64,
     tags: BTreeMap<String, String>,
@@ -103,6 +110,8 @@ impl Stream {
         let h = &self.header;
         StreamInfo {
             name: h.name.clone(),
+            source: h.source.clone(),
+            checkpoints: h.checkpoints.clone(),
             destination: h.destination.clone(),
             version: h.version,
             tags: h.tags.clone(),
@@ -191,6 +200,9 @@ impl FirehoseStateMachine {
         command: FirehoseCommand,
     ) -> FirehoseReply {
         match command {
+            FirehoseCommand::Put(_) if s.header.source != Source::DirectPut => {
+                FirehoseReply::NotDirectPut
+            }
             FirehoseCommand::Put(records) => {
                 let first = u128::from(index) << 32;
                 for (slot, data) in records.iter().enumerate() {
@@ -209,6 +221,18 @@ impl FirehoseStateMachine {
                 }
                 FirehoseReply::Put { first }
             }
+            FirehoseCommand::Seal(sealed) if s.header.source != Source::DirectPut => {
+                let behind = sealed.ranges.iter().any(|r| {
+                    let checkpoint = s.header.checkpoints.get(&r.shard);
+                    checkpoint.is_some_and(|c| c.done || c.delivered.is_some_and(|d| r.from <= d))
+                });
+                if s.header.sealed.is_some() || sealed.ranges.is_empty() || behind {
+                    return FirehoseReply::Stale;
+                }
+                s.header.sealed = Some(sealed);
+                self.put_header(s, batch);
+                FirehoseReply::Done
+            }
             FirehoseCommand::Seal(mut sealed) => {
                 let starts_at_front = s.buffered.front().is_some_and(|b| b.seq == sealed.from);
                 if s.header.sealed.is_some() || !starts_at_front || sealed.to < sealed.from {
@@ -226,6 +250,18 @@ impl FirehoseStateMachine {
                 let Some(sealed) = s.header.sealed.take_if(|b| b.to == to) else {
                     return FirehoseReply::Stale;
                 };
+                s.header.delivered_records += sealed.records;
+                s.header.delivered_bytes += sealed.bytes;
+                if s.header.source != Source::DirectPut {
+                    for r in &sealed.ranges {
+                        s.header.checkpoints.entry(r.shard).or_default().delivered = Some(r.to);
+                    }
+                    for shard in &sealed.finished {
+                        s.header.checkpoints.entry(*shard).or_default().done = true;
+                    }
+                    self.put_header(s, batch);
+                    return FirehoseReply::Done;
+                }
                 while s.buffered.front().is_some_and(|b| b.seq <= to) {
                     let b = s.buffered.pop_front().expect("a front");
                     s.buffered_bytes -= b.len;
@@ -235,8 +271,13 @@ impl FirehoseStateMachine {
                     keys::record_key(self.group, sealed.from),
                     keys::record_key(self.group, to + 1),
                 );
-                s.header.delivered_records += sealed.records;
-                s.header.delivered_bytes += sealed.bytes;
+                self.put_header(s, batch);
+                FirehoseReply::Done
+            }
+            FirehoseCommand::Finish(shards) => {
+                for shard in shards {
+                    s.header.checkpoints.entry(shard).or_default().done = true;
+                }
                 self.put_header(s, batch);
                 FirehoseReply::Done
             }
@@ -404,8 +445,13 @@ mod tests {
     }
 
     fn open(storage: &Storage) -> Arc<dyn GroupStateMachine> {
+        open_with(storage, Source::DirectPut)
+    }
+
+    fn open_with(storage: &Storage, source: Source) -> Arc<dyn GroupStateMachine> {
         let config = StreamConfig {
             name: "s".into(),
+            source,
             destination: destination(),
             tags: BTreeMap::new(),
             encrypted: false,
@@ -456,6 +502,8 @@ mod tests {
             compression: Compression::Gzip,
             append_delimiter: false,
             first_arrival_ms: plan.first_arrival_ms,
+            ranges: Vec::new(),
+            finished: Vec::new(),
         }
     }
 
@@ -594,5 +642,97 @@ mod tests {
             ),
             FirehoseReply::TooManyTags(50)
         );
+    }
+
+    #[test]
+    fn a_kinesis_source_checkpoints_its_shards_and_refuses_puts() {
+        use crate::model::{KinesisSource, ShardRange};
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), FsyncPolicy::NeverUnsafe).unwrap();
+        let source = Source::Kinesis(KinesisSource {
+            stream_arn: "arn:aws:kinesis:us-east-1:000000000000:stream/src".into(),
+            role_arn: "arn:aws:iam::000000000000:role/r".into(),
+            stream_key: "src".into(),
+            start_ms: 1,
+        });
+        let sm = open_with(&storage, source.clone());
+        assert_eq!(
+            run(&storage, &sm, 2, 5, put(&["x"])),
+            FirehoseReply::NotDirectPut
+        );
+        let sealed = |from: u128, to: u128| Batch {
+            from,
+            to,
+            records: 3,
+            bytes: 30,
+            bucket: "b".into(),
+            key: "k".into(),
+            compression: Compression::Uncompressed,
+            append_delimiter: false,
+            first_arrival_ms: 4,
+            ranges: vec![
+                ShardRange {
+                    shard: ShardId(0),
+                    from,
+                    to: from + 5,
+                },
+                ShardRange {
+                    shard: ShardId(1),
+                    from: 100,
+                    to,
+                },
+            ],
+            finished: vec![ShardId(0)],
+        };
+        assert_eq!(
+            run(&storage, &sm, 3, 5, FirehoseCommand::Seal(sealed(10, 120))),
+            FirehoseReply::Done
+        );
+        drop(sm);
+        let sm = open_with(&storage, source);
+        assert_eq!(
+            run(&storage, &sm, 4, 6, FirehoseCommand::Commit { to: 120 }),
+            FirehoseReply::Done
+        );
+        let info: StreamInfo = query(&sm, FirehoseQuery::Describe);
+        assert_eq!(
+            info.checkpoints[&ShardId(0)],
+            Checkpoint {
+                delivered: Some(15),
+                done: true
+            }
+        );
+        assert_eq!(
+            info.checkpoints[&ShardId(1)],
+            Checkpoint {
+                delivered: Some(120),
+                done: false
+            }
+        );
+        assert_eq!(
+            (
+                info.delivered_records,
+                info.delivered_bytes,
+                info.buffered_records
+            ),
+            (3, 30, 0)
+        );
+        // A seal of records already delivered (a former leader's) is refused.
+        assert_eq!(
+            run(&storage, &sm, 5, 6, FirehoseCommand::Seal(sealed(12, 130))),
+            FirehoseReply::Stale
+        );
+        assert_eq!(
+            run(
+                &storage,
+                &sm,
+                6,
+                6,
+                FirehoseCommand::Finish(vec![ShardId(1)])
+            ),
+            FirehoseReply::Done
+        );
+        let info: StreamInfo = query(&sm, FirehoseQuery::Describe);
+        assert!(info.checkpoints[&ShardId(1)].done);
     }
 }

@@ -145,6 +145,8 @@ impl Gateway {
             router: &self.router,
             region: &self.config.region,
             account,
+            home: &self.config.home_account,
+            check_accounts: !self.config.credentials.is_empty(),
             now_ms: kinesin_router::now_ms(),
         }
     }

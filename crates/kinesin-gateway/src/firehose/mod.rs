@@ -35,6 +35,12 @@ pub struct Context<'a> {
     pub region: &'a str,
     /// Account of the signing key: its delivery streams are its own.
     pub account: &'a str,
+    /// The account whose streams the map keys by their bare names
+    /// (`kinesin_meta::stream_key`), for Kinesis sources.
+    pub home: &'a str,
+    /// Whether a source stream's ARN must name the caller's account (not
+    /// in development mode).
+    pub check_accounts: bool,
     pub now_ms: u64,
 }
 
@@ -69,8 +75,9 @@ impl Context<'_> {
         })
     }
 
-    /// The caller's delivery streams, in name order.
-    fn own_streams(&self) -> Vec<String> {
+    /// The caller's delivery streams (name, whether DirectPut), in name
+    /// order.
+    fn own_streams(&self) -> Vec<(String, bool)> {
         let own = group_name(self.account, "");
         self.router
             .meta_state()
@@ -78,7 +85,11 @@ impl Context<'_> {
             .range(own.clone()..)
             .take_while(|(k, _)| k.starts_with(&own))
             .filter(|(_, g)| g.kind == kinesin_firehose::FIREHOSE_KIND)
-            .map(|(k, _)| k[own.len()..].to_string())
+            .map(|(k, g)| {
+                let config = kinesin_firehose::decode::<kinesin_firehose::StreamConfig>(&g.config);
+                let direct = config.is_ok_and(|c| c.source == kinesin_firehose::Source::DirectPut);
+                (k[own.len()..].to_string(), direct)
+            })
             .collect()
     }
 

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use axum::http::StatusCode;
 use base64::Engine;
-use kinesin_firehose::{FirehoseCommand, FirehoseReply, StreamConfig};
+use kinesin_firehose::{FirehoseCommand, FirehoseReply, KinesisSource, Source, StreamConfig};
 use kinesin_router::Retry;
 use serde_bytes::ByteBuf;
 use serde_json::{json, Value};
@@ -66,11 +66,25 @@ pub(super) async fn create_delivery_stream(
     input: &Input<'_>,
 ) -> Result<Value, ApiError> {
     let name = stream_name(input)?;
-    match input.opt_str("DeliveryStreamType")?.unwrap_or("DirectPut") {
-        "DirectPut" => {}
-        "KinesisStreamAsSource" | "MSKAsSource" | "DatabaseAsSource" => {
+    let kinesis = input.opt_object("KinesisStreamSourceConfiguration")?;
+    let source = match input.opt_str("DeliveryStreamType")?.unwrap_or("DirectPut") {
+        "DirectPut" if kinesis.is_none() => Source::DirectPut,
+        "DirectPut" => {
             return Err(ApiError::invalid_argument(
-                "Only DirectPut delivery streams are supported by Kinesin so far",
+                "KinesisStreamSourceConfiguration is only for the KinesisStreamAsSource type",
+            ))
+        }
+        "KinesisStreamAsSource" => {
+            let config = kinesis.ok_or_else(|| {
+                ApiError::invalid_argument(
+                    "KinesisStreamSourceConfiguration is required for the KinesisStreamAsSource type",
+                )
+            })?;
+            Source::Kinesis(kinesis_source(ctx, &config).await?)
+        }
+        "MSKAsSource" | "DatabaseAsSource" => {
+            return Err(ApiError::invalid_argument(
+                "Only DirectPut and KinesisStreamAsSource delivery streams are supported by Kinesin",
             ))
         }
         other => {
@@ -80,7 +94,7 @@ pub(super) async fn create_delivery_stream(
                 "satisfy enum value set: [DirectPut, KinesisStreamAsSource, MSKAsSource, DatabaseAsSource]",
             ))
         }
-    }
+    };
     for member in OTHER_DESTINATIONS {
         if input.opt_object(member)?.is_some() {
             return Err(ApiError::invalid_argument(format!(
@@ -110,6 +124,7 @@ pub(super) async fn create_delivery_stream(
         .is_some();
     let config = StreamConfig {
         name: name.to_string(),
+        source,
         destination,
         tags: read_tags(input, "Tags")?,
         encrypted,
@@ -132,6 +147,38 @@ pub(super) async fn create_delivery_stream(
             e => e.into(),
         })?;
     Ok(json!({ "DeliveryStreamARN": ctx.arn(name) }))
+}
+
+/// A Kinesis source: the caller's stream the ARN names, which must exist;
+/// delivery starts with the records that arrive from now on.
+async fn kinesis_source(ctx: &Context<'_>, config: &Input<'_>) -> Result<KinesisSource, ApiError> {
+    let arn = config.str("KinesisStreamARN")?;
+    let role = config
+        .opt_str_len("RoleARN", 1, 512)?
+        .ok_or_else(|| constraint("RoleARN", "null", "not be null"))?;
+    let (account, stream) = crate::kinesis::parse_stream_arn("KinesisStreamARN", arn)?;
+    if ctx.check_accounts && account != ctx.account {
+        return Err(ApiError::invalid_argument(format!(
+            "Account {} cannot read {arn}: it belongs to another account",
+            ctx.account
+        )));
+    }
+    let stream_key = kinesin_meta::stream_key(ctx.home, &account, &stream);
+    ctx.router
+        .describe_stream(&stream_key)
+        .await
+        .map_err(|e| match e {
+            kinesin_router::RouterError::ResourceNotFound(_) => {
+                ApiError::invalid_argument(format!("The Kinesis stream {arn} does not exist"))
+            }
+            e => e.into(),
+        })?;
+    Ok(KinesisSource {
+        stream_arn: arn.to_string(),
+        role_arn: role.to_string(),
+        stream_key,
+        start_ms: ctx.now_ms,
+    })
 }
 
 pub(super) async fn delete_delivery_stream(
@@ -161,13 +208,25 @@ pub(super) async fn describe_delivery_stream(
     if info.encrypted {
         encryption["KeyType"] = json!("AWS_OWNED_CMK");
     }
+    let (kind, source) = match &info.source {
+        Source::DirectPut => ("DirectPut", Value::Null),
+        Source::Kinesis(k) => (
+            "KinesisStreamAsSource",
+            json!({"KinesisStreamSourceDescription": {
+                "KinesisStreamARN": k.stream_arn,
+                "RoleARN": k.role_arn,
+                "DeliveryStartTimestamp": seconds(k.start_ms),
+            }}),
+        ),
+    };
     Ok(json!({
         "DeliveryStreamDescription": {
             "DeliveryStreamName": stream.name,
             "DeliveryStreamARN": ctx.arn(&stream.name),
             "DeliveryStreamStatus": "ACTIVE",
             "DeliveryStreamEncryptionConfiguration": encryption,
-            "DeliveryStreamType": "DirectPut",
+            "DeliveryStreamType": kind,
+            "Source": source,
             "VersionId": info.version.to_string(),
             "CreateTimestamp": seconds(info.created_ms),
             "LastUpdateTimestamp": seconds(info.updated_ms),
@@ -182,9 +241,10 @@ pub(super) fn list_delivery_streams(
     input: &Input<'_>,
 ) -> Result<Value, ApiError> {
     let limit = input.opt_int_range("Limit", 1, 10_000)?.unwrap_or(10) as usize;
-    let direct_put = match input.opt_str("DeliveryStreamType")? {
-        None | Some("DirectPut") => true,
-        Some("KinesisStreamAsSource" | "MSKAsSource" | "DatabaseAsSource") => false,
+    let wanted = match input.opt_str("DeliveryStreamType")? {
+        None => None,
+        Some("DirectPut") => Some(true),
+        Some("KinesisStreamAsSource" | "MSKAsSource" | "DatabaseAsSource") => Some(false),
         Some(other) => {
             return Err(constraint(
                 "DeliveryStreamType",
@@ -194,14 +254,20 @@ pub(super) fn list_delivery_streams(
         }
     };
     let after = input.opt_str_len("ExclusiveStartDeliveryStreamName", 1, 64)?;
-    let names: Vec<String> = if direct_put {
-        ctx.own_streams()
-            .into_iter()
-            .filter(|n| after.is_none_or(|a| n.as_str() > a))
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let msk_or_database = matches!(
+        input.opt_str("DeliveryStreamType")?,
+        Some("MSKAsSource" | "DatabaseAsSource")
+    );
+    let names: Vec<String> = ctx
+        .own_streams()
+        .into_iter()
+        .filter(|(n, direct)| {
+            !msk_or_database
+                && wanted.is_none_or(|w| w == *direct)
+                && after.is_none_or(|a| n.as_str() > a)
+        })
+        .map(|(n, _)| n)
+        .collect();
     let more = names.len() > limit;
     Ok(json!({
         "DeliveryStreamNames": names.into_iter().take(limit).collect::<Vec<_>>(),
@@ -242,6 +308,9 @@ async fn put(
         .await?
     {
         FirehoseReply::Put { first } => Ok(first),
+        FirehoseReply::NotDirectPut => Err(ApiError::invalid_argument(
+            "This operation is not permitted on KinesisStreamAsSource delivery stream type.",
+        )),
         other => Err(internal(format!("unexpected reply to a put: {other:?}"))),
     }
 }

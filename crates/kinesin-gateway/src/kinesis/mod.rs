@@ -278,7 +278,7 @@ operation_table! {
 }
 
 /// `arn:aws:kinesis:<region>:<12 digits>:stream/<name>` → (account, name).
-fn parse_stream_arn(member: &str, arn: &str) -> Result<(String, String), ApiError> {
+pub(crate) fn parse_stream_arn(member: &str, arn: &str) -> Result<(String, String), ApiError> {
     let parts: Vec<&str> = arn.splitn(6, ':').collect();
     let ok = parts.len() == 6
         && parts[0] == "arn"

@@ -6,19 +6,29 @@
 //! records to the same key again; objects are rendered deterministically,
 //! so the retry replaces the object with identical bytes.
 //!
+//! A Kinesis source is read like any consumer of the stream, parents
+//! before children: a shard is read once the shards it was split or
+//! merged from are delivered to their end. The leader keeps only where
+//! each shard's unsealed records are (sequence, arrival, size); a sealed
+//! batch names shard ranges, which are read again to render the object.
+//!
 //! One task per led delivery stream; it ends when this node stops leading
 //! the group, and the reconciler starts it again where it leads.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use kinesin_firehose::{Batch, FirehoseCommand, FirehoseQuery, FirehoseReply, Plan, StreamInfo};
+use kinesin_firehose::{
+    Batch, FirehoseCommand, FirehoseQuery, FirehoseReply, KinesisSource, Plan, ShardRange, Source,
+    StreamInfo,
+};
 use kinesin_meta::Owner;
 use kinesin_raft::RaftHost;
-use kinesin_router::{now_ms, Retry, Router};
-use kinesin_types::GroupId;
+use kinesin_router::{now_ms, ReadRequest, Retry, Router};
+use kinesin_shard::ReadStart;
+use kinesin_types::{GroupId, SequenceNumber, ShardId};
 use object_store::{ObjectStore, PutPayload};
 use serde_bytes::ByteBuf;
 
@@ -30,6 +40,44 @@ use crate::reconcile::Context;
 const POLL: Duration = Duration::from_millis(200);
 /// Longest pause after a failed upload.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Most records and bytes one read of a source shard asks for.
+const READ_RECORDS: usize = 10_000;
+const READ_BYTES: usize = 8 << 20;
+
+/// A Kinesis source shard's records read and not sealed yet.
+#[derive(Default)]
+struct ShardBuffer {
+    /// (sequence number, arrival ms, bytes) in order.
+    records: Vec<(u128, u64, u64)>,
+    /// The last sequence number read.
+    last: Option<u128>,
+    /// Sealed by a reshard and read to its end.
+    drained: bool,
+}
+
+/// What the leader has read of a Kinesis source.
+#[derive(Default)]
+struct SourceBuffer {
+    shards: BTreeMap<ShardId, ShardBuffer>,
+}
+
+impl SourceBuffer {
+    fn bytes(&self) -> u64 {
+        self.shards
+            .values()
+            .flat_map(|s| &s.records)
+            .map(|r| r.2)
+            .sum()
+    }
+
+    fn oldest(&self) -> Option<u64> {
+        self.shards
+            .values()
+            .filter_map(|s| s.records.first())
+            .map(|r| r.1)
+            .min()
+    }
+}
 
 /// The object stores deliveries write to, one per bucket.
 #[derive(Default)]
@@ -80,14 +128,17 @@ struct Delivery {
 impl Delivery {
     async fn run(&self) {
         let mut backoff = Duration::from_millis(100);
+        let mut source = SourceBuffer::default();
         while self.host.is_leader(self.group) {
-            match self.step().await {
+            match self.step(&mut source).await {
                 Ok(Some(wait)) => {
                     backoff = Duration::from_millis(100);
                     tokio::time::sleep(wait).await;
                 }
                 Ok(None) => backoff = Duration::from_millis(100),
                 Err(e) => {
+                    // Read again from the checkpoints.
+                    source = SourceBuffer::default();
                     tracing::warn!(group = %self.group, error = %format!("{e:#}"), "delivery to S3 failed; retrying");
                     metrics::counter!("kinesin_firehose_delivery_failures_total", "delivery_stream" => self.label.clone())
                         .increment(1);
@@ -118,15 +169,26 @@ impl Delivery {
 
     /// One step: deliver the sealed batch, or seal one, or say how long to
     /// wait for either.
-    async fn step(&self) -> anyhow::Result<Option<Duration>> {
+    async fn step(&self, source: &mut SourceBuffer) -> anyhow::Result<Option<Duration>> {
         let info: StreamInfo = self.query(&FirehoseQuery::Describe)?;
         let now = now_ms();
-        self.export(&info, now);
-        if let Some(batch) = info.sealed {
-            self.deliver(&batch).await?;
+        self.export(&info, source, now);
+        if let Some(batch) = &info.sealed {
+            let records = match &info.source {
+                Source::DirectPut => self.query(&FirehoseQuery::Records {
+                    from: batch.from,
+                    to: batch.to,
+                })?,
+                Source::Kinesis(k) => self.read_ranges(k, &batch.ranges).await?,
+            };
+            self.deliver(batch, records).await?;
             self.propose(&FirehoseCommand::Commit { to: batch.to })
                 .await?;
+            *source = SourceBuffer::default();
             return Ok(None);
+        }
+        if let Source::Kinesis(k) = &info.source {
+            return self.step_kinesis(&info, k, source, now).await;
         }
         let d = &info.destination;
         let max_bytes = u64::from(d.size_mib) << 20;
@@ -159,6 +221,8 @@ impl Delivery {
             compression: d.compression,
             append_delimiter: d.append_delimiter,
             first_arrival_ms: plan.first_arrival_ms,
+            ranges: Vec::new(),
+            finished: Vec::new(),
         };
         // A refused seal (another was made meanwhile) shows at the next
         // step.
@@ -166,12 +230,189 @@ impl Delivery {
         Ok(None)
     }
 
-    /// Uploads a sealed batch's object.
-    async fn deliver(&self, batch: &Batch) -> anyhow::Result<()> {
-        let records: Vec<ByteBuf> = self.query(&FirehoseQuery::Records {
-            from: batch.from,
-            to: batch.to,
-        })?;
+    /// A step of a Kinesis source: read what is new, mark shards done that
+    /// have nothing left, and seal a batch when the buffer is full or old.
+    async fn step_kinesis(
+        &self,
+        info: &StreamInfo,
+        k: &KinesisSource,
+        source: &mut SourceBuffer,
+        now: u64,
+    ) -> anyhow::Result<Option<Duration>> {
+        let d = &info.destination;
+        let max_bytes = u64::from(d.size_mib) << 20;
+        let stream = self
+            .router
+            .describe_stream(&k.stream_key)
+            .await
+            .with_context(|| format!("cannot read the source stream {}", k.stream_arn))?;
+        let done = |shard: Option<ShardId>| {
+            shard.is_none_or(|s| {
+                info.checkpoints.get(&s).is_some_and(|c| c.done) || stream.shard(s).is_none()
+            })
+        };
+        let mut finished = Vec::new();
+        for shard in &stream.shards {
+            let id = shard.shard_id;
+            if info.checkpoints.get(&id).is_some_and(|c| c.done)
+                || !done(shard.parent)
+                || !done(shard.adjacent_parent)
+            {
+                continue;
+            }
+            let buffer = source.shards.entry(id).or_default();
+            if buffer.drained {
+                if buffer.records.is_empty() {
+                    finished.push(id);
+                }
+                continue;
+            }
+            if source_bytes_full(buffer, max_bytes) {
+                continue;
+            }
+            let start = match buffer
+                .last
+                .or(info.checkpoints.get(&id).and_then(|c| c.delivered))
+            {
+                Some(seq) => ReadStart::After(SequenceNumber(seq)),
+                None => ReadStart::AtTimestamp(k.start_ms),
+            };
+            let read = self
+                .router
+                .get_records(
+                    &k.stream_key,
+                    id,
+                    ReadRequest {
+                        start,
+                        limit: READ_RECORDS,
+                        max_bytes: READ_BYTES,
+                        wait: Duration::ZERO,
+                    },
+                )
+                .await?;
+            for (seq, r) in &read.records {
+                buffer
+                    .records
+                    .push((seq.0, r.arrival_ms, r.data.len() as u64));
+                buffer.last = Some(seq.0);
+            }
+            if read.sealed_and_drained {
+                buffer.drained = true;
+                if buffer.records.is_empty() {
+                    finished.push(id);
+                }
+            }
+        }
+        if !finished.is_empty() {
+            self.propose(&FirehoseCommand::Finish(finished)).await?;
+            *source = SourceBuffer::default();
+            return Ok(None);
+        }
+        let Some(oldest) = source.oldest() else {
+            return Ok(Some(POLL));
+        };
+        let due = oldest + u64::from(d.interval_s) * 1000;
+        if source.bytes() < max_bytes && now < due {
+            return Ok(Some(POLL.min(Duration::from_millis(due - now))));
+        }
+        // The leading records of each shard, in shard order, up to a full
+        // buffer.
+        let (mut ranges, mut finished) = (Vec::new(), Vec::new());
+        let (mut records, mut bytes, mut first_arrival) = (0u64, 0u64, u64::MAX);
+        for (id, buffer) in &source.shards {
+            let mut taken = 0;
+            for &(_, arrival, size) in &buffer.records {
+                if records > 0 && bytes + size > max_bytes {
+                    break;
+                }
+                taken += 1;
+                records += 1;
+                bytes += size;
+                first_arrival = first_arrival.min(arrival);
+            }
+            if taken > 0 {
+                ranges.push(ShardRange {
+                    shard: *id,
+                    from: buffer.records[0].0,
+                    to: buffer.records[taken - 1].0,
+                });
+                if buffer.drained && taken == buffer.records.len() {
+                    finished.push(*id);
+                }
+            }
+        }
+        let (from, to) = (ranges[0].from, ranges[ranges.len() - 1].to);
+        let key = kinesin_firehose::object_key(
+            &info.name,
+            info.version,
+            d.prefix.as_deref(),
+            first_arrival,
+            from,
+            d.compression,
+        )
+        .map_err(|e| anyhow::anyhow!("cannot name the object: {e}"))?;
+        let batch = Batch {
+            from,
+            to,
+            records,
+            bytes,
+            bucket: d.bucket().to_string(),
+            key,
+            compression: d.compression,
+            append_delimiter: d.append_delimiter,
+            first_arrival_ms: first_arrival,
+            ranges,
+            finished,
+        };
+        self.propose(&FirehoseCommand::Seal(batch)).await?;
+        Ok(None)
+    }
+
+    /// The data of a sealed batch's shard ranges, read from the source
+    /// stream again, in the batch's order.
+    async fn read_ranges(
+        &self,
+        k: &KinesisSource,
+        ranges: &[ShardRange],
+    ) -> anyhow::Result<Vec<ByteBuf>> {
+        let mut out = Vec::new();
+        for range in ranges {
+            let mut start = ReadStart::At(SequenceNumber(range.from));
+            'shard: loop {
+                let read = self
+                    .router
+                    .get_records(
+                        &k.stream_key,
+                        range.shard,
+                        ReadRequest {
+                            start,
+                            limit: READ_RECORDS,
+                            max_bytes: READ_BYTES,
+                            wait: Duration::ZERO,
+                        },
+                    )
+                    .await?;
+                let Some((last, _)) = read.records.last() else {
+                    break;
+                };
+                let last = last.0;
+                for (seq, r) in read.records {
+                    if seq.0 > range.to {
+                        break 'shard;
+                    }
+                    out.push(ByteBuf::from(r.data));
+                }
+                if last >= range.to {
+                    break;
+                }
+                start = ReadStart::After(SequenceNumber(last));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Uploads a sealed batch's object, made of `records`.
+    async fn deliver(&self, batch: &Batch, records: Vec<ByteBuf>) -> anyhow::Result<()> {
         anyhow::ensure!(
             records.len() as u64 == batch.records,
             "the sealed batch has {} records, storage {}",
@@ -242,14 +483,25 @@ impl Delivery {
         Ok(store)
     }
 
-    /// The buffer as gauges. A stream whose leader moved keeps its last
-    /// values on the former leader until that node restarts.
-    fn export(&self, info: &StreamInfo, now: u64) {
+    /// The buffer as gauges (a Kinesis source's: what the leader read and
+    /// has not sealed). A stream whose leader moved keeps its last values
+    /// on the former leader until that node restarts.
+    fn export(&self, info: &StreamInfo, source: &SourceBuffer, now: u64) {
         let label = self.label.clone();
+        let (bytes, oldest) = match info.source {
+            Source::DirectPut => (info.buffered_bytes, info.oldest_arrival_ms),
+            Source::Kinesis(_) => (source.bytes(), source.oldest()),
+        };
         metrics::gauge!("kinesin_firehose_buffered_bytes", "delivery_stream" => label.clone())
-            .set(info.buffered_bytes as f64);
-        let age = info.oldest_arrival_ms.map_or(0, |t| now.saturating_sub(t));
+            .set(bytes as f64);
+        let age = oldest.map_or(0, |t| now.saturating_sub(t));
         metrics::gauge!("kinesin_firehose_oldest_record_age_seconds", "delivery_stream" => label)
             .set(age as f64 / 1000.0);
     }
+}
+
+/// Whether a shard's buffer already holds a full batch (no need to read
+/// further ahead).
+fn source_bytes_full(buffer: &ShardBuffer, max_bytes: u64) -> bool {
+    buffer.records.iter().map(|r| r.2).sum::<u64>() >= max_bytes
 }
