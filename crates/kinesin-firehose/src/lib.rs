@@ -15,13 +15,18 @@
 
 mod model;
 mod object;
+mod partition;
 mod state_machine;
 
 pub use model::{
     decode, encode, Batch, Checkpoint, Compression, FirehoseCommand, FirehoseQuery, FirehoseReply,
-    KinesisSource, Plan, S3Destination, ShardRange, Source, StreamConfig, StreamInfo,
+    KinesisSource, Partitioning, Plan, S3Destination, ShardRange, Source, StreamConfig, StreamInfo,
 };
-pub use object::{evaluate_prefix, object_key, render, KeyError};
+pub use object::{
+    batch_naming, evaluate_prefix, object_key, objects, render, KeyError, Naming, Partition,
+    PARTITION_FAILED,
+};
+pub use partition::check_query;
 pub use state_machine::{FirehoseKind, FIREHOSE_KIND};
 
 /// The map name of a delivery stream's group.

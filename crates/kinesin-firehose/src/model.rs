@@ -62,6 +62,8 @@ pub struct S3Destination {
     pub append_delimiter: bool,
     /// Configured as ExtendedS3 (described as both, as AWS does).
     pub extended: bool,
+    /// Dynamic partitioning: the MetadataExtraction processor's jq query.
+    pub partition_query: Option<String>,
 }
 
 impl S3Destination {
@@ -142,6 +144,19 @@ pub struct Batch {
     pub ranges: Vec<ShardRange>,
     /// Shards whose last records this batch holds (done once committed).
     pub finished: Vec<ShardId>,
+    /// Dynamic partitioning, fixed when the batch is sealed (`key` is then
+    /// unused): one object per partition.
+    pub partitioning: Option<Partitioning>,
+}
+
+/// What names the objects of a dynamically partitioned batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Partitioning {
+    pub query: String,
+    pub prefix: String,
+    pub error_prefix: String,
+    pub stream: String,
+    pub version: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,11 +1,13 @@
 //! What a sealed batch becomes: its object key, as AWS names delivered
 //! objects, and its bytes.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 
+use base64::Engine;
 use chrono::{DateTime, Utc};
 
-use crate::model::Compression;
+use crate::model::{Batch, Compression, Partitioning, S3Destination};
 
 /// A prefix Firehose cannot evaluate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +84,7 @@ pub fn evaluate_prefix(
     arrival_ms: u64,
     from: u128,
     error_type: Option<&str>,
+    partition: Partition<'_>,
 ) -> Result<(String, bool), KeyError> {
     let mut out = String::new();
     let mut rest = prefix;
@@ -110,6 +113,22 @@ pub fn evaluate_prefix(
                     ))
                 }
             },
+            Some(("partitionKeyFromQuery", name)) => match partition {
+                Partition::Off => {
+                    return Err(KeyError(format!(
+                        "!{{partitionKeyFromQuery:{name}}} needs dynamic partitioning with a MetadataExtraction query"
+                    )))
+                }
+                Partition::Any => out.push_str(name),
+                Partition::Keys(keys) => match keys.get(name) {
+                    Some(value) => out.push_str(value),
+                    None => {
+                        return Err(KeyError(format!(
+                            "the query gave no partition key '{name}'"
+                        )))
+                    }
+                },
+            },
             _ => {
                 return Err(KeyError(format!(
                     "the prefix '{prefix}' has the expression '!{{{expression}}}', which Kinesin does not evaluate"
@@ -122,22 +141,53 @@ pub fn evaluate_prefix(
     Ok((out, any))
 }
 
+/// What `!{partitionKeyFromQuery:…}` may name.
+#[derive(Debug, Clone, Copy)]
+pub enum Partition<'a> {
+    /// Not a dynamically partitioned stream: the expression is refused.
+    Off,
+    /// Checking a configuration: any key is accepted.
+    Any,
+    /// A record's partition keys.
+    Keys(&'a BTreeMap<String, String>),
+}
+
+/// What names a batch's objects besides their prefix.
+#[derive(Debug, Clone, Copy)]
+pub struct Naming<'a> {
+    pub stream: &'a str,
+    pub version: u64,
+    pub first_arrival_ms: u64,
+    pub from: u128,
+    pub compression: Compression,
+}
+
 /// The key of the object a batch becomes, as AWS names them:
 /// `<prefix>YYYY/MM/dd/HH/<stream>-<version>-YYYY-MM-dd-HH-mm-ss-<id>`
 /// (UTC, at the arrival of the batch's first record), where a prefix with
 /// expressions replaces the time part. AWS's random id is the batch's
 /// first sequence number here.
 pub fn object_key(
-    stream: &str,
-    version: u64,
+    naming: Naming<'_>,
     prefix: Option<&str>,
-    first_arrival_ms: u64,
-    from: u128,
-    compression: Compression,
+    error_type: Option<&str>,
+    partition: Partition<'_>,
 ) -> Result<String, KeyError> {
+    let Naming {
+        stream,
+        version,
+        first_arrival_ms,
+        from,
+        compression,
+    } = naming;
     let time = time_of(first_arrival_ms);
-    let (mut key, expressions) =
-        evaluate_prefix(prefix.unwrap_or(""), first_arrival_ms, from, None)?;
+    let (mut key, expressions) = evaluate_prefix(
+        prefix.unwrap_or(""),
+        first_arrival_ms,
+        from,
+        error_type,
+        partition,
+    )?;
     if !expressions {
         key.push_str(&time.format("%Y/%m/%d/%H/").to_string());
     }
@@ -153,6 +203,91 @@ pub fn object_key(
         compression.extension()
     ));
     Ok(key)
+}
+
+/// How the objects of a batch about to be sealed are named: its key, or
+/// (dynamically partitioned) what names each partition's object.
+pub fn batch_naming(
+    destination: &S3Destination,
+    naming: Naming<'_>,
+) -> Result<(String, Option<Partitioning>), KeyError> {
+    match &destination.partition_query {
+        None => Ok((
+            object_key(naming, destination.prefix.as_deref(), None, Partition::Off)?,
+            None,
+        )),
+        Some(query) => Ok((
+            String::new(),
+            Some(Partitioning {
+                query: query.clone(),
+                prefix: destination.prefix.clone().unwrap_or_default(),
+                error_prefix: destination.error_output_prefix.clone().unwrap_or_default(),
+                stream: naming.stream.to_string(),
+                version: naming.version,
+            }),
+        )),
+    }
+}
+
+/// The `!{firehose:error-output-type}` of records whose partition keys
+/// could not be extracted.
+pub const PARTITION_FAILED: &str = "processing-failed";
+
+/// The objects a sealed batch becomes, `(key, bytes)`: one, or with
+/// dynamic partitioning one per partition (records in their order) and one
+/// under the error prefix for records without partition keys, each a JSON
+/// line with the record in base64. Deterministic, as [`render`].
+pub fn objects(batch: &Batch, records: Vec<Vec<u8>>) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let Some(p) = &batch.partitioning else {
+        let body = render(&records, batch.compression, batch.append_delimiter)
+            .map_err(|e| e.to_string())?;
+        return Ok(vec![(batch.key.clone(), body)]);
+    };
+    let naming = Naming {
+        stream: &p.stream,
+        version: p.version,
+        first_arrival_ms: batch.first_arrival_ms,
+        from: batch.from,
+        compression: batch.compression,
+    };
+    let keys = crate::partition::partition_keys(&p.query, &records)?;
+    let mut groups: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+    let mut failed = Vec::new();
+    for (record, keys) in records.into_iter().zip(keys) {
+        let key = keys.and_then(|k| {
+            object_key(naming, Some(&p.prefix), None, Partition::Keys(&k)).map_err(|e| e.0)
+        });
+        match key {
+            Ok(key) => groups.entry(key).or_default().push(record),
+            Err(reason) => failed.push(
+                serde_json::json!({
+                    "rawData": base64::engine::general_purpose::STANDARD.encode(&record),
+                    "errorCode": "DynamicPartitioning.MetadataExtractionFailed",
+                    "errorMessage": reason,
+                })
+                .to_string()
+                .into_bytes(),
+            ),
+        }
+    }
+    let mut out = Vec::with_capacity(groups.len() + 1);
+    for (key, records) in groups {
+        let body = render(&records, batch.compression, batch.append_delimiter)
+            .map_err(|e| e.to_string())?;
+        out.push((key, body));
+    }
+    if !failed.is_empty() {
+        let key = object_key(
+            naming,
+            Some(&p.error_prefix),
+            Some(PARTITION_FAILED),
+            Partition::Off,
+        )
+        .map_err(|e| e.0)?;
+        let body = render(&failed, batch.compression, true).map_err(|e| e.to_string())?;
+        out.push((key, body));
+    }
+    Ok(out)
 }
 
 /// Hadoop's block size for Snappy streams (`io.compression.codec.snappy.buffersize`).
@@ -213,20 +348,33 @@ mod tests {
 
     #[test]
     fn default_keys_carry_the_hour_prefix_and_the_aws_name() {
-        let key = object_key("logs", 1, None, T, 0x1234 << 32, Compression::Gzip).unwrap();
+        let key = object_key(
+            naming("logs", 1, 0x1234 << 32, Compression::Gzip),
+            None,
+            None,
+            Partition::Off,
+        )
+        .unwrap();
         assert_eq!(
             key,
             "2026/12/01/13/logs-1-2026-12-01-13-04-05-00000000-0000-0000-0000-123400000000.gz"
         );
-        let key = object_key("logs", 3, Some("raw/"), T, 7, Compression::Uncompressed).unwrap();
+        let key = object_key(
+            naming("logs", 3, 7, Compression::Uncompressed),
+            Some("raw/"),
+            None,
+            Partition::Off,
+        )
+        .unwrap();
         assert!(key.starts_with("raw/2026/12/01/13/logs-3-"), "{key}");
     }
 
     #[test]
     fn expressions_replace_the_time_prefix() {
         let prefix = "year=!{timestamp:yyyy}/month=!{timestamp:MM}/!{firehose:random-string}/";
-        let a = object_key("s", 1, Some(prefix), T, 99, Compression::Uncompressed).unwrap();
-        let b = object_key("s", 1, Some(prefix), T, 99, Compression::Uncompressed).unwrap();
+        let n = naming("s", 1, 99, Compression::Uncompressed);
+        let a = object_key(n, Some(prefix), None, Partition::Off).unwrap();
+        let b = object_key(n, Some(prefix), None, Partition::Off).unwrap();
         assert_eq!(a, b, "a retry names the same key");
         assert!(a.starts_with("year=2026/month=12/"), "{a}");
         assert!(!a.contains("2026/12/01/13/"), "{a}");
@@ -235,28 +383,94 @@ mod tests {
             T,
             1,
             Some("processing-failed"),
+            Partition::Off,
         )
         .unwrap();
         assert_eq!(error, "err/processing-failed/");
-        assert!(object_key(
-            "s",
-            1,
-            Some("!{firehose:error-output-type}"),
-            T,
-            1,
-            Compression::Gzip
-        )
-        .is_err());
-        assert!(object_key(
-            "s",
-            1,
-            Some("!{timestamp:yyyy-QQ}"),
-            T,
-            1,
-            Compression::Gzip
-        )
-        .is_err());
-        assert!(object_key("s", 1, Some("!{timestamp:yyyy"), T, 1, Compression::Gzip).is_err());
+        let n = naming("s", 1, 1, Compression::Gzip);
+        let refused = |prefix: &str| object_key(n, Some(prefix), None, Partition::Off).is_err();
+        assert!(refused("!{firehose:error-output-type}"));
+        assert!(refused("!{timestamp:yyyy-QQ}"));
+        assert!(refused("!{timestamp:yyyy"));
+        assert!(refused("!{partitionKeyFromQuery:customer}"));
+        let keys = BTreeMap::from([("customer".to_string(), "a".to_string())]);
+        let key = object_key(
+            n,
+            Some("c=!{partitionKeyFromQuery:customer}/"),
+            None,
+            Partition::Keys(&keys),
+        );
+        assert!(key.unwrap().starts_with("c=a/s-1-"));
+        let other = object_key(
+            n,
+            Some("!{partitionKeyFromQuery:region}/"),
+            None,
+            Partition::Keys(&keys),
+        );
+        assert!(other.is_err());
+    }
+
+    fn naming(stream: &str, version: u64, from: u128, compression: Compression) -> Naming<'_> {
+        Naming {
+            stream,
+            version,
+            first_arrival_ms: T,
+            from,
+            compression,
+        }
+    }
+
+    #[test]
+    fn a_partitioned_batch_becomes_one_object_per_partition_and_one_of_failures() {
+        let batch = Batch {
+            from: 5,
+            to: 9,
+            records: 4,
+            bytes: 0,
+            bucket: "b".into(),
+            key: String::new(),
+            compression: Compression::Uncompressed,
+            append_delimiter: true,
+            first_arrival_ms: T,
+            ranges: Vec::new(),
+            finished: Vec::new(),
+            partitioning: Some(Partitioning {
+                query: "{customer: .c}".into(),
+                prefix: "customer=!{partitionKeyFromQuery:customer}/".into(),
+                error_prefix: "errors/!{firehose:error-output-type}/".into(),
+                stream: "s".into(),
+                version: 2,
+            }),
+        };
+        let records = [
+            r#"{"c":"a","n":1}"#,
+            r#"{"c":"b"}"#,
+            "oops",
+            r#"{"c":"a","n":2}"#,
+        ]
+        .map(|r| r.as_bytes().to_vec())
+        .to_vec();
+        let out = objects(&batch, records.clone()).unwrap();
+        assert_eq!(out, objects(&batch, records).unwrap(), "deterministic");
+        let keys: Vec<&str> = out.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys.len(), 3, "{keys:?}");
+        assert!(
+            keys[0].starts_with("customer=a/s-2-2026-12-01-13-04-05-"),
+            "{keys:?}"
+        );
+        assert!(keys[1].starts_with("customer=b/"), "{keys:?}");
+        assert!(
+            keys[2].starts_with("errors/processing-failed/s-2-"),
+            "{keys:?}"
+        );
+        assert_eq!(out[0].1, b"{\"c\":\"a\",\"n\":1}\n{\"c\":\"a\",\"n\":2}\n");
+        let failure: serde_json::Value =
+            serde_json::from_slice(out[2].1.strip_suffix(b"\n").unwrap()).unwrap();
+        assert_eq!(failure["rawData"], "b29wcw==");
+        assert_eq!(
+            failure["errorCode"],
+            "DynamicPartitioning.MetadataExtractionFailed"
+        );
     }
 
     #[test]

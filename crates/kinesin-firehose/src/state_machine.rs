@@ -441,6 +441,7 @@ mod tests {
             compression: Compression::Gzip,
             append_delimiter: false,
             extended: false,
+            partition_query: None,
         }
     }
 
@@ -504,6 +505,7 @@ mod tests {
             first_arrival_ms: plan.first_arrival_ms,
             ranges: Vec::new(),
             finished: Vec::new(),
+            partitioning: None,
         }
     }
 
@@ -683,6 +685,7 @@ mod tests {
                 },
             ],
             finished: vec![ShardId(0)],
+            partitioning: None,
         };
         assert_eq!(
             run(&storage, &sm, 3, 5, FirehoseCommand::Seal(sealed(10, 120))),

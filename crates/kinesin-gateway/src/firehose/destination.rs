@@ -1,7 +1,7 @@
 //! The S3 and ExtendedS3 destination: read from a configuration or an
 //! update, checked, and described.
 
-use kinesin_firehose::{evaluate_prefix, Compression, S3Destination};
+use kinesin_firehose::{evaluate_prefix, Compression, Partition, S3Destination, PARTITION_FAILED};
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
@@ -87,18 +87,37 @@ pub(super) fn read(
             )
         })?,
     };
-    let append_delimiter = match config.opt_object("ProcessingConfiguration")? {
+    let processing = match config.opt_object("ProcessingConfiguration")? {
         Some(processing) => processors(&processing)?,
-        None => base.is_some_and(|b| b.append_delimiter),
+        None => Processing {
+            append: base.is_some_and(|b| b.append_delimiter),
+            query: base.and_then(|b| b.partition_query.clone()),
+        },
     };
-    for member in [
-        "DataFormatConversionConfiguration",
-        "DynamicPartitioningConfiguration",
-    ] {
-        if let Some(c) = config.opt_object(member)? {
-            if c.opt_bool("Enabled")?.unwrap_or(true) {
-                return Err(not_supported(member));
-            }
+    let dynamic = match config.opt_object("DynamicPartitioningConfiguration")? {
+        Some(c) => c.opt_bool("Enabled")?.unwrap_or(false),
+        None => base.is_some_and(|b| b.partition_query.is_some()),
+    };
+    let partition_query = match (dynamic, processing.query) {
+        (true, Some(query)) => {
+            kinesin_firehose::check_query(&query).map_err(ApiError::invalid_argument)?;
+            Some(query)
+        }
+        (true, None) => {
+            return Err(ApiError::invalid_argument(
+                "Dynamic partitioning needs a MetadataExtraction processor with a MetadataExtractionQuery",
+            ))
+        }
+        (false, Some(_)) => {
+            return Err(ApiError::invalid_argument(
+                "The MetadataExtraction processor needs DynamicPartitioningConfiguration enabled",
+            ))
+        }
+        (false, None) => None,
+    };
+    if let Some(c) = config.opt_object("DataFormatConversionConfiguration")? {
+        if c.opt_bool("Enabled")?.unwrap_or(true) {
+            return Err(not_supported("DataFormatConversionConfiguration"));
         }
     }
     if config.opt_str("S3BackupMode")? == Some("Enabled") {
@@ -123,8 +142,9 @@ pub(super) fn read(
             |v| v as u32,
         ),
         compression,
-        append_delimiter,
+        append_delimiter: processing.append,
         extended: extended || base.is_some_and(|b| b.extended),
+        partition_query,
     };
     check_prefixes(&destination)?;
     Ok(destination)
@@ -149,33 +169,75 @@ fn check_bucket(arn: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Whether the processors append a delimiter; any other enabled processor
-/// is refused.
-fn processors(processing: &Input<'_>) -> Result<bool, ApiError> {
+/// What the processors do: append a delimiter, extract partition keys.
+struct Processing {
+    append: bool,
+    query: Option<String>,
+}
+
+/// The processors Kinesin runs; any other enabled processor is refused.
+fn processors(processing: &Input<'_>) -> Result<Processing, ApiError> {
+    let mut out = Processing {
+        append: false,
+        query: None,
+    };
     if processing.opt_bool("Enabled")? == Some(false) {
-        return Ok(false);
+        return Ok(out);
     }
-    let mut append = false;
     for p in processing.opt_array("Processors")?.into_iter().flatten() {
         let kind = p.get("Type").and_then(Value::as_str).unwrap_or("");
+        let parameter = |name: &str| {
+            p.get("Parameters")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .find(|x| x.get("ParameterName").and_then(Value::as_str) == Some(name))
+                .and_then(|x| x.get("ParameterValue").and_then(Value::as_str))
+        };
         match kind {
-            "AppendDelimiterToRecord" => append = true,
+            "AppendDelimiterToRecord" => out.append = true,
+            "MetadataExtraction" => {
+                if let Some(engine) = parameter("JsonParsingEngine").filter(|e| *e != "JQ-1.6") {
+                    return Err(ApiError::invalid_argument(format!(
+                        "JsonParsingEngine {engine} is not supported (JQ-1.6 is)"
+                    )));
+                }
+                out.query = parameter("MetadataExtractionQuery").map(str::to_string);
+            }
             other => return Err(not_supported(&format!("the processor {other}"))),
         }
     }
-    Ok(append)
+    Ok(out)
 }
 
 /// Prefixes whose expressions Kinesin evaluates; as AWS, a prefix with
 /// expressions needs an error prefix.
 fn check_prefixes(d: &S3Destination) -> Result<(), ApiError> {
     let invalid = |e: kinesin_firehose::KeyError| ApiError::invalid_argument(e.0);
+    let partition = if d.partition_query.is_some() {
+        Partition::Any
+    } else {
+        Partition::Off
+    };
     let expressions = match &d.prefix {
-        Some(p) => evaluate_prefix(p, 0, 0, None).map_err(invalid)?.1,
+        Some(p) => {
+            evaluate_prefix(p, 0, 0, None, partition)
+                .map_err(invalid)?
+                .1
+        }
         None => false,
     };
     if let Some(p) = &d.error_output_prefix {
-        evaluate_prefix(p, 0, 0, Some("processing-failed")).map_err(invalid)?;
+        evaluate_prefix(p, 0, 0, Some(PARTITION_FAILED), Partition::Off).map_err(invalid)?;
+    }
+    let keyed = d
+        .prefix
+        .as_deref()
+        .is_some_and(|p| p.contains("!{partitionKeyFromQuery:"));
+    if d.partition_query.is_some() && !keyed {
+        return Err(ApiError::invalid_argument(
+            "With dynamic partitioning, Prefix must use a partition key: !{partitionKeyFromQuery:<key>}",
+        ));
     }
     if expressions && d.error_output_prefix.is_none() {
         return Err(ApiError::invalid_argument(
@@ -199,11 +261,19 @@ pub(super) fn describe(d: &S3Destination) -> Value {
     });
     let mut extended = s3.clone();
     extended["S3BackupMode"] = json!("Disabled");
-    extended["ProcessingConfiguration"] = if d.append_delimiter {
-        json!({"Enabled": true, "Processors": [{"Type": "AppendDelimiterToRecord", "Parameters": []}]})
-    } else {
-        json!({"Enabled": false, "Processors": []})
-    };
+    let mut processors = Vec::new();
+    if let Some(query) = &d.partition_query {
+        processors.push(json!({"Type": "MetadataExtraction", "Parameters": [
+            {"ParameterName": "MetadataExtractionQuery", "ParameterValue": query},
+            {"ParameterName": "JsonParsingEngine", "ParameterValue": "JQ-1.6"},
+        ]}));
+    }
+    if d.append_delimiter {
+        processors.push(json!({"Type": "AppendDelimiterToRecord", "Parameters": []}));
+    }
+    extended["ProcessingConfiguration"] =
+        json!({"Enabled": !processors.is_empty(), "Processors": processors});
+    extended["DynamicPartitioningConfiguration"] = json!({"Enabled": d.partition_query.is_some()});
     json!({
         "DestinationId": DESTINATION_ID,
         "S3DestinationDescription": s3,

@@ -16,13 +16,13 @@
 //! the group, and the reconciler starts it again where it leads.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use kinesin_firehose::{
-    Batch, FirehoseCommand, FirehoseQuery, FirehoseReply, KinesisSource, Plan, ShardRange, Source,
-    StreamInfo,
+    Batch, FirehoseCommand, FirehoseQuery, FirehoseReply, KinesisSource, Naming, Plan, ShardRange,
+    Source, StreamInfo,
 };
 use kinesin_meta::Owner;
 use kinesin_raft::RaftHost;
@@ -182,6 +182,10 @@ impl Delivery {
                 Source::Kinesis(k) => self.read_ranges(k, &batch.ranges).await?,
             };
             self.deliver(batch, records).await?;
+            let window = commit_delay();
+            if !window.is_zero() {
+                tokio::time::sleep(window).await;
+            }
             self.propose(&FirehoseCommand::Commit { to: batch.to })
                 .await?;
             *source = SourceBuffer::default();
@@ -202,30 +206,29 @@ impl Delivery {
         let Some(plan) = self.query::<Option<Plan>>(&FirehoseQuery::Plan(max_bytes))? else {
             return Ok(Some(POLL));
         };
-        let key = kinesin_firehose::object_key(
-            &info.name,
-            info.version,
-            d.prefix.as_deref(),
-            plan.first_arrival_ms,
-            plan.from,
-            d.compression,
-        )
-        .map_err(|e| anyhow::anyhow!("cannot name the object: {e}"))?;
         let batch = Batch {
             from: plan.from,
             to: plan.to,
             records: plan.records,
             bytes: plan.bytes,
-            bucket: d.bucket().to_string(),
-            key,
-            compression: d.compression,
-            append_delimiter: d.append_delimiter,
             first_arrival_ms: plan.first_arrival_ms,
-            ranges: Vec::new(),
-            finished: Vec::new(),
+            ..unnamed(&info)
         };
-        // A refused seal (another was made meanwhile) shows at the next
-        // step.
+        self.seal(&info, batch).await
+    }
+
+    /// Names a batch's objects as the destination says now and seals it.
+    /// A refused seal (another was made meanwhile) shows at the next step.
+    async fn seal(&self, info: &StreamInfo, mut batch: Batch) -> anyhow::Result<Option<Duration>> {
+        let naming = Naming {
+            stream: &info.name,
+            version: info.version,
+            first_arrival_ms: batch.first_arrival_ms,
+            from: batch.from,
+            compression: batch.compression,
+        };
+        (batch.key, batch.partitioning) = kinesin_firehose::batch_naming(&info.destination, naming)
+            .map_err(|e| anyhow::anyhow!("cannot name the object: {e}"))?;
         self.propose(&FirehoseCommand::Seal(batch)).await?;
         Ok(None)
     }
@@ -342,30 +345,17 @@ impl Delivery {
             }
         }
         let (from, to) = (ranges[0].from, ranges[ranges.len() - 1].to);
-        let key = kinesin_firehose::object_key(
-            &info.name,
-            info.version,
-            d.prefix.as_deref(),
-            first_arrival,
-            from,
-            d.compression,
-        )
-        .map_err(|e| anyhow::anyhow!("cannot name the object: {e}"))?;
         let batch = Batch {
             from,
             to,
             records,
             bytes,
-            bucket: d.bucket().to_string(),
-            key,
-            compression: d.compression,
-            append_delimiter: d.append_delimiter,
             first_arrival_ms: first_arrival,
             ranges,
             finished,
+            ..unnamed(info)
         };
-        self.propose(&FirehoseCommand::Seal(batch)).await?;
-        Ok(None)
+        self.seal(info, batch).await
     }
 
     /// The data of a sealed batch's shard ranges, read from the source
@@ -411,7 +401,7 @@ impl Delivery {
         Ok(out)
     }
 
-    /// Uploads a sealed batch's object, made of `records`.
+    /// Uploads a sealed batch's objects, made of `records`.
     async fn deliver(&self, batch: &Batch, records: Vec<ByteBuf>) -> anyhow::Result<()> {
         anyhow::ensure!(
             records.len() as u64 == batch.records,
@@ -419,29 +409,32 @@ impl Delivery {
             batch.records,
             records.len()
         );
-        let (compression, append) = (batch.compression, batch.append_delimiter);
-        let body = tokio::task::spawn_blocking(move || {
+        let sealed = batch.clone();
+        let objects = tokio::task::spawn_blocking(move || {
             let records: Vec<Vec<u8>> = records.into_iter().map(ByteBuf::into_vec).collect();
-            kinesin_firehose::render(&records, compression, append)
+            kinesin_firehose::objects(&sealed, records)
         })
-        .await??;
-        let size = body.len();
+        .await?
+        .map_err(anyhow::Error::msg)?;
         let store = self.store(&batch.bucket)?;
-        let started = Instant::now();
-        let result = store
-            .put(
-                &object_store::path::Path::from(batch.key.as_str()),
-                PutPayload::from(body),
-            )
-            .await;
-        metrics::histogram!("kinesin_firehose_s3_request_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
-        result.with_context(|| format!("cannot write s3://{}/{}", batch.bucket, batch.key))?;
         let label = self.label.clone();
-        metrics::counter!("kinesin_firehose_objects_written_total", "delivery_stream" => label.clone())
-            .increment(1);
-        metrics::counter!("kinesin_firehose_bytes_written_total", "delivery_stream" => label.clone())
-            .increment(size as u64);
+        for (key, body) in objects {
+            let size = body.len();
+            let started = Instant::now();
+            let result = store
+                .put(
+                    &object_store::path::Path::from(key.as_str()),
+                    PutPayload::from(body),
+                )
+                .await;
+            metrics::histogram!("kinesin_firehose_s3_request_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
+            result.with_context(|| format!("cannot write s3://{}/{key}", batch.bucket))?;
+            metrics::counter!("kinesin_firehose_objects_written_total", "delivery_stream" => label.clone())
+                .increment(1);
+            metrics::counter!("kinesin_firehose_bytes_written_total", "delivery_stream" => label.clone())
+                .increment(size as u64);
+        }
         metrics::gauge!("kinesin_firehose_data_freshness_seconds", "delivery_stream" => label)
             .set(now_ms().saturating_sub(batch.first_arrival_ms) as f64 / 1000.0);
         Ok(())
@@ -497,6 +490,45 @@ impl Delivery {
         let age = oldest.map_or(0, |t| now.saturating_sub(t));
         metrics::gauge!("kinesin_firehose_oldest_record_age_seconds", "delivery_stream" => label)
             .set(age as f64 / 1000.0);
+    }
+}
+
+/// The chaos window between writing a batch's objects and committing it:
+/// `KINESIN_CHAOS_COMMIT_DELAY_MS`, so that a test can kill the leader
+/// there. Zero (no wait) unless set.
+fn commit_delay() -> Duration {
+    static DELAY: OnceLock<Duration> = OnceLock::new();
+    *DELAY.get_or_init(|| {
+        let ms = std::env::var("KINESIN_CHAOS_COMMIT_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if ms > 0 {
+            tracing::warn!(
+                "KINESIN_CHAOS_COMMIT_DELAY_MS is set: deliveries wait {ms} ms between writing a batch and committing it"
+            );
+        }
+        Duration::from_millis(ms)
+    })
+}
+
+/// A batch of the destination's bucket and format, not named yet and
+/// covering nothing.
+fn unnamed(info: &StreamInfo) -> Batch {
+    let d = &info.destination;
+    Batch {
+        from: 0,
+        to: 0,
+        records: 0,
+        bytes: 0,
+        bucket: d.bucket().to_string(),
+        key: String::new(),
+        compression: d.compression,
+        append_delimiter: d.append_delimiter,
+        first_arrival_ms: 0,
+        ranges: Vec::new(),
+        finished: Vec::new(),
+        partitioning: None,
     }
 }
 
