@@ -93,6 +93,23 @@ impl Context<'_> {
             .collect()
     }
 
+    /// The configuration an existing delivery stream was created with,
+    /// its creation times set to `now_ms` (to compare with a new one).
+    fn existing(&self, key: &str) -> Option<kinesin_firehose::StreamConfig> {
+        let state = self.router.meta_state();
+        let spec = state
+            .groups
+            .get(key)
+            .filter(|g| g.kind == kinesin_firehose::FIREHOSE_KIND)?;
+        let mut config: kinesin_firehose::StreamConfig =
+            kinesin_firehose::decode(&spec.config).ok()?;
+        config.created_ms = self.now_ms;
+        if let kinesin_firehose::Source::Kinesis(k) = &mut config.source {
+            k.start_ms = self.now_ms;
+        }
+        Some(config)
+    }
+
     fn not_found(&self, name: &str) -> ApiError {
         ApiError::not_found(format!(
             "Firehose {name} under account {} not found.",

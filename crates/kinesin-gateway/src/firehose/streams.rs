@@ -131,7 +131,8 @@ pub(super) async fn create_delivery_stream(
         created_ms: ctx.now_ms,
     };
     let key = kinesin_firehose::group_name(ctx.account, name);
-    ctx.router
+    match ctx
+        .router
         .create_group(
             &key,
             kinesin_firehose::FIREHOSE_KIND,
@@ -139,13 +140,20 @@ pub(super) async fn create_delivery_stream(
             0,
         )
         .await
-        .map_err(|e| match e {
-            kinesin_router::RouterError::ResourceInUse(_) => ApiError::in_use(format!(
+    {
+        Ok(_) => {}
+        // An SDK's retry of a create whose answer was lost finds the
+        // stream it made: the same configuration succeeds again.
+        Err(kinesin_router::RouterError::ResourceInUse(_))
+            if ctx.existing(&key) == Some(config) => {}
+        Err(kinesin_router::RouterError::ResourceInUse(_)) => {
+            return Err(ApiError::in_use(format!(
                 "Firehose {name} under accountId {} already exists",
                 ctx.account
-            )),
-            e => e.into(),
-        })?;
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    }
     Ok(json!({ "DeliveryStreamARN": ctx.arn(name) }))
 }
 
