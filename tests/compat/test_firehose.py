@@ -2,12 +2,15 @@
 to a real S3 protocol server (moto's, started by the `s3_endpoint`
 fixture); objects are read back with boto3's S3 client and decompressed."""
 
+import base64
 import gzip
+import json
 import os
 import re
 import signal
 import struct
 import time
+import urllib.request
 import uuid
 
 import boto3
@@ -68,6 +71,14 @@ def objects(s3, bucket, count, timeout=60):
     return found
 
 
+def objects_written(node, name):
+    """The node's count of objects written for the caller's delivery stream."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.admin_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    series = f'kinesin_firehose_objects_written_total{{delivery_stream="{ACCOUNT}/{name}"}} '
+    return sum(int(float(line[len(series):])) for line in text.splitlines() if line.startswith(series))
+
+
 def hadoop_snappy(data):
     out, at = b"", 0
     while at < len(data):
@@ -82,12 +93,16 @@ def hadoop_snappy(data):
 def test_delivery_stream_lifecycle_and_errors(firehoses, bucket):
     a, b, c = firehoses
     name = f"lifecycle-{uuid.uuid4().hex[:8]}"
-    arn = a.create_delivery_stream(
-        DeliveryStreamName=name,
-        S3DestinationConfiguration=destination(bucket, size_mib=2, interval_s=60, CompressionFormat="GZIP"),
-        Tags=[{"Key": "team", "Value": "data"}],
-    )["DeliveryStreamARN"]
+    config = {
+        "DeliveryStreamName": name,
+        "S3DestinationConfiguration": destination(bucket, size_mib=2, interval_s=60, CompressionFormat="GZIP"),
+        "Tags": [{"Key": "team", "Value": "data"}],
+    }
+    arn = a.create_delivery_stream(**config)["DeliveryStreamARN"]
     assert arn == f"arn:aws:firehose:{REGION}:{ACCOUNT}:deliverystream/{name}"
+    # The same create again (an SDK retry whose first answer was lost)
+    # succeeds; another configuration under the name is refused below.
+    assert b.create_delivery_stream(**config)["DeliveryStreamARN"] == arn
     d = b.describe_delivery_stream(DeliveryStreamName=name)["DeliveryStreamDescription"]
     assert (d["DeliveryStreamStatus"], d["DeliveryStreamType"], d["VersionId"]) == ("ACTIVE", "DirectPut", "1")
     s3 = d["Destinations"][0]["S3DestinationDescription"]
@@ -223,6 +238,56 @@ def test_a_full_buffer_is_delivered_before_its_interval_and_prefixes_are_evaluat
     firehoses[0].delete_delivery_stream(DeliveryStreamName=name)
 
 
+def partitioning(query, *processors):
+    return {
+        "DynamicPartitioningConfiguration": {"Enabled": True},
+        "ProcessingConfiguration": {"Enabled": True, "Processors": [
+            {"Type": "MetadataExtraction", "Parameters": [
+                {"ParameterName": "MetadataExtractionQuery", "ParameterValue": query},
+                {"ParameterName": "JsonParsingEngine", "ParameterValue": "JQ-1.6"},
+            ]},
+            *processors,
+        ]},
+    }
+
+
+def test_dynamic_partitioning_writes_an_object_per_key_and_failures_to_the_error_prefix(firehoses, bucket, s3_endpoint):
+    name = f"partitioned-{uuid.uuid4().hex[:8]}"
+    keyed = {"Prefix": "customer=!{partitionKeyFromQuery:customer}/", "ErrorOutputPrefix": "errors/!{firehose:error-output-type}/"}
+    for bad in [
+        {**keyed, **partitioning("{customer: .customer")},  # does not parse
+        {"Prefix": "static/", "ErrorOutputPrefix": "e/", **partitioning("{customer: .customer}")},
+        {**keyed, "DynamicPartitioningConfiguration": {"Enabled": True}},
+    ]:
+        with pytest.raises(ClientError) as e:
+            firehoses[0].create_delivery_stream(
+                DeliveryStreamName=name, ExtendedS3DestinationConfiguration=destination(bucket, **bad))
+        assert e.value.response["Error"]["Code"] == "InvalidArgumentException", bad
+    firehoses[0].create_delivery_stream(
+        DeliveryStreamName=name,
+        ExtendedS3DestinationConfiguration=destination(
+            bucket, interval_s=1, **keyed,
+            **partitioning("{customer: .customer}", {"Type": "AppendDelimiterToRecord"}),
+        ),
+    )
+    d = firehoses[1].describe_delivery_stream(DeliveryStreamName=name)["DeliveryStreamDescription"]
+    assert d["Destinations"][0]["ExtendedS3DestinationDescription"]["DynamicPartitioningConfiguration"] == {"Enabled": True}
+    records = [json.dumps({"customer": c, "n": i}).encode() for i, c in enumerate("abacbca")]
+    records.append(b"not json")
+    firehoses[2].put_record_batch(DeliveryStreamName=name, Records=[{"Data": r} for r in records])
+    found = objects(s3_client(s3_endpoint), bucket, 4)
+    by_prefix = {}
+    for key, body in found.items():
+        by_prefix.setdefault(key.rsplit("/", 1)[0], []).extend(body.splitlines())
+    assert sorted(by_prefix) == ["customer=a", "customer=b", "customer=c", "errors/processing-failed"]
+    for customer in "abc":
+        lines = [json.loads(line) for line in by_prefix[f"customer={customer}"]]
+        assert [r["n"] for r in lines] == [i for i, c in enumerate("abacbca") if c == customer]
+    [failure] = [json.loads(line) for line in by_prefix["errors/processing-failed"]]
+    assert base64.b64decode(failure["rawData"]) == b"not json"
+    firehoses[0].delete_delivery_stream(DeliveryStreamName=name)
+
+
 @pytest.mark.own_cluster
 def test_a_leader_kill_delivers_every_record_exactly_once(binary, workdir, s3_endpoint):
     nodes = start_cluster(
@@ -328,3 +393,43 @@ def test_a_kinesis_stream_source_is_delivered_across_a_split_parents_first(clust
     assert parent_lines == parents
     firehoses[0].delete_delivery_stream(DeliveryStreamName=name)
     kinesis.delete_stream(StreamName=source)
+
+
+@pytest.mark.own_cluster
+def test_a_leader_killed_between_upload_and_commit_rewrites_the_same_object(binary, workdir, s3_endpoint):
+    # Every delivery waits 5 s between writing a batch's object and
+    # committing it: the leader is killed in that window.
+    os.environ["KINESIN_CHAOS_COMMIT_DELAY_MS"] = "5000"
+    try:
+        nodes = start_cluster(
+            binary, os.path.join(workdir, "firehose-commit-window"), 3, extra=f's3_endpoint = "{s3_endpoint}"'
+        )
+    finally:
+        del os.environ["KINESIN_CHAOS_COMMIT_DELAY_MS"]
+    try:
+        s3 = s3_client(s3_endpoint)
+        bucket = f"fh-window-{uuid.uuid4().hex[:8]}"
+        s3.create_bucket(Bucket=bucket)
+        clients = [firehose_for(n.endpoint) for n in nodes]
+        clients[0].create_delivery_stream(DeliveryStreamName="window", S3DestinationConfiguration=destination(bucket))
+        first = [f"a{i};".encode() for i in range(100)]
+        clients[1].put_record_batch(DeliveryStreamName="window", Records=[{"Data": d} for d in first])
+        [(key, body)] = objects(s3, bucket, 1).items()
+        leader = sole_group_leader(nodes)
+        leader.proc.send_signal(signal.SIGKILL)
+        leader.proc.wait()
+        survivors = [c for n, c in zip(nodes, clients) if n is not leader]
+        # The new leader finds the batch sealed, not committed: it writes
+        # the same object again, then commits, and only then delivers more.
+        second = [f"b{i};".encode() for i in range(100)]
+        survivors[0].put_record_batch(DeliveryStreamName="window", Records=[{"Data": d} for d in second])
+        found = objects(s3, bucket, 2, timeout=90)
+        assert len(found) == 2 and found[key] == body
+        # Two objects exist and the survivors wrote two: the first batch's
+        # object again, then the second's.
+        wait_until("the survivors' object counts", lambda: sum(objects_written(n, "window") for n in nodes if n is not leader) == 2)
+        delivered = sorted(x + b";" for b in found.values() for x in b.split(b";") if x)
+        assert delivered == sorted(first + second)
+    finally:
+        for n in nodes:
+            n.stop()
