@@ -249,10 +249,13 @@ pub(super) fn list_delivery_streams(
     input: &Input<'_>,
 ) -> Result<Value, ApiError> {
     let limit = input.opt_int_range("Limit", 1, 10_000)?.unwrap_or(10) as usize;
+    // Whether the listed streams are DirectPut (None for the source types
+    // Kinesin has none of); no type: every stream.
     let wanted = match input.opt_str("DeliveryStreamType")? {
         None => None,
-        Some("DirectPut") => Some(true),
-        Some("KinesisStreamAsSource" | "MSKAsSource" | "DatabaseAsSource") => Some(false),
+        Some("DirectPut") => Some(Some(true)),
+        Some("KinesisStreamAsSource") => Some(Some(false)),
+        Some("MSKAsSource" | "DatabaseAsSource") => Some(None),
         Some(other) => {
             return Err(constraint(
                 "DeliveryStreamType",
@@ -262,17 +265,11 @@ pub(super) fn list_delivery_streams(
         }
     };
     let after = input.opt_str_len("ExclusiveStartDeliveryStreamName", 1, 64)?;
-    let msk_or_database = matches!(
-        input.opt_str("DeliveryStreamType")?,
-        Some("MSKAsSource" | "DatabaseAsSource")
-    );
     let names: Vec<String> = ctx
         .own_streams()
         .into_iter()
         .filter(|(n, direct)| {
-            !msk_or_database
-                && wanted.is_none_or(|w| w == *direct)
-                && after.is_none_or(|a| n.as_str() > a)
+            wanted.is_none_or(|w| w == Some(*direct)) && after.is_none_or(|a| n.as_str() > a)
         })
         .map(|(n, _)| n)
         .collect();

@@ -280,19 +280,7 @@ impl Delivery {
                 Some(seq) => ReadStart::After(SequenceNumber(seq)),
                 None => ReadStart::AtTimestamp(k.start_ms),
             };
-            let read = self
-                .router
-                .get_records(
-                    &k.stream_key,
-                    id,
-                    ReadRequest {
-                        start,
-                        limit: READ_RECORDS,
-                        max_bytes: READ_BYTES,
-                        wait: Duration::ZERO,
-                    },
-                )
-                .await?;
+            let read = self.read_shard(k, id, start).await?;
             for (seq, r) in &read.records {
                 buffer
                     .records
@@ -358,6 +346,25 @@ impl Delivery {
         self.seal(info, batch).await
     }
 
+    /// One read of a source shard at its leader, without waiting.
+    async fn read_shard(
+        &self,
+        k: &KinesisSource,
+        shard: ShardId,
+        start: ReadStart,
+    ) -> anyhow::Result<kinesin_shard::ReadBatch> {
+        let request = ReadRequest {
+            start,
+            limit: READ_RECORDS,
+            max_bytes: READ_BYTES,
+            wait: Duration::ZERO,
+        };
+        Ok(self
+            .router
+            .get_records(&k.stream_key, shard, request)
+            .await?)
+    }
+
     /// The data of a sealed batch's shard ranges, read from the source
     /// stream again, in the batch's order.
     async fn read_ranges(
@@ -369,19 +376,7 @@ impl Delivery {
         for range in ranges {
             let mut start = ReadStart::At(SequenceNumber(range.from));
             'shard: loop {
-                let read = self
-                    .router
-                    .get_records(
-                        &k.stream_key,
-                        range.shard,
-                        ReadRequest {
-                            start,
-                            limit: READ_RECORDS,
-                            max_bytes: READ_BYTES,
-                            wait: Duration::ZERO,
-                        },
-                    )
-                    .await?;
+                let read = self.read_shard(k, range.shard, start).await?;
                 let Some((last, _)) = read.records.last() else {
                     break;
                 };
