@@ -7,6 +7,7 @@ mod drain;
 mod events;
 mod failover;
 mod groups;
+mod hostile;
 mod metadata;
 mod partition;
 mod repair;

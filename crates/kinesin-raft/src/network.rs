@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use kinesin_proto::v1::raft_transport_client::RaftTransportClient;
@@ -20,6 +20,7 @@ use openraft::raft::{
     TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -82,9 +83,12 @@ pub(crate) struct Peer {
 }
 
 impl Peer {
-    fn start(addr: String) -> Arc<Peer> {
+    /// Fails (rather than panics) on an address that is not a valid
+    /// authority: one could only have come from before addresses were
+    /// checked at Join, and the node is then simply unreachable.
+    fn start(addr: String) -> Result<Arc<Peer>, String> {
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .expect("peer address is a valid authority")
+            .map_err(|e| format!("peer address {addr:?} is not usable: {e}"))?
             .connect_timeout(Duration::from_secs(2))
             .http2_keep_alive_interval(Duration::from_secs(2))
             .keep_alive_timeout(Duration::from_secs(4))
@@ -93,12 +97,12 @@ impl Peer {
         let channel = endpoint.connect_lazy();
         let (queue, rx) = mpsc::unbounded_channel();
         tokio::spawn(run_pipe(channel.clone(), rx));
-        Arc::new(Peer {
+        Ok(Arc::new(Peer {
             addr,
             queue,
             channel,
             next_id: AtomicU64::new(1),
-        })
+        }))
     }
 
     async fn call(
@@ -190,10 +194,7 @@ async fn run_pipe(channel: Channel, mut queue: mpsc::UnboundedReceiver<Outgoing>
             let mut next = Some(first);
             while let Some(out) = next.take() {
                 size += out.message.payload.len();
-                pending
-                    .lock()
-                    .expect("pending lock")
-                    .insert(out.message.id, out.reply);
+                pending.lock().insert(out.message.id, out.reply);
                 frame.messages.push(out.message);
                 if size < FRAME_BYTES {
                     next = queue.try_recv().ok();
@@ -208,7 +209,7 @@ async fn run_pipe(channel: Channel, mut queue: mpsc::UnboundedReceiver<Outgoing>
 }
 
 fn dispatch(pending: &Pending, frame: RaftFrame) {
-    let mut pending = pending.lock().expect("pending lock");
+    let mut pending = pending.lock();
     for message in frame.messages {
         if let Some(reply) = pending.remove(&message.id) {
             let _ = reply.send(Ok(message));
@@ -217,7 +218,7 @@ fn dispatch(pending: &Pending, frame: RaftFrame) {
 }
 
 fn fail_all(pending: &Pending, why: &str) {
-    for (_, reply) in pending.lock().expect("pending lock").drain() {
+    for (_, reply) in pending.lock().drain() {
         let _ = reply.send(Err(why.to_string()));
     }
 }
@@ -238,14 +239,14 @@ impl PeerPool {
         }
     }
 
-    fn peer(&self, target: u64, addr: &str) -> Arc<Peer> {
-        let mut peers = self.peers.lock().expect("peers lock");
+    fn peer(&self, target: u64, addr: &str) -> Result<Arc<Peer>, String> {
+        let mut peers = self.peers.lock();
         match peers.get(&target) {
-            Some(p) if p.addr == addr => p.clone(),
+            Some(p) if p.addr == addr => Ok(p.clone()),
             _ => {
-                let p = Peer::start(addr.to_string());
+                let p = Peer::start(addr.to_string())?;
                 peers.insert(target, p.clone());
-                p
+                Ok(p)
             }
         }
     }
@@ -286,7 +287,8 @@ impl RaftNetworkFactory<TypeConfig> for GroupNetwork {
 pub struct GroupClient {
     group: u64,
     target: u64,
-    peer: Arc<Peer>,
+    /// The connection, or why the target's address cannot be dialled.
+    peer: Result<Arc<Peer>, String>,
     pool: Arc<PeerPool>,
 }
 
@@ -307,8 +309,8 @@ impl GroupClient {
         // disk needs longer, and openraft itself imposes no limit here.
         let timeout = option.soft_ttl().max(MIN_RPC_TIMEOUT)
             + Duration::from_millis(payload.len() as u64 / 32_768);
-        let answer = self
-            .peer
+        let peer = self.peer.as_ref().map_err(unreachable)?;
+        let answer = peer
             .call(self.group, kind, payload, timeout)
             .await
             .map_err(unreachable)?;
@@ -397,6 +399,12 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let stream_err = |e: String| StreamingError::Unreachable(Unreachable::from_string(e));
         self.pool.admit(self.target).await.map_err(stream_err)?;
+        let channel = self
+            .peer
+            .as_ref()
+            .map_err(|e| stream_err(e.clone()))?
+            .channel
+            .clone();
         let group = self.group;
         let Snapshot {
             meta,
@@ -453,7 +461,7 @@ impl RaftNetworkV2<TypeConfig> for GroupClient {
                 Ok::<(), io::Error>(())
             })
         };
-        let mut client = RaftTransportClient::new(self.peer.channel.clone())
+        let mut client = RaftTransportClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let send = client.install_snapshot(ReceiverStream::new(rx));

@@ -8,7 +8,7 @@ use kinesin_meta::{MetaCommand, NodeInfo, NodeState};
 use kinesin_proto::v1::node_server::{Node, NodeServer};
 use kinesin_proto::v1::{self as pb};
 use kinesin_shard::NewRecord;
-use kinesin_types::{GroupId, NodeId, ShardState, StreamMode};
+use kinesin_types::{validate_node_address, GroupId, NodeId, ShardState, StreamMode};
 use tonic::{Request, Response, Status};
 
 use crate::error::RouterError;
@@ -49,6 +49,16 @@ impl NodeService {
         let node = NodeId(req.node_id);
         if node.0 == 0 {
             return Err(RouterError::InvalidArgument("node id 0 is reserved".into()));
+        }
+        // An address enters the replicated membership here: one that cannot
+        // be dialled would stay there for every future leader.
+        for addr in [&req.raft_addr, &req.api_addr] {
+            validate_node_address(addr).map_err(|e| RouterError::InvalidArgument(e.0))?;
+        }
+        if req.zone.len() > 64 {
+            return Err(RouterError::InvalidArgument(
+                "zone must be at most 64 characters".into(),
+            ));
         }
         if let Some(existing) = state.nodes.get(&node) {
             if existing.state == NodeState::Removed {

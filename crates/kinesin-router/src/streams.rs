@@ -22,6 +22,10 @@ use crate::router::{now_ms, Router, Target, LIVE_WITHIN_MS};
 
 /// The data version that introduced `CreateStreamWithSettings`.
 pub(crate) const STREAM_SETTINGS_VERSION: u32 = 3;
+/// Largest metadata command proposed. Every replica holds and applies each
+/// one (again at every restart until a snapshot covers it); the largest
+/// legitimate one, a stream of 10,000 shards, is well under 1 MiB.
+const MAX_META_COMMAND_BYTES: usize = 1 << 20;
 
 /// The data version from which stream keys may name an account
 /// (`kinesin_meta::stream_key`).
@@ -154,6 +158,12 @@ impl Router {
     /// first: a command a replica cannot apply would stop it, so only
     /// commands every node can decode are ever proposed.
     pub(crate) async fn meta_write_local(&self, command: Vec<u8>) -> Result<(), RouterError> {
+        if command.len() > MAX_META_COMMAND_BYTES {
+            return Err(RouterError::InvalidArgument(format!(
+                "a metadata command of {} bytes exceeds the limit of {MAX_META_COMMAND_BYTES}",
+                command.len()
+            )));
+        }
         let decoded = MetaCommand::decode(&command)
             .map_err(|e| RouterError::InvalidArgument(e.to_string()))?;
         self.check_cluster_decodes(&decoded)?;
@@ -175,15 +185,15 @@ impl Router {
             .await
     }
 
-    /// Creates a stream with its `options` in one metadata command;
-    /// placement is computed on the metadata leader.
-    pub async fn create_stream_with(
+    /// Refuses a stream the cluster must not create. Called where a
+    /// request enters and again on the metadata leader, which a native-API
+    /// request can reach directly: nothing unchecked is ever proposed.
+    fn check_new_stream(
         &self,
         name: &str,
         shard_count: u32,
         replication: usize,
         max_record_bytes: u32,
-        options: &StreamOptions,
     ) -> Result<(), RouterError> {
         let key = StreamName::new(name).map_err(|e| RouterError::InvalidArgument(e.0))?;
         if key.is_qualified() && self.cluster_data_version() < ACCOUNT_KEYS_VERSION {
@@ -202,6 +212,25 @@ impl Router {
                 "max record size may be at most {MAX_RECORD_BYTES_LIMIT} bytes"
             )));
         }
+        if replication > 5 {
+            return Err(RouterError::InvalidArgument(
+                "replication factor must be between 1 and 5".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Creates a stream with its `options` in one metadata command;
+    /// placement is computed on the metadata leader.
+    pub async fn create_stream_with(
+        &self,
+        name: &str,
+        shard_count: u32,
+        replication: usize,
+        max_record_bytes: u32,
+        options: &StreamOptions,
+    ) -> Result<(), RouterError> {
+        self.check_new_stream(name, shard_count, replication, max_record_bytes)?;
         let candidates = self.meta_candidates();
         self.at_leader(GroupId::META, &candidates, true, |target| async move {
             match target {
@@ -344,6 +373,7 @@ impl Router {
             let leader = self.host.status(GroupId::META).and_then(|s| s.leader);
             return Err(RouterError::NotLeader(leader));
         }
+        self.check_new_stream(name, shard_count, replication, max_record_bytes)?;
         let state = self.meta.state();
         if state.streams.contains_key(name) {
             return Err(RouterError::ResourceInUse(format!(

@@ -273,6 +273,24 @@ impl Config {
                 ));
             }
         }
+        // Unset, they are the listen addresses (port 0 until bound).
+        for (what, addr) in [
+            ("advertise_grpc", &self.advertise_grpc),
+            ("advertise_api", &self.advertise_api),
+        ] {
+            let Some(addr) = addr else { continue };
+            if let Err(e) = kinesin_types::validate_node_address(addr) {
+                return bad(format!("{what}: {e}"));
+            }
+        }
+        if self.zone.len() > 64 {
+            return bad("zone must be at most 64 characters".into());
+        }
+        for seed in &self.seeds {
+            if let Err(e) = kinesin_types::validate_node_address(seed) {
+                return bad(format!("seeds: {e}"));
+            }
+        }
         if self.region.is_empty() || self.shard_limit == 0 {
             return bad("region must not be empty and shard_limit must be positive".into());
         }

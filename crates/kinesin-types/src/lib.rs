@@ -2,11 +2,13 @@
 //! keys and their ranges, MD5 routing, the sequence-number codec and the
 //! shard map. Nothing here does IO, reads the clock or draws randomness.
 
+mod address;
 mod hash;
 mod names;
 mod sequence;
 mod shard_map;
 
+pub use address::validate_node_address;
 pub use hash::{hash_key_for_partition_key, HashKey, HashKeyRange};
 pub use names::{GroupId, NodeId, ShardId, StreamName};
 pub use sequence::{SequenceNumber, MAX_RECORDS_PER_ENTRY};
