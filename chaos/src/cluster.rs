@@ -154,7 +154,8 @@ impl Cluster {
                  shard_election_min_ms = 1000\n\
                  shard_election_max_ms = 2000\n\
                  shard_snapshot_every = 500\n\
-                 repair_after_secs = 3600\n{extra}",
+                 repair_after_secs = 3600\n\
+                 auth = \"none\"\n{extra}",
                 data = dir.join("data").display(),
                 seeds = seeds.join(", "),
                 extra = self.setup.config,

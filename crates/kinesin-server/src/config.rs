@@ -53,8 +53,13 @@ pub struct Config {
     /// Region named in ARNs of the AWS API.
     pub region: String,
     /// Access keys the AWS API accepts (SigV4). None: development mode, any
-    /// credentials are accepted, and the node says so at start-up.
+    /// credentials are accepted, and the node says so at start-up. A node
+    /// without credentials starts only when its API listens on loopback or
+    /// `auth` is `none`.
     pub credentials: Vec<kinesin_gateway::Credential>,
+    /// `sigv4` (the default: requests are checked against `credentials`) or
+    /// `none` (`--insecure-dev`): any request is accepted, on any address.
+    pub auth: AuthSetting,
     /// The account whose streams are named without an account in the
     /// cluster map: those made before names were per account, and by the
     /// CLI and native API. Default: the credentials' account when they all
@@ -79,6 +84,14 @@ pub struct Config {
     /// Export per-shard series (`kinesin_shard_*`) as well as per-stream
     /// ones: one series per shard, so off by default.
     pub per_shard_metrics: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthSetting {
+    #[default]
+    Sigv4,
+    None,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +138,7 @@ impl Default for Config {
             tls_key_file: None,
             region: "us-east-1".into(),
             credentials: Vec::new(),
+            auth: AuthSetting::Sigv4,
             home_account: None,
             s3_endpoint: None,
             shard_limit: 10_000,
@@ -294,6 +308,24 @@ impl Config {
         if self.region.is_empty() || self.shard_limit == 0 {
             return bad("region must not be empty and shard_limit must be positive".into());
         }
+        match self.auth {
+            AuthSetting::None if !self.credentials.is_empty() => {
+                return bad(
+                    "auth = \"none\" accepts any request: remove it or the [[credentials]]".into(),
+                );
+            }
+            AuthSetting::Sigv4
+                if self.credentials.is_empty() && !self.listen_api.ip().is_loopback() =>
+            {
+                return bad(format!(
+                    "no [[credentials]] while listen_api ({}) is reachable from other hosts: add \
+                     credentials, listen on loopback, or accept any request explicitly with \
+                     auth = \"none\" (--insecure-dev)",
+                    self.listen_api
+                ));
+            }
+            _ => {}
+        }
         let ports = [self.listen_api, self.listen_grpc, self.listen_admin];
         let clash = |a: std::net::SocketAddr, b: std::net::SocketAddr| a == b && a.port() != 0;
         if clash(ports[0], ports[1]) || clash(ports[1], ports[2]) || clash(ports[0], ports[2]) {
@@ -391,5 +423,38 @@ mod tests {
             assert!(error.contains(explained), "{error}");
         }
         assert_eq!(Config::default().grpc_address(), "127.0.0.1:7451");
+    }
+
+    /// Without credentials a node serves only loopback unless told to
+    /// accept anyone explicitly.
+    #[test]
+    fn no_credentials_on_an_open_address_needs_auth_none() {
+        let open = Config::default();
+        let error = open.validate().unwrap_err().to_string();
+        assert!(error.contains("--insecure-dev"), "{error}");
+        let insecure = Config {
+            auth: AuthSetting::None,
+            ..Config::default()
+        };
+        assert!(insecure.validate().is_ok());
+        let loopback = Config {
+            listen_api: "127.0.0.1:7450".parse().unwrap(),
+            ..Config::default()
+        };
+        assert!(loopback.validate().is_ok());
+        let both = Config {
+            auth: AuthSetting::None,
+            credentials: vec![kinesin_gateway::Credential {
+                access_key_id: "AKIDEXAMPLE".into(),
+                secret_access_key: "secret".into(),
+                account_id: "123456789012".into(),
+            }],
+            ..Config::default()
+        };
+        let error = both.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("remove it or the [[credentials]]"),
+            "{error}"
+        );
     }
 }

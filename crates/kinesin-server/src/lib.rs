@@ -9,5 +9,5 @@ mod node;
 mod reconcile;
 mod workers;
 
-pub use config::{Config, ConfigError, FsyncSetting};
+pub use config::{AuthSetting, Config, ConfigError, FsyncSetting};
 pub use node::{shard_timing, Node};

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use kinesin_raft::{GroupKinds, NoFilter, TimingProfile};
-use kinesin_server::{shard_timing, Config, FsyncSetting, Node};
+use kinesin_server::{shard_timing, AuthSetting, Config, FsyncSetting, Node};
 
 #[derive(Parser)]
 #[command(
@@ -120,6 +120,10 @@ pub struct ServerArgs {
     /// Where Firehose writes objects: an S3 endpoint URL or `file:///dir`.
     #[arg(long, env = "KINESIN_S3_ENDPOINT")]
     s3_endpoint: Option<String>,
+    /// Accept any request without credentials, on any address (`auth =
+    /// "none"`): for a development machine only.
+    #[arg(long, env = "KINESIN_INSECURE_DEV")]
+    insecure_dev: bool,
     /// Only check the configuration (exit status 0 valid, 2 invalid).
     #[arg(long)]
     check_config: bool,
@@ -156,6 +160,9 @@ impl ServerArgs {
         }
         if self.s3_endpoint.is_some() {
             c.s3_endpoint = self.s3_endpoint;
+        }
+        if self.insecure_dev {
+            c.auth = AuthSetting::None;
         }
         c.validate().map_err(|e| e.to_string())?;
         Ok(c)
