@@ -32,8 +32,9 @@ ENTRYPOINT ["kinesin"]
 # A single node by default. These are flags, so they win over KINESIN_*
 # environment variables: to configure by environment or file, pass your own
 # command (e.g. `server --config /etc/kinesin/kinesin.toml`), as the chart does.
-# This default is for trying Kinesin: --insecure-dev accepts any request.
-# Give credentials (and drop the flag) for anything reachable by others.
+# This default is for trying Kinesin: --insecure-dev accepts any request on
+# the AWS API and --insecure-internal anyone on the internal port. Give
+# credentials and internal TLS (and drop the flags) for anything others reach.
 CMD ["server", "--data-dir", "/var/lib/kinesin", "--listen-api", "0.0.0.0:7450", \
      "--listen-grpc", "0.0.0.0:7451", "--listen-admin", "0.0.0.0:7452", "--replication-factor", "1", \
-     "--insecure-dev"]
+     "--insecure-dev", "--insecure-internal"]

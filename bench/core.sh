@@ -19,7 +19,7 @@ start() {
   local k=$1
   local seeds=""
   [ "$k" -gt 0 ] && seeds="--seeds 127.0.0.1:17451"
-  KINESIN_LOG=warn $K server --node-id $((k + 1)) --data-dir "$WORK/node-$k" \
+  KINESIN_LOG=warn KINESIN_INSECURE_INTERNAL=true $K server --node-id $((k + 1)) --data-dir "$WORK/node-$k" \
     --listen-api 127.0.0.1:$((17450 + 10 * k)) --listen-grpc 127.0.0.1:$((17451 + 10 * k)) \
     --listen-admin 127.0.0.1:$((17452 + 10 * k)) $seeds >"$WORK/node-$k.log" 2>&1 &
   PIDS+=($!)

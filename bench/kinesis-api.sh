@@ -31,7 +31,7 @@ fi
 for k in 0 1 2; do
   seeds=""
   [ "$k" -gt 0 ] && seeds="--seeds 127.0.0.1:18451"
-  KINESIN_LOG=warn $K server --node-id $((k + 1)) --data-dir "$WORK/node-$k" \
+  KINESIN_LOG=warn KINESIN_INSECURE_INTERNAL=true $K server --node-id $((k + 1)) --data-dir "$WORK/node-$k" \
     --listen-api 127.0.0.1:$((18450 + 10 * k)) --listen-grpc 127.0.0.1:$((18451 + 10 * k)) \
     --listen-admin 127.0.0.1:$((18452 + 10 * k)) $seeds >"$WORK/node-$k.log" 2>&1 &
   PIDS+=($!)

@@ -74,11 +74,26 @@ PY
   # The kinesin.toml the chart renders (plus any credentials Secret) must be
   # a configuration the server accepts.
   if [ -x "${KINESIN_BIN:-$CARGO_TARGET_DIR/release/kinesin}" ]; then
-    "$TOOLS/venv/bin/python" - "$out/$name.yaml" "$out/$name.toml" <<'PY'
-import sys, yaml
+    "$TOOLS/venv/bin/python" - "$out/$name.yaml" "$out/$name.toml" "$out/$name-tls" <<'PY'
+import base64, os, sys, yaml
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
 toml = next(d["data"]["kinesin.toml"] for d in docs if d["kind"] == "ConfigMap" and "kinesin.toml" in d.get("data", {}))
-secrets = [d["stringData"]["credentials.toml"] for d in docs if d["kind"] == "Secret"]
+# The internal TLS files the pod's environment names: the chart's own
+# Secret (so that what genCA makes is checked too), or for an existing
+# Secret the test certificates.
+if "insecure_internal = true" not in toml:
+    tls = next((d["data"] for d in docs if d["kind"] == "Secret" and "tls.key" in d.get("data", {})), None)
+    os.makedirs(sys.argv[3], exist_ok=True)
+    files = {}
+    for key, fixture in (("ca.crt", "ca.crt"), ("tls.crt", "node.crt"), ("tls.key", "node.key")):
+        path = os.path.join(sys.argv[3], key)
+        if tls:
+            open(path, "wb").write(base64.b64decode(tls[key]))
+        else:
+            path = os.path.abspath(os.path.join("tests/fixtures/internal-tls", fixture))
+        files[key] = path
+    toml += f'internal_tls_ca_file = "{files["ca.crt"]}"\ninternal_tls_cert_file = "{files["tls.crt"]}"\ninternal_tls_key_file = "{files["tls.key"]}"\n'
+secrets = [d["stringData"]["credentials.toml"] for d in docs if d["kind"] == "Secret" and "credentials.toml" in d.get("stringData", {})]
 if not secrets and 'auth = "none"' not in toml:
     # auth.existingSecret: the pod appends that Secret's credentials.
     secrets = ['[[credentials]]\naccess_key_id = "AKIDHELMCHECKEXAMPLE"\nsecret_access_key = "x"\naccount_id = "123456789012"\n']
@@ -110,5 +125,6 @@ expect_reject --set firehose.s3Endpoint=minio:9000
 expect_reject --set replicaCount=2
 expect_reject --set auth.insecure=false
 expect_reject --set auth.existingSecret=kinesin-credentials
+expect_reject --set internalTls.insecure=maybe
 
 [ "$fail" -eq 0 ] && echo "helm-check: chart valid" || { echo "helm-check: FAILED"; exit 1; }

@@ -155,7 +155,8 @@ impl Cluster {
                  shard_election_max_ms = 2000\n\
                  shard_snapshot_every = 500\n\
                  repair_after_secs = 3600\n\
-                 auth = \"none\"\n{extra}",
+                 auth = \"none\"\n\
+                 insecure_internal = true\n{extra}",
                 data = dir.join("data").display(),
                 seeds = seeds.join(", "),
                 extra = self.setup.config,

@@ -26,6 +26,16 @@ OTHER_ACCESS_KEY = "AKIDKINESINOTHER"
 OTHER_SECRET_KEY = "other-secret-key"
 OTHER_ACCOUNT = "210987654321"
 REGION = "us-east-1"
+# The compat cluster's internal port speaks mutual TLS with the test CA. The
+# CLI (and `kinesin bench`) the tests run find the same certificates in the
+# environment, as they do in a pod of a TLS cluster.
+TLS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures", "internal-tls")
+INTERNAL_TLS = {
+    "KINESIN_INTERNAL_TLS_CA": os.path.join(TLS_DIR, "ca.crt"),
+    "KINESIN_INTERNAL_TLS_CERT": os.path.join(TLS_DIR, "node.crt"),
+    "KINESIN_INTERNAL_TLS_KEY": os.path.join(TLS_DIR, "node.key"),
+}
+os.environ.update(INTERNAL_TLS)
 
 
 def free_port():
@@ -66,6 +76,9 @@ shard_heartbeat_ms = 200
 shard_election_min_ms = 1000
 shard_election_max_ms = 2000
 home_account = "{ACCOUNT}"
+internal_tls_ca_file = "{INTERNAL_TLS['KINESIN_INTERNAL_TLS_CA']}"
+internal_tls_cert_file = "{INTERNAL_TLS['KINESIN_INTERNAL_TLS_CERT']}"
+internal_tls_key_file = "{INTERNAL_TLS['KINESIN_INTERNAL_TLS_KEY']}"
 {extra}
 [[credentials]]
 access_key_id = "{ACCESS_KEY}"

@@ -3,6 +3,7 @@
 
 use kinesin_proto::v1::node_client::NodeClient;
 use kinesin_proto::v1::{self as pb};
+use kinesin_router::{AppendOutcome, RecordIn};
 use kinesin_testkit::TestCluster;
 use kinesin_types::{GroupId, NodeId};
 use tonic::Code;
@@ -76,5 +77,100 @@ async fn a_native_create_stream_is_validated_on_the_metadata_leader() {
         assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
     }
     assert!(!cluster.node(1).meta.state().streams.contains_key("too-big"));
+    cluster.shutdown().await;
+}
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/internal-tls")
+        .join(name)
+}
+
+/// A client of the internal port trusting the cluster CA and presenting
+/// `identity` (certificate, key), if any.
+async fn tls_client(
+    addr: &str,
+    identity: Option<(&str, &str)>,
+) -> Result<NodeClient<tonic::transport::Channel>, String> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    let read = |name: &str| std::fs::read(fixture(name)).unwrap();
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.crt")))
+        .domain_name(kinesin_proto::tls::SERVER_NAME);
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(read(cert), read(key)));
+    }
+    let channel = Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(NodeClient::new(channel))
+}
+
+/// With internal TLS, nodes join, elect and replicate over mutual TLS, and
+/// the internal port serves only callers holding a certificate of the
+/// cluster's CA: plaintext, no client certificate and a certificate of
+/// another CA are all refused before any request is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_internal_port_serves_only_certificates_of_the_cluster_ca() {
+    let options = kinesin_testkit::TestOptions {
+        internal_tls: Some([fixture("ca.crt"), fixture("node.crt"), fixture("node.key")]),
+        ..Default::default()
+    };
+    let cluster = TestCluster::start_with(3, options).await.unwrap();
+    cluster.create_stream("over-tls", 2).await.unwrap();
+    let node = cluster.node(2);
+    // One record for each node's shards at least: some are forwarded.
+    let records = (0..16)
+        .map(|i| RecordIn {
+            partition_key: format!("k{i}"),
+            data: b"hello".to_vec(),
+            explicit_hash_key: None,
+        })
+        .collect();
+    let outcomes = node.router.put_records("over-tls", records).await.unwrap();
+    assert!(outcomes
+        .iter()
+        .all(|o| matches!(o, AppendOutcome::Stored { .. })));
+    let addr = node.config.grpc_address();
+
+    let join = || pb::JoinRequest {
+        node_id: 9,
+        raft_addr: "127.0.0.1:1".into(),
+        api_addr: "127.0.0.1:1".into(),
+        zone: String::new(),
+        cluster_id: String::new(),
+    };
+    let plaintext = NodeClient::connect(format!("http://{addr}")).await;
+    if let Ok(mut c) = plaintext {
+        let refused = c.join(join()).await.expect_err("a plaintext join");
+        assert_ne!(refused.code(), Code::Ok);
+    }
+    for identity in [None, Some(("rogue.crt", "rogue.key"))] {
+        if let Ok(mut c) = tls_client(&addr, identity).await {
+            let refused = c
+                .join(join())
+                .await
+                .expect_err("a join without a cluster certificate");
+            // TLS 1.3 checks the client certificate after the handshake:
+            // the first request meets the server's alert.
+            let why = format!("{refused:?}");
+            assert!(why.contains("fatal alert"), "{identity:?}: {why}");
+        }
+    }
+    assert!(!cluster.node(1).meta.state().nodes.contains_key(&NodeId(9)));
+
+    let mut member = tls_client(&addr, Some(("node.crt", "node.key")))
+        .await
+        .unwrap();
+    let info = member
+        .cluster_info(pb::ClusterInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!info.cluster_id.is_empty());
     cluster.shutdown().await;
 }

@@ -8,6 +8,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use kinesin_proto::tls::Dialer;
 use kinesin_proto::v1::raft_transport_server::{RaftTransport, RaftTransportServer};
 use kinesin_proto::v1::{
     RaftFrame, RaftMessage, RaftMessageKind, SnapshotChunk as WireChunk, SnapshotReply,
@@ -191,12 +192,19 @@ pub struct RaftHost {
 }
 
 impl RaftHost {
-    pub fn new(node_id: NodeId, storage: Storage, filter: Arc<dyn TransportFilter>) -> Self {
+    /// `dialer` says how peers are reached (plaintext or mutual TLS); the
+    /// router's clients reach other nodes the same way.
+    pub fn new(
+        node_id: NodeId,
+        storage: Storage,
+        filter: Arc<dyn TransportFilter>,
+        dialer: Dialer,
+    ) -> Self {
         RaftHost {
             inner: Arc::new(HostInner {
                 node_id,
                 storage,
-                pool: Arc::new(PeerPool::new(node_id.0, filter)),
+                pool: Arc::new(PeerPool::new(node_id.0, filter, dialer)),
                 groups: RwLock::default(),
                 closed: tokio::sync::watch::channel(false).0,
             }),
@@ -205,6 +213,11 @@ impl RaftHost {
 
     pub fn node_id(&self) -> NodeId {
         self.inner.node_id
+    }
+
+    /// How this node dials other nodes' internal port.
+    pub fn dialer(&self) -> &Dialer {
+        self.inner.pool.dialer()
     }
 
     /// The gRPC service that receives Raft traffic for every local group.

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use kinesin_proto::tls::Dialer;
 use kinesin_proto::v1::raft_transport_client::RaftTransportClient;
 use kinesin_proto::v1::{RaftFrame, RaftMessage, RaftMessageKind, SnapshotChunk as WireChunk};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
@@ -24,7 +25,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::state_machine::{GroupSnapshot, SnapshotChunk};
 use crate::types::{decode, encode, Snapshot, SnapshotMeta, TypeConfig, Vote};
@@ -86,9 +87,9 @@ impl Peer {
     /// Fails (rather than panics) on an address that is not a valid
     /// authority: one could only have come from before addresses were
     /// checked at Join, and the node is then simply unreachable.
-    fn start(addr: String) -> Result<Arc<Peer>, String> {
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| format!("peer address {addr:?} is not usable: {e}"))?
+    fn start(addr: String, dialer: &Dialer) -> Result<Arc<Peer>, String> {
+        let endpoint = dialer
+            .endpoint(&addr)?
             .connect_timeout(Duration::from_secs(2))
             .http2_keep_alive_interval(Duration::from_secs(2))
             .keep_alive_timeout(Duration::from_secs(4))
@@ -228,15 +229,21 @@ pub(crate) struct PeerPool {
     local: u64,
     peers: Mutex<HashMap<u64, Arc<Peer>>>,
     filter: Arc<dyn TransportFilter>,
+    dialer: Dialer,
 }
 
 impl PeerPool {
-    pub(crate) fn new(local: u64, filter: Arc<dyn TransportFilter>) -> Self {
+    pub(crate) fn new(local: u64, filter: Arc<dyn TransportFilter>, dialer: Dialer) -> Self {
         PeerPool {
             local,
             peers: Mutex::default(),
             filter,
+            dialer,
         }
+    }
+
+    pub(crate) fn dialer(&self) -> &Dialer {
+        &self.dialer
     }
 
     fn peer(&self, target: u64, addr: &str) -> Result<Arc<Peer>, String> {
@@ -244,7 +251,7 @@ impl PeerPool {
         match peers.get(&target) {
             Some(p) if p.addr == addr => Ok(p.clone()),
             _ => {
-                let p = Peer::start(addr.to_string())?;
+                let p = Peer::start(addr.to_string(), &self.dialer)?;
                 peers.insert(target, p.clone());
                 Ok(p)
             }

@@ -1,27 +1,36 @@
 //! gRPC clients of other nodes, one lazily connected channel per address.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use kinesin_proto::tls::Dialer;
 use kinesin_proto::v1::node_client::NodeClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use kinesin_proto::MAX_MESSAGE_BYTES;
 
-#[derive(Default)]
 pub(crate) struct NodeClients {
+    dialer: Dialer,
     channels: Mutex<HashMap<String, Channel>>,
 }
 
 impl NodeClients {
+    pub(crate) fn new(dialer: Dialer) -> NodeClients {
+        NodeClients {
+            dialer,
+            channels: Mutex::default(),
+        }
+    }
+
     pub(crate) fn get(&self, addr: &str) -> Result<NodeClient<Channel>, String> {
-        let mut channels = self.channels.lock().expect("clients lock");
+        let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
         let channel = match channels.get(addr) {
             Some(c) => c.clone(),
             None => {
-                let c = Endpoint::from_shared(format!("http://{addr}"))
-                    .map_err(|e| format!("bad node address {addr}: {e}"))?
+                let c = self
+                    .dialer
+                    .endpoint(addr)?
                     .connect_timeout(Duration::from_secs(2))
                     .tcp_nodelay(true)
                     .connect_lazy();

@@ -144,11 +144,12 @@ impl Router {
         shards: Arc<LocalShards>,
         config: RouterConfig,
     ) -> Self {
+        let clients = NodeClients::new(host.dialer().clone());
         Router {
             host,
             meta,
             shards,
-            clients: NodeClients::default(),
+            clients,
             leaders: Mutex::default(),
             liveness: Liveness::default(),
             throttle: Throttle::new(config.shard_limits),
@@ -404,7 +405,12 @@ pub(crate) mod tests {
         let storage =
             kinesin_storage::Storage::open(dir, kinesin_storage::FsyncPolicy::NeverUnsafe)
                 .expect("open storage");
-        let host = RaftHost::new(NodeId(1), storage.clone(), Arc::new(kinesin_raft::NoFilter));
+        let host = RaftHost::new(
+            NodeId(1),
+            storage.clone(),
+            Arc::new(kinesin_raft::NoFilter),
+            kinesin_proto::tls::Dialer::plaintext(),
+        );
         let meta = Arc::new(MetaStateMachine::open(storage).expect("meta state machine"));
         Router::new(
             host,

@@ -17,7 +17,6 @@ use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use kinesin_proto::v1::node_client::NodeClient;
 use kinesin_proto::v1::{self as pb};
-use tonic::transport::Endpoint;
 
 use crate::output::outln;
 
@@ -258,8 +257,10 @@ impl AwsClient {
 async fn ensure_stream(args: &ProduceArgs) -> anyhow::Result<()> {
     match args.protocol {
         Protocol::Grpc => {
-            let channel =
-                Endpoint::from_shared(format!("http://{}", args.endpoints[0]))?.connect_lazy();
+            let channel = crate::cli::dialer()?
+                .endpoint(&args.endpoints[0])
+                .map_err(anyhow::Error::msg)?
+                .connect_lazy();
             let created = NodeClient::new(channel)
                 .create_stream(pb::CreateStreamRequest {
                     stream: args.stream.clone(),
@@ -331,11 +332,14 @@ async fn warm_up(sender: &mut Sender, stream: &str) -> anyhow::Result<()> {
 
 pub async fn produce(args: ProduceArgs) -> anyhow::Result<()> {
     ensure_stream(&args).await?;
+    let dialer = crate::cli::dialer()?;
     let channels = args
         .endpoints
         .iter()
         .map(|e| {
-            Ok(Endpoint::from_shared(format!("http://{e}"))?
+            Ok(dialer
+                .endpoint(e)
+                .map_err(anyhow::Error::msg)?
                 .tcp_nodelay(true)
                 .connect_lazy())
         })

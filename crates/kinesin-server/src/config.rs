@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use kinesin_proto::tls::InternalTls;
 use serde::{Deserialize, Serialize};
 
 /// Everything a node needs to run. Field docs are the reference; see
@@ -52,6 +53,18 @@ pub struct Config {
     pub tls_key_file: Option<PathBuf>,
     /// Region named in ARNs of the AWS API.
     pub region: String,
+    /// Mutual TLS on the internal gRPC port (Raft, the native API, the
+    /// CLI's admin calls): PEM files of the cluster CA, and of this node's
+    /// certificate and key. The certificate must be signed by that CA, name
+    /// the DNS name `kinesin-node`, and allow both server and client use;
+    /// every node may share one. All three, or `insecure_internal`.
+    pub internal_tls_ca_file: Option<PathBuf>,
+    pub internal_tls_cert_file: Option<PathBuf>,
+    pub internal_tls_key_file: Option<PathBuf>,
+    /// Plaintext internal gRPC without authentication: anyone who reaches
+    /// `listen_grpc` can change the cluster. `kinesin dev` sets it on
+    /// loopback; anything else must say so explicitly.
+    pub insecure_internal: bool,
     /// Access keys the AWS API accepts (SigV4). None: development mode, any
     /// credentials are accepted, and the node says so at start-up. A node
     /// without credentials starts only when its API listens on loopback or
@@ -138,6 +151,10 @@ impl Default for Config {
             tls_key_file: None,
             region: "us-east-1".into(),
             credentials: Vec::new(),
+            internal_tls_ca_file: None,
+            internal_tls_cert_file: None,
+            internal_tls_key_file: None,
+            insecure_internal: false,
             auth: AuthSetting::Sigv4,
             home_account: None,
             s3_endpoint: None,
@@ -199,6 +216,21 @@ impl Config {
 
     pub fn admin_address(&self) -> String {
         advertise(self.listen_admin)
+    }
+
+    /// The internal port's certificates, read and checked; None when it is
+    /// plaintext (`insecure_internal`).
+    pub fn internal_tls(&self) -> Result<Option<InternalTls>, ConfigError> {
+        match (
+            &self.internal_tls_ca_file,
+            &self.internal_tls_cert_file,
+            &self.internal_tls_key_file,
+        ) {
+            (Some(ca), Some(cert), Some(key)) => InternalTls::load(ca, cert, key)
+                .map(Some)
+                .map_err(ConfigError::Invalid),
+            _ => Ok(None),
+        }
     }
 
     /// The account that owns the streams named without an account
@@ -308,6 +340,35 @@ impl Config {
         if self.region.is_empty() || self.shard_limit == 0 {
             return bad("region must not be empty and shard_limit must be positive".into());
         }
+        let ports = [self.listen_api, self.listen_grpc, self.listen_admin];
+        let clash = |a: std::net::SocketAddr, b: std::net::SocketAddr| a == b && a.port() != 0;
+        if clash(ports[0], ports[1]) || clash(ports[1], ports[2]) || clash(ports[0], ports[2]) {
+            return bad("listen_api, listen_grpc and listen_admin must differ".into());
+        }
+        let tls_files = [
+            &self.internal_tls_ca_file,
+            &self.internal_tls_cert_file,
+            &self.internal_tls_key_file,
+        ];
+        match (tls_files.iter().filter(|f| f.is_some()).count(), self.insecure_internal) {
+            (0, false) => {
+                return bad(
+                    "the internal gRPC port needs internal_tls_ca_file, internal_tls_cert_file and \
+                     internal_tls_key_file (mutual TLS), or insecure_internal = true \
+                     (--insecure-internal) to accept anyone who reaches it"
+                        .into(),
+                )
+            }
+            (0, true) | (3, false) => {}
+            (3, true) => {
+                return bad("insecure_internal = true and internal TLS files: pick one".into())
+            }
+            _ => {
+                return bad(
+                    "internal_tls_ca_file, internal_tls_cert_file and internal_tls_key_file must be set together".into(),
+                )
+            }
+        }
         match self.auth {
             AuthSetting::None if !self.credentials.is_empty() => {
                 return bad(
@@ -325,11 +386,6 @@ impl Config {
                 ));
             }
             _ => {}
-        }
-        let ports = [self.listen_api, self.listen_grpc, self.listen_admin];
-        let clash = |a: std::net::SocketAddr, b: std::net::SocketAddr| a == b && a.port() != 0;
-        if clash(ports[0], ports[1]) || clash(ports[1], ports[2]) || clash(ports[0], ports[2]) {
-            return bad("listen_api, listen_grpc and listen_admin must differ".into());
         }
         Ok(())
     }
@@ -400,6 +456,7 @@ mod tests {
                 credential("A", "111111111111"),
                 credential("B", "222222222222"),
             ],
+            insecure_internal: true,
             ..Config::default()
         };
         let cases = cases.into_iter().chain([
@@ -429,17 +486,20 @@ mod tests {
     /// accept anyone explicitly.
     #[test]
     fn no_credentials_on_an_open_address_needs_auth_none() {
-        let open = Config::default();
+        let open = Config {
+            insecure_internal: true,
+            ..Config::default()
+        };
         let error = open.validate().unwrap_err().to_string();
         assert!(error.contains("--insecure-dev"), "{error}");
         let insecure = Config {
             auth: AuthSetting::None,
-            ..Config::default()
+            ..open.clone()
         };
         assert!(insecure.validate().is_ok());
         let loopback = Config {
             listen_api: "127.0.0.1:7450".parse().unwrap(),
-            ..Config::default()
+            ..open.clone()
         };
         assert!(loopback.validate().is_ok());
         let both = Config {
@@ -449,7 +509,7 @@ mod tests {
                 secret_access_key: "secret".into(),
                 account_id: "123456789012".into(),
             }],
-            ..Config::default()
+            ..open.clone()
         };
         let error = both.validate().unwrap_err().to_string();
         assert!(

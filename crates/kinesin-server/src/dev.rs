@@ -45,6 +45,7 @@ fn node_config(k: u16, n: u16, data_dir: &std::path::Path, s3_endpoint: &str) ->
         replication_factor: usize::from(n.min(3)),
         fsync: FsyncSetting::Always,
         s3_endpoint: Some(s3_endpoint.to_string()),
+        insecure_internal: true,
         ..Config::default()
     }
 }
@@ -87,6 +88,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .arg(c.seeds.join(","))
             .arg("--s3-endpoint")
             .arg(&s3_endpoint)
+            .arg("--insecure-internal")
             .stdin(Stdio::null())
             .kill_on_drop(true);
         children.push(cmd.spawn()?);

@@ -120,6 +120,18 @@ pub struct ServerArgs {
     /// Where Firehose writes objects: an S3 endpoint URL or `file:///dir`.
     #[arg(long, env = "KINESIN_S3_ENDPOINT")]
     s3_endpoint: Option<String>,
+    /// Mutual TLS on the internal gRPC port: the cluster CA, this node's
+    /// certificate and its key (PEM).
+    #[arg(long, env = "KINESIN_INTERNAL_TLS_CA")]
+    internal_tls_ca: Option<PathBuf>,
+    #[arg(long, env = "KINESIN_INTERNAL_TLS_CERT")]
+    internal_tls_cert: Option<PathBuf>,
+    #[arg(long, env = "KINESIN_INTERNAL_TLS_KEY")]
+    internal_tls_key: Option<PathBuf>,
+    /// Plaintext internal gRPC without authentication (`insecure_internal =
+    /// true`): anyone who reaches the port can change the cluster.
+    #[arg(long, env = "KINESIN_INSECURE_INTERNAL")]
+    insecure_internal: bool,
     /// Accept any request without credentials, on any address (`auth =
     /// "none"`): for a development machine only.
     #[arg(long, env = "KINESIN_INSECURE_DEV")]
@@ -163,6 +175,18 @@ impl ServerArgs {
         }
         if self.insecure_dev {
             c.auth = AuthSetting::None;
+        }
+        if self.insecure_internal {
+            c.insecure_internal = true;
+        }
+        if self.internal_tls_ca.is_some() {
+            c.internal_tls_ca_file = self.internal_tls_ca;
+        }
+        if self.internal_tls_cert.is_some() {
+            c.internal_tls_cert_file = self.internal_tls_cert;
+        }
+        if self.internal_tls_key.is_some() {
+            c.internal_tls_key_file = self.internal_tls_key;
         }
         c.validate().map_err(|e| e.to_string())?;
         Ok(c)
@@ -226,6 +250,10 @@ fn main() -> ExitCode {
                 }
             };
             if check {
+                if let Err(e) = config.internal_tls() {
+                    eprintln!("kinesin: {e}");
+                    return ExitCode::from(2);
+                }
                 println!(
                     "configuration valid: node {}, data in {}, {} access key(s)",
                     config.node_id,

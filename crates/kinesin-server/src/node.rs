@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use kinesin_meta::{MetaCommand, MetaStateMachine, NodeInfo, NodeState};
+use kinesin_proto::tls::{Dialer, InternalTls};
 use kinesin_proto::v1::node_client::NodeClient;
 use kinesin_proto::v1::{ClusterInfoRequest, JoinRequest};
 use kinesin_raft::{GroupKinds, RaftHost, Role, TimingProfile, TransportFilter};
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tonic::transport::Channel;
 
 use crate::config::{Config, FsyncSetting};
 use crate::{admin, controller, failover, reconcile};
@@ -131,7 +133,11 @@ impl Node {
             }
         }
         let node_id = NodeId(config.node_id);
-        let host = RaftHost::new(node_id, storage.clone(), filter);
+        let internal_tls = config.internal_tls()?;
+        let dialer = internal_tls
+            .clone()
+            .map_or_else(Dialer::plaintext, Dialer::tls);
+        let host = RaftHost::new(node_id, storage.clone(), filter, dialer);
         let meta = Arc::new(MetaStateMachine::open(storage.clone())?);
         if let Some(id) = identity
             .as_mut()
@@ -183,6 +189,7 @@ impl Node {
         let api_listener = bind(&mut config.listen_api, "api").await?;
         tasks.push(tokio::spawn(serve_grpc(
             grpc_listener,
+            internal_tls,
             host.clone(),
             router.clone(),
             stop_rx.clone(),
@@ -333,7 +340,7 @@ impl Node {
                     zone: me.zone.clone(),
                     cluster_id: String::new(),
                 };
-                match join_via(seed, request).await {
+                match join_via(self.host.dialer(), seed, request).await {
                     Ok(cluster_id) => {
                         save_identity(
                             &self.storage,
@@ -368,12 +375,7 @@ impl Node {
             if seed == &self.config.grpc_address() {
                 continue;
             }
-            if let Ok(Ok(mut client)) = tokio::time::timeout(
-                Duration::from_secs(3),
-                NodeClient::connect(format!("http://{seed}")),
-            )
-            .await
-            {
+            if let Ok(mut client) = connect_node(self.host.dialer(), seed).await {
                 if let Ok(info) = client.cluster_info(ClusterInfoRequest {}).await {
                     let theirs = info.into_inner().cluster_id;
                     if !theirs.is_empty() && theirs != identity.cluster_id {
@@ -465,14 +467,18 @@ enum JoinError {
     Refused(String),
 }
 
-async fn join_via(seed: &str, request: JoinRequest) -> Result<String, JoinError> {
-    let mut client = tokio::time::timeout(
-        Duration::from_secs(3),
-        NodeClient::connect(format!("http://{seed}")),
-    )
-    .await
-    .map_err(|_| JoinError::Retry("connect timed out".to_string()))?
-    .map_err(|e| JoinError::Retry(e.to_string()))?;
+/// A connection to `addr`'s internal port, or why there is none (in 3 s).
+async fn connect_node(dialer: &Dialer, addr: &str) -> Result<NodeClient<Channel>, String> {
+    let endpoint = dialer.endpoint(addr)?;
+    let channel = tokio::time::timeout(Duration::from_secs(3), endpoint.connect())
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))?;
+    Ok(NodeClient::new(channel))
+}
+
+async fn join_via(dialer: &Dialer, seed: &str, request: JoinRequest) -> Result<String, JoinError> {
+    let mut client = connect_node(dialer, seed).await.map_err(JoinError::Retry)?;
     let response = tokio::time::timeout(Duration::from_secs(15), client.join(request))
         .await
         .map_err(|_| JoinError::Retry("join timed out".to_string()))?
@@ -493,11 +499,22 @@ fn grpc_incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming
 
 async fn serve_grpc(
     listener: TcpListener,
+    tls: Option<InternalTls>,
     host: RaftHost,
     router: Arc<Router>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let result = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = match server.tls_config(tls.server_config()) {
+            Ok(server) => server,
+            Err(e) => {
+                tracing::error!(error = %e, "internal TLS configuration refused: the gRPC port stays closed");
+                return;
+            }
+        };
+    }
+    let result = server
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .add_service(host.service())
         .add_service(kinesin_router::NodeService::server(router))

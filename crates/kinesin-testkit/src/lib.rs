@@ -65,6 +65,9 @@ pub struct TestOptions {
     pub fsync: FsyncSetting,
     /// Seconds an unreachable node keeps its replicas.
     pub repair_after_secs: u64,
+    /// Mutual TLS on the internal port: the CA, certificate and key files
+    /// every node uses. None: plaintext (`insecure_internal`).
+    pub internal_tls: Option<[PathBuf; 3]>,
 }
 
 impl Default for TestOptions {
@@ -85,6 +88,7 @@ impl Default for TestOptions {
             },
             fsync: FsyncSetting::Always,
             repair_after_secs: 3600,
+            internal_tls: None,
         }
     }
 }
@@ -150,8 +154,14 @@ impl TestCluster {
                 replication_factor: n.min(3),
                 fsync: cluster.options.fsync,
                 repair_after_secs: cluster.options.repair_after_secs,
+                insecure_internal: cluster.options.internal_tls.is_none(),
                 ..Config::default()
             };
+            if let Some([ca, cert, key]) = cluster.options.internal_tls.clone() {
+                config.internal_tls_ca_file = Some(ca);
+                config.internal_tls_cert_file = Some(cert);
+                config.internal_tls_key_file = Some(key);
+            }
             if i > 0 {
                 config.seeds = vec![cluster.configs[0].grpc_address()];
             }

@@ -3,6 +3,7 @@
 //! for scripts; exit status 1 on any error, 3 when `cluster health` finds a
 //! problem.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -10,6 +11,7 @@ use clap::Args;
 
 use crate::output::outln;
 use crate::profile::{self, Profile};
+use kinesin_proto::tls::{Dialer, InternalTls};
 use kinesin_proto::v1::node_client::NodeClient;
 use tonic::transport::Channel;
 
@@ -77,15 +79,36 @@ impl Api {
 const ENDPOINT_HINT: &str =
     " (--endpoint takes a node's gRPC address, host:port or http://host:port; default 127.0.0.1:7451)";
 
+/// How the CLI dials a node's internal port: with mutual TLS when
+/// KINESIN_INTERNAL_TLS_CA, _CERT and _KEY name the cluster CA and a
+/// certificate of it (the variables a node of a TLS cluster has, so the CLI
+/// works inside its pod), else plaintext.
+pub(crate) fn dialer() -> anyhow::Result<Dialer> {
+    let var = |name: &str| std::env::var_os(name).map(PathBuf::from);
+    match (
+        var("KINESIN_INTERNAL_TLS_CA"),
+        var("KINESIN_INTERNAL_TLS_CERT"),
+        var("KINESIN_INTERNAL_TLS_KEY"),
+    ) {
+        (None, None, None) => Ok(Dialer::plaintext()),
+        (Some(ca), Some(cert), Some(key)) => InternalTls::load(&ca, &cert, &key)
+            .map(Dialer::tls)
+            .map_err(|e| anyhow::anyhow!(e)),
+        _ => anyhow::bail!(
+            "KINESIN_INTERNAL_TLS_CA, KINESIN_INTERNAL_TLS_CERT and KINESIN_INTERNAL_TLS_KEY must be set together"
+        ),
+    }
+}
+
 async fn connect_to(address: &str) -> anyhow::Result<NodeClient<Channel>> {
-    let client = tokio::time::timeout(
-        Duration::from_secs(5),
-        NodeClient::connect(format!("http://{address}")),
-    )
-    .await
-    .with_context(|| format!("connecting to {address} timed out after 5 s{ENDPOINT_HINT}"))?
-    .with_context(|| format!("cannot connect to {address}{ENDPOINT_HINT}"))?;
-    Ok(client
+    let endpoint = dialer()?
+        .endpoint(address)
+        .map_err(|e| anyhow::anyhow!("{e}{ENDPOINT_HINT}"))?;
+    let channel = tokio::time::timeout(Duration::from_secs(5), endpoint.connect())
+        .await
+        .with_context(|| format!("connecting to {address} timed out after 5 s{ENDPOINT_HINT}"))?
+        .with_context(|| format!("cannot connect to {address}{ENDPOINT_HINT}"))?;
+    Ok(NodeClient::new(channel)
         .max_decoding_message_size(kinesin_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(kinesin_proto::MAX_MESSAGE_BYTES))
 }
@@ -100,7 +123,20 @@ async fn connect(e: &Endpoint) -> anyhow::Result<NodeClient<Channel>> {
 pub struct Unhealthy;
 
 fn status(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", s.message())
+    // A connection that failed below gRPC (TLS refused, reset): say what.
+    let mut cause = String::new();
+    let mut source = std::error::Error::source(&s);
+    while let Some(e) = source {
+        cause = format!(": {e}");
+        source = e.source();
+    }
+    if cause.is_empty() {
+        return anyhow::anyhow!("{}", s.message());
+    }
+    anyhow::anyhow!(
+        "{}{cause} (a cluster with internal TLS needs KINESIN_INTERNAL_TLS_CA, _CERT and _KEY naming its CA and a certificate of it)",
+        s.message()
+    )
 }
 
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {

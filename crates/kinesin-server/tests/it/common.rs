@@ -42,6 +42,7 @@ impl Proc {
             format!("127.0.0.1:{}", free_port()),
             "--replication-factor".into(),
             "3".into(),
+            "--insecure-internal".into(),
         ];
         if let Some(seed) = seed {
             args.push("--seeds".into());

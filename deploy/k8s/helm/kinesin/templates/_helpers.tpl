@@ -51,6 +51,23 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
+{{/* The Secret with the internal port's ca.crt, tls.crt and tls.key; empty
+when the port is plaintext (internalTls.insecure). */}}
+{{- define "kinesin.internalTlsSecret" -}}
+{{- if not .Values.internalTls.insecure -}}
+{{- .Values.internalTls.existingSecret | default (printf "%s-internal-tls" (include "kinesin.fullname" .)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Environment that points the server and the CLI at those files. */}}
+{{- define "kinesin.internalTlsEnv" -}}
+{{- if include "kinesin.internalTlsSecret" . }}
+- {name: KINESIN_INTERNAL_TLS_CA, value: /etc/kinesin/internal-tls/ca.crt}
+- {name: KINESIN_INTERNAL_TLS_CERT, value: /etc/kinesin/internal-tls/tls.crt}
+- {name: KINESIN_INTERNAL_TLS_KEY, value: /etc/kinesin/internal-tls/tls.key}
+{{- end }}
+{{- end -}}
+
 {{- define "kinesin.credentialsSecret" -}}
 {{- if .Values.auth.existingSecret -}}
 {{- .Values.auth.existingSecret -}}
