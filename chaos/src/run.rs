@@ -87,6 +87,32 @@ const PRODUCERS: u32 = 4;
 const READERS: u32 = 2;
 const LIVENESS_BOUND: Duration = Duration::from_secs(60);
 
+/// Waits until no node serves an AWS API request (its
+/// `kinesin_api_requests_in_flight` is 0), within `bound`.
+async fn wait_requests_settled(nodes: &[u32], bound: Duration) -> anyhow::Result<()> {
+    let start = Instant::now();
+    for &n in nodes {
+        loop {
+            if let Ok((200, body)) =
+                get(&Cluster::admin_url(n), "/metrics", Duration::from_secs(2)).await
+            {
+                let in_flight = body
+                    .lines()
+                    .find_map(|l| l.strip_prefix("kinesin_api_requests_in_flight "))
+                    .and_then(|v| v.trim().parse::<f64>().ok());
+                if in_flight == Some(0.0) {
+                    break;
+                }
+            }
+            if start.elapsed() > bound {
+                bail!("node {n} still serves requests after {bound:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
 pub async fn wait_ready(nodes: &[u32], bound: Duration) -> anyhow::Result<Duration> {
     let start = Instant::now();
     for &n in nodes {
@@ -369,9 +395,9 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
     for t in std::mem::take(&mut tasks.handles) {
         t.await?;
     }
-    // Appends a client gave up on may still be retried inside the cluster
-    // for the router's 10 s budget: let them settle before the final reads.
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    // Appends a client gave up on may still be retried inside the cluster:
+    // let every node finish the requests it serves before the final reads.
+    wait_requests_settled(&members.list(), Duration::from_secs(60)).await?;
     // Through every member at once: one bound for all of them.
     let mut reads = tokio::task::JoinSet::new();
     for n in members.list() {

@@ -227,7 +227,24 @@ pub async fn serve(
     connections.abort_all();
 }
 
+/// Counts a request in `kinesin_api_requests_in_flight` while it lives.
+struct InFlight;
+
+impl InFlight {
+    fn start() -> InFlight {
+        metrics::gauge!("kinesin_api_requests_in_flight").increment(1.0);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!("kinesin_api_requests_in_flight").decrement(1.0);
+    }
+}
+
 async fn handle(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
+    let _in_flight = InFlight::start();
     let started = Instant::now();
     let (parts, body) = request.into_parts();
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
