@@ -49,9 +49,10 @@ struct Checked<'a> {
 fn check_headers<'a>(
     credentials: &'a [Credential],
     headers: &'a HeaderMap,
-    signing_name: &str,
+    scope: Scope<'_>,
     now: SystemTime,
 ) -> Result<Option<Checked<'a>>, ApiError> {
+    let signing_name = scope.service;
     if credentials.is_empty() {
         return Ok(None);
     }
@@ -81,6 +82,27 @@ fn check_headers<'a>(
             "Credential should be scoped to correct service: '{signing_name}'."
         )));
     }
+    if auth.region != scope.region {
+        return Err(bad_signature(format!(
+            "Credential should be scoped to a valid region, not '{}'. This endpoint serves '{}'.",
+            auth.region, scope.region
+        )));
+    }
+    // What a replayed or altered request could change without breaking the
+    // signature must be signed: where it goes, when it was made and, for
+    // JSON APIs, which operation it is.
+    for (name, shown) in [
+        ("host", "Host"),
+        ("x-amz-date", "X-Amz-Date"),
+        ("x-amz-target", "X-Amz-Target"),
+    ] {
+        let present = name == "host" || headers.contains_key(name);
+        if present && !auth.signed_headers.contains(&name) {
+            return Err(bad_signature(format!(
+                "'{shown}' must be a 'SignedHeader' in the AWS Authorization."
+            )));
+        }
+    }
     let amz_date = header_str(headers, "x-amz-date").ok_or_else(|| {
         incomplete(
             "Authorization header requires existence of either a 'X-Amz-Date' or a 'Date' header.",
@@ -99,6 +121,14 @@ fn check_headers<'a>(
     }))
 }
 
+/// What a signature must be scoped to: the service's signing name and the
+/// region this endpoint serves.
+#[derive(Debug, Clone, Copy)]
+pub struct Scope<'a> {
+    pub service: &'a str,
+    pub region: &'a str,
+}
+
 /// The service a request's credential scope names, if it carries a SigV4
 /// `Authorization` header.
 pub fn signing_service(headers: &HeaderMap) -> Option<&str> {
@@ -111,31 +141,37 @@ pub fn signing_service(headers: &HeaderMap) -> Option<&str> {
 pub fn precheck(
     credentials: &[Credential],
     headers: &HeaderMap,
-    signing_name: &str,
+    scope: Scope<'_>,
     now: SystemTime,
 ) -> Result<(), ApiError> {
-    check_headers(credentials, headers, signing_name, now).map(|_| ())
+    check_headers(credentials, headers, scope, now).map(|_| ())
 }
 
 /// Verifies the request's SigV4 signature against `credentials` (scoped to
-/// `signing_name`) and returns the account id of the signing key. With no
+/// `scope`) and returns the account id of the signing key. With no
 /// credentials configured any request is accepted (development mode).
 pub fn authenticate(
     credentials: &[Credential],
     req: &SignedRequest<'_>,
-    signing_name: &str,
+    scope: Scope<'_>,
     now: SystemTime,
 ) -> Result<String, ApiError> {
     let Some(Checked {
         auth,
         credential,
         amz_date,
-    }) = check_headers(credentials, req.headers, signing_name, now)?
+    }) = check_headers(credentials, req.headers, scope, now)?
     else {
         return Ok(DEV_ACCOUNT_ID.to_string());
     };
     let payload_hash = match header_str(req.headers, "x-amz-content-sha256") {
-        Some("UNSIGNED-PAYLOAD") => "UNSIGNED-PAYLOAD".to_string(),
+        // Only presigned URLs may leave the body unsigned, and this API
+        // takes none: the body is what the request does.
+        Some("UNSIGNED-PAYLOAD") => {
+            return Err(bad_signature(
+                "UNSIGNED-PAYLOAD is not accepted: sign the request body.",
+            ))
+        }
         Some(claimed) => {
             let actual = hex::encode(Sha256::digest(req.body));
             if !claimed.eq_ignore_ascii_case(&actual) {
@@ -484,6 +520,13 @@ mod tests {
     use super::*;
     use axum::http::HeaderValue;
 
+    fn scope(service: &str) -> Scope<'_> {
+        Scope {
+            service,
+            region: "us-east-1",
+        }
+    }
+
     /// The "get-vanilla" case of AWS's published SigV4 test suite.
     #[test]
     fn verifies_the_aws_test_suite_vanilla_request() {
@@ -512,13 +555,13 @@ mod tests {
         };
         let at = parse_amz_date("20150830T123600Z").unwrap();
         assert_eq!(
-            authenticate(&creds, &req, "service", at).unwrap(),
+            authenticate(&creds, &req, scope("service"), at).unwrap(),
             "123456789012".to_string()
         );
 
         let later = at + Duration::from_secs(3600);
         assert_eq!(
-            authenticate(&creds, &req, "service", later)
+            authenticate(&creds, &req, scope("service"), later)
                 .unwrap_err()
                 .name,
             "InvalidSignatureException"
@@ -530,7 +573,9 @@ mod tests {
             ..req
         };
         assert_eq!(
-            authenticate(&creds, &req, "service", at).unwrap_err().name,
+            authenticate(&creds, &req, scope("service"), at)
+                .unwrap_err()
+                .name,
             "InvalidSignatureException"
         );
     }
@@ -552,7 +597,9 @@ mod tests {
         };
         let now = SystemTime::now();
         assert_eq!(
-            authenticate(&creds, &req, "kinesis", now).unwrap_err().name,
+            authenticate(&creds, &req, scope("kinesis"), now)
+                .unwrap_err()
+                .name,
             "MissingAuthenticationTokenException"
         );
         headers.insert(
@@ -569,11 +616,13 @@ mod tests {
             body: b"{}",
         };
         assert_eq!(
-            authenticate(&creds, &req, "kinesis", now).unwrap_err().name,
+            authenticate(&creds, &req, scope("kinesis"), now)
+                .unwrap_err()
+                .name,
             "UnrecognizedClientException"
         );
         assert_eq!(
-            authenticate(&[], &req, "kinesis", now).unwrap(),
+            authenticate(&[], &req, scope("kinesis"), now).unwrap(),
             DEV_ACCOUNT_ID
         );
     }
@@ -609,18 +658,18 @@ mod tests {
             body: b"{}",
         };
         assert_eq!(
-            authenticate(&creds, &signed, "kinesis", now).unwrap(),
+            authenticate(&creds, &signed, scope("kinesis"), now).unwrap(),
             "123456789012"
         );
         let tampered = SignedRequest {
             body: b"{ }",
             ..signed
         };
-        assert!(authenticate(&creds, &tampered, "kinesis", now).is_err());
-        let other_service = authenticate(&creds, &signed, "firehose", now).unwrap_err();
+        assert!(authenticate(&creds, &tampered, scope("kinesis"), now).is_err());
+        let other_service = authenticate(&creds, &signed, scope("firehose"), now).unwrap_err();
         assert_eq!(other_service.name, "InvalidSignatureException");
         assert!(other_service.message.contains("'firehose'"));
-        assert!(precheck(&creds, &headers, "kinesis", now).is_ok());
+        assert!(precheck(&creds, &headers, scope("kinesis"), now).is_ok());
         let mut unknown = headers.clone();
         let forged = headers["authorization"]
             .to_str()
@@ -628,8 +677,82 @@ mod tests {
             .replace("AKID", "NOBODY");
         unknown.insert("authorization", HeaderValue::from_str(&forged).unwrap());
         assert_eq!(
-            precheck(&creds, &unknown, "kinesis", now).unwrap_err().name,
+            precheck(&creds, &unknown, scope("kinesis"), now)
+                .unwrap_err()
+                .name,
             "UnrecognizedClientException"
+        );
+    }
+
+    /// A signature for another region, a target added after signing and an
+    /// unsigned body are all refused, each with an error that says which.
+    #[test]
+    fn region_signed_headers_and_body_hash_are_enforced() {
+        let creds = vec![Credential {
+            access_key_id: "AKID".into(),
+            secret_access_key: "secret".into(),
+            account_id: "123456789012".into(),
+        }];
+        let uri: Uri = "/".parse().unwrap();
+        let now = SystemTime::now();
+        let signed_for = |region: &str, headers: &HeaderMap| {
+            let req = SignedRequest {
+                method: &Method::POST,
+                uri: &uri,
+                headers,
+                body: b"{}",
+            };
+            let mut signed = headers.clone();
+            for (name, value) in sign(("AKID", "secret"), region, "kinesis", &req, now) {
+                signed.insert(name, HeaderValue::from_str(&value).unwrap());
+            }
+            signed
+        };
+        let check = |headers: &HeaderMap| {
+            let req = SignedRequest {
+                method: &Method::POST,
+                uri: &uri,
+                headers,
+                body: b"{}",
+            };
+            authenticate(&creds, &req, scope("kinesis"), now)
+        };
+        let mut base = HeaderMap::new();
+        base.insert("host", HeaderValue::from_static("127.0.0.1:7450"));
+        assert!(check(&signed_for("us-east-1", &base)).is_ok());
+
+        let elsewhere = check(&signed_for("eu-west-1", &base)).unwrap_err();
+        assert_eq!(elsewhere.name, "InvalidSignatureException");
+        assert!(
+            elsewhere.message.contains("'eu-west-1'"),
+            "{}",
+            elsewhere.message
+        );
+
+        let mut retargeted = signed_for("us-east-1", &base);
+        retargeted.insert(
+            "x-amz-target",
+            HeaderValue::from_static("Kinesis_20131202.DeleteStream"),
+        );
+        let unsigned_target = check(&retargeted).unwrap_err();
+        assert!(
+            unsigned_target
+                .message
+                .contains("'X-Amz-Target' must be a 'SignedHeader'"),
+            "{}",
+            unsigned_target.message
+        );
+
+        let mut unsigned_body = base.clone();
+        unsigned_body.insert(
+            "x-amz-content-sha256",
+            HeaderValue::from_static("UNSIGNED-PAYLOAD"),
+        );
+        let refused = check(&signed_for("us-east-1", &unsigned_body)).unwrap_err();
+        assert!(
+            refused.message.contains("UNSIGNED-PAYLOAD"),
+            "{}",
+            refused.message
         );
     }
 

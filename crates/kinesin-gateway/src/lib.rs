@@ -271,7 +271,10 @@ async fn handle(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
         if let Err(e) = auth::precheck(
             &gw.config.credentials,
             &parts.headers,
-            service.signing_name,
+            auth::Scope {
+                service: service.signing_name,
+                region: &gw.config.region,
+            },
             kinesin_router::wall_clock(),
         ) {
             drain_small(body).await;
@@ -304,7 +307,10 @@ async fn handle(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
         let account = auth::authenticate(
             &gw.config.credentials,
             &request,
-            service.signing_name,
+            auth::Scope {
+                service: service.signing_name,
+                region: &gw.config.region,
+            },
             kinesin_router::wall_clock(),
         )?;
         let decoded = protocol.decode(&body)?;

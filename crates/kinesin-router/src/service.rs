@@ -20,6 +20,8 @@ use kinesin_proto::MAX_MESSAGE_BYTES;
 use kinesin_storage::data_version::DATA_VERSION;
 /// Reads return at most this much unless asked for less (as Kinesis).
 const MAX_READ_BYTES: usize = 10 << 20;
+/// And at most this many records (GetRecords' Limit).
+const MAX_READ_RECORDS: u32 = 10_000;
 
 pub struct NodeService {
     router: Arc<Router>,
@@ -401,7 +403,7 @@ impl Node for NodeService {
         let limit = if r.limit == 0 {
             10_000
         } else {
-            r.limit.min(10_000) as usize
+            r.limit.min(MAX_READ_RECORDS) as usize
         };
         let batch = self
             .router
@@ -493,10 +495,11 @@ impl Node for NodeService {
     ) -> Result<Response<pb::ShardReadResponse>, Status> {
         let r = request.into_inner();
         let start = decode_start(r.from, &r.sequence_number, r.timestamp_ms)?;
+        // Bounded as the public reads are, whatever the wire asks for.
         let max_bytes = if r.max_bytes == 0 {
             MAX_READ_BYTES
         } else {
-            r.max_bytes as usize
+            (r.max_bytes as usize).min(MAX_READ_BYTES)
         };
         let batch = self
             .router
@@ -504,7 +507,7 @@ impl Node for NodeService {
                 GroupId(r.group),
                 ReadRequest {
                     start,
-                    limit: r.limit.max(1) as usize,
+                    limit: r.limit.clamp(1, MAX_READ_RECORDS) as usize,
                     max_bytes,
                     wait: Duration::from_millis(u64::from(r.wait_ms)),
                 },
