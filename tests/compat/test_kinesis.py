@@ -700,6 +700,36 @@ def test_enhanced_fan_out(cluster, kinesis, stream_name):
     kinesis.delete_stream(StreamName=stream_name)
 
 
+def test_a_consumer_has_one_subscription_per_shard(kinesis, stream_name):
+    """As AWS: a second SubscribeToShard of a consumer and shard within 5 s of
+    the first is refused; a later one takes over and the first stream ends
+    with ResourceInUseException."""
+    create_and_wait(kinesis, stream_name, shards=1)
+    arn = kinesis.describe_stream_summary(StreamName=stream_name)["StreamDescriptionSummary"]["StreamARN"]
+    consumer = kinesis.register_stream_consumer(StreamARN=arn, ConsumerName="single")["Consumer"]
+    sub = dict(ConsumerARN=consumer["ConsumerARN"], ShardId="shardId-000000000000", StartingPosition={"Type": "LATEST"})
+    first = kinesis.subscribe_to_shard(**sub)["EventStream"]
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        kinesis.subscribe_to_shard(**sub)
+    assert error_code(e) == "ResourceInUseException"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            second = kinesis.subscribe_to_shard(**sub)["EventStream"]
+            break
+        except botocore.exceptions.ClientError as err:
+            assert err.response["Error"]["Code"] == "ResourceInUseException", err
+            assert time.monotonic() < deadline, "no takeover 5 s after the first subscription"
+            time.sleep(0.2)
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        for _ in first:
+            pass
+    assert error_code(e) == "ResourceInUseException"
+    second.close()
+    kinesis.deregister_stream_consumer(ConsumerARN=consumer["ConsumerARN"])
+    kinesis.delete_stream(StreamName=stream_name, EnforceConsumerDeletion=True)
+
+
 @pytest.mark.parametrize("protocol", ["aws-json", "grpc"])
 def test_bench_smoke(binary, cluster, stream_name, protocol):
     """`kinesin bench produce` keeps working against a signed cluster."""

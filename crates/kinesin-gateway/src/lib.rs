@@ -21,6 +21,7 @@ mod query;
 mod service;
 mod sqs;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use kinesin_router::Router;
+use kinesin_types::ShardId;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -122,6 +124,86 @@ impl Default for GatewayConfig {
 struct Gateway {
     router: Arc<Router>,
     config: GatewayConfig,
+    subscriptions: Arc<Subscriptions>,
+}
+
+/// This node's live SubscribeToShard streams: one per consumer and shard,
+/// as AWS allows. A second call within [`SUBSCRIPTION_TAKEOVER`] of the
+/// first is refused; a later one takes over and the first stream ends with
+/// ResourceInUseException. Enforced per node: two nodes behind a load
+/// balancer each keep their own.
+#[derive(Default)]
+struct Subscriptions {
+    live: std::sync::Mutex<HashMap<(String, ShardId), Live>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+struct Live {
+    id: u64,
+    started: Instant,
+    taken_over: Arc<tokio::sync::Notify>,
+}
+
+/// A registered subscription; dropping it (the stream ended) frees the slot.
+struct Registration {
+    subscriptions: Arc<Subscriptions>,
+    key: (String, ShardId),
+    id: u64,
+    taken_over: Arc<tokio::sync::Notify>,
+}
+
+impl Subscriptions {
+    fn register(
+        self: &Arc<Self>,
+        consumer: &str,
+        shard: ShardId,
+    ) -> Result<Registration, ApiError> {
+        let key = (consumer.to_string(), shard);
+        let mut live = self
+            .live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(current) = live.get(&key) {
+            if current.started.elapsed() < SUBSCRIPTION_TAKEOVER {
+                return Err(ApiError::in_use(format!(
+                    "Another active subscription exists for this consumer on {shard}; a new one may take it over {} s after it started.",
+                    SUBSCRIPTION_TAKEOVER.as_secs()
+                )));
+            }
+            current.taken_over.notify_one();
+        }
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let taken_over = Arc::new(tokio::sync::Notify::new());
+        live.insert(
+            key.clone(),
+            Live {
+                id,
+                started: Instant::now(),
+                taken_over: taken_over.clone(),
+            },
+        );
+        Ok(Registration {
+            subscriptions: self.clone(),
+            key,
+            id,
+            taken_over,
+        })
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut live = self
+            .subscriptions
+            .live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if live.get(&self.key).is_some_and(|l| l.id == self.id) {
+            live.remove(&self.key);
+        }
+    }
 }
 
 impl Gateway {
@@ -168,7 +250,11 @@ impl Gateway {
 pub fn app(router: Arc<Router>, config: GatewayConfig) -> axum::Router {
     axum::Router::new()
         .fallback(handle)
-        .with_state(Arc::new(Gateway { router, config }))
+        .with_state(Arc::new(Gateway {
+            router,
+            config,
+            subscriptions: Arc::default(),
+        }))
 }
 
 /// Serves the endpoint until `stop` turns true: plain HTTP/1.1 and h2c, or
@@ -413,6 +499,8 @@ const SUBSCRIPTION_WAIT: Duration = Duration::from_secs(1);
 /// The pause before reading again after the cluster could not answer, or
 /// answered empty without waiting.
 const SUBSCRIPTION_RETRY: Duration = Duration::from_millis(100);
+/// How long a subscription is protected from being taken over (AWS: 5 s).
+const SUBSCRIPTION_TAKEOVER: Duration = Duration::from_secs(5);
 
 /// SubscribeToShard: validates like any call, then answers with an
 /// event stream that pushes records for up to five minutes.
@@ -424,38 +512,63 @@ async fn subscribe(
 ) -> Result<Response, ApiError> {
     let mut sub = kinesis::subscription(&ctx, input).await?;
     kinesis::pin_latest(&gw.router, &mut sub).await?;
+    let registration = gw.subscriptions.register(&sub.consumer, sub.shard)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(4);
     let router = gw.router.clone();
     let content_type = protocol.content_type();
     tokio::spawn(async move {
-        let send = |frame: Vec<u8>| tx.send(Ok(Bytes::from(frame)));
+        let deadline = tokio::time::Instant::now() + SUBSCRIPTION_LIFETIME;
+        // A send waits for the reader; one that stopped reading ends the
+        // stream at the deadline all the same, as does a takeover.
+        let send = |frame: Vec<u8>| {
+            let (tx, taken_over) = (&tx, &registration.taken_over);
+            async move {
+                tokio::select! {
+                    sent = tokio::time::timeout_at(deadline, tx.send(Ok(Bytes::from(frame)))) => {
+                        matches!(sent, Ok(Ok(())))
+                    }
+                    _ = taken_over.notified() => false,
+                }
+            }
+        };
         let initial = protocol.encode(&json!({}));
-        if send(eventstream::event(
+        if !send(eventstream::event(
             "initial-response",
             content_type,
             &initial,
         ))
         .await
-        .is_err()
         {
             return;
         }
-        let deadline = Instant::now() + SUBSCRIPTION_LIFETIME;
         let mut last_sent = Instant::now();
         let mut position = Some(sub.start);
         while let Some(start) = position {
-            if Instant::now() >= deadline {
+            if tokio::time::Instant::now() >= deadline {
                 break;
             }
             let asked = Instant::now();
-            match kinesis::next_event(&router, &sub, start, SUBSCRIPTION_WAIT).await {
+            let next = tokio::select! {
+                next = kinesis::next_event(&router, &sub, start, SUBSCRIPTION_WAIT) => next,
+                // The reader went away: free the consumer's slot now.
+                () = tx.closed() => return,
+                _ = registration.taken_over.notified() => {
+                    let payload = protocol.encode(&json!({
+                        "message": "Another subscription of this consumer took over this shard."
+                    }));
+                    let frame = eventstream::exception("ResourceInUseException", content_type, &payload);
+                    let _ = tokio::time::timeout(SUBSCRIPTION_HEARTBEAT, tx.send(Ok(Bytes::from(frame)))).await;
+                    return;
+                }
+            };
+            match next {
                 Ok((event, next, count)) => {
                     if count > 0 || next.is_none() || last_sent.elapsed() >= SUBSCRIPTION_HEARTBEAT
                     {
                         let payload = protocol.encode(&event);
                         let frame =
                             eventstream::event("SubscribeToShardEvent", content_type, &payload);
-                        if send(frame).await.is_err() {
+                        if !send(frame).await {
                             return;
                         }
                         last_sent = Instant::now();
@@ -472,7 +585,7 @@ async fn subscribe(
                 }
                 Err(e) => {
                     let payload = protocol.encode(&json!({ "message": e.message }));
-                    let _ = send(eventstream::exception(e.name, content_type, &payload)).await;
+                    send(eventstream::exception(e.name, content_type, &payload)).await;
                     return;
                 }
             }

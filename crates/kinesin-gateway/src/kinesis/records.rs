@@ -359,6 +359,9 @@ pub(super) fn child_shards(stream: &StreamInfo, parent: ShardId) -> Value {
 
 /// A validated SubscribeToShard request.
 pub struct Subscription {
+    /// The consumer (stream key, name and creation time): one subscription
+    /// per consumer and shard.
+    pub consumer: String,
     pub stream: String,
     pub shard: ShardId,
     pub start: ReadStart,
@@ -367,7 +370,8 @@ pub struct Subscription {
 pub async fn subscription(ctx: &Context<'_>, body: &Value) -> Result<Subscription, ApiError> {
     let i = Input::new(body)?;
     let i = &i;
-    let (stream, _, _) = consumer_of(ctx, i).await?;
+    let (stream, name, created) = consumer_of(ctx, i).await?;
+    let consumer = format!("{}/{name}:{created}", stream.name.as_str());
     let shard_text = i.str("ShardId")?;
     check_name_pattern("ShardId", shard_text)?;
     let shard = find_shard(ctx, &stream, shard_text)?;
@@ -409,6 +413,7 @@ pub async fn subscription(ctx: &Context<'_>, body: &Value) -> Result<Subscriptio
         }
     };
     Ok(Subscription {
+        consumer,
         stream: stream.name.as_str().to_string(),
         shard: shard.shard_id,
         start,
