@@ -88,8 +88,10 @@ const READERS: u32 = 2;
 const LIVENESS_BOUND: Duration = Duration::from_secs(60);
 
 /// Waits until no node serves an AWS API request (its
-/// `kinesin_api_requests_in_flight` is 0), within `bound`.
-async fn wait_requests_settled(nodes: &[u32], bound: Duration) -> anyhow::Result<()> {
+/// `kinesin_api_requests_in_flight` is 0), within `bound`. A node that does
+/// not answer is reported and the run goes on: the final reads and the
+/// checker then say what that cost.
+async fn wait_requests_settled(nodes: &[u32], bound: Duration) {
     let start = Instant::now();
     for &n in nodes {
         loop {
@@ -105,12 +107,12 @@ async fn wait_requests_settled(nodes: &[u32], bound: Duration) -> anyhow::Result
                 }
             }
             if start.elapsed() > bound {
-                bail!("node {n} still serves requests after {bound:?}");
+                eprintln!("chaos: node {n} still serves requests (or is silent) after {bound:?}");
+                break;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    Ok(())
 }
 
 pub async fn wait_ready(nodes: &[u32], bound: Duration) -> anyhow::Result<Duration> {
@@ -397,7 +399,7 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<Report> {
     }
     // Appends a client gave up on may still be retried inside the cluster:
     // let every node finish the requests it serves before the final reads.
-    wait_requests_settled(&members.list(), Duration::from_secs(60)).await?;
+    wait_requests_settled(&members.list(), Duration::from_secs(30)).await;
     // Through every member at once: one bound for all of them.
     let mut reads = tokio::task::JoinSet::new();
     for n in members.list() {

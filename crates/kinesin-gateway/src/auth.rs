@@ -97,7 +97,10 @@ fn check_headers<'a>(
         ("x-amz-target", "X-Amz-Target"),
     ] {
         let present = name == "host" || headers.contains_key(name);
-        if present && !auth.signed_headers.contains(&name) {
+        // HTTP/2 clients may sign the host as the :authority pseudo-header.
+        let signed = auth.signed_headers.contains(&name)
+            || (name == "host" && auth.signed_headers.contains(&":authority"));
+        if present && !signed {
             return Err(bad_signature(format!(
                 "'{shown}' must be a 'SignedHeader' in the AWS Authorization."
             )));

@@ -5,10 +5,17 @@
 //! CA. The CLI's admin calls present such a certificate too.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::client::danger::ServerCertVerifier;
+use rustls::client::WebPkiServerVerifier;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
+use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 
 /// The name every node certificate carries (a DNS subject alternative
@@ -28,8 +35,10 @@ pub struct InternalTls {
 }
 
 impl InternalTls {
-    /// Reads and checks the three PEM files: at least one CA certificate,
-    /// at least one certificate, and a private key.
+    /// Reads and checks the three PEM files: the key belongs to the
+    /// certificate, and the certificate is one of the CA's, valid now,
+    /// naming [`SERVER_NAME`] and allowed for both server and client use.
+    /// A node that would be cut off from its peers is refused at start-up.
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<InternalTls, String> {
         let read = |what: &str, path: &Path| {
             std::fs::read(path).map_err(|e| format!("{what} {}: {e}", path.display()))
@@ -39,7 +48,7 @@ impl InternalTls {
             cert: read("internal TLS certificate", cert)?,
             key: read("internal TLS key", key)?,
         };
-        for (what, path, pem) in [("CA", ca, &tls.ca), ("certificate", cert, &tls.cert)] {
+        let certs = |what: &str, path: &Path, pem: &[u8]| {
             let certs = CertificateDer::pem_slice_iter(pem)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| format!("internal TLS {what} {}: {e}", path.display()))?;
@@ -49,9 +58,14 @@ impl InternalTls {
                     path.display()
                 ));
             }
-        }
-        PrivateKeyDer::from_pem_slice(&tls.key)
+            Ok(certs)
+        };
+        let roots = certs("CA", ca, &tls.ca)?;
+        let chain = certs("certificate", cert, &tls.cert)?;
+        let private_key = PrivateKeyDer::from_pem_slice(&tls.key)
             .map_err(|e| format!("internal TLS key {}: {e}", key.display()))?;
+        check_certificate(roots, chain, private_key)
+            .map_err(|e| format!("internal TLS certificate {}: {e}", cert.display()))?;
         Ok(tls)
     }
 
@@ -72,6 +86,34 @@ impl InternalTls {
             .domain_name(SERVER_NAME)
             .timeout(HANDSHAKE_TIMEOUT)
     }
+}
+
+/// Does the chain's first certificate belong to the key, come from one of
+/// `roots`, and name [`SERVER_NAME`] for server and client use?
+fn check_certificate(
+    roots: Vec<CertificateDer<'static>>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<(), rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    CertifiedKey::from_der(chain.clone(), key, &provider)?;
+    let mut store = RootCertStore::empty();
+    for root in roots {
+        store.add(root)?;
+    }
+    let store = Arc::new(store);
+    let (end_entity, intermediates) = chain.split_first().expect("a checked, non-empty chain");
+    let name = ServerName::try_from(SERVER_NAME).expect("a valid DNS name");
+    let now = UnixTime::now();
+    WebPkiServerVerifier::builder_with_provider(store.clone(), provider.clone())
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?
+        .verify_server_cert(end_entity, intermediates, &name, &[], now)?;
+    WebPkiClientVerifier::builder_with_provider(store, provider)
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?
+        .verify_client_cert(end_entity, intermediates, now)?;
+    Ok(())
 }
 
 /// How this process dials the internal port of a node: plaintext, or
@@ -105,5 +147,33 @@ impl Dialer {
                 .map_err(|e| format!("internal TLS for {addr}: {e}")),
             None => Ok(endpoint),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InternalTls;
+    use std::path::PathBuf;
+
+    fn fixture(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/internal-tls")
+            .join(name)
+    }
+
+    /// Certificates that would cut a node off from its peers are refused
+    /// when loaded, naming what is wrong.
+    #[test]
+    fn only_a_matching_certificate_of_the_ca_loads() {
+        let load = |ca: &str, cert: &str, key: &str| {
+            InternalTls::load(&fixture(ca), &fixture(cert), &fixture(key)).map(|_| ())
+        };
+        assert_eq!(load("ca.crt", "node.crt", "node.key"), Ok(()));
+        let other_ca = load("ca.crt", "rogue.crt", "rogue.key").unwrap_err();
+        assert!(other_ca.contains("rogue.crt"), "{other_ca}");
+        let wrong_key = load("ca.crt", "node.crt", "rogue.key").unwrap_err();
+        assert!(wrong_key.contains("node.crt"), "{wrong_key}");
+        let not_pem = load("ca.crt", "README.md", "node.key").unwrap_err();
+        assert!(not_pem.contains("README.md"), "{not_pem}");
     }
 }

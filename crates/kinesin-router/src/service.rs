@@ -8,7 +8,7 @@ use kinesin_meta::{MetaCommand, NodeInfo, NodeState};
 use kinesin_proto::v1::node_server::{Node, NodeServer};
 use kinesin_proto::v1::{self as pb};
 use kinesin_shard::NewRecord;
-use kinesin_types::{validate_node_address, GroupId, NodeId, ShardState, StreamMode};
+use kinesin_types::{validate_api_address, validate_node_address, GroupId, NodeId, ShardState, StreamMode};
 use tonic::{Request, Response, Status};
 
 use crate::error::RouterError;
@@ -54,9 +54,9 @@ impl NodeService {
         }
         // An address enters the replicated membership here: one that cannot
         // be dialled would stay there for every future leader.
-        for addr in [&req.raft_addr, &req.api_addr] {
-            validate_node_address(addr).map_err(|e| RouterError::InvalidArgument(e.0))?;
-        }
+        validate_node_address(&req.raft_addr)
+            .and_then(|()| validate_api_address(&req.api_addr))
+            .map_err(|e| RouterError::InvalidArgument(e.0))?;
         if req.zone.len() > 64 {
             return Err(RouterError::InvalidArgument(
                 "zone must be at most 64 characters".into(),

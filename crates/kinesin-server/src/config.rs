@@ -320,12 +320,13 @@ impl Config {
             }
         }
         // Unset, they are the listen addresses (port 0 until bound).
-        for (what, addr) in [
-            ("advertise_grpc", &self.advertise_grpc),
-            ("advertise_api", &self.advertise_api),
-        ] {
+        let checks: [(&str, &Option<String>, fn(&str) -> _); 2] = [
+            ("advertise_grpc", &self.advertise_grpc, kinesin_types::validate_node_address),
+            ("advertise_api", &self.advertise_api, kinesin_types::validate_api_address),
+        ];
+        for (what, addr, check) in checks {
             let Some(addr) = addr else { continue };
-            if let Err(e) = kinesin_types::validate_node_address(addr) {
+            if let Err(e) = check(addr) {
                 return bad(format!("{what}: {e}"));
             }
         }

@@ -89,6 +89,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .arg("--s3-endpoint")
             .arg(&s3_endpoint)
             .arg("--insecure-internal")
+            .env_remove("KINESIN_INTERNAL_TLS_CA")
+            .env_remove("KINESIN_INTERNAL_TLS_CERT")
+            .env_remove("KINESIN_INTERNAL_TLS_KEY")
             .stdin(Stdio::null())
             .kill_on_drop(true);
         children.push(cmd.spawn()?);

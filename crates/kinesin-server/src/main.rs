@@ -162,7 +162,11 @@ impl ServerArgs {
             repair_after_secs
         );
         if let Some(seeds) = self.seeds {
-            c.seeds = seeds.into_iter().filter(|s| !s.is_empty()).collect();
+            c.seeds = seeds
+                .into_iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
         }
         if self.advertise_grpc.is_some() {
             c.advertise_grpc = self.advertise_grpc;

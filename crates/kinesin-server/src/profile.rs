@@ -45,7 +45,7 @@ pub fn parse_address(value: &str) -> Result<String, String> {
     let expected = "expected host:port or http://host:port";
     if trimmed.starts_with("https://") {
         return Err(format!(
-            "{value:?}: the kinesin CLI connects over plain HTTP; {expected}"
+            "{value:?}: give the address without a scheme (the CLI uses TLS when KINESIN_INTERNAL_TLS_* name the cluster's certificates); {expected}"
         ));
     }
     let bare = trimmed.strip_prefix("http://").unwrap_or(trimmed);

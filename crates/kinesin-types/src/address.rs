@@ -12,6 +12,17 @@ const MAX_ADDRESS_LEN: usize = 260;
 /// else is refused where it enters (Join, the configuration) so that no node
 /// ever holds an address it cannot connect to.
 pub fn validate_node_address(addr: &str) -> Result<(), InvalidValue> {
+    validate(addr, true)
+}
+
+/// Checks the address clients are told to reach the AWS API at: as
+/// [`validate_node_address`], but the port may be left out (a load
+/// balancer on the scheme's default port).
+pub fn validate_api_address(addr: &str) -> Result<(), InvalidValue> {
+    validate(addr, false)
+}
+
+fn validate(addr: &str, port_required: bool) -> Result<(), InvalidValue> {
     let bad = |why: &str| {
         Err(InvalidValue(format!(
             "node address {:?} {why}; expected host:port",
@@ -21,13 +32,20 @@ pub fn validate_node_address(addr: &str) -> Result<(), InvalidValue> {
     if addr.is_empty() || addr.len() > MAX_ADDRESS_LEN {
         return bad("is empty or too long");
     }
-    let Some((host, port)) = addr.rsplit_once(':') else {
-        return bad("has no port");
+    let split = addr
+        .rsplit_once(':')
+        .filter(|(host, _)| !host.starts_with('[') || host.ends_with(']'));
+    let host = match split {
+        Some((host, port)) => {
+            match port.parse::<u16>() {
+                Ok(p) if p != 0 && port.bytes().all(|b| b.is_ascii_digit()) => {}
+                _ => return bad("has no valid port"),
+            }
+            host
+        }
+        None if port_required => return bad("has no port"),
+        None => addr,
     };
-    match port.parse::<u16>() {
-        Ok(p) if p != 0 && port.bytes().all(|b| b.is_ascii_digit()) => {}
-        _ => return bad("has no valid port"),
-    }
     if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
         return match inner.parse::<Ipv6Addr>() {
             Ok(_) => Ok(()),
@@ -55,7 +73,7 @@ fn truncate(s: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use super::validate_node_address;
+    use super::{validate_api_address, validate_node_address};
 
     #[test]
     fn dialable_addresses_pass_and_others_are_refused() {
@@ -87,5 +105,10 @@ mod tests {
         ] {
             assert!(validate_node_address(bad).is_err(), "{bad:?}");
         }
+        for api in ["kinesin.example.com", "[::1]", "10.0.0.1:7450"] {
+            assert!(validate_api_address(api).is_ok(), "{api}");
+            assert_eq!(validate_node_address(api).is_ok(), api.ends_with(":7450"), "{api}");
+        }
+        assert!(validate_api_address("a b").is_err());
     }
 }

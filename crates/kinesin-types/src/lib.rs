@@ -8,7 +8,7 @@ mod names;
 mod sequence;
 mod shard_map;
 
-pub use address::validate_node_address;
+pub use address::{validate_api_address, validate_node_address};
 pub use hash::{hash_key_for_partition_key, HashKey, HashKeyRange};
 pub use names::{GroupId, NodeId, ShardId, StreamName};
 pub use sequence::{SequenceNumber, MAX_RECORDS_PER_ENTRY};
