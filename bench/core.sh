@@ -4,7 +4,7 @@
 #   1. maximum append throughput of 1 KiB records (closed loop),
 #   2. latency at half that rate (open loop),
 #   3. idle CPU and RSS with 1,000 shard groups per node.
-# Usage: bench/core.sh [duration-seconds] [skip-idle]   (needs `make build` first)
+# Usage: [KINESIN_BENCH_TLS=1] bench/core.sh [duration-seconds] [skip-idle]   (needs `make build` first)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TARGET=${CARGO_TARGET_DIR:-/var/cache/kinesin/target}
@@ -14,12 +14,20 @@ WORK=$(mktemp -d /tmp/kinesin-bench.XXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
+# The internal port (Raft, and the bench's gRPC client) is plaintext unless
+# KINESIN_BENCH_TLS=1: then mutual TLS with the test certificates.
+if [ "${KINESIN_BENCH_TLS:-}" = 1 ]; then
+  F=$PWD/tests/fixtures/internal-tls
+  export KINESIN_INTERNAL_TLS_CA=$F/ca.crt KINESIN_INTERNAL_TLS_CERT=$F/node.crt KINESIN_INTERNAL_TLS_KEY=$F/node.key
+else
+  export KINESIN_INSECURE_INTERNAL=true
+fi
 
 start() {
   local k=$1
   local seeds=""
   [ "$k" -gt 0 ] && seeds="--seeds 127.0.0.1:17451"
-  KINESIN_LOG=warn KINESIN_INSECURE_INTERNAL=true $K server --node-id $((k + 1)) --data-dir "$WORK/node-$k" \
+  KINESIN_LOG=warn $K server --node-id $((k + 1)) --data-dir "$WORK/node-$k" \
     --listen-api 127.0.0.1:$((17450 + 10 * k)) --listen-grpc 127.0.0.1:$((17451 + 10 * k)) \
     --listen-admin 127.0.0.1:$((17452 + 10 * k)) $seeds >"$WORK/node-$k.log" 2>&1 &
   PIDS+=($!)

@@ -174,3 +174,42 @@ async fn the_internal_port_serves_only_certificates_of_the_cluster_ca() {
     assert!(!info.cluster_id.is_empty());
     cluster.shutdown().await;
 }
+
+/// A shard read from the internal port returns what a GetRecords may (10
+/// MiB) whatever size and count it asks for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_internal_shard_read_is_bounded_like_get_records() {
+    let cluster = TestCluster::start(1).await.unwrap();
+    cluster.create_stream("big-reads", 1).await.unwrap();
+    let node = cluster.node(1);
+    for batch in 0..4 {
+        let records = (0..6)
+            .map(|i| RecordIn {
+                partition_key: format!("k{batch}-{i}"),
+                data: vec![b'x'; 1_000_000],
+                explicit_hash_key: None,
+            })
+            .collect();
+        node.router.put_records("big-reads", records).await.unwrap();
+    }
+    let group = node.meta.state().streams["big-reads"].shards[0].group;
+    let mut c = native_client(&cluster, 1).await;
+    let read = c
+        .shard_read(pb::ShardReadRequest {
+            group: group.0,
+            from: pb::IteratorType::TrimHorizon as i32,
+            limit: u32::MAX,
+            max_bytes: u64::MAX,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let bytes: usize = read.records.iter().map(|r| r.data.len()).sum();
+    assert!(!read.records.is_empty());
+    assert!(
+        bytes <= (10 << 20) + 1_000_000,
+        "{bytes} bytes in one internal read"
+    );
+    cluster.shutdown().await;
+}
