@@ -10,7 +10,10 @@ use tonic::Code;
 
 async fn native_client(cluster: &TestCluster, node: u64) -> NodeClient<tonic::transport::Channel> {
     let addr = cluster.node(node).config.grpc_address();
-    NodeClient::connect(format!("http://{addr}")).await.unwrap()
+    NodeClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+        .max_decoding_message_size(kinesin_proto::MAX_MESSAGE_BYTES)
 }
 
 /// A Join naming an address no one can dial is refused before it enters the
@@ -147,7 +150,13 @@ async fn the_internal_port_serves_only_certificates_of_the_cluster_ca() {
     let plaintext = NodeClient::connect(format!("http://{addr}")).await;
     if let Ok(mut c) = plaintext {
         let refused = c.join(join()).await.expect_err("a plaintext join");
-        assert_ne!(refused.code(), Code::Ok);
+        assert!(
+            matches!(
+                refused.code(),
+                Code::Unknown | Code::Unavailable | Code::Internal
+            ),
+            "{refused:?}"
+        );
     }
     for identity in [None, Some(("rogue.crt", "rogue.key"))] {
         if let Ok(mut c) = tls_client(&addr, identity).await {
@@ -156,9 +165,15 @@ async fn the_internal_port_serves_only_certificates_of_the_cluster_ca() {
                 .await
                 .expect_err("a join without a cluster certificate");
             // TLS 1.3 checks the client certificate after the handshake:
-            // the first request meets the server's alert.
-            let why = format!("{refused:?}");
-            assert!(why.contains("fatal alert"), "{identity:?}: {why}");
+            // the first request meets the server's alert (or the closed
+            // connection), never a handler's answer.
+            assert!(
+                matches!(
+                    refused.code(),
+                    Code::Unknown | Code::Unavailable | Code::Cancelled
+                ),
+                "{identity:?}: {refused:?}"
+            );
         }
     }
     assert!(!cluster.node(1).meta.state().nodes.contains_key(&NodeId(9)));

@@ -8,7 +8,9 @@ use kinesin_meta::{MetaCommand, NodeInfo, NodeState};
 use kinesin_proto::v1::node_server::{Node, NodeServer};
 use kinesin_proto::v1::{self as pb};
 use kinesin_shard::NewRecord;
-use kinesin_types::{validate_api_address, validate_node_address, GroupId, NodeId, ShardState, StreamMode};
+use kinesin_types::{
+    validate_api_address, validate_node_address, GroupId, NodeId, ShardState, StreamMode,
+};
 use tonic::{Request, Response, Status};
 
 use crate::error::RouterError;

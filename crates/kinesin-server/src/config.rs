@@ -320,14 +320,14 @@ impl Config {
             }
         }
         // Unset, they are the listen addresses (port 0 until bound).
-        let checks: [(&str, &Option<String>, fn(&str) -> _); 2] = [
-            ("advertise_grpc", &self.advertise_grpc, kinesin_types::validate_node_address),
-            ("advertise_api", &self.advertise_api, kinesin_types::validate_api_address),
-        ];
-        for (what, addr, check) in checks {
-            let Some(addr) = addr else { continue };
-            if let Err(e) = check(addr) {
-                return bad(format!("{what}: {e}"));
+        if let Some(addr) = &self.advertise_grpc {
+            if let Err(e) = kinesin_types::validate_node_address(addr) {
+                return bad(format!("advertise_grpc: {e}"));
+            }
+        }
+        if let Some(addr) = &self.advertise_api {
+            if let Err(e) = kinesin_types::validate_api_address(addr) {
+                return bad(format!("advertise_api: {e}"));
             }
         }
         if self.zone.len() > 64 {

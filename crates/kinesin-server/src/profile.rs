@@ -220,6 +220,6 @@ mod tests {
         }
         assert!(parse_address("https://127.0.0.1:7451")
             .unwrap_err()
-            .contains("plain HTTP"));
+            .contains("without a scheme"));
     }
 }

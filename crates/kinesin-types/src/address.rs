@@ -107,7 +107,11 @@ mod tests {
         }
         for api in ["kinesin.example.com", "[::1]", "10.0.0.1:7450"] {
             assert!(validate_api_address(api).is_ok(), "{api}");
-            assert_eq!(validate_node_address(api).is_ok(), api.ends_with(":7450"), "{api}");
+            assert_eq!(
+                validate_node_address(api).is_ok(),
+                api.ends_with(":7450"),
+                "{api}"
+            );
         }
         assert!(validate_api_address("a b").is_err());
     }
