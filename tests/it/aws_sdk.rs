@@ -10,7 +10,7 @@ use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardIteratorType, StreamSt
 use aws_sdk_kinesis::Client;
 use kinesin_testkit::{wait_until, TestCluster};
 
-fn client(api_address: &str) -> Client {
+pub(crate) fn client(api_address: &str) -> Client {
     let config = aws_sdk_kinesis::Config::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new("us-east-1"))

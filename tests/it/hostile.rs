@@ -5,7 +5,7 @@ use kinesin_proto::v1::node_client::NodeClient;
 use kinesin_proto::v1::{self as pb};
 use kinesin_router::{AppendOutcome, RecordIn};
 use kinesin_testkit::TestCluster;
-use kinesin_types::{GroupId, NodeId};
+use kinesin_types::{GroupId, NodeId, ShardState};
 use tonic::Code;
 
 async fn native_client(cluster: &TestCluster, node: u64) -> NodeClient<tonic::transport::Channel> {
@@ -226,5 +226,63 @@ async fn an_internal_shard_read_is_bounded_like_get_records() {
         bytes <= (10 << 20) + 1_000_000,
         "{bytes} bytes in one internal read"
     );
+    cluster.shutdown().await;
+}
+
+/// An append routed by the shard map from before a split (the sender's map
+/// epoch is older) reaches the parent's group, which is sealed: it is
+/// refused, and nothing is stored after the parent's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_append_routed_by_the_map_before_a_split_is_refused() {
+    let cluster = TestCluster::start(1).await.unwrap();
+    cluster.create_stream("resharded", 1).await.unwrap();
+    let node = cluster.node(1);
+    let before = node.meta.state().streams["resharded"].clone();
+    let parent = before.shards[0].clone();
+    crate::aws_sdk::client(&node.api_address())
+        .split_shard()
+        .stream_name("resharded")
+        .shard_to_split(parent.shard_id.to_string())
+        .new_starting_hash_key((1u128 << 127).to_string())
+        .send()
+        .await
+        .unwrap();
+    kinesin_testkit::wait_until(
+        "the parent to be sealed",
+        std::time::Duration::from_secs(30),
+        || async {
+            node.meta.state().streams["resharded"]
+                .shards
+                .iter()
+                .any(|s| s.shard_id == parent.shard_id && s.state == ShardState::Sealed)
+        },
+    )
+    .await
+    .unwrap();
+
+    let mut c = native_client(&cluster, 1).await;
+    let refused = c
+        .shard_append(pb::ShardAppendRequest {
+            group: parent.group.0,
+            epoch: before.epoch,
+            records: vec![pb::Record {
+                partition_key: "same-key".into(),
+                data: b"late".to_vec().into(),
+                explicit_hash_key: String::new(),
+            }],
+        })
+        .await
+        .expect_err("an append to the sealed parent");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    let read = c
+        .shard_read(pb::ShardReadRequest {
+            group: parent.group.0,
+            from: pb::IteratorType::TrimHorizon as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(read.records.iter().all(|r| &r.data[..] != b"late"));
     cluster.shutdown().await;
 }
