@@ -56,6 +56,27 @@ fn spawn_writer(
     })
 }
 
+/// Reads every shard through `addr` and asserts each acknowledged record is
+/// there; `missing` says what its absence means.
+async fn assert_all_acked_readable(
+    addr: &str,
+    describe: &pb::DescribeStreamResponse,
+    acked: &BTreeMap<(String, String), Vec<u8>>,
+    missing: &str,
+) {
+    let mut c = eventually("a client", Duration::from_secs(10), || client(addr)).await;
+    for shard in &describe.shards {
+        let stored = read_all(&mut c, "load", &shard.shard_id).await;
+        for ((s, seq), data) in acked.iter().filter(|((s, _), _)| s == &shard.shard_id) {
+            assert_eq!(
+                stored.get(seq),
+                Some(data),
+                "acknowledged record {s}/{seq} {missing}"
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_nine_under_load_loses_no_acknowledged_record() {
     let dir = tempfile::tempdir().unwrap();
@@ -137,17 +158,7 @@ async fn kill_nine_under_load_loses_no_acknowledged_record() {
     }
 
     let acked = acked.lock().unwrap().clone();
-    let mut c = eventually("a client", Duration::from_secs(10), || client(&seed)).await;
-    for shard in &describe.shards {
-        let stored = read_all(&mut c, "load", &shard.shard_id).await;
-        for ((s, seq), data) in acked.iter().filter(|((s, _), _)| s == &shard.shard_id) {
-            assert_eq!(
-                stored.get(seq),
-                Some(data),
-                "acknowledged record {s}/{seq} lost"
-            );
-        }
-    }
+    assert_all_acked_readable(&seed, &describe, &acked, "lost").await;
 
     // The restarted node catches up: its replicas reach the leaders' logs.
     let restarted = procs[1].grpc.clone();
@@ -221,15 +232,5 @@ async fn kill_nine_under_load_loses_no_acknowledged_record() {
         },
     )
     .await;
-    let mut c = eventually("a client", Duration::from_secs(10), || client(&restarted)).await;
-    for shard in &describe.shards {
-        let stored = read_all(&mut c, "load", &shard.shard_id).await;
-        for ((s, seq), data) in acked.iter().filter(|((s, _), _)| s == &shard.shard_id) {
-            assert_eq!(
-                stored.get(seq),
-                Some(data),
-                "acknowledged record {s}/{seq} not on the restarted node"
-            );
-        }
-    }
+    assert_all_acked_readable(&restarted, &describe, &acked, "not on the restarted node").await;
 }
