@@ -12,8 +12,8 @@ TARGET_DIR="$CARGO_TARGET_DIR"
 VENV="${KINESIN_VENV:-$TARGET_DIR/compat-venv}"
 # awscli and boto3 pin matching botocore releases; keep the pair together.
 # moto's S3 server is what Firehose delivers to in the tests; cramjam reads
-# the Snappy objects back.
-PACKAGES=(boto3==1.43.11 awscli==1.45.11 pytest==8.4.2 cbor2==5.7.1 "moto[server]==5.2.5" cramjam==2.14.0)
+# the Snappy objects back, pyarrow the Parquet ones.
+PACKAGES=(boto3==1.43.11 awscli==1.45.11 pytest==8.4.2 cbor2==5.7.1 "moto[server]==5.2.5" cramjam==2.14.0 pyarrow==26.0.1)
 STAMP="$VENV/.kinesin-packages"
 
 need_apt=()

@@ -205,6 +205,17 @@ def sole_group_leader(nodes):
     return None
 
 
+# The Glue table Firehose's JSON → Parquet tests name, as `aws glue
+# create-table` takes it.
+GLUE_TABLES = [{"DatabaseName": "analytics", "TableInput": {"Name": "events", "StorageDescriptor": {"Columns": [
+    {"Name": "id", "Type": "bigint"},
+    {"Name": "name", "Type": "string"},
+    {"Name": "at", "Type": "timestamp"},
+    {"Name": "tags", "Type": "array<string>"},
+    {"Name": "geo", "Type": "struct<lat:double,lon:double>"},
+]}}}]
+
+
 @pytest.fixture(scope="session")
 def cluster(binary, workdir, s3_endpoint):
     """Three nodes, replication factor 3, fsync on, SigV4 verified, Firehose
@@ -213,7 +224,10 @@ def cluster(binary, workdir, s3_endpoint):
     the nodes use the survivors."""
     # The controller must not re-place the dead node's replicas during the
     # run: the degraded run is about a cluster that lives with a node down.
-    extra = f's3_endpoint = "{s3_endpoint}"\n'
+    tables = os.path.join(workdir, "glue-tables.json")
+    with open(tables, "w") as f:
+        json.dump(GLUE_TABLES, f)
+    extra = f's3_endpoint = "{s3_endpoint}"\nglue_tables_file = "{tables}"\n'
     if KILL:
         extra += "repair_after_secs = 3600"
     nodes = start_cluster(binary, os.path.join(workdir, "cluster"), 3, extra=extra)

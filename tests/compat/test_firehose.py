@@ -3,7 +3,9 @@ to a real S3 protocol server (moto's, started by the `s3_endpoint`
 fixture); objects are read back with boto3's S3 client and decompressed."""
 
 import base64
+import datetime
 import gzip
+import io
 import json
 import os
 import re
@@ -12,9 +14,11 @@ import struct
 import time
 import urllib.request
 import uuid
+import zipfile
 
 import boto3
 import cramjam
+import pyarrow.parquet
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
@@ -90,6 +94,13 @@ def hadoop_snappy(data):
     return out
 
 
+def unzip(data):
+    """The one entry of a ZIP object."""
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        [entry] = z.namelist()
+        return z.read(entry)
+
+
 def test_delivery_stream_lifecycle_and_errors(firehoses, bucket):
     a, b, c = firehoses
     name = f"lifecycle-{uuid.uuid4().hex[:8]}"
@@ -120,7 +131,7 @@ def test_delivery_stream_lifecycle_and_errors(firehoses, bucket):
     assert error(b.describe_delivery_stream, DeliveryStreamName="nope")[0] == "ResourceNotFoundException"
     assert error(c.put_record, DeliveryStreamName="nope", Record={"Data": b"x"})[0] == "ResourceNotFoundException"
     for bad in [
-        {"S3DestinationConfiguration": destination(bucket, CompressionFormat="ZIP")},
+        {"ExtendedS3DestinationConfiguration": destination(bucket, size_mib=64, **parquet_conversion(table="nope"))},
         {"S3DestinationConfiguration": destination(bucket, Prefix="!{timestamp:yyyy}/")},
         {"S3DestinationConfiguration": destination(bucket, Prefix="!{nope:x}/", ErrorOutputPrefix="e/")},
         {"ExtendedS3DestinationConfiguration": destination(
@@ -164,7 +175,7 @@ def test_delivery_stream_lifecycle_and_errors(firehoses, bucket):
 
 @pytest.mark.parametrize(
     "compression,extension",
-    [("UNCOMPRESSED", ""), ("GZIP", ".gz"), ("Snappy", ".snappy"), ("HADOOP_SNAPPY", ".hsnappy")],
+    [("UNCOMPRESSED", ""), ("GZIP", ".gz"), ("ZIP", ".zip"), ("Snappy", ".snappy"), ("HADOOP_SNAPPY", ".hsnappy")],
 )
 def test_records_become_objects_in_every_compression(firehoses, bucket, s3_endpoint, compression, extension):
     name = f"deliver-{compression.lower()}-{uuid.uuid4().hex[:6]}"
@@ -193,6 +204,7 @@ def test_records_become_objects_in_every_compression(firehoses, bucket, s3_endpo
     decode = {
         "UNCOMPRESSED": lambda b: b,
         "GZIP": gzip.decompress,
+        "ZIP": unzip,
         "Snappy": lambda b: bytes(cramjam.snappy.decompress(b)),
         "HADOOP_SNAPPY": hadoop_snappy,
     }[compression]
@@ -235,6 +247,65 @@ def test_a_full_buffer_is_delivered_before_its_interval_and_prefixes_are_evaluat
         assert re.match(r"^year=\d{4}/id=[0-9a-f]{11}/" + re.escape(name) + "-1-", key), key
         assert len(body) % len(record) == 0 and len(body) <= 1 << 20
     assert sum(len(b) for b in found.values()) == 20 * len(record)
+    firehoses[0].delete_delivery_stream(DeliveryStreamName=name)
+
+
+def parquet_conversion(table="events", **parquet):
+    return {"DataFormatConversionConfiguration": {
+        "SchemaConfiguration": {"RoleARN": ROLE, "DatabaseName": "analytics", "TableName": table},
+        "InputFormatConfiguration": {"Deserializer": {"OpenXJsonSerDe": {"ColumnToJsonKeyMappings": {"name": "user name"}}}},
+        "OutputFormatConfiguration": {"Serializer": {"ParquetSerDe": parquet}},
+    }}
+
+
+def test_json_records_become_parquet_and_the_rest_go_to_the_error_prefix(firehoses, bucket, s3_endpoint):
+    name = f"parquet-{uuid.uuid4().hex[:8]}"
+    prefixes = {"Prefix": "events/", "ErrorOutputPrefix": "errors/!{firehose:error-output-type}/"}
+    for bad, why in [
+        (destination(bucket, size_mib=64, CompressionFormat="GZIP", **parquet_conversion()), "compressed"),
+        (destination(bucket, size_mib=5, **parquet_conversion()), "buffer below 64 MiB"),
+        (destination(bucket, size_mib=64, **parquet_conversion(table="nope")), "no such table"),
+        (destination(bucket, size_mib=64, **{"DataFormatConversionConfiguration": {
+            **parquet_conversion()["DataFormatConversionConfiguration"],
+            "OutputFormatConfiguration": {"Serializer": {"OrcSerDe": {}}}}}), "ORC"),
+    ]:
+        with pytest.raises(ClientError) as e:
+            firehoses[0].create_delivery_stream(DeliveryStreamName=name, ExtendedS3DestinationConfiguration=bad)
+        assert e.value.response["Error"]["Code"] == "InvalidArgumentException", why
+    firehoses[0].create_delivery_stream(
+        DeliveryStreamName=name,
+        ExtendedS3DestinationConfiguration=destination(
+            bucket, size_mib=64, interval_s=1, **prefixes, **parquet_conversion(Compression="GZIP")),
+    )
+    d = firehoses[1].describe_delivery_stream(DeliveryStreamName=name)["DeliveryStreamDescription"]
+    conversion = d["Destinations"][0]["ExtendedS3DestinationDescription"]["DataFormatConversionConfiguration"]
+    assert conversion["Enabled"] is True
+    assert conversion["OutputFormatConfiguration"]["Serializer"]["ParquetSerDe"]["Compression"] == "GZIP"
+    assert conversion["SchemaConfiguration"]["TableName"] == "events"
+
+    records = [
+        b'{"ID": 1, "user name": "ann", "at": "2026-12-01T13:04:05.678Z", "tags": ["a", "b"], "geo": {"lat": 1.5, "lon": 2.5}}',
+        b'{"id": 2, "name": "bob", "extra": 1}{"id": 3}',
+        b"not json",
+        b'{"id": "three", "name": "carl"}',
+    ]
+    firehoses[2].put_record_batch(DeliveryStreamName=name, Records=[{"Data": r} for r in records])
+    found = objects(s3_client(s3_endpoint), bucket, 2)
+    [parquet_key] = [k for k in found if k.startswith("events/")]
+    [error_key] = [k for k in found if k.startswith("errors/")]
+    assert re.match(r"^events/\d{4}/\d{2}/\d{2}/\d{2}/" + re.escape(name) + r"-1-.*\.parquet$", parquet_key), parquet_key
+    assert error_key.startswith("errors/format-conversion-failed/" + name + "-1-"), error_key
+
+    table = pyarrow.parquet.read_table(io.BytesIO(found[parquet_key]))
+    assert table.column_names == ["id", "name", "at", "tags", "geo"]
+    rows = table.to_pylist()
+    assert [r["id"] for r in rows] == [1, 2, 3]
+    assert rows[0]["name"] == "ann" and rows[1]["name"] == "bob" and rows[2]["name"] is None
+    assert rows[0]["at"] == datetime.datetime(2026, 12, 1, 13, 4, 5, 678000)
+    assert rows[0]["tags"] == ["a", "b"] and rows[0]["geo"] == {"lat": 1.5, "lon": 2.5}
+    failures = [json.loads(line) for line in found[error_key].splitlines()]
+    assert [base64.b64decode(f["rawData"]) for f in failures] == records[2:]
+    assert {f["errorCode"] for f in failures} == {"DataFormatConversion.MalformedData"}
     firehoses[0].delete_delivery_stream(DeliveryStreamName=name)
 
 

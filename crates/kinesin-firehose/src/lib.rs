@@ -13,18 +13,21 @@
 //! records to the same key again: the retry replaces the object with the
 //! same bytes instead of adding a second one.
 
+mod convert;
 mod model;
 mod object;
 mod partition;
 mod state_machine;
 
+pub use convert::{glue_tables, GlueTables};
 pub use model::{
-    decode, encode, Batch, Checkpoint, Compression, FirehoseCommand, FirehoseQuery, FirehoseReply,
-    KinesisSource, Partitioning, Plan, S3Destination, ShardRange, Source, StreamConfig, StreamInfo,
+    decode, encode, Batch, Checkpoint, Column, Compression, Conversion, Converting, Deserializer,
+    FirehoseCommand, FirehoseQuery, FirehoseReply, KinesisSource, ParquetCompression, ParquetSerDe,
+    Partitioning, Plan, S3Destination, SchemaConfig, ShardRange, Source, StreamConfig, StreamInfo,
 };
 pub use object::{
-    batch_naming, evaluate_prefix, object_key, objects, render, KeyError, Naming, Partition,
-    PARTITION_FAILED,
+    batch_naming, evaluate_prefix, extension, object_key, objects, render, KeyError, Naming,
+    Partition, CONVERSION_FAILED, PARTITION_FAILED,
 };
 pub use partition::check_query;
 pub use state_machine::{FirehoseKind, FIREHOSE_KIND};

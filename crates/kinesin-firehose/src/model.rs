@@ -13,6 +13,8 @@ pub enum Compression {
     Gzip,
     Snappy,
     HadoopSnappy,
+    /// A ZIP archive of one entry (deflated) named as the object.
+    Zip,
 }
 
 impl Compression {
@@ -23,6 +25,7 @@ impl Compression {
             Compression::Gzip => "GZIP",
             Compression::Snappy => "Snappy",
             Compression::HadoopSnappy => "HADOOP_SNAPPY",
+            Compression::Zip => "ZIP",
         }
     }
 
@@ -32,6 +35,7 @@ impl Compression {
             Compression::Gzip,
             Compression::Snappy,
             Compression::HadoopSnappy,
+            Compression::Zip,
         ]
         .into_iter()
         .find(|c| c.name() == name)
@@ -44,6 +48,7 @@ impl Compression {
             Compression::Gzip => ".gz",
             Compression::Snappy => ".snappy",
             Compression::HadoopSnappy => ".hsnappy",
+            Compression::Zip => ".zip",
         }
     }
 }
@@ -64,15 +69,96 @@ pub struct S3Destination {
     pub extended: bool,
     /// Dynamic partitioning: the MetadataExtraction processor's jq query.
     pub partition_query: Option<String>,
+    /// DataFormatConversionConfiguration (kept while disabled, as AWS
+    /// describes it).
+    pub conversion: Option<Conversion>,
 }
 
 impl S3Destination {
+    /// The conversion records go through, when enabled.
+    pub fn converting(&self) -> Option<&Conversion> {
+        self.conversion.as_ref().filter(|c| c.enabled)
+    }
+
     /// The bucket of `arn:aws:s3:::bucket`.
     pub fn bucket(&self) -> &str {
         self.bucket_arn
             .strip_prefix("arn:aws:s3:::")
             .unwrap_or(&self.bucket_arn)
     }
+}
+
+/// JSON → Parquet conversion (`DataFormatConversionConfiguration`). The
+/// table's columns are resolved from the node's Glue table definitions
+/// when the destination is configured and kept here, so every replica
+/// converts alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conversion {
+    pub enabled: bool,
+    pub schema: SchemaConfig,
+    pub columns: Vec<Column>,
+    pub input: Deserializer,
+    pub output: ParquetSerDe,
+}
+
+/// `SchemaConfiguration`: the Glue table, as configured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchemaConfig {
+    pub role_arn: String,
+    pub catalog_id: Option<String>,
+    pub database: String,
+    pub table: String,
+    pub region: Option<String>,
+    pub version_id: String,
+}
+
+/// A table column: its name and Hive type (`int`, `array<string>`, …).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Column {
+    pub name: String,
+    pub type_name: String,
+}
+
+/// The JSON deserializer (`InputFormatConfiguration`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Deserializer {
+    OpenX {
+        case_insensitive: bool,
+        dots_to_underscores: bool,
+        /// Column name → the JSON key it is read from.
+        mappings: BTreeMap<String, String>,
+    },
+    Hive {
+        /// Stored and described; timestamps are read as ISO 8601 text or
+        /// epoch milliseconds whatever they say.
+        timestamp_formats: Vec<String>,
+    },
+}
+
+/// `ParquetSerDe`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParquetSerDe {
+    pub block_size: u32,
+    pub page_size: u32,
+    pub compression: ParquetCompression,
+    pub dictionary: bool,
+    pub max_padding: u32,
+    pub writer_v2: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ParquetCompression {
+    Uncompressed,
+    Gzip,
+    Snappy,
+}
+
+/// A sealed batch's conversion: the format and the key of the object of
+/// the records that do not convert.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Converting {
+    pub format: Conversion,
+    pub error_key: String,
 }
 
 /// Where a delivery stream's records come from.
@@ -147,6 +233,15 @@ pub struct Batch {
     /// Dynamic partitioning, fixed when the batch is sealed (`key` is then
     /// unused): one object per partition.
     pub partitioning: Option<Partitioning>,
+    /// Record format conversion, fixed when the batch is sealed.
+    pub conversion: Option<Converting>,
+}
+
+impl Batch {
+    /// What ends its objects' keys.
+    pub fn extension(&self) -> &'static str {
+        crate::object::extension(self.compression, self.conversion.is_some())
+    }
 }
 
 /// What names the objects of a dynamically partitioned batch.

@@ -7,7 +7,7 @@ use std::io::Write;
 use base64::Engine;
 use chrono::{DateTime, Utc};
 
-use crate::model::{Batch, Compression, Partitioning, S3Destination};
+use crate::model::{Batch, Compression, Converting, Partitioning, S3Destination};
 
 /// A prefix Firehose cannot evaluate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,7 +159,18 @@ pub struct Naming<'a> {
     pub version: u64,
     pub first_arrival_ms: u64,
     pub from: u128,
-    pub compression: Compression,
+    /// What ends the key: the format's extension (`.gz`, `.parquet`, …).
+    pub extension: &'static str,
+}
+
+/// The extension AWS gives an object: `.parquet` when records are
+/// converted, else the compression's.
+pub fn extension(compression: Compression, converted: bool) -> &'static str {
+    if converted {
+        ".parquet"
+    } else {
+        compression.extension()
+    }
 }
 
 /// The key of the object a batch becomes, as AWS names them:
@@ -178,7 +189,7 @@ pub fn object_key(
         version,
         first_arrival_ms,
         from,
-        compression,
+        extension,
     } = naming;
     let time = time_of(first_arrival_ms);
     let (mut key, expressions) = evaluate_prefix(
@@ -200,21 +211,46 @@ pub fn object_key(
         &id[12..16],
         &id[16..20],
         &id[20..32],
-        compression.extension()
+        extension
     ));
     Ok(key)
 }
 
 /// How the objects of a batch about to be sealed are named: its key, or
-/// (dynamically partitioned) what names each partition's object.
+/// (dynamically partitioned) what names each partition's object; and with
+/// record format conversion, the format and the key of the object of
+/// records that do not convert.
 pub fn batch_naming(
     destination: &S3Destination,
     naming: Naming<'_>,
-) -> Result<(String, Option<Partitioning>), KeyError> {
+) -> Result<(String, Option<Partitioning>, Option<Converting>), KeyError> {
+    let conversion = match destination.converting() {
+        None => None,
+        Some(format) => {
+            let prefix = destination
+                .error_output_prefix
+                .as_deref()
+                .unwrap_or(DEFAULT_CONVERSION_ERRORS);
+            let errors = Naming {
+                extension: "",
+                ..naming
+            };
+            Some(Converting {
+                format: format.clone(),
+                error_key: object_key(
+                    errors,
+                    Some(prefix),
+                    Some(CONVERSION_FAILED),
+                    Partition::Off,
+                )?,
+            })
+        }
+    };
     match &destination.partition_query {
         None => Ok((
             object_key(naming, destination.prefix.as_deref(), None, Partition::Off)?,
             None,
+            conversion,
         )),
         Some(query) => Ok((
             String::new(),
@@ -225,6 +261,7 @@ pub fn batch_naming(
                 stream: naming.stream.to_string(),
                 version: naming.version,
             }),
+            conversion,
         )),
     }
 }
@@ -233,59 +270,102 @@ pub fn batch_naming(
 /// could not be extracted.
 pub const PARTITION_FAILED: &str = "processing-failed";
 
+/// The `!{firehose:error-output-type}` of records that do not convert.
+pub const CONVERSION_FAILED: &str = "format-conversion-failed";
+
+/// Where records that do not convert go without an ErrorOutputPrefix.
+const DEFAULT_CONVERSION_ERRORS: &str = "format-conversion-failed/";
+
+/// A record that did not make it into an object, as a JSON line of the
+/// error object: the record in base64, why, and AWS's error code.
+fn failure(record: &[u8], code: &str, reason: &str) -> Vec<u8> {
+    serde_json::json!({
+        "rawData": base64::engine::general_purpose::STANDARD.encode(record),
+        "errorCode": code,
+        "errorMessage": reason,
+    })
+    .to_string()
+    .into_bytes()
+}
+
 /// The objects a sealed batch becomes, `(key, bytes)`: one, or with
 /// dynamic partitioning one per partition (records in their order) and one
 /// under the error prefix for records without partition keys, each a JSON
 /// line with the record in base64. Deterministic, as [`render`].
 pub fn objects(batch: &Batch, records: Vec<Vec<u8>>) -> Result<Vec<(String, Vec<u8>)>, String> {
-    let Some(p) = &batch.partitioning else {
-        let body = render(&records, batch.compression, batch.append_delimiter)
-            .map_err(|e| e.to_string())?;
-        return Ok(vec![(batch.key.clone(), body)]);
-    };
-    let naming = Naming {
-        stream: &p.stream,
-        version: p.version,
-        first_arrival_ms: batch.first_arrival_ms,
-        from: batch.from,
-        compression: batch.compression,
-    };
-    let keys = crate::partition::partition_keys(&p.query, &records)?;
     let mut groups: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
-    let mut failed = Vec::new();
-    for (record, keys) in records.into_iter().zip(keys) {
-        let key = keys.and_then(|k| {
-            object_key(naming, Some(&p.prefix), None, Partition::Keys(&k)).map_err(|e| e.0)
-        });
-        match key {
-            Ok(key) => groups.entry(key).or_default().push(record),
-            Err(reason) => failed.push(
-                serde_json::json!({
-                    "rawData": base64::engine::general_purpose::STANDARD.encode(&record),
-                    "errorCode": "DynamicPartitioning.MetadataExtractionFailed",
-                    "errorMessage": reason,
-                })
-                .to_string()
-                .into_bytes(),
-            ),
+    let mut error_objects = Vec::new();
+    match &batch.partitioning {
+        None => {
+            groups.insert(batch.key.clone(), records);
+        }
+        Some(p) => {
+            let naming = Naming {
+                stream: &p.stream,
+                version: p.version,
+                first_arrival_ms: batch.first_arrival_ms,
+                from: batch.from,
+                extension: batch.extension(),
+            };
+            let keys = crate::partition::partition_keys(&p.query, &records)?;
+            let mut unpartitioned = Vec::new();
+            for (record, keys) in records.into_iter().zip(keys) {
+                let key = keys.and_then(|k| {
+                    object_key(naming, Some(&p.prefix), None, Partition::Keys(&k)).map_err(|e| e.0)
+                });
+                match key {
+                    Ok(key) => groups.entry(key).or_default().push(record),
+                    Err(reason) => unpartitioned.push(failure(
+                        &record,
+                        "DynamicPartitioning.MetadataExtractionFailed",
+                        &reason,
+                    )),
+                }
+            }
+            if !unpartitioned.is_empty() {
+                let key = object_key(
+                    Naming {
+                        extension: batch.compression.extension(),
+                        ..naming
+                    },
+                    Some(&p.error_prefix),
+                    Some(PARTITION_FAILED),
+                    Partition::Off,
+                )
+                .map_err(|e| e.0)?;
+                let body = render(&unpartitioned, batch.compression, true, &key)
+                    .map_err(|e| e.to_string())?;
+                error_objects.push((key, body));
+            }
         }
     }
-    let mut out = Vec::with_capacity(groups.len() + 1);
+    let mut out = Vec::with_capacity(groups.len() + 2);
+    let mut unconverted = Vec::new();
     for (key, records) in groups {
-        let body = render(&records, batch.compression, batch.append_delimiter)
-            .map_err(|e| e.to_string())?;
-        out.push((key, body));
+        match &batch.conversion {
+            None => {
+                let body = render(&records, batch.compression, batch.append_delimiter, &key)
+                    .map_err(|e| e.to_string())?;
+                out.push((key, body));
+            }
+            Some(c) => {
+                let (body, failed) = crate::convert::convert(&records, &c.format)?;
+                out.extend(body.map(|body| (key, body)));
+                for (i, reason) in failed {
+                    unconverted.push(failure(
+                        &records[i],
+                        "DataFormatConversion.MalformedData",
+                        &reason,
+                    ));
+                }
+            }
+        }
     }
-    if !failed.is_empty() {
-        let key = object_key(
-            naming,
-            Some(&p.error_prefix),
-            Some(PARTITION_FAILED),
-            Partition::Off,
-        )
-        .map_err(|e| e.0)?;
-        let body = render(&failed, batch.compression, true).map_err(|e| e.to_string())?;
-        out.push((key, body));
+    out.extend(error_objects);
+    if let (Some(c), false) = (&batch.conversion, unconverted.is_empty()) {
+        let body = render(&unconverted, Compression::Uncompressed, true, &c.error_key)
+            .map_err(|e| e.to_string())?;
+        out.push((c.error_key.clone(), body));
     }
     Ok(out)
 }
@@ -300,6 +380,7 @@ pub fn render(
     records: &[Vec<u8>],
     compression: Compression,
     append_delimiter: bool,
+    key: &str,
 ) -> std::io::Result<Vec<u8>> {
     let size: usize = records.iter().map(|r| r.len() + 1).sum();
     let mut plain = Vec::with_capacity(size);
@@ -334,6 +415,20 @@ pub fn render(
                 out.extend_from_slice(&compressed);
             }
             Ok(out)
+        }
+        Compression::Zip => {
+            let name = key.rsplit('/').next().unwrap_or(key);
+            let name = name.strip_suffix(".zip").unwrap_or(name);
+            let mut out =
+                zip::ZipWriter::new(std::io::Cursor::new(Vec::with_capacity(plain.len() / 2)));
+            let options = zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Deflated)
+                .last_modified_time(zip::DateTime::default())
+                .large_file(plain.len() > u32::MAX as usize);
+            out.start_file(name, options)
+                .map_err(std::io::Error::other)?;
+            out.write_all(&plain)?;
+            Ok(out.finish().map_err(std::io::Error::other)?.into_inner())
         }
     }
 }
@@ -416,7 +511,7 @@ mod tests {
             version,
             first_arrival_ms: T,
             from,
-            compression,
+            extension: compression.extension(),
         }
     }
 
@@ -441,6 +536,7 @@ mod tests {
                 stream: "s".into(),
                 version: 2,
             }),
+            conversion: None,
         };
         let records = [
             r#"{"c":"a","n":1}"#,
@@ -487,9 +583,10 @@ mod tests {
             Compression::Gzip,
             Compression::Snappy,
             Compression::HadoopSnappy,
+            Compression::Zip,
         ] {
-            let bytes = render(&records, compression, true).unwrap();
-            assert_eq!(bytes, render(&records, compression, true).unwrap());
+            let bytes = render(&records, compression, true, "k.zip").unwrap();
+            assert_eq!(bytes, render(&records, compression, true, "k.zip").unwrap());
             let plain = match compression {
                 Compression::Uncompressed => bytes,
                 Compression::Gzip => {
@@ -519,11 +616,24 @@ mod tests {
                     }
                     out
                 }
+                Compression::Zip => {
+                    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
+                    assert_eq!(archive.len(), 1);
+                    let mut entry = archive.by_index(0).unwrap();
+                    assert_eq!(
+                        entry.name().unwrap(),
+                        "k",
+                        "the entry is named as the object"
+                    );
+                    let mut out = Vec::new();
+                    entry.read_to_end(&mut out).unwrap();
+                    out
+                }
             };
             assert_eq!(plain, expected, "{compression:?}");
         }
         assert_eq!(
-            render(&records[..2], Compression::Uncompressed, false).unwrap(),
+            render(&records[..2], Compression::Uncompressed, false, "k").unwrap(),
             b"record 0record 1"
         );
     }

@@ -442,6 +442,7 @@ mod tests {
             append_delimiter: false,
             extended: false,
             partition_query: None,
+            conversion: None,
         }
     }
 
@@ -506,6 +507,7 @@ mod tests {
             ranges: Vec::new(),
             finished: Vec::new(),
             partitioning: None,
+            conversion: None,
         }
     }
 
@@ -686,6 +688,7 @@ mod tests {
             ],
             finished: vec![ShardId(0)],
             partitioning: None,
+            conversion: None,
         };
         assert_eq!(
             run(&storage, &sm, 3, 5, FirehoseCommand::Seal(sealed(10, 120))),

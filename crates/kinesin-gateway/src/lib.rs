@@ -63,6 +63,9 @@ pub struct GatewayConfig {
     /// Where clients reach this node's API (`http://host:port`): queue URLs
     /// start with it.
     pub public_url: String,
+    /// Glue table definitions that Firehose record format conversion
+    /// names (`glue_tables_file`).
+    pub glue_tables: Arc<kinesin_firehose::GlueTables>,
 }
 
 /// PEM certificate chain and private key of the HTTPS endpoint.
@@ -117,6 +120,7 @@ impl Default for GatewayConfig {
             shard_limit: 10_000,
             iterator_validity_ms: 300_000,
             public_url: "http://127.0.0.1:4566".into(),
+            glue_tables: Arc::default(),
         }
     }
 }
@@ -229,6 +233,7 @@ impl Gateway {
             account,
             home: &self.config.home_account,
             check_accounts: !self.config.credentials.is_empty(),
+            tables: &self.config.glue_tables,
             now_ms: kinesin_router::now_ms(),
         }
     }

@@ -84,6 +84,13 @@ pub struct Config {
     /// from the standard AWS variables), or `file:///dir` for a directory
     /// with one subdirectory per bucket. None: AWS S3 itself.
     pub s3_endpoint: Option<String>,
+    /// Glue table definitions for Firehose record format conversion (JSON
+    /// → Parquet): a JSON array of what `aws glue create-table` takes,
+    /// `{"DatabaseName": …, "TableInput": {"Name": …, "StorageDescriptor":
+    /// {"Columns": [{"Name": …, "Type": …}]}}}`. A delivery stream's
+    /// SchemaConfiguration names one; its columns are kept with the stream
+    /// when it is created or updated. Give every node the same file.
+    pub glue_tables_file: Option<PathBuf>,
     /// Most open shards the cluster allows (CreateStream, DescribeLimits).
     pub shard_limit: u32,
     /// How long shard iterators and paging tokens stay valid (AWS: 300).
@@ -158,6 +165,7 @@ impl Default for Config {
             auth: AuthSetting::Sigv4,
             home_account: None,
             s3_endpoint: None,
+            glue_tables_file: None,
             shard_limit: 10_000,
             iterator_validity_secs: 300,
             shard_write_bytes_per_sec: 0,
@@ -231,6 +239,22 @@ impl Config {
                 .map_err(ConfigError::Invalid),
             _ => Ok(None),
         }
+    }
+
+    /// The Glue tables of `glue_tables_file`, read and checked (none when
+    /// it is unset).
+    pub fn glue_tables(&self) -> Result<kinesin_firehose::GlueTables, ConfigError> {
+        let Some(path) = &self.glue_tables_file else {
+            return Ok(Default::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::Invalid(format!(
+                "cannot read glue_tables_file {}: {e}",
+                path.display()
+            ))
+        })?;
+        kinesin_firehose::glue_tables(&text)
+            .map_err(|e| ConfigError::Invalid(format!("glue_tables_file {}: {e}", path.display())))
     }
 
     /// The account that owns the streams named without an account
@@ -319,6 +343,7 @@ impl Config {
                 ));
             }
         }
+        self.glue_tables()?;
         // Unset, they are the listen addresses (port 0 until bound).
         if let Some(addr) = &self.advertise_grpc {
             if let Err(e) = kinesin_types::validate_node_address(addr) {
@@ -445,6 +470,13 @@ mod tests {
                     ..Config::default()
                 },
                 "shard_snapshot_every must be at least 100",
+            ),
+            (
+                Config {
+                    glue_tables_file: Some("/nonexistent/glue-tables.json".into()),
+                    ..Config::default()
+                },
+                "cannot read glue_tables_file",
             ),
         ];
         let credential = |key: &str, account: &str| kinesin_gateway::Credential {

@@ -19,9 +19,14 @@ pub struct DevArgs {
     /// directory `s3` in the data directory, one subdirectory per bucket.
     #[arg(long, env = "KINESIN_S3_ENDPOINT")]
     s3_endpoint: Option<String>,
+    /// Glue table definitions (JSON, as `aws glue create-table` takes them)
+    /// for Firehose's JSON → Parquet conversion.
+    #[arg(long, env = "KINESIN_GLUE_TABLES_FILE")]
+    glue_tables_file: Option<PathBuf>,
 }
 
-fn node_config(k: u16, n: u16, data_dir: &std::path::Path, s3_endpoint: &str) -> Config {
+fn node_config(k: u16, n: u16, args: &DevArgs, s3_endpoint: &str) -> Config {
+    let data_dir = &args.data_dir;
     let port = |base: u16| {
         format!("127.0.0.1:{}", base + 10 * k)
             .parse()
@@ -45,6 +50,7 @@ fn node_config(k: u16, n: u16, data_dir: &std::path::Path, s3_endpoint: &str) ->
         replication_factor: usize::from(n.min(3)),
         fsync: FsyncSetting::Always,
         s3_endpoint: Some(s3_endpoint.to_string()),
+        glue_tables_file: args.glue_tables_file.clone(),
         insecure_internal: true,
         ..Config::default()
     }
@@ -54,8 +60,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     if args.nodes == 0 || args.nodes > 9 {
         anyhow::bail!("--nodes must be 1 to 9");
     }
-    let s3_endpoint = match args.s3_endpoint {
-        Some(endpoint) => endpoint,
+    let s3_endpoint = match &args.s3_endpoint {
+        Some(endpoint) => endpoint.clone(),
         None => {
             let dir = std::path::absolute(args.data_dir.join("s3"))?;
             format!("file://{}", dir.display())
@@ -64,12 +70,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     if args.nodes == 1 {
         println!("kinesin dev: single node, embedded defaults, dev credentials (any)");
         println!("Firehose delivers to {s3_endpoint}");
-        return crate::run_server(node_config(0, 1, &args.data_dir, &s3_endpoint)).await;
+        return crate::run_server(node_config(0, 1, &args, &s3_endpoint)).await;
     }
     let exe = std::env::current_exe()?;
     let mut children = Vec::new();
     for k in 0..args.nodes {
-        let c = node_config(k, args.nodes, &args.data_dir, &s3_endpoint);
+        let c = node_config(k, args.nodes, &args, &s3_endpoint);
         let mut cmd = tokio::process::Command::new(&exe);
         cmd.arg("server")
             .arg("--node-id")
@@ -89,6 +95,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .arg("--s3-endpoint")
             .arg(&s3_endpoint)
             .arg("--insecure-internal")
+            .args(
+                c.glue_tables_file
+                    .iter()
+                    .flat_map(|f| [std::ffi::OsStr::new("--glue-tables-file"), f.as_os_str()]),
+            )
             .env_remove("KINESIN_INTERNAL_TLS_CA")
             .env_remove("KINESIN_INTERNAL_TLS_CERT")
             .env_remove("KINESIN_INTERNAL_TLS_KEY")

@@ -33,7 +33,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a production node (config file, KINESIN_* environment, flags).
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Start a local cluster with embedded defaults (data under ./data).
     Dev(dev::DevArgs),
     /// Manage streams.
@@ -120,6 +120,9 @@ pub struct ServerArgs {
     /// Where Firehose writes objects: an S3 endpoint URL or `file:///dir`.
     #[arg(long, env = "KINESIN_S3_ENDPOINT")]
     s3_endpoint: Option<String>,
+    /// Glue table definitions (JSON) for Firehose's JSON → Parquet conversion.
+    #[arg(long, env = "KINESIN_GLUE_TABLES_FILE")]
+    glue_tables_file: Option<PathBuf>,
     /// Mutual TLS on the internal gRPC port: the cluster CA, this node's
     /// certificate and its key (PEM).
     #[arg(long, env = "KINESIN_INTERNAL_TLS_CA")]
@@ -176,6 +179,9 @@ impl ServerArgs {
         }
         if self.s3_endpoint.is_some() {
             c.s3_endpoint = self.s3_endpoint;
+        }
+        if self.glue_tables_file.is_some() {
+            c.glue_tables_file = self.glue_tables_file;
         }
         if self.insecure_dev {
             c.auth = AuthSetting::None;

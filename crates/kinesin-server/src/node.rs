@@ -226,6 +226,7 @@ impl Node {
                     if tls.is_some() { "https" } else { "http" },
                     config.api_address()
                 ),
+                glue_tables: Arc::new(config.glue_tables()?),
             },
             tls,
             stop_rx.clone(),

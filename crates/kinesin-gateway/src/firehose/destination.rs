@@ -1,7 +1,12 @@
 //! The S3 and ExtendedS3 destination: read from a configuration or an
 //! update, checked, and described.
 
-use kinesin_firehose::{evaluate_prefix, Compression, Partition, S3Destination, PARTITION_FAILED};
+use std::collections::BTreeMap;
+
+use kinesin_firehose::{
+    evaluate_prefix, Column, Compression, Conversion, Deserializer, GlueTables, ParquetCompression,
+    ParquetSerDe, Partition, S3Destination, SchemaConfig, PARTITION_FAILED,
+};
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
@@ -9,6 +14,9 @@ use crate::input::{constraint, Input};
 
 const DEFAULT_SIZE_MIB: u32 = 5;
 const DEFAULT_INTERVAL_S: u32 = 300;
+/// Buffer size with record format conversion: default and least (AWS's).
+const CONVERSION_SIZE_MIB: u32 = 128;
+const CONVERSION_MIN_SIZE_MIB: u32 = 64;
 
 /// Destinations other than S3 that CreateDeliveryStream may name.
 pub(super) const OTHER_DESTINATIONS: &[&str] = &[
@@ -35,6 +43,7 @@ pub(super) fn read(
     config: &Input<'_>,
     base: Option<&S3Destination>,
     extended: bool,
+    tables: &GlueTables,
 ) -> Result<S3Destination, ApiError> {
     let role = config.opt_str_len("RoleARN", 1, 512)?;
     let bucket = config.opt_str_len("BucketARN", 1, 2048)?;
@@ -78,7 +87,6 @@ pub(super) fn read(
     };
     let compression = match config.opt_str("CompressionFormat")? {
         None => base.map_or(Compression::Uncompressed, |b| b.compression),
-        Some("ZIP") => return Err(not_supported("CompressionFormat ZIP")),
         Some(name) => Compression::from_name(name).ok_or_else(|| {
             constraint(
                 "CompressionFormat",
@@ -115,11 +123,26 @@ pub(super) fn read(
         }
         (false, None) => None,
     };
-    if let Some(c) = config.opt_object("DataFormatConversionConfiguration")? {
-        if c.opt_bool("Enabled")?.unwrap_or(true) {
-            return Err(not_supported("DataFormatConversionConfiguration"));
-        }
+    let conversion = match config.opt_object("DataFormatConversionConfiguration")? {
+        Some(c) => conversion(&c, tables)?,
+        None => base.and_then(|b| b.conversion.clone()),
+    };
+    let converting = conversion.as_ref().is_some_and(|c| c.enabled);
+    if converting && compression != Compression::Uncompressed {
+        return Err(ApiError::invalid_argument(
+            "CompressionFormat must be UNCOMPRESSED when data format conversion is enabled (ParquetSerDe compresses)",
+        ));
     }
+    if converting && size_mib.is_some_and(|s| s < i64::from(CONVERSION_MIN_SIZE_MIB)) {
+        return Err(ApiError::invalid_argument(format!(
+            "BufferingHints.SizeInMBs must be at least {CONVERSION_MIN_SIZE_MIB} when data format conversion is enabled"
+        )));
+    }
+    let default_size = if converting {
+        CONVERSION_SIZE_MIB
+    } else {
+        DEFAULT_SIZE_MIB
+    };
     if config.opt_str("S3BackupMode")? == Some("Enabled") {
         return Err(not_supported("S3BackupMode Enabled"));
     }
@@ -134,7 +157,10 @@ pub(super) fn read(
         prefix,
         error_output_prefix,
         size_mib: size_mib.map_or_else(
-            || base.map_or(DEFAULT_SIZE_MIB, |b| b.size_mib),
+            || match base {
+                Some(b) if !converting || b.size_mib >= CONVERSION_MIN_SIZE_MIB => b.size_mib,
+                _ => default_size,
+            },
             |v| v as u32,
         ),
         interval_s: interval_s.map_or_else(
@@ -145,9 +171,197 @@ pub(super) fn read(
         append_delimiter: processing.append,
         extended: extended || base.is_some_and(|b| b.extended),
         partition_query,
+        conversion,
     };
     check_prefixes(&destination)?;
     Ok(destination)
+}
+
+/// A DataFormatConversionConfiguration: the Glue table's columns from the
+/// node's table definitions, the JSON deserializer and the Parquet
+/// serializer. None when disabled without the details.
+fn conversion(c: &Input<'_>, tables: &GlueTables) -> Result<Option<Conversion>, ApiError> {
+    let enabled = c.opt_bool("Enabled")?.unwrap_or(true);
+    let required = |member: &str| {
+        ApiError::invalid_argument(format!(
+            "{member} is required when data format conversion is enabled"
+        ))
+    };
+    let (Some(schema), Some(input), Some(output)) = (
+        c.opt_object("SchemaConfiguration")?,
+        c.opt_object("InputFormatConfiguration")?,
+        c.opt_object("OutputFormatConfiguration")?,
+    ) else {
+        if !enabled {
+            return Ok(None);
+        }
+        let missing = ["SchemaConfiguration", "InputFormatConfiguration"]
+            .into_iter()
+            .find(|m| c.opt_object(m).ok().flatten().is_none())
+            .unwrap_or("OutputFormatConfiguration");
+        return Err(required(missing));
+    };
+    let word = |input: &Input<'_>, member: &str| -> Result<Option<String>, ApiError> {
+        let value = input.opt_str_len(member, 1, 1024)?;
+        if let Some(v) = value.filter(|v| v.contains(char::is_whitespace)) {
+            return Err(constraint(
+                member,
+                v,
+                "satisfy regular expression pattern: ^\\S+$",
+            ));
+        }
+        Ok(value.map(str::to_string))
+    };
+    let database = word(&schema, "DatabaseName")?
+        .ok_or_else(|| required("SchemaConfiguration.DatabaseName"))?;
+    let table =
+        word(&schema, "TableName")?.ok_or_else(|| required("SchemaConfiguration.TableName"))?;
+    let columns: Vec<Column> = tables
+        .get(&(database.to_ascii_lowercase(), table.to_ascii_lowercase()))
+        .cloned()
+        .ok_or_else(|| {
+            ApiError::invalid_argument(format!(
+                "The Glue table {database}.{table} is not defined: Kinesin reads tables from the nodes' glue_tables_file"
+            ))
+        })?;
+    let schema = SchemaConfig {
+        role_arn: word(&schema, "RoleARN")?.unwrap_or_default(),
+        catalog_id: word(&schema, "CatalogId")?,
+        database,
+        table,
+        region: word(&schema, "Region")?,
+        version_id: word(&schema, "VersionId")?.unwrap_or_else(|| "LATEST".to_string()),
+    };
+    let deserializer = input
+        .opt_object("Deserializer")?
+        .ok_or_else(|| required("InputFormatConfiguration.Deserializer"))?;
+    let input = match (
+        deserializer.opt_object("OpenXJsonSerDe")?,
+        deserializer.opt_object("HiveJsonSerDe")?,
+    ) {
+        (Some(openx), None) => Deserializer::OpenX {
+            case_insensitive: openx.opt_bool("CaseInsensitive")?.unwrap_or(true),
+            dots_to_underscores: openx
+                .opt_bool("ConvertDotsInJsonKeysToUnderscores")?
+                .unwrap_or(false),
+            mappings: openx
+                .opt_str_map("ColumnToJsonKeyMappings")?
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(column, key)| (column.to_ascii_lowercase(), key.to_string()))
+                .collect::<BTreeMap<_, _>>(),
+        },
+        (None, Some(hive)) => Deserializer::Hive {
+            timestamp_formats: hive
+                .opt_str_list("TimestampFormats")?
+                .unwrap_or_default()
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
+        },
+        _ => {
+            return Err(ApiError::invalid_argument(
+                "The Deserializer must name exactly one of OpenXJsonSerDe and HiveJsonSerDe",
+            ))
+        }
+    };
+    let serializer = output
+        .opt_object("Serializer")?
+        .ok_or_else(|| required("OutputFormatConfiguration.Serializer"))?;
+    if serializer.opt_object("OrcSerDe")?.is_some() {
+        return Err(not_supported("OrcSerDe (ORC output)"));
+    }
+    let parquet = serializer
+        .opt_object("ParquetSerDe")?
+        .ok_or_else(|| required("OutputFormatConfiguration.Serializer.ParquetSerDe"))?;
+    let output = ParquetSerDe {
+        block_size: parquet
+            .opt_int_range("BlockSizeBytes", 64 << 20, i64::from(i32::MAX))?
+            .map_or(256 << 20, |v| v as u32),
+        page_size: parquet
+            .opt_int_range("PageSizeBytes", 64 << 10, i64::from(i32::MAX))?
+            .map_or(1 << 20, |v| v as u32),
+        compression: match parquet.opt_str("Compression")? {
+            None | Some("SNAPPY") => ParquetCompression::Snappy,
+            Some("GZIP") => ParquetCompression::Gzip,
+            Some("UNCOMPRESSED") => ParquetCompression::Uncompressed,
+            Some(other) => {
+                return Err(constraint(
+                    "Compression",
+                    other,
+                    "satisfy enum value set: [UNCOMPRESSED, GZIP, SNAPPY]",
+                ))
+            }
+        },
+        dictionary: parquet
+            .opt_bool("EnableDictionaryCompression")?
+            .unwrap_or(false),
+        max_padding: parquet
+            .opt_int_range("MaxPaddingBytes", 0, i64::from(i32::MAX))?
+            .map_or(0, |v| v as u32),
+        writer_v2: match parquet.opt_str("WriterVersion")? {
+            None | Some("V1") => false,
+            Some("V2") => true,
+            Some(other) => {
+                return Err(constraint(
+                    "WriterVersion",
+                    other,
+                    "satisfy enum value set: [V1, V2]",
+                ))
+            }
+        },
+    };
+    Ok(Some(Conversion {
+        enabled,
+        schema,
+        columns,
+        input,
+        output,
+    }))
+}
+
+/// DataFormatConversionConfiguration as DescribeDeliveryStream shows it.
+fn describe_conversion(c: &Conversion) -> Value {
+    let s = &c.schema;
+    let deserializer = match &c.input {
+        Deserializer::OpenX {
+            case_insensitive,
+            dots_to_underscores,
+            mappings,
+        } => json!({"OpenXJsonSerDe": {
+            "CaseInsensitive": case_insensitive,
+            "ConvertDotsInJsonKeysToUnderscores": dots_to_underscores,
+            "ColumnToJsonKeyMappings": mappings,
+        }}),
+        Deserializer::Hive { timestamp_formats } => {
+            json!({"HiveJsonSerDe": {"TimestampFormats": timestamp_formats}})
+        }
+    };
+    let o = &c.output;
+    json!({
+        "Enabled": c.enabled,
+        "SchemaConfiguration": {
+            "RoleARN": s.role_arn,
+            "CatalogId": s.catalog_id,
+            "DatabaseName": s.database,
+            "TableName": s.table,
+            "Region": s.region,
+            "VersionId": s.version_id,
+        },
+        "InputFormatConfiguration": {"Deserializer": deserializer},
+        "OutputFormatConfiguration": {"Serializer": {"ParquetSerDe": {
+            "BlockSizeBytes": o.block_size,
+            "PageSizeBytes": o.page_size,
+            "Compression": match o.compression {
+                ParquetCompression::Uncompressed => "UNCOMPRESSED",
+                ParquetCompression::Gzip => "GZIP",
+                ParquetCompression::Snappy => "SNAPPY",
+            },
+            "EnableDictionaryCompression": o.dictionary,
+            "MaxPaddingBytes": o.max_padding,
+            "WriterVersion": if o.writer_v2 { "V2" } else { "V1" },
+        }}},
+    })
 }
 
 fn check_bucket(arn: &str) -> Result<(), ApiError> {
@@ -274,6 +488,9 @@ pub(super) fn describe(d: &S3Destination) -> Value {
     extended["ProcessingConfiguration"] =
         json!({"Enabled": !processors.is_empty(), "Processors": processors});
     extended["DynamicPartitioningConfiguration"] = json!({"Enabled": d.partition_query.is_some()});
+    if let Some(c) = &d.conversion {
+        extended["DataFormatConversionConfiguration"] = describe_conversion(c);
+    }
     json!({
         "DestinationId": DESTINATION_ID,
         "S3DestinationDescription": s3,

@@ -42,6 +42,8 @@ pub struct Context<'a> {
     /// in development mode).
     pub check_accounts: bool,
     pub now_ms: u64,
+    /// The Glue tables record format conversion may name.
+    pub tables: &'a kinesin_firehose::GlueTables,
 }
 
 /// A delivery stream a request names, found in the map.

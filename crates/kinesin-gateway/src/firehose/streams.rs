@@ -106,8 +106,8 @@ pub(super) async fn create_delivery_stream(
         input.opt_object("S3DestinationConfiguration")?,
         input.opt_object("ExtendedS3DestinationConfiguration")?,
     ) {
-        (Some(c), None) => destination::read(&c, None, false)?,
-        (None, Some(c)) => destination::read(&c, None, true)?,
+        (Some(c), None) => destination::read(&c, None, false, ctx.tables)?,
+        (None, Some(c)) => destination::read(&c, None, true, ctx.tables)?,
         (Some(_), Some(_)) => {
             return Err(ApiError::invalid_argument(
                 "Only one destination configuration may be given",
@@ -394,8 +394,8 @@ pub(super) async fn update_destination(
             input.opt_object("S3DestinationUpdate")?,
             input.opt_object("ExtendedS3DestinationUpdate")?,
         ) {
-            (Some(u), None) => destination::read(&u, Some(&info.destination), false)?,
-            (None, Some(u)) => destination::read(&u, Some(&info.destination), true)?,
+            (Some(u), None) => destination::read(&u, Some(&info.destination), false, ctx.tables)?,
+            (None, Some(u)) => destination::read(&u, Some(&info.destination), true, ctx.tables)?,
             _ => return Err(ApiError::invalid_argument(
                 "Exactly one of S3DestinationUpdate and ExtendedS3DestinationUpdate is required",
             )),

@@ -31,7 +31,7 @@ pub enum FirehoseCommand {
         /// Longest buffering in seconds before an object is written (0 to 900).
         #[arg(long, default_value_t = 300)]
         interval_secs: u32,
-        /// UNCOMPRESSED, GZIP, Snappy or HADOOP_SNAPPY.
+        /// UNCOMPRESSED, GZIP, ZIP, Snappy or HADOOP_SNAPPY.
         #[arg(long, default_value = "UNCOMPRESSED")]
         compression: String,
         #[command(flatten)]

@@ -225,10 +225,14 @@ impl Delivery {
             version: info.version,
             first_arrival_ms: batch.first_arrival_ms,
             from: batch.from,
-            compression: batch.compression,
+            extension: kinesin_firehose::extension(
+                batch.compression,
+                info.destination.converting().is_some(),
+            ),
         };
-        (batch.key, batch.partitioning) = kinesin_firehose::batch_naming(&info.destination, naming)
-            .map_err(|e| anyhow::anyhow!("cannot name the object: {e}"))?;
+        (batch.key, batch.partitioning, batch.conversion) =
+            kinesin_firehose::batch_naming(&info.destination, naming)
+                .map_err(|e| anyhow::anyhow!("cannot name the object: {e}"))?;
         self.propose(&FirehoseCommand::Seal(batch)).await?;
         Ok(None)
     }
@@ -524,6 +528,7 @@ fn unnamed(info: &StreamInfo) -> Batch {
         ranges: Vec::new(),
         finished: Vec::new(),
         partitioning: None,
+        conversion: None,
     }
 }
 
