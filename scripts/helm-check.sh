@@ -77,7 +77,13 @@ PY
     "$TOOLS/venv/bin/python" - "$out/$name.yaml" "$out/$name.toml" "$out/$name-tls" <<'PY'
 import base64, os, sys, yaml
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
-toml = next(d["data"]["kinesin.toml"] for d in docs if d["kind"] == "ConfigMap" and "kinesin.toml" in d.get("data", {}))
+config = next(d["data"] for d in docs if d["kind"] == "ConfigMap" and "kinesin.toml" in d.get("data", {}))
+toml = config["kinesin.toml"]
+# The Glue tables the ConfigMap mounts next to kinesin.toml.
+if "glue-tables.json" in config:
+    tables = sys.argv[2] + ".glue-tables.json"
+    open(tables, "w").write(config["glue-tables.json"])
+    toml = toml.replace("/etc/kinesin/config/glue-tables.json", tables)
 # The internal TLS files the pod's environment names: the chart's own
 # Secret (so that what genCA makes is checked too), or for an existing
 # Secret the test certificates.
