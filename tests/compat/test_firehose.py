@@ -325,19 +325,20 @@ def partitioning(query, *processors):
 def test_dynamic_partitioning_writes_an_object_per_key_and_failures_to_the_error_prefix(firehoses, bucket, s3_endpoint):
     name = f"partitioned-{uuid.uuid4().hex[:8]}"
     keyed = {"Prefix": "customer=!{partitionKeyFromQuery:customer}/", "ErrorOutputPrefix": "errors/!{firehose:error-output-type}/"}
-    for bad in [
-        {**keyed, **partitioning("{customer: .customer")},  # does not parse
-        {"Prefix": "static/", "ErrorOutputPrefix": "e/", **partitioning("{customer: .customer}")},
-        {**keyed, "DynamicPartitioningConfiguration": {"Enabled": True}},
+    for size, bad in [
+        (64, {**keyed, **partitioning("{customer: .customer")}),  # does not parse
+        (64, {"Prefix": "static/", "ErrorOutputPrefix": "e/", **partitioning("{customer: .customer}")}),
+        (64, {**keyed, "DynamicPartitioningConfiguration": {"Enabled": True}}),
+        (63, {**keyed, **partitioning("{customer: .customer}")}),  # AWS's least buffer: 64 MiB
     ]:
         with pytest.raises(ClientError) as e:
             firehoses[0].create_delivery_stream(
-                DeliveryStreamName=name, ExtendedS3DestinationConfiguration=destination(bucket, **bad))
+                DeliveryStreamName=name, ExtendedS3DestinationConfiguration=destination(bucket, size_mib=size, **bad))
         assert e.value.response["Error"]["Code"] == "InvalidArgumentException", bad
     firehoses[0].create_delivery_stream(
         DeliveryStreamName=name,
         ExtendedS3DestinationConfiguration=destination(
-            bucket, interval_s=1, **keyed,
+            bucket, size_mib=64, interval_s=1, **keyed,
             **partitioning("{customer: .customer}", {"Type": "AppendDelimiterToRecord"}),
         ),
     )

@@ -14,9 +14,10 @@ use crate::input::{constraint, Input};
 
 const DEFAULT_SIZE_MIB: u32 = 5;
 const DEFAULT_INTERVAL_S: u32 = 300;
-/// Buffer size with record format conversion: default and least (AWS's).
-const CONVERSION_SIZE_MIB: u32 = 128;
-const CONVERSION_MIN_SIZE_MIB: u32 = 64;
+/// Buffer size with record format conversion or dynamic partitioning:
+/// default and least (AWS's).
+const LARGE_SIZE_MIB: u32 = 128;
+const LARGE_MIN_SIZE_MIB: u32 = 64;
 
 /// Destinations other than S3 that CreateDeliveryStream may name.
 pub(super) const OTHER_DESTINATIONS: &[&str] = &[
@@ -133,22 +134,17 @@ pub(super) fn read(
             "CompressionFormat must be UNCOMPRESSED when data format conversion is enabled (ParquetSerDe compresses)",
         ));
     }
-    if converting && size_mib.is_some_and(|s| s < i64::from(CONVERSION_MIN_SIZE_MIB)) {
-        return Err(ApiError::invalid_argument(format!(
-            "BufferingHints.SizeInMBs must be at least {CONVERSION_MIN_SIZE_MIB} when data format conversion is enabled"
-        )));
-    }
-    let default_size = if converting {
-        CONVERSION_SIZE_MIB
-    } else {
-        DEFAULT_SIZE_MIB
+    // AWS's least buffer with conversion or dynamic partitioning.
+    let large = match (converting, partition_query.is_some()) {
+        (true, _) => Some("data format conversion"),
+        (false, true) => Some("dynamic partitioning"),
+        (false, false) => None,
     };
-    if config.opt_str("S3BackupMode")? == Some("Enabled") {
-        return Err(not_supported("S3BackupMode Enabled"));
-    }
-    if let Some(encryption) = config.opt_object("EncryptionConfiguration")? {
-        if encryption.opt_object("KMSEncryptionConfig")?.is_some() {
-            return Err(not_supported("KMSEncryptionConfig"));
+    if let Some(feature) = large {
+        if size_mib.is_some_and(|s| s < i64::from(LARGE_MIN_SIZE_MIB)) {
+            return Err(ApiError::invalid_argument(format!(
+                "BufferingHints.SizeInMBs must be at least {LARGE_MIN_SIZE_MIB} when {feature} is enabled"
+            )));
         }
     }
     let destination = S3Destination {
@@ -157,9 +153,11 @@ pub(super) fn read(
         prefix,
         error_output_prefix,
         size_mib: size_mib.map_or_else(
-            || match base {
-                Some(b) if !converting || b.size_mib >= CONVERSION_MIN_SIZE_MIB => b.size_mib,
-                _ => default_size,
+            || match (base, large) {
+                (Some(b), None) => b.size_mib,
+                (Some(b), Some(_)) if b.size_mib >= LARGE_MIN_SIZE_MIB => b.size_mib,
+                (_, None) => DEFAULT_SIZE_MIB,
+                (_, Some(_)) => LARGE_SIZE_MIB,
             },
             |v| v as u32,
         ),
