@@ -286,3 +286,100 @@ async fn an_append_routed_by_the_map_before_a_split_is_refused() {
     assert!(read.records.iter().all(|r| &r.data[..] != b"late"));
     cluster.shutdown().await;
 }
+
+/// Whether the server closed `socket` (reads end) within `within`.
+async fn closed_within(socket: &mut tokio::net::TcpStream, within: std::time::Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let read = async {
+        loop {
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(within, read).await.is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_and_surplus_api_connections_are_closed_while_clients_keep_working() {
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    let options = kinesin_testkit::TestOptions {
+        configure: |c| {
+            c.api_max_connections = 6;
+            c.api_header_timeout_ms = 1000;
+            c.api_body_timeout_ms = 1000;
+        },
+        ..Default::default()
+    };
+    let cluster = TestCluster::start_with(1, options).await.unwrap();
+    let address = cluster.node(1).api_address();
+    let client = crate::aws_sdk::client(&address);
+    client
+        .create_stream()
+        .stream_name("hostile")
+        .shard_count(1)
+        .send()
+        .await
+        .unwrap();
+
+    // Slow loris: headers that never end, and a socket that sends nothing.
+    let mut loris = TcpStream::connect(&address).await.unwrap();
+    loris
+        .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nX-Amz-Target: Kinesis_20131202.ListStreams\r\n")
+        .await
+        .unwrap();
+    let mut silent = TcpStream::connect(&address).await.unwrap();
+    // A body that stops halfway: answered 408 and not held.
+    let mut slow_body = TcpStream::connect(&address).await.unwrap();
+    slow_body
+        .write_all(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-amz-json-1.1\r\n\
+              X-Amz-Target: Kinesis_20131202.ListStreams\r\nContent-Length: 100\r\n\r\n{\"Lim",
+        )
+        .await
+        .unwrap();
+    let within = Duration::from_secs(15);
+    // Meanwhile a normal client is answered.
+    client.list_streams().send().await.unwrap();
+    assert!(
+        closed_within(&mut loris, within).await,
+        "unfinished headers hold the connection"
+    );
+    assert!(
+        closed_within(&mut silent, within).await,
+        "a silent connection is held"
+    );
+    let mut answer = Vec::new();
+    {
+        use tokio::io::AsyncReadExt;
+        let _ = tokio::time::timeout(within, slow_body.read_to_end(&mut answer)).await;
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    // At the connection limit, more connections are closed at once; the
+    // held ones do not keep a client out once they go.
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        let mut s = TcpStream::connect(&address).await.unwrap();
+        s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        held.push(s);
+    }
+    let mut surplus = TcpStream::connect(&address).await.unwrap();
+    assert!(
+        closed_within(&mut surplus, Duration::from_secs(5)).await,
+        "a connection beyond the limit is kept"
+    );
+    drop(held);
+    kinesin_testkit::wait_until("a client is answered again", within, || async {
+        client.list_streams().send().await.is_ok()
+    })
+    .await
+    .unwrap();
+}

@@ -29,6 +29,7 @@ use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
+use hyper_util::server::conn::auto;
 use kinesin_router::Router;
 use kinesin_types::ShardId;
 use serde_json::json;
@@ -66,6 +67,12 @@ pub struct GatewayConfig {
     /// Glue table definitions that Firehose record format conversion
     /// names (`glue_tables_file`).
     pub glue_tables: Arc<kinesin_firehose::GlueTables>,
+    /// Most API connections open at once; more are closed as they come.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers (HTTP/1.1),
+    /// and its body.
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
 }
 
 /// PEM certificate chain and private key of the HTTPS endpoint.
@@ -121,6 +128,9 @@ impl Default for GatewayConfig {
             iterator_validity_ms: 300_000,
             public_url: "http://127.0.0.1:4566".into(),
             glue_tables: Arc::default(),
+            max_connections: 10_000,
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -129,6 +139,8 @@ struct Gateway {
     router: Arc<Router>,
     config: GatewayConfig,
     subscriptions: Arc<Subscriptions>,
+    /// [`BODY_BUDGET_KIB`], in KiB.
+    body_budget: tokio::sync::Semaphore,
 }
 
 /// This node's live SubscribeToShard streams: one per consumer and shard,
@@ -259,11 +271,25 @@ pub fn app(router: Arc<Router>, config: GatewayConfig) -> axum::Router {
             router,
             config,
             subscriptions: Arc::default(),
+            body_budget: tokio::sync::Semaphore::new(BODY_BUDGET_KIB),
         }))
 }
 
+/// How long a TLS handshake may take (from the connection's start).
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent requests per HTTP/2 connection.
+const H2_MAX_STREAMS: u32 = 64;
+/// HTTP/2 pings of a quiet connection, and how long an answer may take.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long in-flight requests may run on after a stop.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// Serves the endpoint until `stop` turns true: plain HTTP/1.1 and h2c, or
-/// with `tls` set HTTPS with HTTP/2 and HTTP/1.1 chosen by ALPN.
+/// with `tls` set HTTPS with HTTP/2 and HTTP/1.1 chosen by ALPN. At most
+/// `max_connections` connections are open; more are closed as they come.
+/// Headers, TLS handshakes and bodies have time limits, HTTP/2 connections
+/// a stream limit; bodies being read share the node's body budget.
 pub async fn serve(
     listener: TcpListener,
     router: Arc<Router>,
@@ -276,15 +302,22 @@ pub async fn serve(
             "the AWS API accepts any credentials (development mode); configure [[credentials]] to verify SigV4 signatures"
         );
     }
+    let permits = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
+    let header_timeout = config.header_timeout;
     let app = app(router, config);
-    let Some(acceptor) = tls else {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
-            .await;
-        return;
-    };
+    let mut builder = auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .keep_alive_interval(H2_PING_INTERVAL)
+        .keep_alive_timeout(H2_PING_TIMEOUT);
+    let builder = Arc::new(builder);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let stopped = async {
@@ -301,41 +334,66 @@ pub async fn serve(
                 }
             },
         };
-        let (acceptor, app) = (acceptor.clone(), app.clone());
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            metrics::counter!("kinesin_api_connections_refused_total").increment(1);
+            continue;
+        };
+        let (acceptor, app, builder) = (tls.clone(), app.clone(), Arc::clone(&builder));
+        let watcher = graceful.watcher();
         connections.spawn(async move {
+            let _permit = permit;
+            let _open = Gauge::up("kinesin_api_connections");
             let _ = tcp.set_nodelay(true);
-            let Ok(stream) = acceptor.accept(tcp).await else {
-                return;
-            };
             let service = hyper_util::service::TowerToHyperService::new(app);
-            let _ =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
+            match acceptor {
+                None => {
+                    // hyper's header timeout starts at the first byte: a
+                    // client that sends none gets the same time.
+                    let mut first = [0u8; 1];
+                    let peeked = tokio::time::timeout(header_timeout, tcp.peek(&mut first)).await;
+                    if !matches!(peeked, Ok(Ok(n)) if n > 0) {
+                        return;
+                    }
+                    let io = hyper_util::rt::TokioIo::new(tcp);
+                    let _ = watcher.watch(builder.serve_connection(io, service)).await;
+                }
+                Some(acceptor) => {
+                    let Ok(Ok(stream)) =
+                        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                    else {
+                        return;
+                    };
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = watcher.watch(builder.serve_connection(io, service)).await;
+                }
+            }
         });
         while connections.try_join_next().is_some() {}
     }
+    // Idle connections close now, busy ones after their requests (or the
+    // grace period).
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
     connections.abort_all();
 }
 
-/// Counts a request in `kinesin_api_requests_in_flight` while it lives.
-struct InFlight;
+/// A gauge that is one higher while this lives.
+struct Gauge(&'static str);
 
-impl InFlight {
-    fn start() -> InFlight {
-        metrics::gauge!("kinesin_api_requests_in_flight").increment(1.0);
-        InFlight
+impl Gauge {
+    fn up(name: &'static str) -> Gauge {
+        metrics::gauge!(name).increment(1.0);
+        Gauge(name)
     }
 }
 
-impl Drop for InFlight {
+impl Drop for Gauge {
     fn drop(&mut self) {
-        metrics::gauge!("kinesin_api_requests_in_flight").decrement(1.0);
+        metrics::gauge!(self.0).decrement(1.0);
     }
 }
 
 async fn handle(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
-    let _in_flight = InFlight::start();
+    let _in_flight = Gauge::up("kinesin_api_requests_in_flight");
     let started = Instant::now();
     let (parts, body) = request.into_parts();
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
@@ -378,17 +436,7 @@ async fn handle(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
                 parts.method
             )));
         }
-        let body = axum::body::to_bytes(body, MAX_BODY_BYTES)
-            .await
-            .map_err(|_| {
-                ApiError::new(
-                    "SerializationException",
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!(
-                        "the request body is larger than {MAX_BODY_BYTES} bytes or was cut short"
-                    ),
-                )
-            })?;
+        let body = read_body(&gw, &parts.headers, body).await?;
         let request = auth::SignedRequest {
             method: &parts.method,
             uri: &parts.uri,
@@ -439,6 +487,55 @@ async fn handle(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
         }
     }
 }
+
+/// Reads a request's body within the body timeout, once the node's
+/// body budget has room for it (its Content-Length, or the largest body
+/// when it has none): bodies being read at once hold at most
+/// [`BODY_BUDGET_KIB`] of memory whatever the number of connections and
+/// streams.
+async fn read_body(
+    gw: &Gateway,
+    headers: &axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES) {
+        return Err(too_large());
+    }
+    let kib = declared.unwrap_or(MAX_BODY_BYTES).div_ceil(1024).max(1) as u32;
+    let read = async {
+        let _budget = gw
+            .body_budget
+            .acquire_many(kib)
+            .await
+            .expect("the body budget is never closed");
+        axum::body::to_bytes(body, MAX_BODY_BYTES)
+            .await
+            .map_err(|_| too_large())
+    };
+    let limit = gw.config.body_timeout;
+    tokio::time::timeout(limit, read).await.map_err(|_| {
+        ApiError::new(
+            "RequestTimeout",
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the request body did not arrive within {limit:?}"),
+        )
+    })?
+}
+
+fn too_large() -> ApiError {
+    ApiError::new(
+        "SerializationException",
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("the request body is larger than {MAX_BODY_BYTES} bytes or was cut short"),
+    )
+}
+
+/// Memory for request bodies being read at once, in KiB.
+const BODY_BUDGET_KIB: usize = 1024 * 1024;
 
 /// A request that names no service or operation this endpoint knows,
 /// answered as Kinesis would.

@@ -65,6 +65,8 @@ const FAMILIES: &[(&str, metrics_util::MetricKind, &str, AtStart)] = {
     use AtStart::{Described, PerOperation, Refreshed, Zero};
     &[
         ("kinesin_api_requests_in_flight", Gauge, "AWS API requests being served, with the retries inside the cluster each may make (a SubscribeToShard until its event stream starts).", Zero),
+        ("kinesin_api_connections", Gauge, "Open connections to the AWS API port (at most api_max_connections).", Zero),
+        ("kinesin_api_connections_refused_total", Counter, "AWS API connections closed on arrival because api_max_connections were open.", Zero),
         ("kinesin_api_request_duration_seconds", Histogram, "AWS API requests by service, operation and outcome (ok, client_error, server_error), in seconds.", PerOperation),
         ("kinesin_api_errors_total", Counter, "AWS API errors by service, operation and AWS error code.", Described),
         ("kinesin_raft_commit_duration_seconds", Histogram, "Time from proposing a shard write until the leader applied it (committed by a majority), in seconds.", Zero),

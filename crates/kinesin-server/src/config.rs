@@ -91,6 +91,13 @@ pub struct Config {
     /// SchemaConfiguration names one; its columns are kept with the stream
     /// when it is created or updated. Give every node the same file.
     pub glue_tables_file: Option<PathBuf>,
+    /// Most connections the AWS API port keeps open; more are closed as
+    /// they arrive (`kinesin_api_connections_refused_total`).
+    pub api_max_connections: usize,
+    /// How long a client may take to send a request's headers, and its
+    /// body, on the AWS API port (milliseconds).
+    pub api_header_timeout_ms: u64,
+    pub api_body_timeout_ms: u64,
     /// Most open shards the cluster allows (CreateStream, DescribeLimits).
     pub shard_limit: u32,
     /// How long shard iterators and paging tokens stay valid (AWS: 300).
@@ -166,6 +173,9 @@ impl Default for Config {
             home_account: None,
             s3_endpoint: None,
             glue_tables_file: None,
+            api_max_connections: 10_000,
+            api_header_timeout_ms: 30_000,
+            api_body_timeout_ms: 60_000,
             shard_limit: 10_000,
             iterator_validity_secs: 300,
             shard_write_bytes_per_sec: 0,
@@ -342,6 +352,12 @@ impl Config {
                     "s3_endpoint must be an http:// or https:// URL or a file:/// directory, not {endpoint:?}"
                 ));
             }
+        }
+        if self.api_max_connections == 0 {
+            return bad("api_max_connections must be positive".into());
+        }
+        if self.api_header_timeout_ms == 0 || self.api_body_timeout_ms == 0 {
+            return bad("api_header_timeout_ms and api_body_timeout_ms must be positive".into());
         }
         self.glue_tables()?;
         // Unset, they are the listen addresses (port 0 until bound).

@@ -227,6 +227,9 @@ impl Node {
                     config.api_address()
                 ),
                 glue_tables: Arc::new(config.glue_tables()?),
+                max_connections: config.api_max_connections,
+                header_timeout: Duration::from_millis(config.api_header_timeout_ms),
+                body_timeout: Duration::from_millis(config.api_body_timeout_ms),
             },
             tls,
             stop_rx.clone(),

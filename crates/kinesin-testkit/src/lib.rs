@@ -68,6 +68,8 @@ pub struct TestOptions {
     /// Mutual TLS on the internal port: the CA, certificate and key files
     /// every node uses. None: plaintext (`insecure_internal`).
     pub internal_tls: Option<[PathBuf; 3]>,
+    /// Changes every node's configuration last (limits, timeouts).
+    pub configure: fn(&mut Config),
 }
 
 impl Default for TestOptions {
@@ -89,6 +91,7 @@ impl Default for TestOptions {
             fsync: FsyncSetting::Always,
             repair_after_secs: 3600,
             internal_tls: None,
+            configure: |_| {},
         }
     }
 }
@@ -165,6 +168,7 @@ impl TestCluster {
             if i > 0 {
                 config.seeds = vec![cluster.configs[0].grpc_address()];
             }
+            (cluster.options.configure)(&mut config);
             let node = cluster.launch(config).await?;
             cluster.configs.push(node.config.clone());
             cluster.nodes.push(Some(node));
