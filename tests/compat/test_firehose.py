@@ -132,6 +132,9 @@ def test_delivery_stream_lifecycle_and_errors(firehoses, bucket):
     assert error(c.put_record, DeliveryStreamName="nope", Record={"Data": b"x"})[0] == "ResourceNotFoundException"
     for bad in [
         {"ExtendedS3DestinationConfiguration": destination(bucket, size_mib=64, **parquet_conversion(table="nope"))},
+        {"ExtendedS3DestinationConfiguration": destination(bucket, S3BackupMode="Enabled")},
+        {"S3DestinationConfiguration": destination(
+            bucket, EncryptionConfiguration={"KMSEncryptionConfig": {"AWSKMSKeyARN": "arn:aws:kms:us-east-1:1:key/k"}})},
         {"S3DestinationConfiguration": destination(bucket, Prefix="!{timestamp:yyyy}/")},
         {"S3DestinationConfiguration": destination(bucket, Prefix="!{nope:x}/", ErrorOutputPrefix="e/")},
         {"ExtendedS3DestinationConfiguration": destination(
@@ -282,6 +285,14 @@ def test_json_records_become_parquet_and_the_rest_go_to_the_error_prefix(firehos
     assert conversion["Enabled"] is True
     assert conversion["OutputFormatConfiguration"]["Serializer"]["ParquetSerDe"]["Compression"] == "GZIP"
     assert conversion["SchemaConfiguration"]["TableName"] == "events"
+    # Turned off and on by an update naming only Enabled, its details stay.
+    for version, enabled in (("1", False), ("2", True)):
+        firehoses[1].update_destination(
+            DeliveryStreamName=name, CurrentDeliveryStreamVersionId=version, DestinationId="destinationId-000000000001",
+            ExtendedS3DestinationUpdate={"DataFormatConversionConfiguration": {"Enabled": enabled}})
+        d = firehoses[2].describe_delivery_stream(DeliveryStreamName=name)["DeliveryStreamDescription"]
+        described = d["Destinations"][0]["ExtendedS3DestinationDescription"]["DataFormatConversionConfiguration"]
+        assert described == {**conversion, "Enabled": enabled}
 
     records = [
         b'{"ID": 1, "user name": "ann", "at": "2026-12-01T13:04:05.678Z", "tags": ["a", "b"], "geo": {"lat": 1.5, "lon": 2.5}}',
@@ -293,8 +304,8 @@ def test_json_records_become_parquet_and_the_rest_go_to_the_error_prefix(firehos
     found = objects(s3_client(s3_endpoint), bucket, 2)
     [parquet_key] = [k for k in found if k.startswith("events/")]
     [error_key] = [k for k in found if k.startswith("errors/")]
-    assert re.match(r"^events/\d{4}/\d{2}/\d{2}/\d{2}/" + re.escape(name) + r"-1-.*\.parquet$", parquet_key), parquet_key
-    assert error_key.startswith("errors/format-conversion-failed/" + name + "-1-"), error_key
+    assert re.match(r"^events/\d{4}/\d{2}/\d{2}/\d{2}/" + re.escape(name) + r"-3-.*\.parquet$", parquet_key), parquet_key
+    assert error_key.startswith("errors/format-conversion-failed/" + name + "-3-"), error_key
 
     table = pyarrow.parquet.read_table(io.BytesIO(found[parquet_key]))
     assert table.column_names == ["id", "name", "at", "tags", "geo"]

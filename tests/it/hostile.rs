@@ -333,6 +333,9 @@ async fn slow_and_surplus_api_connections_are_closed_while_clients_keep_working(
         .await
         .unwrap();
     let mut silent = TcpStream::connect(&address).await.unwrap();
+    // Part of the HTTP/2 preface, then nothing.
+    let mut half_preface = TcpStream::connect(&address).await.unwrap();
+    half_preface.write_all(b"PRI * HTTP/2.0").await.unwrap();
     // A body that stops halfway: answered 408 and not held.
     let mut slow_body = TcpStream::connect(&address).await.unwrap();
     slow_body
@@ -352,6 +355,10 @@ async fn slow_and_surplus_api_connections_are_closed_while_clients_keep_working(
     assert!(
         closed_within(&mut silent, within).await,
         "a silent connection is held"
+    );
+    assert!(
+        closed_within(&mut half_preface, within).await,
+        "a connection that stops inside the HTTP/2 preface is held"
     );
     let mut answer = Vec::new();
     {

@@ -261,11 +261,11 @@ pub fn glue_tables(json: &str) -> Result<GlueTables, String> {
 
 /// A record's JSON documents (a record may hold several, `{…}{…}`), each
 /// an object, with keys as the deserializer reads them.
-fn rows(record: &[u8], input: &Deserializer) -> Result<Vec<Value>, String> {
+fn rows(record: &[u8], input: &Deserializer, columns: &Fields) -> Result<Vec<Value>, String> {
     let mut out = Vec::new();
     for doc in serde_json::Deserializer::from_slice(record).into_iter::<Value>() {
         match doc.map_err(|e| format!("the record is not JSON: {e}"))? {
-            Value::Object(map) => out.push(Value::Object(keys(map, input, true))),
+            Value::Object(map) => out.push(Value::Object(keys(map, input, columns, true))),
             _ => return Err("the record is not a JSON object".into()),
         }
     }
@@ -275,25 +275,18 @@ fn rows(record: &[u8], input: &Deserializer) -> Result<Vec<Value>, String> {
     Ok(out)
 }
 
-/// Renames an object's keys: OpenX's column mappings (top level only),
-/// dots to underscores and lower case; Hive's JSON SerDe matches columns
-/// ignoring case.
-fn keys(map: Map<String, Value>, input: &Deserializer, top: bool) -> Map<String, Value> {
+/// Renames an object's keys to the fields they fill: OpenX's column
+/// mappings (top level only), dots to underscores and lower case; Hive's
+/// JSON SerDe matches columns ignoring case. Nested structs are renamed
+/// alike; the keys of map columns are data and stay as they are.
+fn keys(
+    map: Map<String, Value>,
+    input: &Deserializer,
+    fields: &Fields,
+    top: bool,
+) -> Map<String, Value> {
     let mut out = Map::with_capacity(map.len());
     for (key, value) in map {
-        let value = match value {
-            Value::Object(inner) => Value::Object(keys(inner, input, false)),
-            Value::Array(items) => Value::Array(
-                items
-                    .into_iter()
-                    .map(|v| match v {
-                        Value::Object(inner) => Value::Object(keys(inner, input, false)),
-                        other => other,
-                    })
-                    .collect(),
-            ),
-            other => other,
-        };
         let name = match input {
             Deserializer::OpenX {
                 case_insensitive,
@@ -321,9 +314,38 @@ fn keys(map: Map<String, Value>, input: &Deserializer, top: bool) -> Map<String,
             }
             Deserializer::Hive { .. } => key.to_lowercase(),
         };
+        let value = match fields.find(&name) {
+            Some((_, field)) => shape(value, field.data_type(), input),
+            None => value,
+        };
         out.insert(name, value);
     }
     out
+}
+
+/// A value with the keys of the structs in it renamed for their type.
+fn shape(value: Value, t: &DataType, input: &Deserializer) -> Value {
+    match (value, t) {
+        (Value::Object(inner), DataType::Struct(fields)) => {
+            Value::Object(keys(inner, input, fields, false))
+        }
+        (Value::Array(items), DataType::List(item)) => Value::Array(
+            items
+                .into_iter()
+                .map(|v| shape(v, item.data_type(), input))
+                .collect(),
+        ),
+        (Value::Object(entries), DataType::Map(entry, _)) => match entry.data_type() {
+            DataType::Struct(kv) if kv.len() == 2 => Value::Object(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k, shape(v, kv[1].data_type(), input)))
+                    .collect(),
+            ),
+            _ => Value::Object(entries),
+        },
+        (value, _) => value,
+    }
 }
 
 /// What a batch's records convert to: the Parquet object (none when no
@@ -339,7 +361,7 @@ pub fn convert(records: &[Vec<u8>], conversion: &Conversion) -> Result<Converted
     let mut failed = Vec::new();
     let mut good: Vec<(usize, Vec<Value>)> = Vec::with_capacity(records.len());
     for (i, record) in records.iter().enumerate() {
-        match rows(record, &conversion.input) {
+        match rows(record, &conversion.input, schema.fields()) {
             Ok(rows) => good.push((i, rows)),
             Err(reason) => failed.push((i, reason)),
         }
@@ -391,7 +413,7 @@ fn write(schema: &SchemaRef, batch: &RecordBatch, c: &Conversion) -> Result<Vec<
         ParquetCompression::Snappy => Codec::SNAPPY,
     };
     let properties = WriterProperties::builder()
-        .set_created_by(format!("kinesin {}", env!("CARGO_PKG_VERSION")))
+        .set_created_by("kinesin".to_string())
         .set_compression(codec)
         .set_dictionary_enabled(o.dictionary)
         .set_data_page_size_limit(o.page_size as usize)
@@ -407,6 +429,12 @@ fn write(schema: &SchemaRef, batch: &RecordBatch, c: &Conversion) -> Result<Vec<
     writer.write(batch).map_err(|e| e.to_string())?;
     writer.close().map_err(|e| e.to_string())?;
     Ok(out)
+}
+
+/// A conversion of the test table (id bigint, name string, …) with OpenX.
+#[cfg(test)]
+pub(crate) fn tests_conversion() -> Conversion {
+    tests::conversion(tests::openx())
 }
 
 #[cfg(test)]
@@ -428,7 +456,7 @@ mod tests {
         }
     }
 
-    fn conversion(input: Deserializer) -> Conversion {
+    pub(super) fn conversion(input: Deserializer) -> Conversion {
         Conversion {
             enabled: true,
             schema: SchemaConfig {
@@ -459,7 +487,7 @@ mod tests {
         }
     }
 
-    fn openx() -> Deserializer {
+    pub(super) fn openx() -> Deserializer {
         Deserializer::OpenX {
             case_insensitive: true,
             dots_to_underscores: false,
@@ -598,6 +626,33 @@ mod tests {
         ] {
             assert!(glue_tables(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn map_keys_are_data_and_struct_keys_are_names() {
+        let mut c = conversion(openx());
+        c.columns = vec![
+            column("id", "bigint"),
+            column("attrs", "map<string,struct<Val:int>>"),
+        ];
+        let records = vec![br#"{"ID": 1, "attrs": {"Color.Name": {"VAL": 2}}}"#.to_vec()];
+        let (body, failed) = convert(&records, &c).unwrap();
+        assert!(failed.is_empty(), "{failed:?}");
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(body.unwrap()))
+            .unwrap()
+            .build()
+            .unwrap();
+        let batch = reader.map(Result::unwrap).next().unwrap();
+        let attrs = batch.column_by_name("attrs").unwrap().as_map();
+        let keys = attrs.keys().as_string::<i32>();
+        assert_eq!(keys.value(0), "Color.Name", "map keys are kept");
+        let values = attrs.values().as_struct();
+        let val = values.column(0).as_primitive::<Int32Type>();
+        assert_eq!(
+            val.value(0),
+            2,
+            "struct keys in map values match ignoring case"
+        );
     }
 
     fn arrow_select_concat(batches: &[RecordBatch]) -> RecordBatch {

@@ -294,7 +294,9 @@ fn failure(record: &[u8], code: &str, reason: &str) -> Vec<u8> {
 /// line with the record in base64. Deterministic, as [`render`].
 pub fn objects(batch: &Batch, records: Vec<Vec<u8>>) -> Result<Vec<(String, Vec<u8>)>, String> {
     let mut groups: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
-    let mut error_objects = Vec::new();
+    // Error objects by key: failures of both kinds share one object when
+    // the error prefix names them alike.
+    let mut errors: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
     match &batch.partitioning {
         None => {
             groups.insert(batch.key.clone(), records);
@@ -333,14 +335,11 @@ pub fn objects(batch: &Batch, records: Vec<Vec<u8>>) -> Result<Vec<(String, Vec<
                     Partition::Off,
                 )
                 .map_err(|e| e.0)?;
-                let body = render(&unpartitioned, batch.compression, true, &key)
-                    .map_err(|e| e.to_string())?;
-                error_objects.push((key, body));
+                errors.entry(key).or_default().extend(unpartitioned);
             }
         }
     }
     let mut out = Vec::with_capacity(groups.len() + 2);
-    let mut unconverted = Vec::new();
     for (key, records) in groups {
         match &batch.conversion {
             None => {
@@ -352,7 +351,7 @@ pub fn objects(batch: &Batch, records: Vec<Vec<u8>>) -> Result<Vec<(String, Vec<
                 let (body, failed) = crate::convert::convert(&records, &c.format)?;
                 out.extend(body.map(|body| (key, body)));
                 for (i, reason) in failed {
-                    unconverted.push(failure(
+                    errors.entry(c.error_key.clone()).or_default().push(failure(
                         &records[i],
                         "DataFormatConversion.MalformedData",
                         &reason,
@@ -361,11 +360,9 @@ pub fn objects(batch: &Batch, records: Vec<Vec<u8>>) -> Result<Vec<(String, Vec<
             }
         }
     }
-    out.extend(error_objects);
-    if let (Some(c), false) = (&batch.conversion, unconverted.is_empty()) {
-        let body = render(&unconverted, Compression::Uncompressed, true, &c.error_key)
-            .map_err(|e| e.to_string())?;
-        out.push((c.error_key.clone(), body));
+    for (key, lines) in errors {
+        let body = render(&lines, batch.compression, true, &key).map_err(|e| e.to_string())?;
+        out.push((key, body));
     }
     Ok(out)
 }
@@ -566,6 +563,57 @@ mod tests {
         assert_eq!(
             failure["errorCode"],
             "DynamicPartitioning.MetadataExtractionFailed"
+        );
+    }
+
+    #[test]
+    fn failures_of_both_kinds_under_one_error_key_share_one_object() {
+        let conversion = crate::convert::tests_conversion();
+        let batch = Batch {
+            from: 5,
+            to: 7,
+            records: 3,
+            bytes: 0,
+            bucket: "b".into(),
+            key: String::new(),
+            compression: Compression::Uncompressed,
+            append_delimiter: false,
+            first_arrival_ms: T,
+            ranges: Vec::new(),
+            finished: Vec::new(),
+            partitioning: Some(Partitioning {
+                query: "{c: .c}".into(),
+                prefix: "c=!{partitionKeyFromQuery:c}/".into(),
+                error_prefix: "errors/".into(),
+                stream: "s".into(),
+                version: 1,
+            }),
+            conversion: Some(Converting {
+                format: conversion,
+                error_key: object_key(
+                    naming("s", 1, 5, Compression::Uncompressed),
+                    Some("errors/"),
+                    Some(CONVERSION_FAILED),
+                    Partition::Off,
+                )
+                .unwrap(),
+            }),
+        };
+        let records = [r#"{"c":"a","id":1}"#, "oops", r#"{"c":"a","id":"x"}"#]
+            .map(|r| r.as_bytes().to_vec())
+            .to_vec();
+        let out = objects(&batch, records).unwrap();
+        let keys: Vec<&str> = out.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys.len(), 2, "{keys:?}");
+        assert!(keys[0].starts_with("c=a/") && keys[0].ends_with(".parquet"));
+        assert!(keys[1].starts_with("errors/"), "{keys:?}");
+        assert_eq!(
+            out[1]
+                .1
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .count(),
+            2
         );
     }
 

@@ -347,11 +347,9 @@ pub async fn serve(
             let service = hyper_util::service::TowerToHyperService::new(app);
             match acceptor {
                 None => {
-                    // hyper's header timeout starts at the first byte: a
-                    // client that sends none gets the same time.
-                    let mut first = [0u8; 1];
-                    let peeked = tokio::time::timeout(header_timeout, tcp.peek(&mut first)).await;
-                    if !matches!(peeked, Ok(Ok(n)) if n > 0) {
+                    // The protocol is told (h2c or HTTP/1.1) without a time
+                    // limit of hyper's: give its first bytes the header time.
+                    if tokio::time::timeout(header_timeout, opening(&tcp)).await != Ok(true) {
                         return;
                     }
                     let io = hyper_util::rt::TokioIo::new(tcp);
@@ -374,6 +372,20 @@ pub async fn serve(
     // grace period).
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
     connections.abort_all();
+}
+
+/// Waits until a plain connection's first bytes tell its protocol: the
+/// 24 bytes of the HTTP/2 preface, or an HTTP/1.1 request line. False when
+/// the client closes first.
+async fn opening(tcp: &tokio::net::TcpStream) -> bool {
+    let mut head = [0u8; 24];
+    loop {
+        match tcp.peek(&mut head).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) if n == head.len() || head[..n].contains(&b'\n') => return true,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
 }
 
 /// A gauge that is one higher while this lives.

@@ -124,9 +124,18 @@ pub(super) fn read(
         }
         (false, None) => None,
     };
+    if config.opt_str("S3BackupMode")? == Some("Enabled") {
+        return Err(not_supported("S3BackupMode Enabled"));
+    }
+    if let Some(encryption) = config.opt_object("EncryptionConfiguration")? {
+        if encryption.opt_object("KMSEncryptionConfig")?.is_some() {
+            return Err(not_supported("KMSEncryptionConfig"));
+        }
+    }
+    let old = base.and_then(|b| b.conversion.as_ref());
     let conversion = match config.opt_object("DataFormatConversionConfiguration")? {
-        Some(c) => conversion(&c, tables)?,
-        None => base.and_then(|b| b.conversion.clone()),
+        Some(c) => conversion(&c, old, tables)?,
+        None => old.cloned(),
     };
     let converting = conversion.as_ref().is_some_and(|c| c.enabled);
     if converting && compression != Compression::Uncompressed {
@@ -178,8 +187,33 @@ pub(super) fn read(
 /// A DataFormatConversionConfiguration: the Glue table's columns from the
 /// node's table definitions, the JSON deserializer and the Parquet
 /// serializer. None when disabled without the details.
-fn conversion(c: &Input<'_>, tables: &GlueTables) -> Result<Option<Conversion>, ApiError> {
+fn conversion(
+    c: &Input<'_>,
+    old: Option<&Conversion>,
+    tables: &GlueTables,
+) -> Result<Option<Conversion>, ApiError> {
     let enabled = c.opt_bool("Enabled")?.unwrap_or(true);
+    let detailed = [
+        "SchemaConfiguration",
+        "InputFormatConfiguration",
+        "OutputFormatConfiguration",
+    ]
+    .iter()
+    .any(|m| c.opt_object(m).ok().flatten().is_some());
+    // An update that only turns the conversion on or off keeps its details
+    // (turned on, with the table's columns as they are now).
+    if let (false, Some(old)) = (detailed, old) {
+        let columns = if enabled {
+            table_columns(tables, &old.schema.database, &old.schema.table)?
+        } else {
+            old.columns.clone()
+        };
+        return Ok(Some(Conversion {
+            enabled,
+            columns,
+            ..old.clone()
+        }));
+    }
     let required = |member: &str| {
         ApiError::invalid_argument(format!(
             "{member} is required when data format conversion is enabled"
@@ -214,14 +248,15 @@ fn conversion(c: &Input<'_>, tables: &GlueTables) -> Result<Option<Conversion>, 
         .ok_or_else(|| required("SchemaConfiguration.DatabaseName"))?;
     let table =
         word(&schema, "TableName")?.ok_or_else(|| required("SchemaConfiguration.TableName"))?;
-    let columns: Vec<Column> = tables
-        .get(&(database.to_ascii_lowercase(), table.to_ascii_lowercase()))
-        .cloned()
-        .ok_or_else(|| {
-            ApiError::invalid_argument(format!(
-                "The Glue table {database}.{table} is not defined: Kinesin reads tables from the nodes' glue_tables_file"
-            ))
-        })?;
+    let columns = if enabled {
+        table_columns(tables, &database, &table)?
+    } else {
+        // A disabled conversion keeps its details without a table.
+        tables
+            .get(&(database.to_ascii_lowercase(), table.to_ascii_lowercase()))
+            .cloned()
+            .unwrap_or_default()
+    };
     let schema = SchemaConfig {
         role_arn: word(&schema, "RoleARN")?.unwrap_or_default(),
         catalog_id: word(&schema, "CatalogId")?,
@@ -316,6 +351,22 @@ fn conversion(c: &Input<'_>, tables: &GlueTables) -> Result<Option<Conversion>, 
         input,
         output,
     }))
+}
+
+/// The columns of a Glue table of the node's definitions.
+fn table_columns(
+    tables: &GlueTables,
+    database: &str,
+    table: &str,
+) -> Result<Vec<Column>, ApiError> {
+    tables
+        .get(&(database.to_ascii_lowercase(), table.to_ascii_lowercase()))
+        .cloned()
+        .ok_or_else(|| {
+            ApiError::invalid_argument(format!(
+                "The Glue table {database}.{table} is not defined: Kinesin reads tables from the nodes' glue_tables_file"
+            ))
+        })
 }
 
 /// DataFormatConversionConfiguration as DescribeDeliveryStream shows it.
