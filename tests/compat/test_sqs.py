@@ -19,18 +19,19 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
-from conftest import ACCESS_KEY, ACCOUNT, REGION, SECRET_KEY, sole_group_leader, start_cluster, wait_until
+from conftest import (ACCESS_KEY, ACCOUNT, OTHER_ACCESS_KEY, OTHER_ACCOUNT, OTHER_SECRET_KEY, REGION, SECRET_KEY,
+                      sole_group_leader, start_cluster, wait_until)
 
 XMLNS = "{http://queue.amazonaws.com/doc/2012-11-05/}"
 
 
-def sqs_for(endpoint, attempts=6):
+def sqs_for(endpoint, attempts=6, access_key=ACCESS_KEY, secret_key=SECRET_KEY):
     return boto3.client(
         "sqs",
         endpoint_url=endpoint,
         region_name=REGION,
-        aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=SECRET_KEY,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
         config=Config(retries={"mode": "standard", "total_max_attempts": attempts}, read_timeout=40),
     )
 
@@ -289,6 +290,167 @@ def test_a_message_received_too_often_moves_to_the_dead_letter_queue(sqs, queue_
         QueueUrl=src, AttributeNames=["All"])["Attributes"]["ApproximateNumberOfMessages"] == "0", timeout=10)
     a.delete_queue(QueueUrl=src)
     a.delete_queue(QueueUrl=dlq)
+
+
+def test_a_redrive_allow_policy_decides_which_queues_use_a_dead_letter_queue(sqs, queue_name):
+    a, b, _ = sqs
+    allowed_arn = f"arn:aws:sqs:{REGION}:{ACCOUNT}:{queue_name}-ok"
+    for bad in ('{"redrivePermission":"some"}', '{"redrivePermission":"byQueue"}',
+                '{"redrivePermission":"allowAll","sourceQueueArns":["arn:aws:sqs:x:y:z"]}'):
+        with pytest.raises(a.exceptions.InvalidAttributeValue):
+            a.create_queue(QueueName=f"{queue_name}-dlq", Attributes={"RedriveAllowPolicy": bad})
+    allow = json.dumps({"redrivePermission": "byQueue", "sourceQueueArns": [allowed_arn]})
+    dlq = a.create_queue(QueueName=f"{queue_name}-dlq", Attributes={"RedriveAllowPolicy": allow})["QueueUrl"]
+    dlq_arn = b.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    policy = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": 3})
+    with pytest.raises(b.exceptions.InvalidAttributeValue) as e:
+        b.create_queue(QueueName=f"{queue_name}-no", Attributes={"RedrivePolicy": policy})
+    assert "RedriveAllowPolicy" in str(e.value)
+    ok = b.create_queue(QueueName=f"{queue_name}-ok", Attributes={"RedrivePolicy": policy})["QueueUrl"]
+    a.set_queue_attributes(QueueUrl=dlq, Attributes={"RedriveAllowPolicy": '{"redrivePermission":"denyAll"}'})
+    with pytest.raises(b.exceptions.InvalidAttributeValue):
+        b.set_queue_attributes(QueueUrl=ok, Attributes={"RedrivePolicy": policy})
+    for url in (ok, dlq):
+        a.delete_queue(QueueUrl=url)
+
+
+def test_a_move_task_takes_dead_letters_back_to_their_source_or_elsewhere(sqs, cluster, queue_name):
+    a, b, c = sqs
+    dlq = a.create_queue(QueueName=f"{queue_name}-dlq")["QueueUrl"]
+    other = a.create_queue(QueueName=f"{queue_name}-other")["QueueUrl"]
+    dlq_arn, other_arn = (a.get_queue_attributes(QueueUrl=u, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+                          for u in (dlq, other))
+    policy = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": 1})
+    src = a.create_queue(QueueName=queue_name, Attributes={"RedrivePolicy": policy})["QueueUrl"]
+    src_arn = a.get_queue_attributes(QueueUrl=src, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    ids = {b.send_message(QueueUrl=src, MessageBody=f"m{i}")["MessageId"] for i in range(4)}
+    got = 0
+    while got < 4:
+        got += len(c.receive_message(QueueUrl=src, MaxNumberOfMessages=10, VisibilityTimeout=0).get("Messages", []))
+    # The next receive finds four dead letters, which move to the DLQ.
+    assert "Messages" not in a.receive_message(QueueUrl=src, MaxNumberOfMessages=10)
+    wait_until("the dead letters to reach the DLQ", lambda: b.get_queue_attributes(
+        QueueUrl=dlq, AttributeNames=["ApproximateNumberOfMessages"])["Attributes"]["ApproximateNumberOfMessages"] == "4",
+        timeout=15)
+
+    with pytest.raises(a.exceptions.UnsupportedOperation):
+        a.start_message_move_task(SourceArn=src_arn)
+    with pytest.raises(a.exceptions.ResourceNotFoundException):
+        a.start_message_move_task(SourceArn=dlq_arn + "-missing")
+    with pytest.raises(a.exceptions.ResourceNotFoundException):
+        a.start_message_move_task(SourceArn=dlq_arn, DestinationArn=other_arn + "-missing")
+    # One message a second to another queue, cancelled at once.
+    first = a.start_message_move_task(SourceArn=dlq_arn, DestinationArn=other_arn, MaxNumberOfMessagesPerSecond=1)
+    with pytest.raises(b.exceptions.UnsupportedOperation):
+        b.start_message_move_task(SourceArn=dlq_arn)
+    moved_first = c.cancel_message_move_task(TaskHandle=first["TaskHandle"])["ApproximateNumberOfMessagesMoved"]
+    with pytest.raises(a.exceptions.ResourceNotFoundException):
+        a.cancel_message_move_task(TaskHandle=first["TaskHandle"])
+    # Then the rest back to where they came from.
+    b.start_message_move_task(SourceArn=dlq_arn)
+    wait_until("the move task to end", lambda: c.list_message_move_tasks(
+        SourceArn=dlq_arn)["Results"][0]["Status"] != "RUNNING", timeout=20)
+    tasks = c.list_message_move_tasks(SourceArn=dlq_arn, MaxResults=10)["Results"]
+    assert [t["Status"] for t in tasks] == ["COMPLETED", "CANCELLED"]
+    assert "TaskHandle" not in tasks[0] and "DestinationArn" not in tasks[0]
+    assert tasks[1]["DestinationArn"] == other_arn and tasks[1]["MaxNumberOfMessagesPerSecond"] == 1
+    moved_later = 4 - tasks[1]["ApproximateNumberOfMessagesMoved"]
+    assert tasks[0]["ApproximateNumberOfMessagesMoved"] == moved_later
+    assert tasks[0]["ApproximateNumberOfMessagesToMove"] == moved_later
+    back = []
+    for url, count in ((src, moved_later), (other, 4 - moved_later)):
+        deadline = time.monotonic() + 20
+        got = []
+        while len(got) < count and time.monotonic() < deadline:
+            got += a.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=2).get("Messages", [])
+        assert len(got) == count, url
+        back += [m["MessageId"] for m in got]
+    assert sorted(back) == sorted(ids), "every message moved once, with its id"
+    assert moved_first <= tasks[1]["ApproximateNumberOfMessagesMoved"]
+    status, doc = query(cluster[1].endpoint, {"Action": "ListMessageMoveTasks", "SourceArn": dlq_arn, "MaxResults": "10"})
+    assert status == 200, ET.tostring(doc)
+    assert [r.find(f"{XMLNS}Status").text for r in doc.iter(f"{XMLNS}Results")] == ["COMPLETED", "CANCELLED"]
+    for url in (src, dlq, other):
+        a.delete_queue(QueueUrl=url)
+
+
+def test_a_receive_request_attempt_id_repeats_a_fifo_receive(sqs, queue_name):
+    a, b, _ = sqs
+    url = a.create_queue(QueueName=queue_name[:70] + ".fifo", Attributes={
+        "FifoQueue": "true", "ContentBasedDeduplication": "true"})["QueueUrl"]
+    for body in ("x", "y"):
+        a.send_message(QueueUrl=url, MessageBody=body, MessageGroupId="g")
+    first = a.receive_message(QueueUrl=url, MaxNumberOfMessages=10, ReceiveRequestAttemptId="try-1")["Messages"]
+    again = b.receive_message(QueueUrl=url, MaxNumberOfMessages=10, ReceiveRequestAttemptId="try-1")["Messages"]
+    assert [m["Body"] for m in first] == ["x", "y"]
+    assert [m["ReceiptHandle"] for m in again] == [m["ReceiptHandle"] for m in first]
+    assert "Messages" not in b.receive_message(QueueUrl=url, MaxNumberOfMessages=10)
+    b.delete_message(QueueUrl=url, ReceiptHandle=first[0]["ReceiptHandle"])
+    # A message of the receive changed: the id no longer repeats it.
+    assert "Messages" not in a.receive_message(QueueUrl=url, MaxNumberOfMessages=10, ReceiveRequestAttemptId="try-1")
+    with pytest.raises(Exception) as e:
+        a.receive_message(QueueUrl=url, ReceiveRequestAttemptId="no spaces")
+    assert error_code(e) == "InvalidParameterValue"
+    a.delete_queue(QueueUrl=url)
+
+
+def test_permissions_share_a_queue_with_another_account(sqs, cluster, queue_name):
+    a, b, _ = sqs
+    them = sqs_for(cluster[2].endpoint, access_key=OTHER_ACCESS_KEY, secret_key=OTHER_SECRET_KEY)
+    url = a.create_queue(QueueName=queue_name)["QueueUrl"]
+    # Not shared: another account is refused, and cannot learn the URL.
+    with pytest.raises(Exception) as e:
+        them.send_message(QueueUrl=url, MessageBody="x")
+    assert error_code(e) == "AccessDenied"
+    assert e.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    with pytest.raises(them.exceptions.QueueDoesNotExist):
+        them.get_queue_url(QueueName=queue_name, QueueOwnerAWSAccountId=ACCOUNT)
+
+    a.add_permission(QueueUrl=url, Label="send", AWSAccountIds=[OTHER_ACCOUNT], Actions=["SendMessage", "GetQueueUrl"])
+    with pytest.raises(Exception) as e:
+        b.add_permission(QueueUrl=url, Label="send", AWSAccountIds=[OTHER_ACCOUNT], Actions=["ReceiveMessage"])
+    assert error_code(e) == "InvalidParameterValue"
+    for bad in ({"Label": "bad label", "Actions": ["SendMessage"]}, {"Label": "x", "Actions": ["DeleteQueue"]},
+                {"Label": "x", "Actions": ["SendMessage"], "AWSAccountIds": ["12"]}):
+        with pytest.raises(Exception) as e:
+            a.add_permission(**{"QueueUrl": url, "AWSAccountIds": [OTHER_ACCOUNT], **bad})
+        assert error_code(e) == "InvalidParameterValue", bad
+    policy = json.loads(b.get_queue_attributes(QueueUrl=url, AttributeNames=["Policy"])["Attributes"]["Policy"])
+    assert [s["Sid"] for s in policy["Statement"]] == ["send"]
+    assert policy["Statement"][0]["Principal"] == {"AWS": f"arn:aws:iam::{OTHER_ACCOUNT}:root"}
+
+    assert path(them.get_queue_url(QueueName=queue_name, QueueOwnerAWSAccountId=ACCOUNT)["QueueUrl"]) == path(url)
+    sent = them.send_message(QueueUrl=url, MessageBody="from them")
+    them.send_message_batch(QueueUrl=url, Entries=[{"Id": "1", "MessageBody": "batch"}])
+    with pytest.raises(Exception) as e:
+        them.receive_message(QueueUrl=url)
+    assert error_code(e) == "AccessDenied"
+    for owner_only in (lambda: them.purge_queue(QueueUrl=url),
+                       lambda: them.add_permission(QueueUrl=url, Label="mine", AWSAccountIds=[OTHER_ACCOUNT],
+                                                   Actions=["*"]),
+                       lambda: them.set_queue_attributes(QueueUrl=url, Attributes={"DelaySeconds": "1"})):
+        with pytest.raises(Exception) as e:
+            owner_only()
+        assert error_code(e) == "AccessDenied"
+    got = a.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=5, AttributeNames=["SenderId"])["Messages"]
+    assert sent["MessageId"] in [m["MessageId"] for m in got]
+
+    # A statement written by hand: any account may receive; a Deny wins.
+    hand = {"Version": "2012-10-17", "Statement": [
+        {"Sid": "all", "Effect": "Allow", "Principal": "*", "Action": "sqs:ReceiveMessage", "Resource": "*"},
+        {"Sid": "no", "Effect": "Deny", "Principal": {"AWS": "*"}, "Action": "sqs:Send*", "Resource": "*"}]}
+    a.set_queue_attributes(QueueUrl=url, Attributes={"Policy": json.dumps(hand)})
+    them.receive_message(QueueUrl=url)
+    with pytest.raises(Exception) as e:
+        them.send_message(QueueUrl=url, MessageBody="x")
+    assert error_code(e) == "AccessDenied"
+    a.remove_permission(QueueUrl=url, Label="all")
+    a.remove_permission(QueueUrl=url, Label="no")
+    assert "Policy" not in a.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    with pytest.raises(Exception) as e:
+        a.remove_permission(QueueUrl=url, Label="no")
+    assert error_code(e) == "InvalidParameterValue"
+    a.delete_queue(QueueUrl=url)
 
 
 def query(endpoint, params):

@@ -251,9 +251,10 @@ impl Gateway {
     }
 
     /// What an SQS handler runs with for a request signed by `account`.
-    fn sqs_context<'a>(&'a self, account: &'a str) -> sqs::Context<'a> {
+    fn sqs_context<'a>(&'a self, account: &'a str, op: &'a str) -> sqs::Context<'a> {
         sqs::Context {
             router: &self.router,
+            op,
             region: &self.config.region,
             account,
             check_accounts: !self.config.credentials.is_empty(),
@@ -478,7 +479,7 @@ async fn handle(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
         }
         let value = match service.name {
             "kinesis" => kinesis::call(&ctx, &op_name, &input, protocol).await?,
-            "sqs" => sqs::handle(&gw.sqs_context(&account), &op_name, &input, protocol).await?,
+            "sqs" => sqs::handle(&gw.sqs_context(&account, &op_name), &input, protocol).await?,
             "firehose" => {
                 firehose::call(&gw.firehose_context(&account), &op_name, &input, protocol).await?
             }

@@ -14,12 +14,13 @@
 //! a snapshot install.
 
 mod model;
+pub mod policy;
 mod state_machine;
 
 pub use model::{
-    decode, encode, DeadLetters, Delivered, EntryError, Handle, MessageAttribute, NewMessage,
-    QueueCommand, QueueConfig, QueueInfo, QueueQuery, QueueReply, Received, SendRefused, Sent,
-    StoredMessage,
+    decode, encode, DeadLetters, Delivered, EntryError, Handle, MessageAttribute, MoveBatch,
+    MoveTask, NewMessage, QueueCommand, QueueConfig, QueueInfo, QueueQuery, QueueReply, Received,
+    SendRefused, Sent, StoredMessage, TaskStatus,
 };
 pub use state_machine::{QueueKind, QUEUE_KIND};
 
@@ -37,5 +38,52 @@ pub fn group_of_arn(arn: &str) -> Option<String> {
             Some(group_name(account, name))
         }
         _ => None,
+    }
+}
+
+/// Whether a dead-letter queue whose `RedriveAllowPolicy` is `policy`
+/// (None: unset, which allows every queue) takes dead letters from the
+/// queue `source` (an ARN).
+pub fn redrive_allowed(policy: Option<&str>, source: &str) -> bool {
+    let Some(policy) = policy.filter(|p| !p.is_empty()) else {
+        return true;
+    };
+    let Ok(policy) = serde_json::from_str::<serde_json::Value>(policy) else {
+        return false;
+    };
+    match policy.get("redrivePermission").and_then(|p| p.as_str()) {
+        Some("allowAll") => true,
+        Some("byQueue") => policy
+            .get("sourceQueueArns")
+            .and_then(|a| a.as_array())
+            .is_some_and(|arns| arns.iter().any(|a| a.as_str() == Some(source))),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_redrive_allow_policy_admits_the_queues_it_names() {
+        let me = "arn:aws:sqs:us-east-1:000000000000:src";
+        assert!(redrive_allowed(None, me));
+        assert!(redrive_allowed(Some(""), me));
+        assert!(redrive_allowed(
+            Some(r#"{"redrivePermission":"allowAll"}"#),
+            me
+        ));
+        assert!(!redrive_allowed(
+            Some(r#"{"redrivePermission":"denyAll"}"#),
+            me
+        ));
+        let by_queue = format!(r#"{{"redrivePermission":"byQueue","sourceQueueArns":["{me}"]}}"#);
+        assert!(redrive_allowed(Some(&by_queue), me));
+        assert!(!redrive_allowed(
+            Some(&by_queue),
+            "arn:aws:sqs:us-east-1:000000000000:other"
+        ));
+        assert!(!redrive_allowed(Some("not json"), me));
     }
 }

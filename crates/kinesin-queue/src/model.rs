@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::policy::PermissionRefused;
+
 /// A queue's configuration when it is created (the group's config in the
 /// map): its attributes as the gateway validated and completed them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +87,53 @@ pub enum QueueCommand {
     Move(Vec<StoredMessage>),
     /// Drops dead letters once their dead-letter queue has them.
     Remove(Vec<u128>),
+    /// A receive with an attempt id (FIFO queues): repeated within
+    /// `window_seconds` (five minutes for a `ReceiveRequestAttemptId`),
+    /// while none of the messages it took was deleted or had its
+    /// visibility changed, it answers the same messages and receipts and
+    /// restarts their visibility timeout.
+    ReceiveAttempt {
+        max: u32,
+        visibility_seconds: Option<u32>,
+        attempt: String,
+        window_seconds: u32,
+    },
+    /// Dead letters of the queue `source` (an ARN) moved here, as
+    /// [`QueueCommand::Move`]; each remembers its source, where a move
+    /// task without a destination sends it back.
+    MoveFrom {
+        source: String,
+        messages: Vec<StoredMessage>,
+    },
+    /// Starts a message move task (StartMessageMoveTask) unless one runs.
+    StartMoveTask {
+        destination: Option<String>,
+        rate: Option<u32>,
+    },
+    /// Cancels the running move task with this id.
+    CancelMoveTask(u64),
+    /// Messages a move task copied to their destination: dropped here and
+    /// counted as moved.
+    MovedOut {
+        task: u64,
+        seqs: Vec<u128>,
+    },
+    /// Ends a running move task: done, or failed for this reason.
+    EndMoveTask {
+        task: u64,
+        failure: Option<String>,
+    },
+    /// Adds a statement (JSON) labelled `label` to the queue's policy,
+    /// which is made with the id `policy_id` if the queue has none.
+    AddPermission {
+        label: String,
+        statement: String,
+        policy_id: String,
+    },
+    /// Removes the policy's statements labelled `label`.
+    RemovePermission {
+        label: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +147,58 @@ pub enum QueueQuery {
     /// Up to this many messages received more often than the redrive
     /// policy allows, with the dead-letter queue's ARN ([`DeadLetters`]).
     DeadLetters(u32),
+    /// The queue's move tasks, the latest first (`Vec<MoveTask>`).
+    MoveTasks,
+    /// The running move task and up to this many of the visible messages
+    /// it moves next ([`MoveBatch`]).
+    MoveBatch(u32),
+    /// As [`QueueQuery::Ready`], and also non-empty when a receive with
+    /// this attempt id would repeat an earlier one.
+    ReadyFor(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskStatus {
+    Running,
+    Completed,
+    Cancelled,
+    Failed,
+}
+
+impl TaskStatus {
+    /// The name SQS gives the status.
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskStatus::Running => "RUNNING",
+            TaskStatus::Completed => "COMPLETED",
+            TaskStatus::Cancelled => "CANCELLED",
+            TaskStatus::Failed => "FAILED",
+        }
+    }
+}
+
+/// A message move task (StartMessageMoveTask) of a queue, kept with the
+/// queue: its id is the log index of its start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveTask {
+    pub id: u64,
+    pub status: TaskStatus,
+    /// None: each message goes back to the queue it came from.
+    pub destination: Option<String>,
+    pub rate: Option<u32>,
+    pub moved: u64,
+    /// The queue's messages when the task started.
+    pub to_move: u64,
+    pub started_ms: u64,
+    pub failure: Option<String>,
+}
+
+/// What a move task moves next: messages with the queue each came from as
+/// a dead letter (None: sent here directly).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveBatch {
+    pub task: Option<MoveTask>,
+    pub messages: Vec<(StoredMessage, Option<String>)>,
 }
 
 /// Messages waiting to move to the dead-letter queue `target` (an ARN).
@@ -160,6 +261,14 @@ pub enum QueueReply {
     PurgeInProgress,
     /// TagQueue would leave the queue with more than this many tags.
     TooManyTags(u32),
+    /// A move task started with this id.
+    TaskStarted(u64),
+    /// StartMoveTask while a task runs.
+    TaskRunning,
+    /// CancelMoveTask: the messages the task moved, or None when no task of
+    /// that id runs.
+    Cancelled(Option<u64>),
+    PermissionRefused(PermissionRefused),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,6 +1,6 @@
 //! The queue group's state machine.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io;
 use std::sync::{Arc, Mutex};
 
@@ -11,9 +11,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::model::{
-    decode, encode, DeadLetters, Delivered, EntryError, Handle, NewMessage, QueueCommand,
-    QueueConfig, QueueInfo, QueueQuery, QueueReply, Received, SendRefused, Sent, StoredMessage,
+    decode, encode, DeadLetters, Delivered, EntryError, Handle, MoveBatch, MoveTask, NewMessage,
+    QueueCommand, QueueConfig, QueueInfo, QueueQuery, QueueReply, Received, SendRefused, Sent,
+    StoredMessage, TaskStatus,
 };
+use crate::policy::{self, PermissionRefused};
 
 /// The kind's registered name.
 pub const QUEUE_KIND: &str = "sqs-queue";
@@ -22,6 +24,9 @@ pub const QUEUE_KIND: &str = "sqs-queue";
 const TAG_STATE: u8 = 1;
 const TAG_BODY: u8 = 2;
 const TAG_DEDUP: u8 = 3;
+const TAG_ATTEMPT: u8 = 4;
+const TAG_ORIGIN: u8 = 5;
+const TAG_TASK: u8 = 6;
 /// The settings' key in `Cf::StateMachine`.
 const HEADER_KEY: &[u8] = b"q:header";
 /// The queue's clock (`Queue::clock_ms`) in `Cf::StateMachine`.
@@ -29,11 +34,18 @@ const CLOCK_KEY: &[u8] = b"q:clock";
 
 /// How long a deduplication id holds (FIFO queues), as AWS.
 const DEDUP_WINDOW_MS: u64 = 5 * 60 * 1000;
+/// Move tasks a queue keeps (ListMessageMoveTasks shows up to 10).
+const MAX_TASKS: usize = 10;
+/// Most bytes of message rows one move batch reads (it becomes one Raft
+/// entry at the destination).
+const MOVE_BATCH_BYTES: usize = 4 << 20;
 /// Most messages one receive turns into dead letters: each pass over the
 /// queue costs a scan, and the rest die at the next receive.
 const MAX_DEATHS_PER_RECEIVE: usize = 100;
 /// Most tags of one queue, as AWS.
 const MAX_TAGS: usize = 50;
+/// Longest policy, as any attribute value (AWS).
+const MAX_POLICY_BYTES: usize = 20_480;
 /// PurgeQueue may run once per this long.
 const PURGE_INTERVAL_MS: u64 = 60 * 1000;
 
@@ -152,7 +164,65 @@ struct Dedup {
     expires_ms: u64,
 }
 
-#[derive(Default)]
+/// What a receive asks for.
+struct Receiving {
+    max: u32,
+    visibility_seconds: Option<u32>,
+    /// The attempt id and how long it can repeat the receive.
+    attempt: Option<(String, u64)>,
+}
+
+/// A receive that named an attempt id: the receipts it handed out, each
+/// with the visible-at time it set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Attempt {
+    expires_ms: u64,
+    taken: Vec<(Handle, u64)>,
+}
+
+trait Expires {
+    fn expires_ms(&self) -> u64;
+}
+
+impl Expires for Dedup {
+    fn expires_ms(&self) -> u64 {
+        self.expires_ms
+    }
+}
+
+impl Expires for Attempt {
+    fn expires_ms(&self) -> u64 {
+        self.expires_ms
+    }
+}
+
+/// Entries that expire, each a row under `tag`, with (expiry, key) in
+/// order beside the map to drop them oldest first.
+struct Expiring<T> {
+    tag: u8,
+    map: BTreeMap<String, T>,
+    order: BTreeSet<(u64, String)>,
+}
+
+impl<T: Expires> Expiring<T> {
+    fn new(tag: u8) -> Self {
+        Expiring {
+            tag,
+            map: BTreeMap::new(),
+            order: BTreeSet::new(),
+        }
+    }
+
+    fn insert(&mut self, key: String, value: T) {
+        self.order.insert((value.expires_ms(), key.clone()));
+        if let Some(old) = self.map.insert(key.clone(), value) {
+            if old.expires_ms() != self.map[&key].expires_ms() {
+                self.order.remove(&(old.expires_ms(), key));
+            }
+        }
+    }
+}
+
 struct Queue {
     header: Header,
     /// Changed since the last publish.
@@ -163,9 +233,27 @@ struct Queue {
     /// leader's clock may be behind the old one's).
     clock_ms: u64,
     messages: BTreeMap<u128, MessageState>,
-    dedup: BTreeMap<String, Dedup>,
-    /// (expiry, key) of every deduplication entry, to drop them in order.
-    dedup_expiry: BTreeSet<(u64, String)>,
+    dedup: Expiring<Dedup>,
+    attempts: Expiring<Attempt>,
+    /// The source queue (ARN) of each message moved here as a dead letter.
+    origins: HashMap<u128, String>,
+    /// The latest move tasks by id.
+    tasks: BTreeMap<u64, MoveTask>,
+}
+
+impl Default for Queue {
+    fn default() -> Self {
+        Queue {
+            header: Header::default(),
+            header_dirty: false,
+            clock_ms: 0,
+            messages: BTreeMap::new(),
+            dedup: Expiring::new(TAG_DEDUP),
+            attempts: Expiring::new(TAG_ATTEMPT),
+            origins: HashMap::new(),
+            tasks: BTreeMap::new(),
+        }
+    }
 }
 
 impl Queue {
@@ -207,6 +295,18 @@ impl Queue {
             }
         }
         out
+    }
+
+    /// Whether a receive with attempt id `id` would repeat the earlier one:
+    /// every message it took still has that receipt and visible-at time.
+    fn repeatable(&self, id: &str, now_ms: u64) -> bool {
+        self.attempts.map.get(id).is_some_and(|earlier| {
+            earlier.taken.iter().all(|(h, visible_at)| {
+                self.messages.get(&h.seq).is_some_and(|m| {
+                    m.nonce == h.nonce && m.visible_at_ms == *visible_at && m.in_flight(now_ms)
+                })
+            })
+        })
     }
 
     fn info(&self, now_ms: u64) -> QueueInfo {
@@ -252,6 +352,13 @@ fn row_key(group: u64, tag: u8, rest: &[u8]) -> Vec<u8> {
     k
 }
 
+/// The message a row key (after its tag) names.
+fn seq_of(key: &[u8]) -> Result<u128, String> {
+    Ok(u128::from_be_bytes(key.try_into().map_err(|_| {
+        "a queue message row has a malformed key".to_string()
+    })?))
+}
+
 /// The clock the leader put before a command or query, and the rest.
 fn split_stamp(bytes: &[u8]) -> Result<(u64, &[u8]), String> {
     if bytes.len() < 8 {
@@ -270,8 +377,56 @@ impl QueueStateMachine {
         row_key(self.group, TAG_BODY, &seq.to_be_bytes())
     }
 
-    fn dedup_key(&self, key: &str) -> Vec<u8> {
-        row_key(self.group, TAG_DEDUP, key.as_bytes())
+    fn origin_key(&self, seq: u128) -> Vec<u8> {
+        row_key(self.group, TAG_ORIGIN, &seq.to_be_bytes())
+    }
+
+    fn task_key(&self, id: u64) -> Vec<u8> {
+        row_key(self.group, TAG_TASK, &id.to_be_bytes())
+    }
+
+    fn put_expiring<T: Expires + Serialize>(
+        &self,
+        batch: &mut WriteBatch,
+        entries: &mut Expiring<T>,
+        key: String,
+        value: T,
+    ) {
+        batch.put_cf(
+            self.storage.cf(Cf::Rows),
+            row_key(self.group, entries.tag, key.as_bytes()),
+            encode(&value),
+        );
+        entries.insert(key, value);
+    }
+
+    /// Drops the entries past their expiry, with their rows.
+    fn expire_entries<T>(&self, batch: &mut WriteBatch, entries: &mut Expiring<T>, now_ms: u64) {
+        while let Some((expires, key)) = entries.order.first().cloned() {
+            if expires > now_ms {
+                break;
+            }
+            entries.order.pop_first();
+            entries.map.remove(&key);
+            batch.delete_cf(
+                self.storage.cf(Cf::Rows),
+                row_key(self.group, entries.tag, key.as_bytes()),
+            );
+        }
+    }
+
+    fn put_task(&self, q: &mut Queue, batch: &mut WriteBatch, task: MoveTask) {
+        batch.put_cf(
+            self.storage.cf(Cf::Rows),
+            self.task_key(task.id),
+            encode(&task),
+        );
+        q.tasks.insert(task.id, task);
+        while q.tasks.len() > MAX_TASKS {
+            if let Some((id, _)) = q.tasks.pop_first() {
+                batch.delete_cf(self.storage.cf(Cf::Rows), self.task_key(id));
+            }
+        }
     }
 
     fn put_state(&self, batch: &mut WriteBatch, seq: u128, m: &MessageState) {
@@ -282,6 +437,9 @@ impl QueueStateMachine {
         q.messages.remove(&seq);
         batch.delete_cf(self.storage.cf(Cf::Rows), self.state_key(seq));
         batch.delete_cf(self.storage.cf(Cf::Rows), self.body_key(seq));
+        if q.origins.remove(&seq).is_some() {
+            batch.delete_cf(self.storage.cf(Cf::Rows), self.origin_key(seq));
+        }
     }
 
     fn put_header(&self, q: &mut Queue, batch: &mut WriteBatch) {
@@ -301,8 +459,8 @@ impl QueueStateMachine {
         );
     }
 
-    /// Drops messages past their retention and deduplication ids past
-    /// their window, as of `now_ms`.
+    /// Drops messages past their retention, and deduplication and attempt
+    /// ids past their window, as of `now_ms`.
     fn expire(&self, q: &mut Queue, batch: &mut WriteBatch, now_ms: u64) {
         let retention_ms = q
             .header
@@ -315,14 +473,8 @@ impl QueueStateMachine {
             }
             self.remove_message(q, batch, seq);
         }
-        while let Some((expires, key)) = q.dedup_expiry.first().cloned() {
-            if expires > now_ms {
-                break;
-            }
-            q.dedup_expiry.pop_first();
-            q.dedup.remove(&key);
-            batch.delete_cf(self.storage.cf(Cf::Rows), self.dedup_key(&key));
-        }
+        self.expire_entries(batch, &mut q.dedup, now_ms);
+        self.expire_entries(batch, &mut q.attempts, now_ms);
     }
 
     fn send(
@@ -360,7 +512,7 @@ impl QueueStateMachine {
                     _ => id.clone(),
                 }
             });
-            if let Some(earlier) = dedup_key.as_ref().and_then(|k| q.dedup.get(k)) {
+            if let Some(earlier) = dedup_key.as_ref().and_then(|k| q.dedup.map.get(k)) {
                 sent.push(Ok(Sent {
                     message_id: earlier.message_id.clone(),
                     seq: earlier.seq,
@@ -373,13 +525,7 @@ impl QueueStateMachine {
                     seq,
                     expires_ms: now_ms + DEDUP_WINDOW_MS,
                 };
-                batch.put_cf(
-                    self.storage.cf(Cf::Rows),
-                    self.dedup_key(&key),
-                    encode(&entry),
-                );
-                q.dedup_expiry.insert((entry.expires_ms, key.clone()));
-                q.dedup.insert(key, entry);
+                self.put_expiring(batch, &mut q.dedup, key, entry);
             }
             let delay_ms = u64::from(message.delay_seconds.unwrap_or(queue_delay as u32)) * 1000;
             let state = MessageState {
@@ -417,13 +563,24 @@ impl QueueStateMachine {
         batch: &mut WriteBatch,
         index: u64,
         now_ms: u64,
-        max: u32,
-        visibility_seconds: Option<u32>,
+        receiving: Receiving,
     ) -> QueueReply {
+        let Receiving {
+            max,
+            visibility_seconds,
+            attempt,
+        } = receiving;
         let visibility_ms = visibility_seconds
             .map(u64::from)
             .unwrap_or_else(|| q.header.number("VisibilityTimeout", DEFAULT_VISIBILITY_S))
             * 1000;
+        let attempt = attempt.filter(|_| q.header.fifo());
+        if let Some(again) = attempt
+            .as_ref()
+            .and_then(|(id, _)| self.repeat(q, batch, now_ms, visibility_ms, id))
+        {
+            return QueueReply::Received(again);
+        }
         let limit = q.header.redrive().map(|(_, max)| max);
         let mut out = Vec::with_capacity(max as usize);
         // A message past the redrive limit becomes a dead letter instead
@@ -453,7 +610,58 @@ impl QueueStateMachine {
                 break;
             }
         }
+        if let Some((id, window_ms)) = attempt.filter(|_| !out.is_empty()) {
+            let taken = out
+                .iter()
+                .map(|r| (r.handle, now_ms + visibility_ms))
+                .collect();
+            let entry = Attempt {
+                expires_ms: now_ms + window_ms,
+                taken,
+            };
+            self.put_expiring(batch, &mut q.attempts, id, entry);
+        }
         QueueReply::Received(out)
+    }
+
+    /// The receive of attempt `id` again, if every message it took still
+    /// has its receipt and visibility: they are hidden anew for
+    /// `visibility_ms`.
+    fn repeat(
+        &self,
+        q: &mut Queue,
+        batch: &mut WriteBatch,
+        now_ms: u64,
+        visibility_ms: u64,
+        id: &str,
+    ) -> Option<Vec<Received>> {
+        if !q.repeatable(id, now_ms) {
+            return None;
+        }
+        let earlier = q.attempts.map.get(id)?.clone();
+        let visible_at_ms = now_ms + visibility_ms;
+        let mut out = Vec::with_capacity(earlier.taken.len());
+        for (h, _) in &earlier.taken {
+            let m = q.messages.get_mut(&h.seq)?;
+            m.visible_at_ms = visible_at_ms;
+            out.push(Received {
+                handle: *h,
+                receive_count: m.receive_count,
+                first_receive_ms: m.first_receive_ms,
+            });
+            let m = m.clone();
+            self.put_state(batch, h.seq, &m);
+        }
+        let entry = Attempt {
+            expires_ms: earlier.expires_ms,
+            taken: earlier
+                .taken
+                .iter()
+                .map(|(h, _)| (*h, visible_at_ms))
+                .collect(),
+        };
+        self.put_expiring(batch, &mut q.attempts, id.to_string(), entry);
+        Some(out)
     }
 
     fn take(
@@ -541,7 +749,27 @@ impl QueueStateMachine {
             QueueCommand::Receive {
                 max,
                 visibility_seconds,
-            } => self.receive(q, batch, index, now_ms, max, visibility_seconds),
+            } => {
+                let receiving = Receiving {
+                    max,
+                    visibility_seconds,
+                    attempt: None,
+                };
+                self.receive(q, batch, index, now_ms, receiving)
+            }
+            QueueCommand::ReceiveAttempt {
+                max,
+                visibility_seconds,
+                attempt,
+                window_seconds,
+            } => {
+                let receiving = Receiving {
+                    max,
+                    visibility_seconds,
+                    attempt: Some((attempt, u64::from(window_seconds) * 1000)),
+                };
+                self.receive(q, batch, index, now_ms, receiving)
+            }
             QueueCommand::Delete(handles) => {
                 let results = handles
                     .into_iter()
@@ -577,25 +805,92 @@ impl QueueStateMachine {
                 QueueReply::Entries(results)
             }
             QueueCommand::Move(messages) => {
-                for (slot, mut stored) in messages.into_iter().enumerate() {
-                    let seq = (u128::from(index) << 32) | slot as u128;
-                    stored.seq = seq;
-                    let state = MessageState {
-                        sent_ms: stored.sent_ms,
-                        visible_at_ms: now_ms,
-                        receive_count: 0,
-                        first_receive_ms: 0,
-                        nonce: 0,
-                        group_id: stored.message.group_id.clone(),
-                        dead: false,
+                self.insert_moved(q, batch, index, now_ms, messages, None);
+                QueueReply::Done
+            }
+            QueueCommand::MoveFrom { source, messages } => {
+                self.insert_moved(q, batch, index, now_ms, messages, Some(source));
+                QueueReply::Done
+            }
+            QueueCommand::StartMoveTask { destination, rate } => {
+                if q.tasks.values().any(|t| t.status == TaskStatus::Running) {
+                    return QueueReply::TaskRunning;
+                }
+                let task = MoveTask {
+                    id: index,
+                    status: TaskStatus::Running,
+                    destination,
+                    rate,
+                    moved: 0,
+                    to_move: q.messages.values().filter(|m| !m.dead).count() as u64,
+                    started_ms: now_ms,
+                    failure: None,
+                };
+                self.put_task(q, batch, task);
+                QueueReply::TaskStarted(index)
+            }
+            QueueCommand::CancelMoveTask(id) => {
+                let Some(mut task) = q
+                    .tasks
+                    .get(&id)
+                    .filter(|t| t.status == TaskStatus::Running)
+                    .cloned()
+                else {
+                    return QueueReply::Cancelled(None);
+                };
+                task.status = TaskStatus::Cancelled;
+                let moved = task.moved;
+                self.put_task(q, batch, task);
+                QueueReply::Cancelled(Some(moved))
+            }
+            QueueCommand::MovedOut { task, seqs } => {
+                let mut moved = 0;
+                for seq in seqs {
+                    if q.messages.contains_key(&seq) {
+                        self.remove_message(q, batch, seq);
+                        moved += 1;
+                    }
+                }
+                if let Some(mut task) = q.tasks.get(&task).cloned() {
+                    task.moved += moved;
+                    self.put_task(q, batch, task);
+                }
+                QueueReply::Done
+            }
+            QueueCommand::AddPermission {
+                label,
+                statement,
+                policy_id,
+            } => {
+                let current = q.header.attributes.get("Policy").map(String::as_str);
+                let statement = serde_json::from_str(&statement).unwrap_or_default();
+                let policy = match policy::with_statement(current, &policy_id, &label, statement) {
+                    Ok(p) if p.len() > MAX_POLICY_BYTES => Err(PermissionRefused::TooLarge {
+                        max: MAX_POLICY_BYTES as u32,
+                    }),
+                    other => other,
+                };
+                self.set_policy(q, batch, now_ms, policy.map(Some))
+            }
+            QueueCommand::RemovePermission { label } => {
+                let current = q.header.attributes.get("Policy").map(String::as_str);
+                let policy = policy::without_statement(current, &label);
+                self.set_policy(q, batch, now_ms, policy)
+            }
+            QueueCommand::EndMoveTask { task, failure } => {
+                if let Some(mut task) = q
+                    .tasks
+                    .get(&task)
+                    .filter(|t| t.status == TaskStatus::Running)
+                    .cloned()
+                {
+                    task.status = if failure.is_some() {
+                        TaskStatus::Failed
+                    } else {
+                        TaskStatus::Completed
                     };
-                    batch.put_cf(
-                        self.storage.cf(Cf::Rows),
-                        self.body_key(seq),
-                        encode(&stored),
-                    );
-                    self.put_state(batch, seq, &state);
-                    q.messages.insert(seq, state);
+                    task.failure = failure;
+                    self.put_task(q, batch, task);
                 }
                 QueueReply::Done
             }
@@ -625,6 +920,71 @@ impl QueueStateMachine {
         }
     }
 
+    /// Sets (or with None removes) the queue's policy after a permission
+    /// change, unless the change was refused.
+    fn set_policy(
+        &self,
+        q: &mut Queue,
+        batch: &mut WriteBatch,
+        now_ms: u64,
+        policy: Result<Option<String>, PermissionRefused>,
+    ) -> QueueReply {
+        match policy {
+            Ok(Some(policy)) => {
+                q.header.attributes.insert("Policy".into(), policy);
+            }
+            Ok(None) => {
+                q.header.attributes.remove("Policy");
+            }
+            Err(refused) => return QueueReply::PermissionRefused(refused),
+        }
+        q.header.modified_ms = now_ms;
+        self.put_header(q, batch);
+        QueueReply::Done
+    }
+
+    /// Messages moved here from another queue, visible now, keeping their
+    /// id, attributes and first send time; `source`: the dead-letter
+    /// source they came from.
+    fn insert_moved(
+        &self,
+        q: &mut Queue,
+        batch: &mut WriteBatch,
+        index: u64,
+        now_ms: u64,
+        messages: Vec<StoredMessage>,
+        source: Option<String>,
+    ) {
+        for (slot, mut stored) in messages.into_iter().enumerate() {
+            let seq = (u128::from(index) << 32) | slot as u128;
+            stored.seq = seq;
+            let state = MessageState {
+                sent_ms: stored.sent_ms,
+                visible_at_ms: now_ms,
+                receive_count: 0,
+                first_receive_ms: 0,
+                nonce: 0,
+                group_id: stored.message.group_id.clone(),
+                dead: false,
+            };
+            batch.put_cf(
+                self.storage.cf(Cf::Rows),
+                self.body_key(seq),
+                encode(&stored),
+            );
+            self.put_state(batch, seq, &state);
+            q.messages.insert(seq, state);
+            if let Some(source) = &source {
+                batch.put_cf(
+                    self.storage.cf(Cf::Rows),
+                    self.origin_key(seq),
+                    source.as_bytes(),
+                );
+                q.origins.insert(seq, source.clone());
+            }
+        }
+    }
+
     /// Reads the delivery state and deduplication ids from the rows, and
     /// the header if one was written.
     fn load(&self, q: &mut Queue) -> io::Result<()> {
@@ -643,33 +1003,55 @@ impl QueueStateMachine {
             let (clock, _) = split_stamp(&bytes).map_err(io::Error::other)?;
             q.clock_ms = clock;
         }
-        q.messages.clear();
-        q.dedup.clear();
-        q.dedup_expiry.clear();
+        *q = Queue {
+            header: std::mem::take(&mut q.header),
+            header_dirty: q.header_dirty,
+            clock_ms: q.clock_ms,
+            ..Queue::default()
+        };
+        self.scan_tag(TAG_STATE, |key, value| {
+            q.messages.insert(seq_of(key)?, decode(value)?);
+            Ok(())
+        })?;
+        self.scan_tag(TAG_DEDUP, |key, value| {
+            let entry: Dedup = decode(value)?;
+            q.dedup
+                .insert(String::from_utf8_lossy(key).into_owned(), entry);
+            Ok(())
+        })?;
+        self.scan_tag(TAG_ATTEMPT, |key, value| {
+            let entry: Attempt = decode(value)?;
+            q.attempts
+                .insert(String::from_utf8_lossy(key).into_owned(), entry);
+            Ok(())
+        })?;
+        self.scan_tag(TAG_ORIGIN, |key, value| {
+            q.origins
+                .insert(seq_of(key)?, String::from_utf8_lossy(value).into_owned());
+            Ok(())
+        })?;
+        self.scan_tag(TAG_TASK, |_, value| {
+            let task: MoveTask = decode(value)?;
+            q.tasks.insert(task.id, task);
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    /// Calls `f` with the key (after the tag) and value of each row under
+    /// `tag`.
+    fn scan_tag(
+        &self,
+        tag: u8,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), String>,
+    ) -> io::Result<()> {
         let (from, to) = (
-            row_key(self.group, TAG_STATE, &[]),
-            row_key(self.group, TAG_STATE + 1, &[]),
+            row_key(self.group, tag, &[]),
+            row_key(self.group, tag + 1, &[]),
         );
         for row in self.storage.scan(Cf::Rows, &from, &to) {
             let (key, value) = row.map_err(io::Error::other)?;
-            let seq = u128::from_be_bytes(
-                key[9..]
-                    .try_into()
-                    .map_err(|_| io::Error::other("a queue state row has a malformed key"))?,
-            );
-            q.messages
-                .insert(seq, decode(&value).map_err(io::Error::other)?);
-        }
-        let (from, to) = (
-            row_key(self.group, TAG_DEDUP, &[]),
-            row_key(self.group, TAG_DEDUP + 1, &[]),
-        );
-        for row in self.storage.scan(Cf::Rows, &from, &to) {
-            let (key, value) = row.map_err(io::Error::other)?;
-            let key = String::from_utf8_lossy(&key[9..]).into_owned();
-            let entry: Dedup = decode(&value).map_err(io::Error::other)?;
-            q.dedup_expiry.insert((entry.expires_ms, key.clone()));
-            q.dedup.insert(key, entry);
+            f(&key[9..], &value).map_err(io::Error::other)?;
         }
         Ok(())
     }
@@ -773,11 +1155,46 @@ impl GroupStateMachine for QueueStateMachine {
                 }
                 encode(&DeadLetters { target, messages })
             }
+            QueueQuery::MoveTasks => encode(&q.tasks.values().rev().cloned().collect::<Vec<_>>()),
+            QueueQuery::MoveBatch(max) => {
+                let task = q
+                    .tasks
+                    .values()
+                    .find(|t| t.status == TaskStatus::Running)
+                    .cloned();
+                let mut messages = Vec::new();
+                let mut bytes = 0;
+                let visible = q
+                    .messages
+                    .iter()
+                    .filter(|(_, m)| !m.dead && m.visible_at_ms <= now_ms);
+                for (seq, _) in visible.take(if task.is_some() { max as usize } else { 0 }) {
+                    if bytes >= MOVE_BATCH_BYTES {
+                        break;
+                    }
+                    let row = self
+                        .storage
+                        .get(Cf::Rows, &self.body_key(*seq))
+                        .map_err(|e| e.to_string())?;
+                    if let Some(row) = row {
+                        bytes += row.len();
+                        messages.push((decode(&row)?, q.origins.get(seq).cloned()));
+                    }
+                }
+                encode(&MoveBatch { task, messages })
+            }
             QueueQuery::Ready => {
                 if q.takeable(now_ms, 1).is_empty() {
                     Vec::new()
                 } else {
                     vec![1]
+                }
+            }
+            QueueQuery::ReadyFor(id) => {
+                if q.repeatable(&id, now_ms) || !q.takeable(now_ms, 1).is_empty() {
+                    vec![1]
+                } else {
+                    Vec::new()
                 }
             }
         })
@@ -1286,6 +1703,233 @@ mod tests {
         assert_eq!(
             i.attributes.get("VisibilityTimeout").map(String::as_str),
             Some("7")
+        );
+    }
+
+    fn query<T: for<'de> Deserialize<'de>>(
+        sm: &Arc<dyn GroupStateMachine>,
+        now_ms: u64,
+        query: QueueQuery,
+    ) -> T {
+        let mut q = now_ms.to_be_bytes().to_vec();
+        q.extend(encode(&query));
+        decode(&sm.query(&q).unwrap()).unwrap()
+    }
+
+    fn attempt(id: &str) -> QueueCommand {
+        QueueCommand::ReceiveAttempt {
+            max: 10,
+            visibility_seconds: None,
+            attempt: id.into(),
+            window_seconds: 300,
+        }
+    }
+
+    fn handles(reply: QueueReply) -> Vec<(Handle, u32)> {
+        match reply {
+            QueueReply::Delivered(d) => d
+                .iter()
+                .map(|d| (d.received.handle, d.received.receive_count))
+                .collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_attempt_id_repeats_its_receive_until_a_message_changes() {
+        let (_dir, s) = scratch();
+        let sm = open(&s, &[("FifoQueue", "true"), ("VisibilityTimeout", "30")]);
+        let sends = vec![
+            message("a", Some("g"), Some("1")),
+            message("b", Some("g"), Some("2")),
+        ];
+        run(&s, &sm, 1, 0, QueueCommand::Send(sends));
+        let first = handles(run(&s, &sm, 2, 1_000, attempt("x")));
+        assert_eq!(first.len(), 2);
+        // Nothing is visible, but a long poll with the id is ready at once.
+        let ready = |id: &str| {
+            let mut q = 2_000u64.to_be_bytes().to_vec();
+            q.extend(encode(&QueueQuery::ReadyFor(id.into())));
+            sm.query(&q).unwrap()
+        };
+        assert!(!ready("x").is_empty());
+        assert!(ready("y").is_empty());
+        let again = handles(run(&s, &sm, 3, 20_000, attempt("x")));
+        assert_eq!(again, first, "same messages, receipts and receive counts");
+        // The repeat hid them anew: 30 s after the first receive they are
+        // still in flight.
+        assert_eq!(info(&sm, 45_000).in_flight, 2);
+        assert!(handles(run(&s, &sm, 4, 21_000, attempt("y"))).is_empty());
+
+        // A reopened replica repeats it as well.
+        let sm = open(&s, &[("FifoQueue", "true"), ("VisibilityTimeout", "30")]);
+        assert_eq!(handles(run(&s, &sm, 5, 22_000, attempt("x"))), first);
+
+        // Once a message changed, the id receives anew (here: nothing, the
+        // group is locked while its messages are in flight).
+        run(
+            &s,
+            &sm,
+            6,
+            23_000,
+            QueueCommand::ChangeVisibility(vec![(first[0].0, 100)]),
+        );
+        assert!(handles(run(&s, &sm, 7, 24_000, attempt("x"))).is_empty());
+
+        // Past its window an id is forgotten, though its messages are
+        // still in flight.
+        run(&s, &sm, 8, 24_000, QueueCommand::Delete(vec![first[1].0]));
+        run(
+            &s,
+            &sm,
+            9,
+            24_000,
+            QueueCommand::ChangeVisibility(vec![(first[0].0, 0)]),
+        );
+        let short = QueueCommand::ReceiveAttempt {
+            max: 10,
+            visibility_seconds: None,
+            attempt: "z".into(),
+            window_seconds: 1,
+        };
+        let fresh = handles(run(&s, &sm, 10, 25_000, short.clone()));
+        assert_eq!(fresh.len(), 1);
+        assert_eq!(fresh[0].1, 2, "received a second time");
+        assert_eq!(handles(run(&s, &sm, 11, 25_500, short.clone())), fresh);
+        assert!(handles(run(&s, &sm, 12, 26_001, short)).is_empty());
+    }
+
+    #[test]
+    fn an_attempt_id_on_a_standard_queue_is_ignored() {
+        let (_dir, s, sm) = setup(&[("VisibilityTimeout", "30")]);
+        run(
+            &s,
+            &sm,
+            1,
+            0,
+            QueueCommand::Send(vec![message("a", None, None), message("b", None, None)]),
+        );
+        let mut one = attempt("x");
+        if let QueueCommand::ReceiveAttempt { max, .. } = &mut one {
+            *max = 1;
+        }
+        let first = handles(run(&s, &sm, 2, 0, one.clone()));
+        let second = handles(run(&s, &sm, 3, 0, one));
+        assert_ne!(first, second, "a standard queue receives anew");
+    }
+
+    fn stored(body: &str) -> StoredMessage {
+        StoredMessage {
+            message: message(body, None, None),
+            sent_ms: 7,
+            seq: 0,
+        }
+    }
+
+    fn started(reply: QueueReply) -> u64 {
+        match reply {
+            QueueReply::TaskStarted(id) => id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_move_task_knows_where_each_dead_letter_came_from_and_keeps_its_progress() {
+        let (_dir, s, dlq) = setup(&[]);
+        let src = "arn:aws:sqs:us-east-1:000000000000:src".to_string();
+        run(
+            &s,
+            &dlq,
+            1,
+            1_000,
+            QueueCommand::MoveFrom {
+                source: src.clone(),
+                messages: vec![stored("a"), stored("b")],
+            },
+        );
+        run(&s, &dlq, 2, 1_000, QueueCommand::Move(vec![stored("c")]));
+        let start = QueueCommand::StartMoveTask {
+            destination: None,
+            rate: Some(10),
+        };
+        let id = started(run(&s, &dlq, 3, 2_000, start.clone()));
+        assert_eq!(
+            run(&s, &dlq, 4, 2_000, start.clone()),
+            QueueReply::TaskRunning
+        );
+
+        let batch: MoveBatch = query(&dlq, 2_000, QueueQuery::MoveBatch(10));
+        let task = batch.task.expect("a running task");
+        assert_eq!((task.id, task.to_move, task.moved), (id, 3, 0));
+        let origins: Vec<Option<&str>> = batch.messages.iter().map(|(_, o)| o.as_deref()).collect();
+        assert_eq!(origins, [Some(src.as_str()), Some(src.as_str()), None]);
+        assert_eq!(batch.messages[0].0.sent_ms, 7, "the first send time stays");
+        let seqs = batch.messages[..2].iter().map(|(m, _)| m.seq).collect();
+        run(
+            &s,
+            &dlq,
+            5,
+            3_000,
+            QueueCommand::MovedOut { task: id, seqs },
+        );
+
+        // A reopened replica has the task, its progress and the origins.
+        let dlq = open(&s, &[]);
+        let batch: MoveBatch = query(&dlq, 3_000, QueueQuery::MoveBatch(10));
+        assert_eq!(batch.task.as_ref().map(|t| t.moved), Some(2));
+        assert_eq!(batch.messages.len(), 1);
+        assert_eq!(batch.messages[0].1, None);
+
+        let why = Some("no destination".to_string());
+        run(
+            &s,
+            &dlq,
+            6,
+            4_000,
+            QueueCommand::EndMoveTask {
+                task: id,
+                failure: why.clone(),
+            },
+        );
+        assert_eq!(
+            run(&s, &dlq, 7, 4_000, QueueCommand::CancelMoveTask(id)),
+            QueueReply::Cancelled(None),
+            "only a running task can be cancelled"
+        );
+        let tasks: Vec<MoveTask> = query(&dlq, 4_000, QueueQuery::MoveTasks);
+        assert_eq!(tasks[0].status, TaskStatus::Failed);
+        assert_eq!(tasks[0].failure, why);
+        let batch: MoveBatch = query(&dlq, 4_000, QueueQuery::MoveBatch(10));
+        assert!(batch.task.is_none() && batch.messages.is_empty());
+
+        // The latest ten tasks are kept, the latest first.
+        for index in 10..22 {
+            let id = started(run(&s, &dlq, index * 2, 5_000, start.clone()));
+            assert_eq!(
+                run(
+                    &s,
+                    &dlq,
+                    index * 2 + 1,
+                    5_000,
+                    QueueCommand::CancelMoveTask(id)
+                ),
+                QueueReply::Cancelled(Some(0))
+            );
+        }
+        let tasks: Vec<MoveTask> = query(&dlq, 5_000, QueueQuery::MoveTasks);
+        let ids: Vec<u64> = tasks.iter().map(|t| t.id).collect();
+        assert_eq!(ids, (12..22).rev().map(|i| i * 2).collect::<Vec<_>>());
+        assert!(tasks.iter().all(|t| t.status == TaskStatus::Cancelled));
+        assert_eq!(
+            open(&s, &[])
+                .query(&{
+                    let mut q = 5_000u64.to_be_bytes().to_vec();
+                    q.extend(encode(&QueueQuery::MoveTasks));
+                    q
+                })
+                .unwrap(),
+            encode(&tasks),
+            "the dropped tasks' rows are gone"
         );
     }
 }

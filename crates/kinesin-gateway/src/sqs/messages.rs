@@ -26,6 +26,12 @@ const MAX_MESSAGE_ATTRIBUTES: usize = 10;
 const MAX_MESSAGE_BYTES: usize = 1_048_576;
 const MAX_WAIT_SECONDS: i64 = 20;
 const MAX_VISIBILITY_SECONDS: i64 = 43_200;
+/// How long a caller's `ReceiveRequestAttemptId` repeats its receive, as
+/// AWS.
+const ATTEMPT_WINDOW_SECONDS: u32 = 300;
+/// How long the gateway's own attempt id of a FIFO receive repeats it:
+/// longer than the router retries a proposal.
+const OWN_ATTEMPT_WINDOW_SECONDS: u32 = 60;
 /// A long poll asks the leader in rounds of at most this long (one
 /// attempt's bound in the router).
 const WAIT_ROUND: Duration = Duration::from_secs(3);
@@ -477,7 +483,7 @@ async fn send(
 }
 
 pub(super) async fn send_message(ctx: &Context<'_>, input: &Input<'_>) -> Result<Value, ApiError> {
-    let queue = ctx.queue(input)?;
+    let queue = ctx.queue(input).await?;
     let message = new_message(ctx, &queue, input)?;
     let digests = Digests::of(&message);
     let sent = send(ctx, &queue, vec![message])
@@ -495,7 +501,7 @@ pub(super) async fn send_message_batch(
     ctx: &Context<'_>,
     input: &Input<'_>,
 ) -> Result<Value, ApiError> {
-    let queue = ctx.queue(input)?;
+    let queue = ctx.queue(input).await?;
     let entries = batch_entries(input)?;
     let mut failed = Vec::new();
     let mut ids = Vec::new();
@@ -634,7 +640,7 @@ pub(super) async fn receive_message(
     ctx: &Context<'_>,
     input: &Input<'_>,
 ) -> Result<Value, ApiError> {
-    let queue = ctx.queue(input)?;
+    let queue = ctx.queue(input).await?;
     let max = input
         .opt_int_range("MaxNumberOfMessages", 1, 10)?
         .unwrap_or(1) as u32;
@@ -659,12 +665,42 @@ pub(super) async fn receive_message(
     let wanted_attributes = input
         .opt_str_list("MessageAttributeNames")?
         .unwrap_or_default();
-    input.opt_str_len("ReceiveRequestAttemptId", 1, 128)?;
-    let command = kinesin_queue::encode(&QueueCommand::Receive {
-        max,
-        visibility_seconds: visibility,
-    });
-    let ready = kinesin_queue::encode(&QueueQuery::Ready);
+    let attempt = input.opt_str_len("ReceiveRequestAttemptId", 1, 128)?;
+    if attempt.is_some_and(|a| !a.bytes().all(|b| b.is_ascii_graphic())) {
+        return Err(invalid_parameter(
+            "ReceiveRequestAttemptId can contain only alphanumeric characters and punctuation.",
+        ));
+    }
+    // On a FIFO queue every receive has an attempt id, the caller's or
+    // one of its own (with a space, which no caller's can have): a receive
+    // the router repeats after an unknown outcome then answers the
+    // messages the first one took instead of hiding them until their
+    // visibility timeout ends.
+    let (command, ready) = if queue.name.ends_with(".fifo") {
+        let (attempt, window_seconds) = match attempt {
+            Some(a) => (a.to_string(), ATTEMPT_WINDOW_SECONDS),
+            None => (
+                format!("kinesin {}", crate::new_request_id()),
+                OWN_ATTEMPT_WINDOW_SECONDS,
+            ),
+        };
+        let ready = QueueQuery::ReadyFor(attempt.clone());
+        let command = QueueCommand::ReceiveAttempt {
+            max,
+            visibility_seconds: visibility,
+            attempt,
+            window_seconds,
+        };
+        (command, ready)
+    } else {
+        let command = QueueCommand::Receive {
+            max,
+            visibility_seconds: visibility,
+        };
+        (command, QueueQuery::Ready)
+    };
+    let command = kinesin_queue::encode(&command);
+    let ready = kinesin_queue::encode(&ready);
     let deadline = Instant::now() + Duration::from_secs(wait);
     let delivered = loop {
         let round = deadline
@@ -772,7 +808,7 @@ pub(super) async fn delete_message(
     ctx: &Context<'_>,
     input: &Input<'_>,
 ) -> Result<Value, ApiError> {
-    let queue = ctx.queue(input)?;
+    let queue = ctx.queue(input).await?;
     let handle = input.str("ReceiptHandle")?.to_string();
     let entries = [(String::new(), handle, None)];
     let mut results = handle_entries(ctx, &queue, &entries, delete_command).await?;
@@ -784,7 +820,7 @@ pub(super) async fn change_message_visibility(
     ctx: &Context<'_>,
     input: &Input<'_>,
 ) -> Result<Value, ApiError> {
-    let queue = ctx.queue(input)?;
+    let queue = ctx.queue(input).await?;
     let handle = input.str("ReceiptHandle")?.to_string();
     let seconds = visibility_of(input)?;
     let entries = [(String::new(), handle, Some(seconds))];
@@ -811,7 +847,7 @@ async fn batch_of_handles(
     input: &Input<'_>,
     with_visibility: bool,
 ) -> Result<Value, ApiError> {
-    let queue = ctx.queue(input)?;
+    let queue = ctx.queue(input).await?;
     let mut entries = Vec::new();
     let mut failed = Vec::new();
     for entry in batch_entries(input)? {

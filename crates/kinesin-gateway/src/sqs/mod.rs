@@ -4,7 +4,10 @@
 //! node answers for every queue.
 
 mod messages;
+mod moves;
 mod queues;
+
+use std::collections::BTreeMap;
 
 use axum::http::StatusCode;
 use kinesin_queue::{group_name, QueueCommand, QueueQuery, QueueReply};
@@ -19,6 +22,7 @@ use crate::query::QueryShape;
 use crate::service::{operation_table, Service};
 
 use messages::*;
+use moves::*;
 use queues::*;
 
 pub const SERVICE: Service = Service {
@@ -37,6 +41,7 @@ pub const SERVICE: Service = Service {
             "DeleteMessageBatchResultEntry",
             "ChangeMessageVisibilityBatchResultEntry",
             "BatchResultErrorEntry",
+            "Results",
         ],
         flattened_maps: &[
             ("Attribute", "Name", "Value"),
@@ -82,6 +87,7 @@ pub const SERVICE: Service = Service {
             "UnsupportedOperation",
             "AWS.SimpleQueueService.UnsupportedOperation",
         ),
+        ("AccessDeniedException", "AccessDenied"),
     ],
     query_compatible: true,
 };
@@ -89,6 +95,8 @@ pub const SERVICE: Service = Service {
 /// What one request runs with.
 pub struct Context<'a> {
     pub router: &'a Router,
+    /// The operation called.
+    pub op: &'a str,
     pub region: &'a str,
     /// Account of the signing key: its queues are its own.
     pub account: &'a str,
@@ -118,7 +126,7 @@ impl Context<'_> {
 
     /// The queue a `QueueUrl` names: its last two path segments are the
     /// account and the name (any host, so that a URL from any node works).
-    fn queue(&self, input: &Input<'_>) -> Result<Queue, ApiError> {
+    async fn queue(&self, input: &Input<'_>) -> Result<Queue, ApiError> {
         let url = input.str("QueueUrl")?;
         let path = url
             .split_once("://")
@@ -127,15 +135,46 @@ impl Context<'_> {
         let (Some(name), Some(account)) = (parts.next(), parts.next()) else {
             return Err(invalid_address(url));
         };
-        if self.check_accounts && account != self.account {
-            return Err(no_queue());
-        }
+        self.named_queue(account, name).await
+    }
+
+    /// `account`'s queue `name`, if the caller may call this operation on
+    /// it: its own queues, or another account's whose policy allows it.
+    async fn named_queue(&self, account: &str, name: &str) -> Result<Queue, ApiError> {
         let group = self.queue_group(account, name).ok_or_else(no_queue)?;
-        Ok(Queue {
+        let queue = Queue {
             account: account.to_string(),
             name: name.to_string(),
             group,
-        })
+        };
+        if self.check_accounts && account != self.account {
+            // Cross-account calls are governed by the queue's policy; the
+            // owner's own operations are the owner's alone, as AWS.
+            let action = self.op.strip_suffix("Batch").unwrap_or(self.op);
+            let shared = CROSS_ACCOUNT.contains(&action)
+                && self
+                    .query::<BTreeMap<String, String>>(&queue, &QueueQuery::Settings)
+                    .await
+                    .is_ok_and(|settings| {
+                        kinesin_queue::policy::allows(
+                            settings.get("Policy").map(String::as_str),
+                            self.account,
+                            action,
+                            &self.arn(account, name),
+                        )
+                    });
+            if !shared {
+                return Err(ApiError::new(
+                    "AccessDeniedException",
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "Access to the resource {} is denied.",
+                        self.url(account, name)
+                    ),
+                ));
+            }
+        }
+        Ok(queue)
     }
 
     /// The group of `account`'s queue `name`, if it exists.
@@ -150,7 +189,12 @@ impl Context<'_> {
 
     /// The caller's queues (name, group), in name order.
     fn own_queues(&self) -> Vec<(String, GroupId)> {
-        let own = group_name(self.account, "");
+        self.queues_of(self.account)
+    }
+
+    /// `account`'s queues (name, group), in name order.
+    fn queues_of(&self, account: &str) -> Vec<(String, GroupId)> {
+        let own = group_name(account, "");
         self.router
             .meta_state()
             .groups
@@ -189,6 +233,19 @@ impl Context<'_> {
         kinesin_queue::decode(&reply).map_err(internal)
     }
 }
+
+/// Operations a queue's policy can grant to other accounts (batches count
+/// as their single-message operation).
+const CROSS_ACCOUNT: &[&str] = &[
+    "SendMessage",
+    "ReceiveMessage",
+    "DeleteMessage",
+    "ChangeMessageVisibility",
+    "GetQueueAttributes",
+    "GetQueueUrl",
+    "PurgeQueue",
+    "ListDeadLetterSourceQueues",
+];
 
 fn no_queue() -> ApiError {
     ApiError::new(
@@ -229,7 +286,7 @@ fn queue_error(e: kinesin_router::RouterError) -> ApiError {
 
 operation_table! { Context<'_>, ctx, input;
     "CreateQueue" => create_queue(ctx, input).await,
-    "GetQueueUrl" => get_queue_url(ctx, input),
+    "GetQueueUrl" => get_queue_url(ctx, input).await,
     "ListQueues" => list_queues(ctx, input),
     "DeleteQueue" => delete_queue(ctx, input).await,
     "GetQueueAttributes" => get_queue_attributes(ctx, input).await,
@@ -246,13 +303,14 @@ operation_table! { Context<'_>, ctx, input;
     "ChangeMessageVisibility" => change_message_visibility(ctx, input).await,
     "ChangeMessageVisibilityBatch" => change_message_visibility_batch(ctx, input).await,
     "ListDeadLetterSourceQueues" => list_dead_letter_source_queues(ctx, input).await,
-    "AddPermission" => Err(unsupported("AddPermission")),
-    "RemovePermission" => Err(unsupported("RemovePermission")),
-    "StartMessageMoveTask" => Err(unsupported("StartMessageMoveTask")),
-    "ListMessageMoveTasks" => Err(unsupported("ListMessageMoveTasks")),
-    "CancelMessageMoveTask" => Err(unsupported("CancelMessageMoveTask")),
+    "AddPermission" => add_permission(ctx, input).await,
+    "RemovePermission" => remove_permission(ctx, input).await,
+    "StartMessageMoveTask" => start_message_move_task(ctx, input).await,
+    "ListMessageMoveTasks" => list_message_move_tasks(ctx, input).await,
+    "CancelMessageMoveTask" => cancel_message_move_task(ctx, input).await,
 }
 
+/// An operation the service does not have.
 fn unsupported(op: &str) -> ApiError {
     ApiError::new(
         "UnsupportedOperation",
@@ -266,10 +324,10 @@ fn unsupported(op: &str) -> ApiError {
 /// elements. Validation errors take SQS's names.
 pub async fn handle(
     ctx: &Context<'_>,
-    op: &str,
     body: &Value,
     protocol: Protocol,
 ) -> Result<Value, ApiError> {
+    let op = ctx.op;
     let result = if protocol == Protocol::Query {
         let input = from_query(body.clone(), op);
         call(ctx, op, &input, protocol)

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use axum::http::StatusCode;
+use kinesin_queue::policy::PermissionRefused;
 use kinesin_queue::{QueueCommand, QueueConfig, QueueInfo, QueueQuery, QueueReply};
 use kinesin_router::Retry;
 use serde_json::{json, Map, Value};
@@ -107,7 +108,8 @@ fn check_attribute(name: &str, value: &str, fifo: bool) -> Result<(), ApiError> 
         }
         "DeduplicationScope" => check_choice(name, value, &["messageGroup", "queue"]),
         "FifoThroughputLimit" => check_choice(name, value, &["perQueue", "perMessageGroupId"]),
-        "Policy" | "RedriveAllowPolicy" if !value.is_empty() => {
+        "RedriveAllowPolicy" if !value.is_empty() => check_redrive_allow(value),
+        "Policy" if !value.is_empty() => {
             serde_json::from_str::<Value>(value)
                 .map(|_| ())
                 .map_err(|e| {
@@ -148,6 +150,42 @@ fn check_redrive(value: &str) -> Result<(), ApiError> {
         return Err(bad("maxReceiveCount must be from 1 to 1000."));
     }
     Ok(())
+}
+
+/// Most source queues a `byQueue` redrive allow policy names, as AWS.
+const MAX_REDRIVE_SOURCES: usize = 10;
+
+fn check_redrive_allow(value: &str) -> Result<(), ApiError> {
+    let bad = |why: &str| {
+        attribute_error(
+            "InvalidAttributeValue",
+            format!("Value {value} for parameter RedriveAllowPolicy is invalid. Reason: {why}"),
+        )
+    };
+    let policy: Value = serde_json::from_str(value).map_err(|_| bad("not JSON."))?;
+    let sources = policy.get("sourceQueueArns");
+    match policy.get("redrivePermission").and_then(Value::as_str) {
+        Some("allowAll" | "denyAll") if sources.is_none() => Ok(()),
+        Some("allowAll" | "denyAll") => Err(bad(
+            "sourceQueueArns is allowed only when redrivePermission is byQueue.",
+        )),
+        Some("byQueue") => match sources.and_then(Value::as_array) {
+            Some(arns)
+                if (1..=MAX_REDRIVE_SOURCES).contains(&arns.len())
+                    && arns
+                        .iter()
+                        .all(|a| a.as_str().is_some_and(|a| a.starts_with("arn:"))) =>
+            {
+                Ok(())
+            }
+            _ => Err(bad(&format!(
+                "byQueue needs sourceQueueArns: 1 to {MAX_REDRIVE_SOURCES} queue ARNs."
+            ))),
+        },
+        _ => Err(bad(
+            "redrivePermission must be one of allowAll, denyAll, byQueue.",
+        )),
+    }
 }
 
 fn check_queue_name(name: &str, fifo: bool) -> Result<(), ApiError> {
@@ -195,8 +233,9 @@ fn tags_of(input: &Input<'_>, member: &str) -> Result<BTreeMap<String, String>, 
 }
 
 /// A redrive policy must name an existing queue of the caller's, in this
-/// region, of the same kind (FIFO or standard), other than the queue itself.
-fn check_redrive_target(
+/// region, of the same kind (FIFO or standard), other than the queue
+/// itself, whose redrive allow policy admits the queue.
+async fn check_redrive_target(
     ctx: &Context<'_>,
     queue: &str,
     attributes: &BTreeMap<String, String>,
@@ -235,8 +274,23 @@ fn check_redrive_target(
             "Dead-letter target must be of the same type (FIFO or standard) as the source queue.",
         ));
     }
-    if ctx.queue_group(account, name).is_none() {
+    let Some(group) = ctx.queue_group(account, name) else {
         return Err(bad("Dead-letter target does not exist."));
+    };
+    let target = Queue {
+        account: account.to_string(),
+        name: name.to_string(),
+        group,
+    };
+    let settings: BTreeMap<String, String> = ctx.query(&target, &QueueQuery::Settings).await?;
+    let source = ctx.arn(ctx.account, queue);
+    if !kinesin_queue::redrive_allowed(
+        settings.get("RedriveAllowPolicy").map(String::as_str),
+        &source,
+    ) {
+        return Err(bad(
+            "The dead-letter target's RedriveAllowPolicy does not allow this queue.",
+        ));
     }
     Ok(())
 }
@@ -259,7 +313,7 @@ pub(super) async fn create_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result
     for (k, v) in &given {
         check_attribute(k, v, fifo)?;
     }
-    check_redrive_target(ctx, name, &given)?;
+    check_redrive_target(ctx, name, &given).await?;
     let tags = tags_of(input, "tags")?;
     let mut attributes: BTreeMap<String, String> = SETTABLE
         .iter()
@@ -315,18 +369,21 @@ pub(super) async fn create_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result
     Ok(json!({ "QueueUrl": url }))
 }
 
-pub(super) fn get_queue_url(ctx: &Context<'_>, input: &Input<'_>) -> Result<Value, ApiError> {
+pub(super) async fn get_queue_url(ctx: &Context<'_>, input: &Input<'_>) -> Result<Value, ApiError> {
     let name = input.str("QueueName")?;
     let account = input
         .opt_str("QueueOwnerAWSAccountId")?
         .unwrap_or(ctx.account);
-    if ctx.check_accounts && account != ctx.account {
-        return Err(no_queue());
-    }
-    if ctx.queue_group(account, name).is_none() {
-        return Err(no_queue());
-    }
-    Ok(json!({ "QueueUrl": ctx.url(account, name) }))
+    // Another account's queue that its policy does not share is one that
+    // "does not exist or you do not have access to", as AWS answers.
+    let queue = ctx
+        .named_queue(account, name)
+        .await
+        .map_err(|e| match e.name {
+            "AccessDeniedException" => no_queue(),
+            _ => e,
+        })?;
+    Ok(json!({ "QueueUrl": ctx.url(&queue.account, &queue.name) }))
 }
 
 pub(super) fn list_queues(ctx: &Context<'_>, input: &Input<'_>) -> Result<Value, ApiError> {
@@ -360,7 +417,7 @@ pub(super) fn list_queues(ctx: &Context<'_>, input: &Input<'_>) -> Result<Value,
 }
 
 pub(super) async fn delete_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result<Value, ApiError> {
-    let queue = ctx.queue(input)?;
+    let queue = ctx.queue(input).await?;
     match ctx
         .router
         .delete_group(&group_name(&queue.account, &queue.name))
@@ -375,7 +432,7 @@ pub(super) async fn get_queue_attributes(
     ctx: &Context<'_>,
     input: &Input<'_>,
 ) -> Result<Value, ApiError> {
-    let queue = ctx.queue(input)?;
+    let queue = ctx.queue(input).await?;
     let wanted = input.opt_str_list("AttributeNames")?.unwrap_or_default();
     for name in &wanted {
         let known =
@@ -426,7 +483,7 @@ pub(super) async fn set_queue_attributes(
     ctx: &Context<'_>,
     input: &Input<'_>,
 ) -> Result<Value, ApiError> {
-    let queue = ctx.queue(input)?;
+    let queue = ctx.queue(input).await?;
     let fifo = queue.name.ends_with(".fifo");
     let given: BTreeMap<String, String> = input
         .opt_str_map("Attributes")?
@@ -449,14 +506,14 @@ pub(super) async fn set_queue_attributes(
         }
         check_attribute(k, v, fifo)?;
     }
-    check_redrive_target(ctx, &queue.name, &given)?;
+    check_redrive_target(ctx, &queue.name, &given).await?;
     ctx.command(&queue, &QueueCommand::SetAttributes(given), Retry::Always)
         .await?;
     Ok(json!({}))
 }
 
 pub(super) async fn purge_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result<Value, ApiError> {
-    let queue = ctx.queue(input)?;
+    let queue = ctx.queue(input).await?;
     match ctx
         .command(&queue, &QueueCommand::Purge, Retry::BeforeProposing)
         .await?
@@ -474,7 +531,7 @@ pub(super) async fn purge_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result<
 }
 
 pub(super) async fn tag_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result<Value, ApiError> {
-    let queue = ctx.queue(input)?;
+    let queue = ctx.queue(input).await?;
     let tags = tags_of(input, "Tags")?;
     match ctx
         .command(&queue, &QueueCommand::Tag(tags), Retry::Always)
@@ -488,7 +545,7 @@ pub(super) async fn tag_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result<Va
 }
 
 pub(super) async fn untag_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result<Value, ApiError> {
-    let queue = ctx.queue(input)?;
+    let queue = ctx.queue(input).await?;
     let keys = input
         .opt_str_list("TagKeys")?
         .unwrap_or_default()
@@ -504,7 +561,7 @@ pub(super) async fn list_queue_tags(
     ctx: &Context<'_>,
     input: &Input<'_>,
 ) -> Result<Value, ApiError> {
-    let queue = ctx.queue(input)?;
+    let queue = ctx.queue(input).await?;
     let info: QueueInfo = ctx.query(&queue, &QueueQuery::Info).await?;
     if info.tags.is_empty() {
         return Ok(json!({}));
@@ -512,25 +569,23 @@ pub(super) async fn list_queue_tags(
     Ok(json!({ "Tags": info.tags }))
 }
 
-/// The caller's queues whose redrive policy names this queue.
-pub(super) async fn list_dead_letter_source_queues(
+/// `account`'s queues, in name order after `after`, whose redrive policy
+/// names the queue `arn`: up to `limit`, and whether there are more.
+pub(super) async fn dead_letter_sources(
     ctx: &Context<'_>,
-    input: &Input<'_>,
-) -> Result<Value, ApiError> {
-    let target = ctx.queue(input)?;
-    let arn = ctx.arn(&target.account, &target.name);
-    let max = input.opt_int_range("MaxResults", 1, MAX_LIST_RESULTS)?;
-    let after = input.opt_str("NextToken")?;
+    account: &str,
+    arn: &str,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<(Vec<String>, bool), ApiError> {
     let candidates = ctx
-        .own_queues()
+        .queues_of(account)
         .into_iter()
         .filter(|(n, _)| after.is_none_or(|a| n.as_str() > a));
-    let limit = max.unwrap_or(MAX_LIST_RESULTS) as usize;
     let mut names = Vec::new();
-    let mut more = false;
     for (name, group) in candidates {
         let queue = Queue {
-            account: ctx.account.to_string(),
+            account: account.to_string(),
             name,
             group,
         };
@@ -552,12 +607,25 @@ pub(super) async fn list_dead_letter_source_queues(
             .is_some_and(|t| t == arn);
         if names_it {
             if names.len() == limit {
-                more = true;
-                break;
+                return Ok((names, true));
             }
             names.push(queue.name);
         }
     }
+    Ok((names, false))
+}
+
+/// The caller's queues whose redrive policy names this queue.
+pub(super) async fn list_dead_letter_source_queues(
+    ctx: &Context<'_>,
+    input: &Input<'_>,
+) -> Result<Value, ApiError> {
+    let target = ctx.queue(input).await?;
+    let arn = ctx.arn(&target.account, &target.name);
+    let max = input.opt_int_range("MaxResults", 1, MAX_LIST_RESULTS)?;
+    let after = input.opt_str("NextToken")?;
+    let limit = max.unwrap_or(MAX_LIST_RESULTS) as usize;
+    let (names, more) = dead_letter_sources(ctx, ctx.account, &arn, after, limit).await?;
     let mut out = Map::new();
     out.insert(
         "queueUrls".into(),
@@ -572,4 +640,130 @@ pub(super) async fn list_dead_letter_source_queues(
         }
     }
     Ok(Value::Object(out))
+}
+
+/// Most actions one AddPermission grants, as AWS.
+const MAX_PERMISSION_ACTIONS: usize = 7;
+
+fn missing(member: &str) -> ApiError {
+    ApiError::new(
+        "MissingParameter",
+        StatusCode::BAD_REQUEST,
+        format!("The request must contain the parameter {member}."),
+    )
+}
+
+fn check_label(label: &str) -> Result<(), ApiError> {
+    let ok = (1..=80).contains(&label.len())
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid_parameter(format!(
+            "Value {label} for parameter Label is invalid. Reason: 1 to 80 alphanumeric characters, hyphens or underscores."
+        )))
+    }
+}
+
+/// One string, or a list when there are several (as AWS writes policies).
+fn one_or_list(items: Vec<String>) -> Value {
+    match <[String; 1]>::try_from(items) {
+        Ok([one]) => Value::String(one),
+        Err(items) => items.into(),
+    }
+}
+
+pub(super) async fn add_permission(
+    ctx: &Context<'_>,
+    input: &Input<'_>,
+) -> Result<Value, ApiError> {
+    let queue = ctx.queue(input).await?;
+    let label = input.str("Label")?;
+    check_label(label)?;
+    let accounts = input.opt_str_list("AWSAccountIds")?.unwrap_or_default();
+    let actions = input.opt_str_list("Actions")?.unwrap_or_default();
+    if accounts.is_empty() {
+        return Err(missing("AWSAccountIds"));
+    }
+    if actions.is_empty() {
+        return Err(missing("Actions"));
+    }
+    if let Some(bad) = accounts
+        .iter()
+        .find(|a| a.len() != 12 || !a.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(invalid_parameter(format!(
+            "Value {bad} for parameter AWSAccountIds is invalid. Reason: An account id is 12 digits."
+        )));
+    }
+    if let Some(bad) = actions
+        .iter()
+        .find(|a| **a != "*" && !super::CROSS_ACCOUNT.contains(a))
+    {
+        return Err(invalid_parameter(format!(
+            "Value SQS:{bad} for parameter ActionName is invalid. Reason: Only the queue owner is allowed to invoke this action."
+        )));
+    }
+    if actions.len() > MAX_PERMISSION_ACTIONS {
+        return Err(ApiError::new(
+            "OverLimit",
+            StatusCode::FORBIDDEN,
+            format!("A permission grants at most {MAX_PERMISSION_ACTIONS} actions."),
+        ));
+    }
+    let arn = ctx.arn(&queue.account, &queue.name);
+    let statement = json!({
+        "Effect": "Allow",
+        "Principal": { "AWS": one_or_list(accounts.iter().map(|a| format!("arn:aws:iam::{a}:root")).collect()) },
+        "Action": one_or_list(actions.iter().map(|a| format!("SQS:{a}")).collect()),
+        "Resource": arn,
+    });
+    let command = QueueCommand::AddPermission {
+        label: label.to_string(),
+        statement: statement.to_string(),
+        policy_id: format!("{arn}/SQSDefaultPolicy"),
+    };
+    permission_reply(
+        ctx.command(&queue, &command, Retry::BeforeProposing)
+            .await?,
+        label,
+    )
+}
+
+pub(super) async fn remove_permission(
+    ctx: &Context<'_>,
+    input: &Input<'_>,
+) -> Result<Value, ApiError> {
+    let queue = ctx.queue(input).await?;
+    let label = input.str("Label")?;
+    let command = QueueCommand::RemovePermission {
+        label: label.to_string(),
+    };
+    permission_reply(
+        ctx.command(&queue, &command, Retry::BeforeProposing)
+            .await?,
+        label,
+    )
+}
+
+fn permission_reply(reply: QueueReply, label: &str) -> Result<Value, ApiError> {
+    let why = match reply {
+        QueueReply::PermissionRefused(why) => why,
+        _ => return Ok(json!({})),
+    };
+    Err(match why {
+        PermissionRefused::LabelExists => invalid_parameter(format!(
+            "Value {label} for parameter Label is invalid. Reason: Already exists."
+        )),
+        PermissionRefused::NoSuchLabel => invalid_parameter(format!(
+            "Value {label} for parameter Label is invalid. Reason: can't find label on existing policy."
+        )),
+        PermissionRefused::TooLarge { max } => ApiError::new(
+            "OverLimit",
+            StatusCode::FORBIDDEN,
+            format!("The queue's policy would be longer than {max} characters."),
+        ),
+    })
 }

@@ -1,27 +1,37 @@
-//! A queue's leader, once a second: exports the queue's message counts and
-//! moves its dead letters.
+//! A queue's leader, once a second: exports the queue's message counts,
+//! moves its dead letters, and runs its message move task.
 //!
 //! Dead letters: a queue's leader moves the messages received more often
 //! than its redrive policy allows to the dead-letter queue (keeping their
 //! id, attributes and first send time), then drops them from the source.
 //! A move whose drop did not happen is repeated at the next turn, so a
 //! crash between the two can leave a message twice in the dead-letter
-//! queue, never lose it.
+//! queue, never lose it. The dead-letter queue must still allow the source
+//! (its RedriveAllowPolicy); while it does not, dead letters wait.
+//!
+//! Move tasks (StartMessageMoveTask) take a dead-letter queue's visible
+//! messages back to the queues they came from, or to the task's
+//! destination, in the same two steps, at most the task's rate per turn.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kinesin_meta::Owner;
-use kinesin_queue::{DeadLetters, QueueCommand, QueueInfo, QueueQuery};
-use kinesin_router::{now_ms, stamp, Retry};
+use kinesin_queue::{DeadLetters, MoveBatch, QueueCommand, QueueInfo, QueueQuery, StoredMessage};
+use kinesin_raft::RaftHost;
+use kinesin_router::{now_ms, stamp, Retry, Router};
+use kinesin_types::GroupId;
 
 use super::{take_turn, JobState, Led};
 use crate::reconcile::Context;
 
-/// How often a queue's leader looks for dead letters.
+/// How often a queue's leader looks for dead letters and move work.
 const EVERY: Duration = Duration::from_secs(1);
 /// Most messages one move takes.
 const BATCH: u32 = 100;
+/// A move task's rate (messages per second) when it names none.
+const DEFAULT_TASK_RATE: u32 = 500;
 
 pub(super) fn run(ctx: &Context, jobs: &Arc<Mutex<JobState>>, led: &Led<'_>) {
     let Some(Owner::Group { spec, name }) = led.owner() else {
@@ -41,61 +51,169 @@ pub(super) fn run(ctx: &Context, jobs: &Arc<Mutex<JobState>>, led: &Led<'_>) {
     let (host, router) = (ctx.host.clone(), ctx.router.clone());
     let jobs = Arc::clone(jobs);
     let queue = name.strip_prefix("sqs/").unwrap_or(name).to_string();
-    let source = name.to_string();
     tokio::spawn(async move {
+        let turn = Turn {
+            host: &host,
+            router: &router,
+            group,
+            queue: &queue,
+        };
         let result = async {
             let now = now_ms();
-            let info: QueueInfo = kinesin_queue::decode(&host.local_query(
-                group,
-                &stamp(now, &kinesin_queue::encode(&QueueQuery::Info)),
-            )?)
-            .map_err(anyhow::Error::msg)?;
+            let info: QueueInfo = turn.local(&QueueQuery::Info)?;
             export(&queue, &info, now);
-            let query = stamp(
-                now_ms(),
-                &kinesin_queue::encode(&QueueQuery::DeadLetters(BATCH)),
-            );
-            let dead: DeadLetters = kinesin_queue::decode(&host.local_query(group, &query)?)
-                .map_err(anyhow::Error::msg)?;
-            if dead.messages.is_empty() {
-                return anyhow::Ok(());
-            }
-            // Only a queue of the source's own account (the API checks
-            // this when the policy is set; the target may have changed).
-            let account_prefix = source.rsplit_once('/').map_or("", |(a, _)| a);
-            let target = kinesin_queue::group_of_arn(&dead.target)
-                .filter(|name| {
-                    name.rsplit_once('/')
-                        .is_some_and(|(a, _)| a == account_prefix)
-                })
-                .and_then(|name| {
-                    router
-                        .meta_state()
-                        .groups
-                        .get(&name)
-                        .filter(|g| g.kind == kinesin_queue::QUEUE_KIND)
-                        .map(|g| g.group)
-                })
-                .ok_or_else(|| {
-                    anyhow::anyhow!("the dead-letter queue {} does not exist", dead.target)
-                })?;
-            let count = dead.messages.len();
-            let seqs = dead.messages.iter().map(|m| m.seq).collect();
-            let moved = kinesin_queue::encode(&QueueCommand::Move(dead.messages));
-            router
-                .propose_stamped(target, moved, Retry::BeforeProposing)
-                .await?;
-            let remove = kinesin_queue::encode(&QueueCommand::Remove(seqs));
-            router.propose_stamped(group, remove, Retry::Always).await?;
-            metrics::counter!("kinesin_sqs_dead_letters_moved_total").increment(count as u64);
-            Ok(())
+            turn.move_dead_letters().await?;
+            turn.move_task().await
         }
         .await;
         if let Err(e) = result {
-            tracing::warn!(%group, error = %e, "cannot move dead letters yet");
+            tracing::warn!(%group, error = %e, "cannot move messages yet");
         }
         jobs.lock().expect("jobs lock").redriving.remove(&group);
     });
+}
+
+/// One turn of a queue's leader.
+struct Turn<'a> {
+    host: &'a RaftHost,
+    router: &'a Router,
+    group: GroupId,
+    /// `account/name`.
+    queue: &'a str,
+}
+
+impl Turn<'_> {
+    fn local<T: for<'de> serde::Deserialize<'de>>(&self, query: &QueueQuery) -> anyhow::Result<T> {
+        let bytes = self
+            .host
+            .local_query(self.group, &stamp(now_ms(), &kinesin_queue::encode(query)))?;
+        kinesin_queue::decode(&bytes).map_err(anyhow::Error::msg)
+    }
+
+    /// The group of the queue an ARN names, if it exists and is of this
+    /// queue's account (the API checks this when a policy or task is set;
+    /// the queue may have changed since).
+    fn own_queue(&self, arn: &str) -> Option<GroupId> {
+        let account = self.queue.split_once('/').map_or("", |(a, _)| a);
+        let name = kinesin_queue::group_of_arn(arn)
+            .filter(|name| name.starts_with(&kinesin_queue::group_name(account, "")))?;
+        self.router
+            .meta_state()
+            .groups
+            .get(&name)
+            .filter(|g| g.kind == kinesin_queue::QUEUE_KIND)
+            .map(|g| g.group)
+    }
+
+    /// Proposes `copy` to `target`, then `drop` here.
+    async fn copy_then_drop(
+        &self,
+        target: GroupId,
+        copy: QueueCommand,
+        drop: QueueCommand,
+    ) -> anyhow::Result<()> {
+        self.router
+            .propose_stamped(target, kinesin_queue::encode(&copy), Retry::BeforeProposing)
+            .await?;
+        self.router
+            .propose_stamped(self.group, kinesin_queue::encode(&drop), Retry::Always)
+            .await?;
+        Ok(())
+    }
+
+    async fn move_dead_letters(&self) -> anyhow::Result<()> {
+        let dead: DeadLetters = self.local(&QueueQuery::DeadLetters(BATCH))?;
+        if dead.messages.is_empty() {
+            return Ok(());
+        }
+        let target = self.own_queue(&dead.target).ok_or_else(|| {
+            anyhow::anyhow!("the dead-letter queue {} does not exist", dead.target)
+        })?;
+        // The source's ARN is in the region of its dead-letter queue's.
+        let region = dead.target.split(':').nth(3).unwrap_or_default();
+        let (account, name) = self.queue.split_once('/').unwrap_or(("", self.queue));
+        let source = format!("arn:aws:sqs:{region}:{account}:{name}");
+        let settings: BTreeMap<String, String> = kinesin_queue::decode(
+            &self
+                .router
+                .read(
+                    target,
+                    stamp(now_ms(), &kinesin_queue::encode(&QueueQuery::Settings)),
+                )
+                .await?,
+        )
+        .map_err(anyhow::Error::msg)?;
+        let allow = settings.get("RedriveAllowPolicy").map(String::as_str);
+        if !kinesin_queue::redrive_allowed(allow, &source) {
+            anyhow::bail!(
+                "the RedriveAllowPolicy of {} does not allow {source}",
+                dead.target
+            );
+        }
+        let count = dead.messages.len();
+        let seqs = dead.messages.iter().map(|m| m.seq).collect();
+        let copy = QueueCommand::MoveFrom {
+            source,
+            messages: dead.messages,
+        };
+        self.copy_then_drop(target, copy, QueueCommand::Remove(seqs))
+            .await?;
+        metrics::counter!("kinesin_sqs_dead_letters_moved_total").increment(count as u64);
+        Ok(())
+    }
+
+    /// Moves up to the running task's rate of messages, or ends the task
+    /// when nothing visible is left (or a message has nowhere to go).
+    async fn move_task(&self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let mut moved = 0;
+        loop {
+            let batch: MoveBatch = self.local(&QueueQuery::MoveBatch(BATCH))?;
+            let Some(task) = batch.task else {
+                return Ok(());
+            };
+            let left = task.rate.unwrap_or(DEFAULT_TASK_RATE).saturating_sub(moved);
+            if left == 0 || started.elapsed() >= EVERY {
+                return Ok(());
+            }
+            if batch.messages.is_empty() {
+                return self.end_task(task.id, None).await;
+            }
+            let mut by_target: BTreeMap<String, Vec<StoredMessage>> = BTreeMap::new();
+            for (message, origin) in batch.messages.into_iter().take(left as usize) {
+                let Some(target) = task.destination.clone().or(origin) else {
+                    let why = format!(
+                        "Message {} was not moved here as a dead letter, and the task names no DestinationArn.",
+                        message.message.message_id
+                    );
+                    return self.end_task(task.id, Some(why)).await;
+                };
+                by_target.entry(target).or_default().push(message);
+            }
+            for (arn, messages) in by_target {
+                let Some(target) = self.own_queue(&arn) else {
+                    let why = format!("The destination queue {arn} does not exist.");
+                    return self.end_task(task.id, Some(why)).await;
+                };
+                let seqs: BTreeSet<u128> = messages.iter().map(|m| m.seq).collect();
+                moved += seqs.len() as u32;
+                let drop = QueueCommand::MovedOut {
+                    task: task.id,
+                    seqs: seqs.into_iter().collect(),
+                };
+                self.copy_then_drop(target, QueueCommand::Move(messages), drop)
+                    .await?;
+            }
+        }
+    }
+
+    async fn end_task(&self, task: u64, failure: Option<String>) -> anyhow::Result<()> {
+        let end = kinesin_queue::encode(&QueueCommand::EndMoveTask { task, failure });
+        self.router
+            .propose_stamped(self.group, end, Retry::Always)
+            .await?;
+        Ok(())
+    }
 }
 
 /// The queue's counts as gauges, labelled `account/name`. A queue whose
