@@ -356,7 +356,9 @@ def test_a_move_task_takes_dead_letters_back_to_their_source_or_elsewhere(sqs, c
     assert tasks[1]["DestinationArn"] == other_arn and tasks[1]["MaxNumberOfMessagesPerSecond"] == 1
     moved_later = 4 - tasks[1]["ApproximateNumberOfMessagesMoved"]
     assert tasks[0]["ApproximateNumberOfMessagesMoved"] == moved_later
-    assert tasks[0]["ApproximateNumberOfMessagesToMove"] == moved_later
+    # The second task may start while the first's last copy is between its
+    # copy and its drop, and then counts that message too.
+    assert moved_later <= tasks[0]["ApproximateNumberOfMessagesToMove"] <= moved_later + 1
     back = []
     for url, count in ((src, moved_later), (other, 4 - moved_later)):
         deadline = time.monotonic() + 20

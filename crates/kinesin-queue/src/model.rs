@@ -112,11 +112,11 @@ pub enum QueueCommand {
     },
     /// Cancels the running move task with this id.
     CancelMoveTask(u64),
-    /// Messages a move task copied to their destination: dropped here and
-    /// counted as moved.
+    /// Messages a move task copied to their destination: dropped here if
+    /// still held by the claim that named them, and counted as moved.
     MovedOut {
         task: u64,
-        seqs: Vec<u128>,
+        handles: Vec<Handle>,
     },
     /// Ends a running move task: done, or failed for this reason.
     EndMoveTask {
@@ -133,6 +133,14 @@ pub enum QueueCommand {
     /// Removes the policy's statements labelled `label`.
     RemovePermission {
         label: String,
+    },
+    /// Hides the given visible messages for the running move task `task`
+    /// while it copies them, so that no consumer takes or deletes one
+    /// meanwhile; a claim not followed by [`QueueCommand::MovedOut`] ends
+    /// after a minute. Answers the claimed messages' handles.
+    ClaimForMove {
+        task: u64,
+        seqs: Vec<u128>,
     },
 }
 
@@ -269,6 +277,7 @@ pub enum QueueReply {
     /// that id runs.
     Cancelled(Option<u64>),
     PermissionRefused(PermissionRefused),
+    Claimed(Vec<Handle>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

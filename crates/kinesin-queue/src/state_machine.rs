@@ -44,6 +44,8 @@ const MOVE_BATCH_BYTES: usize = 4 << 20;
 const MAX_DEATHS_PER_RECEIVE: usize = 100;
 /// Most tags of one queue, as AWS.
 const MAX_TAGS: usize = 50;
+/// How long a move task's claim hides a message it copies.
+const MOVE_CLAIM_MS: u64 = 60 * 1000;
 /// Longest policy, as any attribute value (AWS).
 const MAX_POLICY_BYTES: usize = 20_480;
 /// PurgeQueue may run once per this long.
@@ -301,11 +303,12 @@ impl Queue {
     /// every message it took still has that receipt and visible-at time.
     fn repeatable(&self, id: &str, now_ms: u64) -> bool {
         self.attempts.map.get(id).is_some_and(|earlier| {
-            earlier.taken.iter().all(|(h, visible_at)| {
-                self.messages.get(&h.seq).is_some_and(|m| {
-                    m.nonce == h.nonce && m.visible_at_ms == *visible_at && m.in_flight(now_ms)
+            earlier.expires_ms > now_ms
+                && earlier.taken.iter().all(|(h, visible_at)| {
+                    self.messages.get(&h.seq).is_some_and(|m| {
+                        m.nonce == h.nonce && m.visible_at_ms == *visible_at && m.in_flight(now_ms)
+                    })
                 })
-            })
         })
     }
 
@@ -843,11 +846,33 @@ impl QueueStateMachine {
                 self.put_task(q, batch, task);
                 QueueReply::Cancelled(Some(moved))
             }
-            QueueCommand::MovedOut { task, seqs } => {
+            QueueCommand::ClaimForMove { task, seqs } => {
+                let running = q
+                    .tasks
+                    .get(&task)
+                    .is_some_and(|t| t.status == TaskStatus::Running);
+                let mut claimed = Vec::new();
+                for seq in seqs.into_iter().filter(|_| running) {
+                    let Some(m) = q
+                        .messages
+                        .get_mut(&seq)
+                        .filter(|m| !m.dead && m.visible_at_ms <= now_ms)
+                    else {
+                        continue;
+                    };
+                    m.visible_at_ms = now_ms + MOVE_CLAIM_MS;
+                    m.nonce = index;
+                    let m = m.clone();
+                    self.put_state(batch, seq, &m);
+                    claimed.push(Handle { seq, nonce: index });
+                }
+                QueueReply::Claimed(claimed)
+            }
+            QueueCommand::MovedOut { task, handles } => {
                 let mut moved = 0;
-                for seq in seqs {
-                    if q.messages.contains_key(&seq) {
-                        self.remove_message(q, batch, seq);
+                for h in handles {
+                    if q.messages.get(&h.seq).is_some_and(|m| m.nonce == h.nonce) {
+                        self.remove_message(q, batch, h.seq);
                         moved += 1;
                     }
                 }
@@ -1864,42 +1889,68 @@ mod tests {
         let origins: Vec<Option<&str>> = batch.messages.iter().map(|(_, o)| o.as_deref()).collect();
         assert_eq!(origins, [Some(src.as_str()), Some(src.as_str()), None]);
         assert_eq!(batch.messages[0].0.sent_ms, 7, "the first send time stays");
-        let seqs = batch.messages[..2].iter().map(|(m, _)| m.seq).collect();
+        let seqs: Vec<u128> = batch.messages[..2].iter().map(|(m, _)| m.seq).collect();
+        let claim = QueueCommand::ClaimForMove {
+            task: id,
+            seqs: seqs.clone(),
+        };
+        let QueueReply::Claimed(handles) = run(&s, &dlq, 5, 3_000, claim.clone()) else {
+            panic!("a claim answers handles");
+        };
+        assert_eq!(handles.len(), 2);
+        // Claimed messages are hidden from receives and from a second claim.
+        assert_eq!(bodies(&receive(&s, &dlq, 6, 3_000, 10)), ["c"]);
+        assert_eq!(
+            run(&s, &dlq, 7, 3_000, claim),
+            QueueReply::Claimed(Vec::new())
+        );
+        // Only the claim's own handles drop them.
+        let stale: Vec<Handle> = seqs.iter().map(|&seq| Handle { seq, nonce: 1 }).collect();
+        let drop_stale = QueueCommand::MovedOut {
+            task: id,
+            handles: stale,
+        };
+        run(&s, &dlq, 8, 3_000, drop_stale);
+        assert_eq!(info(&dlq, 3_000).delayed, 2, "still there, still claimed");
         run(
             &s,
             &dlq,
-            5,
+            9,
             3_000,
-            QueueCommand::MovedOut { task: id, seqs },
+            QueueCommand::MovedOut { task: id, handles },
         );
 
         // A reopened replica has the task, its progress and the origins.
         let dlq = open(&s, &[]);
-        let batch: MoveBatch = query(&dlq, 3_000, QueueQuery::MoveBatch(10));
+        let batch: MoveBatch = query(&dlq, 40_000, QueueQuery::MoveBatch(10));
         assert_eq!(batch.task.as_ref().map(|t| t.moved), Some(2));
-        assert_eq!(batch.messages.len(), 1);
+        assert_eq!(
+            batch.messages.len(),
+            1,
+            "c, visible again after its receive"
+        );
         assert_eq!(batch.messages[0].1, None);
 
         let why = Some("no destination".to_string());
         run(
             &s,
             &dlq,
-            6,
-            4_000,
+            10,
+            40_000,
             QueueCommand::EndMoveTask {
                 task: id,
                 failure: why.clone(),
             },
         );
         assert_eq!(
-            run(&s, &dlq, 7, 4_000, QueueCommand::CancelMoveTask(id)),
+            run(&s, &dlq, 11, 40_000, QueueCommand::CancelMoveTask(id)),
             QueueReply::Cancelled(None),
             "only a running task can be cancelled"
         );
-        let tasks: Vec<MoveTask> = query(&dlq, 4_000, QueueQuery::MoveTasks);
+        let tasks: Vec<MoveTask> = query(&dlq, 40_000, QueueQuery::MoveTasks);
         assert_eq!(tasks[0].status, TaskStatus::Failed);
         assert_eq!(tasks[0].failure, why);
-        let batch: MoveBatch = query(&dlq, 4_000, QueueQuery::MoveBatch(10));
+        let batch: MoveBatch = query(&dlq, 40_000, QueueQuery::MoveBatch(10));
         assert!(batch.task.is_none() && batch.messages.is_empty());
 
         // The latest ten tasks are kept, the latest first.

@@ -18,7 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kinesin_meta::Owner;
-use kinesin_queue::{DeadLetters, MoveBatch, QueueCommand, QueueInfo, QueueQuery, StoredMessage};
+use kinesin_queue::{
+    DeadLetters, MoveBatch, QueueCommand, QueueInfo, QueueQuery, QueueReply, StoredMessage,
+};
 use kinesin_raft::RaftHost;
 use kinesin_router::{now_ms, stamp, Retry, Router};
 use kinesin_types::GroupId;
@@ -58,16 +60,18 @@ pub(super) fn run(ctx: &Context, jobs: &Arc<Mutex<JobState>>, led: &Led<'_>) {
             group,
             queue: &queue,
         };
-        let result = async {
-            let now = now_ms();
-            let info: QueueInfo = turn.local(&QueueQuery::Info)?;
-            export(&queue, &info, now);
-            turn.move_dead_letters().await?;
-            turn.move_task().await
+        let now = now_ms();
+        match turn.local::<QueueInfo>(&QueueQuery::Info) {
+            Ok(info) => export(&queue, &info, now),
+            Err(e) => tracing::warn!(%group, error = %e, "cannot read the queue's counts"),
         }
-        .await;
-        if let Err(e) = result {
-            tracing::warn!(%group, error = %e, "cannot move messages yet");
+        // Each step on its own: dead letters that cannot move (their queue
+        // gone or refusing them) do not hold up this queue's move task.
+        if let Err(e) = turn.move_dead_letters().await {
+            tracing::warn!(%group, error = %e, "cannot move dead letters yet");
+        }
+        if let Err(e) = turn.move_task().await {
+            tracing::warn!(%group, error = %e, "cannot run the message move task yet");
         }
         jobs.lock().expect("jobs lock").redriving.remove(&group);
     });
@@ -195,11 +199,33 @@ impl Turn<'_> {
                     let why = format!("The destination queue {arn} does not exist.");
                     return self.end_task(task.id, Some(why)).await;
                 };
-                let seqs: BTreeSet<u128> = messages.iter().map(|m| m.seq).collect();
-                moved += seqs.len() as u32;
+                // Claimed messages are hidden from consumers, so none is
+                // taken or deleted while it is copied; the drop takes only
+                // what this claim holds.
+                let claim = QueueCommand::ClaimForMove {
+                    task: task.id,
+                    seqs: messages.iter().map(|m| m.seq).collect(),
+                };
+                let reply = self
+                    .router
+                    .propose_stamped(self.group, kinesin_queue::encode(&claim), Retry::Always)
+                    .await?;
+                let handles = match kinesin_queue::decode(&reply).map_err(anyhow::Error::msg)? {
+                    QueueReply::Claimed(handles) => handles,
+                    other => anyhow::bail!("unexpected reply to a claim: {other:?}"),
+                };
+                let claimed: BTreeSet<u128> = handles.iter().map(|h| h.seq).collect();
+                let messages: Vec<StoredMessage> = messages
+                    .into_iter()
+                    .filter(|m| claimed.contains(&m.seq))
+                    .collect();
+                if messages.is_empty() {
+                    continue;
+                }
+                moved += messages.len() as u32;
                 let drop = QueueCommand::MovedOut {
                     task: task.id,
-                    seqs: seqs.into_iter().collect(),
+                    handles,
                 };
                 self.copy_then_drop(target, QueueCommand::Move(messages), drop)
                     .await?;
