@@ -51,12 +51,16 @@ pub async fn create_queues(nodes: u32) -> anyhow::Result<()> {
     let mut c = Client::sqs(Cluster::api_url(1), Duration::from_secs(15));
     for q in QUEUES {
         let mut attributes = json!({ "VisibilityTimeout": VISIBILITY_SECONDS.to_string() });
+        // The standard queue has three partitions, so that faults hit
+        // receives that span groups; a FIFO queue has one.
+        let mut tags = json!({ "kinesin:partitions": "3" });
         if q.ends_with(".fifo") {
             attributes["FifoQueue"] = json!("true");
+            tags = json!({});
         }
         c.call(
             "CreateQueue",
-            &json!({ "QueueName": q, "Attributes": attributes }),
+            &json!({ "QueueName": q, "Attributes": attributes, "tags": tags }),
         )
         .await
         .map_err(|e| anyhow::anyhow!("CreateQueue {q}: {e}"))?;

@@ -95,7 +95,7 @@ def test_cli_profile_stream_put_tail_and_reshard(cli, stream_name):
 
 def test_cli_queue_create_send_receive_purge_delete(cli, stream_name):
     name = stream_name[:70]
-    url = cli("queue", "create", name, "--attribute", "VisibilityTimeout=60").stdout.strip()
+    url = cli("queue", "create", name, "--attribute", "VisibilityTimeout=60", "--partitions", "2").stdout.strip()
     assert url.endswith(f"/{name}")
     assert url in cli("queue", "list", "--prefix", name).stdout.split()
     sent = cli("queue", "send", name, stdin="one\ntwo\nthree\n")

@@ -201,6 +201,75 @@ def test_a_long_poll_returns_as_soon_as_a_message_is_sent(sqs, queue_name):
     a.delete_queue(QueueUrl=url)
 
 
+def receipt_partition(handle):
+    """The group a receipt handle names (bytes 1 to 9 of its base64)."""
+    raw = base64.urlsafe_b64decode(handle + "=" * (-len(handle) % 4))
+    return struct.unpack("!Q", raw[1:9])[0]
+
+
+def test_a_partitioned_queue_spreads_sends_and_receives_from_every_partition(sqs, queue_name):
+    a, b, c = sqs
+    with pytest.raises(Exception) as e:
+        a.create_queue(QueueName=f"{queue_name}.fifo", Attributes={"FifoQueue": "true"},
+                       tags={"kinesin:partitions": "2"})
+    assert error_code(e) == "InvalidParameterValue"
+    with pytest.raises(Exception) as e:
+        a.create_queue(QueueName=queue_name, tags={"kinesin:partitions": "17"})
+    assert error_code(e) == "InvalidParameterValue"
+    url = a.create_queue(QueueName=queue_name, tags={"kinesin:partitions": "3"})["QueueUrl"]
+    assert a.list_queues(QueueNamePrefix=queue_name)["QueueUrls"] == [url]
+    a.set_queue_attributes(QueueUrl=url, Attributes={"VisibilityTimeout": "60"})
+    for i in range(30):
+        b.send_message(QueueUrl=url, MessageBody=f"m{i}")
+    counts = c.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    assert counts["ApproximateNumberOfMessages"] == "30"
+    got, deadline = [], time.monotonic() + 30
+    while len(got) < 30 and time.monotonic() < deadline:
+        got += c.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages", [])
+    assert sorted(m["Body"] for m in got) == sorted(f"m{i}" for i in range(30))
+    assert len({receipt_partition(m["ReceiptHandle"]) for m in got}) == 3
+    # Every partition took the new visibility timeout.
+    counts = a.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    assert (counts["ApproximateNumberOfMessages"], counts["ApproximateNumberOfMessagesNotVisible"]) == ("0", "30")
+    for i in range(0, 30, 10):
+        out = a.delete_message_batch(QueueUrl=url, Entries=[
+            {"Id": str(k), "ReceiptHandle": m["ReceiptHandle"]} for k, m in enumerate(got[i:i + 10])])
+        assert len(out["Successful"]) == 10 and not out.get("Failed"), out
+    counts = b.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    assert counts["ApproximateNumberOfMessagesNotVisible"] == "0"
+    # A long poll waits on every partition: whichever a send reaches wakes it.
+    for i in range(6):
+        result = {}
+
+        def poll():
+            started = time.monotonic()
+            result["messages"] = b.receive_message(QueueUrl=url, WaitTimeSeconds=15).get("Messages", [])
+            result["took"] = time.monotonic() - started
+
+        t = threading.Thread(target=poll)
+        t.start()
+        time.sleep(0.5)
+        a.send_message(QueueUrl=url, MessageBody=f"wake{i}")
+        t.join(timeout=20)
+        assert [m["Body"] for m in result["messages"]] == [f"wake{i}"]
+        assert result["took"] < 6, result
+        a.delete_message(QueueUrl=url, ReceiptHandle=result["messages"][0]["ReceiptHandle"])
+    # A purge empties every partition.
+    for i in range(3):
+        a.send_message_batch(QueueUrl=url, Entries=[{"Id": str(k), "MessageBody": "p"} for k in range(10)])
+    a.purge_queue(QueueUrl=url)
+    counts = c.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])["Attributes"]
+    assert counts["ApproximateNumberOfMessages"] == "0"
+    # Deleting the queue deletes its partitions: the same name makes a new
+    # queue of one partition.
+    a.delete_queue(QueueUrl=url)
+    url = a.create_queue(QueueName=queue_name)["QueueUrl"]
+    a.send_message_batch(QueueUrl=url, Entries=[{"Id": str(k), "MessageBody": "n"} for k in range(10)])
+    again = a.receive_message(QueueUrl=url, MaxNumberOfMessages=10)["Messages"]
+    assert len(again) == 10 and len({receipt_partition(m["ReceiptHandle"]) for m in again}) == 1
+    a.delete_queue(QueueUrl=url)
+
+
 def test_batches_report_failures_per_entry(sqs, queue_name):
     a, b, c = sqs
     url = a.create_queue(QueueName=queue_name)["QueueUrl"]
@@ -324,9 +393,10 @@ def test_a_move_task_takes_dead_letters_back_to_their_source_or_elsewhere(sqs, c
     src = a.create_queue(QueueName=queue_name, Attributes={"RedrivePolicy": policy})["QueueUrl"]
     src_arn = a.get_queue_attributes(QueueUrl=src, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     ids = {b.send_message(QueueUrl=src, MessageBody=f"m{i}")["MessageId"] for i in range(4)}
-    got = 0
-    while got < 4:
+    got, deadline = 0, time.monotonic() + 20
+    while got < 4 and time.monotonic() < deadline:
         got += len(c.receive_message(QueueUrl=src, MaxNumberOfMessages=10, VisibilityTimeout=0).get("Messages", []))
+    assert got == 4
     # The next receive finds four dead letters, which move to the DLQ.
     assert "Messages" not in a.receive_message(QueueUrl=src, MaxNumberOfMessages=10)
     wait_until("the dead letters to reach the DLQ", lambda: b.get_queue_attributes(

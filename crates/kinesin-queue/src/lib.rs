@@ -29,13 +29,37 @@ pub fn group_name(account: &str, queue: &str) -> String {
     format!("sqs/{account}/{queue}")
 }
 
-/// The map name of the queue an ARN (`arn:aws:sqs:region:account:name`)
-/// names.
-pub fn group_of_arn(arn: &str) -> Option<String> {
+/// The tag that, given to CreateQueue, sets how many partitions (groups)
+/// a standard queue has: 1 (the default) to [`MAX_PARTITIONS`].
+pub const PARTITIONS_TAG: &str = "kinesin:partitions";
+pub const MAX_PARTITIONS: u32 = 16;
+
+/// The map name of partition `k` of a queue. Partition 0 is the queue's
+/// own group (settings, tags, policy, move tasks and messages); partitions
+/// 1.. hold messages and a copy of the settings. `#` is in no queue name.
+pub fn partition_name(account: &str, queue: &str, k: u32) -> String {
+    match k {
+        0 => group_name(account, queue),
+        k => format!("{}#{k}", group_name(account, queue)),
+    }
+}
+
+/// The account, queue name and partition a queue group's map name names.
+pub fn parse_group_name(name: &str) -> Option<(&str, &str, u32)> {
+    let (account, rest) = name.strip_prefix("sqs/")?.split_once('/')?;
+    match rest.split_once('#') {
+        None => Some((account, rest, 0)),
+        Some((queue, k)) => Some((account, queue, k.parse().ok().filter(|k| *k > 0)?)),
+    }
+}
+
+/// The region, account and queue name of an SQS ARN
+/// (`arn:aws:sqs:region:account:name`).
+pub fn parse_arn(arn: &str) -> Option<(&str, &str, &str)> {
     let parts: Vec<&str> = arn.split(':').collect();
     match parts.as_slice() {
-        ["arn", _, "sqs", _, account, name] if !account.is_empty() && !name.is_empty() => {
-            Some(group_name(account, name))
+        ["arn", _, "sqs", region, account, name] if !account.is_empty() && !name.is_empty() => {
+            Some((region, account, name))
         }
         _ => None,
     }
@@ -64,6 +88,22 @@ pub fn redrive_allowed(policy: Option<&str>, source: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partition_names_parse_back() {
+        assert_eq!(partition_name("1", "q", 0), "sqs/1/q");
+        assert_eq!(partition_name("1", "q", 3), "sqs/1/q#3");
+        assert_eq!(parse_group_name("sqs/1/q"), Some(("1", "q", 0)));
+        assert_eq!(parse_group_name("sqs/1/q#3"), Some(("1", "q", 3)));
+        assert_eq!(parse_group_name("sqs/1/q#0"), None);
+        assert_eq!(parse_group_name("firehose/1/q"), None);
+        assert_eq!(
+            parse_arn("arn:aws:sqs:us-east-1:1:q.fifo"),
+            Some(("us-east-1", "1", "q.fifo"))
+        );
+        assert_eq!(parse_arn("arn:aws:sns:us-east-1:1:q"), None);
+        assert_eq!(parse_arn("arn:aws:sqs:us-east-1::q"), None);
+    }
 
     #[test]
     fn a_redrive_allow_policy_admits_the_queues_it_names() {

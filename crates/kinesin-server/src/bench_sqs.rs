@@ -25,6 +25,9 @@ pub struct SqsArgs {
     credentials: AwsCredentials,
     #[arg(long, default_value = "bench")]
     queue: String,
+    /// Partitions of the queue, if the run creates it.
+    #[arg(long, default_value_t = 1)]
+    partitions: u32,
     #[arg(long, default_value_t = 1024)]
     message_size: usize,
     /// Messages per SendMessageBatch (1 to 10).
@@ -93,7 +96,13 @@ pub async fn sqs(args: SqsArgs) -> anyhow::Result<()> {
     };
     let mut first = client_for(0);
     let url = first
-        .call("CreateQueue", &json!({ "QueueName": args.queue }))
+        .call(
+            "CreateQueue",
+            &json!({
+                "QueueName": args.queue,
+                "tags": { kinesin_queue::PARTITIONS_TAG: args.partitions.to_string() },
+            }),
+        )
         .await?["QueueUrl"]
         .as_str()
         .ok_or_else(|| anyhow::anyhow!("CreateQueue answered without a URL"))?

@@ -6,11 +6,13 @@ use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use base64::Engine;
+use futures::stream::{FuturesUnordered, StreamExt};
 use kinesin_queue::{
     Delivered, EntryError, Handle, MessageAttribute, NewMessage, QueueCommand, QueueQuery,
     QueueReply, SendRefused,
 };
 use kinesin_router::Retry;
+use kinesin_types::GroupId;
 use md5::{Digest, Md5};
 use serde_json::{json, Map, Value};
 
@@ -331,11 +333,11 @@ fn attributes_of_unchecked_names(
     Ok((out, size))
 }
 
-/// The receipt handle of a received message.
-fn receipt(queue: &Queue, handle: Handle) -> String {
+/// The receipt handle of a message received from the partition `group`.
+fn receipt(group: GroupId, handle: Handle) -> String {
     let mut b = Vec::with_capacity(33);
     b.push(HANDLE_VERSION);
-    b.extend_from_slice(&queue.group.0.to_be_bytes());
+    b.extend_from_slice(&group.0.to_be_bytes());
     b.extend_from_slice(&handle.seq.to_be_bytes());
     b.extend_from_slice(&handle.nonce.to_be_bytes());
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
@@ -349,23 +351,24 @@ fn invalid_receipt(handle: &str) -> ApiError {
     )
 }
 
-/// The message and receive a receipt handle names, if it is one of this
-/// queue's.
-fn parse_receipt(queue: &Queue, handle: &str) -> Result<Handle, ApiError> {
+/// The partition, message and receive a receipt handle names, if it is
+/// one of this queue's.
+fn parse_receipt(queue: &Queue, handle: &str) -> Result<(GroupId, Handle), ApiError> {
     let b = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(handle)
         .map_err(|_| invalid_receipt(handle))?;
     if b.len() != 33 || b[0] != HANDLE_VERSION {
         return Err(invalid_receipt(handle));
     }
-    let group = u64::from_be_bytes(b[1..9].try_into().expect("8 bytes"));
-    if group != queue.group.0 {
+    let group = GroupId(u64::from_be_bytes(b[1..9].try_into().expect("8 bytes")));
+    if !queue.partitions.contains(&group) {
         return Err(invalid_receipt(handle));
     }
-    Ok(Handle {
+    let handle = Handle {
         seq: u128::from_be_bytes(b[9..25].try_into().expect("16 bytes")),
         nonce: u64::from_be_bytes(b[25..33].try_into().expect("8 bytes")),
-    })
+    };
+    Ok((group, handle))
 }
 
 fn sequence_number(seq: u128) -> String {
@@ -468,11 +471,13 @@ async fn send(
     messages: Vec<NewMessage>,
 ) -> Result<Vec<Result<kinesin_queue::Sent, SendRefused>>, ApiError> {
     let count = messages.len();
+    // Each send to one partition, any of them: a FIFO queue has one.
+    let group = queue.partitions[rand::random_range(0..queue.partitions.len())];
     // A send whose outcome is unknown is not repeated here: a standard
     // queue would hold the message twice. FIFO queues deduplicate, so the
     // client's own retry is safe there.
     match ctx
-        .command(queue, &QueueCommand::Send(messages), Retry::BeforeProposing)
+        .command(group, &QueueCommand::Send(messages), Retry::BeforeProposing)
         .await?
     {
         QueueReply::Sent(sent) if sent.len() == count => Ok(sent),
@@ -569,13 +574,18 @@ fn attribute_value(a: &MessageAttribute) -> Value {
     Value::Object(v)
 }
 
-fn message_out(queue: &Queue, d: &Delivered, system: &[&str], wanted_attributes: &[&str]) -> Value {
+fn message_out(
+    group: GroupId,
+    d: &Delivered,
+    system: &[&str],
+    wanted_attributes: &[&str],
+) -> Value {
     let m = &d.message.message;
     let mut out = Map::new();
     out.insert("MessageId".into(), Value::String(m.message_id.clone()));
     out.insert(
         "ReceiptHandle".into(),
-        Value::String(receipt(queue, d.received.handle)),
+        Value::String(receipt(group, d.received.handle)),
     );
     out.insert("MD5OfBody".into(), Value::String(m.md5_of_body.clone()));
     out.insert("Body".into(), Value::String(m.body.clone()));
@@ -650,7 +660,7 @@ pub(super) async fn receive_message(
     let wait = match input.opt_int_range("WaitTimeSeconds", 0, MAX_WAIT_SECONDS)? {
         Some(w) => w as u64,
         None => ctx
-            .query::<BTreeMap<String, String>>(&queue, &QueueQuery::Settings)
+            .query::<BTreeMap<String, String>>(queue.group, &QueueQuery::Settings)
             .await?
             .get("ReceiveMessageWaitTimeSeconds")
             .and_then(|v| v.parse().ok())
@@ -699,10 +709,44 @@ pub(super) async fn receive_message(
         };
         (command, QueueQuery::Ready)
     };
-    let command = kinesin_queue::encode(&command);
     let ready = kinesin_queue::encode(&ready);
     let deadline = Instant::now() + Duration::from_secs(wait);
-    let delivered = loop {
+    let delivered = if queue.partitions.len() == 1 {
+        let command = kinesin_queue::encode(&command);
+        receive_one(ctx, queue.group, &command, &ready, deadline).await?
+    } else {
+        receive_spread(ctx, &queue, max, visibility, &ready, deadline).await?
+    };
+    let messages: Vec<Value> = delivered
+        .iter()
+        .map(|(group, d)| message_out(*group, d, &system, &wanted_attributes))
+        .collect();
+    if messages.is_empty() {
+        return Ok(json!({}));
+    }
+    Ok(json!({ "Messages": messages }))
+}
+
+/// The messages a receive's reply carries.
+fn delivered_of(reply: &[u8]) -> Result<Vec<Delivered>, ApiError> {
+    match kinesin_queue::decode(reply).map_err(super::internal)? {
+        QueueReply::Delivered(d) => Ok(d),
+        other => Err(super::internal(format!(
+            "unexpected reply to a receive: {other:?}"
+        ))),
+    }
+}
+
+/// A receive from a queue of one partition, its leader waiting in rounds
+/// until `ready` or the deadline.
+async fn receive_one(
+    ctx: &Context<'_>,
+    group: GroupId,
+    command: &[u8],
+    ready: &[u8],
+    deadline: Instant,
+) -> Result<Vec<(GroupId, Delivered)>, ApiError> {
+    loop {
         let round = deadline
             .saturating_duration_since(Instant::now())
             .min(WAIT_ROUND);
@@ -711,37 +755,111 @@ pub(super) async fn receive_message(
         let reply = ctx
             .router
             .propose_when_ready(
-                queue.group,
-                command.clone(),
+                group,
+                command.to_vec(),
                 Retry::Always,
-                ready.clone(),
+                ready.to_vec(),
                 round,
             )
             .await
             .map_err(super::queue_error)?;
         let delivered = match reply {
-            Some(bytes) => match kinesin_queue::decode(&bytes).map_err(super::internal)? {
-                QueueReply::Delivered(d) => d,
-                other => {
-                    return Err(super::internal(format!(
-                        "unexpected reply to a receive: {other:?}"
-                    )))
-                }
-            },
+            Some(bytes) => delivered_of(&bytes)?,
             None => Vec::new(),
         };
         if !delivered.is_empty() || Instant::now() >= deadline {
-            break delivered;
+            return Ok(delivered.into_iter().map(|d| (group, d)).collect());
         }
-    };
-    let messages: Vec<Value> = delivered
-        .iter()
-        .map(|d| message_out(&queue, d, &system, &wanted_attributes))
-        .collect();
-    if messages.is_empty() {
-        return Ok(json!({}));
     }
-    Ok(json!({ "Messages": messages }))
+}
+
+/// A receive from a standard queue of several partitions: it takes from
+/// each partition in turn, starting at a random one so that none starves,
+/// until it has `max`. Finding none, it waits at every partition's leader
+/// at once, proposing nothing, and takes from the first that has a
+/// message; waits it then drops had taken nothing. A partition without a
+/// leader does not stop a receive from the others.
+async fn receive_spread(
+    ctx: &Context<'_>,
+    queue: &Queue,
+    max: u32,
+    visibility_seconds: Option<u32>,
+    ready: &[u8],
+    deadline: Instant,
+) -> Result<Vec<(GroupId, Delivered)>, ApiError> {
+    let n = queue.partitions.len();
+    let mut start = rand::random_range(0..n);
+    loop {
+        let mut got = Vec::new();
+        let mut failure = None;
+        for i in 0..n {
+            let left = max - got.len() as u32;
+            if left == 0 {
+                break;
+            }
+            let group = queue.partitions[(start + i) % n];
+            let command = kinesin_queue::encode(&QueueCommand::Receive {
+                max: left,
+                visibility_seconds,
+            });
+            let reply = ctx
+                .router
+                .propose_when_ready(
+                    group,
+                    command,
+                    Retry::Always,
+                    ready.to_vec(),
+                    Duration::ZERO,
+                )
+                .await;
+            match reply {
+                Ok(Some(bytes)) => {
+                    got.extend(delivered_of(&bytes)?.into_iter().map(|d| (group, d)))
+                }
+                Ok(None) => {}
+                Err(e) => failure = Some(e),
+            }
+        }
+        if !got.is_empty() {
+            return Ok(got);
+        }
+        let round = deadline
+            .saturating_duration_since(Instant::now())
+            .min(WAIT_ROUND);
+        if round.is_zero() {
+            return match failure {
+                Some(e) => Err(super::queue_error(e)),
+                None => Ok(Vec::new()),
+            };
+        }
+        let mut waits: FuturesUnordered<_> = queue
+            .partitions
+            .iter()
+            .enumerate()
+            .map(|(k, group)| async move {
+                (
+                    k,
+                    ctx.router.wait_ready(*group, ready.to_vec(), round).await,
+                )
+            })
+            .collect();
+        let mut failed = 0;
+        while let Some((k, outcome)) = waits.next().await {
+            match outcome {
+                Ok(true) => {
+                    start = k;
+                    break;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    failed += 1;
+                    if failed == n {
+                        return Err(super::queue_error(e));
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn entry_error(e: EntryError, handle: &str) -> ApiError {
@@ -755,8 +873,12 @@ fn entry_error(e: EntryError, handle: &str) -> ApiError {
     }
 }
 
-/// Runs handle-based entries (delete, change visibility) as one command;
-/// entries whose handle does not parse fail alone.
+/// A partition's share of a batch: its entries' handles (with a new
+/// visibility timeout) and their places in the batch.
+type PartitionEntries = (Vec<(Handle, Option<u32>)>, Vec<usize>);
+
+/// Runs handle-based entries (delete, change visibility) as one command
+/// per partition; entries whose handle does not parse fail alone.
 async fn handle_entries(
     ctx: &Context<'_>,
     queue: &Queue,
@@ -764,19 +886,28 @@ async fn handle_entries(
     make: impl Fn(Vec<(Handle, Option<u32>)>) -> QueueCommand,
 ) -> Result<Vec<Result<(), ApiError>>, ApiError> {
     let mut results: Vec<Option<Result<(), ApiError>>> = vec![None; entries.len()];
-    let mut parsed = Vec::new();
-    let mut positions = Vec::new();
+    let mut by_partition: BTreeMap<GroupId, PartitionEntries> = BTreeMap::new();
     for (i, (_, handle, extra)) in entries.iter().enumerate() {
         match parse_receipt(queue, handle) {
-            Ok(h) => {
+            Ok((group, h)) => {
+                let (parsed, positions) = by_partition.entry(group).or_default();
                 parsed.push((h, *extra));
                 positions.push(i);
             }
             Err(e) => results[i] = Some(Err(e)),
         }
     }
-    if !parsed.is_empty() {
-        match ctx.command(queue, &make(parsed), Retry::Always).await? {
+    let commands = by_partition
+        .into_iter()
+        .map(|(group, (parsed, positions))| {
+            let command = make(parsed);
+            async move {
+                let reply = ctx.command(group, &command, Retry::Always).await?;
+                Ok::<_, ApiError>((reply, positions))
+            }
+        });
+    for (reply, positions) in futures::future::try_join_all(commands).await? {
+        match reply {
             QueueReply::Entries(outcomes) => {
                 for (i, outcome) in positions.into_iter().zip(outcomes) {
                     results[i] = Some(outcome.map_err(|e| entry_error(e, &entries[i].1)));

@@ -112,7 +112,11 @@ pub struct Context<'a> {
 struct Queue {
     account: String,
     name: String,
+    /// Partition 0: the queue's own group, with its tags, policy and move
+    /// tasks.
     group: GroupId,
+    /// The groups of all its partitions, partition 0 first.
+    partitions: Vec<GroupId>,
 }
 
 impl Context<'_> {
@@ -141,19 +145,14 @@ impl Context<'_> {
     /// `account`'s queue `name`, if the caller may call this operation on
     /// it: its own queues, or another account's whose policy allows it.
     async fn named_queue(&self, account: &str, name: &str) -> Result<Queue, ApiError> {
-        let group = self.queue_group(account, name).ok_or_else(no_queue)?;
-        let queue = Queue {
-            account: account.to_string(),
-            name: name.to_string(),
-            group,
-        };
+        let queue = self.find_queue(account, name).ok_or_else(no_queue)?;
         if self.check_accounts && account != self.account {
             // Cross-account calls are governed by the queue's policy; the
             // owner's own operations are the owner's alone, as AWS.
             let action = self.op.strip_suffix("Batch").unwrap_or(self.op);
             let shared = CROSS_ACCOUNT.contains(&action)
                 && self
-                    .query::<BTreeMap<String, String>>(&queue, &QueueQuery::Settings)
+                    .query::<BTreeMap<String, String>>(queue.group, &QueueQuery::Settings)
                     .await
                     .is_ok_and(|settings| {
                         kinesin_queue::policy::allows(
@@ -177,14 +176,34 @@ impl Context<'_> {
         Ok(queue)
     }
 
-    /// The group of `account`'s queue `name`, if it exists.
-    fn queue_group(&self, account: &str, name: &str) -> Option<GroupId> {
-        self.router
-            .meta_state()
+    /// `account`'s queue `name` with its partitions, if it exists.
+    fn find_queue(&self, account: &str, name: &str) -> Option<Queue> {
+        if name.contains('#') {
+            return None;
+        }
+        let state = self.router.meta_state();
+        let key = group_name(account, name);
+        let group = state
             .groups
-            .get(&group_name(account, name))
-            .filter(|g| g.kind == kinesin_queue::QUEUE_KIND)
-            .map(|g| g.group)
+            .get(&key)
+            .filter(|g| g.kind == kinesin_queue::QUEUE_KIND)?
+            .group;
+        let others = format!("{key}#");
+        let mut partitions = vec![group];
+        partitions.extend(
+            state
+                .groups
+                .range(others.clone()..)
+                .take_while(|(k, _)| k.starts_with(&others))
+                .filter(|(_, g)| g.kind == kinesin_queue::QUEUE_KIND)
+                .map(|(_, g)| g.group),
+        );
+        Some(Queue {
+            account: account.to_string(),
+            name: name.to_string(),
+            group,
+            partitions,
+        })
     }
 
     /// The caller's queues (name, group), in name order.
@@ -200,36 +219,34 @@ impl Context<'_> {
             .groups
             .range(own.clone()..)
             .take_while(|(k, _)| k.starts_with(&own))
-            .filter(|(_, g)| g.kind == kinesin_queue::QUEUE_KIND)
+            .filter(|(k, g)| g.kind == kinesin_queue::QUEUE_KIND && !k.contains('#'))
             .map(|(k, g)| (k[own.len()..].to_string(), g.group))
             .collect()
     }
 
+    /// Proposes `command` to a queue's group (one of its partitions).
     async fn command(
         &self,
-        queue: &Queue,
+        group: GroupId,
         command: &QueueCommand,
         retry: Retry,
     ) -> Result<QueueReply, ApiError> {
         let reply = self
             .router
-            .propose_stamped(queue.group, kinesin_queue::encode(command), retry)
+            .propose_stamped(group, kinesin_queue::encode(command), retry)
             .await
             .map_err(queue_error)?;
         kinesin_queue::decode(&reply).map_err(internal)
     }
 
+    /// Asks a queue's group (one of its partitions) `query`.
     async fn query<T: for<'de> serde::Deserialize<'de>>(
         &self,
-        queue: &Queue,
+        group: GroupId,
         query: &QueueQuery,
     ) -> Result<T, ApiError> {
         let bytes = kinesin_router::stamp(self.now_ms, &kinesin_queue::encode(query));
-        let reply = self
-            .router
-            .read(queue.group, bytes)
-            .await
-            .map_err(queue_error)?;
+        let reply = self.router.read(group, bytes).await.map_err(queue_error)?;
         kinesin_queue::decode(&reply).map_err(internal)
     }
 }

@@ -56,19 +56,11 @@ impl Context<'_> {
                 "The resource that you specified for the {member} parameter doesn't exist."
             ))
         };
-        let parts: Vec<&str> = arn.split(':').collect();
-        let ["arn", _, "sqs", region, account, name] = parts.as_slice() else {
-            return Err(missing());
-        };
-        if *region != self.region || (self.check_accounts && *account != self.account) {
+        let (region, account, name) = kinesin_queue::parse_arn(arn).ok_or_else(missing)?;
+        if region != self.region || (self.check_accounts && account != self.account) {
             return Err(missing());
         }
-        let group = self.queue_group(account, name).ok_or_else(missing)?;
-        Ok(Queue {
-            account: account.to_string(),
-            name: name.to_string(),
-            group,
-        })
+        self.find_queue(account, name).ok_or_else(missing)
     }
 }
 
@@ -106,7 +98,7 @@ pub(super) async fn start_message_move_task(
     }
     let command = QueueCommand::StartMoveTask { destination, rate };
     match ctx
-        .command(&source, &command, Retry::BeforeProposing)
+        .command(source.group, &command, Retry::BeforeProposing)
         .await?
     {
         QueueReply::TaskStarted(id) => Ok(json!({ "TaskHandle": task_handle(&source_arn, id) })),
@@ -153,7 +145,7 @@ pub(super) async fn list_message_move_tasks(
     let max = input
         .opt_int_range("MaxResults", 1, MAX_LISTED)?
         .unwrap_or(1) as usize;
-    let tasks: Vec<MoveTask> = ctx.query(&source, &QueueQuery::MoveTasks).await?;
+    let tasks: Vec<MoveTask> = ctx.query(source.group, &QueueQuery::MoveTasks).await?;
     let results: Vec<Value> = tasks
         .iter()
         .take(max)
@@ -173,7 +165,7 @@ pub(super) async fn cancel_message_move_task(
         .map_err(|_| gone())?;
     match ctx
         .command(
-            &source,
+            source.group,
             &QueueCommand::CancelMoveTask(id),
             Retry::BeforeProposing,
         )

@@ -8,7 +8,9 @@ use kinesin_queue::{QueueCommand, QueueConfig, QueueInfo, QueueQuery, QueueReply
 use kinesin_router::Retry;
 use serde_json::{json, Map, Value};
 
-use super::{group_name, invalid_parameter, no_queue, Context, Queue};
+use kinesin_queue::partition_name;
+
+use super::{invalid_parameter, no_queue, Context};
 use crate::error::ApiError;
 use crate::input::Input;
 
@@ -257,16 +259,15 @@ async fn check_redrive_target(
                 .map(str::to_string)
         })
         .unwrap_or_default();
-    let parts: Vec<&str> = target.split(':').collect();
-    let [_, _, _, region, account, name] = parts.as_slice() else {
+    let Some((region, account, name)) = kinesin_queue::parse_arn(&target) else {
         return Err(bad("Dead-letter target is not a queue ARN."));
     };
-    if *region != ctx.region || *account != ctx.account {
+    if region != ctx.region || account != ctx.account {
         return Err(bad(
             "Dead-letter target must be a queue of the same account and region.",
         ));
     }
-    if *name == queue {
+    if name == queue {
         return Err(bad("Dead-letter target must be another queue."));
     }
     if name.ends_with(".fifo") != queue.ends_with(".fifo") {
@@ -274,15 +275,10 @@ async fn check_redrive_target(
             "Dead-letter target must be of the same type (FIFO or standard) as the source queue.",
         ));
     }
-    let Some(group) = ctx.queue_group(account, name) else {
+    let Some(target) = ctx.find_queue(account, name) else {
         return Err(bad("Dead-letter target does not exist."));
     };
-    let target = Queue {
-        account: account.to_string(),
-        name: name.to_string(),
-        group,
-    };
-    let settings: BTreeMap<String, String> = ctx.query(&target, &QueueQuery::Settings).await?;
+    let settings: BTreeMap<String, String> = ctx.query(target.group, &QueueQuery::Settings).await?;
     let source = ctx.arn(ctx.account, queue);
     if !kinesin_queue::redrive_allowed(
         settings.get("RedriveAllowPolicy").map(String::as_str),
@@ -315,6 +311,7 @@ pub(super) async fn create_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result
     }
     check_redrive_target(ctx, name, &given).await?;
     let tags = tags_of(input, "tags")?;
+    let partitions = partitions_of(&tags, fifo)?;
     let mut attributes: BTreeMap<String, String> = SETTABLE
         .iter()
         .filter(|(_, _, fifo_only)| fifo || !fifo_only)
@@ -325,32 +322,40 @@ pub(super) async fn create_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result
         attributes.remove("FifoQueue");
     }
     let url = ctx.url(ctx.account, name);
-    let key = group_name(ctx.account, name);
     let config = QueueConfig {
         attributes,
         tags,
         created_ms: ctx.now_ms,
     };
-    match ctx
-        .router
-        .create_group(
-            &key,
-            kinesin_queue::QUEUE_KIND,
-            kinesin_queue::encode(&config),
-            0,
-        )
-        .await
-    {
-        Ok(_) => {}
+    if ctx.find_queue(ctx.account, name).is_none() {
+        // The other partitions first: the queue exists, for every call,
+        // once partition 0 does. A partition left by a create that failed
+        // part way takes this create's settings.
+        for k in 1..partitions {
+            let key = partition_name(ctx.account, name, k);
+            match create_group(ctx, &key, &config).await {
+                Err(kinesin_router::RouterError::ResourceInUse(_)) => {
+                    let group = ctx
+                        .router
+                        .meta_state()
+                        .groups
+                        .get(&key)
+                        .map(|g| g.group)
+                        .ok_or_else(no_queue)?;
+                    let set = QueueCommand::SetAttributes(config.attributes.clone());
+                    ctx.command(group, &set, Retry::Always).await?;
+                }
+                other => other?,
+            }
+        }
+    }
+    match create_group(ctx, &partition_name(ctx.account, name, 0), &config).await {
+        Ok(()) => {}
         Err(kinesin_router::RouterError::ResourceInUse(_)) => {
             // Creating an existing queue succeeds when the attributes given
             // match its own.
-            let queue = Queue {
-                account: ctx.account.to_string(),
-                name: name.to_string(),
-                group: ctx.queue_group(ctx.account, name).ok_or_else(no_queue)?,
-            };
-            let info: QueueInfo = ctx.query(&queue, &QueueQuery::Info).await?;
+            let queue = ctx.find_queue(ctx.account, name).ok_or_else(no_queue)?;
+            let info: QueueInfo = ctx.query(queue.group, &QueueQuery::Info).await?;
             let differs = given.iter().any(|(k, v)| {
                 info.attributes
                     .get(k)
@@ -367,6 +372,49 @@ pub(super) async fn create_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result
         Err(e) => return Err(e.into()),
     }
     Ok(json!({ "QueueUrl": url }))
+}
+
+async fn create_group(
+    ctx: &Context<'_>,
+    key: &str,
+    config: &QueueConfig,
+) -> Result<(), kinesin_router::RouterError> {
+    ctx.router
+        .create_group(
+            key,
+            kinesin_queue::QUEUE_KIND,
+            kinesin_queue::encode(config),
+            0,
+        )
+        .await
+        .map(|_| ())
+}
+
+/// How many partitions a new queue has: its `kinesin:partitions` tag, 1
+/// without one. FIFO queues have one: their order and deduplication are
+/// the queue's.
+fn partitions_of(tags: &BTreeMap<String, String>, fifo: bool) -> Result<u32, ApiError> {
+    let Some(value) = tags.get(kinesin_queue::PARTITIONS_TAG) else {
+        return Ok(1);
+    };
+    let max = kinesin_queue::MAX_PARTITIONS;
+    let count = value
+        .parse::<u32>()
+        .ok()
+        .filter(|n| (1..=max).contains(n))
+        .ok_or_else(|| {
+            invalid_parameter(format!(
+                "The tag {} must be a number from 1 to {max}.",
+                kinesin_queue::PARTITIONS_TAG
+            ))
+        })?;
+    if fifo && count > 1 {
+        return Err(invalid_parameter(format!(
+            "The tag {} applies to standard queues: a FIFO queue has one partition.",
+            kinesin_queue::PARTITIONS_TAG
+        )));
+    }
+    Ok(count)
 }
 
 pub(super) async fn get_queue_url(ctx: &Context<'_>, input: &Input<'_>) -> Result<Value, ApiError> {
@@ -418,14 +466,19 @@ pub(super) fn list_queues(ctx: &Context<'_>, input: &Input<'_>) -> Result<Value,
 
 pub(super) async fn delete_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result<Value, ApiError> {
     let queue = ctx.queue(input).await?;
-    match ctx
-        .router
-        .delete_group(&group_name(&queue.account, &queue.name))
-        .await
-    {
-        Ok(()) | Err(kinesin_router::RouterError::ResourceNotFound(_)) => Ok(json!({})),
-        Err(e) => Err(e.into()),
+    // Partition 0 last: until it goes, the queue exists and a repeated
+    // delete finishes the work.
+    for k in (0..queue.partitions.len() as u32).rev() {
+        match ctx
+            .router
+            .delete_group(&partition_name(&queue.account, &queue.name, k))
+            .await
+        {
+            Ok(()) | Err(kinesin_router::RouterError::ResourceNotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
+    Ok(json!({}))
 }
 
 pub(super) async fn get_queue_attributes(
@@ -444,7 +497,15 @@ pub(super) async fn get_queue_attributes(
             ));
         }
     }
-    let info: QueueInfo = ctx.query(&queue, &QueueQuery::Info).await?;
+    let mut info: QueueInfo = ctx.query(queue.group, &QueueQuery::Info).await?;
+    let others = queue.partitions[1..]
+        .iter()
+        .map(|g| ctx.query::<QueueInfo>(*g, &QueueQuery::Info));
+    for other in futures::future::try_join_all(others).await? {
+        info.visible += other.visible;
+        info.in_flight += other.in_flight;
+        info.delayed += other.delayed;
+    }
     let mut all = info.attributes.clone();
     all.insert(
         "ApproximateNumberOfMessages".into(),
@@ -507,15 +568,18 @@ pub(super) async fn set_queue_attributes(
         check_attribute(k, v, fifo)?;
     }
     check_redrive_target(ctx, &queue.name, &given).await?;
-    ctx.command(&queue, &QueueCommand::SetAttributes(given), Retry::Always)
-        .await?;
+    // Partition 0 last, as its settings are the ones the queue answers.
+    let set = QueueCommand::SetAttributes(given);
+    for group in queue.partitions.iter().rev() {
+        ctx.command(*group, &set, Retry::Always).await?;
+    }
     Ok(json!({}))
 }
 
 pub(super) async fn purge_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result<Value, ApiError> {
     let queue = ctx.queue(input).await?;
     match ctx
-        .command(&queue, &QueueCommand::Purge, Retry::BeforeProposing)
+        .command(queue.group, &QueueCommand::Purge, Retry::BeforeProposing)
         .await?
     {
         QueueReply::PurgeInProgress => Err(ApiError::new(
@@ -526,7 +590,15 @@ pub(super) async fn purge_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result<
                 queue.name
             ),
         )),
-        _ => Ok(json!({})),
+        _ => {
+            // Partition 0 keeps the 60 s limit; the others purge with it
+            // (one that refuses purged within the minute already).
+            let others = queue.partitions[1..]
+                .iter()
+                .map(|g| ctx.command(*g, &QueueCommand::Purge, Retry::BeforeProposing));
+            futures::future::try_join_all(others).await?;
+            Ok(json!({}))
+        }
     }
 }
 
@@ -534,7 +606,7 @@ pub(super) async fn tag_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result<Va
     let queue = ctx.queue(input).await?;
     let tags = tags_of(input, "Tags")?;
     match ctx
-        .command(&queue, &QueueCommand::Tag(tags), Retry::Always)
+        .command(queue.group, &QueueCommand::Tag(tags), Retry::Always)
         .await?
     {
         QueueReply::TooManyTags(max) => Err(invalid_parameter(format!(
@@ -552,7 +624,7 @@ pub(super) async fn untag_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result<
         .into_iter()
         .map(str::to_string)
         .collect();
-    ctx.command(&queue, &QueueCommand::Untag(keys), Retry::Always)
+    ctx.command(queue.group, &QueueCommand::Untag(keys), Retry::Always)
         .await?;
     Ok(json!({}))
 }
@@ -562,7 +634,7 @@ pub(super) async fn list_queue_tags(
     input: &Input<'_>,
 ) -> Result<Value, ApiError> {
     let queue = ctx.queue(input).await?;
-    let info: QueueInfo = ctx.query(&queue, &QueueQuery::Info).await?;
+    let info: QueueInfo = ctx.query(queue.group, &QueueQuery::Info).await?;
     if info.tags.is_empty() {
         return Ok(json!({}));
     }
@@ -584,18 +656,13 @@ pub(super) async fn dead_letter_sources(
         .filter(|(n, _)| after.is_none_or(|a| n.as_str() > a));
     let mut names = Vec::new();
     for (name, group) in candidates {
-        let queue = Queue {
-            account: account.to_string(),
-            name,
-            group,
+        let settings: BTreeMap<String, String> = match ctx.query(group, &QueueQuery::Settings).await
+        {
+            Ok(s) => s,
+            // Deleted since the map was read.
+            Err(e) if e.name == "QueueDoesNotExist" => continue,
+            Err(e) => return Err(e),
         };
-        let settings: BTreeMap<String, String> =
-            match ctx.query(&queue, &QueueQuery::Settings).await {
-                Ok(s) => s,
-                // Deleted since the map was read.
-                Err(e) if e.name == "QueueDoesNotExist" => continue,
-                Err(e) => return Err(e),
-            };
         let names_it = settings
             .get("RedrivePolicy")
             .and_then(|p| serde_json::from_str::<Value>(p).ok())
@@ -609,7 +676,7 @@ pub(super) async fn dead_letter_sources(
             if names.len() == limit {
                 return Ok((names, true));
             }
-            names.push(queue.name);
+            names.push(name);
         }
     }
     Ok((names, false))
@@ -726,7 +793,7 @@ pub(super) async fn add_permission(
         policy_id: format!("{arn}/SQSDefaultPolicy"),
     };
     permission_reply(
-        ctx.command(&queue, &command, Retry::BeforeProposing)
+        ctx.command(queue.group, &command, Retry::BeforeProposing)
             .await?,
         label,
     )
@@ -742,7 +809,7 @@ pub(super) async fn remove_permission(
         label: label.to_string(),
     };
     permission_reply(
-        ctx.command(&queue, &command, Retry::BeforeProposing)
+        ctx.command(queue.group, &command, Retry::BeforeProposing)
             .await?,
         label,
     )

@@ -18,6 +18,10 @@ pub enum QueueCommand {
         /// Attributes as NAME=VALUE (VisibilityTimeout=60, ...).
         #[arg(long = "attribute", value_parser = parse_pair)]
         attributes: Vec<(String, String)>,
+        /// Partitions (Raft groups) of a standard queue, 1 to 16: sends
+        /// spread over them and receives take from all.
+        #[arg(long)]
+        partitions: Option<u32>,
         #[command(flatten)]
         api: Api,
     },
@@ -89,6 +93,7 @@ pub async fn queue(cmd: QueueCommand) -> anyhow::Result<()> {
         QueueCommand::Create {
             name,
             attributes,
+            partitions,
             api,
         } => {
             let mut attrs: serde_json::Map<String, Value> = attributes
@@ -98,14 +103,11 @@ pub async fn queue(cmd: QueueCommand) -> anyhow::Result<()> {
             if name.ends_with(".fifo") {
                 attrs.insert("FifoQueue".into(), Value::String("true".into()));
             }
-            let out = api
-                .aws()?
-                .sqs()
-                .call(
-                    "CreateQueue",
-                    &json!({ "QueueName": name, "Attributes": attrs }),
-                )
-                .await?;
+            let mut request = json!({ "QueueName": name, "Attributes": attrs });
+            if let Some(n) = partitions {
+                request["tags"] = json!({ kinesin_queue::PARTITIONS_TAG: n.to_string() });
+            }
+            let out = api.aws()?.sqs().call("CreateQueue", &request).await?;
             outln!("{}", out["QueueUrl"].as_str().unwrap_or_default());
         }
         QueueCommand::List { prefix, api } => {

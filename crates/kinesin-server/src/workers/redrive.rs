@@ -52,7 +52,10 @@ pub(super) fn run(ctx: &Context, jobs: &Arc<Mutex<JobState>>, led: &Led<'_>) {
     }
     let (host, router) = (ctx.host.clone(), ctx.router.clone());
     let jobs = Arc::clone(jobs);
-    let queue = name.strip_prefix("sqs/").unwrap_or(name).to_string();
+    let Some((account, queue, partition)) = kinesin_queue::parse_group_name(name) else {
+        return;
+    };
+    let queue = format!("{account}/{queue}");
     tokio::spawn(async move {
         let turn = Turn {
             host: &host,
@@ -62,7 +65,7 @@ pub(super) fn run(ctx: &Context, jobs: &Arc<Mutex<JobState>>, led: &Led<'_>) {
         };
         let now = now_ms();
         match turn.local::<QueueInfo>(&QueueQuery::Info) {
-            Ok(info) => export(&queue, &info, now),
+            Ok(info) => export(&queue, partition, &info, now),
             Err(e) => tracing::warn!(%group, error = %e, "cannot read the queue's counts"),
         }
         // Each step on its own: dead letters that cannot move (their queue
@@ -99,12 +102,11 @@ impl Turn<'_> {
     /// the queue may have changed since).
     fn own_queue(&self, arn: &str) -> Option<GroupId> {
         let account = self.queue.split_once('/').map_or("", |(a, _)| a);
-        let name = kinesin_queue::group_of_arn(arn)
-            .filter(|name| name.starts_with(&kinesin_queue::group_name(account, "")))?;
+        let (_, _, name) = kinesin_queue::parse_arn(arn).filter(|(_, a, _)| *a == account)?;
         self.router
             .meta_state()
             .groups
-            .get(&name)
+            .get(&kinesin_queue::group_name(account, name))
             .filter(|g| g.kind == kinesin_queue::QUEUE_KIND)
             .map(|g| g.group)
     }
@@ -242,20 +244,22 @@ impl Turn<'_> {
     }
 }
 
-/// The queue's counts as gauges, labelled `account/name`. A queue whose
-/// leader moved keeps its last values on the former leader until that
-/// node restarts; sum over `node` with `max`.
-fn export(queue: &str, info: &QueueInfo, now_ms: u64) {
+/// A queue partition's counts as gauges, labelled `account/name` and the
+/// partition. A partition whose leader moved keeps its last values on the
+/// former leader until that node restarts; take the `max` over nodes, then
+/// sum the partitions.
+fn export(queue: &str, partition: u32, info: &QueueInfo, now_ms: u64) {
     let counts = [
         ("visible", info.visible),
         ("in_flight", info.in_flight),
         ("delayed", info.delayed),
     ];
+    let partition = partition.to_string();
     for (state, count) in counts {
-        metrics::gauge!("kinesin_sqs_messages", "queue" => queue.to_string(), "state" => state)
+        metrics::gauge!("kinesin_sqs_messages", "queue" => queue.to_string(), "partition" => partition.clone(), "state" => state)
             .set(count as f64);
     }
     let age_ms = info.oldest_sent_ms.map_or(0, |t| now_ms.saturating_sub(t));
-    metrics::gauge!("kinesin_sqs_oldest_message_age_seconds", "queue" => queue.to_string())
+    metrics::gauge!("kinesin_sqs_oldest_message_age_seconds", "queue" => queue.to_string(), "partition" => partition)
         .set(age_ms as f64 / 1000.0);
 }
