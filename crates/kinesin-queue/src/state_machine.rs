@@ -1038,18 +1038,8 @@ impl QueueStateMachine {
             q.messages.insert(seq_of(key)?, decode(value)?);
             Ok(())
         })?;
-        self.scan_tag(TAG_DEDUP, |key, value| {
-            let entry: Dedup = decode(value)?;
-            q.dedup
-                .insert(String::from_utf8_lossy(key).into_owned(), entry);
-            Ok(())
-        })?;
-        self.scan_tag(TAG_ATTEMPT, |key, value| {
-            let entry: Attempt = decode(value)?;
-            q.attempts
-                .insert(String::from_utf8_lossy(key).into_owned(), entry);
-            Ok(())
-        })?;
+        self.load_expiring(&mut q.dedup)?;
+        self.load_expiring(&mut q.attempts)?;
         self.scan_tag(TAG_ORIGIN, |key, value| {
             q.origins
                 .insert(seq_of(key)?, String::from_utf8_lossy(value).into_owned());
@@ -1061,6 +1051,17 @@ impl QueueStateMachine {
             Ok(())
         })?;
         Ok(())
+    }
+
+    /// Fills `entries` from the rows under its tag.
+    fn load_expiring<T: Expires + for<'de> Deserialize<'de>>(
+        &self,
+        entries: &mut Expiring<T>,
+    ) -> io::Result<()> {
+        self.scan_tag(entries.tag, |key, value| {
+            entries.insert(String::from_utf8_lossy(key).into_owned(), decode(value)?);
+            Ok(())
+        })
     }
 
     /// Calls `f` with the key (after the tag) and value of each row under
@@ -1188,12 +1189,15 @@ impl GroupStateMachine for QueueStateMachine {
                     .find(|t| t.status == TaskStatus::Running)
                     .cloned();
                 let mut messages = Vec::new();
+                if task.is_none() {
+                    return Ok(encode(&MoveBatch { task, messages }));
+                }
                 let mut bytes = 0;
                 let visible = q
                     .messages
                     .iter()
                     .filter(|(_, m)| !m.dead && m.visible_at_ms <= now_ms);
-                for (seq, _) in visible.take(if task.is_some() { max as usize } else { 0 }) {
+                for (seq, _) in visible.take(max as usize) {
                     if bytes >= MOVE_BATCH_BYTES {
                         break;
                     }
