@@ -198,6 +198,22 @@ impl Expires for Attempt {
     }
 }
 
+/// Hands `m` out in the receive at log index `index` and time `now_ms`,
+/// hidden until `visible_at_ms`.
+fn take(m: &mut MessageState, seq: u128, index: u64, now_ms: u64, visible_at_ms: u64) -> Received {
+    m.receive_count += 1;
+    if m.first_receive_ms == 0 {
+        m.first_receive_ms = now_ms;
+    }
+    m.nonce = index;
+    m.visible_at_ms = visible_at_ms;
+    Received {
+        handle: Handle { seq, nonce: index },
+        receive_count: m.receive_count,
+        first_receive_ms: m.first_receive_ms,
+    }
+}
+
 /// Entries that expire, each a row under `tag`, with (expiry, key) in
 /// order beside the map to drop them oldest first.
 struct Expiring<T> {
@@ -235,6 +251,12 @@ struct Queue {
     /// leader's clock may be behind the old one's).
     clock_ms: u64,
     messages: BTreeMap<u128, MessageState>,
+    /// (visible-at, seq) of each live message: a standard queue's receive
+    /// takes the first keys up to its time instead of walking the messages
+    /// in flight. Writing a message's state adds its key; changing its
+    /// visible-at, its death and its removal drop the old one (a key left
+    /// behind would only be skipped: keys are checked against the message).
+    visible_at: BTreeSet<(u64, u128)>,
     dedup: Expiring<Dedup>,
     attempts: Expiring<Attempt>,
     /// The source queue (ARN) of each message moved here as a dead letter.
@@ -250,6 +272,7 @@ impl Default for Queue {
             header_dirty: false,
             clock_ms: 0,
             messages: BTreeMap::new(),
+            visible_at: BTreeSet::new(),
             dedup: Expiring::new(TAG_DEDUP),
             attempts: Expiring::new(TAG_ATTEMPT),
             origins: HashMap::new(),
@@ -265,13 +288,8 @@ impl Queue {
     fn takeable(&self, now_ms: u64, max: usize) -> Vec<u128> {
         let mut out = Vec::new();
         if !self.header.fifo() {
-            for (seq, m) in &self.messages {
-                if out.len() == max {
-                    break;
-                }
-                if m.visible_at_ms <= now_ms && !m.dead {
-                    out.push(*seq);
-                }
+            for (_, seq) in self.visible_now(now_ms).take(max) {
+                out.push(seq);
             }
             return out;
         }
@@ -297,6 +315,19 @@ impl Queue {
             }
         }
         out
+    }
+
+    /// The keys of a standard queue's visible messages at `now_ms`, those
+    /// visible longest first.
+    fn visible_now(&self, now_ms: u64) -> impl Iterator<Item = (u64, u128)> + '_ {
+        self.visible_at
+            .range(..=(now_ms, u128::MAX))
+            .copied()
+            .filter(|(at, seq)| {
+                self.messages
+                    .get(seq)
+                    .is_some_and(|m| m.visible_at_ms == *at && !m.dead)
+            })
     }
 
     /// Whether a receive with attempt id `id` would repeat the earlier one:
@@ -432,12 +463,24 @@ impl QueueStateMachine {
         }
     }
 
-    fn put_state(&self, batch: &mut WriteBatch, seq: u128, m: &MessageState) {
+    /// Writes a message's state, and keys it by visible-at time if live.
+    fn put_state(
+        &self,
+        visible_at: &mut BTreeSet<(u64, u128)>,
+        batch: &mut WriteBatch,
+        seq: u128,
+        m: &MessageState,
+    ) {
+        if !m.dead {
+            visible_at.insert((m.visible_at_ms, seq));
+        }
         batch.put_cf(self.storage.cf(Cf::Rows), self.state_key(seq), encode(m));
     }
 
     fn remove_message(&self, q: &mut Queue, batch: &mut WriteBatch, seq: u128) {
-        q.messages.remove(&seq);
+        if let Some(m) = q.messages.remove(&seq) {
+            q.visible_at.remove(&(m.visible_at_ms, seq));
+        }
         batch.delete_cf(self.storage.cf(Cf::Rows), self.state_key(seq));
         batch.delete_cf(self.storage.cf(Cf::Rows), self.body_key(seq));
         if q.origins.remove(&seq).is_some() {
@@ -554,7 +597,7 @@ impl QueueStateMachine {
                 self.body_key(seq),
                 encode(&stored),
             );
-            self.put_state(batch, seq, &state);
+            self.put_state(&mut q.visible_at, batch, seq, &state);
             q.messages.insert(seq, state);
         }
         QueueReply::Sent(sent)
@@ -600,14 +643,17 @@ impl QueueStateMachine {
                     continue;
                 };
                 if limit.is_some_and(|limit| m.receive_count >= limit) {
+                    q.visible_at.remove(&(m.visible_at_ms, seq));
                     m.dead = true;
                     died = true;
                     deaths += 1;
                     let m = m.clone();
-                    self.put_state(batch, seq, &m);
+                    self.put_state(&mut q.visible_at, batch, seq, &m);
                     continue;
                 }
-                out.push(self.take(m, seq, index, now_ms, visibility_ms, batch));
+                q.visible_at.remove(&(m.visible_at_ms, seq));
+                out.push(take(m, seq, index, now_ms, now_ms + visibility_ms));
+                self.put_state(&mut q.visible_at, batch, seq, m);
             }
             if !died {
                 break;
@@ -646,6 +692,7 @@ impl QueueStateMachine {
         let mut out = Vec::with_capacity(earlier.taken.len());
         for (h, _) in &earlier.taken {
             let m = q.messages.get_mut(&h.seq)?;
+            q.visible_at.remove(&(m.visible_at_ms, h.seq));
             m.visible_at_ms = visible_at_ms;
             out.push(Received {
                 handle: *h,
@@ -653,7 +700,7 @@ impl QueueStateMachine {
                 first_receive_ms: m.first_receive_ms,
             });
             let m = m.clone();
-            self.put_state(batch, h.seq, &m);
+            self.put_state(&mut q.visible_at, batch, h.seq, &m);
         }
         let entry = Attempt {
             expires_ms: earlier.expires_ms,
@@ -665,29 +712,6 @@ impl QueueStateMachine {
         };
         self.put_expiring(batch, &mut q.attempts, id.to_string(), entry);
         Some(out)
-    }
-
-    fn take(
-        &self,
-        m: &mut MessageState,
-        seq: u128,
-        index: u64,
-        now_ms: u64,
-        visibility_ms: u64,
-        batch: &mut WriteBatch,
-    ) -> Received {
-        m.receive_count += 1;
-        if m.first_receive_ms == 0 {
-            m.first_receive_ms = now_ms;
-        }
-        m.nonce = index;
-        m.visible_at_ms = now_ms + visibility_ms;
-        self.put_state(batch, seq, m);
-        Received {
-            handle: Handle { seq, nonce: index },
-            receive_count: m.receive_count,
-            first_receive_ms: m.first_receive_ms,
-        }
     }
 
     fn apply_command(
@@ -723,7 +747,7 @@ impl QueueStateMachine {
                         if let Some(m) = q.messages.get_mut(&seq) {
                             m.dead = false;
                             let m = m.clone();
-                            self.put_state(batch, seq, &m);
+                            self.put_state(&mut q.visible_at, batch, seq, &m);
                         }
                     }
                 }
@@ -799,9 +823,10 @@ impl QueueStateMachine {
                         if !m.in_flight(now_ms) {
                             return Err(EntryError::MessageNotInflight);
                         }
+                        q.visible_at.remove(&(m.visible_at_ms, h.seq));
                         m.visible_at_ms = now_ms + u64::from(seconds) * 1000;
                         let m = m.clone();
-                        self.put_state(batch, h.seq, &m);
+                        self.put_state(&mut q.visible_at, batch, h.seq, &m);
                         Ok(())
                     })
                     .collect();
@@ -860,10 +885,11 @@ impl QueueStateMachine {
                     else {
                         continue;
                     };
+                    q.visible_at.remove(&(m.visible_at_ms, seq));
                     m.visible_at_ms = now_ms + MOVE_CLAIM_MS;
                     m.nonce = index;
                     let m = m.clone();
-                    self.put_state(batch, seq, &m);
+                    self.put_state(&mut q.visible_at, batch, seq, &m);
                     claimed.push(Handle { seq, nonce: index });
                 }
                 QueueReply::Claimed(claimed)
@@ -997,7 +1023,7 @@ impl QueueStateMachine {
                 self.body_key(seq),
                 encode(&stored),
             );
-            self.put_state(batch, seq, &state);
+            self.put_state(&mut q.visible_at, batch, seq, &state);
             q.messages.insert(seq, state);
             if let Some(source) = &source {
                 batch.put_cf(
@@ -1038,6 +1064,12 @@ impl QueueStateMachine {
             q.messages.insert(seq_of(key)?, decode(value)?);
             Ok(())
         })?;
+        q.visible_at = q
+            .messages
+            .iter()
+            .filter(|(_, m)| !m.dead)
+            .map(|(seq, m)| (m.visible_at_ms, *seq))
+            .collect();
         self.load_expiring(&mut q.dedup)?;
         self.load_expiring(&mut q.attempts)?;
         self.scan_tag(TAG_ORIGIN, |key, value| {
@@ -1600,12 +1632,19 @@ mod tests {
             &sm,
             1,
             500,
-            QueueCommand::Send(vec![message("m", None, None), message("n", None, None)]),
+            QueueCommand::Send(vec![message("m", None, None)]),
         );
-        assert_eq!(receive(&s, &sm, 2, 1_000, 1).len(), 1);
+        assert_eq!(bodies(&receive(&s, &sm, 2, 1_000, 1)), ["m"]);
         assert_eq!(bodies(&receive(&s, &sm, 3, 2_000, 1)), ["m"]);
+        run(
+            &s,
+            &sm,
+            4,
+            2_500,
+            QueueCommand::Send(vec![message("n", None, None)]),
+        );
         // m was received twice: the third receive passes it over for n.
-        assert_eq!(bodies(&receive(&s, &sm, 4, 3_000, 10)), ["n"]);
+        assert_eq!(bodies(&receive(&s, &sm, 5, 3_000, 10)), ["n"]);
         let mut q = 3_000u64.to_be_bytes().to_vec();
         q.extend(encode(&QueueQuery::DeadLetters(10)));
         let dead: DeadLetters = decode(&sm.query(&q).unwrap()).unwrap();
@@ -1628,10 +1667,39 @@ mod tests {
         assert_eq!(moved[0].message.sent_ms, 500, "the first send time stays");
         assert_eq!(moved[0].received.receive_count, 1);
 
-        run(&s, &sm, 5, 9_000, QueueCommand::Remove(vec![seq]));
+        run(&s, &sm, 6, 9_000, QueueCommand::Remove(vec![seq]));
         let after: DeadLetters = decode(&sm.query(&q).unwrap()).unwrap();
         assert!(after.messages.is_empty());
         assert_eq!(info(&sm, 9_000).visible, 1, "n is visible again, m is gone");
+    }
+
+    #[test]
+    fn a_standard_receive_takes_the_longest_visible_first_and_skips_those_in_flight() {
+        let (_dir, s, sm) = setup(&[("VisibilityTimeout", "10")]);
+        let sent: Vec<NewMessage> = (0..5)
+            .map(|i| message(&format!("m{i}"), None, None))
+            .collect();
+        run(&s, &sm, 1, 1_000, QueueCommand::Send(sent));
+        let first = receive(&s, &sm, 2, 2_000, 3);
+        assert_eq!(bodies(&first), ["m0", "m1", "m2"]);
+        // m1 back at once; m0 and m2 stay in flight, m3 and m4 wait longest.
+        run(
+            &s,
+            &sm,
+            3,
+            3_000,
+            QueueCommand::ChangeVisibility(vec![(first[1].received.handle, 0)]),
+        );
+        assert_eq!(bodies(&receive(&s, &sm, 4, 3_000, 10)), ["m3", "m4", "m1"]);
+        // Reopened, the index is rebuilt from the rows: all five are in
+        // flight until 12 s; then m0 and m2 (visible since 12 s) come
+        // before the others (since 13 s), ties in queue order.
+        let again = open(&s, &[("VisibilityTimeout", "10")]);
+        assert!(receive(&s, &again, 5, 11_999, 10).is_empty());
+        assert_eq!(
+            bodies(&receive(&s, &again, 6, 13_000, 10)),
+            ["m0", "m2", "m1", "m3", "m4"]
+        );
     }
 
     #[test]

@@ -110,21 +110,6 @@ impl Router {
             .await
     }
 
-    /// Waits as [`Router::propose_when_ready`] does, proposing nothing:
-    /// true once `ready` answers non-empty, false if it did not within
-    /// `wait`. A caller that stops waiting loses nothing.
-    pub async fn wait_ready(
-        &self,
-        group: GroupId,
-        ready: Vec<u8>,
-        wait: Duration,
-    ) -> Result<bool, RouterError> {
-        Ok(self
-            .propose_at_leader(group, Vec::new(), Retry::Always, Some((ready, wait)))
-            .await?
-            .is_some())
-    }
-
     async fn propose_at_leader(
         &self,
         group: GroupId,
@@ -168,10 +153,9 @@ impl Router {
         .await
     }
 
-    /// The leader's half of [`Router::propose_stamped`],
-    /// [`Router::propose_when_ready`] and [`Router::wait_ready`] (and of a
-    /// plain proposal, unstamped and without `ready`). An empty command
-    /// with `ready` proposes nothing: the call only waits.
+    /// The leader's half of [`Router::propose_stamped`] and
+    /// [`Router::propose_when_ready`] (and of a plain proposal, unstamped
+    /// and without `ready`).
     pub(crate) async fn propose_here(
         &self,
         group: GroupId,
@@ -213,9 +197,6 @@ impl Router {
                     None => tick.await,
                 }
                 self.check_leader(group)?;
-            }
-            if command.is_empty() {
-                return Ok(Some(Vec::new()));
             }
         }
         Ok(Some(self.host().propose(group, with_clock(command)).await?))

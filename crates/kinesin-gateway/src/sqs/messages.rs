@@ -776,9 +776,10 @@ async fn receive_one(
 /// A receive from a standard queue of several partitions: it takes from
 /// each partition in turn, starting at a random one so that none starves,
 /// until it has `max`. Finding none, it waits at every partition's leader
-/// at once, proposing nothing, and takes from the first that has a
-/// message; waits it then drops had taken nothing. A partition without a
-/// leader does not stop a receive from the others.
+/// at once and takes from the first that has a message. The wait's
+/// proposal is a receive of no message (which every version of the queue
+/// kind applies), so a wait it then drops took nothing. A partition
+/// without a leader does not stop a receive from the others.
 async fn receive_spread(
     ctx: &Context<'_>,
     queue: &Queue,
@@ -837,10 +838,16 @@ async fn receive_spread(
             .iter()
             .enumerate()
             .map(|(k, group)| async move {
-                (
-                    k,
-                    ctx.router.wait_ready(*group, ready.to_vec(), round).await,
-                )
+                let nothing = kinesin_queue::encode(&QueueCommand::Receive {
+                    max: 0,
+                    visibility_seconds: None,
+                });
+                let woken = ctx
+                    .router
+                    .propose_when_ready(*group, nothing, Retry::Always, ready.to_vec(), round)
+                    .await
+                    .map(|reply| reply.is_some());
+                (k, woken)
             })
             .collect();
         let mut failed = 0;

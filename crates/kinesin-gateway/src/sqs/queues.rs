@@ -329,8 +329,28 @@ pub(super) async fn create_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result
     };
     if ctx.find_queue(ctx.account, name).is_none() {
         // The other partitions first: the queue exists, for every call,
-        // once partition 0 does. A partition left by a create that failed
-        // part way takes this create's settings.
+        // once partition 0 does. Partitions left by a create that failed
+        // part way take this create's settings, or go if this queue has
+        // fewer.
+        let leftovers: Vec<String> = {
+            let prefix = format!("{}#", partition_name(ctx.account, name, 0));
+            let state = ctx.router.meta_state();
+            state
+                .groups
+                .range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(&prefix))
+                .map(|(k, _)| k.clone())
+                .filter(|k| {
+                    kinesin_queue::parse_group_name(k).is_none_or(|(_, _, p)| p >= partitions)
+                })
+                .collect()
+        };
+        for key in leftovers {
+            match ctx.router.delete_group(&key).await {
+                Ok(()) | Err(kinesin_router::RouterError::ResourceNotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
         for k in 1..partitions {
             let key = partition_name(ctx.account, name, k);
             match create_group(ctx, &key, &config).await {
@@ -578,6 +598,13 @@ pub(super) async fn set_queue_attributes(
 
 pub(super) async fn purge_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result<Value, ApiError> {
     let queue = ctx.queue(input).await?;
+    // The other partitions first, each refusing if it purged within the
+    // minute; then partition 0, which keeps the queue's 60 s limit. A
+    // purge that failed part way is finished by the next one.
+    let others = queue.partitions[1..]
+        .iter()
+        .map(|g| ctx.command(*g, &QueueCommand::Purge, Retry::BeforeProposing));
+    futures::future::try_join_all(others).await?;
     match ctx
         .command(queue.group, &QueueCommand::Purge, Retry::BeforeProposing)
         .await?
@@ -590,15 +617,7 @@ pub(super) async fn purge_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result<
                 queue.name
             ),
         )),
-        _ => {
-            // Partition 0 keeps the 60 s limit; the others purge with it
-            // (one that refuses purged within the minute already).
-            let others = queue.partitions[1..]
-                .iter()
-                .map(|g| ctx.command(*g, &QueueCommand::Purge, Retry::BeforeProposing));
-            futures::future::try_join_all(others).await?;
-            Ok(json!({}))
-        }
+        _ => Ok(json!({})),
     }
 }
 

@@ -42,6 +42,10 @@ pub(super) fn run(ctx: &Context, jobs: &Arc<Mutex<JobState>>, led: &Led<'_>) {
     if spec.kind != kinesin_queue::QUEUE_KIND {
         return;
     }
+    let Some((account, queue, partition)) = kinesin_queue::parse_group_name(name) else {
+        return;
+    };
+    let queue = format!("{account}/{queue}");
     let group = led.group;
     {
         let mut jobs = jobs.lock().expect("jobs lock");
@@ -52,10 +56,6 @@ pub(super) fn run(ctx: &Context, jobs: &Arc<Mutex<JobState>>, led: &Led<'_>) {
     }
     let (host, router) = (ctx.host.clone(), ctx.router.clone());
     let jobs = Arc::clone(jobs);
-    let Some((account, queue, partition)) = kinesin_queue::parse_group_name(name) else {
-        return;
-    };
-    let queue = format!("{account}/{queue}");
     tokio::spawn(async move {
         let turn = Turn {
             host: &host,
