@@ -35,6 +35,11 @@ start)
         (node_env "$i" && setsid rabbitmq-server </dev/null >"$dir/rabbit$i.out" 2>&1 &)
     done
     for i in 1 2 3; do
+        # await_startup refuses a node that has not registered yet.
+        for _ in $(seq 1 120); do
+            rabbitmqctl -n "rabbit$i@localhost" ping >/dev/null 2>&1 && break
+            sleep 1
+        done
         rabbitmqctl -n "rabbit$i@localhost" await_startup --timeout 120 >/dev/null
     done
     for i in 2 3; do
