@@ -392,3 +392,77 @@ async fn slow_and_surplus_api_connections_are_closed_while_clients_keep_working(
     .await
     .unwrap();
 }
+
+/// The peak resident memory of this process (each test runs in a process
+/// of its own under nextest), in MiB.
+fn peak_rss_mib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib / 1024
+}
+
+/// A body of 30 MiB of tiny elements, in JSON and in CBOR, is refused with
+/// a SerializationException before it is decoded into values (which took
+/// gigabytes), and the node keeps answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_body_of_millions_of_tiny_elements_is_refused_without_decoding_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = TestCluster::start(1).await.unwrap();
+    let address = cluster.node(1).api_address();
+    let size = 30 * 1024 * 1024;
+    let mut json = b"{\"StreamName\":\"s\",\"Records\":[".to_vec();
+    while json.len() < size {
+        json.extend_from_slice(b"0,");
+    }
+    json.extend_from_slice(b"0]}");
+    // A CBOR map whose array holds one-byte zeros.
+    let mut cbor = vec![0xA1, 0x67];
+    cbor.extend_from_slice(b"Records");
+    let n = size as u32;
+    cbor.push(0x9A);
+    cbor.extend_from_slice(&n.to_be_bytes());
+    cbor.resize(cbor.len() + size, 0);
+    let before = peak_rss_mib();
+    let mut answers = Vec::new();
+    for (content_type, body) in [
+        ("application/x-amz-json-1.1", &json),
+        ("application/x-amz-cbor-1.1", &cbor),
+    ] {
+        let mut socket = tokio::net::TcpStream::connect(&address).await.unwrap();
+        let head = format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n\
+             X-Amz-Target: Kinesis_20131202.PutRecords\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n",
+            body.len()
+        );
+        socket.write_all(head.as_bytes()).await.unwrap();
+        socket.write_all(body).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            socket.read_to_end(&mut answer),
+        )
+        .await
+        .expect("an answer within 60 s")
+        .unwrap();
+        answers.push((content_type, String::from_utf8_lossy(&answer).into_owned()));
+    }
+    let grown = peak_rss_mib().saturating_sub(before);
+    assert!(
+        grown < 200,
+        "decoding the hostile bodies grew the peak memory by {grown} MiB"
+    );
+    for (content_type, answer) in answers {
+        assert!(
+            answer.starts_with("HTTP/1.1 400"),
+            "{content_type}: {answer}"
+        );
+        assert!(
+            answer.contains("more than 50000 elements"),
+            "{content_type}: {answer}"
+        );
+    }
+    let client = crate::aws_sdk::client(&address);
+    client.list_streams().send().await.unwrap();
+}

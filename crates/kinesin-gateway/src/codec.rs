@@ -17,6 +17,14 @@ pub const JSON_1_0_CONTENT_TYPE: &str = "application/x-amz-json-1.0";
 pub const JSON_CONTENT_TYPE: &str = "application/x-amz-json-1.1";
 pub const CBOR_CONTENT_TYPE: &str = "application/x-amz-cbor-1.1";
 
+/// The most elements (values, member names and containers) a JSON or CBOR
+/// body may hold. The largest requests served hold a few thousand (500
+/// records of PutRecords or PutRecordBatch, an SQS batch of 10 messages with
+/// their attributes); a body of tiny elements would otherwise decode to a
+/// tree of values tens of times its size (a 32 MiB body to gigabytes). A
+/// scan counts them before anything is decoded.
+pub const MAX_ELEMENTS: usize = 50_000;
+
 /// Response members that are blobs (base64 in JSON, byte strings in CBOR).
 const BLOB_MEMBERS: &[&str] = &["Data"];
 /// Response members that are timestamps (epoch seconds in JSON, tag 1 with
@@ -81,6 +89,15 @@ impl Protocol {
                 input: Value::Object(Map::new()),
             });
         }
+        let within = match self {
+            Protocol::Cbor => cbor_elements_within(body, MAX_ELEMENTS),
+            _ => json_elements_within(body, MAX_ELEMENTS),
+        };
+        if !within {
+            return Err(ApiError::serialization(format!(
+                "the request body holds more than {MAX_ELEMENTS} elements"
+            )));
+        }
         let value = match self {
             Protocol::Cbor => {
                 let cbor: Cbor = ciborium::from_reader(body).map_err(|e| {
@@ -116,6 +133,102 @@ impl Protocol {
             _ => serde_json::to_vec(value).expect("JSON values always serialize"),
         }
     }
+}
+
+/// Whether a JSON text holds at most `max` elements, counted as the
+/// separators and openings outside strings (an upper bound of the values
+/// and member names, off by at most one per container). A malformed text
+/// passes: the parser reports it.
+fn json_elements_within(body: &[u8], max: usize) -> bool {
+    let mut count = 0usize;
+    let mut i = 0;
+    while let Some(&b) = body.get(i) {
+        match b {
+            b'"' => loop {
+                i += 1;
+                match body
+                    .get(i..)
+                    .and_then(|rest| memchr::memchr2(b'"', b'\\', rest))
+                {
+                    None => return true,
+                    Some(k) if body[i + k] == b'\\' => i += k + 1,
+                    Some(k) => {
+                        i += k;
+                        break;
+                    }
+                }
+            },
+            b',' | b':' | b'[' | b'{' => {
+                count += 1;
+                if count > max {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Whether a CBOR item holds at most `max` data items, walked by their
+/// heads without building them (strings are skipped by their lengths). A
+/// malformed item passes: the decoder reports it.
+fn cbor_elements_within(body: &[u8], max: usize) -> bool {
+    const INDEFINITE: u64 = u64::MAX;
+    // Items still to come in each open container, innermost last.
+    let mut open: Vec<u64> = vec![1];
+    let mut count = 0usize;
+    let mut i = 0usize;
+    while let Some(left) = open.last_mut() {
+        if *left == 0 {
+            open.pop();
+            continue;
+        }
+        let Some(&head) = body.get(i) else {
+            return true;
+        };
+        i += 1;
+        if head == 0xFF {
+            if *left != INDEFINITE {
+                return true;
+            }
+            open.pop();
+            continue;
+        }
+        if *left != INDEFINITE {
+            *left -= 1;
+        }
+        count += 1;
+        if count > max {
+            return false;
+        }
+        let argument = match head & 0x1F {
+            n @ 0..=23 => Some(u64::from(n)),
+            n @ 24..=27 => {
+                let width = 1usize << (n - 24);
+                let Some(bytes) = body.get(i..i + width) else {
+                    return true;
+                };
+                i += width;
+                Some(bytes.iter().fold(0u64, |a, &b| a << 8 | u64::from(b)))
+            }
+            31 => None,
+            _ => return true,
+        };
+        match (head >> 5, argument) {
+            (2 | 3, Some(len)) => match usize::try_from(len).ok().and_then(|l| i.checked_add(l)) {
+                Some(end) if end <= body.len() => i = end,
+                _ => return true,
+            },
+            (2..=5, None) => open.push(INDEFINITE),
+            (4, Some(n)) => open.push(n),
+            (5, Some(n)) => open.push(n.saturating_mul(2)),
+            (6, _) => open.push(1),
+            _ => {}
+        }
+    }
+    true
 }
 
 fn cbor_to_json(value: Cbor) -> Result<Value, ApiError> {
@@ -257,6 +370,52 @@ mod tests {
             Cbor::Tag(1, Box::new(Cbor::Integer(1_700_000_000_123_i64.into())))
         );
         assert_eq!(Protocol::Cbor.decode(&body).unwrap().input, response);
+    }
+
+    #[test]
+    fn bodies_of_too_many_elements_are_refused_before_decoding() {
+        let many = |n: usize| format!("{{\"Records\":[{}0]}}", "0,".repeat(n));
+        assert!(Protocol::Json11
+            .decode(many(MAX_ELEMENTS - 3).as_bytes())
+            .is_ok());
+        let err = Protocol::Json11
+            .decode(many(MAX_ELEMENTS).as_bytes())
+            .unwrap_err();
+        assert_eq!(err.name, "SerializationException");
+        assert!(err.message.contains("elements"), "{}", err.message);
+        // Separators inside strings, escaped quotes included, are not counted.
+        let text = format!("{{\"Data\":\"\\\"{}\"}}", ",[{:".repeat(MAX_ELEMENTS));
+        assert!(json_elements_within(text.as_bytes(), 2));
+        assert!(!json_elements_within(b"{\"a\":1,\"b\":2}", 3));
+
+        let array = |n: usize| {
+            let request = Cbor::Map(vec![(
+                Cbor::Text("Records".into()),
+                Cbor::Array(vec![Cbor::Integer(0.into()); n]),
+            )]);
+            let mut body = Vec::new();
+            ciborium::into_writer(&request, &mut body).unwrap();
+            body
+        };
+        assert!(Protocol::Cbor.decode(&array(MAX_ELEMENTS - 3)).is_ok());
+        let err = Protocol::Cbor.decode(&array(MAX_ELEMENTS)).unwrap_err();
+        assert_eq!(err.name, "SerializationException");
+        // Indefinite lengths, tags, floats and long strings are walked.
+        let mut body = vec![0xBF, 0x61, b'a', 0x9F];
+        body.extend([0xC1, 0xFB, 0, 0, 0, 0, 0, 0, 0, 0]);
+        body.extend([0x59, 0x01, 0x00]);
+        body.extend([0xFF_u8; 256]);
+        body.extend([0xFF, 0xFF]);
+        assert!(cbor_elements_within(&body, 6));
+        assert!(!cbor_elements_within(&body, 5));
+        // A declared length beyond the body is the decoder's to report.
+        assert!(cbor_elements_within(
+            &[0x9B, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF],
+            1
+        ));
+        assert!(Protocol::Cbor
+            .decode(&[0x5B, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF])
+            .is_err());
     }
 
     #[test]
