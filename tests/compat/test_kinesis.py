@@ -387,6 +387,10 @@ def test_retention_tags_monitoring_encryption_mode(kinesis, stream_name):
     kinesis.put_resource_policy(ResourceARN=arn, Policy=policy)
     assert json.loads(kinesis.get_resource_policy(ResourceARN=arn)["Policy"]) == json.loads(policy)
     kinesis.delete_resource_policy(ResourceARN=arn)
+    big = json.dumps({"Version": "2012-10-17", "Statement": [], "Id": "x" * 20480})
+    with pytest.raises(botocore.exceptions.ClientError) as e:
+        kinesis.put_resource_policy(ResourceARN=arn, Policy=big)
+    assert error_code(e) == "LimitExceededException"
 
 
 def test_max_record_size_can_be_raised(kinesis, stream_name):

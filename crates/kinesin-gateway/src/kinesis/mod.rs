@@ -11,7 +11,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use base64::Engine;
-use kinesin_meta::{MetaCommand, StreamChange};
+use kinesin_meta::{
+    MetaCommand, StreamChange, MAX_CONSUMERS_PER_STREAM, MAX_ON_DEMAND_STREAMS, MAX_TAGS_PER_STREAM,
+};
 use kinesin_router::{AppendOutcome, ReadRequest, RecordIn, Router, RouterError, StreamOptions};
 use kinesin_shard::ReadStart;
 use kinesin_types::{
@@ -36,10 +38,10 @@ use tags::*;
 const MAX_PUT_RECORDS: usize = 500;
 const MAX_PUT_RECORDS_BYTES: usize = 5 * 1024 * 1024;
 const MAX_GET_RECORDS_BYTES: usize = 10 * 1024 * 1024;
-const MAX_TAGS_PER_STREAM: usize = 50;
+/// The largest resource policy, as AWS (20 KiB).
+const MAX_POLICY_BYTES: usize = 20 * 1024;
 /// Shards a stream gets when created in ON_DEMAND mode, as AWS.
 const ON_DEMAND_SHARDS: u32 = 4;
-const ON_DEMAND_STREAM_LIMIT: usize = 50;
 const SHARD_LEVEL_METRICS: &[&str] = &[
     "IncomingBytes",
     "IncomingRecords",
@@ -240,6 +242,12 @@ operation_table! {
     "PutResourcePolicy" => {
         let name = ctx.resource_stream(i)?;
         let policy = i.str("Policy")?;
+        if policy.len() > MAX_POLICY_BYTES {
+            return Err(ApiError::limit_exceeded(format!(
+                "The policy is {} bytes; a resource policy holds at most {MAX_POLICY_BYTES}.",
+                policy.len()
+            )));
+        }
         serde_json::from_str::<Value>(policy).map_err(|e| {
             ApiError::invalid_argument(format!("Policy is not a valid JSON document: {e}"))
         })?;

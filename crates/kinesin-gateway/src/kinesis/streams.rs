@@ -38,9 +38,9 @@ pub(super) async fn create_stream(ctx: &Context<'_>, i: &Input<'_>) -> Result<Va
             ctx.shard_limit
         )));
     }
-    if mode == StreamMode::OnDemand && state.on_demand_stream_count() >= ON_DEMAND_STREAM_LIMIT {
+    if mode == StreamMode::OnDemand && state.on_demand_stream_count() >= MAX_ON_DEMAND_STREAMS {
         return Err(ApiError::limit_exceeded(format!(
-            "At most {ON_DEMAND_STREAM_LIMIT} streams may be in ON_DEMAND mode."
+            "At most {MAX_ON_DEMAND_STREAMS} streams may be in ON_DEMAND mode."
         )));
     }
     let options = StreamOptions { mode, tags };
@@ -382,7 +382,7 @@ pub(super) fn describe_limits(ctx: &Context<'_>) -> Result<Value, ApiError> {
         "ShardLimit": ctx.shard_limit,
         "OpenShardCount": state.open_shard_count(),
         "OnDemandStreamCount": state.on_demand_stream_count(),
-        "OnDemandStreamCountLimit": ON_DEMAND_STREAM_LIMIT,
+        "OnDemandStreamCountLimit": MAX_ON_DEMAND_STREAMS,
     }))
 }
 
