@@ -300,8 +300,18 @@ fn copy_rows(
 pub(crate) fn stage_chunk(storage: &Storage, group: u64, chunk: SnapshotChunk) -> io::Result<()> {
     let mut batch = WriteBatch::default();
     let cf = storage.cf(Cf::Staging);
+    let prefix = group.to_be_bytes();
     for (tag, key, value) in chunk {
         cf_of(tag)?;
+        // Every row of a group's snapshot is keyed under the group's prefix
+        // (`keys::group_bounds`); a row outside it would overwrite another
+        // group's data when the install moves it into place.
+        if !key.starts_with(&prefix) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a snapshot row of group {group} has a key outside the group"),
+            ));
+        }
         let mut k = Vec::with_capacity(9 + key.len());
         k.extend_from_slice(&group.to_be_bytes());
         k.push(tag);
@@ -791,6 +801,29 @@ mod tests {
             stage_chunk(storage, group, chunk).unwrap();
         }
         keys_written
+    }
+
+    /// A chunk holding a row of another group is refused whole: nothing of
+    /// it is staged, so an install cannot overwrite that group's data.
+    #[test]
+    fn a_snapshot_row_outside_its_group_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), FsyncPolicy::NeverUnsafe).unwrap();
+        let group = 7;
+        let chunk = vec![
+            (1, keys::record_key(group, 1).to_vec(), b"mine".to_vec()),
+            (
+                1,
+                keys::record_key(group + 1, 1).to_vec(),
+                b"theirs".to_vec(),
+            ),
+        ];
+        let err = stage_chunk(&storage, group, chunk).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        let (from, to) = keys::group_bounds(group);
+        assert_eq!(storage.scan(Cf::Staging, &from, &to).count(), 0);
+        let short = vec![(1, vec![0, 0], b"x".to_vec())];
+        assert!(stage_chunk(&storage, group, short).is_err());
     }
 
     /// A crash after an install's first batch (small state, applied id and
