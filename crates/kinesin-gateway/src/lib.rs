@@ -18,6 +18,8 @@ mod input;
 mod iterator;
 mod kinesis;
 mod query;
+#[cfg(test)]
+mod robustness;
 mod service;
 mod sqs;
 

@@ -5,6 +5,8 @@
 mod command;
 mod names;
 mod placement;
+#[cfg(test)]
+mod properties;
 pub mod reshard;
 mod state;
 mod state_machine;

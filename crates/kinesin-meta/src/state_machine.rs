@@ -365,6 +365,20 @@ fn reshard(
             "a reshard needs parents and children".into(),
         ));
     }
+    // Each range check below assumes distinct parents and ranges that hold
+    // keys: a parent named twice with its range given twice, or a child
+    // whose start is above its end, would otherwise pass the tiling check.
+    let distinct: std::collections::BTreeSet<&ShardId> = parents.iter().collect();
+    if distinct.len() != parents.len() {
+        return Err(MetaError::Invalid(
+            "a reshard names a closed shard twice".into(),
+        ));
+    }
+    if children.iter().any(|c| c.range.start > c.range.end) {
+        return Err(MetaError::Invalid(
+            "a new shard's hash key range starts above its end".into(),
+        ));
+    }
     let mut generation = 0;
     let mut covered: Vec<HashKeyRange> = Vec::new();
     for p in parents {

@@ -18,3 +18,5 @@ pub use state_machine::{GroupStateMachine, SnapshotRows};
 
 #[cfg(test)]
 mod conformance;
+#[cfg(test)]
+mod robustness;

@@ -3,6 +3,8 @@
 //! local replica's applied state.
 
 mod command;
+#[cfg(test)]
+mod model;
 mod read;
 mod state_machine;
 

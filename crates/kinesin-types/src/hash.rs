@@ -224,4 +224,74 @@ mod tests {
         assert!("".parse::<HashKey>().is_err());
         assert!("12a".parse::<HashKey>().is_err());
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A range of any width, from a single key to the whole space.
+        fn range() -> impl Strategy<Value = HashKeyRange> {
+            (any::<u128>(), any::<u128>())
+                .prop_map(|(a, b)| HashKeyRange::new(a.min(b), a.max(b)).unwrap())
+        }
+
+        proptest! {
+            #[test]
+            fn an_even_split_tiles_the_space_in_sizes_one_apart(count in 1u32..=200_000) {
+                let ranges = HashKeyRange::split_evenly(count);
+                prop_assert_eq!(ranges.len(), count as usize);
+                prop_assert_eq!(ranges[0].start, HashKey(0));
+                prop_assert_eq!(ranges[ranges.len() - 1].end, HashKey(u128::MAX));
+                let (mut min, mut max) = (u128::MAX, 0);
+                for r in &ranges {
+                    prop_assert!(r.start <= r.end);
+                    min = min.min(r.end.0 - r.start.0);
+                    max = max.max(r.end.0 - r.start.0);
+                }
+                for pair in ranges.windows(2) {
+                    prop_assert_eq!(pair[0].end.0 + 1, pair[1].start.0);
+                }
+                prop_assert!(max - min <= 1);
+            }
+
+            #[test]
+            fn a_split_inside_a_range_merges_back_and_outside_is_refused(
+                r in range(),
+                at in any::<u128>(),
+            ) {
+                let at = HashKey(at);
+                match r.split_at(at) {
+                    Ok((low, high)) => {
+                        prop_assert!(r.start < at && at <= r.end);
+                        prop_assert_eq!((low.start, low.end.0 + 1, high.start, high.end), (r.start, at.0, at, r.end));
+                        prop_assert_eq!(low.merge(&high).unwrap(), r);
+                        prop_assert_eq!(high.merge(&low).unwrap(), r);
+                        for key in [at.0 - 1, at.0] {
+                            prop_assert!(low.contains(HashKey(key)) != high.contains(HashKey(key)));
+                        }
+                    }
+                    Err(_) => prop_assert!(at <= r.start || at > r.end),
+                }
+            }
+
+            #[test]
+            fn only_adjacent_ranges_merge(a in range(), b in range(), touch in any::<bool>()) {
+                // Half the cases put b right above a.
+                let b = match a.end.0.checked_add(1) {
+                    Some(next) if touch => HashKeyRange::new(next, b.end.0.max(next)).unwrap(),
+                    _ => b,
+                };
+                let adjacent = a.end.0.checked_add(1) == Some(b.start.0)
+                    || b.end.0.checked_add(1) == Some(a.start.0);
+                match a.merge(&b) {
+                    Ok(m) => {
+                        prop_assert!(adjacent);
+                        prop_assert_eq!(m, b.merge(&a).unwrap());
+                        prop_assert_eq!(m.end.0 - m.start.0, (a.end.0 - a.start.0) + (b.end.0 - b.start.0) + 1);
+                    }
+                    Err(_) => prop_assert!(!adjacent),
+                }
+            }
+        }
+    }
 }
