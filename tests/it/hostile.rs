@@ -393,8 +393,7 @@ async fn slow_and_surplus_api_connections_are_closed_while_clients_keep_working(
     .unwrap();
 }
 
-/// The peak resident memory of this process (each test runs in a process
-/// of its own under nextest), in MiB.
+/// The peak resident memory of this process, in MiB.
 fn peak_rss_mib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
@@ -448,11 +447,15 @@ async fn a_body_of_millions_of_tiny_elements_is_refused_without_decoding_it() {
         .unwrap();
         answers.push((content_type, String::from_utf8_lossy(&answer).into_owned()));
     }
+    // The peak is the process's: it measures this test alone only when
+    // the test has a process of its own, as under nextest (`make test`).
     let grown = peak_rss_mib().saturating_sub(before);
-    assert!(
-        grown < 200,
-        "decoding the hostile bodies grew the peak memory by {grown} MiB"
-    );
+    if std::env::var_os("NEXTEST_RUN_ID").is_some() {
+        assert!(
+            grown < 200,
+            "decoding the hostile bodies grew the peak memory by {grown} MiB"
+        );
+    }
     for (content_type, answer) in answers {
         assert!(
             answer.starts_with("HTTP/1.1 400"),

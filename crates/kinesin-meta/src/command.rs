@@ -151,19 +151,7 @@ pub enum MetaError {
     GroupExists(String),
     #[error("group {0} not found")]
     GroupNotFound(String),
-    /// The change would pass one of the limits below. The gateway checks
-    /// them too, for a clear message; this check, in apply, is the one two
-    /// racing requests cannot both pass.
-    #[error("{0}")]
-    LimitExceeded(String),
 }
-
-/// Enhanced fan-out consumers a stream may have (AWS: 20).
-pub const MAX_CONSUMERS_PER_STREAM: usize = 20;
-/// Streams that may be in ON_DEMAND mode at once (AWS: 50 per account).
-pub const MAX_ON_DEMAND_STREAMS: usize = 50;
-/// Tags a stream may carry (AWS: 50).
-pub const MAX_TAGS_PER_STREAM: usize = 50;
 
 pub type MetaReply = Result<(), MetaError>;
 

@@ -14,7 +14,6 @@ mod version;
 
 pub use command::{
     decode_reply, MetaCommand, MetaError, MetaReply, NewShard, NewStream, StreamChange,
-    MAX_CONSUMERS_PER_STREAM, MAX_ON_DEMAND_STREAMS, MAX_TAGS_PER_STREAM,
 };
 pub use names::{split_stream_key, stream_key};
 pub use placement::place_replicas;

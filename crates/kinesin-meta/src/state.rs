@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use kinesin_types::{GroupId, NodeId, ShardInfo, StreamInfo, StreamMode};
+use kinesin_types::{GroupId, NodeId, ShardInfo, StreamInfo};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,14 +94,6 @@ impl MetaState {
             .values()
             .map(StreamInfo::open_shard_count)
             .sum()
-    }
-
-    /// Streams in ON_DEMAND mode.
-    pub fn on_demand_stream_count(&self) -> usize {
-        self.streams
-            .values()
-            .filter(|s| s.settings.mode == StreamMode::OnDemand)
-            .count()
     }
 
     pub fn active_nodes(&self) -> impl Iterator<Item = &NodeInfo> {

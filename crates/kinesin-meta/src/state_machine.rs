@@ -8,14 +8,13 @@ use std::sync::{Arc, Mutex};
 use kinesin_raft::GroupStateMachine;
 use kinesin_storage::{keys, Cf, Storage, WriteBatch};
 use kinesin_types::{
-    GroupId, HashKeyRange, ShardId, ShardInfo, ShardState, StreamInfo, StreamMode, StreamName,
-    StreamSettings, StreamStatus,
+    GroupId, HashKeyRange, ShardId, ShardInfo, ShardState, StreamInfo, StreamName, StreamSettings,
+    StreamStatus,
 };
 use tokio::sync::watch;
 
 use crate::command::{
     encode_reply, MetaCommand, MetaError, MetaReply, NewShard, NewStream, StreamChange,
-    MAX_CONSUMERS_PER_STREAM, MAX_ON_DEMAND_STREAMS, MAX_TAGS_PER_STREAM,
 };
 use crate::state::{GroupSpec, MetaState};
 use crate::version;
@@ -176,17 +175,12 @@ impl MetaStateMachine {
                 Ok(())
             }
             MetaCommand::UpdateStream { name, change } => {
-                let on_demand = state.on_demand_stream_count();
                 let s = state
                     .streams
                     .get_mut(&name)
                     .ok_or(MetaError::StreamNotFound(name))?;
-                if change == StreamChange::Mode(StreamMode::OnDemand)
-                    && s.settings.mode != StreamMode::OnDemand
-                {
-                    on_demand_room(on_demand)?;
-                }
-                apply_change(s, change)
+                apply_change(s, change);
+                Ok(())
             }
             MetaCommand::StreamReady { stream, epoch } => {
                 let s = state
@@ -278,12 +272,6 @@ fn create_stream(state: &mut MetaState, new: NewStream, settings: StreamSettings
     let stream_name = StreamName::new(name.clone()).map_err(|e| MetaError::Invalid(e.0))?;
     if state.streams.contains_key(&name) {
         return Err(MetaError::StreamExists(name));
-    }
-    if settings.mode == StreamMode::OnDemand {
-        on_demand_room(state.on_demand_stream_count())?;
-    }
-    if settings.tags.len() > MAX_TAGS_PER_STREAM {
-        return Err(too_many_tags());
     }
     if shard_count == 0
         || placements.len() != shard_count as usize
@@ -453,44 +441,13 @@ fn merged(sorted: &[HashKeyRange]) -> Vec<(u128, u128)> {
     out
 }
 
-fn on_demand_room(on_demand: usize) -> MetaReply {
-    if on_demand >= MAX_ON_DEMAND_STREAMS {
-        return Err(MetaError::LimitExceeded(format!(
-            "At most {MAX_ON_DEMAND_STREAMS} streams may be in ON_DEMAND mode."
-        )));
-    }
-    Ok(())
-}
-
-fn too_many_tags() -> MetaError {
-    MetaError::LimitExceeded(format!(
-        "A stream can have at most {MAX_TAGS_PER_STREAM} tags."
-    ))
-}
-
-/// Changes a stream's settings, or leaves it as it was if the change would
-/// pass a limit.
-fn apply_change(stream: &mut StreamInfo, change: StreamChange) -> MetaReply {
-    let StreamInfo {
-        retention_hours,
-        max_record_bytes,
-        settings,
-        ..
-    } = stream;
+fn apply_change(stream: &mut StreamInfo, change: StreamChange) {
+    let settings = &mut stream.settings;
     match change {
-        StreamChange::RetentionHours(h) => *retention_hours = h,
-        StreamChange::MaxRecordBytes(b) => *max_record_bytes = b,
+        StreamChange::RetentionHours(h) => stream.retention_hours = h,
+        StreamChange::MaxRecordBytes(b) => stream.max_record_bytes = b,
         StreamChange::Mode(m) => settings.mode = m,
-        StreamChange::AddTags(tags) => {
-            let added = tags
-                .keys()
-                .filter(|k| !settings.tags.contains_key(*k))
-                .count();
-            if settings.tags.len() + added > MAX_TAGS_PER_STREAM {
-                return Err(too_many_tags());
-            }
-            settings.tags.extend(tags);
-        }
+        StreamChange::AddTags(tags) => settings.tags.extend(tags),
         StreamChange::RemoveTags(keys) => {
             for k in keys {
                 settings.tags.remove(&k);
@@ -505,20 +462,12 @@ fn apply_change(stream: &mut StreamInfo, change: StreamChange) -> MetaReply {
         StreamChange::EncryptionKey(k) => settings.encryption_key = k,
         StreamChange::ResourcePolicy(p) => settings.resource_policy = p,
         StreamChange::RegisterConsumer { name, now_ms } => {
-            if !settings.consumers.contains_key(&name)
-                && settings.consumers.len() >= MAX_CONSUMERS_PER_STREAM
-            {
-                return Err(MetaError::LimitExceeded(format!(
-                    "The stream already has {MAX_CONSUMERS_PER_STREAM} consumers."
-                )));
-            }
             settings.consumers.entry(name).or_insert(now_ms);
         }
         StreamChange::DeregisterConsumer(name) => {
             settings.consumers.remove(&name);
         }
     }
-    Ok(())
 }
 
 impl GroupStateMachine for MetaStateMachine {
@@ -764,82 +713,6 @@ mod tests {
         assert_eq!(stream.settings.mode, StreamMode::OnDemand);
         assert_eq!(stream.settings.tags, tags);
         assert_eq!(state.next_group, 3);
-    }
-
-    /// Two gateways may both see room for one more and propose; the limit
-    /// holds at apply, where the commands are ordered.
-    #[test]
-    fn limits_are_enforced_when_commands_apply() {
-        let mut state = state_with_stream(1);
-        let change = |state: &mut MetaState, change: StreamChange| {
-            MetaStateMachine::apply_command(
-                state,
-                MetaCommand::UpdateStream {
-                    name: "s".into(),
-                    change,
-                },
-            )
-        };
-        for k in 0..MAX_CONSUMERS_PER_STREAM {
-            let register = StreamChange::RegisterConsumer {
-                name: format!("c{k}"),
-                now_ms: 1,
-            };
-            change(&mut state, register).unwrap();
-        }
-        let one_more = StreamChange::RegisterConsumer {
-            name: "late".into(),
-            now_ms: 2,
-        };
-        let err = change(&mut state, one_more).unwrap_err();
-        assert!(matches!(err, MetaError::LimitExceeded(_)), "{err}");
-        // Registering one that exists is not one more.
-        let again = StreamChange::RegisterConsumer {
-            name: "c0".into(),
-            now_ms: 3,
-        };
-        change(&mut state, again).unwrap();
-        assert_eq!(state.streams["s"].settings.consumers["c0"], 1);
-
-        let tags = |range: std::ops::Range<usize>| {
-            range
-                .map(|k| (format!("t{k}"), String::new()))
-                .collect::<BTreeMap<_, _>>()
-        };
-        change(&mut state, StreamChange::AddTags(tags(0..40))).unwrap();
-        let err = change(&mut state, StreamChange::AddTags(tags(30..51))).unwrap_err();
-        assert!(matches!(err, MetaError::LimitExceeded(_)), "{err}");
-        assert_eq!(state.streams["s"].settings.tags.len(), 40, "nothing added");
-        change(&mut state, StreamChange::AddTags(tags(30..50))).unwrap();
-
-        for k in 0..MAX_ON_DEMAND_STREAMS {
-            let created = MetaStateMachine::apply_command(
-                &mut state,
-                MetaCommand::CreateStreamWithSettings {
-                    stream: NewStream {
-                        name: format!("od{k}"),
-                        shard_count: 1,
-                        retention_hours: 24,
-                        max_record_bytes: 1 << 20,
-                        replication_factor: 1,
-                        now_ms: 5,
-                        placements: vec![vec![NodeId(1)]],
-                    },
-                    mode: StreamMode::OnDemand,
-                    tags: BTreeMap::new(),
-                },
-            );
-            created.unwrap();
-        }
-        let err = change(&mut state, StreamChange::Mode(StreamMode::OnDemand)).unwrap_err();
-        assert!(matches!(err, MetaError::LimitExceeded(_)), "{err}");
-        assert_eq!(state.streams["s"].settings.mode, StreamMode::Provisioned);
-        // A stream already ON_DEMAND may be set so again.
-        let od0 = MetaCommand::UpdateStream {
-            name: "od0".into(),
-            change: StreamChange::Mode(StreamMode::OnDemand),
-        };
-        MetaStateMachine::apply_command(&mut state, od0).unwrap();
     }
 
     #[test]

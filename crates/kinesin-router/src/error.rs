@@ -159,7 +159,6 @@ impl From<kinesin_meta::MetaError> for RouterError {
                 RouterError::ResourceNotFound(e.to_string())
             }
             kinesin_meta::MetaError::Invalid(_) => RouterError::InvalidArgument(e.to_string()),
-            kinesin_meta::MetaError::LimitExceeded(_) => RouterError::LimitExceeded(e.to_string()),
         }
     }
 }

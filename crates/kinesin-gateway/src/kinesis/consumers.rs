@@ -2,6 +2,8 @@
 
 use super::*;
 
+pub(super) const MAX_CONSUMERS_PER_STREAM: usize = 20;
+
 impl Context<'_> {
     fn consumer_arn(&self, stream: &str, name: &str, created_ms: u64) -> String {
         format!("{}/consumer/{name}:{}", self.arn(stream), created_ms / 1000)

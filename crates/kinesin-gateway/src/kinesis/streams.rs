@@ -38,10 +38,8 @@ pub(super) async fn create_stream(ctx: &Context<'_>, i: &Input<'_>) -> Result<Va
             ctx.shard_limit
         )));
     }
-    if mode == StreamMode::OnDemand && state.on_demand_stream_count() >= MAX_ON_DEMAND_STREAMS {
-        return Err(ApiError::limit_exceeded(format!(
-            "At most {MAX_ON_DEMAND_STREAMS} streams may be in ON_DEMAND mode."
-        )));
+    if mode == StreamMode::OnDemand {
+        ctx.check_on_demand_room()?;
     }
     let options = StreamOptions { mode, tags };
     ctx.router
@@ -381,8 +379,8 @@ pub(super) fn describe_limits(ctx: &Context<'_>) -> Result<Value, ApiError> {
     Ok(json!({
         "ShardLimit": ctx.shard_limit,
         "OpenShardCount": state.open_shard_count(),
-        "OnDemandStreamCount": state.on_demand_stream_count(),
-        "OnDemandStreamCountLimit": MAX_ON_DEMAND_STREAMS,
+        "OnDemandStreamCount": ctx.on_demand_streams(&state),
+        "OnDemandStreamCountLimit": ON_DEMAND_STREAM_LIMIT,
     }))
 }
 
@@ -534,6 +532,9 @@ pub(super) async fn update_stream_mode(
             ctx.display(&name),
             stream.status.as_aws_str()
         )));
+    }
+    if mode == StreamMode::OnDemand && stream.settings.mode != StreamMode::OnDemand {
+        ctx.check_on_demand_room()?;
     }
     ctx.change(&name, StreamChange::Mode(mode)).await?;
     Ok(json!({}))
