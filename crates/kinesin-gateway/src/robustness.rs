@@ -44,11 +44,10 @@ fn seeds() -> Vec<Vec<u8>> {
 /// A valid body with bytes replaced, inserted or cut.
 fn mutated() -> impl Strategy<Value = Vec<u8>> {
     (
-        0..seeds().len(),
+        prop::sample::select(seeds()),
         prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..8),
     )
-        .prop_map(|(seed, edits)| {
-            let mut body = seeds().swap_remove(seed);
+        .prop_map(|(mut body, edits)| {
             for (at, byte, kind) in edits {
                 if body.is_empty() {
                     body.push(byte);

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 
-use kinesin_types::{HashKey, NodeId, ShardInfo, ShardState, StreamInfo};
+use kinesin_types::{HashKey, NodeId, ShardState, StreamInfo};
 use proptest::prelude::*;
 
 use crate::command::MetaCommand;
@@ -68,18 +68,8 @@ fn tamper() -> impl Strategy<Value = Tamper> {
     ]
 }
 
-fn open_shards(stream: &StreamInfo) -> Vec<&ShardInfo> {
-    let mut open: Vec<&ShardInfo> = stream
-        .shards
-        .iter()
-        .filter(|s| s.state == ShardState::Open)
-        .collect();
-    open.sort_by_key(|s| s.range.start);
-    open
-}
-
 fn plan(stream: &StreamInfo, step: &Step) -> Option<Plan> {
-    let open = open_shards(stream);
+    let open = reshard::open_in_key_order(stream);
     match step {
         Step::Split { shard, at } => {
             if open.len() >= MAX_OPEN {
@@ -177,7 +167,7 @@ fn settle(state: &mut MetaState) {
 
 fn check_map(state: &MetaState) -> Result<(), TestCaseError> {
     let stream = &state.streams["s"];
-    let open = open_shards(stream);
+    let open = reshard::open_in_key_order(stream);
     prop_assert_eq!(open[0].range.start.0, 0);
     prop_assert_eq!(open[open.len() - 1].range.end.0, u128::MAX);
     for s in &open {

@@ -97,16 +97,22 @@ pub fn merge(first: &ShardInfo, second: &ShardInfo) -> Result<Plan, PlanError> {
     })
 }
 
-/// UNIFORM_SCALING: the open shards become `target` shards of equal ranges.
-/// Shards whose range stays the same are kept; each new shard names the (at
-/// most two) closed shards it overlaps as parents. `target` is at least 1.
-pub fn uniform(stream: &StreamInfo, target: usize) -> Result<Plan, PlanError> {
+/// The stream's open shards, lowest hash keys first.
+pub(crate) fn open_in_key_order(stream: &StreamInfo) -> Vec<&ShardInfo> {
     let mut open: Vec<&ShardInfo> = stream
         .shards
         .iter()
         .filter(|s| s.state == ShardState::Open)
         .collect();
     open.sort_by_key(|s| s.range.start);
+    open
+}
+
+/// UNIFORM_SCALING: the open shards become `target` shards of equal ranges.
+/// Shards whose range stays the same are kept; each new shard names the (at
+/// most two) closed shards it overlaps as parents. `target` is at least 1.
+pub fn uniform(stream: &StreamInfo, target: usize) -> Result<Plan, PlanError> {
+    let open = open_in_key_order(stream);
     let current = open.len();
     if target == 0 || target > current * 2 || target * 2 < current {
         return Err(PlanError::TooFar { current, target });

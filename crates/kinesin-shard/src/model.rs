@@ -139,39 +139,35 @@ impl Model {
             .map_or(self.tip(), |(s, _)| *s)
     }
 
+    /// The written sequence number `i` picks (the horizon before any).
+    fn pick(&self, i: &prop::sample::Index) -> u128 {
+        if self.written.is_empty() {
+            self.horizon
+        } else {
+            *i.get(&self.written)
+        }
+    }
+
     fn resolve(&self, start: &Start) -> u128 {
-        let pick = |i: &prop::sample::Index| {
-            if self.written.is_empty() {
-                self.horizon
-            } else {
-                *i.get(&self.written)
-            }
-        };
         let seq = match start {
             Start::TrimHorizon => self.horizon,
             Start::Latest => self.tip(),
-            Start::At(i) => pick(i),
-            Start::After(i) => pick(i) + 1,
+            Start::At(i) => self.pick(i),
+            Start::After(i) => self.pick(i) + 1,
             Start::AtTimestamp(t) => self.first_at_or_after(*t),
         };
         seq.max(self.horizon)
     }
-}
 
-fn read_start(model: &Model, start: &Start) -> ReadStart {
-    let pick = |i: &prop::sample::Index| {
-        SequenceNumber(if model.written.is_empty() {
-            model.horizon
-        } else {
-            *i.get(&model.written)
-        })
-    };
-    match start {
-        Start::TrimHorizon => ReadStart::TrimHorizon,
-        Start::Latest => ReadStart::Latest,
-        Start::At(i) => ReadStart::At(pick(i)),
-        Start::After(i) => ReadStart::After(pick(i)),
-        Start::AtTimestamp(t) => ReadStart::AtTimestamp(*t),
+    /// `start` as the shard takes it.
+    fn read_start(&self, start: &Start) -> ReadStart {
+        match start {
+            Start::TrimHorizon => ReadStart::TrimHorizon,
+            Start::Latest => ReadStart::Latest,
+            Start::At(i) => ReadStart::At(SequenceNumber(self.pick(i))),
+            Start::After(i) => ReadStart::After(SequenceNumber(self.pick(i))),
+            Start::AtTimestamp(t) => ReadStart::AtTimestamp(*t),
+        }
     }
 }
 
@@ -202,7 +198,7 @@ fn check_replica(
     prop_assert_eq!(stats.last_sequence, model.last);
     prop_assert_eq!(stats.sealed, model.sealed);
     for (start, limit, max_bytes) in reads {
-        let from = sm.resolve(read_start(model, start)).unwrap();
+        let from = sm.resolve(model.read_start(start)).unwrap();
         prop_assert_eq!(from.0, model.resolve(start), "resolving {:?}", start);
         let batch = sm.read(from, *limit, *max_bytes, now_ms).unwrap();
         // At most `limit` records of about `max_bytes` (at least one), in
