@@ -1,6 +1,7 @@
 use std::time::Duration;
 
-use kinesin_testkit::TestCluster;
+use kinesin_meta::LIMITS_VERSION;
+use kinesin_testkit::{wait_until, TestCluster, TestOptions};
 use kinesin_types::GroupId;
 
 /// A stream created through a node that is not the metadata leader is in
@@ -72,5 +73,113 @@ async fn a_stream_created_through_one_node_is_found_on_every_node() {
         "{missing:?}"
     );
     cluster.filter.heal();
+    cluster.shutdown().await;
+}
+
+/// Limits hold for requests that race. Each node's gateway checks a limit
+/// against its own copy of the map, so requests sent at once through three
+/// nodes all pass that check; the metadata group orders them and refuses,
+/// where they apply, those that would pass the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn limits_hold_for_requests_racing_through_every_node() {
+    use aws_sdk_kinesis::error::ProvideErrorMetadata;
+
+    let options = TestOptions {
+        configure: |c| c.shard_limit = 8,
+        ..TestOptions::default()
+    };
+    let cluster = TestCluster::start_with(3, options).await.unwrap();
+    // Until every node's version is heard, commands go without limits (a
+    // node of an older release could not decode them).
+    wait_until(
+        "every node's data version",
+        Duration::from_secs(30),
+        || async {
+            (1..=3).all(|n| cluster.node(n).router.cluster_data_version() >= LIMITS_VERSION)
+        },
+    )
+    .await
+    .unwrap();
+    let clients: Vec<_> = (1..=3)
+        .map(|n| crate::aws_sdk::client(&cluster.node(n).api_address()))
+        .collect();
+    let is_limit = |e: &dyn ProvideErrorMetadata| e.code() == Some("LimitExceededException");
+
+    // Six streams of two shards at once, for a limit of eight shards.
+    let creates = (0..6).map(|k| {
+        let c = clients[k % 3].clone();
+        async move {
+            let name = format!("race-{k}");
+            let created = c.create_stream().stream_name(&name).shard_count(2).send();
+            (name, created.await)
+        }
+    });
+    let mut created = Vec::new();
+    for (name, result) in futures::future::join_all(creates).await {
+        match result {
+            Ok(_) => created.push(name),
+            Err(e) => assert!(is_limit(&e), "{name}: {e:?}"),
+        }
+    }
+    assert_eq!(created.len(), 4, "created: {created:?}");
+    let state = cluster.node(1).meta.state();
+    assert_eq!(state.open_shard_count(), 8);
+
+    // 20 consumers a stream: 18 one by one, then six at once.
+    let stream = clients[0]
+        .describe_stream_summary()
+        .stream_name(&created[0])
+        .send()
+        .await
+        .unwrap();
+    let arn = stream
+        .stream_description_summary()
+        .unwrap()
+        .stream_arn()
+        .to_string();
+    for k in 0..18 {
+        clients[k % 3]
+            .register_stream_consumer()
+            .stream_arn(&arn)
+            .consumer_name(format!("early-{k}"))
+            .send()
+            .await
+            .unwrap();
+    }
+    let registers = (0..6).map(|k| {
+        let c = clients[k % 3].clone();
+        let arn = arn.clone();
+        async move {
+            c.register_stream_consumer()
+                .stream_arn(arn)
+                .consumer_name(format!("late-{k}"))
+                .send()
+                .await
+        }
+    });
+    let mut registered = 0;
+    for result in futures::future::join_all(registers).await {
+        match result {
+            Ok(_) => registered += 1,
+            Err(e) => assert!(is_limit(&e), "{e:?}"),
+        }
+    }
+    assert_eq!(registered, 2);
+    let key = created[0].as_str();
+    wait_until(
+        "every node has the consumers",
+        Duration::from_secs(10),
+        || async {
+            (1..=3).all(|n| {
+                cluster.node(n).meta.state().streams[key]
+                    .settings
+                    .consumers
+                    .len()
+                    == 20
+            })
+        },
+    )
+    .await
+    .unwrap();
     cluster.shutdown().await;
 }

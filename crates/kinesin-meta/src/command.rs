@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use kinesin_types::{HashKeyRange, NodeId, SequenceNumber, ShardId, StreamMode};
 use serde::{Deserialize, Serialize};
 
+use crate::limits::{Limits, LIMITS_VERSION};
 use crate::state::{NodeInfo, NodeState};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +97,15 @@ pub enum MetaCommand {
         mode: StreamMode,
         tags: BTreeMap<String, String>,
     },
+    /// Applies `command` (an encoded command other than `Limited`) only if
+    /// the map keeps `limits` after it; otherwise nothing changes and the
+    /// reply is [`MetaError::LimitExceeded`]. See [`Limits`]. The command
+    /// is held encoded so that decoding never recurses: nested boxes from a
+    /// hostile peer could exhaust the stack of every replica.
+    Limited {
+        limits: Limits,
+        command: Vec<u8>,
+    },
 }
 
 /// A stream to create. `placements[i]` holds the replicas of shard i, the
@@ -151,6 +161,9 @@ pub enum MetaError {
     GroupExists(String),
     #[error("group {0} not found")]
     GroupNotFound(String),
+    /// A [`MetaCommand::Limited`] would have passed one of its limits.
+    #[error("{0}")]
+    LimitExceeded(String),
 }
 
 pub type MetaReply = Result<(), MetaError>;
@@ -169,7 +182,17 @@ impl MetaCommand {
             | MetaCommand::CreateStreamWithSettings { .. } => 3,
             // A key qualified by its account (`names.rs`).
             MetaCommand::CreateStream { name, .. } if name.contains(':') => 3,
+            MetaCommand::Limited { command, .. } => MetaCommand::decode(command)
+                .map_or(LIMITS_VERSION, |c| c.introduced_in().max(LIMITS_VERSION)),
             _ => 1,
+        }
+    }
+
+    /// `self` to apply only if the map keeps `limits`.
+    pub fn limited(self, limits: Limits) -> MetaCommand {
+        MetaCommand::Limited {
+            limits,
+            command: self.encode(),
         }
     }
 

@@ -3,6 +3,7 @@
 //! controller on the metadata leader uses to propose assignments.
 
 mod command;
+mod limits;
 mod names;
 mod placement;
 #[cfg(test)]
@@ -15,6 +16,7 @@ mod version;
 pub use command::{
     decode_reply, MetaCommand, MetaError, MetaReply, NewShard, NewStream, StreamChange,
 };
+pub use limits::{Limits, LIMITS_VERSION};
 pub use names::{split_stream_key, stream_key};
 pub use placement::place_replicas;
 pub use state::{GroupSpec, MetaState, NodeInfo, NodeState, Owner, Placed, STREAM_KIND};

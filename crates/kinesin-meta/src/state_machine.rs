@@ -255,6 +255,14 @@ impl MetaStateMachine {
                 spec.ready = true;
                 Ok(())
             }
+            MetaCommand::Limited { limits, command } => {
+                let command = MetaCommand::decode(&command)?;
+                if matches!(command, MetaCommand::Limited { .. }) {
+                    return Err(MetaError::Invalid("a limited command nests another".into()));
+                }
+                limits.check(state, &command)?;
+                Self::apply_command(state, command)
+            }
         }
     }
 }

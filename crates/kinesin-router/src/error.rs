@@ -159,6 +159,7 @@ impl From<kinesin_meta::MetaError> for RouterError {
                 RouterError::ResourceNotFound(e.to_string())
             }
             kinesin_meta::MetaError::Invalid(_) => RouterError::InvalidArgument(e.to_string()),
+            kinesin_meta::MetaError::LimitExceeded(m) => RouterError::LimitExceeded(m),
         }
     }
 }

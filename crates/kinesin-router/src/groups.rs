@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use kinesin_meta::{place_replicas, MetaCommand, MetaState};
 use kinesin_proto::v1 as pb;
-use kinesin_storage::data_version::DATA_VERSION;
 use kinesin_types::{GroupId, NodeId};
 
 use crate::error::RouterError;
@@ -44,6 +43,8 @@ pub fn stamp(now_ms: u64, bytes: &[u8]) -> Vec<u8> {
 const CREATE_WAIT: Duration = Duration::from_secs(10);
 /// Longest [`Router::create_group`] waits to hear every node's data version.
 const VERSIONS_WAIT: Duration = Duration::from_secs(5);
+/// The data version that introduced groups (`MetaCommand::CreateGroup`).
+const GROUPS_VERSION: u32 = 3;
 
 impl Router {
     /// Proposes `command` to `group` at its leader; returns the state
@@ -259,7 +260,7 @@ impl Router {
     ) -> Result<GroupId, RouterError> {
         // Right after a start the other nodes' versions are not known yet.
         let known = async {
-            while self.cluster_data_version() < DATA_VERSION {
+            while self.cluster_data_version() < GROUPS_VERSION {
                 tokio::time::sleep(crate::liveness::PING_EVERY).await;
             }
         };

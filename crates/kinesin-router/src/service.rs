@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 use crate::error::RouterError;
 use crate::records::{decode_start, encode_read, stored_to_pb, ReadRequest, RecordIn};
 use crate::router::{Router, Target};
+use crate::streams::limits_from_proto;
 use crate::{AppendOutcome, StreamOptions};
 
 use kinesin_proto::MAX_MESSAGE_BYTES;
@@ -289,6 +290,7 @@ impl Node for NodeService {
                 StreamMode::Provisioned
             },
             tags: r.tags.into_iter().collect(),
+            limits: r.limits.map(limits_from_proto),
         };
         if self.router.host().is_leader(GroupId::META) {
             self.router

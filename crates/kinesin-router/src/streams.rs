@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use kinesin_meta::{
-    decode_reply, place_replicas, MetaCommand, MetaState, NewStream, NodeState, StreamChange,
+    decode_reply, place_replicas, Limits, MetaCommand, MetaState, NewStream, NodeState,
+    StreamChange, LIMITS_VERSION,
 };
 use kinesin_proto::v1::{self as pb};
 use kinesin_shard::ReadStart;
@@ -48,6 +49,27 @@ pub(crate) fn legacy_settings(options: &StreamOptions) -> Vec<StreamChange> {
 pub struct StreamOptions {
     pub mode: StreamMode,
     pub tags: BTreeMap<String, String>,
+    /// Limits the new stream must keep, checked where the command applies
+    /// once every node decodes such commands (`MetaCommand::Limited`).
+    pub limits: Option<Limits>,
+}
+
+pub(crate) fn limits_to_proto(l: Limits) -> pb::StreamLimits {
+    pb::StreamLimits {
+        open_shards: l.open_shards,
+        on_demand_streams: l.on_demand_streams,
+        consumers_per_stream: l.consumers_per_stream,
+        tags_per_stream: l.tags_per_stream,
+    }
+}
+
+pub(crate) fn limits_from_proto(l: pb::StreamLimits) -> Limits {
+    Limits {
+        open_shards: l.open_shards,
+        on_demand_streams: l.on_demand_streams,
+        consumers_per_stream: l.consumers_per_stream,
+        tags_per_stream: l.tags_per_stream,
+    }
 }
 
 /// Longest CreateStream waits for the new shards' leaders before it returns
@@ -106,6 +128,25 @@ impl Router {
             )));
         }
         Ok(())
+    }
+
+    /// Proposes `command`, to apply only if the map keeps `limits`, once
+    /// every node decodes such commands; before that (a rolling upgrade from
+    /// a release without them) the command alone, which the proposer's own
+    /// check of the limits guards, though not against a racing request.
+    pub async fn meta_write_limited(
+        &self,
+        command: MetaCommand,
+        limits: Limits,
+    ) -> Result<(), RouterError> {
+        self.meta_write(self.limited(command, limits)).await
+    }
+
+    fn limited(&self, command: MetaCommand, limits: Limits) -> MetaCommand {
+        if self.cluster_data_version() < LIMITS_VERSION {
+            return command;
+        }
+        command.limited(limits)
     }
 
     /// Proposes a metadata command through the metadata leader.
@@ -253,6 +294,7 @@ impl Router {
                             max_record_bytes,
                             on_demand: options.mode == StreamMode::OnDemand,
                             tags: options.tags.clone().into_iter().collect(),
+                            limits: options.limits.map(limits_to_proto),
                         })
                         .await?
                         .into_inner()
@@ -427,11 +469,14 @@ impl Router {
             now_ms: now_ms(),
             placements,
         };
-        let command = MetaCommand::CreateStreamWithSettings {
+        let mut command = MetaCommand::CreateStreamWithSettings {
             stream: stream.clone(),
             mode: options.mode,
             tags: options.tags.clone(),
         };
+        if let Some(limits) = options.limits {
+            command = self.limited(command, limits);
+        }
         if self.check_cluster_decodes(&command).is_ok() {
             return self.meta_write_local(command.encode()).await;
         }
@@ -562,6 +607,16 @@ mod tests {
         let old = MetaCommand::DeleteStream { name: "s".into() };
         assert_eq!(router.cluster_data_version(), DATA_VERSION);
         assert!(router.check_cluster_decodes(&group).is_ok());
+        let limits = Limits {
+            open_shards: 1,
+            on_demand_streams: 1,
+            consumers_per_stream: 1,
+            tags_per_stream: 1,
+        };
+        assert!(matches!(
+            router.limited(old.clone(), limits),
+            MetaCommand::Limited { .. }
+        ));
         let second = kinesin_meta::NodeInfo {
             id: NodeId(2),
             raft_addr: "127.0.0.1:1".into(),
@@ -609,5 +664,8 @@ mod tests {
             matches!(refused, Err(RouterError::Unavailable(_))),
             "{refused:?}"
         );
+        // Limits checked at apply wait for every node too; meanwhile the
+        // command goes alone.
+        assert_eq!(router.limited(old.clone(), limits), old);
     }
 }

@@ -11,13 +11,13 @@
 //! [`DATA_VERSION`], upgrades them in place, and refuses newer ones.
 
 /// The version this binary writes.
-pub const DATA_VERSION: u32 = 3;
+pub const DATA_VERSION: u32 = 4;
 
 /// The oldest version this binary can upgrade.
 pub const OLDEST_READABLE: u32 = 1;
 
 /// What each version changed, oldest first.
-pub const HISTORY: [(u32, &str); 3] = [
+pub const HISTORY: [(u32, &str); 4] = [
     (
         1,
         "releases up to 2026-11-30: the metadata value is an unversioned postcard MetaState; the node identity has no data_version",
@@ -29,6 +29,10 @@ pub const HISTORY: [(u32, &str); 3] = [
     (
         3,
         "the metadata state ends with `groups`: Raft groups of registered kinds other than stream shards; column families `rows` and `snapshot_copies` (an older release cannot open the directory at all); stream keys of accounts other than the home account are `<account>:<name>`",
+    ),
+    (
+        4,
+        "metadata log entries may be `Limited` commands (limits checked where they apply), which a version-3 release cannot decode; stored values and snapshots keep the version-3 layout",
     ),
 ];
 

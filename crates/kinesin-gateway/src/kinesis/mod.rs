@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use base64::Engine;
-use kinesin_meta::{MetaCommand, StreamChange};
+use kinesin_meta::{Limits, MetaCommand, StreamChange};
 use kinesin_router::{AppendOutcome, ReadRequest, RecordIn, Router, RouterError, StreamOptions};
 use kinesin_shard::ReadStart;
 use kinesin_types::{
@@ -105,10 +105,20 @@ impl Context<'_> {
             .count()
     }
 
+    /// The limits a change proposed for this caller must keep where the
+    /// metadata group applies it. The checks here, against this node's map,
+    /// give the clearest message; two requests at once can both pass them,
+    /// not those at apply (`kinesin_meta::Limits`).
+    fn limits(&self) -> Limits {
+        Limits {
+            open_shards: self.shard_limit,
+            on_demand_streams: ON_DEMAND_STREAM_LIMIT as u32,
+            consumers_per_stream: consumers::MAX_CONSUMERS_PER_STREAM as u32,
+            tags_per_stream: MAX_TAGS_PER_STREAM as u32,
+        }
+    }
+
     /// Refuses a stream more in ON_DEMAND mode beyond the account's limit.
-    /// Checked here, not where the map applies the change: two requests at
-    /// once can pass it together (a check in apply needs a command that
-    /// older releases do not decode; issue 18 keeps that open).
     fn check_on_demand_room(&self) -> Result<(), ApiError> {
         if self.on_demand_streams(&self.router.meta_state()) >= ON_DEMAND_STREAM_LIMIT {
             return Err(ApiError::limit_exceeded(format!(
@@ -186,11 +196,12 @@ impl Context<'_> {
     }
 
     async fn change(&self, stream: &str, change: StreamChange) -> Result<(), ApiError> {
+        let command = MetaCommand::UpdateStream {
+            name: stream.to_string(),
+            change,
+        };
         self.router
-            .meta_write(MetaCommand::UpdateStream {
-                name: stream.to_string(),
-                change,
-            })
+            .meta_write_limited(command, self.limits())
             .await
             .map_err(ApiError::from)
     }

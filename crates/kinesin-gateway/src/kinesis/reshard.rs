@@ -50,7 +50,7 @@ async fn reshard(ctx: &Context<'_>, stream: &StreamInfo, plan: Plan) -> Result<(
         )));
     }
     ctx.router
-        .meta_write(plan.command(stream.name.as_str()))
+        .meta_write_limited(plan.command(stream.name.as_str()), ctx.limits())
         .await?;
     Ok(())
 }

@@ -41,7 +41,11 @@ pub(super) async fn create_stream(ctx: &Context<'_>, i: &Input<'_>) -> Result<Va
     if mode == StreamMode::OnDemand {
         ctx.check_on_demand_room()?;
     }
-    let options = StreamOptions { mode, tags };
+    let options = StreamOptions {
+        mode,
+        tags,
+        limits: Some(ctx.limits()),
+    };
     ctx.router
         .create_stream_with(&ctx.key(name), shards, 0, max_record_bytes, &options)
         .await

@@ -16,7 +16,7 @@
 
 mod v1;
 
-use kinesin_storage::data_version::{self, VersionError, DATA_VERSION};
+use kinesin_storage::data_version::{self, VersionError};
 
 use crate::state::MetaState;
 
@@ -43,12 +43,14 @@ pub struct Decoded {
 /// The version a state is written in: the oldest that holds it, so that a
 /// node of an older release can still read the snapshots a newer one builds
 /// during a rolling upgrade, until the map uses what only the newer has.
+/// Version 4 changed the log (`MetaCommand::Limited`), not this value: a
+/// map is written in version 3 at most.
 pub fn written_version(state: &MetaState) -> u32 {
     // Version 3 added groups and stream keys qualified by their account
     // (`<account>:<name>`), which a version-2 node would show to everyone.
     let needs_3 = !state.groups.is_empty() || state.streams.keys().any(|k| k.contains(':'));
     if needs_3 {
-        DATA_VERSION
+        3
     } else {
         2
     }
@@ -110,6 +112,8 @@ mod tests {
     use std::collections::BTreeMap;
 
     use kinesin_types::{NodeId, StreamMode};
+
+    use kinesin_storage::data_version::DATA_VERSION;
 
     use super::*;
     use crate::command::{MetaCommand, StreamChange};
@@ -183,7 +187,7 @@ mod tests {
             .streams
             .insert("210987654321:orders".to_string(), orders);
         let decoded = decode(&encode(&qualified)).unwrap();
-        assert_eq!(decoded.version, DATA_VERSION);
+        assert_eq!(decoded.version, 3);
         assert_eq!(decoded.state, qualified);
     }
 
@@ -238,7 +242,7 @@ mod tests {
         )
         .unwrap();
         let again = decode(&encode(&with_group)).unwrap();
-        assert_eq!(again.version, DATA_VERSION);
+        assert_eq!(again.version, 3);
         assert_eq!(again.state, with_group);
     }
 

@@ -1,0 +1,342 @@
+//! Limits a command must keep, checked where the metadata group applies it.
+//!
+//! The gateway checks the same limits against its node's copy of the map
+//! before proposing, which gives the clearest message, but two requests at
+//! once (or through two nodes) can both pass that check. Commands are
+//! ordered when they apply, so the check there holds whatever the timing.
+//! The limits travel in the command ([`crate::MetaCommand::Limited`]): every
+//! replica checks the same numbers, whatever its own configuration or
+//! release says.
+
+use kinesin_types::{StreamInfo, StreamMode};
+use serde::{Deserialize, Serialize};
+
+use crate::command::{MetaCommand, MetaError, MetaReply, StreamChange};
+use crate::names::split_stream_key;
+use crate::state::MetaState;
+
+/// The data version whose releases first decode [`MetaCommand::Limited`].
+pub const LIMITS_VERSION: u32 = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Open shards of every stream of the cluster.
+    pub open_shards: u32,
+    /// Streams of one account in ON_DEMAND mode.
+    pub on_demand_streams: u32,
+    /// Enhanced fan-out consumers of one stream.
+    pub consumers_per_stream: u32,
+    /// Tags of one stream.
+    pub tags_per_stream: u32,
+}
+
+impl Limits {
+    /// Refuses `command` if applying it to `state` would pass a limit.
+    /// Commands that cannot grow what is limited pass unchecked.
+    pub(crate) fn check(&self, state: &MetaState, command: &MetaCommand) -> MetaReply {
+        match command {
+            MetaCommand::CreateStream {
+                name, shard_count, ..
+            } => self.open_shards_after(state, i64::from(*shard_count), name),
+            MetaCommand::CreateStreamWithSettings { stream, mode, tags } => {
+                self.open_shards_after(state, i64::from(stream.shard_count), &stream.name)?;
+                if *mode == StreamMode::OnDemand {
+                    self.on_demand_room(state, &stream.name)?;
+                }
+                self.tags_fit(tags.len(), &stream.name)
+            }
+            MetaCommand::Reshard {
+                stream,
+                parents,
+                children,
+            } => {
+                let change = children.len() as i64 - parents.len() as i64;
+                self.open_shards_after(state, change, stream)
+            }
+            MetaCommand::UpdateStream { name, change } => match state.streams.get(name) {
+                Some(s) => self.change_fits(state, s, name, change),
+                // Apply refuses it as not found.
+                None => Ok(()),
+            },
+            _ => Ok(()),
+        }
+    }
+
+    fn open_shards_after(&self, state: &MetaState, added: i64, stream: &str) -> MetaReply {
+        let open = state.open_shard_count() as i64;
+        if added > 0 && open + added > i64::from(self.open_shards) {
+            return Err(MetaError::LimitExceeded(format!(
+                "Stream {} would take the cluster to {} open shards; its shard limit is {} ({open} open now).",
+                display(stream),
+                open + added,
+                self.open_shards
+            )));
+        }
+        Ok(())
+    }
+
+    fn on_demand_room(&self, state: &MetaState, stream: &str) -> MetaReply {
+        let account = split_stream_key(stream).0;
+        let on_demand = state
+            .streams
+            .iter()
+            .filter(|(key, s)| {
+                s.settings.mode == StreamMode::OnDemand && split_stream_key(key).0 == account
+            })
+            .count();
+        if on_demand >= self.on_demand_streams as usize {
+            return Err(MetaError::LimitExceeded(format!(
+                "At most {} streams of an account may be in ON_DEMAND mode.",
+                self.on_demand_streams
+            )));
+        }
+        Ok(())
+    }
+
+    fn tags_fit(&self, count: usize, stream: &str) -> MetaReply {
+        if count > self.tags_per_stream as usize {
+            return Err(MetaError::LimitExceeded(format!(
+                "Stream {} would have {count} tags; at most {} are allowed.",
+                display(stream),
+                self.tags_per_stream
+            )));
+        }
+        Ok(())
+    }
+
+    fn change_fits(
+        &self,
+        state: &MetaState,
+        s: &StreamInfo,
+        name: &str,
+        change: &StreamChange,
+    ) -> MetaReply {
+        let settings = &s.settings;
+        match change {
+            StreamChange::Mode(StreamMode::OnDemand) if settings.mode != StreamMode::OnDemand => {
+                self.on_demand_room(state, name)
+            }
+            StreamChange::AddTags(tags) => {
+                let added = tags
+                    .keys()
+                    .filter(|k| !settings.tags.contains_key(*k))
+                    .count();
+                self.tags_fit(settings.tags.len() + added, name)
+            }
+            StreamChange::RegisterConsumer { name: consumer, .. }
+                if !settings.consumers.contains_key(consumer)
+                    && settings.consumers.len() >= self.consumers_per_stream as usize =>
+            {
+                Err(MetaError::LimitExceeded(format!(
+                    "Stream {} already has {} consumers.",
+                    display(name),
+                    self.consumers_per_stream
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A stream's name without the account that qualifies its key.
+fn display(key: &str) -> &str {
+    split_stream_key(key).1
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use kinesin_types::{HashKey, NodeId, ShardId};
+
+    use super::*;
+    use crate::command::{NewShard, NewStream};
+    use crate::state_machine::MetaStateMachine;
+
+    const LIMITS: Limits = Limits {
+        open_shards: 6,
+        on_demand_streams: 2,
+        consumers_per_stream: 3,
+        tags_per_stream: 4,
+    };
+
+    fn create(name: &str, shards: u32, mode: StreamMode) -> MetaCommand {
+        MetaCommand::CreateStreamWithSettings {
+            stream: NewStream {
+                name: name.into(),
+                shard_count: shards,
+                retention_hours: 24,
+                max_record_bytes: 1 << 20,
+                replication_factor: 1,
+                now_ms: 1,
+                placements: vec![vec![NodeId(1)]; shards as usize],
+            },
+            mode,
+            tags: BTreeMap::new(),
+        }
+    }
+
+    fn limited(command: MetaCommand) -> MetaCommand {
+        command.limited(LIMITS)
+    }
+
+    fn change(name: &str, change: StreamChange) -> MetaCommand {
+        MetaCommand::UpdateStream {
+            name: name.into(),
+            change,
+        }
+    }
+
+    fn apply(state: &mut MetaState, command: MetaCommand) -> MetaReply {
+        let before = state.clone();
+        let reply = MetaStateMachine::apply_command(state, command);
+        if reply.is_err() {
+            assert_eq!(*state, before, "a refused command changed the map");
+        }
+        reply
+    }
+
+    fn refused(reply: MetaReply) {
+        assert!(
+            matches!(reply, Err(MetaError::LimitExceeded(_))),
+            "{reply:?}"
+        );
+    }
+
+    fn register(name: &str) -> StreamChange {
+        StreamChange::RegisterConsumer {
+            name: name.into(),
+            now_ms: 1,
+        }
+    }
+
+    fn tags(keys: std::ops::Range<u32>) -> StreamChange {
+        StreamChange::AddTags(keys.map(|k| (format!("t{k}"), String::new())).collect())
+    }
+
+    /// Two gateways may both see room for one more and propose; the
+    /// commands are ordered where they apply, and the limits hold there.
+    #[test]
+    fn a_limited_command_that_would_pass_a_limit_changes_nothing() {
+        let mut state = MetaState::default();
+        apply(&mut state, limited(create("a", 4, StreamMode::Provisioned))).unwrap();
+        refused(apply(
+            &mut state,
+            limited(create("b", 3, StreamMode::Provisioned)),
+        ));
+        apply(&mut state, limited(create("b", 2, StreamMode::Provisioned))).unwrap();
+
+        // Splitting a shard adds an open shard.
+        let range = state.streams["a"].shards[0].range;
+        let (low, high) = range
+            .split_at(HashKey(range.start.0 + (range.end.0 - range.start.0) / 2))
+            .unwrap();
+        let split = MetaCommand::Reshard {
+            stream: "a".into(),
+            parents: vec![ShardId(0)],
+            children: [low, high]
+                .into_iter()
+                .map(|range| NewShard {
+                    range,
+                    parent: ShardId(0),
+                    adjacent_parent: None,
+                    replicas: vec![NodeId(1)],
+                })
+                .collect(),
+        };
+        refused(apply(&mut state, limited(split)));
+
+        for k in 0..LIMITS.consumers_per_stream {
+            apply(&mut state, limited(change("a", register(&format!("c{k}"))))).unwrap();
+        }
+        refused(apply(&mut state, limited(change("a", register("late")))));
+        // Registering one that exists is not one more.
+        apply(&mut state, limited(change("a", register("c0")))).unwrap();
+
+        apply(&mut state, limited(change("a", tags(0..3)))).unwrap();
+        refused(apply(&mut state, limited(change("a", tags(2..5)))));
+        apply(&mut state, limited(change("a", tags(2..4)))).unwrap();
+        refused(apply(
+            &mut state,
+            limited(MetaCommand::CreateStreamWithSettings {
+                stream: NewStream {
+                    name: "tagged".into(),
+                    shard_count: 0,
+                    retention_hours: 24,
+                    max_record_bytes: 1 << 20,
+                    replication_factor: 1,
+                    now_ms: 1,
+                    placements: Vec::new(),
+                },
+                mode: StreamMode::Provisioned,
+                tags: (0..5).map(|k| (format!("t{k}"), String::new())).collect(),
+            }),
+        ));
+    }
+
+    #[test]
+    fn the_on_demand_limit_counts_the_streams_account() {
+        let limits = Limits {
+            open_shards: 100,
+            ..LIMITS
+        };
+        let mut state = MetaState::default();
+        let limited = |command: MetaCommand| command.limited(limits);
+        apply(&mut state, limited(create("a", 1, StreamMode::OnDemand))).unwrap();
+        apply(&mut state, limited(create("b", 1, StreamMode::Provisioned))).unwrap();
+        apply(
+            &mut state,
+            limited(change("b", StreamChange::Mode(StreamMode::OnDemand))),
+        )
+        .unwrap();
+        refused(apply(
+            &mut state,
+            limited(create("c", 1, StreamMode::OnDemand)),
+        ));
+        apply(&mut state, limited(create("c", 1, StreamMode::Provisioned))).unwrap();
+        refused(apply(
+            &mut state,
+            limited(change("c", StreamChange::Mode(StreamMode::OnDemand))),
+        ));
+        // A stream already ON_DEMAND may be set so again.
+        apply(
+            &mut state,
+            limited(change("a", StreamChange::Mode(StreamMode::OnDemand))),
+        )
+        .unwrap();
+        // Another account has room of its own.
+        apply(
+            &mut state,
+            limited(create("210987654321:c", 1, StreamMode::OnDemand)),
+        )
+        .unwrap();
+    }
+
+    /// A command without limits applies as releases before them applied
+    /// it: during a rolling upgrade every replica must reach the same map.
+    #[test]
+    fn commands_without_limits_apply_as_before() {
+        let mut state = MetaState::default();
+        apply(&mut state, create("a", 1, StreamMode::Provisioned)).unwrap();
+        for k in 0..=LIMITS.consumers_per_stream {
+            apply(&mut state, change("a", register(&format!("c{k}")))).unwrap();
+        }
+        let nested = limited(limited(change("a", register("x"))));
+        assert!(matches!(
+            apply(&mut state, nested),
+            Err(MetaError::Invalid(_))
+        ));
+        let garbage = MetaCommand::Limited {
+            limits: LIMITS,
+            command: vec![0xFF; 3],
+        };
+        assert!(matches!(
+            apply(&mut state, garbage),
+            Err(MetaError::Invalid(_))
+        ));
+        assert_eq!(
+            limited(change("a", register("y"))).introduced_in(),
+            LIMITS_VERSION
+        );
+    }
+}
