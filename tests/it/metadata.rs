@@ -105,7 +105,13 @@ async fn limits_hold_for_requests_racing_through_every_node() {
         .collect();
     let is_limit = |e: &dyn ProvideErrorMetadata| e.code() == Some("LimitExceededException");
 
-    // Six streams of two shards at once, for a limit of eight shards.
+    // Six streams of two shards at once, for a limit of eight shards. The
+    // metadata leader's messages to the followers are held back, so that
+    // no create commits before every request passed its gateway's check.
+    let leader = cluster.leader_of(GroupId::META).unwrap().0;
+    for n in (1..=3).filter(|n| *n != leader) {
+        cluster.filter.delay(leader, n, Duration::from_millis(700));
+    }
     let creates = (0..6).map(|k| {
         let c = clients[k % 3].clone();
         async move {
@@ -114,16 +120,37 @@ async fn limits_hold_for_requests_racing_through_every_node() {
             (name, created.await)
         }
     });
-    let mut created = Vec::new();
-    for (name, result) in futures::future::join_all(creates).await {
+    let answers = futures::future::join_all(creates).await;
+    cluster.filter.heal();
+    let created = |n: u64| -> Vec<String> {
+        let state = cluster.node(n).meta.state();
+        state
+            .streams
+            .keys()
+            .filter(|k| k.starts_with("race-"))
+            .cloned()
+            .collect()
+    };
+    wait_until(
+        "every node has the streams",
+        Duration::from_secs(10),
+        || async { (1..=3).all(|n| created(n).len() >= 4) },
+    )
+    .await
+    .unwrap();
+    let created = created(1);
+    assert_eq!(created.len(), 4, "created: {created:?}");
+    assert_eq!(cluster.node(1).meta.state().open_shard_count(), 8);
+    for (name, result) in answers {
         match result {
-            Ok(_) => created.push(name),
+            Ok(_) => assert!(created.contains(&name), "{name} answered but absent"),
+            // An SDK retry of a create that did apply finds it existing.
+            Err(e) if created.contains(&name) => {
+                assert!(e.code() == Some("ResourceInUseException"), "{name}: {e:?}")
+            }
             Err(e) => assert!(is_limit(&e), "{name}: {e:?}"),
         }
     }
-    assert_eq!(created.len(), 4, "created: {created:?}");
-    let state = cluster.node(1).meta.state();
-    assert_eq!(state.open_shard_count(), 8);
 
     // 20 consumers a stream: 18 one by one, then six at once.
     let stream = clients[0]
@@ -146,40 +173,50 @@ async fn limits_hold_for_requests_racing_through_every_node() {
             .await
             .unwrap();
     }
+    let leader = cluster.leader_of(GroupId::META).unwrap().0;
+    for n in (1..=3).filter(|n| *n != leader) {
+        cluster.filter.delay(leader, n, Duration::from_millis(700));
+    }
     let registers = (0..6).map(|k| {
         let c = clients[k % 3].clone();
         let arn = arn.clone();
         async move {
-            c.register_stream_consumer()
+            let name = format!("late-{k}");
+            let registered = c
+                .register_stream_consumer()
                 .stream_arn(arn)
-                .consumer_name(format!("late-{k}"))
+                .consumer_name(&name)
                 .send()
-                .await
+                .await;
+            (name, registered)
         }
     });
-    let mut registered = 0;
-    for result in futures::future::join_all(registers).await {
-        match result {
-            Ok(_) => registered += 1,
-            Err(e) => assert!(is_limit(&e), "{e:?}"),
-        }
-    }
-    assert_eq!(registered, 2);
+    let answers = futures::future::join_all(registers).await;
+    cluster.filter.heal();
     let key = created[0].as_str();
+    let consumers = |n: u64| {
+        cluster.node(n).meta.state().streams[key]
+            .settings
+            .consumers
+            .clone()
+    };
     wait_until(
         "every node has the consumers",
         Duration::from_secs(10),
-        || async {
-            (1..=3).all(|n| {
-                cluster.node(n).meta.state().streams[key]
-                    .settings
-                    .consumers
-                    .len()
-                    == 20
-            })
-        },
+        || async { (1..=3).all(|n| consumers(n).len() >= 20) },
     )
     .await
     .unwrap();
+    let consumers = consumers(1);
+    assert_eq!(consumers.len(), 20);
+    for (name, result) in answers {
+        match result {
+            Ok(_) => assert!(consumers.contains_key(&name), "{name} answered but absent"),
+            Err(e) if consumers.contains_key(&name) => {
+                assert!(e.code() == Some("ResourceInUseException"), "{name}: {e:?}")
+            }
+            Err(e) => assert!(is_limit(&e), "{name}: {e:?}"),
+        }
+    }
     cluster.shutdown().await;
 }

@@ -100,8 +100,8 @@ pub enum MetaCommand {
     /// Applies `command` (an encoded command other than `Limited`) only if
     /// the map keeps `limits` after it; otherwise nothing changes and the
     /// reply is [`MetaError::LimitExceeded`]. See [`Limits`]. The command
-    /// is held encoded so that decoding never recurses: nested boxes from a
-    /// hostile peer could exhaust the stack of every replica.
+    /// is held encoded, and decoded one level at a time, so that a nesting
+    /// sent by a hostile peer never recurses a decoder.
     Limited {
         limits: Limits,
         command: Vec<u8>,
@@ -182,8 +182,12 @@ impl MetaCommand {
             | MetaCommand::CreateStreamWithSettings { .. } => 3,
             // A key qualified by its account (`names.rs`).
             MetaCommand::CreateStream { name, .. } if name.contains(':') => 3,
-            MetaCommand::Limited { command, .. } => MetaCommand::decode(command)
-                .map_or(LIMITS_VERSION, |c| c.introduced_in().max(LIMITS_VERSION)),
+            // One level only: a nested one is refused where it applies,
+            // and following it here would recurse as deep as a peer likes.
+            MetaCommand::Limited { command, .. } => match MetaCommand::decode(command) {
+                Ok(MetaCommand::Limited { .. }) | Err(_) => LIMITS_VERSION,
+                Ok(inner) => inner.introduced_in().max(LIMITS_VERSION),
+            },
             _ => 1,
         }
     }

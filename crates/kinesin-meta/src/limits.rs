@@ -30,29 +30,37 @@ pub struct Limits {
     pub tags_per_stream: u32,
 }
 
+/// Whether applying `command` can take the map past one of the [`Limits`]:
+/// only these are proposed as [`MetaCommand::Limited`].
+pub fn can_pass_limits(command: &MetaCommand) -> bool {
+    match command {
+        MetaCommand::CreateStreamWithSettings { .. } => true,
+        MetaCommand::Reshard {
+            parents, children, ..
+        } => children.len() > parents.len(),
+        MetaCommand::UpdateStream { change, .. } => matches!(
+            change,
+            StreamChange::Mode(StreamMode::OnDemand)
+                | StreamChange::AddTags(_)
+                | StreamChange::RegisterConsumer { .. }
+        ),
+        _ => false,
+    }
+}
+
 impl Limits {
     /// Refuses `command` if applying it to `state` would pass a limit.
-    /// Commands that cannot grow what is limited pass unchecked.
-    pub(crate) fn check(&self, state: &MetaState, command: &MetaCommand) -> MetaReply {
+    /// Commands that cannot grow what is limited pass unchecked. The
+    /// gateway calls it on its node's map before proposing; the metadata
+    /// group again where a [`MetaCommand::Limited`] applies.
+    pub fn check(&self, state: &MetaState, command: &MetaCommand) -> MetaReply {
         match command {
-            MetaCommand::CreateStream {
-                name, shard_count, ..
-            } => self.open_shards_after(state, i64::from(*shard_count), name),
             MetaCommand::CreateStreamWithSettings { stream, mode, tags } => {
-                self.open_shards_after(state, i64::from(stream.shard_count), &stream.name)?;
-                if *mode == StreamMode::OnDemand {
-                    self.on_demand_room(state, &stream.name)?;
-                }
-                self.tags_fit(tags.len(), &stream.name)
+                self.check_new_stream(state, &stream.name, stream.shard_count, *mode, tags.len())
             }
             MetaCommand::Reshard {
-                stream,
-                parents,
-                children,
-            } => {
-                let change = children.len() as i64 - parents.len() as i64;
-                self.open_shards_after(state, change, stream)
-            }
+                parents, children, ..
+            } => self.open_shards_after(state, children.len() as i64 - parents.len() as i64),
             MetaCommand::UpdateStream { name, change } => match state.streams.get(name) {
                 Some(s) => self.change_fits(state, s, name, change),
                 // Apply refuses it as not found.
@@ -62,13 +70,27 @@ impl Limits {
         }
     }
 
-    fn open_shards_after(&self, state: &MetaState, added: i64, stream: &str) -> MetaReply {
+    /// Refuses a new stream `name` that would pass a limit.
+    pub fn check_new_stream(
+        &self,
+        state: &MetaState,
+        name: &str,
+        shards: u32,
+        mode: StreamMode,
+        tags: usize,
+    ) -> MetaReply {
+        self.open_shards_after(state, i64::from(shards))?;
+        if mode == StreamMode::OnDemand {
+            self.on_demand_room(state, name)?;
+        }
+        self.tags_fit(tags, name)
+    }
+
+    fn open_shards_after(&self, state: &MetaState, added: i64) -> MetaReply {
         let open = state.open_shard_count() as i64;
         if added > 0 && open + added > i64::from(self.open_shards) {
             return Err(MetaError::LimitExceeded(format!(
-                "Stream {} would take the cluster to {} open shards; its shard limit is {} ({open} open now).",
-                display(stream),
-                open + added,
+                "This request would exceed the shard limit of {} for the cluster ({open} open shards, {added} more requested).",
                 self.open_shards
             )));
         }
@@ -203,6 +225,16 @@ mod tests {
         );
     }
 
+    /// What the settler proposes once every shard of `stream` answers.
+    fn ready(state: &mut MetaState, stream: &str) {
+        let epoch = state.streams[stream].epoch;
+        let ready = MetaCommand::StreamReady {
+            stream: stream.into(),
+            epoch,
+        };
+        apply(state, ready).unwrap();
+    }
+
     fn register(name: &str) -> StreamChange {
         StreamChange::RegisterConsumer {
             name: name.into(),
@@ -244,7 +276,32 @@ mod tests {
                 })
                 .collect(),
         };
+        // Its own refusal comes first: the stream is not ACTIVE yet.
+        assert!(matches!(
+            apply(&mut state, limited(split.clone())),
+            Err(MetaError::Invalid(_))
+        ));
+        ready(&mut state, "a");
         refused(apply(&mut state, limited(split)));
+        // So does a name that exists, at the limit.
+        assert!(matches!(
+            apply(&mut state, limited(create("a", 1, StreamMode::Provisioned))),
+            Err(MetaError::StreamExists(_))
+        ));
+        // Merging two shards takes one away, at the limit too.
+        let [first, second] = [0, 1].map(|k| state.streams["a"].shards[k].range);
+        let merge = MetaCommand::Reshard {
+            stream: "a".into(),
+            parents: vec![ShardId(0), ShardId(1)],
+            children: vec![NewShard {
+                range: first.merge(&second).unwrap(),
+                parent: ShardId(0),
+                adjacent_parent: Some(ShardId(1)),
+                replicas: vec![NodeId(1)],
+            }],
+        };
+        apply(&mut state, limited(merge)).unwrap();
+        assert_eq!(state.open_shard_count(), 5);
 
         for k in 0..LIMITS.consumers_per_stream {
             apply(&mut state, limited(change("a", register(&format!("c{k}"))))).unwrap();
@@ -261,12 +318,12 @@ mod tests {
             limited(MetaCommand::CreateStreamWithSettings {
                 stream: NewStream {
                     name: "tagged".into(),
-                    shard_count: 0,
+                    shard_count: 1,
                     retention_hours: 24,
                     max_record_bytes: 1 << 20,
                     replication_factor: 1,
                     now_ms: 1,
-                    placements: Vec::new(),
+                    placements: vec![vec![NodeId(1)]],
                 },
                 mode: StreamMode::Provisioned,
                 tags: (0..5).map(|k| (format!("t{k}"), String::new())).collect(),
@@ -338,5 +395,42 @@ mod tests {
             limited(change("a", register("y"))).introduced_in(),
             LIMITS_VERSION
         );
+    }
+
+    /// A peer may send a limited command nested as deep as a metadata
+    /// command's size allows: nothing follows the nesting (a recursion
+    /// that deep would overflow the stack and abort the node).
+    #[test]
+    fn a_deeply_nested_limited_command_is_refused_without_recursing() {
+        let mut bytes = change("a", register("x")).encode();
+        let header = |inner: usize| {
+            let mut h = Vec::new();
+            h.extend(postcard::to_stdvec(&LIMITS).unwrap());
+            h.extend(postcard::to_stdvec(&(inner as u64)).unwrap());
+            h
+        };
+        let variant = &limited(change("a", register("x"))).encode()[..1];
+        let mut headers = Vec::new();
+        let mut length = bytes.len();
+        for _ in 0..200_000 {
+            let mut h = variant.to_vec();
+            h.extend(header(length));
+            length += h.len();
+            headers.push(h);
+        }
+        let mut nested = Vec::with_capacity(length);
+        for h in headers.iter().rev() {
+            nested.extend_from_slice(h);
+        }
+        nested.append(&mut bytes);
+        let command = MetaCommand::decode(&nested).unwrap();
+        assert!(matches!(command, MetaCommand::Limited { .. }));
+        assert_eq!(command.introduced_in(), LIMITS_VERSION);
+        let mut state = MetaState::default();
+        apply(&mut state, create("a", 1, StreamMode::Provisioned)).unwrap();
+        assert!(matches!(
+            apply(&mut state, command),
+            Err(MetaError::Invalid(_))
+        ));
     }
 }

@@ -260,8 +260,13 @@ impl MetaStateMachine {
                 if matches!(command, MetaCommand::Limited { .. }) {
                     return Err(MetaError::Invalid("a limited command nests another".into()));
                 }
+                // The command's own refusals come first (the stream exists,
+                // it is not ACTIVE), then the limits, against the map before.
+                let mut after = state.clone();
+                Self::apply_command(&mut after, command.clone())?;
                 limits.check(state, &command)?;
-                Self::apply_command(state, command)
+                *state = after;
+                Ok(())
             }
         }
     }

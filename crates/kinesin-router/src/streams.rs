@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use kinesin_meta::{
-    decode_reply, place_replicas, Limits, MetaCommand, MetaState, NewStream, NodeState,
-    StreamChange, LIMITS_VERSION,
+    can_pass_limits, decode_reply, place_replicas, Limits, MetaCommand, MetaState, NewStream,
+    NodeState, StreamChange, LIMITS_VERSION,
 };
 use kinesin_proto::v1::{self as pb};
 use kinesin_shard::ReadStart;
@@ -143,7 +143,7 @@ impl Router {
     }
 
     fn limited(&self, command: MetaCommand, limits: Limits) -> MetaCommand {
-        if self.cluster_data_version() < LIMITS_VERSION {
+        if !can_pass_limits(&command) || self.cluster_data_version() < LIMITS_VERSION {
             return command;
         }
         command.limited(limits)
@@ -207,6 +207,13 @@ impl Router {
         }
         let decoded = MetaCommand::decode(&command)
             .map_err(|e| RouterError::InvalidArgument(e.to_string()))?;
+        if let MetaCommand::Limited { command, .. } = &decoded {
+            if !MetaCommand::decode(command).is_ok_and(|c| can_pass_limits(&c)) {
+                return Err(RouterError::InvalidArgument(
+                    "a limited metadata command must wrap a change the limits concern".into(),
+                ));
+            }
+        }
         self.check_cluster_decodes(&decoded)?;
         let reply = self.host.propose(GroupId::META, command).await?;
         decode_reply(&reply)?;
@@ -613,10 +620,37 @@ mod tests {
             consumers_per_stream: 1,
             tags_per_stream: 1,
         };
+        let grows = MetaCommand::UpdateStream {
+            name: "s".into(),
+            change: StreamChange::AddTags(BTreeMap::from([("k".into(), "v".into())])),
+        };
         assert!(matches!(
-            router.limited(old.clone(), limits),
+            router.limited(grows.clone(), limits),
             MetaCommand::Limited { .. }
         ));
+        // A command that cannot pass a limit goes alone.
+        assert_eq!(router.limited(old.clone(), limits), old);
+        // A limited command must wrap one that limits concern, once.
+        for wrapped in [
+            MetaCommand::Limited {
+                limits,
+                command: grows.clone().limited(limits).encode(),
+            },
+            MetaCommand::Limited {
+                limits,
+                command: old.encode(),
+            },
+            MetaCommand::Limited {
+                limits,
+                command: vec![0xFF],
+            },
+        ] {
+            let refused = futures::executor::block_on(router.meta_write_local(wrapped.encode()));
+            assert!(
+                matches!(refused, Err(RouterError::InvalidArgument(_))),
+                "{refused:?}"
+            );
+        }
         let second = kinesin_meta::NodeInfo {
             id: NodeId(2),
             raft_addr: "127.0.0.1:1".into(),
@@ -666,6 +700,6 @@ mod tests {
         );
         // Limits checked at apply wait for every node too; meanwhile the
         // command goes alone.
-        assert_eq!(router.limited(old.clone(), limits), old);
+        assert_eq!(router.limited(grows.clone(), limits), grows);
     }
 }

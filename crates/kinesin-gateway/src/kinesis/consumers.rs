@@ -92,12 +92,6 @@ pub(super) async fn register_consumer(ctx: &Context<'_>, i: &Input<'_>) -> Resul
             ctx.display(&stream)
         )));
     }
-    if info.settings.consumers.len() >= MAX_CONSUMERS_PER_STREAM {
-        return Err(ApiError::limit_exceeded(format!(
-            "Stream {} already has {MAX_CONSUMERS_PER_STREAM} consumers.",
-            ctx.display(&stream)
-        )));
-    }
     ctx.change(
         &stream,
         StreamChange::RegisterConsumer {

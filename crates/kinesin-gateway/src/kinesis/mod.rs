@@ -7,7 +7,7 @@ mod reshard;
 mod streams;
 mod tags;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use base64::Engine;
@@ -118,14 +118,13 @@ impl Context<'_> {
         }
     }
 
-    /// Refuses a stream more in ON_DEMAND mode beyond the account's limit.
-    fn check_on_demand_room(&self) -> Result<(), ApiError> {
-        if self.on_demand_streams(&self.router.meta_state()) >= ON_DEMAND_STREAM_LIMIT {
-            return Err(ApiError::limit_exceeded(format!(
-                "At most {ON_DEMAND_STREAM_LIMIT} streams of an account may be in ON_DEMAND mode."
-            )));
-        }
-        Ok(())
+    /// Runs a check of the caller's limits against this node's map.
+    fn check_limits(
+        &self,
+        check: impl FnOnce(&Limits, &kinesin_meta::MetaState) -> kinesin_meta::MetaReply,
+    ) -> Result<(), ApiError> {
+        check(&self.limits(), &self.router.meta_state())
+            .map_err(|e| ApiError::from(RouterError::from(e)))
     }
 
     /// The ARN of the stream a map key names.
@@ -195,11 +194,19 @@ impl Context<'_> {
         })
     }
 
+    /// Proposes a change of `stream`'s settings within the caller's limits.
     async fn change(&self, stream: &str, change: StreamChange) -> Result<(), ApiError> {
         let command = MetaCommand::UpdateStream {
             name: stream.to_string(),
             change,
         };
+        self.propose_limited(command).await
+    }
+
+    /// Proposes a metadata command that must keep the caller's limits:
+    /// checked here against this node's map, and again where it applies.
+    async fn propose_limited(&self, command: MetaCommand) -> Result<(), ApiError> {
+        self.check_limits(|limits, state| limits.check(state, &command))?;
         self.router
             .meta_write_limited(command, self.limits())
             .await

@@ -41,18 +41,8 @@ fn plan_error(ctx: &Context<'_>, stream: &StreamInfo, e: PlanError) -> ApiError 
 
 /// Applies a plan, within the cluster's shard limit.
 async fn reshard(ctx: &Context<'_>, stream: &StreamInfo, plan: Plan) -> Result<(), ApiError> {
-    let open = ctx.router.meta_state().open_shard_count();
-    let after = open.saturating_add_signed(plan.open_change());
-    if plan.open_change() > 0 && after > ctx.shard_limit as usize {
-        return Err(ApiError::limit_exceeded(format!(
-            "This request would exceed the shard limit of {} for the cluster.",
-            ctx.shard_limit
-        )));
-    }
-    ctx.router
-        .meta_write_limited(plan.command(stream.name.as_str()), ctx.limits())
-        .await?;
-    Ok(())
+    ctx.propose_limited(plan.command(stream.name.as_str()))
+        .await
 }
 
 fn shard_named<'s>(

@@ -30,24 +30,17 @@ pub(super) async fn create_stream(ctx: &Context<'_>, i: &Input<'_>) -> Result<Va
         Some(kib) => kib as u32 * 1024,
         None => DEFAULT_MAX_RECORD_BYTES,
     };
-    let state = ctx.router.meta_state();
-    let open = state.open_shard_count();
-    if open + shards as usize > ctx.shard_limit as usize {
-        return Err(ApiError::limit_exceeded(format!(
-            "This request would exceed the shard limit of {} for the cluster ({open} open shards, {shards} requested).",
-            ctx.shard_limit
-        )));
-    }
-    if mode == StreamMode::OnDemand {
-        ctx.check_on_demand_room()?;
-    }
+    let key = ctx.key(name);
+    ctx.check_limits(|limits, state| {
+        limits.check_new_stream(state, &key, shards, mode, tags.len())
+    })?;
     let options = StreamOptions {
         mode,
         tags,
         limits: Some(ctx.limits()),
     };
     ctx.router
-        .create_stream_with(&ctx.key(name), shards, 0, max_record_bytes, &options)
+        .create_stream_with(&key, shards, 0, max_record_bytes, &options)
         .await
         .map_err(|e| match e {
             kinesin_router::RouterError::ResourceInUse(_) => ApiError::in_use(format!(
@@ -536,9 +529,6 @@ pub(super) async fn update_stream_mode(
             ctx.display(&name),
             stream.status.as_aws_str()
         )));
-    }
-    if mode == StreamMode::OnDemand && stream.settings.mode != StreamMode::OnDemand {
-        ctx.check_on_demand_room()?;
     }
     ctx.change(&name, StreamChange::Mode(mode)).await?;
     Ok(json!({}))

@@ -36,15 +36,7 @@ pub(super) async fn add_tags(
     i: &Input<'_>,
 ) -> Result<Value, ApiError> {
     let tags = parse_tags(i)?.ok_or_else(|| constraint("Tags", "null", "not be null"))?;
-    let stream = ctx.stream(name).await?;
-    let after: BTreeSet<&String> = stream.settings.tags.keys().chain(tags.keys()).collect();
-    if after.len() > MAX_TAGS_PER_STREAM {
-        return Err(ApiError::limit_exceeded(format!(
-            "Stream {} would have {} tags; at most {MAX_TAGS_PER_STREAM} are allowed.",
-            ctx.display(name),
-            after.len()
-        )));
-    }
+    ctx.stream(name).await?;
     ctx.change(name, StreamChange::AddTags(tags)).await?;
     Ok(json!({}))
 }

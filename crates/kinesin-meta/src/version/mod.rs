@@ -10,8 +10,9 @@
 //! and the step that turns them into the next version's; a step that only
 //! appends a field needs no frozen types (version 2 below). To change the
 //! state's layout: copy the current types into `v<N>.rs` with a step to the
-//! new layout, bump `kinesin_storage::data_version::DATA_VERSION`, and add a
-//! line to its history. Stored values and snapshots from any readable
+//! new layout, bump `kinesin_storage::data_version::DATA_VERSION`, add a
+//! line to its history, and make `LATEST_LAYOUT` that version (and
+//! `written_version` decide when a map needs it). Stored values and snapshots from any readable
 //! version decode; they are written back in the current one.
 
 mod v1;
@@ -21,6 +22,10 @@ use kinesin_storage::data_version::{self, VersionError};
 use crate::state::MetaState;
 
 const MAGIC: [u8; 4] = [0xFF, b'K', b'M', b'V'];
+/// The data version of this value's current layout. Later versions changed
+/// other things (4: the metadata log's `MetaCommand::Limited`), so it can be
+/// below `DATA_VERSION`.
+const LATEST_LAYOUT: u32 = 3;
 const HEADER: usize = MAGIC.len() + 4;
 
 #[derive(Debug, thiserror::Error)]
@@ -43,14 +48,12 @@ pub struct Decoded {
 /// The version a state is written in: the oldest that holds it, so that a
 /// node of an older release can still read the snapshots a newer one builds
 /// during a rolling upgrade, until the map uses what only the newer has.
-/// Version 4 changed the log (`MetaCommand::Limited`), not this value: a
-/// map is written in version 3 at most.
 pub fn written_version(state: &MetaState) -> u32 {
     // Version 3 added groups and stream keys qualified by their account
     // (`<account>:<name>`), which a version-2 node would show to everyone.
     let needs_3 = !state.groups.is_empty() || state.streams.keys().any(|k| k.contains(':'));
     if needs_3 {
-        3
+        LATEST_LAYOUT
     } else {
         2
     }
