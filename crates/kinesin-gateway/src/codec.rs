@@ -83,7 +83,13 @@ impl Protocol {
                 input: q.input,
             });
         }
-        if body.iter().all(u8::is_ascii_whitespace) {
+        // No input: an empty body (or, in JSON, only whitespace). In CBOR a
+        // byte such as 0x0A is an item (the integer 10), not whitespace.
+        let empty = match self {
+            Protocol::Cbor => body.is_empty(),
+            _ => body.iter().all(u8::is_ascii_whitespace),
+        };
+        if empty {
             return Ok(Decoded {
                 action: None,
                 input: Value::Object(Map::new()),
@@ -429,6 +435,13 @@ mod tests {
             "SerializationException"
         );
         assert!(Protocol::Json11.decode(b"").unwrap().input.is_object());
+        assert!(Protocol::Json11.decode(b" \n").unwrap().input.is_object());
+        assert!(Protocol::Cbor.decode(b"").unwrap().input.is_object());
+        // The CBOR integer 10, whose byte is a newline in ASCII.
+        assert_eq!(
+            Protocol::Cbor.decode(b"\n").unwrap_err().name,
+            "SerializationException"
+        );
         assert_eq!(
             Protocol::Query
                 .decode(b"Action=ListTopics")
