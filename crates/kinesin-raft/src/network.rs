@@ -23,7 +23,7 @@ use openraft::raft::{
 use openraft::BasicNode;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
@@ -37,6 +37,17 @@ const FRAME_BYTES: usize = 4 << 20;
 const MIN_RPC_TIMEOUT: Duration = Duration::from_secs(3);
 /// Appends larger than this are sent as several consecutive requests.
 const SPLIT_APPEND_BYTES: usize = 32 << 20;
+/// Most bytes of messages waiting to be sent to one peer. A connection that
+/// stops moving (a peer that neither reads nor fails) would otherwise let
+/// every group's heartbeats and appends pile up until it dies; past the
+/// bound a call fails at once, as if the peer were unreachable.
+const PEER_QUEUE_BYTES: usize = 64 << 20;
+/// What a queued message counts for besides its payload.
+const MESSAGE_COST: usize = 64;
+/// Longest wait for a peer to accept the Pipe stream (it answers at once
+/// when healthy); a peer that holds the connection without answering
+/// would otherwise keep every queued message waiting.
+const PIPE_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the transport does with a message from one node to another. Tests
 /// use it to partition, drop and delay traffic.
@@ -73,12 +84,17 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<RaftMessage, String
 struct Outgoing {
     message: RaftMessage,
     reply: oneshot::Sender<Result<RaftMessage, String>>,
+    /// Its share of [`PEER_QUEUE_BYTES`], given back once it is sent or
+    /// dropped.
+    _queued: OwnedSemaphorePermit,
 }
 
 /// The connection to one peer.
 pub(crate) struct Peer {
     addr: String,
     queue: mpsc::UnboundedSender<Outgoing>,
+    /// Bytes the queue may still take (see [`PEER_QUEUE_BYTES`]).
+    room: Arc<Semaphore>,
     channel: Channel,
     next_id: AtomicU64,
 }
@@ -101,6 +117,7 @@ impl Peer {
         Ok(Arc::new(Peer {
             addr,
             queue,
+            room: Arc::new(Semaphore::new(PEER_QUEUE_BYTES)),
             channel,
             next_id: AtomicU64::new(1),
         }))
@@ -113,6 +130,18 @@ impl Peer {
         payload: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<u8>, String> {
+        let cost = (payload.len() + MESSAGE_COST).min(PEER_QUEUE_BYTES);
+        let queued = self
+            .room
+            .clone()
+            .try_acquire_many_owned(cost as u32)
+            .map_err(|_| {
+                format!(
+                    "{} MiB of messages already wait for {}: it is not keeping up",
+                    PEER_QUEUE_BYTES >> 20,
+                    self.addr
+                )
+            })?;
         let (reply, rx) = oneshot::channel();
         let message = RaftMessage {
             group,
@@ -121,7 +150,11 @@ impl Peer {
             payload: payload.into(),
         };
         self.queue
-            .send(Outgoing { message, reply })
+            .send(Outgoing {
+                message,
+                reply,
+                _queued: queued,
+            })
             .map_err(|_| "transport closed".to_string())?;
         let answer = tokio::time::timeout(timeout, rx)
             .await
@@ -151,7 +184,13 @@ async fn run_pipe(channel: Channel, mut queue: mpsc::UnboundedReceiver<Outgoing>
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         let (frames, frames_rx) = mpsc::channel::<RaftFrame>(16);
-        let mut inbound = match client.pipe(ReceiverStream::new(frames_rx)).await {
+        let opened = tokio::time::timeout(
+            PIPE_OPEN_TIMEOUT,
+            client.pipe(ReceiverStream::new(frames_rx)),
+        )
+        .await
+        .unwrap_or_else(|_| Err(tonic::Status::unavailable("the peer did not answer")));
+        let mut inbound = match opened {
             Ok(response) => response.into_inner(),
             Err(status) => {
                 if let Some(out) = carried.take() {
@@ -194,12 +233,19 @@ async fn run_pipe(channel: Channel, mut queue: mpsc::UnboundedReceiver<Outgoing>
             let mut size = 0;
             let mut next = Some(first);
             while let Some(out) = next.take() {
-                size += out.message.payload.len();
-                pending.lock().insert(out.message.id, out.reply);
-                frame.messages.push(out.message);
+                // A caller that gave up (timed out) gets nothing from a late
+                // send, and the peer gets stale work.
+                if !out.reply.is_closed() {
+                    size += out.message.payload.len();
+                    pending.lock().insert(out.message.id, out.reply);
+                    frame.messages.push(out.message);
+                }
                 if size < FRAME_BYTES {
                     next = queue.try_recv().ok();
                 }
+            }
+            if frame.messages.is_empty() {
+                continue;
             }
             if frames.send(frame).await.is_err() {
                 break;
@@ -524,5 +570,65 @@ fn entry_size(entry: &crate::types::Entry) -> usize {
     match &entry.payload {
         openraft::EntryPayload::Normal(c) => c.0.len() + 64,
         _ => 256,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer that accepts connections and never answers: calls beyond the
+    /// queue's bound fail at once instead of piling up, and the room comes
+    /// back once the connection is given up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_to_a_peer_that_does_not_answer_are_bounded() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let holder = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let peer = Peer::start(addr, &Dialer::plaintext()).unwrap();
+        let payload = 1 << 20;
+        let calls: Vec<_> = (0..100)
+            .map(|_| {
+                let peer = peer.clone();
+                tokio::spawn(async move {
+                    let started = tokio::time::Instant::now();
+                    let result = peer
+                        .call(
+                            1,
+                            RaftMessageKind::Append,
+                            vec![0; payload],
+                            Duration::from_secs(2),
+                        )
+                        .await;
+                    (result, started.elapsed())
+                })
+            })
+            .collect();
+        let mut refused = 0;
+        for call in calls {
+            let (result, took) = call.await.unwrap();
+            let err = result.expect_err("the peer never answers");
+            if err.contains("not keeping up") {
+                refused += 1;
+                assert!(took < Duration::from_secs(1), "refused after {took:?}");
+            }
+        }
+        let admitted = PEER_QUEUE_BYTES / (payload + MESSAGE_COST);
+        assert_eq!(refused, 100 - admitted);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while peer.room.available_permits() < PEER_QUEUE_BYTES {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} bytes still queued",
+                PEER_QUEUE_BYTES - peer.room.available_permits()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        holder.abort();
     }
 }
