@@ -180,6 +180,7 @@ async fn reconcile_once(
         }
     }
 
+    let mut led = HashSet::new();
     for (group, w) in &wanted {
         let Some(status) = ctx.host.status(*group) else {
             continue;
@@ -187,19 +188,21 @@ async fn reconcile_once(
         if status.role != Role::Leader {
             continue;
         }
+        led.insert(*group);
         let desired: BTreeSet<NodeId> = w.replicas.iter().copied().collect();
         let aligned = status.voters == desired;
         if !aligned {
             align_membership(ctx, state, *group, desired, busy.clone());
         }
-        let led = workers::Led {
+        let led_group = workers::Led {
             group: *group,
             status: &status,
             replicas: &w.replicas,
             state,
         };
-        workers::run_on_leader(ctx, jobs, &led, aligned).await;
+        workers::run_on_leader(ctx, jobs, &led_group, aligned).await;
     }
+    workers::after_pass(jobs, &led);
 }
 
 async fn start_replica(ctx: &Context, shard: &ShardInfo) -> anyhow::Result<()> {

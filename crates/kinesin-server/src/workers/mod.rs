@@ -36,6 +36,8 @@ pub(crate) struct JobState {
     last_redrive: HashMap<GroupId, Instant>,
     /// Delivery streams with a running delivery task.
     delivering: HashSet<GroupId>,
+    /// Queue partitions whose gauges this node set.
+    exported: redrive::Exported,
     stores: deliver::Stores,
 }
 
@@ -61,6 +63,13 @@ impl Led<'_> {
     fn owner(&self) -> Option<Owner<'_>> {
         self.state.placed_group(self.group).map(|p| p.owner)
     }
+}
+
+/// After a pass over the groups this node leads (`led`): zeroes the queue
+/// gauges of partitions it no longer leads.
+pub(crate) fn after_pass(jobs: &Mutex<JobState>, led: &HashSet<GroupId>) {
+    let mut jobs = jobs.lock().expect("jobs lock");
+    redrive::forget_unled(&mut jobs.exported, led);
 }
 
 /// Seals a resharded parent, moves a queue's dead letters and starts a

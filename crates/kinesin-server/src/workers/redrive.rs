@@ -13,7 +13,7 @@
 //! messages back to the queues they came from, or to the task's
 //! destination, in the same two steps, at most the task's rate per turn.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -65,7 +65,11 @@ pub(super) fn run(ctx: &Context, jobs: &Arc<Mutex<JobState>>, led: &Led<'_>) {
         };
         let now = now_ms();
         match turn.local::<QueueInfo>(&QueueQuery::Info) {
-            Ok(info) => export(&queue, partition, &info, now),
+            Ok(info) => {
+                export(&queue, partition, Counts::of(&info, now));
+                let mut jobs = jobs.lock().expect("jobs lock");
+                jobs.exported.insert(group, (queue.clone(), partition));
+            }
             Err(e) => tracing::warn!(%group, error = %e, "cannot read the queue's counts"),
         }
         // Each step on its own: dead letters that cannot move (their queue
@@ -244,22 +248,100 @@ impl Turn<'_> {
     }
 }
 
+/// The queue partitions whose gauges this node set, with their labels
+/// (`account/name`, partition).
+pub(super) type Exported = HashMap<GroupId, (String, u32)>;
+
+/// What the gauges of a partition show.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Counts {
+    visible: u64,
+    in_flight: u64,
+    delayed: u64,
+    oldest_age_secs: f64,
+}
+
+impl Counts {
+    fn of(info: &QueueInfo, now_ms: u64) -> Counts {
+        let age_ms = info.oldest_sent_ms.map_or(0, |t| now_ms.saturating_sub(t));
+        Counts {
+            visible: info.visible,
+            in_flight: info.in_flight,
+            delayed: info.delayed,
+            oldest_age_secs: age_ms as f64 / 1000.0,
+        }
+    }
+}
+
+/// Zeroes the gauges of the partitions this node no longer leads (moved
+/// away, or deleted): only a partition's leader keeps them current, so a
+/// former leader's last values would otherwise stay, and win a `max` over
+/// nodes, until it restarts. Returns the partitions zeroed.
+pub(super) fn forget_unled(exported: &mut Exported, led: &HashSet<GroupId>) -> Vec<GroupId> {
+    let mut zeroed = Vec::new();
+    exported.retain(|group, (queue, partition)| {
+        if led.contains(group) {
+            return true;
+        }
+        export(queue, *partition, Counts::default());
+        zeroed.push(*group);
+        false
+    });
+    zeroed
+}
+
 /// A queue partition's counts as gauges, labelled `account/name` and the
-/// partition. A partition whose leader moved keeps its last values on the
-/// former leader until that node restarts; take the `max` over nodes, then
-/// sum the partitions.
-fn export(queue: &str, partition: u32, info: &QueueInfo, now_ms: u64) {
-    let counts = [
-        ("visible", info.visible),
-        ("in_flight", info.in_flight),
-        ("delayed", info.delayed),
-    ];
+/// partition. Only the partition's leader shows them (others show 0): sum
+/// over nodes and partitions.
+fn export(queue: &str, partition: u32, counts: Counts) {
     let partition = partition.to_string();
-    for (state, count) in counts {
+    for (state, count) in [
+        ("visible", counts.visible),
+        ("in_flight", counts.in_flight),
+        ("delayed", counts.delayed),
+    ] {
         metrics::gauge!("kinesin_sqs_messages", "queue" => queue.to_string(), "partition" => partition.clone(), "state" => state)
             .set(count as f64);
     }
-    let age_ms = info.oldest_sent_ms.map_or(0, |t| now_ms.saturating_sub(t));
     metrics::gauge!("kinesin_sqs_oldest_message_age_seconds", "queue" => queue.to_string(), "partition" => partition)
-        .set(age_ms as f64 / 1000.0);
+        .set(counts.oldest_age_secs);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gauges_of_partitions_no_longer_led_are_zeroed_once() {
+        let mut exported = Exported::new();
+        exported.insert(GroupId(1), ("a/q".into(), 0));
+        exported.insert(GroupId(2), ("a/q".into(), 1));
+        let led = HashSet::from([GroupId(1)]);
+        assert_eq!(forget_unled(&mut exported, &led), vec![GroupId(2)]);
+        assert_eq!(
+            exported.keys().copied().collect::<Vec<_>>(),
+            vec![GroupId(1)]
+        );
+        assert!(forget_unled(&mut exported, &led).is_empty());
+        assert_eq!(
+            forget_unled(&mut exported, &HashSet::new()),
+            vec![GroupId(1)]
+        );
+        let info = QueueInfo {
+            attributes: BTreeMap::new(),
+            tags: BTreeMap::new(),
+            created_ms: 0,
+            modified_ms: 0,
+            visible: 3,
+            in_flight: 2,
+            delayed: 1,
+            oldest_sent_ms: Some(1_000),
+        };
+        let counts = Counts::of(&info, 3_500);
+        assert_eq!(
+            (counts.visible, counts.in_flight, counts.delayed),
+            (3, 2, 1)
+        );
+        assert_eq!(counts.oldest_age_secs, 2.5);
+    }
 }
