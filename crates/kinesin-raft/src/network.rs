@@ -37,10 +37,12 @@ const FRAME_BYTES: usize = 4 << 20;
 const MIN_RPC_TIMEOUT: Duration = Duration::from_secs(3);
 /// Appends larger than this are sent as several consecutive requests.
 const SPLIT_APPEND_BYTES: usize = 32 << 20;
-/// Most bytes of messages waiting to be sent to one peer. A connection that
-/// stops moving (a peer that neither reads nor fails) would otherwise let
-/// every group's heartbeats and appends pile up until it dies; past the
-/// bound a call fails at once, as if the peer were unreachable.
+/// Most bytes of messages queued for one peer and not yet put in a frame
+/// (the frames handed to the connection add at most 16 more, of 4 MiB or
+/// one split append each). A connection that stops moving (a peer that
+/// neither reads nor fails) would otherwise let every group's heartbeats
+/// and appends pile up until it dies; past the bound a call fails at once,
+/// as if the peer were unreachable.
 const PEER_QUEUE_BYTES: usize = 64 << 20;
 /// What a queued message counts for besides its payload.
 const MESSAGE_COST: usize = 64;
@@ -84,8 +86,8 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<RaftMessage, String
 struct Outgoing {
     message: RaftMessage,
     reply: oneshot::Sender<Result<RaftMessage, String>>,
-    /// Its share of [`PEER_QUEUE_BYTES`], given back once it is sent or
-    /// dropped.
+    /// Its share of [`PEER_QUEUE_BYTES`], given back once it is put in a
+    /// frame or dropped.
     _queued: OwnedSemaphorePermit,
 }
 
@@ -592,26 +594,23 @@ mod tests {
         });
         let peer = Peer::start(addr, &Dialer::plaintext()).unwrap();
         let payload = 1 << 20;
-        let calls: Vec<_> = (0..100)
-            .map(|_| {
-                let peer = peer.clone();
-                tokio::spawn(async move {
-                    let started = tokio::time::Instant::now();
-                    let result = peer
-                        .call(
-                            1,
-                            RaftMessageKind::Append,
-                            vec![0; payload],
-                            Duration::from_secs(2),
-                        )
-                        .await;
-                    (result, started.elapsed())
-                })
-            })
-            .collect();
+        // Polled from this task, in order: each call takes its room on its
+        // first poll, before any of it can come back (the stream is given
+        // up after PIPE_OPEN_TIMEOUT, the calls give up after 2 s).
+        let calls = (0..100).map(|_| async {
+            let started = tokio::time::Instant::now();
+            let result = peer
+                .call(
+                    1,
+                    RaftMessageKind::Append,
+                    vec![0; payload],
+                    Duration::from_secs(2),
+                )
+                .await;
+            (result, started.elapsed())
+        });
         let mut refused = 0;
-        for call in calls {
-            let (result, took) = call.await.unwrap();
+        for (result, took) in futures::future::join_all(calls).await {
             let err = result.expect_err("the peer never answers");
             if err.contains("not keeping up") {
                 refused += 1;

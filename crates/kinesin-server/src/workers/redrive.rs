@@ -276,7 +276,8 @@ impl Counts {
 /// Zeroes the gauges of the partitions this node no longer leads (moved
 /// away, or deleted): only a partition's leader keeps them current, so a
 /// former leader's last values would otherwise stay, and win a `max` over
-/// nodes, until it restarts. Returns the partitions zeroed.
+/// nodes, until the exporter drops idle gauges (5 minutes). Returns the
+/// partitions zeroed.
 pub(super) fn forget_unled(exported: &mut Exported, led: &HashSet<GroupId>) -> Vec<GroupId> {
     let mut zeroed = Vec::new();
     exported.retain(|group, (queue, partition)| {
@@ -291,8 +292,9 @@ pub(super) fn forget_unled(exported: &mut Exported, led: &HashSet<GroupId>) -> V
 }
 
 /// A queue partition's counts as gauges, labelled `account/name` and the
-/// partition. Only the partition's leader shows them (others show 0): sum
-/// over nodes and partitions.
+/// partition. Only the partition's leader keeps them current (others show
+/// 0, but during a hand-over both may show counts for a pass): take the
+/// `max` over nodes, then sum the partitions.
 fn export(queue: &str, partition: u32, counts: Counts) {
     let partition = partition.to_string();
     for (state, count) in [
