@@ -1,5 +1,6 @@
 use std::time::Duration;
 
+use aws_sdk_kinesis::error::ProvideErrorMetadata;
 use kinesin_meta::LIMITS_VERSION;
 use kinesin_testkit::{wait_until, TestCluster, TestOptions};
 use kinesin_types::GroupId;
@@ -76,14 +77,40 @@ async fn a_stream_created_through_one_node_is_found_on_every_node() {
     cluster.shutdown().await;
 }
 
+/// Holds back the metadata leader's messages to the followers, so that no
+/// command commits before requests sent at once all passed their gateway's
+/// check.
+fn hold_metadata_commits(cluster: &TestCluster) {
+    let leader = cluster.leader_of(GroupId::META).unwrap().0;
+    for n in (1..=3).filter(|n| *n != leader) {
+        cluster.filter.delay(leader, n, Duration::from_millis(700));
+    }
+}
+
+/// Each answer of racing requests against what the map holds afterwards
+/// (`applied`): a success was applied; a refusal is LimitExceeded, or
+/// ResourceInUse for an SDK retry of a request that did apply.
+fn check_answers<T, E: ProvideErrorMetadata + std::fmt::Debug>(
+    answers: Vec<(String, Result<T, E>)>,
+    applied: impl Fn(&str) -> bool,
+) {
+    for (name, result) in answers {
+        match result {
+            Ok(_) => assert!(applied(&name), "{name} answered but absent"),
+            Err(e) if applied(&name) => {
+                assert!(e.code() == Some("ResourceInUseException"), "{name}: {e:?}")
+            }
+            Err(e) => assert!(e.code() == Some("LimitExceededException"), "{name}: {e:?}"),
+        }
+    }
+}
+
 /// Limits hold for requests that race. Each node's gateway checks a limit
 /// against its own copy of the map, so requests sent at once through three
 /// nodes all pass that check; the metadata group orders them and refuses,
 /// where they apply, those that would pass the limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn limits_hold_for_requests_racing_through_every_node() {
-    use aws_sdk_kinesis::error::ProvideErrorMetadata;
-
     let options = TestOptions {
         configure: |c| c.shard_limit = 8,
         ..TestOptions::default()
@@ -103,15 +130,9 @@ async fn limits_hold_for_requests_racing_through_every_node() {
     let clients: Vec<_> = (1..=3)
         .map(|n| crate::aws_sdk::client(&cluster.node(n).api_address()))
         .collect();
-    let is_limit = |e: &dyn ProvideErrorMetadata| e.code() == Some("LimitExceededException");
 
-    // Six streams of two shards at once, for a limit of eight shards. The
-    // metadata leader's messages to the followers are held back, so that
-    // no create commits before every request passed its gateway's check.
-    let leader = cluster.leader_of(GroupId::META).unwrap().0;
-    for n in (1..=3).filter(|n| *n != leader) {
-        cluster.filter.delay(leader, n, Duration::from_millis(700));
-    }
+    // Six streams of two shards at once, for a limit of eight shards.
+    hold_metadata_commits(&cluster);
     let creates = (0..6).map(|k| {
         let c = clients[k % 3].clone();
         async move {
@@ -141,16 +162,7 @@ async fn limits_hold_for_requests_racing_through_every_node() {
     let created = created(1);
     assert_eq!(created.len(), 4, "created: {created:?}");
     assert_eq!(cluster.node(1).meta.state().open_shard_count(), 8);
-    for (name, result) in answers {
-        match result {
-            Ok(_) => assert!(created.contains(&name), "{name} answered but absent"),
-            // An SDK retry of a create that did apply finds it existing.
-            Err(e) if created.contains(&name) => {
-                assert!(e.code() == Some("ResourceInUseException"), "{name}: {e:?}")
-            }
-            Err(e) => assert!(is_limit(&e), "{name}: {e:?}"),
-        }
-    }
+    check_answers(answers, |name| created.iter().any(|c| c == name));
 
     // 20 consumers a stream: 18 one by one, then six at once.
     let stream = clients[0]
@@ -173,10 +185,7 @@ async fn limits_hold_for_requests_racing_through_every_node() {
             .await
             .unwrap();
     }
-    let leader = cluster.leader_of(GroupId::META).unwrap().0;
-    for n in (1..=3).filter(|n| *n != leader) {
-        cluster.filter.delay(leader, n, Duration::from_millis(700));
-    }
+    hold_metadata_commits(&cluster);
     let registers = (0..6).map(|k| {
         let c = clients[k % 3].clone();
         let arn = arn.clone();
@@ -209,14 +218,6 @@ async fn limits_hold_for_requests_racing_through_every_node() {
     .unwrap();
     let consumers = consumers(1);
     assert_eq!(consumers.len(), 20);
-    for (name, result) in answers {
-        match result {
-            Ok(_) => assert!(consumers.contains_key(&name), "{name} answered but absent"),
-            Err(e) if consumers.contains_key(&name) => {
-                assert!(e.code() == Some("ResourceInUseException"), "{name}: {e:?}")
-            }
-            Err(e) => assert!(is_limit(&e), "{name}: {e:?}"),
-        }
-    }
+    check_answers(answers, |name| consumers.contains_key(name));
     cluster.shutdown().await;
 }

@@ -99,13 +99,7 @@ impl Limits {
 
     fn on_demand_room(&self, state: &MetaState, stream: &str) -> MetaReply {
         let account = split_stream_key(stream).0;
-        let on_demand = state
-            .streams
-            .iter()
-            .filter(|(key, s)| {
-                s.settings.mode == StreamMode::OnDemand && split_stream_key(key).0 == account
-            })
-            .count();
+        let on_demand = state.on_demand_streams(|key| split_stream_key(key).0 == account);
         if on_demand >= self.on_demand_streams as usize {
             return Err(MetaError::LimitExceeded(format!(
                 "At most {} streams of an account may be in ON_DEMAND mode.",

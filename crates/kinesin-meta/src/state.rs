@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use kinesin_types::{GroupId, NodeId, ShardInfo, StreamInfo};
+use kinesin_types::{GroupId, NodeId, ShardInfo, StreamInfo, StreamMode};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,6 +94,15 @@ impl MetaState {
             .values()
             .map(StreamInfo::open_shard_count)
             .sum()
+    }
+
+    /// Streams in ON_DEMAND mode whose map key `owned` accepts (AWS counts
+    /// them per account).
+    pub fn on_demand_streams(&self, owned: impl Fn(&str) -> bool) -> usize {
+        self.streams
+            .iter()
+            .filter(|(key, s)| s.settings.mode == StreamMode::OnDemand && owned(key))
+            .count()
     }
 
     pub fn active_nodes(&self) -> impl Iterator<Item = &NodeInfo> {

@@ -95,16 +95,6 @@ impl Context<'_> {
         }
     }
 
-    /// The caller's streams in ON_DEMAND mode (AWS counts them per
-    /// account).
-    fn on_demand_streams(&self, state: &kinesin_meta::MetaState) -> usize {
-        state
-            .streams
-            .iter()
-            .filter(|(key, s)| s.settings.mode == StreamMode::OnDemand && self.owns(key))
-            .count()
-    }
-
     /// The limits a change proposed for this caller must keep where the
     /// metadata group applies it. The checks here, against this node's map,
     /// give the clearest message; two requests at once can both pass them,

@@ -376,7 +376,7 @@ pub(super) fn describe_limits(ctx: &Context<'_>) -> Result<Value, ApiError> {
     Ok(json!({
         "ShardLimit": ctx.shard_limit,
         "OpenShardCount": state.open_shard_count(),
-        "OnDemandStreamCount": ctx.on_demand_streams(&state),
+        "OnDemandStreamCount": state.on_demand_streams(|key| ctx.owns(key)),
         "OnDemandStreamCountLimit": ON_DEMAND_STREAM_LIMIT,
     }))
 }

@@ -190,7 +190,7 @@ mod tests {
             .streams
             .insert("210987654321:orders".to_string(), orders);
         let decoded = decode(&encode(&qualified)).unwrap();
-        assert_eq!(decoded.version, 3);
+        assert_eq!(decoded.version, LATEST_LAYOUT);
         assert_eq!(decoded.state, qualified);
     }
 
@@ -245,7 +245,7 @@ mod tests {
         )
         .unwrap();
         let again = decode(&encode(&with_group)).unwrap();
-        assert_eq!(again.version, 3);
+        assert_eq!(again.version, LATEST_LAYOUT);
         assert_eq!(again.state, with_group);
     }
 
