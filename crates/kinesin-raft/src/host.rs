@@ -27,7 +27,7 @@ use crate::log_store::{delete_group_log, LogStore};
 use crate::network::{GroupNetwork, PeerPool, SnapshotHeader, TransportFilter, MAX_MESSAGE_BYTES};
 use crate::state_machine::{
     clear_staging, delete_group_state, resume_install, stage_chunk, GroupSnapshot,
-    GroupStateMachine, SnapshotChunk, SnapshotSource, StateMachineStore,
+    GroupStateMachine, OnFullDisk, SnapshotChunk, SnapshotSource, StateMachineStore,
 };
 use crate::types::{decode, encode, Command, Raft, Snapshot, TypeConfig};
 
@@ -110,6 +110,10 @@ pub enum RaftHostError {
     OutcomeUnknown { group: GroupId },
     #[error("storage: {0}")]
     Io(#[from] io::Error),
+    /// This node's disk is full: it takes no new writes until space is
+    /// freed (its leaders hand their groups to other replicas meanwhile).
+    #[error("node {node}: the disk of its data directory is full; writes are refused until space is freed")]
+    DiskFull { node: NodeId },
     /// The state machine refused a read query.
     #[error("group {group}: {detail}")]
     Query { group: GroupId, detail: String },
@@ -184,6 +188,9 @@ struct HostInner {
     /// Set on shutdown: open Raft streams from peers end, releasing storage.
     closed: tokio::sync::watch::Sender<bool>,
 }
+
+/// How long a node's shutdown waits for its Raft groups to stop.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 
 /// All Raft groups of this node. Cheap to clone.
 #[derive(Clone)]
@@ -343,8 +350,14 @@ impl RaftHost {
             .expect("groups lock")
             .drain()
             .collect();
-        for (_, g) in groups {
-            let _ = g.raft.shutdown().await;
+        // A replica whose write waits for disk space does not stop until
+        // there is some: a node stopping on a full disk leaves those behind
+        // (what they were writing was never acknowledged).
+        let stops = futures::future::join_all(groups.iter().map(|(_, g)| g.raft.shutdown()));
+        if tokio::time::timeout(SHUTDOWN_WAIT, stops).await.is_err() {
+            tracing::warn!(
+                "some Raft groups did not stop within {SHUTDOWN_WAIT:?}: their writes wait for disk space"
+            );
         }
     }
 
@@ -374,12 +387,19 @@ impl RaftHost {
     }
 
     /// Proposes a command and waits until it is committed and applied here.
+    /// Refused at once while this node's disk is full: the entry could not
+    /// be appended here, and waiting for the disk would hold the caller.
     pub async fn propose(
         &self,
         group: GroupId,
         command: Vec<u8>,
     ) -> Result<Vec<u8>, RaftHostError> {
         let g = self.group(group)?;
+        if self.disk_full() {
+            return Err(RaftHostError::DiskFull {
+                node: self.inner.node_id,
+            });
+        }
         match g.raft.client_write(Command(command)).await {
             Ok(resp) => g
                 .state_machine
@@ -593,6 +613,36 @@ impl RaftHost {
         })
     }
 
+    /// Whether this node's disk is full (RocksDB refuses writes until
+    /// space is freed; see `kinesin_storage`). Meanwhile its replicas wait
+    /// in their writes, it refuses proposals and Raft traffic from peers
+    /// (so that they treat it as down and do not make it leader), and it
+    /// is not ready.
+    pub fn disk_full(&self) -> bool {
+        self.inner.storage.disk_full()
+    }
+
+    /// Groups whose replica here has stopped for good (openraft hit an
+    /// error it cannot go on from), with the error. Only a restart of the
+    /// node brings them back.
+    pub fn failed_groups(&self) -> Vec<(GroupId, String)> {
+        let groups: Vec<(GroupId, Group)> = self
+            .inner
+            .groups
+            .read()
+            .expect("groups lock")
+            .iter()
+            .map(|(id, g)| (*id, g.clone()))
+            .collect();
+        groups
+            .into_iter()
+            .filter_map(|(id, g)| {
+                let m = g.raft.metrics().borrow_watched().clone();
+                m.running_state.err().map(|e| (id, e.to_string()))
+            })
+            .collect()
+    }
+
     pub fn is_leader(&self, group: GroupId) -> bool {
         self.status(group).is_some_and(|s| s.role == Role::Leader)
     }
@@ -634,6 +684,12 @@ impl RaftHost {
     async fn handle(&self, message: &RaftMessage) -> Result<Vec<u8>, String> {
         let group = GroupId(message.group);
         let g = self.group(group).map_err(|e| e.to_string())?;
+        if self.disk_full() {
+            return Err(RaftHostError::DiskFull {
+                node: self.inner.node_id,
+            }
+            .to_string());
+        }
         let kind = RaftMessageKind::try_from(message.kind)
             .map_err(|_| "unknown message kind".to_string())?;
         let payload = &message.payload[..];
@@ -687,6 +743,14 @@ impl RaftHost {
         let g = self
             .group(group)
             .map_err(|e| Status::unavailable(e.to_string()))?;
+        if self.disk_full() {
+            return Err(Status::unavailable(
+                RaftHostError::DiskFull {
+                    node: self.inner.node_id,
+                }
+                .to_string(),
+            ));
+        }
         let header: SnapshotHeader = decode("snapshot header", &first.header)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         // Shared with each staging write, which runs on even if this call
@@ -697,7 +761,8 @@ impl RaftHost {
             ))
         })?);
         let storage = self.inner.storage.clone();
-        clear_staging(&storage, group.0).map_err(|e| Status::internal(e.to_string()))?;
+        clear_staging(&storage, group.0, OnFullDisk::Fail)
+            .map_err(|e| Status::internal(e.to_string()))?;
         let mut tally = SnapshotTally::new(first.trailer_follows);
         while let Some(chunk) = chunks.message().await? {
             if chunk.trailer {
@@ -712,7 +777,7 @@ impl RaftHost {
             let (storage, held) = (storage.clone(), receiving.clone());
             tokio::task::spawn_blocking(move || {
                 let _held = held;
-                stage_chunk(&storage, group.0, chunk)
+                stage_chunk(&storage, group.0, chunk, OnFullDisk::Fail)
             })
             .await
             .map_err(|e| Status::internal(e.to_string()))?

@@ -1,6 +1,9 @@
 //! The Raft log of one group, kept in the node's RocksDB. Appends are written
 //! at once (so they are readable when `append` returns) and acknowledged to
-//! openraft only after the shared syncer has fsynced the WAL.
+//! openraft only after the shared syncer has fsynced the WAL. Every write
+//! waits out a full disk instead of failing: openraft stops a group for
+//! good on a storage error, and the group would stay dead after space is
+//! freed.
 
 use std::fmt::Debug;
 use std::io;
@@ -8,7 +11,7 @@ use std::ops::{Bound, RangeBounds};
 use std::sync::{Arc, Mutex};
 
 use kinesin_storage::keys::{self, TAG_COMMITTED, TAG_PURGED, TAG_VOTE};
-use kinesin_storage::{Cf, Storage, WriteBatch};
+use kinesin_storage::{Cf, Durability, Storage, WriteBatch};
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
 
@@ -135,12 +138,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             encode(vote),
         );
         let (done, synced) = tokio::sync::oneshot::channel();
-        self.storage.write_then_sync(
-            batch,
-            Box::new(move |result| {
-                let _ = done.send(result);
-            }),
-        )?;
+        self.storage
+            .write_then_sync(
+                batch,
+                Box::new(move |result| {
+                    let _ = done.send(result);
+                }),
+            )
+            .await?;
         synced
             .await
             .map_err(|_| io::Error::other("the syncer stopped before the vote was on disk"))?
@@ -154,7 +159,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             keys::state_key(self.group, TAG_COMMITTED),
             encode(&committed),
         );
-        self.storage.write(batch)?;
+        self.storage
+            .write_patiently(batch, Durability::Buffered)
+            .await?;
         Ok(())
     }
 
@@ -195,10 +202,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // openraft serializes log IO, so no other append or truncate races
         // this update of the cached tail.
         self.tail.lock().expect("log tail lock").last_log = Some(last);
-        self.storage.write_then_sync(
-            batch,
-            Box::new(move |result| callback.io_completed(result.map_err(io::Error::other))),
-        )?;
+        self.storage
+            .write_then_sync(
+                batch,
+                Box::new(move |result| callback.io_completed(result.map_err(io::Error::other))),
+            )
+            .await?;
         Ok(())
     }
 
@@ -210,7 +219,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             keys::log_key(self.group, from),
             keys::log_key(self.group, u64::MAX),
         );
-        self.storage.write_durable(batch)?;
+        self.storage
+            .write_patiently(batch, Durability::Durable)
+            .await?;
         let mut tail = self.tail.lock().expect("log tail lock");
         let current = tail.last_log.as_ref().map(|l| l.index);
         let kept = last_log_id.as_ref().map(|l| l.index);
@@ -233,7 +244,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             keys::log_key(self.group, 0),
             keys::log_key(self.group, log_id.index + 1),
         );
-        self.storage.write(batch)?;
+        self.storage
+            .write_patiently(batch, Durability::Buffered)
+            .await?;
         let mut tail = self.tail.lock().expect("log tail lock");
         if tail
             .last_log

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use futures::{Stream, TryStreamExt};
 use kinesin_storage::keys;
-use kinesin_storage::{Cf, Storage, View, WriteBatch};
+use kinesin_storage::{Cf, Durability, Storage, StorageError, View, WriteBatch};
 use kinesin_types::GroupId;
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, RaftSnapshotBuilder};
@@ -288,16 +288,39 @@ fn copy_rows(
             copy.extend_from_slice(&k);
             batch.put_cf(storage.cf(Cf::SnapshotCopies), copy, v);
             if batch.size_in_bytes() >= CHUNK_BYTES {
-                storage.write(std::mem::take(&mut batch))?;
+                write_rows(storage, std::mem::take(&mut batch), OnFullDisk::Wait)?;
             }
         }
     }
-    storage.write(batch)?;
+    write_rows(storage, batch, OnFullDisk::Wait)
+}
+
+/// What a write of snapshot rows does when the disk is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OnFullDisk {
+    /// Waits until RocksDB writes again: a step of openraft's own, which
+    /// stops the group for good if it fails (builds, installs).
+    Wait,
+    /// Fails at once: a transfer the sender starts again later.
+    Fail,
+}
+
+/// Writes rows of a snapshot, from a blocking thread.
+fn write_rows(storage: &Storage, batch: WriteBatch, on_full: OnFullDisk) -> io::Result<()> {
+    match on_full {
+        OnFullDisk::Wait => storage.write_patiently_blocking(batch, Durability::Buffered)?,
+        OnFullDisk::Fail => storage.write(batch)?,
+    }
     Ok(())
 }
 
 /// Parks a received chunk in the staging column family.
-pub(crate) fn stage_chunk(storage: &Storage, group: u64, chunk: SnapshotChunk) -> io::Result<()> {
+pub(crate) fn stage_chunk(
+    storage: &Storage,
+    group: u64,
+    chunk: SnapshotChunk,
+    on_full: OnFullDisk,
+) -> io::Result<()> {
     let mut batch = WriteBatch::default();
     let cf = storage.cf(Cf::Staging);
     let prefix = group.to_be_bytes();
@@ -318,8 +341,7 @@ pub(crate) fn stage_chunk(storage: &Storage, group: u64, chunk: SnapshotChunk) -
         k.extend_from_slice(&key);
         batch.put_cf(cf, k, value);
     }
-    storage.write(batch)?;
-    Ok(())
+    write_rows(storage, batch, on_full)
 }
 
 /// Moves a group's staged snapshot records into the live column families,
@@ -335,10 +357,10 @@ fn move_staged(storage: &Storage, group: u64, rows: SnapshotRows, index: u64) ->
         // staging key: group(8) | tag(1) | original key
         batch.put_cf(storage.cf(cf_of(k[8])?), &k[9..], v);
         if batch.size_in_bytes() >= CHUNK_BYTES {
-            storage.write(std::mem::take(&mut batch))?;
+            write_rows(storage, std::mem::take(&mut batch), OnFullDisk::Wait)?;
         }
     }
-    storage.write(std::mem::take(&mut batch))?;
+    write_rows(storage, std::mem::take(&mut batch), OnFullDisk::Wait)?;
     if let SnapshotRows::Mutable { columns } = rows {
         copy_rows(storage, &storage.view(), group, index, columns)?;
     }
@@ -347,8 +369,8 @@ fn move_staged(storage: &Storage, group: u64, rows: SnapshotRows, index: u64) ->
         storage.cf(Cf::StateMachine),
         keys::named_key(group, INSTALLING_KEY),
     );
-    storage.write(batch)?;
-    storage.sync()?;
+    write_rows(storage, batch, OnFullDisk::Wait)?;
+    storage.sync_patiently_blocking()?;
     Ok(())
 }
 
@@ -372,12 +394,11 @@ pub(crate) fn resume_install(
     Ok(true)
 }
 
-pub(crate) fn clear_staging(storage: &Storage, group: u64) -> io::Result<()> {
+pub(crate) fn clear_staging(storage: &Storage, group: u64, on_full: OnFullDisk) -> io::Result<()> {
     let (from, to) = keys::group_bounds(group);
     let mut batch = WriteBatch::default();
     batch.delete_range_cf(storage.cf(Cf::Staging), &from, &to);
-    storage.write(batch)?;
-    Ok(())
+    write_rows(storage, batch, on_full)
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -458,8 +479,11 @@ impl StateMachineStore {
             from = hi;
         }
         batch.delete_range_cf(cf, &from, &end);
-        self.storage.write(batch)?;
-        Ok(())
+        match self.storage.write(batch) {
+            // Only space is lost: the next snapshot prunes these copies too.
+            Err(e) if e.is_no_space() => Ok(()),
+            other => other.map_err(Into::into),
+        }
     }
 
     /// Free when no snapshot install of this group is under way; a group's
@@ -474,6 +498,31 @@ impl StateMachineStore {
         what: &'static str,
     ) -> io::Result<Option<T>> {
         load_named(&self.storage, self.group, name, what)
+    }
+
+    /// Writes a batch that changes the applied state and publishes the
+    /// state machine's new state, under the lock a snapshot build reads
+    /// both under. A full disk is waited out (with the lock released):
+    /// openraft stops the group for good if an apply or install fails.
+    async fn write_and_publish(&self, batch: WriteBatch, how: Durability) -> io::Result<()> {
+        let bytes = batch.data().to_vec();
+        let mut next = Some(batch);
+        loop {
+            let written: Result<(), StorageError> = {
+                let _consistent = self.applying.lock().expect("apply lock");
+                let batch = next.take().unwrap_or_else(|| WriteBatch::from_data(&bytes));
+                let written = self.storage.write_as(batch, how);
+                if written.is_ok() {
+                    self.inner.publish();
+                }
+                written
+            };
+            match written {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_no_space() => self.storage.writable().await,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     fn put(&self, batch: &mut WriteBatch, name: &[u8], value: Vec<u8>) {
@@ -579,25 +628,36 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let unlogged = self.group != GroupId::META.0;
         tokio::task::spawn_blocking(move || {
             if unlogged {
-                storage.persist()
+                storage.persist_patiently_blocking()
             } else {
-                storage.sync()
+                storage.sync_patiently_blocking()
             }
         })
         .await
         .map_err(io::Error::other)??;
         // An install may have finished meanwhile: never replace its newer
         // snapshot with this one.
-        let snapshot = {
-            let _consistent = self.applying.lock().expect("apply lock");
-            let stored = self.load::<SavedSnapshot>(SNAPSHOT_KEY, "snapshot")?;
-            if stored.is_none_or(|s| s.meta.last_log_id <= saved.meta.last_log_id) {
-                let mut batch = WriteBatch::default();
-                self.put(&mut batch, SNAPSHOT_KEY, encode(&saved));
-                self.storage.write_durable(batch)?;
+        let snapshot = loop {
+            let written = {
+                let _consistent = self.applying.lock().expect("apply lock");
+                let stored = self.load::<SavedSnapshot>(SNAPSHOT_KEY, "snapshot")?;
+                if stored.is_none_or(|s| s.meta.last_log_id <= saved.meta.last_log_id) {
+                    let mut batch = WriteBatch::default();
+                    self.put(&mut batch, SNAPSHOT_KEY, encode(&saved));
+                    self.storage.write_durable(batch)
+                } else {
+                    Ok(())
+                }
+            };
+            match written {
+                Ok(()) => {
+                    break self
+                        .current()?
+                        .ok_or_else(|| io::Error::other("the snapshot just saved is gone"))?
+                }
+                Err(e) if e.is_no_space() => self.storage.writable().await,
+                Err(e) => return Err(e.into()),
             }
-            self.current()?
-                .ok_or_else(|| io::Error::other("the snapshot just saved is gone"))?
         };
         if let SnapshotRows::Mutable { .. } = rows {
             let keep = snapshot.meta.last_log_id.as_ref().map_or(0, |l| l.index);
@@ -650,15 +710,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
         }
         self.put(&mut batch, APPLIED_KEY, encode(&applied));
-        {
-            let _consistent = self.applying.lock().expect("apply lock");
-            if self.group == GroupId::META.0 {
-                self.storage.write(batch)?;
-            } else {
-                self.storage.write_unlogged(batch)?;
-            }
-            self.inner.publish();
-        }
+        let how = if self.group == GroupId::META.0 {
+            Durability::Buffered
+        } else {
+            Durability::Unlogged
+        };
+        self.write_and_publish(batch, how).await?;
         for (responder, reply) in replies {
             responder.send(Reply(reply));
         }
@@ -686,8 +743,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             };
             let staged = storage.clone();
             tokio::task::spawn_blocking(move || {
-                clear_staging(&staged, group)?;
-                live.for_each_chunk(|chunk| stage_chunk(&staged, group, chunk))
+                clear_staging(&staged, group, OnFullDisk::Wait)?;
+                live.for_each_chunk(|chunk| stage_chunk(&staged, group, chunk, OnFullDisk::Wait))
             })
             .await
             .map_err(io::Error::other)??;
@@ -715,16 +772,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         };
         self.put(&mut batch, SNAPSHOT_KEY, encode(&saved));
         self.put(&mut batch, INSTALLING_KEY, Vec::new());
-        {
-            // A snapshot built meanwhile sees the old applied id with the
-            // old state, or the new with the new. The new small state is
-            // published before the rows arrived: only a leader reads them,
-            // and a replica installing a snapshot is not one.
-            let _consistent = self.applying.lock().expect("apply lock");
-            storage.write(batch)?;
-            storage.sync()?;
-            self.inner.publish();
-        }
+        // A snapshot built meanwhile sees the old applied id with the old
+        // state, or the new with the new. The new small state is published
+        // before the rows arrived: only a leader reads them, and a replica
+        // installing a snapshot is not one.
+        self.write_and_publish(batch, Durability::Durable).await?;
         let (rows, index) = (
             self.inner.snapshot_rows(),
             meta.last_log_id.as_ref().map_or(0, |l| l.index),
@@ -798,7 +850,7 @@ mod tests {
                     (1, key.to_vec(), vec![i as u8; size])
                 })
                 .collect();
-            stage_chunk(storage, group, chunk).unwrap();
+            stage_chunk(storage, group, chunk, OnFullDisk::Fail).unwrap();
         }
         keys_written
     }
@@ -818,12 +870,12 @@ mod tests {
                 b"theirs".to_vec(),
             ),
         ];
-        let err = stage_chunk(&storage, group, chunk).unwrap_err();
+        let err = stage_chunk(&storage, group, chunk, OnFullDisk::Fail).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         let (from, to) = keys::group_bounds(group);
         assert_eq!(storage.scan(Cf::Staging, &from, &to).count(), 0);
         let short = vec![(1, vec![0, 0], b"x".to_vec())];
-        assert!(stage_chunk(&storage, group, short).is_err());
+        assert!(stage_chunk(&storage, group, short, OnFullDisk::Fail).is_err());
     }
 
     /// A crash after an install's first batch (small state, applied id and
@@ -922,7 +974,7 @@ mod tests {
         assert!(sent(&storage, group, 11).is_empty());
 
         let staged = vec![(3, key("x"), b"9".to_vec())];
-        stage_chunk(&storage, group, staged.clone()).unwrap();
+        stage_chunk(&storage, group, staged.clone(), OnFullDisk::Fail).unwrap();
         let mut batch = WriteBatch::default();
         batch.put_cf(
             storage.cf(Cf::StateMachine),

@@ -166,12 +166,19 @@ pub(crate) async fn serve(
     gauges.abort();
 }
 
-/// Ready: joined, the metadata group has a leader, and every local shard
-/// replica knows its leader.
+/// Ready: joined, the disk takes writes, the metadata group has a leader,
+/// and every local shard replica knows its leader.
 async fn ready(State(s): State<AdminState>) -> Response {
     let host = s.router.host();
     if !s.joined.load(Ordering::SeqCst) {
         return (StatusCode::SERVICE_UNAVAILABLE, "not joined").into_response();
+    }
+    if host.disk_full() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the data directory's disk is full: writes are refused until space is freed",
+        )
+            .into_response();
     }
     if host
         .status(GroupId::META)
@@ -314,6 +321,8 @@ async fn update_gauges(router: Arc<Router>, data_dir: PathBuf) {
                     .set(n as f64);
             }
         }
+        metrics::gauge!("kinesin_node_disk_full").set(if host.disk_full() { 1.0 } else { 0.0 });
+        metrics::gauge!("kinesin_raft_groups_failed").set(host.failed_groups().len() as f64);
         if let Ok(fs) = rustix::fs::statvfs(&data_dir) {
             let block = fs.f_frsize;
             metrics::gauge!("kinesin_node_disk_free_bytes").set((fs.f_bavail * block) as f64);

@@ -3,6 +3,7 @@
 //! appends of many Raft groups share one WAL fsync.
 
 pub mod data_version;
+mod disk;
 pub mod keys;
 mod syncer;
 
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteOptions, DB};
 pub use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
 
+use disk::Disk;
 use syncer::Syncer;
 pub use syncer::{FsyncPolicy, SyncCallback};
 
@@ -99,9 +101,54 @@ pub enum StorageError {
     Corrupt { what: &'static str, detail: String },
 }
 
+impl StorageError {
+    /// RocksDB refused for lack of space: the write failed, or an earlier
+    /// one (or a flush) did and RocksDB now refuses every write until it
+    /// has recovered, which it does by itself once space is freed.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, StorageError::Rocks(e) if disk::is_no_space(e))
+    }
+}
+
+/// How a write reaches the disk: see [`Storage::write`],
+/// [`Storage::write_durable`] and [`Storage::write_unlogged`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    Buffered,
+    Durable,
+    Unlogged,
+}
+
 impl From<StorageError> for std::io::Error {
     fn from(e: StorageError) -> Self {
         std::io::Error::other(e)
+    }
+}
+
+/// The key [`sync_wal`] writes in [`Cf::Node`].
+const SYNC_KEY: &[u8] = b"sync";
+
+/// Makes every write so far durable: a tiny write with `sync` set, which
+/// fsyncs the WAL up to and including it. Not `flush_wal(true)`: that
+/// syncs the WAL file without RocksDB's write path, so after a write has
+/// failed (a full disk) it syncs the file the failure left behind, gets
+/// "Writer has previous error" and RocksDB takes that as fatal and never
+/// resumes. The write path refuses while the database is stopped, with the
+/// error that stopped it.
+pub(crate) fn sync_wal(db: &DB) -> Result<(), rocksdb::Error> {
+    let mut batch = WriteBatch::default();
+    let cf = db
+        .cf_handle(Cf::Node.name())
+        .expect("every column family is created at open");
+    batch.put_cf(cf, SYNC_KEY, []);
+    let mut opts = WriteOptions::default();
+    opts.set_sync(true);
+    db.write_opt(batch, &opts)
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.disk.close();
     }
 }
 
@@ -143,6 +190,7 @@ pub struct Storage {
 
 struct Inner {
     db: Arc<DB>,
+    disk: Arc<Disk>,
     syncer: Syncer,
 }
 
@@ -194,9 +242,10 @@ impl Storage {
             ColumnFamilyDescriptor::new(cf.name(), o)
         });
         let db = Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?);
-        let syncer = Syncer::start(db.clone(), policy);
+        let disk = Disk::start(&db);
+        let syncer = Syncer::start(db.clone(), disk.clone(), policy);
         Ok(Storage {
-            inner: Arc::new(Inner { db, syncer }),
+            inner: Arc::new(Inner { db, disk, syncer }),
         })
     }
 
@@ -217,20 +266,14 @@ impl Storage {
 
     /// Writes and fsyncs the WAL before returning (votes, node identity).
     pub fn write_durable(&self, batch: WriteBatch) -> Result<(), StorageError> {
-        let mut opts = WriteOptions::default();
-        opts.set_sync(self.inner.syncer.policy() == FsyncPolicy::Always);
-        self.inner.db.write_opt(batch, &opts)?;
-        Ok(())
+        self.write_as(batch, Durability::Durable)
     }
 
     /// Writes without waiting for the disk: readable at once, lost on a crash
     /// unless a later sync covers it (the WAL is ordered, so any later sync
     /// does).
     pub fn write(&self, batch: WriteBatch) -> Result<(), StorageError> {
-        let mut opts = WriteOptions::default();
-        opts.set_sync(false);
-        self.inner.db.write_opt(batch, &opts)?;
-        Ok(())
+        self.write_as(batch, Durability::Buffered)
     }
 
     /// Writes without the WAL: readable at once, but only in memory until a
@@ -239,10 +282,72 @@ impl Storage {
     /// re-derives after a crash: a shard's applied records are then written
     /// and checksummed once in the WAL (as log entries), not twice.
     pub fn write_unlogged(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        self.write_as(batch, Durability::Unlogged)
+    }
+
+    /// Writes `batch` as `how` says.
+    pub fn write_as(&self, batch: WriteBatch, how: Durability) -> Result<(), StorageError> {
         let mut opts = WriteOptions::default();
-        opts.disable_wal(true);
-        self.inner.db.write_opt(batch, &opts)?;
-        Ok(())
+        match how {
+            Durability::Buffered => opts.set_sync(false),
+            Durability::Durable => opts.set_sync(self.inner.syncer.policy() == FsyncPolicy::Always),
+            Durability::Unlogged => opts.disable_wal(true),
+        }
+        self.inner
+            .disk
+            .outcome(self.inner.db.write_opt(batch, &opts))
+    }
+
+    /// Writes `batch` as `how` says, waiting out a full disk instead of
+    /// failing: while RocksDB refuses writes for lack of space, the write
+    /// is retried once a probe finds it writable again. For the writes of
+    /// Raft's log and state machines, where a failure stops the group for
+    /// good. Other errors return at once.
+    pub async fn write_patiently(
+        &self,
+        batch: WriteBatch,
+        how: Durability,
+    ) -> Result<(), StorageError> {
+        // The batch is gone once written, failed or not: keep its bytes for
+        // a retry.
+        let bytes = batch.data().to_vec();
+        let mut next = Some(batch);
+        loop {
+            let batch = next.take().unwrap_or_else(|| WriteBatch::from_data(&bytes));
+            match self.write_as(batch, how) {
+                Err(e) if e.is_no_space() => self.inner.disk.writable().await,
+                other => return other,
+            }
+        }
+    }
+
+    /// [`Storage::write_patiently`] for blocking threads.
+    pub fn write_patiently_blocking(
+        &self,
+        batch: WriteBatch,
+        how: Durability,
+    ) -> Result<(), StorageError> {
+        let bytes = batch.data().to_vec();
+        let mut next = Some(batch);
+        loop {
+            let batch = next.take().unwrap_or_else(|| WriteBatch::from_data(&bytes));
+            match self.write_as(batch, how) {
+                Err(e) if e.is_no_space() && self.inner.disk.writable_blocking() => {}
+                other => return other,
+            }
+        }
+    }
+
+    /// Waits until writes work again after [`StorageError::is_no_space`]
+    /// (returns at once if the disk has room).
+    pub async fn writable(&self) {
+        self.inner.disk.writable().await
+    }
+
+    /// Whether RocksDB refuses writes for lack of space (the last write
+    /// found it so and no write or probe has succeeded since). Reads go on.
+    pub fn disk_full(&self) -> bool {
+        self.inner.disk.full()
     }
 
     /// Persists everything written so far, unlogged writes included: flushes
@@ -251,18 +356,31 @@ impl Storage {
         let cfs: Vec<&ColumnFamily> = Cf::ALL.iter().map(|cf| self.cf(*cf)).collect();
         let mut opts = rocksdb::FlushOptions::default();
         opts.set_wait(true);
-        self.inner.db.flush_cfs_opt(&cfs, &opts)?;
+        self.inner
+            .disk
+            .outcome(self.inner.db.flush_cfs_opt(&cfs, &opts))?;
         self.sync()
     }
 
-    /// Writes now and calls `done` once the WAL holding the write is on disk.
-    /// Callbacks queued while a sync runs share the next one (group commit).
-    pub fn write_then_sync(
+    /// [`Storage::persist`], waiting out a full disk (blocking).
+    pub fn persist_patiently_blocking(&self) -> Result<(), StorageError> {
+        loop {
+            match self.persist() {
+                Err(e) if e.is_no_space() && self.inner.disk.writable_blocking() => {}
+                other => return other,
+            }
+        }
+    }
+
+    /// Writes now (waiting out a full disk) and calls `done` once the WAL
+    /// holding the write is on disk. Callbacks queued while a sync runs
+    /// share the next one (group commit).
+    pub async fn write_then_sync(
         &self,
         batch: WriteBatch,
         done: SyncCallback,
     ) -> Result<(), StorageError> {
-        self.write(batch)?;
+        self.write_patiently(batch, Durability::Buffered).await?;
         self.inner.syncer.enqueue(done);
         Ok(())
     }
@@ -270,9 +388,19 @@ impl Storage {
     /// Waits until everything written so far is on disk.
     pub fn sync(&self) -> Result<(), StorageError> {
         if self.inner.syncer.policy() == FsyncPolicy::Always {
-            self.inner.db.flush_wal(true)?;
+            self.inner.disk.outcome(sync_wal(&self.inner.db))?;
         }
         Ok(())
+    }
+
+    /// [`Storage::sync`], waiting out a full disk (blocking).
+    pub fn sync_patiently_blocking(&self) -> Result<(), StorageError> {
+        loop {
+            match self.sync() {
+                Err(e) if e.is_no_space() && self.inner.disk.writable_blocking() => {}
+                other => return other,
+            }
+        }
     }
 
     /// Forward iteration over `cf` from `from` (inclusive) to `to` (exclusive).
@@ -324,8 +452,8 @@ impl Storage {
 mod tests {
     use super::*;
 
-    #[test]
-    fn write_then_sync_calls_back_after_sync_and_data_survives_reopen() {
+    #[tokio::test]
+    async fn write_then_sync_calls_back_after_sync_and_data_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
             let storage = Storage::open(dir.path(), FsyncPolicy::Always).unwrap();
@@ -336,6 +464,7 @@ mod tests {
                 let tx = tx.clone();
                 storage
                     .write_then_sync(batch, Box::new(move |r| tx.send(r.is_ok()).unwrap()))
+                    .await
                     .unwrap();
             }
             for _ in 0..100 {
@@ -346,6 +475,7 @@ mod tests {
         let (from, to) = keys::group_bounds(7);
         assert_eq!(storage.scan(Cf::RaftLog, &from, &to).count(), 100);
     }
+
     /// Writes 200 synced 1 KiB entries and returns the WAL file holding them.
     fn synced_wal(dir: &Path) -> std::path::PathBuf {
         let storage = Storage::open(dir, FsyncPolicy::Always).unwrap();

@@ -9,6 +9,8 @@ use std::time::Instant;
 
 use rocksdb::DB;
 
+use crate::disk::Disk;
+
 /// Called with the outcome of the sync that made the write durable.
 pub type SyncCallback = Box<dyn FnOnce(Result<(), String>) + Send>;
 
@@ -39,7 +41,7 @@ struct Queue {
 }
 
 impl Syncer {
-    pub(crate) fn start(db: Arc<DB>, policy: FsyncPolicy) -> Self {
+    pub(crate) fn start(db: Arc<DB>, disk: Arc<Disk>, policy: FsyncPolicy) -> Self {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
@@ -48,7 +50,7 @@ impl Syncer {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("kinesin-syncer".into())
-                .spawn(move || run(db, shared))
+                .spawn(move || run(db, disk, shared))
                 .expect("spawn syncer thread")
         });
         Syncer {
@@ -86,7 +88,7 @@ impl Drop for Syncer {
     }
 }
 
-fn run(db: Arc<DB>, shared: Arc<Shared>) {
+fn run(db: Arc<DB>, disk: Arc<Disk>, shared: Arc<Shared>) {
     loop {
         let batch = {
             let mut q = shared.queue.lock().expect("syncer lock");
@@ -99,7 +101,15 @@ fn run(db: Arc<DB>, shared: Arc<Shared>) {
             std::mem::take(&mut q.callbacks)
         };
         let started = Instant::now();
-        let result = db.flush_wal(true).map_err(|e| e.to_string());
+        // A full disk is waited out: the writes stay readable and RocksDB
+        // persists them when it resumes (see `disk`), after which the sync
+        // succeeds. Giving up would stop every waiting group for good.
+        let result = loop {
+            match disk.outcome(crate::sync_wal(&db)) {
+                Err(e) if e.is_no_space() && disk.writable_blocking() => {}
+                other => break other.map_err(|e| e.to_string()),
+            }
+        };
         metrics::histogram!("kinesin_storage_fsync_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         metrics::histogram!("kinesin_storage_fsync_batch_size").record(batch.len() as f64);

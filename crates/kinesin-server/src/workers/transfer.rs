@@ -1,5 +1,6 @@
 //! Handing leadership to the group's preferred leader (the first replica
-//! of the map) once it has caught up, or away from a node that is leaving.
+//! of the map) once it has caught up, or away from a node that is leaving
+//! or whose disk is full.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -59,10 +60,30 @@ fn target(
     None
 }
 
+/// Where a leader whose disk is full hands the group: the voter that
+/// answered last (it refuses proposals and cannot append; the others can).
+fn away_from_full_disk(me: NodeId, status: &GroupStatus) -> Option<NodeId> {
+    status
+        .voters
+        .iter()
+        .filter(|v| **v != me)
+        .filter_map(|v| {
+            let age = status.follower_ack_age_ms.get(v).copied().flatten()?;
+            (age < ANSWERING_MS).then_some((age, *v))
+        })
+        .min()
+        .map(|(_, v)| v)
+}
+
 /// Starts a hand-off if one is due; returns whether it did.
 pub(super) async fn run(ctx: &Context, jobs: &Mutex<JobState>, led: &Led<'_>) -> bool {
     let me = ctx.host.node_id();
-    let Some(to) = target(me, led.state, led.replicas, led.status) else {
+    let to = if ctx.host.disk_full() {
+        away_from_full_disk(me, led.status)
+    } else {
+        target(me, led.state, led.replicas, led.status)
+    };
+    let Some(to) = to else {
         return false;
     };
     if !take_turn(
@@ -175,5 +196,25 @@ mod tests {
             target(ME, &leaving, &prefers_me, &status(0, None)),
             Some(NodeId(2))
         );
+    }
+
+    #[test]
+    fn a_leader_with_a_full_disk_hands_to_the_freshest_answering_voter() {
+        // Node 3 answered 10 ms ago, node 2 50 ms ago.
+        assert_eq!(
+            away_from_full_disk(ME, &status(100, Some(50))),
+            Some(NodeId(3))
+        );
+        // Node 2 answered more recently; a caught-up log is not required
+        // (the leader can append nothing itself).
+        assert_eq!(
+            away_from_full_disk(ME, &status(0, Some(1))),
+            Some(NodeId(2))
+        );
+        let mut silent = status(100, None);
+        silent
+            .follower_ack_age_ms
+            .insert(NodeId(3), Some(ANSWERING_MS + 1));
+        assert_eq!(away_from_full_disk(ME, &silent), None);
     }
 }

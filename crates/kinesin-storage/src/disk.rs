@@ -1,0 +1,145 @@
+//! A full disk. When a write (or a flush) fails for lack of space, RocksDB
+//! refuses every write until it has recovered: its file manager checks the
+//! free space every 5 seconds and resumes the database (flushing the
+//! memtables, so that writes whose WAL sync failed are persisted) once
+//! there is room. Reads go on meanwhile.
+//!
+//! This module remembers that the disk is full, so that callers can refuse
+//! new work early, and runs a probe that tries a tiny write every second
+//! while it is, so that everyone waiting learns when writes work again.
+//! The retries rely on RocksDB's `paranoid_checks` (on by default): a failed
+//! WAL write or sync stops the database, and only a resume (which flushes
+//! the memtables) lets a probe succeed, so a sync retried after the probe
+//! cannot report data as durable that the failed one lost. Syncs are
+//! synced writes (`sync_wal`), which the stopped database refuses with its
+//! no-space error, never a bare sync of the WAL file a failure left behind.
+
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::Duration;
+
+use rocksdb::{WriteBatch, WriteOptions, DB};
+use tokio::sync::watch;
+
+use crate::{Cf, StorageError};
+
+/// How often the probe tries a write while the disk is full.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// The probe's key in [`Cf::Node`]: a counter of probes.
+const PROBE_KEY: &[u8] = b"disk-probe";
+
+/// Whether RocksDB's error says it lacks space (`Status::NoSpace`, which
+/// prints as the operating system's ENOSPC message).
+pub(crate) fn is_no_space(e: &rocksdb::Error) -> bool {
+    e.as_ref().contains("No space left on device")
+}
+
+pub(crate) struct Disk {
+    /// True while writes fail for lack of space.
+    full: watch::Sender<bool>,
+    /// Set when the storage closes: the probe thread ends.
+    closed: Mutex<bool>,
+    wake: Condvar,
+    probe: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Disk {
+    /// Starts the probe thread; it holds the database only while probing.
+    pub(crate) fn start(db: &Arc<DB>) -> Arc<Disk> {
+        let disk = Arc::new(Disk {
+            full: watch::channel(false).0,
+            closed: Mutex::new(false),
+            wake: Condvar::new(),
+            probe: Mutex::new(None),
+        });
+        let (weak_db, probing) = (Arc::downgrade(db), disk.clone());
+        let thread = std::thread::Builder::new()
+            .name("kinesin-disk-probe".into())
+            .spawn(move || probe(weak_db, probing))
+            .expect("spawn disk probe thread");
+        *disk.probe.lock().expect("probe lock") = Some(thread);
+        disk
+    }
+
+    pub(crate) fn full(&self) -> bool {
+        *self.full.borrow()
+    }
+
+    /// Notes what a write's outcome says about the disk and passes it on.
+    pub(crate) fn outcome(&self, result: Result<(), rocksdb::Error>) -> Result<(), StorageError> {
+        match result {
+            Ok(()) => {
+                if self.full() && self.full.send_replace(false) {
+                    tracing::warn!("writes succeed again: the data directory's disk has room");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if is_no_space(&e) && !self.full.send_replace(true) {
+                    tracing::error!(
+                        error = %e,
+                        "the data directory's disk is full: writes are refused or wait until space is freed"
+                    );
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Waits until writes work again (returns at once if they do).
+    pub(crate) async fn writable(&self) {
+        let _ = self.full.subscribe().wait_for(|full| !full).await;
+    }
+
+    /// [`Disk::writable`] for blocking threads; false if the storage
+    /// closed first.
+    pub(crate) fn writable_blocking(&self) -> bool {
+        let mut closed = self.closed.lock().expect("disk lock");
+        while self.full() && !*closed {
+            closed = self
+                .wake
+                .wait_timeout(closed, PROBE_EVERY / 4)
+                .expect("disk lock")
+                .0;
+        }
+        !*closed
+    }
+
+    /// Ends the probe thread (the storage is closing).
+    pub(crate) fn close(&self) {
+        *self.closed.lock().expect("disk lock") = true;
+        self.wake.notify_all();
+        if let Some(thread) = self.probe.lock().expect("probe lock").take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn probe(db: Weak<DB>, disk: Arc<Disk>) {
+    let mut tries = 0u64;
+    loop {
+        {
+            let closed = disk.closed.lock().expect("disk lock");
+            let (closed, _) = disk
+                .wake
+                .wait_timeout_while(closed, PROBE_EVERY, |closed| !*closed)
+                .expect("disk lock");
+            if *closed {
+                return;
+            }
+        }
+        if !disk.full() {
+            continue;
+        }
+        let Some(db) = db.upgrade() else {
+            return;
+        };
+        let Some(cf) = db.cf_handle(Cf::Node.name()) else {
+            return;
+        };
+        tries += 1;
+        let mut batch = WriteBatch::default();
+        batch.put_cf(cf, PROBE_KEY, tries.to_le_bytes());
+        let _ = disk.outcome(db.write_opt(batch, &WriteOptions::default()));
+        disk.wake.notify_all();
+    }
+}
