@@ -59,7 +59,7 @@ def wait_until(what, condition, timeout=60.0):
 
 class Node:
     def __init__(self, binary, root, node_id, seed=None, extra=""):
-        self.node_id = node_id
+        self.binary, self.node_id = binary, node_id
         self.api_port, self.grpc_port, self.admin_port = free_port(), free_port(), free_port()
         self.data_dir = os.path.join(root, f"node{node_id}")
         self.config_path = os.path.join(root, f"node{node_id}.toml")
@@ -93,11 +93,20 @@ account_id = "{OTHER_ACCOUNT}"
             )
         self.log_path = os.path.join(root, f"node{node_id}.log")
         self.log = open(self.log_path, "w")
+        self.start()
+
+    def start(self):
         self.proc = subprocess.Popen(
-            [binary, "server", "--config", self.config_path],
+            [self.binary, "server", "--config", self.config_path],
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
+
+    def restart(self):
+        """Stops the node (SIGTERM) and starts it again on its data and ports."""
+        self.stop()
+        self.log = open(self.log_path, "a")
+        self.start()
 
     @property
     def endpoint(self):

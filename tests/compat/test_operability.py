@@ -23,9 +23,10 @@ import pytest
 import yaml
 
 from conftest import (
-    ACCESS_KEY, REGION, SECRET_KEY, client_for, create_and_wait, free_port, read_shard, s3_client, start_cluster,
-    wait_until,
+    ACCESS_KEY, OTHER_ACCESS_KEY, OTHER_SECRET_KEY, REGION, SECRET_KEY, _meta_settled, client_for, create_and_wait,
+    free_port, read_shard, s3_client, start_cluster, wait_until,
 )
+from test_sqs import sqs_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GRAFANA = os.path.join(REPO, "deploy", "grafana")
@@ -268,6 +269,32 @@ def test_cluster_health_exits_3_when_a_node_is_down(binary, workdir):
         bad = subprocess.run([binary, "cluster", "health", "--endpoint", endpoint], capture_output=True, text=True, timeout=60)
         assert bad.returncode == 3, bad.stdout + bad.stderr
         assert "node 3 unreachable" in bad.stdout and "UNHEALTHY" in bad.stdout
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def test_survivors_restarted_while_a_node_is_down_still_create_queues(binary, workdir, stream_name):
+    """Commands of newer data versions (Raft groups, other accounts'
+    streams) are proposed only once every node is known to decode them. A
+    survivor restarted while a node is down must still know the version the
+    down node reported before; otherwise no queue (and no other account's
+    stream) could be created until that node came back."""
+    nodes = start_cluster(binary, os.path.join(workdir, "restarted-survivors"), 3)
+    try:
+        wait_until("three settled metadata voters", lambda: _meta_settled(nodes[0]))
+        nodes[2].proc.send_signal(signal.SIGKILL)
+        nodes[2].proc.wait()
+        for n in nodes[:2]:
+            n.restart()
+            wait_until(f"node {n.node_id} ready again", n.ready)
+        sqs = sqs_for(nodes[1].endpoint)
+        url = sqs.create_queue(QueueName=stream_name)["QueueUrl"]
+        sqs.send_message(QueueUrl=url, MessageBody="after the restarts")
+        got = sqs.receive_message(QueueUrl=url, WaitTimeSeconds=10).get("Messages", [])
+        assert [m["Body"] for m in got] == ["after the restarts"]
+        other = client_for(nodes[0].endpoint, OTHER_ACCESS_KEY, OTHER_SECRET_KEY)
+        create_and_wait(other, stream_name)
     finally:
         for n in nodes:
             n.stop()

@@ -222,6 +222,11 @@ impl RaftHost {
         self.inner.node_id
     }
 
+    /// This node's storage, shared by all its groups.
+    pub fn storage(&self) -> &Storage {
+        &self.inner.storage
+    }
+
     /// How this node dials other nodes' internal port.
     pub fn dialer(&self) -> &Dialer {
         self.inner.pool.dialer()

@@ -4,12 +4,19 @@
 //! process refuses connections at once) or nothing answered for
 //! [`SILENT_FOR`] (a hung or partitioned one). The router stops routing to
 //! down nodes, and the failover task ends the leader leases of their groups.
+//!
+//! Answers also carry each node's data version. The highest one a node
+//! reported is kept, in memory and in this node's storage: a node's version
+//! never goes down (a release refuses a directory of a newer version), so
+//! a node that restarts while a peer is down still knows that the peer
+//! decodes what its version introduced (`Router::cluster_data_version`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kinesin_proto::v1::{self as pb};
+use kinesin_storage::{Cf, Storage, WriteBatch};
 use kinesin_types::NodeId;
 use tokio::sync::watch;
 
@@ -20,6 +27,10 @@ pub const PING_EVERY: Duration = Duration::from_millis(200);
 /// connection error. Long enough that a busy node answering a tiny ping
 /// late is not taken for dead on a loaded machine.
 pub const SILENT_FOR: Duration = Duration::from_secs(3);
+
+/// The key in [`Cf::Node`] of the peers' highest reported data versions
+/// (JSON: node id → version).
+const VERSIONS_KEY: &[u8] = b"peer-data-versions";
 
 /// How a ping ended.
 #[derive(Debug, Clone, Copy)]
@@ -36,6 +47,14 @@ enum Ping {
 #[derive(Default)]
 pub struct Liveness {
     peers: Mutex<HashMap<NodeId, Peer>>,
+    /// The highest data version each node reported (absent: none yet, or a
+    /// release that does not report one).
+    versions: Mutex<BTreeMap<u64, u32>>,
+    /// Where `versions` is kept; none in tests of the pings alone.
+    storage: Option<Storage>,
+    /// Held while storing `versions`, so that stores land in the order
+    /// they read the map and the last one holds the highest versions.
+    saving: Mutex<()>,
 }
 
 struct Peer {
@@ -43,9 +62,6 @@ struct Peer {
     /// The last ping could not reach the node at all.
     unreachable: bool,
     in_flight: bool,
-    /// The data version its last answer reported (0: none yet, or a
-    /// release that does not report one).
-    data_version: u32,
 }
 
 impl Peer {
@@ -55,6 +71,29 @@ impl Peer {
 }
 
 impl Liveness {
+    /// Liveness that keeps the peers' versions in `storage`, starting from
+    /// those stored there. Unreadable ones are dropped with a warning: the
+    /// peers then count as not heard from until they answer.
+    pub fn open(storage: Storage) -> Self {
+        let stored = storage
+            .get(Cf::Node, VERSIONS_KEY)
+            .map_err(|e| e.to_string())
+            .and_then(|v| {
+                v.map_or(Ok(BTreeMap::new()), |v| {
+                    serde_json::from_slice(&v).map_err(|e| e.to_string())
+                })
+            });
+        let versions = stored.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "the peers' stored data versions are unreadable; they count as not heard from until they answer");
+            BTreeMap::new()
+        });
+        Liveness {
+            versions: Mutex::new(versions),
+            storage: Some(storage),
+            ..Liveness::default()
+        }
+    }
+
     /// Is `node` known to be down? Unknown nodes are not.
     pub fn is_down(&self, node: NodeId) -> bool {
         let peers = self.peers.lock().expect("liveness lock");
@@ -78,32 +117,58 @@ impl Liveness {
             last_answer: Instant::now(),
             unreachable: false,
             in_flight: false,
-            data_version: 0,
         });
         !std::mem::replace(&mut p.in_flight, true)
     }
 
-    /// Records a ping's outcome.
-    fn end(&self, node: NodeId, outcome: Ping) {
-        let mut peers = self.peers.lock().expect("liveness lock");
-        if let Some(p) = peers.get_mut(&node) {
+    /// Records a ping's outcome; true if it raised the node's known data
+    /// version.
+    fn end(&self, node: NodeId, outcome: Ping) -> bool {
+        {
+            let mut peers = self.peers.lock().expect("liveness lock");
+            let Some(p) = peers.get_mut(&node) else {
+                return false;
+            };
             p.in_flight = false;
             match outcome {
-                Ping::Answered { data_version } => {
+                Ping::Answered { .. } => {
                     p.last_answer = Instant::now();
                     p.unreachable = false;
-                    p.data_version = data_version;
                 }
                 Ping::Refused => p.unreachable = true,
                 Ping::Silent => {}
             }
         }
+        let Ping::Answered { data_version } = outcome else {
+            return false;
+        };
+        let mut versions = self.versions.lock().expect("versions lock");
+        let known = versions.entry(node.0).or_default();
+        let raised = data_version > *known;
+        *known = (*known).max(data_version);
+        raised
     }
 
-    /// The data version `node` last reported; 0 if none.
+    /// The highest data version `node` reported; 0 if none.
     pub fn data_version(&self, node: NodeId) -> u32 {
-        let peers = self.peers.lock().expect("liveness lock");
-        peers.get(&node).map_or(0, |p| p.data_version)
+        let versions = self.versions.lock().expect("versions lock");
+        versions.get(&node.0).copied().unwrap_or(0)
+    }
+
+    /// Stores the known versions (a blocking write). A failure is only
+    /// logged: the next raise stores them again.
+    fn save_versions(&self) {
+        let Some(storage) = &self.storage else {
+            return;
+        };
+        let _saving = self.saving.lock().expect("saving lock");
+        let json = serde_json::to_vec(&*self.versions.lock().expect("versions lock"))
+            .expect("a map of numbers encodes");
+        let mut batch = WriteBatch::default();
+        batch.put_cf(storage.cf(Cf::Node), VERSIONS_KEY, json);
+        if let Err(e) = storage.write(batch) {
+            tracing::warn!(error = %e, "could not store the peers' data versions");
+        }
     }
 
     fn retain(&self, nodes: &HashSet<NodeId>) {
@@ -150,7 +215,14 @@ pub async fn run_pings(router: Arc<Router>, mut stop: watch::Receiver<bool>) {
                     }
                 };
                 let was_down = router.liveness().is_down(node);
-                router.liveness().end(node, outcome);
+                if router.liveness().end(node, outcome) {
+                    let router = router.clone();
+                    let saved =
+                        tokio::task::spawn_blocking(move || router.liveness().save_versions());
+                    if let Err(e) = saved.await {
+                        tracing::warn!(error = %e, "storing the peers' data versions failed");
+                    }
+                }
                 if !was_down && router.liveness().is_down(node) {
                     tracing::info!(node = node.0, "node is down");
                     router.forget_leader_node(node);
@@ -185,10 +257,32 @@ mod tests {
         assert_eq!(l.down(), HashSet::from([n]));
         assert_eq!(l.data_version(n), 0);
         assert!(l.begin(n));
-        l.end(n, Ping::Answered { data_version: 3 });
+        assert!(l.end(n, Ping::Answered { data_version: 3 }));
         assert!(!l.is_down(n));
         assert_eq!(l.data_version(n), 3);
         l.retain(&HashSet::new());
         assert!(l.down().is_empty());
+    }
+
+    #[test]
+    fn a_nodes_known_version_never_goes_down_and_outlives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || Storage::open(dir.path(), kinesin_storage::FsyncPolicy::Always).unwrap();
+        let n = NodeId(2);
+        {
+            let l = Liveness::open(open());
+            assert_eq!(l.data_version(n), 0);
+            assert!(l.begin(n));
+            assert!(l.end(n, Ping::Answered { data_version: 4 }));
+            l.save_versions();
+            // A node killed during a ping can end it with an error that
+            // counts as an answer without a version.
+            assert!(l.begin(n));
+            assert!(!l.end(n, Ping::Answered { data_version: 0 }));
+            assert_eq!(l.data_version(n), 4);
+        }
+        let restarted = Liveness::open(open());
+        assert_eq!(restarted.data_version(n), 4, "known after a restart");
+        assert_eq!(restarted.data_version(NodeId(3)), 0);
     }
 }

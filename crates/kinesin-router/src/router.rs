@@ -145,13 +145,14 @@ impl Router {
         config: RouterConfig,
     ) -> Self {
         let clients = NodeClients::new(host.dialer().clone());
+        let liveness = Liveness::open(host.storage().clone());
         Router {
             host,
             meta,
             shards,
             clients,
             leaders: Mutex::default(),
-            liveness: Liveness::default(),
+            liveness,
             throttle: Throttle::new(config.shard_limits),
             config,
         }
