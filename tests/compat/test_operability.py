@@ -281,13 +281,23 @@ def test_survivors_restarted_while_a_node_is_down_still_create_queues(binary, wo
     down node reported before; otherwise no queue (and no other account's
     stream) could be created until that node came back."""
     nodes = start_cluster(binary, os.path.join(workdir, "restarted-survivors"), 3)
+
+    def versions(node):
+        """The data version of each node as `node` heard it."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.admin_port}/admin/cluster", timeout=5) as r:
+            return {n["id"]: n["data_version"] for n in json.load(r)["nodes"]}
+
     try:
         wait_until("three settled metadata voters", lambda: _meta_settled(nodes[0]))
+        for n in nodes[:2]:
+            wait_until(f"node {n.node_id} to hear every version", lambda n=n: min(versions(n).values()) > 0)
         nodes[2].proc.send_signal(signal.SIGKILL)
         nodes[2].proc.wait()
         for n in nodes[:2]:
             n.restart()
             wait_until(f"node {n.node_id} ready again", n.ready)
+            heard = versions(n)
+            assert heard[3] == heard[n.node_id], heard
         sqs = sqs_for(nodes[1].endpoint)
         url = sqs.create_queue(QueueName=stream_name)["QueueUrl"]
         sqs.send_message(QueueUrl=url, MessageBody="after the restarts")

@@ -5,13 +5,15 @@
 //! [`SILENT_FOR`] (a hung or partitioned one). The router stops routing to
 //! down nodes, and the failover task ends the leader leases of their groups.
 //!
-//! Answers also carry each node's data version. The highest one a node
-//! reported is kept, in memory and in this node's storage: a node's version
-//! never goes down (a release refuses a directory of a newer version), so
-//! a node that restarts while a peer is down still knows that the peer
-//! decodes what its version introduced (`Router::cluster_data_version`).
+//! Answers also carry each node's data version (`Router::cluster_data_version`).
+//! The version a node last reported is kept, in memory and in this node's
+//! storage, until the node reports another: neither an error that ends a
+//! ping (a kill can) nor a restart of this node while the peer is down
+//! makes a known peer count as not heard from. A node rolled back to an
+//! older release reports the older version at its first answer.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,16 +30,17 @@ pub const PING_EVERY: Duration = Duration::from_millis(200);
 /// late is not taken for dead on a loaded machine.
 pub const SILENT_FOR: Duration = Duration::from_secs(3);
 
-/// The key in [`Cf::Node`] of the peers' highest reported data versions
+/// The key in [`Cf::Node`] of the peers' last reported data versions
 /// (JSON: node id → version).
 const VERSIONS_KEY: &[u8] = b"peer-data-versions";
 
 /// How a ping ended.
 #[derive(Debug, Clone, Copy)]
 enum Ping {
-    Answered {
-        data_version: u32,
-    },
+    /// The node answered: with its data version if the answer says (0: a
+    /// release without Ping, which reports none), or with an error that
+    /// does not say.
+    Answered { data_version: Option<u32> },
     /// Could not connect.
     Refused,
     /// No answer in time.
@@ -47,13 +50,14 @@ enum Ping {
 #[derive(Default)]
 pub struct Liveness {
     peers: Mutex<HashMap<NodeId, Peer>>,
-    /// The highest data version each node reported (absent: none yet, or a
-    /// release that does not report one).
+    /// The data version each node last reported (absent: none yet).
     versions: Mutex<BTreeMap<u64, u32>>,
     /// Where `versions` is kept; none in tests of the pings alone.
     storage: Option<Storage>,
+    /// `versions` changed since it was last stored (or storing failed).
+    unsaved: AtomicBool,
     /// Held while storing `versions`, so that stores land in the order
-    /// they read the map and the last one holds the highest versions.
+    /// they read the map and the last one holds the latest versions.
     saving: Mutex<()>,
 }
 
@@ -121,8 +125,8 @@ impl Liveness {
         !std::mem::replace(&mut p.in_flight, true)
     }
 
-    /// Records a ping's outcome; true if it raised the node's known data
-    /// version.
+    /// Records a ping's outcome; true if the versions are to be stored
+    /// ([`Liveness::save_versions`]).
     fn end(&self, node: NodeId, outcome: Ping) -> bool {
         {
             let mut peers = self.peers.lock().expect("liveness lock");
@@ -139,35 +143,44 @@ impl Liveness {
                 Ping::Silent => {}
             }
         }
-        let Ping::Answered { data_version } = outcome else {
-            return false;
-        };
-        let mut versions = self.versions.lock().expect("versions lock");
-        let known = versions.entry(node.0).or_default();
-        let raised = data_version > *known;
-        *known = (*known).max(data_version);
-        raised
+        if let Ping::Answered {
+            data_version: Some(version),
+        } = outcome
+        {
+            let mut versions = self.versions.lock().expect("versions lock");
+            if versions.insert(node.0, version) != Some(version) {
+                self.unsaved.store(true, Ordering::SeqCst);
+            }
+        }
+        self.storage.is_some() && self.unsaved.load(Ordering::SeqCst)
     }
 
-    /// The highest data version `node` reported; 0 if none.
+    /// The data version `node` last reported; 0 if none.
     pub fn data_version(&self, node: NodeId) -> u32 {
         let versions = self.versions.lock().expect("versions lock");
         versions.get(&node.0).copied().unwrap_or(0)
     }
 
-    /// Stores the known versions (a blocking write). A failure is only
-    /// logged: the next raise stores them again.
+    /// Stores the known versions unless they are stored already (a
+    /// blocking write). After a failure the next ping's end asks again.
     fn save_versions(&self) {
         let Some(storage) = &self.storage else {
             return;
         };
         let _saving = self.saving.lock().expect("saving lock");
+        if !self.unsaved.swap(false, Ordering::SeqCst) {
+            return;
+        }
         let json = serde_json::to_vec(&*self.versions.lock().expect("versions lock"))
             .expect("a map of numbers encodes");
         let mut batch = WriteBatch::default();
         batch.put_cf(storage.cf(Cf::Node), VERSIONS_KEY, json);
         if let Err(e) = storage.write(batch) {
-            tracing::warn!(error = %e, "could not store the peers' data versions");
+            self.unsaved.store(true, Ordering::SeqCst);
+            // A full disk is reported where it is noticed; retried quietly.
+            if !e.is_no_space() {
+                tracing::warn!(error = %e, "could not store the peers' data versions");
+            }
         }
     }
 
@@ -202,12 +215,19 @@ pub async fn run_pings(router: Arc<Router>, mut stop: watch::Receiver<bool>) {
                     Ok(mut c) => {
                         match tokio::time::timeout(SILENT_FOR, c.ping(pb::PingRequest {})).await {
                             Ok(Ok(r)) => Ping::Answered {
-                                data_version: r.into_inner().data_version,
+                                data_version: Some(r.into_inner().data_version),
                             },
-                            // An answer, even an error, shows the node runs
-                            // (an older node without Ping says Unimplemented).
+                            // A release before data version 3 has no Ping.
+                            Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => {
+                                Ping::Answered {
+                                    data_version: Some(0),
+                                }
+                            }
+                            // An answer, even an error, shows the node runs,
+                            // but not which version (a kill during the ping
+                            // can end it so).
                             Ok(Err(s)) if s.code() != tonic::Code::Unavailable => {
-                                Ping::Answered { data_version: 0 }
+                                Ping::Answered { data_version: None }
                             }
                             Ok(Err(_)) => Ping::Refused,
                             Err(_) => Ping::Silent,
@@ -215,19 +235,15 @@ pub async fn run_pings(router: Arc<Router>, mut stop: watch::Receiver<bool>) {
                     }
                 };
                 let was_down = router.liveness().is_down(node);
-                if router.liveness().end(node, outcome) {
-                    let router = router.clone();
-                    let saved =
-                        tokio::task::spawn_blocking(move || router.liveness().save_versions());
-                    if let Err(e) = saved.await {
-                        tracing::warn!(error = %e, "storing the peers' data versions failed");
-                    }
-                }
+                let save = router.liveness().end(node, outcome);
                 if !was_down && router.liveness().is_down(node) {
                     tracing::info!(node = node.0, "node is down");
                     router.forget_leader_node(node);
                 } else if was_down && !router.liveness().is_down(node) {
                     tracing::info!(node = node.0, "node is up again");
+                }
+                if save {
+                    tokio::task::spawn_blocking(move || router.liveness().save_versions());
                 }
             });
         }
@@ -257,7 +273,12 @@ mod tests {
         assert_eq!(l.down(), HashSet::from([n]));
         assert_eq!(l.data_version(n), 0);
         assert!(l.begin(n));
-        assert!(l.end(n, Ping::Answered { data_version: 3 }));
+        l.end(
+            n,
+            Ping::Answered {
+                data_version: Some(3),
+            },
+        );
         assert!(!l.is_down(n));
         assert_eq!(l.data_version(n), 3);
         l.retain(&HashSet::new());
@@ -265,24 +286,33 @@ mod tests {
     }
 
     #[test]
-    fn a_nodes_known_version_never_goes_down_and_outlives_a_restart() {
+    fn a_peers_last_version_outlives_an_error_and_a_restart_until_it_reports_another() {
         let dir = tempfile::tempdir().unwrap();
         let open = || Storage::open(dir.path(), kinesin_storage::FsyncPolicy::Always).unwrap();
         let n = NodeId(2);
+        let answer = |l: &Liveness, data_version| {
+            assert!(l.begin(n));
+            l.end(n, Ping::Answered { data_version })
+        };
         {
             let l = Liveness::open(open());
             assert_eq!(l.data_version(n), 0);
-            assert!(l.begin(n));
-            assert!(l.end(n, Ping::Answered { data_version: 4 }));
+            assert!(answer(&l, Some(4)), "a new version is to be stored");
             l.save_versions();
-            // A node killed during a ping can end it with an error that
-            // counts as an answer without a version.
-            assert!(l.begin(n));
-            assert!(!l.end(n, Ping::Answered { data_version: 0 }));
+            assert!(!answer(&l, Some(4)), "stored already");
+            // A kill during a ping can end it with an error that says no
+            // version.
+            assert!(!answer(&l, None));
             assert_eq!(l.data_version(n), 4);
         }
         let restarted = Liveness::open(open());
         assert_eq!(restarted.data_version(n), 4, "known after a restart");
         assert_eq!(restarted.data_version(NodeId(3)), 0);
+        // Rolled back to an older release, the node says so.
+        assert!(answer(&restarted, Some(3)));
+        assert_eq!(restarted.data_version(n), 3);
+        restarted.save_versions();
+        drop(restarted);
+        assert_eq!(Liveness::open(open()).data_version(n), 3);
     }
 }

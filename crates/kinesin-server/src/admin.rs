@@ -15,6 +15,7 @@ use axum::{Json, Router as HttpRouter};
 use kinesin_meta::NodeState;
 use kinesin_raft::Role;
 use kinesin_router::Router;
+use kinesin_storage::data_version::DATA_VERSION;
 use kinesin_types::{GroupId, NodeId, ShardState};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use metrics_util::MetricKindMask;
@@ -230,8 +231,11 @@ async fn cluster(State(s): State<AdminState>) -> Json<serde_json::Value> {
     Json(json!({
         "node_id": host.node_id().0,
         "cluster_id": state.cluster_id,
+        // The data version each node runs, as this node last heard it (0:
+        // not heard from, or a release before version 3).
         "nodes": state.nodes.values().map(|n| json!({
             "id": n.id.0, "grpc": n.raft_addr, "api": n.api_addr, "zone": n.zone, "state": format!("{:?}", n.state),
+            "data_version": if n.id == host.node_id() { DATA_VERSION } else { s.router.liveness().data_version(n.id) },
         })).collect::<Vec<_>>(),
         "streams": state.streams.keys().collect::<Vec<_>>(),
         "groups": groups,
