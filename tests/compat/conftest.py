@@ -112,6 +112,11 @@ account_id = "{OTHER_ACCOUNT}"
     def endpoint(self):
         return f"http://127.0.0.1:{self.api_port}"
 
+    def cluster_view(self):
+        """The node's `/admin/cluster` answer: nodes, streams, its groups."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/admin/cluster", timeout=5) as r:
+            return json.load(r)
+
     def ready(self):
         if self.proc.poll() is not None:
             raise RuntimeError(f"node {self.node_id} exited; see {self.log_path}")
@@ -207,10 +212,9 @@ def s3_client(endpoint):
 def sole_group_leader(nodes):
     """The node leading the only group besides the metadata group."""
     for n in nodes:
-        with urllib.request.urlopen(f"http://127.0.0.1:{n.admin_port}/admin/cluster", timeout=5) as r:
-            for g in json.load(r)["groups"]:
-                if g["group"] != 0 and g.get("role") == "leader":
-                    return n
+        for g in n.cluster_view()["groups"]:
+            if g["group"] != 0 and g.get("role") == "leader":
+                return n
     return None
 
 
@@ -245,7 +249,7 @@ def cluster(binary, workdir, s3_endpoint):
         # Kill only once the metadata group has its three voters and no
         # membership change under way: stopped during joint consensus, a
         # node can take the quorum of the old configuration with it.
-        wait_until("three settled metadata voters", lambda: _meta_settled(nodes[0]))
+        wait_until("three settled metadata voters", lambda: meta_settled(nodes[0]))
         dead = nodes[int(KILL) - 1]
         dead.proc.send_signal(signal.SIGKILL)
         dead.proc.wait()
@@ -257,9 +261,9 @@ def cluster(binary, workdir, s3_endpoint):
         n.stop()
 
 
-def _meta_settled(node):
-    with urllib.request.urlopen(f"http://127.0.0.1:{node.admin_port}/admin/cluster", timeout=5) as r:
-        group = next(g for g in json.load(r)["groups"] if g["group"] == 0)
+def meta_settled(node):
+    """The metadata group has three voters and no membership change under way."""
+    group = next(g for g in node.cluster_view()["groups"] if g["group"] == 0)
     return len(group["voters"]) == 3 and not group["joint_membership"]
 
 
@@ -273,6 +277,17 @@ def _probe(nodes):
         c.put_record(StreamName=name, PartitionKey="k", Data=b"x")
     client.delete_stream(StreamName=name)
     return True
+
+
+def sqs_for(endpoint, attempts=6, access_key=ACCESS_KEY, secret_key=SECRET_KEY):
+    return boto3.client(
+        "sqs",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        config=Config(retries={"mode": "standard", "total_max_attempts": attempts}, read_timeout=40),
+    )
 
 
 def client_for(endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY, validate=True, attempts=6):

@@ -11,7 +11,6 @@ import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 import urllib.error
@@ -23,10 +22,9 @@ import pytest
 import yaml
 
 from conftest import (
-    ACCESS_KEY, OTHER_ACCESS_KEY, OTHER_SECRET_KEY, REGION, SECRET_KEY, _meta_settled, client_for, create_and_wait,
-    free_port, read_shard, s3_client, start_cluster, wait_until,
+    ACCESS_KEY, OTHER_ACCESS_KEY, OTHER_SECRET_KEY, REGION, SECRET_KEY, client_for, create_and_wait, free_port,
+    meta_settled, read_shard, s3_client, sqs_for, start_cluster, wait_until,
 )
-from test_sqs import sqs_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GRAFANA = os.path.join(REPO, "deploy", "grafana")
@@ -284,11 +282,10 @@ def test_survivors_restarted_while_a_node_is_down_still_create_queues(binary, wo
 
     def versions(node):
         """The data version of each node as `node` heard it."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{node.admin_port}/admin/cluster", timeout=5) as r:
-            return {n["id"]: n["data_version"] for n in json.load(r)["nodes"]}
+        return {n["id"]: n["data_version"] for n in node.cluster_view()["nodes"]}
 
     try:
-        wait_until("three settled metadata voters", lambda: _meta_settled(nodes[0]))
+        wait_until("three settled metadata voters", lambda: meta_settled(nodes[0]))
         for n in nodes[:2]:
             wait_until(f"node {n.node_id} to hear every version", lambda n=n: min(versions(n).values()) > 0)
         nodes[2].proc.send_signal(signal.SIGKILL)
@@ -450,8 +447,7 @@ def test_a_node_that_lost_its_data_is_refused_not_readmitted(binary, workdir, st
         client = client_for(nodes[0].endpoint)
         create_and_wait(client, stream_name)
         def meta_voters():
-            with urllib.request.urlopen(f"http://127.0.0.1:{nodes[0].admin_port}/admin/cluster", timeout=5) as r:
-                return next(g["voters"] for g in json.load(r)["groups"] if g["group"] == 0)
+            return next(g["voters"] for g in nodes[0].cluster_view()["groups"] if g["group"] == 0)
 
         wait_until("node 3 to vote in the metadata group", lambda: 3 in meta_voters())
         nodes[2].stop()

@@ -13,27 +13,14 @@ import urllib.parse
 import urllib.request
 import xml.etree.ElementTree as ET
 
-import boto3
 import pytest
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
-from botocore.config import Config
 from botocore.credentials import Credentials
 from conftest import (ACCESS_KEY, ACCOUNT, OTHER_ACCESS_KEY, OTHER_ACCOUNT, OTHER_SECRET_KEY, REGION, SECRET_KEY,
-                      sole_group_leader, start_cluster, wait_until)
+                      sole_group_leader, sqs_for, start_cluster, wait_until)
 
 XMLNS = "{http://queue.amazonaws.com/doc/2012-11-05/}"
-
-
-def sqs_for(endpoint, attempts=6, access_key=ACCESS_KEY, secret_key=SECRET_KEY):
-    return boto3.client(
-        "sqs",
-        endpoint_url=endpoint,
-        region_name=REGION,
-        aws_access_key_id=access_key,
-        aws_secret_access_key=secret_key,
-        config=Config(retries={"mode": "standard", "total_max_attempts": attempts}, read_timeout=40),
-    )
 
 
 @pytest.fixture(scope="session")

@@ -47,13 +47,12 @@ enum Ping {
     Silent,
 }
 
-#[derive(Default)]
 pub struct Liveness {
     peers: Mutex<HashMap<NodeId, Peer>>,
     /// The data version each node last reported (absent: none yet).
     versions: Mutex<BTreeMap<u64, u32>>,
-    /// Where `versions` is kept; none in tests of the pings alone.
-    storage: Option<Storage>,
+    /// Where `versions` is kept.
+    storage: Storage,
     /// `versions` changed since it was last stored (or storing failed).
     unsaved: AtomicBool,
     /// Held while storing `versions`, so that stores land in the order
@@ -79,22 +78,16 @@ impl Liveness {
     /// those stored there. Unreadable ones are dropped with a warning: the
     /// peers then count as not heard from until they answer.
     pub fn open(storage: Storage) -> Self {
-        let stored = storage
-            .get(Cf::Node, VERSIONS_KEY)
-            .map_err(|e| e.to_string())
-            .and_then(|v| {
-                v.map_or(Ok(BTreeMap::new()), |v| {
-                    serde_json::from_slice(&v).map_err(|e| e.to_string())
-                })
-            });
-        let versions = stored.unwrap_or_else(|e| {
+        let versions = stored_versions(&storage).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "the peers' stored data versions are unreadable; they count as not heard from until they answer");
             BTreeMap::new()
         });
         Liveness {
+            peers: Mutex::default(),
             versions: Mutex::new(versions),
-            storage: Some(storage),
-            ..Liveness::default()
+            storage,
+            unsaved: AtomicBool::new(false),
+            saving: Mutex::default(),
         }
     }
 
@@ -152,7 +145,7 @@ impl Liveness {
                 self.unsaved.store(true, Ordering::SeqCst);
             }
         }
-        self.storage.is_some() && self.unsaved.load(Ordering::SeqCst)
+        self.unsaved.load(Ordering::SeqCst)
     }
 
     /// The data version `node` last reported; 0 if none.
@@ -164,9 +157,6 @@ impl Liveness {
     /// Stores the known versions unless they are stored already (a
     /// blocking write). After a failure the next ping's end asks again.
     fn save_versions(&self) {
-        let Some(storage) = &self.storage else {
-            return;
-        };
         let _saving = self.saving.lock().expect("saving lock");
         if !self.unsaved.swap(false, Ordering::SeqCst) {
             return;
@@ -174,8 +164,8 @@ impl Liveness {
         let json = serde_json::to_vec(&*self.versions.lock().expect("versions lock"))
             .expect("a map of numbers encodes");
         let mut batch = WriteBatch::default();
-        batch.put_cf(storage.cf(Cf::Node), VERSIONS_KEY, json);
-        if let Err(e) = storage.write(batch) {
+        batch.put_cf(self.storage.cf(Cf::Node), VERSIONS_KEY, json);
+        if let Err(e) = self.storage.write(batch) {
             self.unsaved.store(true, Ordering::SeqCst);
             // A full disk is reported where it is noticed; retried quietly.
             if !e.is_no_space() {
@@ -189,6 +179,17 @@ impl Liveness {
             .lock()
             .expect("liveness lock")
             .retain(|n, _| nodes.contains(n));
+    }
+}
+
+/// The versions [`Liveness::save_versions`] stored (none: an empty map).
+fn stored_versions(storage: &Storage) -> Result<BTreeMap<u64, u32>, String> {
+    match storage
+        .get(Cf::Node, VERSIONS_KEY)
+        .map_err(|e| e.to_string())?
+    {
+        None => Ok(BTreeMap::new()),
+        Some(json) => serde_json::from_slice(&json).map_err(|e| e.to_string()),
     }
 }
 
@@ -258,9 +259,14 @@ pub async fn run_pings(router: Arc<Router>, mut stop: watch::Receiver<bool>) {
 mod tests {
     use super::*;
 
+    fn storage_in(dir: &tempfile::TempDir) -> Storage {
+        Storage::open(dir.path(), kinesin_storage::FsyncPolicy::Always).unwrap()
+    }
+
     #[test]
     fn a_refused_connection_is_down_at_once_and_an_answer_brings_it_back() {
-        let l = Liveness::default();
+        let dir = tempfile::tempdir().unwrap();
+        let l = Liveness::open(storage_in(&dir));
         let n = NodeId(2);
         assert!(!l.is_down(n), "unknown nodes are not down");
         assert!(l.begin(n));
@@ -288,7 +294,7 @@ mod tests {
     #[test]
     fn a_peers_last_version_outlives_an_error_and_a_restart_until_it_reports_another() {
         let dir = tempfile::tempdir().unwrap();
-        let open = || Storage::open(dir.path(), kinesin_storage::FsyncPolicy::Always).unwrap();
+        let open = || storage_in(&dir);
         let n = NodeId(2);
         let answer = |l: &Liveness, data_version| {
             assert!(l.begin(n));
