@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use futures::{Stream, TryStreamExt};
 use kinesin_storage::keys;
-use kinesin_storage::{Cf, Durability, Storage, StorageError, View, WriteBatch};
+use kinesin_storage::{Cf, Durability, RetriedBatch, Storage, View, WriteBatch};
 use kinesin_types::GroupId;
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, RaftSnapshotBuilder};
@@ -505,24 +505,18 @@ impl StateMachineStore {
     /// both under. A full disk is waited out (with the lock released):
     /// openraft stops the group for good if an apply or install fails.
     async fn write_and_publish(&self, batch: WriteBatch, how: Durability) -> io::Result<()> {
-        let bytes = batch.data().to_vec();
-        let mut next = Some(batch);
-        loop {
-            let written: Result<(), StorageError> = {
+        let mut batch = RetriedBatch::new(batch);
+        self.storage
+            .patiently(|| {
                 let _consistent = self.applying.lock().expect("apply lock");
-                let batch = next.take().unwrap_or_else(|| WriteBatch::from_data(&bytes));
-                let written = self.storage.write_as(batch, how);
+                let written = self.storage.write_as(batch.attempt(), how);
                 if written.is_ok() {
                     self.inner.publish();
                 }
                 written
-            };
-            match written {
-                Ok(()) => return Ok(()),
-                Err(e) if e.is_no_space() => self.storage.writable().await,
-                Err(e) => return Err(e.into()),
-            }
-        }
+            })
+            .await?;
+        Ok(())
     }
 
     fn put(&self, batch: &mut WriteBatch, name: &[u8], value: Vec<u8>) {

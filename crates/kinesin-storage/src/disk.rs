@@ -104,6 +104,21 @@ impl Disk {
         !*closed
     }
 
+    /// Runs `op` until it ends otherwise than for lack of space, waiting
+    /// (blocking) between tries until writes work again; the no-space
+    /// error is returned if the storage closes first.
+    pub(crate) fn retry_blocking<T>(
+        &self,
+        mut op: impl FnMut() -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        loop {
+            match op() {
+                Err(e) if e.is_no_space() && self.writable_blocking() => {}
+                other => return other,
+            }
+        }
+    }
+
     /// Ends the probe thread (the storage is closing).
     pub(crate) fn close(&self) {
         *self.closed.lock().expect("disk lock") = true;

@@ -182,6 +182,30 @@ impl View<'_> {
 /// A key and its value, as iteration yields them.
 pub type KeyValue = (Box<[u8]>, Box<[u8]>);
 
+/// A batch to write until the disk takes it. A write consumes its batch,
+/// failed or not, so the first attempt writes the batch itself and later
+/// ones a copy of its bytes (taken up front: one copy per write).
+pub struct RetriedBatch {
+    first: Option<WriteBatch>,
+    bytes: Vec<u8>,
+}
+
+impl RetriedBatch {
+    pub fn new(batch: WriteBatch) -> Self {
+        RetriedBatch {
+            bytes: batch.data().to_vec(),
+            first: Some(batch),
+        }
+    }
+
+    /// The batch for the next attempt.
+    pub fn attempt(&mut self) -> WriteBatch {
+        self.first
+            .take()
+            .unwrap_or_else(|| WriteBatch::from_data(&self.bytes))
+    }
+}
+
 /// The node's RocksDB instance. Cheap to clone.
 #[derive(Clone)]
 pub struct Storage {
@@ -308,17 +332,8 @@ impl Storage {
         batch: WriteBatch,
         how: Durability,
     ) -> Result<(), StorageError> {
-        // The batch is gone once written, failed or not: keep its bytes for
-        // a retry.
-        let bytes = batch.data().to_vec();
-        let mut next = Some(batch);
-        loop {
-            let batch = next.take().unwrap_or_else(|| WriteBatch::from_data(&bytes));
-            match self.write_as(batch, how) {
-                Err(e) if e.is_no_space() => self.inner.disk.writable().await,
-                other => return other,
-            }
-        }
+        let mut batch = RetriedBatch::new(batch);
+        self.patiently(|| self.write_as(batch.attempt(), how)).await
     }
 
     /// [`Storage::write_patiently`] for blocking threads.
@@ -327,12 +342,23 @@ impl Storage {
         batch: WriteBatch,
         how: Durability,
     ) -> Result<(), StorageError> {
-        let bytes = batch.data().to_vec();
-        let mut next = Some(batch);
+        let mut batch = RetriedBatch::new(batch);
+        self.inner
+            .disk
+            .retry_blocking(|| self.write_as(batch.attempt(), how))
+    }
+
+    /// Runs `op` until it ends otherwise than for lack of space
+    /// ([`StorageError::is_no_space`]), waiting between tries until writes
+    /// work again. Unlike the blocking retries it does not stop when the
+    /// storage closes: its task ends with the runtime.
+    pub async fn patiently<T>(
+        &self,
+        mut op: impl FnMut() -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
         loop {
-            let batch = next.take().unwrap_or_else(|| WriteBatch::from_data(&bytes));
-            match self.write_as(batch, how) {
-                Err(e) if e.is_no_space() && self.inner.disk.writable_blocking() => {}
+            match op() {
+                Err(e) if e.is_no_space() => self.inner.disk.writable().await,
                 other => return other,
             }
         }
@@ -364,12 +390,7 @@ impl Storage {
 
     /// [`Storage::persist`], waiting out a full disk (blocking).
     pub fn persist_patiently_blocking(&self) -> Result<(), StorageError> {
-        loop {
-            match self.persist() {
-                Err(e) if e.is_no_space() && self.inner.disk.writable_blocking() => {}
-                other => return other,
-            }
-        }
+        self.inner.disk.retry_blocking(|| self.persist())
     }
 
     /// Writes now (waiting out a full disk) and calls `done` once the WAL
@@ -395,12 +416,7 @@ impl Storage {
 
     /// [`Storage::sync`], waiting out a full disk (blocking).
     pub fn sync_patiently_blocking(&self) -> Result<(), StorageError> {
-        loop {
-            match self.sync() {
-                Err(e) if e.is_no_space() && self.inner.disk.writable_blocking() => {}
-                other => return other,
-            }
-        }
+        self.inner.disk.retry_blocking(|| self.sync())
     }
 
     /// Forward iteration over `cf` from `from` (inclusive) to `to` (exclusive).
@@ -451,6 +467,16 @@ impl Storage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retried_batch_writes_the_same_on_every_attempt() {
+        let mut batch = WriteBatch::default();
+        batch.put(b"k", b"v");
+        let data = batch.data().to_vec();
+        let mut retried = RetriedBatch::new(batch);
+        assert_eq!(retried.attempt().data(), data);
+        assert_eq!(retried.attempt().data(), data, "a copy after the first");
+    }
 
     #[tokio::test]
     async fn write_then_sync_calls_back_after_sync_and_data_survives_reopen() {

@@ -104,12 +104,9 @@ fn run(db: Arc<DB>, disk: Arc<Disk>, shared: Arc<Shared>) {
         // A full disk is waited out: the writes stay readable and RocksDB
         // persists them when it resumes (see `disk`), after which the sync
         // succeeds. Giving up would stop every waiting group for good.
-        let result = loop {
-            match disk.outcome(crate::sync_wal(&db)) {
-                Err(e) if e.is_no_space() && disk.writable_blocking() => {}
-                other => break other.map_err(|e| e.to_string()),
-            }
-        };
+        let result = disk
+            .retry_blocking(|| disk.outcome(crate::sync_wal(&db)))
+            .map_err(|e| e.to_string());
         metrics::histogram!("kinesin_storage_fsync_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         metrics::histogram!("kinesin_storage_fsync_batch_size").record(batch.len() as f64);
