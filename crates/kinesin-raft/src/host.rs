@@ -444,8 +444,16 @@ impl RaftHost {
         if query.is_empty() {
             return Ok(Vec::new());
         }
-        g.state_machine
-            .query(query)
+        // A query may read rows from RocksDB (a dead-letter listing reads
+        // message bodies): on a blocking thread, not a runtime worker.
+        let state_machine = g.state_machine.clone();
+        let query = query.to_vec();
+        tokio::task::spawn_blocking(move || state_machine.query(&query))
+            .await
+            .map_err(|e| RaftHostError::Query {
+                group,
+                detail: format!("the query stopped: {e}"),
+            })?
             .map_err(|detail| RaftHostError::Query { group, detail })
     }
 

@@ -111,6 +111,27 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 }
 
+impl LogStore {
+    /// Writes `batch` and returns once it is on disk, through the group
+    /// commit: the fsync runs on the syncer thread, shared with whatever
+    /// else waits for one, instead of blocking a runtime thread.
+    async fn write_durably(&self, batch: WriteBatch) -> Result<(), io::Error> {
+        let (done, synced) = tokio::sync::oneshot::channel();
+        self.storage
+            .write_then_sync(
+                batch,
+                Box::new(move |result| {
+                    let _ = done.send(result);
+                }),
+            )
+            .await?;
+        synced
+            .await
+            .map_err(|_| io::Error::other("the syncer stopped before the write was on disk"))?
+            .map_err(io::Error::other)
+    }
+}
+
 impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
@@ -137,19 +158,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             keys::state_key(self.group, TAG_VOTE),
             encode(vote),
         );
-        let (done, synced) = tokio::sync::oneshot::channel();
-        self.storage
-            .write_then_sync(
-                batch,
-                Box::new(move |result| {
-                    let _ = done.send(result);
-                }),
-            )
-            .await?;
-        synced
-            .await
-            .map_err(|_| io::Error::other("the syncer stopped before the vote was on disk"))?
-            .map_err(io::Error::other)
+        self.write_durably(batch).await
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
@@ -219,9 +228,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             keys::log_key(self.group, from),
             keys::log_key(self.group, u64::MAX),
         );
-        self.storage
-            .write_patiently(batch, Durability::Durable)
-            .await?;
+        self.write_durably(batch).await?;
         let mut tail = self.tail.lock().expect("log tail lock");
         let current = tail.last_log.as_ref().map(|l| l.index);
         let kept = last_log_id.as_ref().map(|l| l.index);

@@ -2,12 +2,14 @@
 //! check), reads at the leader, and their form on the internal wire.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kinesin_meta::{MetaState, Owner};
 use kinesin_proto::v1::{self as pb};
 use kinesin_shard::{
-    NewRecord, ReadBatch, ReadStart, ShardCommand, ShardRejection, ShardReply, StoredRecord,
+    NewRecord, ReadBatch, ReadStart, ShardCommand, ShardError, ShardRejection, ShardReply,
+    ShardStateMachine, StoredRecord,
 };
 use kinesin_types::{
     hash_key_for_partition_key, GroupId, HashKey, NodeId, SequenceNumber, ShardId, ShardInfo,
@@ -531,15 +533,12 @@ impl Router {
             )));
         }
         let mut published = sm.watch_published();
-        let start = sm.resolve(request.start)?;
+        let start = off_runtime(&sm, move |sm| sm.resolve(request.start)).await?;
         let until = tokio::time::Instant::now() + request.wait.min(MAX_READ_WAIT);
+        let (limit, max_bytes) = (request.limit.max(1), request.max_bytes.max(1));
         loop {
-            let batch = sm.read(
-                start,
-                request.limit.max(1),
-                request.max_bytes.max(1),
-                now_ms(),
-            )?;
+            let batch =
+                off_runtime(&sm, move |sm| sm.read(start, limit, max_bytes, now_ms())).await?;
             if batch.records.is_empty() && !batch.sealed_and_drained {
                 let woken = tokio::time::timeout_at(until, published.changed()).await;
                 if matches!(woken, Ok(Ok(()))) {
@@ -553,6 +552,20 @@ impl Router {
             return Ok(batch);
         }
     }
+}
+
+/// Runs `read` against the local replica on a blocking thread: a read
+/// scans RocksDB for up to 10 MiB (GetRecords' limit), which must not hold one of
+/// the runtime's few worker threads (and every task queued behind it).
+async fn off_runtime<T: Send + 'static>(
+    sm: &Arc<ShardStateMachine>,
+    read: impl FnOnce(&ShardStateMachine) -> Result<T, ShardError> + Send + 'static,
+) -> Result<T, RouterError> {
+    let sm = sm.clone();
+    tokio::task::spawn_blocking(move || read(&sm))
+        .await
+        .map_err(|e| RouterError::Internal(format!("the read stopped: {e}")))?
+        .map_err(RouterError::from)
 }
 
 #[cfg(test)]
