@@ -329,7 +329,8 @@ _counter = [0]
 @pytest.fixture
 def stream_name(request):
     _counter[0] += 1
-    base = request.node.name.replace("[", "-").replace("]", "").replace("_", "-")[:80]
+    # Names are at most 80 characters (a queue's limit) with the counter.
+    base = request.node.name.replace("[", "-").replace("]", "").replace("_", "-")[:74]
     return f"{base}-{_counter[0]}"
 
 

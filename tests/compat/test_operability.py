@@ -23,7 +23,7 @@ import yaml
 
 from conftest import (
     ACCESS_KEY, OTHER_ACCESS_KEY, OTHER_SECRET_KEY, REGION, SECRET_KEY, client_for, create_and_wait, free_port,
-    meta_settled, read_shard, s3_client, sqs_for, start_cluster, wait_until,
+    Node, meta_settled, read_shard, s3_client, sqs_for, start_cluster, wait_until,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -272,13 +272,16 @@ def test_cluster_health_exits_3_when_a_node_is_down(binary, workdir):
             n.stop()
 
 
-def test_survivors_restarted_while_a_node_is_down_still_create_queues(binary, workdir, stream_name):
+def test_nodes_restarted_or_joined_while_one_is_down_create_queues(binary, workdir, stream_name):
     """Commands of newer data versions (Raft groups, other accounts'
     streams) are proposed only once every node is known to decode them. A
     survivor restarted while a node is down must still know the version the
     down node reported before; otherwise no queue (and no other account's
-    stream) could be created until that node came back."""
-    nodes = start_cluster(binary, os.path.join(workdir, "restarted-survivors"), 3)
+    stream) could be created until that node came back. A node that joins
+    while it is down never heard it: it takes the version the others
+    heard."""
+    root = os.path.join(workdir, "restarted-survivors")
+    nodes = start_cluster(binary, root, 3)
 
     def versions(node):
         """The data version of each node as `node` heard it."""
@@ -295,12 +298,15 @@ def test_survivors_restarted_while_a_node_is_down_still_create_queues(binary, wo
             wait_until(f"node {n.node_id} ready again", n.ready)
             heard = versions(n)
             assert heard[3] == heard[n.node_id], heard
-        sqs = sqs_for(nodes[1].endpoint)
+        nodes.append(Node(binary, root, 4, seed=nodes[0]))
+        wait_until("node 4 ready", nodes[3].ready)
+        wait_until("node 4 to hear node 3's version from the others", lambda: versions(nodes[3])[3] == versions(nodes[3])[4])
+        sqs = sqs_for(nodes[3].endpoint)
         url = sqs.create_queue(QueueName=stream_name)["QueueUrl"]
         sqs.send_message(QueueUrl=url, MessageBody="after the restarts")
         got = sqs.receive_message(QueueUrl=url, WaitTimeSeconds=10).get("Messages", [])
         assert [m["Body"] for m in got] == ["after the restarts"]
-        other = client_for(nodes[0].endpoint, OTHER_ACCESS_KEY, OTHER_SECRET_KEY)
+        other = client_for(nodes[1].endpoint, OTHER_ACCESS_KEY, OTHER_SECRET_KEY)
         create_and_wait(other, stream_name)
     finally:
         for n in nodes:

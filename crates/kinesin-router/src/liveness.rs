@@ -10,7 +10,10 @@
 //! storage, until the node reports another: neither an error that ends a
 //! ping (a kill can) nor a restart of this node while the peer is down
 //! makes a known peer count as not heard from. A node rolled back to an
-//! older release reports the older version at its first answer.
+//! older release reports the older version at its first answer. Answers
+//! also carry the versions the answering node heard from the others: a
+//! node that never heard a peer (it joined while the peer was down) takes
+//! the peer's version from them until the peer answers itself.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -154,6 +157,25 @@ impl Liveness {
         versions.get(&node.0).copied().unwrap_or(0)
     }
 
+    /// The versions heard so far, by node id.
+    pub fn heard_versions(&self) -> BTreeMap<u64, u32> {
+        self.versions.lock().expect("versions lock").clone()
+    }
+
+    /// Takes the versions another node heard for the nodes that this one
+    /// never heard (its own answers are what counts for the others) except
+    /// `me`; true if the versions are to be stored, as [`Liveness::end`].
+    fn learn(&self, heard: impl IntoIterator<Item = (u64, u32)>, me: NodeId) -> bool {
+        let mut versions = self.versions.lock().expect("versions lock");
+        for (node, version) in heard {
+            if node != me.0 && !versions.contains_key(&node) {
+                versions.insert(node, version);
+                self.unsaved.store(true, Ordering::SeqCst);
+            }
+        }
+        self.unsaved.load(Ordering::SeqCst)
+    }
+
     /// Stores the known versions unless they are stored already (a
     /// blocking write). After a failure the next ping's end asks again.
     fn save_versions(&self) {
@@ -211,13 +233,29 @@ pub async fn run_pings(router: Arc<Router>, mut stop: watch::Receiver<bool>) {
             }
             let router = router.clone();
             tokio::spawn(async move {
+                let mut heard = HashMap::new();
                 let outcome = match router.client_for(node) {
                     Err(_) => Ping::Refused,
                     Ok(mut c) => {
                         match tokio::time::timeout(SILENT_FOR, c.ping(pb::PingRequest {})).await {
-                            Ok(Ok(r)) => Ping::Answered {
-                                data_version: Some(r.into_inner().data_version),
-                            },
+                            Ok(Ok(r)) => {
+                                let r = r.into_inner();
+                                if r.node_id == node.0 {
+                                    heard = r.peer_data_versions;
+                                    Ping::Answered {
+                                        data_version: Some(r.data_version),
+                                    }
+                                } else {
+                                    // Another node at this node's address
+                                    // (a reused one): this node is not there.
+                                    tracing::debug!(
+                                        node = node.0,
+                                        answered = r.node_id,
+                                        "another node answers at the node's address"
+                                    );
+                                    Ping::Refused
+                                }
+                            }
                             // A release before data version 3 has no Ping.
                             Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => {
                                 Ping::Answered {
@@ -236,7 +274,10 @@ pub async fn run_pings(router: Arc<Router>, mut stop: watch::Receiver<bool>) {
                     }
                 };
                 let was_down = router.liveness().is_down(node);
-                let save = router.liveness().end(node, outcome);
+                let mut save = router.liveness().end(node, outcome);
+                if !heard.is_empty() {
+                    save = router.liveness().learn(heard, router.host().node_id());
+                }
                 if !was_down && router.liveness().is_down(node) {
                     tracing::info!(node = node.0, "node is down");
                     router.forget_leader_node(node);
@@ -320,5 +361,29 @@ mod tests {
         restarted.save_versions();
         drop(restarted);
         assert_eq!(Liveness::open(open()).data_version(n), 3);
+    }
+
+    #[test]
+    fn versions_another_node_heard_fill_only_the_peers_never_heard() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = Liveness::open(storage_in(&dir));
+        let (me, heard_before, never_heard) = (NodeId(4), NodeId(2), NodeId(3));
+        assert!(l.begin(heard_before));
+        l.end(
+            heard_before,
+            Ping::Answered {
+                data_version: Some(3),
+            },
+        );
+        assert!(l.learn([(2, 4), (3, 4), (4, 1)], me), "to be stored");
+        assert_eq!(l.data_version(never_heard), 4, "taken from the others");
+        assert_eq!(l.data_version(heard_before), 3, "its own answer counts");
+        assert!(!l.heard_versions().contains_key(&me.0), "not about itself");
+        l.save_versions();
+        assert!(!l.learn([(3, 2)], me), "known now: nothing to store");
+        assert_eq!(l.data_version(never_heard), 4);
+        drop(l);
+        let restarted = Liveness::open(storage_in(&dir));
+        assert_eq!(restarted.data_version(never_heard), 4, "stored");
     }
 }

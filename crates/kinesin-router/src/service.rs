@@ -164,6 +164,12 @@ impl Node for NodeService {
         Ok(Response::new(pb::PingResponse {
             node_id: self.router.host().node_id().0,
             data_version: DATA_VERSION,
+            peer_data_versions: self
+                .router
+                .liveness()
+                .heard_versions()
+                .into_iter()
+                .collect(),
         }))
     }
 
