@@ -135,6 +135,12 @@ impl MetaState {
         shards.chain(groups)
     }
 
+    /// Does the map place a replica of any group (a stream shard, a queue
+    /// partition, a delivery stream's group) on `node`?
+    pub fn holds_replicas(&self, node: NodeId) -> bool {
+        self.placed().any(|p| p.replicas.contains(&node))
+    }
+
     pub fn placed_group(&self, group: GroupId) -> Option<Placed<'_>> {
         self.placed().find(|p| p.group == group)
     }

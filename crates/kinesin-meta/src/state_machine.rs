@@ -756,6 +756,22 @@ mod tests {
             state.placed_group(spec.group).map(|p| p.kind),
             Some("test-kv")
         );
+        MetaStateMachine::apply_command(
+            &mut state,
+            MetaCommand::CreateGroup {
+                name: "b".into(),
+                kind: "test-kv".into(),
+                replicas: vec![NodeId(4)],
+                replication_factor: 1,
+                config: Vec::new(),
+            },
+        )
+        .unwrap();
+        // A node that rejoins without its data is refused by what it holds:
+        // a group's replicas count as well as a shard's.
+        assert!(state.holds_replicas(NodeId(4)), "a group's replica");
+        assert!(state.holds_replicas(NodeId(1)), "a shard's replica");
+        assert!(!state.holds_replicas(NodeId(5)));
         MetaStateMachine::apply_command(&mut state, MetaCommand::GroupReady { name: "a".into() })
             .unwrap();
         assert!(state.groups["a"].ready);

@@ -72,20 +72,16 @@ impl NodeService {
                 )));
             }
             // A joining node has no data. If this id already votes in the
-            // metadata group or holds shard replicas, the node lost its data
-            // directory: admitting it would count an empty log as a voter
-            // (it could help elect a leader that lacks committed entries).
-            // A retry of a join that registered but never got its answer
-            // has neither yet, and is let through.
+            // metadata group or holds replicas (of a shard, a queue, a
+            // delivery stream), the node lost its data directory: admitting
+            // it would count an empty log as a voter (it could help elect a
+            // leader that lacks committed entries). A retry of a join that
+            // registered but never got its answer has neither yet, and is
+            // let through.
             let votes = host
                 .status(GroupId::META)
                 .is_some_and(|s| s.voters.contains(&node));
-            let replicas = state
-                .streams
-                .values()
-                .flat_map(|s| s.shards.iter())
-                .any(|sh| sh.replicas.contains(&node));
-            if votes || replicas {
+            if votes || state.holds_replicas(node) {
                 return Err(RouterError::InvalidArgument(format!(
                     "node {node} is already a member with data; a node that lost its data directory must be \
                      removed (kinesin cluster remove-node --node {node}) and join under a new id"

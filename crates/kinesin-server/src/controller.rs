@@ -143,7 +143,7 @@ async fn finish_drains(
         return Ok(());
     };
     for node in state.nodes.values() {
-        let holds = state.placed().any(|p| p.replicas.contains(&node.id));
+        let holds = state.holds_replicas(node.id);
         if node.state == NodeState::Draining && !holds && !status.voters.contains(&node.id) {
             tracing::info!(
                 node = node.id.0,
