@@ -162,6 +162,16 @@ def test_cli_cluster_views_and_leader_transfer(cli, stream_name):
     assert f"led by node {target}" in moved.stdout
     table = cli("cluster", "leaders").stdout
     assert "(metadata)" in table and stream_name in table
+    # A queue's groups are listed (and checked by `cluster health`) too.
+    cli("queue", "create", stream_name, "--partitions", "2")
+
+    def queue_rows():
+        rows = json.loads(cli("cluster", "leaders", "--json").stdout)
+        return [r for r in rows if r["kind"] == "sqs-queue" and stream_name in r["name"]]
+
+    wait_until("both queue partitions led", lambda: len(queue_rows()) == 2 and all(r["leader"] for r in queue_rows()))
+    assert "sqs-queue" in cli("cluster", "leaders").stdout
+    cli("queue", "delete", stream_name)
     # Usage errors exit 2, failures 1.
     assert cli("cluster", "transfer-leader", "--group", str(row["group"]), "--to", "99", check=False).returncode == 1
     assert cli("stream", "frobnicate", check=False).returncode == 2

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use clap::Subcommand;
-use kinesin_meta::{MetaState, NodeState};
-use kinesin_types::ShardState;
+use kinesin_meta::{MetaState, NodeState, STREAM_KIND};
+use kinesin_types::{NodeId, ShardState};
 
 use super::{connect, connect_to, print_json, status, Endpoint, Unhealthy};
 use crate::output::outln;
@@ -105,7 +105,13 @@ async fn survey(endpoint: &Endpoint) -> anyhow::Result<Survey> {
 #[derive(serde::Serialize)]
 struct GroupRow {
     group: u64,
+    /// "metadata", "stream" (a shard) or another group kind ("sqs-queue",
+    /// "firehose").
+    kind: String,
+    /// The stream of a shard's group.
     stream: Option<String>,
+    /// The map name of another kind's group (a queue, a delivery stream).
+    name: Option<String>,
     shard: Option<String>,
     shard_state: Option<String>,
     replicas: Vec<u64>,
@@ -129,7 +135,9 @@ fn group_rows(s: &Survey) -> Vec<GroupRow> {
             .collect()
     };
     let row = |group: u64,
+               kind: &str,
                stream: Option<String>,
+               name: Option<String>,
                shard: Option<String>,
                shard_state: Option<String>,
                replicas: Vec<u64>| {
@@ -140,7 +148,9 @@ fn group_rows(s: &Survey) -> Vec<GroupRow> {
             .or_else(|| st.iter().map(|(_, g)| g.leader).find(|l| *l != 0));
         GroupRow {
             group,
+            kind: kind.to_string(),
             stream,
+            name,
             shard,
             shard_state,
             replicas,
@@ -156,7 +166,7 @@ fn group_rows(s: &Survey) -> Vec<GroupRow> {
         .filter(|n| n.state != NodeState::Removed)
         .map(|n| n.id.0)
         .collect();
-    let mut rows = vec![row(0, None, None, None, meta_voters)];
+    let mut rows = vec![row(0, "metadata", None, None, None, None, meta_voters)];
     for (name, stream) in &s.map.streams {
         for shard in &stream.shards {
             let state = match shard.state {
@@ -166,12 +176,25 @@ fn group_rows(s: &Survey) -> Vec<GroupRow> {
             };
             rows.push(row(
                 shard.group.0,
+                STREAM_KIND,
                 Some(name.clone()),
+                None,
                 Some(shard.shard_id.to_string()),
                 Some(state.to_string()),
                 shard.replicas.iter().map(|r| r.0).collect(),
             ));
         }
+    }
+    for (name, spec) in &s.map.groups {
+        rows.push(row(
+            spec.group.0,
+            &spec.kind,
+            None,
+            Some(name.clone()),
+            None,
+            Some(if spec.ready { "ready" } else { "creating" }.to_string()),
+            spec.replicas.iter().map(|r| r.0).collect(),
+        ));
     }
     rows
 }
@@ -302,9 +325,10 @@ async fn leaders(endpoint: &Endpoint, json: bool) -> anyhow::Result<()> {
         return print_json(&rows);
     }
     outln!(
-        "{:<6} {:<20} {:<20} {:<8} {:<7} {:<6} REPLICAS",
+        "{:<6} {:<9} {:<30} {:<20} {:<8} {:<7} {:<6} REPLICAS",
         "GROUP",
-        "STREAM",
+        "KIND",
+        "NAME",
         "SHARD",
         "STATE",
         "LEADER",
@@ -313,9 +337,13 @@ async fn leaders(endpoint: &Endpoint, json: bool) -> anyhow::Result<()> {
     for r in rows {
         let replicas: Vec<String> = r.replicas.iter().map(u64::to_string).collect();
         outln!(
-            "{:<6} {:<20} {:<20} {:<8} {:<7} {:<6} {}",
+            "{:<6} {:<9} {:<30} {:<20} {:<8} {:<7} {:<6} {}",
             r.group,
-            r.stream.as_deref().unwrap_or("(metadata)"),
+            r.kind,
+            r.stream
+                .as_deref()
+                .or(r.name.as_deref())
+                .unwrap_or("(metadata)"),
             r.shard.as_deref().unwrap_or("-"),
             r.shard_state.as_deref().unwrap_or("-"),
             r.leader.map(|l| l.to_string()).unwrap_or("NONE".into()),
@@ -333,25 +361,17 @@ async fn drain_progress(c: &mut NodeClient<Channel>, node: u64) -> anyhow::Resul
         .await
         .map_err(status)?
         .into_inner();
-    let map: serde_json::Value = serde_json::from_str(&info.state_json)?;
-    let replicas = map["streams"]
-        .as_object()
-        .map(|streams| {
-            streams
-                .values()
-                .flat_map(|s| s["shards"].as_array().cloned().unwrap_or_default())
-                .filter(|sh| {
-                    sh["replicas"]
-                        .as_array()
-                        .is_some_and(|r| r.iter().any(|x| x.as_u64() == Some(node)))
-                })
-                .count()
-        })
-        .unwrap_or(0);
-    let state = map["nodes"][node.to_string()]["state"]
-        .as_str()
-        .unwrap_or("unknown")
-        .to_string();
+    let map: MetaState = serde_json::from_str(&info.state_json)?;
+    // Every placed group counts: a queue's or a delivery stream's replicas
+    // move off a draining node as a shard's do.
+    let replicas = map
+        .placed()
+        .filter(|p| p.replicas.contains(&NodeId(node)))
+        .count();
+    let state = map
+        .nodes
+        .get(&NodeId(node))
+        .map_or("unknown".to_string(), |n| format!("{:?}", n.state));
     Ok((replicas, state))
 }
 
