@@ -169,9 +169,12 @@ def test_cli_cluster_views_and_leader_transfer(cli, stream_name):
         rows = json.loads(cli("cluster", "leaders", "--json").stdout)
         return [r for r in rows if r["kind"] == "sqs-queue" and stream_name in r["name"]]
 
-    wait_until("both queue partitions led", lambda: len(queue_rows()) == 2 and all(r["leader"] for r in queue_rows()))
-    assert "sqs-queue" in cli("cluster", "leaders").stdout
-    cli("queue", "delete", stream_name)
+    try:
+        wait_until("both queue partitions led", lambda: len(queue_rows()) == 2 and all(r["leader"] for r in queue_rows()))
+        assert "sqs-queue" in cli("cluster", "leaders").stdout
+    finally:
+        # Later tests check the shared cluster's health.
+        cli("queue", "delete", stream_name)
     # Usage errors exit 2, failures 1.
     assert cli("cluster", "transfer-leader", "--group", str(row["group"]), "--to", "99", check=False).returncode == 1
     assert cli("stream", "frobnicate", check=False).returncode == 2

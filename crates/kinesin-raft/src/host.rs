@@ -448,12 +448,11 @@ impl RaftHost {
         // message bodies): on a blocking thread, not a runtime worker.
         let state_machine = g.state_machine.clone();
         let query = query.to_vec();
+        // A query that panicked or was cancelled is this node's failure,
+        // not a refusal of the caller's request.
         tokio::task::spawn_blocking(move || state_machine.query(&query))
             .await
-            .map_err(|e| RaftHostError::Query {
-                group,
-                detail: format!("the query stopped: {e}"),
-            })?
+            .map_err(|e| io::Error::other(format!("group {group}: the query stopped: {e}")))?
             .map_err(|detail| RaftHostError::Query { group, detail })
     }
 

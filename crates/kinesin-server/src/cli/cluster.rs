@@ -34,7 +34,8 @@ pub enum ClusterCommand {
         #[command(flatten)]
         endpoint: Endpoint,
     },
-    /// Every Raft group (metadata and shards) with its leader and replicas.
+    /// Every Raft group (metadata, shards, queues, delivery streams) with
+    /// its kind, leader and replicas.
     Leaders {
         #[arg(long)]
         json: bool,
