@@ -274,10 +274,9 @@ pub async fn run_pings(router: Arc<Router>, mut stop: watch::Receiver<bool>) {
                     }
                 };
                 let was_down = router.liveness().is_down(node);
-                let mut save = router.liveness().end(node, outcome);
-                if !heard.is_empty() {
-                    save = router.liveness().learn(heard, router.host().node_id());
-                }
+                // Both run (`|`, not `||`): the answer, then what it heard.
+                let save = router.liveness().end(node, outcome)
+                    | router.liveness().learn(heard, router.host().node_id());
                 if !was_down && router.liveness().is_down(node) {
                     tracing::info!(node = node.0, "node is down");
                     router.forget_leader_node(node);

@@ -365,10 +365,7 @@ async fn drain_progress(c: &mut NodeClient<Channel>, node: u64) -> anyhow::Resul
     let map: MetaState = serde_json::from_str(&info.state_json)?;
     // Every placed group counts: a queue's or a delivery stream's replicas
     // move off a draining node as a shard's do.
-    let replicas = map
-        .placed()
-        .filter(|p| p.replicas.contains(&NodeId(node)))
-        .count();
+    let replicas = map.replica_load().get(&NodeId(node)).copied().unwrap_or(0);
     let state = map
         .nodes
         .get(&NodeId(node))
