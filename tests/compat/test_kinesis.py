@@ -239,6 +239,21 @@ def test_get_records_limit_and_millis_behind(kinesis, stream_name):
     assert out["MillisBehindLatest"] == 0
 
 
+def with_issued_ms(iterator, issued_ms):
+    """The iterator with another issue time: its last field, a varint."""
+    raw = base64.b64decode(iterator)
+    start = len(raw) - 1
+    while start > 0 and raw[start - 1] & 0x80:
+        start -= 1
+    varint = bytearray()
+    while True:
+        byte, issued_ms = issued_ms & 0x7F, issued_ms >> 7
+        varint.append(byte | (0x80 if issued_ms else 0))
+        if not issued_ms:
+            break
+    return base64.b64encode(raw[:start] + bytes(varint)).decode()
+
+
 @pytest.mark.own_cluster
 def test_expired_iterator(binary, workdir, stream_name):
     nodes = start_cluster(binary, os.path.join(workdir, "short-iterators"), 1, extra="iterator_validity_secs = 1\nreplication_factor = 1")
@@ -246,6 +261,14 @@ def test_expired_iterator(binary, workdir, stream_name):
         client = client_for(nodes[0].endpoint)
         create_and_wait(client, stream_name)
         it = client.get_shard_iterator(StreamName=stream_name, ShardId="shardId-000000000000", ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+        # Rewriting the issue time keeps a valid iterator...
+        client.get_records(ShardIterator=with_issued_ms(it, int(time.time() * 1000)))
+        # ...but one claiming to be issued a day from now would never
+        # expire: it is refused as forged.
+        forged = with_issued_ms(it, int(time.time() * 1000) + 86_400_000)
+        with pytest.raises(botocore.exceptions.ClientError) as e:
+            client.get_records(ShardIterator=forged)
+        assert error_code(e) == "InvalidArgumentException"
         time.sleep(1.5)
         with pytest.raises(botocore.exceptions.ClientError) as e:
             client.get_records(ShardIterator=it)

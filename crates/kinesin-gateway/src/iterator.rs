@@ -60,6 +60,28 @@ pub fn decode<T: DeserializeOwned>(text: &str, what: &str) -> Result<T, ApiError
     }
 }
 
+/// How far ahead of this node's clock a token's issue time may be: another
+/// node's clock may run ahead (nodes should be kept in sync by NTP; the
+/// chaos harness skews one by up to 10 minutes).
+const MAX_ISSUED_AHEAD_MS: u64 = 3_600_000;
+
+/// Whether a token issued at `issued_ms` has expired by `now_ms`. A token
+/// that claims to be issued more than an hour (or its validity, if longer)
+/// from now was not issued by a node: it is refused as invalid, since it
+/// would otherwise stay valid for as long as its forger liked.
+pub fn expired(
+    issued_ms: u64,
+    now_ms: u64,
+    validity_ms: u64,
+    what: &str,
+) -> Result<bool, ApiError> {
+    let ahead = validity_ms.max(MAX_ISSUED_AHEAD_MS);
+    if issued_ms > now_ms.saturating_add(ahead) {
+        return Err(ApiError::invalid_argument(format!("Invalid {what}.")));
+    }
+    Ok(now_ms.saturating_sub(issued_ms) > validity_ms)
+}
+
 /// A ListStreams / ListShards continuation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PageToken {
@@ -90,5 +112,22 @@ mod tests {
         assert_eq!(err.name, "InvalidArgumentException");
         let err = decode::<ShardIterator>("AgAA", "ShardIterator").unwrap_err();
         assert_eq!(err.name, "InvalidArgumentException");
+    }
+
+    #[test]
+    fn a_token_expires_after_its_validity_and_one_from_the_future_is_refused() {
+        let (now, validity) = (10_000_000, 300_000);
+        assert!(!expired(now, now, validity, "ShardIterator").unwrap());
+        assert!(!expired(now - validity, now, validity, "ShardIterator").unwrap());
+        assert!(expired(now - validity - 1, now, validity, "ShardIterator").unwrap());
+        // Another node's clock may run ahead, by up to an hour.
+        let hour = MAX_ISSUED_AHEAD_MS;
+        assert!(!expired(now + hour, now, validity, "ShardIterator").unwrap());
+        let err = expired(now + hour + 1, now, validity, "NextToken").unwrap_err();
+        assert_eq!(err.name, "InvalidArgumentException");
+        assert_eq!(err.message, "Invalid NextToken.");
+        assert!(expired(u64::MAX, now, validity, "NextToken").is_err());
+        // A validity longer than an hour allows as much ahead.
+        assert!(!expired(now + 2 * hour, now, 2 * hour, "NextToken").unwrap());
     }
 }

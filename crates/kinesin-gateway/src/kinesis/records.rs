@@ -260,7 +260,7 @@ pub(super) async fn get_records(ctx: &Context<'_>, i: &Input<'_>) -> Result<Valu
         None => 10_000,
     };
     let it: ShardIterator = iterator::decode(text, "ShardIterator")?;
-    if ctx.now_ms.saturating_sub(it.issued_ms) > ctx.validity_ms {
+    if iterator::expired(it.issued_ms, ctx.now_ms, ctx.validity_ms, "ShardIterator")? {
         return Err(ApiError::new(
             "ExpiredIteratorException",
             axum::http::StatusCode::BAD_REQUEST,

@@ -224,7 +224,7 @@ pub(super) fn list_streams(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, Ap
 }
 
 pub(super) fn check_token_age(ctx: &Context<'_>, issued_ms: u64) -> Result<(), ApiError> {
-    if ctx.now_ms.saturating_sub(issued_ms) > ctx.validity_ms {
+    if iterator::expired(issued_ms, ctx.now_ms, ctx.validity_ms, "NextToken")? {
         return Err(ApiError::new(
             "ExpiredNextTokenException",
             axum::http::StatusCode::BAD_REQUEST,
