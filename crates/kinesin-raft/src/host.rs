@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::blocking_reads::{BlockingReads, MAX_BLOCKING_READS};
 use crate::log_store::{delete_group_log, LogStore};
 use crate::network::{GroupNetwork, PeerPool, SnapshotHeader, TransportFilter, MAX_MESSAGE_BYTES};
 use crate::state_machine::{
@@ -187,6 +188,7 @@ struct HostInner {
     groups: RwLock<HashMap<GroupId, Group>>,
     /// Set on shutdown: open Raft streams from peers end, releasing storage.
     closed: tokio::sync::watch::Sender<bool>,
+    reads: BlockingReads,
 }
 
 /// How long a node's shutdown waits for its Raft groups to stop.
@@ -214,12 +216,19 @@ impl RaftHost {
                 pool: Arc::new(PeerPool::new(node_id.0, filter, dialer)),
                 groups: RwLock::default(),
                 closed: tokio::sync::watch::channel(false).0,
+                reads: BlockingReads::new(MAX_BLOCKING_READS),
             }),
         }
     }
 
     pub fn node_id(&self) -> NodeId {
         self.inner.node_id
+    }
+
+    /// Where this node's RocksDB reads for requests run (shard scans here
+    /// and in the router), bounded together.
+    pub fn blocking_reads(&self) -> &BlockingReads {
+        &self.inner.reads
     }
 
     /// This node's storage, shared by all its groups.
@@ -450,9 +459,11 @@ impl RaftHost {
         let query = query.to_vec();
         // A query that panicked or was cancelled is this node's failure,
         // not a refusal of the caller's request.
-        tokio::task::spawn_blocking(move || state_machine.query(&query))
+        self.inner
+            .reads
+            .run(move || state_machine.query(&query))
             .await
-            .map_err(|e| io::Error::other(format!("group {group}: the query stopped: {e}")))?
+            .map_err(|e| io::Error::other(format!("group {group}: {e}")))?
             .map_err(|detail| RaftHostError::Query { group, detail })
     }
 

@@ -3,6 +3,7 @@
 //! the only crate that names openraft types; the rest of Kinesin sees groups,
 //! commands as bytes, and [`GroupStateMachine`].
 
+pub mod blocking_reads;
 mod host;
 pub mod inspect;
 mod kinds;
