@@ -160,8 +160,12 @@ def test_cli_cluster_views_and_leader_transfer(cli, stream_name):
     # The CLI returns once the target leads (the reconciler later hands
     # leadership back to the preferred replica, so no later check).
     assert f"led by node {target}" in moved.stdout
-    table = cli("cluster", "leaders").stdout
-    assert "(metadata)" in table and stream_name in table
+    table = cli("cluster", "leaders").stdout.splitlines()
+    assert any("(metadata)" in line for line in table)
+    # Columns line up however long the names are (this one has over 40
+    # characters).
+    line = next(line for line in table if stream_name in line)
+    assert line[table[0].index("SHARD"):].startswith("shardId-000000000000 "), table
     # A queue's groups are listed (and checked by `cluster health`) too.
     cli("queue", "create", stream_name, "--partitions", "2")
 
@@ -171,6 +175,7 @@ def test_cli_cluster_views_and_leader_transfer(cli, stream_name):
 
     try:
         wait_until("both queue partitions led", lambda: len(queue_rows()) == 2 and all(r["leader"] for r in queue_rows()))
+        wait_until("both queue partitions ready", lambda: all(r["state"] == "ready" for r in queue_rows()))
         assert "sqs-queue" in cli("cluster", "leaders").stdout
     finally:
         # Later tests check the shared cluster's health.

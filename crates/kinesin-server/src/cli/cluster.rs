@@ -114,7 +114,9 @@ struct GroupRow {
     /// The map name of another kind's group (a queue, a delivery stream).
     name: Option<String>,
     shard: Option<String>,
-    shard_state: Option<String>,
+    /// A shard's "open", "sealing" or "sealed"; another kind's group is
+    /// "creating" until a leader first answered, then "ready".
+    state: Option<String>,
     replicas: Vec<u64>,
     leader: Option<u64>,
     term: u64,
@@ -135,13 +137,8 @@ fn group_rows(s: &Survey) -> Vec<GroupRow> {
             })
             .collect()
     };
-    let row = |group: u64,
-               kind: &str,
-               stream: Option<String>,
-               name: Option<String>,
-               shard: Option<String>,
-               shard_state: Option<String>,
-               replicas: Vec<u64>| {
+    // A row with what every group has; the caller fills in the rest.
+    let row = |group: u64, kind: &str, replicas: Vec<u64>| {
         let st = statuses(group);
         let leader_status = st.iter().find(|(_, g)| g.role == "leader");
         let leader = leader_status
@@ -150,10 +147,10 @@ fn group_rows(s: &Survey) -> Vec<GroupRow> {
         GroupRow {
             group,
             kind: kind.to_string(),
-            stream,
-            name,
-            shard,
-            shard_state,
+            stream: None,
+            name: None,
+            shard: None,
+            state: None,
             replicas,
             leader,
             term: st.iter().map(|(_, g)| g.term).max().unwrap_or(0),
@@ -167,7 +164,7 @@ fn group_rows(s: &Survey) -> Vec<GroupRow> {
         .filter(|n| n.state != NodeState::Removed)
         .map(|n| n.id.0)
         .collect();
-    let mut rows = vec![row(0, "metadata", None, None, None, None, meta_voters)];
+    let mut rows = vec![row(0, "metadata", meta_voters)];
     for (name, stream) in &s.map.streams {
         for shard in &stream.shards {
             let state = match shard.state {
@@ -175,27 +172,28 @@ fn group_rows(s: &Survey) -> Vec<GroupRow> {
                 ShardState::Sealing => "sealing",
                 ShardState::Sealed => "sealed",
             };
-            rows.push(row(
-                shard.group.0,
-                STREAM_KIND,
-                Some(name.clone()),
-                None,
-                Some(shard.shard_id.to_string()),
-                Some(state.to_string()),
-                shard.replicas.iter().map(|r| r.0).collect(),
-            ));
+            rows.push(GroupRow {
+                stream: Some(name.clone()),
+                shard: Some(shard.shard_id.to_string()),
+                state: Some(state.to_string()),
+                ..row(
+                    shard.group.0,
+                    STREAM_KIND,
+                    shard.replicas.iter().map(|r| r.0).collect(),
+                )
+            });
         }
     }
     for (name, spec) in &s.map.groups {
-        rows.push(row(
-            spec.group.0,
-            &spec.kind,
-            None,
-            Some(name.clone()),
-            None,
-            Some(if spec.ready { "ready" } else { "creating" }.to_string()),
-            spec.replicas.iter().map(|r| r.0).collect(),
-        ));
+        rows.push(GroupRow {
+            name: Some(name.clone()),
+            state: Some(if spec.ready { "ready" } else { "creating" }.to_string()),
+            ..row(
+                spec.group.0,
+                &spec.kind,
+                spec.replicas.iter().map(|r| r.0).collect(),
+            )
+        });
     }
     rows
 }
@@ -325,8 +323,18 @@ async fn leaders(endpoint: &Endpoint, json: bool) -> anyhow::Result<()> {
     if json {
         return print_json(&rows);
     }
+    let name = |r: &GroupRow| -> String {
+        r.stream
+            .as_deref()
+            .or(r.name.as_deref())
+            .unwrap_or("(metadata)")
+            .to_string()
+    };
+    // As wide as the longest name (stream and queue names reach 128 and 80
+    // characters), so that the columns after it line up.
+    let width = rows.iter().map(|r| name(r).len()).max().unwrap_or(0).max(4);
     outln!(
-        "{:<6} {:<9} {:<30} {:<20} {:<8} {:<7} {:<6} REPLICAS",
+        "{:<6} {:<9} {:<width$} {:<20} {:<8} {:<7} {:<6} REPLICAS",
         "GROUP",
         "KIND",
         "NAME",
@@ -335,18 +343,15 @@ async fn leaders(endpoint: &Endpoint, json: bool) -> anyhow::Result<()> {
         "LEADER",
         "TERM"
     );
-    for r in rows {
+    for r in &rows {
         let replicas: Vec<String> = r.replicas.iter().map(u64::to_string).collect();
         outln!(
-            "{:<6} {:<9} {:<30} {:<20} {:<8} {:<7} {:<6} {}",
+            "{:<6} {:<9} {:<width$} {:<20} {:<8} {:<7} {:<6} {}",
             r.group,
             r.kind,
-            r.stream
-                .as_deref()
-                .or(r.name.as_deref())
-                .unwrap_or("(metadata)"),
+            name(r),
             r.shard.as_deref().unwrap_or("-"),
-            r.shard_state.as_deref().unwrap_or("-"),
+            r.state.as_deref().unwrap_or("-"),
             r.leader.map(|l| l.to_string()).unwrap_or("NONE".into()),
             r.term,
             replicas.join(",")
