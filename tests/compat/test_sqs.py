@@ -625,3 +625,50 @@ def test_a_leader_kill_loses_no_message_and_revives_no_deleted_one(binary, workd
     finally:
         for n in nodes:
             n.stop()
+
+
+@pytest.mark.own_cluster
+def test_a_partition_whose_replica_is_down_slows_no_send_or_receive(binary, workdir, queue_name):
+    # One replica per group: killing a node takes its partitions' only
+    # replica, while the metadata group keeps two of its three voters.
+    nodes = start_cluster(binary, os.path.join(workdir, "sqs-partition-down"), 3, extra="replication_factor = 1")
+    try:
+        client = sqs_for(nodes[0].endpoint, attempts=1)
+        url = client.create_queue(QueueName=queue_name, tags={"kinesin:partitions": "3"})["QueueUrl"]
+
+        def hosted():
+            """The queue's groups (all but the metadata group) on each node, once each has a leader."""
+            views = {n.node_id: n.cluster_view()["groups"] for n in nodes}
+            groups = {n: {g["group"] for g in v if g["group"] != 0 and g["leader"]} for n, v in views.items()}
+            return groups if sum(len(g) for g in groups.values()) == 3 else None
+
+        wait_until("the three partitions led", hosted)
+        groups = hosted()
+        victim = next((n for n in nodes[1:] if groups[n.node_id] and len(groups[n.node_id]) < 3), None)
+        assert victim is not None, f"no node but the first holds a partition: {groups}"
+        victim.proc.send_signal(signal.SIGKILL)
+        victim.proc.wait()
+        wait_until("node 1 to count the victim as down", lambda: next(
+            n for n in nodes[0].cluster_view()["nodes"] if n["id"] == victim.node_id)["down"])
+        # Every send goes to a partition that answers: none waits out the
+        # router's 10 s retry budget or fails (the client does not retry).
+        started = time.monotonic()
+        for i in range(15):
+            client.send_message(QueueUrl=url, MessageBody=f"m{i}")
+        assert time.monotonic() - started < 8, time.monotonic() - started
+        got, slowest = set(), 0.0
+        deadline = time.monotonic() + 30
+        while len(got) < 15 and time.monotonic() < deadline:
+            started = time.monotonic()
+            out = client.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=60)
+            slowest = max(slowest, time.monotonic() - started)
+            got |= {m["Body"] for m in out.get("Messages", [])}
+        assert got == {f"m{i}" for i in range(15)}
+        assert slowest < 3, slowest
+        # A long poll of an empty queue ends with its wait, not the budget.
+        started = time.monotonic()
+        assert "Messages" not in client.receive_message(QueueUrl=url, WaitTimeSeconds=2)
+        assert time.monotonic() - started < 5, time.monotonic() - started
+    finally:
+        for n in nodes:
+            n.stop()

@@ -341,6 +341,21 @@ impl Router {
             .ok_or_else(|| RouterError::ResourceNotFound(format!("{group} is not in the map")))
     }
 
+    /// Whether a majority of `group`'s replicas in the map are down as this
+    /// node's liveness sees them: such a group can neither elect a leader
+    /// nor commit, so a caller with a choice (a queue's partitions) goes
+    /// elsewhere instead of spending the retry budget on it.
+    pub fn lacks_quorum(&self, group: GroupId) -> bool {
+        let Ok(replicas) = self.group_replicas(group) else {
+            return false;
+        };
+        let down = replicas
+            .iter()
+            .filter(|n| self.liveness.is_down(**n))
+            .count();
+        !replicas.is_empty() && down > (replicas.len() - 1) / 2
+    }
+
     /// Moves leadership of `group` to `to` (a voter) at the current leader
     /// and waits until `to` leads; returns the new leader.
     pub async fn transfer_leader(&self, group: GroupId, to: NodeId) -> Result<NodeId, RouterError> {

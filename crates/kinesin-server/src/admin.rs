@@ -232,10 +232,12 @@ async fn cluster(State(s): State<AdminState>) -> Json<serde_json::Value> {
         "node_id": host.node_id().0,
         "cluster_id": state.cluster_id,
         // The data version each node runs, as this node last heard it (0:
-        // not heard from, or a release before version 3).
+        // not heard from, or a release before version 3), and whether this
+        // node counts it as down (its pings go unanswered).
         "nodes": state.nodes.values().map(|n| json!({
             "id": n.id.0, "grpc": n.raft_addr, "api": n.api_addr, "zone": n.zone, "state": format!("{:?}", n.state),
             "data_version": if n.id == host.node_id() { DATA_VERSION } else { s.router.liveness().data_version(n.id) },
+            "down": s.router.liveness().is_down(n.id),
         })).collect::<Vec<_>>(),
         "streams": state.streams.keys().collect::<Vec<_>>(),
         "groups": groups,

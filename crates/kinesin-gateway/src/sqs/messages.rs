@@ -471,8 +471,9 @@ async fn send(
     messages: Vec<NewMessage>,
 ) -> Result<Vec<Result<kinesin_queue::Sent, SendRefused>>, ApiError> {
     let count = messages.len();
-    // Each send to one partition, any of them: a FIFO queue has one.
-    let group = queue.partitions[rand::random_range(0..queue.partitions.len())];
+    // Each send to one partition, any that can commit: a FIFO queue has one.
+    let open = reachable(ctx, queue);
+    let group = open[rand::random_range(0..open.len())];
     // A send whose outcome is unknown is not repeated here: a standard
     // queue would hold the message twice. FIFO queues deduplicate, so the
     // client's own retry is safe there.
@@ -773,13 +774,37 @@ async fn receive_one(
     }
 }
 
+/// The partitions of `queue` whose replicas are not mostly down as this
+/// node sees them (`Router::lacks_quorum`), or all of them if none is: a
+/// send or receive skips a partition that could not answer before the
+/// router's retry budget ends.
+fn reachable(ctx: &Context<'_>, queue: &Queue) -> Vec<GroupId> {
+    let open: Vec<GroupId> = queue
+        .partitions
+        .iter()
+        .copied()
+        .filter(|g| !ctx.router.lacks_quorum(*g))
+        .collect();
+    if open.is_empty() {
+        queue.partitions.clone()
+    } else {
+        open
+    }
+}
+
+/// How long a round of waiting at every partition may outlast the round
+/// itself (each partition's leader answers when the round ends).
+const WAIT_GRACE: Duration = Duration::from_secs(1);
+
 /// A receive from a standard queue of several partitions: it takes from
 /// each partition in turn, starting at a random one so that none starves,
 /// until it has `max`. Finding none, it waits at every partition's leader
 /// at once and takes from the first that has a message. The wait's
 /// proposal is a receive of no message (which every version of the queue
 /// kind applies), so a wait it then drops took nothing. A partition
-/// without a leader does not stop a receive from the others.
+/// without a leader does not stop a receive from the others: one whose
+/// replicas are mostly down is skipped, and a round of waiting ends with
+/// the round even if a partition has not answered.
 async fn receive_spread(
     ctx: &Context<'_>,
     queue: &Queue,
@@ -788,9 +813,14 @@ async fn receive_spread(
     ready: &[u8],
     deadline: Instant,
 ) -> Result<Vec<(GroupId, Delivered)>, ApiError> {
-    let n = queue.partitions.len();
-    let mut start = rand::random_range(0..n);
+    // The partition a wait found ready is asked first in the next round.
+    let mut first: Option<GroupId> = None;
     loop {
+        let partitions = reachable(ctx, queue);
+        let n = partitions.len();
+        let start = first
+            .and_then(|g| partitions.iter().position(|p| *p == g))
+            .unwrap_or_else(|| rand::random_range(0..n));
         let mut got = Vec::new();
         let mut failure = None;
         for i in 0..n {
@@ -798,7 +828,7 @@ async fn receive_spread(
             if left == 0 {
                 break;
             }
-            let group = queue.partitions[(start + i) % n];
+            let group = partitions[(start + i) % n];
             let command = kinesin_queue::encode(&QueueCommand::Receive {
                 max: left,
                 visibility_seconds,
@@ -833,8 +863,7 @@ async fn receive_spread(
                 None => Ok(Vec::new()),
             };
         }
-        let mut waits: FuturesUnordered<_> = queue
-            .partitions
+        let mut waits: FuturesUnordered<_> = partitions
             .iter()
             .enumerate()
             .map(|(k, group)| async move {
@@ -850,11 +879,12 @@ async fn receive_spread(
                 (k, woken)
             })
             .collect();
+        let round_end = tokio::time::Instant::now() + round + WAIT_GRACE;
         let mut failed = 0;
-        while let Some((k, outcome)) = waits.next().await {
+        while let Ok(Some((k, outcome))) = tokio::time::timeout_at(round_end, waits.next()).await {
             match outcome {
                 Ok(true) => {
-                    start = k;
+                    first = Some(partitions[k]);
                     break;
                 }
                 Ok(false) => {}
