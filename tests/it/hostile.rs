@@ -289,6 +289,107 @@ async fn an_append_routed_by_the_map_before_a_split_is_refused() {
     cluster.shutdown().await;
 }
 
+/// Issue 18 item 10: a sealed parent leaves the map, and its group the
+/// nodes, once a retention period has passed since it was sealed; within
+/// that period it stays. (Before, every reshard left its parents' groups
+/// for good.) The node's wall clock is moved forward instead of waiting a
+/// day, which is safe because nextest runs each test in its own process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sealed_shard_is_removed_a_retention_period_after_its_seal() {
+    use aws_sdk_kinesis::primitives::Blob;
+    const HOUR_MS: i64 = 3_600_000;
+    let cluster = TestCluster::start(1).await.unwrap();
+    cluster.create_stream("retired", 1).await.unwrap();
+    let node = cluster.node(1);
+    let client = crate::aws_sdk::client(&node.api_address());
+    client
+        .put_record()
+        .stream_name("retired")
+        .partition_key("k")
+        .data(Blob::new("before the split"))
+        .send()
+        .await
+        .unwrap();
+    let parent = node.meta.state().streams["retired"].shards[0].clone();
+    client
+        .split_shard()
+        .stream_name("retired")
+        .shard_to_split(parent.shard_id.to_string())
+        .new_starting_hash_key((1u128 << 127).to_string())
+        .send()
+        .await
+        .unwrap();
+    let parent_state = || {
+        node.meta.state().streams["retired"]
+            .shard(parent.shard_id)
+            .map(|s| s.state)
+    };
+    kinesin_testkit::wait_until(
+        "the parent to be sealed",
+        std::time::Duration::from_secs(30),
+        || async { parent_state() == Some(ShardState::Sealed) },
+    )
+    .await
+    .unwrap();
+    // 23 hours later (retention is 24) the parent stays: several passes of
+    // the reconciler (every 0.5 s) must not remove it. Nothing else can be
+    // waited for here, since nothing is meant to happen.
+    kinesin_router::set_clock_skew_ms(23 * HOUR_MS);
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(parent_state(), Some(ShardState::Sealed));
+    assert!(node.host.has_group(parent.group));
+    // A day later it goes, and so does its group. Its leader counts from
+    // the first pass that saw the seal, which a loaded machine may have
+    // run only after the clock moved: each step moves it a day further.
+    let mut skew = 23 * HOUR_MS;
+    while parent_state().is_some() {
+        skew += 26 * HOUR_MS;
+        assert!(skew < 200 * HOUR_MS, "the parent was never removed");
+        kinesin_router::set_clock_skew_ms(skew);
+        let _ = kinesin_testkit::wait_until(
+            "the parent to leave the map",
+            std::time::Duration::from_secs(10),
+            || async { parent_state().is_none() },
+        )
+        .await;
+    }
+    kinesin_testkit::wait_until(
+        "the parent's group to be deleted",
+        std::time::Duration::from_secs(30),
+        || async { !node.host.has_group(parent.group) },
+    )
+    .await
+    .unwrap();
+    // Requests are signed with the real time.
+    kinesin_router::set_clock_skew_ms(0);
+    let shards = client
+        .list_shards()
+        .stream_name("retired")
+        .send()
+        .await
+        .unwrap()
+        .shards
+        .unwrap_or_default();
+    assert_eq!(shards.len(), 2, "{shards:?}");
+    assert!(shards
+        .iter()
+        .all(|s| s.parent_shard_id() == Some(parent.shard_id.to_string().as_str())));
+    let gone = client
+        .get_shard_iterator()
+        .stream_name("retired")
+        .shard_id(parent.shard_id.to_string())
+        .shard_iterator_type(aws_sdk_kinesis::types::ShardIteratorType::TrimHorizon)
+        .send()
+        .await
+        .expect_err("the removed parent");
+    assert!(
+        gone.as_service_error()
+            .is_some_and(|e| e.is_resource_not_found_exception()),
+        "{gone:?}"
+    );
+    cluster.shutdown().await;
+}
+
 /// Whether the server closed `socket` (reads end) within `within`.
 async fn closed_within(socket: &mut tokio::net::TcpStream, within: std::time::Duration) -> bool {
     use tokio::io::AsyncReadExt;

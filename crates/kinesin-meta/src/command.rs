@@ -106,7 +106,17 @@ pub enum MetaCommand {
         limits: Limits,
         command: Vec<u8>,
     },
+    /// Drops a sealed shard whose records are all past the stream's
+    /// retention from the map (its replicas then delete its group), so
+    /// that reshards do not leave groups behind for good.
+    RemoveSealedShard {
+        stream: String,
+        shard: ShardId,
+    },
 }
+
+/// The data version whose releases decode [`MetaCommand::RemoveSealedShard`].
+pub const SHARD_REMOVAL_VERSION: u32 = 5;
 
 /// A stream to create. `placements[i]` holds the replicas of shard i, the
 /// preferred leader first; the proposer computed them.
@@ -188,6 +198,7 @@ impl MetaCommand {
                 Ok(MetaCommand::Limited { .. }) | Err(_) => LIMITS_VERSION,
                 Ok(inner) => inner.introduced_in().max(LIMITS_VERSION),
             },
+            MetaCommand::RemoveSealedShard { .. } => SHARD_REMOVAL_VERSION,
             _ => 1,
         }
     }

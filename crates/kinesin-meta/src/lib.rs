@@ -15,6 +15,7 @@ mod version;
 
 pub use command::{
     decode_reply, MetaCommand, MetaError, MetaReply, NewShard, NewStream, StreamChange,
+    SHARD_REMOVAL_VERSION,
 };
 pub use limits::{can_pass_limits, Limits, LIMITS_VERSION};
 pub use names::{split_stream_key, stream_key};

@@ -1,7 +1,8 @@
-//! Property tests of resharding: any sequence of splits, merges and uniform
-//! scalings leaves the open shards tiling the hash-key space, and a reshard
-//! command whose new shards do not tile its closed ones exactly is refused
-//! without changing the map.
+//! Property tests of resharding: any sequence of splits, merges, uniform
+//! scalings and removals of sealed shards leaves the open shards tiling the
+//! hash-key space and never reuses a shard id, and a reshard command whose
+//! new shards do not tile its closed ones exactly is refused without
+//! changing the map.
 
 use std::collections::BTreeSet;
 
@@ -28,6 +29,10 @@ enum Step {
     Uniform {
         target: u8,
     },
+    /// Removes a sealed shard (its records past retention).
+    Retire {
+        shard: prop::sample::Index,
+    },
 }
 
 /// How a plan is broken before it is proposed.
@@ -53,6 +58,7 @@ fn step() -> impl Strategy<Value = Step> {
             .prop_map(|(shard, at)| Step::Split { shard, at }),
         any::<prop::sample::Index>().prop_map(|shard| Step::Merge { shard }),
         any::<u8>().prop_map(|target| Step::Uniform { target }),
+        any::<prop::sample::Index>().prop_map(|shard| Step::Retire { shard }),
     ]
 }
 
@@ -99,6 +105,7 @@ fn plan(stream: &StreamInfo, step: &Step) -> Option<Plan> {
                 .ok()
                 .filter(|p| !p.parents.is_empty())
         }
+        Step::Retire { .. } => None,
     }
 }
 
@@ -186,10 +193,31 @@ fn check_map(state: &MetaState) -> Result<(), TestCaseError> {
     prop_assert!(groups.iter().all(|g| g.0 < state.next_group));
     for s in &stream.shards {
         for p in s.parent.iter().chain(&s.adjacent_parent) {
+            // Sealed, or removed once sealed.
             let parent = stream.shard(*p);
-            prop_assert!(parent.is_some_and(|p| p.state == ShardState::Sealed));
+            prop_assert!(parent.is_none_or(|p| p.state == ShardState::Sealed));
         }
     }
+    Ok(())
+}
+
+/// Removes the sealed shard `shard` picks, if there is one.
+fn retire(state: &mut MetaState, shard: &prop::sample::Index) -> Result<(), TestCaseError> {
+    let sealed: Vec<_> = state.streams["s"]
+        .shards
+        .iter()
+        .filter(|s| s.state == ShardState::Sealed)
+        .map(|s| s.shard_id)
+        .collect();
+    if sealed.is_empty() {
+        return Ok(());
+    }
+    let remove = MetaCommand::RemoveSealedShard {
+        stream: "s".into(),
+        shard: *shard.get(&sealed),
+    };
+    let reply = apply(state, remove);
+    prop_assert!(reply.is_ok(), "{:?}", reply);
     Ok(())
 }
 
@@ -212,7 +240,13 @@ proptest! {
         apply(&mut state, create).unwrap();
         settle(&mut state);
         check_map(&state)?;
+        let mut highest = state.streams["s"].shards.iter().map(|s| s.shard_id).max();
         for (step, how) in steps {
+            if let Step::Retire { shard } = &step {
+                retire(&mut state, shard)?;
+                check_map(&state)?;
+                continue;
+            }
             let Some(plan) = plan(&state.streams["s"], &step) else { continue };
             let (plan, broken) = match tampered(plan.clone(), how) {
                 Some(t) if !matches!(how, Tamper::None) => (t, true),
@@ -225,6 +259,14 @@ proptest! {
                 prop_assert_eq!(&state, &before);
             } else {
                 prop_assert!(reply.is_ok(), "{:?}: {:?}", step, reply);
+                // New shards take ids above every id ever given, removed
+                // ones included.
+                let new: Vec<_> = state.streams["s"].shards.iter()
+                    .map(|s| s.shard_id)
+                    .filter(|id| before.streams["s"].shard(*id).is_none())
+                    .collect();
+                prop_assert!(new.iter().all(|id| Some(*id) > highest), "{:?} after {:?}", new, highest);
+                highest = new.into_iter().max().or(highest);
                 settle(&mut state);
             }
             check_map(&state)?;

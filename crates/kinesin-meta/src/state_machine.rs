@@ -268,6 +268,17 @@ impl MetaStateMachine {
                 *state = after;
                 Ok(())
             }
+            MetaCommand::RemoveSealedShard { stream, shard } => {
+                let (s, k) = stream_and_shard(state, &stream, shard)?;
+                if s.shards[k].state != ShardState::Sealed {
+                    return Err(MetaError::Invalid(format!(
+                        "shard {shard} of {stream} is not sealed"
+                    )));
+                }
+                s.shards.remove(k);
+                s.epoch += 1;
+                Ok(())
+            }
         }
     }
 }
@@ -663,6 +674,53 @@ mod tests {
         assert_eq!(state.streams["s"].status, StreamStatus::Updating);
         ready(&mut state);
         assert_eq!(state.streams["s"].status, StreamStatus::Active);
+    }
+
+    #[test]
+    fn only_a_sealed_shard_is_removed_and_later_shards_keep_new_ids() {
+        let mut state = state_with_stream(1);
+        let remove = |shard: u32| MetaCommand::RemoveSealedShard {
+            stream: "s".into(),
+            shard: ShardId(shard),
+        };
+        assert_eq!(remove(0).introduced_in(), crate::SHARD_REMOVAL_VERSION);
+        let open = MetaStateMachine::apply_command(&mut state, remove(0)).unwrap_err();
+        assert!(matches!(open, MetaError::Invalid(_)), "{open:?}");
+        MetaStateMachine::apply_command(&mut state, split_shard_0()).unwrap();
+        // Sealing: its group may still take its last appends.
+        assert!(MetaStateMachine::apply_command(&mut state, remove(0)).is_err());
+        let sealed = MetaCommand::ShardSealed {
+            stream: "s".into(),
+            shard: ShardId(0),
+            ending: None,
+        };
+        MetaStateMachine::apply_command(&mut state, sealed).unwrap();
+        ready(&mut state);
+        let epoch = state.streams["s"].epoch;
+        MetaStateMachine::apply_command(&mut state, remove(0)).unwrap();
+        let s = &state.streams["s"];
+        assert_eq!(s.epoch, epoch + 1, "routers see the map changed");
+        let ids: Vec<u32> = s.shards.iter().map(|sh| sh.shard_id.0).collect();
+        assert_eq!(ids, [1, 2]);
+        assert_eq!(s.status, StreamStatus::Active);
+        let shard_1 = s.shards[0].range;
+        let again = MetaStateMachine::apply_command(&mut state, remove(0)).unwrap_err();
+        assert!(matches!(again, MetaError::ShardNotFound(_)), "{again:?}");
+        // The next reshard numbers its shards after the highest id, not
+        // after the count of shards left.
+        let (a, b) = shard_1.split_at(kinesin_types::HashKey(1 << 60)).unwrap();
+        let split_1 = MetaCommand::Reshard {
+            stream: "s".into(),
+            parents: vec![ShardId(1)],
+            children: vec![child(a, 1, None), child(b, 1, None)],
+        };
+        MetaStateMachine::apply_command(&mut state, split_1).unwrap();
+        let ids: Vec<u32> = state.streams["s"]
+            .shards
+            .iter()
+            .map(|sh| sh.shard_id.0)
+            .collect();
+        assert_eq!(ids, [1, 2, 3, 4]);
     }
 
     #[test]

@@ -11,13 +11,13 @@
 //! [`DATA_VERSION`], upgrades them in place, and refuses newer ones.
 
 /// The version this binary writes.
-pub const DATA_VERSION: u32 = 4;
+pub const DATA_VERSION: u32 = 5;
 
 /// The oldest version this binary can upgrade.
 pub const OLDEST_READABLE: u32 = 1;
 
 /// What each version changed, oldest first.
-pub const HISTORY: [(u32, &str); 4] = [
+pub const HISTORY: [(u32, &str); 5] = [
     (
         1,
         "releases up to 2026-11-30: the metadata value is an unversioned postcard MetaState; the node identity has no data_version",
@@ -33,6 +33,10 @@ pub const HISTORY: [(u32, &str); 4] = [
     (
         4,
         "metadata log entries may be `Limited` commands (limits checked where they apply), which a version-3 release cannot decode; stored values and snapshots keep the version-3 layout",
+    ),
+    (
+        5,
+        "metadata log entries may be `RemoveSealedShard` commands (a sealed shard past retention leaves the map), which a version-4 release cannot decode; stored values and snapshots keep the version-3 layout",
     ),
 ];
 

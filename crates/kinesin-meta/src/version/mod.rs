@@ -23,8 +23,8 @@ use crate::state::MetaState;
 
 const MAGIC: [u8; 4] = [0xFF, b'K', b'M', b'V'];
 /// The data version of this value's current layout. Later versions changed
-/// other things (4: the metadata log's `MetaCommand::Limited`), so it can be
-/// below `DATA_VERSION`.
+/// other things (4: the metadata log's `MetaCommand::Limited`, 5: its
+/// `MetaCommand::RemoveSealedShard`), so it can be below `DATA_VERSION`.
 const LATEST_LAYOUT: u32 = 3;
 const HEADER: usize = MAGIC.len() + 4;
 

@@ -11,6 +11,7 @@
 
 mod deliver;
 mod redrive;
+mod retire;
 mod seal;
 mod transfer;
 mod trim;
@@ -34,6 +35,11 @@ pub(crate) struct JobState {
     last_trim: HashMap<GroupId, Instant>,
     redriving: HashSet<GroupId>,
     last_redrive: HashMap<GroupId, Instant>,
+    /// When this node, leading a sealed shard's group, first saw it sealed
+    /// (wall-clock ms); see `retire`.
+    sealed_seen: HashMap<GroupId, u64>,
+    /// Sealed shards whose removal is being proposed.
+    retiring: HashSet<GroupId>,
     /// Delivery streams with a running delivery task.
     delivering: HashSet<GroupId>,
     /// Queue partitions whose gauges this node set.
@@ -66,14 +72,17 @@ impl Led<'_> {
 }
 
 /// After a pass over the groups this node leads (`led`): zeroes the queue
-/// gauges of partitions it no longer leads.
+/// gauges of partitions it no longer leads, forgets when it saw shards it
+/// no longer leads sealed.
 pub(crate) fn after_pass(jobs: &Mutex<JobState>, led: &HashSet<GroupId>) {
     let mut jobs = jobs.lock().expect("jobs lock");
     redrive::forget_unled(&mut jobs.exported, led);
+    // A leader seen again starts counting again (`retire`).
+    jobs.sealed_seen.retain(|group, _| led.contains(group));
 }
 
-/// Seals a resharded parent, moves a queue's dead letters and starts a
-/// delivery stream's deliveries at once. Once
+/// Seals a resharded parent, removes one past its retention, moves a
+/// queue's dead letters and starts a delivery stream's deliveries at once. Once
 /// the membership matches the map (`aligned`), starts at most one of a
 /// leadership hand-off and a trim per pass (a hand-off first).
 pub(crate) async fn run_on_leader(
@@ -83,6 +92,7 @@ pub(crate) async fn run_on_leader(
     aligned: bool,
 ) {
     seal::run(ctx, jobs, led);
+    retire::run(ctx, jobs, led);
     redrive::run(ctx, jobs, led);
     deliver::run(ctx, jobs, led);
     if !aligned || transfer::run(ctx, jobs, led).await {
