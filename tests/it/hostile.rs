@@ -240,27 +240,7 @@ async fn an_append_routed_by_the_map_before_a_split_is_refused() {
     cluster.create_stream("resharded", 1).await.unwrap();
     let node = cluster.node(1);
     let before = node.meta.state().streams["resharded"].clone();
-    let parent = before.shards[0].clone();
-    crate::aws_sdk::client(&node.api_address())
-        .split_shard()
-        .stream_name("resharded")
-        .shard_to_split(parent.shard_id.to_string())
-        .new_starting_hash_key((1u128 << 127).to_string())
-        .send()
-        .await
-        .unwrap();
-    kinesin_testkit::wait_until(
-        "the parent to be sealed",
-        std::time::Duration::from_secs(30),
-        || async {
-            node.meta.state().streams["resharded"]
-                .shards
-                .iter()
-                .any(|s| s.shard_id == parent.shard_id && s.state == ShardState::Sealed)
-        },
-    )
-    .await
-    .unwrap();
+    let parent = split_first_shard(node, "resharded").await;
 
     let mut c = native_client(&cluster, 1).await;
     let refused = c
@@ -310,27 +290,12 @@ async fn a_sealed_shard_is_removed_a_retention_period_after_its_seal() {
         .send()
         .await
         .unwrap();
-    let parent = node.meta.state().streams["retired"].shards[0].clone();
-    client
-        .split_shard()
-        .stream_name("retired")
-        .shard_to_split(parent.shard_id.to_string())
-        .new_starting_hash_key((1u128 << 127).to_string())
-        .send()
-        .await
-        .unwrap();
+    let parent = split_first_shard(node, "retired").await;
     let parent_state = || {
         node.meta.state().streams["retired"]
             .shard(parent.shard_id)
             .map(|s| s.state)
     };
-    kinesin_testkit::wait_until(
-        "the parent to be sealed",
-        std::time::Duration::from_secs(30),
-        || async { parent_state() == Some(ShardState::Sealed) },
-    )
-    .await
-    .unwrap();
     // 23 hours later (retention is 24) the parent stays: several passes of
     // the reconciler (every 0.5 s) must not remove it. Nothing else can be
     // waited for here, since nothing is meant to happen.
@@ -388,6 +353,32 @@ async fn a_sealed_shard_is_removed_a_retention_period_after_its_seal() {
         "{gone:?}"
     );
     cluster.shutdown().await;
+}
+
+/// Splits `stream`'s first shard in two halves through the Kinesis API
+/// and waits until it is sealed; returns the parent as it was before.
+async fn split_first_shard(node: &kinesin_server::Node, stream: &str) -> kinesin_types::ShardInfo {
+    let parent = node.meta.state().streams[stream].shards[0].clone();
+    crate::aws_sdk::client(&node.api_address())
+        .split_shard()
+        .stream_name(stream)
+        .shard_to_split(parent.shard_id.to_string())
+        .new_starting_hash_key((1u128 << 127).to_string())
+        .send()
+        .await
+        .unwrap();
+    kinesin_testkit::wait_until(
+        "the parent to be sealed",
+        std::time::Duration::from_secs(30),
+        || async {
+            node.meta.state().streams[stream]
+                .shard(parent.shard_id)
+                .is_some_and(|s| s.state == ShardState::Sealed)
+        },
+    )
+    .await
+    .unwrap();
+    parent
 }
 
 /// Whether the server closed `socket` (reads end) within `within`.

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 
-use kinesin_types::{HashKey, NodeId, ShardState, StreamInfo};
+use kinesin_types::{HashKey, NodeId, ShardId, ShardState, StreamInfo};
 use proptest::prelude::*;
 
 use crate::command::MetaCommand;
@@ -147,16 +147,20 @@ fn apply(state: &mut MetaState, command: MetaCommand) -> crate::MetaReply {
     MetaStateMachine::apply_command(state, command)
 }
 
+/// The ids of stream "s"'s shards in `wanted`.
+fn shards_in(state: &MetaState, wanted: ShardState) -> Vec<ShardId> {
+    state.streams["s"]
+        .shards
+        .iter()
+        .filter(|s| s.state == wanted)
+        .map(|s| s.shard_id)
+        .collect()
+}
+
 /// What the controller does once the parents' groups seal and the children
 /// answer: the stream is ACTIVE again.
 fn settle(state: &mut MetaState) {
-    let sealing: Vec<_> = state.streams["s"]
-        .shards
-        .iter()
-        .filter(|s| s.state == ShardState::Sealing)
-        .map(|s| s.shard_id)
-        .collect();
-    for shard in sealing {
+    for shard in shards_in(state, ShardState::Sealing) {
         let sealed = MetaCommand::ShardSealed {
             stream: "s".into(),
             shard,
@@ -203,12 +207,7 @@ fn check_map(state: &MetaState) -> Result<(), TestCaseError> {
 
 /// Removes the sealed shard `shard` picks, if there is one.
 fn retire(state: &mut MetaState, shard: &prop::sample::Index) -> Result<(), TestCaseError> {
-    let sealed: Vec<_> = state.streams["s"]
-        .shards
-        .iter()
-        .filter(|s| s.state == ShardState::Sealed)
-        .map(|s| s.shard_id)
-        .collect();
+    let sealed = shards_in(state, ShardState::Sealed);
     if sealed.is_empty() {
         return Ok(());
     }

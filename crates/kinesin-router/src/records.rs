@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use kinesin_meta::{MetaState, Owner};
 use kinesin_proto::v1::{self as pb};
-use kinesin_raft::blocking_reads::BlockingReads;
 use kinesin_shard::{
     NewRecord, ReadBatch, ReadStart, ShardCommand, ShardError, ShardRejection, ShardReply,
     ShardStateMachine, StoredRecord,
@@ -534,15 +533,15 @@ impl Router {
             )));
         }
         let mut published = sm.watch_published();
-        let reads = self.host.blocking_reads();
-        let start = off_runtime(reads, &sm, move |sm| sm.resolve(request.start)).await?;
+        let start = self
+            .off_runtime(&sm, move |sm| sm.resolve(request.start))
+            .await?;
         let until = tokio::time::Instant::now() + request.wait.min(MAX_READ_WAIT);
         let (limit, max_bytes) = (request.limit.max(1), request.max_bytes.max(1));
         loop {
-            let batch = off_runtime(reads, &sm, move |sm| {
-                sm.read(start, limit, max_bytes, now_ms())
-            })
-            .await?;
+            let batch = self
+                .off_runtime(&sm, move |sm| sm.read(start, limit, max_bytes, now_ms()))
+                .await?;
             if batch.records.is_empty() && !batch.sealed_and_drained {
                 let woken = tokio::time::timeout_at(until, published.changed()).await;
                 if matches!(woken, Ok(Ok(()))) {
@@ -556,23 +555,24 @@ impl Router {
             return Ok(batch);
         }
     }
-}
 
-/// Runs `read` against the local replica on a blocking thread: a read
-/// scans RocksDB for up to 10 MiB (GetRecords' limit), which must not hold one of
-/// the runtime's few worker threads (and every task queued behind it). At
-/// most [`kinesin_raft::blocking_reads::MAX_BLOCKING_READS`] run at once.
-async fn off_runtime<T: Send + 'static>(
-    reads: &BlockingReads,
-    sm: &Arc<ShardStateMachine>,
-    read: impl FnOnce(&ShardStateMachine) -> Result<T, ShardError> + Send + 'static,
-) -> Result<T, RouterError> {
-    let sm = sm.clone();
-    reads
-        .run(move || read(&sm))
-        .await
-        .map_err(|e| RouterError::Internal(e.to_string()))?
-        .map_err(RouterError::from)
+    /// Runs `read` against the local replica on a blocking thread: a read
+    /// scans RocksDB for up to 10 MiB (GetRecords' limit), which must not hold one of
+    /// the runtime's few worker threads (and every task queued behind it). At
+    /// most [`kinesin_raft::blocking_reads::MAX_BLOCKING_READS`] run at once.
+    async fn off_runtime<T: Send + 'static>(
+        &self,
+        sm: &Arc<ShardStateMachine>,
+        read: impl FnOnce(&ShardStateMachine) -> Result<T, ShardError> + Send + 'static,
+    ) -> Result<T, RouterError> {
+        let sm = sm.clone();
+        self.host
+            .blocking_reads()
+            .run(move || read(&sm))
+            .await
+            .map_err(|e| RouterError::Internal(e.to_string()))?
+            .map_err(RouterError::from)
+    }
 }
 
 #[cfg(test)]

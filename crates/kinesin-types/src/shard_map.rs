@@ -110,6 +110,11 @@ pub struct StreamSettings {
 }
 
 impl StreamInfo {
+    /// The retention period in milliseconds.
+    pub fn retention_ms(&self) -> u64 {
+        u64::from(self.retention_hours) * 3_600_000
+    }
+
     /// CREATING, or UPDATING with every resharded parent sealed: the stream
     /// turns ACTIVE once each open shard has a leader.
     pub fn awaits_leaders(&self) -> bool {

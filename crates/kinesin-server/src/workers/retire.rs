@@ -17,10 +17,9 @@ use super::{JobState, Led};
 use crate::reconcile::Context;
 
 /// Whether a shard sealed (as its leader saw) at `sealed_seen_ms`, whose
-/// newest record arrived at `last_arrival_ms`, is past `retention_hours`
-/// at `now_ms`.
-fn due(sealed_seen_ms: u64, last_arrival_ms: u64, retention_hours: u32, now_ms: u64) -> bool {
-    let retention_ms = u64::from(retention_hours) * 3_600_000;
+/// newest record arrived at `last_arrival_ms`, is past `retention_ms` at
+/// `now_ms`.
+fn due(sealed_seen_ms: u64, last_arrival_ms: u64, retention_ms: u64, now_ms: u64) -> bool {
     now_ms.saturating_sub(sealed_seen_ms) >= retention_ms
         && now_ms.saturating_sub(last_arrival_ms) >= retention_ms
 }
@@ -42,7 +41,7 @@ pub(super) fn run(ctx: &Context, jobs: &Arc<Mutex<JobState>>, led: &Led<'_>) {
         let mut jobs = jobs.lock().expect("jobs lock");
         let seen = *jobs.sealed_seen.entry(group).or_insert(now);
         if !stats.sealed
-            || !due(seen, stats.last_arrival_ms, stream.retention_hours, now)
+            || !due(seen, stats.last_arrival_ms, stream.retention_ms(), now)
             // Older releases cannot decode the removal: until every node
             // runs this one, sealed shards stay, as they did.
             || ctx.router.cluster_data_version() < SHARD_REMOVAL_VERSION
@@ -88,14 +87,19 @@ mod tests {
     fn a_shard_is_due_a_retention_period_after_its_seal_and_its_last_record() {
         let now = 1_000 * HOUR_MS;
         // Sealed 23 h ago: not yet, even without records.
-        assert!(!due(now - 23 * HOUR_MS, 0, 24, now));
-        assert!(due(now - 24 * HOUR_MS, 0, 24, now));
+        assert!(!due(now - 23 * HOUR_MS, 0, 24 * HOUR_MS, now));
+        assert!(due(now - 24 * HOUR_MS, 0, 24 * HOUR_MS, now));
         // A record newer than the retention keeps it (a clock that jumped).
-        assert!(!due(now - 30 * HOUR_MS, now - HOUR_MS, 24, now));
-        assert!(due(now - 30 * HOUR_MS, now - 25 * HOUR_MS, 24, now));
+        assert!(!due(now - 30 * HOUR_MS, now - HOUR_MS, 24 * HOUR_MS, now));
+        assert!(due(
+            now - 30 * HOUR_MS,
+            now - 25 * HOUR_MS,
+            24 * HOUR_MS,
+            now
+        ));
         // A longer retention waits longer.
-        assert!(!due(now - 30 * HOUR_MS, 0, 48, now));
+        assert!(!due(now - 30 * HOUR_MS, 0, 48 * HOUR_MS, now));
         // A clock that went back past the seal is not a reason.
-        assert!(!due(now + HOUR_MS, 0, 24, now));
+        assert!(!due(now + HOUR_MS, 0, 24 * HOUR_MS, now));
     }
 }

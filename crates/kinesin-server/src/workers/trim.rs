@@ -14,9 +14,8 @@ use crate::reconcile::Context;
 
 const TRIM_EVERY: Duration = Duration::from_secs(60);
 
-/// The trim a shard needs at `now_ms` with `retention_hours`, if any.
-fn command(sm: &ShardStateMachine, retention_hours: u32, now_ms: u64) -> Option<ShardCommand> {
-    let retention_ms = u64::from(retention_hours) * 3_600_000;
+/// The trim a shard needs at `now_ms` with `retention_ms`, if any.
+fn command(sm: &ShardStateMachine, retention_ms: u64, now_ms: u64) -> Option<ShardCommand> {
     let before_ms = now_ms.saturating_sub(retention_ms);
     let horizon = sm.trim_point(before_ms);
     (horizon > sm.stats().trim_horizon).then_some(ShardCommand::Trim { before_ms, horizon })
@@ -36,7 +35,7 @@ pub(super) fn run(ctx: &Context, jobs: &Mutex<JobState>, led: &Led<'_>) {
     ) {
         return;
     }
-    let Some(trim) = command(&sm, stream.retention_hours, kinesin_router::now_ms()) else {
+    let Some(trim) = command(&sm, stream.retention_ms(), kinesin_router::now_ms()) else {
         return;
     };
     let (host, group) = (ctx.host.clone(), led.group);
@@ -87,7 +86,7 @@ mod tests {
         let sm = ShardStateMachine::open(storage.clone(), 3, ShardId(0), 0).unwrap();
         let now = 100 * HOUR_MS;
         assert_eq!(
-            command(&sm, 24, now),
+            command(&sm, 24 * HOUR_MS, now),
             None,
             "an empty shard has nothing to trim"
         );
@@ -95,7 +94,7 @@ mod tests {
         append(&sm, &storage, 2, now - 25 * HOUR_MS);
         let inside = append(&sm, &storage, 3, now - 2 * HOUR_MS);
         assert_eq!(
-            command(&sm, 24, now),
+            command(&sm, 24 * HOUR_MS, now),
             Some(ShardCommand::Trim {
                 before_ms: now - 24 * HOUR_MS,
                 horizon: inside,
@@ -104,7 +103,7 @@ mod tests {
         // Everything is inside 48 hours: the horizon only moves up to the
         // first record (the shard's horizon starts below it), deleting none.
         assert_eq!(
-            command(&sm, 48, now),
+            command(&sm, 48 * HOUR_MS, now),
             Some(ShardCommand::Trim {
                 before_ms: now - 48 * HOUR_MS,
                 horizon: first,
