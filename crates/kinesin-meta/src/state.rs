@@ -84,6 +84,17 @@ pub enum Owner<'a> {
     },
 }
 
+impl Owner<'_> {
+    /// How operators name the group: `stream/shardId-…` for a shard, the
+    /// map name (`sqs/account/queue#k`, …) for any other kind.
+    pub fn name(&self) -> String {
+        match self {
+            Owner::Shard { stream, shard } => format!("{}/{}", stream.name, shard.shard_id),
+            Owner::Group { name, .. } => (*name).to_string(),
+        }
+    }
+}
+
 /// The kind name of stream shard groups.
 pub const STREAM_KIND: &str = "stream";
 

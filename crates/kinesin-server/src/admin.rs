@@ -210,6 +210,7 @@ async fn ready(State(s): State<AdminState>) -> Response {
 async fn cluster(State(s): State<AdminState>) -> Json<serde_json::Value> {
     let host = s.router.host();
     let state = s.router.meta_state();
+    let names: HashMap<_, _> = state.placed().map(|p| (p.group, p.owner.name())).collect();
     let groups: Vec<_> = host
         .group_ids()
         .into_iter()
@@ -217,6 +218,13 @@ async fn cluster(State(s): State<AdminState>) -> Json<serde_json::Value> {
         .map(|st| {
             json!({
                 "group": st.group.0,
+                // The metadata group is in no map; a group being deleted
+                // has left it (null).
+                "name": if st.group == GroupId::META {
+                    Some("metadata")
+                } else {
+                    names.get(&st.group).map(String::as_str)
+                },
                 "role": st.role.as_str(),
                 "leader": st.leader.map(|l| l.0),
                 "term": st.term,

@@ -1,6 +1,7 @@
 //! Queue operations: create, find, list, delete, attributes, purge, tags.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use kinesin_queue::policy::PermissionRefused;
@@ -501,6 +502,10 @@ pub(super) async fn delete_queue(ctx: &Context<'_>, input: &Input<'_>) -> Result
     Ok(json!({}))
 }
 
+/// How long GetQueueAttributes waits for a partition other than the first
+/// (the router's own retry budget is 10 s).
+const PARTITION_PATIENCE: Duration = Duration::from_secs(3);
+
 pub(super) async fn get_queue_attributes(
     ctx: &Context<'_>,
     input: &Input<'_>,
@@ -517,11 +522,24 @@ pub(super) async fn get_queue_attributes(
             ));
         }
     }
-    let mut info: QueueInfo = ctx.query(queue.group, &QueueQuery::Info).await?;
+    // Partition 0 holds the settings; the others only add to the counts,
+    // which are approximate: one that cannot answer soon (no leader, most
+    // replicas down) is left out rather than failing the call.
     let others = queue.partitions[1..]
         .iter()
-        .map(|g| ctx.query::<QueueInfo>(*g, &QueueQuery::Info));
-    for other in futures::future::try_join_all(others).await? {
+        .filter(|g| !ctx.router.lacks_quorum(**g))
+        .map(|g| {
+            tokio::time::timeout(
+                PARTITION_PATIENCE,
+                ctx.query::<QueueInfo>(*g, &QueueQuery::Info),
+            )
+        });
+    let (info, others) = tokio::join!(
+        ctx.query::<QueueInfo>(queue.group, &QueueQuery::Info),
+        futures::future::join_all(others)
+    );
+    let mut info = info?;
+    for other in others.into_iter().flatten().flatten() {
         info.visible += other.visible;
         info.in_flight += other.in_flight;
         info.delayed += other.delayed;
