@@ -4,6 +4,7 @@
 //! commands as bytes, and [`GroupStateMachine`].
 
 pub mod blocking_reads;
+pub mod clock;
 mod host;
 pub mod inspect;
 mod kinds;

@@ -16,8 +16,9 @@ mod throttle;
 
 pub use error::RouterError;
 pub use groups::{stamp, Retry};
+pub use kinesin_raft::clock::{now_ms, set_clock_skew_ms, wall_clock};
 pub use records::{AppendOutcome, ReadRequest, RecordIn};
-pub use router::{now_ms, set_clock_skew_ms, wall_clock, LocalShards, Router, RouterConfig};
+pub use router::{LocalShards, Router, RouterConfig};
 pub use service::NodeService;
 pub use streams::StreamOptions;
 pub use throttle::ShardLimits;

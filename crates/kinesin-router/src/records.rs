@@ -17,7 +17,8 @@ use kinesin_types::{
 };
 
 use crate::error::RouterError;
-use crate::router::{now_ms, Router, Target};
+use crate::router::{Router, Target};
+use kinesin_raft::clock::now_ms;
 
 /// A record as a client submits it.
 #[derive(Debug, Clone)]

@@ -2,9 +2,8 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use kinesin_meta::{MetaState, MetaStateMachine};
 use kinesin_proto::v1::node_client::NodeClient;
@@ -107,35 +106,6 @@ const MAX_BACKOFF: Duration = Duration::from_millis(200);
 /// Bounds of the time one attempt at one node may take.
 const ATTEMPT_MIN: Duration = Duration::from_millis(500);
 const ATTEMPT_MAX: Duration = Duration::from_secs(5);
-
-/// How far this process's wall clock is shifted from the system's, in ms.
-static CLOCK_SKEW_MS: AtomicI64 = AtomicI64::new(0);
-
-/// Shifts this process's wall clock ([`wall_clock`], [`now_ms`]) by `ms`:
-/// the chaos harness's clock-skew fault. Zero is the system clock.
-pub fn set_clock_skew_ms(ms: i64) {
-    CLOCK_SKEW_MS.store(ms, Ordering::Relaxed);
-}
-
-/// The wall clock every timestamp of this node comes from (arrival times,
-/// retention cut-offs, iterator expiry, request signatures).
-pub fn wall_clock() -> SystemTime {
-    let now = SystemTime::now();
-    let skew = CLOCK_SKEW_MS.load(Ordering::Relaxed);
-    let by = Duration::from_millis(skew.unsigned_abs());
-    if skew >= 0 {
-        now + by
-    } else {
-        now.checked_sub(by).unwrap_or(UNIX_EPOCH)
-    }
-}
-
-/// Wall-clock milliseconds since the Unix epoch, as leaders stamp commands.
-pub fn now_ms() -> u64 {
-    wall_clock()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 impl Router {
     pub fn new(

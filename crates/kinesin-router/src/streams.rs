@@ -19,7 +19,8 @@ use kinesin_types::{
 
 use crate::error::RouterError;
 use crate::records::{shard_read_request, ReadRequest};
-use crate::router::{now_ms, Router, Target, LIVE_WITHIN_MS};
+use crate::router::{Router, Target, LIVE_WITHIN_MS};
+use kinesin_raft::clock::now_ms;
 
 /// The data version that introduced `CreateStreamWithSettings`.
 pub(crate) const STREAM_SETTINGS_VERSION: u32 = 3;

@@ -274,4 +274,24 @@ mod tests {
         let foreign = SequenceNumber::new(0, ShardId(1), 1, 0);
         assert!(sm.resolve(ReadStart::At(foreign)).is_err());
     }
+
+    /// The time a replica applied the seal is kept across a restart, and
+    /// a second seal does not move it (`retire` counts from it).
+    #[test]
+    fn the_seal_time_survives_a_restart_and_a_second_seal() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), FsyncPolicy::NeverUnsafe).unwrap();
+        let sm = ShardStateMachine::open(storage.clone(), 1, ShardId(0), 0).unwrap();
+        append(&sm, 1, 100, 1);
+        assert_eq!(sm.sealed_at_ms().unwrap(), None);
+        let before = kinesin_raft::clock::now_ms();
+        apply(&sm, 2, ShardCommand::Seal);
+        let sealed_at = sm.sealed_at_ms().unwrap().expect("a seal time");
+        assert!(sealed_at >= before && sealed_at <= kinesin_raft::clock::now_ms());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        apply(&sm, 3, ShardCommand::Seal);
+        drop(sm);
+        let reopened = ShardStateMachine::open(storage, 1, ShardId(0), 0).unwrap();
+        assert_eq!(reopened.sealed_at_ms().unwrap(), Some(sealed_at));
+    }
 }

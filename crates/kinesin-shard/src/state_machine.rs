@@ -12,6 +12,12 @@ use tokio::sync::watch;
 use crate::command::{ShardCommand, ShardRejection, ShardReply, StoredRecord};
 
 const STATE_KEY: &[u8] = b"shard";
+/// When this replica applied its shard's seal, by its own wall clock
+/// (8 bytes, big-endian ms). Neither replicated nor in snapshots: how long
+/// a shard has been sealed survives restarts and leader changes, and a
+/// replica that got the seal by snapshot counts from when it first looks
+/// (`retire`), which delays a removal and never hastens one.
+const SEALED_AT_KEY: &[u8] = b"sealed-at";
 
 /// The shard's small state (everything but the records).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +82,17 @@ impl ShardStateMachine {
         self.publishes.receiver_count()
     }
 
+    /// When this replica applied the seal (wall-clock ms), if it did.
+    pub fn sealed_at_ms(&self) -> io::Result<Option<u64>> {
+        let stored = self.storage.get(
+            Cf::StateMachine,
+            &keys::named_key(self.group, SEALED_AT_KEY),
+        )?;
+        Ok(stored
+            .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
+            .map(u64::from_be_bytes))
+    }
+
     pub fn shard(&self) -> ShardId {
         self.shard
     }
@@ -135,6 +152,13 @@ impl ShardStateMachine {
                 }
             }
             ShardCommand::Seal => {
+                if !stats.sealed {
+                    batch.put_cf(
+                        self.storage.cf(Cf::StateMachine),
+                        keys::named_key(self.group, SEALED_AT_KEY),
+                        kinesin_raft::clock::now_ms().to_be_bytes(),
+                    );
+                }
                 stats.sealed = true;
                 ShardReply::Sealed {
                     ending: stats.last_sequence,

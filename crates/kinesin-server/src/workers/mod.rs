@@ -35,8 +35,9 @@ pub(crate) struct JobState {
     last_trim: HashMap<GroupId, Instant>,
     redriving: HashSet<GroupId>,
     last_redrive: HashMap<GroupId, Instant>,
-    /// When this node, leading a sealed shard's group, first saw it sealed
-    /// (wall-clock ms); see `retire`.
+    /// When this node, leading a sealed shard's group whose replica here
+    /// has no stored seal time, first saw it sealed (wall-clock ms); see
+    /// `retire`.
     sealed_seen: HashMap<GroupId, u64>,
     /// Sealed shards whose removal is being proposed.
     retiring: HashSet<GroupId>,

@@ -4,9 +4,12 @@
 //! map drops it and its replicas delete its group. Without this, every
 //! reshard left its parents' groups running for good.
 //!
-//! The leader keeps the time it saw the seal in memory only: a new leader
-//! (or a restart) starts counting again, which delays a removal and never
-//! hastens one.
+//! Every replica stores when it applied the seal
+//! (`ShardStateMachine::sealed_at_ms`), so restarts and leader changes do
+//! not restart the count. A replica that got the seal in a snapshot (or
+//! applied it under a release before this one) has no such time: as its
+//! leader it counts from when it first saw the shard sealed, in memory,
+//! which delays a removal and never hastens one.
 
 use std::sync::{Arc, Mutex};
 
@@ -16,7 +19,7 @@ use kinesin_types::ShardState;
 use super::{JobState, Led};
 use crate::reconcile::Context;
 
-/// Whether a shard sealed (as its leader saw) at `sealed_seen_ms`, whose
+/// Whether a shard sealed (as its leader knows) at `sealed_seen_ms`, whose
 /// newest record arrived at `last_arrival_ms`, is past `retention_ms` at
 /// `now_ms`.
 fn due(sealed_seen_ms: u64, last_arrival_ms: u64, retention_ms: u64, now_ms: u64) -> bool {
@@ -37,9 +40,16 @@ pub(super) fn run(ctx: &Context, jobs: &Arc<Mutex<JobState>>, led: &Led<'_>) {
     let stats = sm.stats();
     let now = kinesin_router::now_ms();
     let group = led.group;
+    let sealed_at = sm.sealed_at_ms().unwrap_or_else(|e| {
+        tracing::warn!(%group, error = %e, "cannot read when the shard was sealed");
+        None
+    });
     {
         let mut jobs = jobs.lock().expect("jobs lock");
-        let seen = *jobs.sealed_seen.entry(group).or_insert(now);
+        let seen = match sealed_at {
+            Some(at) => at,
+            None => *jobs.sealed_seen.entry(group).or_insert(now),
+        };
         if !stats.sealed
             || !due(seen, stats.last_arrival_ms, stream.retention_ms(), now)
             // Older releases cannot decode the removal: until every node
