@@ -6,6 +6,8 @@ import hashlib
 import json
 import math
 import os
+import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -809,7 +811,7 @@ def test_tls_with_http2_by_alpn(binary, workdir, stream_name, tmp_path):
          "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True, timeout=60,
     )
-    extra = f'replication_factor = 1\ntls_cert_file = "{cert}"\ntls_key_file = "{key}"'
+    extra = f'replication_factor = 1\ntls_cert_file = "{cert}"\ntls_key_file = "{key}"\napi_header_timeout_ms = 2000'
     nodes = start_cluster(binary, os.path.join(workdir, "tls"), 1, extra=extra)
     try:
         endpoint = f"https://127.0.0.1:{nodes[0].api_port}"
@@ -842,6 +844,20 @@ def test_tls_with_http2_by_alpn(binary, workdir, stream_name, tmp_path):
         # Plain HTTP is not served on a TLS port.
         with pytest.raises(Exception):
             client_for(f"http://127.0.0.1:{nodes[0].api_port}").list_streams()
+        # A client that completes the handshake and then sends nothing, or
+        # stops inside the HTTP/2 preface, is closed after the header
+        # timeout (2 s here) instead of holding a connection for good.
+        context = ssl.create_default_context(cafile=str(cert))
+        for opening in (b"", b"PRI * HTTP/2.0"):
+            with socket.create_connection(("127.0.0.1", nodes[0].api_port), timeout=20) as raw:
+                with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                    tls.sendall(opening)
+                    started = time.monotonic()
+                    try:
+                        ended = tls.recv(1)
+                    except (ConnectionError, ssl.SSLError):
+                        ended = b""
+                    assert ended == b"" and time.monotonic() - started < 10, (opening, time.monotonic() - started)
     finally:
         for n in nodes:
             n.stop()

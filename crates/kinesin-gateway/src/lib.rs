@@ -35,6 +35,7 @@ use hyper_util::server::conn::auto;
 use kinesin_router::Router;
 use kinesin_types::ShardId;
 use serde_json::json;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -359,12 +360,21 @@ pub async fn serve(
                     let _ = watcher.watch(builder.serve_connection(io, service)).await;
                 }
                 Some(acceptor) => {
-                    let Ok(Ok(stream)) =
+                    let Ok(Ok(mut stream)) =
                         tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
                     else {
                         return;
                     };
-                    let io = hyper_util::rt::TokioIo::new(stream);
+                    // As above; a TLS stream cannot be peeked, so the
+                    // opening bytes are read and handed to hyper first.
+                    let Ok(Some(head)) =
+                        tokio::time::timeout(header_timeout, read_opening(&mut stream)).await
+                    else {
+                        return;
+                    };
+                    let (reader, writer) = tokio::io::split(stream);
+                    let replayed = std::io::Cursor::new(head).chain(reader);
+                    let io = hyper_util::rt::TokioIo::new(tokio::io::join(replayed, writer));
                     let _ = watcher.watch(builder.serve_connection(io, service)).await;
                 }
             }
@@ -389,6 +399,20 @@ async fn opening(tcp: &tokio::net::TcpStream) -> bool {
             Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     }
+}
+
+/// Reads a connection's opening bytes, as far as [`opening`] waits for
+/// them; None when the client closes first.
+async fn read_opening<R: AsyncRead + Unpin>(io: &mut R) -> Option<Vec<u8>> {
+    let mut head = [0u8; 24];
+    let mut filled = 0;
+    while filled < head.len() && !head[..filled].contains(&b'\n') {
+        match io.read(&mut head[filled..]).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => filled += n,
+        }
+    }
+    Some(head[..filled].to_vec())
 }
 
 /// A gauge that is one higher while this lives.
