@@ -811,7 +811,7 @@ def test_tls_with_http2_by_alpn(binary, workdir, stream_name, tmp_path):
          "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True, timeout=60,
     )
-    extra = f'replication_factor = 1\ntls_cert_file = "{cert}"\ntls_key_file = "{key}"\napi_header_timeout_ms = 2000'
+    extra = f'replication_factor = 1\ntls_cert_file = "{cert}"\ntls_key_file = "{key}"\napi_header_timeout_ms = 2000\napi_idle_timeout_ms = 2000'
     nodes = start_cluster(binary, os.path.join(workdir, "tls"), 1, extra=extra)
     try:
         endpoint = f"https://127.0.0.1:{nodes[0].api_port}"
@@ -858,6 +858,31 @@ def test_tls_with_http2_by_alpn(binary, workdir, stream_name, tmp_path):
                     except (ConnectionError, ssl.SSLError):
                         ended = b""
                     assert ended == b"" and time.monotonic() - started < 10, (opening, time.monotonic() - started)
+        # An HTTP/2 connection that makes no request gets a GOAWAY and is
+        # closed after the idle timeout (2 s here); before, it stayed open
+        # for as long as its client answered the server's pings, as this
+        # one does.
+        h2 = ssl.create_default_context(cafile=str(cert))
+        h2.set_alpn_protocols(["h2"])
+        with socket.create_connection(("127.0.0.1", nodes[0].api_port), timeout=20) as raw:
+            with h2.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                assert tls.selected_alpn_protocol() == "h2"
+                frame = lambda kind, flags, payload=b"": (
+                    len(payload).to_bytes(3, "big") + bytes([kind, flags]) + bytes(4) + payload)
+                tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(0x4, 0))
+                started, pending, frame_types = time.monotonic(), b"", []
+                while chunk := tls.recv(65536):
+                    pending += chunk
+                    while len(pending) >= 9 and len(pending) >= 9 + int.from_bytes(pending[:3], "big"):
+                        size, kind, flags = int.from_bytes(pending[:3], "big"), pending[3], pending[4]
+                        payload, pending = pending[9:9 + size], pending[9 + size:]
+                        frame_types.append(kind)
+                        if kind == 0x4 and not flags & 1:
+                            tls.sendall(frame(0x4, 1))
+                        elif kind == 0x6 and not flags & 1:
+                            tls.sendall(frame(0x6, 1, payload))
+                elapsed = time.monotonic() - started
+                assert 0x7 in frame_types and elapsed < 10, (frame_types, elapsed)
     finally:
         for n in nodes:
             n.stop()

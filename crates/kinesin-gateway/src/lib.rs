@@ -24,6 +24,7 @@ mod service;
 mod sqs;
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulConnection;
 use kinesin_router::Router;
 use kinesin_types::ShardId;
 use serde_json::json;
@@ -76,6 +78,9 @@ pub struct GatewayConfig {
     /// and its body.
     pub header_timeout: Duration,
     pub body_timeout: Duration,
+    /// How long a connection may stay without a request in flight before
+    /// it is closed (gracefully: HTTP/2 gets a GOAWAY).
+    pub idle_timeout: Duration,
 }
 
 /// PEM certificate chain and private key of the HTTPS endpoint.
@@ -134,6 +139,7 @@ impl Default for GatewayConfig {
             max_connections: 10_000,
             header_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -292,8 +298,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Serves the endpoint until `stop` turns true: plain HTTP/1.1 and h2c, or
 /// with `tls` set HTTPS with HTTP/2 and HTTP/1.1 chosen by ALPN. At most
 /// `max_connections` connections are open; more are closed as they come.
-/// Headers, TLS handshakes and bodies have time limits, HTTP/2 connections
-/// a stream limit; bodies being read share the node's body budget.
+/// Headers, TLS handshakes, bodies and idle connections have time limits,
+/// HTTP/2 connections a stream limit; bodies being read share the node's
+/// body budget.
 pub async fn serve(
     listener: TcpListener,
     router: Arc<Router>,
@@ -307,7 +314,7 @@ pub async fn serve(
         );
     }
     let permits = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
-    let header_timeout = config.header_timeout;
+    let (header_timeout, idle_timeout) = (config.header_timeout, config.idle_timeout);
     let app = app(router, config);
     let mut builder = auto::Builder::new(hyper_util::rt::TokioExecutor::new());
     builder
@@ -321,7 +328,6 @@ pub async fn serve(
         .keep_alive_interval(H2_PING_INTERVAL)
         .keep_alive_timeout(H2_PING_TIMEOUT);
     let builder = Arc::new(builder);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let stopped = async {
@@ -343,12 +349,32 @@ pub async fn serve(
             continue;
         };
         let (acceptor, app, builder) = (tls.clone(), app.clone(), Arc::clone(&builder));
-        let watcher = graceful.watcher();
+        let stop = stop.clone();
         connections.spawn(async move {
             let _permit = permit;
             let _open = Gauge::up("kinesin_api_connections");
             let _ = tcp.set_nodelay(true);
-            let service = hyper_util::service::TowerToHyperService::new(app);
+            let activity = Arc::new(Activity::new());
+            let service = {
+                let (app, activity) = (
+                    hyper_util::service::TowerToHyperService::new(app),
+                    Arc::clone(&activity),
+                );
+                hyper::service::service_fn(move |request| {
+                    let busy = activity.busy();
+                    let response = hyper::service::Service::call(&app, request);
+                    async move {
+                        let response = response.await;
+                        drop(busy);
+                        response
+                    }
+                })
+            };
+            let until = Closing {
+                stop,
+                activity: &activity,
+                idle: idle_timeout,
+            };
             match acceptor {
                 None => {
                     // The protocol is told (h2c or HTTP/1.1) without a time
@@ -357,7 +383,7 @@ pub async fn serve(
                         return;
                     }
                     let io = hyper_util::rt::TokioIo::new(tcp);
-                    let _ = watcher.watch(builder.serve_connection(io, service)).await;
+                    until.drive(builder.serve_connection(io, service)).await;
                 }
                 Some(acceptor) => {
                     let Ok(Ok(mut stream)) =
@@ -375,16 +401,92 @@ pub async fn serve(
                     let (reader, writer) = tokio::io::split(stream);
                     let replayed = std::io::Cursor::new(head).chain(reader);
                     let io = hyper_util::rt::TokioIo::new(tokio::io::join(replayed, writer));
-                    let _ = watcher.watch(builder.serve_connection(io, service)).await;
+                    until.drive(builder.serve_connection(io, service)).await;
                 }
             }
         });
         while connections.try_join_next().is_some() {}
     }
     // Idle connections close now, busy ones after their requests (or the
-    // grace period).
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
+    // grace period): each saw `stop` (`Closing::drive`).
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
     connections.abort_all();
+}
+
+/// When a connection is shut down gracefully (requests in flight finish,
+/// no new ones start): when the server stops, or once no request was in
+/// flight for `idle`. HTTP/1.1 connections also end at hyper's header
+/// timeout between requests; HTTP/2 ones answer pings and would otherwise
+/// stay open for good.
+struct Closing<'a> {
+    stop: watch::Receiver<bool>,
+    activity: &'a Activity,
+    idle: Duration,
+}
+
+impl Closing<'_> {
+    async fn drive<C: GracefulConnection>(mut self, connection: C) {
+        let mut connection = std::pin::pin!(connection);
+        tokio::select! {
+            _ = connection.as_mut() => return,
+            _ = self.stop.wait_for(|s| *s) => {}
+            _ = self.activity.idle_for(self.idle) => {}
+        }
+        connection.as_mut().graceful_shutdown();
+        let _ = connection.await;
+    }
+}
+
+/// Requests in flight on a connection and when the last one started or
+/// ended.
+struct Activity {
+    opened: Instant,
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// Milliseconds after `opened`.
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+/// A request in flight; its end counts as activity.
+struct Busy(Arc<Activity>);
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            opened: Instant::now(),
+            in_flight: Default::default(),
+            last_ms: Default::default(),
+        }
+    }
+
+    fn busy(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        Busy(Arc::clone(self))
+    }
+
+    /// Returns once no request has been in flight for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let since = self
+                .opened
+                .elapsed()
+                .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::SeqCst)));
+            if self.in_flight.load(Ordering::SeqCst) == 0 && since >= limit {
+                return;
+            }
+            tokio::time::sleep(limit.saturating_sub(since).max(limit / 10)).await;
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let at = self.0.opened.elapsed().as_millis() as u64;
+        self.0.last_ms.fetch_max(at, Ordering::SeqCst);
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Waits until a plain connection's first bytes tell its protocol: the

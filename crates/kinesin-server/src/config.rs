@@ -98,6 +98,9 @@ pub struct Config {
     /// body, on the AWS API port (milliseconds).
     pub api_header_timeout_ms: u64,
     pub api_body_timeout_ms: u64,
+    /// How long an AWS API connection may stay without a request in flight
+    /// before it is closed (milliseconds).
+    pub api_idle_timeout_ms: u64,
     /// Most open shards the cluster allows (CreateStream, DescribeLimits).
     pub shard_limit: u32,
     /// How long shard iterators and paging tokens stay valid (AWS: 300).
@@ -176,6 +179,7 @@ impl Default for Config {
             api_max_connections: 10_000,
             api_header_timeout_ms: 30_000,
             api_body_timeout_ms: 60_000,
+            api_idle_timeout_ms: 300_000,
             shard_limit: 10_000,
             iterator_validity_secs: 300,
             shard_write_bytes_per_sec: 0,
@@ -356,8 +360,14 @@ impl Config {
         if self.api_max_connections == 0 {
             return bad("api_max_connections must be positive".into());
         }
-        if self.api_header_timeout_ms == 0 || self.api_body_timeout_ms == 0 {
-            return bad("api_header_timeout_ms and api_body_timeout_ms must be positive".into());
+        if self.api_header_timeout_ms == 0
+            || self.api_body_timeout_ms == 0
+            || self.api_idle_timeout_ms == 0
+        {
+            return bad(
+                "api_header_timeout_ms, api_body_timeout_ms and api_idle_timeout_ms must be positive"
+                    .into(),
+            );
         }
         self.glue_tables()?;
         // Unset, they are the listen addresses (port 0 until bound).

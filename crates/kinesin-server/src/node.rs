@@ -229,6 +229,7 @@ impl Node {
                 glue_tables: Arc::new(config.glue_tables()?),
                 max_connections: config.api_max_connections,
                 header_timeout: Duration::from_millis(config.api_header_timeout_ms),
+                idle_timeout: Duration::from_millis(config.api_idle_timeout_ms),
                 body_timeout: Duration::from_millis(config.api_body_timeout_ms),
             },
             tls,
