@@ -13,7 +13,8 @@
 //! older release reports the older version at its first answer. Answers
 //! also carry the versions the answering node heard from the others: a
 //! node that never heard a peer (it joined while the peer was down) takes
-//! the peer's version from them until the peer answers itself.
+//! the peer's version from them, the lowest any of them reports, until the
+//! peer answers itself.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,7 +54,7 @@ enum Ping {
 pub struct Liveness {
     peers: Mutex<HashMap<NodeId, Peer>>,
     /// The data version each node last reported (absent: none yet).
-    versions: Mutex<BTreeMap<u64, u32>>,
+    versions: Mutex<Versions>,
     /// Where `versions` is kept.
     storage: Storage,
     /// `versions` changed since it was last stored (or storing failed).
@@ -61,6 +62,15 @@ pub struct Liveness {
     /// Held while storing `versions`, so that stores land in the order
     /// they read the map and the last one holds the latest versions.
     saving: Mutex<()>,
+}
+
+#[derive(Default)]
+struct Versions {
+    /// By node id.
+    reported: BTreeMap<u64, u32>,
+    /// The nodes whose version came from other nodes' answers, not their
+    /// own (since this node started): another node's lower report wins.
+    secondhand: HashSet<u64>,
 }
 
 struct Peer {
@@ -87,7 +97,10 @@ impl Liveness {
         });
         Liveness {
             peers: Mutex::default(),
-            versions: Mutex::new(versions),
+            versions: Mutex::new(Versions {
+                reported: versions,
+                secondhand: HashSet::new(),
+            }),
             storage,
             unsaved: AtomicBool::new(false),
             saving: Mutex::default(),
@@ -144,7 +157,8 @@ impl Liveness {
         } = outcome
         {
             let mut versions = self.versions.lock().expect("versions lock");
-            if versions.insert(node.0, version) != Some(version) {
+            versions.secondhand.remove(&node.0);
+            if versions.reported.insert(node.0, version) != Some(version) {
                 self.unsaved.store(true, Ordering::SeqCst);
             }
         }
@@ -154,22 +168,38 @@ impl Liveness {
     /// The data version `node` last reported; 0 if none.
     pub fn data_version(&self, node: NodeId) -> u32 {
         let versions = self.versions.lock().expect("versions lock");
-        versions.get(&node.0).copied().unwrap_or(0)
+        versions.reported.get(&node.0).copied().unwrap_or(0)
     }
 
     /// The versions heard so far, by node id.
     pub fn heard_versions(&self) -> BTreeMap<u64, u32> {
-        self.versions.lock().expect("versions lock").clone()
+        self.versions
+            .lock()
+            .expect("versions lock")
+            .reported
+            .clone()
     }
 
     /// Takes the versions another node heard for the nodes that this one
-    /// never heard (its own answers are what counts for the others) except
-    /// `me`; true if the versions are to be stored, as [`Liveness::end`].
+    /// never heard itself (its own answers are what counts for the others)
+    /// except `me`, keeping the lowest any node reported; true if the
+    /// versions are to be stored, as [`Liveness::end`].
     fn learn(&self, heard: impl IntoIterator<Item = (u64, u32)>, me: NodeId) -> bool {
-        let mut versions = self.versions.lock().expect("versions lock");
+        let mut guard = self.versions.lock().expect("versions lock");
+        let Versions {
+            reported,
+            secondhand,
+        } = &mut *guard;
         for (node, version) in heard {
-            if node != me.0 && !versions.contains_key(&node) {
-                versions.insert(node, version);
+            if node == me.0 {
+                continue;
+            }
+            let lower = match reported.get(&node) {
+                None => secondhand.insert(node),
+                Some(known) => secondhand.contains(&node) && version < *known,
+            };
+            if lower {
+                reported.insert(node, version);
                 self.unsaved.store(true, Ordering::SeqCst);
             }
         }
@@ -183,7 +213,7 @@ impl Liveness {
         if !self.unsaved.swap(false, Ordering::SeqCst) {
             return;
         }
-        let json = serde_json::to_vec(&*self.versions.lock().expect("versions lock"))
+        let json = serde_json::to_vec(&self.versions.lock().expect("versions lock").reported)
             .expect("a map of numbers encodes");
         let mut batch = WriteBatch::default();
         batch.put_cf(self.storage.cf(Cf::Node), VERSIONS_KEY, json);
@@ -363,7 +393,7 @@ mod tests {
     }
 
     #[test]
-    fn versions_another_node_heard_fill_only_the_peers_never_heard() {
+    fn versions_another_node_heard_fill_only_the_peers_never_heard_lowest_first() {
         let dir = tempfile::tempdir().unwrap();
         let l = Liveness::open(storage_in(&dir));
         let (me, heard_before, never_heard) = (NodeId(4), NodeId(2), NodeId(3));
@@ -379,10 +409,26 @@ mod tests {
         assert_eq!(l.data_version(heard_before), 3, "its own answer counts");
         assert!(!l.heard_versions().contains_key(&me.0), "not about itself");
         l.save_versions();
-        assert!(!l.learn([(3, 2)], me), "known now: nothing to store");
+        assert!(!l.learn([(3, 5)], me), "a higher report: nothing to store");
         assert_eq!(l.data_version(never_heard), 4);
+        // Another node heard it at an older release (the peer was rolled
+        // back): the lower version counts until the peer answers.
+        assert!(l.learn([(3, 2)], me));
+        assert_eq!(l.data_version(never_heard), 2);
+        l.save_versions();
         drop(l);
         let restarted = Liveness::open(storage_in(&dir));
-        assert_eq!(restarted.data_version(never_heard), 4, "stored");
+        assert_eq!(restarted.data_version(never_heard), 2, "stored");
+        // Its own answer replaces what the others said, and they no longer
+        // lower it.
+        assert!(restarted.begin(never_heard));
+        restarted.end(
+            never_heard,
+            Ping::Answered {
+                data_version: Some(5),
+            },
+        );
+        restarted.learn([(3, 1)], me);
+        assert_eq!(restarted.data_version(never_heard), 5);
     }
 }
