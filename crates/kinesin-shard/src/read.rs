@@ -116,7 +116,7 @@ impl ShardStateMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{NewRecord, ShardCommand, ShardReply};
+    use crate::{NewRecord, ShardCommand, ShardReply, ShardStats};
     use kinesin_raft::GroupStateMachine;
     use kinesin_storage::{FsyncPolicy, Storage, WriteBatch};
     use kinesin_types::ShardId;
@@ -291,7 +291,24 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(5));
         apply(&sm, 3, ShardCommand::Seal);
         drop(sm);
-        let reopened = ShardStateMachine::open(storage, 1, ShardId(0), 0).unwrap();
+        let reopened = ShardStateMachine::open(storage.clone(), 1, ShardId(0), 0).unwrap();
         assert_eq!(reopened.sealed_at_ms().unwrap(), Some(sealed_at));
+        // A snapshot install clears the group's small state; a sealed
+        // state restored keeps this replica's time.
+        let install = |state: &[u8]| {
+            let mut batch = WriteBatch::default();
+            let (from, to) = kinesin_storage::keys::group_bounds(1);
+            batch.delete_range_cf(storage.cf(kinesin_storage::Cf::StateMachine), &from, &to);
+            reopened.restore(state, &mut batch).unwrap();
+            storage.write(batch).unwrap();
+        };
+        install(&reopened.snapshot_state());
+        assert_eq!(reopened.sealed_at_ms().unwrap(), Some(sealed_at));
+        let open_state = ShardStats {
+            sealed: false,
+            ..reopened.stats()
+        };
+        install(&postcard::to_stdvec(&open_state).unwrap());
+        assert_eq!(reopened.sealed_at_ms().unwrap(), None);
     }
 }

@@ -13,10 +13,11 @@ use crate::command::{ShardCommand, ShardRejection, ShardReply, StoredRecord};
 
 const STATE_KEY: &[u8] = b"shard";
 /// When this replica applied its shard's seal, by its own wall clock
-/// (8 bytes, big-endian ms). Neither replicated nor in snapshots: how long
-/// a shard has been sealed survives restarts and leader changes, and a
-/// replica that got the seal by snapshot counts from when it first looks
-/// (`retire`), which delays a removal and never hastens one.
+/// (8 bytes, big-endian ms). Neither replicated nor in snapshots (an
+/// install keeps the replica's own): how long a shard has been sealed
+/// survives restarts and leader changes, and a replica that got the seal
+/// by snapshot counts from when it first looks (`retire`), which delays a
+/// removal and never hastens one.
 const SEALED_AT_KEY: &[u8] = b"sealed-at";
 
 /// The shard's small state (everything but the records).
@@ -247,6 +248,15 @@ impl GroupStateMachine for ShardStateMachine {
             keys::named_key(self.group, STATE_KEY),
             state,
         );
+        // The install clears the group's small state: a replica that
+        // applied the seal itself keeps its time.
+        if let (true, Some(at)) = (stats.sealed, self.sealed_at_ms()?) {
+            batch.put_cf(
+                self.storage.cf(Cf::StateMachine),
+                keys::named_key(self.group, SEALED_AT_KEY),
+                at.to_be_bytes(),
+            );
+        }
         *self.working.lock().expect("working lock") = stats;
         Ok(())
     }
