@@ -775,16 +775,11 @@ async fn receive_one(
 }
 
 /// The partitions of `queue` whose replicas are not mostly down as this
-/// node sees them (`Router::lacks_quorum`), or all of them if none is: a
+/// node sees them ([`super::with_quorum`]), or all of them if none is: a
 /// send or receive skips a partition that could not answer before the
 /// router's retry budget ends.
 fn reachable(ctx: &Context<'_>, queue: &Queue) -> Vec<GroupId> {
-    let open: Vec<GroupId> = queue
-        .partitions
-        .iter()
-        .copied()
-        .filter(|g| !ctx.router.lacks_quorum(*g))
-        .collect();
+    let open = super::with_quorum(ctx, &queue.partitions);
     if open.is_empty() {
         queue.partitions.clone()
     } else {

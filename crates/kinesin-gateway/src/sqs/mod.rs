@@ -294,6 +294,16 @@ fn internal(message: String) -> ApiError {
 
 /// A router error for a queue: a group gone from the map is a queue that
 /// no longer exists.
+/// Those of `partitions` whose replicas are not mostly down as this node
+/// sees them (`Router::lacks_quorum`).
+fn with_quorum(ctx: &Context<'_>, partitions: &[GroupId]) -> Vec<GroupId> {
+    partitions
+        .iter()
+        .copied()
+        .filter(|g| !ctx.router.lacks_quorum(*g))
+        .collect()
+}
+
 fn queue_error(e: kinesin_router::RouterError) -> ApiError {
     match e {
         kinesin_router::RouterError::ResourceNotFound(_) => no_queue(),
