@@ -429,6 +429,9 @@ async fn slow_and_surplus_api_connections_are_closed_while_clients_keep_working(
     // Part of the HTTP/2 preface, then nothing.
     let mut half_preface = TcpStream::connect(&address).await.unwrap();
     half_preface.write_all(b"PRI * HTTP/2.0").await.unwrap();
+    // The preface's first line, which ends like a request line.
+    let mut preface_line = TcpStream::connect(&address).await.unwrap();
+    preface_line.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
     // A body that stops halfway: answered 408 and not held.
     let mut slow_body = TcpStream::connect(&address).await.unwrap();
     slow_body
@@ -452,6 +455,10 @@ async fn slow_and_surplus_api_connections_are_closed_while_clients_keep_working(
     assert!(
         closed_within(&mut half_preface, within).await,
         "a connection that stops inside the HTTP/2 preface is held"
+    );
+    assert!(
+        closed_within(&mut preface_line, within).await,
+        "a connection that stops after the HTTP/2 preface's first line is held"
     );
     let mut answer = Vec::new();
     {

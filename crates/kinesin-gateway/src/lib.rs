@@ -32,6 +32,7 @@ use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
 use kinesin_router::Router;
@@ -364,9 +365,15 @@ pub async fn serve(
                     let busy = activity.busy();
                     let response = hyper::service::Service::call(&app, request);
                     async move {
-                        let response = response.await;
-                        drop(busy);
-                        response
+                        // In flight until its body ends (a subscription's
+                        // event stream lasts minutes) or is dropped.
+                        let response = response.await?;
+                        Ok::<_, std::convert::Infallible>(response.map(|body| {
+                            axum::body::Body::new(body.map_err(move |e| {
+                                let _in_flight = &busy;
+                                e
+                            }))
+                        }))
                     }
                 })
             };
@@ -489,26 +496,35 @@ impl Drop for Busy {
     }
 }
 
-/// Waits until a plain connection's first bytes tell its protocol: the
-/// 24 bytes of the HTTP/2 preface, or an HTTP/1.1 request line. False when
-/// the client closes first.
+/// The HTTP/2 connection preface (RFC 9113 3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether a connection's first bytes `head` tell its protocol: the whole
+/// HTTP/2 preface, or an HTTP/1.1 request line (a line that does not begin
+/// the preface, which has line ends of its own).
+fn told(head: &[u8]) -> bool {
+    head.len() >= H2_PREFACE.len() || (head.contains(&b'\n') && !H2_PREFACE.starts_with(head))
+}
+
+/// Waits until a plain connection's first bytes tell its protocol
+/// ([`told`]). False when the client closes first.
 async fn opening(tcp: &tokio::net::TcpStream) -> bool {
     let mut head = [0u8; 24];
     loop {
         match tcp.peek(&mut head).await {
             Ok(0) | Err(_) => return false,
-            Ok(n) if n == head.len() || head[..n].contains(&b'\n') => return true,
+            Ok(n) if told(&head[..n]) => return true,
             Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     }
 }
 
-/// Reads a connection's opening bytes, as far as [`opening`] waits for
-/// them; None when the client closes first.
+/// Reads a connection's first bytes until they tell its protocol
+/// ([`told`]); None when the client closes first.
 async fn read_opening<R: AsyncRead + Unpin>(io: &mut R) -> Option<Vec<u8>> {
     let mut head = [0u8; 24];
     let mut filled = 0;
-    while filled < head.len() && !head[..filled].contains(&b'\n') {
+    while !told(&head[..filled]) {
         match io.read(&mut head[filled..]).await {
             Ok(0) | Err(_) => return None,
             Ok(n) => filled += n,
@@ -922,4 +938,27 @@ fn new_request_id() -> String {
         &h[16..20],
         &h[20..32]
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A line of the HTTP/2 preface is not an HTTP/1.1 request line: a
+    /// client that stops there is still inside the header time limit.
+    #[test]
+    fn the_protocol_is_told_by_the_whole_preface_or_a_request_line() {
+        assert!(told(H2_PREFACE));
+        assert!(told(b"POST / HTTP/1.1\r\n"));
+        assert!(told(b"POST /a-path-of-more-than-24-bytes"));
+        for unfinished in [
+            &b""[..],
+            b"POS",
+            b"PRI * HTTP/2.0",
+            b"PRI * HTTP/2.0\r\n",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n",
+        ] {
+            assert!(!told(unfinished), "{unfinished:?}");
+        }
+    }
 }
