@@ -69,6 +69,24 @@ impl Proc {
         self.child = Some(child);
     }
 
+    /// Panics with the end of the node's log if its process has ended (a
+    /// port taken by another test between `free_port` and the bind, say),
+    /// so that a wait for the cluster says why it never came.
+    pub fn assert_running(&mut self, dir: &Path) {
+        let Some(status) = self
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+        else {
+            return;
+        };
+        let log =
+            std::fs::read_to_string(dir.join(format!("node-{}.log", self.id))).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+        panic!("node {} exited ({status}); its log ends:\n{tail}", self.id);
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill().unwrap();

@@ -108,10 +108,11 @@ async fn kill_nine_under_load_loses_no_acknowledged_record() {
         },
     )
     .await;
-    let describe = eventually(
-        "three replicas per shard",
-        Duration::from_secs(60),
-        || async {
+    let describe = eventually("three replicas per shard", Duration::from_secs(60), || {
+        for p in &mut procs {
+            p.assert_running(dir.path());
+        }
+        async {
             let mut c = client(&seed).await?;
             let d = c
                 .describe_stream(pb::DescribeStreamRequest {
@@ -121,8 +122,8 @@ async fn kill_nine_under_load_loses_no_acknowledged_record() {
                 .ok()?
                 .into_inner();
             d.shards.iter().all(|s| s.replicas.len() == 3).then_some(d)
-        },
-    )
+        }
+    })
     .await;
 
     let acked = Acked::default();
