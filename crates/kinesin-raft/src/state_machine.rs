@@ -770,13 +770,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // state, or the new with the new. The new small state is published
         // before the rows arrived: only a leader reads them, and a replica
         // installing a snapshot is not one.
-        self.write_and_publish(batch, Durability::Durable).await?;
+        self.write_and_publish(batch, Durability::Buffered).await?;
         let (rows, index) = (
             self.inner.snapshot_rows(),
             meta.last_log_id.as_ref().map_or(0, |l| l.index),
         );
         tokio::task::spawn_blocking(move || {
             let _installing = installing;
+            // The install's start is on disk before any row moves; the
+            // fsync runs here, off the runtime and outside the apply lock.
+            storage.sync_patiently_blocking()?;
             move_staged(&storage, group, rows, index)
         })
         .await
