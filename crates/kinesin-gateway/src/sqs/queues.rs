@@ -523,23 +523,24 @@ pub(super) async fn get_queue_attributes(
         }
     }
     // Partition 0 holds the settings; the others only add to the counts,
-    // which are approximate: one that cannot answer soon (no leader, most
-    // replicas down) is left out rather than failing the call.
-    let others = queue.partitions[1..]
-        .iter()
-        .filter(|g| !ctx.router.lacks_quorum(**g))
-        .map(|g| {
-            tokio::time::timeout(
-                PARTITION_PATIENCE,
-                ctx.query::<QueueInfo>(*g, &QueueQuery::Info),
-            )
+    // which are approximate: one that cannot answer soon (most replicas
+    // down, no leader in time) is left out rather than failing the call.
+    let others = super::with_quorum(ctx, &queue.partitions[1..])
+        .into_iter()
+        .map(|group| async move {
+            let asked = ctx.query::<QueueInfo>(group, &QueueQuery::Info);
+            match tokio::time::timeout(PARTITION_PATIENCE, asked).await {
+                Ok(Ok(info)) => Ok(Some(info)),
+                Ok(Err(e)) if e.status != StatusCode::SERVICE_UNAVAILABLE => Err(e),
+                Ok(Err(_)) | Err(_) => Ok(None),
+            }
         });
     let (info, others) = tokio::join!(
         ctx.query::<QueueInfo>(queue.group, &QueueQuery::Info),
-        futures::future::join_all(others)
+        futures::future::try_join_all(others)
     );
     let mut info = info?;
-    for other in others.into_iter().flatten().flatten() {
+    for other in others?.into_iter().flatten() {
         info.visible += other.visible;
         info.in_flight += other.in_flight;
         info.delayed += other.delayed;
