@@ -1,8 +1,9 @@
-use std::time::Duration;
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
 use kinesin_router::RecordIn;
 use kinesin_testkit::{wait_until, TestCluster, TestOptions};
-use kinesin_types::GroupId;
+use kinesin_types::{GroupId, NodeId};
 
 use crate::common::{assert_all_replicas_hold, read_replica, write_batches, Acked};
 
@@ -149,5 +150,151 @@ async fn large_records_replicate_snapshot_and_read_back() {
         }
     }
     assert_all_replicas_hold(&cluster, "big", &acked).await;
+    cluster.shutdown().await;
+}
+
+fn queue_body(i: usize) -> String {
+    format!("{i:04}:{}", "b".repeat(1500))
+}
+
+/// Receives up to ten messages through `sqs`, hidden for an hour; returns
+/// (body, receipt handle) of each.
+async fn receive_some(sqs: &aws_sdk_sqs::Client, url: &str, max: i32) -> Vec<(String, String)> {
+    let out = sqs
+        .receive_message()
+        .queue_url(url)
+        .max_number_of_messages(max)
+        .visibility_timeout(3600)
+        .send()
+        .await
+        .unwrap();
+    out.messages()
+        .iter()
+        .map(|m| {
+            let body = m.body().unwrap_or_default().to_string();
+            (body, m.receipt_handle().unwrap_or_default().to_string())
+        })
+        .collect()
+}
+
+/// A queue replica whose log was purged while it was down catches up by
+/// snapshot (message state copied when the snapshot was built, bodies read
+/// from the live rows when it is sent) and, leading the queue afterwards,
+/// delivers every message that was not deleted, body intact, and none
+/// that was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_queue_replica_catches_up_by_snapshot_and_then_leads() {
+    let mut cluster = TestCluster::start_with(3, small_log_options())
+        .await
+        .unwrap();
+    let sqs = crate::sqs_sdk::client(&cluster.node(1).api_address());
+    let url = sqs
+        .create_queue()
+        .queue_name("snap")
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let send = |range: std::ops::Range<usize>| {
+        let (sqs, url) = (sqs.clone(), url.clone());
+        async move {
+            for i in range {
+                let body = queue_body(i);
+                sqs.send_message()
+                    .queue_url(&url)
+                    .message_body(body)
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    send(0..10).await;
+    let (name, group) = {
+        let state = cluster.any_node().meta.state();
+        let (name, spec) = state
+            .groups
+            .iter()
+            .find(|(_, g)| g.kind == "sqs-queue")
+            .expect("the queue's group");
+        (name.clone(), spec.group)
+    };
+    let down = follower_of(&cluster, group);
+    let down_index = cluster
+        .node(down)
+        .host
+        .status(group)
+        .unwrap()
+        .last_log_index;
+    cluster.stop(down).await;
+    let sqs = crate::sqs_sdk::client(
+        &cluster
+            .node((1..=3).find(|n| *n != down).unwrap())
+            .api_address(),
+    );
+
+    // While it is down: five messages received and deleted, three received
+    // and left in flight, thirty more sent, one entry each.
+    let mut deleted = BTreeSet::new();
+    for (body, receipt) in receive_some(&sqs, &url, 5).await {
+        sqs.delete_message()
+            .queue_url(&url)
+            .receipt_handle(receipt)
+            .send()
+            .await
+            .unwrap();
+        deleted.insert(body);
+    }
+    assert_eq!(deleted.len(), 5);
+    let in_flight: BTreeSet<String> = receive_some(&sqs, &url, 3)
+        .await
+        .into_iter()
+        .map(|(body, _)| body)
+        .collect();
+    assert_eq!(in_flight.len(), 3);
+    send(10..40).await;
+    wait_for_purge(&cluster, group, down_index).await;
+
+    cluster.restart(down).await.unwrap();
+    let mut replicas = vec![NodeId(down)];
+    let spec = cluster.any_node().meta.state().groups[&name].clone();
+    replicas.extend(spec.replicas.iter().copied().filter(|r| r.0 != down));
+    cluster
+        .any_node()
+        .router
+        .set_group_replicas(&name, replicas)
+        .await
+        .unwrap();
+    wait_until(
+        "the restarted replica to lead the queue",
+        Duration::from_secs(60),
+        || async { cluster.leader_of(group) == Some(NodeId(down)) },
+    )
+    .await
+    .unwrap();
+    let status = cluster.node(down).host.status(group).unwrap();
+    assert!(
+        status.purged_index.is_some_and(|p| p > down_index),
+        "the replica caught up by snapshot: {status:?}"
+    );
+
+    // Every message sent and not deleted or in flight, once, whole.
+    let mut got = BTreeSet::new();
+    let sqs = crate::sqs_sdk::client(&cluster.node(down).api_address());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got.len() < 40 - 5 - 3 {
+        assert!(Instant::now() < deadline, "received only {}", got.len());
+        for (body, _) in receive_some(&sqs, &url, 10).await {
+            assert!(!deleted.contains(&body), "a deleted message came back");
+            assert!(!in_flight.contains(&body), "delivered while in flight");
+            assert!(got.insert(body), "delivered twice");
+        }
+    }
+    let expected: BTreeSet<String> = (0..40)
+        .map(queue_body)
+        .filter(|b| !deleted.contains(b) && !in_flight.contains(b))
+        .collect();
+    assert_eq!(got, expected);
     cluster.shutdown().await;
 }

@@ -9,7 +9,7 @@ use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName, Queu
 use aws_sdk_sqs::Client;
 use kinesin_testkit::TestCluster;
 
-fn client(api_address: &str) -> Client {
+pub(crate) fn client(api_address: &str) -> Client {
     let config = aws_sdk_sqs::Config::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new("us-east-1"))

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use kinesin_raft::{GroupKind, GroupStateMachine, SnapshotRows};
+use kinesin_raft::{FixedRows, GroupKind, GroupStateMachine, SnapshotRows};
 use kinesin_storage::{keys, Cf, Storage, WriteBatch};
 use kinesin_types::GroupId;
 use serde::{Deserialize, Serialize};
@@ -391,6 +391,15 @@ fn seq_of(key: &[u8]) -> Result<u128, String> {
     Ok(u128::from_be_bytes(key.try_into().map_err(|_| {
         "a queue message row has a malformed key".to_string()
     })?))
+}
+
+/// The log index of the entry that wrote the body row with this key: the
+/// high bits of its message's `seq`. A malformed key reads as 0, so that a
+/// snapshot sends rather than loses it.
+fn body_writer_index(key: &[u8]) -> u64 {
+    key.get(9..)
+        .and_then(|k| seq_of(k).ok())
+        .map_or(0, |seq| (seq >> 32) as u64)
 }
 
 /// The clock the leader put before a command or query, and the rest.
@@ -1184,9 +1193,16 @@ impl GroupStateMachine for QueueStateMachine {
         Ok(())
     }
 
+    /// Message state changes in place; bodies never do, and their keys
+    /// carry the index of the entry that wrote them (a message's `seq`).
     fn snapshot_rows(&self) -> SnapshotRows {
         SnapshotRows::Mutable {
             columns: &[Cf::Rows],
+            fixed: Some(FixedRows {
+                column: Cf::Rows,
+                prefix: &[TAG_BODY],
+                writer_index: body_writer_index,
+            }),
         }
     }
 
@@ -1774,6 +1790,33 @@ mod tests {
         assert!(receive(&s, &sm, 6, 200_000, 10)
             .iter()
             .all(|d| d.message.message.body == "b"));
+    }
+
+    /// Snapshots send bodies from the live rows by the index in their keys
+    /// (`FixedRows`): every body row, and only those, sits under the
+    /// prefix, and its key names the entry that sent or moved it in.
+    #[test]
+    fn body_rows_name_the_entry_that_wrote_them() {
+        let (_dir, s, sm) = setup(&[]);
+        let two = vec![message("a", None, None), message("b", None, None)];
+        run(&s, &sm, 7, 0, QueueCommand::Send(two));
+        receive(&s, &sm, 9, 0, 1);
+        let SnapshotRows::Mutable {
+            fixed: Some(fixed), ..
+        } = sm.snapshot_rows()
+        else {
+            panic!("queue bodies are fixed rows");
+        };
+        let (from, to) = keys::group_bounds(42);
+        let mut bodies = 0;
+        for row in s.scan(Cf::Rows, &from, &to) {
+            let (key, _) = row.unwrap();
+            if key[8..].starts_with(fixed.prefix) {
+                bodies += 1;
+                assert_eq!((fixed.writer_index)(&key), 7);
+            }
+        }
+        assert_eq!(bodies, 2);
     }
 
     #[test]

@@ -23,8 +23,11 @@
 //! state) gets them copied when the snapshot is built, from a RocksDB
 //! snapshot taken together with the applied id, into `Cf::SnapshotCopies`,
 //! where sends read them; a replica that installs such a snapshot makes the
-//! same copy, so that it can send the snapshot on. The Raft layer knows
-//! nothing else about rows.
+//! same copy, so that it can send the snapshot on. Such a kind may also have
+//! rows that never change once written ([`FixedRows`], a queue's message
+//! bodies, most of its bytes): those are left out of the copy and sent from
+//! the live column family as a stream shard's records are. The Raft layer
+//! knows nothing else about rows.
 
 use std::collections::HashMap;
 use std::io;
@@ -116,15 +119,51 @@ pub enum SnapshotRows {
     /// Rows in `columns` (each one of [`Cf::SNAPSHOT_ROWS`]) that applies
     /// change in place: building a snapshot copies them, from a RocksDB
     /// snapshot taken with the applied id, into [`Cf::SnapshotCopies`],
-    /// where sends read them.
-    Mutable { columns: &'static [Cf] },
+    /// where sends read them; except the `fixed` ones, sent from the live
+    /// column family.
+    Mutable {
+        columns: &'static [Cf],
+        fixed: Option<FixedRows>,
+    },
+}
+
+/// Rows among a [`SnapshotRows::Mutable`] kind's that are never changed once
+/// written, only deleted, and whose keys carry the log index of the entry
+/// that wrote them. A snapshot sends those written at or below its index
+/// that are still there when it is sent: one deleted after the snapshot was
+/// built is deleted again by the log entries that follow it.
+#[derive(Clone, Copy)]
+pub struct FixedRows {
+    pub column: Cf,
+    /// What their keys start with after the group id.
+    pub prefix: &'static [u8],
+    /// The log index of the entry that wrote the row with this key.
+    pub writer_index: fn(&[u8]) -> u64,
+}
+
+impl FixedRows {
+    /// The keys of `group`'s fixed rows.
+    fn bounds(&self, group: u64) -> (Vec<u8>, Vec<u8>) {
+        let from = keys::named_key(group, self.prefix);
+        let mut to = from.clone();
+        // The least key above every key that starts with `from`.
+        while let Some(last) = to.pop() {
+            if last < u8::MAX {
+                to.push(last + 1);
+                return (from, to);
+            }
+        }
+        (from, keys::group_bounds(group).1)
+    }
 }
 
 impl SnapshotRows {
     fn columns(self) -> &'static [Cf] {
         match self {
             SnapshotRows::None => &[],
-            SnapshotRows::Immutable { columns, .. } | SnapshotRows::Mutable { columns } => columns,
+            SnapshotRows::Immutable { columns, .. } | SnapshotRows::Mutable { columns, .. } => {
+                columns
+            }
         }
     }
 }
@@ -143,12 +182,14 @@ pub(crate) enum SnapshotSource {
         upto: u64,
         rows: SnapshotRows,
     },
-    /// Rows copied when the snapshot at log index `index` was built; the
-    /// copy is kept while `_held` has clones.
+    /// Rows copied when the snapshot at log index `index` was built (the
+    /// copy is kept while `_held` has clones), and the `fixed` rows of the
+    /// live column family written at log index ≤ `index`.
     Copied {
         storage: Storage,
         group: u64,
         index: u64,
+        fixed: Option<FixedRows>,
         _held: Arc<()>,
     },
     /// Records received from the leader, parked in the staging column
@@ -156,8 +197,11 @@ pub(crate) enum SnapshotSource {
     Staged,
 }
 
-/// One run of snapshot records: (column family tag, key, value).
-pub(crate) type SnapshotChunk = Vec<(u8, Vec<u8>, Vec<u8>)>;
+/// One snapshot record: (column family tag, key, value).
+pub(crate) type SnapshotRow = (u8, Vec<u8>, Vec<u8>);
+
+/// One run of snapshot records.
+pub(crate) type SnapshotChunk = Vec<SnapshotRow>;
 
 const CHUNK_BYTES: usize = 4 << 20;
 
@@ -179,15 +223,12 @@ impl GroupSnapshot {
     ) -> io::Result<()> {
         let mut chunk = SnapshotChunk::new();
         let mut size = 0usize;
-        let mut push = |chunk: &mut SnapshotChunk,
-                        size: &mut usize,
-                        item: (u8, Vec<u8>, Vec<u8>)|
-         -> io::Result<()> {
-            *size += item.1.len() + item.2.len();
+        let mut push = |item: SnapshotRow| -> io::Result<()> {
+            size += item.1.len() + item.2.len();
             chunk.push(item);
-            if *size >= CHUNK_BYTES {
-                *size = 0;
-                sink(std::mem::take(chunk))?;
+            if size >= CHUNK_BYTES {
+                size = 0;
+                sink(std::mem::take(&mut chunk))?;
             }
             Ok(())
         };
@@ -204,21 +245,15 @@ impl GroupSnapshot {
             } => {
                 let (from, to) = keys::group_bounds(*group);
                 for &cf in *columns {
-                    let tag = cf.snapshot_tag().ok_or_else(|| {
-                        io::Error::other(format!("{} rows cannot be in a snapshot", cf.name()))
-                    })?;
-                    for kv in storage.scan(cf, &from, &to) {
-                        let (k, v) = kv?;
-                        if writer_index(cf, &k) <= *upto {
-                            push(&mut chunk, &mut size, (tag, k.into_vec(), v.into_vec()))?;
-                        }
-                    }
+                    let written = |key: &[u8]| writer_index(cf, key);
+                    push_live(storage, cf, (&from, &to), *upto, &written, &mut push)?;
                 }
             }
             SnapshotSource::Copied {
                 storage,
                 group,
                 index,
+                fixed,
                 ..
             } => {
                 let (from, to) = copy_bounds(*group, *index);
@@ -228,7 +263,19 @@ impl GroupSnapshot {
                     let tag = *k.get(16).ok_or_else(|| {
                         io::Error::new(io::ErrorKind::InvalidData, "short snapshot copy key")
                     })?;
-                    push(&mut chunk, &mut size, (tag, k[17..].to_vec(), v.into_vec()))?;
+                    push((tag, k[17..].to_vec(), v.into_vec()))?;
+                }
+                if let Some(fixed) = fixed {
+                    let (from, to) = fixed.bounds(*group);
+                    let written = fixed.writer_index;
+                    push_live(
+                        storage,
+                        fixed.column,
+                        (&from, &to),
+                        *index,
+                        &written,
+                        &mut push,
+                    )?;
                 }
             }
             SnapshotSource::Live {
@@ -242,6 +289,28 @@ impl GroupSnapshot {
         }
         Ok(())
     }
+}
+
+/// Calls `push` with each row of `cf` in `[from, to)` that the entry at
+/// log index ≤ `upto` wrote.
+fn push_live(
+    storage: &Storage,
+    cf: Cf,
+    (from, to): (&[u8], &[u8]),
+    upto: u64,
+    writer_index: &dyn Fn(&[u8]) -> u64,
+    push: &mut dyn FnMut(SnapshotRow) -> io::Result<()>,
+) -> io::Result<()> {
+    let tag = cf
+        .snapshot_tag()
+        .ok_or_else(|| io::Error::other(format!("{} rows cannot be in a snapshot", cf.name())))?;
+    for kv in storage.scan(cf, from, to) {
+        let (k, v) = kv?;
+        if writer_index(&k) <= upto {
+            push((tag, k.into_vec(), v.into_vec()))?;
+        }
+    }
+    Ok(())
 }
 
 /// A token that keeps the row copy of the snapshot at `index`.
@@ -263,14 +332,14 @@ fn copy_bounds(group: u64, index: u64) -> (Vec<u8>, Vec<u8>) {
     }
 }
 
-/// Copies `group`'s rows in `columns`, as `view` shows them, into
-/// [`Cf::SnapshotCopies`] under `index`, in bounded batches.
+/// Copies `group`'s rows in `columns` but the `fixed` ones, as `view` shows
+/// them, into [`Cf::SnapshotCopies`] under `index`, in bounded batches.
 fn copy_rows(
     storage: &Storage,
     view: &View<'_>,
     group: u64,
     index: u64,
-    columns: &[Cf],
+    (columns, fixed): (&[Cf], Option<FixedRows>),
 ) -> io::Result<()> {
     let (copy_from, copy_to) = copy_bounds(group, index);
     let mut batch = WriteBatch::default();
@@ -280,7 +349,14 @@ fn copy_rows(
         let tag = cf.snapshot_tag().ok_or_else(|| {
             io::Error::other(format!("{} rows cannot be in a snapshot", cf.name()))
         })?;
-        for kv in view.scan(cf, &from, &to) {
+        let ranges = match fixed.filter(|f| f.column == cf) {
+            Some(f) => {
+                let (skip_from, skip_to) = f.bounds(group);
+                vec![(from.clone(), skip_from), (skip_to, to.clone())]
+            }
+            None => vec![(from.clone(), to.clone())],
+        };
+        for kv in ranges.iter().flat_map(|(a, b)| view.scan(cf, a, b)) {
             let (k, v) = kv?;
             let mut copy = Vec::with_capacity(17 + k.len());
             copy.extend_from_slice(&copy_from);
@@ -361,8 +437,8 @@ fn move_staged(storage: &Storage, group: u64, rows: SnapshotRows, index: u64) ->
         }
     }
     write_rows(storage, std::mem::take(&mut batch), OnFullDisk::Wait)?;
-    if let SnapshotRows::Mutable { columns } = rows {
-        copy_rows(storage, &storage.view(), group, index, columns)?;
+    if let SnapshotRows::Mutable { columns, fixed } = rows {
+        copy_rows(storage, &storage.view(), group, index, (columns, fixed))?;
     }
     batch.delete_range_cf(storage.cf(Cf::Staging), &from, &to);
     batch.delete_cf(
@@ -534,10 +610,11 @@ impl StateMachineStore {
     fn snapshot_of(&self, saved: SavedSnapshot, copies: &mut HashMap<u64, Weak<()>>) -> Snapshot {
         let upto = saved.meta.last_log_id.as_ref().map_or(0, |l| l.index);
         let source = match self.inner.snapshot_rows() {
-            SnapshotRows::Mutable { .. } => SnapshotSource::Copied {
+            SnapshotRows::Mutable { fixed, .. } => SnapshotSource::Copied {
                 storage: self.storage.clone(),
                 group: self.group,
                 index: upto,
+                fixed,
                 _held: hold_copy(copies, upto),
             },
             rows => SnapshotSource::Live {
@@ -572,7 +649,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             _ => None,
         };
         let (applied, state) = match rows {
-            SnapshotRows::Mutable { columns } => {
+            SnapshotRows::Mutable { columns, fixed } => {
                 // Rows that change in place are copied as a RocksDB
                 // snapshot taken with the applied id shows them, outside
                 // the lock and off the async workers. A saved snapshot at
@@ -594,7 +671,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
                     };
                     if saved != applied.last_applied {
                         let index = applied.last_applied.as_ref().map_or(0, |l| l.index);
-                        copy_rows(&storage, &view, group, index, columns)?;
+                        copy_rows(&storage, &view, group, index, (columns, fixed))?;
                     }
                     Ok((applied, state))
                 })
@@ -915,6 +992,7 @@ mod tests {
 
     const MUTABLE: SnapshotRows = SnapshotRows::Mutable {
         columns: &[Cf::Rows],
+        fixed: None,
     };
 
     fn put_row(storage: &Storage, group: u64, key: &str, value: &str) {
@@ -927,13 +1005,19 @@ mod tests {
         storage.write(batch).unwrap();
     }
 
-    fn sent(storage: &Storage, group: u64, index: u64) -> Vec<(u8, Vec<u8>, Vec<u8>)> {
+    fn sent(
+        storage: &Storage,
+        group: u64,
+        index: u64,
+        fixed: Option<FixedRows>,
+    ) -> Vec<(u8, Vec<u8>, Vec<u8>)> {
         let snapshot = GroupSnapshot {
             state: Vec::new(),
             source: SnapshotSource::Copied {
                 storage: storage.clone(),
                 group,
                 index,
+                fixed,
                 _held: Arc::new(()),
             },
         };
@@ -961,14 +1045,14 @@ mod tests {
         put_row(&storage, group, "a", "changed");
         put_row(&storage, group, "c", "new");
         put_row(&storage, group + 1, "other", "group");
-        copy_rows(&storage, &view, group, 10, &[Cf::Rows]).unwrap();
+        copy_rows(&storage, &view, group, 10, (&[Cf::Rows], None)).unwrap();
         drop(view);
         let key = |k: &str| keys::named_key(group, k.as_bytes());
         assert_eq!(
-            sent(&storage, group, 10),
+            sent(&storage, group, 10, None),
             vec![(3, key("a"), b"1".to_vec()), (3, key("b"), b"2".to_vec())]
         );
-        assert!(sent(&storage, group, 11).is_empty());
+        assert!(sent(&storage, group, 11, None).is_empty());
 
         let staged = vec![(3, key("x"), b"9".to_vec())];
         stage_chunk(&storage, group, staged.clone(), OnFullDisk::Fail).unwrap();
@@ -985,6 +1069,55 @@ mod tests {
             Some(b"9".to_vec())
         );
         // No saved snapshot names an index here: the copy is at 0.
-        assert!(sent(&storage, group, 0).contains(&staged[0]));
+        assert!(sent(&storage, group, 0, None).contains(&staged[0]));
+    }
+
+    /// Fixed rows written at or below the snapshot's index are sent from
+    /// the live column family, those deleted meanwhile not; none is copied.
+    #[test]
+    fn fixed_rows_are_sent_live_and_never_copied() {
+        const FIXED: FixedRows = FixedRows {
+            column: Cf::Rows,
+            prefix: b"f",
+            writer_index: |key| u64::from(key[9] - b'0'),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), FsyncPolicy::NeverUnsafe).unwrap();
+        let group = 6;
+        put_row(&storage, group, "a", "1");
+        put_row(&storage, group, "f1", "body 1");
+        put_row(&storage, group, "f2", "body 2");
+        put_row(&storage, group, "g", "7");
+        let view = storage.view();
+        put_row(&storage, group, "a", "changed");
+        put_row(&storage, group, "f6", "written after");
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(storage.cf(Cf::Rows), keys::named_key(group, b"f2"));
+        storage.write(batch).unwrap();
+        copy_rows(&storage, &view, group, 5, (&[Cf::Rows], Some(FIXED))).unwrap();
+        drop(view);
+
+        let (from, to) = keys::group_bounds(group);
+        assert_eq!(
+            storage.scan(Cf::SnapshotCopies, &from, &to).count(),
+            2,
+            "only a and g are copied"
+        );
+        let key = |k: &str| keys::named_key(group, k.as_bytes());
+        let mut rows = sent(&storage, group, 5, Some(FIXED));
+        rows.sort();
+        assert_eq!(
+            rows,
+            vec![
+                (3, key("a"), b"1".to_vec()),
+                (3, key("f1"), b"body 1".to_vec()),
+                (3, key("g"), b"7".to_vec()),
+            ]
+        );
+        assert_eq!(
+            FIXED.bounds(group),
+            (key("f"), key("g")),
+            "the fixed rows' bounds"
+        );
     }
 }

@@ -95,6 +95,7 @@ impl GroupStateMachine for KvStateMachine {
     fn snapshot_rows(&self) -> SnapshotRows {
         SnapshotRows::Mutable {
             columns: &[Cf::Rows],
+            fixed: None,
         }
     }
 
