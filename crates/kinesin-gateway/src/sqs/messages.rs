@@ -546,7 +546,10 @@ pub(super) async fn send_message_batch(
             }
         }
     }
-    Ok(json!({ "Successful": successful, "Failed": failed }))
+    Ok(reply([
+        ("Successful", Value::Array(successful)),
+        ("Failed", Value::Array(failed)),
+    ]))
 }
 
 /// Which names of a selection list to keep: `All`, `.*`, exact names and
@@ -577,19 +580,26 @@ fn attribute_value(a: &MessageAttribute) -> Value {
 
 fn message_out(
     group: GroupId,
-    d: &Delivered,
+    mut d: Delivered,
     system: &[&str],
     wanted_attributes: &[&str],
 ) -> Value {
-    let m = &d.message.message;
     let mut out = Map::new();
-    out.insert("MessageId".into(), Value::String(m.message_id.clone()));
     out.insert(
         "ReceiptHandle".into(),
         Value::String(receipt(group, d.received.handle)),
     );
-    out.insert("MD5OfBody".into(), Value::String(m.md5_of_body.clone()));
-    out.insert("Body".into(), Value::String(m.body.clone()));
+    let m = &mut d.message.message;
+    out.insert(
+        "MessageId".into(),
+        Value::String(std::mem::take(&mut m.message_id)),
+    );
+    out.insert(
+        "MD5OfBody".into(),
+        Value::String(std::mem::take(&mut m.md5_of_body)),
+    );
+    out.insert("Body".into(), Value::String(std::mem::take(&mut m.body)));
+    let m = &d.message.message;
     let mut attrs = Map::new();
     let mut put = |name: &str, value: String| {
         if selected(system, name) {
@@ -719,13 +729,24 @@ pub(super) async fn receive_message(
         receive_spread(ctx, &queue, max, visibility, &ready, deadline).await?
     };
     let messages: Vec<Value> = delivered
-        .iter()
-        .map(|(group, d)| message_out(*group, d, &system, &wanted_attributes))
+        .into_iter()
+        .map(|(group, d)| message_out(group, d, &system, &wanted_attributes))
         .collect();
     if messages.is_empty() {
         return Ok(json!({}));
     }
-    Ok(json!({ "Messages": messages }))
+    Ok(reply([("Messages", Value::Array(messages))]))
+}
+
+/// A reply of these fields, moved in: `json!` given a variable serializes
+/// it anew, a deep copy (of every body a receive returns).
+fn reply<const N: usize>(fields: [(&str, Value); N]) -> Value {
+    Value::Object(
+        fields
+            .into_iter()
+            .map(|(name, value)| (name.to_string(), value))
+            .collect(),
+    )
 }
 
 /// The messages a receive's reply carries.
@@ -1042,7 +1063,10 @@ async fn batch_of_handles(
             Err(e) => failed.push(failure(id, &e)),
         }
     }
-    Ok(json!({ "Successful": successful, "Failed": failed }))
+    Ok(reply([
+        ("Successful", Value::Array(successful)),
+        ("Failed", Value::Array(failed)),
+    ]))
 }
 
 pub(super) async fn delete_message_batch(
