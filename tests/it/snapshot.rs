@@ -41,6 +41,14 @@ fn follower_of(cluster: &TestCluster, group: GroupId) -> u64 {
         .unwrap_or_else(|| (1..=3).find(|n| *n != leader).unwrap())
 }
 
+/// Stops a follower of `group`; returns it and its last log index.
+async fn stop_a_follower(cluster: &mut TestCluster, group: GroupId) -> (u64, u64) {
+    let down = follower_of(cluster, group);
+    let status = cluster.node(down).host.status(group).unwrap();
+    cluster.stop(down).await;
+    (down, status.last_log_index)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_whose_log_was_purged_catches_up_by_snapshot() {
     let mut cluster = TestCluster::start_with(3, small_log_options())
@@ -54,14 +62,7 @@ async fn a_replica_whose_log_was_purged_catches_up_by_snapshot() {
     );
 
     let group = cluster.any_node().meta.state().streams["logs"].shards[0].group;
-    let down = follower_of(&cluster, group);
-    let down_index = cluster
-        .node(down)
-        .host
-        .status(group)
-        .unwrap()
-        .last_log_index;
-    cluster.stop(down).await;
+    let (down, down_index) = stop_a_follower(&mut cluster, group).await;
     let writer_node = (1..=3).find(|n| *n != down).unwrap();
     assert_eq!(
         write_batches(&cluster, writer_node, "logs", 2, 120, 5, &acked).await,
@@ -226,14 +227,7 @@ async fn a_queue_replica_catches_up_by_snapshot_and_then_leads() {
             .expect("the queue's group");
         (name.clone(), spec.group)
     };
-    let down = follower_of(&cluster, group);
-    let down_index = cluster
-        .node(down)
-        .host
-        .status(group)
-        .unwrap()
-        .last_log_index;
-    cluster.stop(down).await;
+    let (down, down_index) = stop_a_follower(&mut cluster, group).await;
     let sqs = crate::sqs_sdk::client(
         &cluster
             .node((1..=3).find(|n| *n != down).unwrap())
