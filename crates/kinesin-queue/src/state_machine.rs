@@ -1414,9 +1414,18 @@ mod tests {
     }
 
     fn info(sm: &Arc<dyn GroupStateMachine>, now_ms: u64) -> QueueInfo {
+        query(sm, now_ms, QueueQuery::Info)
+    }
+
+    /// Asks a query stamped with `now_ms`, as the leader does.
+    fn ask(
+        sm: &Arc<dyn GroupStateMachine>,
+        now_ms: u64,
+        query: &QueueQuery,
+    ) -> Result<Vec<u8>, String> {
         let mut q = now_ms.to_be_bytes().to_vec();
-        q.extend(encode(&QueueQuery::Info));
-        decode(&sm.query(&q).unwrap()).unwrap()
+        q.extend(encode(query));
+        sm.query(&q)
     }
 
     #[test]
@@ -1665,9 +1674,7 @@ mod tests {
         );
         // m was received twice: the third receive passes it over for n.
         assert_eq!(bodies(&receive(&s, &sm, 5, 3_000, 10)), ["n"]);
-        let mut q = 3_000u64.to_be_bytes().to_vec();
-        q.extend(encode(&QueueQuery::DeadLetters(10)));
-        let dead: DeadLetters = decode(&sm.query(&q).unwrap()).unwrap();
+        let dead: DeadLetters = query(&sm, 3_000, QueueQuery::DeadLetters(10));
         assert_eq!(dead.target, "arn:aws:sqs:us-east-1:000000000000:dlq");
         assert_eq!(dead.messages.len(), 1);
         let seq = dead.messages[0].seq;
@@ -1688,7 +1695,7 @@ mod tests {
         assert_eq!(moved[0].received.receive_count, 1);
 
         run(&s, &sm, 6, 9_000, QueueCommand::Remove(vec![seq]));
-        let after: DeadLetters = decode(&sm.query(&q).unwrap()).unwrap();
+        let after: DeadLetters = query(&sm, 3_000, QueueQuery::DeadLetters(10));
         assert!(after.messages.is_empty());
         assert_eq!(info(&sm, 9_000).visible, 1, "n is visible again, m is gone");
     }
@@ -1855,9 +1862,7 @@ mod tests {
         now_ms: u64,
         query: QueueQuery,
     ) -> T {
-        let mut q = now_ms.to_be_bytes().to_vec();
-        q.extend(encode(&query));
-        decode(&sm.query(&q).unwrap()).unwrap()
+        decode(&ask(sm, now_ms, &query).unwrap()).unwrap()
     }
 
     fn attempt(id: &str) -> QueueCommand {
@@ -1891,11 +1896,7 @@ mod tests {
         let first = handles(run(&s, &sm, 2, 1_000, attempt("x")));
         assert_eq!(first.len(), 2);
         // Nothing is visible, but a long poll with the id is ready at once.
-        let ready = |id: &str| {
-            let mut q = 2_000u64.to_be_bytes().to_vec();
-            q.extend(encode(&QueueQuery::ReadyFor(id.into())));
-            sm.query(&q).unwrap()
-        };
+        let ready = |id: &str| ask(&sm, 2_000, &QueueQuery::ReadyFor(id.into())).unwrap();
         assert!(!ready("x").is_empty());
         assert!(ready("y").is_empty());
         let again = handles(run(&s, &sm, 3, 20_000, attempt("x")));
@@ -2000,9 +2001,7 @@ mod tests {
         let mut batch = WriteBatch::default();
         batch.delete_cf(s.cf(Cf::Rows), body);
         s.write(batch).unwrap();
-        let mut q = 2_000u64.to_be_bytes().to_vec();
-        q.extend(encode(&QueueQuery::MoveBatch(10)));
-        let err = dlq.query(&q).unwrap_err();
+        let err = ask(&dlq, 2_000, &QueueQuery::MoveBatch(10)).unwrap_err();
         assert!(err.contains("still applying"), "{err}");
     }
 
@@ -2120,13 +2119,7 @@ mod tests {
         assert_eq!(ids, (12..22).rev().map(|i| i * 2).collect::<Vec<_>>());
         assert!(tasks.iter().all(|t| t.status == TaskStatus::Cancelled));
         assert_eq!(
-            open(&s, &[])
-                .query(&{
-                    let mut q = 5_000u64.to_be_bytes().to_vec();
-                    q.extend(encode(&QueueQuery::MoveTasks));
-                    q
-                })
-                .unwrap(),
+            ask(&open(&s, &[]), 5_000, &QueueQuery::MoveTasks).unwrap(),
             encode(&tasks),
             "the dropped tasks' rows are gone"
         );
