@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::limits::{Limits, LIMITS_VERSION};
 use crate::state::{NodeInfo, NodeState};
+use crate::token_key::{TokenKey, TOKEN_KEY_VERSION};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaCommand {
@@ -113,6 +114,11 @@ pub enum MetaCommand {
         stream: String,
         shard: ShardId,
     },
+    /// Gives the cluster its token key, if it has none (the first one
+    /// applied stays).
+    SetTokenKey {
+        key: TokenKey,
+    },
 }
 
 /// The data version whose releases decode [`MetaCommand::RemoveSealedShard`].
@@ -199,6 +205,7 @@ impl MetaCommand {
                 Ok(inner) => inner.introduced_in().max(LIMITS_VERSION),
             },
             MetaCommand::RemoveSealedShard { .. } => SHARD_REMOVAL_VERSION,
+            MetaCommand::SetTokenKey { .. } => TOKEN_KEY_VERSION,
             _ => 1,
         }
     }

@@ -11,6 +11,7 @@ mod properties;
 pub mod reshard;
 mod state;
 mod state_machine;
+mod token_key;
 mod version;
 
 pub use command::{
@@ -22,3 +23,4 @@ pub use names::{split_stream_key, stream_key};
 pub use placement::place_replicas;
 pub use state::{GroupSpec, MetaState, NodeInfo, NodeState, Owner, Placed, STREAM_KIND};
 pub use state_machine::MetaStateMachine;
+pub use token_key::{TokenKey, TOKEN_KEY_LEN, TOKEN_KEY_VERSION};

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use kinesin_types::{GroupId, NodeId, ShardInfo, StreamInfo, StreamMode};
 use serde::{Deserialize, Serialize};
 
+use crate::token_key::TokenKey;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeState {
     /// Holds replicas and takes leadership.
@@ -41,6 +43,10 @@ pub struct MetaState {
     /// tools read the JSON map of an older node.
     #[serde(default)]
     pub groups: BTreeMap<String, GroupSpec>,
+    /// The key that signs iterators and paging tokens. Kept last, after
+    /// `groups`, for the same reason (`version/mod.rs`).
+    #[serde(default)]
+    pub token_key: TokenKey,
 }
 
 /// A Raft group of a kind registered with the nodes (not a stream shard:

@@ -17,6 +17,7 @@ use crate::command::{
     encode_reply, MetaCommand, MetaError, MetaReply, NewShard, NewStream, StreamChange,
 };
 use crate::state::{GroupSpec, MetaState};
+use crate::token_key::TOKEN_KEY_LEN;
 use crate::version;
 
 const STATE_KEY: &[u8] = b"meta";
@@ -277,6 +278,17 @@ impl MetaStateMachine {
                 }
                 s.shards.remove(k);
                 s.epoch += 1;
+                Ok(())
+            }
+            MetaCommand::SetTokenKey { key } => {
+                if !key.has_valid_length() {
+                    return Err(MetaError::Invalid(format!(
+                        "a token key has {TOKEN_KEY_LEN} bytes"
+                    )));
+                }
+                if state.token_key.bytes().is_none() {
+                    state.token_key = key;
+                }
                 Ok(())
             }
         }
@@ -553,6 +565,8 @@ mod tests {
 
     use kinesin_types::{NodeId, SequenceNumber, StreamMode};
 
+    use crate::TokenKey;
+
     #[test]
     fn a_command_this_replica_cannot_decode_stops_it_instead_of_being_skipped() {
         let dir = tempfile::tempdir().unwrap();
@@ -674,6 +688,23 @@ mod tests {
         assert_eq!(state.streams["s"].status, StreamStatus::Updating);
         ready(&mut state);
         assert_eq!(state.streams["s"].status, StreamStatus::Active);
+    }
+
+    #[test]
+    fn the_first_token_key_stays_and_a_short_one_is_refused() {
+        let mut state = MetaState::default();
+        let set = |key: TokenKey| MetaCommand::SetTokenKey { key };
+        let first = TokenKey::new([1; TOKEN_KEY_LEN]);
+        assert_eq!(set(first.clone()).introduced_in(), crate::TOKEN_KEY_VERSION);
+        MetaStateMachine::apply_command(&mut state, set(first.clone())).unwrap();
+        MetaStateMachine::apply_command(&mut state, set(TokenKey::new([2; TOKEN_KEY_LEN])))
+            .unwrap();
+        assert_eq!(state.token_key, first);
+        let short: TokenKey = postcard::from_bytes(&[2, 9, 9]).unwrap();
+        let mut keyless = MetaState::default();
+        let err = MetaStateMachine::apply_command(&mut keyless, set(short)).unwrap_err();
+        assert!(matches!(err, MetaError::Invalid(_)), "{err:?}");
+        assert_eq!(keyless.token_key.bytes(), None);
     }
 
     #[test]

@@ -8,7 +8,9 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kinesin_meta::{place_replicas, MetaCommand, MetaState, NodeState, Owner};
+use kinesin_meta::{
+    place_replicas, MetaCommand, MetaState, NodeState, Owner, TokenKey, TOKEN_KEY_VERSION,
+};
 use kinesin_types::{GroupId, NodeId, StreamStatus};
 use tokio::sync::watch;
 
@@ -130,6 +132,24 @@ pub(crate) async fn run_controller(ctx: Context, mut stop: watch::Receiver<bool>
         if let Err(e) = finish_drains(&ctx, &state).await {
             tracing::warn!(error = %e, "cannot finish a drain; will retry");
         }
+        // A cluster made by an older release gets its key once every node
+        // decodes it; a new one got it at bootstrap, unless the bootstrap
+        // stopped before.
+        if state.token_key.bytes().is_none()
+            && ctx.router.cluster_data_version() >= TOKEN_KEY_VERSION
+        {
+            match ctx.router.meta_write(new_token_key()).await {
+                Ok(()) => tracing::info!("gave the cluster a key to sign iterators and tokens"),
+                Err(e) => tracing::warn!(error = %e, "cannot set the token key; will retry"),
+            }
+        }
+    }
+}
+
+/// A command giving the cluster a new random token key, if it has none.
+pub(crate) fn new_token_key() -> MetaCommand {
+    MetaCommand::SetTokenKey {
+        key: TokenKey::new(rand::random()),
     }
 }
 

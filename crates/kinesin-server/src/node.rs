@@ -317,6 +317,9 @@ impl Node {
         self.router
             .meta_write(MetaCommand::RegisterNode(self.self_info()))
             .await?;
+        self.router
+            .meta_write(crate::controller::new_token_key())
+            .await?;
         save_identity(
             &self.storage,
             &Identity {

@@ -11,13 +11,13 @@
 //! [`DATA_VERSION`], upgrades them in place, and refuses newer ones.
 
 /// The version this binary writes.
-pub const DATA_VERSION: u32 = 6;
+pub const DATA_VERSION: u32 = 7;
 
 /// The oldest version this binary can upgrade.
 pub const OLDEST_READABLE: u32 = 1;
 
 /// What each version changed, oldest first.
-pub const HISTORY: [(u32, &str); 6] = [
+pub const HISTORY: [(u32, &str); 7] = [
     (
         1,
         "releases up to 2026-11-30: the metadata value is an unversioned postcard MetaState; the node identity has no data_version",
@@ -41,6 +41,10 @@ pub const HISTORY: [(u32, &str); 6] = [
     (
         6,
         "the row copies of a queue group's snapshots (`snapshot_copies`) leave the message bodies out, which a snapshot sends from the live rows; a version-5 release would send such a snapshot without bodies, so it must not open the directory. Nothing on the wire changes: versions 5 and 6 run side by side",
+    ),
+    (
+        7,
+        "the metadata state ends with `token_key`, the cluster's key for signing iterators and paging tokens, set by a `SetTokenKey` command (at bootstrap, or once every node runs version 7); a version-6 release can decode neither",
     ),
 ];
 

@@ -8,7 +8,7 @@
 //!
 //! Each older version has a file here holding that version's types, frozen,
 //! and the step that turns them into the next version's; a step that only
-//! appends a field needs no frozen types (version 2 below). To change the
+//! appends a field needs no frozen types (versions 2 and 3 below). To change the
 //! state's layout: copy the current types into `v<N>.rs` with a step to the
 //! new layout, bump `kinesin_storage::data_version::DATA_VERSION`, add a
 //! line to its history, and make `LATEST_LAYOUT` that version (and
@@ -20,12 +20,14 @@ mod v1;
 use kinesin_storage::data_version::{self, VersionError};
 
 use crate::state::MetaState;
+use crate::token_key::TOKEN_KEY_VERSION;
 
 const MAGIC: [u8; 4] = [0xFF, b'K', b'M', b'V'];
-/// The data version of this value's current layout. Later versions changed
-/// other things (4: the metadata log's `MetaCommand::Limited`, 5: its
-/// `MetaCommand::RemoveSealedShard`), so it can be below `DATA_VERSION`.
-const LATEST_LAYOUT: u32 = 3;
+/// The data version of this value's current layout. Versions between
+/// layouts changed other things (4: the metadata log's
+/// `MetaCommand::Limited`, 5: its `MetaCommand::RemoveSealedShard`, 6: queue
+/// snapshots), so it can be below `DATA_VERSION`.
+const LATEST_LAYOUT: u32 = TOKEN_KEY_VERSION;
 const HEADER: usize = MAGIC.len() + 4;
 
 #[derive(Debug, thiserror::Error)]
@@ -50,10 +52,13 @@ pub struct Decoded {
 /// during a rolling upgrade, until the map uses what only the newer has.
 pub fn written_version(state: &MetaState) -> u32 {
     // Version 3 added groups and stream keys qualified by their account
-    // (`<account>:<name>`), which a version-2 node would show to everyone.
+    // (`<account>:<name>`), which a version-2 node would show to everyone;
+    // version 7 the token key.
     let needs_3 = !state.groups.is_empty() || state.streams.keys().any(|k| k.contains(':'));
-    if needs_3 {
+    if state.token_key.bytes().is_some() {
         LATEST_LAYOUT
+    } else if needs_3 {
+        3
     } else {
         2
     }
@@ -65,9 +70,13 @@ pub fn encode(state: &MetaState) -> Vec<u8> {
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&version.to_le_bytes());
     postcard::to_io(state, &mut out).expect("encoding to a Vec cannot fail");
+    // Each older layout is the next without its last field, empty: one 0
+    // byte (see `append_empty`).
+    if version < TOKEN_KEY_VERSION {
+        let no_key = out.pop();
+        debug_assert_eq!(no_key, Some(0));
+    }
     if version == 2 {
-        // Version 2 is version 3 without the empty `groups` at the end
-        // (one 0 byte; see `upgrade_v2`).
         let empty_groups = out.pop();
         debug_assert_eq!(empty_groups, Some(0));
     }
@@ -93,20 +102,23 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
     data_version::check_readable(version)?;
     let body = &bytes[HEADER..];
     let state = match version {
-        2 => upgrade_v2(body),
+        2 => append_empty(body, 2),
+        3..TOKEN_KEY_VERSION => append_empty(body, 1),
         _ => postcard::from_bytes(body),
     }
     .map_err(|source| DecodeError::Corrupt { version, source })?;
     Ok(Decoded { state, version })
 }
 
-/// Version 3 appended `groups` to the state. Postcard writes a struct as its
-/// fields one after the other and an empty map as its length, a single 0
-/// byte, so a version 2 body followed by 0 is the same map in version 3.
-fn upgrade_v2(body: &[u8]) -> Result<MetaState, postcard::Error> {
-    let mut upgraded = Vec::with_capacity(body.len() + 1);
+/// Version 3 appended `groups` to the state, version 7 `token_key`.
+/// Postcard writes a struct as its fields one after the other, and an empty
+/// map or byte string as its length, a single 0 byte: a version 3 body
+/// followed by 0 is the same map in version 7, a version 2 body followed by
+/// two.
+fn append_empty(body: &[u8], fields: usize) -> Result<MetaState, postcard::Error> {
+    let mut upgraded = Vec::with_capacity(body.len() + fields);
     upgraded.extend_from_slice(body);
-    upgraded.push(0);
+    upgraded.resize(body.len() + fields, 0);
     postcard::from_bytes(&upgraded)
 }
 
@@ -122,6 +134,7 @@ mod tests {
     use crate::command::{MetaCommand, StreamChange};
     use crate::state::{NodeInfo, NodeState};
     use crate::state_machine::MetaStateMachine;
+    use crate::TokenKey;
 
     fn sample() -> MetaState {
         let mut state = MetaState {
@@ -190,8 +203,14 @@ mod tests {
             .streams
             .insert("210987654321:orders".to_string(), orders);
         let decoded = decode(&encode(&qualified)).unwrap();
-        assert_eq!(decoded.version, LATEST_LAYOUT);
+        assert_eq!(decoded.version, 3);
         assert_eq!(decoded.state, qualified);
+        // A token key needs 7, and survives.
+        let mut keyed = qualified.clone();
+        keyed.token_key = TokenKey::new([5; crate::TOKEN_KEY_LEN]);
+        let decoded = decode(&encode(&keyed)).unwrap();
+        assert_eq!(decoded.version, LATEST_LAYOUT);
+        assert_eq!(decoded.state, keyed);
     }
 
     /// `sample()` as the last release before versioning stored it (the bare
@@ -245,7 +264,7 @@ mod tests {
         )
         .unwrap();
         let again = decode(&encode(&with_group)).unwrap();
-        assert_eq!(again.version, LATEST_LAYOUT);
+        assert_eq!(again.version, 3);
         assert_eq!(again.state, with_group);
     }
 

@@ -115,6 +115,7 @@ impl MetaStateV1 {
             next_group: self.next_group,
             applied_index: self.applied_index,
             groups: Default::default(),
+            token_key: Default::default(),
         }
     }
 }
