@@ -4,6 +4,7 @@ KINESIN_BIN names the binary (scripts/compat.sh sets it). Every process a
 fixture starts is stopped by PID at the end of the session.
 """
 
+import base64
 import json
 import os
 import shutil
@@ -361,3 +362,22 @@ def read_shard(client, stream, shard_id, iterator_type="TRIM_HORIZON", until=Non
         elif not out["Records"]:
             time.sleep(0.1)
     return records
+
+
+def with_issued_ms(iterator, issued_ms):
+    """The iterator with another issue time, as a client would forge it: the
+    token's last field is a varint; a signed token (first byte 2) ends with
+    a 16-byte tag after it, which the forger keeps (without the key, it
+    cannot make a new one)."""
+    raw = base64.b64decode(iterator)
+    body, tag = (raw[:-16], raw[-16:]) if raw[0] == 2 else (raw, b"")
+    start = len(body) - 1
+    while start > 0 and body[start - 1] & 0x80:
+        start -= 1
+    varint = bytearray()
+    while True:
+        byte, issued_ms = issued_ms & 0x7F, issued_ms >> 7
+        varint.append(byte | (0x80 if issued_ms else 0))
+        if not issued_ms:
+            break
+    return base64.b64encode(body[:start] + bytes(varint) + tag).decode()

@@ -28,6 +28,7 @@ from conftest import (
     create_and_wait,
     read_shard,
     start_cluster,
+    with_issued_ms,
 )
 
 MAX_HASH = 2**128 - 1
@@ -169,6 +170,13 @@ def test_put_records_from_any_node_read_back_in_per_key_order(clients, stream_na
         total += len(records)
     assert total == 2000
     assert received == sent
+    # Iterators and paging tokens are signed with the cluster's key: what
+    # one node issued, another accepts.
+    it = writer.get_shard_iterator(StreamName=stream_name, ShardId=shards[0]["ShardId"], ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+    assert reader.get_records(ShardIterator=it)["Records"]
+    page = other.list_shards(StreamName=stream_name, MaxResults=1)
+    rest = reader.list_shards(NextToken=page["NextToken"])["Shards"]
+    assert [s["ShardId"] for s in page["Shards"] + rest] == [s["ShardId"] for s in shards]
 
 
 def test_explicit_hash_key_routes_across_the_whole_range(kinesis, stream_name):
@@ -241,21 +249,6 @@ def test_get_records_limit_and_millis_behind(kinesis, stream_name):
     assert out["MillisBehindLatest"] == 0
 
 
-def with_issued_ms(iterator, issued_ms):
-    """The iterator with another issue time: its last field, a varint."""
-    raw = base64.b64decode(iterator)
-    start = len(raw) - 1
-    while start > 0 and raw[start - 1] & 0x80:
-        start -= 1
-    varint = bytearray()
-    while True:
-        byte, issued_ms = issued_ms & 0x7F, issued_ms >> 7
-        varint.append(byte | (0x80 if issued_ms else 0))
-        if not issued_ms:
-            break
-    return base64.b64encode(raw[:start] + bytes(varint)).decode()
-
-
 @pytest.mark.own_cluster
 def test_expired_iterator(binary, workdir, stream_name):
     nodes = start_cluster(binary, os.path.join(workdir, "short-iterators"), 1, extra="iterator_validity_secs = 1\nreplication_factor = 1")
@@ -263,14 +256,14 @@ def test_expired_iterator(binary, workdir, stream_name):
         client = client_for(nodes[0].endpoint)
         create_and_wait(client, stream_name)
         it = client.get_shard_iterator(StreamName=stream_name, ShardId="shardId-000000000000", ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
-        # Rewriting the issue time keeps a valid iterator...
-        client.get_records(ShardIterator=with_issued_ms(it, int(time.time() * 1000)))
-        # ...but one claiming to be issued a day from now would never
-        # expire: it is refused as forged.
-        forged = with_issued_ms(it, int(time.time() * 1000) + 86_400_000)
-        with pytest.raises(botocore.exceptions.ClientError) as e:
-            client.get_records(ShardIterator=forged)
-        assert error_code(e) == "InvalidArgumentException"
+        client.get_records(ShardIterator=it)
+        # Iterators are signed: one whose issue time was moved (to keep it
+        # from expiring) is refused as forged, even by a second or by a day.
+        now_ms = int(time.time() * 1000)
+        for issued in (now_ms + 1_000, now_ms + 86_400_000):
+            with pytest.raises(botocore.exceptions.ClientError) as e:
+                client.get_records(ShardIterator=with_issued_ms(it, issued))
+            assert error_code(e) == "InvalidArgumentException"
         time.sleep(1.5)
         with pytest.raises(botocore.exceptions.ClientError) as e:
             client.get_records(ShardIterator=it)

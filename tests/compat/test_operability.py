@@ -23,7 +23,7 @@ import yaml
 
 from conftest import (
     ACCESS_KEY, OTHER_ACCESS_KEY, OTHER_SECRET_KEY, REGION, SECRET_KEY, client_for, create_and_wait, free_port,
-    Node, meta_settled, read_shard, s3_client, sqs_for, start_cluster, wait_until,
+    Node, meta_settled, read_shard, s3_client, sqs_for, start_cluster, wait_until, with_issued_ms,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -326,6 +326,16 @@ def test_nodes_restarted_or_joined_while_one_is_down_create_queues(binary, workd
         assert [m["Body"] for m in got] == ["after the restarts"]
         other = client_for(nodes[1].endpoint, OTHER_ACCESS_KEY, OTHER_SECRET_KEY)
         create_and_wait(other, stream_name)
+        # The joined node got the cluster's token key with the map: it reads
+        # with an iterator a restarted node signed, and refuses it altered.
+        other.put_record(StreamName=stream_name, PartitionKey="k", Data=b"signed")
+        shard = "shardId-000000000000"
+        it = other.get_shard_iterator(StreamName=stream_name, ShardId=shard, ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+        joined = client_for(nodes[3].endpoint, OTHER_ACCESS_KEY, OTHER_SECRET_KEY)
+        assert [r["Data"] for r in joined.get_records(ShardIterator=it)["Records"]] == [b"signed"]
+        with pytest.raises(botocore.exceptions.ClientError) as e:
+            joined.get_records(ShardIterator=with_issued_ms(it, int(time.time() * 1000) + 1_000))
+        assert e.value.response["Error"]["Code"] == "InvalidArgumentException"
     finally:
         for n in nodes:
             n.stop()

@@ -1,16 +1,34 @@
 //! Shard iterators and paging tokens: opaque base64 text that carries where
 //! to continue and when it was issued (they expire, after 5 minutes by
-//! default).
+//! default), signed with the cluster's token key (`kinesin_meta::TokenKey`)
+//! so that every node accepts them and nobody can forge or alter one.
+//!
+//! A signed token is `2 | postcard of the token | tag`, the tag being the
+//! first [`TAG_LEN`] bytes of the HMAC-SHA256 of what precedes it. Until the
+//! cluster has a key (an upgrade from a release without one is not
+//! complete) tokens are unsigned, `1 | postcard`, as that release wrote them.
 
 use base64::Engine;
+use hmac::{Hmac, Mac};
 use kinesin_shard::ReadStart;
 use kinesin_types::SequenceNumber;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use sha2::Sha256;
 
 use crate::error::ApiError;
 
-/// First byte of every token: bump it when the encoding changes.
-const VERSION: u8 = 1;
+/// First byte of a token made without a key.
+const UNSIGNED: u8 = 1;
+/// First byte of a signed token.
+const SIGNED: u8 = 2;
+/// Bytes of the HMAC a signed token ends with: 128 bits.
+const TAG_LEN: usize = 16;
+
+/// An iterator or a paging token.
+pub trait Token: Serialize + DeserializeOwned {
+    /// When the token was issued (ms since the epoch).
+    fn issued_ms(&mut self) -> &mut u64;
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Position {
@@ -42,22 +60,64 @@ pub struct ShardIterator {
     pub issued_ms: u64,
 }
 
-pub fn encode<T: Serialize>(token: &T) -> String {
-    let mut bytes = vec![VERSION];
-    bytes.extend(postcard::to_stdvec(token).expect("encoding to a Vec cannot fail"));
+impl Token for ShardIterator {
+    fn issued_ms(&mut self) -> &mut u64 {
+        &mut self.issued_ms
+    }
+}
+
+fn hmac(key: &[u8], bytes: &[u8]) -> Hmac<Sha256> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(bytes);
+    mac
+}
+
+/// A token's text, signed with `key` if the cluster has one.
+pub fn encode<T: Token>(token: &T, key: Option<&[u8]>) -> String {
+    let mut bytes = vec![if key.is_some() { SIGNED } else { UNSIGNED }];
+    postcard::to_io(token, &mut bytes).expect("encoding to a Vec cannot fail");
+    if let Some(key) = key {
+        let tag = hmac(key, &bytes).finalize().into_bytes();
+        bytes.extend_from_slice(&tag[..TAG_LEN]);
+    }
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-/// Decodes a token; `what` names it in the error ("ShardIterator").
-pub fn decode<T: DeserializeOwned>(text: &str, what: &str) -> Result<T, ApiError> {
+/// Decodes a token; `what` names it in the error ("ShardIterator"). With a
+/// `key`, a token must carry its tag: one whose tag does not match is
+/// refused as invalid, and an unsigned one (made before the cluster had its
+/// key) counts as issued at time 0, so that the caller reports it expired
+/// and its client asks for a new one. Without a key (this node has not
+/// applied the cluster's yet, or there is none) no tag can be checked.
+pub fn decode<T: Token>(text: &str, what: &str, key: Option<&[u8]>) -> Result<T, ApiError> {
     let invalid = || ApiError::invalid_argument(format!("Invalid {what}."));
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(text)
         .map_err(|_| invalid())?;
-    match bytes.split_first() {
-        Some((&VERSION, rest)) => postcard::from_bytes(rest).map_err(|_| invalid()),
-        _ => Err(invalid()),
+    let body = match bytes.first() {
+        Some(&SIGNED) => {
+            // The version byte, then the tag at least.
+            let split = bytes
+                .len()
+                .checked_sub(TAG_LEN)
+                .filter(|&split| split > 0)
+                .ok_or_else(invalid)?;
+            let (signed, tag) = bytes.split_at(split);
+            if let Some(key) = key {
+                hmac(key, signed)
+                    .verify_truncated_left(tag)
+                    .map_err(|_| invalid())?;
+            }
+            &signed[1..]
+        }
+        Some(&UNSIGNED) => &bytes[1..],
+        _ => return Err(invalid()),
+    };
+    let mut token: T = postcard::from_bytes(body).map_err(|_| invalid())?;
+    if bytes[0] == UNSIGNED && key.is_some() {
+        *token.issued_ms() = 0;
     }
+    Ok(token)
 }
 
 /// How far ahead of this node's clock a token's issue time may be: another
@@ -92,26 +152,99 @@ pub struct PageToken {
     pub issued_ms: u64,
 }
 
+impl Token for PageToken {
+    fn issued_ms(&mut self) -> &mut u64 {
+        &mut self.issued_ms
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const KEY: Option<&[u8]> = Some(&[3; 32]);
+
+    fn longest() -> ShardIterator {
+        ShardIterator {
+            stream: format!("210987654321:{}", "s".repeat(128)),
+            stream_created_ms: u64::MAX,
+            shard: u32::MAX,
+            position: Position::After(u128::MAX),
+            issued_ms: u64::MAX,
+        }
+    }
+
     #[test]
     fn iterators_round_trip_and_reject_garbage() {
-        let it = ShardIterator {
-            stream: "s".repeat(128),
-            stream_created_ms: 1,
-            shard: 7,
-            position: Position::After(u128::MAX),
+        let it = longest();
+        for key in [KEY, None] {
+            let text = encode(&it, key);
+            assert!(text.len() <= 512, "{} chars", text.len());
+            assert_eq!(
+                decode::<ShardIterator>(&text, "ShardIterator", key).unwrap(),
+                it
+            );
+        }
+        // The last two: a signed token's first byte and a tag, nothing
+        // between; the first byte alone and no tag.
+        for garbage in [
+            "not-an-iterator",
+            "AgAA",
+            "AQ==",
+            "",
+            "AgAAAAAAAAAAAAAAAAAAAA==",
+            "Ag==",
+        ] {
+            let err = decode::<ShardIterator>(garbage, "ShardIterator", KEY).unwrap_err();
+            assert_eq!(err.name, "InvalidArgumentException");
+        }
+    }
+
+    #[test]
+    fn a_token_altered_or_signed_with_another_key_is_refused() {
+        let it = longest();
+        let bytes = |text: &str| {
+            base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .unwrap()
+        };
+        let text = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        let signed = bytes(&encode(&it, KEY));
+        // Any changed byte, in the token or in its tag.
+        for at in 1..signed.len() {
+            let mut altered = signed.clone();
+            altered[at] ^= 1;
+            let err = decode::<ShardIterator>(&text(&altered), "ShardIterator", KEY).unwrap_err();
+            assert_eq!(err.message, "Invalid ShardIterator.", "byte {at}");
+        }
+        // A shorter tag, and a token signed with another key.
+        let cut = text(&signed[..signed.len() - 1]);
+        assert!(decode::<ShardIterator>(&cut, "ShardIterator", KEY).is_err());
+        let other = encode(&it, Some(&[4; 32]));
+        assert!(decode::<ShardIterator>(&other, "ShardIterator", KEY).is_err());
+        // A node without the key yet cannot check the tag.
+        assert_eq!(
+            decode::<ShardIterator>(&other, "ShardIterator", None).unwrap(),
+            it
+        );
+    }
+
+    #[test]
+    fn an_unsigned_token_counts_as_expired_once_there_is_a_key() {
+        let token = PageToken {
+            stream: "s".into(),
+            after: "shardId-000000000001".into(),
+            filter: None,
             issued_ms: 99,
         };
-        let text = encode(&it);
-        assert!(text.len() <= 512, "{} chars", text.len());
-        assert_eq!(decode::<ShardIterator>(&text, "ShardIterator").unwrap(), it);
-        let err = decode::<ShardIterator>("not-an-iterator", "ShardIterator").unwrap_err();
-        assert_eq!(err.name, "InvalidArgumentException");
-        let err = decode::<ShardIterator>("AgAA", "ShardIterator").unwrap_err();
-        assert_eq!(err.name, "InvalidArgumentException");
+        let unsigned = encode(&token, None);
+        let keyed: PageToken = decode(&unsigned, "NextToken", KEY).unwrap();
+        assert_eq!(keyed.issued_ms, 0);
+        assert_eq!(keyed.after, token.after);
+        assert_eq!(
+            decode::<PageToken>(&unsigned, "NextToken", None).unwrap(),
+            token
+        );
     }
 
     #[test]

@@ -93,13 +93,15 @@ proptest! {
         bytes in prop::collection::vec(any::<u8>(), 0..200),
     ) {
         use base64::Engine;
-        let versioned = base64::engine::general_purpose::STANDARD.encode([&[1u8][..], &bytes].concat());
-        for t in [&text, &versioned] {
-            if let Err(e) = iterator::decode::<ShardIterator>(t, "ShardIterator") {
-                prop_assert_eq!(e.name, "InvalidArgumentException");
-            }
-            if let Err(e) = iterator::decode::<PageToken>(t, "NextToken") {
-                prop_assert_eq!(e.name, "InvalidArgumentException");
+        let with = |first: u8| base64::engine::general_purpose::STANDARD.encode([&[first][..], &bytes].concat());
+        for t in [&text, &with(1), &with(2)] {
+            for key in [Some(&[7u8; 32][..]), None] {
+                if let Err(e) = iterator::decode::<ShardIterator>(t, "ShardIterator", key) {
+                    prop_assert_eq!(e.name, "InvalidArgumentException");
+                }
+                if let Err(e) = iterator::decode::<PageToken>(t, "NextToken", key) {
+                    prop_assert_eq!(e.name, "InvalidArgumentException");
+                }
             }
         }
     }

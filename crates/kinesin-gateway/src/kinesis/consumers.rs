@@ -135,7 +135,7 @@ pub(super) async fn list_consumers(ctx: &Context<'_>, i: &Input<'_>) -> Result<V
     i.opt_timestamp_ms("StreamCreationTimestamp")?;
     let after = match i.opt_str("NextToken")? {
         Some(t) => {
-            let t: PageToken = iterator::decode(t, "NextToken")?;
+            let t: PageToken = ctx.decode_token(t, "NextToken")?;
             check_token_age(ctx, t.issued_ms)?;
             Some(t.after)
         }
@@ -155,7 +155,7 @@ pub(super) async fn list_consumers(ctx: &Context<'_>, i: &Input<'_>) -> Result<V
         .collect();
     let mut out = json!({ "Consumers": page });
     if rest.len() > limit {
-        out["NextToken"] = json!(iterator::encode(&PageToken {
+        out["NextToken"] = json!(ctx.encode_token(&PageToken {
             stream: stream.clone(),
             after: rest[limit - 1].0.clone(),
             filter: None,

@@ -95,6 +95,16 @@ impl Context<'_> {
         }
     }
 
+    /// An iterator's or paging token's text, signed with the cluster's key.
+    fn encode_token<T: iterator::Token>(&self, token: &T) -> String {
+        iterator::encode(token, self.router.meta_state().token_key.bytes())
+    }
+
+    /// A token this or another node issued (see `iterator::decode`).
+    fn decode_token<T: iterator::Token>(&self, text: &str, what: &str) -> Result<T, ApiError> {
+        iterator::decode(text, what, self.router.meta_state().token_key.bytes())
+    }
+
     /// The limits a change proposed for this caller must keep where the
     /// metadata group applies it. The checks here, against this node's map,
     /// give the clearest message; two requests at once can both pass them,

@@ -238,7 +238,7 @@ pub(super) async fn get_shard_iterator(
         position,
         issued_ms: ctx.now_ms,
     };
-    Ok(json!({ "ShardIterator": iterator::encode(&it) }))
+    Ok(json!({ "ShardIterator": ctx.encode_token(&it) }))
 }
 
 pub(super) async fn get_records(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, ApiError> {
@@ -259,7 +259,7 @@ pub(super) async fn get_records(ctx: &Context<'_>, i: &Input<'_>) -> Result<Valu
         Some(_) => i.opt_int_range("Limit", 1, 10_000)?.unwrap_or(10_000) as usize,
         None => 10_000,
     };
-    let it: ShardIterator = iterator::decode(text, "ShardIterator")?;
+    let it: ShardIterator = ctx.decode_token(text, "ShardIterator")?;
     if iterator::expired(it.issued_ms, ctx.now_ms, ctx.validity_ms, "ShardIterator")? {
         return Err(ApiError::new(
             "ExpiredIteratorException",
@@ -318,7 +318,7 @@ pub(super) async fn get_records(ctx: &Context<'_>, i: &Input<'_>) -> Result<Valu
             issued_ms: ctx.now_ms,
             ..it
         };
-        out.insert("NextShardIterator".into(), json!(iterator::encode(&next)));
+        out.insert("NextShardIterator".into(), json!(ctx.encode_token(&next)));
     }
     Ok(Value::Object(out))
 }

@@ -182,7 +182,7 @@ pub(super) fn list_streams(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, Ap
     let limit = i.opt_int_range("Limit", 1, 10_000)?.unwrap_or(100) as usize;
     let mut after = i.opt_str("ExclusiveStartStreamName")?.map(str::to_string);
     if let Some(token) = i.opt_str("NextToken")? {
-        let t: PageToken = iterator::decode(token, "NextToken")?;
+        let t: PageToken = ctx.decode_token(token, "NextToken")?;
         check_token_age(ctx, t.issued_ms)?;
         after = Some(t.after);
     }
@@ -213,7 +213,7 @@ pub(super) fn list_streams(ctx: &Context<'_>, i: &Input<'_>) -> Result<Value, Ap
         })).collect::<Vec<_>>(),
     });
     if let (true, Some(last)) = (more, page.last()) {
-        out["NextToken"] = json!(iterator::encode(&PageToken {
+        out["NextToken"] = json!(ctx.encode_token(&PageToken {
             stream: String::new(),
             after: ctx.display(last.name.as_str()).to_string(),
             filter: None,
@@ -313,7 +313,7 @@ pub(super) async fn list_shards(ctx: &Context<'_>, i: &Input<'_>) -> Result<Valu
                     "NextToken and StreamName or StreamARN cannot be provided together.",
                 ));
             }
-            let t: PageToken = iterator::decode(t, "NextToken")?;
+            let t: PageToken = ctx.decode_token(t, "NextToken")?;
             check_token_age(ctx, t.issued_ms)?;
             let filter = t
                 .filter
@@ -359,7 +359,7 @@ pub(super) async fn list_shards(ctx: &Context<'_>, i: &Input<'_>) -> Result<Valu
     shards.truncate(limit);
     let mut out = json!({ "Shards": shards.iter().map(|s| shard_json(s)).collect::<Vec<_>>() });
     if let (true, Some(last)) = (more, shards.last()) {
-        out["NextToken"] = json!(iterator::encode(&PageToken {
+        out["NextToken"] = json!(ctx.encode_token(&PageToken {
             stream: name.clone(),
             after: last.shard_id.to_string(),
             filter: filter
