@@ -1,6 +1,6 @@
 //! The queue group's state machine.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::io;
 use std::sync::{Arc, Mutex};
 
@@ -241,6 +241,83 @@ impl<T: Expires> Expiring<T> {
     }
 }
 
+/// A FIFO queue's message groups: the messages of each in queue order, and
+/// the groups by their oldest message. A receive walks the groups from the
+/// oldest, and only the leading messages of each: not every message of the
+/// queue, most of which may wait behind a group's message in flight.
+#[derive(Default)]
+struct Groups {
+    members: HashMap<String, BTreeSet<u128>>,
+    heads: BTreeSet<(u128, String)>,
+}
+
+impl Groups {
+    fn add(&mut self, group: &str, seq: u128) {
+        let members = self.members.entry(group.to_string()).or_default();
+        let head = members.first().copied();
+        members.insert(seq);
+        if head.is_none_or(|head| seq < head) {
+            if let Some(head) = head {
+                self.heads.remove(&(head, group.to_string()));
+            }
+            self.heads.insert((seq, group.to_string()));
+        }
+    }
+
+    fn remove(&mut self, group: &str, seq: u128) {
+        let Some(members) = self.members.get_mut(group) else {
+            return;
+        };
+        let was_head = members.first() == Some(&seq);
+        members.remove(&seq);
+        if !was_head {
+            return;
+        }
+        self.heads.remove(&(seq, group.to_string()));
+        match members.first() {
+            Some(&next) => {
+                self.heads.insert((next, group.to_string()));
+            }
+            None => {
+                self.members.remove(group);
+            }
+        }
+    }
+
+    /// The messages of `group` a receive at `now_ms` may take, at most
+    /// `max`: its leading visible ones, dead letters skipped, or none while
+    /// one of its messages is in flight. Only a received message can be in
+    /// flight, and a group's received messages lead it (receives take the
+    /// leading ones), so the walk ends at the first message never received
+    /// once it has `max`, and at the first one not yet visible (the later
+    /// ones wait for it).
+    fn leading(
+        &self,
+        group: &str,
+        messages: &BTreeMap<u128, MessageState>,
+        now_ms: u64,
+        max: usize,
+    ) -> Vec<u128> {
+        let mut out = Vec::new();
+        let members = self.members.get(group).into_iter().flatten();
+        for (seq, m) in members.filter_map(|seq| messages.get(seq).map(|m| (*seq, m))) {
+            if m.dead {
+                continue;
+            }
+            if m.in_flight(now_ms) {
+                return Vec::new();
+            }
+            if m.visible_at_ms > now_ms || (out.len() == max && m.receive_count == 0) {
+                break;
+            }
+            if out.len() < max {
+                out.push(seq);
+            }
+        }
+        out
+    }
+}
+
 struct Queue {
     header: Header,
     /// Changed since the last publish.
@@ -257,6 +334,8 @@ struct Queue {
     /// visible-at, its death and its removal drop the old one (a key left
     /// behind would only be skipped: keys are checked against the message).
     visible_at: BTreeSet<(u64, u128)>,
+    /// A FIFO queue's messages by message group.
+    groups: Groups,
     dedup: Expiring<Dedup>,
     attempts: Expiring<Attempt>,
     /// The source queue (ARN) of each message moved here as a dead letter.
@@ -273,6 +352,7 @@ impl Default for Queue {
             clock_ms: 0,
             messages: BTreeMap::new(),
             visible_at: BTreeSet::new(),
+            groups: Groups::default(),
             dedup: Expiring::new(TAG_DEDUP),
             attempts: Expiring::new(TAG_ATTEMPT),
             origins: HashMap::new(),
@@ -282,39 +362,58 @@ impl Default for Queue {
 }
 
 impl Queue {
+    /// The message group `m` counts in: on a FIFO queue its group (a
+    /// message without one, which a FIFO queue is never sent, in the group
+    /// ""), on a standard queue none.
+    fn group_of<'m>(&self, m: &'m MessageState) -> Option<&'m str> {
+        self.header
+            .fifo()
+            .then(|| m.group_id.as_deref().unwrap_or(""))
+    }
+
+    fn insert(&mut self, seq: u128, m: MessageState) {
+        if let Some(group) = self.group_of(&m) {
+            self.groups.add(group, seq);
+        }
+        self.messages.insert(seq, m);
+    }
+
+    fn remove(&mut self, seq: u128) -> Option<MessageState> {
+        let m = self.messages.remove(&seq)?;
+        self.visible_at.remove(&(m.visible_at_ms, seq));
+        if let Some(group) = self.group_of(&m) {
+            self.groups.remove(group, seq);
+        }
+        Some(m)
+    }
+
     /// The messages a receive at `now_ms` may take, in queue order: visible
     /// ones, and for a FIFO queue only the leading visible messages of each
     /// message group that has none in flight.
     fn takeable(&self, now_ms: u64, max: usize) -> Vec<u128> {
-        let mut out = Vec::new();
         if !self.header.fifo() {
-            for (_, seq) in self.visible_now(now_ms).take(max) {
-                out.push(seq);
-            }
-            return out;
+            return self
+                .visible_now(now_ms)
+                .take(max)
+                .map(|(_, seq)| seq)
+                .collect();
         }
-        let mut blocked: HashSet<&str> = self
-            .messages
-            .values()
-            .filter(|m| m.in_flight(now_ms))
-            .filter_map(|m| m.group_id.as_deref())
-            .collect();
-        for (seq, m) in &self.messages {
-            if out.len() == max {
+        // The `max` oldest takeable messages so far; the groups are walked
+        // from the one with the oldest message, until a group's first
+        // message is younger than all of those.
+        let mut oldest: BinaryHeap<u128> = BinaryHeap::with_capacity(max + 1);
+        for (head, group) in &self.groups.heads {
+            if oldest.len() == max && oldest.peek().is_some_and(|youngest| head > youngest) {
                 break;
             }
-            let group = m.group_id.as_deref().unwrap_or("");
-            if blocked.contains(group) || m.dead {
-                continue;
-            }
-            if m.visible_at_ms <= now_ms {
-                out.push(*seq);
-            } else {
-                // A later message of the group must wait for this one.
-                blocked.insert(group);
+            for seq in self.groups.leading(group, &self.messages, now_ms, max) {
+                oldest.push(seq);
+                if oldest.len() > max {
+                    oldest.pop();
+                }
             }
         }
-        out
+        oldest.into_sorted_vec()
     }
 
     /// The keys of a standard queue's visible messages at `now_ms`, those
@@ -487,9 +586,7 @@ impl QueueStateMachine {
     }
 
     fn remove_message(&self, q: &mut Queue, batch: &mut WriteBatch, seq: u128) {
-        if let Some(m) = q.messages.remove(&seq) {
-            q.visible_at.remove(&(m.visible_at_ms, seq));
-        }
+        q.remove(seq);
         batch.delete_cf(self.storage.cf(Cf::Rows), self.state_key(seq));
         batch.delete_cf(self.storage.cf(Cf::Rows), self.body_key(seq));
         if q.origins.remove(&seq).is_some() {
@@ -607,7 +704,7 @@ impl QueueStateMachine {
                 encode(&stored),
             );
             self.put_state(&mut q.visible_at, batch, seq, &state);
-            q.messages.insert(seq, state);
+            q.insert(seq, state);
         }
         QueueReply::Sent(sent)
     }
@@ -1033,7 +1130,7 @@ impl QueueStateMachine {
                 encode(&stored),
             );
             self.put_state(&mut q.visible_at, batch, seq, &state);
-            q.messages.insert(seq, state);
+            q.insert(seq, state);
             if let Some(source) = &source {
                 batch.put_cf(
                     self.storage.cf(Cf::Rows),
@@ -1070,7 +1167,7 @@ impl QueueStateMachine {
             ..Queue::default()
         };
         self.scan_tag(TAG_STATE, |key, value| {
-            q.messages.insert(seq_of(key)?, decode(value)?);
+            q.insert(seq_of(key)?, decode(value)?);
             Ok(())
         })?;
         q.visible_at = q
@@ -2123,5 +2220,156 @@ mod tests {
             encode(&tasks),
             "the dropped tasks' rows are gone"
         );
+    }
+}
+
+#[cfg(test)]
+mod fifo_properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// What a FIFO receive took before the group index: every message
+    /// walked in queue order. The index must take exactly the same.
+    fn takeable_by_walking(q: &Queue, now_ms: u64, max: usize) -> Vec<u128> {
+        let mut out = Vec::new();
+        let mut blocked: std::collections::HashSet<&str> = q
+            .messages
+            .values()
+            .filter(|m| m.in_flight(now_ms))
+            .filter_map(|m| m.group_id.as_deref())
+            .collect();
+        for (seq, m) in &q.messages {
+            if out.len() == max {
+                break;
+            }
+            let group = m.group_id.as_deref().unwrap_or("");
+            if blocked.contains(group) || m.dead {
+                continue;
+            }
+            if m.visible_at_ms <= now_ms {
+                out.push(*seq);
+            } else {
+                blocked.insert(group);
+            }
+        }
+        out
+    }
+
+    /// What happens to a FIFO queue, as its commands do it. `pick` chooses
+    /// among the messages the command may act on.
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A send with the queue's delay at the time (it may change).
+        Send {
+            group: u8,
+            delay_ms: u64,
+        },
+        Receive {
+            max: usize,
+            visibility_ms: u64,
+        },
+        /// ChangeMessageVisibility of a message in flight.
+        Change {
+            pick: usize,
+            visibility_ms: u64,
+        },
+        /// A delete by receipt, or a removal past retention or by a purge.
+        Remove {
+            pick: usize,
+        },
+        /// A receive finds a takeable message past its redrive limit.
+        Die {
+            pick: usize,
+        },
+        Wait {
+            ms: u64,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0u8..4, prop_oneof![Just(0u64), 1u64..4])
+                .prop_map(|(group, delay_ms)| Op::Send { group, delay_ms }),
+            3 => (1usize..=10, 0u64..4)
+                .prop_map(|(max, visibility_ms)| Op::Receive { max, visibility_ms }),
+            1 => (any::<usize>(), 0u64..4)
+                .prop_map(|(pick, visibility_ms)| Op::Change { pick, visibility_ms }),
+            2 => any::<usize>().prop_map(|pick| Op::Remove { pick }),
+            1 => any::<usize>().prop_map(|pick| Op::Die { pick }),
+            2 => (1u64..4).prop_map(|ms| Op::Wait { ms }),
+        ]
+    }
+
+    fn nth(seqs: &[u128], pick: usize) -> Option<u128> {
+        (!seqs.is_empty()).then(|| seqs[pick % seqs.len()])
+    }
+
+    proptest! {
+        #[test]
+        fn a_fifo_receive_takes_what_walking_every_message_takes(
+            ops in prop::collection::vec(op(), 1..100),
+        ) {
+            let mut q = Queue::default();
+            q.header.attributes.insert("FifoQueue".into(), "true".into());
+            let (mut now, mut next) = (0u64, 1u128);
+            for op in ops {
+                match op {
+                    Op::Send { group, delay_ms } => {
+                        let m = MessageState {
+                            sent_ms: now,
+                            visible_at_ms: now + delay_ms,
+                            receive_count: 0,
+                            first_receive_ms: 0,
+                            nonce: 0,
+                            group_id: Some(format!("g{group}")),
+                            dead: false,
+                        };
+                        q.insert(next, m);
+                        next += 1;
+                    }
+                    Op::Receive { max, visibility_ms } => {
+                        let taken = q.takeable(now, max);
+                        prop_assert_eq!(&taken, &takeable_by_walking(&q, now, max));
+                        for seq in taken {
+                            let m = q.messages.get_mut(&seq).expect("taken");
+                            m.receive_count += 1;
+                            m.visible_at_ms = now + visibility_ms;
+                        }
+                    }
+                    Op::Change { pick, visibility_ms } => {
+                        let in_flight: Vec<u128> = q
+                            .messages
+                            .iter()
+                            .filter(|(_, m)| m.in_flight(now))
+                            .map(|(seq, _)| *seq)
+                            .collect();
+                        if let Some(seq) = nth(&in_flight, pick) {
+                            q.messages.get_mut(&seq).expect("in flight").visible_at_ms =
+                                now + visibility_ms;
+                        }
+                    }
+                    Op::Remove { pick } => {
+                        let all: Vec<u128> = q.messages.keys().copied().collect();
+                        if let Some(seq) = nth(&all, pick) {
+                            q.remove(seq);
+                        }
+                    }
+                    Op::Die { pick } => {
+                        if let Some(seq) = nth(&q.takeable(now, 10), pick) {
+                            q.messages.get_mut(&seq).expect("takeable").dead = true;
+                        }
+                    }
+                    Op::Wait { ms } => now += ms,
+                }
+                for max in [1, 3, 10] {
+                    prop_assert_eq!(q.takeable(now, max), takeable_by_walking(&q, now, max));
+                }
+            }
+            // The index holds exactly the live messages.
+            let indexed: usize = q.groups.members.values().map(BTreeSet::len).sum();
+            prop_assert_eq!(indexed, q.messages.len());
+            prop_assert_eq!(q.groups.heads.len(), q.groups.members.len());
+        }
     }
 }
