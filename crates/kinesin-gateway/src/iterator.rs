@@ -4,7 +4,8 @@
 //! so that every node accepts them and nobody can forge or alter one.
 //!
 //! A signed token is `2 | postcard of the token | tag`, the tag being the
-//! first [`TAG_LEN`] bytes of the HMAC-SHA256 of what precedes it. Until the
+//! first [`TAG_LEN`] bytes of the HMAC-SHA256 of the token's kind
+//! ([`Token::KIND`]) and what precedes the tag. Until the
 //! cluster has a key (an upgrade from a release without one is not
 //! complete) tokens are unsigned, `1 | postcard`, as that release wrote them.
 
@@ -26,6 +27,8 @@ const TAG_LEN: usize = 16;
 
 /// An iterator or a paging token.
 pub trait Token: Serialize + DeserializeOwned {
+    /// Signed with the token, so that one kind is never taken for another.
+    const KIND: u8;
     /// When the token was issued (ms since the epoch).
     fn issued_ms(&mut self) -> &mut u64;
 }
@@ -61,13 +64,16 @@ pub struct ShardIterator {
 }
 
 impl Token for ShardIterator {
+    const KIND: u8 = 1;
+
     fn issued_ms(&mut self) -> &mut u64 {
         &mut self.issued_ms
     }
 }
 
-fn hmac(key: &[u8], bytes: &[u8]) -> Hmac<Sha256> {
+fn hmac<T: Token>(key: &[u8], bytes: &[u8]) -> Hmac<Sha256> {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(&[T::KIND]);
     mac.update(bytes);
     mac
 }
@@ -77,7 +83,7 @@ pub fn encode<T: Token>(token: &T, key: Option<&[u8]>) -> String {
     let mut bytes = vec![if key.is_some() { SIGNED } else { UNSIGNED }];
     postcard::to_io(token, &mut bytes).expect("encoding to a Vec cannot fail");
     if let Some(key) = key {
-        let tag = hmac(key, &bytes).finalize().into_bytes();
+        let tag = hmac::<T>(key, &bytes).finalize().into_bytes();
         bytes.extend_from_slice(&tag[..TAG_LEN]);
     }
     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -87,8 +93,9 @@ pub fn encode<T: Token>(token: &T, key: Option<&[u8]>) -> String {
 /// `key`, a token must carry its tag: one whose tag does not match is
 /// refused as invalid, and an unsigned one (made before the cluster had its
 /// key) counts as issued at time 0, so that the caller reports it expired
-/// and its client asks for a new one. Without a key (this node has not
-/// applied the cluster's yet, or there is none) no tag can be checked.
+/// and its client asks for a new one. A signed token on a node without the
+/// key (it has not applied the cluster's yet) cannot be checked: it gets a
+/// 503, which SDKs retry, rather than passing unchecked.
 pub fn decode<T: Token>(text: &str, what: &str, key: Option<&[u8]>) -> Result<T, ApiError> {
     let invalid = || ApiError::invalid_argument(format!("Invalid {what}."));
     let bytes = base64::engine::general_purpose::STANDARD
@@ -103,11 +110,16 @@ pub fn decode<T: Token>(text: &str, what: &str, key: Option<&[u8]>) -> Result<T,
                 .filter(|&split| split > 0)
                 .ok_or_else(invalid)?;
             let (signed, tag) = bytes.split_at(split);
-            if let Some(key) = key {
-                hmac(key, signed)
-                    .verify_truncated_left(tag)
-                    .map_err(|_| invalid())?;
-            }
+            let key = key.ok_or_else(|| {
+                ApiError::new(
+                    "ServiceUnavailable",
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    format!("This node cannot check the {what} yet: it is catching up with the cluster's map. Retry."),
+                )
+            })?;
+            hmac::<T>(key, signed)
+                .verify_truncated_left(tag)
+                .map_err(|_| invalid())?;
             &signed[1..]
         }
         Some(&UNSIGNED) => &bytes[1..],
@@ -153,6 +165,8 @@ pub struct PageToken {
 }
 
 impl Token for PageToken {
+    const KIND: u8 = 2;
+
     fn issued_ms(&mut self) -> &mut u64 {
         &mut self.issued_ms
     }
@@ -185,6 +199,16 @@ mod tests {
                 it
             );
         }
+        // The kind is signed too: a paging token is no iterator.
+        let token = PageToken {
+            stream: it.stream.clone(),
+            after: String::new(),
+            filter: None,
+            issued_ms: 1,
+        };
+        let page = encode(&token, KEY);
+        assert_eq!(decode::<PageToken>(&page, "NextToken", KEY).unwrap(), token);
+        assert!(decode::<ShardIterator>(&page, "ShardIterator", KEY).is_err());
         // The last two: a signed token's first byte and a tag, nothing
         // between; the first byte alone and no tag.
         for garbage in [
@@ -222,11 +246,10 @@ mod tests {
         assert!(decode::<ShardIterator>(&cut, "ShardIterator", KEY).is_err());
         let other = encode(&it, Some(&[4; 32]));
         assert!(decode::<ShardIterator>(&other, "ShardIterator", KEY).is_err());
-        // A node without the key yet cannot check the tag.
-        assert_eq!(
-            decode::<ShardIterator>(&other, "ShardIterator", None).unwrap(),
-            it
-        );
+        // A node without the key yet cannot check the tag: it asks for a
+        // retry.
+        let err = decode::<ShardIterator>(&other, "ShardIterator", None).unwrap_err();
+        assert_eq!(err.name, "ServiceUnavailable");
     }
 
     #[test]

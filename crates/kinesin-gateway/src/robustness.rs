@@ -95,12 +95,16 @@ proptest! {
         use base64::Engine;
         let with = |first: u8| base64::engine::general_purpose::STANDARD.encode([&[first][..], &bytes].concat());
         for t in [&text, &with(1), &with(2)] {
+            // Without a key, a signed token is refused for a retry.
             for key in [Some(&[7u8; 32][..]), None] {
+                let allowed = |name: &str| {
+                    name == "InvalidArgumentException" || (key.is_none() && name == "ServiceUnavailable")
+                };
                 if let Err(e) = iterator::decode::<ShardIterator>(t, "ShardIterator", key) {
-                    prop_assert_eq!(e.name, "InvalidArgumentException");
+                    prop_assert!(allowed(e.name), "{}", e.name);
                 }
                 if let Err(e) = iterator::decode::<PageToken>(t, "NextToken", key) {
-                    prop_assert_eq!(e.name, "InvalidArgumentException");
+                    prop_assert!(allowed(e.name), "{}", e.name);
                 }
             }
         }

@@ -128,7 +128,9 @@ impl Header {
             serde_json::Value::String(s) => s.parse().ok()?,
             _ => return None,
         };
-        Some((target, u32::try_from(max).ok()?))
+        // At least 1, as the gateway requires: a dead letter was received
+        // (FIFO receives rely on it, `Groups::leading`).
+        Some((target, u32::try_from(max).ok()?.max(1)))
     }
 
     fn dedup_per_group(&self) -> bool {
@@ -832,6 +834,11 @@ impl QueueStateMachine {
         match command {
             QueueCommand::SetAttributes(changes) => {
                 for (name, value) in changes {
+                    // Fixed at creation (the gateway refuses a change): the
+                    // index of message groups follows it.
+                    if name == "FifoQueue" {
+                        continue;
+                    }
                     if value.is_empty() {
                         q.header.attributes.remove(&name);
                     } else {
@@ -1746,6 +1753,25 @@ mod tests {
             QueueReply::PurgeInProgress
         );
         assert_eq!(info(&sm, 61_000).visible, 0);
+    }
+
+    #[test]
+    fn a_fifo_queue_stays_fifo_and_a_message_dies_only_once_received() {
+        let (_dir, s) = scratch();
+        let policy = r#"{"deadLetterTargetArn":"arn:aws:sqs:us-east-1:000000000000:dlq.fifo","maxReceiveCount":0}"#;
+        let sm = open(&s, &[("FifoQueue", "true"), ("RedrivePolicy", policy)]);
+        let changes = BTreeMap::from([("FifoQueue".to_string(), String::new())]);
+        run(&s, &sm, 1, 0, QueueCommand::SetAttributes(changes));
+        let send = vec![
+            message("a", Some("g"), Some("1")),
+            message("b", Some("g"), Some("2")),
+        ];
+        run(&s, &sm, 2, 0, QueueCommand::Send(send));
+        // Still FIFO: one message of the group at a time. A limit below 1
+        // counts as 1, so the first receive delivers instead of killing.
+        assert_eq!(bodies(&receive(&s, &sm, 3, 1_000, 1)), ["a"]);
+        assert!(receive(&s, &sm, 4, 1_000, 10).is_empty());
+        assert_eq!(info(&sm, 1_000).attributes["FifoQueue"], "true");
     }
 
     #[test]
