@@ -29,8 +29,8 @@ const TAG_LEN: usize = 16;
 pub trait Token: Serialize + DeserializeOwned {
     /// Signed with the token, so that one kind is never taken for another.
     const KIND: u8;
-    /// When the token was issued (ms since the epoch).
-    fn issued_ms(&mut self) -> &mut u64;
+    /// Makes the token count as issued at time 0: expired.
+    fn expire(&mut self);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,8 +66,8 @@ pub struct ShardIterator {
 impl Token for ShardIterator {
     const KIND: u8 = 1;
 
-    fn issued_ms(&mut self) -> &mut u64 {
-        &mut self.issued_ms
+    fn expire(&mut self) {
+        self.issued_ms = 0;
     }
 }
 
@@ -101,7 +101,7 @@ pub fn decode<T: Token>(text: &str, what: &str, key: Option<&[u8]>) -> Result<T,
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(text)
         .map_err(|_| invalid())?;
-    let body = match bytes.first() {
+    let (body, tagged) = match bytes.first() {
         Some(&SIGNED) => {
             // The version byte, then the tag at least.
             let split = bytes
@@ -120,14 +120,14 @@ pub fn decode<T: Token>(text: &str, what: &str, key: Option<&[u8]>) -> Result<T,
             hmac::<T>(key, signed)
                 .verify_truncated_left(tag)
                 .map_err(|_| invalid())?;
-            &signed[1..]
+            (&signed[1..], true)
         }
-        Some(&UNSIGNED) => &bytes[1..],
+        Some(&UNSIGNED) => (&bytes[1..], false),
         _ => return Err(invalid()),
     };
     let mut token: T = postcard::from_bytes(body).map_err(|_| invalid())?;
-    if bytes[0] == UNSIGNED && key.is_some() {
-        *token.issued_ms() = 0;
+    if !tagged && key.is_some() {
+        token.expire();
     }
     Ok(token)
 }
@@ -167,8 +167,8 @@ pub struct PageToken {
 impl Token for PageToken {
     const KIND: u8 = 2;
 
-    fn issued_ms(&mut self) -> &mut u64 {
-        &mut self.issued_ms
+    fn expire(&mut self) {
+        self.issued_ms = 0;
     }
 }
 

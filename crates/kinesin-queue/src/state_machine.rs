@@ -250,19 +250,25 @@ impl<T: Expires> Expiring<T> {
 #[derive(Default)]
 struct Groups {
     members: HashMap<String, BTreeSet<u128>>,
-    heads: BTreeSet<(u128, String)>,
+    /// Each group by its oldest message (a message is in one group only).
+    heads: BTreeMap<u128, String>,
 }
 
 impl Groups {
     fn add(&mut self, group: &str, seq: u128) {
-        let members = self.members.entry(group.to_string()).or_default();
+        let Some(members) = self.members.get_mut(group) else {
+            self.members
+                .insert(group.to_string(), BTreeSet::from([seq]));
+            self.heads.insert(seq, group.to_string());
+            return;
+        };
         let head = members.first().copied();
         members.insert(seq);
-        if head.is_none_or(|head| seq < head) {
-            if let Some(head) = head {
-                self.heads.remove(&(head, group.to_string()));
-            }
-            self.heads.insert((seq, group.to_string()));
+        if let Some(name) = head
+            .filter(|&h| seq < h)
+            .and_then(|h| self.heads.remove(&h))
+        {
+            self.heads.insert(seq, name);
         }
     }
 
@@ -275,10 +281,12 @@ impl Groups {
         if !was_head {
             return;
         }
-        self.heads.remove(&(seq, group.to_string()));
+        let Some(name) = self.heads.remove(&seq) else {
+            return;
+        };
         match members.first() {
             Some(&next) => {
-                self.heads.insert((next, group.to_string()));
+                self.heads.insert(next, name);
             }
             None => {
                 self.members.remove(group);
