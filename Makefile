@@ -7,7 +7,7 @@ CARGO_TARGET_DIR ?= $(shell if [ -w /var/cache ] || [ -w /var/cache/kinesin ]; t
 export CARGO_TARGET_DIR
 KINESIN := $(CARGO_TARGET_DIR)/release/kinesin
 
-.PHONY: setup build dev dev3 test lint fmt unit compat chaos-build chaos-smoke chaos helm-check
+.PHONY: setup build dev dev3 test lint fmt unit compat chaos-build chaos-smoke chaos fuzz helm-check
 
 setup:
 	@scripts/setup.sh
@@ -46,6 +46,12 @@ chaos-smoke: chaos-build
 ## The long matrix: every scenario, several seeds, 3 and 5 nodes.
 chaos: chaos-build
 	$(CHAOS) matrix long --binary $(KINESIN) --out chaos-runs/long
+
+## Coverage-guided fuzzing (cargo-fuzz, fuzz/): FUZZ_SECONDS per target.
+## Not part of `make test`: the instrumented build takes too long for CI.
+FUZZ_SECONDS ?= 60
+fuzz: build
+	scripts/fuzz.sh $(FUZZ_SECONDS)
 
 ## The Helm chart, offline: lint, render with several value sets, validate.
 helm-check: build

@@ -80,13 +80,20 @@ fn hmac<T: Token>(key: &[u8], bytes: &[u8]) -> Hmac<Sha256> {
 
 /// A token's text, signed with `key` if the cluster has one.
 pub fn encode<T: Token>(token: &T, key: Option<&[u8]>) -> String {
-    let mut bytes = vec![if key.is_some() { SIGNED } else { UNSIGNED }];
-    postcard::to_io(token, &mut bytes).expect("encoding to a Vec cannot fail");
-    if let Some(key) = key {
-        let tag = hmac::<T>(key, &bytes).finalize().into_bytes();
-        bytes.extend_from_slice(&tag[..TAG_LEN]);
-    }
+    let body = postcard::to_stdvec(token).expect("encoding to a Vec cannot fail");
+    let bytes = match key {
+        Some(key) => signed_body::<T>(key, &body),
+        None => [&[UNSIGNED][..], &body].concat(),
+    };
     base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// A signed token's bytes: the version, `body` and their tag.
+pub(crate) fn signed_body<T: Token>(key: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut bytes = [&[SIGNED][..], body].concat();
+    let tag = hmac::<T>(key, &bytes).finalize().into_bytes();
+    bytes.extend_from_slice(&tag[..TAG_LEN]);
+    bytes
 }
 
 /// Decodes a token; `what` names it in the error ("ShardIterator"). With a

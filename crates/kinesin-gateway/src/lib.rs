@@ -14,6 +14,9 @@ mod codec;
 mod error;
 mod eventstream;
 mod firehose;
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod input;
 mod iterator;
 mod kinesis;

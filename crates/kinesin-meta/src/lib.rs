@@ -3,6 +3,9 @@
 //! controller on the metadata leader uses to propose assignments.
 
 mod command;
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod limits;
 mod names;
 mod placement;

@@ -13,6 +13,9 @@
 //! storage while applying; it is rebuilt from the rows at a start and after
 //! a snapshot install.
 
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod model;
 pub mod policy;
 mod state_machine;

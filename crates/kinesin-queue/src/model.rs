@@ -28,7 +28,7 @@ pub struct MessageAttribute {
 
 /// A message as SendMessage gives it, with what the gateway derived from
 /// it (id, digests, sender).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewMessage {
     pub message_id: String,
     pub body: String,

@@ -20,5 +20,8 @@ pub use state_machine::{FixedRows, GroupStateMachine, SnapshotRows};
 
 #[cfg(test)]
 mod conformance;
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
+pub mod fuzzing;
 #[cfg(test)]
 mod robustness;

@@ -3,6 +3,9 @@
 //! local replica's applied state.
 
 mod command;
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
+pub mod fuzzing;
 #[cfg(test)]
 mod model;
 mod read;

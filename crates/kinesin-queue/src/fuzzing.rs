@@ -1,0 +1,168 @@
+//! The check a queue replica's log entries and queries must pass, for a
+//! coverage-guided fuzz target (`fuzz/`, built with `--cfg fuzzing`) and a
+//! random-input property test.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use kinesin_raft::{GroupKind, GroupStateMachine};
+use kinesin_storage::{keys, Cf, FsyncPolicy, Storage, WriteBatch};
+use kinesin_types::GroupId;
+
+use crate::model::{decode, encode, QueueCommand, QueueConfig};
+use crate::QueueKind;
+
+/// A standard and a FIFO queue (with a dead-letter queue) on real storage
+/// that apply whatever they are given. Dropped, they delete their rows, so
+/// that one storage serves a long run (opening RocksDB for each input would
+/// be most of the time).
+pub struct Replicas<'a> {
+    storage: &'a Storage,
+    groups: [u64; 2],
+    queues: Vec<Arc<dyn GroupStateMachine>>,
+    index: u64,
+}
+
+/// A storage for [`Replicas`].
+pub fn storage(dir: &Path) -> Storage {
+    Storage::open(dir, FsyncPolicy::NeverUnsafe).expect("storage")
+}
+
+impl<'a> Replicas<'a> {
+    /// The two queues, as groups `first` and `first + 1`, which must not
+    /// hold rows.
+    pub fn open(storage: &'a Storage, first: u64) -> Replicas<'a> {
+        let redrive = r#"{"deadLetterTargetArn":"arn:aws:sqs:us-east-1:000000000000:dlq","maxReceiveCount":"2"}"#;
+        let groups = [first, first + 1];
+        let queues = [
+            vec![("RedrivePolicy", redrive)],
+            vec![
+                ("FifoQueue", "true"),
+                ("ContentBasedDeduplication", "true"),
+                ("RedrivePolicy", redrive),
+            ],
+        ]
+        .iter()
+        .zip(groups)
+        .map(|(attributes, group)| {
+            let config = QueueConfig {
+                attributes: attributes
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                tags: BTreeMap::new(),
+                created_ms: 1,
+            };
+            QueueKind
+                .open(storage.clone(), GroupId(group), &encode(&config))
+                .expect("open queue")
+        })
+        .collect();
+        Replicas {
+            storage,
+            groups,
+            queues,
+            index: 0,
+        }
+    }
+
+    /// Each queue applies `bytes` as a log entry (the leader's clock, then
+    /// a command) and answers it as a query. An entry whose command decodes
+    /// is applied (an error would stop the replica); any other is refused
+    /// with an error; queries are answered or refused; nothing panics.
+    pub fn entry(&mut self, bytes: &[u8]) {
+        self.index += 1;
+        let decodes = bytes.len() >= 8 && decode::<QueueCommand>(&bytes[8..]).is_ok();
+        for queue in &self.queues {
+            let mut batch = WriteBatch::default();
+            match queue.apply(self.index, bytes, &mut batch) {
+                Ok(reply) => {
+                    self.storage.write(batch).expect("write");
+                    queue.publish();
+                    let _ = queue.complete(reply);
+                }
+                Err(e) => assert!(!decodes, "a command that decodes stopped the replica: {e}"),
+            }
+            let _ = queue.query(bytes);
+        }
+    }
+}
+
+impl Drop for Replicas<'_> {
+    fn drop(&mut self) {
+        let mut batch = WriteBatch::default();
+        for group in self.groups {
+            let (from, to) = keys::group_bounds(group);
+            for cf in Cf::ALL {
+                batch.delete_range_cf(self.storage.cf(cf), &from, &to);
+            }
+        }
+        self.storage.write(batch).expect("delete the queues' rows");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::{storage, Replicas};
+    use crate::model::{encode, Handle, NewMessage, QueueCommand};
+
+    fn message(n: u8, group: bool) -> NewMessage {
+        NewMessage {
+            message_id: format!("m{n}"),
+            body: format!("body {n}"),
+            group_id: group.then(|| format!("g{}", n % 3)),
+            dedup_id: Some(format!("d{n}")),
+            size: 6,
+            ..Default::default()
+        }
+    }
+
+    /// An entry: the clock, then a command that decodes (one of a few
+    /// kinds, with values from small ranges so that they meet the queue's
+    /// messages) or any bytes.
+    fn entry() -> impl Strategy<Value = Vec<u8>> {
+        let command = prop_oneof![
+            (any::<u8>(), any::<bool>()).prop_map(|(n, g)| QueueCommand::Send(vec![message(n, g)])),
+            (0u32..12, prop::option::of(0u32..3)).prop_map(|(max, visibility_seconds)| {
+                QueueCommand::Receive {
+                    max,
+                    visibility_seconds,
+                }
+            }),
+            (0u128..8, 0u64..3)
+                .prop_map(|(seq, nonce)| QueueCommand::Delete(vec![Handle { seq, nonce }])),
+            (0u128..8, 0u64..3, 0u32..3).prop_map(
+                |(seq, nonce, s)| QueueCommand::ChangeVisibility(vec![(Handle { seq, nonce }, s)])
+            ),
+            prop::collection::vec(0u128..8, 0..3).prop_map(QueueCommand::Remove),
+            Just(QueueCommand::Purge),
+        ]
+        .prop_map(|c| encode(&c));
+        (
+            0u64..5_000,
+            prop_oneof![command, prop::collection::vec(any::<u8>(), 0..40)],
+        )
+            .prop_map(|(clock_ms, command)| [&clock_ms.to_be_bytes()[..], &command].concat())
+    }
+
+    #[test]
+    fn a_queue_applies_what_decodes_and_refuses_the_rest_without_panicking() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = storage(dir.path());
+        let next = std::cell::Cell::new(1);
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::default());
+        runner
+            .run(&prop::collection::vec(entry(), 1..40), |entries| {
+                let mut replicas = Replicas::open(&storage, next.get());
+                next.set(next.get() + 2);
+                for entry in &entries {
+                    replicas.entry(entry);
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+}

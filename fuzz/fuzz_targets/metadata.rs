@@ -1,0 +1,6 @@
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    kinesin_meta::fuzzing::metadata_bytes(data);
+    kinesin_meta::fuzzing::metadata_commands(data);
+});

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Coverage-guided fuzzing (cargo-fuzz, libFuzzer) of the decoders hostile
+# input reaches: request bodies, SigV4 headers, iterators and page tokens,
+# Raft messages, metadata commands, shard and queue log entries (fuzz/).
+#
+# usage: scripts/fuzz.sh [SECONDS [TARGET...]]
+#   SECONDS  how long each target runs (default 60)
+#   TARGET   the targets to run (default: every one in fuzz/Cargo.toml)
+# env: FUZZ_JOBS (parallel fuzzing processes per target, default 1),
+#      FUZZ_ARGS (more libFuzzer options).
+#
+# Needs the workspace's release build first (`make build`): the fuzz build
+# links the RocksDB library that build made instead of compiling RocksDB
+# again with instrumentation (~15 minutes). The instrumented crates go to
+# $CARGO_TARGET_DIR/fuzz. cargo-fuzz runs on this stable toolchain with
+# `--sanitizer none`. Crashes land in fuzz/artifacts/<target>/, the corpus
+# grows in fuzz/corpus/<target>/ (neither is committed; fuzz/seeds/ is).
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+seconds=${1:-60}
+shift || true
+die() { echo "fuzz: $*" >&2; exit 1; }
+
+tools=${KINESIN_TOOLS:-/var/cache/kinesin/tools}
+export PATH=$tools/bin:$PATH
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "fuzz: installing cargo-fuzz in $tools"
+  cargo install cargo-fuzz --locked --version 0.13.2 --root "$tools"
+fi
+
+# shellcheck source=scripts/target-dir.sh
+. scripts/target-dir.sh
+target=$CARGO_TARGET_DIR
+rocksdb=$(ls -t "$target"/release/build/librocksdb-sys-*/out/librocksdb.a 2>/dev/null | head -1) ||
+  true
+[ -n "$rocksdb" ] || die "no RocksDB library under $target: run \`make build\` first"
+export ROCKSDB_LIB_DIR=${rocksdb%/*} ROCKSDB_STATIC=1
+export CARGO_TARGET_DIR=$target/fuzz
+# cargo-fuzz adds its instrumentation flags to these; mold links faster.
+if command -v mold >/dev/null; then export RUSTFLAGS="-C link-arg=-fuse-ld=mold"; fi
+
+if [ $# -eq 0 ]; then
+  mapfile -t targets < <(sed -n 's/^name = "\(.*\)"$/\1/p' fuzz/Cargo.toml | grep -v '^kinesin-fuzz$')
+else
+  targets=("$@")
+fi
+# The fuzz workspace resolves from the project's lock file, so that it
+# builds the very versions the project does (plus libFuzzer's crates).
+cp Cargo.lock fuzz/Cargo.lock
+cargo fuzz build --sanitizer none
+jobs=()
+if [ "${FUZZ_JOBS:-1}" -gt 1 ]; then jobs=(-jobs="$FUZZ_JOBS" -workers="$FUZZ_JOBS"); fi
+status=0
+for t in "${targets[@]}"; do
+  mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
+  seeds=()
+  [ -d "fuzz/seeds/$t" ] && seeds=("fuzz/seeds/$t")
+  echo "fuzz: $t for ${seconds}s"
+  # shellcheck disable=SC2086  # FUZZ_ARGS is a list of options
+  if ! cargo fuzz run --sanitizer none "$t" "fuzz/corpus/$t" "${seeds[@]}" -- \
+    -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
+    -print_final_stats=1 "${jobs[@]}" ${FUZZ_ARGS:-}; then
+    echo "fuzz: $t FAILED; the input is in fuzz/artifacts/$t/" >&2
+    status=1
+  fi
+done
+exit $status
