@@ -141,6 +141,11 @@ pub fn decode(body: &[u8]) -> Result<QueryRequest, ApiError> {
     } else {
         to_json(root, "")?
     };
+    if !input.is_object() {
+        return Err(malformed(
+            "parameter names start with a member name, not a list position",
+        ));
+    }
     Ok(QueryRequest { action, input })
 }
 
@@ -415,6 +420,11 @@ mod tests {
             "Action=X&A.1=x&A.B=y",
             "Action=X&M.entry.1.key=k",
             "Action=X&M.entry.1.key=k&M.entry.1.value=v&M.entry.2.key=k&M.entry.2.value=w",
+            // A list where the request's structure must be (found by the
+            // request_body fuzz target).
+            "Action=S&1=x",
+            "Action=S&1.M=x&2.M=y",
+            "Action=S&member.1=x",
         ] {
             let e = decode(form.as_bytes()).unwrap_err();
             assert_eq!(e.status, StatusCode::BAD_REQUEST, "{form}");

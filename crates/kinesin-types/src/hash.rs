@@ -77,6 +77,13 @@ impl HashKeyRange {
     /// floor(i * 2^128 / count).
     pub fn split_evenly(count: u32) -> Vec<HashKeyRange> {
         assert!(count > 0, "a stream has at least one shard");
+        if count == 1 {
+            // 2^128 itself (the quotient below) does not fit.
+            return vec![HashKeyRange {
+                start: HashKey(0),
+                end: HashKey(u128::MAX),
+            }];
+        }
         let n = u128::from(count);
         // 2^128 = q * n + r with 0 <= r < n, computed without overflowing.
         let (mut q, mut r) = (u128::MAX / n, u128::MAX % n + 1);
