@@ -70,9 +70,17 @@ impl<'a> Replicas<'a> {
     /// Each queue applies `bytes` as a log entry (the leader's clock, then
     /// a command) and answers it as a query. An entry whose command decodes
     /// is applied (an error would stop the replica); any other is refused
-    /// with an error; queries are answered or refused; nothing panics.
+    /// with an error; queries are answered or refused; nothing panics. The
+    /// clock is a leader's wall clock in milliseconds: it is kept below
+    /// 2^48 (year 10889), as adding a time to one near `u64::MAX` could
+    /// overflow.
     pub fn entry(&mut self, bytes: &[u8]) {
         self.index += 1;
+        let mut bytes = bytes.to_vec();
+        if let Some(clock) = bytes.get_mut(..2) {
+            clock.fill(0);
+        }
+        let bytes = &bytes[..];
         let decodes = bytes.len() >= 8 && decode::<QueueCommand>(&bytes[8..]).is_ok();
         for queue in &self.queues {
             let mut batch = WriteBatch::default();
@@ -110,19 +118,31 @@ mod tests {
     use crate::model::{encode, Handle, NewMessage, QueueCommand};
 
     fn message(n: u8, group: bool) -> NewMessage {
+        let body = format!("body {n}");
         NewMessage {
             message_id: format!("m{n}"),
-            body: format!("body {n}"),
+            size: body.len() as u32,
+            body,
             group_id: group.then(|| format!("g{}", n % 3)),
             dedup_id: Some(format!("d{n}")),
-            size: 6,
             ..Default::default()
         }
     }
 
+    /// A message's sequence number, as a send at log index 1..40 makes it:
+    /// the index, then its place in the batch.
+    fn seq() -> impl Strategy<Value = u128> {
+        (1u128..40).prop_map(|index| index << 32)
+    }
+
+    /// A receipt: the sequence number and the receive's log index.
+    fn handle() -> impl Strategy<Value = Handle> {
+        (seq(), 1u64..40).prop_map(|(seq, nonce)| Handle { seq, nonce })
+    }
+
     /// An entry: the clock, then a command that decodes (one of a few
     /// kinds, with values from small ranges so that they meet the queue's
-    /// messages) or any bytes.
+    /// messages and receipts) or any bytes.
     fn entry() -> impl Strategy<Value = Vec<u8>> {
         let command = prop_oneof![
             (any::<u8>(), any::<bool>()).prop_map(|(n, g)| QueueCommand::Send(vec![message(n, g)])),
@@ -132,12 +152,9 @@ mod tests {
                     visibility_seconds,
                 }
             }),
-            (0u128..8, 0u64..3)
-                .prop_map(|(seq, nonce)| QueueCommand::Delete(vec![Handle { seq, nonce }])),
-            (0u128..8, 0u64..3, 0u32..3).prop_map(
-                |(seq, nonce, s)| QueueCommand::ChangeVisibility(vec![(Handle { seq, nonce }, s)])
-            ),
-            prop::collection::vec(0u128..8, 0..3).prop_map(QueueCommand::Remove),
+            handle().prop_map(|h| QueueCommand::Delete(vec![h])),
+            (handle(), 0u32..3).prop_map(|(h, s)| QueueCommand::ChangeVisibility(vec![(h, s)])),
+            prop::collection::vec(seq(), 0..3).prop_map(QueueCommand::Remove),
             Just(QueueCommand::Purge),
         ]
         .prop_map(|c| encode(&c));

@@ -103,11 +103,15 @@ struct Header {
 }
 
 impl Header {
+    /// A numeric attribute. The gateway keeps each within AWS's bounds; a
+    /// replica also caps what it reads at `u32::MAX`, so that no time
+    /// computed from one can overflow (the queue fuzz target can send any
+    /// value).
     fn number(&self, name: &str, default: u64) -> u64 {
         self.attributes
             .get(name)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(default, |n| n.min(u64::from(u32::MAX)))
     }
 
     fn flag(&self, name: &str) -> bool {
@@ -1761,6 +1765,30 @@ mod tests {
             QueueReply::PurgeInProgress
         );
         assert_eq!(info(&sm, 61_000).visible, 0);
+    }
+
+    #[test]
+    fn numeric_attributes_beyond_any_bound_cannot_overflow_times() {
+        let (_dir, s) = scratch();
+        let sm = open(&s, &[]);
+        let huge = u64::MAX.to_string();
+        let changes = BTreeMap::from([
+            ("MessageRetentionPeriod".to_string(), huge.clone()),
+            ("VisibilityTimeout".to_string(), huge),
+        ]);
+        run(&s, &sm, 1, 0, QueueCommand::SetAttributes(changes));
+        run(
+            &s,
+            &sm,
+            2,
+            0,
+            QueueCommand::Send(vec![message("a", None, None)]),
+        );
+        // Retention times 1000 wrapped to just below the send time: the
+        // message expired at once.
+        assert_eq!(bodies(&receive(&s, &sm, 3, 1_000, 1)), ["a"]);
+        // Hidden for u32::MAX seconds, not for a wrapped time.
+        assert!(receive(&s, &sm, 4, 2_000_000, 1).is_empty());
     }
 
     #[test]

@@ -3,44 +3,73 @@
 //! (`fuzz/`, built with `--cfg fuzzing`).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use kinesin_raft::GroupStateMachine;
-use kinesin_storage::{FsyncPolicy, Storage, WriteBatch};
+use kinesin_storage::{keys, Cf, FsyncPolicy, Storage, WriteBatch};
 use kinesin_types::ShardId;
 
 use crate::{ShardCommand, ShardRejection, ShardReply, ShardStateMachine};
 
-/// A shard replica on real storage that applies whatever it is given.
-pub struct Replica {
-    sm: ShardStateMachine,
-    index: AtomicU64,
+/// A storage for [`Replica`]s.
+pub fn storage(dir: &Path) -> Storage {
+    Storage::open(dir, FsyncPolicy::NeverUnsafe).expect("storage")
 }
 
-impl Replica {
-    pub fn open(dir: &Path) -> Replica {
-        let storage = Storage::open(dir, FsyncPolicy::NeverUnsafe).expect("storage");
-        let sm = ShardStateMachine::open(storage, 7, ShardId(2), 1).expect("replica");
+/// A shard replica on real storage that applies whatever it is given.
+/// Dropped, it deletes its rows, so that one storage serves a long run
+/// (opening RocksDB for each input would be most of the time) and each
+/// input starts from an empty shard.
+pub struct Replica<'a> {
+    storage: &'a Storage,
+    group: u64,
+    sm: ShardStateMachine,
+    index: u64,
+}
+
+impl<'a> Replica<'a> {
+    /// A replica of an empty shard as group `group`, which must hold no
+    /// rows.
+    pub fn open(storage: &'a Storage, group: u64) -> Replica<'a> {
+        let sm =
+            ShardStateMachine::open(storage.clone(), group, ShardId(2), 1).expect("open replica");
         Replica {
+            storage,
+            group,
             sm,
-            index: AtomicU64::new(10),
+            index: 10,
         }
     }
 
     /// An entry of any bytes is refused as malformed or applied as the
-    /// command it decodes to, and a reply of any bytes decodes or fails:
-    /// none panics or stops the replica.
-    pub fn entry(&self, bytes: &[u8]) {
+    /// command it decodes to (written and published as the Raft adapter
+    /// does), and a reply of any bytes decodes or fails: none panics or
+    /// stops the replica.
+    pub fn entry(&mut self, bytes: &[u8]) {
         let _ = ShardReply::decode(bytes);
-        let index = self.index.fetch_add(1, Ordering::Relaxed) + 1;
+        self.index += 1;
         let mut batch = WriteBatch::default();
         let reply = self
             .sm
-            .apply(index, bytes, &mut batch)
+            .apply(self.index, bytes, &mut batch)
             .expect("an entry never stops the replica");
+        self.storage.write(batch).expect("write");
+        self.sm.publish();
         let reply = ShardReply::decode(&reply).expect("a reply the replica wrote");
         if ShardCommand::decode(bytes).is_err() {
             assert_eq!(reply, ShardReply::Rejected(ShardRejection::Malformed));
         }
+    }
+}
+
+impl Drop for Replica<'_> {
+    fn drop(&mut self) {
+        let (from, to) = keys::group_bounds(self.group);
+        let mut batch = WriteBatch::default();
+        for cf in Cf::ALL {
+            batch.delete_range_cf(self.storage.cf(cf), &from, &to);
+        }
+        self.storage
+            .write(batch)
+            .expect("delete the replica's rows");
     }
 }
