@@ -57,6 +57,10 @@ for t in "${targets[@]}"; do
   seeds=()
   [ -d "fuzz/seeds/$t" ] && seeds=("fuzz/seeds/$t")
   echo "fuzz: $t for ${seconds}s"
+  # The storage targets keep a RocksDB directory for the whole run, which
+  # libFuzzer's exit never deletes: give each run its own and remove it.
+  TMPDIR=$(mktemp -d "$target/fuzz/tmp.XXXXXX")
+  export TMPDIR
   # shellcheck disable=SC2086  # FUZZ_ARGS is a list of options
   if ! cargo fuzz run --sanitizer none "$t" "fuzz/corpus/$t" "${seeds[@]}" -- \
     -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
@@ -64,5 +68,6 @@ for t in "${targets[@]}"; do
     echo "fuzz: $t FAILED; the input is in fuzz/artifacts/$t/" >&2
     status=1
   fi
+  rm -rf "$TMPDIR"
 done
 exit $status
