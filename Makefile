@@ -7,7 +7,7 @@ CARGO_TARGET_DIR ?= $(shell if [ -w /var/cache ] || [ -w /var/cache/kinesin ]; t
 export CARGO_TARGET_DIR
 KINESIN := $(CARGO_TARGET_DIR)/release/kinesin
 
-.PHONY: setup build dev dev3 test lint fmt unit compat chaos-build chaos-smoke chaos fuzz helm-check
+.PHONY: setup build dev dev3 test lint fmt unit compat chaos-build chaos-smoke chaos fuzz fuzz-smoke helm-check
 
 setup:
 	@scripts/setup.sh
@@ -48,10 +48,14 @@ chaos: chaos-build
 	$(CHAOS) matrix long --binary $(KINESIN) --out chaos-runs/long
 
 ## Coverage-guided fuzzing (cargo-fuzz, fuzz/): FUZZ_SECONDS per target.
-## Not part of `make test`: the instrumented build takes too long for CI.
 FUZZ_SECONDS ?= 60
 fuzz: build
 	scripts/fuzz.sh $(FUZZ_SECONDS)
+
+## A short fuzz run, part of `make test`: every target for 10 s from
+## libFuzzer's seed 1, so that a clean clone tries the same inputs each time.
+fuzz-smoke: build
+	FUZZ_ARGS=-seed=1 scripts/fuzz.sh 10
 
 ## The Helm chart, offline: lint, render with several value sets, validate.
 helm-check: build
@@ -59,9 +63,10 @@ helm-check: build
 
 ## The whole suite: formatting, lints, unit, integration and process tests,
 ## the AWS client compatibility suite (incl. CLI, metrics, Prometheus), the
-## Helm chart check, then the chaos smoke matrix.
+## Helm chart check, the chaos smoke matrix, then a short fuzz run.
 test: lint
 	cargo nextest run --release --locked --workspace --no-fail-fast
 	scripts/compat.sh
 	scripts/helm-check.sh
 	$(MAKE) chaos-smoke
+	$(MAKE) fuzz-smoke
