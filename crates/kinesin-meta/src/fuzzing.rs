@@ -20,10 +20,10 @@ pub fn metadata_bytes(bytes: &[u8]) {
     }
 }
 
-/// Every command `bytes` holds (each after a length byte) is applied in
-/// turn to a map with one stream of two shards: a replica applies whatever
-/// decodes, refusing what it must, without panicking.
-pub fn metadata_commands(mut bytes: &[u8]) {
+/// Each of `commands` is applied in turn to a map with one stream of two
+/// shards: a replica applies whatever decodes, refusing what it must,
+/// without panicking.
+pub fn metadata_commands<'a>(commands: impl IntoIterator<Item = &'a [u8]>) {
     let mut state = MetaState {
         next_group: 1,
         ..Default::default()
@@ -38,9 +38,7 @@ pub fn metadata_commands(mut bytes: &[u8]) {
         placements: vec![vec![NodeId(1)]; 2],
     };
     MetaStateMachine::apply_command(&mut state, create).expect("a valid stream");
-    while let Some((&len, rest)) = bytes.split_first() {
-        let (command, rest) = rest.split_at(usize::from(len).min(rest.len()));
-        bytes = rest;
+    for command in commands {
         if let Ok(command) = MetaCommand::decode(command) {
             let _ = MetaStateMachine::apply_command(&mut state, command);
         }

@@ -280,8 +280,9 @@ proptest! {
     #[test]
     fn any_bytes_decode_to_a_command_reply_or_map_or_an_error(
         bytes in prop::collection::vec(any::<u8>(), 0..300),
+        commands in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..60), 0..6),
     ) {
         crate::fuzzing::metadata_bytes(&bytes);
-        crate::fuzzing::metadata_commands(&bytes);
+        crate::fuzzing::metadata_commands(commands.iter().map(Vec::as_slice));
     }
 }

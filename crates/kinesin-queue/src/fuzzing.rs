@@ -3,11 +3,10 @@
 //! random-input property test.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 
 use kinesin_raft::{GroupKind, GroupStateMachine};
-use kinesin_storage::{keys, Cf, FsyncPolicy, Storage, WriteBatch};
+use kinesin_storage::{Storage, WriteBatch};
 use kinesin_types::GroupId;
 
 use crate::model::{decode, encode, QueueCommand, QueueConfig};
@@ -24,9 +23,23 @@ pub struct Replicas<'a> {
     index: u64,
 }
 
-/// A storage for [`Replicas`].
-pub fn storage(dir: &Path) -> Storage {
-    Storage::open(dir, FsyncPolicy::NeverUnsafe).expect("storage")
+/// A queue with `attributes` as group `group` of `storage`.
+pub(crate) fn open_queue(
+    storage: &Storage,
+    group: u64,
+    attributes: &[(&str, &str)],
+) -> Arc<dyn GroupStateMachine> {
+    let config = QueueConfig {
+        attributes: attributes
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        tags: BTreeMap::new(),
+        created_ms: 1,
+    };
+    QueueKind
+        .open(storage.clone(), GroupId(group), &encode(&config))
+        .expect("open queue")
 }
 
 impl<'a> Replicas<'a> {
@@ -35,30 +48,18 @@ impl<'a> Replicas<'a> {
     pub fn open(storage: &'a Storage, first: u64) -> Replicas<'a> {
         let redrive = r#"{"deadLetterTargetArn":"arn:aws:sqs:us-east-1:000000000000:dlq","maxReceiveCount":"2"}"#;
         let groups = [first, first + 1];
-        let queues = [
-            vec![("RedrivePolicy", redrive)],
-            vec![
-                ("FifoQueue", "true"),
-                ("ContentBasedDeduplication", "true"),
-                ("RedrivePolicy", redrive),
-            ],
-        ]
-        .iter()
-        .zip(groups)
-        .map(|(attributes, group)| {
-            let config = QueueConfig {
-                attributes: attributes
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-                tags: BTreeMap::new(),
-                created_ms: 1,
-            };
-            QueueKind
-                .open(storage.clone(), GroupId(group), &encode(&config))
-                .expect("open queue")
-        })
-        .collect();
+        let queues = vec![
+            open_queue(storage, first, &[("RedrivePolicy", redrive)]),
+            open_queue(
+                storage,
+                first + 1,
+                &[
+                    ("FifoQueue", "true"),
+                    ("ContentBasedDeduplication", "true"),
+                    ("RedrivePolicy", redrive),
+                ],
+            ),
+        ];
         Replicas {
             storage,
             groups,
@@ -99,14 +100,9 @@ impl<'a> Replicas<'a> {
 
 impl Drop for Replicas<'_> {
     fn drop(&mut self) {
-        let mut batch = WriteBatch::default();
         for group in self.groups {
-            let (from, to) = keys::group_bounds(group);
-            for cf in Cf::ALL {
-                batch.delete_range_cf(self.storage.cf(cf), &from, &to);
-            }
+            kinesin_raft::delete_group_state(self.storage, group).expect("delete the queues' rows");
         }
-        self.storage.write(batch).expect("delete the queues' rows");
     }
 }
 
@@ -114,7 +110,9 @@ impl Drop for Replicas<'_> {
 mod tests {
     use proptest::prelude::*;
 
-    use super::{storage, Replicas};
+    use kinesin_storage::{FsyncPolicy, Storage};
+
+    use super::Replicas;
     use crate::model::{encode, Handle, NewMessage, QueueCommand};
 
     fn message(n: u8, group: bool) -> NewMessage {
@@ -168,7 +166,7 @@ mod tests {
     #[test]
     fn a_queue_applies_what_decodes_and_refuses_the_rest_without_panicking() {
         let dir = tempfile::tempdir().unwrap();
-        let storage = storage(dir.path());
+        let storage = Storage::open(dir.path(), FsyncPolicy::NeverUnsafe).unwrap();
         let next = std::cell::Cell::new(1);
         let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::default());
         runner

@@ -1446,17 +1446,7 @@ mod tests {
     }
 
     fn open(storage: &Storage, attributes: &[(&str, &str)]) -> Arc<dyn GroupStateMachine> {
-        let config = QueueConfig {
-            attributes: attributes
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            tags: BTreeMap::new(),
-            created_ms: 1,
-        };
-        QueueKind
-            .open(storage.clone(), GroupId(42), &encode(&config))
-            .expect("open queue")
+        crate::fuzzing::open_queue(storage, 42, attributes)
     }
 
     /// Applies one stamped command as the Raft adapter does (batch written,

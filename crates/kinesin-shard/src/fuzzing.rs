@@ -2,18 +2,11 @@
 //! random-input property test (`model`) and a coverage-guided fuzz target
 //! (`fuzz/`, built with `--cfg fuzzing`).
 
-use std::path::Path;
-
 use kinesin_raft::GroupStateMachine;
-use kinesin_storage::{keys, Cf, FsyncPolicy, Storage, WriteBatch};
+use kinesin_storage::{Storage, WriteBatch};
 use kinesin_types::ShardId;
 
 use crate::{ShardCommand, ShardRejection, ShardReply, ShardStateMachine};
-
-/// A storage for [`Replica`]s.
-pub fn storage(dir: &Path) -> Storage {
-    Storage::open(dir, FsyncPolicy::NeverUnsafe).expect("storage")
-}
 
 /// A shard replica on real storage that applies whatever it is given.
 /// Dropped, it deletes its rows, so that one storage serves a long run
@@ -63,13 +56,7 @@ impl<'a> Replica<'a> {
 
 impl Drop for Replica<'_> {
     fn drop(&mut self) {
-        let (from, to) = keys::group_bounds(self.group);
-        let mut batch = WriteBatch::default();
-        for cf in Cf::ALL {
-            batch.delete_range_cf(self.storage.cf(cf), &from, &to);
-        }
-        self.storage
-            .write(batch)
+        kinesin_raft::delete_group_state(self.storage, self.group)
             .expect("delete the replica's rows");
     }
 }

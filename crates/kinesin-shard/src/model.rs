@@ -321,7 +321,7 @@ proptest! {
 #[test]
 fn any_bytes_are_refused_or_applied_without_failing() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = crate::fuzzing::storage(dir.path());
+    let storage = Storage::open(dir.path(), FsyncPolicy::NeverUnsafe).unwrap();
     let next = std::cell::Cell::new(1);
     let valid = [
         ShardCommand::Append {
