@@ -2,9 +2,12 @@
 //! test (`properties`) and the coverage-guided fuzz targets (`fuzz/`, built
 //! with `--cfg fuzzing`).
 
-use kinesin_types::NodeId;
+use std::collections::BTreeSet;
+
+use kinesin_types::{NodeId, ShardState};
 
 use crate::command::{decode_reply, MetaCommand};
+use crate::reshard;
 use crate::state::MetaState;
 use crate::state_machine::MetaStateMachine;
 
@@ -22,7 +25,7 @@ pub fn metadata_bytes(bytes: &[u8]) {
 
 /// Each of `commands` is applied in turn to a map with one stream of two
 /// shards: a replica applies whatever decodes, refusing what it must,
-/// without panicking.
+/// without panicking, and the map keeps what [`check_map`] asks after each.
 pub fn metadata_commands<'a>(commands: impl IntoIterator<Item = &'a [u8]>) {
     let mut state = MetaState {
         next_group: 1,
@@ -40,7 +43,74 @@ pub fn metadata_commands<'a>(commands: impl IntoIterator<Item = &'a [u8]>) {
     MetaStateMachine::apply_command(&mut state, create).expect("a valid stream");
     for command in commands {
         if let Ok(command) = MetaCommand::decode(command) {
+            let shown = format!("{command:?}");
             let _ = MetaStateMachine::apply_command(&mut state, command);
+            if let Err(broken) = check_map(&state) {
+                panic!("{shown} broke the map: {broken}");
+            }
         }
     }
+}
+
+/// What any map must hold, whatever commands made it: each stream's open
+/// shards tile the hash-key space, its shard ids are distinct, a shard's
+/// parents are sealed or removed, every group (shard or other) has its own
+/// id below `next_group` and at least one replica, never two on one node.
+pub fn check_map(state: &MetaState) -> Result<(), String> {
+    for (name, stream) in &state.streams {
+        let open = reshard::open_in_key_order(stream);
+        let (Some(first), Some(last)) = (open.first(), open.last()) else {
+            return Err(format!("stream {name} has no open shard"));
+        };
+        if first.range.start.0 != 0 || last.range.end.0 != u128::MAX {
+            return Err(format!("the open shards of {name} leave an end uncovered"));
+        }
+        if let Some(s) = open.iter().find(|s| s.range.start > s.range.end) {
+            return Err(format!("{name}/{} has an inverted range", s.shard_id));
+        }
+        if let Some(pair) = open
+            .windows(2)
+            .find(|p| p[0].range.end.0.checked_add(1) != Some(p[1].range.start.0))
+        {
+            return Err(format!(
+                "the open shards {} and {} of {name} overlap or leave a gap",
+                pair[0].shard_id, pair[1].shard_id
+            ));
+        }
+        let ids: BTreeSet<_> = stream.shards.iter().map(|s| s.shard_id).collect();
+        if ids.len() != stream.shards.len() {
+            return Err(format!("{name} has two shards of one id"));
+        }
+        for s in &stream.shards {
+            for p in s.parent.iter().chain(&s.adjacent_parent) {
+                if stream
+                    .shard(*p)
+                    .is_some_and(|p| p.state != ShardState::Sealed)
+                {
+                    return Err(format!(
+                        "the parent {p} of {name}/{} is not sealed",
+                        s.shard_id
+                    ));
+                }
+            }
+        }
+    }
+    let mut groups = BTreeSet::new();
+    for placed in state.placed() {
+        let name = placed.owner.name();
+        if !groups.insert(placed.group) || placed.group.0 == 0 {
+            return Err(format!(
+                "{name} has the group {} of another",
+                placed.group.0
+            ));
+        }
+        if placed.group.0 >= state.next_group {
+            return Err(format!("{name} has a group at or past next_group"));
+        }
+        let nodes: BTreeSet<_> = placed.replicas.iter().collect();
+        if nodes.is_empty() || nodes.len() != placed.replicas.len() {
+            return Err(format!("{name} has replicas {:?}", placed.replicas));
+        }
+    }
+    Ok(())
 }

@@ -4,8 +4,6 @@
 //! new shards do not tile its closed ones exactly is refused without
 //! changing the map.
 
-use std::collections::BTreeSet;
-
 use kinesin_types::{HashKey, NodeId, ShardId, ShardState, StreamInfo};
 use proptest::prelude::*;
 
@@ -177,32 +175,7 @@ fn settle(state: &mut MetaState) {
 }
 
 fn check_map(state: &MetaState) -> Result<(), TestCaseError> {
-    let stream = &state.streams["s"];
-    let open = reshard::open_in_key_order(stream);
-    prop_assert_eq!(open[0].range.start.0, 0);
-    prop_assert_eq!(open[open.len() - 1].range.end.0, u128::MAX);
-    for s in &open {
-        prop_assert!(s.range.start <= s.range.end);
-    }
-    for pair in open.windows(2) {
-        prop_assert_eq!(
-            pair[0].range.end.0.checked_add(1),
-            Some(pair[1].range.start.0)
-        );
-    }
-    let ids: BTreeSet<_> = stream.shards.iter().map(|s| s.shard_id).collect();
-    let groups: BTreeSet<_> = stream.shards.iter().map(|s| s.group).collect();
-    prop_assert_eq!(ids.len(), stream.shards.len());
-    prop_assert_eq!(groups.len(), stream.shards.len());
-    prop_assert!(groups.iter().all(|g| g.0 < state.next_group));
-    for s in &stream.shards {
-        for p in s.parent.iter().chain(&s.adjacent_parent) {
-            // Sealed, or removed once sealed.
-            let parent = stream.shard(*p);
-            prop_assert!(parent.is_none_or(|p| p.state == ShardState::Sealed));
-        }
-    }
-    Ok(())
+    crate::fuzzing::check_map(state).map_err(TestCaseError::fail)
 }
 
 /// Removes the sealed shard `shard` picks, if there is one.

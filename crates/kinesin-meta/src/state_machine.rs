@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use kinesin_raft::GroupStateMachine;
 use kinesin_storage::{keys, Cf, Storage, WriteBatch};
 use kinesin_types::{
-    GroupId, HashKeyRange, ShardId, ShardInfo, ShardState, StreamInfo, StreamName, StreamSettings,
-    StreamStatus,
+    GroupId, HashKeyRange, NodeId, ShardId, ShardInfo, ShardState, StreamInfo, StreamName,
+    StreamSettings, StreamStatus,
 };
 use tokio::sync::watch;
 
@@ -137,11 +137,7 @@ impl MetaStateMachine {
                 shard,
                 replicas,
             } => {
-                if replicas.is_empty() {
-                    return Err(MetaError::Invalid(
-                        "a shard needs at least one replica".into(),
-                    ));
-                }
+                replica_list(&replicas)?;
                 let (s, k) = stream_and_shard(state, &stream, shard)?;
                 s.shards[k].replicas = replicas;
                 s.epoch += 1;
@@ -203,11 +199,10 @@ impl MetaStateMachine {
                 if state.groups.contains_key(&name) {
                     return Err(MetaError::GroupExists(name));
                 }
-                if replicas.is_empty() || kind.is_empty() || name.is_empty() {
-                    return Err(MetaError::Invalid(
-                        "a group needs a name, a kind and at least one replica".into(),
-                    ));
+                if kind.is_empty() || name.is_empty() {
+                    return Err(MetaError::Invalid("a group needs a name and a kind".into()));
                 }
+                replica_list(&replicas)?;
                 let group = GroupId(state.next_group);
                 state.next_group += 1;
                 state.groups.insert(
@@ -229,11 +224,7 @@ impl MetaStateMachine {
                 .map(|_| ())
                 .ok_or(MetaError::GroupNotFound(name)),
             MetaCommand::SetGroupReplicas { name, replicas } => {
-                if replicas.is_empty() {
-                    return Err(MetaError::Invalid(
-                        "a group needs at least one replica".into(),
-                    ));
-                }
+                replica_list(&replicas)?;
                 let spec = state
                     .groups
                     .get_mut(&name)
@@ -309,14 +300,12 @@ fn create_stream(state: &mut MetaState, new: NewStream, settings: StreamSettings
     if state.streams.contains_key(&name) {
         return Err(MetaError::StreamExists(name));
     }
-    if shard_count == 0
-        || placements.len() != shard_count as usize
-        || placements.iter().any(|p| p.is_empty())
-    {
+    if shard_count == 0 || placements.len() != shard_count as usize {
         return Err(MetaError::Invalid(
-            "every shard needs at least one replica".into(),
+            "every shard needs a list of replicas".into(),
         ));
     }
+    placements.iter().try_for_each(|p| replica_list(p))?;
     let shards = HashKeyRange::split_evenly(shard_count)
         .into_iter()
         .zip(placements)
@@ -349,6 +338,18 @@ fn create_stream(state: &mut MetaState, new: NewStream, settings: StreamSettings
             settings,
         },
     );
+    Ok(())
+}
+
+/// A group's replicas: at least one, never two on one node (placement
+/// never proposes that; a command that does is refused, not stored).
+fn replica_list(replicas: &[NodeId]) -> Result<(), MetaError> {
+    let distinct: std::collections::BTreeSet<&NodeId> = replicas.iter().collect();
+    if replicas.is_empty() || distinct.len() != replicas.len() {
+        return Err(MetaError::Invalid(format!(
+            "a group needs one or more replicas on distinct nodes, not {replicas:?}"
+        )));
+    }
     Ok(())
 }
 
@@ -426,14 +427,15 @@ fn reshard(
         ));
     }
     if children.iter().any(|c| {
-        c.replicas.is_empty()
-            || !parents.contains(&c.parent)
-            || c.adjacent_parent.is_some_and(|a| !parents.contains(&a))
+        !parents.contains(&c.parent) || c.adjacent_parent.is_some_and(|a| !parents.contains(&a))
     }) {
         return Err(MetaError::Invalid(
-            "every new shard needs replicas and parents among the closed shards".into(),
+            "every new shard needs parents among the closed shards".into(),
         ));
     }
+    children
+        .iter()
+        .try_for_each(|c| replica_list(&c.replicas))?;
     let mut next_id = stream
         .shards
         .iter()
@@ -784,6 +786,57 @@ mod tests {
         MetaStateMachine::apply_command(&mut state, merge).unwrap();
         assert_eq!(state.streams["s"].open_shard_count(), 1);
         assert_eq!(state.streams["s"].status, StreamStatus::Updating);
+    }
+
+    /// Found by the `metadata` fuzz target: a replica list naming a node
+    /// twice (which placement never proposes) was stored, so a group
+    /// counted replicas it did not have.
+    #[test]
+    fn every_command_that_places_replicas_refuses_a_node_named_twice() {
+        let mut state = state_with_stream(1);
+        let twice = vec![NodeId(1), NodeId(2), NodeId(1)];
+        let before = state.clone();
+        let (a, b) = HashKeyRange::FULL
+            .split_at(kinesin_types::HashKey(1 << 100))
+            .unwrap();
+        let mut doubled = child(b, 0, None);
+        doubled.replicas = twice.clone();
+        let commands = [
+            MetaCommand::SetReplicas {
+                stream: "s".into(),
+                shard: ShardId(0),
+                replicas: twice.clone(),
+            },
+            MetaCommand::Reshard {
+                stream: "s".into(),
+                parents: vec![ShardId(0)],
+                children: vec![child(a, 0, None), doubled],
+            },
+            MetaCommand::CreateStream {
+                name: "t".into(),
+                shard_count: 1,
+                retention_hours: 24,
+                max_record_bytes: 1024,
+                replication_factor: 3,
+                now_ms: 1,
+                placements: vec![twice.clone()],
+            },
+            MetaCommand::CreateGroup {
+                name: "g".into(),
+                kind: "test-kv".into(),
+                replicas: twice.clone(),
+                replication_factor: 3,
+                config: vec![],
+            },
+        ];
+        for command in commands {
+            let refused = MetaStateMachine::apply_command(&mut state, command.clone());
+            assert!(
+                matches!(refused, Err(MetaError::Invalid(_))),
+                "{command:?}: {refused:?}"
+            );
+            assert_eq!(state, before, "{command:?} changed the map");
+        }
     }
 
     #[test]
