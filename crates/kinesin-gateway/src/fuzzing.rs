@@ -71,14 +71,24 @@ fn token_of<T: Token>(bytes: &[u8], what: &str) {
     }
 }
 
+/// The key pair the SigV4 checks know, for a signer outside this crate.
+pub const ACCESS_KEY: &str = "AKIDTEST";
+pub const SECRET_KEY: &str = "secret";
+/// The time the SigV4 checks run at (2025-12-02T00:00:00Z).
+pub const NOW: Duration = Duration::from_secs(1_764_633_600);
+
+fn credentials() -> Vec<Credential> {
+    vec![Credential {
+        access_key_id: ACCESS_KEY.into(),
+        secret_access_key: SECRET_KEY.into(),
+        account_id: "123456789012".into(),
+    }]
+}
+
 /// SigV4 headers: none is a valid signature, so each is refused with a 4xx,
 /// by the check before the body is read and by the whole check after.
 pub fn signature_headers(authorization: &str, date: &str, sha: Option<&str>) {
-    let credentials = vec![Credential {
-        access_key_id: "AKIDTEST".into(),
-        secret_access_key: "secret".into(),
-        account_id: "123456789012".into(),
-    }];
+    let credentials = credentials();
     let mut headers = HeaderMap::new();
     headers.insert("host", HeaderValue::from_static("localhost"));
     for (name, value) in [
@@ -102,11 +112,35 @@ pub fn signature_headers(authorization: &str, date: &str, sha: Option<&str>) {
         service: "kinesis",
         region: "us-east-1",
     };
-    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_633_600);
+    let now = SystemTime::UNIX_EPOCH + NOW;
     let refused = auth::authenticate(&credentials, &request, scope, now).unwrap_err();
     assert!(refused.status.is_client_error(), "{}", refused.message);
     if let Err(e) = auth::precheck(&credentials, &headers, scope, now) {
         assert!(e.status.is_client_error(), "{}", e.message);
+    }
+}
+
+/// A request the AWS SDKs' signer (aws-sigv4, in a fuzz target) signed for
+/// `service` with [`ACCESS_KEY`] at [`NOW`] is accepted, whatever its
+/// method, path, query, headers and body: the canonical request this server
+/// builds is the one clients sign.
+pub fn sdk_signed(method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8], service: &str) {
+    let scope = Scope {
+        service,
+        region: "us-east-1",
+    };
+    let now = SystemTime::UNIX_EPOCH + NOW;
+    let credentials = credentials();
+    let request = SignedRequest {
+        method,
+        uri,
+        headers,
+        body,
+    };
+    if let Err(e) = auth::precheck(&credentials, headers, scope, now)
+        .and_then(|()| auth::authenticate(&credentials, &request, scope, now).map(drop))
+    {
+        panic!("{method} {uri} {headers:?} refused: {}", e.message);
     }
 }
 
