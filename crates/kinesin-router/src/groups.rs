@@ -291,13 +291,22 @@ impl Router {
             config,
         })
         .await?;
-        let group = self
-            .meta_state()
-            .groups
-            .get(name)
-            .map(|spec| spec.group)
-            .ok_or_else(|| RouterError::Internal(format!("group {name} vanished")))?;
+        // Written through another node's leader, the group shows here once
+        // this replica applies the entry. `meta_write` waits 5 s for that;
+        // once, with a node down, it was not enough (a compat degraded run
+        // got "group … vanished", a 500 no client retries).
         let mut changes = self.meta_subscribe();
+        let group = tokio::time::timeout(
+            CREATE_WAIT,
+            changes.wait_for(|s| s.groups.contains_key(name)),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .and_then(|state| state.groups.get(name).map(|spec| spec.group))
+        .ok_or_else(|| {
+            RouterError::Unavailable(format!("group {name} is not known on this node yet"))
+        })?;
         let ready = |state: &MetaState| state.groups.get(name).is_none_or(|s| s.ready);
         let _ = tokio::time::timeout(CREATE_WAIT, changes.wait_for(|s| ready(s))).await;
         Ok(group)
