@@ -130,16 +130,14 @@ pub fn sdk_signed(method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u8], 
         region: "us-east-1",
     };
     let now = SystemTime::UNIX_EPOCH + NOW;
-    let credentials = credentials();
     let request = SignedRequest {
         method,
         uri,
         headers,
         body,
     };
-    if let Err(e) = auth::precheck(&credentials, headers, scope, now)
-        .and_then(|()| auth::authenticate(&credentials, &request, scope, now).map(drop))
-    {
+    // `authenticate` makes the checks of `precheck` first.
+    if let Err(e) = auth::authenticate(&credentials(), &request, scope, now) {
         panic!("{method} {uri} {headers:?} refused: {}", e.message);
     }
 }

@@ -9,7 +9,7 @@ use kinesin_types::{NodeId, ShardState};
 use crate::command::{decode_reply, MetaCommand};
 use crate::reshard;
 use crate::state::MetaState;
-use crate::state_machine::MetaStateMachine;
+use crate::state_machine::{merged, replica_list, MetaStateMachine};
 
 /// Commands, replies and stored maps of any bytes decode or are refused
 /// with an error; none panics.
@@ -58,23 +58,13 @@ pub fn metadata_commands<'a>(commands: impl IntoIterator<Item = &'a [u8]>) {
 /// id below `next_group` and at least one replica, never two on one node.
 pub fn check_map(state: &MetaState) -> Result<(), String> {
     for (name, stream) in &state.streams {
-        let open = reshard::open_in_key_order(stream);
-        let (Some(first), Some(last)) = (open.first(), open.last()) else {
-            return Err(format!("stream {name} has no open shard"));
-        };
-        if first.range.start.0 != 0 || last.range.end.0 != u128::MAX {
-            return Err(format!("the open shards of {name} leave an end uncovered"));
-        }
-        if let Some(s) = open.iter().find(|s| s.range.start > s.range.end) {
-            return Err(format!("{name}/{} has an inverted range", s.shard_id));
-        }
-        if let Some(pair) = open
-            .windows(2)
-            .find(|p| p[0].range.end.0.checked_add(1) != Some(p[1].range.start.0))
-        {
+        let open: Vec<_> = reshard::open_in_key_order(stream)
+            .iter()
+            .map(|s| s.range)
+            .collect();
+        if open.iter().any(|r| r.start > r.end) || merged(&open) != [(0, u128::MAX)] {
             return Err(format!(
-                "the open shards {} and {} of {name} overlap or leave a gap",
-                pair[0].shard_id, pair[1].shard_id
+                "the open shards of {name} do not tile the key space: {open:?}"
             ));
         }
         let ids: BTreeSet<_> = stream.shards.iter().map(|s| s.shard_id).collect();
@@ -107,10 +97,7 @@ pub fn check_map(state: &MetaState) -> Result<(), String> {
         if placed.group.0 >= state.next_group {
             return Err(format!("{name} has a group at or past next_group"));
         }
-        let nodes: BTreeSet<_> = placed.replicas.iter().collect();
-        if nodes.is_empty() || nodes.len() != placed.replicas.len() {
-            return Err(format!("{name} has replicas {:?}", placed.replicas));
-        }
+        replica_list(placed.replicas).map_err(|e| format!("{name}: {e}"))?;
     }
     Ok(())
 }

@@ -343,7 +343,7 @@ fn create_stream(state: &mut MetaState, new: NewStream, settings: StreamSettings
 
 /// A group's replicas: at least one, never two on one node (placement
 /// never proposes that; a command that does is refused, not stored).
-fn replica_list(replicas: &[NodeId]) -> Result<(), MetaError> {
+pub(crate) fn replica_list(replicas: &[NodeId]) -> Result<(), MetaError> {
     let distinct: std::collections::BTreeSet<&NodeId> = replicas.iter().collect();
     if replicas.is_empty() || distinct.len() != replicas.len() {
         return Err(MetaError::Invalid(format!(
@@ -468,7 +468,7 @@ fn reshard(
 }
 
 /// Sorted ranges joined where they touch; gaps stay visible.
-fn merged(sorted: &[HashKeyRange]) -> Vec<(u128, u128)> {
+pub(crate) fn merged(sorted: &[HashKeyRange]) -> Vec<(u128, u128)> {
     let mut out: Vec<(u128, u128)> = Vec::new();
     for r in sorted {
         match out.last_mut() {
