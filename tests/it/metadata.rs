@@ -1,6 +1,7 @@
 use std::time::Duration;
 
 use aws_sdk_kinesis::error::ProvideErrorMetadata;
+use aws_sdk_kinesis::types::{ScalingType, StreamStatus};
 use kinesin_meta::LIMITS_VERSION;
 use kinesin_testkit::{wait_until, TestCluster, TestOptions};
 use kinesin_types::GroupId;
@@ -219,5 +220,74 @@ async fn limits_hold_for_requests_racing_through_every_node() {
     let consumers = consumers(1);
     assert_eq!(consumers.len(), 20);
     check_answers(answers, |name| consumers.contains_key(name));
+    cluster.shutdown().await;
+}
+
+/// Repeated resharding cannot grow the live groups without bound: the
+/// shards a reshard closes keep their groups until their records pass
+/// retention, and the closed shards the map holds may number at most the
+/// cluster's shard limit. A reshard that would keep more is refused with
+/// LimitExceededException and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resharding_stops_at_the_limit_of_closed_shards() {
+    let options = TestOptions {
+        configure: |c| c.shard_limit = 4,
+        ..TestOptions::default()
+    };
+    let cluster = TestCluster::start_with(1, options).await.unwrap();
+    let client = crate::aws_sdk::client(&cluster.node(1).api_address());
+    let active = || async {
+        client
+            .describe_stream_summary()
+            .stream_name("reshards")
+            .send()
+            .await
+            .ok()
+            .and_then(|d| d.stream_description_summary().cloned())
+            .is_some_and(|s| s.stream_status() == &StreamStatus::Active)
+    };
+    let scale = |target: i32| {
+        client
+            .update_shard_count()
+            .stream_name("reshards")
+            .target_shard_count(target)
+            .scaling_type(ScalingType::UniformScaling)
+            .send()
+    };
+    client
+        .create_stream()
+        .stream_name("reshards")
+        .shard_count(2)
+        .send()
+        .await
+        .unwrap();
+    wait_until("the stream is ACTIVE", Duration::from_secs(30), active)
+        .await
+        .unwrap();
+    // 2 → 4 closes two shards; 4 → 2 would close four more, six > 4.
+    scale(4).await.unwrap();
+    wait_until(
+        "the stream is ACTIVE again",
+        Duration::from_secs(30),
+        active,
+    )
+    .await
+    .unwrap();
+    let refused = scale(2).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        Some("LimitExceededException"),
+        "{refused:?}"
+    );
+    assert!(
+        refused
+            .message()
+            .unwrap_or_default()
+            .contains("closed shards"),
+        "{refused:?}"
+    );
+    let state = cluster.node(1).meta.state();
+    assert_eq!(state.open_shard_count(), 4);
+    assert_eq!(state.closed_shard_count(), 2);
     cluster.shutdown().await;
 }

@@ -113,6 +113,15 @@ impl MetaState {
             .sum()
     }
 
+    /// Shards resharding closed (sealing or sealed) that the map still
+    /// holds: each keeps its group until its records pass retention.
+    pub fn closed_shard_count(&self) -> usize {
+        self.streams
+            .values()
+            .map(|s| s.shards.len() - s.open_shard_count())
+            .sum()
+    }
+
     /// Streams in ON_DEMAND mode whose map key `owned` accepts (AWS counts
     /// them per account).
     pub fn on_demand_streams(&self, owned: impl Fn(&str) -> bool) -> usize {
