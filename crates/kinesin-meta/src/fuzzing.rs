@@ -54,7 +54,7 @@ pub fn metadata_commands<'a>(commands: impl IntoIterator<Item = &'a [u8]>) {
 
 /// What any map must hold, whatever commands made it: each stream's open
 /// shards tile the hash-key space, its shard ids are distinct, a shard's
-/// parents are sealed or removed, every group (shard or other) has its own
+/// parents are closed (sealing or sealed) or removed, every group (shard or other) has its own
 /// id below `next_group` and at least one replica, never two on one node.
 pub fn check_map(state: &MetaState) -> Result<(), String> {
     for (name, stream) in &state.streams {
@@ -75,10 +75,10 @@ pub fn check_map(state: &MetaState) -> Result<(), String> {
             for p in s.parent.iter().chain(&s.adjacent_parent) {
                 if stream
                     .shard(*p)
-                    .is_some_and(|p| p.state != ShardState::Sealed)
+                    .is_some_and(|p| p.state == ShardState::Open)
                 {
                     return Err(format!(
-                        "the parent {p} of {name}/{} is not sealed",
+                        "the parent {p} of {name}/{} is still open",
                         s.shard_id
                     ));
                 }
@@ -100,4 +100,59 @@ pub fn check_map(state: &MetaState) -> Result<(), String> {
         replica_list(placed.replicas).map_err(|e| format!("{name}: {e}"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use kinesin_types::{GroupId, HashKey, ShardId, ShardInfo};
+
+    use super::*;
+
+    /// A settled map with one stream of two shards, which `check_map` passes.
+    fn two_shards() -> MetaState {
+        let mut state = MetaState {
+            next_group: 1,
+            ..Default::default()
+        };
+        let create = MetaCommand::CreateStream {
+            name: "s".into(),
+            shard_count: 2,
+            retention_hours: 24,
+            max_record_bytes: 1 << 20,
+            replication_factor: 2,
+            now_ms: 1,
+            placements: vec![vec![NodeId(1), NodeId(2)]; 2],
+        };
+        MetaStateMachine::apply_command(&mut state, create).unwrap();
+        check_map(&state).unwrap();
+        state
+    }
+
+    /// Shard `k` of the stream "s".
+    fn shard(state: &mut MetaState, k: usize) -> &mut ShardInfo {
+        &mut state.streams.get_mut("s").unwrap().shards[k]
+    }
+
+    /// Each way of breaking the map is caught: the fuzz target's only
+    /// oracle must not pass what it is there to find.
+    #[test]
+    fn check_map_finds_each_broken_rule() {
+        type Break = fn(&mut MetaState);
+        let breaks: [(&str, Break); 7] = [
+            ("a gap", |m| shard(m, 1).range.start = HashKey(1 << 127 | 1)),
+            ("an overlap", |m| shard(m, 0).range.end = HashKey(u128::MAX)),
+            ("one id twice", |m| shard(m, 1).shard_id = ShardId(0)),
+            ("an open parent", |m| shard(m, 1).parent = Some(ShardId(0))),
+            ("one group twice", |m| shard(m, 1).group = GroupId(1)),
+            ("a group past next_group", |m| m.next_group = 2),
+            ("a node named twice", |m| {
+                shard(m, 0).replicas[1] = NodeId(1)
+            }),
+        ];
+        for (what, break_it) in breaks {
+            let mut state = two_shards();
+            break_it(&mut state);
+            assert!(check_map(&state).is_err(), "{what} passed");
+        }
+    }
 }

@@ -794,6 +794,19 @@ mod tests {
     #[test]
     fn every_command_that_places_replicas_refuses_a_node_named_twice() {
         let mut state = state_with_stream(1);
+        let ready = [
+            MetaCommand::CreateGroup {
+                name: "h".into(),
+                kind: "test-kv".into(),
+                replicas: vec![NodeId(1), NodeId(2)],
+                replication_factor: 2,
+                config: vec![],
+            },
+            MetaCommand::GroupReady { name: "h".into() },
+        ];
+        for command in ready {
+            MetaStateMachine::apply_command(&mut state, command).unwrap();
+        }
         let twice = vec![NodeId(1), NodeId(2), NodeId(1)];
         let before = state.clone();
         let (a, b) = HashKeyRange::FULL
@@ -827,6 +840,10 @@ mod tests {
                 replicas: twice.clone(),
                 replication_factor: 3,
                 config: vec![],
+            },
+            MetaCommand::SetGroupReplicas {
+                name: "h".into(),
+                replicas: twice.clone(),
             },
         ];
         for command in commands {
