@@ -106,6 +106,8 @@ pub fn check_map(state: &MetaState) -> Result<(), String> {
 mod tests {
     use kinesin_types::{GroupId, HashKey, ShardId, ShardInfo};
 
+    use crate::command::NewShard;
+
     use super::*;
 
     /// A settled map with one stream of two shards, which `check_map` passes.
@@ -154,5 +156,37 @@ mod tests {
             break_it(&mut state);
             assert!(check_map(&state).is_err(), "{what} passed");
         }
+    }
+
+    /// A valid split of the fuzz target's stream, before the controller
+    /// seals its parent: a map every cluster holds for a moment, which the
+    /// target must pass (it once asked for sealed parents).
+    #[test]
+    fn a_split_awaiting_its_seal_passes() {
+        let ready = MetaCommand::StreamReady {
+            stream: "s".into(),
+            epoch: two_shards().streams["s"].epoch,
+        };
+        let parent = two_shards().streams["s"].shards[0].range;
+        let (low, high) = parent.split_at(HashKey(1 << 100)).unwrap();
+        let child = |range| NewShard {
+            range,
+            parent: ShardId(0),
+            adjacent_parent: None,
+            replicas: vec![NodeId(1)],
+        };
+        let split = MetaCommand::Reshard {
+            stream: "s".into(),
+            parents: vec![ShardId(0)],
+            children: vec![child(low), child(high)],
+        };
+        let mut state = two_shards();
+        for command in [&ready, &split] {
+            MetaStateMachine::apply_command(&mut state, command.clone()).unwrap();
+        }
+        assert_eq!(state.streams["s"].shards[0].state, ShardState::Sealing);
+        check_map(&state).unwrap();
+        let (ready, split) = (ready.encode(), split.encode());
+        metadata_commands([ready.as_slice(), split.as_slice()]);
     }
 }
