@@ -27,20 +27,7 @@ pub fn metadata_bytes(bytes: &[u8]) {
 /// shards: a replica applies whatever decodes, refusing what it must,
 /// without panicking, and the map keeps what [`check_map`] asks after each.
 pub fn metadata_commands<'a>(commands: impl IntoIterator<Item = &'a [u8]>) {
-    let mut state = MetaState {
-        next_group: 1,
-        ..Default::default()
-    };
-    let create = MetaCommand::CreateStream {
-        name: "s".into(),
-        shard_count: 2,
-        retention_hours: 24,
-        max_record_bytes: 1 << 20,
-        replication_factor: 1,
-        now_ms: 1,
-        placements: vec![vec![NodeId(1)]; 2],
-    };
-    MetaStateMachine::apply_command(&mut state, create).expect("a valid stream");
+    let mut state = two_shard_map(&[NodeId(1)]);
     for command in commands {
         if let Ok(command) = MetaCommand::decode(command) {
             let shown = format!("{command:?}");
@@ -50,6 +37,26 @@ pub fn metadata_commands<'a>(commands: impl IntoIterator<Item = &'a [u8]>) {
             }
         }
     }
+}
+
+/// A map with one stream, "s", of two shards on `replicas` (not yet
+/// ready: it awaits `StreamReady`).
+fn two_shard_map(replicas: &[NodeId]) -> MetaState {
+    let mut state = MetaState {
+        next_group: 1,
+        ..Default::default()
+    };
+    let create = MetaCommand::CreateStream {
+        name: "s".into(),
+        shard_count: 2,
+        retention_hours: 24,
+        max_record_bytes: 1 << 20,
+        replication_factor: replicas.len() as u32,
+        now_ms: 1,
+        placements: vec![replicas.to_vec(); 2],
+    };
+    MetaStateMachine::apply_command(&mut state, create).expect("a valid stream");
+    state
 }
 
 /// What any map must hold, whatever commands made it: each stream's open
@@ -110,22 +117,9 @@ mod tests {
 
     use super::*;
 
-    /// A settled map with one stream of two shards, which `check_map` passes.
+    /// The map of two shards on two nodes, which `check_map` passes.
     fn two_shards() -> MetaState {
-        let mut state = MetaState {
-            next_group: 1,
-            ..Default::default()
-        };
-        let create = MetaCommand::CreateStream {
-            name: "s".into(),
-            shard_count: 2,
-            retention_hours: 24,
-            max_record_bytes: 1 << 20,
-            replication_factor: 2,
-            now_ms: 1,
-            placements: vec![vec![NodeId(1), NodeId(2)]; 2],
-        };
-        MetaStateMachine::apply_command(&mut state, create).unwrap();
+        let state = two_shard_map(&[NodeId(1), NodeId(2)]);
         check_map(&state).unwrap();
         state
     }
