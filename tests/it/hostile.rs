@@ -60,9 +60,10 @@ async fn an_undialable_join_address_is_refused_and_never_stops_the_metadata_grou
     cluster.shutdown().await;
 }
 
-/// The native CreateStream is checked on the metadata leader too: a shard
-/// count that would make a metadata entry every replica must hold (and
-/// apply at every restart) is refused, as is an impossible replication.
+/// The native CreateStream, and a stream created by a raw metadata
+/// command, are checked on the metadata leader too: a shard count that
+/// would make a metadata entry every replica must hold (and apply at every
+/// restart) is refused, as is an impossible replication.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_native_create_stream_is_validated_on_the_metadata_leader() {
     let cluster = TestCluster::start(1).await.unwrap();
@@ -77,6 +78,46 @@ async fn a_native_create_stream_is_validated_on_the_metadata_leader() {
             })
             .await
             .expect_err("an invalid CreateStream");
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    }
+    // The same streams as raw metadata commands (the internal MetaWrite),
+    // bare and wrapped in the limits: 50,000 placements fit the 1 MiB
+    // bound on a command, so only the stream checks can refuse them.
+    let create = |shards: u32, replication: u32| kinesin_meta::MetaCommand::CreateStream {
+        name: "too-big".into(),
+        shard_count: shards,
+        retention_hours: 24,
+        max_record_bytes: 1 << 20,
+        replication_factor: replication,
+        now_ms: 1,
+        placements: vec![vec![NodeId(1)]; shards as usize],
+    };
+    let limited = kinesin_meta::MetaCommand::CreateStreamWithSettings {
+        stream: kinesin_meta::NewStream {
+            name: "too-big".into(),
+            shard_count: 20_000,
+            retention_hours: 24,
+            max_record_bytes: 1 << 20,
+            replication_factor: 1,
+            now_ms: 1,
+            placements: vec![vec![NodeId(1)]; 20_000],
+        },
+        mode: kinesin_types::StreamMode::Provisioned,
+        tags: Default::default(),
+    }
+    .limited(kinesin_meta::Limits {
+        open_shards: 100_000,
+        on_demand_streams: 50,
+        consumers_per_stream: 20,
+        tags_per_stream: 50,
+    });
+    for command in [create(50_000, 1), create(1, 1000), limited] {
+        let refused = c
+            .meta_write(pb::MetaWriteRequest {
+                command: command.encode().into(),
+            })
+            .await
+            .expect_err("an invalid stream as a raw metadata command");
         assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
     }
     assert!(!cluster.node(1).meta.state().streams.contains_key("too-big"));

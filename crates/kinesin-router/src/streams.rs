@@ -208,13 +208,21 @@ impl Router {
         }
         let decoded = MetaCommand::decode(&command)
             .map_err(|e| RouterError::InvalidArgument(e.to_string()))?;
-        if let MetaCommand::Limited { command, .. } = &decoded {
-            if !MetaCommand::decode(command).is_ok_and(|c| can_pass_limits(&c)) {
-                return Err(RouterError::InvalidArgument(
-                    "a limited metadata command must wrap a change the limits concern".into(),
-                ));
-            }
-        }
+        let wrapped = match &decoded {
+            MetaCommand::Limited { command, .. } => Some(
+                MetaCommand::decode(command)
+                    .ok()
+                    .filter(can_pass_limits)
+                    .ok_or_else(|| {
+                        RouterError::InvalidArgument(
+                            "a limited metadata command must wrap a change the limits concern"
+                                .into(),
+                        )
+                    })?,
+            ),
+            _ => None,
+        };
+        self.check_created_stream(wrapped.as_ref().unwrap_or(&decoded))?;
         self.check_cluster_decodes(&decoded)?;
         let reply = self.host.propose(GroupId::META, command).await?;
         decode_reply(&reply)?;
@@ -236,7 +244,8 @@ impl Router {
 
     /// Refuses a stream the cluster must not create. Called where a
     /// request enters and again on the metadata leader, which a native-API
-    /// request can reach directly: nothing unchecked is ever proposed.
+    /// request or a raw MetaWrite can reach directly: nothing unchecked is
+    /// ever proposed.
     fn check_new_stream(
         &self,
         name: &str,
@@ -267,6 +276,30 @@ impl Router {
             ));
         }
         Ok(())
+    }
+
+    /// A stream that a metadata command creates passes the checks of a
+    /// CreateStream request: the internal MetaWrite takes raw commands, and
+    /// a stream of millions of shards would be an entry every replica must
+    /// hold and apply at every restart.
+    fn check_created_stream(&self, command: &MetaCommand) -> Result<(), RouterError> {
+        let (name, shards, replication, max_record_bytes) = match command {
+            MetaCommand::CreateStream {
+                name,
+                shard_count,
+                replication_factor,
+                max_record_bytes,
+                ..
+            } => (name, *shard_count, *replication_factor, *max_record_bytes),
+            MetaCommand::CreateStreamWithSettings { stream, .. } => (
+                &stream.name,
+                stream.shard_count,
+                stream.replication_factor,
+                stream.max_record_bytes,
+            ),
+            _ => return Ok(()),
+        };
+        self.check_new_stream(name, shards, replication as usize, max_record_bytes)
     }
 
     /// Creates a stream with its `options` in one metadata command;
