@@ -764,6 +764,30 @@ mod tests {
             unsigned_target.message
         );
 
+        // Signed without a host (then sent with one), and a signature whose
+        // SignedHeaders leave out the date.
+        let mut unsigned_host = signed_for("us-east-1", &HeaderMap::new());
+        unsigned_host.insert("host", HeaderValue::from_static("127.0.0.1:7450"));
+        let mut unsigned_date = signed_for("us-east-1", &base);
+        let authorization = unsigned_date["authorization"].to_str().unwrap();
+        let without_date =
+            authorization.replace("SignedHeaders=host;x-amz-date,", "SignedHeaders=host,");
+        assert_ne!(without_date, authorization);
+        unsigned_date.insert(
+            "authorization",
+            HeaderValue::from_str(&without_date).unwrap(),
+        );
+        for (headers, shown) in [(unsigned_host, "Host"), (unsigned_date, "X-Amz-Date")] {
+            let refused = check(&headers).unwrap_err();
+            assert!(
+                refused
+                    .message
+                    .contains(&format!("'{shown}' must be a 'SignedHeader'")),
+                "{}",
+                refused.message
+            );
+        }
+
         let mut unsigned_body = base.clone();
         unsigned_body.insert(
             "x-amz-content-sha256",
