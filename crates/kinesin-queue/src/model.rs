@@ -66,6 +66,12 @@ pub struct Handle {
     pub nonce: u64,
 }
 
+/// The most messages one receive takes (SQS's `MaxNumberOfMessages`
+/// limit). Apply takes no more whatever a command asks, so a command
+/// that did not come through the gateway's check cannot make every
+/// replica reserve room for billions of messages.
+pub const MAX_RECEIVE: u32 = 10;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum QueueCommand {
     /// Sets the given attributes (validated by the gateway).
@@ -73,8 +79,8 @@ pub enum QueueCommand {
     Tag(BTreeMap<String, String>),
     Untag(Vec<String>),
     Send(Vec<NewMessage>),
-    /// Takes up to `max` visible messages, hiding them for the visibility
-    /// timeout (None: the queue's).
+    /// Takes up to `max` visible messages (at most [`MAX_RECEIVE`]),
+    /// hiding them for the visibility timeout (None: the queue's).
     Receive {
         max: u32,
         visibility_seconds: Option<u32>,

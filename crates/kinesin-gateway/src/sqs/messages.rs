@@ -663,7 +663,11 @@ pub(super) async fn receive_message(
 ) -> Result<Value, ApiError> {
     let queue = ctx.queue(input).await?;
     let max = input
-        .opt_int_range("MaxNumberOfMessages", 1, 10)?
+        .opt_int_range(
+            "MaxNumberOfMessages",
+            1,
+            i64::from(kinesin_queue::MAX_RECEIVE),
+        )?
         .unwrap_or(1) as u32;
     let visibility = input
         .opt_int_range("VisibilityTimeout", 0, MAX_VISIBILITY_SECONDS)?
