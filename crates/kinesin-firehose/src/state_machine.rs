@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use kinesin_raft::{GroupKind, GroupStateMachine, SnapshotRows};
+use kinesin_raft::{GroupKind, GroupStateMachine, SnapshotRows, MAX_STAMP_MS};
 use kinesin_storage::{keys, Cf, Storage, WriteBatch};
 use kinesin_types::GroupId;
 use serde::{Deserialize, Serialize};
@@ -178,7 +178,8 @@ fn split_stamp(bytes: &[u8]) -> io::Result<(u64, &[u8])> {
         ));
     }
     let (clock, rest) = bytes.split_at(8);
-    Ok((u64::from_be_bytes(clock.try_into().expect("8 bytes")), rest))
+    let clock = u64::from_be_bytes(clock.try_into().expect("8 bytes"));
+    Ok((clock.min(MAX_STAMP_MS), rest))
 }
 
 impl FirehoseStateMachine {
@@ -235,7 +236,15 @@ impl FirehoseStateMachine {
             }
             FirehoseCommand::Seal(mut sealed) => {
                 let starts_at_front = s.buffered.front().is_some_and(|b| b.seq == sealed.from);
-                if s.header.sealed.is_some() || !starts_at_front || sealed.to < sealed.from {
+                // A batch ends at a buffered record, as a plan does; one
+                // beyond the buffer would delete rows of records not yet
+                // put at its commit.
+                let ends_in_buffer = s.buffered.back().is_some_and(|b| sealed.to <= b.seq);
+                if s.header.sealed.is_some()
+                    || !starts_at_front
+                    || !ends_in_buffer
+                    || sealed.to < sealed.from
+                {
                     return FirehoseReply::Stale;
                 }
                 let covered = s.buffered.iter().take_while(|b| b.seq <= sealed.to);
@@ -250,8 +259,10 @@ impl FirehoseStateMachine {
                 let Some(sealed) = s.header.sealed.take_if(|b| b.to == to) else {
                     return FirehoseReply::Stale;
                 };
-                s.header.delivered_records += sealed.records;
-                s.header.delivered_bytes += sealed.bytes;
+                // A Kinesis source's counts come from its seal command.
+                s.header.delivered_records =
+                    s.header.delivered_records.saturating_add(sealed.records);
+                s.header.delivered_bytes = s.header.delivered_bytes.saturating_add(sealed.bytes);
                 if s.header.source != Source::DirectPut {
                     for r in &sealed.ranges {
                         s.header.checkpoints.entry(r.shard).or_default().delivered = Some(r.to);
@@ -509,6 +520,29 @@ mod tests {
             partitioning: None,
             conversion: None,
         }
+    }
+
+    /// A batch ends at a buffered record: a raw seal beyond the buffer was
+    /// accepted, and its commit would drop records put after the seal; at
+    /// `u128::MAX` the commit's range end wrapped to before its start,
+    /// which RocksDB refuses, and the group stopped on every replica at
+    /// every replay of the entry.
+    #[test]
+    fn a_seal_beyond_the_buffer_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), FsyncPolicy::NeverUnsafe).unwrap();
+        let sm = open(&storage);
+        run(&storage, &sm, 3, 100, put(&["aa"]));
+        let plan = query::<Option<Plan>>(&sm, FirehoseQuery::Plan(5)).unwrap();
+        for (index, to) in [(4, plan.to + 1), (5, u128::MAX)] {
+            let beyond = Batch { to, ..batch(&plan) };
+            let reply = run(&storage, &sm, index, 110, FirehoseCommand::Seal(beyond));
+            assert_eq!(reply, FirehoseReply::Stale, "to {to}");
+        }
+        let seal = FirehoseCommand::Seal(batch(&plan));
+        assert_eq!(run(&storage, &sm, 6, 110, seal), FirehoseReply::Done);
+        let commit = FirehoseCommand::Commit { to: plan.to };
+        assert_eq!(run(&storage, &sm, 7, 110, commit), FirehoseReply::Done);
     }
 
     #[test]

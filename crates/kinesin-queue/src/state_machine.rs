@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use kinesin_raft::{FixedRows, GroupKind, GroupStateMachine, SnapshotRows};
+use kinesin_raft::{FixedRows, GroupKind, GroupStateMachine, SnapshotRows, MAX_STAMP_MS};
 use kinesin_storage::{keys, Cf, Storage, WriteBatch};
 use kinesin_types::GroupId;
 use serde::{Deserialize, Serialize};
@@ -521,7 +521,8 @@ fn split_stamp(bytes: &[u8]) -> Result<(u64, &[u8]), String> {
         return Err("a queue command or query starts with the leader's clock".into());
     }
     let (clock, rest) = bytes.split_at(8);
-    Ok((u64::from_be_bytes(clock.try_into().expect("8 bytes")), rest))
+    let clock = u64::from_be_bytes(clock.try_into().expect("8 bytes"));
+    Ok((clock.min(MAX_STAMP_MS), rest))
 }
 
 impl QueueStateMachine {
@@ -1135,6 +1136,9 @@ impl QueueStateMachine {
         for (slot, mut stored) in messages.into_iter().enumerate() {
             let seq = (u128::from(index) << 32) | slot as u128;
             stored.seq = seq;
+            // Sent no later than now, whatever the command says, so its
+            // retention is counted from a time this queue has seen.
+            stored.sent_ms = stored.sent_ms.min(now_ms);
             let state = MessageState {
                 sent_ms: stored.sent_ms,
                 visible_at_ms: now_ms,
@@ -2141,6 +2145,29 @@ mod tests {
             sent_ms: 7,
             seq: 0,
         }
+    }
+
+    /// Times a command carries are bounded: a moved message said to be sent
+    /// at `u64::MAX`, or a clock stamp near it (a raw proposal's), made the
+    /// sent time plus retention wrap, and the message expired at the next
+    /// command (where overflow is checked, every replica panicked).
+    #[test]
+    fn times_from_a_command_cannot_wrap_a_message_into_expiry() {
+        let (_dir, s, sm) = setup(&[]);
+        let late = StoredMessage {
+            sent_ms: u64::MAX,
+            ..stored("late")
+        };
+        let now = 1_700_000_000_000;
+        run(&s, &sm, 1, now, QueueCommand::Move(vec![late]));
+        run(&s, &sm, 2, now + 1, QueueCommand::Tag(BTreeMap::new()));
+        assert_eq!(info(&sm, now + 1).visible, 1, "a moved message stays");
+
+        let (_dir, s, sm) = setup(&[]);
+        let send = QueueCommand::Send(vec![message("m", None, None)]);
+        run(&s, &sm, 1, u64::MAX, send);
+        run(&s, &sm, 2, u64::MAX, QueueCommand::Tag(BTreeMap::new()));
+        assert_eq!(info(&sm, u64::MAX).visible, 1, "a sent message stays");
     }
 
     fn started(reply: QueueReply) -> u64 {

@@ -16,7 +16,9 @@ mod types;
 pub use host::{GroupStatus, RaftHost, RaftHostError, RaftService, Role, TimingProfile};
 pub use kinds::{GroupKind, GroupKinds};
 pub use network::{FilterAction, NoFilter, TransportFilter};
-pub use state_machine::{delete_group_state, FixedRows, GroupStateMachine, SnapshotRows};
+pub use state_machine::{
+    delete_group_state, FixedRows, GroupStateMachine, SnapshotRows, MAX_STAMP_MS,
+};
 
 #[cfg(test)]
 mod conformance;

@@ -45,6 +45,12 @@ use crate::types::{
     decode, encode, LogId, Reply, Snapshot, SnapshotMeta, StoredMembership, TypeConfig,
 };
 
+/// The latest clock a stamped command may carry (2^60 ms, some 36 million
+/// years): kinds that read the leader's clock from their commands take no
+/// later one, so that adding any `u32` of seconds to it cannot overflow
+/// whatever a raw proposal's stamp says.
+pub const MAX_STAMP_MS: u64 = 1 << 60;
+
 /// What a Raft group replicates: implemented by the metadata and shard state
 /// machines. Commands and replies are opaque bytes to the Raft layer.
 pub trait GroupStateMachine: Send + Sync + 'static {
