@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use kinesin_raft::{GroupKind, GroupStateMachine, SnapshotRows, MAX_STAMP_MS};
+use kinesin_raft::{GroupKind, GroupStateMachine, SnapshotRows};
 use kinesin_storage::{keys, Cf, Storage, WriteBatch};
 use kinesin_types::GroupId;
 use serde::{Deserialize, Serialize};
@@ -172,14 +172,8 @@ fn writer_index(_cf: Cf, key: &[u8]) -> u64 {
 
 /// The clock the leader put before a command, and the rest.
 fn split_stamp(bytes: &[u8]) -> io::Result<(u64, &[u8])> {
-    if bytes.len() < 8 {
-        return Err(io::Error::other(
-            "a delivery stream command starts with the leader's clock",
-        ));
-    }
-    let (clock, rest) = bytes.split_at(8);
-    let clock = u64::from_be_bytes(clock.try_into().expect("8 bytes"));
-    Ok((clock.min(MAX_STAMP_MS), rest))
+    kinesin_raft::split_stamp(bytes)
+        .ok_or_else(|| io::Error::other("a delivery stream command starts with the leader's clock"))
 }
 
 impl FirehoseStateMachine {

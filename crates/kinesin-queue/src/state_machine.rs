@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use kinesin_raft::{FixedRows, GroupKind, GroupStateMachine, SnapshotRows, MAX_STAMP_MS};
+use kinesin_raft::{FixedRows, GroupKind, GroupStateMachine, SnapshotRows};
 use kinesin_storage::{keys, Cf, Storage, WriteBatch};
 use kinesin_types::GroupId;
 use serde::{Deserialize, Serialize};
@@ -517,12 +517,8 @@ fn body_writer_index(key: &[u8]) -> u64 {
 
 /// The clock the leader put before a command or query, and the rest.
 fn split_stamp(bytes: &[u8]) -> Result<(u64, &[u8]), String> {
-    if bytes.len() < 8 {
-        return Err("a queue command or query starts with the leader's clock".into());
-    }
-    let (clock, rest) = bytes.split_at(8);
-    let clock = u64::from_be_bytes(clock.try_into().expect("8 bytes"));
-    Ok((clock.min(MAX_STAMP_MS), rest))
+    kinesin_raft::split_stamp(bytes)
+        .ok_or_else(|| "a queue command or query starts with the leader's clock".into())
 }
 
 impl QueueStateMachine {

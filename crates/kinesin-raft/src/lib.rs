@@ -17,7 +17,7 @@ pub use host::{GroupStatus, RaftHost, RaftHostError, RaftService, Role, TimingPr
 pub use kinds::{GroupKind, GroupKinds};
 pub use network::{FilterAction, NoFilter, TransportFilter};
 pub use state_machine::{
-    delete_group_state, FixedRows, GroupStateMachine, SnapshotRows, MAX_STAMP_MS,
+    delete_group_state, split_stamp, FixedRows, GroupStateMachine, SnapshotRows,
 };
 
 #[cfg(test)]

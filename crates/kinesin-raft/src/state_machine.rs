@@ -45,11 +45,17 @@ use crate::types::{
     decode, encode, LogId, Reply, Snapshot, SnapshotMeta, StoredMembership, TypeConfig,
 };
 
-/// The latest clock a stamped command may carry (2^60 ms, some 36 million
-/// years): kinds that read the leader's clock from their commands take no
-/// later one, so that adding any `u32` of seconds to it cannot overflow
-/// whatever a raw proposal's stamp says.
-pub const MAX_STAMP_MS: u64 = 1 << 60;
+/// The latest clock [`split_stamp`] gives (2^60 ms, some 36 million years).
+const MAX_STAMP_MS: u64 = 1 << 60;
+
+/// The clock a leader put before a stamped command or query (8 bytes,
+/// big-endian ms), and the rest; None if `bytes` is shorter. The clock is
+/// taken as at most [`MAX_STAMP_MS`], so that a kind adding any `u32` of
+/// seconds to it cannot overflow whatever a raw proposal's stamp says.
+pub fn split_stamp(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let (clock, rest) = bytes.split_first_chunk::<8>()?;
+    Some((u64::from_be_bytes(*clock).min(MAX_STAMP_MS), rest))
+}
 
 /// What a Raft group replicates: implemented by the metadata and shard state
 /// machines. Commands and replies are opaque bytes to the Raft layer.
