@@ -608,3 +608,58 @@ async fn a_body_of_millions_of_tiny_elements_is_refused_without_decoding_it() {
     let client = crate::aws_sdk::client(&address);
     client.list_streams().send().await.unwrap();
 }
+
+/// A raw proposal to a queue's group that its state machine cannot decode
+/// (garbage, or too short to carry the leader's clock) is refused before it
+/// enters the log: once committed, every replica would stop the group on
+/// it at every replay, and the queue would take nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_undecodable_proposal_to_a_queue_is_refused_and_the_queue_keeps_working() {
+    let cluster = TestCluster::start(1).await.unwrap();
+    let sqs = crate::sqs_sdk::client(&cluster.node(1).api_address());
+    let url = sqs
+        .create_queue()
+        .queue_name("raw")
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let group = cluster
+        .node(1)
+        .meta
+        .state()
+        .groups
+        .values()
+        .find(|g| g.kind == "sqs-queue")
+        .expect("the queue's group")
+        .group;
+    let mut c = native_client(&cluster, 1).await;
+    for (command, stamp) in [(vec![0xff; 64], true), (vec![1, 2, 3], false)] {
+        let refused = c
+            .group_propose(pb::GroupProposeRequest {
+                group: group.0,
+                command: command.into(),
+                stamp,
+                ..Default::default()
+            })
+            .await
+            .expect_err("an undecodable queue command");
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    }
+    sqs.send_message()
+        .queue_url(&url)
+        .message_body("after")
+        .send()
+        .await
+        .unwrap();
+    let got = sqs
+        .receive_message()
+        .queue_url(&url)
+        .wait_time_seconds(5)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.messages()[0].body(), Some("after"));
+    cluster.shutdown().await;
+}

@@ -24,6 +24,9 @@ pub const FIREHOSE_KIND: &str = "firehose";
 const HEADER_KEY: &[u8] = b"f:header";
 /// Most tags of one delivery stream, as AWS.
 const MAX_TAGS: usize = 50;
+/// Most record bytes one `Records` query returns: the largest batch a
+/// plan makes (a 128 MiB buffering hint) and one record beyond it.
+const MAX_READ_BYTES: usize = 129 << 20;
 
 pub struct FirehoseKind;
 
@@ -356,12 +359,18 @@ impl FirehoseStateMachine {
     fn records(&self, from: u128, to: u128) -> Result<Vec<ByteBuf>, String> {
         let (start, end) = (
             keys::record_key(self.group, from),
-            keys::record_key(self.group, to + 1),
+            keys::record_key(self.group, to.saturating_add(1)),
         );
-        let mut out = Vec::new();
+        let (mut out, mut bytes) = (Vec::new(), 0);
         for row in self.storage.scan(Cf::Records, &start, &end) {
             let (_, value) = row.map_err(|e| e.to_string())?;
             let (_, data) = split_stamp(&value).map_err(|e| e.to_string())?;
+            bytes += data.len();
+            if bytes > MAX_READ_BYTES {
+                return Err(format!(
+                    "records {from}..={to} hold more than {MAX_READ_BYTES} bytes, more than a delivery batch"
+                ));
+            }
             out.push(ByteBuf::from(data.to_vec()));
         }
         Ok(out)
@@ -379,6 +388,11 @@ impl GroupStateMachine for FirehoseStateMachine {
         let now_ms = s.header.clock_ms;
         let reply = self.apply_command(&mut s, batch, index, now_ms, command);
         Ok(encode(&reply))
+    }
+
+    fn check_command(&self, command: &[u8]) -> Result<(), String> {
+        let (_, command) = split_stamp(command).map_err(|e| e.to_string())?;
+        decode::<FirehoseCommand>(command).map(drop)
     }
 
     fn publish(&self) {
@@ -537,6 +551,44 @@ mod tests {
         assert_eq!(run(&storage, &sm, 6, 110, seal), FirehoseReply::Done);
         let commit = FirehoseCommand::Commit { to: plan.to };
         assert_eq!(run(&storage, &sm, 7, 110, commit), FirehoseReply::Done);
+    }
+
+    #[test]
+    fn a_command_that_does_not_decode_is_refused_before_it_is_proposed() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), FsyncPolicy::NeverUnsafe).unwrap();
+        let sm = open(&storage);
+        let stamped = |bytes: &[u8]| [&100u64.to_be_bytes()[..], bytes].concat();
+        assert!(sm.check_command(&[1, 2, 3]).is_err(), "no clock");
+        assert!(sm.check_command(&stamped(&[0xff; 64])).is_err());
+        assert!(sm.check_command(&stamped(&encode(&put(&["a"])))).is_ok());
+    }
+
+    #[test]
+    fn a_records_query_reads_no_more_than_a_delivery_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), FsyncPolicy::NeverUnsafe).unwrap();
+        let sm = open(&storage);
+        let big = vec![b'r'; 65 << 20];
+        run(&storage, &sm, 3, 100, put(&[""]));
+        for index in 4..6 {
+            let records = FirehoseCommand::Put(vec![ByteBuf::from(big.clone())]);
+            run(&storage, &sm, index, 100, records);
+        }
+        let first = 3 << 32;
+        let one: Vec<ByteBuf> = query(
+            &sm,
+            FirehoseQuery::Records {
+                from: first,
+                to: 4 << 32,
+            },
+        );
+        assert_eq!(one.len(), 2);
+        let refused = sm.query(&encode(&FirehoseQuery::Records {
+            from: first,
+            to: u128::MAX,
+        }));
+        assert!(refused.is_err(), "130 MiB of records in one answer");
     }
 
     #[test]

@@ -159,7 +159,8 @@ pub enum QueueQuery {
     /// Answers non-empty when a receive would take a message now.
     Ready,
     /// Up to this many messages received more often than the redrive
-    /// policy allows, with the dead-letter queue's ARN ([`DeadLetters`]).
+    /// policy allows (and at most 4 MiB of them, one entry at the
+    /// dead-letter queue), with its ARN ([`DeadLetters`]).
     DeadLetters(u32),
     /// The queue's move tasks, the latest first (`Vec<MoveTask>`).
     MoveTasks,

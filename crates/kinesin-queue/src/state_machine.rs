@@ -36,8 +36,8 @@ const CLOCK_KEY: &[u8] = b"q:clock";
 const DEDUP_WINDOW_MS: u64 = 5 * 60 * 1000;
 /// Move tasks a queue keeps (ListMessageMoveTasks shows up to 10).
 const MAX_TASKS: usize = 10;
-/// Most bytes of message rows one move batch reads (it becomes one Raft
-/// entry at the destination).
+/// Most bytes of message rows one move batch or batch of dead letters
+/// reads (it becomes one Raft entry at the destination).
 const MOVE_BATCH_BYTES: usize = 4 << 20;
 /// Most messages one receive turns into dead letters: each pass over the
 /// queue costs a scan, and the rest die at the next receive.
@@ -1275,6 +1275,11 @@ impl GroupStateMachine for QueueStateMachine {
         Ok(encode(&reply))
     }
 
+    fn check_command(&self, command: &[u8]) -> Result<(), String> {
+        let (_, command) = split_stamp(command)?;
+        decode::<QueueCommand>(command).map(drop)
+    }
+
     fn publish(&self) {
         {
             let mut q = self.queue.lock().expect("queue lock");
@@ -1331,17 +1336,18 @@ impl GroupStateMachine for QueueStateMachine {
             QueueQuery::Settings => encode(&q.header.attributes),
             QueueQuery::DeadLetters(max) => {
                 let target = q.header.redrive().map(|(t, _)| t).unwrap_or_default();
-                let mut messages = Vec::new();
+                let (mut messages, mut bytes) = (Vec::new(), 0);
                 for (seq, _) in q.messages.iter().filter(|(_, m)| m.dead) {
-                    if messages.len() == max as usize {
+                    if messages.len() == max as usize || bytes >= MOVE_BATCH_BYTES {
                         break;
                     }
                     let row = self
                         .storage
                         .get(Cf::Rows, &self.body_key(*seq))
                         .map_err(|e| e.to_string())?;
-                    if let Some(bytes) = row {
-                        messages.push(decode(&bytes)?);
+                    if let Some(row) = row {
+                        bytes += row.len();
+                        messages.push(decode(&row)?);
                     }
                 }
                 encode(&DeadLetters { target, messages })
@@ -1870,6 +1876,40 @@ mod tests {
         let after: DeadLetters = query(&sm, 3_000, QueueQuery::DeadLetters(10));
         assert!(after.messages.is_empty());
         assert_eq!(info(&sm, 9_000).visible, 1, "n is visible again, m is gone");
+    }
+
+    #[test]
+    fn dead_letters_come_in_batches_of_at_most_four_mib() {
+        let (_dir, s) = scratch();
+        let policy = r#"{"deadLetterTargetArn":"arn:aws:sqs:us-east-1:000000000000:dlq","maxReceiveCount":1}"#;
+        let sm = open(&s, &[("RedrivePolicy", policy), ("VisibilityTimeout", "1")]);
+        let body = "x".repeat(1 << 20);
+        for i in 0..6 {
+            let m = NewMessage {
+                message_id: format!("id-{i}"),
+                ..message(&body, None, None)
+            };
+            run(&s, &sm, 1 + i, 500, QueueCommand::Send(vec![m]));
+        }
+        assert_eq!(receive(&s, &sm, 7, 1_000, 10).len(), 6);
+        // Each was received once: the next receive passes them all over.
+        assert!(receive(&s, &sm, 8, 3_000, 10).is_empty());
+        let dead: DeadLetters = query(&sm, 3_000, QueueQuery::DeadLetters(100));
+        assert_eq!(dead.messages.len(), 4, "4 MiB of rows");
+        let seqs = dead.messages.iter().map(|m| m.seq).collect();
+        run(&s, &sm, 9, 3_000, QueueCommand::Remove(seqs));
+        let rest: DeadLetters = query(&sm, 3_000, QueueQuery::DeadLetters(100));
+        assert_eq!(rest.messages.len(), 2);
+    }
+
+    #[test]
+    fn a_command_that_does_not_decode_is_refused_before_it_is_proposed() {
+        let (_dir, _s, sm) = setup(&[]);
+        let stamped = |bytes: &[u8]| [&1_000u64.to_be_bytes()[..], bytes].concat();
+        assert!(sm.check_command(&[1, 2, 3]).is_err(), "no clock");
+        assert!(sm.check_command(&stamped(&[0xff; 64])).is_err());
+        let send = encode(&QueueCommand::Send(vec![message("m", None, None)]));
+        assert!(sm.check_command(&stamped(&send)).is_ok());
     }
 
     #[test]

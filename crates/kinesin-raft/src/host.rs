@@ -115,6 +115,9 @@ pub enum RaftHostError {
     /// freed (its leaders hand their groups to other replicas meanwhile).
     #[error("node {node}: the disk of its data directory is full; writes are refused until space is freed")]
     DiskFull { node: NodeId },
+    /// The state machine refused a command before it was proposed.
+    #[error("group {group}: {detail}")]
+    Refused { group: GroupId, detail: String },
     /// The state machine refused a read query.
     #[error("group {group}: {detail}")]
     Query { group: GroupId, detail: String },
@@ -414,6 +417,9 @@ impl RaftHost {
                 node: self.inner.node_id,
             });
         }
+        g.state_machine
+            .check_command(&command)
+            .map_err(|detail| RaftHostError::Refused { group, detail })?;
         match g.raft.client_write(Command(command)).await {
             Ok(resp) => g
                 .state_machine

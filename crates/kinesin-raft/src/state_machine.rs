@@ -68,6 +68,15 @@ pub trait GroupStateMachine: Send + Sync + 'static {
     /// since skipping it would leave the replica silently different.
     fn apply(&self, index: u64, command: &[u8], batch: &mut WriteBatch) -> io::Result<Vec<u8>>;
 
+    /// Refuses, before it is proposed, a command that
+    /// [`GroupStateMachine::apply`] would stop the group on (the leader
+    /// runs it on every proposal, whoever sent it): a command that does not
+    /// decode must never enter the log, where every replica would stop on
+    /// it at every replay. The default takes every command.
+    fn check_command(&self, _command: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Called once the batch of the applies before it is written, so that
     /// in-memory views never run ahead of storage.
     fn publish(&self);

@@ -127,7 +127,8 @@ impl From<kinesin_raft::RaftHostError> for RouterError {
             e @ kinesin_raft::RaftHostError::OutcomeUnknown { .. } => {
                 RouterError::Indeterminate(e.to_string())
             }
-            e @ kinesin_raft::RaftHostError::Query { .. } => {
+            e @ (kinesin_raft::RaftHostError::Query { .. }
+            | kinesin_raft::RaftHostError::Refused { .. }) => {
                 RouterError::InvalidArgument(e.to_string())
             }
             other => RouterError::Unavailable(other.to_string()),
