@@ -275,6 +275,29 @@ mod tests {
         assert!(sm.resolve(ReadStart::At(foreign)).is_err());
     }
 
+    /// Applied as the Raft adapter applies (without the WAL), the seal's
+    /// time is flushed at its publish: a crash right after (the store
+    /// closed without a flush) keeps it, where the seal applied again from
+    /// the log would start the count anew.
+    #[test]
+    fn the_seal_time_is_flushed_at_its_publish() {
+        let dir = tempfile::tempdir().unwrap();
+        let sealed_at = {
+            let storage = Storage::open(dir.path(), FsyncPolicy::NeverUnsafe).unwrap();
+            let sm = ShardStateMachine::open(storage.clone(), 1, ShardId(0), 0).unwrap();
+            let mut batch = WriteBatch::default();
+            sm.apply(1, &ShardCommand::Seal.encode(), &mut batch)
+                .unwrap();
+            storage.write_unlogged(batch).unwrap();
+            sm.publish();
+            sm.sealed_at_ms().unwrap().expect("a seal time")
+        };
+        let storage = Storage::open(dir.path(), FsyncPolicy::NeverUnsafe).unwrap();
+        let reopened = ShardStateMachine::open(storage, 1, ShardId(0), 0).unwrap();
+        assert_eq!(reopened.sealed_at_ms().unwrap(), Some(sealed_at));
+        assert!(reopened.stats().sealed);
+    }
+
     /// The time a replica applied the seal is kept across a restart, and
     /// a second seal does not move it (`retire` counts from it).
     #[test]

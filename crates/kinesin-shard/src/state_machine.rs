@@ -17,7 +17,10 @@ const STATE_KEY: &[u8] = b"shard";
 /// install keeps the replica's own): how long a shard has been sealed
 /// survives restarts and leader changes, and a replica that got the seal
 /// by snapshot counts from when it first looks (`retire`), which delays a
-/// removal and never hastens one.
+/// removal and never hastens one. Written with the rest of an apply, so
+/// without the WAL: the seal's publish flushes it (see
+/// [`ShardStateMachine::publish`]), or a crash would lose it and the seal,
+/// applied again from the log, would start the count anew.
 const SEALED_AT_KEY: &[u8] = b"sealed-at";
 
 /// The shard's small state (everything but the records).
@@ -81,6 +84,23 @@ impl ShardStateMachine {
     /// Reads holding a [`Self::watch_published`] receiver now.
     pub fn watching_reads(&self) -> usize {
         self.publishes.receiver_count()
+    }
+
+    /// Flushes the state just published, the seal's time with it, off the
+    /// apply path (inline where there is no runtime, as in unit tests). A
+    /// crash before the flush ends only delays the shard's removal.
+    fn persist_seal_time(&self) {
+        let storage = self.storage.clone();
+        let group = self.group;
+        let persist = move || {
+            if let Err(e) = storage.persist_patiently_blocking() {
+                tracing::warn!(group, error = %e, "cannot flush a shard's seal time");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(persist)),
+            Err(_) => persist(),
+        }
     }
 
     /// When this replica applied the seal (wall-clock ms), if it did.
@@ -232,8 +252,13 @@ impl GroupStateMachine for ShardStateMachine {
 
     fn publish(&self) {
         let working = self.working.lock().expect("working lock").clone();
-        *self.published.write().expect("stats lock") = working;
+        let sealed_now = working.sealed;
+        let was_sealed =
+            std::mem::replace(&mut *self.published.write().expect("stats lock"), working).sealed;
         self.publishes.send_replace(());
+        if sealed_now && !was_sealed {
+            self.persist_seal_time();
+        }
     }
 
     fn snapshot_state(&self) -> Vec<u8> {

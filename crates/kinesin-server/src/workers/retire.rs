@@ -5,8 +5,9 @@
 //! reshard left its parents' groups running for good.
 //!
 //! Every replica stores when it applied the seal
-//! (`ShardStateMachine::sealed_at_ms`), so restarts and leader changes do
-//! not restart the count. A replica that got the seal in a snapshot (or
+//! (`ShardStateMachine::sealed_at_ms`), flushed when the seal is
+//! published, so restarts (a crash too) and leader changes do not restart
+//! the count. A replica that got the seal in a snapshot (or
 //! applied it under a release before this one) has no such time: as its
 //! leader it counts from when it first saw the shard sealed, in memory,
 //! which delays a removal and never hastens one.
