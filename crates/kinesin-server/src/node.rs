@@ -441,6 +441,22 @@ impl Node {
 
     /// Stops servers and groups. Data stays on disk.
     pub async fn shutdown(self) {
+        let storage = self.storage.clone();
+        self.halt().await;
+        // Unlogged shard state would otherwise be re-applied from the log
+        // at the next start.
+        let _ = storage.persist();
+    }
+
+    /// Stops as a crash would, in process: servers and groups end and
+    /// nothing is flushed, so state written without the WAL (what groups
+    /// applied since the last flush) is rebuilt from the Raft log at the
+    /// next start, as after a kill -9. No leadership hand-over.
+    pub async fn crash(self) {
+        self.halt().await;
+    }
+
+    async fn halt(self) {
         let _ = self.stop.send(true);
         self.host.shutdown().await;
         // Peers keep their Raft streams open, so a graceful server stop
@@ -454,9 +470,6 @@ impl Node {
                 let _ = task.await;
             }
         }
-        // Unlogged shard state would otherwise be re-applied from the log
-        // at the next start.
-        let _ = self.storage.persist();
     }
 }
 

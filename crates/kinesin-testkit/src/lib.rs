@@ -226,10 +226,13 @@ impl TestCluster {
         self.nodes[(id - 1) as usize].is_some()
     }
 
-    /// Stops a node abruptly: no leadership hand-over. Its data stays.
+    /// Stops a node abruptly, as a kill -9 would: no leadership hand-over
+    /// and no flush ([`Node::crash`]). What it wrote to the WAL stays; what
+    /// its groups applied since the last flush is re-applied from the log
+    /// when it restarts.
     pub async fn stop(&mut self, id: u64) {
         if let Some(node) = self.nodes[(id - 1) as usize].take() {
-            node.shutdown().await;
+            node.crash().await;
         }
     }
 
