@@ -124,6 +124,71 @@ async fn a_native_create_stream_is_validated_on_the_metadata_leader() {
     cluster.shutdown().await;
 }
 
+/// Raw metadata commands that add or close shards are held to the
+/// metadata leader's shard limit: a bare Reshard (no `Limited` around it
+/// to count shards where it applies) could otherwise open thousands of
+/// groups in one command, and a bare CreateStream likewise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn raw_commands_that_add_shards_keep_the_leaders_shard_limit() {
+    let options = kinesin_testkit::TestOptions {
+        configure: |c| c.shard_limit = 4,
+        ..kinesin_testkit::TestOptions::default()
+    };
+    let cluster = TestCluster::start_with(1, options).await.unwrap();
+    cluster.create_stream("small", 1).await.unwrap();
+    let mut c = native_client(&cluster, 1).await;
+    let children = |count: u32| -> Vec<kinesin_meta::NewShard> {
+        kinesin_types::HashKeyRange::split_evenly(count)
+            .into_iter()
+            .map(|range| kinesin_meta::NewShard {
+                range,
+                parent: kinesin_types::ShardId(0),
+                adjacent_parent: None,
+                replicas: vec![NodeId(1)],
+            })
+            .collect()
+    };
+    let reshard = |count: u32| kinesin_meta::MetaCommand::Reshard {
+        stream: "small".into(),
+        parents: vec![kinesin_types::ShardId(0)],
+        children: children(count),
+    };
+    let lax = kinesin_meta::Limits {
+        open_shards: 100_000,
+        on_demand_streams: 50,
+        consumers_per_stream: 20,
+        tags_per_stream: 50,
+    };
+    let create = kinesin_meta::MetaCommand::CreateStream {
+        name: "more".into(),
+        shard_count: 4,
+        retention_hours: 24,
+        max_record_bytes: 1 << 20,
+        replication_factor: 1,
+        now_ms: 1,
+        placements: vec![vec![NodeId(1)]; 4],
+    };
+    // 1 open shard: 5 children would make 5, and 4 more streams' shards 5.
+    for command in [reshard(5), reshard(5).limited(lax), create] {
+        let refused = c
+            .meta_write(pb::MetaWriteRequest {
+                command: command.encode().into(),
+            })
+            .await
+            .expect_err("a raw command past the shard limit");
+        assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    }
+    let state = cluster.node(1).meta.state();
+    assert_eq!(state.open_shard_count(), 1);
+    assert!(!state.streams.contains_key("more"));
+    c.meta_write(pb::MetaWriteRequest {
+        command: reshard(4).encode().into(),
+    })
+    .await
+    .expect("a reshard within the limit");
+    cluster.shutdown().await;
+}
+
 fn fixture(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures/internal-tls")

@@ -29,6 +29,10 @@ pub struct RouterConfig {
     /// Also export per-shard series (`kinesin_shard_*`): one series per
     /// shard, so off by default.
     pub per_shard_metrics: bool,
+    /// Open shards the cluster may hold (`shard_limit`), and closed shards
+    /// it may keep: the metadata leader checks every command that adds or
+    /// closes shards against it, whoever sent it.
+    pub shard_limit: u32,
     /// Deliberately broken, for proving the chaos harness can fail: an
     /// append whose commit is not confirmed within this time is acknowledged
     /// anyway, with a guessed sequence number. Never set in production; the
@@ -44,6 +48,7 @@ impl Default for RouterConfig {
             default_retention_hours: 24,
             shard_limits: ShardLimits::default(),
             per_shard_metrics: false,
+            shard_limit: 10_000,
             unsafe_ack_after: None,
         }
     }

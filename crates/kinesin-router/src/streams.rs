@@ -222,7 +222,9 @@ impl Router {
             ),
             _ => None,
         };
-        self.check_created_stream(wrapped.as_ref().unwrap_or(&decoded))?;
+        let change = wrapped.as_ref().unwrap_or(&decoded);
+        self.check_created_stream(change)?;
+        self.check_shard_room(change)?;
         self.check_cluster_decodes(&decoded)?;
         let reply = self.host.propose(GroupId::META, command).await?;
         decode_reply(&reply)?;
@@ -300,6 +302,42 @@ impl Router {
             _ => return Ok(()),
         };
         self.check_new_stream(name, shards, replication as usize, max_record_bytes)
+    }
+
+    /// Refuses a command that would take the cluster past its shard limit
+    /// in this leader's map: more open shards (a new stream, a reshard
+    /// adding children), or more closed shards kept than the limit (a
+    /// reshard closing its parents). The gateway checks the same on its
+    /// node's map, but a native-API request or a raw MetaWrite reaches the
+    /// leader directly, and without `Limited` nothing else counts shards
+    /// where the command applies. Commands in flight can still pass it
+    /// together; a `Limited` one is checked again where it applies.
+    fn check_shard_room(&self, command: &MetaCommand) -> Result<(), RouterError> {
+        let (added, closed) = match command {
+            MetaCommand::CreateStream { shard_count, .. } => (i64::from(*shard_count), 0),
+            MetaCommand::CreateStreamWithSettings { stream, .. } => {
+                (i64::from(stream.shard_count), 0)
+            }
+            MetaCommand::Reshard {
+                parents, children, ..
+            } => (children.len() as i64 - parents.len() as i64, parents.len()),
+            _ => return Ok(()),
+        };
+        let limit = self.config.shard_limit;
+        let state = self.meta_state();
+        let open = state.open_shard_count() as i64;
+        if added > 0 && open + added > i64::from(limit) {
+            return Err(RouterError::LimitExceeded(format!(
+                "This request would exceed the shard limit of {limit} for the cluster ({open} open shards, {added} more requested)."
+            )));
+        }
+        let kept = state.closed_shard_count();
+        if closed > 0 && kept + closed > limit as usize {
+            return Err(RouterError::LimitExceeded(format!(
+                "This reshard would close {closed} more shards, and the cluster already keeps {kept} closed shards until their records pass retention; at most {limit} may be kept."
+            )));
+        }
+        Ok(())
     }
 
     /// Creates a stream with its `options` in one metadata command;

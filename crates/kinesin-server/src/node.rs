@@ -171,6 +171,7 @@ impl Node {
                     read_bytes_per_sec: config.shard_read_bytes_per_sec,
                 },
                 per_shard_metrics: config.per_shard_metrics,
+                shard_limit: config.shard_limit,
                 unsafe_ack_after: unsafe_ack_after(),
                 ..RouterConfig::default()
             },
