@@ -69,21 +69,18 @@ impl<'a> Replicas<'a> {
     }
 
     /// Each queue applies `bytes` as a log entry (the leader's clock, then
-    /// a command) and answers it as a query. An entry whose command decodes
-    /// is applied (an error would stop the replica); any other is refused
-    /// with an error; queries are answered or refused; nothing panics. The
-    /// clock is a leader's wall clock in milliseconds: it is kept below
-    /// 2^48 (year 10889), as adding a time to one near `u64::MAX` could
-    /// overflow.
+    /// a command) and answers it as a query. An entry the leader's check
+    /// (`check_command`) lets through is applied (an error would stop the
+    /// replica); it lets through exactly those whose command decodes, and
+    /// apply refuses the rest with an error; queries are answered or
+    /// refused; nothing panics. The clock may be anything: apply takes it
+    /// as at most 2^60 ms (`kinesin_raft::split_stamp`).
     pub fn entry(&mut self, bytes: &[u8]) {
         self.index += 1;
-        let mut bytes = bytes.to_vec();
-        if let Some(clock) = bytes.get_mut(..2) {
-            clock.fill(0);
-        }
-        let bytes = &bytes[..];
         let decodes = bytes.len() >= 8 && decode::<QueueCommand>(&bytes[8..]).is_ok();
         for queue in &self.queues {
+            let proposable = queue.check_command(bytes).is_ok();
+            assert_eq!(proposable, decodes, "the leader's check of a command");
             let mut batch = WriteBatch::default();
             match queue.apply(self.index, bytes, &mut batch) {
                 Ok(reply) => {
@@ -91,7 +88,7 @@ impl<'a> Replicas<'a> {
                     queue.publish();
                     let _ = queue.complete(reply);
                 }
-                Err(e) => assert!(!decodes, "a command that decodes stopped the replica: {e}"),
+                Err(e) => assert!(!proposable, "a proposable command stopped the replica: {e}"),
             }
             let _ = queue.query(bytes);
         }
