@@ -21,7 +21,7 @@ pub use command::{
     decode_reply, MetaCommand, MetaError, MetaReply, NewShard, NewStream, StreamChange,
     SHARD_REMOVAL_VERSION,
 };
-pub use limits::{can_pass_limits, Limits, LIMITS_VERSION};
+pub use limits::{can_pass_limits, closed_shard_room, open_shard_room, Limits, LIMITS_VERSION};
 pub use names::{split_stream_key, stream_key};
 pub use placement::place_replicas;
 pub use state::{GroupSpec, MetaState, NodeInfo, NodeState, Owner, Placed, STREAM_KIND};

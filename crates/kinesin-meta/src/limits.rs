@@ -30,6 +30,34 @@ pub struct Limits {
     pub tags_per_stream: u32,
 }
 
+/// Refuses `added` more open shards if the map would then hold more than
+/// `limit` (the cluster's `shard_limit`).
+pub fn open_shard_room(limit: u32, state: &MetaState, added: i64) -> MetaReply {
+    let open = state.open_shard_count() as i64;
+    if added > 0 && open + added > i64::from(limit) {
+        return Err(MetaError::LimitExceeded(format!(
+            "This request would exceed the shard limit of {limit} for the cluster ({open} open shards, {added} more requested)."
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a reshard closing `closing` shards if the map would then keep
+/// more than `limit` closed ones. The shards a reshard closes keep their
+/// Raft groups until their records pass retention, so repeated resharding
+/// would otherwise grow the live groups without bound. Not checked where
+/// commands apply (that would need a new data version): reshards proposed
+/// at once can pass it by what each of them closes.
+pub fn closed_shard_room(limit: u32, state: &MetaState, closing: usize) -> MetaReply {
+    let kept = state.closed_shard_count();
+    if closing > 0 && kept + closing > limit as usize {
+        return Err(MetaError::LimitExceeded(format!(
+            "This reshard would close {closing} more shards, and the cluster already keeps {kept} closed shards until their records pass retention; at most {limit} may be kept. Retry once older closed shards pass retention."
+        )));
+    }
+    Ok(())
+}
+
 /// Whether applying `command` can take the map past one of the [`Limits`]:
 /// only these are proposed as [`MetaCommand::Limited`].
 pub fn can_pass_limits(command: &MetaCommand) -> bool {
@@ -87,14 +115,7 @@ impl Limits {
     }
 
     fn open_shards_after(&self, state: &MetaState, added: i64) -> MetaReply {
-        let open = state.open_shard_count() as i64;
-        if added > 0 && open + added > i64::from(self.open_shards) {
-            return Err(MetaError::LimitExceeded(format!(
-                "This request would exceed the shard limit of {} for the cluster ({open} open shards, {added} more requested).",
-                self.open_shards
-            )));
-        }
-        Ok(())
+        open_shard_room(self.open_shards, state, added)
     }
 
     fn on_demand_room(&self, state: &MetaState, stream: &str) -> MetaReply {

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use kinesin_meta::{
-    can_pass_limits, decode_reply, place_replicas, Limits, MetaCommand, MetaState, NewStream,
-    NodeState, StreamChange, LIMITS_VERSION,
+    can_pass_limits, closed_shard_room, decode_reply, open_shard_room, place_replicas, Limits,
+    MetaCommand, MetaState, NewStream, NodeState, StreamChange, LIMITS_VERSION,
 };
 use kinesin_proto::v1::{self as pb};
 use kinesin_shard::ReadStart;
@@ -323,20 +323,9 @@ impl Router {
             } => (children.len() as i64 - parents.len() as i64, parents.len()),
             _ => return Ok(()),
         };
-        let limit = self.config.shard_limit;
-        let state = self.meta_state();
-        let open = state.open_shard_count() as i64;
-        if added > 0 && open + added > i64::from(limit) {
-            return Err(RouterError::LimitExceeded(format!(
-                "This request would exceed the shard limit of {limit} for the cluster ({open} open shards, {added} more requested)."
-            )));
-        }
-        let kept = state.closed_shard_count();
-        if closed > 0 && kept + closed > limit as usize {
-            return Err(RouterError::LimitExceeded(format!(
-                "This reshard would close {closed} more shards, and the cluster already keeps {kept} closed shards until their records pass retention; at most {limit} may be kept."
-            )));
-        }
+        let (limit, state) = (self.config.shard_limit, self.meta_state());
+        open_shard_room(limit, &state, added)?;
+        closed_shard_room(limit, &state, closed)?;
         Ok(())
     }
 

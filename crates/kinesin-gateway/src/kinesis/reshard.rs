@@ -41,31 +41,11 @@ fn plan_error(ctx: &Context<'_>, stream: &StreamInfo, e: PlanError) -> ApiError 
 
 /// Applies a plan, within the cluster's shard limit.
 async fn reshard(ctx: &Context<'_>, stream: &StreamInfo, plan: Plan) -> Result<(), ApiError> {
-    closed_shards_room(ctx.shard_limit, &ctx.router.meta_state(), &plan)?;
+    let state = ctx.router.meta_state();
+    kinesin_meta::closed_shard_room(ctx.shard_limit, &state, plan.parents.len())
+        .map_err(|e| ApiError::from(RouterError::from(e)))?;
     ctx.propose_limited(plan.command(stream.name.as_str()))
         .await
-}
-
-/// The shards a reshard closes keep their Raft groups until their records
-/// pass retention, so repeated resharding would grow the live groups
-/// without bound: the closed shards the map holds may number at most the
-/// cluster's open-shard limit. Checked against this node's map only (a
-/// check where the command applies would need a new data version):
-/// reshards sent at once through several nodes can pass it by what each
-/// of them closes.
-fn closed_shards_room(
-    limit: u32,
-    state: &kinesin_meta::MetaState,
-    plan: &Plan,
-) -> Result<(), ApiError> {
-    let closed = state.closed_shard_count();
-    if closed + plan.parents.len() > limit as usize {
-        return Err(ApiError::limit_exceeded(format!(
-            "This reshard would close {} more shards, and the cluster already keeps {closed} closed shards until their records pass retention; at most {limit} may be kept. Retry once older closed shards pass retention.",
-            plan.parents.len()
-        )));
-    }
-    Ok(())
 }
 
 fn shard_named<'s>(
