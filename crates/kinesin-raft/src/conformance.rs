@@ -12,7 +12,7 @@ use crate::state_machine::{GroupStateMachine, StateMachineStore};
 use crate::types::TypeConfig;
 
 /// Replies with the command it was given; keeps no state of its own.
-struct Echo;
+pub(crate) struct Echo;
 
 impl GroupStateMachine for Echo {
     fn apply(&self, _index: u64, command: &[u8], _batch: &mut WriteBatch) -> io::Result<Vec<u8>> {

@@ -810,7 +810,12 @@ impl RaftHost {
             })
             .await
             .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| match e.kind() {
+                // A row the sender should never have sent: a bad tag or a
+                // key outside the group.
+                io::ErrorKind::InvalidData => Status::invalid_argument(e.to_string()),
+                _ => Status::internal(e.to_string()),
+            })?;
         }
         tally
             .complete()
@@ -985,7 +990,167 @@ impl RaftTransport for RaftService {
 
 #[cfg(test)]
 mod tests {
-    use super::SnapshotTally;
+    use super::*;
+    use kinesin_proto::v1::raft_transport_client::RaftTransportClient;
+    use kinesin_storage::{Cf, FsyncPolicy};
+    use openraft::impls::leader_id_adv::LeaderId;
+    use openraft::Membership;
+
+    use crate::conformance::Echo;
+    use crate::types::{LogId, SnapshotMeta, StoredMembership, Vote};
+
+    const GROUP: GroupId = GroupId(7);
+
+    /// The first chunk of a snapshot of GROUP from node 2 at index 10.
+    fn snapshot_header() -> WireChunk {
+        let log_id = LogId::new(
+            LeaderId {
+                term: 1,
+                node_id: 2,
+            },
+            10,
+        );
+        let nodes: BTreeMap<u64, BasicNode> = [1, 2]
+            .into_iter()
+            .map(|n| (n, BasicNode::new(format!("127.0.0.1:{n}"))))
+            .collect();
+        let membership = Membership::new(vec![nodes.keys().copied().collect()], nodes).unwrap();
+        let header = SnapshotHeader {
+            vote: Vote::new_committed(1, 2),
+            meta: SnapshotMeta {
+                last_log_id: Some(log_id),
+                last_membership: StoredMembership::new(Some(log_id), membership),
+            },
+            state: Vec::new(),
+        };
+        WireChunk {
+            group: GROUP.0,
+            header: encode(&header).into(),
+            trailer_follows: true,
+            ..Default::default()
+        }
+    }
+
+    fn rows(rows: SnapshotChunk) -> WireChunk {
+        WireChunk {
+            group: GROUP.0,
+            data: encode(&rows).into(),
+            ..Default::default()
+        }
+    }
+
+    fn trailer(rows: u64) -> WireChunk {
+        WireChunk {
+            group: GROUP.0,
+            data: encode(&SnapshotChunk::new()).into(),
+            trailer: true,
+            rows,
+            ..Default::default()
+        }
+    }
+
+    /// A row of GROUP's own keys in the records family.
+    fn row(key: &[u8]) -> (u8, Vec<u8>, Vec<u8>) {
+        let mut k = GROUP.0.to_be_bytes().to_vec();
+        k.extend_from_slice(key);
+        (Cf::Records.snapshot_tag().unwrap(), k, b"value".to_vec())
+    }
+
+    async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A peer's snapshot stream over the real transport: while one is
+    /// being received, a second one of the same group is refused (it
+    /// would clear the staging rows the first is writing); a row keyed
+    /// outside the group is refused as bad input; once the refused stream
+    /// is gone a whole snapshot installs its rows.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_snapshot_transfer_per_group_and_only_rows_of_the_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), FsyncPolicy::Always).unwrap();
+        let host = RaftHost::new(
+            NodeId(1),
+            storage.clone(),
+            Arc::new(crate::NoFilter),
+            Dialer::plaintext(),
+        );
+        host.start_group(GROUP, Arc::new(Echo), &TimingProfile::shard())
+            .await
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(host.service())
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let client = RaftTransportClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let receiving = host.group(GROUP).unwrap().receiving;
+
+        // The first transfer sends its header and holds the stream open.
+        let (first_tx, first_rx) = mpsc::channel(4);
+        first_tx.send(snapshot_header()).await.unwrap();
+        let first = tokio::spawn({
+            let mut c = client.clone();
+            async move { c.install_snapshot(ReceiverStream::new(first_rx)).await }
+        });
+        wait_until(
+            "the first transfer never took the group's receive lock",
+            || receiving.try_lock().is_err(),
+        )
+        .await;
+
+        let second = client
+            .clone()
+            .install_snapshot(futures::stream::iter([snapshot_header(), trailer(0)]))
+            .await
+            .expect_err("a second transfer of the same group at once");
+        assert_eq!(second.code(), tonic::Code::Unavailable, "{second:?}");
+        assert!(second.message().contains("is being received"), "{second:?}");
+
+        // A row of another group (its key lacks GROUP's prefix) is refused.
+        let mut stray = row(b"k");
+        stray.1[0] ^= 0xff;
+        first_tx.send(rows(vec![stray])).await.unwrap();
+        let refused = tokio::time::timeout(Duration::from_secs(10), first)
+            .await
+            .expect("the stray row was taken")
+            .unwrap()
+            .expect_err("a row keyed outside the group");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        assert!(
+            refused.message().contains("outside the group"),
+            "{refused:?}"
+        );
+        wait_until("the refused transfer kept the receive lock", || {
+            receiving.try_lock().is_ok()
+        })
+        .await;
+
+        let (kept, key) = (row(b"kept"), row(b"kept").1);
+        client
+            .clone()
+            .install_snapshot(futures::stream::iter([
+                snapshot_header(),
+                rows(vec![kept]),
+                trailer(1),
+            ]))
+            .await
+            .expect("a whole snapshot once the group is free");
+        assert_eq!(
+            storage.get(Cf::Records, &key).unwrap().as_deref(),
+            Some(&b"value"[..])
+        );
+        server.abort();
+        host.shutdown().await;
+    }
 
     #[test]
     fn a_snapshot_stream_is_whole_only_with_a_matching_trailer() {
