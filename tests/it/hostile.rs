@@ -375,6 +375,244 @@ async fn an_append_routed_by_the_map_before_a_split_is_refused() {
     cluster.shutdown().await;
 }
 
+/// One acknowledged or failed put of the racing writers.
+struct Put {
+    data: String,
+    sent: std::time::Instant,
+    acked: Option<std::time::Instant>,
+}
+
+/// Every record of `shard` from its start, in order; a closed shard is read
+/// to its end, an open one until it answers empty at its tip.
+async fn read_whole_shard(
+    client: &aws_sdk_kinesis::Client,
+    stream: &str,
+    shard: &str,
+) -> Vec<String> {
+    let mut iterator = client
+        .get_shard_iterator()
+        .stream_name(stream)
+        .shard_id(shard)
+        .shard_iterator_type(aws_sdk_kinesis::types::ShardIteratorType::TrimHorizon)
+        .send()
+        .await
+        .unwrap()
+        .shard_iterator;
+    let mut records = Vec::new();
+    while let Some(it) = iterator {
+        let page = client
+            .get_records()
+            .shard_iterator(it)
+            .send()
+            .await
+            .unwrap();
+        let at_tip = page.records().is_empty() && page.millis_behind_latest() == Some(0);
+        records.extend(
+            page.records()
+                .iter()
+                .map(|r| String::from_utf8(r.data().as_ref().to_vec()).unwrap()),
+        );
+        iterator = if at_tip {
+            None
+        } else {
+            page.next_shard_iterator
+        };
+    }
+    records
+}
+
+/// Item 14 with the race itself: a shard is split while its leader's map
+/// lags 600 ms behind the metadata leader's, so for a while it still takes
+/// appends routed by the map from before the split, from an old-map client
+/// that writes the parent's group directly; meanwhile SDK clients on the
+/// other nodes put to the same hash key and their nodes route them by the
+/// new map to the child. Read back as the key's history (the parent to its
+/// end, then the child that took the key over), every acknowledged write is
+/// there once and in real-time order: one acknowledged before another was
+/// sent comes first. A child that took writes before its parent was sealed
+/// breaks that order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_to_one_key_keep_their_order_across_a_split_that_an_old_map_races() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let cluster = TestCluster::start(3).await.unwrap();
+    cluster.create_stream("raced", 1).await.unwrap();
+    let before = cluster.node(1).meta.state().streams["raced"].clone();
+    let group = before.shards[0].group;
+    // The parent's leader must not lead the metadata group, whose log it
+    // is to receive late.
+    let meta = cluster.leader_of(GroupId::META).unwrap().0;
+    let mut leader = cluster.leader_of(group).unwrap().0;
+    if leader == meta {
+        let to = (1..=3).find(|n| *n != meta).unwrap();
+        cluster
+            .node(leader)
+            .host
+            .transfer_leader(group, NodeId(to))
+            .await
+            .unwrap();
+        kinesin_testkit::wait_until(
+            "the parent's leader to move",
+            Duration::from_secs(30),
+            || async { cluster.leader_of(group) == Some(NodeId(to)) },
+        )
+        .await
+        .unwrap();
+        leader = to;
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicUsize::new(0));
+    let record = {
+        let acked = acked.clone();
+        move |data: String, sent: Instant, ok: bool| {
+            if ok {
+                acked.fetch_add(1, Ordering::Relaxed);
+            }
+            Put {
+                data,
+                sent,
+                acked: ok.then(Instant::now),
+            }
+        }
+    };
+    let mut writers = Vec::new();
+    // SDK clients through the other nodes, which route by their maps.
+    for n in (1..=3u64).filter(|n| *n != leader) {
+        let client = crate::aws_sdk::client(&cluster.node(n).api_address());
+        let (stop, record) = (stop.clone(), record.clone());
+        writers.push(tokio::spawn(async move {
+            let mut puts = Vec::new();
+            for i in 0.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let (data, sent) = (format!("sdk{n}-{i}"), Instant::now());
+                let put = client
+                    .put_record()
+                    .stream_name("raced")
+                    .partition_key("same-key")
+                    .explicit_hash_key("1")
+                    .data(aws_sdk_kinesis::primitives::Blob::new(data.clone()))
+                    .send()
+                    .await;
+                puts.push(record(data, sent, put.is_ok()));
+            }
+            puts
+        }));
+    }
+    // Old-map clients: appends to the parent's group at the epoch before
+    // the split, at its leader.
+    for w in 0..3 {
+        let mut c = native_client(&cluster, leader).await;
+        let (stop, record, epoch) = (stop.clone(), record.clone(), before.epoch);
+        writers.push(tokio::spawn(async move {
+            let mut puts = Vec::new();
+            for i in 0.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let (data, sent) = (format!("old{w}-{i}"), Instant::now());
+                let append = c
+                    .shard_append(pb::ShardAppendRequest {
+                        group: group.0,
+                        epoch,
+                        records: vec![pb::Record {
+                            partition_key: "same-key".into(),
+                            data: data.clone().into_bytes().into(),
+                            explicit_hash_key: "1".into(),
+                        }],
+                    })
+                    .await;
+                puts.push(record(data, sent, append.is_ok()));
+            }
+            puts
+        }));
+    }
+    let wait_for_acks = |n: usize| {
+        let acked = acked.clone();
+        kinesin_testkit::wait_until("the writers' puts", Duration::from_secs(60), move || {
+            let acked = acked.clone();
+            async move { acked.load(Ordering::Relaxed) >= n }
+        })
+    };
+    wait_for_acks(60).await.unwrap();
+    cluster
+        .filter
+        .delay(meta, leader, Duration::from_millis(600));
+    let parent = split_first_shard(cluster.node(meta), "raced").await;
+    let after_split = acked.load(Ordering::Relaxed);
+    wait_for_acks(after_split + 60).await.unwrap();
+    cluster.filter.heal();
+    stop.store(true, Ordering::Relaxed);
+    let mut puts = Vec::new();
+    for w in writers {
+        puts.extend(w.await.unwrap());
+    }
+
+    let client = crate::aws_sdk::client(&cluster.node(meta).api_address());
+    let shards = client
+        .list_shards()
+        .stream_name("raced")
+        .send()
+        .await
+        .unwrap()
+        .shards
+        .unwrap_or_default();
+    // The child whose range starts at 0 holds hash key 1.
+    let child = shards
+        .iter()
+        .find(|s| {
+            s.parent_shard_id() == Some(parent.shard_id.to_string().as_str())
+                && s.hash_key_range().map(|r| r.starting_hash_key()) == Some("0")
+        })
+        .expect("the child of hash key 1");
+    let mut history = read_whole_shard(&client, "raced", &parent.shard_id.to_string()).await;
+    let in_parent = history.len();
+    history.extend(read_whole_shard(&client, "raced", child.shard_id()).await);
+
+    let mut position = std::collections::HashMap::new();
+    for (at, data) in history.iter().enumerate() {
+        assert!(
+            position.insert(data.as_str(), at).is_none(),
+            "{data} was stored twice"
+        );
+    }
+    let sent: std::collections::HashSet<_> = puts.iter().map(|p| p.data.as_str()).collect();
+    assert!(
+        history.iter().all(|d| sent.contains(d.as_str())),
+        "a record no one sent"
+    );
+    let acked: Vec<_> = puts.iter().filter(|p| p.acked.is_some()).collect();
+    assert!(
+        acked
+            .iter()
+            .any(|p| position.get(p.data.as_str()) < Some(&in_parent))
+            && acked
+                .iter()
+                .any(|p| position.get(p.data.as_str()) >= Some(&in_parent)),
+        "the writes did not span the split: {in_parent} of {} records in the parent",
+        history.len()
+    );
+    for b in &acked {
+        let Some(&at_b) = position.get(b.data.as_str()) else {
+            panic!("acknowledged write {} is lost", b.data);
+        };
+        for a in acked.iter().filter(|a| a.acked.unwrap() < b.sent) {
+            assert!(
+                position[a.data.as_str()] < at_b,
+                "{} was acknowledged before {} was sent, but is stored after it \
+                 (the parent holds the first {in_parent} of {} records)",
+                a.data,
+                b.data,
+                history.len()
+            );
+        }
+    }
+    cluster.shutdown().await;
+}
+
 /// Issue 18 item 10: a sealed parent leaves the map, and its group the
 /// nodes, once a retention period has passed since it was sealed; within
 /// that period it stays, and a restart of its leader does not restart the
