@@ -725,7 +725,8 @@ def test_enhanced_fan_out(cluster, kinesis, stream_name):
 def test_a_consumer_has_one_subscription_per_shard(kinesis, stream_name):
     """As AWS: a second SubscribeToShard of a consumer and shard within 5 s of
     the first is refused; a later one takes over and the first stream ends
-    with ResourceInUseException."""
+    with ResourceInUseException. A subscription whose reader went away
+    frees the slot at once, not 5 s after it started."""
     create_and_wait(kinesis, stream_name, shards=1)
     arn = kinesis.describe_stream_summary(StreamName=stream_name)["StreamDescriptionSummary"]["StreamARN"]
     consumer = kinesis.register_stream_consumer(StreamARN=arn, ConsumerName="single")["Consumer"]
@@ -738,6 +739,7 @@ def test_a_consumer_has_one_subscription_per_shard(kinesis, stream_name):
     while True:
         try:
             second = kinesis.subscribe_to_shard(**sub)["EventStream"]
+            second_started = time.monotonic()
             break
         except botocore.exceptions.ClientError as err:
             assert err.response["Error"]["Code"] == "ResourceInUseException", err
@@ -748,6 +750,18 @@ def test_a_consumer_has_one_subscription_per_shard(kinesis, stream_name):
             pass
     assert error_code(e) == "ResourceInUseException"
     second.close()
+    # The server notices the closed connection and frees the slot: a new
+    # subscription is taken well before the 5 s after which it could take
+    # over a live one.
+    while True:
+        try:
+            third = kinesis.subscribe_to_shard(**sub)["EventStream"]
+            break
+        except botocore.exceptions.ClientError as err:
+            assert err.response["Error"]["Code"] == "ResourceInUseException", err
+            assert time.monotonic() < second_started + 4, "a closed subscription kept its slot"
+            time.sleep(0.05)
+    third.close()
     kinesis.deregister_stream_consumer(ConsumerARN=consumer["ConsumerARN"])
     kinesis.delete_stream(StreamName=stream_name, EnforceConsumerDeletion=True)
 
