@@ -835,6 +835,92 @@ async fn slow_and_surplus_api_connections_are_closed_while_clients_keep_working(
     .unwrap();
 }
 
+/// A ListStreams request on an HTTP/2 connection whose body follows.
+fn h2_list_streams(content_length: usize) -> http::Request<()> {
+    http::Request::post("/")
+        .header("content-type", "application/x-amz-json-1.1")
+        .header("x-amz-target", "Kinesis_20131202.ListStreams")
+        .header("content-length", content_length)
+        .body(())
+        .unwrap()
+}
+
+/// Item 4 over HTTP/2: the server lets one connection run at most 64
+/// requests at once (the client queues the rest), a stream whose body
+/// stalls is answered 408 after the body timeout and frees its place for a
+/// queued one, and another client is answered meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_http2_connection_gets_a_bounded_number_of_streams_and_stalled_bodies_end() {
+    use std::time::Duration;
+    let options = kinesin_testkit::TestOptions {
+        configure: |c| c.api_body_timeout_ms = 1000,
+        ..Default::default()
+    };
+    let cluster = TestCluster::start_with(1, options).await.unwrap();
+    let address = cluster.node(1).api_address();
+    let tcp = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let (h2, mut connection) = h2::client::handshake(tcp).await.unwrap();
+    // Drives the connection and tells the stream limit the server set.
+    let (limit_tx, limit) = tokio::sync::watch::channel(0);
+    tokio::spawn(futures::future::poll_fn(move |cx| {
+        let polled = std::future::Future::poll(std::pin::Pin::new(&mut connection), cx);
+        limit_tx.send_replace(connection.max_concurrent_send_streams());
+        polled
+    }));
+    // A whole request first, so that the server's settings are in.
+    let body = br#"{"Limit":1}"#;
+    let (answer, mut send) = h2
+        .clone()
+        .ready()
+        .await
+        .unwrap()
+        .send_request(h2_list_streams(body.len()), false)
+        .unwrap();
+    send.send_data(bytes::Bytes::from_static(body), true)
+        .unwrap();
+    assert_eq!(answer.await.unwrap().status(), 200);
+    assert_eq!(*limit.borrow(), 64, "concurrent streams of one connection");
+
+    // Streams whose bodies stop after a few bytes.
+    let mut stalled = Vec::new();
+    for _ in 0..200 {
+        let (answer, mut send) = h2
+            .clone()
+            .ready()
+            .await
+            .unwrap()
+            .send_request(h2_list_streams(1000), false)
+            .unwrap();
+        send.send_data(bytes::Bytes::from_static(b"{\"Lim"), false)
+            .unwrap();
+        stalled.push((answer, send));
+    }
+    crate::aws_sdk::client(&address)
+        .list_streams()
+        .send()
+        .await
+        .expect("another client is answered");
+    // 64 at a time, each within about a second of its start.
+    for (answer, _send) in stalled {
+        let status = tokio::time::timeout(Duration::from_secs(30), answer)
+            .await
+            .expect("a stalled body is answered")
+            .expect("a response, not a reset")
+            .status();
+        assert_eq!(status, 408);
+    }
+    let (answer, mut send) = h2
+        .ready()
+        .await
+        .unwrap()
+        .send_request(h2_list_streams(body.len()), false)
+        .unwrap();
+    send.send_data(bytes::Bytes::from_static(body), true)
+        .unwrap();
+    assert_eq!(answer.await.unwrap().status(), 200);
+    cluster.shutdown().await;
+}
+
 /// The peak resident memory of this process, in MiB.
 fn peak_rss_mib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
