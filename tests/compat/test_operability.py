@@ -426,6 +426,54 @@ def test_dashboards_and_alerts_name_only_exported_metrics(cluster, cli, stream_n
     subprocess.run(["promtool", "check", "rules", os.path.join(GRAFANA, "alerts.yml")], check=True, capture_output=True)
 
 
+def test_the_disk_alerts_fire_on_the_gauges_the_node_exports(tmp_path):
+    """promtool evaluates the shipped rules over series shaped as a node
+    exports them: KinesinDiskFull fires after kinesin_node_disk_full has
+    been 1 for a minute (the full-disk test shows the node sets it), and
+    KinesinDiskNearlyFull after ten minutes under 10 % free; neither fires
+    on a node with room."""
+    full = {"severity": "critical", "instance": "full"}
+    unit = {
+        "rule_files": [os.path.join(GRAFANA, "alerts.yml")],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [
+                {"series": 'kinesin_node_disk_full{instance="full"}', "values": "0 1 1 1"},
+                {"series": 'kinesin_node_disk_full{instance="roomy"}', "values": "0 0 0 0"},
+                {"series": 'kinesin_node_disk_free_bytes{instance="full"}', "values": "50x15"},
+                {"series": 'kinesin_node_disk_total_bytes{instance="full"}', "values": "1000x15"},
+                {"series": 'kinesin_node_disk_free_bytes{instance="roomy"}', "values": "500x15"},
+                {"series": 'kinesin_node_disk_total_bytes{instance="roomy"}', "values": "1000x15"},
+            ],
+            "alert_rule_test": [
+                {"eval_time": "1m", "alertname": "KinesinDiskFull", "exp_alerts": []},
+                {"eval_time": "3m", "alertname": "KinesinDiskFull", "exp_alerts": [{
+                    "exp_labels": full,
+                    "exp_annotations": {
+                        "summary": "Node full refuses writes: its data directory's disk is full",
+                        "description": "Writes to groups it leads fail with ServiceUnavailable (its leaderships "
+                        "move to other replicas); free space or grow the volume and it recovers by itself.",
+                    },
+                }]},
+                {"eval_time": "5m", "alertname": "KinesinDiskNearlyFull", "exp_alerts": []},
+                {"eval_time": "12m", "alertname": "KinesinDiskNearlyFull", "exp_alerts": [{
+                    "exp_labels": full,
+                    "exp_annotations": {
+                        "summary": "Node full has 5% disk left",
+                        "description": "Lower retention, add nodes or grow the volume before writes fail.",
+                    },
+                }]},
+            ],
+        }],
+    }
+    # YAML takes JSON as it is.
+    tests = tmp_path / "disk-alerts.yml"
+    tests.write_text(json.dumps(unit))
+    run = subprocess.run(["promtool", "test", "rules", str(tests)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
 def prometheus_query(port, q):
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": q})
     with urllib.request.urlopen(url, timeout=5) as r:
