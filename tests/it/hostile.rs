@@ -921,6 +921,115 @@ async fn an_http2_connection_gets_a_bounded_number_of_streams_and_stalled_bodies
     cluster.shutdown().await;
 }
 
+/// Sends a SubscribeToShard for `consumer` (shard 0, from the start) on a
+/// new connection that takes in at most a few KiB until it is read.
+async fn subscribe_raw(address: &str, consumer: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(address.parse().unwrap()).await.unwrap();
+    let body = format!(
+        r#"{{"ConsumerARN":"{consumer}","ShardId":"shardId-000000000000","StartingPosition":{{"Type":"TRIM_HORIZON"}}}}"#
+    );
+    s.write_all(
+        format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-amz-json-1.1\r\n\
+             X-Amz-Target: Kinesis_20131202.SubscribeToShard\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    s
+}
+
+/// The status code of the answer on `s` (reading no more than its first
+/// line's worth).
+async fn status_of(s: &mut tokio::net::TcpStream) -> u16 {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 12];
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_exact(&mut head))
+        .await
+        .expect("an answer")
+        .unwrap();
+    std::str::from_utf8(&head[9..12]).unwrap().parse().unwrap()
+}
+
+/// Item 9: a subscriber that stops reading while records keep coming
+/// blocks the server's pushes, and its subscription still ends at its
+/// lifetime (here 3 s; AWS's five minutes is the default) and frees the
+/// consumer's slot. Before, a send blocked on a stopped reader had no
+/// limit: the slot stayed taken until another subscription took it over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subscription_whose_reader_stopped_reading_ends_at_its_lifetime() {
+    use aws_sdk_kinesis::primitives::Blob;
+    use std::time::{Duration, Instant};
+    let options = kinesin_testkit::TestOptions {
+        configure: |c| c.api_subscription_lifetime_ms = 3000,
+        ..Default::default()
+    };
+    let cluster = TestCluster::start_with(1, options).await.unwrap();
+    cluster.create_stream("stuck", 1).await.unwrap();
+    let address = cluster.node(1).api_address();
+    let client = crate::aws_sdk::client(&address);
+    let stream_arn = client
+        .describe_stream_summary()
+        .stream_name("stuck")
+        .send()
+        .await
+        .unwrap()
+        .stream_description_summary
+        .unwrap()
+        .stream_arn;
+    let consumer = client
+        .register_stream_consumer()
+        .stream_arn(stream_arn)
+        .consumer_name("stops-reading")
+        .send()
+        .await
+        .unwrap()
+        .consumer
+        .unwrap()
+        .consumer_arn;
+
+    let started = Instant::now();
+    let mut stuck = subscribe_raw(&address, &consumer).await;
+    assert_eq!(status_of(&mut stuck).await, 200);
+    // 16 MiB pushed to a reader that takes none: more than the socket
+    // buffers and the server's queue of events hold.
+    let writer = tokio::spawn(async move {
+        for _ in 0..64 {
+            client
+                .put_record()
+                .stream_name("stuck")
+                .partition_key("k")
+                .data(Blob::new(vec![7u8; 256 << 10]))
+                .send()
+                .await
+                .unwrap();
+        }
+    });
+    let mut early = subscribe_raw(&address, &consumer).await;
+    assert_eq!(status_of(&mut early).await, 400, "the slot is taken");
+    // A new subscription could take over a live one 5 s after it started:
+    // it must be free before that.
+    loop {
+        let mut probe = subscribe_raw(&address, &consumer).await;
+        if status_of(&mut probe).await == 200 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(4700),
+            "the stopped reader's subscription kept the slot past its lifetime"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    writer.await.unwrap();
+    cluster.shutdown().await;
+}
+
 /// The peak resident memory of this process, in MiB.
 fn peak_rss_mib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();

@@ -85,6 +85,9 @@ pub struct GatewayConfig {
     /// How long a connection may stay without a request in flight before
     /// it is closed (gracefully: HTTP/2 gets a GOAWAY).
     pub idle_timeout: Duration,
+    /// How long one SubscribeToShard call streams (AWS: five minutes),
+    /// whether or not its reader keeps up.
+    pub subscription_lifetime: Duration,
 }
 
 /// PEM certificate chain and private key of the HTTPS endpoint.
@@ -144,6 +147,7 @@ impl Default for GatewayConfig {
             header_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(300),
+            subscription_lifetime: MAX_SUBSCRIPTION_LIFETIME,
         }
     }
 }
@@ -751,8 +755,8 @@ fn record(
         .record(started.elapsed().as_secs_f64());
 }
 
-/// How long one SubscribeToShard call streams, as AWS.
-const SUBSCRIPTION_LIFETIME: Duration = Duration::from_secs(300);
+/// How long one SubscribeToShard call streams at most, as AWS.
+pub const MAX_SUBSCRIPTION_LIFETIME: Duration = Duration::from_secs(300);
 /// An event goes out at least this often, records or not.
 const SUBSCRIPTION_HEARTBEAT: Duration = Duration::from_secs(5);
 /// How long one read of a subscription waits at the shard's leader for
@@ -765,7 +769,8 @@ const SUBSCRIPTION_RETRY: Duration = Duration::from_millis(100);
 const SUBSCRIPTION_TAKEOVER: Duration = Duration::from_secs(5);
 
 /// SubscribeToShard: validates like any call, then answers with an
-/// event stream that pushes records for up to five minutes.
+/// event stream that pushes records for the subscription lifetime (five
+/// minutes by default).
 async fn subscribe(
     gw: &Arc<Gateway>,
     protocol: Protocol,
@@ -778,8 +783,9 @@ async fn subscribe(
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(4);
     let router = gw.router.clone();
     let content_type = protocol.content_type();
+    let lifetime = gw.config.subscription_lifetime;
     tokio::spawn(async move {
-        let deadline = tokio::time::Instant::now() + SUBSCRIPTION_LIFETIME;
+        let deadline = tokio::time::Instant::now() + lifetime;
         // A send waits for the reader; one that stopped reading ends the
         // stream at the deadline all the same, as does a takeover.
         let send = |frame: Vec<u8>| {

@@ -101,6 +101,9 @@ pub struct Config {
     /// How long an AWS API connection may stay without a request in flight
     /// before it is closed (milliseconds).
     pub api_idle_timeout_ms: u64,
+    /// How long one SubscribeToShard stream lasts (milliseconds; AWS and
+    /// the default: five minutes, the most allowed).
+    pub api_subscription_lifetime_ms: u64,
     /// Most open shards the cluster allows (CreateStream, DescribeLimits).
     pub shard_limit: u32,
     /// How long shard iterators and paging tokens stay valid (AWS: 300).
@@ -180,6 +183,7 @@ impl Default for Config {
             api_header_timeout_ms: 30_000,
             api_body_timeout_ms: 60_000,
             api_idle_timeout_ms: 300_000,
+            api_subscription_lifetime_ms: 300_000,
             shard_limit: 10_000,
             iterator_validity_secs: 300,
             shard_write_bytes_per_sec: 0,
@@ -369,6 +373,13 @@ impl Config {
                     .into(),
             );
         }
+        let most = kinesin_gateway::MAX_SUBSCRIPTION_LIFETIME.as_millis() as u64;
+        if !(1..=most).contains(&self.api_subscription_lifetime_ms) {
+            return bad(format!(
+                "api_subscription_lifetime_ms must be between 1 and {most} (five minutes), not {}",
+                self.api_subscription_lifetime_ms
+            ));
+        }
         self.glue_tables()?;
         // Unset, they are the listen addresses (port 0 until bound).
         if let Some(addr) = &self.advertise_grpc {
@@ -496,6 +507,13 @@ mod tests {
                     ..Config::default()
                 },
                 "shard_snapshot_every must be at least 100",
+            ),
+            (
+                Config {
+                    api_subscription_lifetime_ms: 300_001,
+                    ..Config::default()
+                },
+                "api_subscription_lifetime_ms must be between 1 and 300000",
             ),
             (
                 Config {

@@ -232,6 +232,7 @@ impl Node {
                 header_timeout: Duration::from_millis(config.api_header_timeout_ms),
                 idle_timeout: Duration::from_millis(config.api_idle_timeout_ms),
                 body_timeout: Duration::from_millis(config.api_body_timeout_ms),
+                subscription_lifetime: Duration::from_millis(config.api_subscription_lifetime_ms),
             },
             tls,
             stop_rx.clone(),
