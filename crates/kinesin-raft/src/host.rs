@@ -838,6 +838,7 @@ impl RaftHost {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::unavailable(e.to_string()))?;
+        tracing::info!(%group, rows = tally.rows, "received a whole snapshot from the leader");
         Ok(encode(&resp.vote))
     }
 }
