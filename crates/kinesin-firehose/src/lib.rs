@@ -14,6 +14,9 @@
 //! same bytes instead of adding a second one.
 
 mod convert;
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod model;
 mod object;
 mod partition;
