@@ -738,8 +738,8 @@ def test_a_consumer_has_one_subscription_per_shard(kinesis, stream_name):
     deadline = time.monotonic() + 30
     while True:
         try:
-            second = kinesis.subscribe_to_shard(**sub)["EventStream"]
             second_started = time.monotonic()
+            second = kinesis.subscribe_to_shard(**sub)["EventStream"]
             break
         except botocore.exceptions.ClientError as err:
             assert err.response["Error"]["Code"] == "ResourceInUseException", err

@@ -11,7 +11,19 @@ use aws_sdk_kinesis::Client;
 use kinesin_testkit::{wait_until, TestCluster};
 
 pub(crate) fn client(api_address: &str) -> Client {
+    client_with(
+        api_address,
+        aws_sdk_kinesis::config::retry::RetryConfig::standard(),
+    )
+}
+
+/// A client that retries as `retry` says.
+pub(crate) fn client_with(
+    api_address: &str,
+    retry: aws_sdk_kinesis::config::retry::RetryConfig,
+) -> Client {
     let config = aws_sdk_kinesis::Config::builder()
+        .retry_config(retry)
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new("us-east-1"))
         .credentials_provider(Credentials::new("AKIDTEST", "secret", None, None, "test"))

@@ -25,7 +25,8 @@ pub struct Replicas<'a> {
     index: u64,
 }
 
-fn destination() -> S3Destination {
+/// The destination every delivery stream of the tests writes to.
+pub(crate) fn destination() -> S3Destination {
     S3Destination {
         bucket_arn: "arn:aws:s3:::bucket".into(),
         role_arn: "arn:aws:iam::000000000000:role/r".into(),
@@ -77,11 +78,11 @@ impl<'a> Replicas<'a> {
     }
 
     /// Each stream applies `bytes` as a log entry (the leader's clock, then
-    /// a command) and answers it as a query. The leader's check
-    /// (`check_command`) lets through exactly the entries whose command
-    /// decodes; those apply (an error would stop the replica) and the rest
-    /// are refused with an error; queries are answered or refused; nothing
-    /// panics.
+    /// a command) and answers what follows the clock as a query (queries
+    /// carry no clock). The leader's check (`check_command`) lets through
+    /// exactly the entries whose command decodes; those apply (an error
+    /// would stop the replica) and the rest are refused with an error;
+    /// queries are answered or refused; nothing panics.
     pub fn entry(&mut self, bytes: &[u8]) {
         self.index += 1;
         let decodes = bytes.len() >= 8 && decode::<FirehoseCommand>(&bytes[8..]).is_ok();
@@ -97,7 +98,7 @@ impl<'a> Replicas<'a> {
                 }
                 Err(e) => assert!(!proposable, "a proposable command stopped the replica: {e}"),
             }
-            let _ = stream.query(bytes);
+            let _ = stream.query(bytes.get(8..).unwrap_or_default());
         }
     }
 }
@@ -149,7 +150,8 @@ mod tests {
 
     /// An entry: the clock, then a command that decodes (one of each kind,
     /// with values from small ranges so that seals and commits meet the
-    /// buffered records), a query, or any bytes.
+    /// buffered records), a query (asked after the clock; as a command it
+    /// decodes to something else or nothing), or any bytes.
     fn entry() -> impl Strategy<Value = Vec<u8>> {
         let command = prop_oneof![
             prop::collection::vec(prop::collection::vec(any::<u8>(), 0..6), 0..4).prop_map(

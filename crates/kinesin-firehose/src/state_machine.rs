@@ -446,24 +446,9 @@ impl GroupStateMachine for FirehoseStateMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fuzzing::destination;
     use crate::model::Compression;
     use kinesin_storage::FsyncPolicy;
-
-    fn destination() -> S3Destination {
-        S3Destination {
-            bucket_arn: "arn:aws:s3:::bucket".into(),
-            role_arn: "arn:aws:iam::000000000000:role/r".into(),
-            prefix: None,
-            error_output_prefix: None,
-            size_mib: 1,
-            interval_s: 60,
-            compression: Compression::Gzip,
-            append_delimiter: false,
-            extended: false,
-            partition_query: None,
-            conversion: None,
-        }
-    }
 
     fn open(storage: &Storage) -> Arc<dyn GroupStateMachine> {
         open_with(storage, Source::DirectPut)

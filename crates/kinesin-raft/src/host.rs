@@ -1135,7 +1135,8 @@ mod tests {
         })
         .await;
 
-        let (kept, key) = (row(b"kept"), row(b"kept").1);
+        let kept = row(b"kept");
+        let key = kept.1.clone();
         client
             .clone()
             .install_snapshot(futures::stream::iter([
