@@ -477,6 +477,27 @@ async fn writes_to_one_key_keep_their_order_across_a_split_that_an_old_map_races
             }
         }
     };
+    // A writer puts `{name}-0`, `{name}-1`, … one at a time until told to
+    // stop; after a refusal (the parent closed) it waits before the next.
+    type Put1 = Box<dyn Fn(String) -> futures::future::BoxFuture<'static, bool> + Send>;
+    let spawn_writer = |name: String, put: Put1| {
+        let (stop, record) = (stop.clone(), record.clone());
+        tokio::spawn(async move {
+            let mut puts = Vec::new();
+            for i in 0.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let (data, sent) = (format!("{name}-{i}"), Instant::now());
+                let taken = put(data.clone()).await;
+                puts.push(record(data, sent, taken));
+                if !taken {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            puts
+        })
+    };
     let mut writers = Vec::new();
     // SDK clients through the other nodes, which route by their maps. No
     // retries: a put retried after an answer lost on its way would be
@@ -486,59 +507,43 @@ async fn writes_to_one_key_keep_their_order_across_a_split_that_an_old_map_races
             &cluster.node(n).api_address(),
             aws_sdk_kinesis::config::retry::RetryConfig::disabled(),
         );
-        let (stop, record) = (stop.clone(), record.clone());
-        writers.push(tokio::spawn(async move {
-            let mut puts = Vec::new();
-            for i in 0.. {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let (data, sent) = (format!("sdk{n}-{i}"), Instant::now());
+        writers.push(spawn_writer(
+            format!("sdk{n}"),
+            Box::new(move |data| {
                 let put = client
                     .put_record()
                     .stream_name("raced")
                     .partition_key("same-key")
                     .explicit_hash_key("1")
-                    .data(aws_sdk_kinesis::primitives::Blob::new(data.clone()))
-                    .send()
-                    .await;
-                puts.push(record(data, sent, put.is_ok()));
-            }
-            puts
-        }));
+                    .data(aws_sdk_kinesis::primitives::Blob::new(data));
+                Box::pin(async move { put.send().await.is_ok() })
+            }),
+        ));
     }
     // Old-map clients: appends to the parent's group at the epoch before
     // the split, at its leader.
     for w in 0..3 {
-        let mut c = native_client(&cluster, leader).await;
-        let (stop, record, epoch) = (stop.clone(), record.clone(), before.epoch);
-        writers.push(tokio::spawn(async move {
-            let mut puts = Vec::new();
-            for i in 0.. {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let (data, sent) = (format!("old{w}-{i}"), Instant::now());
-                let append = c
-                    .shard_append(pb::ShardAppendRequest {
+        let c = native_client(&cluster, leader).await;
+        let epoch = before.epoch;
+        writers.push(spawn_writer(
+            format!("old{w}"),
+            Box::new(move |data| {
+                let mut c = c.clone();
+                Box::pin(async move {
+                    c.shard_append(pb::ShardAppendRequest {
                         group: group.0,
                         epoch,
                         records: vec![pb::Record {
                             partition_key: "same-key".into(),
-                            data: data.clone().into_bytes().into(),
+                            data: data.into_bytes().into(),
                             explicit_hash_key: "1".into(),
                         }],
                     })
-                    .await;
-                let refused = append.is_err();
-                puts.push(record(data, sent, !refused));
-                // Refused once the parent is closed: ask again, not at once.
-                if refused {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-            puts
-        }));
+                    .await
+                    .is_ok()
+                })
+            }),
+        ));
     }
     let wait_for_acks = |n: usize| {
         let acked = acked.clone();

@@ -42,7 +42,12 @@ pub(crate) fn destination() -> S3Destination {
     }
 }
 
-fn open_stream(storage: &Storage, group: u64, source: Source) -> Arc<dyn GroupStateMachine> {
+/// A delivery stream from `source` as group `group` of `storage`.
+pub(crate) fn open_stream(
+    storage: &Storage,
+    group: u64,
+    source: Source,
+) -> Arc<dyn GroupStateMachine> {
     let config = StreamConfig {
         name: format!("s{group}"),
         source,

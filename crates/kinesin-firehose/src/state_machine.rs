@@ -455,17 +455,7 @@ mod tests {
     }
 
     fn open_with(storage: &Storage, source: Source) -> Arc<dyn GroupStateMachine> {
-        let config = StreamConfig {
-            name: "s".into(),
-            source,
-            destination: destination(),
-            tags: BTreeMap::new(),
-            encrypted: false,
-            created_ms: 1,
-        };
-        FirehoseKind
-            .open(storage.clone(), GroupId(7), &encode(&config))
-            .expect("open")
+        crate::fuzzing::open_stream(storage, 7, source)
     }
 
     /// Applies one stamped command as the Raft adapter does.
