@@ -154,8 +154,12 @@ mod tests {
     use super::InternalTls;
     use std::path::PathBuf;
 
+    /// Found from the package directory the test runner names: a test
+    /// binary built from another checkout that shares the target directory
+    /// (as CI's clones do) would look in that checkout.
     fn fixture(name: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        std::env::var_os("CARGO_MANIFEST_DIR")
+            .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
             .join("../../tests/fixtures/internal-tls")
             .join(name)
     }

@@ -12,7 +12,13 @@ use kinesin_proto::v1::{self as pb};
 use crate::common::{client, eventually, read_all, Proc};
 
 fn unpack_fixture(into: &Path) {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data-v1.tar.gz");
+    // The package directory the test runner names, not the one the binary
+    // was built in (clones share the target directory).
+    let package = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(
+        || env!("CARGO_MANIFEST_DIR").into(),
+        std::path::PathBuf::from,
+    );
+    let fixture = package.join("tests/fixtures/data-v1.tar.gz");
     let status = Command::new("tar")
         .arg("xzf")
         .arg(&fixture)
