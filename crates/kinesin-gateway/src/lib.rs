@@ -818,6 +818,8 @@ async fn subscribe(
             let asked = Instant::now();
             let next = tokio::select! {
                 next = kinesis::next_event(&router, &sub, start, SUBSCRIPTION_WAIT) => next,
+                // A read does not outlast the lifetime: the slot is freed then.
+                () = tokio::time::sleep_until(deadline) => break,
                 // The reader went away: free the consumer's slot now.
                 () = tx.closed() => return,
                 _ = registration.taken_over.notified() => {
