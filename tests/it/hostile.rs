@@ -562,6 +562,7 @@ async fn writes_to_one_key_keep_their_order_across_a_split_that_an_old_map_races
     cluster
         .filter
         .delay(meta, leader, Duration::from_millis(600));
+    let split_asked = Instant::now();
     let parent = split_first_shard(cluster.node(meta), "raced").await;
     let after_split = acked.load(Ordering::Relaxed);
     wait_for_acks(after_split + 60).await.unwrap();
@@ -613,6 +614,14 @@ async fn writes_to_one_key_keep_their_order_across_a_split_that_an_old_map_races
             p.data
         );
     }
+    // The race took place: the parent's leader, its map late, still took
+    // old-map writes while the split was being applied.
+    assert!(
+        acked
+            .iter()
+            .any(|p| p.data.starts_with("old") && p.sent > split_asked),
+        "no old-map write was acknowledged after the split was asked for"
+    );
     assert!(
         acked.iter().any(|p| position[p.data.as_str()] < in_parent)
             && acked.iter().any(|p| position[p.data.as_str()] >= in_parent),
@@ -989,7 +998,7 @@ async fn status_of(s: &mut tokio::net::TcpStream) -> u16 {
 
 /// Item 9: a subscriber that stops reading while records keep coming
 /// blocks the server's pushes, and its subscription still ends at its
-/// lifetime (here 3 s; AWS's five minutes is the default) and frees the
+/// lifetime (here 2.5 s; AWS's five minutes is the default) and frees the
 /// consumer's slot. Before, a send blocked on a stopped reader had no
 /// limit: the slot stayed taken until another subscription took it over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -997,7 +1006,7 @@ async fn a_subscription_whose_reader_stopped_reading_ends_at_its_lifetime() {
     use aws_sdk_kinesis::primitives::Blob;
     use std::time::{Duration, Instant};
     let options = kinesin_testkit::TestOptions {
-        configure: |c| c.api_subscription_lifetime_ms = 3000,
+        configure: |c| c.api_subscription_lifetime_ms = 2500,
         ..Default::default()
     };
     let cluster = TestCluster::start_with(1, options).await.unwrap();
@@ -1058,10 +1067,13 @@ async fn a_subscription_whose_reader_stopped_reading_ends_at_its_lifetime() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert!(freed >= Duration::from_secs(3), "freed after {freed:?}");
+    assert!(
+        freed >= Duration::from_millis(2500),
+        "freed after {freed:?}"
+    );
     writer.await.unwrap();
     // What reached the stopped reader: far from the 64 records (~22 MiB
-    // as base64 JSON), so the server's pushes did block.
+    // as base64 JSON; 4.9 MB in one run), so the server's pushes did block.
     let mut received = 0;
     let mut buf = vec![0u8; 1 << 20];
     while let Ok(Ok(n @ 1..)) = tokio::time::timeout(
@@ -1072,7 +1084,7 @@ async fn a_subscription_whose_reader_stopped_reading_ends_at_its_lifetime() {
     {
         received += n;
     }
-    assert!(received < 12 << 20, "{received} bytes reached the reader");
+    assert!(received < 16 << 20, "{received} bytes reached the reader");
     cluster.shutdown().await;
 }
 
