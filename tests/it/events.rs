@@ -105,3 +105,68 @@ async fn a_waiting_read_returns_as_soon_as_a_record_is_applied() {
         "the read answered after {took:?}, not when the record was applied"
     );
 }
+
+/// A GetRecords scan of up to 10 MiB runs on a blocking thread, never on
+/// one of the runtime's workers, where it would stall every task queued
+/// behind it (issue 18, item 13). The runtime here has one thread, the
+/// test's own, so what RocksDB counts on this thread is work the runtime
+/// did; the scan's bytes must not be among it.
+#[tokio::test]
+async fn a_large_read_scans_rocksdb_off_the_runtimes_thread() {
+    use kinesin_storage::perf::{set_perf_stats, PerfContext, PerfMetric, PerfStatsLevel};
+
+    let cluster = TestCluster::start(1).await.unwrap();
+    cluster.create_stream("scan", 1).await.unwrap();
+    let node = cluster.any_node();
+    let (batches, per_batch, size) = (4, 500, 4 << 10);
+    for b in 0..batches {
+        let records = (0..per_batch)
+            .map(|i| RecordIn {
+                partition_key: format!("k{b}-{i}"),
+                data: vec![b as u8; size],
+                explicit_hash_key: None,
+            })
+            .collect();
+        let outcomes = node.router.put_records("scan", records).await.unwrap();
+        assert!(outcomes
+            .iter()
+            .all(|o| matches!(o, AppendOutcome::Stored { .. })));
+    }
+    let shard = node.router.describe_stream("scan").await.unwrap().shards[0].shard_id;
+
+    set_perf_stats(PerfStatsLevel::EnableCount);
+    let mut on_this_thread = PerfContext::default();
+    on_this_thread.reset();
+    let batch = node
+        .router
+        .get_records(
+            "scan",
+            shard,
+            ReadRequest {
+                start: ReadStart::TrimHorizon,
+                limit: 10_000,
+                max_bytes: 10 << 20,
+                wait: Duration::ZERO,
+            },
+        )
+        .await
+        .unwrap();
+    // A scan steps through the memtable record by record and reads files
+    // by blocks (from the cache or the disk): 2,000 steps or blocks here,
+    // had it run on this thread.
+    let scanned: u64 = [
+        PerfMetric::NextOnMemtableCount,
+        PerfMetric::BlockCacheHitCount,
+        PerfMetric::BlockReadCount,
+    ]
+    .into_iter()
+    .map(|m| on_this_thread.metric(m))
+    .sum();
+    assert_eq!(batch.records.len(), batches * per_batch);
+    assert!(
+        scanned < 100,
+        "the runtime's thread scanned RocksDB itself: {}",
+        on_this_thread.report(true)
+    );
+    cluster.shutdown().await;
+}

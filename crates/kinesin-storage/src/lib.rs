@@ -10,6 +10,9 @@ mod syncer;
 use std::path::Path;
 use std::sync::Arc;
 
+/// RocksDB's counters of the work done on the calling thread: tests use them
+/// to see that scans run on blocking threads, not on the async runtime's.
+pub use rocksdb::perf;
 use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteOptions, DB};
 pub use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
 
