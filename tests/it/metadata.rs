@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use aws_sdk_kinesis::error::ProvideErrorMetadata;
 use aws_sdk_kinesis::types::{ScalingType, StreamStatus};
-use kinesin_meta::LIMITS_VERSION;
+use kinesin_meta::{CLOSED_LIMIT_VERSION, LIMITS_VERSION};
 use kinesin_testkit::{wait_until, TestCluster, TestOptions};
 use kinesin_types::GroupId;
 
@@ -289,5 +289,91 @@ async fn resharding_stops_at_the_limit_of_closed_shards() {
     let state = cluster.node(1).meta.state();
     assert_eq!(state.open_shard_count(), 4);
     assert_eq!(state.closed_shard_count(), 2);
+    cluster.shutdown().await;
+}
+
+/// The closed shards a reshard keeps count against the shard limit where
+/// the reshard applies, too: two merges sent at once through two nodes
+/// each fit on the map before either applies, and together they would
+/// keep six closed shards for a limit of five. One is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reshards_racing_through_two_nodes_keep_the_closed_shard_limit() {
+    let options = TestOptions {
+        configure: |c| c.shard_limit = 5,
+        ..TestOptions::default()
+    };
+    let cluster = TestCluster::start_with(3, options).await.unwrap();
+    wait_until(
+        "every node's data version",
+        Duration::from_secs(30),
+        || async {
+            (1..=3).all(|n| cluster.node(n).router.cluster_data_version() >= CLOSED_LIMIT_VERSION)
+        },
+    )
+    .await
+    .unwrap();
+    let clients: Vec<_> = (1..=3)
+        .map(|n| crate::aws_sdk::client(&cluster.node(n).api_address()))
+        .collect();
+    async fn active(client: &aws_sdk_kinesis::Client, name: &str) {
+        wait_until("the stream is ACTIVE", Duration::from_secs(30), || async {
+            client
+                .describe_stream_summary()
+                .stream_name(name)
+                .send()
+                .await
+                .ok()
+                .and_then(|d| d.stream_description_summary().cloned())
+                .is_some_and(|s| s.stream_status() == &StreamStatus::Active)
+        })
+        .await
+        .unwrap()
+    }
+    async fn create(client: &aws_sdk_kinesis::Client, name: &str) {
+        client
+            .create_stream()
+            .stream_name(name)
+            .shard_count(2)
+            .send()
+            .await
+            .unwrap();
+        active(client, name).await;
+    }
+    let merge = |client: usize, name: &'static str| {
+        clients[client]
+            .merge_shards()
+            .stream_name(name)
+            .shard_to_merge("shardId-000000000000")
+            .adjacent_shard_to_merge("shardId-000000000001")
+            .send()
+    };
+    // Two closed shards kept and five open, the limit.
+    create(&clients[0], "a").await;
+    create(&clients[0], "b").await;
+    merge(0, "a").await.unwrap();
+    active(&clients[0], "a").await;
+    create(&clients[0], "c").await;
+
+    hold_metadata_commits(&cluster);
+    let (b, c) = tokio::join!(merge(1, "b"), merge(2, "c"));
+    cluster.filter.heal();
+    let merged = |n: u64, name: &str| {
+        cluster.node(n).meta.state().streams[name]
+            .shards
+            .iter()
+            .any(|s| s.state != kinesin_types::ShardState::Open)
+    };
+    // Both were answered, so the leader has applied both commands; node
+    // 1 catches up with it.
+    cluster.wait_for_meta_voters(3).await.unwrap();
+    assert!(
+        !(merged(1, "b") && merged(1, "c")),
+        "both merges applied: {} closed shards kept for a limit of 5",
+        cluster.node(1).meta.state().closed_shard_count()
+    );
+    assert_eq!(cluster.node(1).meta.state().closed_shard_count(), 4);
+    check_answers(vec![("b".to_string(), b), ("c".to_string(), c)], |name| {
+        merged(1, name)
+    });
     cluster.shutdown().await;
 }

@@ -119,10 +119,24 @@ pub enum MetaCommand {
     SetTokenKey {
         key: TokenKey,
     },
+    /// A `Reshard` (encoded, as in `Limited`) to apply only if the map
+    /// keeps `limits` and keeps at most `closed_shards` closed shards
+    /// after it ([`crate::closed_shard_room`]); otherwise nothing changes
+    /// and the reply is [`MetaError::LimitExceeded`]. Reshards proposed at
+    /// once can each pass a check before proposing by what the others
+    /// close; here they are ordered.
+    LimitedReshard {
+        limits: Limits,
+        closed_shards: u32,
+        command: Vec<u8>,
+    },
 }
 
 /// The data version whose releases decode [`MetaCommand::RemoveSealedShard`].
 pub const SHARD_REMOVAL_VERSION: u32 = 5;
+
+/// The data version whose releases decode [`MetaCommand::LimitedReshard`].
+pub const CLOSED_LIMIT_VERSION: u32 = 8;
 
 /// A stream to create. `placements[i]` holds the replicas of shard i, the
 /// preferred leader first; the proposer computed them.
@@ -206,6 +220,7 @@ impl MetaCommand {
             },
             MetaCommand::RemoveSealedShard { .. } => SHARD_REMOVAL_VERSION,
             MetaCommand::SetTokenKey { .. } => TOKEN_KEY_VERSION,
+            MetaCommand::LimitedReshard { .. } => CLOSED_LIMIT_VERSION,
             _ => 1,
         }
     }
@@ -214,6 +229,16 @@ impl MetaCommand {
     pub fn limited(self, limits: Limits) -> MetaCommand {
         MetaCommand::Limited {
             limits,
+            command: self.encode(),
+        }
+    }
+
+    /// `self`, a reshard, to apply only if the map keeps `limits` and at
+    /// most `closed_shards` closed shards.
+    pub fn limited_reshard(self, limits: Limits, closed_shards: u32) -> MetaCommand {
+        MetaCommand::LimitedReshard {
+            limits,
+            closed_shards,
             command: self.encode(),
         }
     }

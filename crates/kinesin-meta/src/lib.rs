@@ -19,7 +19,7 @@ mod version;
 
 pub use command::{
     decode_reply, MetaCommand, MetaError, MetaReply, NewShard, NewStream, StreamChange,
-    SHARD_REMOVAL_VERSION,
+    CLOSED_LIMIT_VERSION, SHARD_REMOVAL_VERSION,
 };
 pub use limits::{can_pass_limits, closed_shard_room, open_shard_room, Limits, LIMITS_VERSION};
 pub use names::{split_stream_key, stream_key};

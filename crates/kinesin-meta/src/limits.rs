@@ -45,9 +45,9 @@ pub fn open_shard_room(limit: u32, state: &MetaState, added: i64) -> MetaReply {
 /// Refuses a reshard closing `closing` shards if the map would then keep
 /// more than `limit` closed ones. The shards a reshard closes keep their
 /// Raft groups until their records pass retention, so repeated resharding
-/// would otherwise grow the live groups without bound. Not checked where
-/// commands apply (that would need a new data version): reshards proposed
-/// at once can pass it by what each of them closes.
+/// would otherwise grow the live groups without bound. Checked again where
+/// a [`MetaCommand::LimitedReshard`] applies (data version 8), so that
+/// reshards proposed at once cannot pass it by what each of them closes.
 pub fn closed_shard_room(limit: u32, state: &MetaState, closing: usize) -> MetaReply {
     let kept = state.closed_shard_count();
     if closing > 0 && kept + closing > limit as usize {
@@ -187,7 +187,7 @@ mod tests {
     use kinesin_types::{HashKey, NodeId, ShardId};
 
     use super::*;
-    use crate::command::{NewShard, NewStream};
+    use crate::command::{NewShard, NewStream, CLOSED_LIMIT_VERSION};
     use crate::state_machine::MetaStateMachine;
 
     const LIMITS: Limits = Limits {
@@ -382,6 +382,86 @@ mod tests {
             limited(create("210987654321:c", 1, StreamMode::OnDemand)),
         )
         .unwrap();
+    }
+
+    /// The first two shards of `stream` merged into one.
+    fn merge_first_two(state: &MetaState, stream: &str) -> MetaCommand {
+        let [first, second] = [0, 1].map(|k| state.streams[stream].shards[k].range);
+        MetaCommand::Reshard {
+            stream: stream.into(),
+            parents: vec![ShardId(0), ShardId(1)],
+            children: vec![NewShard {
+                range: first.merge(&second).unwrap(),
+                parent: ShardId(0),
+                adjacent_parent: Some(ShardId(1)),
+                replicas: vec![NodeId(1)],
+            }],
+        }
+    }
+
+    /// Two reshards proposed at once each find room on the map before
+    /// either applies for the shards it closes; where they apply, in
+    /// order, the second is refused. As `Limited` commands both applied
+    /// and the cluster kept more closed shards than its limit.
+    #[test]
+    fn reshards_applied_in_order_keep_the_closed_shard_limit() {
+        let mut state = MetaState::default();
+        for stream in ["a", "b"] {
+            apply(&mut state, create(stream, 2, StreamMode::Provisioned)).unwrap();
+            ready(&mut state, stream);
+        }
+        let merges = ["a", "b"].map(|stream| merge_first_two(&state, stream));
+        for merge in &merges {
+            let MetaCommand::Reshard { parents, .. } = merge else {
+                unreachable!()
+            };
+            closed_shard_room(3, &state, parents.len()).unwrap();
+        }
+
+        let mut unordered = state.clone();
+        for merge in merges.clone() {
+            apply(&mut unordered, limited(merge)).unwrap();
+        }
+        assert_eq!(unordered.closed_shard_count(), 4);
+
+        let [first, second] = merges.map(|merge| merge.limited_reshard(LIMITS, 3));
+        assert_eq!(first.introduced_in(), CLOSED_LIMIT_VERSION);
+        apply(&mut state, first).unwrap();
+        refused(apply(&mut state, second));
+        assert_eq!(state.closed_shard_count(), 2);
+        // The open-shard limit holds in it as in `Limited`.
+        let splits = Limits {
+            open_shards: state.open_shard_count() as u32,
+            ..LIMITS
+        };
+        let range = state.streams["b"].shards[0].range;
+        let (low, high) = range
+            .split_at(HashKey(range.start.0 + (range.end.0 - range.start.0) / 2))
+            .unwrap();
+        let split = MetaCommand::Reshard {
+            stream: "b".into(),
+            parents: vec![ShardId(0)],
+            children: [low, high]
+                .into_iter()
+                .map(|range| NewShard {
+                    range,
+                    parent: ShardId(0),
+                    adjacent_parent: None,
+                    replicas: vec![NodeId(1)],
+                })
+                .collect(),
+        };
+        refused(apply(&mut state, split.limited_reshard(splits, 100)));
+        // It holds a reshard and nothing else.
+        for other in [
+            create("c", 1, StreamMode::Provisioned),
+            merge_first_two(&state, "b").limited_reshard(LIMITS, 100),
+        ] {
+            assert!(matches!(
+                apply(&mut state, other.limited_reshard(LIMITS, 100)),
+                Err(MetaError::Invalid(_))
+            ));
+        }
     }
 
     /// A command without limits applies as releases before them applied

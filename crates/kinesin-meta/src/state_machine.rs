@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use crate::command::{
     encode_reply, MetaCommand, MetaError, MetaReply, NewShard, NewStream, StreamChange,
 };
+use crate::limits::closed_shard_room;
 use crate::state::{GroupSpec, MetaState};
 use crate::token_key::TOKEN_KEY_LEN;
 use crate::version;
@@ -75,6 +76,21 @@ impl MetaStateMachine {
     /// Notified on every change of the map.
     pub fn subscribe(&self) -> watch::Receiver<Arc<MetaState>> {
         self.published.subscribe()
+    }
+
+    /// Applies `command` only if `limits` (given the map before it and the
+    /// command) pass. The command's own refusals come first (the stream
+    /// exists, it is not ACTIVE), then the limits, against the map before.
+    fn apply_within(
+        state: &mut MetaState,
+        command: MetaCommand,
+        limits: impl FnOnce(&MetaState, &MetaCommand) -> MetaReply,
+    ) -> MetaReply {
+        let mut after = state.clone();
+        Self::apply_command(&mut after, command.clone())?;
+        limits(state, &command)?;
+        *state = after;
+        Ok(())
     }
 
     pub(crate) fn apply_command(state: &mut MetaState, command: MetaCommand) -> MetaReply {
@@ -252,13 +268,26 @@ impl MetaStateMachine {
                 if matches!(command, MetaCommand::Limited { .. }) {
                     return Err(MetaError::Invalid("a limited command nests another".into()));
                 }
-                // The command's own refusals come first (the stream exists,
-                // it is not ACTIVE), then the limits, against the map before.
-                let mut after = state.clone();
-                Self::apply_command(&mut after, command.clone())?;
-                limits.check(state, &command)?;
-                *state = after;
-                Ok(())
+                Self::apply_within(state, command, |before, command| {
+                    limits.check(before, command)
+                })
+            }
+            MetaCommand::LimitedReshard {
+                limits,
+                closed_shards,
+                command,
+            } => {
+                let command = MetaCommand::decode(&command)?;
+                let MetaCommand::Reshard { parents, .. } = &command else {
+                    return Err(MetaError::Invalid(
+                        "a limited reshard holds a command other than a reshard".into(),
+                    ));
+                };
+                let closing = parents.len();
+                Self::apply_within(state, command, |before, command| {
+                    limits.check(before, command)?;
+                    closed_shard_room(closed_shards, before, closing)
+                })
             }
             MetaCommand::RemoveSealedShard { stream, shard } => {
                 let (s, k) = stream_and_shard(state, &stream, shard)?;

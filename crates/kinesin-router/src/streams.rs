@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use kinesin_meta::{
     can_pass_limits, closed_shard_room, decode_reply, open_shard_room, place_replicas, Limits,
-    MetaCommand, MetaState, NewStream, NodeState, StreamChange, LIMITS_VERSION,
+    MetaCommand, MetaState, NewStream, NodeState, StreamChange, CLOSED_LIMIT_VERSION,
+    LIMITS_VERSION,
 };
 use kinesin_proto::v1::{self as pb};
 use kinesin_shard::ReadStart;
@@ -144,7 +145,12 @@ impl Router {
     }
 
     fn limited(&self, command: MetaCommand, limits: Limits) -> MetaCommand {
-        if !can_pass_limits(&command) || self.cluster_data_version() < LIMITS_VERSION {
+        let version = self.cluster_data_version();
+        if matches!(command, MetaCommand::Reshard { .. }) && version >= CLOSED_LIMIT_VERSION {
+            // The shard limit bounds the closed shards kept, too.
+            return command.limited_reshard(limits, limits.open_shards);
+        }
+        if !can_pass_limits(&command) || version < LIMITS_VERSION {
             return command;
         }
         command.limited(limits)
@@ -218,6 +224,14 @@ impl Router {
                             "a limited metadata command must wrap a change the limits concern"
                                 .into(),
                         )
+                    })?,
+            ),
+            MetaCommand::LimitedReshard { command, .. } => Some(
+                MetaCommand::decode(command)
+                    .ok()
+                    .filter(|c| matches!(c, MetaCommand::Reshard { .. }))
+                    .ok_or_else(|| {
+                        RouterError::InvalidArgument("a limited reshard must wrap a reshard".into())
                     })?,
             ),
             _ => None,
@@ -691,6 +705,16 @@ mod tests {
         ));
         // A command that cannot pass a limit goes alone.
         assert_eq!(router.limited(old.clone(), limits), old);
+        // A reshard carries the closed shards it may leave, too.
+        let reshard = MetaCommand::Reshard {
+            stream: "s".into(),
+            parents: vec![kinesin_types::ShardId(0)],
+            children: Vec::new(),
+        };
+        assert_eq!(
+            router.limited(reshard.clone(), limits),
+            reshard.clone().limited_reshard(limits, limits.open_shards)
+        );
         // A limited command must wrap one that limits concern, once.
         for wrapped in [
             MetaCommand::Limited {
@@ -705,6 +729,7 @@ mod tests {
                 limits,
                 command: vec![0xFF],
             },
+            grows.clone().limited_reshard(limits, 1),
         ] {
             let refused = futures::executor::block_on(router.meta_write_local(wrapped.encode()));
             assert!(
@@ -762,5 +787,6 @@ mod tests {
         // Limits checked at apply wait for every node too; meanwhile the
         // command goes alone.
         assert_eq!(router.limited(grows.clone(), limits), grows);
+        assert_eq!(router.limited(reshard.clone(), limits), reshard);
     }
 }

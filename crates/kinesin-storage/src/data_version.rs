@@ -11,13 +11,13 @@
 //! [`DATA_VERSION`], upgrades them in place, and refuses newer ones.
 
 /// The version this binary writes.
-pub const DATA_VERSION: u32 = 7;
+pub const DATA_VERSION: u32 = 8;
 
 /// The oldest version this binary can upgrade.
 pub const OLDEST_READABLE: u32 = 1;
 
 /// What each version changed, oldest first.
-pub const HISTORY: [(u32, &str); 7] = [
+pub const HISTORY: [(u32, &str); 8] = [
     (
         1,
         "releases up to 2026-11-30: the metadata value is an unversioned postcard MetaState; the node identity has no data_version",
@@ -45,6 +45,10 @@ pub const HISTORY: [(u32, &str); 7] = [
     (
         7,
         "the metadata state ends with `token_key`, the cluster's key for signing iterators and paging tokens, set by a `SetTokenKey` command (at bootstrap, or once every node runs version 7); a version-6 release can decode neither",
+    ),
+    (
+        8,
+        "metadata log entries may be `LimitedReshard` commands (a reshard whose closed shards are counted against the shard limit where it applies), which a version-7 release cannot decode; stored values and snapshots keep the version-7 layout",
     ),
 ];
 
