@@ -88,6 +88,26 @@ fn hold_metadata_commits(cluster: &TestCluster) {
     }
 }
 
+/// A client of each of the three nodes, once each has heard every node
+/// report `version`: until then commands of that version are not proposed
+/// (a node of an older release could not decode them), and the checks they
+/// carry are not made where they apply.
+async fn clients_once_every_node_reports(
+    cluster: &TestCluster,
+    version: u32,
+) -> Vec<aws_sdk_kinesis::Client> {
+    wait_until(
+        "every node's data version",
+        Duration::from_secs(30),
+        || async { (1..=3).all(|n| cluster.node(n).router.cluster_data_version() >= version) },
+    )
+    .await
+    .unwrap();
+    (1..=3)
+        .map(|n| crate::aws_sdk::client(&cluster.node(n).api_address()))
+        .collect()
+}
+
 /// Each answer of racing requests against what the map holds afterwards
 /// (`applied`): a success was applied; a refusal is LimitExceeded, or
 /// ResourceInUse for an SDK retry of a request that did apply.
@@ -117,20 +137,7 @@ async fn limits_hold_for_requests_racing_through_every_node() {
         ..TestOptions::default()
     };
     let cluster = TestCluster::start_with(3, options).await.unwrap();
-    // Until every node's version is heard, commands go without limits (a
-    // node of an older release could not decode them).
-    wait_until(
-        "every node's data version",
-        Duration::from_secs(30),
-        || async {
-            (1..=3).all(|n| cluster.node(n).router.cluster_data_version() >= LIMITS_VERSION)
-        },
-    )
-    .await
-    .unwrap();
-    let clients: Vec<_> = (1..=3)
-        .map(|n| crate::aws_sdk::client(&cluster.node(n).api_address()))
-        .collect();
+    let clients = clients_once_every_node_reports(&cluster, LIMITS_VERSION).await;
 
     // Six streams of two shards at once, for a limit of eight shards.
     hold_metadata_commits(&cluster);
@@ -303,18 +310,7 @@ async fn reshards_racing_through_two_nodes_keep_the_closed_shard_limit() {
         ..TestOptions::default()
     };
     let cluster = TestCluster::start_with(3, options).await.unwrap();
-    wait_until(
-        "every node's data version",
-        Duration::from_secs(30),
-        || async {
-            (1..=3).all(|n| cluster.node(n).router.cluster_data_version() >= CLOSED_LIMIT_VERSION)
-        },
-    )
-    .await
-    .unwrap();
-    let clients: Vec<_> = (1..=3)
-        .map(|n| crate::aws_sdk::client(&cluster.node(n).api_address()))
-        .collect();
+    let clients = clients_once_every_node_reports(&cluster, CLOSED_LIMIT_VERSION).await;
     async fn active(client: &aws_sdk_kinesis::Client, name: &str) {
         wait_until("the stream is ACTIVE", Duration::from_secs(30), || async {
             client

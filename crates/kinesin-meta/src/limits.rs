@@ -274,23 +274,7 @@ mod tests {
         apply(&mut state, limited(create("b", 2, StreamMode::Provisioned))).unwrap();
 
         // Splitting a shard adds an open shard.
-        let range = state.streams["a"].shards[0].range;
-        let (low, high) = range
-            .split_at(HashKey(range.start.0 + (range.end.0 - range.start.0) / 2))
-            .unwrap();
-        let split = MetaCommand::Reshard {
-            stream: "a".into(),
-            parents: vec![ShardId(0)],
-            children: [low, high]
-                .into_iter()
-                .map(|range| NewShard {
-                    range,
-                    parent: ShardId(0),
-                    adjacent_parent: None,
-                    replicas: vec![NodeId(1)],
-                })
-                .collect(),
-        };
+        let split = split_first(&state, "a");
         // Its own refusal comes first: the stream is not ACTIVE yet.
         assert!(matches!(
             apply(&mut state, limited(split.clone())),
@@ -304,17 +288,7 @@ mod tests {
             Err(MetaError::StreamExists(_))
         ));
         // Merging two shards takes one away, at the limit too.
-        let [first, second] = [0, 1].map(|k| state.streams["a"].shards[k].range);
-        let merge = MetaCommand::Reshard {
-            stream: "a".into(),
-            parents: vec![ShardId(0), ShardId(1)],
-            children: vec![NewShard {
-                range: first.merge(&second).unwrap(),
-                parent: ShardId(0),
-                adjacent_parent: Some(ShardId(1)),
-                replicas: vec![NodeId(1)],
-            }],
-        };
+        let merge = merge_first_two(&state, "a");
         apply(&mut state, limited(merge)).unwrap();
         assert_eq!(state.open_shard_count(), 5);
 
@@ -384,6 +358,27 @@ mod tests {
         .unwrap();
     }
 
+    /// The first shard of `stream` split in two halves.
+    fn split_first(state: &MetaState, stream: &str) -> MetaCommand {
+        let range = state.streams[stream].shards[0].range;
+        let (low, high) = range
+            .split_at(HashKey(range.start.0 + (range.end.0 - range.start.0) / 2))
+            .unwrap();
+        MetaCommand::Reshard {
+            stream: stream.into(),
+            parents: vec![ShardId(0)],
+            children: [low, high]
+                .into_iter()
+                .map(|range| NewShard {
+                    range,
+                    parent: ShardId(0),
+                    adjacent_parent: None,
+                    replicas: vec![NodeId(1)],
+                })
+                .collect(),
+        }
+    }
+
     /// The first two shards of `stream` merged into one.
     fn merge_first_two(state: &MetaState, stream: &str) -> MetaCommand {
         let [first, second] = [0, 1].map(|k| state.streams[stream].shards[k].range);
@@ -434,23 +429,7 @@ mod tests {
             open_shards: state.open_shard_count() as u32,
             ..LIMITS
         };
-        let range = state.streams["b"].shards[0].range;
-        let (low, high) = range
-            .split_at(HashKey(range.start.0 + (range.end.0 - range.start.0) / 2))
-            .unwrap();
-        let split = MetaCommand::Reshard {
-            stream: "b".into(),
-            parents: vec![ShardId(0)],
-            children: [low, high]
-                .into_iter()
-                .map(|range| NewShard {
-                    range,
-                    parent: ShardId(0),
-                    adjacent_parent: None,
-                    replicas: vec![NodeId(1)],
-                })
-                .collect(),
-        };
+        let split = split_first(&state, "b");
         refused(apply(&mut state, split.limited_reshard(splits, 100)));
         // It holds a reshard and nothing else.
         for other in [
