@@ -276,3 +276,44 @@ pub fn delete_group_log(storage: &Storage, group: u64) -> io::Result<()> {
     storage.write_durable(batch)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use kinesin_storage::FsyncPolicy;
+
+    use super::*;
+
+    /// Issue 18 item 13: a vote or a truncation is made durable by the
+    /// syncer thread's group commit, not by an fsync on the thread that
+    /// runs the group (a tokio worker, which such an fsync would block).
+    /// While the syncer is held back, neither may finish.
+    #[tokio::test(flavor = "current_thread")]
+    async fn votes_and_truncations_wait_for_the_syncer_instead_of_syncing_here() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), FsyncPolicy::Always).unwrap();
+        let mut log = LogStore::open(storage.clone(), 7).unwrap();
+        let vote = Vote::new(3, 1);
+
+        {
+            let hold = storage.hold_syncs();
+            let mut save = std::pin::pin!(log.save_vote(&vote));
+            let held = tokio::time::timeout(Duration::from_millis(300), save.as_mut()).await;
+            assert!(held.is_err(), "a vote was acknowledged without the syncer");
+            drop(hold);
+            save.await.unwrap();
+        }
+        assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+
+        let hold = storage.hold_syncs();
+        let mut truncate = std::pin::pin!(log.truncate_after(None));
+        let held = tokio::time::timeout(Duration::from_millis(300), truncate.as_mut()).await;
+        assert!(
+            held.is_err(),
+            "a truncation was acknowledged without the syncer"
+        );
+        drop(hold);
+        truncate.await.unwrap();
+    }
+}

@@ -18,7 +18,7 @@ pub use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
 
 use disk::Disk;
 use syncer::Syncer;
-pub use syncer::{FsyncPolicy, SyncCallback};
+pub use syncer::{FsyncPolicy, SyncCallback, SyncHold};
 
 /// Column families. Every key in them starts with the group id (see [`keys`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -413,6 +413,14 @@ impl Storage {
         self.write_patiently(batch, Durability::Buffered).await?;
         self.inner.syncer.enqueue(done);
         Ok(())
+    }
+
+    /// Holds back the group commit until the returned guard is dropped:
+    /// writes go on, but no callback of [`Storage::write_then_sync`] runs
+    /// meanwhile. For tests that check a write waits for the syncer instead
+    /// of syncing on its caller's thread.
+    pub fn hold_syncs(&self) -> SyncHold {
+        self.inner.syncer.hold()
     }
 
     /// Waits until everything written so far is on disk.

@@ -38,6 +38,21 @@ struct Shared {
 struct Queue {
     callbacks: Vec<SyncCallback>,
     closed: bool,
+    /// Live [`SyncHold`]s: no sync starts while there is one.
+    holds: usize,
+}
+
+/// Keeps the syncer from starting a sync until it is dropped (see
+/// [`crate::Storage::hold_syncs`]).
+pub struct SyncHold {
+    shared: Arc<Shared>,
+}
+
+impl Drop for SyncHold {
+    fn drop(&mut self) {
+        self.shared.queue.lock().expect("syncer lock").holds -= 1;
+        self.shared.wake.notify_one();
+    }
 }
 
 impl Syncer {
@@ -74,6 +89,13 @@ impl Syncer {
         drop(q);
         self.shared.wake.notify_one();
     }
+
+    pub(crate) fn hold(&self) -> SyncHold {
+        self.shared.queue.lock().expect("syncer lock").holds += 1;
+        SyncHold {
+            shared: self.shared.clone(),
+        }
+    }
 }
 
 impl Drop for Syncer {
@@ -92,7 +114,7 @@ fn run(db: Arc<DB>, disk: Arc<Disk>, shared: Arc<Shared>) {
     loop {
         let batch = {
             let mut q = shared.queue.lock().expect("syncer lock");
-            while q.callbacks.is_empty() && !q.closed {
+            while (q.callbacks.is_empty() || q.holds > 0) && !q.closed {
                 q = shared.wake.wait(q).expect("syncer lock");
             }
             if q.callbacks.is_empty() && q.closed {
