@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Coverage-guided fuzzing (cargo-fuzz, libFuzzer) of the decoders hostile
-# input reaches: request bodies, SigV4 headers, iterators and page tokens,
-# Raft messages, metadata commands, shard, queue and delivery stream log
-# entries (fuzz/).
+# Coverage-guided fuzzing (cargo-fuzz, libFuzzer) of what hostile input
+# reaches: request bodies, whole requests to a running node, SigV4
+# headers, iterators and page tokens, Raft messages, metadata commands,
+# shard, queue and delivery stream log entries (fuzz/).
 #
 # usage: scripts/fuzz.sh [SECONDS [TARGET...]]
 #   SECONDS  how long each target runs (default 60)
