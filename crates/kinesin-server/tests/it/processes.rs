@@ -88,10 +88,13 @@ async fn kill_nine_under_load_loses_no_acknowledged_record() {
         p.spawn(dir.path());
     }
 
-    eventually(
-        "the stream to be created",
-        Duration::from_secs(90),
-        || async {
+    // A node that exited (a port taken between `free_port` and its bind)
+    // is named at once instead of after the whole wait.
+    eventually("the stream to be created", Duration::from_secs(90), || {
+        for p in &mut procs {
+            p.assert_running(dir.path());
+        }
+        async {
             let mut c = client(&seed).await?;
             let req = pb::CreateStreamRequest {
                 stream: "load".into(),
@@ -105,8 +108,8 @@ async fn kill_nine_under_load_loses_no_acknowledged_record() {
                 Err(s) if s.code() == tonic::Code::AlreadyExists => Some(()),
                 Err(_) => None,
             }
-        },
-    )
+        }
+    })
     .await;
     let describe = eventually("three replicas per shard", Duration::from_secs(60), || {
         for p in &mut procs {
