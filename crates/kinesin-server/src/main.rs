@@ -10,6 +10,7 @@ mod dev;
 mod output;
 mod profile;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -207,9 +208,11 @@ fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KINESIN_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,openraft=warn,h2=warn,tower=warn,hyper=warn")
     });
+    // Colours only for a terminal: a log file or a collector gets plain text.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_ansi(std::io::stdout().is_terminal())
         .init();
 }
 

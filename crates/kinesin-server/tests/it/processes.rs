@@ -237,4 +237,12 @@ async fn kill_nine_under_load_loses_no_acknowledged_record() {
     )
     .await;
     assert_all_acked_readable(&restarted, &describe, &acked, "not on the restarted node").await;
+
+    // A node logging to a file writes plain text, without terminal colours.
+    let log = std::fs::read_to_string(dir.path().join("node-1.log")).unwrap();
+    assert!(log.contains("INFO"), "node 1 logged nothing at info");
+    assert!(
+        !log.contains('\u{1b}'),
+        "node 1's log file has terminal escape codes"
+    );
 }
