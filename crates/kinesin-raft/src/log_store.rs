@@ -295,25 +295,23 @@ mod tests {
         let storage = Storage::open(dir.path(), FsyncPolicy::Always).unwrap();
         let mut log = LogStore::open(storage.clone(), 7).unwrap();
         let vote = Vote::new(3, 1);
-
-        {
-            let hold = storage.hold_syncs();
-            let mut save = std::pin::pin!(log.save_vote(&vote));
-            let held = tokio::time::timeout(Duration::from_millis(300), save.as_mut()).await;
-            assert!(held.is_err(), "a vote was acknowledged without the syncer");
-            drop(hold);
-            save.await.unwrap();
-        }
+        held_until_synced(&storage, "a vote", log.save_vote(&vote)).await;
         assert_eq!(log.read_vote().await.unwrap(), Some(vote));
+        held_until_synced(&storage, "a truncation", log.truncate_after(None)).await;
+    }
 
+    /// Runs `op` while the syncer is held: it must still be pending after
+    /// a while. Then lets the syncer go and waits for `op` to finish.
+    async fn held_until_synced<T, E: std::fmt::Debug>(
+        storage: &Storage,
+        what: &str,
+        op: impl std::future::Future<Output = Result<T, E>>,
+    ) -> T {
         let hold = storage.hold_syncs();
-        let mut truncate = std::pin::pin!(log.truncate_after(None));
-        let held = tokio::time::timeout(Duration::from_millis(300), truncate.as_mut()).await;
-        assert!(
-            held.is_err(),
-            "a truncation was acknowledged without the syncer"
-        );
+        let mut op = std::pin::pin!(op);
+        let held = tokio::time::timeout(Duration::from_millis(300), op.as_mut()).await;
+        assert!(held.is_err(), "{what} was acknowledged without the syncer");
         drop(hold);
-        truncate.await.unwrap();
+        op.await.unwrap()
     }
 }
