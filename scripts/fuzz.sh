@@ -16,6 +16,7 @@
 # $CARGO_TARGET_DIR/fuzz. cargo-fuzz runs on this stable toolchain with
 # `--sanitizer none`. Crashes land in fuzz/artifacts/<target>/, the corpus
 # grows in fuzz/corpus/<target>/ (neither is committed; fuzz/seeds/ is).
+# A target with fuzz/dicts/<target>.dict runs with that libFuzzer dictionary.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -55,8 +56,9 @@ if [ "${FUZZ_JOBS:-1}" -gt 1 ]; then jobs=(-jobs="$FUZZ_JOBS" -workers="$FUZZ_JO
 status=0
 for t in "${targets[@]}"; do
   mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
-  seeds=()
+  seeds=() dict=()
   [ -d "fuzz/seeds/$t" ] && seeds=("fuzz/seeds/$t")
+  [ -f "fuzz/dicts/$t.dict" ] && dict=(-dict="fuzz/dicts/$t.dict")
   echo "fuzz: $t for ${seconds}s"
   # The storage targets keep a RocksDB directory for the whole run, which
   # libFuzzer's exit never deletes: give each run its own and remove it.
@@ -65,7 +67,7 @@ for t in "${targets[@]}"; do
   # shellcheck disable=SC2086  # FUZZ_ARGS is a list of options
   if ! cargo fuzz run --sanitizer none "$t" "fuzz/corpus/$t" "${seeds[@]}" -- \
     -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
-    -print_final_stats=1 "${jobs[@]}" ${FUZZ_ARGS:-}; then
+    -print_final_stats=1 "${dict[@]}" "${jobs[@]}" ${FUZZ_ARGS:-}; then
     echo "fuzz: $t FAILED; the input is in fuzz/artifacts/$t/" >&2
     status=1
   fi

@@ -2,17 +2,25 @@
 
 //! AWS API requests sent to a running one-node cluster, so that what
 //! follows decoding is fuzzed too: each operation's input checks, the
-//! commands it proposes and the answers it builds. An input is one request:
-//! its first line is the `X-Amz-Target` of a JSON request (`AmazonSQS.SendMessage`)
+//! commands it proposes and the answers it builds. An input is up to
+//! `MAX_REQUESTS` requests, one after the other, separated by lines of
+//! `--`, so that one input can make a queue and then use it. A request's
+//! first line is the `X-Amz-Target` of a JSON request (`AmazonSQS.SendMessage`)
 //! or, starting with `/`, the path of a query request (a form body, as SQS's
-//! query protocol sends); the rest is the body. Every request must get an
-//! answer: a success, or an AWS error of the request's protocol with a 4xx
-//! status, or 503 `ServiceUnavailable`. A 500, a closed connection or no
-//! answer within the time limit is a crash.
+//! query protocol sends); the rest is the body. Requests are signed (SigV4)
+//! with the key of the account that owns what inputs make; a first line
+//! that starts with `!` is signed by another account's key (which resource
+//! policies may let in), one that starts with `~` is not signed.
 //!
-//! The cluster lives for the run, so an input meets the streams, queues
-//! and delivery streams earlier inputs made; a crash may need the inputs
-//! before it to reproduce. The cluster is replaced after
+//! Every request must get an answer: a success, or an AWS error of the
+//! request's protocol with a 4xx status, or 503 `ServiceUnavailable`. A
+//! 500, a closed connection or no answer within the time limit is a crash.
+//! fuzz/dicts/request_dispatch.dict (made by fuzz/make-dict.py) gives
+//! libFuzzer the operations' names, members and enum values.
+//!
+//! The cluster lives for the run, so an input also meets the streams,
+//! queues and delivery streams earlier inputs made; a crash may need the
+//! inputs before it to reproduce. The cluster is replaced after
 //! `CREATES_PER_CLUSTER` successful creates, so that the groups inputs
 //! make stay bounded.
 
@@ -23,10 +31,20 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::StatusCode;
 use hyper_util::rt::TokioIo;
+use kinesin_gateway::{Credential, SignedRequest, DEV_ACCOUNT_ID};
 use kinesin_server::FsyncSetting;
 use kinesin_testkit::{TestCluster, TestOptions};
 
 const CREATES_PER_CLUSTER: u32 = 1000;
+/// The most requests one input makes: with `RECEIVE_WITHIN` each, a run of
+/// receives still ends well inside libFuzzer's `-timeout`.
+const MAX_REQUESTS: usize = 8;
+/// What separates an input's requests.
+const SEPARATOR: &[u8] = b"\n--\n";
+/// The access key and secret of the account that owns what inputs make
+/// (the account seeds name in ARNs), and of another account.
+const OWNER: (&str, &str) = ("AKIDFUZZOWNER", "owner-secret");
+const OTHER: (&str, &str) = ("AKIDFUZZOTHER", "other-secret");
 /// The most a request may take: libFuzzer's `-timeout` (10 s in
 /// scripts/fuzz.sh) must leave room for a cluster's replacement as well.
 const ANSWER_WITHIN: Duration = Duration::from_secs(5);
@@ -62,6 +80,16 @@ async fn start() -> TestCluster {
         configure: |c| {
             c.api_subscription_lifetime_ms = 1000;
             c.shard_limit = 50;
+            let credential = |(key, secret): (&str, &str), account: &str| Credential {
+                access_key_id: key.to_string(),
+                secret_access_key: secret.to_string(),
+                account_id: account.to_string(),
+            };
+            c.credentials = vec![
+                credential(OWNER, DEV_ACCOUNT_ID),
+                credential(OTHER, "111111111111"),
+            ];
+            c.home_account = Some(DEV_ACCOUNT_ID.to_string());
         },
         ..Default::default()
     };
@@ -70,10 +98,29 @@ async fn start() -> TestCluster {
         .expect("one-node cluster")
 }
 
+/// The requests of an input: the parts between separators that parse.
+fn requests(data: &[u8]) -> Vec<Request<'_>> {
+    let mut out = Vec::new();
+    let mut rest = data;
+    while out.len() < MAX_REQUESTS {
+        let (part, next) = match rest.windows(SEPARATOR.len()).position(|w| w == SEPARATOR) {
+            Some(at) => (&rest[..at], Some(&rest[at + SEPARATOR.len()..])),
+            None => (rest, None),
+        };
+        out.extend(Request::parse(part));
+        match next {
+            Some(next) => rest = next,
+            None => break,
+        }
+    }
+    out
+}
+
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let Some(request) = Request::parse(data) else {
+    let requests = requests(data);
+    if requests.is_empty() {
         return;
-    };
+    }
     let mut world = WORLD.lock().unwrap_or_else(|e| e.into_inner());
     let World {
         runtime,
@@ -91,8 +138,10 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             Some(cluster) => cluster.node(1).api_address(),
             None => cluster.insert(start().await).node(1).api_address(),
         };
-        if request.send_and_check(&address).await && request.creates() {
-            *creates += 1;
+        for request in &requests {
+            if request.send_and_check(&address).await && request.creates() {
+                *creates += 1;
+            }
         }
     });
 });
@@ -100,15 +149,25 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
 struct Request<'a> {
     head: &'a str,
     body: &'a [u8],
+    /// Whose key signs the request, if any.
+    signer: Option<(&'static str, &'static str)>,
 }
 
 impl<'a> Request<'a> {
     fn parse(data: &'a [u8]) -> Option<Request<'a>> {
         let newline = data.iter().position(|&b| b == b'\n')?;
         let head = std::str::from_utf8(&data[..newline]).ok()?;
+        let (head, signer) = if let Some(head) = head.strip_prefix('!') {
+            (head, Some(OTHER))
+        } else if let Some(head) = head.strip_prefix('~') {
+            (head, None)
+        } else {
+            (head, Some(OWNER))
+        };
         Some(Request {
             head,
             body: &data[newline + 1..],
+            signer,
         })
     }
 
@@ -135,6 +194,17 @@ impl<'a> Request<'a> {
             || self.may_be("CreateDeliveryStream")
     }
 
+    /// The service whose name a signature's scope carries.
+    fn service(&self) -> &'static str {
+        if self.is_query() || self.head.starts_with("AmazonSQS.") {
+            "sqs"
+        } else if self.head.starts_with("Firehose_") {
+            "firehose"
+        } else {
+            "kinesis"
+        }
+    }
+
     /// The HTTP request, or None for a head that cannot be one (a path or
     /// header value HTTP does not allow).
     fn http(&self) -> Option<hyper::Request<Full<Bytes>>> {
@@ -143,7 +213,7 @@ impl<'a> Request<'a> {
         let builder = if self.is_query() {
             builder.header("content-type", "application/x-www-form-urlencoded")
         } else {
-            let json = if self.head.starts_with("AmazonSQS.") {
+            let json = if self.service() == "sqs" {
                 "application/x-amz-json-1.0"
             } else {
                 "application/x-amz-json-1.1"
@@ -152,9 +222,28 @@ impl<'a> Request<'a> {
                 .header("content-type", json)
                 .header("x-amz-target", self.head)
         };
-        builder
+        let mut request = builder
             .body(Full::new(Bytes::copy_from_slice(self.body)))
-            .ok()
+            .ok()?;
+        if let Some(key) = self.signer {
+            let signed = SignedRequest {
+                method: request.method(),
+                uri: request.uri(),
+                headers: request.headers(),
+                body: self.body,
+            };
+            let headers = kinesin_gateway::sign(
+                key,
+                "us-east-1",
+                self.service(),
+                &signed,
+                std::time::SystemTime::now(),
+            );
+            for (name, value) in headers {
+                request.headers_mut().insert(name, value.parse().ok()?);
+            }
+        }
+        Some(request)
     }
 
     /// Whether the request succeeded.
