@@ -239,7 +239,13 @@ pub fn sign(
         "x-amz-date",
         axum::http::HeaderValue::from_str(&amz_date).expect("ASCII date"),
     );
-    let mut names: Vec<String> = headers.keys().map(|k| k.as_str().to_string()).collect();
+    // A value that is not visible ASCII has no canonical form, so its header
+    // is left unsigned (a verifier then refuses it if it must be signed).
+    let mut names: Vec<String> = headers
+        .iter()
+        .filter(|(_, v)| v.to_str().is_ok())
+        .map(|(k, _)| k.as_str().to_string())
+        .collect();
     names.sort();
     names.dedup();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -703,6 +709,47 @@ mod tests {
                 .name,
             "UnrecognizedClientException"
         );
+    }
+
+    /// A header value that is not visible ASCII (request_dispatch's fuzzing
+    /// found it panicking the signer) is left unsigned, and the verifier
+    /// refuses the request because a header it requires is not signed.
+    #[test]
+    fn a_header_value_that_is_not_text_is_left_unsigned() {
+        let creds = vec![Credential {
+            access_key_id: "AKID".into(),
+            secret_access_key: "secret".into(),
+            account_id: "123456789012".into(),
+        }];
+        let mut headers = HeaderMap::new();
+        headers.insert("host", HeaderValue::from_static("127.0.0.1:7450"));
+        headers.insert(
+            "x-amz-target",
+            HeaderValue::from_bytes(b"Kinesis_\xef\xbf\xbd.ListStreams").unwrap(),
+        );
+        let uri: Uri = "/".parse().unwrap();
+        let now = SystemTime::now();
+        let req = SignedRequest {
+            method: &Method::POST,
+            uri: &uri,
+            headers: &headers,
+            body: b"{}",
+        };
+        for (name, value) in sign(("AKID", "secret"), "us-east-1", "kinesis", &req, now) {
+            headers.insert(name, HeaderValue::from_str(&value).unwrap());
+        }
+        assert!(!headers["authorization"]
+            .to_str()
+            .unwrap()
+            .contains("x-amz-target"));
+        let signed = SignedRequest {
+            method: &Method::POST,
+            uri: &uri,
+            headers: &headers,
+            body: b"{}",
+        };
+        let refused = authenticate(&creds, &signed, scope("kinesis"), now).unwrap_err();
+        assert_eq!(refused.name, "InvalidSignatureException");
     }
 
     /// A signature for another region, a target added after signing and an
