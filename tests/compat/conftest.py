@@ -7,7 +7,6 @@ fixture starts is stopped by PID at the end of the session.
 import base64
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -40,35 +39,10 @@ INTERNAL_TLS = {
 os.environ.update(INTERNAL_TLS)
 
 
-_GIVEN_PORTS = set()
-
-
-def _ephemeral_low():
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def free_port():
-    """A port for a server to bind later, picked at random below the kernel's
-    ephemeral range: a port-0 pick comes from the range every outgoing
-    connection on this host also draws from, so it could be taken before the
-    server binds it."""
-    low = _ephemeral_low()
-    for _ in range(1000):
-        port = random.randrange(10000, low) if low > 12000 else 0
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            port = s.getsockname()[1]
-        if port not in _GIVEN_PORTS:
-            _GIVEN_PORTS.add(port)
-            return port
-    raise AssertionError("no free port found")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_until(what, condition, timeout=60.0):

@@ -10,43 +10,12 @@ use kinesin_proto::v1::node_client::NodeClient;
 use kinesin_proto::v1::{self as pb};
 use tonic::transport::Channel;
 
-/// A port for a node process to bind later. Port 0 would hand out one of the
-/// kernel's ephemeral ports, which every outgoing connection of every test on
-/// this host also draws from, so one could be taken between this pick and the
-/// node's bind. Picking at random below the ephemeral range leaves only
-/// another process test's pick to collide with, and that is unlikely.
 fn free_port() -> u16 {
-    use rand::Rng;
-    use std::collections::HashSet;
-    use std::sync::Mutex;
-    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
-    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| {
-            let mut it = s.split_whitespace().map(|p| p.parse::<u16>().ok());
-            Some((it.next()??, it.next()??))
-        });
-    let below = match range {
-        Some((low, _)) if low > 12_000 => 10_000..low,
-        _ => 0..0,
-    };
-    let mut given = GIVEN.lock().unwrap();
-    let given = given.get_or_insert_with(HashSet::new);
-    for _ in 0..1000 {
-        let port = if below.is_empty() {
-            0
-        } else {
-            rand::rng().random_range(below.clone())
-        };
-        let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) else {
-            continue;
-        };
-        let port = l.local_addr().unwrap().port();
-        if given.insert(port) {
-            return port;
-        }
-    }
-    panic!("no free port found below the ephemeral range {range:?}");
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub struct Proc {
@@ -101,7 +70,7 @@ impl Proc {
     }
 
     /// Panics with the end of the node's log if its process has ended (a
-    /// port taken by another process between `free_port` and the bind, say),
+    /// port taken by another test between `free_port` and the bind, say),
     /// so that a wait for the cluster says why it never came.
     pub fn assert_running(&mut self, dir: &Path) {
         let Some(status) = self
