@@ -554,6 +554,32 @@ mod tests {
         }
     }
 
+    /// The one credential of the tests that sign their own requests.
+    fn akid() -> Vec<Credential> {
+        vec![Credential {
+            access_key_id: "AKID".into(),
+            secret_access_key: "secret".into(),
+            account_id: "123456789012".into(),
+        }]
+    }
+
+    /// `headers` plus the signature headers of AKID's `POST /` with body
+    /// `{}` to Kinesis in `region` at `now`.
+    fn signed_by_akid(headers: &HeaderMap, region: &str, now: SystemTime) -> HeaderMap {
+        let uri: Uri = "/".parse().unwrap();
+        let req = SignedRequest {
+            method: &Method::POST,
+            uri: &uri,
+            headers,
+            body: b"{}",
+        };
+        let mut signed = headers.clone();
+        for (name, value) in sign(("AKID", "secret"), region, "kinesis", &req, now) {
+            signed.insert(name, HeaderValue::from_str(&value).unwrap());
+        }
+        signed
+    }
+
     /// The "get-vanilla" case of AWS's published SigV4 test suite.
     #[test]
     fn verifies_the_aws_test_suite_vanilla_request() {
@@ -609,11 +635,7 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_missing_headers_get_their_aws_errors() {
-        let creds = vec![Credential {
-            access_key_id: "AKID".into(),
-            secret_access_key: "secret".into(),
-            account_id: "123456789012".into(),
-        }];
+        let creds = akid();
         let uri: Uri = "/".parse().unwrap();
         let mut headers = HeaderMap::new();
         let req = SignedRequest {
@@ -656,28 +678,16 @@ mod tests {
 
     #[test]
     fn requests_we_sign_verify() {
-        let creds = vec![Credential {
-            access_key_id: "AKID".into(),
-            secret_access_key: "secret".into(),
-            account_id: "123456789012".into(),
-        }];
-        let mut headers = HeaderMap::new();
-        headers.insert("host", HeaderValue::from_static("127.0.0.1:7450"));
-        headers.insert(
+        let creds = akid();
+        let mut unsigned = HeaderMap::new();
+        unsigned.insert("host", HeaderValue::from_static("127.0.0.1:7450"));
+        unsigned.insert(
             "x-amz-target",
             HeaderValue::from_static("Kinesis_20131202.ListStreams"),
         );
         let uri: Uri = "/".parse().unwrap();
         let now = SystemTime::now();
-        let req = SignedRequest {
-            method: &Method::POST,
-            uri: &uri,
-            headers: &headers,
-            body: b"{}",
-        };
-        for (name, value) in sign(("AKID", "secret"), "us-east-1", "kinesis", &req, now) {
-            headers.insert(name, HeaderValue::from_str(&value).unwrap());
-        }
+        let headers = signed_by_akid(&unsigned, "us-east-1", now);
         let signed = SignedRequest {
             method: &Method::POST,
             uri: &uri,
@@ -716,28 +726,16 @@ mod tests {
     /// refuses the request because a header it requires is not signed.
     #[test]
     fn a_header_value_that_is_not_text_is_left_unsigned() {
-        let creds = vec![Credential {
-            access_key_id: "AKID".into(),
-            secret_access_key: "secret".into(),
-            account_id: "123456789012".into(),
-        }];
-        let mut headers = HeaderMap::new();
-        headers.insert("host", HeaderValue::from_static("127.0.0.1:7450"));
-        headers.insert(
+        let creds = akid();
+        let mut unsigned = HeaderMap::new();
+        unsigned.insert("host", HeaderValue::from_static("127.0.0.1:7450"));
+        unsigned.insert(
             "x-amz-target",
             HeaderValue::from_bytes(b"Kinesis_\xef\xbf\xbd.ListStreams").unwrap(),
         );
         let uri: Uri = "/".parse().unwrap();
         let now = SystemTime::now();
-        let req = SignedRequest {
-            method: &Method::POST,
-            uri: &uri,
-            headers: &headers,
-            body: b"{}",
-        };
-        for (name, value) in sign(("AKID", "secret"), "us-east-1", "kinesis", &req, now) {
-            headers.insert(name, HeaderValue::from_str(&value).unwrap());
-        }
+        let headers = signed_by_akid(&unsigned, "us-east-1", now);
         assert!(!headers["authorization"]
             .to_str()
             .unwrap()
@@ -756,26 +754,10 @@ mod tests {
     /// unsigned body are all refused, each with an error that says which.
     #[test]
     fn region_signed_headers_and_body_hash_are_enforced() {
-        let creds = vec![Credential {
-            access_key_id: "AKID".into(),
-            secret_access_key: "secret".into(),
-            account_id: "123456789012".into(),
-        }];
+        let creds = akid();
         let uri: Uri = "/".parse().unwrap();
         let now = SystemTime::now();
-        let signed_for = |region: &str, headers: &HeaderMap| {
-            let req = SignedRequest {
-                method: &Method::POST,
-                uri: &uri,
-                headers,
-                body: b"{}",
-            };
-            let mut signed = headers.clone();
-            for (name, value) in sign(("AKID", "secret"), region, "kinesis", &req, now) {
-                signed.insert(name, HeaderValue::from_str(&value).unwrap());
-            }
-            signed
-        };
+        let signed_for = |region: &str, headers: &HeaderMap| signed_by_akid(headers, region, now);
         let check = |headers: &HeaderMap| {
             let req = SignedRequest {
                 method: &Method::POST,
