@@ -351,8 +351,14 @@ impl RaftHost {
             let _installed = g.installing.lock().await;
         }
         if delete_data {
-            delete_group_log(&self.inner.storage, group.0)?;
-            delete_group_state(&self.inner.storage, group.0)?;
+            // Two synced range deletes: off the async workers.
+            let storage = self.inner.storage.clone();
+            tokio::task::spawn_blocking(move || {
+                delete_group_log(&storage, group.0)?;
+                delete_group_state(&storage, group.0)
+            })
+            .await
+            .map_err(|e| raft_err(group, e))??;
         }
         Ok(())
     }

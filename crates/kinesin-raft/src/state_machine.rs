@@ -728,19 +728,25 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         .await
         .map_err(io::Error::other)??;
         // An install may have finished meanwhile: never replace its newer
-        // snapshot with this one.
+        // snapshot with this one. The save is synced, so off the async
+        // workers too.
+        let encoded = encode(&saved);
         let snapshot = loop {
-            let written = {
-                let _consistent = self.applying.lock().expect("apply lock");
-                let stored = self.load::<SavedSnapshot>(SNAPSHOT_KEY, "snapshot")?;
-                if stored.is_none_or(|s| s.meta.last_log_id <= saved.meta.last_log_id) {
+            let (this, encoded) = (self.clone(), encoded.clone());
+            let last = saved.meta.last_log_id;
+            let written = tokio::task::spawn_blocking(move || -> io::Result<_> {
+                let _consistent = this.applying.lock().expect("apply lock");
+                let stored = this.load::<SavedSnapshot>(SNAPSHOT_KEY, "snapshot")?;
+                Ok(if stored.is_none_or(|s| s.meta.last_log_id <= last) {
                     let mut batch = WriteBatch::default();
-                    self.put(&mut batch, SNAPSHOT_KEY, encode(&saved));
-                    self.storage.write_durable(batch)
+                    this.put(&mut batch, SNAPSHOT_KEY, encoded);
+                    this.storage.write_durable(batch)
                 } else {
                     Ok(())
-                }
-            };
+                })
+            })
+            .await
+            .map_err(io::Error::other)??;
             match written {
                 Ok(()) => {
                     break self
