@@ -5,8 +5,11 @@ fixture starts is stopped by PID at the end of the session.
 """
 
 import base64
+import errno
+import fcntl
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -39,10 +42,42 @@ INTERNAL_TLS = {
 os.environ.update(INTERNAL_TLS)
 
 
+# Lock files of the ports this session picked, held until it ends.
+_PORT_LOCKS = []
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for a server to bind later, reserved for the rest of this
+    session. It is picked below the kernel's ephemeral range, which every
+    outgoing connection on the host draws from (and above the fixed ports of
+    bench/), and its lock file in the temp directory (the user's own) is
+    locked (flock) so that no other test process of this user, here or in
+    the Rust process tests, picks it too."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+    # A host whose ephemeral range leaves no room below it gets the kernel's
+    # pick (port 0), locked all the same.
+    below = (20000, ephemeral_low) if ephemeral_low > 22000 else (0, 1)
+    locks = os.path.join(tempfile.gettempdir(), f"kinesin-test-ports-{os.getuid()}")
+    os.makedirs(locks, exist_ok=True)
+    for _ in range(1000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", random.randrange(*below)))
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    raise
+                continue
+            port = s.getsockname()[1]
+        lock = open(os.path.join(locks, str(port)), "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        _PORT_LOCKS.append(lock)
+        return port
+    raise AssertionError(f"no free port in {below} in 1000 picks")
 
 
 def wait_until(what, condition, timeout=60.0):

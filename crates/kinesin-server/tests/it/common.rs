@@ -10,12 +10,54 @@ use kinesin_proto::v1::node_client::NodeClient;
 use kinesin_proto::v1::{self as pb};
 use tonic::transport::Channel;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A port for a node process to bind later, reserved while the returned lock
+/// file is open (a `Proc` holds its own). Two things could otherwise take it
+/// between this pick and the node's bind, or while a killed node is down:
+/// - an outgoing connection: a port-0 pick comes from the kernel's ephemeral
+///   range, which every client socket on the host draws from, so the pick is
+///   made below that range (and above the fixed ports of bench/, 17450–18701);
+/// - another process test (Rust or tests/compat) making the same pick: each
+///   port has a lock file in the temp directory, locked (`flock`), and a
+///   port whose file another process holds is skipped. The directory is
+///   the user's own, so a directory another user made cannot stop the pick.
+fn reserve_port() -> (u16, std::fs::File) {
+    use rand::Rng;
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self").unwrap().uid();
+    let dir = std::env::temp_dir().join(format!("kinesin-test-ports-{uid}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    // A host whose ephemeral range leaves no room below it gets the kernel's
+    // pick (port 0), locked all the same.
+    let below = if ephemeral_low > 22_000 {
+        20_000..ephemeral_low
+    } else {
+        0..1
+    };
+    for _ in 0..1000 {
+        let Ok(probe) =
+            std::net::TcpListener::bind(("127.0.0.1", rand::rng().random_range(below.clone())))
+        else {
+            continue;
+        };
+        let port = probe.local_addr().unwrap().port();
+        drop(probe);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(port.to_string()))
+            .unwrap();
+        match lock.try_lock() {
+            Ok(()) => return (port, lock),
+            Err(std::fs::TryLockError::WouldBlock) => {}
+            Err(std::fs::TryLockError::Error(e)) => panic!("cannot lock a port's file: {e}"),
+        }
+    }
+    panic!("no free port in {below:?} in 1000 picks");
 }
 
 pub struct Proc {
@@ -23,11 +65,13 @@ pub struct Proc {
     pub grpc: String,
     args: Vec<String>,
     child: Option<Child>,
+    _ports: Vec<std::fs::File>,
 }
 
 impl Proc {
     pub fn new(id: u64, dir: &Path, seed: Option<&str>) -> Proc {
-        let grpc = format!("127.0.0.1:{}", free_port());
+        let ports: Vec<(u16, std::fs::File)> = (0..3).map(|_| reserve_port()).collect();
+        let grpc = format!("127.0.0.1:{}", ports[0].0);
         let mut args = vec![
             "server".to_string(),
             "--node-id".into(),
@@ -37,9 +81,9 @@ impl Proc {
             "--listen-grpc".into(),
             grpc.clone(),
             "--listen-api".into(),
-            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", ports[1].0),
             "--listen-admin".into(),
-            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", ports[2].0),
             "--replication-factor".into(),
             "3".into(),
             "--insecure-internal".into(),
@@ -53,6 +97,7 @@ impl Proc {
             grpc,
             args,
             child: None,
+            _ports: ports.into_iter().map(|(_, lock)| lock).collect(),
         }
     }
 
@@ -70,7 +115,7 @@ impl Proc {
     }
 
     /// Panics with the end of the node's log if its process has ended (a
-    /// port taken by another test between `free_port` and the bind, say),
+    /// port taken by a process outside the tests, say),
     /// so that a wait for the cluster says why it never came.
     pub fn assert_running(&mut self, dir: &Path) {
         let Some(status) = self

@@ -88,7 +88,7 @@ async fn kill_nine_under_load_loses_no_acknowledged_record() {
         p.spawn(dir.path());
     }
 
-    // A node that exited (a port taken between `free_port` and its bind)
+    // A node that exited (its port taken by a process outside the tests, say)
     // is named at once instead of after the whole wait.
     eventually("the stream to be created", Duration::from_secs(90), || {
         for p in &mut procs {
