@@ -961,6 +961,128 @@ async fn an_http2_connection_gets_a_bounded_number_of_streams_and_stalled_bodies
     cluster.shutdown().await;
 }
 
+/// A ListStreams request on an HTTP/2 connection announcing a 32 MiB body
+/// (none of which is sent), signed as an SDK would with `key`, or not
+/// signed at all.
+fn h2_list_streams_signed(address: &str, key: Option<(&str, &str)>) -> http::Request<()> {
+    let mut request = h2_list_streams(32 * 1024 * 1024);
+    let Some(key) = key else {
+        return request;
+    };
+    let uri: http::Uri = "/".parse().unwrap();
+    let mut headers = request.headers().clone();
+    headers.insert("host", address.parse().unwrap());
+    let signature = kinesin_gateway::sign(
+        key,
+        "us-east-1",
+        "kinesis",
+        &kinesin_gateway::SignedRequest {
+            method: &http::Method::POST,
+            uri: &uri,
+            headers: &headers,
+            body: b"",
+        },
+        std::time::SystemTime::now(),
+    );
+    for (name, value) in signature {
+        request.headers_mut().insert(name, value.parse().unwrap());
+    }
+    request
+}
+
+/// Item 4 on a node with credentials: what can be checked without the
+/// body is checked before it is read, and a body takes the node's body
+/// budget only as it arrives. Each request below announces a 32 MiB body
+/// and sends none of it; there are more of them than the node's 1 GiB
+/// budget covers. Unsigned ones, and ones signed by a key the node does
+/// not have, are refused at once. Ones signed with a known key ID and a
+/// wrong secret must wait for their bodies before the signature can be
+/// checked, but they hold no memory meanwhile: a signed client is
+/// answered at once. Budget taken by what a body announces would make
+/// that client wait out the 60 s body timeout behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn announced_bodies_that_never_come_keep_no_signed_client_waiting() {
+    use std::time::Duration;
+    let options = kinesin_testkit::TestOptions {
+        configure: |c| {
+            c.credentials = vec![kinesin_gateway::Credential {
+                access_key_id: "AKIDTEST".into(),
+                secret_access_key: "secret".into(),
+                account_id: "123456789012".into(),
+            }];
+            c.api_body_timeout_ms = 60_000;
+        },
+        ..Default::default()
+    };
+    let cluster = TestCluster::start_with(1, options).await.unwrap();
+    let address = cluster.node(1).api_address();
+    let signed_client = crate::aws_sdk::client(&address);
+    let answered_at_once = |what: &'static str| {
+        let call = signed_client.list_streams().send();
+        async move {
+            let Ok(answer) = tokio::time::timeout(Duration::from_secs(10), call).await else {
+                panic!("a signed client waits behind {what}");
+            };
+            answer.expect("a signed client is answered");
+        }
+    };
+    // A connection, and its pings: a ping is answered once the server has
+    // read the frames sent before it.
+    let connect = || async {
+        let tcp = tokio::net::TcpStream::connect(&address).await.unwrap();
+        let (h2, mut connection) = h2::client::handshake(tcp).await.unwrap();
+        let pings = connection.ping_pong().expect("the connection's pings");
+        tokio::spawn(connection);
+        (h2, pings)
+    };
+
+    let (h2, _) = connect().await;
+    let mut refused = Vec::new();
+    for i in 0..40 {
+        let key = (i % 2 == 1).then_some(("AKIDOTHER", "other"));
+        let (answer, send) = h2
+            .clone()
+            .ready()
+            .await
+            .unwrap()
+            .send_request(h2_list_streams_signed(&address, key), false)
+            .unwrap();
+        refused.push((key, answer, send));
+    }
+    answered_at_once("requests that will be refused").await;
+    for (key, answer, _send) in refused {
+        let response = tokio::time::timeout(Duration::from_secs(10), answer)
+            .await
+            .expect("a request failing the signature checks waits for its body")
+            .expect("a response, not a reset");
+        // MissingAuthenticationToken, UnrecognizedClient.
+        let expected = if key.is_some() { 400 } else { 403 };
+        assert_eq!(response.status(), expected, "signed by {key:?}");
+    }
+
+    let (h2, mut pings) = connect().await;
+    let mut waiting = Vec::new();
+    for _ in 0..40 {
+        let request = h2_list_streams_signed(&address, Some(("AKIDTEST", "not the secret")));
+        waiting.push(
+            h2.clone()
+                .ready()
+                .await
+                .unwrap()
+                .send_request(request, false)
+                .unwrap(),
+        );
+    }
+    // The client may write the first ping before the queued headers; the
+    // second goes out after them.
+    for _ in 0..2 {
+        pings.ping(h2::Ping::opaque()).await.unwrap();
+    }
+    answered_at_once("bodies announced by a known key ID").await;
+    drop((waiting, h2));
+    cluster.shutdown().await;
+}
+
 /// Sends a SubscribeToShard for `consumer` (shard 0, from the start) on a
 /// new connection that takes in at most a few KiB until it is read.
 async fn subscribe_raw(address: &str, consumer: &str) -> tokio::net::TcpStream {

@@ -600,7 +600,13 @@ async fn handle(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
                 parts.method
             )));
         }
-        let body = read_body(&gw, &parts.headers, body).await?;
+        let body = read_body(
+            &gw.body_budget,
+            gw.config.body_timeout,
+            &parts.headers,
+            body,
+        )
+        .await?;
         let request = auth::SignedRequest {
             method: &parts.method,
             uri: &parts.uri,
@@ -652,13 +658,18 @@ async fn handle(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
     }
 }
 
-/// Reads a request's body within the body timeout, once the node's
-/// body budget has room for it (its Content-Length, or the largest body
-/// when it has none): bodies being read at once hold at most
-/// [`BODY_BUDGET_KIB`] of memory whatever the number of connections and
-/// streams.
+/// Reads a request's body within the body timeout. Each part takes its
+/// share of the node's body budget as it arrives, so that bodies being
+/// read at once hold at most [`BODY_BUDGET_KIB`] of memory whatever the
+/// number of connections and streams, and a body that is announced but
+/// not sent holds none of it: the signature is checked only once the body
+/// is here, so a client that knows an access key ID but not its secret
+/// must send what it makes the node hold. A body that holds part of the
+/// budget and finds no more within [`BODY_BUDGET_WAIT`] is refused with
+/// 503 and gives back what it held.
 async fn read_body(
-    gw: &Gateway,
+    budget: &tokio::sync::Semaphore,
+    limit: Duration,
     headers: &axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> Result<Bytes, ApiError> {
@@ -669,18 +680,41 @@ async fn read_body(
     if declared.is_some_and(|n| n > MAX_BODY_BYTES) {
         return Err(too_large());
     }
-    let kib = declared.unwrap_or(MAX_BODY_BYTES).div_ceil(1024).max(1) as u32;
     let read = async {
-        let _budget = gw
-            .body_budget
-            .acquire_many(kib)
-            .await
-            .expect("the body budget is never closed");
-        axum::body::to_bytes(body, MAX_BODY_BYTES)
-            .await
-            .map_err(|_| too_large())
+        let mut body = body;
+        let mut parts: Vec<Bytes> = Vec::new();
+        let (mut len, mut held_kib) = (0usize, 0usize);
+        let mut taken: Option<tokio::sync::SemaphorePermit<'_>> = None;
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame.map_err(|_| too_large())?.into_data() else {
+                continue;
+            };
+            len += data.len();
+            if len > MAX_BODY_BYTES {
+                return Err(too_large());
+            }
+            let kib = len.div_ceil(1024);
+            if kib > held_kib {
+                let wanted = budget.acquire_many((kib - held_kib) as u32);
+                match taken.as_mut() {
+                    None => taken = Some(wanted.await.expect(BUDGET_OPEN)),
+                    // A body holding part of the budget waits a bounded time
+                    // for more: bodies that each hold some and all wait for
+                    // more would otherwise stand still until the body timeout.
+                    Some(held) => match tokio::time::timeout(BODY_BUDGET_WAIT, wanted).await {
+                        Ok(more) => held.merge(more.expect(BUDGET_OPEN)),
+                        Err(_) => return Err(bodies_over_budget()),
+                    },
+                }
+                held_kib = kib;
+            }
+            parts.push(data);
+        }
+        Ok(match parts.len() {
+            1 => parts.pop().expect("one part"),
+            _ => Bytes::from(parts.concat()),
+        })
     };
-    let limit = gw.config.body_timeout;
     tokio::time::timeout(limit, read).await.map_err(|_| {
         ApiError::new(
             "RequestTimeout",
@@ -688,6 +722,21 @@ async fn read_body(
             format!("the request body did not arrive within {limit:?}"),
         )
     })?
+}
+
+const BUDGET_OPEN: &str = "the body budget is never closed";
+
+/// How long a body that holds part of the body budget waits for more.
+const BODY_BUDGET_WAIT: Duration = Duration::from_secs(2);
+
+/// A body refused because the bodies being read fill the node's budget:
+/// 503, which SDKs retry.
+fn bodies_over_budget() -> ApiError {
+    ApiError::new(
+        "ServiceUnavailable",
+        StatusCode::SERVICE_UNAVAILABLE,
+        "The node is reading as many request bodies as its memory budget allows. Retry.",
+    )
 }
 
 fn too_large() -> ApiError {
@@ -954,6 +1003,57 @@ fn new_request_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt;
+
+    /// A body whose `parts` arrive at once; the rest of it never does.
+    fn arrives_then_stalls(parts: Vec<Bytes>) -> axum::body::Body {
+        let parts = futures::stream::iter(parts.into_iter().map(Ok::<_, std::io::Error>));
+        axum::body::Body::from_stream(parts.chain(futures::stream::pending()))
+    }
+
+    fn kib(n: usize) -> Bytes {
+        Bytes::from(vec![7; n * 1024])
+    }
+
+    /// Item 4 of issue 18: a body takes the node's body budget as its
+    /// bytes arrive, so one announced and not sent holds none; one that
+    /// holds part of it and needs more than is free is refused with 503
+    /// after a bounded wait and gives back what it held, so that readers
+    /// holding part each cannot stand still together; one that holds none
+    /// waits for room.
+    #[tokio::test]
+    async fn bodies_take_the_budget_as_their_bytes_arrive() {
+        let budget = tokio::sync::Semaphore::new(4);
+        let limit = Duration::from_secs(60);
+        let headers = axum::http::HeaderMap::new();
+        let read = |body: axum::body::Body| read_body(&budget, limit, &headers, body);
+        let mut silent = Box::pin(read(arrives_then_stalls(vec![])));
+        let mut holds_three = Box::pin(read(arrives_then_stalls(vec![kib(3)])));
+        assert!(futures::poll!(&mut silent).is_pending());
+        assert!(futures::poll!(&mut holds_three).is_pending());
+        assert_eq!(budget.available_permits(), 1);
+
+        let parts = axum::body::Body::from_stream(futures::stream::iter([
+            Ok::<_, std::io::Error>(Bytes::from_static(b"abc")),
+            Ok(Bytes::from_static(b"def")),
+        ]));
+        assert_eq!(read(parts).await.unwrap(), Bytes::from_static(b"abcdef"));
+
+        let started = Instant::now();
+        let over = arrives_then_stalls(vec![kib(1), kib(1)]);
+        let refused = read(over).await.unwrap_err();
+        assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(started.elapsed() >= BODY_BUDGET_WAIT);
+        assert_eq!(budget.available_permits(), 1);
+
+        let two = axum::body::Body::from(kib(2));
+        let mut waits = Box::pin(read(two));
+        assert!(futures::poll!(&mut waits).is_pending());
+        drop(holds_three);
+        assert_eq!(waits.await.unwrap().len(), 2048);
+        assert_eq!(budget.available_permits(), 4);
+        drop(silent);
+    }
 
     /// A line of the HTTP/2 preface is not an HTTP/1.1 request line: a
     /// client that stops there is still inside the header time limit.
