@@ -683,7 +683,7 @@ async fn read_body(
     let read = async {
         let mut body = body;
         let mut parts: Vec<Bytes> = Vec::new();
-        let (mut len, mut held_kib) = (0usize, 0usize);
+        let mut len = 0usize;
         let mut taken: Option<tokio::sync::SemaphorePermit<'_>> = None;
         while let Some(frame) = body.frame().await {
             let Ok(data) = frame.map_err(|_| too_large())?.into_data() else {
@@ -694,6 +694,7 @@ async fn read_body(
                 return Err(too_large());
             }
             let kib = len.div_ceil(1024);
+            let held_kib = taken.as_ref().map_or(0, |t| t.num_permits());
             if kib > held_kib {
                 let wanted = budget.acquire_many((kib - held_kib) as u32);
                 match taken.as_mut() {
@@ -706,7 +707,6 @@ async fn read_body(
                         Err(_) => return Err(bodies_over_budget()),
                     },
                 }
-                held_kib = kib;
             }
             parts.push(data);
         }
