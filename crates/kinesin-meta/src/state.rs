@@ -181,4 +181,16 @@ impl MetaState {
         }
         load
     }
+
+    /// How many groups (stream shards, queue partitions, delivery streams'
+    /// groups) name each active node their preferred leader.
+    pub fn preferred_leads(&self) -> BTreeMap<NodeId, usize> {
+        let mut leads: BTreeMap<NodeId, usize> = self.active_nodes().map(|n| (n.id, 0)).collect();
+        for placed in self.placed() {
+            if let Some(first) = placed.replicas.first() {
+                *leads.entry(*first).or_default() += 1;
+            }
+        }
+        leads
+    }
 }

@@ -46,6 +46,23 @@ const VERSIONS_WAIT: Duration = Duration::from_secs(5);
 /// The data version that introduced groups (`MetaCommand::CreateGroup`).
 const GROUPS_VERSION: u32 = 3;
 
+/// The replicas of a new group, the preferred leader first: the node that
+/// is already the preferred leader of the fewest groups, so that a queue's
+/// partitions (created one after another) lead on different nodes.
+fn place_group(
+    state: &MetaState,
+    name: &str,
+    wanted: usize,
+    down: &BTreeSet<NodeId>,
+) -> Vec<NodeId> {
+    let mut load = state.replica_load();
+    let replicas = place_replicas(state, name, wanted, down, &mut load);
+    if replicas.is_empty() {
+        return replicas;
+    }
+    crate::streams::spread_preferred_leaders(vec![replicas], state.preferred_leads()).swap_remove(0)
+}
+
 impl Router {
     /// Proposes `command` to `group` at its leader; returns the state
     /// machine's reply once the command is committed and applied there.
@@ -276,8 +293,7 @@ impl Router {
             .map(|n| n.id)
             .filter(|n| self.liveness().is_down(*n))
             .collect();
-        let mut load = state.replica_load();
-        let replicas = place_replicas(&state, name, wanted, &down, &mut load);
+        let replicas = place_group(&state, name, wanted, &down);
         if replicas.is_empty() {
             return Err(RouterError::Unavailable(
                 "no active node can hold replicas".into(),
@@ -330,5 +346,57 @@ impl Router {
             replicas,
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kinesin_meta::{GroupSpec, NodeInfo, NodeState};
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn groups_created_one_after_another_lead_on_every_node_in_turn() {
+        let mut state = MetaState::default();
+        for id in 1..=3 {
+            state.nodes.insert(
+                NodeId(id),
+                NodeInfo {
+                    id: NodeId(id),
+                    raft_addr: String::new(),
+                    api_addr: String::new(),
+                    zone: String::new(),
+                    state: NodeState::Active,
+                },
+            );
+        }
+        let mut firsts = Vec::new();
+        for (k, name) in ["q", "q#1", "q#2", "r", "r#1", "r#2"]
+            .into_iter()
+            .enumerate()
+        {
+            let replicas = place_group(&state, name, 3, &BTreeSet::new());
+            assert_eq!(replicas.iter().collect::<BTreeSet<_>>().len(), 3);
+            firsts.push(replicas[0]);
+            let spec = GroupSpec {
+                group: GroupId(100 + k as u64),
+                kind: "queue".into(),
+                replicas,
+                replication_factor: 3,
+                config: Vec::new(),
+                ready: true,
+            };
+            state.groups.insert(name.to_string(), spec);
+        }
+        for partitions in firsts.chunks(3) {
+            let nodes: BTreeSet<_> = partitions.iter().collect();
+            assert_eq!(
+                nodes.len(),
+                3,
+                "two partitions lead on one node: {firsts:?}"
+            );
+        }
+        let leads: BTreeMap<NodeId, usize> = state.preferred_leads();
+        assert!(leads.values().all(|&n| n == 2), "{leads:?}");
     }
 }

@@ -83,9 +83,11 @@ pub(crate) const CREATE_WAIT: Duration = Duration::from_secs(10);
 pub(crate) const UNREPORTED_VERSION: u32 = 2;
 
 /// Rotates each replica list so that preferred leaders (the first entry)
-/// spread evenly over nodes.
-pub(crate) fn spread_preferred_leaders(placements: Vec<Vec<NodeId>>) -> Vec<Vec<NodeId>> {
-    let mut leads: BTreeMap<NodeId, usize> = BTreeMap::new();
+/// spread evenly over nodes, counting the groups each already leads.
+pub(crate) fn spread_preferred_leaders(
+    placements: Vec<Vec<NodeId>>,
+    mut leads: BTreeMap<NodeId, usize>,
+) -> Vec<Vec<NodeId>> {
     placements
         .into_iter()
         .map(|mut replicas| {
@@ -537,7 +539,7 @@ impl Router {
                 "no active node can hold replicas".into(),
             ));
         }
-        let placements = spread_preferred_leaders(placements);
+        let placements = spread_preferred_leaders(placements, state.preferred_leads());
         let stream = NewStream {
             name: name.to_string(),
             shard_count,
@@ -663,9 +665,10 @@ mod tests {
     #[test]
     fn preferred_leaders_spread_over_nodes() {
         let n = |i| NodeId(i);
-        let placements = vec![vec![n(1), n(2), n(3)]; 6];
-        let spread = spread_preferred_leaders(placements);
-        let mut leads: BTreeMap<NodeId, usize> = BTreeMap::new();
+        let placements = vec![vec![n(1), n(2), n(3)]; 5];
+        let already = BTreeMap::from([(n(1), 1)]);
+        let spread = spread_preferred_leaders(placements, already);
+        let mut leads: BTreeMap<NodeId, usize> = BTreeMap::from([(n(1), 1)]);
         for p in &spread {
             *leads.entry(p[0]).or_default() += 1;
             let set: BTreeSet<_> = p.iter().collect();
