@@ -8,7 +8,10 @@
 //! - receive + ack: CLIENTS consumers (prefetch 10, manual acks, one
 //!   `multiple` ack per 10 deliveries) until every sent message is acked;
 //! - latency: CLIENTS consumers waiting while one publisher sends 100
-//!   confirmed messages a second for SECONDS, each carrying its send time.
+//!   confirmed messages a second for SECONDS, each carrying its send time;
+//! - at once: half the CLIENTS publish as in the send phase while the
+//!   other half consume as above, for SECONDS (the rate at which messages
+//!   pass through the queue).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,9 +31,15 @@ const SIZE: usize = 1024;
 const BATCH: usize = 10;
 
 type Hist = Arc<Mutex<Histogram<u64>>>;
+/// Called by a consumer with each body it receives.
+type Seen = Arc<dyn Fn(&[u8]) + Send + Sync>;
+/// Tells consumers when to stop.
+type Done = Arc<dyn Fn() -> bool + Send + Sync>;
 
 fn histogram() -> Hist {
-    Arc::new(Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).unwrap()))
+    Arc::new(Mutex::new(
+        Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
+    ))
 }
 
 fn ms(h: &Hist, q: f64) -> f64 {
@@ -38,7 +47,10 @@ fn ms(h: &Hist, q: f64) -> f64 {
 }
 
 fn now_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
 }
 
 async fn channel(uri: &str) -> anyhow::Result<(Connection, Channel)> {
@@ -117,17 +129,23 @@ async fn send_phase(uris: &[String], clients: usize, seconds: u64) -> anyhow::Re
 async fn consumers(
     uris: &[String],
     clients: usize,
-    seen: Arc<dyn Fn(&[u8]) + Send + Sync>,
-    done: Arc<dyn Fn() -> bool + Send + Sync>,
+    seen: Seen,
+    done: Done,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<anyhow::Result<()>>>> {
     let mut tasks = Vec::new();
     for i in 0..clients {
         let uri = uris[i % uris.len()].clone();
         let (seen, done) = (seen.clone(), done.clone());
         let (conn, ch) = channel(&uri).await?;
-        ch.basic_qos(BATCH as u16, BasicQosOptions::default()).await?;
+        ch.basic_qos(BATCH as u16, BasicQosOptions::default())
+            .await?;
         let mut consumer = ch
-            .basic_consume(QUEUE, &format!("c{i}"), BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                QUEUE,
+                &format!("c{i}"),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
         tasks.push(tokio::spawn(async move {
             let _conn = conn;
@@ -177,15 +195,23 @@ async fn main() -> anyhow::Result<()> {
 
     let (_conn, admin) = channel(&uris[0]).await?;
     let mut arguments = FieldTable::default();
-    arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
     admin
         .queue_declare(
             QUEUE,
-            QueueDeclareOptions { durable: true, ..Default::default() },
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
             arguments,
         )
         .await?;
-    admin.queue_purge(QUEUE, QueuePurgeOptions::default()).await?;
+    admin
+        .queue_purge(QUEUE, QueuePurgeOptions::default())
+        .await?;
 
     let started = Instant::now();
     let (sent, send_latency) = send_phase(&uris, clients, seconds).await?;
@@ -194,12 +220,11 @@ async fn main() -> anyhow::Result<()> {
     let acked = Arc::new(AtomicU64::new(0));
     let count = acked.clone();
     let total = sent;
-    let seen: Arc<dyn Fn(&[u8]) + Send + Sync> = Arc::new(move |_| {
+    let seen: Seen = Arc::new(move |_| {
         count.fetch_add(1, Ordering::Relaxed);
     });
     let counted = acked.clone();
-    let done: Arc<dyn Fn() -> bool + Send + Sync> =
-        Arc::new(move || counted.load(Ordering::Relaxed) >= total);
+    let done: Done = Arc::new(move || counted.load(Ordering::Relaxed) >= total);
     let started = Instant::now();
     for t in consumers(&uris, clients, seen, done).await? {
         t.await??;
@@ -209,7 +234,7 @@ async fn main() -> anyhow::Result<()> {
     let e2e = histogram();
     let received = Arc::new(AtomicU64::new(0));
     let (hist, got) = (e2e.clone(), received.clone());
-    let seen: Arc<dyn Fn(&[u8]) + Send + Sync> = Arc::new(move |data| {
+    let seen: Seen = Arc::new(move |data| {
         let stamp = u64::from_be_bytes(data[..8].try_into().unwrap());
         hist.lock()
             .unwrap()
@@ -218,17 +243,34 @@ async fn main() -> anyhow::Result<()> {
     });
     let expected = seconds * 100;
     let counted = received.clone();
-    let done: Arc<dyn Fn() -> bool + Send + Sync> =
-        Arc::new(move || counted.load(Ordering::Relaxed) >= expected);
+    let done: Done = Arc::new(move || counted.load(Ordering::Relaxed) >= expected);
     let waiting = consumers(&uris, clients, seen, done).await?;
     let (_pconn, publisher) = channel(&uris[0]).await?;
-    publisher.confirm_select(ConfirmSelectOptions::default()).await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     for _ in 0..expected {
         tick.tick().await;
         publish(&publisher, &body(now_us())).await?;
     }
     for t in waiting {
+        t.await??;
+    }
+
+    let half = (clients / 2).max(1);
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let consumed = Arc::new(AtomicU64::new(0));
+    let count = consumed.clone();
+    let seen: Seen = Arc::new(move |_| {
+        if Instant::now() < until {
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    let done: Done = Arc::new(move || Instant::now() >= until);
+    let consuming = consumers(&uris, half, seen, done).await?;
+    let (mixed_sent, _) = send_phase(&uris, half, seconds).await?;
+    for t in consuming {
         t.await??;
     }
     println!(
@@ -240,6 +282,8 @@ async fn main() -> anyhow::Result<()> {
             "receive_ack": { "messages": acked.load(Ordering::Relaxed), "messages_per_sec": receive_rate },
             "latency": { "messages": received.load(Ordering::Relaxed),
                          "p50_ms": ms(&e2e, 0.5), "p99_ms": ms(&e2e, 0.99) },
+            "at_once": { "send_messages_per_sec": mixed_sent as f64 / seconds as f64,
+                         "receive_ack_messages_per_sec": consumed.load(Ordering::Relaxed) as f64 / seconds as f64 },
         })
     );
     Ok(())

@@ -1,9 +1,11 @@
 //! `kinesin bench sqs`: SQS load over the AWS JSON API (awsJson1_0), so
 //! that any SQS-compatible endpoint (moto, ElasticMQ, AWS) is measured with
-//! the same client. Three phases on one queue: sends (SendMessageBatch,
+//! the same client. Four phases on one queue: sends (SendMessageBatch,
 //! closed loop), receive + delete (ReceiveMessage of 10 and
-//! DeleteMessageBatch until the queue is drained), and send → receive
-//! latency (one sender at a fixed rate, the clients long-polling).
+//! DeleteMessageBatch until the queue is drained), send → receive
+//! latency (one sender at a fixed rate, the clients long-polling), and
+//! sends with receives at once (half the clients each, closed loop: the
+//! rate at which messages pass through the queue).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -72,6 +74,88 @@ async fn receive(client: &mut AwsClient, url: &str, wait: u32) -> anyhow::Result
     Ok(out["Messages"].as_array().cloned().unwrap_or_default())
 }
 
+/// What a phase's clients count: messages done, failures, and the time
+/// each send batch took.
+#[derive(Clone)]
+struct Counts {
+    done: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+    latency: Arc<Mutex<Histogram<u64>>>,
+}
+
+impl Counts {
+    fn new(errors: &Arc<AtomicU64>) -> Counts {
+        Counts {
+            done: Arc::new(AtomicU64::new(0)),
+            errors: errors.clone(),
+            latency: histogram(),
+        }
+    }
+
+    fn done(&self) -> u64 {
+        self.done.load(Ordering::Relaxed)
+    }
+}
+
+/// Sends batches of `batch` copies of `body` until `until`, closed loop.
+async fn send_until(
+    mut client: AwsClient,
+    url: String,
+    body: String,
+    batch: usize,
+    until: Instant,
+    counts: Counts,
+) {
+    while Instant::now() < until {
+        let entries: Vec<Value> = (0..batch)
+            .map(|i| json!({ "Id": i.to_string(), "MessageBody": body }))
+            .collect();
+        let t = Instant::now();
+        match client
+            .call(
+                "SendMessageBatch",
+                &json!({ "QueueUrl": url, "Entries": entries }),
+            )
+            .await
+        {
+            Ok(out) => {
+                let ok = out["Successful"].as_array().map_or(0, Vec::len) as u64;
+                counts.done.fetch_add(ok, Ordering::Relaxed);
+                counts
+                    .errors
+                    .fetch_add(batch as u64 - ok, Ordering::Relaxed);
+                record(&counts.latency, t.elapsed());
+            }
+            Err(_) => {
+                counts.errors.fetch_add(batch as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Receives and deletes until `end`, counting the messages deleted before
+/// it; one that `drain`s also stops once two receives in a row find
+/// nothing.
+async fn consume(mut client: AwsClient, url: String, end: Instant, drain: bool, counts: Counts) {
+    let mut empty = 0;
+    while empty < 2 && Instant::now() < end {
+        match receive(&mut client, &url, 1).await {
+            Ok(m) if m.is_empty() => empty += u32::from(drain),
+            Ok(m) => {
+                empty = 0;
+                if delete(&mut client, &url, &m).await.is_err() {
+                    counts.errors.fetch_add(1, Ordering::Relaxed);
+                } else if Instant::now() < end {
+                    counts.done.fetch_add(m.len() as u64, Ordering::Relaxed);
+                }
+            }
+            Err(_) => {
+                counts.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 async fn delete(client: &mut AwsClient, url: &str, messages: &[Value]) -> anyhow::Result<()> {
     let entries: Vec<Value> = messages
         .iter()
@@ -113,88 +197,47 @@ pub async fn sqs(args: SqsArgs) -> anyhow::Result<()> {
         .ok();
 
     // Sends.
-    let sent = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
-    let send_latency = histogram();
     let body = "x".repeat(args.message_size);
+    let sends = Counts::new(&errors);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.duration_secs);
     let mut tasks = Vec::new();
     for c in 0..args.clients {
-        let mut client = client_for(c);
-        let (sent, errors, h, url, body) = (
-            sent.clone(),
-            errors.clone(),
-            send_latency.clone(),
+        tasks.push(tokio::spawn(send_until(
+            client_for(c),
             url.clone(),
             body.clone(),
-        );
-        let batch = args.batch;
-        tasks.push(tokio::spawn(async move {
-            while Instant::now() < deadline {
-                let entries: Vec<Value> = (0..batch)
-                    .map(|i| json!({ "Id": i.to_string(), "MessageBody": body }))
-                    .collect();
-                let t = Instant::now();
-                match client
-                    .call(
-                        "SendMessageBatch",
-                        &json!({ "QueueUrl": url, "Entries": entries }),
-                    )
-                    .await
-                {
-                    Ok(out) => {
-                        let ok = out["Successful"].as_array().map_or(0, Vec::len) as u64;
-                        sent.fetch_add(ok, Ordering::Relaxed);
-                        errors.fetch_add(batch as u64 - ok, Ordering::Relaxed);
-                        record(&h, t.elapsed());
-                    }
-                    Err(_) => {
-                        errors.fetch_add(batch as u64, Ordering::Relaxed);
-                    }
-                }
-            }
-        }));
+            args.batch,
+            deadline,
+            sends.clone(),
+        )));
     }
     for t in tasks.drain(..) {
         t.await?;
     }
     let send_secs = started.elapsed().as_secs_f64();
-    let sent_n = sent.load(Ordering::Relaxed);
+    let sent_n = sends.done();
 
     // Receive + delete until drained.
-    let received = Arc::new(AtomicU64::new(0));
+    let receives = Counts::new(&errors);
     let started = Instant::now();
     let give_up = started + Duration::from_secs(args.duration_secs * 6 + 30);
     for c in 0..args.clients {
-        let mut client = client_for(c);
-        let (received, url, errors) = (received.clone(), url.clone(), errors.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut empty = 0;
-            while empty < 2 && Instant::now() < give_up {
-                match receive(&mut client, &url, 1).await {
-                    Ok(m) if m.is_empty() => empty += 1,
-                    Ok(m) => {
-                        empty = 0;
-                        if delete(&mut client, &url, &m).await.is_ok() {
-                            received.fetch_add(m.len() as u64, Ordering::Relaxed);
-                        } else {
-                            errors.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    Err(_) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-        }));
+        tasks.push(tokio::spawn(consume(
+            client_for(c),
+            url.clone(),
+            give_up,
+            true,
+            receives.clone(),
+        )));
     }
     for t in tasks.drain(..) {
         t.await?;
     }
     // The last empty polls (two per client of up to 1 s) are not work.
     let receive_secs = (started.elapsed().as_secs_f64() - 2.0).max(0.001);
-    let received_n = received.load(Ordering::Relaxed);
+    let received_n = receives.done();
 
     // Latency: long polls waiting, one sender at a fixed rate; each body
     // is the send time in µs since `origin`.
@@ -243,32 +286,64 @@ pub async fn sqs(args: SqsArgs) -> anyhow::Result<()> {
         t.await?;
     }
 
+    // Sends and receives at once: half the clients each, for as long as
+    // the send phase. The receivers count what they delete in that time.
+    let half = (args.clients / 2).max(1);
+    let (mixed_sends, mixed_receives) = (Counts::new(&errors), Counts::new(&errors));
+    let started = Instant::now();
+    let until = started + Duration::from_secs(args.duration_secs);
+    for c in 0..half {
+        tasks.push(tokio::spawn(consume(
+            client_for(c),
+            url.clone(),
+            until,
+            false,
+            mixed_receives.clone(),
+        )));
+        tasks.push(tokio::spawn(send_until(
+            client_for(half + c),
+            url.clone(),
+            body.clone(),
+            args.batch,
+            until,
+            mixed_sends.clone(),
+        )));
+    }
+    for t in tasks.drain(..) {
+        t.await?;
+    }
+    let mixed_secs = args.duration_secs as f64;
+
     let result = json!({
         "message_size": args.message_size,
         "batch": args.batch,
         "clients": args.clients,
         "sent": sent_n,
         "send_messages_per_sec": sent_n as f64 / send_secs,
-        "send_batch_p50_ms": ms(&send_latency, 0.5),
-        "send_batch_p99_ms": ms(&send_latency, 0.99),
+        "send_batch_p50_ms": ms(&sends.latency, 0.5),
+        "send_batch_p99_ms": ms(&sends.latency, 0.99),
         "received_and_deleted": received_n,
         "receive_delete_messages_per_sec": received_n as f64 / receive_secs,
         "errors": errors.load(Ordering::Relaxed),
         "send_to_receive_p50_ms": ms(&latency, 0.5),
         "send_to_receive_p99_ms": ms(&latency, 0.99),
         "latency_samples": latency.lock().expect("histogram lock").len(),
+        "mixed_send_messages_per_sec": mixed_sends.done() as f64 / mixed_secs,
+        "mixed_receive_delete_messages_per_sec": mixed_receives.done() as f64 / mixed_secs,
     });
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&result)?);
     } else {
         outln!(
-            "send: {:.0} msg/s (batch p50 {:.2} ms, p99 {:.2} ms); receive+delete: {:.0} msg/s; send→receive p50 {:.2} ms, p99 {:.2} ms; errors {}",
+            "send: {:.0} msg/s (batch p50 {:.2} ms, p99 {:.2} ms); receive+delete: {:.0} msg/s; send→receive p50 {:.2} ms, p99 {:.2} ms; at once: send {:.0} msg/s, receive+delete {:.0} msg/s; errors {}",
             result["send_messages_per_sec"].as_f64().unwrap_or(0.0),
             result["send_batch_p50_ms"].as_f64().unwrap_or(0.0),
             result["send_batch_p99_ms"].as_f64().unwrap_or(0.0),
             result["receive_delete_messages_per_sec"].as_f64().unwrap_or(0.0),
             result["send_to_receive_p50_ms"].as_f64().unwrap_or(0.0),
             result["send_to_receive_p99_ms"].as_f64().unwrap_or(0.0),
+            result["mixed_send_messages_per_sec"].as_f64().unwrap_or(0.0),
+            result["mixed_receive_delete_messages_per_sec"].as_f64().unwrap_or(0.0),
             result["errors"],
         );
     }
