@@ -1,4 +1,4 @@
-//! `amqp-load URI[,URI…] [CLIENTS] [SECONDS]`: the three phases of
+//! `amqp-load URI[,URI…] [CLIENTS] [SECONDS] [RATE]`: the four phases of
 //! `kinesin bench sqs`, against a RabbitMQ quorum queue, printing one JSON
 //! object.
 //!
@@ -9,9 +9,10 @@
 //!   `multiple` ack per 10 deliveries) until every sent message is acked;
 //! - latency: CLIENTS consumers waiting while one publisher sends 100
 //!   confirmed messages a second for SECONDS, each carrying its send time;
-//! - at once: half the CLIENTS publish as in the send phase while the
-//!   other half consume as above, for SECONDS (the rate at which messages
-//!   pass through the queue).
+//! - at once: half the CLIENTS publish as in the send phase (as fast as
+//!   they can, or RATE messages a second in all) while the other half
+//!   consume as above, for SECONDS (the rate at which messages pass
+//!   through the queue).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -79,10 +80,18 @@ async fn publish(ch: &Channel, payload: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn send_phase(uris: &[String], clients: usize, seconds: u64) -> anyhow::Result<(u64, Hist)> {
+/// Publishers, closed loop or (`rate` > 0) `rate` messages a second in
+/// all, each one's batches on a schedule and sent at once when behind it.
+async fn send_phase(
+    uris: &[String],
+    clients: usize,
+    seconds: u64,
+    rate: u64,
+) -> anyhow::Result<(u64, Hist)> {
     let sent = Arc::new(AtomicU64::new(0));
     let latency = histogram();
     let deadline = Instant::now() + Duration::from_secs(seconds);
+    let every = (rate > 0).then(|| Duration::from_secs_f64((BATCH * clients) as f64 / rate as f64));
     let mut tasks = Vec::new();
     for i in 0..clients {
         let uri = uris[i % uris.len()].clone();
@@ -91,7 +100,16 @@ async fn send_phase(uris: &[String], clients: usize, seconds: u64) -> anyhow::Re
             let (_conn, ch) = channel(&uri).await?;
             ch.confirm_select(ConfirmSelectOptions::default()).await?;
             let payload = body(0);
+            let mut due =
+                every.map(|every| (Instant::now() + every * i as u32 / clients as u32, every));
             while Instant::now() < deadline {
+                if let Some((at, every)) = due.as_mut() {
+                    tokio::time::sleep_until((*at).into()).await;
+                    *at += *every;
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                }
                 let start = Instant::now();
                 let mut confirms = Vec::with_capacity(BATCH);
                 for _ in 0..BATCH {
@@ -192,6 +210,7 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     let clients: usize = args.get(2).map_or(Ok(16), |a| a.parse())?;
     let seconds: u64 = args.get(3).map_or(Ok(10), |a| a.parse())?;
+    let rate: u64 = args.get(4).map_or(Ok(0), |a| a.parse())?;
 
     let (_conn, admin) = channel(&uris[0]).await?;
     let mut arguments = FieldTable::default();
@@ -214,7 +233,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
 
     let started = Instant::now();
-    let (sent, send_latency) = send_phase(&uris, clients, seconds).await?;
+    let (sent, send_latency) = send_phase(&uris, clients, seconds, 0).await?;
     let send_rate = sent as f64 / started.elapsed().as_secs_f64();
 
     let acked = Arc::new(AtomicU64::new(0));
@@ -269,7 +288,7 @@ async fn main() -> anyhow::Result<()> {
     });
     let done: Done = Arc::new(move || Instant::now() >= until);
     let consuming = consumers(&uris, half, seen, done).await?;
-    let (mixed_sent, _) = send_phase(&uris, half, seconds).await?;
+    let (mixed_sent, _) = send_phase(&uris, half, seconds, rate).await?;
     for t in consuming {
         t.await??;
     }
@@ -282,7 +301,7 @@ async fn main() -> anyhow::Result<()> {
             "receive_ack": { "messages": acked.load(Ordering::Relaxed), "messages_per_sec": receive_rate },
             "latency": { "messages": received.load(Ordering::Relaxed),
                          "p50_ms": ms(&e2e, 0.5), "p99_ms": ms(&e2e, 0.99) },
-            "at_once": { "send_messages_per_sec": mixed_sent as f64 / seconds as f64,
+            "at_once": { "rate": rate, "send_messages_per_sec": mixed_sent as f64 / seconds as f64,
                          "receive_ack_messages_per_sec": consumed.load(Ordering::Relaxed) as f64 / seconds as f64 },
         })
     );

@@ -44,6 +44,11 @@ pub struct SqsArgs {
     /// Messages per second of the latency phase's sender.
     #[arg(long, default_value_t = 100)]
     latency_rate: u64,
+    /// Messages per second the senders of the phase that sends and
+    /// receives at once send in all (0: as fast as they can). A rate the
+    /// receivers keep up with is one the queue sustains.
+    #[arg(long, default_value_t = 0)]
+    mixed_rate: u64,
     #[arg(long)]
     json: bool,
 }
@@ -97,16 +102,27 @@ impl Counts {
     }
 }
 
-/// Sends batches of `batch` copies of `body` until `until`, closed loop.
+/// Sends batches of `batch` copies of `body` until `until`: closed loop,
+/// or with `pace` (first batch's time, time between batches) on that
+/// schedule, at once when behind it.
 async fn send_until(
     mut client: AwsClient,
     url: String,
     body: String,
     batch: usize,
     until: Instant,
+    pace: Option<(Instant, Duration)>,
     counts: Counts,
 ) {
+    let mut due = pace.map(|(first, _)| first);
     while Instant::now() < until {
+        if let (Some(at), Some((_, every))) = (due.as_mut(), pace) {
+            tokio::time::sleep_until((*at).into()).await;
+            *at += every;
+            if Instant::now() >= until {
+                break;
+            }
+        }
         let entries: Vec<Value> = (0..batch)
             .map(|i| json!({ "Id": i.to_string(), "MessageBody": body }))
             .collect();
@@ -210,6 +226,7 @@ pub async fn sqs(args: SqsArgs) -> anyhow::Result<()> {
             body.clone(),
             args.batch,
             deadline,
+            None,
             sends.clone(),
         )));
     }
@@ -292,7 +309,11 @@ pub async fn sqs(args: SqsArgs) -> anyhow::Result<()> {
     let (mixed_sends, mixed_receives) = (Counts::new(&errors), Counts::new(&errors));
     let started = Instant::now();
     let until = started + Duration::from_secs(args.duration_secs);
+    // Each sender's share of the rate, their batches staggered.
+    let every = (args.mixed_rate > 0)
+        .then(|| Duration::from_secs_f64((args.batch * half) as f64 / args.mixed_rate as f64));
     for c in 0..half {
+        let pace = every.map(|every| (started + every * c as u32 / half as u32, every));
         tasks.push(tokio::spawn(consume(
             client_for(c),
             url.clone(),
@@ -306,6 +327,7 @@ pub async fn sqs(args: SqsArgs) -> anyhow::Result<()> {
             body.clone(),
             args.batch,
             until,
+            pace,
             mixed_sends.clone(),
         )));
     }
@@ -328,6 +350,7 @@ pub async fn sqs(args: SqsArgs) -> anyhow::Result<()> {
         "send_to_receive_p50_ms": ms(&latency, 0.5),
         "send_to_receive_p99_ms": ms(&latency, 0.99),
         "latency_samples": latency.lock().expect("histogram lock").len(),
+        "mixed_rate": args.mixed_rate,
         "mixed_send_messages_per_sec": mixed_sends.done() as f64 / mixed_secs,
         "mixed_receive_delete_messages_per_sec": mixed_receives.done() as f64 / mixed_secs,
     });
