@@ -246,6 +246,12 @@ pub async fn run_server(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// mimalloc instead of glibc's malloc: in a profile of SQS receive + delete
+/// on a 3-node cluster glibc's allocator took about a sixth of the busy
+/// CPU, and with mimalloc the rate was 16 % higher (docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
