@@ -1243,13 +1243,17 @@ impl QueueStateMachine {
     /// Reads the bodies of received messages; one deleted meanwhile is left
     /// out.
     fn deliver(&self, received: Vec<Received>) -> Result<Vec<Delivered>, String> {
+        let keys: Vec<Vec<u8>> = received
+            .iter()
+            .map(|r| self.body_key(r.handle.seq))
+            .collect();
+        let bodies = self
+            .storage
+            .multi_get(Cf::Rows, &keys)
+            .map_err(|e| e.to_string())?;
         let mut out = Vec::with_capacity(received.len());
-        for r in received {
-            let Some(bytes) = self
-                .storage
-                .get(Cf::Rows, &self.body_key(r.handle.seq))
-                .map_err(|e| e.to_string())?
-            else {
+        for (r, bytes) in received.into_iter().zip(bodies) {
+            let Some(bytes) = bytes else {
                 continue;
             };
             out.push(Delivered {
