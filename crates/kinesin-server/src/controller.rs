@@ -134,7 +134,7 @@ pub(crate) async fn run_controller(ctx: Context, mut stop: watch::Receiver<bool>
         }
         // A cluster made by an older release gets its key once every node
         // decodes it; a new one got it at bootstrap, unless the bootstrap
-        // stopped before.
+        // stopped before or a node joined while it ran.
         if state.token_key.bytes().is_none()
             && ctx.router.cluster_data_version() >= TOKEN_KEY_VERSION
         {

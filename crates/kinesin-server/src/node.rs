@@ -319,9 +319,18 @@ impl Node {
         self.router
             .meta_write(MetaCommand::RegisterNode(self.self_info()))
             .await?;
-        self.router
+        // A node that joins meanwhile (a seed admits joiners as soon as it
+        // leads) leaves the cluster's data version unknown until its first
+        // ping, and the key is refused; the controller gives it once every
+        // node reports one that decodes it. Failing here stopped the seed,
+        // and with it now and then a `kinesin dev --nodes 3` start.
+        if let Err(e) = self
+            .router
             .meta_write(crate::controller::new_token_key())
-            .await?;
+            .await
+        {
+            tracing::info!(error = %e, "the cluster gets its token key from the controller");
+        }
         save_identity(
             &self.storage,
             &Identity {
