@@ -45,6 +45,14 @@ impl NodeService {
             ));
         }
         let state = self.router.meta_state();
+        // The seed leads before its bootstrap's writes apply, and the
+        // cluster id is the last of them: a node admitted earlier would save
+        // an empty id and then refuse to restart. It asks again.
+        if state.cluster_id.is_empty() {
+            return Err(RouterError::Unavailable(
+                "the cluster is still bootstrapping".into(),
+            ));
+        }
         if !req.cluster_id.is_empty() && req.cluster_id != state.cluster_id {
             return Err(RouterError::InvalidArgument(format!(
                 "node belongs to cluster {}, this is cluster {}",
@@ -520,5 +528,60 @@ impl Node for NodeService {
             )
             .await?;
         Ok(Response::new(encode_read(batch)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use kinesin_raft::TimingProfile;
+
+    use super::*;
+    use crate::router::tests::lone_router;
+
+    /// A seed leads its metadata group before its bootstrap sets the
+    /// cluster id: a join until then is asked to come back (a node admitted
+    /// with an empty id would refuse to restart), and one after it is told
+    /// the id.
+    #[tokio::test]
+    async fn a_join_waits_for_the_cluster_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let router = Arc::new(lone_router(dir.path()));
+        let host = router.host.clone();
+        host.start_group(GroupId::META, router.meta.clone(), &TimingProfile::meta())
+            .await
+            .unwrap();
+        host.initialize(
+            GroupId::META,
+            BTreeMap::from([(NodeId(1), "127.0.0.1:1".into())]),
+        )
+        .await
+        .unwrap();
+        host.wait_for_leader(GroupId::META, Duration::from_secs(30))
+            .await
+            .expect("a leader");
+        let service = NodeService {
+            router: router.clone(),
+        };
+        let join = pb::JoinRequest {
+            node_id: 2,
+            raft_addr: "127.0.0.1:2".into(),
+            api_addr: "127.0.0.1:3".into(),
+            zone: String::new(),
+            cluster_id: String::new(),
+        };
+
+        let early = service.join_on_leader(&join).await.unwrap_err();
+        assert!(matches!(early, RouterError::Unavailable(_)), "{early:?}");
+        assert!(router.meta_state().nodes.is_empty(), "nothing registered");
+
+        let bootstrap = MetaCommand::Bootstrap {
+            cluster_id: "kc-test".into(),
+        };
+        router.meta_write(bootstrap).await.unwrap();
+        assert_eq!(service.join_on_leader(&join).await.unwrap(), "kc-test");
+        assert!(router.meta_state().nodes.contains_key(&NodeId(2)));
+        host.shutdown().await;
     }
 }

@@ -311,26 +311,20 @@ impl Node {
             .wait_for_leader(GroupId::META, Duration::from_secs(30))
             .await
             .context("the new cluster's metadata group elected no leader")?;
+        // Joins are refused until the cluster id is set (see `Join`), so
+        // the writes before it see this node alone, whose data version
+        // decodes the token key.
+        self.router
+            .meta_write(MetaCommand::RegisterNode(self.self_info()))
+            .await?;
+        self.router
+            .meta_write(crate::controller::new_token_key())
+            .await?;
         self.router
             .meta_write(MetaCommand::Bootstrap {
                 cluster_id: cluster_id.clone(),
             })
             .await?;
-        self.router
-            .meta_write(MetaCommand::RegisterNode(self.self_info()))
-            .await?;
-        // A node that joins meanwhile (a seed admits joiners as soon as it
-        // leads) leaves the cluster's data version unknown until its first
-        // ping, and the key is refused; the controller gives it once every
-        // node reports one that decodes it. Failing here stopped the seed,
-        // and with it now and then a `kinesin dev --nodes 3` start.
-        if let Err(e) = self
-            .router
-            .meta_write(crate::controller::new_token_key())
-            .await
-        {
-            tracing::info!(error = %e, "the cluster gets its token key from the controller");
-        }
         save_identity(
             &self.storage,
             &Identity {
