@@ -71,22 +71,20 @@ impl Recent {
     /// entry (the first after a snapshot, say) starts the copy afresh; one
     /// too large to keep leaves it empty, so that it never has a gap.
     fn push(&mut self, entry: Entry, size: usize) {
+        if size > RECENT_BYTES {
+            self.clear();
+            return;
+        }
         if self
             .last_index()
             .is_some_and(|last| last + 1 != entry.log_id.index)
-            || size > RECENT_BYTES
         {
             self.clear();
-        }
-        if size > RECENT_BYTES {
-            return;
         }
         self.entries.push_back((entry, size));
         self.bytes += size;
         while self.entries.len() > RECENT_ENTRIES || self.bytes > RECENT_BYTES {
-            if let Some((_, size)) = self.entries.pop_front() {
-                self.bytes -= size;
-            }
+            self.pop_front();
         }
     }
 
@@ -96,18 +94,26 @@ impl Recent {
             .last_index()
             .is_some_and(|last| kept.is_none_or(|k| last > k))
         {
-            if let Some((_, size)) = self.entries.pop_back() {
-                self.bytes -= size;
-            }
+            self.pop_back();
         }
     }
 
     /// Drops the entries up to and including `index`.
     fn purge(&mut self, index: u64) {
         while self.first_index().is_some_and(|first| first <= index) {
-            if let Some((_, size)) = self.entries.pop_front() {
-                self.bytes -= size;
-            }
+            self.pop_front();
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if let Some((_, size)) = self.entries.pop_front() {
+            self.bytes -= size;
+        }
+    }
+
+    fn pop_back(&mut self) {
+        if let Some((_, size)) = self.entries.pop_back() {
+            self.bytes -= size;
         }
     }
 
@@ -541,6 +547,42 @@ mod tests {
         log.purge(id(2, 4)).await.unwrap();
         let after_purge = log.try_get_log_entries(4..6).await.unwrap();
         assert_eq!(indexes(&after_purge), [(2, 5)], "the purged are gone");
+    }
+
+    /// An entry too large to keep amid a batch, and a purge past the newest
+    /// entry followed by appends (as after a snapshot is installed), leave
+    /// reads answering what RocksDB holds.
+    #[tokio::test(flavor = "current_thread")]
+    async fn reads_match_rocksdb_around_a_large_entry_and_a_purge_past_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path(), FsyncPolicy::NeverUnsafe).unwrap();
+        let mut log = LogStore::open(storage.clone(), 7).unwrap();
+        let batch = vec![
+            entry(1, 1, 8),
+            entry(1, 2, RECENT_BYTES + 1),
+            entry(1, 3, 8),
+        ];
+        log.append(batch, IOFlushed::noop()).await.unwrap();
+        let read = log.try_get_log_entries(1..4).await.unwrap();
+        assert_eq!(indexes(&read), [(1, 1), (1, 2), (1, 3)]);
+        assert_eq!(
+            read[1],
+            entry(1, 2, RECENT_BYTES + 1),
+            "the large entry whole"
+        );
+
+        log.purge(id(1, 10)).await.unwrap();
+        assert!(log.try_get_log_entries(1..11).await.unwrap().is_empty());
+        let after = vec![entry(2, 11, 8), entry(2, 12, 8)];
+        log.append(after, IOFlushed::noop()).await.unwrap();
+        let want = [(2, 11), (2, 12)];
+        assert_eq!(indexes(&log.try_get_log_entries(..).await.unwrap()), want);
+        let fresh = LogStore::open(storage, 7).unwrap();
+        assert_eq!(
+            indexes(&fresh.read_range(0, u64::MAX).unwrap()),
+            want,
+            "RocksDB"
+        );
     }
 
     /// Runs `op` while the syncer is held: it must still be pending after
