@@ -369,6 +369,9 @@ def test_operations_metric_set_is_exported(cluster, cli, stream_name):
     wait_until("no leaderless or under-replicated group", settled, timeout=30)
     assert value(text, "kinesin_raft_leader_changes_total") is not None
     assert value(text, "kinesin_raft_max_follower_lag_entries") is not None
+    # The records just written (and the map's changes) are in the groups'
+    # in-memory log tails.
+    assert 0 < value(text, "kinesin_raft_log_tail_bytes") <= 64 << 20
     assert value(text, "kinesin_node_disk_free_bytes") > 0
     assert value(text, "kinesin_node_disk_total_bytes") >= value(text, "kinesin_node_disk_free_bytes")
     assert value(text, "kinesin_stream_incoming_bytes_total", stream=stream_name) == 10 * (10 + 1)

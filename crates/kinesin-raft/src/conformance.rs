@@ -7,7 +7,7 @@ use std::sync::Arc;
 use kinesin_storage::{FsyncPolicy, Storage, WriteBatch};
 use openraft::testing::log::{StoreBuilder, Suite};
 
-use crate::log_store::LogStore;
+use crate::log_store::{LogStore, TailBudget, NODE_TAIL_BYTES};
 use crate::state_machine::{GroupStateMachine, StateMachineStore};
 use crate::types::TypeConfig;
 
@@ -36,7 +36,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
     {
         let dir = tempfile::tempdir().expect("temp dir");
         let storage = Storage::open(dir.path(), FsyncPolicy::Always).expect("open storage");
-        let log = LogStore::open(storage.clone(), 7).expect("open log");
+        let log =
+            LogStore::open(storage.clone(), 7, TailBudget::new(NODE_TAIL_BYTES)).expect("open log");
         let sm = StateMachineStore::new(storage, 7, Arc::new(Echo));
         Ok((dir, log, sm))
     }

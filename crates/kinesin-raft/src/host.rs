@@ -24,7 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::blocking_reads::{BlockingReads, MAX_BLOCKING_READS};
-use crate::log_store::{delete_group_log, LogStore};
+use crate::log_store::{delete_group_log, LogStore, TailBudget, NODE_TAIL_BYTES};
 use crate::network::{GroupNetwork, PeerPool, SnapshotHeader, TransportFilter, MAX_MESSAGE_BYTES};
 use crate::state_machine::{
     clear_staging, delete_group_state, resume_install, stage_chunk, GroupSnapshot,
@@ -192,6 +192,8 @@ struct HostInner {
     /// Set on shutdown: open Raft streams from peers end, releasing storage.
     closed: tokio::sync::watch::Sender<bool>,
     reads: BlockingReads,
+    /// What the groups' logs keep of their newest entries in memory.
+    tail_budget: Arc<TailBudget>,
 }
 
 /// How long a node's shutdown waits for its Raft groups to stop.
@@ -220,6 +222,7 @@ impl RaftHost {
                 groups: RwLock::default(),
                 closed: tokio::sync::watch::channel(false).0,
                 reads: BlockingReads::new(MAX_BLOCKING_READS),
+                tail_budget: TailBudget::new(NODE_TAIL_BYTES),
             }),
         }
     }
@@ -232,6 +235,12 @@ impl RaftHost {
     /// and in the router), bounded together.
     pub fn blocking_reads(&self) -> &BlockingReads {
         &self.inner.reads
+    }
+
+    /// Bytes of newest log entries the groups keep in memory together
+    /// (at most [`NODE_TAIL_BYTES`]).
+    pub fn log_tail_bytes(&self) -> usize {
+        self.inner.tail_budget.used()
     }
 
     /// This node's storage, shared by all its groups.
@@ -303,7 +312,7 @@ impl RaftHost {
             tracing::info!(%group, "finished a snapshot install interrupted by a restart");
             state_machine.reload()?;
         }
-        let log = LogStore::open(storage.clone(), group.0)?;
+        let log = LogStore::open(storage.clone(), group.0, self.inner.tail_budget.clone())?;
         let sm = StateMachineStore::new(storage, group.0, state_machine.clone());
         let installing = sm.install_lock();
         let network = GroupNetwork {

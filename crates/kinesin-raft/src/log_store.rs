@@ -10,12 +10,14 @@
 //! replica's apply read them back, and reading them from RocksDB (a scan
 //! and a decode per reader) took a twentieth of a busy leader's CPU. The
 //! copy mirrors every append, truncation and purge; whatever it does not
-//! hold is read from RocksDB as before.
+//! hold is read from RocksDB as before. All the groups of a node share one
+//! byte budget for their copies ([`TailBudget`]).
 
 use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kinesin_storage::keys::{self, TAG_COMMITTED, TAG_PURGED, TAG_VOTE};
@@ -33,7 +35,6 @@ pub struct LogStore {
     tail: Arc<Mutex<Tail>>,
 }
 
-#[derive(Default)]
 struct Tail {
     last_purged: Option<LogId>,
     last_log: Option<LogId>,
@@ -46,14 +47,68 @@ const RECENT_ENTRIES: usize = 64;
 /// groups, and a larger entry (a big PutRecords) is read from RocksDB.
 const RECENT_BYTES: usize = 128 << 10;
 
+/// What all the groups of a node keep in memory together by default: an
+/// idle group keeps its copy until its next purge, so without a bound a
+/// node of thousands of groups would hold up to 128 KiB for each.
+pub const NODE_TAIL_BYTES: usize = 64 << 20;
+
+/// The bytes of decoded entries that the groups of a node keep in memory
+/// together. First come, first served: a group whose next entry would pass
+/// the limit keeps none (its reads go to RocksDB) until others give some
+/// back by trimming, truncating, purging or closing.
+pub struct TailBudget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl TailBudget {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(TailBudget {
+            limit,
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// The bytes kept now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn take(&self, bytes: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                used.checked_add(bytes).filter(|&after| after <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
 /// The newest entries of the log, consecutive, each with its encoded size.
-#[derive(Default)]
 struct Recent {
     entries: VecDeque<(Entry, usize)>,
     bytes: usize,
+    budget: Arc<TailBudget>,
+}
+
+impl Drop for Recent {
+    fn drop(&mut self) {
+        self.budget.give(self.bytes);
+    }
 }
 
 impl Recent {
+    fn new(budget: Arc<TailBudget>) -> Self {
+        Recent {
+            entries: VecDeque::new(),
+            bytes: 0,
+            budget,
+        }
+    }
+
     fn first_index(&self) -> Option<u64> {
         self.entries.front().map(|(e, _)| e.log_id.index)
     }
@@ -64,12 +119,14 @@ impl Recent {
 
     fn clear(&mut self) {
         self.entries.clear();
+        self.budget.give(self.bytes);
         self.bytes = 0;
     }
 
     /// Adds an appended entry. One that does not follow the newest kept
     /// entry (the first after a snapshot, say) starts the copy afresh; one
-    /// too large to keep leaves it empty, so that it never has a gap.
+    /// too large to keep, for the group or within the node's budget, leaves
+    /// it empty, so that it never has a gap.
     fn push(&mut self, entry: Entry, size: usize) {
         if size > RECENT_BYTES {
             self.clear();
@@ -81,11 +138,17 @@ impl Recent {
         {
             self.clear();
         }
-        self.entries.push_back((entry, size));
-        self.bytes += size;
-        while self.entries.len() > RECENT_ENTRIES || self.bytes > RECENT_BYTES {
+        while !self.entries.is_empty()
+            && (self.entries.len() >= RECENT_ENTRIES || self.bytes + size > RECENT_BYTES)
+        {
             self.pop_front();
         }
+        if !self.budget.take(size) {
+            self.clear();
+            return;
+        }
+        self.entries.push_back((entry, size));
+        self.bytes += size;
     }
 
     /// Drops the entries after `kept` (all of them if None).
@@ -108,12 +171,14 @@ impl Recent {
     fn pop_front(&mut self) {
         if let Some((_, size)) = self.entries.pop_front() {
             self.bytes -= size;
+            self.budget.give(size);
         }
     }
 
     fn pop_back(&mut self) {
         if let Some((_, size)) = self.entries.pop_back() {
             self.bytes -= size;
+            self.budget.give(size);
         }
     }
 
@@ -146,7 +211,8 @@ impl Recent {
 }
 
 impl LogStore {
-    pub fn open(storage: Storage, group: u64) -> io::Result<Self> {
+    /// `budget` is shared by the node's groups (see [`TailBudget`]).
+    pub fn open(storage: Storage, group: u64, budget: Arc<TailBudget>) -> io::Result<Self> {
         let last_purged: Option<LogId> =
             match storage.get(Cf::RaftState, &keys::state_key(group, TAG_PURGED))? {
                 Some(v) => decode("purged log id", &v)?,
@@ -170,7 +236,7 @@ impl LogStore {
             tail: Arc::new(Mutex::new(Tail {
                 last_purged,
                 last_log,
-                recent: Recent::default(),
+                recent: Recent::new(budget),
             })),
         })
     }
@@ -433,7 +499,7 @@ mod tests {
     async fn votes_and_truncations_wait_for_the_syncer_instead_of_syncing_here() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path(), FsyncPolicy::Always).unwrap();
-        let mut log = LogStore::open(storage.clone(), 7).unwrap();
+        let mut log = LogStore::open(storage.clone(), 7, unbounded()).unwrap();
         let vote = Vote::new(3, 1);
         held_until_synced(&storage, "a vote", log.save_vote(&vote)).await;
         assert_eq!(log.read_vote().await.unwrap(), Some(vote));
@@ -451,6 +517,10 @@ mod tests {
         }
     }
 
+    fn unbounded() -> Arc<TailBudget> {
+        TailBudget::new(usize::MAX)
+    }
+
     fn indexes(entries: &[Entry]) -> Vec<(u64, u64)> {
         entries
             .iter()
@@ -462,7 +532,7 @@ mod tests {
     /// its bounds: consecutive entries, a count, a byte budget.
     #[test]
     fn recent_entries_answer_only_what_they_hold_whole() {
-        let mut recent = Recent::default();
+        let mut recent = Recent::new(unbounded());
         assert!(recent.read(1, 2, None).is_none(), "empty");
         for i in 1..=5 {
             recent.push(entry(1, i, 10), 10);
@@ -523,13 +593,41 @@ mod tests {
         assert!(recent.entries.is_empty() && recent.bytes == 0);
     }
 
+    /// The groups of a node keep their copies within one budget: a copy
+    /// whose next entry would pass it keeps none, and the bytes others give
+    /// back (a purge, a closed group) let it keep entries again.
+    #[test]
+    fn the_copies_of_all_groups_keep_within_the_node_budget() {
+        let budget = TailBudget::new(30);
+        let mut a = Recent::new(budget.clone());
+        let mut b = Recent::new(budget.clone());
+        for i in 1..=3 {
+            a.push(entry(1, i, 10), 10);
+        }
+        assert_eq!(budget.used(), 30);
+        b.push(entry(1, 1, 10), 10);
+        assert!(b.entries.is_empty(), "past the budget: nothing kept");
+        assert!(b.read(1, 2, Some(1)).is_none(), "read from RocksDB");
+
+        a.purge(1);
+        assert_eq!(budget.used(), 20);
+        b.push(entry(1, 2, 10), 10);
+        assert_eq!(b.first_index(), Some(2));
+        a.push(entry(1, 4, 10), 10);
+        assert!(a.entries.is_empty() && a.bytes == 0, "a full budget");
+        assert_eq!(budget.used(), 10, "what a held is given back");
+
+        drop(b);
+        assert_eq!(budget.used(), 0, "a closed group gives back its bytes");
+    }
+
     /// After a truncation and appends of a new term over the same indexes,
     /// a read answers the new entries, as RocksDB holds them.
     #[tokio::test(flavor = "current_thread")]
     async fn reads_after_a_truncation_see_the_new_term() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path(), FsyncPolicy::NeverUnsafe).unwrap();
-        let mut log = LogStore::open(storage.clone(), 7).unwrap();
+        let mut log = LogStore::open(storage.clone(), 7, unbounded()).unwrap();
         let entries = |term, indexes: std::ops::RangeInclusive<u64>| {
             indexes.map(move |i| entry(term, i, 8)).collect::<Vec<_>>()
         };
@@ -541,7 +639,7 @@ mod tests {
         log.append(entries(2, 4..=5), flushed()).await.unwrap();
         let want = [(1, 2), (1, 3), (2, 4), (2, 5)];
         assert_eq!(indexes(&log.try_get_log_entries(2..).await.unwrap()), want);
-        let fresh = LogStore::open(storage, 7).unwrap();
+        let fresh = LogStore::open(storage, 7, unbounded()).unwrap();
         let stored = fresh.read_range(2, u64::MAX).unwrap();
         assert_eq!(indexes(&stored), want, "RocksDB");
         log.purge(id(2, 4)).await.unwrap();
@@ -556,7 +654,7 @@ mod tests {
     async fn reads_match_rocksdb_around_a_large_entry_and_a_purge_past_the_end() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path(), FsyncPolicy::NeverUnsafe).unwrap();
-        let mut log = LogStore::open(storage.clone(), 7).unwrap();
+        let mut log = LogStore::open(storage.clone(), 7, unbounded()).unwrap();
         let batch = vec![
             entry(1, 1, 8),
             entry(1, 2, RECENT_BYTES + 1),
@@ -577,7 +675,7 @@ mod tests {
         log.append(after, IOFlushed::noop()).await.unwrap();
         let want = [(2, 11), (2, 12)];
         assert_eq!(indexes(&log.try_get_log_entries(..).await.unwrap()), want);
-        let fresh = LogStore::open(storage, 7).unwrap();
+        let fresh = LogStore::open(storage, 7, unbounded()).unwrap();
         assert_eq!(
             indexes(&fresh.read_range(0, u64::MAX).unwrap()),
             want,

@@ -78,6 +78,7 @@ const FAMILIES: &[(&str, metrics_util::MetricKind, &str, AtStart)] = {
         ("kinesin_raft_groups_without_leader", Gauge, "Raft groups on this node that know no leader.", Zero),
         ("kinesin_raft_groups_under_replicated", Gauge, "Groups led here with a follower that has not acknowledged for 5 s.", Zero),
         ("kinesin_raft_max_follower_lag_entries", Gauge, "The largest follower lag, in log entries, of the groups led here.", Zero),
+        ("kinesin_raft_log_tail_bytes", Gauge, "Bytes of their newest log entries that the Raft groups on this node keep decoded in memory together (at most 64 MiB).", Zero),
         ("kinesin_cluster_nodes", Gauge, "Nodes in the cluster map by state.", Refreshed),
         ("kinesin_streams", Gauge, "Streams in the cluster map.", Zero),
         ("kinesin_node_disk_free_bytes", Gauge, "Free bytes on the data directory's file system.", Zero),
@@ -310,6 +311,7 @@ async fn update_gauges(router: Arc<Router>, data_dir: PathBuf) {
         metrics::gauge!("kinesin_raft_groups_without_leader").set(leaderless);
         metrics::gauge!("kinesin_raft_groups_under_replicated").set(under_replicated);
         metrics::gauge!("kinesin_raft_max_follower_lag_entries").set(max_lag as f64);
+        metrics::gauge!("kinesin_raft_log_tail_bytes").set(host.log_tail_bytes() as f64);
         let state = router.meta_state();
         for (name, wanted) in [
             ("active", NodeState::Active),
