@@ -47,9 +47,9 @@ const RECENT_ENTRIES: usize = 64;
 /// groups, and a larger entry (a big PutRecords) is read from RocksDB.
 const RECENT_BYTES: usize = 128 << 10;
 
-/// What all the groups of a node keep in memory together by default: an
-/// idle group keeps its copy until its next purge, so without a bound a
-/// node of thousands of groups would hold up to 128 KiB for each.
+/// What all the groups of a node keep in memory together: an idle group
+/// keeps its copy until its next purge, so without a bound a node of
+/// thousands of groups would hold up to 128 KiB for each.
 pub const NODE_TAIL_BYTES: usize = 64 << 20;
 
 /// The bytes of decoded entries that the groups of a node keep in memory

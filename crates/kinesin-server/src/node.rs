@@ -311,9 +311,9 @@ impl Node {
             .wait_for_leader(GroupId::META, Duration::from_secs(30))
             .await
             .context("the new cluster's metadata group elected no leader")?;
-        // Joins are refused until the cluster id is set (see `Join`), so
-        // the writes before it see this node alone, whose data version
-        // decodes the token key.
+        // The metadata leader refuses joins until the cluster id is set
+        // (`join_on_leader`), so the writes before it see this node alone,
+        // whose data version decodes the token key.
         self.router
             .meta_write(MetaCommand::RegisterNode(self.self_info()))
             .await?;
