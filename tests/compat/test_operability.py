@@ -383,6 +383,16 @@ def test_operations_metric_set_is_exported(cluster, cli, stream_name):
     assert not re.search(r'="[0-9]{15,}"', text)
 
 
+def test_the_server_runs_without_transparent_huge_pages(cluster):
+    """With huge pages an idle shard group cost about 2.4 MiB of RSS per
+    node, without them about 0.2 MiB (docs/benchmarks.md): the server turns
+    them off for its own process."""
+    for n in cluster:
+        with open(f"/proc/{n.proc.pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        assert fields["THP_enabled"].strip() == "0", f"node {n.node_id}"
+
+
 def expressions():
     """Every PromQL expression in the dashboards and the alert rules."""
     found = []

@@ -252,7 +252,19 @@ pub async fn run_server(config: Config) -> anyhow::Result<()> {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Transparent huge pages off for this process. mimalloc reserves 1 GiB
+/// arenas and asks for huge pages on them, and openraft gives every group
+/// queues that are large but mostly untouched; with huge pages each idle
+/// shard group cost about 2.4 MiB of RSS per node, without them about
+/// 0.2 MiB, at no measured cost in throughput (docs/benchmarks.md).
+fn disable_transparent_huge_pages() {
+    if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
+        eprintln!("kinesin: transparent huge pages stay on: {e}");
+    }
+}
+
 fn main() -> ExitCode {
+    disable_transparent_huge_pages();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
