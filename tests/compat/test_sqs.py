@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import struct
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -592,6 +593,25 @@ def test_the_query_protocol_answers_in_xml(cluster, queue_name):
 
 
 @pytest.mark.own_cluster
+def test_bench_sqs_smoke(binary, cluster, queue_name):
+    """`kinesin bench sqs` against a signed cluster: it sends, drains what it
+    sent, times send -> receive and its receive + delete loop, and runs
+    sends and receives at once, without errors."""
+    endpoints = ",".join(f"127.0.0.1:{n.api_port}" for n in cluster)
+    out = subprocess.run(
+        [binary, "bench", "sqs", "--endpoints", endpoints, "--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY,
+         "--queue", queue_name, "--clients", "2", "--duration-secs", "2", "--latency-rate", "20", "--json"],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["errors"] == 0 and result["sent"] > 0, result
+    assert result["received_and_deleted"] == result["sent"], result
+    assert 0 < result["receive_delete_loop_p50_ms"] <= result["receive_delete_loop_p99_ms"], result
+    assert result["latency_samples"] > 0 and 0 < result["send_to_receive_p50_ms"] < 1000, result
+    assert result["mixed_send_messages_per_sec"] > 0, result
+
+
 def test_a_leader_kill_loses_no_message_and_revives_no_deleted_one(binary, workdir):
     nodes = start_cluster(binary, os.path.join(workdir, "sqs-failover"), 3)
     try:

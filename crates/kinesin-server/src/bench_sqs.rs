@@ -80,7 +80,7 @@ async fn receive(client: &mut AwsClient, url: &str, wait: u32) -> anyhow::Result
 }
 
 /// What a phase's clients count: messages done, failures, and the time
-/// each send batch took.
+/// each send batch, or each receive + delete of a non-empty receive, took.
 #[derive(Clone)]
 struct Counts {
     done: Arc<AtomicU64>,
@@ -155,6 +155,7 @@ async fn send_until(
 async fn consume(mut client: AwsClient, url: String, end: Instant, drain: bool, counts: Counts) {
     let mut empty = 0;
     while empty < 2 && Instant::now() < end {
+        let t = Instant::now();
         match receive(&mut client, &url, 1).await {
             Ok(m) if m.is_empty() => empty += u32::from(drain),
             Ok(m) => {
@@ -163,6 +164,7 @@ async fn consume(mut client: AwsClient, url: String, end: Instant, drain: bool, 
                     counts.errors.fetch_add(1, Ordering::Relaxed);
                 } else if Instant::now() < end {
                     counts.done.fetch_add(m.len() as u64, Ordering::Relaxed);
+                    record(&counts.latency, t.elapsed());
                 }
             }
             Err(_) => {
@@ -346,6 +348,8 @@ pub async fn sqs(args: SqsArgs) -> anyhow::Result<()> {
         "send_batch_p99_ms": ms(&sends.latency, 0.99),
         "received_and_deleted": received_n,
         "receive_delete_messages_per_sec": received_n as f64 / receive_secs,
+        "receive_delete_loop_p50_ms": ms(&receives.latency, 0.5),
+        "receive_delete_loop_p99_ms": ms(&receives.latency, 0.99),
         "errors": errors.load(Ordering::Relaxed),
         "send_to_receive_p50_ms": ms(&latency, 0.5),
         "send_to_receive_p99_ms": ms(&latency, 0.99),
@@ -358,11 +362,13 @@ pub async fn sqs(args: SqsArgs) -> anyhow::Result<()> {
         outln!("{}", serde_json::to_string_pretty(&result)?);
     } else {
         outln!(
-            "send: {:.0} msg/s (batch p50 {:.2} ms, p99 {:.2} ms); receive+delete: {:.0} msg/s; send→receive p50 {:.2} ms, p99 {:.2} ms; at once: send {:.0} msg/s, receive+delete {:.0} msg/s; errors {}",
+            "send: {:.0} msg/s (batch p50 {:.2} ms, p99 {:.2} ms); receive+delete: {:.0} msg/s (loop p50 {:.2} ms, p99 {:.2} ms); send→receive p50 {:.2} ms, p99 {:.2} ms; at once: send {:.0} msg/s, receive+delete {:.0} msg/s; errors {}",
             result["send_messages_per_sec"].as_f64().unwrap_or(0.0),
             result["send_batch_p50_ms"].as_f64().unwrap_or(0.0),
             result["send_batch_p99_ms"].as_f64().unwrap_or(0.0),
             result["receive_delete_messages_per_sec"].as_f64().unwrap_or(0.0),
+            result["receive_delete_loop_p50_ms"].as_f64().unwrap_or(0.0),
+            result["receive_delete_loop_p99_ms"].as_f64().unwrap_or(0.0),
             result["send_to_receive_p50_ms"].as_f64().unwrap_or(0.0),
             result["send_to_receive_p99_ms"].as_f64().unwrap_or(0.0),
             result["mixed_send_messages_per_sec"].as_f64().unwrap_or(0.0),
