@@ -592,7 +592,6 @@ def test_the_query_protocol_answers_in_xml(cluster, queue_name):
     query(a, {"Action": "DeleteQueue", "QueueUrl": url})
 
 
-@pytest.mark.own_cluster
 def test_bench_sqs_smoke(binary, cluster, queue_name):
     """`kinesin bench sqs` against a signed cluster: it sends, drains what it
     sent, times send -> receive and its receive + delete loop, and runs
@@ -612,6 +611,7 @@ def test_bench_sqs_smoke(binary, cluster, queue_name):
     assert result["mixed_send_messages_per_sec"] > 0, result
 
 
+@pytest.mark.own_cluster
 def test_a_leader_kill_loses_no_message_and_revives_no_deleted_one(binary, workdir):
     nodes = start_cluster(binary, os.path.join(workdir, "sqs-failover"), 3)
     try:
