@@ -256,7 +256,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// arenas and asks for huge pages on them, and openraft gives every group
 /// queues that are large but mostly untouched; with huge pages each idle
 /// shard group cost about 2.4 MiB of RSS per node, without them about
-/// 0.2 MiB, at no measured cost in throughput (docs/benchmarks.md).
+/// 0.2 MiB; throughput changed within the benchmarks' noise
+/// (docs/benchmarks.md).
 fn disable_transparent_huge_pages() {
     if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
         eprintln!("kinesin: transparent huge pages stay on: {e}");
