@@ -50,6 +50,21 @@ fi
 # The fuzz workspace resolves from the project's lock file, so that it
 # builds the very versions the project does (plus libFuzzer's crates).
 cp Cargo.lock fuzz/Cargo.lock
+# Each target's binary is 0.5-0.7 GiB. Its name carries a hash of the
+# fuzz workspace's path and dependencies, so every clone location and
+# dependency change leaves a full set behind: on one machine's shared
+# target directory they filled the disk and the link failed. cargo links
+# the current binary of each target to fuzz/<triple>/release/<target>;
+# an executable (no extension) in deps/ with no second link is stale.
+deps=$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/deps
+if [ -d "$deps" ]; then
+  find "$deps" -maxdepth 1 -type f ! -name "*.*" -perm -u+x -links 1 -delete
+fi
+free_gib=$(df --output=avail -B1G "$target" | tail -1 | tr -d ' ')
+if [ "$free_gib" -lt 10 ]; then
+  echo "fuzz: only ${free_gib} GiB free under $target; the fuzz build needs" \
+    "about 8 GiB, so its link may fail for want of disk" >&2
+fi
 cargo fuzz build --sanitizer none
 jobs=()
 if [ "${FUZZ_JOBS:-1}" -gt 1 ]; then jobs=(-jobs="$FUZZ_JOBS" -workers="$FUZZ_JOBS"); fi
