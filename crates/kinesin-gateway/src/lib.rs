@@ -602,7 +602,7 @@ async fn handle(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
         }
         let body = read_body(
             &gw.body_budget,
-            gw.config.body_timeout,
+            (gw.config.body_timeout, BODY_BUDGET_WAIT),
             &parts.headers,
             body,
         )
@@ -665,11 +665,11 @@ async fn handle(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
 /// not sent holds none of it: the signature is checked only once the body
 /// is here, so a client that knows an access key ID but not its secret
 /// must send what it makes the node hold. A body that holds part of the
-/// budget and finds no more within [`BODY_BUDGET_WAIT`] is refused with
-/// 503 and gives back what it held.
+/// budget and finds no more within `budget_wait` ([`BODY_BUDGET_WAIT`] in
+/// service) is refused with 503 and gives back what it held.
 async fn read_body(
     budget: &tokio::sync::Semaphore,
-    limit: Duration,
+    (limit, budget_wait): (Duration, Duration),
     headers: &axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> Result<Bytes, ApiError> {
@@ -702,7 +702,7 @@ async fn read_body(
                     // A body holding part of the budget waits a bounded time
                     // for more: bodies that each hold some and all wait for
                     // more would otherwise stand still until the body timeout.
-                    Some(held) => match tokio::time::timeout(BODY_BUDGET_WAIT, wanted).await {
+                    Some(held) => match tokio::time::timeout(budget_wait, wanted).await {
                         Ok(more) => held.merge(more.expect(BUDGET_OPEN)),
                         Err(_) => return Err(bodies_over_budget()),
                     },
@@ -1024,9 +1024,9 @@ mod tests {
     #[tokio::test]
     async fn bodies_take_the_budget_as_their_bytes_arrive() {
         let budget = tokio::sync::Semaphore::new(4);
-        let limit = Duration::from_secs(60);
+        let limits = (Duration::from_secs(60), Duration::from_millis(100));
         let headers = axum::http::HeaderMap::new();
-        let read = |body: axum::body::Body| read_body(&budget, limit, &headers, body);
+        let read = |body: axum::body::Body| read_body(&budget, limits, &headers, body);
         let mut silent = Box::pin(read(arrives_then_stalls(vec![])));
         let mut holds_three = Box::pin(read(arrives_then_stalls(vec![kib(3)])));
         assert!(futures::poll!(&mut silent).is_pending());
@@ -1043,7 +1043,7 @@ mod tests {
         let over = arrives_then_stalls(vec![kib(1), kib(1)]);
         let refused = read(over).await.unwrap_err();
         assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
-        assert!(started.elapsed() >= BODY_BUDGET_WAIT);
+        assert!(started.elapsed() >= limits.1);
         assert_eq!(budget.available_permits(), 1);
 
         let two = axum::body::Body::from(kib(2));
