@@ -7,7 +7,7 @@ CARGO_TARGET_DIR ?= $(shell if [ -w /var/cache ] || [ -w /var/cache/kinesin ]; t
 export CARGO_TARGET_DIR
 KINESIN := $(CARGO_TARGET_DIR)/release/kinesin
 
-.PHONY: setup build dev dev3 test lint fmt unit compat chaos-build chaos-smoke chaos fuzz fuzz-smoke helm-check
+.PHONY: setup build dev dev3 test lint fmt unit compat chaos-build chaos-smoke chaos fuzz fuzz-smoke helm-check disk-room
 
 setup:
 	@scripts/setup.sh
@@ -61,10 +61,15 @@ fuzz-smoke: build
 helm-check: build
 	scripts/helm-check.sh
 
+## Below 20 GiB free on the build output's disk, delete its incremental
+## caches and fuzz build (scripts/disk-room.sh): a full disk fails the link.
+disk-room:
+	@scripts/disk-room.sh
+
 ## The whole suite: formatting, lints, unit, integration and process tests,
 ## the AWS client compatibility suite (incl. CLI, metrics, Prometheus), the
 ## Helm chart check, the chaos smoke matrix, then a short fuzz run.
-test: lint
+test: disk-room lint
 	cargo nextest run --release --locked --workspace --no-fail-fast
 	scripts/compat.sh
 	scripts/helm-check.sh

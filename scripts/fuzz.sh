@@ -60,7 +60,7 @@ deps=$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/deps
 if [ -d "$deps" ]; then
   find "$deps" -maxdepth 1 -type f ! -name "*.*" -perm -u+x -links 1 -delete
 fi
-free_gib=$(df --output=avail -B1G "$target" | tail -1 | tr -d ' ')
+free_gib=$(target_free_gib)
 if [ "$free_gib" -lt 10 ]; then
   echo "fuzz: only ${free_gib} GiB free under $target; the fuzz build needs" \
     "about 8 GiB, so its link may fail for want of disk" >&2

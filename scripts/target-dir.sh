@@ -9,3 +9,11 @@ if [ -z "${CARGO_TARGET_DIR:-}" ]; then
   fi
 fi
 export CARGO_TARGET_DIR
+
+# GiB free on the disk that holds the build output (or would: the nearest
+# existing folder above it).
+target_free_gib() {
+  local on=$CARGO_TARGET_DIR
+  while [ ! -d "$on" ]; do on=$(dirname "$on"); done
+  df --output=avail -B1G "$on" | tail -1 | tr -d ' '
+}
