@@ -61,8 +61,8 @@ fuzz-smoke: build
 helm-check: build
 	scripts/helm-check.sh
 
-## Below 20 GiB free on the build output's disk, delete its incremental
-## caches and fuzz build (scripts/disk-room.sh): a full disk fails the link.
+## Below 20 GiB free on the build output's disk, delete build output,
+## cheapest to rebuild first (scripts/disk-room.sh): a full disk fails links.
 disk-room:
 	@scripts/disk-room.sh
 
