@@ -1,16 +1,16 @@
-# Sourced by the bench scripts that run `$SERVER dev --nodes 3` (API on
-# 127.0.0.1:7450, 7460 and 7470). `dev_up DATA_DIR LOG` starts a cluster and
-# waits (at most 120 s) until its three nodes are reachable, printing the end
-# of LOG if they are not; `dev_down` stops it and waits (at most 10 s) until
-# its processes have exited, so that the next cluster can bind the same ports.
+# Sourced by the bench scripts that run 3-node clusters of `$SERVER`.
+# `dev_up DATA_DIR LOG` starts `$SERVER dev --nodes 3` (API on 127.0.0.1:7450,
+# 7460 and 7470) and waits until its nodes are reachable; `wait_ready GRPC
+# LOG` is that wait (at most 120 s, then the end of LOG is printed) for a
+# cluster whose node answers at GRPC; `dev_down` stops every `$SERVER dev`
+# or `server` process and waits (at most 10 s) until they have exited, so
+# that the next cluster can bind the same ports.
 DEV=""
 
-dev_up() {
-  local data=$1 log=$2
-  KINESIN_LOG=warn setsid "$SERVER" dev --nodes 3 --data-dir "$data" >"$log" 2>&1 &
-  DEV=$!
+wait_ready() {
+  local grpc=$1 log=$2
   for _ in $(seq 1 120); do
-    if [ "$("$SERVER" cluster nodes --json --endpoint 127.0.0.1:7451 2>/dev/null | grep -c '"reachable": true')" = 3 ]; then
+    if [ "$("$SERVER" cluster nodes --json --endpoint "$grpc" 2>/dev/null | grep -c '"reachable": true')" = 3 ]; then
       return 0
     fi
     sleep 1
@@ -18,6 +18,13 @@ dev_up() {
   echo "the cluster of $SERVER did not come up; the end of its log:" >&2
   tail -n 20 "$log" >&2
   return 1
+}
+
+dev_up() {
+  local data=$1 log=$2
+  KINESIN_LOG=warn setsid "$SERVER" dev --nodes 3 --data-dir "$data" >"$log" 2>&1 &
+  DEV=$!
+  wait_ready 127.0.0.1:7451 "$log"
 }
 
 dev_down() {
