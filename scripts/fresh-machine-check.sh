@@ -197,9 +197,9 @@ git clone -q "$repo" "$M/root/kinesin" && git -C "$M/root/kinesin" checkout -q -
 say "prepared in $((SECONDS - t_prep)) s: $M, kinesin at $(git -C "$repo" log -1 --format='%h %s' "$sha")"
 
 # The tools a fresh machine has; the ones the project installs itself must not be there.
-in_root 'set -eo pipefail; cargo --version; cargo nextest --version | head -1; python3 --version
+in_root 'set -eo pipefail; cargo --version; cargo nextest --version | sed -n 1p; python3 --version
   python3 -m venv /tmp/v && rm -rf /tmp/v && echo "python3 -m venv ok"
-  git --version; make --version | head -1; echo "node $(node --version)"
+  git --version; make --version | sed -n 1p; echo "node $(node --version)"
   curl -fsS https://pypi.org/simple/boto3/ -o /dev/null && echo "https to pypi.org ok"
   for p in libclang-dev mold nftables; do dpkg -s $p >/dev/null 2>&1 && echo "note: $p present" || echo "$p absent"; done' |
   sed 's/^/  /' || die "the prepared root lacks a tool (above)"
