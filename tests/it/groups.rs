@@ -169,3 +169,61 @@ async fn a_key_value_group_runs_end_to_end_and_installs_on_a_new_replica() {
     .unwrap();
     cluster.shutdown().await;
 }
+
+/// A kind whose snapshots copy its rows builds them further apart as it
+/// holds more rows: after a build that copied 300 rows the next one waits
+/// for 150 entries, not for the configured 20 (a queue with a large
+/// backlog would otherwise copy it whole every few seconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn snapshots_that_copy_many_rows_come_further_apart() {
+    let mut options = TestOptions::default();
+    options.shard.snapshot_every = 20;
+    options.shard.keep_below_snapshot = 0;
+    let cluster = TestCluster::start_with(1, options).await.unwrap();
+    let group = cluster
+        .node(1)
+        .router
+        .create_group("kv/rows", KV_KIND, Vec::new(), 1)
+        .await
+        .unwrap();
+    wait_until("the group to be ready", Duration::from_secs(30), || async {
+        cluster.node(1).meta.state().groups["kv/rows"].ready
+    })
+    .await
+    .unwrap();
+    let router = &cluster.node(1).router;
+    let status = || cluster.node(1).host.status(group).unwrap();
+    for i in 0..300 {
+        let put = put(&format!("k{i}"), "v");
+        router
+            .propose(group, put, Retry::BeforeProposing)
+            .await
+            .unwrap();
+    }
+    let all_rows_at = status().applied_index;
+
+    // Overwrites add no rows. The snapshots seen after the 300th key each
+    // copied all 300 rows.
+    let mut seen: Vec<u64> = Vec::new();
+    for i in 0..1_000 {
+        if seen.len() == 2 {
+            break;
+        }
+        let put = put("k0", &format!("v{i}"));
+        router
+            .propose(group, put, Retry::BeforeProposing)
+            .await
+            .unwrap();
+        let at = status().snapshot_index.unwrap_or(0);
+        if at >= all_rows_at && seen.last() != Some(&at) {
+            seen.push(at);
+        }
+    }
+    assert_eq!(seen.len(), 2, "two snapshots after the 300th key: {seen:?}");
+    assert!(
+        seen[1] - seen[0] >= 150,
+        "a snapshot after a copy of 300 rows came {} entries later: {seen:?}",
+        seen[1] - seen[0]
+    );
+    cluster.shutdown().await;
+}

@@ -28,7 +28,7 @@ use crate::log_store::{delete_group_log, LogStore, TailBudget, NODE_TAIL_BYTES};
 use crate::network::{GroupNetwork, PeerPool, SnapshotHeader, TransportFilter, MAX_MESSAGE_BYTES};
 use crate::state_machine::{
     clear_staging, delete_group_state, resume_install, stage_chunk, GroupSnapshot,
-    GroupStateMachine, OnFullDisk, SnapshotChunk, SnapshotSource, StateMachineStore,
+    GroupStateMachine, OnFullDisk, SnapshotChunk, SnapshotRows, SnapshotSource, StateMachineStore,
 };
 use crate::types::{decode, encode, Command, Raft, Snapshot, TypeConfig};
 
@@ -67,7 +67,9 @@ impl TimingProfile {
         }
     }
 
-    fn config(&self, group: GroupId) -> io::Result<Config> {
+    /// `scheduled`: the group's state machine asks for its snapshots
+    /// itself ([`crate::snapshot_schedule`]).
+    fn config(&self, group: GroupId, scheduled: bool) -> io::Result<Config> {
         let config = Config {
             cluster_name: format!("kinesin-{group}"),
             heartbeat_interval: self.heartbeat_ms,
@@ -77,7 +79,11 @@ impl TimingProfile {
             election_timeout_max: self.election_max_ms,
             install_snapshot_timeout: 60_000,
             max_payload_entries: 256,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every),
+            snapshot_policy: if scheduled {
+                SnapshotPolicy::Never
+            } else {
+                SnapshotPolicy::LogsSinceLast(self.snapshot_every)
+            },
             max_in_snapshot_log_to_keep: self.keep_below_snapshot,
             purge_batch_size: self.snapshot_every.clamp(1, 256),
             enable_pre_vote: Some(true),
@@ -134,6 +140,8 @@ pub struct GroupStatus {
     pub applied_index: u64,
     /// Highest log index removed from the log (covered by a snapshot).
     pub purged_index: Option<u64>,
+    /// Log index of this replica's newest snapshot.
+    pub snapshot_index: Option<u64>,
     pub voters: BTreeSet<NodeId>,
     /// A membership change is under way (joint consensus): a quorum needs a
     /// majority of the old voters and of the new ones.
@@ -313,13 +321,18 @@ impl RaftHost {
             state_machine.reload()?;
         }
         let log = LogStore::open(storage.clone(), group.0, self.inner.tail_budget.clone())?;
-        let sm = StateMachineStore::new(storage, group.0, state_machine.clone());
+        let mut sm = StateMachineStore::new(storage, group.0, state_machine.clone());
+        // Builds that copy rows come on a schedule of their own.
+        let scheduled = matches!(state_machine.snapshot_rows(), SnapshotRows::Mutable { .. });
+        if scheduled {
+            sm = sm.scheduled(timing.snapshot_every, self.snapshot_request(group))?;
+        }
         let installing = sm.install_lock();
         let network = GroupNetwork {
             group: group.0,
             pool: self.inner.pool.clone(),
         };
-        let config = Arc::new(timing.config(group)?);
+        let config = Arc::new(timing.config(group, scheduled)?);
         let raft = Raft::new(self.inner.node_id.0, config, network, log, sm)
             .await
             .map_err(|e| raft_err(group, e))?;
@@ -342,6 +355,24 @@ impl RaftHost {
             let _ = raft.shutdown().await;
         }
         Ok(())
+    }
+
+    /// Asks the group's replica here to build a snapshot. Holds the host
+    /// weakly: the replica's state machine keeps it.
+    fn snapshot_request(&self, group: GroupId) -> Arc<dyn Fn() + Send + Sync> {
+        let host = Arc::downgrade(&self.inner);
+        Arc::new(move || {
+            let raft = host.upgrade().and_then(|h| {
+                let groups = h.groups.read().expect("groups lock");
+                groups.get(&group).map(|g| g.raft.clone())
+            });
+            if let Some(raft) = raft {
+                tokio::spawn(async move {
+                    // Fails only once the group has stopped.
+                    let _ = raft.trigger().snapshot().await;
+                });
+            }
+        })
     }
 
     /// Stops the local replica; with `delete_data` its log and state go too.
@@ -627,6 +658,7 @@ impl RaftHost {
             last_log_index: m.last_log_index.unwrap_or(0),
             applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
             purged_index: m.purged.as_ref().map(|l| l.index),
+            snapshot_index: m.snapshot.as_ref().map(|l| l.index),
             voters,
             joint: membership.get_joint_config().len() > 1,
             learners,

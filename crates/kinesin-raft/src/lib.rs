@@ -10,6 +10,7 @@ pub mod inspect;
 mod kinds;
 mod log_store;
 mod network;
+mod snapshot_schedule;
 mod state_machine;
 mod types;
 

@@ -26,8 +26,9 @@
 //! same copy, so that it can send the snapshot on. Such a kind may also have
 //! rows that never change once written ([`FixedRows`], a queue's message
 //! bodies, most of its bytes): those are left out of the copy and sent from
-//! the live column family as a stream shard's records are. The Raft layer
-//! knows nothing else about rows.
+//! the live column family as a stream shard's records are. Such kinds build
+//! their snapshots on a schedule of their own (`snapshot_schedule`). The
+//! Raft layer knows nothing else about rows.
 
 use std::collections::HashMap;
 use std::io;
@@ -41,6 +42,7 @@ use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, RaftSnapshotBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::snapshot_schedule::SnapshotSchedule;
 use crate::types::{
     decode, encode, LogId, Reply, Snapshot, SnapshotMeta, StoredMembership, TypeConfig,
 };
@@ -361,8 +363,9 @@ fn copy_rows(
     group: u64,
     index: u64,
     (columns, fixed): (&[Cf], Option<FixedRows>),
-) -> io::Result<()> {
+) -> io::Result<u64> {
     let (copy_from, copy_to) = copy_bounds(group, index);
+    let mut copied = 0;
     let mut batch = WriteBatch::default();
     batch.delete_range_cf(storage.cf(Cf::SnapshotCopies), &copy_from, &copy_to);
     let (from, to) = keys::group_bounds(group);
@@ -384,12 +387,14 @@ fn copy_rows(
             copy.push(tag);
             copy.extend_from_slice(&k);
             batch.put_cf(storage.cf(Cf::SnapshotCopies), copy, v);
+            copied += 1;
             if batch.size_in_bytes() >= CHUNK_BYTES {
                 write_rows(storage, std::mem::take(&mut batch), OnFullDisk::Wait)?;
             }
         }
     }
-    write_rows(storage, batch, OnFullDisk::Wait)
+    write_rows(storage, batch, OnFullDisk::Wait)?;
+    Ok(copied)
 }
 
 /// What a write of snapshot rows does when the disk is full.
@@ -532,6 +537,9 @@ pub struct StateMachineStore {
     /// Row copies of built snapshots (by index) that snapshots being sent
     /// still read ([`SnapshotRows::Mutable`]).
     copies: Arc<Mutex<HashMap<u64, Weak<()>>>>,
+    /// When to build snapshots, for kinds whose builds copy rows (the
+    /// others follow openraft's policy).
+    schedule: Option<SnapshotSchedule>,
 }
 
 impl StateMachineStore {
@@ -543,7 +551,24 @@ impl StateMachineStore {
             applying: Arc::default(),
             installing: Arc::default(),
             copies: Arc::default(),
+            schedule: None,
         }
+    }
+
+    /// Builds snapshots on [`SnapshotSchedule`]'s rule instead of
+    /// openraft's: after `every` entries, or more after a build that copied
+    /// many rows; `request` asks openraft for a build.
+    pub(crate) fn scheduled(
+        mut self,
+        every: u64,
+        request: Arc<dyn Fn() + Send + Sync>,
+    ) -> io::Result<Self> {
+        let saved: Option<SavedSnapshot> = self.load(SNAPSHOT_KEY, "snapshot")?;
+        let index = saved
+            .and_then(|s| s.meta.last_log_id)
+            .map_or(0, |l| l.index);
+        self.schedule = Some(SnapshotSchedule::new(every, index, request));
+        Ok(self)
     }
 
     /// The saved snapshot, with its row copy (if the kind has one) held
@@ -669,7 +694,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             SnapshotRows::Mutable { .. } => Some(self.installing.clone().lock_owned().await),
             _ => None,
         };
-        let (applied, state) = match rows {
+        let (applied, state, copied) = match rows {
             SnapshotRows::Mutable { columns, fixed } => {
                 // Rows that change in place are copied as a RocksDB
                 // snapshot taken with the applied id shows them, outside
@@ -678,30 +703,34 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
                 // may be reading: it is left alone.
                 let (storage, group) = (self.storage.clone(), self.group);
                 let (applying, inner) = (self.applying.clone(), self.inner.clone());
-                tokio::task::spawn_blocking(move || -> io::Result<(Applied, Vec<u8>)> {
-                    let (applied, state, view, saved) = {
-                        let _consistent = applying.lock().expect("apply lock");
-                        let saved: Option<SavedSnapshot> =
-                            load_named(&storage, group, SNAPSHOT_KEY, "snapshot")?;
-                        (
-                            applied_in(&storage, group)?,
-                            inner.snapshot_state(),
-                            storage.view(),
-                            saved.and_then(|s| s.meta.last_log_id),
-                        )
-                    };
-                    if saved != applied.last_applied {
-                        let index = applied.last_applied.as_ref().map_or(0, |l| l.index);
-                        copy_rows(&storage, &view, group, index, (columns, fixed))?;
-                    }
-                    Ok((applied, state))
-                })
+                tokio::task::spawn_blocking(
+                    move || -> io::Result<(Applied, Vec<u8>, Option<u64>)> {
+                        let (applied, state, view, saved) = {
+                            let _consistent = applying.lock().expect("apply lock");
+                            let saved: Option<SavedSnapshot> =
+                                load_named(&storage, group, SNAPSHOT_KEY, "snapshot")?;
+                            (
+                                applied_in(&storage, group)?,
+                                inner.snapshot_state(),
+                                storage.view(),
+                                saved.and_then(|s| s.meta.last_log_id),
+                            )
+                        };
+                        let copied = if saved != applied.last_applied {
+                            let index = applied.last_applied.as_ref().map_or(0, |l| l.index);
+                            Some(copy_rows(&storage, &view, group, index, (columns, fixed))?)
+                        } else {
+                            None
+                        };
+                        Ok((applied, state, copied))
+                    },
+                )
                 .await
                 .map_err(io::Error::other)??
             }
             _ => {
                 let _consistent = self.applying.lock().expect("apply lock");
-                (self.applied()?, self.inner.snapshot_state())
+                (self.applied()?, self.inner.snapshot_state(), None)
             }
         };
         let saved = SavedSnapshot {
@@ -759,6 +788,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         };
         if let SnapshotRows::Mutable { .. } = rows {
             let keep = snapshot.meta.last_log_id.as_ref().map_or(0, |l| l.index);
+            if let Some(schedule) = &self.schedule {
+                schedule.built(keep, copied);
+            }
             self.prune_copies(keep)?;
         }
         Ok(snapshot)
@@ -783,7 +815,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut applied = self.applied()?;
         let mut batch = WriteBatch::default();
         let mut replies = Vec::new();
+        let mut bytes = 0;
         while let Some((entry, responder)) = entries.try_next().await? {
+            if let EntryPayload::Normal(command) = &entry.payload {
+                bytes += command.0.len() as u64;
+            }
             let reply = match &entry.payload {
                 EntryPayload::Normal(command) => self
                     .inner
@@ -816,6 +852,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.write_and_publish(batch, how).await?;
         for (responder, reply) in replies {
             responder.send(Reply(reply));
+        }
+        if let (Some(schedule), Some(last)) = (&self.schedule, applied.last_applied) {
+            schedule.applied(last.index, bytes);
         }
         Ok(())
     }
@@ -890,6 +929,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         .map_err(io::Error::other)??;
         if let SnapshotRows::Mutable { .. } = rows {
             self.prune_copies(index)?;
+        }
+        if let Some(schedule) = &self.schedule {
+            schedule.installed(index);
         }
         self.inner.reload()
     }

@@ -136,6 +136,7 @@ mod tests {
             last_log_index: 100,
             applied_index: 100,
             purged_index: None,
+            snapshot_index: None,
             voters: BTreeSet::from([NodeId(1), NodeId(2), NodeId(3)]),
             joint: false,
             learners: BTreeSet::new(),
