@@ -8,8 +8,17 @@ use std::time::Duration;
 
 use kinesin_router::{AppendOutcome, RecordIn};
 use kinesin_shard::ReadStart;
-use kinesin_testkit::TestCluster;
+use kinesin_testkit::{TestCluster, TestOptions};
 use kinesin_types::{GroupId, SequenceNumber, ShardId};
+
+/// Options whose groups snapshot every 20 entries and purge everything
+/// below a snapshot, so that tests reach snapshots and purges quickly.
+pub fn small_log_options() -> TestOptions {
+    let mut options = TestOptions::default();
+    options.shard.snapshot_every = 20;
+    options.shard.keep_below_snapshot = 0;
+    options
+}
 
 /// Acknowledged records: (shard, sequence number) → data.
 pub type Acked = Arc<Mutex<BTreeMap<(ShardId, SequenceNumber), Vec<u8>>>>;

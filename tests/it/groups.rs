@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use kinesin_router::{Retry, RouterError};
 use kinesin_testkit::kv::{decode_reply, encode, KvCommand, KvQuery, KV_KIND};
-use kinesin_testkit::{wait_until, TestCluster, TestOptions};
+use kinesin_testkit::{wait_until, TestCluster};
 use kinesin_types::{GroupId, NodeId};
+
+use crate::common::small_log_options;
 
 fn put(key: &str, value: &str) -> Vec<u8> {
     encode(&KvCommand::Put {
@@ -34,10 +36,9 @@ async fn len_at(cluster: &TestCluster, node: u64, group: GroupId) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_key_value_group_runs_end_to_end_and_installs_on_a_new_replica() {
-    let mut options = TestOptions::default();
-    options.shard.snapshot_every = 20;
-    options.shard.keep_below_snapshot = 0;
-    let cluster = TestCluster::start_with(3, options).await.unwrap();
+    let cluster = TestCluster::start_with(3, small_log_options())
+        .await
+        .unwrap();
 
     let group = cluster
         .node(1)
@@ -176,10 +177,9 @@ async fn a_key_value_group_runs_end_to_end_and_installs_on_a_new_replica() {
 /// backlog would otherwise copy it whole every few seconds).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn snapshots_that_copy_many_rows_come_further_apart() {
-    let mut options = TestOptions::default();
-    options.shard.snapshot_every = 20;
-    options.shard.keep_below_snapshot = 0;
-    let cluster = TestCluster::start_with(1, options).await.unwrap();
+    let cluster = TestCluster::start_with(1, small_log_options())
+        .await
+        .unwrap();
     let group = cluster
         .node(1)
         .router

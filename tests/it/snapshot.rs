@@ -2,17 +2,12 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use kinesin_router::RecordIn;
-use kinesin_testkit::{wait_until, TestCluster, TestOptions};
+use kinesin_testkit::{wait_until, TestCluster};
 use kinesin_types::{GroupId, NodeId};
 
-use crate::common::{assert_all_replicas_hold, read_replica, write_batches, Acked};
-
-fn small_log_options() -> TestOptions {
-    let mut options = TestOptions::default();
-    options.shard.snapshot_every = 20;
-    options.shard.keep_below_snapshot = 0;
-    options
-}
+use crate::common::{
+    assert_all_replicas_hold, read_replica, small_log_options, write_batches, Acked,
+};
 
 /// Waits until the group's leader has purged its log beyond `index`.
 async fn wait_for_purge(cluster: &TestCluster, group: GroupId, index: u64) {

@@ -26,15 +26,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Rows a build may copy per entry it lets the log purge.
-pub(crate) const COPIED_ROWS_PER_ENTRY: u64 = 2;
+const COPIED_ROWS_PER_ENTRY: u64 = 2;
 
 /// Bytes of commands applied after which a build is due (once there were
 /// `every` entries), however many rows the last one copied.
-pub(crate) const LOG_BYTES: u64 = 256 << 20;
+const LOG_BYTES: u64 = 256 << 20;
 
 /// Entries between two builds: `every`, or more after a build that copied
 /// many rows.
-pub(crate) fn entries_between(every: u64, copied_rows: u64) -> u64 {
+fn entries_between(every: u64, copied_rows: u64) -> u64 {
     every.max(copied_rows / COPIED_ROWS_PER_ENTRY)
 }
 
