@@ -591,7 +591,8 @@ def test_a_full_disk_refuses_writes_and_recovers_when_space_returns(binary, work
     """A node whose data directory (a 256 MiB tmpfs) fills up refuses
     writes with 503 ServiceUnavailable, is not ready and says so in a
     metric, and stays alive; once space is freed it takes writes again by
-    itself, and every record it acknowledged is still there."""
+    itself, and every record it acknowledged is still there. Its WAL syncs
+    move into RocksDB's write queue when the disk fills."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     root = os.path.join(workdir, "full-disk")
@@ -613,6 +614,9 @@ def test_a_full_disk_refuses_writes_and_recovers_when_space_returns(binary, work
 
         for i in range(20):
             acked[put(client, f"k{i}")] = i
+        # With room on the disk the syncer fsyncs beside the write queue.
+        careful = "kinesin_storage_fsyncs_in_write_queue_total"
+        assert value(scrape(node), careful) == 0.0
         fill(os.path.join(data, "filler"))
 
         def writer(w):
@@ -653,6 +657,9 @@ def test_a_full_disk_refuses_writes_and_recovers_when_space_returns(binary, work
         assert status == 503 and "disk is full" in body, (status, body)
         assert get(admin + "/health/live")[0] == 200
         wait_until("the disk-full gauge", lambda: value(scrape(node), "kinesin_node_disk_full") == 1.0, timeout=10)
+        # Near a full disk it syncs through the write queue, the one way a
+        # failed write cannot make fatal.
+        assert value(scrape(node), careful) > 0
 
         os.remove(os.path.join(data, "filler"))
         # RocksDB resumes by itself (it checks the free space every 5 s).

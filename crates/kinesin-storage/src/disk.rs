@@ -10,11 +10,24 @@
 //! The retries rely on RocksDB's `paranoid_checks` (on by default): a failed
 //! WAL write or sync stops the database, and only a resume (which flushes
 //! the memtables) lets a probe succeed, so a sync retried after the probe
-//! cannot report data as durable that the failed one lost. Syncs are
-//! synced writes (`sync_wal`), which the stopped database refuses with its
-//! no-space error, never a bare sync of the WAL file a failure left behind.
+//! cannot report data as durable that the failed one lost. Near a full
+//! disk, syncs are synced writes (`sync_wal`), which the stopped database
+//! refuses with its no-space error, never a bare sync of the WAL file a
+//! failure left behind.
+//!
+//! Away from it the group commit syncs the WAL file beside the write queue
+//! (`flush_wal(true)`), so that writes go on during the fsync. That is safe
+//! only while no WAL write has failed, and RocksDB checks for a failed one
+//! when the sync starts. [`Disk::sync_beside_writes`] therefore runs only
+//! while no write of this process has ever failed and the file system has
+//! [`SYNC_BESIDE_ROOM`] free just before the sync starts. Logged writes of
+//! [`LARGE_WRITE`] or more wait for such a sync to end (and it for them),
+//! so the writes that can race its start (a RocksDB write group is at most
+//! one batch plus 1 MiB) cannot fill that room.
 
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use rocksdb::{WriteBatch, WriteOptions, DB};
@@ -26,6 +39,10 @@ use crate::{Cf, StorageError};
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// The probe's key in [`Cf::Node`]: a counter of probes.
 const PROBE_KEY: &[u8] = b"disk-probe";
+/// The free space below which syncs go through the write queue.
+const SYNC_BESIDE_ROOM: u64 = 64 << 20;
+/// Logged writes this large exclude a sync beside the write queue.
+const LARGE_WRITE: usize = 16 << 20;
 
 /// Whether RocksDB's error says it lacks space (`Status::NoSpace`, which
 /// prints as the operating system's ENOSPC message).
@@ -34,8 +51,15 @@ pub(crate) fn is_no_space(e: &rocksdb::Error) -> bool {
 }
 
 pub(crate) struct Disk {
+    /// The data directory.
+    dir: PathBuf,
     /// True while writes fail for lack of space.
     full: watch::Sender<bool>,
+    /// Set for good once any write (or sync) has failed.
+    failed: AtomicBool,
+    /// Read-held by a sync beside the write queue, write-held by a logged
+    /// write of [`LARGE_WRITE`] or more.
+    large_writes: RwLock<()>,
     /// Set when the storage closes: the probe thread ends.
     closed: Mutex<bool>,
     wake: Condvar,
@@ -44,9 +68,12 @@ pub(crate) struct Disk {
 
 impl Disk {
     /// Starts the probe thread; it holds the database only while probing.
-    pub(crate) fn start(db: &Arc<DB>) -> Arc<Disk> {
+    pub(crate) fn start(db: &Arc<DB>, dir: &Path) -> Arc<Disk> {
         let disk = Arc::new(Disk {
+            dir: dir.to_path_buf(),
             full: watch::channel(false).0,
+            failed: AtomicBool::new(false),
+            large_writes: RwLock::new(()),
             closed: Mutex::new(false),
             wake: Condvar::new(),
             probe: Mutex::new(None),
@@ -64,6 +91,31 @@ impl Disk {
         *self.full.borrow()
     }
 
+    /// Writes `batch`, noting the outcome.
+    pub(crate) fn write(
+        &self,
+        db: &DB,
+        batch: WriteBatch,
+        opts: &WriteOptions,
+        logged: bool,
+    ) -> Result<(), StorageError> {
+        let _gate = (logged && batch.size_in_bytes() >= LARGE_WRITE)
+            .then(|| self.large_writes.write().expect("large-write gate"));
+        self.outcome(db.write_opt(batch, opts))
+    }
+
+    /// Fsyncs the WAL file beside RocksDB's write queue (`flush_wal(true)`)
+    /// if that is safe now (see the module's documentation); `None` if not:
+    /// a write of this process has failed, or the data directory's file
+    /// system has less than [`SYNC_BESIDE_ROOM`] free or cannot say.
+    pub(crate) fn sync_beside_writes(&self, db: &DB) -> Option<Result<(), StorageError>> {
+        let _gate = self.large_writes.read().expect("large-write gate");
+        let roomy = !self.failed.load(Ordering::Acquire)
+            && rustix::fs::statvfs(&self.dir)
+                .is_ok_and(|fs| fs.f_bavail.saturating_mul(fs.f_frsize) >= SYNC_BESIDE_ROOM);
+        roomy.then(|| self.outcome(db.flush_wal(true)))
+    }
+
     /// Notes what a write's outcome says about the disk and passes it on.
     pub(crate) fn outcome(&self, result: Result<(), rocksdb::Error>) -> Result<(), StorageError> {
         match result {
@@ -74,6 +126,7 @@ impl Disk {
                 Ok(())
             }
             Err(e) => {
+                self.failed.store(true, Ordering::Release);
                 if is_no_space(&e) && !self.full.send_replace(true) {
                     tracing::error!(
                         error = %e,

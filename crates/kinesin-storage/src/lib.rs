@@ -132,12 +132,13 @@ impl From<StorageError> for std::io::Error {
 const SYNC_KEY: &[u8] = b"sync";
 
 /// Makes every write so far durable: a tiny write with `sync` set, which
-/// fsyncs the WAL up to and including it. Not `flush_wal(true)`: that
-/// syncs the WAL file without RocksDB's write path, so after a write has
-/// failed (a full disk) it syncs the file the failure left behind, gets
-/// "Writer has previous error" and RocksDB takes that as fatal and never
-/// resumes. The write path refuses while the database is stopped, with the
-/// error that stopped it.
+/// fsyncs the WAL up to and including it. Other writes wait behind it in
+/// RocksDB's write queue. Not `flush_wal(true)` once a write may have
+/// failed (see [`disk`]): that syncs the WAL file without RocksDB's write
+/// path, so after a write has failed (a full disk) it syncs the file the
+/// failure left behind, gets "Writer has previous error" and RocksDB takes
+/// that as fatal and never resumes. The write path refuses while the
+/// database is stopped, with the error that stopped it.
 pub(crate) fn sync_wal(db: &DB) -> Result<(), rocksdb::Error> {
     let mut batch = WriteBatch::default();
     let cf = db
@@ -275,7 +276,7 @@ impl Storage {
             ColumnFamilyDescriptor::new(cf.name(), o)
         });
         let db = Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?);
-        let disk = Disk::start(&db);
+        let disk = Disk::start(&db, path);
         let syncer = Syncer::start(db.clone(), disk.clone(), policy);
         Ok(Storage {
             inner: Arc::new(Inner { db, disk, syncer }),
@@ -343,9 +344,8 @@ impl Storage {
             Durability::Durable => opts.set_sync(self.inner.syncer.policy() == FsyncPolicy::Always),
             Durability::Unlogged => opts.disable_wal(true),
         }
-        self.inner
-            .disk
-            .outcome(self.inner.db.write_opt(batch, &opts))
+        let logged = how != Durability::Unlogged;
+        self.inner.disk.write(&self.inner.db, batch, &opts, logged)
     }
 
     /// Writes `batch` as `how` says, waiting out a full disk instead of

@@ -126,8 +126,15 @@ fn run(db: Arc<DB>, disk: Arc<Disk>, shared: Arc<Shared>) {
         // A full disk is waited out: the writes stay readable and RocksDB
         // persists them when it resumes (see `disk`), after which the sync
         // succeeds. Giving up would stop every waiting group for good.
+        // Every write the batch's callbacks stand for returned before they
+        // were queued, so a sync of the WAL file as it is now covers them.
         let result = disk
-            .retry_blocking(|| disk.outcome(crate::sync_wal(&db)))
+            .retry_blocking(|| {
+                disk.sync_beside_writes(&db).unwrap_or_else(|| {
+                    metrics::counter!("kinesin_storage_fsyncs_in_write_queue_total").increment(1);
+                    disk.outcome(crate::sync_wal(&db))
+                })
+            })
             .map_err(|e| e.to_string());
         metrics::histogram!("kinesin_storage_fsync_duration_seconds")
             .record(started.elapsed().as_secs_f64());
