@@ -73,7 +73,7 @@ const FAMILIES: &[(&str, metrics_util::MetricKind, &str, AtStart)] = {
         ("kinesin_raft_commit_duration_seconds", Histogram, "Time from proposing a shard write until the leader applied it (committed by a majority), in seconds.", Zero),
         ("kinesin_storage_fsync_duration_seconds", Histogram, "Duration of one group commit's fsync of the RocksDB WAL, in seconds.", Zero),
         ("kinesin_storage_fsync_batch_size", Histogram, "Writes made durable by one fsync.", Zero),
-        ("kinesin_storage_fsyncs_in_write_queue_total", Counter, "Group-commit fsyncs made as a synced write in RocksDB's write queue (near a full disk, or after a failed write) rather than beside it.", Zero),
+        ("kinesin_storage_fsyncs_in_write_queue_total", Counter, "WAL fsyncs made as a synced write in RocksDB's write queue (near a full disk, or after a failed write) rather than beside it.", Zero),
         ("kinesin_raft_leader_changes_total", Counter, "Leader changes of the Raft groups this node now leads.", Zero),
         ("kinesin_raft_groups", Gauge, "Raft groups on this node by role.", Refreshed),
         ("kinesin_raft_groups_without_leader", Gauge, "Raft groups on this node that know no leader.", Zero),

@@ -11,11 +11,11 @@
 //! WAL write or sync stops the database, and only a resume (which flushes
 //! the memtables) lets a probe succeed, so a sync retried after the probe
 //! cannot report data as durable that the failed one lost. Near a full
-//! disk, syncs are synced writes (`sync_wal`), which the stopped database
-//! refuses with its no-space error, never a bare sync of the WAL file a
-//! failure left behind.
+//! disk, syncs are synced writes (`sync_in_write_queue`), which the
+//! stopped database refuses with its no-space error, never a bare sync of
+//! the WAL file a failure left behind.
 //!
-//! Away from it the group commit syncs the WAL file beside the write queue
+//! Away from it a sync fsyncs the WAL file beside the write queue
 //! (`flush_wal(true)`), so that writes go on during the fsync. That is safe
 //! only while no WAL write has failed, and RocksDB checks for a failed one
 //! when the sync starts. [`Disk::sync_beside_writes`] therefore runs only

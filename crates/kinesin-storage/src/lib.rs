@@ -128,18 +128,28 @@ impl From<StorageError> for std::io::Error {
     }
 }
 
-/// The key [`sync_wal`] writes in [`Cf::Node`].
+/// The key [`sync_in_write_queue`] writes in [`Cf::Node`].
 const SYNC_KEY: &[u8] = b"sync";
 
-/// Makes every write so far durable: a tiny write with `sync` set, which
-/// fsyncs the WAL up to and including it. Other writes wait behind it in
-/// RocksDB's write queue. Not `flush_wal(true)` once a write may have
-/// failed (see [`disk`]): that syncs the WAL file without RocksDB's write
-/// path, so after a write has failed (a full disk) it syncs the file the
-/// failure left behind, gets "Writer has previous error" and RocksDB takes
-/// that as fatal and never resumes. The write path refuses while the
-/// database is stopped, with the error that stopped it.
-pub(crate) fn sync_wal(db: &DB) -> Result<(), rocksdb::Error> {
+/// Makes every write so far durable: away from a full disk with
+/// `flush_wal(true)`, beside RocksDB's write queue, else through it (see
+/// [`disk`]).
+pub(crate) fn sync_wal(db: &DB, disk: &Disk) -> Result<(), StorageError> {
+    disk.sync_beside_writes(db).unwrap_or_else(|| {
+        metrics::counter!("kinesin_storage_fsyncs_in_write_queue_total").increment(1);
+        disk.outcome(sync_in_write_queue(db))
+    })
+}
+
+/// A tiny write with `sync` set, which fsyncs the WAL up to and including
+/// it. Other writes wait behind it in RocksDB's write queue. Not
+/// `flush_wal(true)` once a write may have failed: that syncs the WAL file
+/// without RocksDB's write path, so after a write has failed (a full disk)
+/// it syncs the file the failure left behind, gets "Writer has previous
+/// error" and RocksDB takes that as fatal and never resumes. The write
+/// path refuses while the database is stopped, with the error that
+/// stopped it.
+fn sync_in_write_queue(db: &DB) -> Result<(), rocksdb::Error> {
     let mut batch = WriteBatch::default();
     let cf = db
         .cf_handle(Cf::Node.name())
@@ -443,7 +453,7 @@ impl Storage {
     /// Waits until everything written so far is on disk.
     pub fn sync(&self) -> Result<(), StorageError> {
         if self.inner.syncer.policy() == FsyncPolicy::Always {
-            self.inner.disk.outcome(sync_wal(&self.inner.db))?;
+            sync_wal(&self.inner.db, &self.inner.disk)?;
         }
         Ok(())
     }

@@ -129,12 +129,7 @@ fn run(db: Arc<DB>, disk: Arc<Disk>, shared: Arc<Shared>) {
         // Every write the batch's callbacks stand for returned before they
         // were queued, so a sync of the WAL file as it is now covers them.
         let result = disk
-            .retry_blocking(|| {
-                disk.sync_beside_writes(&db).unwrap_or_else(|| {
-                    metrics::counter!("kinesin_storage_fsyncs_in_write_queue_total").increment(1);
-                    disk.outcome(crate::sync_wal(&db))
-                })
-            })
+            .retry_blocking(|| crate::sync_wal(&db, &disk))
             .map_err(|e| e.to_string());
         metrics::histogram!("kinesin_storage_fsync_duration_seconds")
             .record(started.elapsed().as_secs_f64());
