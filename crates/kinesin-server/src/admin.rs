@@ -232,6 +232,8 @@ async fn cluster(State(s): State<AdminState>) -> Json<serde_json::Value> {
                 "term": st.term,
                 "last_log_index": st.last_log_index,
                 "applied_index": st.applied_index,
+                "snapshot_index": st.snapshot_index,
+                "purged_index": st.purged_index,
                 "voters": st.voters.iter().map(|v| v.0).collect::<Vec<_>>(),
                 "joint_membership": st.joint,
                 "follower_matched": st.follower_matched.iter().map(|(k, v)| (k.0.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
@@ -340,10 +342,9 @@ async fn update_gauges(router: Arc<Router>, data_dir: PathBuf) {
         }
         metrics::gauge!("kinesin_node_disk_full").set(if host.disk_full() { 1.0 } else { 0.0 });
         metrics::gauge!("kinesin_raft_groups_failed").set(host.failed_groups().len() as f64);
-        if let Ok(fs) = rustix::fs::statvfs(&data_dir) {
-            let block = fs.f_frsize;
-            metrics::gauge!("kinesin_node_disk_free_bytes").set((fs.f_bavail * block) as f64);
-            metrics::gauge!("kinesin_node_disk_total_bytes").set((fs.f_blocks * block) as f64);
+        if let Some(space) = kinesin_storage::disk_space(&data_dir) {
+            metrics::gauge!("kinesin_node_disk_free_bytes").set(space.available as f64);
+            metrics::gauge!("kinesin_node_disk_total_bytes").set(space.total as f64);
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }

@@ -50,6 +50,25 @@ pub(crate) fn is_no_space(e: &rocksdb::Error) -> bool {
     e.as_ref().contains("No space left on device")
 }
 
+/// The space of the file system that holds `dir`, in bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct DiskSpace {
+    /// What an unprivileged writer can still use (`f_bavail`).
+    pub available: u64,
+    /// The file system's size.
+    pub total: u64,
+}
+
+/// [`DiskSpace`] of the file system that holds `dir` (`statvfs`); `None`
+/// if it cannot say.
+pub fn disk_space(dir: &Path) -> Option<DiskSpace> {
+    let fs = rustix::fs::statvfs(dir).ok()?;
+    Some(DiskSpace {
+        available: fs.f_bavail.saturating_mul(fs.f_frsize),
+        total: fs.f_blocks.saturating_mul(fs.f_frsize),
+    })
+}
+
 pub(crate) struct Disk {
     /// The data directory.
     dir: PathBuf,
@@ -111,8 +130,7 @@ impl Disk {
     pub(crate) fn sync_beside_writes(&self, db: &DB) -> Option<Result<(), StorageError>> {
         let _gate = self.large_writes.read().expect("large-write gate");
         let roomy = !self.failed.load(Ordering::Acquire)
-            && rustix::fs::statvfs(&self.dir)
-                .is_ok_and(|fs| fs.f_bavail.saturating_mul(fs.f_frsize) >= SYNC_BESIDE_ROOM);
+            && disk_space(&self.dir).is_some_and(|s| s.available >= SYNC_BESIDE_ROOM);
         roomy.then(|| self.outcome(db.flush_wal(true)))
     }
 

@@ -17,6 +17,7 @@ use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteOptions, DB};
 pub use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
 
 use disk::Disk;
+pub use disk::{disk_space, DiskSpace};
 use syncer::Syncer;
 pub use syncer::{FsyncPolicy, SyncCallback, SyncHold};
 
