@@ -186,6 +186,17 @@ def test_a_long_poll_returns_as_soon_as_a_message_is_sent(sqs, queue_name):
     started = time.monotonic()
     assert "Messages" not in b.receive_message(QueueUrl=url, WaitTimeSeconds=2)
     assert time.monotonic() - started >= 1.9
+    # Without WaitTimeSeconds the queue's ReceiveMessageWaitTimeSeconds
+    # applies; WaitTimeSeconds=0 overrides it.
+    a.set_queue_attributes(QueueUrl=url, Attributes={"ReceiveMessageWaitTimeSeconds": "2"})
+    started = time.monotonic()
+    assert "Messages" not in b.receive_message(QueueUrl=url)
+    assert time.monotonic() - started >= 1.9
+    started = time.monotonic()
+    assert "Messages" not in b.receive_message(QueueUrl=url, WaitTimeSeconds=0)
+    assert time.monotonic() - started < 1.5
+    a.send_message(QueueUrl=url, MessageBody="now")
+    assert [m["Body"] for m in b.receive_message(QueueUrl=url)["Messages"]] == ["now"]
     a.delete_queue(QueueUrl=url)
 
 

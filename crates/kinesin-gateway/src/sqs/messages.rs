@@ -672,15 +672,9 @@ pub(super) async fn receive_message(
     let visibility = input
         .opt_int_range("VisibilityTimeout", 0, MAX_VISIBILITY_SECONDS)?
         .map(|v| v as u32);
-    let wait = match input.opt_int_range("WaitTimeSeconds", 0, MAX_WAIT_SECONDS)? {
-        Some(w) => w as u64,
-        None => ctx
-            .query::<BTreeMap<String, String>>(queue.group, &QueueQuery::Settings)
-            .await?
-            .get("ReceiveMessageWaitTimeSeconds")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0),
-    };
+    let wait = input
+        .opt_int_range("WaitTimeSeconds", 0, MAX_WAIT_SECONDS)?
+        .map(|w| w as u64);
     let mut system = input.opt_str_list("AttributeNames")?.unwrap_or_default();
     system.extend(
         input
@@ -725,12 +719,40 @@ pub(super) async fn receive_message(
         (command, QueueQuery::Ready)
     };
     let ready = kinesin_queue::encode(&ready);
-    let deadline = Instant::now() + Duration::from_secs(wait);
-    let delivered = if queue.partitions.len() == 1 {
-        let command = kinesin_queue::encode(&command);
-        receive_one(ctx, queue.group, &command, &ready, deadline).await?
-    } else {
-        receive_spread(ctx, &queue, max, visibility, &ready, deadline).await?
+    let command = kinesin_queue::encode(&command);
+    let started = Instant::now();
+    let (queue, command, ready) = (&queue, &command, &ready);
+    let receive = |wait: u64| {
+        let deadline = started + Duration::from_secs(wait);
+        async move {
+            if queue.partitions.len() == 1 {
+                receive_one(ctx, queue.group, command, ready, deadline).await
+            } else {
+                receive_spread(ctx, queue, max, visibility, ready, deadline).await
+            }
+        }
+    };
+    // Without a WaitTimeSeconds the queue's ReceiveMessageWaitTimeSeconds
+    // applies, which matters only if there is nothing to take: a receive
+    // that finds messages answers at once whatever its wait, so the
+    // queue's settings (a read at a quorum) are read only after one that
+    // found none.
+    let delivered = match (receive(wait.unwrap_or(0)).await, wait) {
+        (Ok(got), _) if !got.is_empty() => got,
+        (first, Some(_)) => first?,
+        (first, None) => {
+            let default_wait = ctx
+                .query::<BTreeMap<String, String>>(queue.group, &QueueQuery::Settings)
+                .await?
+                .get("ReceiveMessageWaitTimeSeconds")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if default_wait > 0 {
+                receive(default_wait).await?
+            } else {
+                first?
+            }
+        }
     };
     let messages: Vec<Value> = delivered
         .into_iter()
