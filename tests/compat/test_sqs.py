@@ -95,8 +95,18 @@ def test_queue_lifecycle_through_every_node(sqs, queue_name):
     with pytest.raises(a.exceptions.QueueDoesNotExist) as e:
         a.get_queue_url(QueueName=queue_name)
     assert error_code(e) == "AWS.SimpleQueueService.NonExistentQueue"
-    with pytest.raises(b.exceptions.QueueDoesNotExist):
-        b.send_message(QueueUrl=url, MessageBody="x")
+    # Another node refuses once it has applied the deletion, which a busy
+    # machine can delay past the next call (AWS: calls made while a queue is
+    # being deleted, up to 60 s, may succeed).
+
+    def send_refused():
+        try:
+            b.send_message(QueueUrl=url, MessageBody="x")
+        except b.exceptions.QueueDoesNotExist:
+            return True
+        return False
+
+    wait_until("node 2 to refuse a send to the deleted queue", send_refused, timeout=10)
     with pytest.raises(Exception) as e:
         a.create_queue(QueueName="bad name!")
     assert error_code(e) == "InvalidParameterValue"
