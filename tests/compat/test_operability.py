@@ -717,6 +717,7 @@ def test_a_large_shard_is_repaired_onto_a_new_node_with_bounded_memory(binary, w
         leader_applied = group["applied_index"]
         assert leader_applied >= batches
         assert group["purged_index"] is not None and group["snapshot_index"] >= group["purged_index"], group
+        assert value(scrape(nodes[0]), "kinesin_raft_snapshot_build_seconds_count") > 0
         nodes.append(Node(binary, root, 2, seed=nodes[0], extra=extra))
         wait_until("node 2 ready", nodes[1].ready)
         before = peak_rss_mib(nodes[1].proc.pid)

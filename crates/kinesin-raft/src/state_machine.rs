@@ -684,6 +684,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     type SnapshotData = GroupSnapshot;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        let started = std::time::Instant::now();
         // openraft builds snapshots beside `apply`: read the applied id and
         // the state it describes under the lock `apply` holds while it
         // writes and publishes, so that they match.
@@ -793,6 +794,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             }
             self.prune_copies(keep)?;
         }
+        metrics::histogram!("kinesin_raft_snapshot_build_seconds")
+            .record(started.elapsed().as_secs_f64());
         Ok(snapshot)
     }
 }

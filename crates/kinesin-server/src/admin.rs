@@ -71,6 +71,7 @@ const FAMILIES: &[(&str, metrics_util::MetricKind, &str, AtStart)] = {
         ("kinesin_api_request_duration_seconds", Histogram, "AWS API requests by service, operation and outcome (ok, client_error, server_error), in seconds.", PerOperation),
         ("kinesin_api_errors_total", Counter, "AWS API errors by service, operation and AWS error code.", Described),
         ("kinesin_raft_commit_duration_seconds", Histogram, "Time from proposing a shard write until the leader applied it (committed by a majority), in seconds.", Zero),
+        ("kinesin_raft_snapshot_build_seconds", Histogram, "Time to build and save one snapshot of a Raft group on this node (the row copy, the flush that makes what it covers durable, the save), in seconds.", Zero),
         ("kinesin_storage_fsync_duration_seconds", Histogram, "Duration of one group commit's fsync of the RocksDB WAL, in seconds.", Zero),
         ("kinesin_storage_fsync_batch_size", Histogram, "Writes made durable by one fsync.", Zero),
         ("kinesin_storage_fsyncs_in_write_queue_total", Counter, "WAL fsyncs made as a synced write in RocksDB's write queue (near a full disk, or after a failed write) rather than beside it.", Zero),
