@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::io;
+use std::ops::Bound::{Excluded, Unbounded};
 use std::sync::{Arc, Mutex};
 
 use kinesin_raft::{FixedRows, GroupKind, GroupStateMachine, SnapshotRows};
@@ -348,6 +349,12 @@ struct Queue {
     /// visible-at, its death and its removal drop the old one (a key left
     /// behind would only be skipped: keys are checked against the message).
     visible_at: BTreeSet<(u64, u128)>,
+    /// The dead letters among the messages, kept with their state.
+    dead: BTreeSet<u128>,
+    /// (sent time, seq) of each message: the oldest message without a walk
+    /// (a dead letter moved here keeps its first send time, so sequence
+    /// order is not send order).
+    by_sent: BTreeSet<(u64, u128)>,
     /// A FIFO queue's messages by message group.
     groups: Groups,
     dedup: Expiring<Dedup>,
@@ -366,6 +373,8 @@ impl Default for Queue {
             clock_ms: 0,
             messages: BTreeMap::new(),
             visible_at: BTreeSet::new(),
+            dead: BTreeSet::new(),
+            by_sent: BTreeSet::new(),
             groups: Groups::default(),
             dedup: Expiring::new(TAG_DEDUP),
             attempts: Expiring::new(TAG_ATTEMPT),
@@ -389,12 +398,32 @@ impl Queue {
         if let Some(group) = self.group_of(&m) {
             self.groups.add(group, seq);
         }
+        self.by_sent.insert((m.sent_ms, seq));
         self.messages.insert(seq, m);
+    }
+
+    /// Keys the state `m` of message `seq`, just written, by its visible-at
+    /// time if live or among the dead letters. Its old visible-at key, if
+    /// that changed, the caller drops.
+    fn key(
+        visible_at: &mut BTreeSet<(u64, u128)>,
+        dead: &mut BTreeSet<u128>,
+        seq: u128,
+        m: &MessageState,
+    ) {
+        if m.dead {
+            dead.insert(seq);
+        } else {
+            dead.remove(&seq);
+            visible_at.insert((m.visible_at_ms, seq));
+        }
     }
 
     fn remove(&mut self, seq: u128) -> Option<MessageState> {
         let m = self.messages.remove(&seq)?;
         self.visible_at.remove(&(m.visible_at_ms, seq));
+        self.dead.remove(&seq);
+        self.by_sent.remove(&(m.sent_ms, seq));
         if let Some(group) = self.group_of(&m) {
             self.groups.remove(group, seq);
         }
@@ -456,26 +485,36 @@ impl Queue {
         })
     }
 
+    /// The counts walk only the messages not yet visible (in flight or
+    /// delayed): every live message is keyed by its visible-at time, so
+    /// the rest are visible.
     fn info(&self, now_ms: u64) -> QueueInfo {
-        let (mut visible, mut in_flight, mut delayed) = (0, 0, 0);
-        for m in self.messages.values().filter(|m| !m.dead) {
-            if m.visible_at_ms <= now_ms {
-                visible += 1;
-            } else if m.receive_count > 0 {
+        let (mut in_flight, mut delayed) = (0, 0);
+        let later = self
+            .visible_at
+            .range((Excluded((now_ms, u128::MAX)), Unbounded))
+            .filter_map(|(at, seq)| {
+                self.messages
+                    .get(seq)
+                    .filter(|m| m.visible_at_ms == *at && !m.dead)
+            });
+        for m in later {
+            if m.receive_count > 0 {
                 in_flight += 1;
             } else {
                 delayed += 1;
             }
         }
+        let live = (self.messages.len() - self.dead.len()) as u64;
         QueueInfo {
             attributes: self.header.attributes.clone(),
             tags: self.header.tags.clone(),
             created_ms: self.header.created_ms,
             modified_ms: self.header.modified_ms,
-            visible,
+            visible: live - in_flight - delayed,
             in_flight,
             delayed,
-            oldest_sent_ms: self.messages.values().map(|m| m.sent_ms).min(),
+            oldest_sent_ms: self.by_sent.first().map(|(sent_ms, _)| *sent_ms),
         }
     }
 }
@@ -582,17 +621,17 @@ impl QueueStateMachine {
         }
     }
 
-    /// Writes a message's state, and keys it by visible-at time if live.
+    /// Writes a message's state, and keys it by visible-at time if live,
+    /// or among the dead letters.
     fn put_state(
         &self,
         visible_at: &mut BTreeSet<(u64, u128)>,
+        dead: &mut BTreeSet<u128>,
         batch: &mut WriteBatch,
         seq: u128,
         m: &MessageState,
     ) {
-        if !m.dead {
-            visible_at.insert((m.visible_at_ms, seq));
-        }
+        Queue::key(visible_at, dead, seq, m);
         batch.put_cf(self.storage.cf(Cf::Rows), self.state_key(seq), encode(m));
     }
 
@@ -629,9 +668,10 @@ impl QueueStateMachine {
             .header
             .number("MessageRetentionPeriod", DEFAULT_RETENTION_S)
             * 1000;
-        // Messages are in the order they were sent: the oldest lead.
-        while let Some((&seq, m)) = q.messages.first_key_value() {
-            if m.sent_ms + retention_ms > now_ms {
+        // By first send time: a dead letter moved here expires by its
+        // source queue's send time, even behind younger messages.
+        while let Some(&(sent_ms, seq)) = q.by_sent.first() {
+            if sent_ms + retention_ms > now_ms {
                 break;
             }
             self.remove_message(q, batch, seq);
@@ -714,7 +754,7 @@ impl QueueStateMachine {
                 self.body_key(seq),
                 encode(&stored),
             );
-            self.put_state(&mut q.visible_at, batch, seq, &state);
+            self.put_state(&mut q.visible_at, &mut q.dead, batch, seq, &state);
             q.insert(seq, state);
         }
         QueueReply::Sent(sent)
@@ -766,12 +806,12 @@ impl QueueStateMachine {
                     died = true;
                     deaths += 1;
                     let m = m.clone();
-                    self.put_state(&mut q.visible_at, batch, seq, &m);
+                    self.put_state(&mut q.visible_at, &mut q.dead, batch, seq, &m);
                     continue;
                 }
                 q.visible_at.remove(&(m.visible_at_ms, seq));
                 out.push(take(m, seq, index, now_ms, now_ms + visibility_ms));
-                self.put_state(&mut q.visible_at, batch, seq, m);
+                self.put_state(&mut q.visible_at, &mut q.dead, batch, seq, m);
             }
             if !died {
                 break;
@@ -818,7 +858,7 @@ impl QueueStateMachine {
                 first_receive_ms: m.first_receive_ms,
             });
             let m = m.clone();
-            self.put_state(&mut q.visible_at, batch, h.seq, &m);
+            self.put_state(&mut q.visible_at, &mut q.dead, batch, h.seq, &m);
         }
         let entry = Attempt {
             expires_ms: earlier.expires_ms,
@@ -860,17 +900,12 @@ impl QueueStateMachine {
                 if q.header.redrive().is_none() {
                     // Without a dead-letter queue, dead letters are
                     // messages again.
-                    let dead: Vec<u128> = q
-                        .messages
-                        .iter()
-                        .filter(|(_, m)| m.dead)
-                        .map(|(seq, _)| *seq)
-                        .collect();
+                    let dead: Vec<u128> = q.dead.iter().copied().collect();
                     for seq in dead {
                         if let Some(m) = q.messages.get_mut(&seq) {
                             m.dead = false;
                             let m = m.clone();
-                            self.put_state(&mut q.visible_at, batch, seq, &m);
+                            self.put_state(&mut q.visible_at, &mut q.dead, batch, seq, &m);
                         }
                     }
                 }
@@ -949,7 +984,7 @@ impl QueueStateMachine {
                         q.visible_at.remove(&(m.visible_at_ms, h.seq));
                         m.visible_at_ms = now_ms + u64::from(seconds) * 1000;
                         let m = m.clone();
-                        self.put_state(&mut q.visible_at, batch, h.seq, &m);
+                        self.put_state(&mut q.visible_at, &mut q.dead, batch, h.seq, &m);
                         Ok(())
                     })
                     .collect();
@@ -973,7 +1008,7 @@ impl QueueStateMachine {
                     destination,
                     rate,
                     moved: 0,
-                    to_move: q.messages.values().filter(|m| !m.dead).count() as u64,
+                    to_move: (q.messages.len() - q.dead.len()) as u64,
                     started_ms: now_ms,
                     failure: None,
                 };
@@ -1012,7 +1047,7 @@ impl QueueStateMachine {
                     m.visible_at_ms = now_ms + MOVE_CLAIM_MS;
                     m.nonce = index;
                     let m = m.clone();
-                    self.put_state(&mut q.visible_at, batch, seq, &m);
+                    self.put_state(&mut q.visible_at, &mut q.dead, batch, seq, &m);
                     claimed.push(Handle { seq, nonce: index });
                 }
                 QueueReply::Claimed(claimed)
@@ -1149,7 +1184,7 @@ impl QueueStateMachine {
                 self.body_key(seq),
                 encode(&stored),
             );
-            self.put_state(&mut q.visible_at, batch, seq, &state);
+            self.put_state(&mut q.visible_at, &mut q.dead, batch, seq, &state);
             q.insert(seq, state);
             if let Some(source) = &source {
                 batch.put_cf(
@@ -1195,6 +1230,12 @@ impl QueueStateMachine {
             .iter()
             .filter(|(_, m)| !m.dead)
             .map(|(seq, m)| (m.visible_at_ms, *seq))
+            .collect();
+        q.dead = q
+            .messages
+            .iter()
+            .filter(|(_, m)| m.dead)
+            .map(|(seq, _)| *seq)
             .collect();
         self.load_expiring(&mut q.dedup)?;
         self.load_expiring(&mut q.attempts)?;
@@ -1341,7 +1382,7 @@ impl GroupStateMachine for QueueStateMachine {
             QueueQuery::DeadLetters(max) => {
                 let target = q.header.redrive().map(|(t, _)| t).unwrap_or_default();
                 let (mut messages, mut bytes) = (Vec::new(), 0);
-                for (seq, _) in q.messages.iter().filter(|(_, m)| m.dead) {
+                for seq in &q.dead {
                     if messages.len() == max as usize || bytes >= MOVE_BATCH_BYTES {
                         break;
                     }
@@ -2187,6 +2228,31 @@ mod tests {
         }
     }
 
+    /// A dead letter keeps its first send time in the queue it moves to,
+    /// and its retention counts from that time, as AWS does for standard
+    /// queues, though younger messages came before it.
+    #[test]
+    fn a_moved_dead_letter_expires_by_its_first_send_time() {
+        let (_dir, s, dlq) = setup(&[("MessageRetentionPeriod", "60")]);
+        let send = QueueCommand::Send(vec![message("young", None, None)]);
+        run(&s, &dlq, 1, 100_000, send);
+        let old = StoredMessage {
+            sent_ms: 50_000,
+            ..stored("old")
+        };
+        let moved = QueueCommand::MoveFrom {
+            source: "arn:aws:sqs:us-east-1:000000000000:src".into(),
+            messages: vec![old],
+        };
+        run(&s, &dlq, 2, 100_000, moved);
+        let counts = info(&dlq, 100_000);
+        assert_eq!((counts.visible, counts.oldest_sent_ms), (2, Some(50_000)));
+        run(&s, &dlq, 3, 110_000, QueueCommand::Tag(BTreeMap::new()));
+        let counts = info(&dlq, 110_000);
+        assert_eq!((counts.visible, counts.oldest_sent_ms), (1, Some(100_000)));
+        assert_eq!(bodies(&receive(&s, &dlq, 4, 110_000, 10)), ["young"]);
+    }
+
     /// Times a command carries are bounded: a moved message said to be sent
     /// at `u64::MAX`, or a clock stamp near it (a raw proposal's), made the
     /// sent time plus retention wrap, and the message expired at the next
@@ -2398,14 +2464,42 @@ mod fifo_properties {
         out
     }
 
+    /// What the counts were before the indexes: every message walked.
+    fn info_by_walking(q: &Queue, now_ms: u64) -> (u64, u64, u64, Option<u64>) {
+        let (mut visible, mut in_flight, mut delayed) = (0, 0, 0);
+        for m in q.messages.values().filter(|m| !m.dead) {
+            if m.visible_at_ms <= now_ms {
+                visible += 1;
+            } else if m.receive_count > 0 {
+                in_flight += 1;
+            } else {
+                delayed += 1;
+            }
+        }
+        let oldest = q.messages.values().map(|m| m.sent_ms).min();
+        (visible, in_flight, delayed, oldest)
+    }
+
+    /// Moves message `seq` to visible-at `at`, its keys kept as the state
+    /// machine keeps them.
+    fn set_visible_at(q: &mut Queue, seq: u128, at: u64) {
+        let m = q.messages.get_mut(&seq).expect("a message");
+        q.visible_at.remove(&(m.visible_at_ms, seq));
+        m.visible_at_ms = at;
+        Queue::key(&mut q.visible_at, &mut q.dead, seq, m);
+    }
+
     /// What happens to a FIFO queue, as its commands do it. `pick` chooses
     /// among the messages the command may act on.
     #[derive(Debug, Clone)]
     enum Op {
         /// A send with the queue's delay at the time (it may change).
+        /// `age_ms` before now: a dead letter moved here keeps its first
+        /// send time.
         Send {
             group: u8,
             delay_ms: u64,
+            age_ms: u64,
         },
         Receive {
             max: usize,
@@ -2431,8 +2525,8 @@ mod fifo_properties {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            3 => (0u8..4, prop_oneof![Just(0u64), 1u64..4])
-                .prop_map(|(group, delay_ms)| Op::Send { group, delay_ms }),
+            3 => (0u8..4, prop_oneof![Just(0u64), 1u64..4], prop_oneof![3 => Just(0u64), 1 => 1u64..6])
+                .prop_map(|(group, delay_ms, age_ms)| Op::Send { group, delay_ms, age_ms }),
             3 => (1usize..=10, 0u64..4)
                 .prop_map(|(max, visibility_ms)| Op::Receive { max, visibility_ms }),
             1 => (any::<usize>(), 0u64..4)
@@ -2449,7 +2543,7 @@ mod fifo_properties {
 
     proptest! {
         #[test]
-        fn a_fifo_receive_takes_what_walking_every_message_takes(
+        fn a_fifo_receive_takes_and_counts_what_walking_every_message_does(
             ops in prop::collection::vec(op(), 1..100),
         ) {
             let mut q = Queue::default();
@@ -2457,9 +2551,9 @@ mod fifo_properties {
             let (mut now, mut next) = (0u64, 1u128);
             for op in ops {
                 match op {
-                    Op::Send { group, delay_ms } => {
+                    Op::Send { group, delay_ms, age_ms } => {
                         let m = MessageState {
-                            sent_ms: now,
+                            sent_ms: now.saturating_sub(age_ms),
                             visible_at_ms: now + delay_ms,
                             receive_count: 0,
                             first_receive_ms: 0,
@@ -2467,6 +2561,7 @@ mod fifo_properties {
                             group_id: Some(format!("g{group}")),
                             dead: false,
                         };
+                        Queue::key(&mut q.visible_at, &mut q.dead, next, &m);
                         q.insert(next, m);
                         next += 1;
                     }
@@ -2474,9 +2569,8 @@ mod fifo_properties {
                         let taken = q.takeable(now, max);
                         prop_assert_eq!(&taken, &takeable_by_walking(&q, now, max));
                         for seq in taken {
-                            let m = q.messages.get_mut(&seq).expect("taken");
-                            m.receive_count += 1;
-                            m.visible_at_ms = now + visibility_ms;
+                            q.messages.get_mut(&seq).expect("taken").receive_count += 1;
+                            set_visible_at(&mut q, seq, now + visibility_ms);
                         }
                     }
                     Op::Change { pick, visibility_ms } => {
@@ -2487,8 +2581,7 @@ mod fifo_properties {
                             .map(|(seq, _)| *seq)
                             .collect();
                         if let Some(seq) = nth(&in_flight, pick) {
-                            q.messages.get_mut(&seq).expect("in flight").visible_at_ms =
-                                now + visibility_ms;
+                            set_visible_at(&mut q, seq, now + visibility_ms);
                         }
                     }
                     Op::Remove { pick } => {
@@ -2499,7 +2592,10 @@ mod fifo_properties {
                     }
                     Op::Die { pick } => {
                         if let Some(seq) = nth(&q.takeable(now, 10), pick) {
-                            q.messages.get_mut(&seq).expect("takeable").dead = true;
+                            let m = q.messages.get_mut(&seq).expect("takeable");
+                            q.visible_at.remove(&(m.visible_at_ms, seq));
+                            m.dead = true;
+                            Queue::key(&mut q.visible_at, &mut q.dead, seq, m);
                         }
                     }
                     Op::Wait { ms } => now += ms,
@@ -2507,6 +2603,11 @@ mod fifo_properties {
                 for max in [1, 3, 10] {
                     prop_assert_eq!(q.takeable(now, max), takeable_by_walking(&q, now, max));
                 }
+                let info = q.info(now);
+                prop_assert_eq!(
+                    (info.visible, info.in_flight, info.delayed, info.oldest_sent_ms),
+                    info_by_walking(&q, now)
+                );
             }
             // The index holds exactly the live messages.
             let indexed: usize = q.groups.members.values().map(BTreeSet::len).sum();
