@@ -377,6 +377,8 @@ def test_operations_metric_set_is_exported(cluster, cli, stream_name):
     assert value(text, "kinesin_stream_incoming_bytes_total", stream=stream_name) == 10 * (10 + 1)
     assert value(text, "kinesin_stream_iterator_age_seconds", stream=stream_name) is not None
     assert 'kinesin_raft_commit_duration_seconds_bucket{le="' in text
+    # Snapshot builds take seconds to minutes: their buckets reach 5 minutes.
+    assert 'kinesin_raft_snapshot_build_seconds_bucket{le="300"}' in text
     # Labels stay bounded: no shard, sequence-number or partition-key labels
     # (per-shard series are off by default), no long numeric label values.
     assert not re.search(r'[{,](shard|seq|sequence_number|partition_key)="', text)

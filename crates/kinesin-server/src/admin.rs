@@ -34,6 +34,9 @@ pub fn prometheus() -> &'static PrometheusHandle {
             // stopped reading) disappear instead of freezing.
             .idle_timeout(MetricKindMask::GAUGE, Some(Duration::from_secs(300)))
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)
+            // A large queue's snapshot copies its rows for seconds to
+            // minutes (a Full matcher wins over a Suffix one).
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full("kinesin_raft_snapshot_build_seconds".into()), &[0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0]))
             .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_batch_size".into()), &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]))
             .expect("bucket lists are non-empty")
             .install_recorder()
