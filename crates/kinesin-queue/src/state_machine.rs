@@ -148,6 +148,8 @@ impl Header {
 /// A message's delivery state (its row beside the body).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct MessageState {
+    /// What retention and the oldest message's age count from: the first
+    /// send, or for a message moved to a FIFO queue, the move.
     sent_ms: u64,
     visible_at_ms: u64,
     receive_count: u32,
@@ -505,13 +507,13 @@ impl Queue {
                 delayed += 1;
             }
         }
-        let live = (self.messages.len() - self.dead.len()) as u64;
+        let live = self.messages.len().saturating_sub(self.dead.len()) as u64;
         QueueInfo {
             attributes: self.header.attributes.clone(),
             tags: self.header.tags.clone(),
             created_ms: self.header.created_ms,
             modified_ms: self.header.modified_ms,
-            visible: live - in_flight - delayed,
+            visible: live.saturating_sub(in_flight + delayed),
             in_flight,
             delayed,
             oldest_sent_ms: self.by_sent.first().map(|(sent_ms, _)| *sent_ms),
@@ -668,12 +670,14 @@ impl QueueStateMachine {
             .header
             .number("MessageRetentionPeriod", DEFAULT_RETENTION_S)
             * 1000;
-        // By first send time: a dead letter moved here expires by its
-        // source queue's send time, even behind younger messages.
+        // By send time: a dead letter moved to a standard queue expires by
+        // its source queue's send time, even behind younger messages.
         while let Some(&(sent_ms, seq)) = q.by_sent.first() {
             if sent_ms + retention_ms > now_ms {
                 break;
             }
+            // Popped first, so the walk ends even if the message were gone.
+            q.by_sent.pop_first();
             self.remove_message(q, batch, seq);
         }
         self.expire_entries(batch, &mut q.dedup, now_ms);
@@ -1171,7 +1175,15 @@ impl QueueStateMachine {
             // retention is counted from a time this queue has seen.
             stored.sent_ms = stored.sent_ms.min(now_ms);
             let state = MessageState {
-                sent_ms: stored.sent_ms,
+                // Retention and the oldest message's age count from the
+                // first send in a standard queue and from the move in a
+                // FIFO queue, as AWS does; the message keeps its
+                // SentTimestamp in both.
+                sent_ms: if q.header.fifo() {
+                    now_ms
+                } else {
+                    stored.sent_ms
+                },
                 visible_at_ms: now_ms,
                 receive_count: 0,
                 first_receive_ms: 0,
@@ -2251,6 +2263,34 @@ mod tests {
         let counts = info(&dlq, 110_000);
         assert_eq!((counts.visible, counts.oldest_sent_ms), (1, Some(100_000)));
         assert_eq!(bodies(&receive(&s, &dlq, 4, 110_000, 10)), ["young"]);
+    }
+
+    /// In a FIFO queue a moved dead letter's retention starts anew at the
+    /// move, as AWS documents; its SentTimestamp stays.
+    #[test]
+    fn a_dead_letter_moved_to_a_fifo_queue_is_retained_from_the_move() {
+        let (_dir, s, dlq) = setup(&[("FifoQueue", "true"), ("MessageRetentionPeriod", "60")]);
+        let old = StoredMessage {
+            sent_ms: 50_000,
+            message: message("old", Some("g"), Some("d")),
+            seq: 0,
+        };
+        let moved = QueueCommand::MoveFrom {
+            source: "arn:aws:sqs:us-east-1:000000000000:src.fifo".into(),
+            messages: vec![old],
+        };
+        run(&s, &dlq, 1, 100_000, moved);
+        assert_eq!(info(&dlq, 100_000).oldest_sent_ms, Some(100_000));
+        run(&s, &dlq, 2, 150_000, QueueCommand::Tag(BTreeMap::new()));
+        let got = receive(&s, &dlq, 3, 150_000, 10);
+        assert_eq!(bodies(&got), ["old"]);
+        assert_eq!(got[0].message.sent_ms, 50_000, "its SentTimestamp stays");
+        run(&s, &dlq, 4, 160_000, QueueCommand::Tag(BTreeMap::new()));
+        assert_eq!(
+            info(&dlq, 160_000).in_flight,
+            0,
+            "expired 60 s after the move"
+        );
     }
 
     /// Times a command carries are bounded: a moved message said to be sent
