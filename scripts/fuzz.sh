@@ -34,10 +34,14 @@ fi
 # shellcheck source=scripts/target-dir.sh
 . scripts/target-dir.sh
 target=$CARGO_TARGET_DIR
-rocksdb=$(ls -t "$target"/release/build/librocksdb-sys-*/out/librocksdb.a 2>/dev/null | head -1) ||
+# The newest RocksDB whose build script finished: cargo writes `output`
+# beside `out/` at the end, and a build cut short leaves a partial archive.
+finished=$(ls -t "$target"/release/build/librocksdb-sys-*/output 2>/dev/null | head -1) ||
   true
-[ -n "$rocksdb" ] || die "no RocksDB library under $target: run \`make build\` first"
-export ROCKSDB_LIB_DIR=${rocksdb%/*} ROCKSDB_STATIC=1
+rocksdb=${finished%/output}/out
+[ -n "$finished" ] && [ -f "$rocksdb/librocksdb.a" ] ||
+  die "no RocksDB library under $target: run \`make build\` first"
+export ROCKSDB_LIB_DIR=$rocksdb ROCKSDB_STATIC=1
 export CARGO_TARGET_DIR=$target/fuzz
 # cargo-fuzz adds its instrumentation flags to these; mold links faster.
 if command -v mold >/dev/null; then export RUSTFLAGS="-C link-arg=-fuse-ld=mold"; fi
