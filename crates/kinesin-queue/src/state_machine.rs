@@ -148,8 +148,6 @@ impl Header {
 /// A message's delivery state (its row beside the body).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct MessageState {
-    /// What retention and the oldest message's age count from: the first
-    /// send, or for a message moved to a FIFO queue, the move.
     sent_ms: u64,
     visible_at_ms: u64,
     receive_count: u32,
@@ -670,14 +668,14 @@ impl QueueStateMachine {
             .header
             .number("MessageRetentionPeriod", DEFAULT_RETENTION_S)
             * 1000;
-        // By send time: a dead letter moved to a standard queue expires by
-        // its source queue's send time, even behind younger messages.
-        while let Some(&(sent_ms, seq)) = q.by_sent.first() {
-            if sent_ms + retention_ms > now_ms {
+        // In sequence order, as every release applies it: a dead letter
+        // moved here with an older send time waits behind younger messages
+        // (AWS expires it by that time; following AWS changes what replicas
+        // apply, so it needs a version gate for mixed-version clusters).
+        while let Some((&seq, m)) = q.messages.first_key_value() {
+            if m.sent_ms + retention_ms > now_ms {
                 break;
             }
-            // Popped first, so the walk ends even if the message were gone.
-            q.by_sent.pop_first();
             self.remove_message(q, batch, seq);
         }
         self.expire_entries(batch, &mut q.dedup, now_ms);
@@ -1175,15 +1173,7 @@ impl QueueStateMachine {
             // retention is counted from a time this queue has seen.
             stored.sent_ms = stored.sent_ms.min(now_ms);
             let state = MessageState {
-                // Retention and the oldest message's age count from the
-                // first send in a standard queue and from the move in a
-                // FIFO queue, as AWS does; the message keeps its
-                // SentTimestamp in both.
-                sent_ms: if q.header.fifo() {
-                    now_ms
-                } else {
-                    stored.sent_ms
-                },
+                sent_ms: stored.sent_ms,
                 visible_at_ms: now_ms,
                 receive_count: 0,
                 first_receive_ms: 0,
@@ -2238,59 +2228,6 @@ mod tests {
             sent_ms: 7,
             seq: 0,
         }
-    }
-
-    /// A dead letter keeps its first send time in the queue it moves to,
-    /// and its retention counts from that time, as AWS does for standard
-    /// queues, though younger messages came before it.
-    #[test]
-    fn a_moved_dead_letter_expires_by_its_first_send_time() {
-        let (_dir, s, dlq) = setup(&[("MessageRetentionPeriod", "60")]);
-        let send = QueueCommand::Send(vec![message("young", None, None)]);
-        run(&s, &dlq, 1, 100_000, send);
-        let old = StoredMessage {
-            sent_ms: 50_000,
-            ..stored("old")
-        };
-        let moved = QueueCommand::MoveFrom {
-            source: "arn:aws:sqs:us-east-1:000000000000:src".into(),
-            messages: vec![old],
-        };
-        run(&s, &dlq, 2, 100_000, moved);
-        let counts = info(&dlq, 100_000);
-        assert_eq!((counts.visible, counts.oldest_sent_ms), (2, Some(50_000)));
-        run(&s, &dlq, 3, 110_000, QueueCommand::Tag(BTreeMap::new()));
-        let counts = info(&dlq, 110_000);
-        assert_eq!((counts.visible, counts.oldest_sent_ms), (1, Some(100_000)));
-        assert_eq!(bodies(&receive(&s, &dlq, 4, 110_000, 10)), ["young"]);
-    }
-
-    /// In a FIFO queue a moved dead letter's retention starts anew at the
-    /// move, as AWS documents; its SentTimestamp stays.
-    #[test]
-    fn a_dead_letter_moved_to_a_fifo_queue_is_retained_from_the_move() {
-        let (_dir, s, dlq) = setup(&[("FifoQueue", "true"), ("MessageRetentionPeriod", "60")]);
-        let old = StoredMessage {
-            sent_ms: 50_000,
-            message: message("old", Some("g"), Some("d")),
-            seq: 0,
-        };
-        let moved = QueueCommand::MoveFrom {
-            source: "arn:aws:sqs:us-east-1:000000000000:src.fifo".into(),
-            messages: vec![old],
-        };
-        run(&s, &dlq, 1, 100_000, moved);
-        assert_eq!(info(&dlq, 100_000).oldest_sent_ms, Some(100_000));
-        run(&s, &dlq, 2, 150_000, QueueCommand::Tag(BTreeMap::new()));
-        let got = receive(&s, &dlq, 3, 150_000, 10);
-        assert_eq!(bodies(&got), ["old"]);
-        assert_eq!(got[0].message.sent_ms, 50_000, "its SentTimestamp stays");
-        run(&s, &dlq, 4, 160_000, QueueCommand::Tag(BTreeMap::new()));
-        assert_eq!(
-            info(&dlq, 160_000).in_flight,
-            0,
-            "expired 60 s after the move"
-        );
     }
 
     /// Times a command carries are bounded: a moved message said to be sent
