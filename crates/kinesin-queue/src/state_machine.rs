@@ -485,6 +485,11 @@ impl Queue {
         })
     }
 
+    /// The messages that are not dead letters.
+    fn live(&self) -> u64 {
+        self.messages.len().saturating_sub(self.dead.len()) as u64
+    }
+
     /// The counts walk only the messages not yet visible (in flight or
     /// delayed): every live message is keyed by its visible-at time, so
     /// the rest are visible.
@@ -505,7 +510,7 @@ impl Queue {
                 delayed += 1;
             }
         }
-        let live = self.messages.len().saturating_sub(self.dead.len()) as u64;
+        let live = self.live();
         QueueInfo {
             attributes: self.header.attributes.clone(),
             tags: self.header.tags.clone(),
@@ -1010,7 +1015,7 @@ impl QueueStateMachine {
                     destination,
                     rate,
                     moved: 0,
-                    to_move: (q.messages.len() - q.dead.len()) as u64,
+                    to_move: q.live(),
                     started_ms: now_ms,
                     failure: None,
                 };
@@ -1224,21 +1229,12 @@ impl QueueStateMachine {
             ..Queue::default()
         };
         self.scan_tag(TAG_STATE, |key, value| {
-            q.insert(seq_of(key)?, decode(value)?);
+            let (seq, m): (u128, MessageState) = (seq_of(key)?, decode(value)?);
+            let q = &mut *q;
+            Queue::key(&mut q.visible_at, &mut q.dead, seq, &m);
+            q.insert(seq, m);
             Ok(())
         })?;
-        q.visible_at = q
-            .messages
-            .iter()
-            .filter(|(_, m)| !m.dead)
-            .map(|(seq, m)| (m.visible_at_ms, *seq))
-            .collect();
-        q.dead = q
-            .messages
-            .iter()
-            .filter(|(_, m)| m.dead)
-            .map(|(seq, _)| *seq)
-            .collect();
         self.load_expiring(&mut q.dedup)?;
         self.load_expiring(&mut q.attempts)?;
         self.scan_tag(TAG_ORIGIN, |key, value| {
