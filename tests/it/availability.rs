@@ -29,8 +29,9 @@ async fn a_stream_created_while_a_node_is_down_is_active_and_writable_at_once() 
     )
     .await
     .unwrap();
-    // Until the leader of the metadata group stops hearing from node 1, the
-    // node still counts as up; after that, placement leaves it out.
+    // Until the leader of the metadata group finds node 1 down, the node
+    // still counts as up; after that, placement leaves it out. Node 3 is
+    // not left out, even by a leader elected a moment ago.
     wait_until(
         "node 1 to count as down",
         Duration::from_secs(30),
@@ -38,7 +39,7 @@ async fn a_stream_created_while_a_node_is_down_is_active_and_writable_at_once() 
             cluster
                 .live()
                 .filter(|n| n.host.is_leader(GroupId::META))
-                .any(|n| !n.router.meta_leader_hears(NodeId(1)))
+                .any(|n| n.router.left_out_of_placement(NodeId(1)))
         },
     )
     .await

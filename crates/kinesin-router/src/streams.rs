@@ -421,6 +421,27 @@ impl Router {
             })
     }
 
+    /// On the metadata leader: is `node` to be left out of a new stream's
+    /// replicas? It is when this node's pings find it down, or when it has
+    /// not acknowledged the metadata group for [`LIVE_WITHIN_MS`]. A node
+    /// this leader has no acknowledgement from at all (it was elected a
+    /// moment ago, and the node's first answer is on its way) counts by the
+    /// pings alone: otherwise a stream created then got fewer replicas than
+    /// the live nodes allow (one of three, in a CI run).
+    pub fn left_out_of_placement(&self, node: NodeId) -> bool {
+        if node == self.host.node_id() {
+            return false;
+        }
+        let silent = self.host.status(GroupId::META).is_some_and(|s| {
+            s.follower_ack_age_ms
+                .get(&node)
+                .copied()
+                .flatten()
+                .is_some_and(|ms| ms >= LIVE_WITHIN_MS)
+        });
+        silent || self.liveness.is_down(node)
+    }
+
     /// Waits (at most `limit`) until `stream` is in this node's map and no
     /// longer CREATING, so that a client's first DescribeStream after
     /// CreateStream, through this node, finds it ACTIVE. The applied index
@@ -511,14 +532,14 @@ impl Router {
         } else {
             replication
         };
-        // Replicas go to nodes heard from recently and not found down by
-        // this node's pings (faster to notice a kill), so that every new
-        // shard can elect a leader now; the controller adds the missing ones when
-        // nodes come back.
+        // Replicas go to nodes not silent toward the metadata group and not
+        // found down by this node's pings (faster to notice a kill), so that
+        // every new shard can elect a leader now; the controller adds the
+        // missing ones when nodes come back.
         let unreachable: BTreeSet<NodeId> = state
             .active_nodes()
             .map(|n| n.id)
-            .filter(|n| !self.meta_leader_hears(*n) || self.liveness.is_down(*n))
+            .filter(|n| self.left_out_of_placement(*n))
             .collect();
         let live = state.active_nodes().count() - unreachable.len();
         let replication = wanted.min(live.max(1));
