@@ -407,18 +407,23 @@ impl Router {
         Ok(())
     }
 
+    /// On the metadata leader: milliseconds since `node` last acknowledged
+    /// the metadata group (`None`: not in this term, or not the leader).
+    /// Every node replicates the metadata group (voter or learner), so this
+    /// is the cluster's view of who is up.
+    fn meta_ack_age_ms(&self, node: NodeId) -> Option<u64> {
+        self.host
+            .status(GroupId::META)
+            .and_then(|s| s.follower_ack_age_ms.get(&node).copied().flatten())
+    }
+
     /// On the metadata leader: has `node` acknowledged the metadata group
-    /// within [`LIVE_WITHIN_MS`]? Every node replicates the metadata group
-    /// (voter or learner), so this is the cluster's view of who is up.
+    /// within [`LIVE_WITHIN_MS`]?
     pub fn meta_leader_hears(&self, node: NodeId) -> bool {
         node == self.host.node_id()
-            || self.host.status(GroupId::META).is_some_and(|s| {
-                s.follower_ack_age_ms
-                    .get(&node)
-                    .copied()
-                    .flatten()
-                    .is_some_and(|ms| ms < LIVE_WITHIN_MS)
-            })
+            || self
+                .meta_ack_age_ms(node)
+                .is_some_and(|ms| ms < LIVE_WITHIN_MS)
     }
 
     /// On the metadata leader: is `node` to be left out of a new stream's
@@ -429,17 +434,11 @@ impl Router {
     /// pings alone: otherwise a stream created then got fewer replicas than
     /// the live nodes allow (one of three, in a CI run).
     pub fn left_out_of_placement(&self, node: NodeId) -> bool {
-        if node == self.host.node_id() {
-            return false;
-        }
-        let silent = self.host.status(GroupId::META).is_some_and(|s| {
-            s.follower_ack_age_ms
-                .get(&node)
-                .copied()
-                .flatten()
-                .is_some_and(|ms| ms >= LIVE_WITHIN_MS)
-        });
-        silent || self.liveness.is_down(node)
+        node != self.host.node_id()
+            && (self.liveness.is_down(node)
+                || self
+                    .meta_ack_age_ms(node)
+                    .is_some_and(|ms| ms >= LIVE_WITHIN_MS))
     }
 
     /// Waits (at most `limit`) until `stream` is in this node's map and no
