@@ -719,8 +719,19 @@ impl RaftHost {
             .collect()
     }
 
+    /// Is this replica the leader of `group`? Read from the Raft metrics
+    /// without building a [`GroupStatus`] (which copies them and builds
+    /// five maps): every routed request asks.
     pub fn is_leader(&self, group: GroupId) -> bool {
-        self.status(group).is_some_and(|s| s.role == Role::Leader)
+        self.group(group)
+            .is_ok_and(|g| g.raft.metrics().borrow_watched().state == ServerState::Leader)
+    }
+
+    /// The leader of `group` as this replica knows it, read the same way.
+    pub fn leader(&self, group: GroupId) -> Option<NodeId> {
+        let g = self.group(group).ok()?;
+        let leader = g.raft.metrics().borrow_watched().current_leader;
+        leader.map(NodeId)
     }
 
     /// Waits up to `timeout` until this replica sees `to` as the leader.
@@ -732,7 +743,7 @@ impl RaftHost {
     ) -> Option<NodeId> {
         let deadline = tokio::time::Instant::now() + timeout;
         while tokio::time::Instant::now() < deadline {
-            if self.status(group).and_then(|s| s.leader) == Some(to) {
+            if self.leader(group) == Some(to) {
                 return Some(to);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

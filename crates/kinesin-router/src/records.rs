@@ -436,7 +436,7 @@ impl Router {
             return Err(RouterError::NotLeader(None));
         }
         if !self.host.is_leader(group) {
-            let leader = self.host.status(group).and_then(|s| s.leader);
+            let leader = self.host.leader(group);
             return Err(RouterError::NotLeader(leader));
         }
         self.check_append_route(group, epoch).await?;

@@ -211,7 +211,7 @@ impl Router {
             // A leader on a node known to be down is no leader: its group is
             // electing another, which the candidates will name.
             let known = cached
-                .or_else(|| self.host.status(group).and_then(|s| s.leader))
+                .or_else(|| self.host.leader(group))
                 .filter(|n| !self.liveness.is_down(*n));
             let target_node = match known {
                 Some(n) => n,
@@ -348,7 +348,7 @@ impl Router {
             match target {
                 Target::Local => {
                     if !self.host.is_leader(group) {
-                        let leader = self.host.status(group).and_then(|s| s.leader);
+                        let leader = self.host.leader(group);
                         return Err(RouterError::NotLeader(leader));
                     }
                     if to != self.host.node_id() {
@@ -381,7 +381,7 @@ impl Router {
         if self.host.is_leader(group) {
             return Ok(());
         }
-        let leader = self.host.status(group).and_then(|s| s.leader);
+        let leader = self.host.leader(group);
         Err(RouterError::NotLeader(leader))
     }
 }

@@ -40,9 +40,7 @@ impl NodeService {
     async fn join_on_leader(&self, req: &pb::JoinRequest) -> Result<String, RouterError> {
         let host = self.router.host();
         if !host.is_leader(GroupId::META) {
-            return Err(RouterError::NotLeader(
-                host.status(GroupId::META).and_then(|s| s.leader),
-            ));
+            return Err(RouterError::NotLeader(host.leader(GroupId::META)));
         }
         let state = self.router.meta_state();
         // The seed leads before its bootstrap's writes apply, and the

@@ -516,7 +516,7 @@ impl Router {
         options: &StreamOptions,
     ) -> Result<(), RouterError> {
         if !self.host.is_leader(GroupId::META) {
-            let leader = self.host.status(GroupId::META).and_then(|s| s.leader);
+            let leader = self.host.leader(GroupId::META);
             return Err(RouterError::NotLeader(leader));
         }
         self.check_new_stream(name, shard_count, replication, max_record_bytes)?;
@@ -666,7 +666,7 @@ impl Router {
     /// The metadata group's applied index, answered by its leader only.
     pub(crate) fn meta_index_local(&self) -> Result<u64, RouterError> {
         if !self.host.is_leader(GroupId::META) {
-            let leader = self.host.status(GroupId::META).and_then(|s| s.leader);
+            let leader = self.host.leader(GroupId::META);
             return Err(RouterError::NotLeader(leader));
         }
         Ok(self.meta_applied_index())
