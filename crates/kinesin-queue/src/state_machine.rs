@@ -394,7 +394,9 @@ impl Queue {
             .then(|| m.group_id.as_deref().unwrap_or(""))
     }
 
+    /// Adds message `seq`, keyed by its state as [`Queue::key`] keys it.
     fn insert(&mut self, seq: u128, m: MessageState) {
+        Self::key(&mut self.visible_at, &mut self.dead, seq, &m);
         if let Some(group) = self.group_of(&m) {
             self.groups.add(group, seq);
         }
@@ -637,6 +639,12 @@ impl QueueStateMachine {
         m: &MessageState,
     ) {
         Queue::key(visible_at, dead, seq, m);
+        self.write_state(batch, seq, m);
+    }
+
+    /// Writes a message's state row only (a new message: `Queue::insert`
+    /// keys it).
+    fn write_state(&self, batch: &mut WriteBatch, seq: u128, m: &MessageState) {
         batch.put_cf(self.storage.cf(Cf::Rows), self.state_key(seq), encode(m));
     }
 
@@ -761,7 +769,7 @@ impl QueueStateMachine {
                 self.body_key(seq),
                 encode(&stored),
             );
-            self.put_state(&mut q.visible_at, &mut q.dead, batch, seq, &state);
+            self.write_state(batch, seq, &state);
             q.insert(seq, state);
         }
         QueueReply::Sent(sent)
@@ -1191,7 +1199,7 @@ impl QueueStateMachine {
                 self.body_key(seq),
                 encode(&stored),
             );
-            self.put_state(&mut q.visible_at, &mut q.dead, batch, seq, &state);
+            self.write_state(batch, seq, &state);
             q.insert(seq, state);
             if let Some(source) = &source {
                 batch.put_cf(
@@ -1229,10 +1237,7 @@ impl QueueStateMachine {
             ..Queue::default()
         };
         self.scan_tag(TAG_STATE, |key, value| {
-            let (seq, m): (u128, MessageState) = (seq_of(key)?, decode(value)?);
-            let q = &mut *q;
-            Queue::key(&mut q.visible_at, &mut q.dead, seq, &m);
-            q.insert(seq, m);
+            q.insert(seq_of(key)?, decode(value)?);
             Ok(())
         })?;
         self.load_expiring(&mut q.dedup)?;
@@ -2534,7 +2539,6 @@ mod fifo_properties {
                             group_id: Some(format!("g{group}")),
                             dead: false,
                         };
-                        Queue::key(&mut q.visible_at, &mut q.dead, next, &m);
                         q.insert(next, m);
                         next += 1;
                     }
