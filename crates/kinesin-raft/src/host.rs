@@ -4,9 +4,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
+use bytes::Bytes;
+use futures::future::BoxFuture;
 use futures::{Stream, StreamExt};
 use kinesin_proto::tls::Dialer;
 use kinesin_proto::v1::raft_transport_server::{RaftTransport, RaftTransportServer};
@@ -25,7 +27,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::blocking_reads::{BlockingReads, MAX_BLOCKING_READS};
 use crate::log_store::{delete_group_log, LogStore, TailBudget, NODE_TAIL_BYTES};
-use crate::network::{GroupNetwork, PeerPool, SnapshotHeader, TransportFilter, MAX_MESSAGE_BYTES};
+use crate::network::{
+    ForwardError, GroupNetwork, PeerPool, SnapshotHeader, TransportFilter, MAX_MESSAGE_BYTES,
+};
 use crate::state_machine::{
     clear_staging, delete_group_state, resume_install, stage_chunk, GroupSnapshot,
     GroupStateMachine, OnFullDisk, SnapshotChunk, SnapshotRows, SnapshotSource, StateMachineStore,
@@ -202,6 +206,15 @@ struct HostInner {
     reads: BlockingReads,
     /// What the groups' logs keep of their newest entries in memory.
     tail_budget: Arc<TailBudget>,
+    /// Answers proposals other nodes forward on the pipe; set once.
+    forwards: OnceLock<Arc<dyn ForwardHandler>>,
+}
+
+/// Answers a proposal another node forwarded to this one on the Raft pipe
+/// ([`RaftHost::forward`]): the payload is the other node's, and so is the
+/// answer's form. The router sets it; the pipe only carries the bytes.
+pub trait ForwardHandler: Send + Sync + 'static {
+    fn answer(&self, payload: Bytes) -> BoxFuture<'static, Bytes>;
 }
 
 /// How long a node's shutdown waits for its Raft groups to stop.
@@ -231,6 +244,7 @@ impl RaftHost {
                 closed: tokio::sync::watch::channel(false).0,
                 reads: BlockingReads::new(MAX_BLOCKING_READS),
                 tail_budget: TailBudget::new(NODE_TAIL_BYTES),
+                forwards: OnceLock::new(),
             }),
         }
     }
@@ -249,6 +263,29 @@ impl RaftHost {
     /// (at most [`NODE_TAIL_BYTES`]).
     pub fn log_tail_bytes(&self) -> usize {
         self.inner.tail_budget.used()
+    }
+
+    /// Who answers proposals forwarded to this node; only the first call
+    /// takes effect.
+    pub fn set_forward_handler(&self, handler: Arc<dyn ForwardHandler>) {
+        let _ = self.inner.forwards.set(handler);
+    }
+
+    /// Forwards `payload` for `group` to node `target` (reached at `addr`)
+    /// on the Raft pipe to it, batched with the Raft traffic of every
+    /// group, and waits up to `timeout` for its handler's answer.
+    pub async fn forward(
+        &self,
+        target: NodeId,
+        addr: &str,
+        group: GroupId,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, ForwardError> {
+        self.inner
+            .pool
+            .forward(target.0, addr, group.0, payload, timeout)
+            .await
     }
 
     /// This node's storage, shared by all its groups.
@@ -1008,15 +1045,22 @@ impl RaftTransport for RaftService {
                     // Each message runs on its own: a slow vote must not hold
                     // back another group's heartbeat.
                     tokio::spawn(async move {
-                        let (kind, payload) = match host.handle(&message).await {
+                        let forwards = host.inner.forwards.get();
+                        let handled = match forwards {
+                            Some(f) if message.kind == RaftMessageKind::Forward as i32 => {
+                                Ok(f.answer(message.payload).await)
+                            }
+                            _ => host.handle(&message).await.map(Bytes::from),
+                        };
+                        let (kind, payload) = match handled {
                             Ok(p) => (RaftMessageKind::Response, p),
-                            Err(e) => (RaftMessageKind::Error, e.into_bytes()),
+                            Err(e) => (RaftMessageKind::Error, Bytes::from(e)),
                         };
                         let _ = answers.send(RaftMessage {
                             group: message.group,
                             id: message.id,
                             kind: kind as i32,
-                            payload: payload.into(),
+                            payload,
                         });
                     });
                 }
@@ -1121,6 +1165,108 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "{what}");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Answers a forwarded payload with it reversed, the shorter it is the
+    /// later, so that answers overtake each other on the pipe.
+    struct Reverse;
+
+    impl ForwardHandler for Reverse {
+        fn answer(&self, payload: Bytes) -> BoxFuture<'static, Bytes> {
+            Box::pin(async move {
+                let delay = 40u64.saturating_sub(payload.len() as u64);
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                payload.iter().rev().copied().collect::<Vec<u8>>().into()
+            })
+        }
+    }
+
+    /// A host serving the transport on a free port, and that address.
+    async fn served_host(id: u64, dir: &std::path::Path) -> (RaftHost, String) {
+        let storage = Storage::open(dir, FsyncPolicy::NeverUnsafe).unwrap();
+        let host = RaftHost::new(
+            NodeId(id),
+            storage,
+            Arc::new(crate::NoFilter),
+            Dialer::plaintext(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(host.service())
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        (host, addr)
+    }
+
+    /// Forwarded payloads cross the pipe to the peer's handler, and each
+    /// caller gets the answer to its own, also when answers come back in
+    /// another order than the requests went. A peer without a handler (as
+    /// one from before forwarding) answers an error the caller can tell
+    /// from a lost message; an address nobody serves fails before sending.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn forwarded_payloads_get_their_own_answers_from_the_peers_handler() {
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let (sender, _) = served_host(1, dirs[0].path()).await;
+        let (answering, answering_addr) = served_host(2, dirs[1].path()).await;
+        answering.set_forward_handler(Arc::new(Reverse));
+        let (_silent, silent_addr) = served_host(3, dirs[2].path()).await;
+
+        let calls = (0..30u8).map(|n| {
+            let sender = sender.clone();
+            let addr = answering_addr.clone();
+            async move {
+                let payload: Vec<u8> = (0..=n).collect();
+                let answer = sender
+                    .forward(
+                        NodeId(2),
+                        &addr,
+                        GROUP,
+                        payload.clone().into(),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .unwrap();
+                (payload, answer)
+            }
+        });
+        for (payload, answer) in futures::future::join_all(calls).await {
+            let reversed: Vec<u8> = payload.iter().rev().copied().collect();
+            assert_eq!(answer, reversed);
+        }
+
+        let refused = sender
+            .forward(
+                NodeId(3),
+                &silent_addr,
+                GROUP,
+                Bytes::from_static(b"x"),
+                Duration::from_secs(10),
+            )
+            .await;
+        assert!(
+            matches!(refused, Err(ForwardError::NotUnderstood(_))),
+            "{refused:?}"
+        );
+
+        let nobody = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let unsent = sender
+            .forward(
+                NodeId(4),
+                &nobody,
+                GROUP,
+                Bytes::from_static(b"x"),
+                Duration::from_secs(10),
+            )
+            .await;
+        assert!(
+            matches!(unsent, Err(ForwardError::NotSent(_))),
+            "{unsent:?}"
+        );
     }
 
     /// A peer's snapshot stream over the real transport: while one is

@@ -14,9 +14,11 @@ mod snapshot_schedule;
 mod state_machine;
 mod types;
 
-pub use host::{GroupStatus, RaftHost, RaftHostError, RaftService, Role, TimingProfile};
+pub use host::{
+    ForwardHandler, GroupStatus, RaftHost, RaftHostError, RaftService, Role, TimingProfile,
+};
 pub use kinds::{GroupKind, GroupKinds};
-pub use network::{FilterAction, NoFilter, TransportFilter};
+pub use network::{FilterAction, ForwardError, NoFilter, TransportFilter};
 pub use state_machine::{
     delete_group_state, split_stamp, FixedRows, GroupStateMachine, SnapshotRows,
 };

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use kinesin_proto::tls::Dialer;
 use kinesin_proto::v1::raft_transport_client::RaftTransportClient;
 use kinesin_proto::v1::{RaftFrame, RaftMessage, RaftMessageKind, SnapshotChunk as WireChunk};
@@ -81,11 +82,37 @@ pub(crate) struct SnapshotHeader {
     pub state: Vec<u8>,
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<RaftMessage, String>>>>>;
+/// Why a message to a peer got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum CallError {
+    /// It never left this node.
+    #[error("{0}")]
+    NotSent(String),
+    /// It may have reached the peer and taken effect there.
+    #[error("{0}")]
+    Lost(String),
+}
+
+/// Why a forwarded proposal ([`PeerPool::forward`]) got no outcome.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ForwardError {
+    /// The peer answered with an error: it predates forwarding on the pipe.
+    #[error("{0}")]
+    NotUnderstood(String),
+    /// It never left this node.
+    #[error("{0}")]
+    NotSent(String),
+    /// It may have reached the peer and taken effect there.
+    #[error("{0}")]
+    Lost(String),
+}
+
+type Reply = oneshot::Sender<Result<RaftMessage, CallError>>;
+type Pending = Arc<Mutex<HashMap<u64, Reply>>>;
 
 struct Outgoing {
     message: RaftMessage,
-    reply: oneshot::Sender<Result<RaftMessage, String>>,
+    reply: Reply,
     /// Its share of [`PEER_QUEUE_BYTES`], given back once it is put in a
     /// frame or dropped.
     _queued: OwnedSemaphorePermit,
@@ -132,24 +159,42 @@ impl Peer {
         payload: Vec<u8>,
         timeout: Duration,
     ) -> Result<Vec<u8>, String> {
+        let answer = self
+            .exchange(group, kind, payload.into(), timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        if answer.kind == RaftMessageKind::Error as i32 {
+            return Err(String::from_utf8_lossy(&answer.payload).into_owned());
+        }
+        Ok(answer.payload.to_vec())
+    }
+
+    /// Sends one message and waits for the peer's answer to it.
+    async fn exchange(
+        &self,
+        group: u64,
+        kind: RaftMessageKind,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<RaftMessage, CallError> {
         let cost = (payload.len() + MESSAGE_COST).min(PEER_QUEUE_BYTES);
         let queued = self
             .room
             .clone()
             .try_acquire_many_owned(cost as u32)
             .map_err(|_| {
-                format!(
+                CallError::NotSent(format!(
                     "{} MiB of messages already wait for {}: it is not keeping up",
                     PEER_QUEUE_BYTES >> 20,
                     self.addr
-                )
+                ))
             })?;
         let (reply, rx) = oneshot::channel();
         let message = RaftMessage {
             group,
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             kind: kind as i32,
-            payload: payload.into(),
+            payload,
         };
         self.queue
             .send(Outgoing {
@@ -157,15 +202,13 @@ impl Peer {
                 reply,
                 _queued: queued,
             })
-            .map_err(|_| "transport closed".to_string())?;
-        let answer = tokio::time::timeout(timeout, rx)
+            .map_err(|_| CallError::NotSent("transport closed".to_string()))?;
+        tokio::time::timeout(timeout, rx)
             .await
-            .map_err(|_| format!("no answer from {} within {timeout:?}", self.addr))?
-            .map_err(|_| format!("connection to {} lost", self.addr))??;
-        if answer.kind == RaftMessageKind::Error as i32 {
-            return Err(String::from_utf8_lossy(&answer.payload).into_owned());
-        }
-        Ok(answer.payload.to_vec())
+            .map_err(|_| {
+                CallError::Lost(format!("no answer from {} within {timeout:?}", self.addr))
+            })?
+            .map_err(|_| CallError::Lost(format!("connection to {} lost", self.addr)))?
     }
 }
 
@@ -196,14 +239,17 @@ async fn run_pipe(channel: Channel, mut queue: mpsc::UnboundedReceiver<Outgoing>
             Ok(response) => response.into_inner(),
             Err(status) => {
                 if let Some(out) = carried.take() {
-                    let _ = out
-                        .reply
-                        .send(Err(format!("connect: {}", status.message())));
+                    let _ = out.reply.send(Err(CallError::NotSent(format!(
+                        "connect: {}",
+                        status.message()
+                    ))));
                 }
                 fail_all(&pending, "connection failed");
                 // Drain what queued up meanwhile: those callers would time out anyway.
                 while let Ok(out) = queue.try_recv() {
-                    let _ = out.reply.send(Err("connection failed".into()));
+                    let _ = out
+                        .reply
+                        .send(Err(CallError::NotSent("connection failed".into())));
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -268,7 +314,7 @@ fn dispatch(pending: &Pending, frame: RaftFrame) {
 
 fn fail_all(pending: &Pending, why: &str) {
     for (_, reply) in pending.lock().drain() {
-        let _ = reply.send(Err(why.to_string()));
+        let _ = reply.send(Err(CallError::Lost(why.to_string())));
     }
 }
 
@@ -292,6 +338,34 @@ impl PeerPool {
 
     pub(crate) fn dialer(&self) -> &Dialer {
         &self.dialer
+    }
+
+    /// Sends `payload` (an encoded `GroupProposeRequest`) to node `target`
+    /// at `addr` on the pipe to it, for [`crate::ForwardHandler`] there.
+    /// Not subject to the transport filter: like the unary call it stands
+    /// in for, it is a client's request, not Raft traffic.
+    pub(crate) async fn forward(
+        &self,
+        target: u64,
+        addr: &str,
+        group: u64,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, ForwardError> {
+        let peer = self.peer(target, addr).map_err(ForwardError::NotSent)?;
+        let answer = peer
+            .exchange(group, RaftMessageKind::Forward, payload, timeout)
+            .await
+            .map_err(|e| match e {
+                CallError::NotSent(m) => ForwardError::NotSent(m),
+                CallError::Lost(m) => ForwardError::Lost(m),
+            })?;
+        if answer.kind == RaftMessageKind::Error as i32 {
+            return Err(ForwardError::NotUnderstood(
+                String::from_utf8_lossy(&answer.payload).into_owned(),
+            ));
+        }
+        Ok(answer.payload)
     }
 
     fn peer(&self, target: u64, addr: &str) -> Result<Arc<Peer>, String> {

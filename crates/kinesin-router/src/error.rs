@@ -39,7 +39,7 @@ pub enum RouterError {
     NotLeader(Option<NodeId>),
 }
 
-const LEADER_HINT: &str = "kinesin-leader";
+pub(crate) const LEADER_HINT: &str = "kinesin-leader";
 
 impl RouterError {
     /// The variant's name: the error code of the native API.

@@ -4,13 +4,22 @@
 //! by every assigned node's reconciler).
 
 use std::collections::BTreeSet;
+use std::sync::Weak;
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
 
 use kinesin_meta::{place_replicas, MetaCommand, MetaState};
 use kinesin_proto::v1 as pb;
+use kinesin_proto::v1::node_client::NodeClient;
+use kinesin_raft::{ForwardError, ForwardHandler};
 use kinesin_types::{GroupId, NodeId};
+use prost::Message as _;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
 
-use crate::error::RouterError;
+use crate::error::{RouterError, LEADER_HINT};
 use crate::router::{Router, Target};
 
 /// Whether a command may be sent again after an attempt whose outcome is
@@ -29,6 +38,70 @@ pub enum Retry {
 /// How often a leader waiting for a group to be ready asks again without a
 /// change: readiness can also come with time (a message's delay ends).
 const READY_RECHECK: Duration = Duration::from_millis(100);
+
+/// Longest wait for a forwarded proposal's answer besides its ready wait;
+/// the caller's attempt bound (at most 5 s) usually ends it first.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Answers proposals forwarded to this node on the Raft pipe, as the unary
+/// `GroupPropose` call does. Holds the router weakly: the router owns the
+/// Raft host that holds this.
+pub(crate) struct ForwardedProposals(pub(crate) Weak<Router>);
+
+impl ForwardHandler for ForwardedProposals {
+    fn answer(&self, payload: Bytes) -> BoxFuture<'static, Bytes> {
+        let router = self.0.clone();
+        Box::pin(async move {
+            let outcome = match (router.upgrade(), pb::GroupProposeRequest::decode(payload)) {
+                (None, _) => Err(RouterError::Unavailable("the node is stopping".into())),
+                (_, Err(e)) => Err(RouterError::InvalidArgument(format!(
+                    "a forwarded proposal that does not decode: {e}"
+                ))),
+                (Some(router), Ok(request)) => router.propose_for_peer(request).await,
+            };
+            outcome_to_bytes(outcome)
+        })
+    }
+}
+
+fn outcome_to_bytes(outcome: Result<pb::GroupProposeResponse, RouterError>) -> Bytes {
+    let outcome = match outcome {
+        Ok(response) => pb::GroupProposeOutcome {
+            response: Some(response),
+            ..Default::default()
+        },
+        Err(e) => {
+            let status = Status::from(e);
+            pb::GroupProposeOutcome {
+                response: None,
+                code: status.code() as i32,
+                message: status.message().to_string(),
+                leader_hint: status
+                    .metadata()
+                    .get(LEADER_HINT)
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string(),
+            }
+        }
+    };
+    outcome.encode_to_vec().into()
+}
+
+fn outcome_from_bytes(bytes: &[u8]) -> Result<pb::GroupProposeResponse, RouterError> {
+    let outcome = pb::GroupProposeOutcome::decode(bytes)
+        .map_err(|e| RouterError::Indeterminate(format!("an answer that does not decode: {e}")))?;
+    if let (Code::Ok, Some(response)) = (Code::from(outcome.code), outcome.response) {
+        return Ok(response);
+    }
+    let mut status = Status::new(Code::from(outcome.code), outcome.message);
+    if let Ok(hint) = outcome.leader_hint.parse() {
+        if !outcome.leader_hint.is_empty() {
+            status.metadata_mut().insert(LEADER_HINT, hint);
+        }
+    }
+    Err(RouterError::from(status))
+}
 
 /// `bytes` with the clock `now_ms` before them, as stamped commands and
 /// queries arrive at a state machine.
@@ -79,16 +152,17 @@ impl Router {
             async move {
                 match target {
                     Target::Local => Ok(self.host().propose(group, command).await?),
-                    Target::Remote(mut c) => Ok(c
-                        .group_propose(pb::GroupProposeRequest {
+                    Target::Remote(c, node) => {
+                        let request = pb::GroupProposeRequest {
                             group: group.0,
                             command: command.into(),
                             ..Default::default()
-                        })
-                        .await?
-                        .into_inner()
-                        .reply
-                        .to_vec()),
+                        };
+                        let r = self
+                            .forward_propose(node, c, request, Duration::ZERO)
+                            .await?;
+                        Ok(r.reply.to_vec())
+                    }
                 }
             }
         })
@@ -146,29 +220,77 @@ impl Router {
                 let ready_ref = ready.as_ref().map(|(q, wait)| (&q[..], *wait));
                 match target {
                     Target::Local => self.propose_here(group, command, true, ready_ref).await,
-                    Target::Remote(mut c) => {
-                        let r = c
-                            .group_propose(pb::GroupProposeRequest {
-                                group: group.0,
-                                command: command.clone().into(),
-                                stamp: true,
-                                ready_query: ready
-                                    .as_ref()
-                                    .map(|(q, _)| q.clone())
-                                    .unwrap_or_default()
-                                    .into(),
-                                wait_ms: ready.as_ref().map_or(0, |(_, w)| {
-                                    u32::try_from(w.as_millis()).unwrap_or(u32::MAX)
-                                }),
-                            })
-                            .await?
-                            .into_inner();
+                    Target::Remote(c, node) => {
+                        let wait = ready.as_ref().map_or(Duration::ZERO, |(_, w)| *w);
+                        let request = pb::GroupProposeRequest {
+                            group: group.0,
+                            command: command.clone().into(),
+                            stamp: true,
+                            ready_query: ready
+                                .as_ref()
+                                .map(|(q, _)| q.clone())
+                                .unwrap_or_default()
+                                .into(),
+                            wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
+                        };
+                        let r = self.forward_propose(node, c, request, wait).await?;
                         Ok((!r.waited_out).then(|| r.reply.to_vec()))
                     }
                 }
             },
         )
         .await
+    }
+
+    /// Sends a proposal to `node` on the Raft pipe to it, where frames
+    /// carry the messages of many requests at once (a unary call costs a
+    /// stream of its own, each way); the unary call `c` if `node` predates
+    /// that. `wait` is the proposal's ready wait, on top of the attempt's
+    /// own bound.
+    async fn forward_propose(
+        &self,
+        node: NodeId,
+        mut c: NodeClient<Channel>,
+        request: pb::GroupProposeRequest,
+        wait: Duration,
+    ) -> Result<pb::GroupProposeResponse, RouterError> {
+        let addr = self
+            .addr_of(node)
+            .ok_or_else(|| RouterError::Unavailable(format!("address of node {node} unknown")))?;
+        let payload = request.encode_to_vec().into();
+        let sent = self
+            .host()
+            .forward(
+                node,
+                &addr,
+                GroupId(request.group),
+                payload,
+                wait + FORWARD_TIMEOUT,
+            )
+            .await;
+        match sent {
+            Ok(answer) => outcome_from_bytes(&answer),
+            Err(ForwardError::NotUnderstood(_)) => Ok(c.group_propose(request).await?.into_inner()),
+            Err(ForwardError::NotSent(m)) => Err(RouterError::Unavailable(m)),
+            Err(ForwardError::Lost(m)) => Err(RouterError::Indeterminate(m)),
+        }
+    }
+
+    /// The leader's half of a proposal from another node, forwarded on the
+    /// Raft pipe or made as a unary call.
+    pub(crate) async fn propose_for_peer(
+        &self,
+        r: pb::GroupProposeRequest,
+    ) -> Result<pb::GroupProposeResponse, RouterError> {
+        let group = GroupId(r.group);
+        self.check_proposable(group)?;
+        let ready = (!r.ready_query.is_empty())
+            .then(|| (&r.ready_query[..], Duration::from_millis(r.wait_ms.into())));
+        let reply = self.propose_here(group, &r.command, r.stamp, ready).await?;
+        Ok(pb::GroupProposeResponse {
+            waited_out: reply.is_none(),
+            reply: reply.unwrap_or_default().into(),
+        })
     }
 
     /// The leader's half of [`Router::propose_stamped`] and
@@ -246,7 +368,7 @@ impl Router {
             async move {
                 match target {
                     Target::Local => Ok(self.host().read(group, &query).await?),
-                    Target::Remote(mut c) => Ok(c
+                    Target::Remote(mut c, _) => Ok(c
                         .group_read(pb::GroupReadRequest {
                             group: group.0,
                             query: query.into(),
@@ -354,6 +476,45 @@ mod tests {
     use super::*;
     use kinesin_meta::{GroupSpec, NodeInfo, NodeState};
     use std::collections::BTreeMap;
+
+    /// A forwarded proposal's outcome reaches the forwarding node as the
+    /// unary call's would: the response, or the same error with its leader
+    /// hint (a follower's retry follows it).
+    #[test]
+    fn a_forwarded_outcome_decodes_to_what_the_unary_call_gives() {
+        let response = pb::GroupProposeResponse {
+            reply: Bytes::from_static(b"handles"),
+            waited_out: false,
+        };
+        assert_eq!(
+            outcome_from_bytes(&outcome_to_bytes(Ok(response.clone()))),
+            Ok(response)
+        );
+        let waited_out = pb::GroupProposeResponse {
+            reply: Bytes::new(),
+            waited_out: true,
+        };
+        assert_eq!(
+            outcome_from_bytes(&outcome_to_bytes(Ok(waited_out.clone()))),
+            Ok(waited_out)
+        );
+        for e in [
+            RouterError::NotLeader(Some(NodeId(3))),
+            RouterError::NotLeader(None),
+            RouterError::ResourceNotFound("no queue q".into()),
+            RouterError::InvalidArgument("bad".into()),
+            RouterError::Indeterminate("leader lost".into()),
+            RouterError::Unavailable("no leader".into()),
+            RouterError::Internal("oops".into()),
+        ] {
+            let unary = RouterError::from(Status::from(e.clone()));
+            assert_eq!(outcome_from_bytes(&outcome_to_bytes(Err(e))), Err(unary));
+        }
+        assert!(matches!(
+            outcome_from_bytes(b"\xff\xff"),
+            Err(RouterError::Indeterminate(_))
+        ));
+    }
 
     #[test]
     fn groups_created_one_after_another_lead_on_every_node_in_turn() {

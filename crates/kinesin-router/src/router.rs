@@ -86,7 +86,8 @@ impl LocalShards {
 /// Who serves one attempt: this node or a remote one.
 pub(crate) enum Target {
     Local,
-    Remote(NodeClient<Channel>),
+    /// The node's client, and the node.
+    Remote(NodeClient<Channel>, NodeId),
 }
 
 pub struct Router {
@@ -230,7 +231,8 @@ impl Router {
             let target = if target_node == self.host.node_id() {
                 Ok(Target::Local)
             } else {
-                self.client_for(target_node).map(Target::Remote)
+                self.client_for(target_node)
+                    .map(|c| Target::Remote(c, target_node))
             };
             // A paused or partitioned node must not hold a request forever.
             let attempt_budget = deadline
@@ -362,7 +364,7 @@ impl Router {
                         RouterError::Unavailable(format!("{to} did not take over {group} in time"))
                     })
                 }
-                Target::Remote(mut c) => {
+                Target::Remote(mut c, _) => {
                     let r = c
                         .transfer_leader(pb::TransferLeaderRequest {
                             group: group.0,

@@ -14,6 +14,7 @@ use kinesin_types::{
 use tonic::{Request, Response, Status};
 
 use crate::error::RouterError;
+use crate::groups::ForwardedProposals;
 use crate::records::{decode_start, encode_read, stored_to_pb, ReadRequest, RecordIn};
 use crate::router::{Router, Target};
 use crate::streams::limits_from_proto;
@@ -31,7 +32,12 @@ pub struct NodeService {
 }
 
 impl NodeService {
+    /// The node's internal gRPC service; from then on the node also
+    /// answers proposals forwarded on the Raft pipe.
     pub fn server(router: Arc<Router>) -> NodeServer<NodeService> {
+        router
+            .host()
+            .set_forward_handler(Arc::new(ForwardedProposals(Arc::downgrade(&router))));
         NodeServer::new(NodeService { router })
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
@@ -230,7 +236,7 @@ impl Node for NodeService {
                 async move {
                     match target {
                         Target::Local => self.join_on_leader(&req).await,
-                        Target::Remote(mut c) => Ok(c.join(req).await?.into_inner().cluster_id),
+                        Target::Remote(mut c, _) => Ok(c.join(req).await?.into_inner().cluster_id),
                     }
                 }
             })
@@ -470,19 +476,8 @@ impl Node for NodeService {
         &self,
         request: Request<pb::GroupProposeRequest>,
     ) -> Result<Response<pb::GroupProposeResponse>, Status> {
-        let r = request.into_inner();
-        let group = GroupId(r.group);
-        self.router.check_proposable(group)?;
-        let ready = (!r.ready_query.is_empty())
-            .then(|| (&r.ready_query[..], Duration::from_millis(r.wait_ms.into())));
-        let reply = self
-            .router
-            .propose_here(group, &r.command, r.stamp, ready)
-            .await?;
-        Ok(Response::new(pb::GroupProposeResponse {
-            waited_out: reply.is_none(),
-            reply: reply.unwrap_or_default().into(),
-        }))
+        let response = self.router.propose_for_peer(request.into_inner()).await?;
+        Ok(Response::new(response))
     }
 
     async fn group_read(
