@@ -21,14 +21,15 @@ use openraft::async_runtime::WatchReceiver;
 use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
 use openraft::Instant as _;
 use openraft::{BasicNode, ChangeMembers, Config, ReadPolicy, ServerState, SnapshotPolicy};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::blocking_reads::{BlockingReads, MAX_BLOCKING_READS};
 use crate::log_store::{delete_group_log, LogStore, TailBudget, NODE_TAIL_BYTES};
 use crate::network::{
-    ForwardError, GroupNetwork, PeerPool, SnapshotHeader, TransportFilter, MAX_MESSAGE_BYTES,
+    ForwardError, GroupNetwork, PeerPool, SnapshotHeader, TransportFilter, FRAME_BYTES,
+    MAX_MESSAGE_BYTES,
 };
 use crate::state_machine::{
     clear_staging, delete_group_state, resume_install, stage_chunk, GroupSnapshot,
@@ -1030,6 +1031,11 @@ impl RaftTransport for RaftService {
         let (frames, frames_rx) = mpsc::channel::<Result<RaftFrame, Status>>(16);
         let host = self.host.clone();
         let mut closed = self.host.inner.closed.subscribe();
+        // This stream's forwards still running, by id. Dropping an entry's
+        // sender (a cancel, or the stream's end) drops that work, as a
+        // reset HTTP/2 stream drops a unary call's: a long poll whose
+        // caller left must not take messages nobody will get.
+        let running: Arc<parking_lot::Mutex<HashMap<u64, oneshot::Sender<()>>>> = Arc::default();
         tokio::spawn(async move {
             loop {
                 let frame = tokio::select! {
@@ -1040,17 +1046,35 @@ impl RaftTransport for RaftService {
                     },
                 };
                 for message in frame.messages {
+                    let handler = host.inner.forwards.get().cloned();
+                    let kind = message.kind;
+                    if handler.is_some() && kind == RaftMessageKind::ForwardCancel as i32 {
+                        running.lock().remove(&message.id);
+                        continue;
+                    }
+                    let forward = handler
+                        .filter(|_| kind == RaftMessageKind::Forward as i32)
+                        .map(|f| {
+                            let (stop, stopped) = oneshot::channel();
+                            running.lock().insert(message.id, stop);
+                            (f, stopped)
+                        });
                     let host = host.clone();
                     let answers = answers.clone();
+                    let running = running.clone();
                     // Each message runs on its own: a slow vote must not hold
                     // back another group's heartbeat.
                     tokio::spawn(async move {
-                        let forwards = host.inner.forwards.get();
-                        let handled = match forwards {
-                            Some(f) if message.kind == RaftMessageKind::Forward as i32 => {
-                                Ok(f.answer(message.payload).await)
+                        let handled = match forward {
+                            Some((f, stopped)) => {
+                                let answer = tokio::select! {
+                                    answer = f.answer(message.payload) => answer,
+                                    _ = stopped => return,
+                                };
+                                running.lock().remove(&message.id);
+                                Ok(answer)
                             }
-                            _ => host.handle(&message).await.map(Bytes::from),
+                            None => host.handle(&message).await.map(Bytes::from),
                         };
                         let (kind, payload) = match handled {
                             Ok(p) => (RaftMessageKind::Response, p),
@@ -1065,13 +1089,21 @@ impl RaftTransport for RaftService {
                     });
                 }
             }
+            running.lock().clear();
         });
         tokio::spawn(async move {
             while let Some(first) = answers_rx.recv().await {
+                let mut size = first.payload.len();
                 let mut frame = RaftFrame {
                     messages: vec![first],
                 };
-                while let Ok(more) = answers_rx.try_recv() {
+                // Bounded as the sender's frames are: answers to forwards
+                // carry message bodies.
+                while size < FRAME_BYTES {
+                    let Ok(more) = answers_rx.try_recv() else {
+                        break;
+                    };
+                    size += more.payload.len();
                     frame.messages.push(more);
                 }
                 if frames.send(Ok(frame)).await.is_err() {
@@ -1098,6 +1130,8 @@ mod tests {
     use kinesin_storage::{Cf, FsyncPolicy};
     use openraft::impls::leader_id_adv::LeaderId;
     use openraft::Membership;
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use crate::conformance::Echo;
     use crate::types::{LogId, SnapshotMeta, StoredMembership, Vote};
@@ -1267,6 +1301,87 @@ mod tests {
             matches!(unsent, Err(ForwardError::NotSent(_))),
             "{unsent:?}"
         );
+    }
+
+    /// Holds every forward until it is dropped; counts starts and drops.
+    #[derive(Default)]
+    struct Hold {
+        started: AtomicUsize,
+        dropped: Arc<AtomicUsize>,
+    }
+
+    struct CountDrop(Arc<AtomicUsize>);
+
+    impl Drop for CountDrop {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    impl ForwardHandler for Hold {
+        fn answer(&self, _payload: Bytes) -> BoxFuture<'static, Bytes> {
+            self.started.fetch_add(1, Ordering::SeqCst);
+            let guard = CountDrop(self.dropped.clone());
+            Box::pin(async move {
+                let _guard = guard;
+                std::future::pending::<Bytes>().await
+            })
+        }
+    }
+
+    /// A forward whose caller gives up, by its timeout or by dropping the
+    /// call, is dropped at the peer too (as a reset stream drops a unary
+    /// call): a long poll nobody waits for must not go on to take messages.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_forward_its_caller_gave_up_on_is_dropped_at_the_peer() {
+        let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+        let (sender, _) = served_host(1, dirs[0].path()).await;
+        let (holding, addr) = served_host(2, dirs[1].path()).await;
+        let hold = Arc::new(Hold::default());
+        holding.set_forward_handler(hold.clone());
+
+        let timed_out = sender
+            .forward(
+                NodeId(2),
+                &addr,
+                GROUP,
+                Bytes::from_static(b"a"),
+                Duration::from_millis(300),
+            )
+            .await;
+        assert!(
+            matches!(timed_out, Err(ForwardError::Lost(_))),
+            "{timed_out:?}"
+        );
+        wait_until("a forward that timed out still runs at the peer", || {
+            hold.dropped.load(Ordering::SeqCst) == 1
+        })
+        .await;
+
+        let call = tokio::spawn({
+            let (sender, addr) = (sender.clone(), addr.clone());
+            async move {
+                sender
+                    .forward(
+                        NodeId(2),
+                        &addr,
+                        GROUP,
+                        Bytes::from_static(b"b"),
+                        Duration::from_secs(60),
+                    )
+                    .await
+            }
+        });
+        wait_until("the second forward never reached the peer", || {
+            hold.started.load(Ordering::SeqCst) == 2
+        })
+        .await;
+        assert_eq!(hold.dropped.load(Ordering::SeqCst), 1);
+        call.abort();
+        wait_until("a forward whose caller left still runs at the peer", || {
+            hold.dropped.load(Ordering::SeqCst) == 2
+        })
+        .await;
     }
 
     /// A peer's snapshot stream over the real transport: while one is

@@ -33,7 +33,7 @@ use crate::types::{decode, encode, Snapshot, SnapshotMeta, TypeConfig, Vote};
 
 pub(crate) use kinesin_proto::MAX_MESSAGE_BYTES;
 /// Frames are closed once they carry this much.
-const FRAME_BYTES: usize = 4 << 20;
+pub(crate) const FRAME_BYTES: usize = 4 << 20;
 /// Shortest time an RPC is given, whatever openraft suggests.
 const MIN_RPC_TIMEOUT: Duration = Duration::from_secs(3);
 /// Appends larger than this are sent as several consecutive requests.
@@ -112,7 +112,8 @@ type Pending = Arc<Mutex<HashMap<u64, Reply>>>;
 
 struct Outgoing {
     message: RaftMessage,
-    reply: Reply,
+    /// `None` for a message that gets no answer (a forward's cancel).
+    reply: Option<Reply>,
     /// Its share of [`PEER_QUEUE_BYTES`], given back once it is put in a
     /// frame or dropped.
     _queued: OwnedSemaphorePermit,
@@ -190,25 +191,74 @@ impl Peer {
                 ))
             })?;
         let (reply, rx) = oneshot::channel();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let message = RaftMessage {
             group,
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            id,
             kind: kind as i32,
             payload,
         };
         self.queue
             .send(Outgoing {
                 message,
-                reply,
+                reply: Some(reply),
                 _queued: queued,
             })
             .map_err(|_| CallError::NotSent("transport closed".to_string()))?;
-        tokio::time::timeout(timeout, rx)
+        // A forward whose caller stops waiting (a timeout here, or the
+        // caller's own) is cancelled at the peer.
+        let mut cancel = CancelOnDrop {
+            peer: self,
+            group,
+            id,
+            armed: kind == RaftMessageKind::Forward,
+        };
+        let answer = tokio::time::timeout(timeout, rx)
             .await
             .map_err(|_| {
                 CallError::Lost(format!("no answer from {} within {timeout:?}", self.addr))
             })?
-            .map_err(|_| CallError::Lost(format!("connection to {} lost", self.addr)))?
+            .map_err(|_| CallError::Lost(format!("connection to {} lost", self.addr)))??;
+        cancel.armed = false;
+        Ok(answer)
+    }
+
+    /// Tells the peer to drop the forward `id` if it still runs; best
+    /// effort (skipped when the queue to the peer is full).
+    fn cancel_forward(&self, group: u64, id: u64) {
+        let Ok(queued) = self
+            .room
+            .clone()
+            .try_acquire_many_owned(MESSAGE_COST as u32)
+        else {
+            return;
+        };
+        let _ = self.queue.send(Outgoing {
+            message: RaftMessage {
+                group,
+                id,
+                kind: RaftMessageKind::ForwardCancel as i32,
+                payload: Bytes::new(),
+            },
+            reply: None,
+            _queued: queued,
+        });
+    }
+}
+
+/// Cancels a forward at the peer when dropped armed.
+struct CancelOnDrop<'a> {
+    peer: &'a Peer,
+    group: u64,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.peer.cancel_forward(self.group, self.id);
+        }
     }
 }
 
@@ -238,8 +288,8 @@ async fn run_pipe(channel: Channel, mut queue: mpsc::UnboundedReceiver<Outgoing>
         let mut inbound = match opened {
             Ok(response) => response.into_inner(),
             Err(status) => {
-                if let Some(out) = carried.take() {
-                    let _ = out.reply.send(Err(CallError::NotSent(format!(
+                if let Some(reply) = carried.take().and_then(|out| out.reply) {
+                    let _ = reply.send(Err(CallError::NotSent(format!(
                         "connect: {}",
                         status.message()
                     ))));
@@ -247,9 +297,9 @@ async fn run_pipe(channel: Channel, mut queue: mpsc::UnboundedReceiver<Outgoing>
                 fail_all(&pending, "connection failed");
                 // Drain what queued up meanwhile: those callers would time out anyway.
                 while let Ok(out) = queue.try_recv() {
-                    let _ = out
-                        .reply
-                        .send(Err(CallError::NotSent("connection failed".into())));
+                    if let Some(reply) = out.reply {
+                        let _ = reply.send(Err(CallError::NotSent("connection failed".into())));
+                    }
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
@@ -281,12 +331,16 @@ async fn run_pipe(channel: Channel, mut queue: mpsc::UnboundedReceiver<Outgoing>
             let mut size = 0;
             let mut next = Some(first);
             while let Some(out) = next.take() {
-                // A caller that gave up (timed out) gets nothing from a late
-                // send, and the peer gets stale work.
-                if !out.reply.is_closed() {
-                    size += out.message.payload.len();
-                    pending.lock().insert(out.message.id, out.reply);
-                    frame.messages.push(out.message);
+                match out.reply {
+                    // A caller that gave up (timed out) gets nothing from a
+                    // late send, and the peer gets stale work.
+                    Some(reply) if reply.is_closed() => {}
+                    Some(reply) => {
+                        size += out.message.payload.len();
+                        pending.lock().insert(out.message.id, reply);
+                        frame.messages.push(out.message);
+                    }
+                    None => frame.messages.push(out.message),
                 }
                 if size < FRAME_BYTES {
                     next = queue.try_recv().ok();
