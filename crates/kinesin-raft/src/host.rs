@@ -1382,6 +1382,11 @@ mod tests {
             hold.dropped.load(Ordering::SeqCst) == 2
         })
         .await;
+        // The peer never answers a cancelled forward: nothing waits for it.
+        wait_until("the sender still waits for cancelled forwards", || {
+            sender.inner.pool.awaited_answers(2) == 0
+        })
+        .await;
     }
 
     /// A peer's snapshot stream over the real transport: while one is

@@ -127,6 +127,10 @@ pub(crate) struct Peer {
     room: Arc<Semaphore>,
     channel: Channel,
     next_id: AtomicU64,
+    /// Messages sent on the open stream whose answers are awaited, by id
+    /// (the pipe task's; here for tests to look at).
+    #[cfg(test)]
+    pending: Pending,
 }
 
 impl Peer {
@@ -143,13 +147,16 @@ impl Peer {
             .tcp_nodelay(true);
         let channel = endpoint.connect_lazy();
         let (queue, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run_pipe(channel.clone(), rx));
+        let pending = Pending::default();
+        tokio::spawn(run_pipe(channel.clone(), rx, Arc::clone(&pending)));
         Ok(Arc::new(Peer {
             addr,
             queue,
             room: Arc::new(Semaphore::new(PEER_QUEUE_BYTES)),
             channel,
             next_id: AtomicU64::new(1),
+            #[cfg(test)]
+            pending,
         }))
     }
 
@@ -263,8 +270,11 @@ impl Drop for CancelOnDrop<'_> {
 }
 
 /// Keeps one Pipe stream open to the peer, reconnecting with backoff.
-async fn run_pipe(channel: Channel, mut queue: mpsc::UnboundedReceiver<Outgoing>) {
-    let pending: Pending = Arc::default();
+async fn run_pipe(
+    channel: Channel,
+    mut queue: mpsc::UnboundedReceiver<Outgoing>,
+    pending: Pending,
+) {
     let mut backoff = Duration::from_millis(50);
     // A message taken from the queue while no stream was open.
     let mut carried: Option<Outgoing> = None;
@@ -340,7 +350,12 @@ async fn run_pipe(channel: Channel, mut queue: mpsc::UnboundedReceiver<Outgoing>
                         pending.lock().insert(out.message.id, reply);
                         frame.messages.push(out.message);
                     }
-                    None => frame.messages.push(out.message),
+                    // A cancel: the peer will not answer the forward it
+                    // names, so nothing waits for that answer any more.
+                    None => {
+                        pending.lock().remove(&out.message.id);
+                        frame.messages.push(out.message);
+                    }
                 }
                 if size < FRAME_BYTES {
                     next = queue.try_recv().ok();
@@ -420,6 +435,15 @@ impl PeerPool {
             ));
         }
         Ok(answer.payload)
+    }
+
+    /// How many answers node `target`'s pipe still waits for.
+    #[cfg(test)]
+    pub(crate) fn awaited_answers(&self, target: u64) -> usize {
+        self.peers
+            .lock()
+            .get(&target)
+            .map_or(0, |p| p.pending.lock().len())
     }
 
     fn peer(&self, target: u64, addr: &str) -> Result<Arc<Peer>, String> {
