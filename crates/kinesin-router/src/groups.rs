@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-
 use kinesin_meta::{place_replicas, MetaCommand, MetaState};
 use kinesin_proto::v1 as pb;
 use kinesin_proto::v1::node_client::NodeClient;
@@ -95,8 +94,8 @@ fn outcome_from_bytes(bytes: &[u8]) -> Result<pb::GroupProposeResponse, RouterEr
         return Ok(response);
     }
     let mut status = Status::new(Code::from(outcome.code), outcome.message);
-    if let Ok(hint) = outcome.leader_hint.parse() {
-        if !outcome.leader_hint.is_empty() {
+    if !outcome.leader_hint.is_empty() {
+        if let Ok(hint) = outcome.leader_hint.parse() {
             status.metadata_mut().insert(LEADER_HINT, hint);
         }
     }
@@ -152,14 +151,14 @@ impl Router {
             async move {
                 match target {
                     Target::Local => Ok(self.host().propose(group, command).await?),
-                    Target::Remote(c, node) => {
+                    Target::Remote(c, node, addr) => {
                         let request = pb::GroupProposeRequest {
                             group: group.0,
                             command: command.into(),
                             ..Default::default()
                         };
                         let r = self
-                            .forward_propose(node, c, request, Duration::ZERO)
+                            .forward_propose(node, &addr, c, request, Duration::ZERO)
                             .await?;
                         Ok(r.reply.to_vec())
                     }
@@ -220,7 +219,7 @@ impl Router {
                 let ready_ref = ready.as_ref().map(|(q, wait)| (&q[..], *wait));
                 match target {
                     Target::Local => self.propose_here(group, command, true, ready_ref).await,
-                    Target::Remote(c, node) => {
+                    Target::Remote(c, node, addr) => {
                         let wait = ready.as_ref().map_or(Duration::ZERO, |(_, w)| *w);
                         let request = pb::GroupProposeRequest {
                             group: group.0,
@@ -233,7 +232,7 @@ impl Router {
                                 .into(),
                             wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
                         };
-                        let r = self.forward_propose(node, c, request, wait).await?;
+                        let r = self.forward_propose(node, &addr, c, request, wait).await?;
                         Ok((!r.waited_out).then(|| r.reply.to_vec()))
                     }
                 }
@@ -250,19 +249,17 @@ impl Router {
     async fn forward_propose(
         &self,
         node: NodeId,
+        addr: &str,
         mut c: NodeClient<Channel>,
         request: pb::GroupProposeRequest,
         wait: Duration,
     ) -> Result<pb::GroupProposeResponse, RouterError> {
-        let addr = self
-            .addr_of(node)
-            .ok_or_else(|| RouterError::Unavailable(format!("address of node {node} unknown")))?;
         let payload = request.encode_to_vec().into();
         let sent = self
             .host()
             .forward(
                 node,
-                &addr,
+                addr,
                 GroupId(request.group),
                 payload,
                 wait + FORWARD_TIMEOUT,
@@ -368,7 +365,7 @@ impl Router {
             async move {
                 match target {
                     Target::Local => Ok(self.host().read(group, &query).await?),
-                    Target::Remote(mut c, _) => Ok(c
+                    Target::Remote(mut c, ..) => Ok(c
                         .group_read(pb::GroupReadRequest {
                             group: group.0,
                             query: query.into(),

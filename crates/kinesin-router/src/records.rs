@@ -365,7 +365,7 @@ impl Router {
             async move {
                 match target {
                     Target::Local => self.append_local(group, epoch, records).await,
-                    Target::Remote(mut c, _) => {
+                    Target::Remote(mut c, ..) => {
                         let req = pb::ShardAppendRequest {
                             group: group.0,
                             epoch,
@@ -500,7 +500,7 @@ impl Router {
             .at_leader(group, &shard.replicas, true, |target| async move {
                 match target {
                     Target::Local => self.read_local(group, request).await,
-                    Target::Remote(mut c, _) => {
+                    Target::Remote(mut c, ..) => {
                         let resp = c
                             .shard_read(shard_read_request(group, request))
                             .await?

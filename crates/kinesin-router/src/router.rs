@@ -86,8 +86,8 @@ impl LocalShards {
 /// Who serves one attempt: this node or a remote one.
 pub(crate) enum Target {
     Local,
-    /// The node's client, and the node.
-    Remote(NodeClient<Channel>, NodeId),
+    /// The node's client, the node, and its internal address.
+    Remote(NodeClient<Channel>, NodeId, String),
 }
 
 pub struct Router {
@@ -179,10 +179,16 @@ impl Router {
     }
 
     pub(crate) fn client_for(&self, node: NodeId) -> Result<NodeClient<Channel>, RouterError> {
+        self.remote(node).map(|(client, _)| client)
+    }
+
+    /// The client of `node`, and the address it was made for.
+    fn remote(&self, node: NodeId) -> Result<(NodeClient<Channel>, String), RouterError> {
         let addr = self
             .addr_of(node)
             .ok_or_else(|| RouterError::Unavailable(format!("address of node {node} unknown")))?;
-        self.clients.get(&addr).map_err(RouterError::Internal)
+        let client = self.clients.get(&addr).map_err(RouterError::Internal)?;
+        Ok((client, addr))
     }
 
     /// Runs `op` against the leader of `group`, following leader hints and
@@ -231,8 +237,8 @@ impl Router {
             let target = if target_node == self.host.node_id() {
                 Ok(Target::Local)
             } else {
-                self.client_for(target_node)
-                    .map(|c| Target::Remote(c, target_node))
+                self.remote(target_node)
+                    .map(|(c, addr)| Target::Remote(c, target_node, addr))
             };
             // A paused or partitioned node must not hold a request forever.
             let attempt_budget = deadline
@@ -364,7 +370,7 @@ impl Router {
                         RouterError::Unavailable(format!("{to} did not take over {group} in time"))
                     })
                 }
-                Target::Remote(mut c, _) => {
+                Target::Remote(mut c, ..) => {
                     let r = c
                         .transfer_leader(pb::TransferLeaderRequest {
                             group: group.0,

@@ -236,7 +236,7 @@ impl Node for NodeService {
                 async move {
                     match target {
                         Target::Local => self.join_on_leader(&req).await,
-                        Target::Remote(mut c, _) => Ok(c.join(req).await?.into_inner().cluster_id),
+                        Target::Remote(mut c, ..) => Ok(c.join(req).await?.into_inner().cluster_id),
                     }
                 }
             })

@@ -168,7 +168,7 @@ impl Router {
             async move {
                 match target {
                     Target::Local => self.meta_write_local(bytes).await,
-                    Target::Remote(mut c, _) => {
+                    Target::Remote(mut c, ..) => {
                         let applied = c
                             .meta_write(pb::MetaWriteRequest {
                                 command: bytes.into(),
@@ -369,7 +369,7 @@ impl Router {
                     )
                     .await
                 }
-                Target::Remote(mut c, _) => {
+                Target::Remote(mut c, ..) => {
                     let applied = c
                         .create_stream(pb::CreateStreamRequest {
                             stream: name.to_string(),
@@ -497,7 +497,7 @@ impl Router {
             match target {
                 Target::Local => self.check_leader(group),
                 // Counts as a read call where read limits are set.
-                Target::Remote(mut c, _) => {
+                Target::Remote(mut c, ..) => {
                     c.shard_read(shard_read_request(group, request)).await?;
                     Ok(())
                 }
@@ -651,7 +651,7 @@ impl Router {
             .at_leader(GroupId::META, &candidates, true, |target| async move {
                 match target {
                     Target::Local => self.meta_index_local(),
-                    Target::Remote(mut c, _) => Ok(c
+                    Target::Remote(mut c, ..) => Ok(c
                         .meta_index(pb::MetaIndexRequest {})
                         .await?
                         .into_inner()
