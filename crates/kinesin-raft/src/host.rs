@@ -1215,6 +1215,21 @@ mod tests {
         }
     }
 
+    /// `payload` forwarded from `sender` to node `node` at `addr`, in
+    /// the tests' group.
+    async fn forward_to(
+        sender: &RaftHost,
+        node: u64,
+        addr: &str,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<Bytes, ForwardError> {
+        let payload = Bytes::copy_from_slice(payload);
+        sender
+            .forward(NodeId(node), addr, GROUP, payload, timeout)
+            .await
+    }
+
     /// A host serving the transport on a free port, and that address.
     async fn served_host(id: u64, dir: &std::path::Path) -> (RaftHost, String) {
         let storage = Storage::open(dir, FsyncPolicy::NeverUnsafe).unwrap();
@@ -1252,14 +1267,7 @@ mod tests {
             let addr = answering_addr.clone();
             async move {
                 let payload: Vec<u8> = (0..=n).collect();
-                let answer = sender
-                    .forward(
-                        NodeId(2),
-                        &addr,
-                        GROUP,
-                        payload.clone().into(),
-                        Duration::from_secs(10),
-                    )
+                let answer = forward_to(&sender, 2, &addr, &payload, Duration::from_secs(10))
                     .await
                     .unwrap();
                 (payload, answer)
@@ -1270,15 +1278,7 @@ mod tests {
             assert_eq!(answer, reversed);
         }
 
-        let refused = sender
-            .forward(
-                NodeId(3),
-                &silent_addr,
-                GROUP,
-                Bytes::from_static(b"x"),
-                Duration::from_secs(10),
-            )
-            .await;
+        let refused = forward_to(&sender, 3, &silent_addr, b"x", Duration::from_secs(10)).await;
         assert!(
             matches!(refused, Err(ForwardError::NotUnderstood(_))),
             "{refused:?}"
@@ -1288,15 +1288,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().to_string()
         };
-        let unsent = sender
-            .forward(
-                NodeId(4),
-                &nobody,
-                GROUP,
-                Bytes::from_static(b"x"),
-                Duration::from_secs(10),
-            )
-            .await;
+        let unsent = forward_to(&sender, 4, &nobody, b"x", Duration::from_secs(10)).await;
         assert!(
             matches!(unsent, Err(ForwardError::NotSent(_))),
             "{unsent:?}"
@@ -1340,15 +1332,7 @@ mod tests {
         let hold = Arc::new(Hold::default());
         holding.set_forward_handler(hold.clone());
 
-        let timed_out = sender
-            .forward(
-                NodeId(2),
-                &addr,
-                GROUP,
-                Bytes::from_static(b"a"),
-                Duration::from_millis(300),
-            )
-            .await;
+        let timed_out = forward_to(&sender, 2, &addr, b"a", Duration::from_millis(300)).await;
         assert!(
             matches!(timed_out, Err(ForwardError::Lost(_))),
             "{timed_out:?}"
@@ -1360,17 +1344,7 @@ mod tests {
 
         let call = tokio::spawn({
             let (sender, addr) = (sender.clone(), addr.clone());
-            async move {
-                sender
-                    .forward(
-                        NodeId(2),
-                        &addr,
-                        GROUP,
-                        Bytes::from_static(b"b"),
-                        Duration::from_secs(60),
-                    )
-                    .await
-            }
+            async move { forward_to(&sender, 2, &addr, b"b", Duration::from_secs(60)).await }
         });
         wait_until("the second forward never reached the peer", || {
             hold.started.load(Ordering::SeqCst) == 2
