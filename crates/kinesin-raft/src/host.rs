@@ -1026,6 +1026,12 @@ impl RaftTransport for RaftService {
         &self,
         request: Request<Streaming<RaftFrame>>,
     ) -> Result<Response<Self::PipeStream>, Status> {
+        // A stream accepted now would end at once with its messages
+        // unread, which the sender could only count as lost; refused, they
+        // were not sent, and a forward can be tried at another node.
+        if *self.host.inner.closed.borrow() {
+            return Err(Status::unavailable("this node is shutting down"));
+        }
         let mut inbound = request.into_inner();
         let (answers, mut answers_rx) = mpsc::unbounded_channel::<RaftMessage>();
         let (frames, frames_rx) = mpsc::channel::<Result<RaftFrame, Status>>(16);
@@ -1293,6 +1299,25 @@ mod tests {
             matches!(unsent, Err(ForwardError::NotSent(_))),
             "{unsent:?}"
         );
+    }
+
+    /// A node that is shutting down but still serves its port refuses new
+    /// pipe streams: a forward to it was not sent (so it may be tried
+    /// elsewhere), rather than taken and then lost unanswered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_shutting_down_refuses_forwards_as_not_sent() {
+        let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+        let (sender, _) = served_host(1, dirs[0].path()).await;
+        let (closing, addr) = served_host(2, dirs[1].path()).await;
+        closing.set_forward_handler(Arc::new(Reverse));
+        closing.shutdown().await;
+        for _ in 0..3 {
+            let refused = forward_to(&sender, 2, &addr, b"x", Duration::from_secs(10)).await;
+            assert!(
+                matches!(refused, Err(ForwardError::NotSent(_))),
+                "{refused:?}"
+            );
+        }
     }
 
     /// Holds every forward until it is dropped; counts starts and drops.
