@@ -202,7 +202,8 @@ struct HostInner {
     storage: Storage,
     pool: Arc<PeerPool>,
     groups: RwLock<HashMap<GroupId, Group>>,
-    /// Set on shutdown: open Raft streams from peers end, releasing storage.
+    /// Set on shutdown: open Raft streams from peers end, releasing storage,
+    /// and new ones are refused as unavailable (their forwards unsent).
     closed: tokio::sync::watch::Sender<bool>,
     reads: BlockingReads,
     /// What the groups' logs keep of their newest entries in memory.
