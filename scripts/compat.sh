@@ -53,6 +53,6 @@ export PATH="$VENV/bin:$PATH"
 if [ $# -eq 0 ]; then
   echo "compat: degraded run (node 1 killed)"
   KINESIN_COMPAT_KILL=1 "$VENV/bin/python" -m pytest -p no:cacheprovider -q \
-    -m "not own_cluster" tests/compat/test_kinesis.py tests/compat/test_cbor.py tests/compat/test_sqs.py \
+    -m "not own_cluster and not slow" tests/compat/test_kinesis.py tests/compat/test_cbor.py tests/compat/test_sqs.py \
     tests/compat/test_firehose.py
 fi

@@ -207,6 +207,7 @@ KILL = os.environ.get("KINESIN_COMPAT_KILL")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "own_cluster: starts nodes of its own (skipped in the degraded run)")
+    config.addinivalue_line("markers", "slow: waits a minute or more for time to pass (skipped in the degraded run)")
 
 
 @pytest.fixture(scope="session")

@@ -384,6 +384,39 @@ def test_a_message_received_too_often_moves_to_the_dead_letter_queue(sqs, queue_
     a.delete_queue(QueueUrl=dlq)
 
 
+@pytest.mark.slow
+def test_a_dead_letter_expires_by_its_first_send_time_even_behind_younger_messages(sqs, queue_name):
+    """As on AWS (standard queues): the dead-letter queue's retention counts
+    from the message's first send time, also for a dead letter moved in
+    behind messages sent after it; the queue's leader drops it with no
+    other request to the queue."""
+    a, b, c = sqs
+    dlq = a.create_queue(QueueName=f"{queue_name}-dlq", Attributes={"MessageRetentionPeriod": "60"})["QueueUrl"]
+    dlq_arn = a.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    policy = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": 1})
+    src = a.create_queue(QueueName=queue_name, Attributes={"RedrivePolicy": policy})["QueueUrl"]
+    b.send_message(QueueUrl=src, MessageBody="old")
+    first = c.receive_message(QueueUrl=src, VisibilityTimeout=0, WaitTimeSeconds=5, AttributeNames=["All"])["Messages"]
+    old_sent = int(first[0]["Attributes"]["SentTimestamp"]) / 1000
+    # Retention is a matter of time: ten seconds between the two send times
+    # are the window in which only the old one is past it.
+    time.sleep(10)
+    b.send_message(QueueUrl=dlq, MessageBody="young")
+    assert "Messages" not in c.receive_message(QueueUrl=src)
+
+    def dlq_count():
+        attributes = a.get_queue_attributes(QueueUrl=dlq, AttributeNames=["All"])["Attributes"]
+        return int(attributes["ApproximateNumberOfMessages"])
+
+    wait_until("the dead letter to move in behind the young message", lambda: dlq_count() == 2, timeout=10)
+    wait_until("the old dead letter to expire", lambda: dlq_count() == 1,
+               timeout=max(1.0, old_sent + 60 + 8 - time.time()))
+    left = c.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10)["Messages"]
+    assert [m["Body"] for m in left] == ["young"]
+    for url in (src, dlq):
+        a.delete_queue(QueueUrl=url)
+
+
 def test_a_redrive_allow_policy_decides_which_queues_use_a_dead_letter_queue(sqs, queue_name):
     a, b, _ = sqs
     allowed_arn = f"arn:aws:sqs:{REGION}:{ACCOUNT}:{queue_name}-ok"

@@ -151,6 +151,7 @@ mod tests {
             (handle(), 0u32..3).prop_map(|(h, s)| QueueCommand::ChangeVisibility(vec![(h, s)])),
             prop::collection::vec(seq(), 0..3).prop_map(QueueCommand::Remove),
             Just(QueueCommand::Purge),
+            Just(QueueCommand::Expire),
         ]
         .prop_map(|c| encode(&c));
         (

@@ -148,7 +148,18 @@ pub enum QueueCommand {
         task: u64,
         seqs: Vec<u128>,
     },
+    /// Drops the messages past the queue's retention. Every command does
+    /// that in sequence order; on a standard queue this one also drops
+    /// those past it by their first send time, as AWS does: a dead letter
+    /// moved here with an older send time than the messages before it.
+    /// Data version [`EXPIRE_VERSION`]: an older release cannot decode it.
+    Expire,
 }
+
+/// The data version whose queue replicas decode [`QueueCommand::Expire`]
+/// (`kinesin_storage::data_version::HISTORY`): a queue's leader proposes it
+/// only once every node reports at least this version.
+pub const EXPIRE_VERSION: u32 = 9;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum QueueQuery {

@@ -103,16 +103,38 @@ struct Header {
     last_purge_ms: Option<u64>,
 }
 
+/// A numeric attribute. The gateway keeps each within AWS's bounds; a
+/// replica also caps what it reads at `u32::MAX`, so that no time computed
+/// from one can overflow (the queue fuzz target can send any value).
+fn number_in(attributes: &BTreeMap<String, String>, name: &str, default: u64) -> u64 {
+    attributes
+        .get(name)
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(default, |n| n.min(u64::from(u32::MAX)))
+}
+
+fn retention_ms(attributes: &BTreeMap<String, String>) -> u64 {
+    number_in(attributes, "MessageRetentionPeriod", DEFAULT_RETENTION_S) * 1000
+}
+
+fn fifo_in(attributes: &BTreeMap<String, String>) -> bool {
+    attributes.get("FifoQueue").is_some_and(|v| v == "true")
+}
+
+impl QueueInfo {
+    /// Whether a [`QueueCommand::Expire`] at `now_ms` would drop a message:
+    /// a standard queue's oldest message by send time is past retention.
+    pub fn expire_due(&self, now_ms: u64) -> bool {
+        !fifo_in(&self.attributes)
+            && self
+                .oldest_sent_ms
+                .is_some_and(|sent| sent.saturating_add(retention_ms(&self.attributes)) <= now_ms)
+    }
+}
+
 impl Header {
-    /// A numeric attribute. The gateway keeps each within AWS's bounds; a
-    /// replica also caps what it reads at `u32::MAX`, so that no time
-    /// computed from one can overflow (the queue fuzz target can send any
-    /// value).
     fn number(&self, name: &str, default: u64) -> u64 {
-        self.attributes
-            .get(name)
-            .and_then(|v| v.parse::<u64>().ok())
-            .map_or(default, |n| n.min(u64::from(u32::MAX)))
+        number_in(&self.attributes, name, default)
     }
 
     fn flag(&self, name: &str) -> bool {
@@ -120,7 +142,7 @@ impl Header {
     }
 
     fn fifo(&self) -> bool {
-        self.flag("FifoQueue")
+        fifo_in(&self.attributes)
     }
 
     /// The redrive policy's dead-letter queue ARN and receive limit.
@@ -677,14 +699,10 @@ impl QueueStateMachine {
     /// Drops messages past their retention, and deduplication and attempt
     /// ids past their window, as of `now_ms`.
     fn expire(&self, q: &mut Queue, batch: &mut WriteBatch, now_ms: u64) {
-        let retention_ms = q
-            .header
-            .number("MessageRetentionPeriod", DEFAULT_RETENTION_S)
-            * 1000;
+        let retention_ms = retention_ms(&q.header.attributes);
         // In sequence order, as every release applies it: a dead letter
         // moved here with an older send time waits behind younger messages
-        // (AWS expires it by that time; following AWS changes what replicas
-        // apply, so it needs a version gate for mixed-version clusters).
+        // until a `QueueCommand::Expire` (`expire_by_sent`).
         while let Some((&seq, m)) = q.messages.first_key_value() {
             if m.sent_ms + retention_ms > now_ms {
                 break;
@@ -693,6 +711,23 @@ impl QueueStateMachine {
         }
         self.expire_entries(batch, &mut q.dedup, now_ms);
         self.expire_entries(batch, &mut q.attempts, now_ms);
+    }
+
+    /// A standard queue's messages past retention by their first send
+    /// time, wherever they are in sequence order, as AWS expires them. A
+    /// FIFO queue keeps sequence order: AWS counts a FIFO dead letter's
+    /// retention from its move, a time its state does not hold.
+    fn expire_by_sent(&self, q: &mut Queue, batch: &mut WriteBatch, now_ms: u64) {
+        if q.header.fifo() {
+            return;
+        }
+        let retention_ms = retention_ms(&q.header.attributes);
+        while let Some(&(sent_ms, seq)) = q.by_sent.first() {
+            if sent_ms.saturating_add(retention_ms) > now_ms {
+                break;
+            }
+            self.remove_message(q, batch, seq);
+        }
     }
 
     fn send(
@@ -1116,6 +1151,10 @@ impl QueueStateMachine {
                     task.failure = failure;
                     self.put_task(q, batch, task);
                 }
+                QueueReply::Done
+            }
+            QueueCommand::Expire => {
+                self.expire_by_sent(q, batch, now_ms);
                 QueueReply::Done
             }
             QueueCommand::Remove(seqs) => {
@@ -1832,6 +1871,44 @@ mod tests {
             QueueReply::PurgeInProgress
         );
         assert_eq!(info(&sm, 61_000).visible, 0);
+    }
+
+    #[test]
+    fn a_dead_letter_moved_behind_younger_messages_expires_by_its_first_send_time() {
+        for fifo in [false, true] {
+            let mut attributes = vec![("MessageRetentionPeriod", "60")];
+            if fifo {
+                attributes.push(("FifoQueue", "true"));
+            }
+            let (_dir, s, sm) = setup(&attributes);
+            let group = |g| fifo.then_some(g);
+            let young = message("young", group("g"), group("d1"));
+            run(&s, &sm, 1, 50_000, QueueCommand::Send(vec![young]));
+            // First sent at 7 ms, moved in at 55 s behind the young one.
+            let mut old = stored("old");
+            old.message = message("old", group("h"), group("d2"));
+            run(&s, &sm, 2, 55_000, QueueCommand::Move(vec![old]));
+            // Other commands expire in sequence order: the young message
+            // keeps the old one.
+            run(&s, &sm, 3, 61_000, QueueCommand::Tag(BTreeMap::new()));
+            assert_eq!(info(&sm, 61_000).visible, 2, "fifo {fifo}");
+            assert_eq!(info(&sm, 61_000).expire_due(61_000), !fifo);
+            run(&s, &sm, 4, 61_000, QueueCommand::Expire);
+            let left: &[&str] = if fifo { &["young", "old"] } else { &["young"] };
+            assert_eq!(bodies(&receive(&s, &sm, 5, 61_000, 10)), left);
+            assert!(!info(&sm, 61_000).expire_due(61_000));
+            // Past the young message's retention, on a queue no one uses:
+            // the worker's check sees it (a standard queue's), and the
+            // command drops it, in flight or not.
+            assert!(!info(&sm, 109_999).expire_due(109_999));
+            assert_eq!(info(&sm, 110_000).expire_due(110_000), !fifo);
+            run(&s, &sm, 6, 110_000, QueueCommand::Expire);
+            let after = info(&sm, 110_000);
+            assert_eq!(
+                (after.visible, after.in_flight, after.oldest_sent_ms),
+                (0, 0, None)
+            );
+        }
     }
 
     #[test]

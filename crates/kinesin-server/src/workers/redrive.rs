@@ -1,5 +1,6 @@
 //! A queue's leader, once a second: exports the queue's message counts,
-//! moves its dead letters, and runs its message move task.
+//! drops messages past retention, moves its dead letters, and runs its
+//! message move task.
 //!
 //! Dead letters: a queue's leader moves the messages received more often
 //! than its redrive policy allows to the dead-letter queue (keeping their
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 use kinesin_meta::Owner;
 use kinesin_queue::{
     DeadLetters, MoveBatch, QueueCommand, QueueInfo, QueueQuery, QueueReply, StoredMessage,
+    EXPIRE_VERSION,
 };
 use kinesin_raft::RaftHost;
 use kinesin_router::{now_ms, stamp, Retry, Router};
@@ -67,8 +69,13 @@ pub(super) fn run(ctx: &Context, jobs: &Arc<Mutex<JobState>>, led: &Led<'_>) {
         match turn.local::<QueueInfo>(&QueueQuery::Info) {
             Ok(info) => {
                 export(&queue, partition, Counts::of(&info, now));
-                let mut jobs = jobs.lock().expect("jobs lock");
-                jobs.exported.insert(group, (queue.clone(), partition));
+                jobs.lock()
+                    .expect("jobs lock")
+                    .exported
+                    .insert(group, (queue.clone(), partition));
+                if let Err(e) = turn.expire(&info, now).await {
+                    tracing::warn!(%group, error = %e, "cannot drop expired messages yet");
+                }
             }
             Err(e) => tracing::warn!(%group, error = %e, "cannot read the queue's counts"),
         }
@@ -127,6 +134,20 @@ impl Turn<'_> {
             .await?;
         self.router
             .propose_stamped(self.group, kinesin_queue::encode(&drop), Retry::Always)
+            .await?;
+        Ok(())
+    }
+
+    /// Drops the messages past retention once one is (by its first send
+    /// time, which a dead letter moved here keeps), on an idle queue too,
+    /// once every node decodes [`QueueCommand::Expire`].
+    async fn expire(&self, info: &QueueInfo, now_ms: u64) -> anyhow::Result<()> {
+        if !info.expire_due(now_ms) || self.router.cluster_data_version() < EXPIRE_VERSION {
+            return Ok(());
+        }
+        let command = kinesin_queue::encode(&QueueCommand::Expire);
+        self.router
+            .propose_stamped(self.group, command, Retry::Always)
             .await?;
         Ok(())
     }
