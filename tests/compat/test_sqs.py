@@ -385,35 +385,55 @@ def test_a_message_received_too_often_moves_to_the_dead_letter_queue(sqs, queue_
 
 
 @pytest.mark.slow
-def test_a_dead_letter_expires_by_its_first_send_time_even_behind_younger_messages(sqs, queue_name):
-    """As on AWS (standard queues): the dead-letter queue's retention counts
-    from the message's first send time, also for a dead letter moved in
-    behind messages sent after it; the queue's leader drops it with no
-    other request to the queue."""
+def test_dead_letter_retention_counts_from_the_first_send_or_on_fifo_from_the_move(sqs, queue_name):
+    """As on AWS: a standard dead-letter queue's retention counts from the
+    message's first send time, also for a dead letter moved in behind
+    messages sent after it, and the queue's leader drops it with no other
+    request to the queue; a FIFO dead-letter queue's counts from the move
+    (SentTimestamp stays the first send time)."""
     a, b, c = sqs
     dlq = a.create_queue(QueueName=f"{queue_name}-dlq", Attributes={"MessageRetentionPeriod": "60"})["QueueUrl"]
-    dlq_arn = a.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    policy = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": 1})
-    src = a.create_queue(QueueName=queue_name, Attributes={"RedrivePolicy": policy})["QueueUrl"]
+    fifo_dlq = a.create_queue(QueueName=f"{queue_name}-dlq.fifo", Attributes={
+        "FifoQueue": "true", "MessageRetentionPeriod": "60"})["QueueUrl"]
+    sources = []
+    for url, name, fifo in ((dlq, queue_name, {}), (fifo_dlq, f"{queue_name}.fifo", {"FifoQueue": "true"})):
+        arn = a.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        policy = json.dumps({"deadLetterTargetArn": arn, "maxReceiveCount": 1})
+        sources.append(a.create_queue(QueueName=name, Attributes={"RedrivePolicy": policy, **fifo})["QueueUrl"])
+    src, fifo_src = sources
     b.send_message(QueueUrl=src, MessageBody="old")
-    first = c.receive_message(QueueUrl=src, VisibilityTimeout=0, WaitTimeSeconds=5, AttributeNames=["All"])["Messages"]
-    old_sent = int(first[0]["Attributes"]["SentTimestamp"]) / 1000
-    # Retention is a matter of time: ten seconds between the two send times
-    # are the window in which only the old one is past it.
+    b.send_message(QueueUrl=fifo_src, MessageBody="old", MessageGroupId="g", MessageDeduplicationId="d")
+    sent = {}
+    for url in sources:
+        first = c.receive_message(QueueUrl=url, VisibilityTimeout=0, WaitTimeSeconds=5,
+                                  AttributeNames=["All"])["Messages"]
+        sent[url] = int(first[0]["Attributes"]["SentTimestamp"])
+    # Retention is a matter of time: ten seconds between the first send
+    # times and the moves (or the young message) are the window in which
+    # only the first send time is past it.
     time.sleep(10)
     b.send_message(QueueUrl=dlq, MessageBody="young")
-    assert "Messages" not in c.receive_message(QueueUrl=src)
+    fifo_moved = time.time()
+    for url in sources:
+        assert "Messages" not in c.receive_message(QueueUrl=url)
 
-    def dlq_count():
-        attributes = a.get_queue_attributes(QueueUrl=dlq, AttributeNames=["All"])["Attributes"]
+    def count(url):
+        attributes = a.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
         return int(attributes["ApproximateNumberOfMessages"])
 
-    wait_until("the dead letter to move in behind the young message", lambda: dlq_count() == 2, timeout=10)
-    wait_until("the old dead letter to expire", lambda: dlq_count() == 1,
-               timeout=max(1.0, old_sent + 60 + 8 - time.time()))
+    wait_until("the dead letters to move in", lambda: count(dlq) == 2 and count(fifo_dlq) == 1, timeout=10)
+    # Past its first send time's retention (a receive applies retention),
+    # within its move's.
+    wait_until("the FIFO dead letter's first send time to pass retention",
+               lambda: time.time() > sent[fifo_src] / 1000 + 61, timeout=60)
+    kept = c.receive_message(QueueUrl=fifo_dlq, VisibilityTimeout=0, AttributeNames=["All"]).get("Messages", [])
+    assert time.time() < fifo_moved + 60, "the receive came after the move's retention too"
+    assert [(m["Body"], int(m["Attributes"]["SentTimestamp"])) for m in kept] == [("old", sent[fifo_src])]
+    wait_until("the old dead letter to expire", lambda: count(dlq) == 1,
+               timeout=max(1.0, sent[src] / 1000 + 60 + 8 - time.time()))
     left = c.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10)["Messages"]
     assert [m["Body"] for m in left] == ["young"]
-    for url in (src, dlq):
+    for url in sources + [dlq, fifo_dlq]:
         a.delete_queue(QueueUrl=url)
 
 

@@ -110,7 +110,7 @@ mod tests {
     use kinesin_storage::{FsyncPolicy, Storage};
 
     use super::Replicas;
-    use crate::model::{encode, Handle, NewMessage, QueueCommand};
+    use crate::model::{encode, Handle, NewMessage, QueueCommand, StoredMessage};
 
     fn message(n: u8, group: bool) -> NewMessage {
         let body = format!("body {n}");
@@ -152,6 +152,16 @@ mod tests {
             prop::collection::vec(seq(), 0..3).prop_map(QueueCommand::Remove),
             Just(QueueCommand::Purge),
             Just(QueueCommand::Expire),
+            (any::<u8>(), any::<bool>(), 0u64..5_000).prop_map(|(n, g, sent_ms)| {
+                QueueCommand::MoveDead {
+                    source: "arn:aws:sqs:us-east-1:000000000000:src".into(),
+                    messages: vec![StoredMessage {
+                        message: message(n, g),
+                        sent_ms,
+                        seq: 0,
+                    }],
+                }
+            }),
         ]
         .prop_map(|c| encode(&c));
         (

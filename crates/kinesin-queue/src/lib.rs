@@ -23,7 +23,7 @@ mod state_machine;
 pub use model::{
     decode, encode, DeadLetters, Delivered, EntryError, Handle, MessageAttribute, MoveBatch,
     MoveTask, NewMessage, QueueCommand, QueueConfig, QueueInfo, QueueQuery, QueueReply, Received,
-    SendRefused, Sent, StoredMessage, TaskStatus, EXPIRE_VERSION, MAX_RECEIVE,
+    SendRefused, Sent, StoredMessage, TaskStatus, EXPIRE_VERSION, MAX_RECEIVE, MOVE_DEAD_VERSION,
 };
 pub use state_machine::{QueueKind, QUEUE_KIND};
 

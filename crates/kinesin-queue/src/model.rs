@@ -106,7 +106,8 @@ pub enum QueueCommand {
     },
     /// Dead letters of the queue `source` (an ARN) moved here, as
     /// [`QueueCommand::Move`]; each remembers its source, where a move
-    /// task without a destination sends it back.
+    /// task without a destination sends it back. A leader moves dead
+    /// letters with it until every node decodes [`QueueCommand::MoveDead`].
     MoveFrom {
         source: String,
         messages: Vec<StoredMessage>,
@@ -154,12 +155,26 @@ pub enum QueueCommand {
     /// moved here with an older send time than the messages before it.
     /// Data version [`EXPIRE_VERSION`]: an older release cannot decode it.
     Expire,
+    /// Dead letters of the queue `source` (an ARN) moved here, as
+    /// [`QueueCommand::MoveFrom`], except that on a FIFO queue their
+    /// retention restarts at the move, as AWS does (their SentTimestamp
+    /// stays the first send time). Data version [`MOVE_DEAD_VERSION`]: an
+    /// older release cannot decode it.
+    MoveDead {
+        source: String,
+        messages: Vec<StoredMessage>,
+    },
 }
 
 /// The data version whose queue replicas decode [`QueueCommand::Expire`]
 /// (`kinesin_storage::data_version::HISTORY`): a queue's leader proposes it
 /// only once every node reports at least this version.
 pub const EXPIRE_VERSION: u32 = 9;
+
+/// The data version whose queue replicas decode
+/// [`QueueCommand::MoveDead`]: a queue's leader moves its dead letters with
+/// it only once every node reports at least this version.
+pub const MOVE_DEAD_VERSION: u32 = 10;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum QueueQuery {

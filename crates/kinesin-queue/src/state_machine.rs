@@ -117,8 +117,12 @@ fn retention_ms(attributes: &BTreeMap<String, String>) -> u64 {
     number_in(attributes, "MessageRetentionPeriod", DEFAULT_RETENTION_S) * 1000
 }
 
+fn flag_in(attributes: &BTreeMap<String, String>, name: &str) -> bool {
+    attributes.get(name).is_some_and(|v| v == "true")
+}
+
 fn fifo_in(attributes: &BTreeMap<String, String>) -> bool {
-    attributes.get("FifoQueue").is_some_and(|v| v == "true")
+    flag_in(attributes, "FifoQueue")
 }
 
 impl QueueInfo {
@@ -138,7 +142,7 @@ impl Header {
     }
 
     fn flag(&self, name: &str) -> bool {
-        self.attributes.get(name).is_some_and(|v| v == "true")
+        flag_in(&self.attributes, name)
     }
 
     fn fifo(&self) -> bool {
@@ -170,6 +174,8 @@ impl Header {
 /// A message's delivery state (its row beside the body).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct MessageState {
+    /// When its retention started: when it was sent, or for a dead letter
+    /// moved into a FIFO queue by [`QueueCommand::MoveDead`], the move.
     sent_ms: u64,
     visible_at_ms: u64,
     receive_count: u32,
@@ -193,6 +199,15 @@ struct Dedup {
     message_id: String,
     seq: u128,
     expires_ms: u64,
+}
+
+/// Messages moved into a queue: from the dead letters of `source`, if
+/// named, and with their retention restarting at the move, or counted from
+/// their first send time.
+struct Moved {
+    messages: Vec<StoredMessage>,
+    source: Option<String>,
+    restart_retention: bool,
 }
 
 /// What a receive asks for.
@@ -374,8 +389,8 @@ struct Queue {
     /// The dead letters among the messages, kept with their state.
     dead: BTreeSet<u128>,
     /// (sent time, seq) of each message: the oldest message without a walk
-    /// (a dead letter moved here keeps its first send time, so sequence
-    /// order is not send order).
+    /// (a dead letter moved into a standard queue keeps its first send
+    /// time, so sequence order is not send order).
     by_sent: BTreeSet<(u64, u128)>,
     /// A FIFO queue's messages by message group.
     groups: Groups,
@@ -716,7 +731,7 @@ impl QueueStateMachine {
     /// A standard queue's messages past retention by their first send
     /// time, wherever they are in sequence order, as AWS expires them. A
     /// FIFO queue keeps sequence order: AWS counts a FIFO dead letter's
-    /// retention from its move, a time its state does not hold.
+    /// retention from its move, which puts it in order (`MoveDead`).
     fn expire_by_sent(&self, q: &mut Queue, batch: &mut WriteBatch, now_ms: u64) {
         if q.header.fifo() {
             return;
@@ -1041,11 +1056,30 @@ impl QueueStateMachine {
                 QueueReply::Entries(results)
             }
             QueueCommand::Move(messages) => {
-                self.insert_moved(q, batch, index, now_ms, messages, None);
+                let moved = Moved {
+                    messages,
+                    source: None,
+                    restart_retention: false,
+                };
+                self.insert_moved(q, batch, index, now_ms, moved);
                 QueueReply::Done
             }
             QueueCommand::MoveFrom { source, messages } => {
-                self.insert_moved(q, batch, index, now_ms, messages, Some(source));
+                let moved = Moved {
+                    messages,
+                    source: Some(source),
+                    restart_retention: false,
+                };
+                self.insert_moved(q, batch, index, now_ms, moved);
+                QueueReply::Done
+            }
+            QueueCommand::MoveDead { source, messages } => {
+                let moved = Moved {
+                    messages,
+                    source: Some(source),
+                    restart_retention: q.header.fifo(),
+                };
+                self.insert_moved(q, batch, index, now_ms, moved);
                 QueueReply::Done
             }
             QueueCommand::StartMoveTask { destination, rate } => {
@@ -1207,17 +1241,22 @@ impl QueueStateMachine {
     }
 
     /// Messages moved here from another queue, visible now, keeping their
-    /// id, attributes and first send time; `source`: the dead-letter
-    /// source they came from.
+    /// id, attributes and first send time (which retention counts from
+    /// unless `restart_retention`); `source`: the dead-letter source they
+    /// came from.
     fn insert_moved(
         &self,
         q: &mut Queue,
         batch: &mut WriteBatch,
         index: u64,
         now_ms: u64,
-        messages: Vec<StoredMessage>,
-        source: Option<String>,
+        moved: Moved,
     ) {
+        let Moved {
+            messages,
+            source,
+            restart_retention,
+        } = moved;
         for (slot, mut stored) in messages.into_iter().enumerate() {
             let seq = (u128::from(index) << 32) | slot as u128;
             stored.seq = seq;
@@ -1225,7 +1264,11 @@ impl QueueStateMachine {
             // retention is counted from a time this queue has seen.
             stored.sent_ms = stored.sent_ms.min(now_ms);
             let state = MessageState {
-                sent_ms: stored.sent_ms,
+                sent_ms: if restart_retention {
+                    now_ms
+                } else {
+                    stored.sent_ms
+                },
                 visible_at_ms: now_ms,
                 receive_count: 0,
                 first_receive_ms: 0,
@@ -1908,6 +1951,42 @@ mod tests {
                 (after.visible, after.in_flight, after.oldest_sent_ms),
                 (0, 0, None)
             );
+        }
+    }
+
+    #[test]
+    fn a_fifo_dead_letter_queue_counts_retention_from_the_move() {
+        for fifo in [false, true] {
+            let mut attributes = vec![("MessageRetentionPeriod", "60")];
+            if fifo {
+                attributes.push(("FifoQueue", "true"));
+            }
+            let (_dir, s, sm) = setup(&attributes);
+            // First sent at 7 ms, moved in as a dead letter at 50 s.
+            let mut old = stored("old");
+            old.message = message("old", fifo.then_some("g"), fifo.then_some("d"));
+            let moved = QueueCommand::MoveDead {
+                source: "arn:aws:sqs:us-east-1:000000000000:src".into(),
+                messages: vec![old],
+            };
+            run(&s, &sm, 1, 50_000, moved);
+            // A standard queue drops it by its first send time; a FIFO
+            // queue keeps it for its retention after the move, a restart
+            // included, and answers its first send time all along.
+            assert_eq!(info(&sm, 61_000).expire_due(61_000), !fifo);
+            run(&s, &sm, 2, 61_000, QueueCommand::Expire);
+            let sm = open(&s, &attributes);
+            assert_eq!(info(&sm, 61_000).visible, u64::from(fifo), "fifo {fifo}");
+            if !fifo {
+                continue;
+            }
+            assert_eq!(info(&sm, 61_000).oldest_sent_ms, Some(50_000));
+            let got = receive(&s, &sm, 3, 109_999, 10);
+            assert_eq!(bodies(&got), ["old"]);
+            assert_eq!(got[0].message.sent_ms, 7, "SentTimestamp stays");
+            run(&s, &sm, 4, 110_000, QueueCommand::Tag(BTreeMap::new()));
+            let after = info(&sm, 110_000);
+            assert_eq!((after.visible, after.in_flight), (0, 0));
         }
     }
 

@@ -11,13 +11,13 @@
 //! [`DATA_VERSION`], upgrades them in place, and refuses newer ones.
 
 /// The version this binary writes.
-pub const DATA_VERSION: u32 = 9;
+pub const DATA_VERSION: u32 = 10;
 
 /// The oldest version this binary can upgrade.
 pub const OLDEST_READABLE: u32 = 1;
 
 /// What each version changed, oldest first.
-pub const HISTORY: [(u32, &str); 9] = [
+pub const HISTORY: [(u32, &str); 10] = [
     (
         1,
         "releases up to 2026-11-30: the metadata value is an unversioned postcard MetaState; the node identity has no data_version",
@@ -53,6 +53,10 @@ pub const HISTORY: [(u32, &str); 9] = [
     (
         9,
         "queue log entries may be `Expire` commands (a standard queue drops the messages past its retention by their first send time, a dead letter moved in behind younger messages included), which a version-8 release cannot decode; stored values and snapshots keep the version-7 layout",
+    ),
+    (
+        10,
+        "queue log entries may be `MoveDead` commands (dead letters moved into a dead-letter queue; a FIFO one counts their retention from the move), which a version-9 release cannot decode; stored values and snapshots keep the version-7 layout",
     ),
 ];
 

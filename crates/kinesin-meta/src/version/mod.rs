@@ -26,8 +26,8 @@ const MAGIC: [u8; 4] = [0xFF, b'K', b'M', b'V'];
 /// The data version of this value's current layout. Versions between
 /// layouts changed other things (4: the metadata log's
 /// `MetaCommand::Limited`, 5: its `MetaCommand::RemoveSealedShard`, 6: queue
-/// snapshots, 8: `MetaCommand::LimitedReshard`, 9: the queues' `Expire`),
-/// so it can be below `DATA_VERSION`.
+/// snapshots, 8: `MetaCommand::LimitedReshard`, 9: the queues' `Expire`,
+/// 10: their `MoveDead`), so it can be below `DATA_VERSION`.
 const LATEST_LAYOUT: u32 = TOKEN_KEY_VERSION;
 const HEADER: usize = MAGIC.len() + 4;
 

@@ -4,7 +4,8 @@
 //!
 //! Dead letters: a queue's leader moves the messages received more often
 //! than its redrive policy allows to the dead-letter queue (keeping their
-//! id, attributes and first send time), then drops them from the source.
+//! id, attributes and first send time; a FIFO dead-letter queue counts
+//! their retention from the move), then drops them from the source.
 //! A move whose drop did not happen is repeated at the next turn, so a
 //! crash between the two can leave a message twice in the dead-letter
 //! queue, never lose it. The dead-letter queue must still allow the source
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 use kinesin_meta::Owner;
 use kinesin_queue::{
     DeadLetters, MoveBatch, QueueCommand, QueueInfo, QueueQuery, QueueReply, StoredMessage,
-    EXPIRE_VERSION,
+    EXPIRE_VERSION, MOVE_DEAD_VERSION,
 };
 use kinesin_raft::RaftHost;
 use kinesin_router::{now_ms, stamp, Retry, Router};
@@ -183,9 +184,18 @@ impl Turn<'_> {
         }
         let count = dead.messages.len();
         let seqs = dead.messages.iter().map(|m| m.seq).collect();
-        let copy = QueueCommand::MoveFrom {
-            source,
-            messages: dead.messages,
+        // Once every node decodes it, the move that restarts a FIFO dead
+        // letter's retention at the dead-letter queue, as AWS does.
+        let copy = if self.router.cluster_data_version() >= MOVE_DEAD_VERSION {
+            QueueCommand::MoveDead {
+                source,
+                messages: dead.messages,
+            }
+        } else {
+            QueueCommand::MoveFrom {
+                source,
+                messages: dead.messages,
+            }
         };
         self.copy_then_drop(target, copy, QueueCommand::Remove(seqs))
             .await?;
