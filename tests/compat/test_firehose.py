@@ -172,8 +172,21 @@ def test_delivery_stream_lifecycle_and_errors(firehoses, bucket):
     a.stop_delivery_stream_encryption(DeliveryStreamName=name)
 
     c.delete_delivery_stream(DeliveryStreamName=name)
-    assert name not in a.list_delivery_streams(Limit=10000)["DeliveryStreamNames"]
-    assert error(b.describe_delivery_stream, DeliveryStreamName=name)[0] == "ResourceNotFoundException"
+    # The node that deleted it has applied the deletion when it answers;
+    # another node answers from its own metadata replica, which may lag.
+    assert name not in c.list_delivery_streams(Limit=10000)["DeliveryStreamNames"]
+    assert error(c.describe_delivery_stream, DeliveryStreamName=name)[0] == "ResourceNotFoundException"
+
+    def gone_from_a_and_b():
+        if name in a.list_delivery_streams(Limit=10000)["DeliveryStreamNames"]:
+            return False
+        try:
+            b.describe_delivery_stream(DeliveryStreamName=name)
+        except b.exceptions.ResourceNotFoundException:
+            return True
+        return False
+
+    wait_until("the other nodes to see the deletion", gone_from_a_and_b, timeout=10)
 
 
 @pytest.mark.parametrize(
